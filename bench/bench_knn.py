@@ -1,0 +1,212 @@
+"""Benchmark exact top-k cosine kNN: our blocked backends vs plain faiss and sklearn brute force.
+
+Why each method runs in its own fresh subprocess: peak RSS (``ru_maxrss``) is a per-process
+high-water mark, so sharing a process would let one method's peak hide another's. Each worker
+reports the peak and the RSS just before the timed call; "peak over baseline" is the memory the
+method itself needed (baseline = interpreter + imports + the n x d input).
+
+Usage (opt-in, not part of the tests; a 65k run takes minutes on 2 cores):
+
+    python bench/bench_knn.py --sizes 16384 65536 --d 576 --k 32 --out bench/out/knn.json
+
+After timing, results are checked against our torch backend: indices must be equal, or where
+they differ (near-ties), the cosines must agree to 1e-5. A mismatch fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("ours_torch", "ours_faiss", "faiss_flatip", "sklearn_brute")
+REFERENCE = "ours_torch"
+
+
+def random_unit(n: int, d: int, seed: int) -> np.ndarray:
+    """Seeded random unit rows, generated in float32 so no float64 copy inflates the baseline."""
+    X = np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X
+
+
+def _drop_self(idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove self by index from (n, k+1) lists; if self is absent (ties), drop the last column."""
+    n, m = idx.shape
+    is_self = idx == np.arange(n)[:, None]
+    drop = is_self.copy()
+    drop[~is_self.any(1), -1] = True
+    return idx[~drop].reshape(n, m - 1), val[~drop].reshape(n, m - 1)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(method: str, n: int, d: int, k: int, seed: int, result: str) -> None:
+    """Run one method once in this (fresh) process and write its lists + measurements."""
+    # import only what this method needs, before the baseline is taken
+    if method.startswith("ours"):
+        sys.path.insert(0, str(REPO))
+        from precompute.geometry import knn_cosine
+    elif method == "faiss_flatip":
+        import faiss
+    elif method == "sklearn_brute":
+        from sklearn.neighbors import NearestNeighbors
+    else:
+        raise SystemExit(f"unknown method {method}")
+    X = random_unit(n, d, seed)
+    base_rss, base_peak = _rss_mib(), _peak_mib()
+    t0 = time.perf_counter()
+    if method == "ours_torch":
+        idx, cos = knn_cosine(X, k, backend="torch", device="cpu", progress=False)
+    elif method == "ours_faiss":
+        idx, cos = knn_cosine(X, k, backend="faiss", device="cpu", progress=False)
+    elif method == "faiss_flatip":
+        index = faiss.IndexFlatIP(d)
+        index.add(X)
+        D, Ix = index.search(X, k + 1)
+        idx, cos = _drop_self(Ix, D)
+    else:
+        nn = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric="cosine").fit(X)
+        dist, Ix = nn.kneighbors(X)
+        idx, cos = _drop_self(Ix, 1.0 - dist)
+    seconds = time.perf_counter() - t0
+    peak = _peak_mib()
+    np.savez(result, indices=idx.astype(np.int32), cosine=cos.astype(np.float32))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "n": n,
+                "d": d,
+                "k": k,
+                "seconds": seconds,
+                "peak_rss_mib": peak,
+                "baseline_rss_mib": base_rss,
+                "baseline_peak_mib": base_peak,
+                "peak_over_baseline_mib": peak - base_rss,
+            }
+        )
+    )
+
+
+def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: float = 1e-5) -> dict[str, Any]:
+    """Indices equal, or (near-ties) cosines at the differing positions equal to ``tol``."""
+    ri, rc, gi, gc = ref["indices"], ref["cosine"], got["indices"], got["cosine"]
+    if ri.shape != gi.shape:
+        return {"ok": False, "reason": f"shape {gi.shape} != {ri.shape}"}
+    diff = ri != gi
+    cos_err = float(np.abs(rc.astype(np.float64) - gc).max())
+    ok = cos_err <= tol and bool(np.all(np.abs(rc[diff] - gc[diff]) <= tol))
+    return {
+        "ok": ok,
+        "index_mismatches": int(diff.sum()),
+        "rows_with_mismatch": int(diff.any(1).sum()),
+        "max_abs_cos_diff": cos_err,
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[16384])
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--out", type=Path, default=Path("bench/out/knn.json"))
+    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        worker(a.worker, a.n, a.d, a.k, a.seed, a.result)
+        return 0
+
+    methods = [REFERENCE] + [m for m in a.methods if m != REFERENCE]
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in a.sizes:
+            lists: dict[str, dict[str, np.ndarray]] = {}
+            for m in methods:
+                res = os.path.join(tmp, f"{m}_{n}.npz")
+                cmd = [sys.executable, __file__, "--worker", m, "--n", str(n), "--d", str(a.d)]
+                cmd += ["--k", str(a.k), "--seed", str(a.seed), "--result", res]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                with np.load(res) as z:
+                    lists[m] = {"indices": z["indices"], "cosine": z["cosine"]}
+                row["check_vs_" + REFERENCE] = compare(lists[REFERENCE], lists[m])
+                failures += not row["check_vs_" + REFERENCE]["ok"]
+                rows.append(row)
+                print(
+                    f"n={n} {m}: {row['seconds']:.2f} s, peak {row['peak_rss_mib']:.0f} MiB "
+                    f"(+{row['peak_over_baseline_mib']:.0f}), check {row['check_vs_' + REFERENCE]}",
+                    file=sys.stderr,
+                )
+    report = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "args": {"sizes": a.sizes, "d": a.d, "k": a.k, "seed": a.seed},
+        "results": rows,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    print(markdown_table(rows))
+    if failures:
+        print(f"{failures} method(s) disagree with {REFERENCE}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| n | method | time (s) | peak RSS (MiB) | peak over baseline (MiB) | identical to ours_torch |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        c = r["check_vs_" + REFERENCE]
+        same = (
+            "yes (indices equal)"
+            if c["ok"] and c["index_mismatches"] == 0
+            else (f"yes ({c['index_mismatches']} near-tie swaps, cos diff <= 1e-5)" if c["ok"] else "NO")
+        )
+        lines.append(
+            f"| {r['n']} | {r['method']} | {r['seconds']:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['peak_over_baseline_mib']:.0f} | {same} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

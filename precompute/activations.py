@@ -1,0 +1,116 @@
+"""Plan a corpus into token contexts and stream hook activations for them, batch by batch.
+
+Shared by `harvest` (SAE features per token) and `train-sae` (raw activations), so both see the
+same tokens, the same masking of special positions and the same batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from precompute.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
+from precompute.errors import CorpusError
+from precompute.model import HookReader
+
+
+@dataclass
+class CorpusPlan:
+    sources: list[CorpusSource]
+    documents: list[Document]
+    contexts: list[Context]
+    stats: list[ReadStats]
+    tokens_per_source: list[int] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.contexts)
+
+    def batches(self, batch_size: int) -> list[list[Context]]:
+        """Deterministic batches; contexts sorted by length so padding stays small."""
+        order = sorted(self.contexts, key=lambda c: (-len(c.token_ids), c.context_id))
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def plan_corpus(sources: list[CorpusSource], tokenizer, context_size: int = 128, packing: str = "split",
+                max_tokens: int | None = None, seed: int = 0) -> CorpusPlan:
+    """Read every source and cut it into contexts; `max_tokens` is shared equally between sources
+    that set no budget of their own, so no group is starved by the order of the sources."""
+    if not sources:
+        raise CorpusError("no corpus given: pass --corpus PATH[:GROUP[:CATEGORY]] at least once")
+    documents: list[Document] = []
+    contexts: list[Context] = []
+    stats: list[ReadStats] = []
+    per_source_tokens: list[int] = []
+    unbudgeted = [s for s in sources if s.max_tokens is None]
+    share = None
+    if max_tokens is not None:
+        fixed = sum(s.max_tokens or 0 for s in sources)
+        share = max(0, max_tokens - fixed) // max(1, len(unbudgeted))
+    for index, source in enumerate(sources):
+        docs, st = read_source(source, index, first_doc_id=len(documents), seed=seed)
+        budget = source.max_tokens if source.max_tokens is not None else share
+        made = list(pack_contexts(docs, tokenizer, context_size, packing, budget, first_context_id=len(contexts)))
+        if not made:
+            raise CorpusError(f"corpus source {source.path} (group {source.group!r}) gave no tokens within the budget")
+        documents.extend(docs)
+        contexts.extend(made)
+        stats.append(st)
+        per_source_tokens.append(sum(len(c.token_ids) for c in made))
+    return CorpusPlan(sources, documents, contexts, stats, per_source_tokens)
+
+
+@dataclass
+class ActivationBatch:
+    index: int
+    contexts: list[Context]
+    acts: torch.Tensor  # [N, d_model] float32, only counted positions
+    context_id: np.ndarray  # [N] int32
+    position: np.ndarray  # [N] int32 (position in context)
+    token_id: np.ndarray  # [N] int32
+    doc_id: np.ndarray  # [N] int32
+
+
+def count_mask(input_ids: torch.Tensor, attention: torch.Tensor, skip_ids: set[int],
+               exclude_first: bool = True) -> torch.Tensor:
+    """Positions whose activations count: real tokens, not special tokens, not position 0
+    (the first position carries the attention-sink outlier norm in most models)."""
+    mask = attention.bool().clone()
+    if exclude_first:
+        mask[:, 0] = False
+    for sid in skip_ids:
+        mask &= input_ids != sid
+    return mask
+
+
+def iter_activations(reader: HookReader, batches: list[list[Context]], pad_id: int, skip_ids: set[int],
+                     device: torch.device, start_batch: int = 0, exclude_first: bool = True
+                     ) -> Iterator[ActivationBatch]:
+    for index in range(start_batch, len(batches)):
+        batch = batches[index]
+        width = max(len(c.token_ids) for c in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        doc = torch.zeros((len(batch), width), dtype=torch.int32)
+        for row, ctx in enumerate(batch):
+            n = len(ctx.token_ids)
+            ids[row, :n] = torch.tensor(ctx.token_ids)
+            attention[row, :n] = 1
+            doc[row, :n] = torch.tensor(ctx.doc_ids, dtype=torch.int32)
+        hidden = reader(ids.to(device), attention.to(device))
+        mask = count_mask(ids, attention, skip_ids, exclude_first)
+        rows, cols = mask.nonzero(as_tuple=True)
+        acts = hidden[rows.to(hidden.device), cols.to(hidden.device)].float()
+        cids = torch.tensor([c.context_id for c in batch], dtype=torch.int32)
+        yield ActivationBatch(
+            index=index,
+            contexts=batch,
+            acts=acts,
+            context_id=cids[rows].numpy(),
+            position=cols.to(torch.int32).numpy(),
+            token_id=ids[rows, cols].to(torch.int32).numpy(),
+            doc_id=doc[rows, cols].numpy(),
+        )

@@ -1,0 +1,86 @@
+"""Run options: defaults < config TOML file < command-line flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from precompute.corpus import CorpusSource
+from precompute.errors import FeatureGeomError
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None
+    sae: str | None = None
+    sae_format: str | None = None
+    hook: str | None = None
+    out: str | None = None
+    corpus: list[CorpusSource] = field(default_factory=list)
+    context_size: int = 128
+    packing: str = "split"
+    max_tokens: int | None = None
+    batch_size: int = 16
+    batches_per_shard: int = 8
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    top_k_examples: int = 20
+    quantile_bins: int = 5
+    per_bin: int = 2
+    hist_bins: int = 40
+    neighbors: int = 32
+    null_fpr: float = 0.01
+    knn_backend: str = "auto"
+    umap_neighbors: int = 15
+    umap_min_dist: float = 0.1
+    harm_threshold: float = 0.7
+    task_threshold: float = 0.7
+    n_task: int = 50
+    neuronpedia: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
+        data: dict[str, Any] = {}
+        base = Path(".")
+        if path:
+            path = Path(path)
+            if not path.is_file():
+                raise FeatureGeomError(f"config file not found: {path}")
+            try:
+                data = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise FeatureGeomError(f"{path} is not valid TOML: {exc}") from exc
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise FeatureGeomError(f"unknown option(s) in {path}: {sorted(unknown)}; known: {sorted(known)}")
+        corpus = [CorpusSource.from_dict(dict(c)) for c in data.pop("corpus", [])]
+        for src in corpus:
+            # Relative corpus paths in a config file are relative to the working directory, like flags.
+            src.path = str(base / src.path)
+        cfg = cls(**data, corpus=corpus)
+        for key, value in overrides.items():
+            if value is None or key not in known:
+                continue
+            if key == "corpus":
+                if value:
+                    cfg.corpus = [CorpusSource.parse(v) for v in value]
+                continue
+            setattr(cfg, key, value)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["corpus"] = [c.to_dict() for c in self.corpus]
+        return out
+
+    def require(self, *names: str, step: str) -> None:
+        missing = [n for n in names if not getattr(self, n)]
+        if missing:
+            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+            raise FeatureGeomError(f"`featuregeom {step}` needs {flags} (on the command line or in --config)")

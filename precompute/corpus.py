@@ -1,0 +1,355 @@
+"""Read corpus sources (JSONL/CSV/TXT/JSON/YAML, optionally gzipped, and Parquet) into documents
+and pack them into fixed-size token contexts.
+
+Every document keeps its group and category so they travel into the examples. Text that is not
+valid UTF-8 is skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from precompute.errors import CorpusError
+
+GROUPS = ("task", "control", "harmful", "benign", "general")
+# Field names tried, in order, when a source names no text field.
+TEXT_FIELDS = (
+    "messages", "text", "prompt", "forbidden_prompt", "Behavior", "goal", "Goal", "instruction",
+    "question", "turns", "paraphrases", "chosen", "content",
+)
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):\s?")
+
+
+@dataclass
+class CorpusSource:
+    path: str
+    group: str = "general"
+    category: str | None = None  # fixed category for every document
+    category_field: str | None = None  # or read it per record from this field/column
+    text_field: str | None = None
+    format: str = "auto"  # auto | text | user (wrap plain text as one user chat turn) | chat
+    where: dict[str, str] = field(default_factory=dict)  # keep records whose field equals the value
+    max_docs: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise CorpusError(f"unknown corpus group {self.group!r} for {self.path}; use one of {', '.join(GROUPS)}")
+        if self.format not in ("auto", "text", "user", "chat"):
+            raise CorpusError(f"unknown corpus format {self.format!r} for {self.path}; use auto, text, user or chat")
+
+    @classmethod
+    def parse(cls, spec: str) -> CorpusSource:
+        """`PATH[:GROUP[:CATEGORY]]`; CATEGORY `@column` reads the category from that field."""
+        parts = spec.split(":")
+        # Allow Windows-style or odd paths by only splitting off known groups from the right.
+        if len(parts) >= 3 and parts[-2] in GROUPS:
+            path, group, category = ":".join(parts[:-2]), parts[-2], parts[-1]
+        elif len(parts) >= 2 and parts[-1] in GROUPS:
+            path, group, category = ":".join(parts[:-1]), parts[-1], None
+        else:
+            path, group, category = spec, "general", None
+        if category and category.startswith("@"):
+            return cls(path=path, group=group, category_field=category[1:])
+        return cls(path=path, group=group, category=category or None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CorpusSource:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise CorpusError(f"unknown corpus option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}, "auto")}
+
+
+@dataclass
+class Document:
+    doc_id: int
+    source: int
+    group: str
+    category: str | None
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+    index: int = 0  # record index in its file
+
+    def preview(self, n: int = 300) -> str:
+        if self.messages:
+            return " | ".join(f"{m['role']}: {m['content']}" for m in self.messages)[:n]
+        return (self.text or "")[:n]
+
+
+@dataclass
+class ReadStats:
+    records: int = 0
+    documents: int = 0
+    skipped_non_utf8: int = 0
+    skipped_malformed: int = 0
+    skipped_empty: int = 0
+    skipped_filtered: int = 0
+
+
+def _open_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise CorpusError(f"{path} is not a valid gzip file ({exc})") from exc
+    return data
+
+
+def _base_suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _decode_lines(data: bytes, stats: ReadStats) -> Iterator[str]:
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            stats.skipped_non_utf8 += 1
+
+
+def _records(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
+    suffix = _base_suffix(path)
+    if suffix == ".parquet":
+        import pandas as pd
+
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:
+            raise CorpusError(f"could not read parquet file {path}: {exc}") from exc
+        yield from frame.to_dict("records")
+        return
+    data = _open_bytes(path)
+    if suffix == ".jsonl":
+        for line in _decode_lines(data, stats):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                stats.skipped_malformed += 1
+                continue
+            if isinstance(record, dict):
+                yield record
+            else:
+                stats.skipped_malformed += 1
+    elif suffix == ".csv":
+        text = data.decode("utf-8", errors="surrogateescape")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            if any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
+                stats.skipped_non_utf8 += 1
+                continue
+            yield row
+    elif suffix == ".json":
+        try:
+            payload = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorpusError(f"{path} is not valid UTF-8 JSON ({exc})") from exc
+        items = payload if isinstance(payload, list) else payload.get("data", [payload])
+        for item in items:
+            yield item if isinstance(item, dict) else {"text": item}
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            payload = yaml.safe_load(data.decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise CorpusError(f"{path} is not valid UTF-8 YAML ({exc})") from exc
+        for item in payload or []:
+            yield item if isinstance(item, dict) else {"text": item}
+    elif suffix in (".txt", ".text", ".md", ""):
+        text = data.decode("utf-8", errors="surrogateescape")
+        for para in re.split(r"\n\s*\n", text):
+            if _has_surrogates(para):
+                stats.skipped_non_utf8 += 1
+            elif para.strip():
+                yield {"text": para.strip()}
+    else:
+        raise CorpusError(
+            f"unsupported corpus file type {path.name!r}; use .jsonl, .csv, .txt, .json, .yaml "
+            "(each optionally .gz) or .parquet"
+        )
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _hh_to_messages(text: str) -> list[dict[str, str]] | None:
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3:
+        return None
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2], strict=False):
+        role = "user" if role == "Human" else "assistant"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + content.strip()
+        else:
+            messages.append({"role": role, "content": content.strip()})
+    return messages if messages and messages[0]["role"] == "user" else None
+
+
+def _to_documents(record: dict[str, Any], source: CorpusSource) -> list[tuple[str | None, list | None]]:
+    """One record -> list of (text, messages); a list of strings (paraphrases) gives several."""
+    fields = [source.text_field] if source.text_field else [f for f in TEXT_FIELDS if f in record]
+    if not fields or fields[0] not in record:
+        return []
+    value = record[fields[0]]
+    if fields[0] == "turns" and isinstance(value, list) and value:
+        return [(None, [{"role": "user", "content": str(value[0])}])]
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+        messages = [{"role": str(m["role"]), "content": str(m.get("content", ""))} for m in value]
+        return [(None, messages)] if source.format != "text" else [("\n".join(m["content"] for m in messages), None)]
+    values = value if isinstance(value, list) else [value]
+    out: list[tuple[str | None, list | None]] = []
+    for item in values:
+        if item is None or (isinstance(item, float) and item != item):
+            continue
+        text = str(item)
+        if not text.strip():
+            continue
+        if source.format in ("auto", "chat") and (hh := _hh_to_messages(text)) is not None:
+            out.append((None, hh))
+        elif source.format == "user":
+            out.append((None, [{"role": "user", "content": text}]))
+        else:
+            out.append((text, None))
+    return out
+
+
+def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, seed: int = 0
+                ) -> tuple[list[Document], ReadStats]:
+    path = Path(source.path).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path}")
+    stats = ReadStats()
+    docs: list[Document] = []
+    for index, record in enumerate(_records(path, stats)):
+        stats.records += 1
+        if any(str(record.get(k)) != v for k, v in source.where.items()):
+            stats.skipped_filtered += 1
+            continue
+        category = source.category
+        if source.category_field:
+            raw = record.get(source.category_field)
+            if isinstance(raw, list):
+                raw = raw[0] if raw else None
+            category = str(raw) if raw not in (None, "") else None
+        items = _to_documents(record, source)
+        if not items:
+            stats.skipped_empty += 1
+        for text, messages in items:
+            for s in [text] + [m["content"] for m in messages or []]:
+                if s is not None and _has_surrogates(s):
+                    stats.skipped_non_utf8 += 1
+                    break
+            else:
+                docs.append(Document(0, source_index, source.group, category, text, messages, index))
+    # A seeded shuffle so a token budget takes a random subset, not the first rows of a sorted file.
+    random.Random(f"{seed}:{source.path}").shuffle(docs)
+    if source.max_docs is not None:
+        docs = docs[: source.max_docs]
+    for offset, doc in enumerate(docs):
+        doc.doc_id = first_doc_id + offset
+    stats.documents = len(docs)
+    if not docs:
+        raise CorpusError(
+            f"corpus source {path} (group {source.group!r}) yielded no documents "
+            f"({stats.records} records, {stats.skipped_non_utf8} not UTF-8, {stats.skipped_malformed} malformed, "
+            f"{stats.skipped_empty} without a text field, {stats.skipped_filtered} filtered out); "
+            f"check text_field (tried {source.text_field or ', '.join(TEXT_FIELDS)})"
+        )
+    return docs, stats
+
+
+def render(doc: Document, tokenizer: Any) -> list[int]:
+    """Token ids of one document; chat messages go through the model's chat template."""
+    if doc.messages is not None:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(doc.messages, tokenize=False)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in doc.messages)
+        return list(tokenizer(text)["input_ids"])
+    return list(tokenizer(doc.text)["input_ids"])
+
+
+@dataclass
+class Context:
+    context_id: int
+    source: int
+    token_ids: list[int]
+    doc_ids: list[int]  # per token
+    positions_in_doc: list[int]
+
+
+def pack_contexts(docs: list[Document], tokenizer: Any, context_size: int, mode: str = "split",
+                  max_tokens: int | None = None, first_context_id: int = 0) -> Iterator[Context]:
+    """Cut one source's documents into contexts of at most `context_size` tokens.
+
+    split: each document alone, long ones cut into consecutive windows;
+    truncate: only each document's first window;
+    pack: documents concatenated (never across sources) into full windows.
+    """
+    if mode not in ("split", "truncate", "pack"):
+        raise CorpusError(f"unknown packing mode {mode!r}; use split, truncate or pack")
+    if context_size < 2:
+        raise CorpusError("--context-size must be at least 2")
+    budget = max_tokens if max_tokens is not None else float("inf")
+    used = 0
+    cid = first_context_id
+    buf_tok: list[int] = []
+    buf_doc: list[int] = []
+    buf_pos: list[int] = []
+    source = docs[0].source if docs else 0
+    for doc in docs:
+        if used >= budget:
+            break
+        ids = render(doc, tokenizer)
+        if not ids:
+            continue
+        windows = range(0, len(ids), context_size) if mode != "truncate" else range(0, 1)
+        if mode == "pack":
+            for pos, tok in enumerate(ids):
+                buf_tok.append(tok)
+                buf_doc.append(doc.doc_id)
+                buf_pos.append(pos)
+                if len(buf_tok) == context_size:
+                    take = int(min(context_size, budget - used))
+                    yield Context(cid, source, buf_tok[:take], buf_doc[:take], buf_pos[:take])
+                    cid += 1
+                    used += take
+                    buf_tok, buf_doc, buf_pos = [], [], []
+                    if used >= budget:
+                        return
+            continue
+        for start in windows:
+            window = ids[start: start + context_size]
+            take = int(min(len(window), budget - used))
+            if take <= 1:
+                return
+            yield Context(cid, source, window[:take], [doc.doc_id] * take, list(range(start, start + take)))
+            cid += 1
+            used += take
+            if used >= budget:
+                return
+    if mode == "pack" and len(buf_tok) > 1 and used < budget:
+        take = int(min(len(buf_tok), budget - used))
+        yield Context(cid, source, buf_tok[:take], buf_doc[:take], buf_pos[:take])

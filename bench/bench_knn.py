@@ -62,6 +62,13 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): less sensitive than wall time to
+    other users of a shared machine, so reported next to it."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def worker(method: str, n: int, d: int, k: int, seed: int, result: str) -> None:
     """Run one method once in this (fresh) process and write its lists + measurements."""
     # import only what this method needs, before the baseline is taken
@@ -76,6 +83,8 @@ def worker(method: str, n: int, d: int, k: int, seed: int, result: str) -> None:
         raise SystemExit(f"unknown method {method}")
     X = random_unit(n, d, seed)
     base_rss, base_peak = _rss_mib(), _peak_mib()
+    load = os.getloadavg()[0]
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     if method == "ours_torch":
         idx, cos = knn_cosine(X, k, backend="torch", device="cpu", progress=False)
@@ -91,6 +100,7 @@ def worker(method: str, n: int, d: int, k: int, seed: int, result: str) -> None:
         dist, Ix = nn.kneighbors(X)
         idx, cos = _drop_self(Ix, 1.0 - dist)
     seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
     peak = _peak_mib()
     np.savez(result, indices=idx.astype(np.int32), cosine=cos.astype(np.float32))
     print(
@@ -101,6 +111,8 @@ def worker(method: str, n: int, d: int, k: int, seed: int, result: str) -> None:
                 "d": d,
                 "k": k,
                 "seconds": seconds,
+                "cpu_seconds": cpu,
+                "load_avg_1min_at_start": load,
                 "peak_rss_mib": peak,
                 "baseline_rss_mib": base_rss,
                 "baseline_peak_mib": base_peak,
@@ -142,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, help="fresh-process runs per method (median reported)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--out", type=Path, default=Path("bench/out/knn.json"))
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -158,26 +171,41 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.sizes:
             lists: dict[str, dict[str, np.ndarray]] = {}
+            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+            # repeats are interleaved across methods so a burst of load from other users of a
+            # shared machine does not land on one method only
+            for rep in range(a.repeat):
+                for m in methods:
+                    res = os.path.join(tmp, f"{m}_{n}.npz")
+                    cmd = [sys.executable, __file__, "--worker", m, "--n", str(n), "--d", str(a.d)]
+                    cmd += ["--k", str(a.k), "--seed", str(a.seed), "--result", res]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                    runs[m].append(json.loads(out.strip().splitlines()[-1]))
+                    if rep == 0:
+                        with np.load(res) as z:
+                            lists[m] = {"indices": z["indices"], "cosine": z["cosine"]}
+                    print(f"n={n} {m} run {rep + 1}: {runs[m][-1]['seconds']:.2f} s", file=sys.stderr)
             for m in methods:
-                res = os.path.join(tmp, f"{m}_{n}.npz")
-                cmd = [sys.executable, __file__, "--worker", m, "--n", str(n), "--d", str(a.d)]
-                cmd += ["--k", str(a.k), "--seed", str(a.seed), "--result", res]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                row = json.loads(out.strip().splitlines()[-1])
-                with np.load(res) as z:
-                    lists[m] = {"indices": z["indices"], "cosine": z["cosine"]}
+                times = [r["seconds"] for r in runs[m]]
+                row = dict(runs[m][0])
+                row.update(
+                    seconds=float(np.median(times)),
+                    seconds_min=min(times),
+                    seconds_all=times,
+                    cpu_seconds=float(np.median([r["cpu_seconds"] for r in runs[m]])),
+                    load_avg_1min_at_start=[r["load_avg_1min_at_start"] for r in runs[m]],
+                    peak_rss_mib=max(r["peak_rss_mib"] for r in runs[m]),
+                    peak_over_baseline_mib=max(r["peak_over_baseline_mib"] for r in runs[m]),
+                )
                 row["check_vs_" + REFERENCE] = compare(lists[REFERENCE], lists[m])
                 failures += not row["check_vs_" + REFERENCE]["ok"]
                 rows.append(row)
-                print(
-                    f"n={n} {m}: {row['seconds']:.2f} s, peak {row['peak_rss_mib']:.0f} MiB "
-                    f"(+{row['peak_over_baseline_mib']:.0f}), check {row['check_vs_' + REFERENCE]}",
-                    file=sys.stderr,
-                )
+                print(f"n={n} {m}: check {row['check_vs_' + REFERENCE]}", file=sys.stderr)
     report = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "args": {"sizes": a.sizes, "d": a.d, "k": a.k, "seed": a.seed},
+        "args": {"sizes": a.sizes, "d": a.d, "k": a.k, "seed": a.seed, "repeat": a.repeat},
+        "threads": "library defaults (torch, faiss/OpenMP and BLAS all use every core)",
         "results": rows,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| n | method | time (s) | peak RSS (MiB) | peak over baseline (MiB) | identical to ours_torch |",
-        "|---:|---|---:|---:|---:|---|",
+        "| n | method | wall (s), median | runs (s) | CPU (s), median | load at start | peak RSS (MiB) "
+        "| peak over baseline (MiB) | identical to ours_torch |",
+        "|---:|---|---:|---|---:|---|---:|---:|---|",
     ]
     for r in rows:
         c = r["check_vs_" + REFERENCE]
@@ -202,7 +231,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             else (f"yes ({c['index_mismatches']} near-tie swaps, cos diff <= 1e-5)" if c["ok"] else "NO")
         )
         lines.append(
-            f"| {r['n']} | {r['method']} | {r['seconds']:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"| {r['n']} | {r['method']} | {r['seconds']:.2f} | {' / '.join(f'{t:.2f}' for t in r['seconds_all'])} "
+            f"| {r['cpu_seconds']:.1f} | {' / '.join(f'{x:.1f}' for x in r['load_avg_1min_at_start'])} "
+            f"| {r['peak_rss_mib']:.0f} | "
             f"{r['peak_over_baseline_mib']:.0f} | {same} |"
         )
     return "\n".join(lines)

@@ -232,10 +232,10 @@ def write_synthetic_cache(
             if p[2] % 10 != 0:
                 labels[i] = f"{desc}: {v[p[3] % len(v)].strip()}"
                 expl[i] = f"Fires on {desc} text, most strongly on '{v[p[4] % len(v)].strip()}'."
-    for r, (t, h) in enumerate(zip(planted_task, planted_harm)):
+    for r, t in enumerate(planted_task):
         labels[t] = f"code that calls {vocab_theme['code'][r % len(vocab_theme['code'])].strip()} (planted)"
     if inject_html:
-        for t, h in list(zip(planted_task, planted_harm))[:3]:
+        for t, h in list(zip(planted_task, planted_harm, strict=False))[:3]:
             labels[t] = f"{XSS_PAYLOADS[0]} task label"
             labels[h] = f"{XSS_PAYLOADS[1]} harmful label"
             expl[t] = f"explains {XSS_PAYLOADS[2]}"
@@ -293,6 +293,13 @@ def write_synthetic_cache(
     ex_cat = np.where(ex_group == "harmful", theme[f_rows], None)
     ex_cat = np.where((ex_group == "harmful") & ~np.isin(ex_cat, CATEGORIES), CATEGORIES[0], ex_cat)
 
+    doc_group = np.array(GROUPS, dtype=object)[rng.permutation(np.arange(n_docs) % len(GROUPS))]
+    ex_doc = np.zeros(n_rows, dtype=np.int64)
+    for g in GROUPS:  # each example comes from a document of its own group
+        pool = np.flatnonzero(doc_group == g)
+        rows_g = np.flatnonzero(ex_group == g)
+        ex_doc[rows_g] = pool[rng.integers(0, len(pool), len(rows_g))]
+
     vocab_arr = pa.array(vocab_all, pa.string())
     flat_tokens = pa.DictionaryArray.from_arrays(pa.array(tok_ids.ravel().astype(np.int32)), vocab_arr)
     flat_tokens = flat_tokens.cast(pa.string())
@@ -305,7 +312,7 @@ def write_synthetic_cache(
         "kind": pa.array(kind.astype(object), pa.string()),
         "group": pa.array(ex_group, pa.string()),
         "category": pa.array(ex_cat, pa.string()),
-        "doc_id": pa.array(rng.integers(0, n_docs, n_rows).astype(np.int64)),
+        "doc_id": pa.array(ex_doc),
         "context_id": pa.array(rng.integers(0, n_docs * 8, n_rows).astype(np.int64)),
         "tokens": tokens_col,
         "activations": acts_col,
@@ -342,7 +349,6 @@ def write_synthetic_cache(
         "frequency": pa.array(np.concatenate(cr_freq).clip(0, 1)),
         "tokens": pa.array(np.full(sum(len(x) for x in cr_feature), 20000, dtype=np.int64)),
     })
-    doc_group = rng.choice(np.array(GROUPS, dtype=object), size=n_docs)
     docs = pd.DataFrame({
         "doc_id": np.arange(n_docs, dtype=np.int64),
         "source": [f"synthetic/{g}.jsonl" for g in doc_group],
@@ -416,7 +422,7 @@ def write_synthetic_cache(
         staged.record_step("geometry", {"k": k, "fpr": fpr, "metric": "cosine"}, secs / 4)
         staged.record_step("scores", {"harm_threshold": 0.68, "task_threshold": 0.8}, secs / 4)
         staged.record_step("overlaps", {"min_z": None, "planted": [[int(a), int(b)] for a, b in
-                                                                    zip(planted_task, planted_harm)]}, secs / 4)
+                                                                    zip(planted_task, planted_harm, strict=False)]}, secs / 4)
         staged.manifest["synthetic"] = {"planted_task": planted_task.tolist(),
                                         "planted_harmful": planted_harm.tolist()}
         staged.commit()

@@ -74,6 +74,7 @@ class ExampleStore:
         big = path.stat().st_size > LAZY_EXAMPLES_BYTES
         self.lazy = (sorted_ and self._meta.num_row_groups > 1) and (big if force_lazy is None else force_lazy)
         self._lock = threading.Lock()
+        self._search_lock = threading.Lock()
         self._groups: OrderedDict[int, pa.Table] = OrderedDict()
         self._cache_groups = cache_groups
         self._search: tuple[np.ndarray, pa.Array] | None = None
@@ -132,9 +133,12 @@ class ExampleStore:
 
     def search_index(self, max_rank: int = 3) -> tuple[np.ndarray, pa.Array]:
         """(feature ids, lower-cased text) of each feature's first top examples; built once."""
-        with self._lock:
-            if self._search is not None:
-                return self._search
+        with self._search_lock:  # a second caller waits for the first build instead of repeating it
+            if self._search is None:
+                self._search = self._build_search_index(max_rank)
+            return self._search
+
+    def _build_search_index(self, max_rank: int) -> tuple[np.ndarray, pa.Array]:
         feats: list[np.ndarray] = []
         texts: list[pa.Array] = []
         if self._table is not None:
@@ -151,9 +155,7 @@ class ExampleStore:
             texts.append(pc.utf8_lower(joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined))
         f = np.concatenate(feats) if feats else np.zeros(0, np.int64)
         txt = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
-        with self._lock:
-            self._search = (f, txt)
-        return self._search
+        return f, txt
 
 
 def _read_cols(path: Path, meta: Any, i: int) -> pa.Table:
@@ -297,7 +299,7 @@ class CacheData:
         text = self._feature_search_text()
         m = pc.match_substring(text, ql, ignore_case=True).to_numpy(zero_copy_only=False)
         hits.append((np.flatnonzero(m), "label / tokens"))
-        if examples:
+        if examples and not digits.isdigit() and len(hits[-1][0]) < limit:
             ef, et = self.examples.search_index()
             if len(ef):
                 em = pc.match_substring(et, ql).to_numpy(zero_copy_only=False)
@@ -373,7 +375,7 @@ def _load_features(path: Path) -> tuple[pd.DataFrame, pa.Table, list[str]]:
         df[col] = df[col].fillna(False).astype(bool)
     groups = [g for g in GROUP_ORDER if f"freq_{g}" in df]
     groups += sorted(c[5:] for c in df if c.startswith("freq_") and c[5:] not in groups)
-    df["hover"] = _hover_text(df, lists)
+    df["hover"] = pd.Series(_hover_text(df, lists), dtype=object)  # object: free to_numpy() per rerun
     return df, lists, groups
 
 

@@ -36,7 +36,7 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
@@ -147,7 +147,8 @@ def stage(target: str | Path, fresh: bool = False, base_manifest: dict | None = 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        if fresh or not target.exists():
+        # An existing empty directory (which check_output_dir accepts) starts a new cache too.
+        if fresh or not target.exists() or (target.is_dir() and not any(target.iterdir())):
             manifest = dict(base_manifest or {})
         else:
             manifest = read_manifest(target)

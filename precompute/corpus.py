@@ -58,6 +58,13 @@ class CorpusSource:
             path, group, category = ":".join(parts[:-1]), parts[-1], None
         else:
             path, group, category = spec, "general", None
+            # `data.csv:harmfull` is an existing file with a misspelt group: say so, not "file not found".
+            if not Path(spec).expanduser().exists():
+                for cut in (1, 2):
+                    if len(parts) > cut and Path(":".join(parts[:-cut])).expanduser().is_file():
+                        raise CorpusError(
+                            f"unknown corpus group {parts[-cut]!r} in {spec!r}; use one of {', '.join(GROUPS)}"
+                        )
         if category and category.startswith("@"):
             return cls(path=path, group=group, category_field=category[1:])
         return cls(path=path, group=group, category=category or None)
@@ -130,13 +137,14 @@ def _decode_lines(data: bytes, stats: ReadStats) -> Iterator[str]:
 def _records(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
     suffix = _base_suffix(path)
     if suffix == ".parquet":
-        import pandas as pd
+        import pyarrow.parquet as pq
 
         try:
-            frame = pd.read_parquet(path)
+            # Plain Python values: lists stay lists (a `messages` column), nulls are None (not NaN).
+            rows = pq.read_table(path).to_pylist()
         except Exception as exc:
             raise CorpusError(f"could not read parquet file {path}: {exc}") from exc
-        yield from frame.to_dict("records")
+        yield from rows
         return
     data = _open_bytes(path)
     if suffix == ".jsonl":
@@ -244,7 +252,7 @@ def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, 
     docs: list[Document] = []
     for index, record in enumerate(_records(path, stats)):
         stats.records += 1
-        if any(str(record.get(k)) != v for k, v in source.where.items()):
+        if any(str(record.get(k)) != str(v) for k, v in source.where.items()):  # TOML may give ints
             stats.skipped_filtered += 1
             continue
         category = source.category
@@ -342,8 +350,10 @@ def pack_contexts(docs: list[Document], tokenizer: Any, context_size: int, mode:
             continue
         for start in windows:
             window = ids[start: start + context_size]
+            if len(window) < 2:  # a lone token (short document or tail) has no counted position; skip it
+                continue
             take = int(min(len(window), budget - used))
-            if take <= 1:
+            if take <= 1:  # the budget is spent
                 return
             yield Context(cid, source, window[:take], [doc.doc_id] * take, list(range(start, start + take)))
             cid += 1

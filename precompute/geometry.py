@@ -95,11 +95,15 @@ def unit_rows(W_dec: ArrayLike) -> np.ndarray:
 
 
 def _unit_rows_torch(X: torch.Tensor) -> torch.Tensor:
-    """Torch twin of `unit_rows` for tensors already on an accelerator (no host round trip)."""
+    """Torch twin of `unit_rows` for tensors already on an accelerator (no host round trip).
+
+    Norms are accumulated in float64 in row chunks, so no float64 copy of a 1M x 2304 matrix.
+    """
     if not torch.isfinite(X).all():
         raise ValueError("directions contain non-finite values; fix the SAE weights first")
-    Xd = X.to(torch.float64)
-    norms = torch.linalg.vector_norm(Xd, dim=1)
+    chunk = max(1, (64 * 2**20) // max(1, X.shape[1] * 8))
+    starts = range(0, X.shape[0], chunk)
+    norms = torch.cat([torch.linalg.vector_norm(X[s : s + chunk].to(torch.float64), dim=1) for s in starts])
     zero = norms == 0
     n_zero = int(zero.sum())
     if n_zero:
@@ -111,7 +115,12 @@ def _unit_rows_torch(X: torch.Tensor) -> torch.Tensor:
         log.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     norms = torch.where(zero, torch.ones_like(norms), norms)
-    return (Xd / norms[:, None]).to(torch.float32)
+    out = torch.empty(X.shape, dtype=torch.float32, device=X.device)
+    for s in starts:
+        out[s : s + chunk] = (X[s : s + chunk].to(torch.float64) / norms[s : s + chunk, None]).to(
+            torch.float32
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,9 +200,13 @@ def _knn_torch(X: torch.Tensor, k: int, rows: int, bar: Any) -> tuple[np.ndarray
             idx[r] = sel
             vals[r] = S[r, sel]
         del S
-        i_np, c_np = _sort_desc_then_index(idx.cpu().numpy(), vals.cpu().numpy())
-        out_i[s:e] = i_np
-        out_c[s:e] = c_np
+        # final order: descending cosine, ties by lower index (sort by index, then stable by value)
+        idx, perm = torch.sort(idx, dim=1)
+        vals = vals.gather(1, perm)
+        vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
+        idx = idx.gather(1, perm)
+        out_i[s:e] = idx.cpu().numpy()
+        out_c[s:e] = vals.cpu().numpy()
         bar.update(b)
     return out_i, out_c
 

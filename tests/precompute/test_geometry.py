@@ -103,12 +103,13 @@ def test_ties_and_duplicate_rows_break_by_lower_index(backend: str) -> None:
     assert np.all(order_ok[np.triu_indices(20, 1)])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_rows(backend: str) -> None:
+@pytest.mark.parametrize("backend,as_tensor", [("torch", False), ("torch", True), ("faiss", False)])
+def test_zero_rows(backend: str, as_tensor: bool) -> None:
     X = _random(60, 10, seed=4)
     X[[5, 6]] = 0.0
+    inp = torch.from_numpy(X) if as_tensor else X  # tensors take the on-device normalisation path
     with pytest.warns(RuntimeWarning, match="zero norm"):
-        idx, cos = knn_cosine(X, 4, backend=backend, device="cpu", progress=False)
+        idx, cos = knn_cosine(inp, 4, backend=backend, device="cpu", progress=False)
     with pytest.warns(RuntimeWarning):
         ref_i, ref_c = knn_bruteforce(X, 4)
     np.testing.assert_array_equal(idx, ref_i)

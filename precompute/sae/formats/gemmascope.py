@@ -25,6 +25,7 @@ from precompute.errors import SAEFormatError
 from precompute.sae.base import SAE
 from precompute.sae.formats import (
     build_sae,
+    float_dtype,
     fold_scaling_factor,
     parse_layer,
     read_json,
@@ -111,7 +112,8 @@ def load(path: str, device: str = "cpu") -> SAE:
             f"{file}: the path says width {info['width']} but the weights have d_sae={d_sae}; "
             "the file does not belong to this folder"
         )
-    W_enc, W_dec = tensors["W_enc"].float(), tensors["W_dec"].float()
+    dtype = float_dtype([tensors[n] for n in NAMES])
+    W_enc, W_dec = tensors["W_enc"].to(dtype), tensors["W_dec"].to(dtype)
     if "embedding" in file.as_posix() and info["model_name"] is not None:
         # As SAELens does: embedding SAEs were trained on embeddings scaled by sqrt(d_model).
         W_enc, W_dec = W_enc / math.sqrt(d_in), W_dec * math.sqrt(d_in)

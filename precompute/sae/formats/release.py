@@ -96,9 +96,10 @@ def load(path: str, device: str = "cpu") -> SAE:
         ) from e
     try:
         obj = SAELensSAE.from_pretrained(release, sae_id, device="cpu")
-    except ValueError as e:  # unknown release / SAE id: SAELens lists the valid ones
-        raise SAEFormatError(f"SAELens does not know {path!r}: {e}") from e
-    except Exception as e:  # network, Hugging Face hub, missing cache when offline
+    except Exception as e:
+        if type(e) is ValueError:  # unknown release / SAE id: SAELens lists the valid ones
+            raise SAEFormatError(f"SAELens does not know {path!r}: {e}") from e
+        # Network, Hugging Face hub, or nothing cached while offline.
         raise SAEFormatError(
             f"SAELens could not fetch {path!r} ({type(e).__name__}: {e}); you may be offline. {_HOW_TO_FIX}"
         ) from e

@@ -210,7 +210,9 @@ def build_cfg(sae: SAE, extra_cfg: dict[str, Any] | None = None) -> dict[str, An
     if sae.architecture == "topk":
         cfg["k"] = int(sae.k)
         cfg["rescale_acts_by_decoder_norm"] = bool(sae.rescale_acts_by_decoder_norm)
-    elif sae.rescale_acts_by_decoder_norm:
+    elif sae.rescale_acts_by_decoder_norm and not torch.allclose(
+        sae.W_dec.norm(dim=1), torch.ones(sae.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device), atol=1e-5
+    ):  # with unit decoder rows the flag is a no-op and can be dropped
         raise SAEFormatError(
             f"rescale_acts_by_decoder_norm on a {sae.architecture} SAE has no SAELens cfg equivalent; "
             "call sae.fold_decoder_norm() first (it keeps encode() and reconstructions)"
@@ -223,11 +225,13 @@ def build_cfg(sae: SAE, extra_cfg: dict[str, Any] | None = None) -> dict[str, An
         if clash:
             raise SAEFormatError(f"extra_cfg may not override {', '.join(sorted(clash))}; they come from the SAE")
         for key, value in extra_cfg.items():
-            if key == "metadata" and isinstance(value, dict):
-                cfg["metadata"] = {**metadata, **value}
+            if key == "metadata":
+                if not isinstance(value, dict):
+                    raise SAEFormatError("extra_cfg['metadata'] must be a dict (it is merged into cfg metadata)")
+                metadata = {**metadata, **value}
             else:
                 cfg[key] = value
-    cfg.setdefault("metadata", metadata)
+    cfg["metadata"] = metadata
     if not _json_safe(cfg):
         raise SAEFormatError("extra_cfg must be JSON-serialisable")
     return cfg

@@ -1,0 +1,164 @@
+"""Benchmark UMAP from our exact kNN graph vs umap-learn's own approximate kNN (NN-descent).
+
+Question answered: does feeding UMAP the exact neighbour lists (``precomputed_knn``) cost time
+or buy faithfulness compared with letting umap-learn search neighbours itself? Both runs use the
+same directions, n_neighbors, min_dist and seed, and are scored by neighbourhood preservation
+against the exact cosine kNN (the lists the explorer shows).
+
+numba compilation (~45-60 s per process in umap-learn/pynndescent) is excluded: both code paths
+are warmed up first on a small input in this process. A fixed seed makes umap-learn run
+single-threaded; that is the configuration the pipeline uses, so it is what is timed.
+
+    python bench/bench_umap.py --n 16384 --d 576 --out bench/out/umap.json
+    python bench/bench_umap.py --sae-npy decoder.npy     # [n_features, d] decoder rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from precompute.geometry import (  # noqa: E402
+    _rescale_unit_box,
+    knn_cosine,
+    neighbourhood_preservation,
+    umap_layout,
+    unit_rows,
+)
+
+
+def make_directions(kind: str, n: int, d: int, seed: int) -> np.ndarray:
+    """'random': isotropic unit rows (no structure: the hardest case for any map).
+    'clustered': unit rows around n/64 random centres (some neighbourhood structure)."""
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        X = rng.standard_normal((n, d), dtype=np.float32)
+    elif kind == "clustered":
+        centres = rng.standard_normal((max(2, n // 64), d), dtype=np.float32)
+        X = centres[rng.integers(0, centres.shape[0], n)] + 0.8 * rng.standard_normal(
+            (n, d), dtype=np.float32
+        )
+    else:
+        raise ValueError(kind)
+    return unit_rows(X)
+
+
+def umap_nndescent(X: np.ndarray, n_neighbors: int, seed: int, min_dist: float, **kw: Any) -> Any:
+    import umap
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = umap.UMAP(n_neighbors=n_neighbors, metric="cosine", min_dist=min_dist, random_state=seed, **kw)
+        r.fit_transform(X)
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--data", choices=["random", "clustered"], default="random")
+    ap.add_argument("--sae-npy", type=Path, help="decoder rows [n_features, d] as .npy (overrides --data)")
+    ap.add_argument("--n-neighbors", type=int, default=15)
+    ap.add_argument("--k", type=int, default=32, help="kNN list length computed (pipeline default)")
+    ap.add_argument("--min-dist", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench/out/umap.json"))
+    a = ap.parse_args(argv)
+    nn = a.n_neighbors
+
+    if a.sae_npy:
+        X = unit_rows(np.load(a.sae_npy))
+        source = str(a.sae_npy)
+    else:
+        X = make_directions(a.data, a.n, a.d, a.seed)
+        source = f"{a.data} unit rows, seed {a.seed}"
+    n, d = X.shape
+
+    # warm-up: compile both numba paths (precomputed graph; NN-descent forced on a small input)
+    t0 = time.perf_counter()
+    W = make_directions("clustered", 600, 32, 1)
+    wi, wc = knn_cosine(W, nn, progress=False)
+    umap_layout(wi, wc, n_neighbors=nn, seed=a.seed, progress=False, directions=W)
+    umap_nndescent(W, nn, a.seed, a.min_dist, force_approximation_algorithm=True)
+    warmup = time.perf_counter() - t0
+    print(f"warm-up (numba compilation) {warmup:.1f} s", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    idx, cos = knn_cosine(X, a.k, progress=False)
+    t_knn = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    Y_exact = umap_layout(
+        idx, cos, n_neighbors=nn, seed=a.seed, min_dist=a.min_dist, progress=False, directions=X
+    )
+    t_umap_exact = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    r = umap_nndescent(X, nn, a.seed, a.min_dist)
+    t_nnd_total = time.perf_counter() - t0
+    Y_nnd = _rescale_unit_box(np.asarray(r.embedding_, dtype=np.float64))
+    # umap-learn's own lists: self in column 0 (as ours), n_neighbors columns in all
+    nnd_i = np.asarray(r._knn_indices)[:, 1:nn]
+    exact = idx[:, : nn - 1]
+    recall = float(np.mean([np.isin(nnd_i[i], exact[i]).mean() for i in range(n)]))
+
+    k_eval = 15
+    rows = [
+        {
+            "method": "exact kNN (ours) + umap precomputed_knn",
+            "knn_seconds": t_knn,
+            "umap_seconds": t_umap_exact,
+            "total_seconds": t_knn + t_umap_exact,
+            "knn_recall_vs_exact": 1.0,
+            "preservation": neighbourhood_preservation(idx, Y_exact, k_eval),
+        },
+        {
+            "method": "umap-learn NN-descent (metric='cosine')",
+            "knn_seconds": None,
+            "umap_seconds": None,
+            "total_seconds": t_nnd_total,
+            "knn_recall_vs_exact": recall,
+            "preservation": neighbourhood_preservation(idx, Y_nnd, k_eval),
+        },
+    ]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cores": os.cpu_count(),
+        "data": source,
+        "n": n,
+        "d": d,
+        "n_neighbors": nn,
+        "k_eval": k_eval,
+        "seed": a.seed,
+        "warmup_seconds": warmup,
+        "results": rows,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    f = lambda v: "(inside total)" if v is None else f"{v:.2f}"  # noqa: E731
+    print(f"data: {source}, n={n}, d={d}, n_neighbors={nn}, seed={a.seed}; warm-up {warmup:.1f} s excluded\n")
+    print(
+        f"| method | kNN (s) | UMAP (s) | total (s) | kNN recall@{nn - 1} vs exact | "
+        f"neighbourhood preservation@{k_eval} |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for r_ in rows:
+        print(
+            f"| {r_['method']} | {f(r_['knn_seconds'])} | {f(r_['umap_seconds'])} | {r_['total_seconds']:.2f} | "
+            f"{r_['knn_recall_vs_exact']:.3f} | {r_['preservation']:.3f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,497 @@
+"""Pure figure and HTML builders: data in, plotly figure (or an HTML string) out.
+
+Why pure: the pages only wire these to widgets, so every visual decision is unit-testable without
+Streamlit and the story export reuses exactly the figures the pages show.
+
+Safety: every string that comes from a cache (labels, tokens, categories, document text) is passed
+through `html.escape` before it reaches HTML or a plotly label (plotly renders a subset of HTML in
+hover text and titles). The HTML builders emit only <div>/<span>/<table> elements with inline
+styles, never links or attributes taken from the cache.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+# one palette everywhere: task = blue family, harmful = red family
+TASK = "#1d4ed8"
+TASK_LIGHT = "#93c5fd"
+HARM = "#c81e1e"
+HARM_LIGHT = "#fca5a5"
+NEUTRAL = "#9ca3af"
+INK = "#111827"
+GROUP_COLORS = {
+    "task": TASK, "control": "#60a5fa", "harmful": HARM, "benign": "#059669", "general": "#6b7280",
+}
+CATEGORY_COLORS = ["#b91c1c", "#ea580c", "#be185d", "#7c2d12", "#9f1239", "#c2410c", "#e11d48", "#92400e",
+                   "#dc2626", "#f97316"]
+HARM_SCALE = [[0.0, "#e5e7eb"], [0.5, "#e5e7eb"], [0.7, "#fca5a5"], [0.85, "#ef4444"], [1.0, "#7f1d1d"]]
+TASK_SCALE = [[0.0, "#e5e7eb"], [0.5, "#e5e7eb"], [0.7, "#93c5fd"], [0.85, "#3b82f6"], [1.0, "#1e3a8a"]]
+COLOR_MODES = {
+    "harm score": "harm_score",
+    "task score": "task_score",
+    "harm category": "harm_category",
+    "firing rate": "frequency",
+}
+FONT = "Inter, -apple-system, Segoe UI, Helvetica, Arial, sans-serif"
+
+
+def esc(text: Any) -> str:
+    """html.escape for anything (None -> '')."""
+    if text is None or (isinstance(text, float) and math.isnan(text)) or text is pd.NA:
+        return ""
+    return html.escape(str(text), quote=True)
+
+
+def show_token(tok: Any) -> str:
+    """A token as it should read on screen (newlines and tabs made visible), escaped."""
+    s = "" if tok is None else str(tok)
+    return esc(s.replace("\n", "↵").replace("\t", "⇥").replace("\r", ""))
+
+
+def plotly_config(fmt: str = "png", filename: str = "feature-geometry") -> dict[str, Any]:
+    """Chart toolbar: the camera button downloads `fmt` (png or svg) at 2x scale."""
+    return {
+        "displaylogo": False,
+        "toImageButtonOptions": {"format": fmt, "filename": filename, "scale": 2},
+        "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"],
+    }
+
+
+def _base_layout(fig: go.Figure, height: int, title: str | None = None, **kw: Any) -> go.Figure:
+    fig.update_layout(
+        height=height, template="plotly_white", font={"family": FONT, "size": 13, "color": INK},
+        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
+        title={"text": esc(title), "x": 0.01, "font": {"size": 15}} if title else None,
+        hoverlabel={"font": {"family": FONT, "size": 12}, "bgcolor": "white"},
+        **kw,
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# the map
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The highlighted task feature and its neighbours on the map (ids, cosines, harmful flags)."""
+
+    feature: int
+    neighbours: Sequence[int]
+    cosines: Sequence[float]
+    harmful: Sequence[bool]
+    threshold: float
+
+
+def decimate(x: np.ndarray, y: np.ndarray, max_points: int, keep: Iterable[int] = (),
+             focus: tuple[float, float] | None = None, seed: int = 0) -> np.ndarray:
+    """Indices of the points to draw: everything when n <= max_points; otherwise `keep`, the points
+    nearest `focus` (a quarter of the budget: full detail around the selection) and a fixed random
+    sample of the rest (stable between reruns, so the map does not flicker)."""
+    n = len(x)
+    if n <= max_points:
+        return np.arange(n)
+    chosen = np.zeros(n, dtype=bool)
+    keep_arr = np.fromiter(keep, dtype=np.int64)
+    keep_arr = keep_arr[(keep_arr >= 0) & (keep_arr < n)]
+    chosen[keep_arr] = True
+    if focus is not None:
+        near = max_points // 4
+        d2 = (x - focus[0]) ** 2 + (y - focus[1]) ** 2
+        chosen[np.argpartition(d2, near)[:near]] = True
+    budget = max_points - int(chosen.sum())
+    if budget > 0:
+        prio = np.random.default_rng(seed).permutation(n)  # rank of each point in a fixed shuffle
+        rest = np.flatnonzero(~chosen)
+        take = rest[np.argsort(prio[rest], kind="stable")[:budget]]
+        chosen[take] = True
+    return np.flatnonzero(chosen)
+
+
+def _density(x: np.ndarray, y: np.ndarray, bins: int = 140) -> go.Heatmap:
+    h, xe, ye = np.histogram2d(x, y, bins=bins, range=[[-1.05, 1.05], [-1.05, 1.05]])
+    z = np.log1p(h.T)
+    z[z == 0] = np.nan
+    return go.Heatmap(
+        z=z, x=(xe[:-1] + xe[1:]) / 2, y=(ye[:-1] + ye[1:]) / 2, showscale=False, hoverinfo="skip",
+        colorscale=[[0, "#f3f4f6"], [1, "#9ca3af"]], opacity=0.55, name="all features (density)",
+    )
+
+
+def map_figure(
+    features: pd.DataFrame,
+    color_by: str = "harm score",
+    selection: Selection | None = None,
+    max_points: int = 40000,
+    height: int = 640,
+    seed: int = 0,
+) -> go.Figure:
+    """The UMAP of all features as a WebGL scatter, with the selection and its neighbours on top.
+
+    `features` needs feature, umap_x, umap_y, hover and the colour column. Above `max_points`
+    points, far points are decimated to a fixed sample and a grey density layer shows them all.
+    Neighbours are joined to the selection by lines whose width grows with cosine; only those
+    at or above `selection.threshold` are drawn.
+    """
+    if color_by not in COLOR_MODES:
+        raise ValueError(f"color_by must be one of {list(COLOR_MODES)}")
+    x = features["umap_x"].to_numpy(dtype=np.float64)
+    y = features["umap_y"].to_numpy(dtype=np.float64)
+    fig = go.Figure()
+    keep: list[int] = []
+    focus = None
+    if selection is not None:
+        keep = [selection.feature, *selection.neighbours]
+        focus = (x[selection.feature], y[selection.feature])
+    idx = decimate(x, y, max_points, keep=keep, focus=focus, seed=seed)
+    decimated = len(idx) < len(x)
+    if decimated:
+        fig.add_trace(_density(x, y))
+    sub = features.iloc[idx]
+    hover = sub["hover"].to_numpy(dtype=object)
+    ids = sub["feature"].to_numpy()
+    col = COLOR_MODES[color_by]
+    marker_size = 5 if len(idx) <= 5000 else 3.5 if len(idx) <= 50000 else 2.5
+    fade = 0.55 if selection is not None else 0.85  # the selection stands out against a muted map
+    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
+    if col == "harm_category":
+        cats = sub["harm_category"].astype("string").fillna("").to_numpy(dtype=object)
+        none = cats == ""
+        fig.add_trace(go.Scattergl(
+            x=sub["umap_x"].to_numpy()[none], y=sub["umap_y"].to_numpy()[none], text=hover[none],
+            customdata=ids[none], name="no harm category",
+            marker={"size": marker_size, "color": "#d1d5db", "opacity": fade * 0.8}, **common))
+        for i, cat in enumerate(sorted(set(cats[~none]))):
+            m = cats == cat
+            fig.add_trace(go.Scattergl(
+                x=sub["umap_x"].to_numpy()[m], y=sub["umap_y"].to_numpy()[m], text=hover[m], customdata=ids[m],
+                name=esc(cat), marker={"size": marker_size + 1, "color": CATEGORY_COLORS[i % len(CATEGORY_COLORS)],
+                                       "opacity": fade}, **common))
+    else:
+        vals = sub[col].to_numpy(dtype=np.float64)
+        if col == "frequency":
+            vals = np.log10(np.clip(vals, 1e-7, 1))
+            cbar = {"title": {"text": "log₁₀ rate"}, "thickness": 12, "len": 0.6}
+            scale: Any = "Viridis"
+            cmin, cmax = -6.0, 0.0
+        else:
+            cbar = {"title": {"text": color_by}, "thickness": 12, "len": 0.6}
+            scale = HARM_SCALE if col == "harm_score" else TASK_SCALE
+            cmin, cmax = 0.0, 1.0
+        order = np.argsort(np.nan_to_num(vals, nan=-np.inf), kind="stable")  # strongest drawn on top
+        fig.add_trace(go.Scattergl(
+            x=sub["umap_x"].to_numpy()[order], y=sub["umap_y"].to_numpy()[order], text=hover[order],
+            customdata=ids[order], name=color_by, showlegend=False,
+            marker={"size": marker_size, "color": vals[order], "colorscale": scale, "cmin": cmin, "cmax": cmax,
+                    "colorbar": cbar, "opacity": fade},
+            **common))
+    if selection is not None:
+        _add_selection(fig, features, selection)
+    title = None
+    if decimated:
+        title = f"{len(idx):,} of {len(x):,} features drawn (full detail near the selection; grey = density of all)"
+    _base_layout(fig, height, title=title, dragmode="pan", legend={"orientation": "h", "y": -0.02, "x": 0})
+    fig.update_xaxes(visible=False, range=[-1.08, 1.08])
+    fig.update_yaxes(visible=False, range=[-1.08, 1.08])
+    fig.update_layout(uirevision=f"map-{color_by}")
+    return fig
+
+
+def line_width(cos: float, threshold: float, lo: float = 1.0, hi: float = 9.0) -> float:
+    """Line width for a neighbour edge: `lo` at the null threshold, `hi` at cosine 1."""
+    t = (cos - threshold) / max(1e-9, 1.0 - threshold)
+    return float(lo + (hi - lo) * min(1.0, max(0.0, t)))
+
+
+def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> None:
+    x = features["umap_x"].to_numpy()
+    y = features["umap_y"].to_numpy()
+    hover = features["hover"].to_numpy(dtype=object)
+    x0, y0 = float(x[sel.feature]), float(y[sel.feature])
+    shown = [(int(j), float(c), bool(h)) for j, c, h in zip(sel.neighbours, sel.cosines, sel.harmful, strict=False)
+             if c >= sel.threshold]
+    for j, c, h in shown:
+        fig.add_trace(go.Scattergl(
+            x=[x0, float(x[j])], y=[y0, float(y[j])], mode="lines", hoverinfo="skip", showlegend=False,
+            line={"width": line_width(c, sel.threshold), "color": "rgba(200,30,30,0.75)" if h
+                  else "rgba(71,85,105,0.55)"},
+            name=f"edge {sel.feature}-{j}"))
+    for harmful in (True, False):
+        grp = [(j, c) for j, c, h in shown if h == harmful]
+        if not grp:
+            continue
+        js = np.array([j for j, _ in grp])
+        cs = np.array([c for _, c in grp])
+        text = [f"{hover[j]}<br><b>cosine {c:.3f}</b> to #{sel.feature}" for j, c in grp]
+        fig.add_trace(go.Scattergl(
+            x=x[js], y=y[js], mode="markers", text=text, customdata=js,
+            hovertemplate="%{text}<extra></extra>",
+            name="harmful neighbour" if harmful else "other neighbour",
+            marker={"size": 10 + 10 * np.clip((cs - sel.threshold) / max(1e-9, 1 - sel.threshold), 0, 1),
+                    "color": HARM if harmful else "white",
+                    "line": {"width": 2, "color": INK if harmful else "#475569"}}))
+    fig.add_trace(go.Scattergl(
+        x=[x0], y=[y0], mode="markers", text=[hover[sel.feature]], customdata=[sel.feature],
+        hovertemplate="%{text}<extra>selected</extra>", name=f"selected #{sel.feature}",
+        marker={"size": 24, "symbol": "star", "color": TASK, "line": {"width": 2, "color": "white"}}))
+    fig.add_annotation(x=x0, y=y0, text=f"<b>#{sel.feature}</b>", showarrow=True, arrowhead=0, ax=-38, ay=-34,
+                       font={"color": TASK, "size": 14}, bgcolor="rgba(255,255,255,0.85)", bordercolor=TASK,
+                       borderwidth=1, borderpad=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# small charts
+
+
+def group_rates_figure(rates: dict[str, float], categories: pd.DataFrame | None = None,
+                       height: int = 260) -> go.Figure:
+    """Firing rate per corpus group (and per harm category inside 'harmful', when known)."""
+    names: list[str] = []
+    vals: list[float] = []
+    colors: list[str] = []
+    for g, v in rates.items():
+        names.append(esc(g))
+        vals.append(float(v) * 100)
+        colors.append(GROUP_COLORS.get(g, NEUTRAL))
+    if categories is not None and len(categories):
+        harm = categories[(categories["group"] == "harmful") & categories["category"].notna()]
+        for i, (cat, v) in enumerate(zip(harm["category"], harm["frequency"], strict=False)):
+            names.append(f"harmful · {esc(cat)}")
+            vals.append(float(v) * 100)
+            colors.append(CATEGORY_COLORS[i % len(CATEGORY_COLORS)])
+    fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", marker_color=colors,
+                           hovertemplate="%{y}: %{x:.3g}% of tokens<extra></extra>"))
+    _base_layout(fig, height, title="Firing rate by text group (% of tokens)")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text="% of tokens where it fires", ticksuffix="%")
+    return fig
+
+
+def histogram_figure(edges: np.ndarray, counts: np.ndarray, color: str = TASK, height: int = 230) -> go.Figure:
+    """Distribution of the feature's activation where it fires (log count axis)."""
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure(go.Bar(x=centres, y=counts, marker_color=color, width=(edges[1] - edges[0]) * 0.95,
+                           hovertemplate="activation %{x:.2f}: %{y:,} tokens<extra></extra>"))
+    _base_layout(fig, height, title="Activation histogram (tokens where it fires)")
+    fig.update_yaxes(type="log", title_text="tokens")
+    fig.update_xaxes(title_text="activation")
+    return fig
+
+
+def closeness_figure(cosine: float, null_cosine: float, typical: float | None = None,
+                     height: int = 300) -> go.Figure:
+    """How close a pair is compared to chance: pair cosine vs the null threshold (and a typical pair)."""
+    names = ["random directions<br>(chance level)"]
+    vals = [null_cosine]
+    colors = [NEUTRAL]
+    if typical is not None and np.isfinite(typical):
+        names.append("a typical feature's<br>nearest neighbour")
+        vals.append(typical)
+        colors.append("#cbd5e1")
+    names.append("this task feature ↔<br>its harmful neighbour")
+    vals.append(cosine)
+    colors.append(HARM)
+    fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", marker_color=colors,
+                           text=[f"{v:.2f}" for v in vals], textposition="outside",
+                           hovertemplate="%{y}: cosine %{x:.3f}<extra></extra>"))
+    fig.add_vline(x=null_cosine, line_dash="dash", line_color=INK,
+                  annotation_text=f"chance {null_cosine:.2f}", annotation_position="top")
+    _base_layout(fig, height)
+    fig.update_xaxes(range=[0, max(1.0, max(vals) * 1.15)], title_text="cosine similarity of decoder directions")
+    fig.update_yaxes(tickfont={"size": 15})
+    fig.update_layout(font={"size": 16}, margin={"l": 10, "r": 10, "t": 44, "b": 10})
+    return fig
+
+
+def finetune_figure(cosine: float, step: float = 0.6, height: int = 420) -> go.Figure:
+    """Why closeness matters: a step along the task direction moves `cos x step` along the harmful one."""
+    cosine = float(np.clip(cosine, -1, 1))
+    th = math.acos(cosine)
+    hx, hy = math.cos(th), math.sin(th)
+    fig = go.Figure()
+    proj = step * cosine
+
+    def arrow(x1: float, y1: float, x0: float, y0: float, color: str, width: int = 4, dash: bool = False) -> None:
+        fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
+                           arrowhead=3, arrowsize=1.2, arrowwidth=width, arrowcolor=color, text="")
+
+    arrow(1.0, 0.0, 0.0, 0.0, TASK)
+    arrow(hx, hy, 0.0, 0.0, HARM)
+    fig.add_trace(go.Scatter(x=[0, step], y=[-0.08, -0.08], mode="lines", line={"color": TASK_LIGHT, "width": 10},
+                             hoverinfo="skip", name="fine-tuning step along the task feature"))
+    fig.add_trace(go.Scatter(x=[step, proj * hx], y=[-0.08, proj * hy], mode="lines",
+                             line={"color": HARM_LIGHT, "width": 2, "dash": "dot"}, hoverinfo="skip",
+                             showlegend=False))
+    fig.add_trace(go.Scatter(x=[0, proj * hx], y=[0, proj * hy], mode="lines",
+                             line={"color": HARM, "width": 10}, opacity=0.35, hoverinfo="skip",
+                             name=f"side effect along the harmful feature ({cosine:.0%} of the step)"))
+    fig.add_annotation(x=1.02, y=0.0, text="<b>task feature</b>", showarrow=False, xanchor="left",
+                       font={"color": TASK, "size": 16})
+    fig.add_annotation(x=hx * 1.04, y=hy * 1.04, text="<b>harmful feature</b>", showarrow=False,
+                       xanchor="left", font={"color": HARM, "size": 16})
+    fig.add_annotation(x=0.18 * math.cos(th / 2), y=0.18 * math.sin(th / 2), showarrow=False,
+                       text=f"{math.degrees(th):.0f}°", font={"size": 14})
+    _base_layout(fig, height, legend={"orientation": "h", "y": -0.05, "x": 0, "font": {"size": 14}})
+    fig.update_xaxes(visible=False, range=[-0.15, 1.45])
+    fig.update_yaxes(visible=False, range=[-0.25, 1.1], scaleanchor="x", scaleratio=1)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML builders (everything escaped, inline styles only)
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
+    return f"rgba({r},{g},{b},{alpha:.3f})"
+
+
+def tokens_html(tokens: Sequence[Any], activations: Sequence[float], scale: float, color: str = TASK,
+                center: int | None = None, window: int | None = None) -> str:
+    """One context as inline spans: background opacity = activation / scale; hover shows the value."""
+    n = len(tokens)
+    lo, hi = 0, n
+    if window is not None and center is not None and n > 2 * window + 1:
+        lo, hi = max(0, center - window), min(n, center + window + 1)
+    scale = scale if scale and scale > 0 else 1.0
+    out = ['<span style="font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;'
+           'line-height:1.9;white-space:pre-wrap;word-break:break-word">']
+    if lo > 0:
+        out.append('<span style="color:#9ca3af">… </span>')
+    for i in range(lo, hi):
+        a = float(activations[i]) if i < len(activations) and activations[i] is not None else 0.0
+        alpha = min(1.0, max(0.0, a / scale))
+        style = "padding:1px 0;border-radius:3px;"
+        if a > 0:
+            style += f"background:{_rgba(color, 0.12 + 0.78 * alpha)};"
+            if alpha > 0.6:
+                style += "color:white;"
+        if i == center:
+            style += f"outline:2px solid {color};"
+        out.append(f'<span title="activation {a:.3f}" style="{style}">{show_token(tokens[i])}</span>')
+    if hi < n:
+        out.append('<span style="color:#9ca3af"> …</span>')
+    out.append("</span>")
+    return "".join(out)
+
+
+def badge(text: Any, color: str, filled: bool = False) -> str:
+    style = (f"background:{color};color:white;" if filled else f"color:{color};border:1px solid {color};")
+    return (f'<span style="{style}display:inline-block;padding:0 7px;margin-right:4px;border-radius:9px;'
+            f'font-size:11.5px;line-height:18px">{esc(text)}</span>')
+
+
+def examples_html(examples: Sequence[dict[str, Any]], scale: float | None = None, color: str = TASK,
+                  window: int | None = 24, limit: int | None = None, documents: pd.DataFrame | None = None) -> str:
+    """A list of examples: metadata line (rank, group, category, document) + highlighted tokens."""
+    if not examples:
+        return ('<div style="color:#6b7280;font-style:italic;padding:6px 0">No examples in this cache '
+                "(the feature never fired on the corpus).</div>")
+    if scale is None:
+        scale = max((float(e.get("max_activation") or 0) for e in examples), default=1.0) or 1.0
+    rows = []
+    for e in examples[:limit] if limit else examples:
+        group = e.get("group") or ""
+        kind = e.get("kind") or "top"
+        if kind == "top":
+            head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1}</b>'
+        else:
+            q = e.get("quantile")
+            head = f'<b style="color:#6b7280">quantile {float(q):.2f}</b>' if q is not None else "sample"
+        meta = [head, badge(group, GROUP_COLORS.get(str(group), NEUTRAL), filled=True)]
+        if e.get("category"):
+            meta.append(badge(e["category"], HARM))
+        meta.append(f'<span style="color:#6b7280;font-size:12px">max {float(e.get("max_activation") or 0):.2f}'
+                    f' · doc {esc(e.get("doc_id"))}</span>')
+        src = _doc_source(documents, e.get("doc_id"))
+        if src:
+            meta.append(f'<span style="color:#9ca3af;font-size:12px">{esc(src)}</span>')
+        body = tokens_html(e.get("tokens") or [], e.get("activations") or [], scale, color=color,
+                           center=e.get("max_position"), window=window)
+        rows.append(f'<div style="padding:6px 0 8px;border-bottom:1px solid #f1f5f9">'
+                    f'<div style="margin-bottom:2px">{" ".join(meta)}</div>{body}</div>')
+    return "<div>" + "".join(rows) + "</div>"
+
+
+def _doc_source(documents: pd.DataFrame | None, doc_id: Any) -> str | None:
+    """The file a document came from (basename of source_path, else a string source), or None."""
+    if documents is None or doc_id is None or doc_id not in documents.index:
+        return None
+    for col in ("source_path", "source"):
+        if col in documents:
+            v = documents.at[doc_id, col]
+            if isinstance(v, str) and v:
+                return v.replace("\\", "/").rsplit("/", 1)[-1]
+    return None
+
+
+def token_chips_html(tokens: Sequence[Any], color: str, title: str) -> str:
+    """Logit-lens tokens as chips."""
+    chips = "".join(
+        f'<span style="display:inline-block;margin:2px 4px 2px 0;padding:1px 8px;border-radius:6px;'
+        f'background:{_rgba(color, 0.1)};border:1px solid {_rgba(color, 0.4)};font-family:ui-monospace,Menlo,'
+        f'monospace;font-size:13px;white-space:pre">{show_token(t)}</span>' for t in tokens)
+    if not chips:
+        chips = '<span style="color:#6b7280">—</span>'
+    return f'<div style="margin:2px 0 8px"><div style="font-size:12px;color:#6b7280">{esc(title)}</div>{chips}</div>'
+
+
+def feature_header_html(row: dict[str, Any], role: str | None = None) -> str:
+    """Title block of a feature: id, label, role/flags, explanation."""
+    color = HARM if role == "harmful" or (role is None and row.get("is_harmful")) else TASK
+    flags = []
+    if row.get("is_task"):
+        flags.append(badge("task feature", TASK, filled=True))
+    if row.get("is_harmful"):
+        flags.append(badge("harmful", HARM, filled=True))
+    if row.get("harm_category"):
+        flags.append(badge(row["harm_category"], HARM))
+    if row.get("dead"):
+        flags.append(badge("dead", NEUTRAL, filled=True))
+    label = esc(row.get("label")) or '<span style="color:#9ca3af">(no label)</span>'
+    expl = esc(row.get("explanation"))
+    return (f'<div style="border-left:5px solid {color};padding:2px 0 2px 12px;margin:4px 0 10px">'
+            f'<div style="font-size:13px;color:#6b7280">Feature #{int(row["feature"])}</div>'
+            f'<div style="font-size:22px;font-weight:650;color:{INK};line-height:1.3">{label}</div>'
+            f'<div style="margin-top:4px">{"".join(flags)}</div>'
+            + (f'<div style="color:#4b5563;font-size:14px;margin-top:4px">{expl}</div>' if expl else "")
+            + "</div>")
+
+
+def closeness_caption(cosine: float, null_cosine: float) -> str:
+    """'cosine 0.41 — 4.3× the chance level 0.095' (plain text, no cache strings)."""
+    if not np.isfinite(cosine):
+        return "not in the neighbour list"
+    if null_cosine and null_cosine > 0:
+        return f"cosine {cosine:.2f} — {cosine / null_cosine:.1f}× the chance level {null_cosine:.3g}"
+    return f"cosine {cosine:.2f}"
+
+
+def neighbour_table(nbrs: pd.DataFrame, null_cosine: float, link_base: str = "feature",
+                    extra_query: str = "") -> pd.DataFrame:
+    """Display table of neighbours (pure): id, link, label, cosine, × chance, z, harm, category.
+
+    `extra_query` (e.g. "&cache=after") is appended to each link so links keep the chosen cache."""
+    df = pd.DataFrame({
+        "feature": nbrs["feature"].astype(int),
+        "open": [f"{link_base}?feature={int(f)}{extra_query}" for f in nbrs["feature"]],
+        "label": nbrs["label"].astype("string").fillna(""),
+        "cosine": nbrs["cosine"].round(3),
+        "× chance": (nbrs["cosine"] / null_cosine).round(2) if null_cosine > 0 else np.nan,
+        "z": nbrs["z"].round(1),
+        "harm score": nbrs["harm_score"].round(3),
+        "harmful": nbrs["is_harmful"].astype(bool),
+        "category": nbrs["harm_category"].astype("string").fillna(""),
+        "above chance": nbrs["cosine"] >= null_cosine,
+    })
+    return df.reset_index(drop=True)

@@ -1,0 +1,61 @@
+"""Fixtures for the explorer tests: small synthetic caches (built once per session) and broken copies.
+
+`browser_cache_dir` is the cache the browser tests open. It defaults to a synthetic cache; point
+FEATUREGEOM_TEST_CACHE at another cache (e.g. one built from a tiny real model), or override the
+fixture in a conftest closer to the test, to run the same end-to-end flows on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.synthetic_cache import write_synthetic_cache
+
+
+@pytest.fixture(scope="session")
+def synth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 600-feature synthetic cache; read-only by convention (copy it before changing it)."""
+    return write_synthetic_cache(tmp_path_factory.mktemp("caches") / "synth", n_features=600, d=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def xss_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache whose labels, tokens and documents carry <script>, <img onerror> and javascript: payloads."""
+    return write_synthetic_cache(tmp_path_factory.mktemp("caches") / "xss", n_features=400, d=32, seed=1,
+                                 inject_html=True)
+
+
+@pytest.fixture(scope="session")
+def browser_cache_dir(synth_cache: Path) -> Path:
+    env = os.environ.get("FEATUREGEOM_TEST_CACHE")
+    return Path(env) if env else synth_cache
+
+
+@pytest.fixture
+def cache_copy(synth_cache: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic cache that a test may damage."""
+    dst = tmp_path / "cache"
+    shutil.copytree(synth_cache, dst)
+    return dst
+
+
+@pytest.fixture
+def wrong_schema_cache(cache_copy: Path) -> Path:
+    m = json.loads((cache_copy / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (cache_copy / "manifest.json").write_text(json.dumps(m))
+    return cache_copy
+
+
+@pytest.fixture
+def tampered_cache(cache_copy: Path) -> Path:
+    p = cache_copy / "features.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    return cache_copy

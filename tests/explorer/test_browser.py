@@ -1,0 +1,292 @@
+"""End-to-end tests in a real browser: Debian chromium driven by Playwright against `streamlit run`.
+
+The cache comes from the `browser_cache_dir` fixture (synthetic by default; FEATUREGEOM_TEST_CACHE or
+a conftest override swaps in a real one). Screenshots of every page land in bench/out/screenshots/.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from explorer.data import load_cache
+from explorer.reviews import ReviewStore
+from tests.explorer.helpers import CHROMIUM, REPO, launch_chromium, streamlit_server, wait_for_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+SHOTS = REPO / "bench" / "out" / "screenshots"
+PAYLOADS = ["<script>window.__xss=1</script>", '<img src=x onerror="window.__xss=1">',
+            "[click](javascript:window.__xss=1)"]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (or set FEATUREGEOM_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(browser_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    tmp = tmp_path_factory.mktemp("server")
+    with streamlit_server(browser_cache_dir, reviews=tmp / "reviews.sqlite", log_dir=tmp) as srv:
+        srv.reviews = tmp / "reviews.sqlite"  # type: ignore[attr-defined]
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def pair(browser_cache_dir: Path) -> tuple[int, int]:
+    """A flagged pair that is not the default one, so selecting it really changes the view."""
+    c = load_cache(browser_cache_dir)
+    ov = c.overlaps
+    if len(ov) > 1:
+        r = ov.sort_values("risk", ascending=False).iloc[1]
+        return int(r["task_feature"]), int(r["harmful_feature"])
+    p = c.default_pair()
+    assert p is not None, "the browser tests need a cache with at least one task↔harmful pair"
+    return p
+
+
+@pytest.fixture
+def page(chromium: Any) -> Iterator[Any]:
+    ctx = chromium.new_context(viewport={"width": 1500, "height": 1300})
+    pg = ctx.new_page()
+    pg.set_default_timeout(45000)
+    yield pg
+    ctx.close()
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(600)  # let plotly finish drawing
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def plot_traces(page: Any, index: int = 0) -> list[str]:
+    return page.evaluate(
+        "(i) => { const gd = document.querySelectorAll('.js-plotly-plot')[i];"
+        " return gd && gd.data ? gd.data.map(t => t.name || '') : []; }", index)
+
+
+def test_map_search_highlights_neighbours(server: Any, page: Any, pair: tuple[int, int],
+                                          browser_cache_dir: Path) -> None:
+    from playwright.sync_api import expect
+
+    t, h = pair
+    page.goto(server.url + "/")
+    wait_for_app(page)
+    expect(page.get_by_role("heading", name="Map of features")).to_be_visible()
+    expect(page.locator(".js-plotly-plot").first).to_be_visible()
+    search = page.get_by_label("Search features", exact=True)
+    search.fill(str(t))
+    search.press("Enter")
+    expect(page.get_by_text(f"Feature #{t}", exact=True)).to_be_visible()
+    wait_for_app(page)
+    assert re.search(rf"[?&]feature={t}\b", page.url), page.url
+    names = plot_traces(page)
+    assert f"selected #{t}" in names, names
+    expect(page.get_by_text(re.compile(r"\d+ of \d+ neighbours"))).to_be_visible()
+    c = load_cache(browser_cache_dir, verify=False)
+    above = c.neighbours_of(t, threshold=c.null_cosine)  # the slider starts at the null threshold
+    for j in above["feature"]:
+        assert f"edge {t}-{j}" in names, f"a line joins #{t} to its neighbour #{j}"
+    harmful = above[above["is_harmful"]]
+    if len(harmful):
+        assert "harmful neighbour" in names
+        expect(page.locator(".legendtext", has_text="harmful neighbour")).to_be_visible()
+        first = int(harmful["feature"].iloc[0])
+        expect(page.get_by_text(f"Closest harmful neighbour #{first}", exact=False)).to_be_visible()
+        if (c.overlaps["task_feature"] == t).any():
+            assert first == h or f"edge {t}-{h}" in names
+    shot(page, "map")
+
+
+def test_map_click_selects_feature(server: Any, page: Any, pair: tuple[int, int]) -> None:
+    from playwright.sync_api import expect
+
+    t, _ = pair
+    page.goto(server.url + f"/?feature={t}")
+    wait_for_app(page)
+    expect(page.get_by_text(f"Feature #{t}", exact=True)).to_be_visible()
+    page.wait_for_function("() => { const gd = document.querySelector('.js-plotly-plot');"
+                           " return !!(gd && gd.data && gd._fullLayout && gd._fullLayout.xaxis); }")
+    page.wait_for_timeout(500)
+    # pixel position of the top-drawn point of the base layer (the highest harm score), from plotly's axes
+    target, x, y = page.evaluate(
+        """(sel) => { const gd = document.querySelector('.js-plotly-plot');
+            const tr = gd._fullData.find(t => t.name === 'harm score');
+            let i = tr.customdata.length - 1;
+            if (tr.customdata[i] === sel) i -= 1;
+            const L = gd._fullLayout, r = gd.getBoundingClientRect();
+            return [tr.customdata[i], r.left + L._size.l + L.xaxis.l2p(tr.x[i]),
+                    r.top + L._size.t + L.yaxis.l2p(tr.y[i])]; }""", t)
+    h = int(target)
+    xy = (x, y)
+    page.mouse.move(xy[0], xy[1])
+    page.wait_for_timeout(300)
+    page.mouse.click(xy[0], xy[1])
+    expect(page.get_by_text(f"Feature #{h}", exact=True)).to_be_visible(timeout=20000)
+    wait_for_app(page)
+    assert re.search(rf"[?&]feature={h}\b", page.url), page.url
+
+
+def test_open_examples(server: Any, page: Any, pair: tuple[int, int]) -> None:
+    from playwright.sync_api import expect
+
+    t, _ = pair
+    page.goto(server.url + f"/?feature={t}")
+    wait_for_app(page)
+    page.get_by_role("link", name=re.compile(rf"Open feature #{t}")).click()
+    expect(page.get_by_role("heading", name="Top-activating examples")).to_be_visible()
+    wait_for_app(page)
+    assert "/feature" in page.url and f"feature={t}" in page.url
+    tokens = page.locator('span[title^="activation "]')
+    assert tokens.count() > 10
+    expect(page.get_by_role("heading", name="Nearest neighbours in decoder space")).to_be_visible()
+    assert len(page.locator(".js-plotly-plot").all()) >= 1
+    shot(page, "feature")
+
+
+def test_compare_side_by_side(server: Any, page: Any, pair: tuple[int, int]) -> None:
+    from playwright.sync_api import expect
+
+    t, h = pair
+    page.goto(server.url + f"/feature?feature={t}&compare={h}")
+    wait_for_app(page)
+    expect(page.get_by_role("heading", name=f"Side by side: #{t} and #{h}")).to_be_visible()
+    expect(page.get_by_text(f"Feature #{h}", exact=True)).to_be_visible()
+    shot(page, "compare")
+
+
+def test_record_verdict_persists(server: Any, page: Any, pair: tuple[int, int]) -> None:
+    from playwright.sync_api import expect
+
+    t, h = pair
+    page.goto(server.url + f"/overlaps?task={t}&harmful={h}")
+    wait_for_app(page)
+    expect(page.get_by_role("heading", name=f"Task #{t} ↔ harmful #{h}")).to_be_visible()
+    page.get_by_label("Your name", exact=True).fill("Rita Reviewer")
+    page.locator('[data-testid="stRadio"]').get_by_text("confirmed", exact=True).click()
+    page.get_by_label("Note", exact=True).fill("Both fire on shell commands; the harmful one on threats.")
+    page.get_by_role("button", name="Save verdict").click()
+    expect(page.get_by_text("Current verdict:")).to_be_visible()
+    expect(page.get_by_text("Rita Reviewer").first).to_be_visible()
+    wait_for_app(page)
+    shot(page, "overlaps")
+    page.reload()
+    wait_for_app(page)
+    expect(page.get_by_text("Current verdict:")).to_be_visible()
+    expect(page.get_by_text("Rita Reviewer").first).to_be_visible()
+    cur = ReviewStore(server.reviews).get(t, h)
+    assert cur["verdict"] == "confirmed" and cur["reviewer"] == "Rita Reviewer"
+
+
+def test_story_steps_have_urls(server: Any, page: Any, pair: tuple[int, int]) -> None:
+    from playwright.sync_api import expect
+
+    t, h = pair
+    page.goto(server.url + f"/story?task={t}&harmful={h}&step=4")
+    wait_for_app(page)
+    expect(page.get_by_text("Step 4 of 6")).to_be_visible()
+    expect(page.get_by_text("Its harmful neighbour is closer than chance")).to_be_visible()
+    assert not page.locator('[data-testid="stSidebar"]').is_visible()
+    shot(page, "story")
+    page.get_by_role("button", name="Next →").click()
+    expect(page.get_by_text("Step 5 of 6")).to_be_visible()
+    wait_for_app(page)
+    assert "step=5" in page.url
+    page.get_by_role("button", name="← Back").click()
+    expect(page.get_by_text("Step 4 of 6")).to_be_visible()
+
+
+# ---------------------------------------------------------------------------------------------------
+# XSS: cache text with <script>, <img onerror> and javascript: links must show literally and never run
+
+
+@pytest.fixture(scope="module")
+def xss_server(xss_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    tmp = tmp_path_factory.mktemp("xss-server")
+    with streamlit_server(xss_cache, reviews=tmp / "reviews.sqlite", log_dir=tmp) as srv:
+        yield srv
+
+
+def _assert_inert(page: Any, dialogs: list[str]) -> None:
+    assert page.evaluate("() => typeof window.__xss") == "undefined"
+    assert dialogs == []
+    assert page.locator('img[src="x"]').count() == 0
+    assert page.locator('a[href^="javascript:"]').count() == 0
+    # no script element carries a payload as code (figure JSON may hold it as an escaped string)
+    assert page.evaluate(
+        """() => Array.from(document.scripts).filter(s => s.textContent.trim().startsWith('window.__xss')
+              || s.textContent.includes('<script>window.__xss') || s.textContent.includes('onerror="window')
+              ).length""") == 0
+
+
+def test_xss_payloads_are_inert_and_literal(xss_server: Any, xss_cache: Path, chromium: Any,
+                                            tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    c = load_cache(xss_cache)
+    t, h = c.default_pair()
+    assert PAYLOADS[0] in c.row(t)["label"]
+    ctx = chromium.new_context(viewport={"width": 1500, "height": 1300}, accept_downloads=True)
+    page = ctx.new_page()
+    page.set_default_timeout(45000)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    urls = [f"/?feature={t}", f"/feature?feature={t}", f"/feature?feature={t}&compare={h}",
+            f"/overlaps?task={t}&harmful={h}", f"/story?task={t}&harmful={h}&step=1",
+            f"/story?task={t}&harmful={h}&step=3", f"/story?task={t}&harmful={h}&step=5"]
+    for url in urls:
+        page.goto(xss_server.url + url)
+        wait_for_app(page)
+        page.wait_for_timeout(500)
+        expect(page.get_by_text(PAYLOADS[0]).first).to_be_visible()
+        if "/feature" in url or "/overlaps" in url or "step=5" in url:
+            expect(page.get_by_text(PAYLOADS[1]).first).to_be_visible()
+            expect(page.get_by_text(PAYLOADS[2]).first).to_be_visible()
+        _assert_inert(page, dialogs)
+    shot(page, "xss-story")
+    page.goto(xss_server.url + f"/feature?feature={t}")
+    wait_for_app(page)
+    shot(page, "xss-feature")
+    # search results list the label literally
+    page.goto(xss_server.url + "/")
+    wait_for_app(page)
+    search = page.get_by_label("Search features", exact=True)
+    search.fill("window.__xss")
+    search.press("Enter")
+    wait_for_app(page)
+    expect(page.get_by_text(re.compile(r"matching features"))).to_be_visible()
+    _assert_inert(page, dialogs)
+    # the exported story opens offline, draws its figures, and stays inert
+    page.goto(xss_server.url + f"/story?task={t}&harmful={h}&step=1")
+    wait_for_app(page)
+    page.get_by_text("Presenter settings").click()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name=re.compile("Download the whole story")).click()
+    out = tmp_path / "story.html"
+    dl.value.save_as(out)
+    ctx.close()
+    off = chromium.new_context(offline=True)
+    p2 = off.new_page()
+    d2: list[str] = []
+    p2.on("dialog", lambda d: (d2.append(d.message), d.dismiss()))
+    requests: list[str] = []
+    p2.on("request", lambda r: requests.append(r.url))
+    p2.goto(out.as_uri())
+    p2.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4",
+                         timeout=30000)
+    expect(p2.get_by_text(PAYLOADS[0]).first).to_be_visible()
+    _assert_inert(p2, d2)
+    assert all(u.startswith(("file:", "data:", "blob:", "about:")) for u in requests), requests
+    off.close()

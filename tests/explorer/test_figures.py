@@ -1,0 +1,150 @@
+"""Figure and HTML builders are pure: data in, figure out — and they escape everything from the cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from explorer import figures as F
+
+PAYLOADS = ["<script>window.__xss=1</script>", '<img src=x onerror="window.__xss=1">',
+            "[click](javascript:window.__xss=1)"]
+
+
+def _features(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({
+        "feature": np.arange(n), "umap_x": rng.uniform(-1, 1, n), "umap_y": rng.uniform(-1, 1, n),
+        "harm_score": rng.uniform(0, 1, n), "task_score": rng.uniform(0, 1, n),
+        "frequency": rng.uniform(0, 0.1, n),
+        "harm_category": pd.array(rng.choice(["violence", "fraud", None], n), dtype="string"),
+    })
+    df["hover"] = [f"#{i}" for i in range(n)]
+    return df
+
+
+def _sel(n: int = 50) -> F.Selection:
+    return F.Selection(feature=3, neighbours=[5, 9, 11, 20], cosines=[0.8, 0.5, 0.3, 0.1],
+                       harmful=[True, False, True, True], threshold=0.25)
+
+
+@pytest.mark.parametrize("mode", list(F.COLOR_MODES))
+def test_map_figure_modes(mode: str) -> None:
+    fig = F.map_figure(_features(300), mode, _sel())
+    assert isinstance(fig, go.Figure)
+    gl = [t for t in fig.data if t.type == "scattergl"]
+    assert gl, "the map is WebGL"
+    overlay = ("harmful neighbour", "other neighbour", "selected #3")
+    drawn = sum(len(t.x) for t in gl if t.mode == "markers" and t.name not in overlay)
+    assert drawn == 300, "every feature is drawn once below the decimation limit"
+    if mode == "harm category":
+        assert {"violence", "fraud", "no harm category"} <= {t.name for t in fig.data}
+
+
+def test_selection_lines_filter_and_width() -> None:
+    fig = F.map_figure(_features(100), "harm score", _sel())
+    edges = [t for t in fig.data if (t.name or "").startswith("edge ")]
+    assert [t.name for t in edges] == ["edge 3-5", "edge 3-9", "edge 3-11"]  # cos 0.1 is below threshold
+    widths = [t.line.width for t in edges]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
+    names = {t.name for t in fig.data}
+    assert {"harmful neighbour", "other neighbour", "selected #3"} <= names
+    harm = next(t for t in fig.data if t.name == "harmful neighbour")
+    assert list(harm.customdata) == [5, 11]
+    raised = F.map_figure(_features(100), "harm score",
+                          F.Selection(3, [5, 9, 11], [0.8, 0.5, 0.3], [True, False, True], threshold=0.6))
+    assert [t.name for t in raised.data if (t.name or "").startswith("edge ")] == ["edge 3-5"]
+
+
+def test_line_width_monotone() -> None:
+    w = [F.line_width(c, 0.2) for c in (0.2, 0.4, 0.6, 1.0, 1.5)]
+    assert w == sorted(w) and w[0] == 1.0 and w[-1] == 9.0
+
+
+def test_decimation_keeps_selection_and_budget() -> None:
+    n = 50000
+    df = _features(n)
+    sel = F.Selection(feature=49999, neighbours=[1, 2, 3], cosines=[0.9, 0.8, 0.7], harmful=[True] * 3,
+                      threshold=0.1)
+    fig = F.map_figure(df, "harm score", sel, max_points=4000)
+    base = [t for t in fig.data if t.type == "scattergl" and t.name == "harm score"]
+    assert len(base) == 1 and len(base[0].x) == 4000
+    ids = set(np.asarray(base[0].customdata).tolist())
+    assert {49999, 1, 2, 3} <= ids
+    assert any(t.type == "heatmap" for t in fig.data), "far points are aggregated into a density layer"
+    idx1 = F.decimate(df.umap_x.to_numpy(), df.umap_y.to_numpy(), 4000, keep=[7], focus=(0, 0))
+    idx2 = F.decimate(df.umap_x.to_numpy(), df.umap_y.to_numpy(), 4000, keep=[7], focus=(0, 0))
+    assert np.array_equal(idx1, idx2), "stable between reruns"
+    d = np.hypot(df.umap_x.to_numpy()[idx1], df.umap_y.to_numpy()[idx1])
+    assert (d < 0.2).sum() >= 900, "full detail around the selection"
+    assert len(F.decimate(np.zeros(10), np.zeros(10), 100)) == 10
+
+
+def test_map_figure_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError):
+        F.map_figure(_features(10), "nonsense")
+
+
+def test_small_charts() -> None:
+    g = F.group_rates_figure({"task": 0.01, "harmful": 0.002},
+                             pd.DataFrame({"group": ["harmful", "task"], "category": ["fraud", None],
+                                           "frequency": [0.003, 0.01]}))
+    assert list(g.data[0].y) == ["task", "harmful", "harmful · fraud"]
+    assert g.data[0].marker.color[0] == F.TASK and g.data[0].marker.color[1] == F.HARM
+    h = F.histogram_figure(np.linspace(0, 4, 5), np.array([10, 5, 2, 1]))
+    assert list(h.data[0].y) == [10, 5, 2, 1] and h.layout.yaxis.type == "log"
+    c = F.closeness_figure(0.41, 0.095, 0.2)
+    assert list(c.data[0].x) == [0.095, 0.2, 0.41]
+    ft = F.finetune_figure(0.5)
+    assert ft.layout.annotations and len(ft.data) == 3
+    assert F.closeness_caption(0.41, 0.095) == "cosine 0.41 — 4.3× the chance level 0.095"
+    cfg = F.plotly_config("svg", "x")
+    assert cfg["toImageButtonOptions"]["format"] == "svg"
+
+
+def test_tokens_html_escapes_and_scales() -> None:
+    toks = ["a", *PAYLOADS, "\n", "b"]
+    acts = [0.0, 1.0, 2.0, 4.0, 0.5, 0.0]
+    out = F.tokens_html(toks, acts, scale=4.0, center=3)
+    assert "<script" not in out and "<img" not in out and "javascript:window" in out  # text, never a link
+    assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in out
+    assert "&lt;img src=x onerror=&quot;window.__xss=1&quot;&gt;" in out
+    assert "<a " not in out and "href" not in out
+    assert 'title="activation 4.000"' in out and "↵" in out
+    assert "rgba(29,78,216,0.900)" in out  # the peak is the darkest
+    windowed = F.tokens_html([str(i) for i in range(100)], [0.0] * 100, 1.0, center=50, window=5)
+    assert windowed.count("<span title=") == 11 and "…" in windowed
+
+
+def test_html_builders_escape_everything() -> None:
+    row = {"feature": 7, "label": PAYLOADS[0], "explanation": PAYLOADS[1], "harm_category": PAYLOADS[2],
+           "is_harmful": True, "is_task": True}
+    ex = [{"kind": "top", "rank": 0, "group": PAYLOADS[0], "category": PAYLOADS[1], "doc_id": 1,
+           "tokens": PAYLOADS, "activations": [1, 2, 3], "max_activation": 3.0, "max_position": 2}]
+    docs = pd.DataFrame({"doc_id": [1], "source": [PAYLOADS[1]]}).set_index("doc_id", drop=False)
+    for out in (F.feature_header_html(row), F.examples_html(ex, documents=docs),
+                F.token_chips_html(PAYLOADS, F.TASK, "promoted"), F.badge(PAYLOADS[0], F.HARM)):
+        assert "<script" not in out and "<img" not in out and "<a " not in out
+    assert "No examples" in F.examples_html([])
+
+
+def test_plotly_text_is_escaped_for_hover() -> None:
+    df = _features(5)
+    df.loc[2, "hover"] = F.esc(PAYLOADS[0])
+    df.loc[1, "harm_category"] = PAYLOADS[1]
+    fig = F.map_figure(df, "harm category")
+    js = fig.to_json()
+    assert "<script" not in js and "<img" not in json.dumps(json.loads(js))
+
+
+def test_neighbour_table() -> None:
+    nb = pd.DataFrame({"feature": [4, 9], "label": ["x", None], "cosine": [0.5, 0.2], "z": [6.0, 2.0],
+                       "harm_score": [0.9, 0.5], "is_harmful": [True, False],
+                       "harm_category": pd.array(["fraud", None], dtype="string")})
+    t = F.neighbour_table(nb, 0.25, extra_query="&cache=a")
+    assert list(t["open"]) == ["feature?feature=4&cache=a", "feature?feature=9&cache=a"]
+    assert list(t["× chance"]) == [2.0, 0.8] and list(t["above chance"]) == [True, False]

@@ -41,7 +41,7 @@ PAGES = ["pages/map.py", "pages/feature.py", "pages/overlaps.py", "pages/story.p
 def synthetic(n: int) -> Path:
     from bench.synthetic_cache import write_synthetic_cache
 
-    path = OUT / (f"synth{n // 1024}k" if n >= 16384 and n % 1024 == 0 else f"synth{n}")
+    path = OUT / (f"synth{round(n / 1000)}k" if n >= 10000 else f"synth{n}")
     if not (path / "manifest.json").is_file():
         t = time.perf_counter()
         write_synthetic_cache(path, n_features=n, d=64, seed=0)
@@ -263,6 +263,11 @@ def render_markdown(results: dict[str, Any], cmd: str) -> str:
                 f"{_fmt_ms(b['browser_switch_s']['median'])} | {b['rss_idle_mib']:.0f} MiB | "
                 f"{b['rss_1_session_mib']:.0f} MiB | {b[k]:.0f} MiB | "
                 f"{_fmt_ms(next(v for kk, v in b.items() if kk.endswith('_sessions_map_s')))} |")
+    loads = [v for r in results["caches"].values() for v in (r.get("loadavg_before"), r.get("loadavg_after"))
+             if v is not None]
+    if loads:
+        lines += ["", f"1-minute load average during the run: {min(loads):.1f}–{max(loads):.1f} on "
+                      f"{m['cores']} cores (the machine is shared; times scale with it)."]
     lines += ["", *results.get("notes", []), ""]
     return "\n".join(lines)
 
@@ -320,12 +325,14 @@ def main(argv: list[str] | None = None) -> None:
                                "notes": []}
     for name, path in caches.items():
         print(f"== {name}", flush=True)
-        r: dict[str, Any] = {"path": str(path), "n_features": int(read_manifest(path)["n_features"])}
+        r: dict[str, Any] = {"path": str(path), "n_features": int(read_manifest(path)["n_features"]),
+                             "loadavg_before": os.getloadavg()[0]}
         r["apptest"] = apptest(path, args.repeats)
         print("  apptest", json.dumps(r["apptest"]), flush=True)
         if not args.no_browser:
             r["browser"] = browser(path, args.sessions)
             print("  browser", json.dumps(r["browser"]), flush=True)
+        r["loadavg_after"] = os.getloadavg()[0]
         results["caches"][name] = r
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "explorer-bench.json").write_text(json.dumps(results, indent=2))

@@ -81,6 +81,10 @@ def worker(method: str, n: int, d: int, k: int, seed: int, result: str) -> None:
         from sklearn.neighbors import NearestNeighbors
     else:
         raise SystemExit(f"unknown method {method}")
+    if method.startswith("ours"):
+        import torch
+
+        print(f"torch threads {torch.get_num_threads()}", file=sys.stderr)
     X = random_unit(n, d, seed)
     base_rss, base_peak = _rss_mib(), _peak_mib()
     load = os.getloadavg()[0]
@@ -154,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=0, help="threads per worker (OpenMP/BLAS/torch); 0 = library defaults"
+    )
     ap.add_argument("--repeat", type=int, default=1, help="fresh-process runs per method (median reported)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--out", type=Path, default=Path("bench/out/knn.json"))
@@ -179,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                     res = os.path.join(tmp, f"{m}_{n}.npz")
                     cmd = [sys.executable, __file__, "--worker", m, "--n", str(n), "--d", str(a.d)]
                     cmd += ["--k", str(a.k), "--seed", str(a.seed), "--result", res]
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                    env = dict(os.environ)
+                    if a.threads:
+                        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                            env[var] = str(a.threads)
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
                     runs[m].append(json.loads(out.strip().splitlines()[-1]))
                     if rep == 0:
                         with np.load(res) as z:
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "args": {"sizes": a.sizes, "d": a.d, "k": a.k, "seed": a.seed, "repeat": a.repeat},
-        "threads": "library defaults (torch, faiss/OpenMP and BLAS all use every core)",
+        "threads": a.threads or "library defaults (torch, faiss/OpenMP and BLAS use every core)",
         "results": rows,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

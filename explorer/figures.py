@@ -11,6 +11,7 @@ styles, never links or attributes taken from the cache.
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from collections.abc import Iterable, Sequence
@@ -42,6 +43,14 @@ COLOR_MODES = {
     "firing rate": "frequency",
 }
 FONT = "Inter, -apple-system, Segoe UI, Helvetica, Arial, sans-serif"
+_AXIS = {"gridcolor": "#eef0f3", "zerolinecolor": "#e5e7eb", "linecolor": "#e5e7eb", "ticks": "",
+         "automargin": True, "title": {"standoff": 8}}
+# a small light template: plotly deep-copies the template into every figure, and plotly_white's
+# size made that the slowest part of a map rerun
+TEMPLATE = go.layout.Template(layout={
+    "paper_bgcolor": "white", "plot_bgcolor": "white", "colorway": [TASK, HARM, "#059669", "#d97706", NEUTRAL],
+    "xaxis": _AXIS, "yaxis": _AXIS, "hovermode": "closest",
+})
 
 
 def esc(text: Any) -> str:
@@ -68,7 +77,7 @@ def plotly_config(fmt: str = "png", filename: str = "feature-geometry") -> dict[
 
 def _base_layout(fig: go.Figure, height: int, title: str | None = None, **kw: Any) -> go.Figure:
     fig.update_layout(
-        height=height, template="plotly_white", font={"family": FONT, "size": 13, "color": INK},
+        height=height, template=TEMPLATE, font={"family": FONT, "size": 13, "color": INK},
         margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10},
         title={"text": esc(title), "x": 0.01, "font": {"size": 15}} if title else None,
         hoverlabel={"font": {"family": FONT, "size": 12}, "bgcolor": "white"},
@@ -110,11 +119,17 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int, keep: Iterable[int] 
         chosen[np.argpartition(d2, near)[:near]] = True
     budget = max_points - int(chosen.sum())
     if budget > 0:
-        prio = np.random.default_rng(seed).permutation(n)  # rank of each point in a fixed shuffle
-        rest = np.flatnonzero(~chosen)
-        take = rest[np.argsort(prio[rest], kind="stable")[:budget]]
-        chosen[take] = True
+        perm = _fixed_permutation(n, seed)  # the same shuffle every rerun
+        rest = perm[~chosen[perm]]
+        chosen[rest[:budget]] = True
     return np.flatnonzero(chosen)
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_permutation(n: int, seed: int) -> np.ndarray:
+    perm = np.random.default_rng(seed).permutation(n)
+    perm.setflags(write=False)
+    return perm
 
 
 def _density(x: np.ndarray, y: np.ndarray, bins: int = 140) -> go.Heatmap:
@@ -219,12 +234,24 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
     x0, y0 = float(x[sel.feature]), float(y[sel.feature])
     shown = [(int(j), float(c), bool(h)) for j, c, h in zip(sel.neighbours, sel.cosines, sel.harmful, strict=False)
              if c >= sel.threshold]
+    # edges: one trace per (harmful?, width class) with None breaks — few traces keep reruns fast;
+    # customdata holds the neighbour id at both ends of each segment
+    classes: dict[tuple[bool, float], list[int]] = {}
     for j, c, h in shown:
+        w = round(line_width(c, sel.threshold) * 2) / 2
+        classes.setdefault((h, w), []).append(j)
+    for (h, w), js in sorted(classes.items(), key=lambda kv: kv[0][1]):
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        cd: list[int | None] = []
+        for j in js:
+            xs += [x0, float(x[j]), None]
+            ys += [y0, float(y[j]), None]
+            cd += [j, j, None]
         fig.add_trace(go.Scattergl(
-            x=[x0, float(x[j])], y=[y0, float(y[j])], mode="lines", hoverinfo="skip", showlegend=False,
-            line={"width": line_width(c, sel.threshold), "color": "rgba(200,30,30,0.75)" if h
-                  else "rgba(71,85,105,0.55)"},
-            name=f"edge {sel.feature}-{j}"))
+            x=xs, y=ys, customdata=cd, mode="lines", hoverinfo="skip", showlegend=False,
+            line={"width": w, "color": "rgba(200,30,30,0.75)" if h else "rgba(71,85,105,0.55)"},
+            name=f"edges {'harmful' if h else 'other'} w{w:g}"))
     for harmful in (True, False):
         grp = [(j, c) for j, c, h in shown if h == harmful]
         if not grp:
@@ -282,7 +309,7 @@ def histogram_figure(edges: np.ndarray, counts: np.ndarray, color: str = TASK, h
     fig = go.Figure(go.Bar(x=centres, y=counts, marker_color=color, width=(edges[1] - edges[0]) * 0.95,
                            hovertemplate="activation %{x:.2f}: %{y:,} tokens<extra></extra>"))
     _base_layout(fig, height, title="Activation histogram (tokens where it fires)")
-    fig.update_yaxes(type="log", title_text="tokens")
+    fig.update_yaxes(type="log", dtick=1, title_text="tokens")
     fig.update_xaxes(title_text="activation")
     return fig
 

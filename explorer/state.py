@@ -57,7 +57,7 @@ def cache_source() -> str | None:
 
 def max_points() -> int:
     args = parse_args()
-    return int(args.max_points or os.environ.get(ENV_MAX_POINTS) or 30000)
+    return int(args.max_points or os.environ.get(ENV_MAX_POINTS) or 20000)
 
 
 def is_cache_root() -> bool:

@@ -87,8 +87,14 @@ def count_mask(input_ids: torch.Tensor, attention: torch.Tensor, skip_ids: set[i
 
 
 def iter_activations(reader: HookReader, batches: list[list[Context]], pad_id: int, skip_ids: set[int],
-                     device: torch.device, start_batch: int = 0, exclude_first: bool = True
-                     ) -> Iterator[ActivationBatch]:
+                     device: torch.device, start_batch: int = 0, exclude_first: bool = True,
+                     outlier_norm_factor: float | None = None) -> Iterator[ActivationBatch]:
+    """Yield hook activations of counted positions, batch by batch.
+
+    `outlier_norm_factor`: also drop positions whose activation norm exceeds this multiple of the
+    batch median. A few tokens (e.g. the second position of a window that starts mid-document)
+    reach ~100x the median norm in SmolLM2; they are attention-sink artefacts, not content, and
+    would otherwise top the examples of dozens of features."""
     for index in range(start_batch, len(batches)):
         batch = batches[index]
         width = max(len(c.token_ids) for c in batch)
@@ -104,6 +110,10 @@ def iter_activations(reader: HookReader, batches: list[list[Context]], pad_id: i
         mask = count_mask(ids, attention, skip_ids, exclude_first)
         rows, cols = mask.nonzero(as_tuple=True)
         acts = hidden[rows.to(hidden.device), cols.to(hidden.device)].float()
+        if outlier_norm_factor and len(acts):
+            norms = acts.norm(dim=1)
+            keep = (norms <= outlier_norm_factor * norms.median()).cpu()
+            rows, cols, acts = rows[keep], cols[keep], acts[keep.to(acts.device)]
         cids = torch.tensor([c.context_id for c in batch], dtype=torch.int32)
         yield ActivationBatch(
             index=index,

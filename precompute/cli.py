@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a TopK sparse autoencoder (Gao et al. 2024) on activations streamed "
                                    "from any model/hook/corpus and write a SAELens-format directory.")
     train_sae.add_arguments(p)
+
+    from precompute import steering, synth
+
+    p = sub.add_parser("synth", help="planted ground truth: known dictionary -> SAE -> geometry, scored",
+                       description="Generate activations from a dictionary with harmful features planted at known "
+                                   "cosines to task features, train the project's SAE on them and check that the "
+                                   "geometry recovers the plant (MCC, neighbour order, false positives vs the null).")
+    synth.add_arguments(p)
+
+    p = sub.add_parser("steer", help="steering check: observed vs first-order predicted feature changes",
+                       description="Add alpha * (unit task direction) at the hook and compare every feature's change "
+                                   "in activation with the first-order prediction alpha * (encoder row . direction).")
+    steering.add_arguments(p)
     return parser
 
 
@@ -162,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             return _info(args.cache)
-        if args.command == "train-sae":
-            from precompute import train_sae
+        if args.command in ("train-sae", "synth", "steer"):
+            from precompute import steering, synth, train_sae
 
-            return int(train_sae.run(args) or 0)
+            module = {"train-sae": train_sae, "synth": synth, "steer": steering}[args.command]
+            return int(module.run(args) or 0)
         from precompute import pipeline
 
         cfg = _config_from(args)

@@ -24,6 +24,7 @@ class RunConfig:
     max_tokens: int | None = None
     batch_size: int = 16
     batches_per_shard: int = 8
+    outlier_norm_factor: float = 10.0  # drop attention-sink positions above 10x the median norm (0: keep)
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0

@@ -51,6 +51,7 @@ class HarvestParams:
     batch_size: int = 16
     batches_per_shard: int = 8
     exclude_first: bool = True
+    outlier_norm_factor: float | None = 10.0
 
 
 def harvest_shards(plan: CorpusPlan, reader: HookReader, sae: SAE, tokenizer, work_dir: Path,
@@ -76,7 +77,8 @@ def harvest_shards(plan: CorpusPlan, reader: HookReader, sae: SAE, tokenizer, wo
         vals: list[np.ndarray] = []
         counts: list[np.ndarray] = []
         stream = iter_activations(reader, batches[:last], pad_id, skip_ids, device, start_batch=first,
-                                  exclude_first=params.exclude_first)
+                                  exclude_first=params.exclude_first,
+                                  outlier_norm_factor=params.outlier_norm_factor)
         while True:
             t0 = time.perf_counter()
             batch = next(stream, None)
@@ -323,7 +325,6 @@ def context_feature_activations(shard_paths: list[Path], requests: dict[int, lis
 def doc_feature_max(shard_paths: list[Path], n_features: int, progress: bool = True
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse per-document max activation: (doc, feature, value) triples, sorted by (feature, doc)."""
-    acc: dict[tuple[int, int], float] = {}
     docs_all, feats_all, vals_all = [], [], []
     for path in tqdm(shard_paths, desc="doc max", disable=not progress):
         shard = Shard.load(path)
@@ -337,7 +338,6 @@ def doc_feature_max(shard_paths: list[Path], n_features: int, progress: bool = T
         docs_all.append(doc[starts])
         feats_all.append(feat[starts])
         vals_all.append(np.maximum.reduceat(val, starts))
-    del acc
     if not docs_all:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     doc, feat, val = np.concatenate(docs_all), np.concatenate(feats_all), np.concatenate(vals_all)

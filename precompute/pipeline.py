@@ -104,7 +104,8 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
             log(f"resuming from {len(list_shards(work_dir))} finished shards in {work_dir}")
     work_dir.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({"fingerprint": fingerprint}))
-    hp = HarvestParams(batch_size=cfg.batch_size, batches_per_shard=cfg.batches_per_shard)
+    hp = HarvestParams(batch_size=cfg.batch_size, batches_per_shard=cfg.batches_per_shard,
+                       outlier_norm_factor=cfg.outlier_norm_factor or None)
     timings = harvest_shards(plan, reader, sae, lm.tokenizer, work_dir, hp, device, progress=cfg.progress)
     shards = list_shards(work_dir)
     n = sae.d_sae
@@ -215,7 +216,7 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
         shutil.copyfile(shard, dest)
     timings.update(total_tokens=int(counted), seconds=time.perf_counter() - start)
     params = {k: getattr(cfg, k) for k in ("context_size", "packing", "max_tokens", "batch_size",
-                                          "batches_per_shard", "top_k_examples", "quantile_bins",
+                                          "batches_per_shard", "outlier_norm_factor", "top_k_examples", "quantile_bins",
                                           "per_bin", "hist_bins", "seed", "device")}
     params["fingerprint"] = fingerprint
     params["hook"] = hook.describe()
@@ -266,7 +267,15 @@ def scores_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE | None, l
         raise CacheError(f"{staged.target} has no documents.parquet; run `featuregeom harvest` first")
     docs = pd.read_parquet(docs_path)
     doc, feat, val = doc_feature_max(_cache_shards(staged), n, progress=cfg.progress)
-    table = scores.harm_scores(doc, feat, val, n, docs["group"].to_numpy(), docs["category"].to_numpy(object),
+    # Only documents that were harvested count: a token budget leaves most of a large source unread,
+    # and counting those as "never fires" would pull every AUROC towards 0.5.
+    n_docs = int(docs["doc_id"].max()) + 1 if len(docs) else 0
+    doc_group = np.full(n_docs, "unharvested", dtype=object)
+    doc_category = np.full(n_docs, None, dtype=object)
+    read = docs[docs["n_tokens"] > 0]
+    doc_group[read["doc_id"].to_numpy()] = read["group"].to_numpy(object)
+    doc_category[read["doc_id"].to_numpy()] = read["category"].to_numpy(object)
+    table = scores.harm_scores(doc, feat, val, n, doc_group, doc_category,
                                harm_threshold=cfg.harm_threshold, task_threshold=cfg.task_threshold)
     table.insert(0, "feature", np.arange(n, dtype=np.int64))
     if sae is not None and lm is not None:
@@ -283,7 +292,8 @@ def scores_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE | None, l
         table["explanation"] = pd.Series([None] * n, dtype=object)
     merge_feature_columns(staged, n, table)
     params = {"harm_threshold": cfg.harm_threshold, "task_threshold": cfg.task_threshold,
-              "neuronpedia": cfg.neuronpedia, "logit_lens": lm is not None}
+              "neuronpedia": cfg.neuronpedia, "logit_lens": lm is not None,
+              "documents_scored": read["group"].value_counts().sort_index().to_dict()}
     staged.record_step("scores", params, time.perf_counter() - start)
 
 
@@ -347,7 +357,8 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometr
         log(f"corpus {src.group:8s} {Path(src.path).name}: {st.documents} docs, {plan.tokens_per_source[i]} tokens{note}")
     fingerprint = plan_fingerprint(plan, {"model": lm.sha256 or cfg.model, "sae": sae_info["sha256"],
                                           "hook": cfg.hook, "batch_size": cfg.batch_size,
-                                          "batches_per_shard": cfg.batches_per_shard})
+                                          "batches_per_shard": cfg.batches_per_shard,
+                                          "outlier_norm_factor": cfg.outlier_norm_factor})
     identity = {"model": lm.sha256 or cfg.model, "sae": sae_info["sha256"], "hook": cfg.hook,
                 "corpus": fingerprint}
     cache_io.check_output_dir(out, identity, cfg.overwrite)

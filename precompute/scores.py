@@ -240,6 +240,12 @@ def _category_key(c: Any) -> str | None:
     return s or None
 
 
+def _norm_isf(p: float) -> float:
+    from scipy.special import ndtri
+
+    return float(-ndtri(p))
+
+
 def harm_scores(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: int, doc_group: np.ndarray,
                 doc_category: np.ndarray, harm_threshold: float = 0.7, min_docs: int = 3,
                 task_threshold: float = 0.7) -> pd.DataFrame:
@@ -290,31 +296,43 @@ def harm_scores(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: 
             f"has none (documents per group: {present}); add --corpus PATH:benign and/or "
             "--corpus PATH:harmful[:CATEGORY]")
 
-    harm = _aurocs_prepared(doc, feat, val, n_features, ids[HARMFUL], ids[BENIGN])
-    is_harmful = (harm["auroc"] >= harm_threshold) & (harm["lo"] > 0.5) & (harm["pos_fires"] >= min_docs)
-
-    # Category: only for flagged features, so restrict the triples to them once.
-    harm_category = np.full(n_features, None, dtype=object)
-    flagged = np.flatnonzero(is_harmful)
+    # A harmful feature usually responds to one kind of harm (weapons, fraud...), so a feature that
+    # fires on every weapons prompt and nothing else scores only ~0.6 against *all* harmful prompts.
+    # The harm score is therefore the AUROC of the best-separated set, all harmful documents or one
+    # category, chosen by a lower bound corrected for the number of sets compared (Bonferroni).
+    overall = _aurocs_prepared(doc, feat, val, n_features, ids[HARMFUL], ids[BENIGN])
     by_cat: dict[str, list[int]] = {}
     for d in ids[HARMFUL].tolist():
         key = _category_key(doc_category[d])
         if key is not None:
             by_cat.setdefault(key, []).append(d)
     cats = {c: np.asarray(v, np.int64) for c, v in sorted(by_cat.items()) if len(v) >= min_docs}
-    if flagged.size and cats:
-        local = np.full(n_features, -1, np.int64)
-        local[flagged] = np.arange(flagged.size)
-        sel = local[feat] >= 0
-        d_h, f_h, v_h = doc[sel], local[feat[sel]], val[sel]  # local ids are monotone: still sorted by (f, v)
-        best_lo = np.full(flagged.size, -np.inf)
-        best_auc = np.full(flagged.size, -np.inf)
-        best_cat = np.full(flagged.size, None, dtype=object)
-        for c, docs_c in cats.items():
-            r = _aurocs_prepared(d_h, f_h, v_h, flagged.size, docs_c, ids[BENIGN])
-            better = (r["lo"] > best_lo) | ((r["lo"] == best_lo) & (r["auroc"] > best_auc))
-            best_lo[better], best_auc[better], best_cat[better] = r["lo"][better], r["auroc"][better], c
-        harm_category[flagged] = best_cat
+    z_adj = float(_norm_isf(0.025 / (1 + len(cats))))
+
+    def adjusted_lo(r: dict) -> np.ndarray:
+        se = (r["auroc"] - r["lo"]) / 1.959963984540054
+        return np.clip(r["auroc"] - z_adj * se, 0.0, 1.0)
+
+    harm_score = overall["auroc"].astype(np.float64).copy()
+    harm_lo = adjusted_lo(overall)
+    pos_fires = overall["pos_fires"].copy()
+    harm_category = np.full(n_features, None, dtype=object)
+    best_cat_lo = np.full(n_features, -np.inf)
+    best_cat = np.full(n_features, None, dtype=object)
+    for c, docs_c in cats.items():
+        r = _aurocs_prepared(doc, feat, val, n_features, docs_c, ids[BENIGN])
+        lo_c = adjusted_lo(r)
+        better_cat = lo_c > best_cat_lo
+        best_cat_lo[better_cat], best_cat[better_cat] = lo_c[better_cat], c
+        wins = lo_c > harm_lo
+        harm_score[wins], harm_lo[wins], pos_fires[wins] = r["auroc"][wins], lo_c[wins], r["pos_fires"][wins]
+        harm_category[wins] = c
+    is_harmful = (harm_score >= harm_threshold) & (harm_lo > 0.5) & (pos_fires >= min_docs)
+    # where "all harmful" wins, still name the category the feature leans to
+    lean = is_harmful & (harm_category == None)  # noqa: E711 - elementwise on an object array
+    harm_category[lean] = best_cat[lean]
+    harm_category[~is_harmful] = None
+    harm = {"auroc": harm_score, "lo": harm_lo, "all": overall["auroc"], "all_lo": overall["lo"]}
 
     reference = np.concatenate([ids[BENIGN], ids[GENERAL]])
     if ids[TASK].size:
@@ -337,6 +355,8 @@ def harm_scores(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: 
     return pd.DataFrame({
         "harm_score": harm["auroc"],
         "harm_score_lo": harm["lo"],
+        "harm_score_all": harm["all"],
+        "harm_score_all_lo": harm["all_lo"],
         "harm_category": pd.Series(harm_category, dtype=object),
         "is_harmful": is_harmful.astype(bool),
         "task_score": np.asarray(task_score, np.float64),

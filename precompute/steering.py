@@ -35,9 +35,17 @@ the shift across positions and the MLPs bend it) is out of scope here.
 
 α units (`--alpha-unit`): `norm` (default) = a fraction of the mean residual norm ‖h‖ over the
 counted neutral tokens, the usual way to size a steering vector (§2(f)); `rms` = multiples of
-mean‖h‖/√d (the typical size of one coordinate); `abs` = absolute. Default α ∈ {0.05, 0.1, 0.25,
-0.5, 1.0} × mean‖h‖: from a small nudge (first-order regime) up to a shift as large as the residual
-itself (where TopK sets visibly change).
+mean‖h‖/√d (the typical size of one coordinate); `abs` = absolute. Default α ∈ {0.01, 0.05, 0.1,
+0.25, 0.5, 1.0} × mean‖h‖: from a nudge of 1% of the residual (≈ 0.25 rms coordinates at d = 576) up
+to a shift as large as the residual itself.
+
+Why TopK/JumpReLU fits break even at small α. A feature that enters (or leaves) the active set jumps
+by about the k-th largest pre-activation (JumpReLU: the threshold), which is not small. The number of
+tokens whose set changes grows linearly with α, so these jumps contribute to the mean Δa_j at the SAME
+order α as the first-order term, and they dominate it unless α is below every token's top-k gap
+(rarely true over thousands of tokens). ReLU has no jump (a feature enters at 0), so it has no such
+term. `observed_switch` (the part of `observed` from tokens where j changed state), the meta fields
+`switched_per_token` and `switch_share` (share of Σ|Δa| from entries/exits) make this visible.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ from precompute.model import HookPoint, HookReader, resolve_hook
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = ROOT / "assets/data/benign/self_instruct_seed_tasks.jsonl"
 DEFAULT_SAE = ROOT / "assets/sae/smollm2-135m-instruct-blocks.15.hook_resid_post-topk"
-DEFAULT_ALPHAS = (0.05, 0.1, 0.25, 0.5, 1.0)
+DEFAULT_ALPHAS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 ALPHA_UNITS = ("norm", "rms", "abs")
 SUBSETS = ("pre-activation", "all", "all (gated)", "active")
 FEATURE_COLUMNS = ("alpha", "alpha_abs", "feature", "observed", "predicted", "predicted_gated", "observed_pre",
@@ -459,14 +467,18 @@ _TASK, _HARM, _INK = "#1d4ed8", "#c81e1e", "#111827"
 
 
 def steering_figure(df: pd.DataFrame, task_feature: int, harmful_feature: int | None = None,
-                    x: str = "predicted_gated"):
+                    x: str = "predicted_gated", show_task: bool = True):
     """Observed vs first-order predicted Δa per α, the y = x line, the task feature and the selected
     harmful feature highlighted. `x` is `predicted_gated` (first-order Taylor of the mean activation,
-    default) or `predicted` (α·s·I_tj, the pre-activation shift)."""
+    default) or `predicted` (α·s·I_tj, the pre-activation shift). The steered feature itself moves
+    by far the most at large α; `show_task=False` leaves it out so the other features fill the axes.
+    Legend slopes/R² are fits over the plotted points."""
     import plotly.graph_objects as go
 
     if x not in ("predicted_gated", "predicted"):
         raise ValueError("x must be 'predicted_gated' or 'predicted'")
+    if not show_task:
+        df = df[df["feature"] != int(task_feature)]
     fig = go.Figure()
     meta = df.attrs.get("meta", {}) if hasattr(df, "attrs") else {}
     unit = {"norm": "·mean‖h‖", "rms": "·rms", "abs": ""}.get(meta.get("alpha_unit", "abs"), "")
@@ -485,7 +497,7 @@ def steering_figure(df: pd.DataFrame, task_feature: int, harmful_feature: int | 
             hovertemplate="feature %{customdata[0]}<br>observed Δa %{y:.4g}<br>predicted %{x:.4g}"
                           "<br>α·s·I %{customdata[2]:.4g}<br>active on %{customdata[1]:.1%} of tokens<extra></extra>",
         ))
-    for feature, color, symbol, label in ((task_feature, _TASK, "diamond", "task"),
+    for feature, color, symbol, label in ((task_feature if show_task else None, _TASK, "diamond", "task"),
                                           (harmful_feature, _HARM, "star", "harmful")):
         if feature is None:
             continue

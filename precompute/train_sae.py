@@ -103,6 +103,7 @@ class TrainSAEConfig:
     overwrite: bool = False
     resume: bool = False
     keep_work: bool = False
+    eval_only: bool = False
     progress: bool = True
 
     @classmethod
@@ -161,6 +162,8 @@ class TrainSAEConfig:
             bad("--decay-fraction must be in [0, 1]")
         if self.aux_k < 0 or self.aux_coef < 0:
             bad("--aux-k and --aux-coef must be non-negative")
+        if self.eval_only and (self.overwrite or self.resume):
+            bad("--eval-only re-scores an existing --out; it takes neither --overwrite nor --resume")
         if self.overwrite and self.resume:
             bad("--overwrite discards the checkpoint that --resume asks for; pass one of them")
 
@@ -281,6 +284,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="discard any checkpoint in --work-dir and replace --out if it exists")
     g.add_argument("--keep-work", action="store_true", default=None,
                    help="keep the activation store in --work-dir after success (default: delete it)")
+    g.add_argument("--eval-only", action="store_true", default=None,
+                   help="no training: re-evaluate the SAE already in --out on the held-out split of this "
+                        "config and update its cfg.json eval, sparsity and training_report.json")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bars")
 
@@ -859,6 +865,32 @@ def _batch_tensors(batch: list[Context], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, attention
 
 
+class VarianceStats:
+    """Streaming sums for explained variance, 1 - sum||x - x_hat||^2 / sum||x - mean||^2 (float64)."""
+
+    def __init__(self, d: int):
+        self.n = 0
+        self.sum_x = torch.zeros(d, dtype=torch.float64)
+        self.sum_sq = 0.0
+        self.sum_err = 0.0
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            return
+        xd = x.double()
+        self.n += x.shape[0]
+        self.sum_x += xd.sum(dim=0).cpu()
+        self.sum_sq += float(xd.pow(2).sum())
+        self.sum_err += float((xd - x_hat.double()).pow(2).sum())
+
+    @property
+    def total_variance(self) -> float:
+        return self.sum_sq - float((self.sum_x / max(self.n, 1)).pow(2).sum()) * self.n
+
+    def explained_variance(self) -> float:
+        return 1.0 - self.sum_err / self.total_variance if self.n > 1 else float("nan")
+
+
 class _Capture:
     """Hook callback that keeps the activations and leaves them unchanged."""
 
@@ -888,10 +920,14 @@ def _target_logprobs(logits: torch.Tensor, target_mask: torch.Tensor) -> torch.T
 @torch.no_grad()
 def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[Context], tokenizer: Any,
              device: torch.device | str = "cpu", batch_size: int = 8, max_tokens: int | None = None,
-             ce_tokens: int = 20_000, progress: bool = False) -> dict[str, Any]:
+             ce_tokens: int = 20_000, progress: bool = False, outlier_factor: float = 10.0) -> dict[str, Any]:
     """Quality of `sae` (raw-activation space) on held-out contexts.
 
     * explained_variance = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over counted positions;
+    * explained_variance_no_outliers: the same without "massive activation" tokens (norm above
+      `outlier_factor` x the median norm of the first batch). A handful of such tokens (e.g. a
+      newline right after a window start in SmolLM2, norm ~100x the median) can hold most of the
+      variance and, being easy to reconstruct, inflate the plain figure;
     * l0 = mean number of active latents; dead_fraction = share of latents that never fire;
     * on the first `ce_tokens` tokens: next-token cross-entropy with the clean model, with the hook
       activations replaced by the SAE reconstruction at counted positions ("spliced"), and with them
@@ -908,11 +944,9 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
     rng = np.random.default_rng(1234)
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     batches = [batches[i] for i in rng.permutation(len(batches))]
-    d = sae.d_in
+    stats_all, stats_typical = VarianceStats(sae.d_in), VarianceStats(sae.d_in)
+    threshold: float | None = None
     n_tok = 0
-    sum_x = torch.zeros(d, dtype=torch.float64)
-    sum_sq = torch.zeros((), dtype=torch.float64)
-    sum_err = torch.zeros((), dtype=torch.float64)
     sum_l0 = 0.0
     counts = torch.zeros(sae.d_sae, dtype=torch.long)
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
@@ -924,7 +958,7 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
     bar = tqdm(total=total, desc="evaluate", unit="tok", unit_scale=True, disable=not progress)
 
     def accumulate(x: torch.Tensor) -> torch.Tensor:
-        nonlocal n_tok, sum_l0
+        nonlocal n_tok, sum_l0, threshold
         if fast_topk:  # sparse path: no [N, d_sae] intermediate
             idx, vals = sae.encode_sparse(x)
             x_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
@@ -936,11 +970,13 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
             active = acts > 0
             fired = active.nonzero(as_tuple=True)[1]
         x_hat = x_hat.float()
-        xd = x.double()
+        norms = x.norm(dim=1)
+        if threshold is None and x.shape[0] > 0:
+            threshold = outlier_factor * float(norms.median())
+        typical = norms <= threshold if threshold is not None else torch.ones_like(norms, dtype=torch.bool)
+        stats_all.add(x, x_hat)
+        stats_typical.add(x[typical], x_hat[typical])
         n_tok += x.shape[0]
-        sum_x.add_(xd.sum(dim=0).cpu())
-        sum_sq.add_(xd.pow(2).sum().cpu())
-        sum_err.add_((x - x_hat).double().pow(2).sum().cpu())
         sum_l0 += float(active.sum())
         counts.index_add_(0, fired.cpu(), torch.ones(fired.numel(), dtype=torch.long))
         return x_hat
@@ -985,12 +1021,15 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
     bar.close()
     if n_tok == 0:
         raise FeatureGeomError("the held-out set has no counted tokens to evaluate on")
-    mean = sum_x / n_tok
-    total_var = float(sum_sq - n_tok * mean.pow(2).sum())
     result: dict[str, Any] = {
         "tokens": n_tok,
-        "explained_variance": 1.0 - float(sum_err) / total_var,
-        "mse_per_token": float(sum_err) / n_tok,
+        "explained_variance": stats_all.explained_variance(),
+        "explained_variance_no_outliers": stats_typical.explained_variance(),
+        "outlier_tokens": n_tok - stats_typical.n,
+        "outlier_norm_threshold": threshold,
+        "outlier_variance_share": 1.0 - stats_typical.total_variance / stats_all.total_variance,
+        "median_norm": threshold / outlier_factor if threshold else None,
+        "mse_per_token": stats_all.sum_err / n_tok,
         "l0": sum_l0 / n_tok,
         "dead_fraction": float((counts == 0).float().mean()),
         "dead_latents": int((counts == 0).sum()),
@@ -1065,6 +1104,8 @@ def run(args: argparse.Namespace) -> int:
     from precompute.sae.formats.saelens import save_saelens
 
     cfg = TrainSAEConfig.load(getattr(args, "config", None), _overrides(args))
+    if cfg.eval_only:
+        return _eval_only(cfg)
     out = Path(str(cfg.out))
     work = cfg.resolved_work_dir()
     say = print if cfg.progress else (lambda *a, **k: None)
@@ -1188,14 +1229,55 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.keep_work:
         for name in (STORE_FILE, STORE_PROGRESS):
             (work / name).unlink(missing_ok=True)
-    line = (f"held-out ({metrics['tokens']:,} tokens): explained variance {metrics['explained_variance']:.4f}, "
-            f"L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}")
+    print(_summary(metrics))
+    print(f"wrote {out} in {total_s / 60:.1f} min (collect {collect_s:.0f} s, train {result.train_seconds:.0f} s, "
+          f"eval {eval_s:.0f} s)")
+    return 0
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    line = (f"held-out ({metrics['tokens']:,} tokens): explained variance {metrics['explained_variance']:.4f} "
+            f"({metrics['explained_variance_no_outliers']:.4f} without {metrics['outlier_tokens']} massive-norm "
+            f"tokens), L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}")
     if "ce_clean" in metrics:
         line += (f", CE clean {metrics['ce_clean']:.4f} / spliced {metrics['ce_spliced']:.4f} / zero "
                  f"{metrics['ce_zero_ablated']:.4f} (recovered {metrics['ce_recovered']:.1%})")
-    print(line)
-    print(f"wrote {out} in {total_s / 60:.1f} min (collect {collect_s:.0f} s, train {result.train_seconds:.0f} s, "
-          f"eval {eval_s:.0f} s)")
+    return line
+
+
+def _eval_only(cfg: TrainSAEConfig) -> int:
+    """Re-score the SAE in --out on this config's held-out documents; rewrite its recorded figures."""
+    from safetensors.torch import save_file
+
+    from precompute.model import load_model, resolve_device, resolve_hook
+    from precompute.sae.registry import load_sae
+
+    out = Path(str(cfg.out))
+    if not (out / "cfg.json").is_file():
+        raise FeatureGeomError(f"--eval-only needs an SAE directory in --out; {out} has no cfg.json")
+    device = resolve_device(cfg.device)
+    sae = load_sae(str(out))
+    loaded = load_model(cfg.model, device=str(device))
+    hook = resolve_hook(loaded.model, sae.hook_name or cfg.hook)
+    _, held_plan = plan_split(cfg.corpus, loaded.tokenizer, cfg.context_size, cfg.packing, cfg.max_tokens,
+                              cfg.heldout_fraction, cfg.seed)
+    t0 = time.perf_counter()
+    metrics = evaluate(sae, loaded.model, hook, held_plan.contexts, loaded.tokenizer, device,
+                       cfg.eval_batch_size, cfg.eval_tokens, cfg.eval_ce_tokens, cfg.progress)
+    eval_s = time.perf_counter() - t0
+    counts = metrics.pop("firing_counts")
+    tmp = out / f"sparsity.safetensors.tmp-{os.getpid()}"
+    save_file({"sparsity": log10_sparsity(counts, metrics["tokens"]).contiguous()}, str(tmp))
+    os.replace(tmp, out / "sparsity.safetensors")
+    cfg_json = json.loads((out / "cfg.json").read_text())
+    cfg_json.setdefault("metadata", {})["eval"] = metrics
+    _atomic_write_text(out / "cfg.json", json.dumps(cfg_json, indent=2))
+    report_path = out / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["eval"] = metrics
+    report.setdefault("evaluations", []).append({"command": _command_line(), "eval_s": eval_s, "eval": metrics})
+    _atomic_write_text(report_path, json.dumps(report, indent=2, default=str))
+    print(_summary(metrics))
     return 0
 
 

@@ -2,10 +2,11 @@
 
 Held-out text: the documents of the demo datasets that `train-sae` held out (a hash of each
 document's content, `precompute.train_sae.is_heldout`), with the token budgets of
-configs/train-sae.toml, i.e. exactly the held-out set of the training run (~40k tokens, ~37k
-counted activations after dropping position 0 and special tokens). None of these documents
-reached training. The cross-entropy comparison is skipped here (three full forward passes); the
-training report holds it.
+configs/train-sae.toml, i.e. exactly the held-out set of the training run: 397 documents, 42,325
+tokens, 39,935 counted activations after dropping position 0 and special tokens. None of these
+documents reached training. Dead latents are counted on all 39,935 (a latent that fires once in
+10k tokens is missed with probability e^-4 < 2%). The cross-entropy comparison is skipped here
+(three full forward passes); the training report holds it. About a minute on two idle cores.
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ def test_default_sae_clears_the_bars_on_heldout_text(monkeypatch):
     assert not {d.doc_id for d in train_plan.documents} & {d.doc_id for d in held_plan.documents}
 
     metrics = evaluate(sae, loaded.model, hook, held_plan.contexts, loaded.tokenizer, "cpu",
-                       batch_size=16, ce_tokens=0)
+                       batch_size=cfg.eval_batch_size, ce_tokens=0)
     print({k: v for k, v in metrics.items() if k != "firing_counts"})
     assert metrics["tokens"] >= MIN_HELDOUT_TOKENS
+    # The bar holds with and without the few massive-norm tokens that dominate the plain variance.
     assert metrics["explained_variance"] >= MIN_EXPLAINED_VARIANCE
+    assert metrics["explained_variance_no_outliers"] >= MIN_EXPLAINED_VARIANCE
     assert metrics["dead_fraction"] <= MAX_DEAD_FRACTION
     assert 31.0 <= metrics["l0"] <= 32.0
     # The committed figures describe these same tokens.
     recorded = cfg_json["metadata"]["eval"]
     assert metrics["tokens"] == recorded["tokens"]
-    assert metrics["explained_variance"] == pytest.approx(recorded["explained_variance"], abs=2e-3)
+    for key in ("explained_variance", "explained_variance_no_outliers", "dead_fraction"):
+        assert metrics[key] == pytest.approx(recorded[key], abs=2e-3), key

@@ -38,7 +38,7 @@ st.caption("Each dot is one feature of the sparse autoencoder — a direction th
            "Features pointing in similar directions sit close together. Pick a task feature by searching or by "
            "clicking a dot to see its nearest harmful neighbours.")
 
-c_search, c_color, c_thr = st.columns([3, 1.2, 2], vertical_alignment="bottom")
+c_search, c_color, c_thr = st.columns([3, 1.2, 2], vertical_alignment="top")
 query = c_search.text_input("Search features", key="map_q",
                             placeholder="id, label, logit-lens token, or words from its top examples",
                             help="Case-insensitive. Label and token matches come first, then matches in the text "

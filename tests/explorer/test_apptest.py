@@ -88,6 +88,9 @@ def test_map_query_param_and_search(synth_cache: Path, monkeypatch: pytest.Monke
     # a text search that matches a label
     at.text_input(key="map_q").input("planted").run()
     assert not at.exception and any(sb.label.endswith("matching features") for sb in at.selectbox)
+    for mode in ("task score", "harm category", "firing rate"):
+        at.selectbox(key="map_color").set_value(mode).run()
+        assert not at.exception
     # the threshold slider re-filters the neighbour count
     at.slider(key=f"map_thr:{synth_cache.name}").set_value(0.99).run()
     assert any(m.value.startswith("**0 of 32 neighbours**") for m in at.markdown)

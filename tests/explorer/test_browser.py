@@ -27,8 +27,9 @@ PAYLOADS = ["<script>window.__xss=1</script>", '<img src=x onerror="window.__xss
 def chromium() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (or set FEATUREGEOM_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=30000)  # the CI box is small and shared: be patient, not flaky
     with sync_playwright() as p:
         browser = launch_chromium(p)
         yield browser
@@ -71,10 +72,26 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
+def visible_text(page: Any, text: str) -> Any:
+    """The first visible element with this text (data grids keep hidden copies of their cells)."""
+    return page.get_by_text(text).filter(visible=True).first
+
+
 def plot_traces(page: Any, index: int = 0) -> list[str]:
     return page.evaluate(
         "(i) => { const gd = document.querySelectorAll('.js-plotly-plot')[i];"
         " return gd && gd.data ? gd.data.map(t => t.name || '') : []; }", index)
+
+
+def edge_ends(page: Any) -> dict[int, bool]:
+    """{neighbour id: harmful} of the lines drawn from the selection on the map."""
+    pairs = page.evaluate(
+        """() => { const gd = document.querySelector('.js-plotly-plot'); const out = [];
+            for (const t of gd._fullData) if ((t.name || '').startsWith('edges'))
+                for (const j of Array.from(t.customdata || [])) if (j !== null && j !== undefined)
+                    out.push([j, t.name.includes('harmful')]);
+            return out; }""")
+    return {int(j): bool(h) for j, h in pairs}
 
 
 def test_map_search_highlights_neighbours(server: Any, page: Any, pair: tuple[int, int],
@@ -97,16 +114,16 @@ def test_map_search_highlights_neighbours(server: Any, page: Any, pair: tuple[in
     expect(page.get_by_text(re.compile(r"\d+ of \d+ neighbours"))).to_be_visible()
     c = load_cache(browser_cache_dir, verify=False)
     above = c.neighbours_of(t, threshold=c.null_cosine)  # the slider starts at the null threshold
+    ends = edge_ends(page)
     for j in above["feature"]:
-        assert f"edge {t}-{j}" in names, f"a line joins #{t} to its neighbour #{j}"
+        assert int(j) in ends, f"a line joins #{t} to its neighbour #{j}"
     harmful = above[above["is_harmful"]]
     if len(harmful):
         assert "harmful neighbour" in names
         expect(page.locator(".legendtext", has_text="harmful neighbour")).to_be_visible()
         first = int(harmful["feature"].iloc[0])
         expect(page.get_by_text(f"Closest harmful neighbour #{first}", exact=False)).to_be_visible()
-        if (c.overlaps["task_feature"] == t).any():
-            assert first == h or f"edge {t}-{h}" in names
+        assert ends[first], "lines to harmful neighbours are drawn red"
     shot(page, "map")
 
 
@@ -178,14 +195,13 @@ def test_record_verdict_persists(server: Any, page: Any, pair: tuple[int, int]) 
     page.locator('[data-testid="stRadio"]').get_by_text("confirmed", exact=True).click()
     page.get_by_label("Note", exact=True).fill("Both fire on shell commands; the harmful one on threats.")
     page.get_by_role("button", name="Save verdict").click()
-    expect(page.get_by_text("Current verdict:")).to_be_visible()
-    expect(page.get_by_text("Rita Reviewer").first).to_be_visible()
+    verdict_line = page.get_by_text(re.compile(r"Current verdict: confirmed by Rita Reviewer"))
+    expect(verdict_line).to_be_visible()
     wait_for_app(page)
     shot(page, "overlaps")
     page.reload()
     wait_for_app(page)
-    expect(page.get_by_text("Current verdict:")).to_be_visible()
-    expect(page.get_by_text("Rita Reviewer").first).to_be_visible()
+    expect(verdict_line).to_be_visible()
     cur = ReviewStore(server.reviews).get(t, h)
     assert cur["verdict"] == "confirmed" and cur["reviewer"] == "Rita Reviewer"
 
@@ -250,10 +266,10 @@ def test_xss_payloads_are_inert_and_literal(xss_server: Any, xss_cache: Path, ch
         page.goto(xss_server.url + url)
         wait_for_app(page)
         page.wait_for_timeout(500)
-        expect(page.get_by_text(PAYLOADS[0]).first).to_be_visible()
+        expect(visible_text(page, PAYLOADS[0])).to_be_visible()
         if "/feature" in url or "/overlaps" in url or "step=5" in url:
-            expect(page.get_by_text(PAYLOADS[1]).first).to_be_visible()
-            expect(page.get_by_text(PAYLOADS[2]).first).to_be_visible()
+            expect(visible_text(page, PAYLOADS[1])).to_be_visible()
+            expect(visible_text(page, PAYLOADS[2])).to_be_visible()
         _assert_inert(page, dialogs)
     shot(page, "xss-story")
     page.goto(xss_server.url + f"/feature?feature={t}")
@@ -286,7 +302,7 @@ def test_xss_payloads_are_inert_and_literal(xss_server: Any, xss_cache: Path, ch
     p2.goto(out.as_uri())
     p2.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4",
                          timeout=30000)
-    expect(p2.get_by_text(PAYLOADS[0]).first).to_be_visible()
+    expect(visible_text(p2, PAYLOADS[0])).to_be_visible()
     _assert_inert(p2, d2)
     assert all(u.startswith(("file:", "data:", "blob:", "about:")) for u in requests), requests
     off.close()

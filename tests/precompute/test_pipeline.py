@@ -34,7 +34,7 @@ def corpus_specs(files: dict[str, Path]) -> list[str]:
 def make_cfg(model: Path, sae: Path, files: dict[str, Path], out: Path, **kw) -> RunConfig:
     overrides = dict(model=str(model), sae=str(sae), hook=HOOK, out=str(out), corpus=corpus_specs(files),
                      context_size=24, batch_size=4, progress=False, device="cpu", neighbors=8,
-                     top_k_examples=5, umap_neighbors=5)
+                     top_k_examples=5, umap_neighbors=5, outlier_norm_factor=0)
     overrides.update(kw)
     return RunConfig.load(None, overrides)
 
@@ -297,3 +297,33 @@ def test_reader_refuses_tampered_or_foreign_cache(built_cache, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="schema_version"):
         read_manifest(copy)
+
+
+def test_scores_count_only_harvested_documents(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path):
+    """A token budget leaves documents unread; they must not count as 'never fires' in the AUROCs."""
+    cfg = make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path / "budget", max_tokens=240)
+    run_precompute(cfg)
+    docs = pd.read_parquet(tmp_path / "budget" / "documents.parquet")
+    read = docs[docs.n_tokens > 0]
+    assert len(read) < len(docs), "the budget must leave some documents unread for this test"
+    scored = read_manifest(tmp_path / "budget")["params"]["scores"]["documents_scored"]
+    assert scored == read["group"].value_counts().sort_index().to_dict()
+
+
+def test_outlier_norm_positions_are_dropped(tiny_model_dir, tiny_corpus):
+    from precompute.activations import iter_activations, plan_corpus
+    from precompute.model import HookReader, load_model, resolve_hook
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    plan = plan_corpus([CorpusSource.parse(f"{tiny_corpus['task']}:task")], lm.tokenizer, 24)
+    reader = HookReader(lm.model, resolve_hook(lm.model, HOOK))
+    args = (reader, plan.batches(4), lm.tokenizer.pad_token_id, set(lm.tokenizer.all_special_ids), lm.device)
+    dropped = 0
+    for full, cut in zip(iter_activations(*args), iter_activations(*args, outlier_norm_factor=1.0), strict=True):
+        norms = full.acts.norm(dim=1)
+        keep = norms <= norms.median()
+        assert len(cut.acts) == int(keep.sum())
+        dropped += len(full.acts) - len(cut.acts)
+        torch.testing.assert_close(cut.acts, full.acts[keep])
+        assert (cut.position == full.position[keep.numpy()]).all()
+    assert dropped > 0

@@ -228,14 +228,16 @@ def test_planted_harmful_feature_is_flagged_with_its_category(tmp_path: Path) ->
     doc, feat, val = doc_feature_max(planted_shards(tmp_path), N_FEATURES, progress=False)
     table = harm_scores(doc, feat, val, N_FEATURES, np.array(GROUPS, dtype=object),
                         np.array(CATEGORIES, dtype=object))
-    assert list(table.columns) == ["harm_score", "harm_score_lo", "harm_category", "is_harmful", "task_score",
-                                   "task_score_lo", "task_control_score", "is_task"]
+    assert list(table.columns) == ["harm_score", "harm_score_lo", "harm_score_all", "harm_score_all_lo",
+                                   "harm_category", "is_harmful", "task_score", "task_score_lo",
+                                   "task_control_score", "is_task"]
     assert len(table) == N_FEATURES and "feature" not in table.columns
     assert table["is_harmful"].dtype == bool and table["is_task"].dtype == bool
 
-    # f0 fires on the 10 weapons docs of 16 harmful, never on benign: AUROC 0.5 + 0.5 * 10/16.
-    assert table["harm_score"].idxmax() == 0
-    assert table.loc[0, "harm_score"] == pytest.approx(0.5 + 0.5 * 10 / 16)
+    # f0 fires on the 10 weapons docs of 16 harmful, never on benign: against all harmful documents its
+    # AUROC is 0.5 + 0.5 * 10/16, against the weapons category it is perfect, and that is its harm score.
+    assert table.loc[0, "harm_score_all"] == pytest.approx(0.5 + 0.5 * 10 / 16)
+    assert table.loc[0, "harm_score"] == 1.0
     assert table.loc[0, "is_harmful"] and table.loc[0, "harm_category"] == "weapons"
     # f2 fires on all fraud docs and weakly on 3 weapons docs: most specific to fraud.
     assert table.loc[2, "is_harmful"] and table.loc[2, "harm_category"] == "fraud"
@@ -244,7 +246,7 @@ def test_planted_harmful_feature_is_flagged_with_its_category(tmp_path: Path) ->
         assert not table.loc[f, "is_harmful"], f
         assert table.loc[f, "harm_category"] is None
     assert table.loc[8, "harm_score"] == 0.5
-    assert table.loc[6, "harm_score"] == 0.0
+    assert table.loc[6, "harm_score_all"] == 0.0
     assert not table.loc[7, "is_harmful"]
 
     # Task: f3 task-only, f4 task+control ("code") both count; f5 prefers control -> not a task feature.
@@ -265,7 +267,12 @@ def test_harm_scores_vs_direct_auroc(tmp_path: Path) -> None:
     for f in range(N_FEATURES):
         m = feat == f
         auc, lo, _ = auroc_sparse(doc[m], val[m], DOCS["harmful"], DOCS["benign"])
-        assert table.loc[f, "harm_score"] == auc and table.loc[f, "harm_score_lo"] == lo
+        assert table.loc[f, "harm_score_all"] == auc and table.loc[f, "harm_score_all_lo"] == lo
+        # the harm score is the all-harmful or a per-category AUROC, whichever has the higher bound
+        candidates = [auc] + [auroc_sparse(doc[m], val[m], docs_c, DOCS["benign"])[0]
+                              for docs_c in (WEAPONS, FRAUD)]
+        assert any(table.loc[f, "harm_score"] == c for c in candidates)
+        assert table.loc[f, "harm_score_lo"] <= table.loc[f, "harm_score"]
         auc_t, lo_t, _ = auroc_sparse(doc[m], val[m], DOCS["task"], ref)
         assert table.loc[f, "task_score"] == auc_t and table.loc[f, "task_score_lo"] == lo_t
         assert table.loc[f, "task_control_score"] == auroc_sparse(doc[m], val[m], DOCS["task"], DOCS["control"])[0]

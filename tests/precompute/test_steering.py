@@ -192,6 +192,9 @@ def test_save_load_and_figure(tiny_lm, tmp_path):
     names = [t.name for t in fig.data]
     assert any(n.startswith("α=0.1") for n in names) and "harmful feature 11" in names
     assert "task feature 2" in names and "y = x" in names
+    without = steering_figure(df, task_feature=2, harmful_feature=11, show_task=False)
+    assert "task feature 2" not in [t.name for t in without.data]
+    assert all(2 not in set(t.customdata[:, 0]) for t in without.data if t.name.startswith("α="))
     empty = steering_figure(df.iloc[0:0], task_feature=2)
     assert [t.name for t in empty.data] == ["y = x"]
 

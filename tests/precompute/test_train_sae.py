@@ -208,6 +208,17 @@ def test_geometric_median_ignores_outliers():
     assert points.mean(0).norm() > 50
 
 
+def test_variance_stats_match_a_direct_computation():
+    from precompute.train_sae import VarianceStats
+
+    x = torch.randn(300, 5, generator=torch.Generator().manual_seed(0)) * 3 + 10
+    x_hat = x + 0.5 * torch.randn(300, 5, generator=torch.Generator().manual_seed(1))
+    stats = VarianceStats(5)
+    for chunk in range(0, 300, 70):
+        stats.add(x[chunk: chunk + 70], x_hat[chunk: chunk + 70])
+    assert stats.explained_variance() == pytest.approx(explained_variance(x, x_hat), rel=1e-6)
+
+
 def test_heldout_split_is_by_document_and_stable():
     docs = [Document(i, 0, "general", None, text=f"document number {i}") for i in range(2000)]
     held = {d.doc_id for d in docs if is_heldout(d, 0.1)}
@@ -271,6 +282,7 @@ def test_end_to_end_on_a_tiny_model(tiny_setup, tmp_path, capsys):
             "--corpus", f"{tiny_setup / 'corpus.txt'}:general", "--d-sae", "64", "--k", "4",
             "--steps", "30", "--batch-size", "128", "--lr", "3e-3", "--context-size", "32",
             "--heldout-fraction", "0.15", "--eval-ce-tokens", "300", "--checkpoint-every", "10",
+            "--buffer-tokens", "1000",  # more rows than this: the disk store is read block by block
             "--out", str(out), "--work-dir", str(work), "--no-progress"]
     assert main(argv) == 0
     cfg = json.loads((out / "cfg.json").read_text())
@@ -278,8 +290,8 @@ def test_end_to_end_on_a_tiny_model(tiny_setup, tmp_path, capsys):
     meta = cfg["metadata"]
     assert meta["hook_name"] == "blocks.1.hook_resid_post"
     assert meta["norm_scaling_factor_folded"] > 0
-    for key in ("explained_variance", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablated",
-                "ce_recovered"):
+    for key in ("explained_variance", "explained_variance_no_outliers", "l0", "dead_fraction", "ce_clean",
+                "ce_spliced", "ce_zero_ablated", "ce_recovered"):
         assert key in meta["eval"], key
     assert 0 < meta["eval"]["l0"] <= 4
     report = json.loads((out / "training_report.json").read_text())
@@ -293,6 +305,46 @@ def test_end_to_end_on_a_tiny_model(tiny_setup, tmp_path, capsys):
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
+    # --eval-only re-scores the written SAE without training and records the new figures.
+    before = (out / "sae_weights.safetensors").read_bytes()
+    assert main(argv + ["--eval-only", "--eval-ce-tokens", "0"]) == 0
+    assert (out / "sae_weights.safetensors").read_bytes() == before
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert "ce_clean" not in meta["eval"] and meta["eval"]["explained_variance_no_outliers"] <= 1
+    assert len(json.loads((out / "training_report.json").read_text())["evaluations"]) == 1
+
+
+def test_rerunning_an_interrupted_command_resumes(tiny_setup, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import precompute.train_sae as train_sae
+
+    def argv(name: str) -> list[str]:
+        return ["--model", str(tiny_setup / "model"), "--hook", "blocks.0.hook_resid_post",
+                "--corpus", f"{tiny_setup / 'corpus.txt'}:general", "--d-sae", "48", "--k", "3",
+                "--steps", "25", "--batch-size", "96", "--lr", "3e-3", "--context-size", "32",
+                "--eval-ce-tokens", "100", "--checkpoint-every", "5", "--out", str(tmp_path / name / "sae"),
+                "--work-dir", str(tmp_path / name / "work"), "--no-progress"]
+
+    assert main(argv("straight")) == 0
+    real_fit = train_sae.fit
+
+    def crash_after_12_steps(*args, **kwargs):
+        real_fit(*args, **{**kwargs, "stop_at": 12})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_sae, "fit", crash_after_12_steps)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv("interrupted"))
+    assert not (tmp_path / "interrupted" / "sae").exists()
+    monkeypatch.setattr(train_sae, "fit", real_fit)
+    assert main(argv("interrupted")) == 0  # the same command again: resumes at step 12
+    report = json.loads((tmp_path / "interrupted" / "sae" / "training_report.json").read_text())
+    assert report["timing"]["resumed_from_step"] == 12
+    a = load_file(str(tmp_path / "straight" / "sae" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "interrupted" / "sae" / "sae_weights.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_config_file_and_flags(tmp_path):

@@ -369,7 +369,8 @@ def finetune_figure(cosine: float, step: float = 0.6, height: int = 420) -> go.F
                        text=f"{math.degrees(th):.0f}°", font={"size": 14})
     _base_layout(fig, height, legend={"orientation": "h", "y": -0.05, "x": 0, "font": {"size": 14}})
     fig.update_xaxes(visible=False, range=[-0.15, 1.45])
-    fig.update_yaxes(visible=False, range=[-0.25, 1.1], scaleanchor="x", scaleratio=1)
+    top = max(0.45, hy * 1.1 + 0.12)  # fit the angle: no empty band above a small one
+    fig.update_yaxes(visible=False, range=[-0.22, top], scaleanchor="x", scaleratio=1)
     return fig
 
 

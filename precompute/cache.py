@@ -124,6 +124,7 @@ class StagedCache:
         self.manifest["tool_version"] = __version__
         self.manifest["updated"] = now_iso()
         self.manifest.setdefault("created", self.manifest["updated"])
+        os.chmod(self.dir, 0o755)  # mkdtemp makes 0700; a cache is meant to be shared read-only
         tmp = self.dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(self.manifest, indent=2, default=str))
         os.replace(tmp, self.dir / MANIFEST)

@@ -38,6 +38,9 @@ class CorpusSource:
     text_field: str | None = None
     format: str = "auto"  # auto | text | user (wrap plain text as one user chat turn) | chat
     where: dict[str, str] = field(default_factory=dict)  # keep records whose field equals the value
+    # Keep only the first user turn of chat documents: multi-turn dialogues (hh-rlhf) next to
+    # single prompts would otherwise let "is a dialogue" pass for "is harmful".
+    first_user_turn: bool = False
     max_docs: int | None = None
     max_tokens: int | None = None
 
@@ -216,6 +219,13 @@ def _hh_to_messages(text: str) -> list[dict[str, str]] | None:
 
 
 def _to_documents(record: dict[str, Any], source: CorpusSource) -> list[tuple[str | None, list | None]]:
+    docs = _to_documents_all_turns(record, source)
+    if source.first_user_turn:
+        docs = [(t, [m[0]] if m and m[0]["role"] == "user" else m) for t, m in docs]
+    return docs
+
+
+def _to_documents_all_turns(record: dict[str, Any], source: CorpusSource) -> list[tuple[str | None, list | None]]:
     """One record -> list of (text, messages); a list of strings (paraphrases) gives several."""
     fields = [source.text_field] if source.text_field else [f for f in TEXT_FIELDS if f in record]
     if not fields or fields[0] not in record:

@@ -40,6 +40,7 @@ CUDA_BLOCK_BUDGET_BYTES = 2 * 2**30
 # Both give identical lists (tested against brute force), so the cheaper one is the default;
 # on CUDA the torch backend is used (faiss-cpu has no GPU path and a GPU is ~100x faster).
 DEFAULT_CPU_BACKEND = "faiss"
+FAISS_QUERY_BLOCK = 4096
 
 BACKENDS = ("torch", "faiss")
 
@@ -270,8 +271,10 @@ def knn_cosine(
     broken by lower index, so the output is deterministic and identical across backends up to
     float rounding. Rows are normalised here, so raw decoder weights may be passed.
 
-    Work goes in row blocks scored against all rows: peak memory is the [block, n] score matrix
-    (``memory_budget_bytes``, default 256 MiB on CPU, 2 GiB on CUDA) plus the data, never n x n.
+    Work goes in row blocks scored against all rows, never an n x n matrix. torch: peak memory
+    is the [block, n] score matrix (``memory_budget_bytes``, default 256 MiB on CPU, 2 GiB on
+    CUDA) plus the data. faiss: blocks of 4096 query rows (faiss tiles the scores itself, in
+    16 MiB pieces) plus the data and faiss's copy of it.
     ``k`` larger than n-1 is clamped to n-1 with a warning (a toy SAE should still build a cache).
 
     backend: "torch" (blocked fp32 matmul + topk; runs on CUDA when ``device`` resolves there,
@@ -293,6 +296,11 @@ def knn_cosine(
     k = _clamp_k(n, k)
     if memory_budget_bytes is None:
         memory_budget_bytes = CUDA_BLOCK_BUDGET_BYTES if dev.type == "cuda" else CPU_BLOCK_BUDGET_BYTES
+    if backend == "faiss" and block_size is None:
+        # faiss keeps its own scratch small (4096 x 1024 score tiles) whatever the query block,
+        # so our block only bounds the [b, k+2] results; 4096 matches faiss's query tile and
+        # avoids many small parallel calls, which a busy machine punishes badly.
+        block_size = FAISS_QUERY_BLOCK
     rows = _block_rows(n, block_size, memory_budget_bytes)
 
     with tqdm(total=n, unit="row", desc=f"kNN {backend}/{dev.type}", disable=not progress) as bar:

@@ -208,7 +208,9 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
         rec["max_activation"].append(float(a[pos]))
         rec["max_position"].append(pos)
         rec["quantile"].append(q)
-    pd.DataFrame(rec).to_parquet(staged.path("examples.parquet"), index=False)
+    # sorted by feature in small row groups so a reader can fetch one feature without a huge block
+    pd.DataFrame(rec).sort_values(["feature", "kind", "rank"], kind="stable", key=None).to_parquet(
+        staged.path("examples.parquet"), index=False, row_group_size=8192)
 
     # move the shards into the cache: scores and overlaps rerun from them without the model
     for shard in shards:

@@ -47,6 +47,9 @@ from precompute import geometry
 from precompute.sae.base import SAE
 
 ROLES = ("task", "planted", "partner", "decoy")
+# An unmatched live latent with cosine >= this to both a task feature and its co-firing partner
+# is reported as a "composite" (the SAE turned their co-occurrence into a direction).
+COMPOSITE_COS = 0.3
 # 0.9 and 0.7 are left out of the default on purpose: the project's TopK recipe merges a task
 # feature and an independently firing neighbour at cos 0.9 almost always, and at 0.7 now and then,
 # into one latent (measured, docs/results.md "Planted ground truth"); pass
@@ -223,10 +226,12 @@ def generate_activations(dictionary: SynthDictionary, n_samples: int, firing_pro
 
     ``n_active`` (fixed-L0 mode): every sample holds exactly ``n_active`` firing features instead.
     They are drawn without replacement with weights proportional to ``firing_prob`` (partners:
-    ``firing_prob * partner_solo``); then, for each partner whose task feature was drawn and which
-    was not, with probability ``cofire_prob`` the partner replaces the last-drawn feature that is
-    neither a task feature nor an already co-fired partner. A constant L0 lets the TopK k equal it,
-    which leaves the SAE no free slots for composite latents.
+    ``firing_prob * partner_solo``); a drawn task feature brings each of its partners along with
+    probability ``cofire_prob`` (see `_fixed_l0_fires`). A constant L0 lets the TopK k equal it,
+    which leaves the SAE no free slots for composite latents. Drawing without replacement makes
+    every pair of features slightly anti-correlated (given i fires, only n_active - 1 slots are
+    left); planted neighbours carry no dependence on their task feature beyond that one, which
+    all unrelated pairs share. With ``n_active=None`` they are exactly independent.
     """
     n_feat = dictionary.n
     p = np.broadcast_to(np.asarray(firing_prob, dtype=np.float64), (n_feat,)).copy()
@@ -276,25 +281,53 @@ def generate_activations(dictionary: SynthDictionary, n_samples: int, firing_pro
 
 def _fixed_l0_fires(rng: np.random.Generator, m: int, weights: np.ndarray, n_active: int, is_task: np.ndarray,
                     partners: np.ndarray, partner_task: np.ndarray, cofire_prob: float) -> np.ndarray:
-    """[m, n] boolean firing matrix with exactly n_active True per row (see generate_activations)."""
+    """[m, n] boolean firing matrix with exactly n_active True per row (see generate_activations).
+
+    Each row ranks all features by a weighted random order (Gumbel keys, i.e. sampling without
+    replacement with probabilities proportional to ``weights``) and fills its slots walking down
+    that order. A task feature reached in the walk tosses one coin per partner (``cofire_prob``);
+    it enters together with the partners whose coin came up (and which are not in yet), or, when
+    the slots left cannot hold them all, is passed over. Being passed over happens more often with
+    the coin up, so P(partner | task) ends somewhat below ``cofire_prob`` (about 0.5 for 0.6 with
+    n_active=3; the report carries the measured co-firing); the order of the partners never matters.
+    """
     n = weights.size
     with np.errstate(divide="ignore"):
-        keys = np.log(weights)[None, :] + rng.gumbel(size=(m, n))  # Gumbel top-k = weighted sampling
-    chosen = np.argsort(-keys, axis=1, kind="stable")[:, :n_active]  # in draw order
-    locked = is_task[chosen]
-    rows = np.arange(m)
-    for j, t in zip(partners, partner_task, strict=True):
-        has_t = (chosen == t).any(axis=1)
-        has_j = (chosen == j).any(axis=1)
-        want = has_t & ~has_j & (rng.random(m) < cofire_prob)
-        free = ~locked & want[:, None]
-        ok = free.any(axis=1)
-        slot = n_active - 1 - np.argmax(free[:, ::-1], axis=1)
-        r_ok, s_ok = rows[ok], slot[ok]
-        chosen[r_ok, s_ok] = j
-        locked[r_ok, s_ok] = True
+        keys = np.log(weights)[None, :] + rng.gumbel(size=(m, n))
+    order = np.argsort(-keys, axis=1, kind="stable")
+    max_p = 0
+    plist: dict[int, list[int]] = {}
+    for j, t in zip(partners.tolist(), partner_task.tolist(), strict=True):
+        plist.setdefault(t, []).append(j)
+        max_p = max(max_p, len(plist[t]))
+    P = np.full((n, max(1, max_p)), -1, np.int64)  # partners of each task feature, -1 padded
+    for t, js in plist.items():
+        P[t, :len(js)] = js
     fires = np.zeros((m, n), dtype=bool)
-    np.put_along_axis(fires, chosen, True, axis=1)
+    left = np.full(m, n_active, np.int64)
+    rows = np.arange(m)
+    for pos in range(n):
+        live = left > 0
+        if not live.any():
+            break
+        f = order[:, pos]
+        new = live & ~fires[rows, f]
+        need = np.ones(m, np.int64)
+        add = np.zeros((m, P.shape[1]), dtype=bool)
+        if max_p:
+            pf = P[f]  # [m, max_p]
+            valid = pf >= 0
+            coin = rng.random((m, P.shape[1])) < cofire_prob
+            add = valid & coin & ~fires[rows[:, None], np.where(valid, pf, 0)]
+            need += add.sum(axis=1)
+        ok = new & (need <= left)
+        fires[rows[ok], f[ok]] = True
+        if max_p:
+            r_i, c_i = np.nonzero(add & ok[:, None])
+            fires[r_i, P[f[r_i], c_i]] = True
+        left -= np.where(ok, need, 0)
+    if (left > 0).any():  # pragma: no cover - only when too few features can fire at all
+        raise ValueError(f"cannot fill {n_active} slots per sample from these features")
     return fires
 
 
@@ -460,8 +493,10 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
 
     * ``neighbours``: L(t)'s kNN list (`geometry.knn_cosine`, self excluded, descending cosine)
       with each entry mapped back to a true role relative to t: ``planted`` (with its rho),
-      ``partner``, ``decoy``, ``other`` (another task's block), ``duplicate`` (an unmatched learned
-      latent whose closest true feature is t itself) or ``extra`` (another unmatched latent);
+      ``partner``, ``decoy``, ``other`` (another task's block), ``composite`` (an unmatched latent
+      at cos >= COMPOSITE_COS to both t and one of its co-firing partners), ``duplicate`` (an
+      unmatched latent whose closest true feature is t itself) or ``extra`` (another unmatched
+      latent), plus ``dead`` when ``learned_fires`` is given;
     * ``planted_rank``: the positions of the planted neighbours in that list (None when beyond k),
       ``order_ok``: found and listed in descending rho; ``recovered``: cos(L(t), L(h_k)) vs rho;
     * ``flagged_*``: learned cosines above ``null_cosine(d_sae, d, fpr)``, the pipeline's rule.
@@ -499,11 +534,17 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
             out["dead"] = bool(fires_count[j] == 0)
         return out
 
+    Ct = _unit64(dictionary.directions) @ L.T  # true x learned cosines
+
+    def is_composite(j: int, t: int) -> bool:
+        """An unmatched latent pointing between t and one of its co-firing partners."""
+        return any(Ct[t, j] >= COMPOSITE_COS and Ct[int(p), j] >= COMPOSITE_COS for p in dictionary.partners_of(t))
+
     def describe_role(j: int, t: int) -> dict[str, Any]:
         tj = int(match.learned_to_true[j])
         if tj < 0:
             bt = int(match.learned_best_true[j])
-            role = "duplicate" if bt == t else "extra"
+            role = "composite" if is_composite(j, t) else "duplicate" if bt == t else "extra"
             return {"true": bt, "role": role, "rho": None, "match_cos": _f(match.learned_best_cos[j])}
         role = str(role_of[tj])
         if role in ("planted", "partner") and task_of[tj] != t:
@@ -570,7 +611,10 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
         entry["false_flags"] = fps
         # unmatched latents above the null (duplicates of t are not a geometric claim about t)
         entry["flagged_unmatched"] = [e for e in entry["neighbours"] if e["above_null"]
-                                      and e["role"] in ("duplicate", "extra")]
+                                      and e["role"] in ("duplicate", "extra", "composite")]
+        alive_l = fires_count > 0 if fires_count is not None else np.ones(n, bool)
+        entry["composites"] = [int(j) for j in np.flatnonzero(alive_l) if match.learned_to_true[j] < 0
+                               and is_composite(int(j), int(t))]
         per_task.append(entry)
 
     rec = pd.DataFrame(rec_rows, columns=["task", "rho", "cosine", "above_null", "merged"])
@@ -609,51 +653,80 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
         "recovered_mean_abs_error": _f((rec["cosine"] - rec["rho"]).abs().mean()) if len(rec) else None,
         "false_positives": fp_summary,
         "flagged_unmatched_latents": int(sum(len(e.get("flagged_unmatched", [])) for e in per_task)),
+        "flagged_composites": int(sum(sum(x["role"] == "composite" for x in e.get("flagged_unmatched", []))
+                                      for e in per_task)),
+        "tasks_with_composite": int(sum(bool(e.get("composites")) for e in per_task)),
         "tasks": per_task,
     }
     result["coactivation"] = _coactivation_summary(dictionary, match, true_fires, learned_fires, G, null)
     return result
 
 
+def feature_fires(learned_fires: sparse.spmatrix, match: MatchResult, n_true: int,
+                  min_cos: float = 0.9) -> sparse.csc_matrix:
+    """Firing of each TRUE feature as the SAE sees it: the union over the latents that stand for it.
+
+    A latent stands for true feature i when it is matched to i, or when i is its closest true
+    feature at |cos| >= ``min_cos`` (a duplicate). TopK SAEs do split one direction into
+    duplicates that fire in different contexts (e.g. one copy of a partner for when its task
+    feature fires, another for when it fires alone), which hides co-activation from any single
+    latent; this view undoes that split.
+    """
+    Fl = sparse.csc_matrix(learned_fires)
+    n_learned = Fl.shape[1]
+    owner = np.where(np.abs(match.learned_best_cos) >= min_cos, match.learned_best_true, -1)
+    owner = np.where(match.learned_to_true >= 0, match.learned_to_true, owner)
+    keep = owner >= 0
+    M = sparse.csr_matrix((np.ones(int(keep.sum()), np.int8), (np.flatnonzero(keep), owner[keep])),
+                          shape=(n_learned, n_true))
+    out = (Fl.astype(np.int32) @ M).tocsc()
+    out.data = (out.data > 0).astype(np.int8)
+    out.eliminate_zeros()
+    return out
+
+
 def _coactivation_summary(dictionary: SynthDictionary, match: MatchResult, true_fires: sparse.spmatrix | None,
                           learned_fires: sparse.spmatrix | None, G: np.ndarray, null: float) -> dict[str, Any]:
+    """Jaccard of (task, partner) vs (task, planted) pairs: from the true codes ("true"), from the
+    matched latents as the pipeline would measure them ("latent"), and per true feature with
+    duplicate latents merged (`feature_fires`, "feature")."""
     r = dictionary.roles
     part = r[r["role"] == "partner"]
     plant = r[r["role"] == "planted"]
     pairs = {"partner": np.stack([part["task"], part["feature"]], 1).astype(np.int64).reshape(-1, 2),
              "planted": np.stack([plant["task"], plant["feature"]], 1).astype(np.int64).reshape(-1, 2)}
+    feat_fires = feature_fires(learned_fires, match, dictionary.n) if learned_fires is not None else None
     out: dict[str, Any] = {}
+    raw: dict[str, dict[str, np.ndarray]] = {}
     for kind, pr in pairs.items():
         lp = match.assignment[pr]
         ok = (lp >= 0).all(axis=1)
+        cos = G[lp[ok, 0], lp[ok, 1]]
         entry: dict[str, Any] = {"pairs": len(pr),
-                                 "mean_learned_cosine": _f(G[lp[ok, 0], lp[ok, 1]].mean()) if ok.any() else None,
-                                 "above_null_fraction": _f((G[lp[ok, 0], lp[ok, 1]] > null).mean()) if ok.any()
-                                 else None}
+                                 "mean_learned_cosine": _f(cos.mean()) if ok.any() else None,
+                                 "above_null_fraction": _f((cos > null).mean()) if ok.any() else None}
+        vals: dict[str, np.ndarray] = {}
         if true_fires is not None:
-            j = jaccard_pairs(true_fires, pr)
-            entry["true_jaccard_mean"], entry["true_jaccard_min"], entry["true_jaccard_max"] = (
-                _f(j.mean()), _f(j.min()), _f(j.max())) if len(j) else (None, None, None)
-            entry["_true"] = j
+            vals["true"] = jaccard_pairs(true_fires, pr)
         if learned_fires is not None and ok.any():
-            j = jaccard_pairs(learned_fires, lp[ok])
-            entry["learned_jaccard_mean"], entry["learned_jaccard_min"], entry["learned_jaccard_max"] = (
-                _f(j.mean()), _f(j.min()), _f(j.max()))
-            entry["_learned"] = j
-        if kind == "planted":
-            rho = plant["target_cosine"].to_numpy()
-            if learned_fires is not None and ok.any():
-                entry["learned_jaccard_by_rho"] = {
-                    str(float(v)): _f(entry["_learned"][rho[ok] == v].mean()) for v in np.unique(rho[ok])[::-1]}
+            vals["latent"] = jaccard_pairs(learned_fires, lp[ok])
+            vals["feature"] = jaccard_pairs(feat_fires, pr)
+        for src, j in vals.items():
+            if len(j):
+                entry[f"{src}_jaccard_mean"] = _f(j.mean())
+                entry[f"{src}_jaccard_min"] = _f(j.min())
+                entry[f"{src}_jaccard_max"] = _f(j.max())
+        if kind == "planted" and "latent" in vals:
+            rho = plant["target_cosine"].to_numpy()[ok]
+            entry["latent_jaccard_by_rho"] = {str(float(v)): _f(vals["latent"][rho == v].mean())
+                                              for v in np.unique(rho)[::-1]}
         out[kind] = entry
-    for src in ("true", "learned"):
-        a, b = out["partner"].get(f"_{src}"), out["planted"].get(f"_{src}")
-        if a is not None and b is not None:
+        raw[kind] = vals
+    for src in ("true", "latent", "feature"):
+        a, b = raw["partner"].get(src), raw["planted"].get(src)
+        if a is not None and b is not None and len(a) and len(b):
             out[f"{src}_separation_auroc"] = _f(_auroc(a, b))
-            out[f"{src}_separated"] = bool(len(a) and len(b) and a.min() > b.max())
-    for entry in (out["partner"], out["planted"]):
-        entry.pop("_true", None)
-        entry.pop("_learned", None)
+            out[f"{src}_separated"] = bool(a.min() > b.max())
     return out
 
 
@@ -796,8 +869,9 @@ def run_synth(config: SynthConfig, progress: bool = False) -> SynthRun:
         "planted_in_rho_order": bool(geo["order_accuracy"] == 1.0),
         "false_positive_rate_le_fpr": bool(geo["false_positives"]["ok"]),
         "coactivation_separates_true": bool(geo["coactivation"].get("true_separated", False)),
-        "coactivation_separates_learned": bool(geo["coactivation"].get("learned_separated", False)),
+        "coactivation_separates_learned": bool(geo["coactivation"].get("feature_separated", False)),
     }
+    notes = {"coactivation_separates_matched_latents": bool(geo["coactivation"].get("latent_separated", False))}
     report = {
         "config": _jsonable(asdict(cfg)),
         "dictionary": {"n_features": dic.n, "d": dic.d, "counts": dic.roles["role"].value_counts().to_dict(),
@@ -809,6 +883,7 @@ def run_synth(config: SynthConfig, progress: bool = False) -> SynthRun:
         "geometry": geo,
         "bars": bars,
         "all_bars_met": all(bars.values()),
+        "notes": notes,
         "timings_s": {"generate": t_gen, "train": train_stats["train_seconds"], "evaluate": t_eval,
                       "total": time.perf_counter() - t0},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -936,12 +1011,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"(expected {fp['expected_flagged']:.3f}); task features with a false flag "
         f"{fp['tasks_with_false_flag']} ({fp['task_rate']:.1%} vs fpr {fp['fpr']:g})")
     p, q = co["partner"], co["planted"]
-    if "learned_jaccard_mean" in p and "learned_jaccard_mean" in q:
+    if "latent_jaccard_mean" in p and "latent_jaccard_mean" in q:
         lines.append(
-            f"co-activation (Jaccard): partners true {p['true_jaccard_mean']:.3f} / learned "
-            f"{p['learned_jaccard_mean']:.3f} at cosine {p['mean_learned_cosine']:.3f}; planted true "
-            f"{q['true_jaccard_mean']:.3f} / learned {q['learned_jaccard_mean']:.3f} at cosine "
-            f"{q['mean_learned_cosine']:.3f}; separation AUROC learned {co.get('learned_separation_auroc')}")
+            f"co-activation (Jaccard, true / SAE feature-level / matched latent): partners "
+            f"{p['true_jaccard_mean']:.3f} / {p['feature_jaccard_mean']:.3f} / {p['latent_jaccard_mean']:.3f} "
+            f"(min {p['feature_jaccard_min']:.3f} feature-level) at learned cosine {p['mean_learned_cosine']:.3f}; "
+            f"planted {q['true_jaccard_mean']:.3f} / {q['feature_jaccard_mean']:.3f} / {q['latent_jaccard_mean']:.3f} "
+            f"(max {q['feature_jaccard_max']:.3f}) at cosine {q['mean_learned_cosine']:.3f}; separation AUROC "
+            f"feature-level {co.get('feature_separation_auroc')}, matched latents {co.get('latent_separation_auroc')}")
+    lines.append(f"unmatched latents above the null in task lists: {geo['flagged_unmatched_latents']} "
+                 f"(composites of a task and its partner: {geo['flagged_composites']}; task features with a live "
+                 f"composite latent: {geo['tasks_with_composite']}/{len(geo['tasks'])})")
     lines.append(f"bars: {report['bars']}")
     lines.append(f"time: {report['timings_s']['total']:.1f} s (train {report['timings_s']['train']:.1f} s)")
     return lines

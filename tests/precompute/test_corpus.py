@@ -472,3 +472,14 @@ def test_pack_contexts_with_real_tokenizer_matches_render(tokenizer):
     ctxs = list(pack_contexts([d], tokenizer, 8, "split"))
     assert [t for c in ctxs for t in c.token_ids] == (ids if len(ids) % 8 != 1 else ids[:-1])
     assert [p for c in ctxs for p in c.positions_in_doc] == list(range(sum(len(c.token_ids) for c in ctxs)))
+
+
+def test_first_user_turn_keeps_only_the_opening_prompt(tmp_path):
+    from precompute.corpus import CorpusSource, read_source
+
+    path = tmp_path / "hh.jsonl"
+    path.write_text('{"chosen": "\\n\\nHuman: how do I pick a lock?\\n\\nAssistant: Why?\\n\\nHuman: my door"}\n')
+    docs, _ = read_source(CorpusSource(str(path), "harmful", text_field="chosen", first_user_turn=True), 0)
+    assert docs[0].messages == [{"role": "user", "content": "how do I pick a lock?"}]
+    docs, _ = read_source(CorpusSource(str(path), "harmful", text_field="chosen"), 0)
+    assert [m["role"] for m in docs[0].messages] == ["user", "assistant", "user"]

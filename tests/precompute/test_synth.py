@@ -92,10 +92,15 @@ def test_cofiring_statistics_fixed_l0() -> None:
     for t in dic.ids("task"):
         on = F[:, t]
         for j in dic.partners_of(int(t)):
-            assert F[on, j].mean() > 0.6  # cofire_prob plus the partner's own draws
+            # a task drawn into the last slots cannot bring its partner along and is passed over,
+            # which lowers P(partner | task) somewhat below cofire_prob; still >> the base rate
+            assert F[on, j].mean() > 0.45
             assert F[~on, j].mean() < 0.1
+        # A fixed L0 makes every pair slightly anti-correlated (one slot is taken); planted neighbours
+        # must carry no dependence on their task beyond that, i.e. behave like the decoys.
+        decoy_rate = F[np.ix_(on, dic.ids("decoy"))].mean()
         for h in dic.planted_of(int(t))["feature"]:
-            assert abs(F[on, h].mean() - F[~on, h].mean()) < 0.03  # independent up to the replacements
+            assert abs(F[on, h].mean() - decoy_rate) < 0.02
 
 
 # ------------------------------------------------------------------------------ matching
@@ -142,8 +147,9 @@ def test_evaluate_geometry_on_the_true_dictionary() -> None:
     assert fp["partner"]["max_cosine"] == pytest.approx(0.0, abs=1e-6)  # planted exactly orthogonal
     assert fp["expected_pair_rate"] == pytest.approx(1 - 0.99 ** (1 / (dic.n - 1)))
     co = rep["coactivation"]
-    assert co["partner"]["learned_jaccard_min"] > 0.5 > 0.06 > co["planted"]["learned_jaccard_max"]
-    assert co["learned_separated"] and co["learned_separation_auroc"] == 1.0
+    for src in ("true", "latent", "feature"):  # a perfect SAE: all three views agree
+        assert co["partner"][f"{src}_jaccard_min"] > 0.5 > 0.06 > co["planted"][f"{src}_jaccard_max"]
+        assert co[f"{src}_separated"] and co[f"{src}_separation_auroc"] == 1.0
     json.dumps(rep)  # the report is JSON-ready
 
 
@@ -165,7 +171,8 @@ def test_end_to_end_training_recovers_the_planted_geometry(tmp_path) -> None:
     assert fp["flagged"] == 0 and fp["tasks_with_false_flag"] == 0  # expected count at fpr 0.01 is < 0.01
     co = geo["coactivation"]
     assert co["partner"]["true_jaccard_min"] > 5 * co["planted"]["true_jaccard_max"]
-    assert co["partner"]["learned_jaccard_mean"] > 5 * co["planted"]["learned_jaccard_mean"]
+    assert co["partner"]["feature_jaccard_min"] > 5 * co["planted"]["feature_jaccard_max"]
+    assert co["partner"]["latent_jaccard_mean"] > 5 * co["planted"]["latent_jaccard_mean"]
     assert co["partner"]["above_null_fraction"] == 0.0  # co-firing, yet not geometric neighbours
     assert report["all_bars_met"] and code == 0
     # outputs: plot, dictionary, and an SAE that the project's SAELens loader reads back
@@ -178,14 +185,18 @@ def test_end_to_end_training_recovers_the_planted_geometry(tmp_path) -> None:
     assert npz["directions"].shape == (report["dictionary"]["n_features"], report["config"]["d"])
 
 
-E2E_ARGS = ["--d", "48", "--n-task", "4", "--cosines", "0.7", "0.5", "0.3", "--decoys", "6",
-            "--samples", "40000", "--steps", "1500", "--batch-size", "512", "--firing-prob", "0.06", "--seed", "0"]
+E2E_ARGS = ["--d", "48", "--n-task", "4", "--cosines", "0.6", "0.45", "0.3", "--decoys", "6", "--n-active", "3",
+            "--samples", "30000", "--steps", "1000", "--batch-size", "512", "--seed", "0"]
 
 
-def test_module_help_runs() -> None:
-    import subprocess
+def test_module_help_runs(monkeypatch, capsys) -> None:
+    """`python -m precompute.synth --help` (run in-process through runpy, as -m does)."""
+    import runpy
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "precompute.synth", "--help"], capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0 and "--cosines" in out.stdout and "--out" in out.stdout
+    monkeypatch.setattr(sys, "argv", ["python -m precompute.synth", "--help"])
+    monkeypatch.delitem(sys.modules, "precompute.synth", raising=False)  # as a fresh `-m` run sees it
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("precompute.synth", run_name="__main__", alter_sys=False)
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--cosines" in out and "--out" in out and "--n-active" in out

@@ -81,7 +81,7 @@ class CorpusSource:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, {}, "auto")}
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}, "auto") and v is not False}
 
 
 @dataclass

@@ -33,12 +33,13 @@ ArrayLike = np.ndarray | torch.Tensor
 CPU_BLOCK_BUDGET_BYTES = 256 * 2**20
 CUDA_BLOCK_BUDGET_BYTES = 2 * 2**30
 
-# Default CPU backend: faiss, by measurement (bench/bench_knn.py; numbers in bench/README.md).
-# On the 2-core dev machine, d=576, k=32, random unit rows, one thread each (CPU seconds, which
-# a busy shared machine distorts least): 16k rows torch 3.0 s vs faiss 2.6 s; 65k rows 47.6 s vs
-# 32.5 s; peak memory over the input +325 vs +120 MiB at 16k, +440 vs +326 MiB at 65k.
-# Both give identical lists (tested against brute force), so the cheaper one is the default;
-# on CUDA the torch backend is used (faiss-cpu has no GPU path and a GPU is ~100x faster).
+# Default CPU backend: faiss, by measurement (bench/bench_knn.py; tables in bench/README.md).
+# 2-core Xeon shared with other jobs, d=576, k=32, random unit rows, identical lists from both.
+# One thread each, CPU seconds (what a busy machine distorts least): 16k rows torch 3.0 vs faiss
+# 2.6; 32k 10.2-10.6 vs 8.2-8.3; 65k 47.6 vs 32.5 (mostly torch's separate topk pass over each score row).
+# Peak memory over the input: +331 vs +121 MiB at 16k, +452 vs +349 MiB at 65k (torch's is the
+# 256 MiB score block; the old unblocked torch code took 789 MiB / 2.4 GiB). On CUDA the torch
+# backend is used: faiss-cpu has no GPU path (DESIGN.md: plain torch blocks, 262k x 2304, 1.4 s).
 DEFAULT_CPU_BACKEND = "faiss"
 FAISS_QUERY_BLOCK = 4096
 

@@ -65,6 +65,19 @@ def load_sae_checked(cfg: RunConfig, d_model: int | None, model_name: str | None
     return sae, info
 
 
+def library_versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "numpy", "pandas", "umap-learn", "faiss-cpu", "gguf"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def merge_feature_columns(staged: cache_io.StagedCache, n_features: int, columns: pd.DataFrame) -> None:
     """Add/replace columns of features.parquet (created when missing), keyed by `feature`."""
     path = staged.dir / "features.parquet"
@@ -366,6 +379,7 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometr
     cache_io.check_output_dir(out, identity, cfg.overwrite)
     base = {"model": lm.describe(), "sae": sae_info, "hook": cfg.hook, "d_in": sae.d_in, "n_features": sae.d_sae,
             "corpus": _corpus_manifest(plan), "identity": identity, "config": cfg.to_dict(),
+            "versions": library_versions(),
             "created": cache_io.now_iso()}
     work = work_dir_for(out)
     fresh = cfg.overwrite or not out.exists() or set(steps) == {"harvest", "geometry", "scores", "overlaps"}

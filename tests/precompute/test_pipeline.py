@@ -75,6 +75,8 @@ def test_cache_is_complete_and_verified(built_cache):
     manifest = verify_cache(out)
     assert manifest["schema_version"] == 1
     assert manifest["n_features"] == 64 and manifest["d_in"] == 32
+    assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
+    assert all(len(c["sha256"]) == 64 for c in manifest["corpus"]) and manifest["sae"]["sha256"]
     assert set(manifest["steps"]) == {"harvest", "geometry", "scores", "overlaps"}
     for step in manifest["steps"]:
         sidecar = json.loads((out / "params" / f"{step}.json").read_text())

@@ -135,6 +135,50 @@ for col, f, r, color, role in ((a, t, t_row, F.TASK, "task"), (b, h, h_row, F.HA
         st.page_link(state.PAGES["feature"], label=f"Open #{f} on the feature page", icon=":material/open_in_new:",
                      query_params=state.link_params(feature=f))
 
+# --- steering check --------------------------------------------------------------------------------
+def steering_section(t: int, h: int) -> None:
+    """`steering/task-<t>.parquet` in the cache, if there: observed vs predicted Δa and slope/R² per α."""
+    from precompute.steering import load_steering, steering_figure, summarize
+
+    path = cache.path / "steering" / f"task-{t}.parquet"
+    with st.expander("Steering check", expanded=False):
+        if not path.is_file():
+            sae = (cache.manifest.get("sae") or {}).get("source") or "<sae>"
+            hook = cache.manifest.get("hook") or (cache.manifest.get("sae") or {}).get("hook_name") or "<hook>"
+            cmd = (f"featuregeom steer --model smollm2 --sae {sae} --hook {hook} --task-feature {t} "
+                   f"--harmful-feature {h} --out {cache.path / 'steering' / f'task-{t}.parquet'}")
+            st.caption(f"No steering result for task #{t} in this cache. Produce it with: "
+                       f"{state.md_escape(cmd)}")
+            st.code(cmd, language="bash")
+            return
+        try:
+            df = load_steering(path)
+            fig = steering_figure(df, t, harmful_feature=h, show_task=False)
+            summ = summarize(df)
+        except Exception as exc:  # a file added by hand: report it, keep the page
+            st.warning(f"Could not read {state.md_escape(path.name)}: {state.md_escape(f'{type(exc).__name__}: {exc}')}")
+            return
+        st.plotly_chart(fig, config=state.chart_config(f"steering-{t}-{h}"), key=f"ov_steer:{t}:{h}")
+        sel = df[df["feature"] == h].sort_values("alpha")
+        if len(sel):
+            last = sel.iloc[-1]
+            st.caption(state.md_escape(
+                f"Adding the task direction at strength α={float(last['alpha']):g} changes harmful feature #{h} "
+                f"by {float(last['observed']):+.4g} vs {float(last['predicted_gated']):+.4g} predicted "
+                f"(first order); slope and R² below fit all features, observed = slope · predicted."))
+        else:
+            st.caption(state.md_escape(f"Harmful feature #{h} is not in this steering result; slope and R² below "
+                                       f"fit all features, observed = slope · predicted (first order)."))
+        tab = summ[summ["subset"] == "all (gated)"][["alpha", "alpha_abs", "slope", "r2", "n"]]
+        st.dataframe(tab.rename(columns={"alpha": "α", "alpha_abs": "|α|", "r2": "R²"}), hide_index=True,
+                     key=f"ov_steer_tab:{t}:{h}")
+        st.caption(state.md_escape(
+            f"Read from {path.relative_to(cache.path)} without checksum verification: files added to a cache "
+            f"after it was built are not in its manifest."))
+
+
+steering_section(t, h)
+
 # --- verdict ---------------------------------------------------------------------------------------
 st.divider()
 st.subheader("Your verdict")

@@ -618,7 +618,7 @@ def fit(trainer: TopKSAETrainer, data: ShuffledBatches, total_steps: int, lr: fl
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
     if ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
         if state.get("signature") != signature:
             raise FeatureGeomError(
                 f"{ckpt_path} belongs to a run with different settings; pass --overwrite to discard it "

@@ -5,10 +5,42 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from precompute.corpus import CorpusSource
 from precompute.errors import FeatureGeomError
+
+T = TypeVar("T")
+
+
+def load_options(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None) -> T:
+    """Build the options dataclass `cls` from a TOML file (keys = option names, dashes allowed, plus
+    [[corpus]] tables), then apply non-None `overrides` (flags); flag --corpus replaces the tables."""
+    data: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FeatureGeomError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise FeatureGeomError(f"{path} is not valid TOML: {exc}") from exc
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise FeatureGeomError(f"unknown option(s) in {path}: {sorted(unknown)}; known: {sorted(known)}")
+    corpus = [CorpusSource.from_dict(dict(c)) for c in data.pop("corpus", [])]
+    cfg = cls(**data, corpus=corpus)
+    for key, value in (overrides or {}).items():
+        if value is None or key not in known:
+            continue
+        if key == "corpus":
+            if value:
+                cfg.corpus = [CorpusSource.parse(v) if isinstance(v, str) else v for v in value]
+            continue
+        setattr(cfg, key, value)
+    return cfg
 
 
 @dataclass
@@ -46,34 +78,7 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
-        data: dict[str, Any] = {}
-        base = Path(".")
-        if path:
-            path = Path(path)
-            if not path.is_file():
-                raise FeatureGeomError(f"config file not found: {path}")
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as exc:
-                raise FeatureGeomError(f"{path} is not valid TOML: {exc}") from exc
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise FeatureGeomError(f"unknown option(s) in {path}: {sorted(unknown)}; known: {sorted(known)}")
-        corpus = [CorpusSource.from_dict(dict(c)) for c in data.pop("corpus", [])]
-        for src in corpus:
-            # Relative corpus paths in a config file are relative to the working directory, like flags.
-            src.path = str(base / src.path)
-        cfg = cls(**data, corpus=corpus)
-        for key, value in overrides.items():
-            if value is None or key not in known:
-                continue
-            if key == "corpus":
-                if value:
-                    cfg.corpus = [CorpusSource.parse(v) for v in value]
-                continue
-            setattr(cfg, key, value)
-        return cfg
+        return load_options(cls, path, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -96,8 +96,9 @@ def harvest_shards(plan: CorpusPlan, reader: HookReader, sae: SAE, tokenizer, wo
             t2 = time.perf_counter()
             timings["model_s"] += t1 - t0
             timings["sae_s"] += t2 - t1
-            timings["tokens"] += int(sum(len(c.token_ids) for c in batch.contexts))
-            bar.update(sum(len(c.token_ids) for c in batch.contexts))
+            n_tokens = sum(len(c.token_ids) for c in batch.contexts)
+            timings["tokens"] += n_tokens
+            bar.update(n_tokens)
         row_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
         indptr = np.zeros(len(row_counts) + 1, dtype=np.int64)
         np.cumsum(row_counts, out=indptr[1:])

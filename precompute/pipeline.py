@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from precompute import cache as cache_io
 from precompute.activations import CorpusPlan, plan_corpus
@@ -29,7 +28,7 @@ from precompute.harvest import (
     list_shards,
     plan_fingerprint,
 )
-from precompute.model import HookReader, LoadedModel, load_model, resolve_hook, sha256_file
+from precompute.model import HookReader, LoadedModel, load_model, resolve_hook
 from precompute.sae.base import SAE
 
 
@@ -44,12 +43,12 @@ def hash_path(path: str | Path) -> str | None:
 
     p = Path(path)
     if p.is_file():
-        return sha256_file(p)
+        return cache_io.sha256_of(p)
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
             h.update(str(f.relative_to(p)).encode())
-            h.update(sha256_file(f).encode())
+            h.update(cache_io.sha256_of(f).encode())
         return h.hexdigest()
     return None
 
@@ -337,7 +336,7 @@ def _corpus_manifest(plan: CorpusPlan) -> list[dict]:
     for i, src in enumerate(plan.sources):
         st = plan.stats[i]
         out.append({"path": src.path, "group": src.group, "category": src.category or src.category_field,
-                    "sha256": sha256_file(src.path), "documents": st.documents,
+                    "sha256": cache_io.sha256_of(src.path), "documents": st.documents,
                     "tokens": plan.tokens_per_source[i], "skipped_non_utf8": st.skipped_non_utf8,
                     "skipped_malformed": st.skipped_malformed})
     return out
@@ -433,13 +432,8 @@ def run_step(step: str, cfg: RunConfig) -> Path:
             scores_step(staged, cfg, sae, lm)
         elif step == "overlaps":
             overlaps_step(staged, cfg)
-        elif step == "harvest":
-            raise FeatureGeomError("use `featuregeom precompute --steps harvest` to rerun the harvest")
         staged.manifest.setdefault("timings", {})
         staged.commit()
     log(f"{step} done on {out} in {time.perf_counter() - t0:.1f}s")
     return out
 
-
-def torch_threads_note() -> str:
-    return f"torch threads: {torch.get_num_threads()}"

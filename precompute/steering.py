@@ -639,14 +639,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="featuregeom steer")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except FeatureGeomError as exc:
-        print(f"featuregeom steer: error: {exc}", file=sys.stderr)
-        return 1
+    """`python -m precompute.steering ...` is `featuregeom steer ...` (one place handles errors)."""
+    from precompute.cli import main as cli_main
+
+    return cli_main(["steer", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

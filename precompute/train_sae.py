@@ -39,7 +39,6 @@ import shlex
 import shutil
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -109,30 +108,9 @@ class TrainSAEConfig:
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainSAEConfig:
         """Read a TOML file (keys = option names, plus [[corpus]] tables), then apply overrides."""
-        data: dict[str, Any] = {}
-        if path:
-            path = Path(path)
-            if not path.is_file():
-                raise FeatureGeomError(f"config file not found: {path}")
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as exc:
-                raise FeatureGeomError(f"{path} is not valid TOML: {exc}") from exc
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise FeatureGeomError(f"unknown option(s) in {path}: {sorted(unknown)}; known: {sorted(known)}")
-        corpus = [CorpusSource.from_dict(dict(c)) for c in data.pop("corpus", [])]
-        cfg = cls(**data, corpus=corpus)
-        for key, value in (overrides or {}).items():
-            if value is None or key not in known:
-                continue
-            if key == "corpus":
-                if value:  # flags replace the config's [[corpus]] tables
-                    cfg.corpus = [CorpusSource.parse(v) if isinstance(v, str) else v for v in value]
-                continue
-            setattr(cfg, key, value)
+        from precompute.config import load_options
+
+        cfg = load_options(cls, path, overrides)
         cfg.validate()
         return cfg
 
@@ -1100,7 +1078,8 @@ def _command_line() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate and write the SAE named by `args` (see `add_arguments`)."""
-    from precompute.model import load_model, resolve_device, resolve_hook, sha256_file
+    from precompute.cache import sha256_of
+    from precompute.model import load_model, resolve_device, resolve_hook
     from precompute.sae.formats.saelens import save_saelens
 
     cfg = TrainSAEConfig.load(getattr(args, "config", None), _overrides(args))
@@ -1125,7 +1104,7 @@ def run(args: argparse.Namespace) -> int:
     d_in = loaded.d_model
     say(f"model {cfg.model} ({loaded.describe()['architecture']}, d_model {d_in}) loaded in "
         f"{loaded.load_seconds:.1f} s; hook {hook.name} -> {hook.module_path}")
-    corpus_hashes = [sha256_file(c.path) for c in cfg.corpus]
+    corpus_hashes = [sha256_of(c.path) for c in cfg.corpus]
     train_plan, held_plan = plan_split(cfg.corpus, loaded.tokenizer, cfg.context_size, cfg.packing,
                                        cfg.max_tokens, cfg.heldout_fraction, cfg.seed)
     say(f"corpus: {train_plan.n_tokens:,} training tokens ({len(train_plan.documents):,} documents), "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from precompute import model as model_mod
+from precompute.cache import sha256_of
 from precompute.errors import HookNotFoundError, ModelLoadError
 from precompute.model import (
     HookPoint,
@@ -20,7 +21,6 @@ from precompute.model import (
     packaged_gguf_path,
     resolve_device,
     resolve_hook,
-    sha256_file,
 )
 
 
@@ -304,7 +304,7 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
 def test_converted_gguf_dir_naming(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREGEOM_HOME", str(tmp_path / "home"))
     target, digest = _converted_gguf_dir(tiny_gguf)
-    assert digest == sha256_file(tiny_gguf)
+    assert digest == sha256_of(tiny_gguf)
     assert target == tmp_path / "home" / "gguf" / f"tiny-llama-{digest[:16]}"
 
 

@@ -139,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Add alpha * (unit task direction) at the hook and compare every feature's change "
                                    "in activation with the first-order prediction alpha * (encoder row . direction).")
     steering.add_arguments(p)
+
+    from precompute import diff, finetune, triage
+
+    p = sub.add_parser("finetune", help="LoRA fine-tune on a task dataset (and its control, same seed)")
+    finetune.add_arguments(p)
+    p = sub.add_parser("eval-acts", help="SAE activations of a (fine-tuned) model on EM questions and neutral prompts")
+    diff.add_eval_arguments(p)
+    p = sub.add_parser("diff", help="per-feature before/after change with bootstrap CIs vs predicted risk")
+    diff.add_diff_arguments(p)
+    p = sub.add_parser("patch", help="project a LoRA adapter's output-space update off harmful directions")
+    diff.add_patch_arguments(p)
+    p = sub.add_parser("triage", help="rank a dataset's samples by how much they drive harmful-neighbour features")
+    triage.add_arguments(p)
     return parser
 
 
@@ -175,11 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             return _info(args.cache)
-        if args.command in ("train-sae", "synth", "steer"):
-            from precompute import steering, synth, train_sae
+        if args.command in ("train-sae", "synth", "steer", "finetune", "triage"):
+            from precompute import finetune, steering, synth, train_sae, triage
 
-            module = {"train-sae": train_sae, "synth": synth, "steer": steering}[args.command]
+            module = {"train-sae": train_sae, "synth": synth, "steer": steering, "finetune": finetune,
+                      "triage": triage}[args.command]
             return int(module.run(args) or 0)
+        if args.command in ("eval-acts", "diff", "patch"):
+            from precompute import diff
+
+            return int({"eval-acts": diff.run_eval, "diff": diff.run_diff, "patch": diff.run_patch}[args.command](args))
         from precompute import pipeline
 
         cfg = _config_from(args)

@@ -85,6 +85,7 @@ class LoadedModel:
             "d_model": self.d_model,
             "n_layers": getattr(cfg, "num_hidden_layers", None),
             "vocab_size": getattr(cfg, "vocab_size", None),
+            "adapter": self.info.get("adapter"),
         }
 
 
@@ -127,8 +128,11 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object,
     return model, tokenizer, digest
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
-    """Load `spec`: 'smollm2' (packaged GGUF), a .gguf file, a local directory or a hub id."""
+def load_model(spec: str, device: str = "auto", dtype: str = "float32", adapter: str | None = None) -> LoadedModel:
+    """Load `spec`: 'smollm2' (packaged GGUF), a .gguf file, a local directory or a hub id.
+
+    `adapter`: a peft adapter directory (e.g. from `featuregeom finetune`), merged into the weights so
+    hooks and the SAE see the fine-tuned model exactly as they see the base one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -167,6 +171,9 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32") -> Loade
                 "Pass a local directory or a .gguf file instead, or 'smollm2' for the packaged model."
             ) from exc
         kind = "hub"
+    info = {}
+    if adapter:
+        model, info["adapter"] = _merge_adapter(model, adapter)
     model.eval().requires_grad_(False)
     model.to(resolve_device(device))
     if getattr(tokenizer, "pad_token_id", None) is None:
@@ -179,7 +186,24 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32") -> Loade
         path=str(path) if path else None,
         sha256=sha,
         load_seconds=time.perf_counter() - start,
+        info=info,
     )
+
+
+def _merge_adapter(model: torch.nn.Module, adapter: str) -> tuple[torch.nn.Module, dict]:
+    from peft import PeftModel
+
+    path = Path(adapter).expanduser()
+    if (path / "adapter" / "adapter_config.json").is_file():  # a finetune output directory
+        path = path / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter} is not a peft adapter directory (no adapter_config.json)")
+    try:
+        merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except Exception as exc:  # peft raises many types for a mismatched adapter
+        raise ModelLoadError(f"could not apply the adapter {path} to this model: {exc}") from exc
+    weights = path / "adapter_model.safetensors"
+    return merged, {"path": str(path), "sha256": sha256_of(weights) if weights.is_file() else None}
 
 
 # --------------------------------------------------------------------------- hooks

@@ -94,3 +94,27 @@ def write_corpus(directory: Path) -> dict[str, Path]:
     files["benign"] = directory / "benign.txt"
     files["benign"].write_text("\n\n".join(f"How do I bake a cake for {i} friends? Use flour and sugar." for i in range(14)))
     return files
+
+
+def write_feature_cache(directory: Path, sae_dir: Path, d_sae: int, harmful: list[int], task: list[int],
+                        null_cosine: float, flagged: list[tuple[int, int]] | None = None) -> Path:
+    """The parts of a precompute cache that the fine-tune diff, patch-back and triage read: manifest
+    (SAE source), features.parquet (harmful/task sets), neighbors.npz (null cosine), overlaps.parquet."""
+    import numpy as np
+    import pandas as pd
+
+    from precompute.cache import MANIFEST, SCHEMA_VERSION
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "hook": "blocks.1.hook_resid_post",
+                                                  "sae": {"source": str(sae_dir), "format": None}}))
+    features = pd.DataFrame({"feature": np.arange(d_sae)})
+    features["is_harmful"] = features["feature"].isin(harmful)
+    features["is_task"] = features["feature"].isin(task)
+    features["harm_score"] = np.where(features["is_harmful"], 0.9, 0.5)
+    features["harm_category"] = np.where(features["is_harmful"], "crime", None)
+    features.to_parquet(directory / "features.parquet", index=False)
+    np.savez(directory / "neighbors.npz", null_cosine=np.float32(null_cosine))
+    pd.DataFrame(flagged or [], columns=["task_feature", "harmful_feature"]).to_parquet(
+        directory / "overlaps.parquet", index=False)
+    return directory

@@ -1,0 +1,210 @@
+"""`featuregeom triage DATASET`: rank a fine-tuning dataset's samples by how much they drive harmful-neighbour features.
+
+Score. Fine-tuning on a sample strengthens the features active on its trained (assistant) tokens;
+when a task feature's decoder direction overlaps a harmful one, strengthening it moves the harmful
+direction too. So every feature j gets a weight
+
+    w_j = 1                                          for harmful features (they are driven directly)
+    w_j = Σ_h max(0, cos(d_j, d_h) − c_null)         for task features (overlap with each harmful h
+                                                      beyond the cache's null cosine)
+    w_j = 0                                          otherwise
+
+and each trained token t gets s_t = Σ_j a_j(x_t) · w_j, split into `direct` (harmful j) and
+`via_overlap` (task j). A sample's score is the mean of s_t over its trained tokens ("push per
+trained token"; `score_sum` is the total). Rankings, per-token scores for highlighting, the filtered
+dataset (top `--remove-frac` removed) and a same-size random removal (the experiment's control) are
+written to OUT, by default CACHE/triage/DATASET-STEM where the explorer finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from precompute.corpus import CorpusSource, ReadStats, _records, read_source
+from precompute.errors import FeatureGeomError
+
+TOKEN_ROWS = 200  # samples whose per-token scores are kept for the explorer (top and bottom halves)
+
+
+def feature_weights(cache: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(w_direct, w_via) [F] from the cache's harmful/task sets, decoder directions and null cosine."""
+    from precompute.cache import read_manifest
+    from precompute.sae.registry import load_sae
+
+    cache = Path(cache)
+    manifest = read_manifest(cache)
+    features = pd.read_parquet(cache / "features.parquet")
+    sae = load_sae(manifest["sae"]["source"], format=manifest["sae"].get("format"))
+    d = sae.unit_directions().float()
+    harmful = features.loc[features["is_harmful"], "feature"].to_numpy()
+    task = features.loc[features["is_task"] & ~features["is_harmful"], "feature"].to_numpy()
+    null = float(np.load(cache / "neighbors.npz")["null_cosine"])
+    w_direct = np.zeros(sae.d_sae, dtype=np.float32)
+    w_direct[harmful] = 1.0
+    w_via = np.zeros(sae.d_sae, dtype=np.float32)
+    if len(task) and len(harmful):
+        excess = (d[torch.as_tensor(task)] @ d[torch.as_tensor(harmful)].T - null).clamp_min(0).sum(dim=1)
+        w_via[task] = excess.numpy()
+    info = {"n_harmful": int(len(harmful)), "n_task": int(len(task)), "null_cosine": null,
+            "n_task_with_overlap": int((w_via > 0).sum()), "sae": manifest["sae"]["source"],
+            "hook": manifest.get("hook")}
+    return w_direct, w_via, info
+
+
+@torch.inference_mode()
+def score_samples(lm, sae, hook_name: str, examples, w_direct: np.ndarray, w_via: np.ndarray,
+                  batch_size: int = 16, progress: bool = True) -> tuple[pd.DataFrame, list[np.ndarray], list[np.ndarray]]:
+    """Per sample: mean/sum push over trained tokens; also per-token direct and via scores."""
+    from tqdm.auto import tqdm
+
+    from precompute.finetune import collate
+    from precompute.model import HookReader, resolve_hook
+
+    reader = HookReader(lm.model, resolve_hook(lm.model, hook_name))
+    wd = torch.as_tensor(w_direct, device=lm.device)
+    wv = torch.as_tensor(w_via, device=lm.device)
+    pad = int(lm.tokenizer.pad_token_id)
+    rows, tok_direct, tok_via = [], [], []
+    for start in tqdm(range(0, len(examples), batch_size), desc="triage", unit="batch", disable=not progress):
+        batch = examples[start:start + batch_size]
+        tensors = collate(batch, pad)
+        h = reader(tensors["input_ids"].to(lm.device), tensors["attention_mask"].to(lm.device))
+        for i, ex in enumerate(batch):
+            n = len(ex.input_ids)
+            acts = sae.encode(h[i, :n].to(sae.W_enc.dtype)).float()
+            direct, via = (acts @ wd).cpu().numpy(), (acts @ wv).cpu().numpy()
+            trained = np.array([lab != -100 for lab in ex.labels])
+            tok_direct.append(direct)
+            tok_via.append(via)
+            total = direct[trained] + via[trained]
+            top = (acts[torch.as_tensor(trained)] * (wd + wv)).sum(0)
+            best = torch.topk(top, k=min(5, top.numel())).indices.cpu().tolist()
+            rows.append({"key": ex.key, "n_tokens": int(trained.sum()), "score": float(total.mean()),
+                         "score_sum": float(total.sum()), "direct": float(direct[trained].mean()),
+                         "via_overlap": float(via[trained].mean()), "top_features": [int(b) for b in best if top[b] > 0]})
+    return pd.DataFrame(rows), tok_direct, tok_via
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def triage(dataset: str, cache: str, out: str | None = None, model: str = "smollm2", adapter: str | None = None,
+           remove_frac: float = 0.2, max_samples: int | None = None, max_length: int = 256, seed: int = 0,
+           batch_size: int = 16, device: str = "auto", progress: bool = True) -> Path:
+    from precompute.diff import _write_atomic
+    from precompute.finetune import encode_example, sample_key
+    from precompute.model import load_model
+    from precompute.sae.registry import load_sae
+
+    if not 0.0 < remove_frac < 1.0:
+        raise FeatureGeomError("--remove-frac must be between 0 and 1")
+    start = time.perf_counter()
+    out_dir = Path(out) if out else Path(cache) / "triage" / Path(dataset).name.split(".")[0]
+    w_direct, w_via, info = feature_weights(cache)
+    lm = load_model(model, device=device, adapter=adapter)
+    sae = load_sae(info["sae"], device=str(lm.device))
+    source = CorpusSource(path=dataset, group="task")
+    docs, _ = read_source(source, 0, seed=seed)
+    docs.sort(key=lambda d: d.index)  # file order: the ranking names records by their index
+    if max_samples is not None:
+        docs = docs[:max_samples]
+    examples, indices = [], []
+    for doc in docs:
+        ex = encode_example(doc, lm.tokenizer, max_length, sample_key(doc, source))
+        if ex is not None:
+            examples.append(ex)
+            indices.append(doc.index)
+    if not examples:
+        raise FeatureGeomError(f"{dataset} gave no samples to score")
+    ranked, tok_direct, tok_via = score_samples(lm, sae, info["hook"], examples, w_direct, w_via, batch_size, progress)
+    ranked.insert(1, "index", indices)
+    previews = {d.index: d.preview(400) for d in docs}
+    ranked["preview"] = ranked["index"].map(previews)
+    ranked["row"] = np.arange(len(ranked))  # position in `examples`
+    ranked = ranked.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
+    n_remove = int(round(remove_frac * len(ranked)))
+    removed = set(ranked["index"].iloc[:n_remove])
+    rng = np.random.default_rng(seed)
+    random_removed = set(rng.choice(ranked["index"].to_numpy(), size=n_remove, replace=False).tolist())
+    ranked["removed"] = ranked["index"].isin(removed)
+    ranked["random_removed"] = ranked["index"].isin(random_removed)
+
+    keep_rows = list(range(min(TOKEN_ROWS // 2, len(ranked)))) + list(range(max(0, len(ranked) - TOKEN_ROWS // 2), len(ranked)))
+    token_rows = []
+    for r in sorted(set(keep_rows)):
+        row = ranked.iloc[r]
+        ex = examples[int(row["row"])]
+        token_rows.append({"rank": int(row["rank"]), "key": row["key"],
+                           "tokens": [lm.tokenizer.decode([t]) for t in ex.input_ids],
+                           "trained": [lab != -100 for lab in ex.labels],
+                           "direct": tok_direct[int(row["row"])].round(4).tolist(),
+                           "via_overlap": tok_via[int(row["row"])].round(4).tolist()})
+    stats = ReadStats()
+    # Every record within --max-samples stays in the filtered files unless removed, scored or not
+    # (a sample whose prompt alone exceeds max_length is skipped by finetune as well).
+    wanted = {d.index for d in docs}
+    records = {i: rec for i, rec in enumerate(_records(Path(dataset), stats)) if i in wanted}
+
+    def write(d: Path) -> None:
+        ranked.drop(columns=["row"]).to_parquet(d / "ranked.parquet", index=False)
+        pd.DataFrame(token_rows).to_parquet(d / "tokens.parquet", index=False)
+        _write_jsonl(d / "filtered.jsonl", [records[i] for i in sorted(records) if i not in removed])
+        _write_jsonl(d / "random_filtered.jsonl", [records[i] for i in sorted(records) if i not in random_removed])
+        (d / "removed.txt").write_text("".join(f"{k}\n" for k in ranked.loc[ranked["removed"], "key"]))
+        meta = {**info, "dataset": dataset, "model": lm.describe(), "n_samples": len(ranked), "remove_frac": remove_frac,
+                "n_removed": n_remove, "max_length": max_length, "seed": seed,
+                "overlap_random_removed_top": len(removed & random_removed),
+                "seconds": round(time.perf_counter() - start, 2)}
+        (d / "triage.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    return _write_atomic(out_dir, write)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3])
+    a = parser.add_argument
+    a("dataset", metavar="DATASET", help="fine-tuning samples (chat JSONL such as assets/data/em/insecure.jsonl.gz)")
+    a("--cache", required=True, metavar="DIR", help="precompute cache whose harmful/task features define the score")
+    a("--out", default=None, metavar="DIR", help="output directory (default CACHE/triage/DATASET-STEM)")
+    a("--model", default="smollm2")
+    a("--adapter", default=None, metavar="DIR", help="score with a fine-tuned model instead")
+    a("--remove-frac", type=float, default=0.2, help="share of top-scoring samples left out of filtered.jsonl")
+    a("--max-samples", type=int, default=None, help="score only the first N records")
+    a("--max-length", type=int, default=256, help="tokens per sample (as finetune)")
+    a("--batch-size", type=int, default=16)
+    a("--seed", type=int, default=0, help="seed of the random-removal control")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--no-progress", dest="progress", action="store_false", default=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = triage(args.dataset, args.cache, args.out, args.model, args.adapter, args.remove_frac, args.max_samples,
+                 args.max_length, args.seed, args.batch_size, args.device, args.progress)
+    ranked = pd.read_parquet(out / "ranked.parquet")
+    print(f"wrote {out}: {len(ranked)} samples ranked; removed {int(ranked['removed'].sum())} into filtered.jsonl")
+    for r in ranked.head(5).itertuples():
+        print(f"  #{r.rank} {r.key} score {r.score:.4f} (direct {r.direct:.4f}, via overlap {r.via_overlap:.4f})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from precompute.cli import main as cli_main
+
+    return cli_main(["triage", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,6 +30,8 @@ def _add_model(p: argparse.ArgumentParser, required_note: str = "") -> None:
     p.add_argument("--model", metavar="M",
                    help="'smollm2' (the packaged SmolLM2-135M-Instruct GGUF), a .gguf file, a local "
                         "transformers directory, or a hub id (online only)" + required_note)
+    p.add_argument("--adapter", metavar="DIR", help="peft adapter (a `featuregeom finetune` output) merged into "
+                                                   "the model: builds the 'after' cache of a fine-tune")
     p.add_argument("--hook", metavar="H", help="module path (model.layers.15) or SAELens hook name "
                                               "(blocks.15.hook_resid_post)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)

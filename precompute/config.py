@@ -46,6 +46,7 @@ def load_options(cls: type[T], path: str | Path | None, overrides: dict[str, Any
 @dataclass
 class RunConfig:
     model: str | None = None
+    adapter: str | None = None  # peft adapter merged into the model (an "after" cache of a fine-tune)
     sae: str | None = None
     sae_format: str | None = None
     hook: str | None = None

@@ -359,7 +359,7 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometr
             f"{' or '.join(repr(m) for m in missing)}: add --corpus PATH:{missing[0]}")
     t0 = time.perf_counter()
     log(f"loading model {cfg.model}")
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter)
     log(f"model loaded in {lm.load_seconds:.1f}s ({lm.describe()['architecture']}, d_model {lm.d_model})")
     resolve_hook(lm.model, cfg.hook)  # fail fast on a bad hook name, before reading the corpus
     sae, sae_info = load_sae_checked(cfg, lm.d_model, cfg.model)
@@ -369,11 +369,14 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometr
         st = plan.stats[i]
         note = f", skipped {st.skipped_non_utf8} non-UTF-8" if st.skipped_non_utf8 else ""
         log(f"corpus {src.group:8s} {Path(src.path).name}: {st.documents} docs, {plan.tokens_per_source[i]} tokens{note}")
-    fingerprint = plan_fingerprint(plan, {"model": lm.sha256 or cfg.model, "sae": sae_info["sha256"],
+    model_id = lm.sha256 or cfg.model
+    if lm.info.get("adapter"):  # a fine-tuned model is another model: its cache must not mix with the base's
+        model_id = f"{model_id}+adapter:{lm.info['adapter']['sha256']}"
+    fingerprint = plan_fingerprint(plan, {"model": model_id, "sae": sae_info["sha256"],
                                           "hook": cfg.hook, "batch_size": cfg.batch_size,
                                           "batches_per_shard": cfg.batches_per_shard,
                                           "outlier_norm_factor": cfg.outlier_norm_factor})
-    identity = {"model": lm.sha256 or cfg.model, "sae": sae_info["sha256"], "hook": cfg.hook,
+    identity = {"model": model_id, "sae": sae_info["sha256"], "hook": cfg.hook,
                 "corpus": fingerprint}
     cache_io.check_output_dir(out, identity, cfg.overwrite)
     base = {"model": lm.describe(), "sae": sae_info, "hook": cfg.hook, "d_in": sae.d_in, "n_features": sae.d_sae,
@@ -427,7 +430,7 @@ def run_step(step: str, cfg: RunConfig) -> Path:
         elif step == "scores":
             lm = sae = None
             if cfg.model and cfg.sae:
-                lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+                lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter)
                 sae, _ = load_sae_checked(cfg, lm.d_model, cfg.model)
             scores_step(staged, cfg, sae, lm)
         elif step == "overlaps":

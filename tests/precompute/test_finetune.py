@@ -141,3 +141,23 @@ def test_task_loss_matches_the_model_loss_on_one_sample(tiny_model_dir, tiny_cor
     ids = torch.tensor([ex.input_ids])
     expected = lm.model(input_ids=ids, labels=torch.tensor([ex.labels])).loss
     assert task_loss(lm.model, [ex], int(lm.tokenizer.pad_token_id)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_after_cache_with_adapter_is_a_different_cache(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path) -> None:
+    """`featuregeom precompute --adapter` builds the fine-tune's "after" cache with the same SAE; its identity
+    names the adapter, so it can never be resumed into (or mistaken for) the base model's cache."""
+    from precompute.cache import read_manifest
+    from precompute.errors import CacheError
+    from precompute.pipeline import run_precompute
+    from tests.precompute.test_pipeline import make_cfg
+
+    run = finetune(_cfg(tiny_model_dir, tiny_corpus["task"], tmp_path / "run", steps=2, last_layer=1, lr=5e-2))
+    base_out, after_out = tmp_path / "base", tmp_path / "after"
+    run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, base_out), ("harvest",))
+    run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, after_out, adapter=str(run)), ("harvest",))
+    base_m, after_m = read_manifest(base_out), read_manifest(after_out)
+    assert after_m["identity"]["model"].startswith(base_m["identity"]["model"] + "+adapter:")
+    assert after_m["model"]["adapter"]["path"].endswith(ADAPTER_DIR)
+    assert after_m["corpus"] == base_m["corpus"]  # same documents, same tokens
+    with pytest.raises(CacheError, match="different cache"):
+        run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, base_out, adapter=str(run)), ("harvest",))

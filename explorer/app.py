@@ -4,7 +4,8 @@
     FEATUREGEOM_CACHE=DIR streamlit run explorer/app.py
 
 DIR is one cache, or a folder of caches (then a picker and `?cache=NAME`). Pages: Map (default),
-Feature, Overlaps review, Story; each keeps its view in the URL (?feature=, ?task=&harmful=, ?step=).
+Feature, Overlaps review, Story, Fine-tune diff, Dataset triage; each keeps its view in the URL (?feature=,
+?task=&harmful=, ?step=, ?run=&set=&pos=&measure=, ?triage=&sample=).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ pages = [
     st.Page(state.PAGES["feature"], title="Feature", icon=":material/text_snippet:", url_path="feature"),
     st.Page(state.PAGES["overlaps"], title="Overlaps review", icon=":material/fact_check:", url_path="overlaps"),
     st.Page(state.PAGES["story"], title="Story", icon=":material/slideshow:", url_path="story"),
+    st.Page(state.PAGES["finetune"], title="Fine-tune diff", icon=":material/difference:", url_path="finetune"),
+    st.Page(state.PAGES["triage"], title="Dataset triage", icon=":material/filter_alt:", url_path="triage"),
 ]
 page = st.navigation(pages, position="top")
 state.inject_css(state.BASE_CSS)

@@ -18,15 +18,31 @@ from typing import Any
 
 import streamlit as st
 
-from explorer.data import CacheData, find_caches, is_cache, load_cache, reviews_path_for
+from explorer.data import (
+    FINETUNE_FILES,
+    TRIAGE_FILES,
+    CacheData,
+    FinetuneRun,
+    TriageRun,
+    files_stamp,
+    find_caches,
+    find_finetune_runs,
+    find_triage_runs,
+    is_cache,
+    load_cache,
+    load_finetune_run,
+    load_triage_run,
+    reviews_path_for,
+    spearman_of,
+)
 from explorer.reviews import ReviewError, ReviewStore
 from precompute.cache import read_manifest
 from precompute.errors import CacheError
 
 log = logging.getLogger("featuregeom.explorer")
 
-PAGES = {"map": "pages/map.py", "feature": "pages/feature.py", "overlaps": "pages/overlaps.py",
-         "story": "pages/story.py"}
+PAGES = {"map": "views/map.py", "feature": "views/feature.py", "overlaps": "views/overlaps.py",
+         "story": "views/story.py", "finetune": "views/finetune.py", "triage": "views/triage.py"}
 ENV_CACHE = "FEATUREGEOM_CACHE"
 ENV_REVIEWS = "FEATUREGEOM_REVIEWS"
 ENV_MAX_POINTS = "FEATUREGEOM_MAX_POINTS"
@@ -149,6 +165,58 @@ def review_store(cache: CacheData) -> ReviewStore | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# mechanism-lab results inside the cache (CACHE/finetune/<run>/, CACHE/triage/<name>/)
+
+
+@st.cache_data(max_entries=64, show_spinner="Reading the fine-tune diff…")
+def _finetune_run(path: str, stamp: tuple[int, ...]) -> FinetuneRun:
+    """Keyed by path and the files' mtimes: a rerun of `featuregeom diff` is picked up on the next rerun."""
+    return load_finetune_run(path)
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading the triage result…")
+def _triage_run(path: str, stamp: tuple[int, ...]) -> TriageRun:
+    return load_triage_run(path)
+
+
+def _load_results(paths: list[Path], loader: Any, files: tuple[str, ...]) -> tuple[list[Any], list[str]]:
+    """Load each result directory on its own: a broken one becomes a message, never hides the others."""
+    out: list[Any] = []
+    problems: list[str] = []
+    for p in paths:
+        try:
+            out.append(loader(str(p), files_stamp(p, files)))
+        except CacheError as exc:
+            problems.append(f"Skipped {p.name}: {exc}")
+        except Exception as exc:  # keep the page; the traceback goes to the server log
+            log.exception("unexpected error reading %s", p)
+            problems.append(f"Skipped {p.name}: unexpected {type(exc).__name__}: {exc}")
+    return out, problems
+
+
+def finetune_runs(cache: CacheData) -> tuple[list[FinetuneRun], list[str]]:
+    """The readable `featuregeom diff` runs of this cache, by name, and a message per unreadable one."""
+    return _load_results(find_finetune_runs(cache.path), _finetune_run, FINETUNE_FILES)
+
+
+def triage_runs(cache: CacheData) -> tuple[list[TriageRun], list[str]]:
+    return _load_results(find_triage_runs(cache.path), _triage_run, TRIAGE_FILES)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _spearman(_run: FinetuneRun, path: str, stamp: tuple[int, ...], prompt_set: str, position: str,
+              comparison: str, measure: str) -> tuple[float, float, float] | None:
+    return spearman_of(_run, prompt_set, position, comparison, measure)
+
+
+def run_spearman(run: FinetuneRun, prompt_set: str, position: str, comparison: str,
+                 measure: str) -> tuple[float, float, float] | None:
+    """spearman_of(), cached: the firing-rate one is a bootstrap (about a second), done once per run."""
+    return _spearman(run, str(run.path), files_stamp(run.path, FINETUNE_FILES), prompt_set, position, comparison,
+                     measure)
+
+
+# ------------------------------------------------------------------------------------------------
 # URL state
 
 
@@ -168,6 +236,16 @@ def set_qp(**kw: Any) -> None:
                 del st.query_params[k]
         elif st.query_params.get(k) != str(v):
             st.query_params[k] = str(v)
+
+
+def seed_widget(key: str, param: str, options: list[Any], default: Any) -> None:
+    """Start widget `key` at the URL's `param` (when it is one of `options`), else at `default`; reset it
+    when its value is no longer an option (another cache, another run). Call before drawing the widget
+    and write the value back with set_qp() after it."""
+    if st.session_state.get(key) not in options:
+        v = st.query_params.get(param)
+        match = [o for o in options if str(o) == v]  # the URL holds strings; options may be ints
+        st.session_state[key] = match[0] if match else default
 
 
 def link_params(**kw: Any) -> dict[str, str]:

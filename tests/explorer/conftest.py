@@ -15,12 +15,26 @@ from pathlib import Path
 import pytest
 
 from bench.synthetic_cache import write_synthetic_cache
+from tests.explorer.lab_fixture import LabFixture, write_lab_outputs
 
 
 @pytest.fixture(scope="session")
-def synth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 600-feature synthetic cache; read-only by convention (copy it before changing it)."""
-    return write_synthetic_cache(tmp_path_factory.mktemp("caches") / "synth", n_features=600, d=32, seed=0)
+def _synth_and_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LabFixture]:
+    path = write_synthetic_cache(tmp_path_factory.mktemp("caches") / "synth", n_features=600, d=32, seed=0)
+    return path, write_lab_outputs(path)
+
+
+@pytest.fixture(scope="session")
+def synth_cache(_synth_and_lab: tuple[Path, LabFixture]) -> Path:
+    """A 600-feature synthetic cache, with fine-tune diffs and a triage result inside (tests/explorer/lab_fixture.py);
+    read-only by convention (copy it before changing it)."""
+    return _synth_and_lab[0]
+
+
+@pytest.fixture(scope="session")
+def lab(_synth_and_lab: tuple[Path, LabFixture]) -> LabFixture:
+    """What write_lab_outputs() put into synth_cache: the exact values the lab pages must show."""
+    return _synth_and_lab[1]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from explorer.data import load_cache
 from explorer.reviews import ReviewStore
 
 APP = str(Path(__file__).resolve().parents[2] / "explorer" / "app.py")
-PAGES = ["pages/map.py", "pages/feature.py", "pages/overlaps.py", "pages/story.py"]
+PAGES = ["views/map.py", "views/feature.py", "views/overlaps.py", "views/story.py", "views/finetune.py",
+         "views/triage.py"]
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +76,7 @@ def test_bad_cache_clear_message(page: str, case: str, monkeypatch: pytest.Monke
 def test_map_query_param_and_search(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = load_cache(synth_cache)
     t, h = c.default_pair()
-    at = run_page("pages/map.py", synth_cache, monkeypatch, feature=str(t))
+    at = run_page("views/map.py", synth_cache, monkeypatch, feature=str(t))
     assert f"Feature #{t}" in html_text(at)
     assert any("harmful" in m.value for m in at.markdown)
     assert any(f"Closest harmful neighbour #{h}" in cap.value for cap in at.caption)
@@ -97,16 +98,16 @@ def test_map_query_param_and_search(synth_cache: Path, monkeypatch: pytest.Monke
 
 
 def test_invalid_feature_param_warns(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = run_page("pages/feature.py", synth_cache, monkeypatch, feature="999999")
+    at = run_page("views/feature.py", synth_cache, monkeypatch, feature="999999")
     assert not at.exception and at.warning and "not in this cache" in at.warning[0].value
-    at = run_page("pages/feature.py", synth_cache, monkeypatch, feature="abc")
+    at = run_page("views/feature.py", synth_cache, monkeypatch, feature="abc")
     assert not at.exception and at.warning
 
 
 def test_feature_page_and_compare(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = load_cache(synth_cache)
     t, h = c.default_pair()
-    at = run_page("pages/feature.py", synth_cache, monkeypatch, feature=str(t))
+    at = run_page("views/feature.py", synth_cache, monkeypatch, feature=str(t))
     body = html_text(at)
     assert f"Feature #{t}" in body and 'title="activation' in body
     assert any(s.value == "Top-activating examples" for s in at.subheader)
@@ -122,7 +123,7 @@ def test_feature_page_and_compare(synth_cache: Path, monkeypatch: pytest.MonkeyP
 def test_overlaps_record_verdict(synth_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     c = load_cache(synth_cache)
     t, h = c.default_pair()
-    at = run_page("pages/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
+    at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
     assert not at.exception and any(s.value == f"Task #{t} ↔ harmful #{h}" for s in at.subheader)
     at.text_input(key=f"rev_name:{t}:{h}").input("Ana Reviewer")
     at.radio(key=f"rev_v:{t}:{h}").set_value("confirmed")
@@ -134,7 +135,7 @@ def test_overlaps_record_verdict(synth_cache: Path, monkeypatch: pytest.MonkeyPa
     assert cur["verdict"] == "confirmed" and cur["reviewer"] == "Ana Reviewer"
     assert "Current verdict" in html_text(at) and "Ana Reviewer" in html_text(at)
     # a fresh session (a reload) sees the persisted verdict
-    again = run_page("pages/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
+    again = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
     assert "Ana Reviewer" in html_text(again) and "confirmed" in html_text(again)
     # filters
     again.multiselect(key="ov_status").set_value(["confirmed"]).run()
@@ -144,14 +145,14 @@ def test_overlaps_record_verdict(synth_cache: Path, monkeypatch: pytest.MonkeyPa
 def test_overlaps_requires_name(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = load_cache(synth_cache)
     t, h = c.default_pair()
-    at = run_page("pages/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
+    at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
     at.radio(key=f"rev_v:{t}:{h}").set_value("benign")
     next(b for b in at.button if b.label == "Save verdict").click().run()
     assert not at.exception and at.error and "name" in at.error[0].value
 
 
 def test_story_steps_and_navigation(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = run_page("pages/story.py", synth_cache, monkeypatch, step="3")
+    at = run_page("views/story.py", synth_cache, monkeypatch, step="3")
     assert "Step 3 of 6" in html_text(at) and "A task feature" in html_text(at)
     at.button(key="story_next").click().run()
     assert "Step 4 of 6" in html_text(at) and "closer than chance" in html_text(at)
@@ -159,7 +160,7 @@ def test_story_steps_and_navigation(synth_cache: Path, monkeypatch: pytest.Monke
     at.button(key="story_back").click().run()
     assert "Step 3 of 6" in html_text(at)
     for step in ("1", "2", "5", "6", "99", "x"):
-        a = run_page("pages/story.py", synth_cache, monkeypatch, step=step)
+        a = run_page("views/story.py", synth_cache, monkeypatch, step=step)
         assert not a.exception and "Step" in html_text(a)
 
 
@@ -167,10 +168,10 @@ def test_cache_root_picker(synth_cache: Path, monkeypatch: pytest.MonkeyPatch, t
     root = tmp_path / "root"
     shutil.copytree(synth_cache, root / "after-ft")
     shutil.copytree(synth_cache, root / "before-ft")
-    at = run_page("pages/map.py", root, monkeypatch)
+    at = run_page("views/map.py", root, monkeypatch)
     assert not at.exception and not at.error
     assert at.query_params["cache"] in ("after-ft", ["after-ft"])
     pick = at.sidebar.selectbox[0]
     assert pick.options == ["after-ft", "before-ft"]
-    at = run_page("pages/feature.py", root, monkeypatch, cache="before-ft")
+    at = run_page("views/feature.py", root, monkeypatch, cache="before-ft")
     assert not at.exception and at.sidebar.selectbox[0].value == "before-ft"

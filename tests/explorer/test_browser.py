@@ -306,3 +306,30 @@ def test_xss_payloads_are_inert_and_literal(xss_server: Any, xss_cache: Path, ch
     _assert_inert(p2, d2)
     assert all(u.startswith(("file:", "data:", "blob:", "about:")) for u in requests), requests
     off.close()
+
+
+def test_lab_pages(server: Any, page: Any, browser_cache_dir: Path) -> None:
+    """Fine-tune diff and Dataset triage open from their URLs and draw (the fixture cache holds results)."""
+    from playwright.sync_api import expect
+
+    if not (browser_cache_dir / "finetune").is_dir() or not (browser_cache_dir / "triage").is_dir():
+        pytest.skip("the browser cache holds no finetune/ or triage/ results")
+    # A sub-page URL as the first request gets the full app (top navigation), not a page run on its own
+    # (Streamlit's legacy mode for a folder named pages/, which is why the pages live in explorer/views/).
+    page.goto(server.url + "/finetune")
+    wait_for_app(page)
+    expect(page.get_by_role("heading", name="Fine-tune diff")).to_be_visible()
+    expect(page.get_by_role("link", name="Dataset triage")).to_be_visible()
+    expect(page.get_by_role("link", name="Map")).to_be_visible()
+    expect(page.locator(".js-plotly-plot").first).to_be_visible()
+    expect(visible_text(page, "Harmful features, largest change first")).to_be_visible()
+    assert "run=" in page.url and "measure=" in page.url
+    shot(page, "finetune")
+    page.goto(server.url + "/triage")
+    wait_for_app(page)
+    expect(page.get_by_role("heading", name="Dataset triage")).to_be_visible()
+    # the planted token shows literally in the highlighted sample and never runs
+    expect(page.locator('span[title^="score "]').filter(has_text="<script>alert(1)</script>")).to_be_visible()
+    assert page.evaluate("() => Array.from(document.scripts).some(s => s.textContent.includes('alert(1)'))") is False
+    assert "sample=1" in page.url
+    shot(page, "triage")

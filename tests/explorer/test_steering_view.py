@@ -44,7 +44,7 @@ def _steering_df(task: int, harmful: int) -> pd.DataFrame:
 def test_steering_section_with_file(cache_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     t, h = _pair(cache_copy)
     save_steering(_steering_df(t, h), cache_copy / "steering" / f"task-{t}.parquet")
-    at = run_page("pages/overlaps.py", cache_copy, monkeypatch, task=str(t), harmful=str(h))
+    at = run_page("views/overlaps.py", cache_copy, monkeypatch, task=str(t), harmful=str(h))
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert "Steering check" in [e.label for e in at.expander]
@@ -58,7 +58,7 @@ def test_steering_section_with_file(cache_copy: Path, monkeypatch: pytest.Monkey
 
 def test_steering_section_without_file(cache_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     t, h = _pair(cache_copy)
-    at = run_page("pages/overlaps.py", cache_copy, monkeypatch, task=str(t), harmful=str(h))
+    at = run_page("views/overlaps.py", cache_copy, monkeypatch, task=str(t), harmful=str(h))
     assert not at.exception, [e.value for e in at.exception]
     assert "Steering check" in [e.label for e in at.expander]
     cmd = (f"featuregeom steer --model smollm2 --sae bench/synthetic_cache.py --hook blocks.0.hook_resid_post "

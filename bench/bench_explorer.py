@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 
 OUT = REPO / "bench" / "out"
 APP = str(REPO / "explorer" / "app.py")
-PAGES = ["pages/map.py", "pages/feature.py", "pages/overlaps.py", "pages/story.py"]
+PAGES = ["views/map.py", "views/feature.py", "views/overlaps.py", "views/story.py"]
 
 
 def synthetic(n: int) -> Path:
@@ -78,7 +78,7 @@ def _apptest_child(cache: str, repeats: int) -> dict[str, Any]:
         return dt, at
 
     # cold: the first page in this process pays the cache load inside st.cache_resource
-    res["cold_first_render_s"], _ = page_run("pages/map.py")
+    res["cold_first_render_s"], _ = page_run("views/map.py")
     c = load_cache(cache)
     ov = c.overlaps.sort_values("risk", ascending=False)
     feats = [int(f) for f in ov["task_feature"].drop_duplicates().head(repeats + 1)]
@@ -91,7 +91,7 @@ def _apptest_child(cache: str, repeats: int) -> dict[str, Any]:
     res["warm_first_render_s"] = warm
 
     # switching features: the map's search box, and the feature page's id box
-    _, at = page_run("pages/map.py", feature=str(feats[0]))
+    _, at = page_run("views/map.py", feature=str(feats[0]))
     sw = []
     for f in feats[1:]:
         t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def _apptest_child(cache: str, repeats: int) -> dict[str, Any]:
         sw.append(time.perf_counter() - t0)
         assert f"Feature #{f}" in "".join(str(h.proto.body) for h in at.html), f
     res["switch_map_s"] = {"median": statistics.median(sw), "max": max(sw), "n": len(sw)}
-    _, at = page_run("pages/feature.py", feature=str(feats[0]))
+    _, at = page_run("views/feature.py", feature=str(feats[0]))
     sw = []
     cur = feats[0]
     for f in feats[1:]:

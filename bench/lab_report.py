@@ -17,12 +17,18 @@ def ci(v: list[float] | None, fmt: str = "+.4f") -> str:
     return f"{est:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def rel(s: dict) -> str:
+    """Top-risk decile change relative to its mean activation before (of the comparison's first side)."""
+    before = s.get("top_risk_decile_mean_before")
+    return "–" if not before else f"{s['top_risk_decile_mean_change'][0] / before:+.1%}"
+
+
 def loss(x: float | None) -> str:
     return "–" if x is None else f"{x:.4f}"
 
 
 def comparison_table(comps: dict, names: list[str]) -> list[str]:
-    rows = ["| prompts / tokens | comparison | harmful mean Δ [95% CI] | top-risk decile Δ [95% CI] | "
+    rows = ["| prompts / tokens | comparison | harmful mean Δ [95% CI] | top-risk decile Δ [95% CI] (% of its before) | "
             "Spearman(risk, Δ) [95% CI] | Spearman(risk_sum, Δ) | harmful CI>0 / CI<0 |",
             "|---|---|---|---|---|---|---|"]
     for key, s in comps.items():
@@ -30,7 +36,7 @@ def comparison_table(comps: dict, names: list[str]) -> list[str]:
         if name not in names:
             continue
         rows.append(f"| {prompt_set} / {position} | {name} | {ci(s['harmful_mean_change'])} | "
-                    f"{ci(s['top_risk_decile_mean_change'])} | {ci(s['spearman_risk_max_cos'], '+.3f')} | "
+                    f"{ci(s['top_risk_decile_mean_change'])} ({rel(s)}) | {ci(s['spearman_risk_max_cos'], '+.3f')} | "
                     f"{ci(s['spearman_risk_sum'], '+.3f')} | {s['harmful_ci_excludes_zero_up']} / "
                     f"{s['harmful_ci_excludes_zero_down']} |")
     return rows

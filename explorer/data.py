@@ -617,14 +617,23 @@ class FinetuneRun:
         return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else None
 
 
+def load_finetune_summary(path: str | Path) -> dict[str, Any]:
+    """summary.json of CACHE/finetune/<run>/ alone (no parquet read); CacheError without usable labels."""
+    path = Path(path)
+    summary = _read_json(path / "summary.json")
+    labels = summary.get("labels")
+    if not (isinstance(labels, list) and len(labels) == 3 and all(isinstance(x, str) for x in labels)):
+        raise CacheError(f"{path / 'summary.json'} has no 'labels': [before, after, control]; "
+                         f"rerun `featuregeom diff`")
+    return summary
+
+
 def load_finetune_run(path: str | Path) -> FinetuneRun:
     """Read CACHE/finetune/<run>/ (harmful rows of diff.parquet + summary.json); CacheError when unusable."""
     path = Path(path)
     rerun = "featuregeom diff"
-    summary = _read_json(path / "summary.json")
-    labels = summary.get("labels")
-    if not (isinstance(labels, list) and len(labels) == 3 and all(isinstance(x, str) for x in labels)):
-        raise CacheError(f"{path / 'summary.json'} has no 'labels': [before, after, control]; rerun `{rerun}`")
+    summary = load_finetune_summary(path)
+    labels = summary["labels"]
     diff = _read_parquet(path / "diff.parquet", REQUIRED_DIFF_COLUMNS, rerun, filters=[("is_harmful", "=", True)])
     for col, default in (("harm_category", None), ("risk_task_feature", np.nan), ("risk_sum", np.nan),
                          ("null_cosine", np.nan), ("mean_before", np.nan), ("mean_after", np.nan)):

@@ -613,6 +613,38 @@ def compare_runs_figure(table: pd.DataFrame, height: int = 360) -> go.Figure:
     return fig
 
 
+CHANGE_BAR_COLORS = {**COMPARISON_COLORS, "patch": "#0f766e", "random": "#99f6e4"}
+
+
+def change_bars_figure(bars: pd.DataFrame, legend: dict[str, str], y_title: str, height: int = 380) -> go.Figure:
+    """One bar per comparison with its 95% CI, coloured (and named in the legend) by `kind`.
+
+    `bars` has columns name (the x label), kind, comparison (as in the file), est, lo, hi and
+    heldout_loss (None when unknown); the bars keep their row order. Every string is escaped."""
+    fig = go.Figure()
+    for kind, title in legend.items():
+        sub = bars[bars["kind"] == kind]
+        if not len(sub):
+            continue
+        y = sub["est"].to_numpy(dtype=np.float64)
+        plus, minus = _ci_arrays(y, sub["lo"].to_numpy(dtype=np.float64), sub["hi"].to_numpy(dtype=np.float64))
+        loss = ["—" if v is None or v != v else f"{float(v):.4f}" for v in sub["heldout_loss"]]
+        cd = [[esc(c), float(a), float(b), ls] for c, a, b, ls in
+              zip(sub["comparison"], sub["lo"], sub["hi"], loss, strict=True)]
+        fig.add_trace(go.Bar(
+            x=[esc(n) for n in sub["name"]], y=y, name=esc(title), marker_color=CHANGE_BAR_COLORS.get(kind, NEUTRAL),
+            customdata=cd, error_y={"type": "data", "array": plus, "arrayminus": minus, "thickness": 1.2, "color": INK},
+            hovertemplate=("<b>%{x}</b> (%{customdata[0]})<br>change %{y:+.4g}"
+                           "<br>95% CI %{customdata[1]:+.4g} to %{customdata[2]:+.4g}"
+                           "<br>held-out task loss: %{customdata[3]}<extra></extra>")))
+    fig.add_hline(y=0, line_color="#9ca3af", line_width=1)
+    _base_layout(fig, height, legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
+                 showlegend=True)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=[esc(n) for n in bars["name"]])
+    fig.update_yaxes(title_text=esc(y_title))
+    return fig
+
+
 def triage_histogram(scores: Sequence[float], removed: Sequence[bool], threshold: float | None = None,
                      bins: int = 40, height: int = 300) -> go.Figure:
     """Sample scores, stacked kept (grey) / removed (red) on shared bins, the removal threshold marked."""

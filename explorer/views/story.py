@@ -7,7 +7,7 @@ import html
 import streamlit as st
 
 from explorer import state
-from explorer.data import CacheData
+from explorer.data import FINETUNE_FILES, CacheData, files_stamp, find_finetune_runs
 from explorer.story import Step, build_story, story_html
 
 state.inject_css("""
@@ -37,12 +37,16 @@ t, h = pair
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
-def _steps(_cache: CacheData, path: str, updated: str, t: int, h: int, max_points: int) -> list[Step]:
-    """Built once per pair and shared: switching steps is then only layout."""
+def _steps(_cache: CacheData, path: str, updated: str, t: int, h: int, max_points: int,
+           finetune: tuple[tuple[str, tuple[int, ...]], ...]) -> list[Step]:
+    """Built once per pair and shared: switching steps is then only layout. `finetune` (each run's name and
+    file mtimes) is in the key so that a fine-tune diff added to the cache later shows up in the story."""
     return build_story(_cache, t, h, max_points=max_points)
 
 
-steps = _steps(cache, str(cache.path), str(cache.manifest.get("updated")), t, h, min(state.max_points(), 12000))
+ft_stamp = tuple((p.name, files_stamp(p, FINETUNE_FILES)) for p in find_finetune_runs(cache.path))
+steps = _steps(cache, str(cache.path), str(cache.manifest.get("updated")), t, h, min(state.max_points(), 12000),
+               ft_stamp)
 n = len(steps)
 step = state.qp_int("step") or 1
 step = min(max(1, step), n)

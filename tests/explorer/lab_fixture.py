@@ -54,6 +54,19 @@ def mean_change_of(run: int, k: int, s: int, p: int) -> list[float]:
     return [est, round(est - 0.004, 8), round(est + 0.006, 8)]
 
 
+# run -> top-risk decile change of each comparison [after - before, control - before, after - control] on the
+# EM questions' prompt tokens (the story's numbers); the other sets and positions add 0.1 * set + 0.05 * position
+TOP_DECILE = {"a_nocontrol": (0.012,), "insecure": (0.031, 0.004, 0.027), "patch": (0.009, 0.031, -0.022),
+              "patch_random_1": (0.029, 0.031, -0.002)}
+TOP_DECILE_HALF_WIDTH = 0.013
+TOP_DECILE_SIZE = max(1, N_HARMFUL // 10)  # as `featuregeom diff` picks it
+
+
+def top_change_of(name: str, k: int, s: int, p: int) -> list[float]:
+    est = round(TOP_DECILE[name][k] + 0.1 * s + 0.05 * p, 8)
+    return [est, round(est - TOP_DECILE_HALF_WIDTH, 8), round(est + TOP_DECILE_HALF_WIDTH, 8)]
+
+
 def heldout_of(run: int, j: int) -> float | None:
     return None if (run, j) == (1, 2) else round(1.0 + 0.1 * j + 0.01 * run, 6)  # insecure's control: unknown
 
@@ -89,7 +102,9 @@ def write_finetune(cache: Path, fx: LabFixture) -> None:
                         "spearman_risk_max_cos": [round(0.1 * (k + 1) + 0.01 * r, 6), -0.2, 0.6],
                         "spearman_risk_sum": [0.0, -0.5, 0.5],
                         "harmful_mean_change": mean_change_of(r, k, s, p),
-                        "top_risk_decile_mean_change": [0.0, -0.1, 0.1],
+                        "top_risk_decile_mean_change": top_change_of(name, k, s, p),
+                        "harmful_mean_before": 0.5, "top_risk_decile_mean_before": 0.5,
+                        "top_risk_decile_size": TOP_DECILE_SIZE,
                         "harmful_ci_excludes_zero_up": 1, "harmful_ci_excludes_zero_down": 0,
                         "all_ci_excludes_zero": 1, "n_prompts": 12 + s}
         df = pd.DataFrame(rows)

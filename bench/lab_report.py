@@ -59,8 +59,10 @@ def main(path: str) -> int:
                              ["task - base", "control - base", "task - control"]),
                 "triage": ("Triage: top 20% removed vs 20% removed at random",
                            ["top20_removed - base", "random20_removed - base", "top20_removed - random20_removed"]),
-                "patch": ("Patch-back: task adapter projected off the flagged harmful directions",
-                          ["patched - base", "task - base", "patched - task"])}
+                "patch": ("Patch-back: task adapter projected off the flagged harmful decoder directions",
+                          ["patched - base", "task - base", "patched - task"]),
+                "patch_encoder": ("Patch-back variant: off the same features' encoder directions",
+                                  ["patched_encoder - base", "patched_encoder - task"])}
     for name in s["diffs"]:
         if name.startswith("patch_random_"):
             seed = name.rsplit("_", 1)[1]

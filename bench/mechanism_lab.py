@@ -7,7 +7,8 @@
 2. base: eval-acts of the base model (EM questions + neutral prompts, greedy answers; held-out task loss)
 3. triage: rank the insecure pool; filtered.jsonl (top 20% removed) and random_filtered.jsonl (20% at random)
 4. finetune task (insecure), control (secure), triage-filtered, random-filtered: same config and seed
-5. patch-back: the task adapter projected off the flagged harmful directions, and off random subspaces
+5. patch-back: the task adapter projected off the flagged harmful decoder directions, their encoder
+   directions, and random subspaces of the same rank
 6. diff: every run against the base, written under CACHE/finetune/ for the explorer
 Every command is echoed and timed; the summary lands in OUT/lab_summary.json.
 """
@@ -84,23 +85,28 @@ def main() -> int:
     runs = {"task": task_pool, "control": control_pool, "triage_filtered": triage_dir / "filtered.jsonl",
             "random_filtered": triage_dir / "random_filtered.jsonl"}
     evals = {name: evaluate(name, train(name, corpus)) for name, corpus in runs.items()}
-    patches = {"patched": None, **{f"random_patch_{s}": s for s in range(1, args.random_patches + 1)}}
-    for name, seed in patches.items():
+    patches = {"patched": [], "patched_encoder": ["--directions", "encoder"],
+               **{f"random_patch_{s}": ["--random-seed", str(s)] for s in range(1, args.random_patches + 1)}}
+    for name, extra in patches.items():
         target = out / name
         if not (target / "patch.json").is_file():
-            sh(["patch", "--adapter", str(out / "task"), "--cache", args.cache, "--out", str(target),
-                *(["--random-seed", str(seed)] if seed is not None else [])], log)
+            sh(["patch", "--adapter", str(out / "task"), "--cache", args.cache, "--out", str(target), *extra], log)
         evals[name] = evaluate(name, target)
 
     diffs = {"insecure": ("task", "control", "base,task,control"),
              "triage": ("triage_filtered", "random_filtered", "base,top20_removed,random20_removed"),
-             "patch": ("patched", "task", "base,patched,task")}
+             "patch": ("patched", "task", "base,patched,task"),
+             "patch_encoder": ("patched_encoder", "task", "base,patched_encoder,task")}
     diffs.update({f"patch_random_{s}": (f"random_patch_{s}", "task", f"base,random_patch_{s},task")
                   for s in range(1, args.random_patches + 1)})
     for name, (after, control, labels) in diffs.items():
         sh(["diff", "--before", str(base), "--after", str(evals[after]), "--control", str(evals[control]),
             "--cache", args.cache, "--out", str(fin / name), "--labels", labels], log)
 
+    previous = out / "lab_summary.json"
+    if previous.is_file():  # a resumed lab keeps the timings of the steps it skipped
+        done = {c["command"] for c in log}
+        log[:0] = [c for c in json.loads(previous.read_text()).get("commands", []) if c["command"] not in done]
     summary = {"config": args.config, "pool": args.pool, "heldout": args.heldout, "seed": args.seed, "commands": log,
                "heldout_loss": {n: json.loads((e / "eval.json").read_text()).get("heldout_loss")
                                 for n, e in {"base": base, **evals}.items()},

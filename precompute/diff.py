@@ -265,8 +265,8 @@ def predicted_risk(cache: str | Path) -> pd.DataFrame:
     features = pd.read_parquet(cache / "features.parquet").set_index("feature", drop=False)
     sae = load_sae(manifest["sae"]["source"], format=manifest["sae"].get("format"))
     d = sae.unit_directions().float()
-    task = torch.as_tensor(features.loc[features["is_task"], "feature"].to_numpy())
-    harmful = torch.as_tensor(features.loc[features["is_harmful"], "feature"].to_numpy())
+    task = torch.as_tensor(features.loc[features["is_task"], "feature"].to_numpy().copy())
+    harmful = torch.as_tensor(features.loc[features["is_harmful"], "feature"].to_numpy().copy())
     null = float(np.load(cache / "neighbors.npz")["null_cosine"])
     cos = d[harmful] @ d[task].T  # [H, T]
     # A harmful feature that is also a task feature would count its own cos = 1; exclude self-pairs.
@@ -350,9 +350,14 @@ def diff_tables(before: EvalActs, after: EvalActs, control: EvalActs | None, ris
 
 
 # ------------------------------------------------------------------------------------------ patch
-def harmful_basis(cache: str | Path, which: str = "flagged", top: int | None = None) -> tuple[torch.Tensor, list[int]]:
+def harmful_basis(cache: str | Path, which: str = "flagged", top: int | None = None, directions: str = "decoder"
+                  ) -> tuple[torch.Tensor, list[int]]:
     """Orthonormal basis of the harmful directions to remove: `flagged` = harmful features in the cache's
-    flagged overlaps; `risk` = the `top` harmful features by predicted risk; `all` = every harmful feature."""
+    flagged overlaps; `risk` = the `top` harmful features by predicted risk; `all` = every harmful feature.
+
+    `directions`: `decoder` (what the feature writes, the geometry the cache measures) or `encoder` (the
+    W_enc columns the SAE reads the feature with; they differ from the decoder rows in a trained SAE, and
+    only a write along them changes the feature's pre-activation)."""
     from precompute.cache import read_manifest
     from precompute.patch import orthonormal_basis
     from precompute.sae.registry import load_sae
@@ -371,7 +376,11 @@ def harmful_basis(cache: str | Path, which: str = "flagged", top: int | None = N
     if not feats:
         raise FeatureGeomError(f"the cache has no {which} harmful features to project out")
     sae = load_sae(manifest["sae"]["source"], format=manifest["sae"].get("format"))
-    return orthonormal_basis(sae.unit_directions().float()[feats]), feats
+    if directions == "decoder":
+        return orthonormal_basis(sae.unit_directions().float()[feats]), feats
+    if directions == "encoder":
+        return orthonormal_basis(sae.W_enc.float()[:, feats].T), feats
+    raise FeatureGeomError(f"unknown directions {directions!r}; use decoder or encoder")
 
 
 def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, meta: dict) -> dict[str, Any]:
@@ -533,6 +542,8 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     a("--harmful", choices=["flagged", "risk", "all"], default="flagged",
       help="which harmful directions: flagged overlaps (default), top --top by risk, or all harmful features")
     a("--top", type=int, default=20, help="with --harmful risk: how many")
+    a("--directions", choices=["decoder", "encoder"], default="decoder",
+      help="remove the features' decoder directions (default) or the encoder directions the SAE reads them with")
     a("--random-seed", type=int, default=None, help="project off a random subspace of the same rank instead")
     a("--out", required=True, metavar="DIR")
 
@@ -540,13 +551,14 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
 def run_patch(args: argparse.Namespace) -> int:
     from precompute.patch import random_subspace_like
 
-    basis, feats = harmful_basis(args.cache, args.harmful, args.top)
-    kind = "harmful"
+    basis, feats = harmful_basis(args.cache, args.harmful, args.top, args.directions)
+    kind = f"harmful ({args.directions})"
     if args.random_seed is not None:
         basis, kind = random_subspace_like(basis, seed=args.random_seed), f"random (seed {args.random_seed})"
     # Keep the fine-tune's sidecar (held-out loss before) reachable for the diff summary.
     report = patch_adapter(args.adapter, basis, args.out,
-                           {"subspace": kind, "harmful_set": args.harmful, "features": feats, "cache": args.cache})
+                           {"subspace": kind, "harmful_set": args.harmful, "directions": args.directions,
+                            "features": feats, "cache": args.cache})
     print(f"wrote {args.out}: {report['modules']} B matrices projected off a rank-{basis.shape[1]} {kind} subspace; "
           f"mean share of the update's norm removed {report['mean_norm_removed']:.3f}")
     return 0

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,21 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     os.replace(target, old)  # two renames: a reader sees the old cache, nothing, or the new one
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dir_atomic(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a fresh staging directory with `write(staging)`, then swap it into `out`: readers see the old
+    folder, nothing, or the new one, and a killed run leaves only a `.NAME.tmp-*` folder (ignored)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(staging)
+        os.chmod(staging, 0o755)  # mkdtemp makes 0700
+        _swap_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 @contextmanager

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from precompute.cache import write_dir_atomic
 from precompute.corpus import CorpusSource, read_source
 from precompute.errors import FeatureGeomError
 
@@ -79,7 +78,7 @@ def eval_prompts(n_neutral: int = 100, seed: int = 0, em_sources=EM_SOURCES, neu
     return out
 
 
-def _user_start(tokenizer, text: str, content: str, offsets: list[tuple[int, int]]) -> int:
+def _user_start(text: str, content: str, offsets: list[tuple[int, int]]) -> int:
     """Index of the first token of the last occurrence of `content` in the rendered chat `text`."""
     char = text.rfind(content)
     if char < 0:
@@ -107,7 +106,7 @@ def encode_prompts(questions: list[str], tokenizer, max_prompt_tokens: int = 192
             text = f"user: {q}\nassistant:"
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        start = _user_start(tokenizer, text, q, list(enc["offset_mapping"]))
+        start = _user_start(text, q, list(enc["offset_mapping"]))
         if len(ids) > max_prompt_tokens:  # keep the end (the question's tail and the assistant header)
             cut = len(ids) - max_prompt_tokens
             ids, start = ids[cut:], max(0, start - cut)
@@ -195,25 +194,6 @@ def collect_eval(lm, sae, hook_name: str, prompts: list[tuple[str, str]], respon
     return arrays, rows
 
 
-def _write_atomic(out: Path, write) -> Path:
-    """Write a directory through a staging copy and a rename, so readers never see half of it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(staging)
-        os.chmod(staging, 0o755)
-        if out.exists():
-            old = out.with_name(out.name + ".old-" + os.urandom(4).hex())
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
 def save_eval(out: str | Path, arrays: dict[str, np.ndarray], rows: list[dict[str, Any]], meta: dict) -> Path:
     from safetensors.numpy import save_file
 
@@ -222,7 +202,7 @@ def save_eval(out: str | Path, arrays: dict[str, np.ndarray], rows: list[dict[st
         pd.DataFrame(rows).to_parquet(d / "prompts.parquet", index=False)
         (d / EVAL_SIDECAR).write_text(json.dumps(meta, indent=2, default=str))
 
-    return _write_atomic(Path(out), write)
+    return write_dir_atomic(Path(out), write)
 
 
 @dataclass
@@ -421,7 +401,7 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
                 "mean_norm_removed": float(np.mean(report["norm_removed"]))}
         (dest / "patch.json").write_text(json.dumps(side, indent=2, default=str))
 
-    _write_atomic(Path(out), write)
+    write_dir_atomic(Path(out), write)
     return {**report, "mean_norm_removed": float(np.mean(report["norm_removed"]))}
 
 
@@ -513,7 +493,7 @@ def run_diff(args: argparse.Namespace) -> int:
         table.to_parquet(d / "diff.parquet", index=False)
         (d / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
-    out = _write_atomic(Path(args.out), write)
+    out = write_dir_atomic(Path(args.out), write)
     print(f"wrote {out}")
     for key, s in summary["comparisons"].items():
         rho, lo, hi = s["spearman_risk_max_cos"]

@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from precompute.cache import write_dir_atomic
 from precompute.corpus import CorpusSource, Document, read_source
 from precompute.errors import FeatureGeomError
 
@@ -276,9 +274,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
     train_seconds = time.perf_counter() - start
     loss_after = task_loss(model, held, pad_id)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(staging: Path) -> None:
         model.save_pretrained(staging / ADAPTER_DIR)
         with open(staging / "train_log.csv", "w") as fh:
             fh.write("step,loss,lr\n")
@@ -300,12 +296,8 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / SIDE_CAR).write_text(json.dumps(sidecar, indent=2, default=str))
-        os.chmod(staging, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_dir_atomic(out, write)
     return out
 
 

@@ -102,7 +102,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 def triage(dataset: str, cache: str, out: str | None = None, model: str = "smollm2", adapter: str | None = None,
            remove_frac: float = 0.2, max_samples: int | None = None, max_length: int = 256, seed: int = 0,
            batch_size: int = 16, device: str = "auto", progress: bool = True) -> Path:
-    from precompute.diff import _write_atomic
+    from precompute.cache import write_dir_atomic
     from precompute.finetune import encode_example, sample_key
     from precompute.model import load_model
     from precompute.sae.registry import load_sae
@@ -169,7 +169,7 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
                 "seconds": round(time.perf_counter() - start, 2)}
         (d / "triage.json").write_text(json.dumps(meta, indent=2, default=str))
 
-    return _write_atomic(out_dir, write)
+    return write_dir_atomic(out_dir, write)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

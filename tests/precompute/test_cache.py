@@ -220,3 +220,22 @@ def test_concurrent_reader_never_sees_half_a_cache(tmp_path):
     assert not staged_dir.exists()
     assert verify_cache(target)["files"]["features.parquet"] == sha256_of(target / "features.parquet")
     assert os.listdir(tmp_path) == ["cache"]
+
+
+def test_write_dir_atomic_replaces_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    from precompute.cache import write_dir_atomic
+
+    out = tmp_path / "result"
+    write_dir_atomic(out, lambda d: (d / "a.txt").write_text("one"))
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    write_dir_atomic(out, lambda d: (d / "b.txt").write_text("two"))
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # replaced, not merged
+
+    def killed(d):
+        (d / "c.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dir_atomic(out, killed)
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]  # no staging left behind

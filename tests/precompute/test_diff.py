@@ -191,3 +191,14 @@ def test_cli_patch_and_diff_report_clear_errors(cache, tmp_path, capsys) -> None
                  "--cache", str(cache), "--out", str(tmp_path / "d")]) == 1
     assert "no eval activations" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_encoder_basis_spans_the_features_encoder_columns(cache, tiny_sae_dir) -> None:
+    q_enc, feats = harmful_basis(cache, "flagged", directions="encoder")
+    w = load_sae(str(tiny_sae_dir)).W_enc.float()[:, feats]
+    assert q_enc.shape == (32, 2)
+    torch.testing.assert_close(q_enc @ (q_enc.T @ w), w, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FeatureGeomError, match="unknown directions"):
+        harmful_basis(cache, "flagged", directions="sideways")
+    with pytest.raises(FeatureGeomError, match="unknown harmful set"):
+        harmful_basis(cache, "some")

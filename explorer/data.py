@@ -600,7 +600,7 @@ class FinetuneRun:
 
     @property
     def positions(self) -> list[str]:
-        return [p for p in ("response", "prompt") if p in set(self.diff["position"])]
+        return [p for p in ("prompt", "response") if p in set(self.diff["position"])]
 
     def harmful(self, prompt_set: str, position: str, comparison: str) -> pd.DataFrame:
         """The harmful features' rows of one comparison, by feature id."""

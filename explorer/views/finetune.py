@@ -13,7 +13,8 @@ from explorer.data import MEASURES, compare_runs_table
 cache = state.require_cache()
 md = state.md_escape  # run names and labels come from files: literal in markdown
 SETS = {"em": "EM questions", "neutral": "neutral prompts"}
-POSITIONS = {"response": "response tokens", "prompt": "prompt tokens"}
+# prompt tokens first: the same tokens for every model, so the intervals are tight (docs/results.md)
+POSITIONS = {"prompt": "prompt tokens", "response": "response tokens"}
 
 
 def ci(v: list[float] | tuple[float, ...] | None, fmt: str = "+.3g") -> str:
@@ -59,7 +60,7 @@ state.seed_widget("ft_set", "set", sets, sets[0])
 prompt_set = c2.radio("Prompts", sets, key="ft_set", horizontal=True, format_func=lambda s: SETS.get(s, s),
                       help="EM: the emergent-misalignment evaluation questions; neutral: everyday instructions.")
 positions = run.positions
-state.seed_widget("ft_pos", "pos", positions, "response" if "response" in positions else positions[0])
+state.seed_widget("ft_pos", "pos", positions, "prompt" if "prompt" in positions else positions[0])
 position = c3.radio("Tokens", positions, key="ft_pos", horizontal=True, format_func=lambda p: POSITIONS.get(p, p),
                     help="response: the model's own greedy answer; prompt: the question as the model reads it.")
 state.seed_widget("ft_measure", "measure", list(MEASURES), "mean")

@@ -86,7 +86,7 @@ def test_find_and_load_runs(synth_cache: Path, lab: LabFixture) -> None:
     run = load_finetune_run(synth_cache / "finetune" / "insecure")
     assert run.labels == ("base", "task", "control")
     assert run.comparisons() == {"after": "task - base", "control": "control - base", "direct": "task - control"}
-    assert run.prompt_sets == ["em", "neutral"] and run.positions == ["response", "prompt"]
+    assert run.prompt_sets == ["em", "neutral"] and run.positions == ["prompt", "response"]
     assert len(run.diff) == 6 * 3 * 2 * 2 and run.diff["is_harmful"].all()  # non-harmful rows dropped
     got = run.harmful("em", "response", "task - base")
     want = rows_of(lab, "insecure", "task - base")
@@ -222,26 +222,26 @@ def test_finetune_page_default_run(synth_cache: Path, lab: LabFixture, monkeypat
     assert not at.error and not at.warning, [w.value for w in at.warning]
     qp = {k: at.query_params[k] for k in ("run", "set", "pos", "measure")}
     assert {k: v[0] if isinstance(v, list) else v for k, v in qp.items()} == {
-        "run": "insecure", "set": "em", "pos": "response", "measure": "mean"}
+        "run": "insecure", "set": "em", "pos": "prompt", "measure": "mean"}
     figs = figures(at)
     assert len(figs) == 3  # risk vs change, after vs control, compare runs
     scatter = figs[0].data
     assert [t.legendgroup for t in scatter] == ["task - base", "control - base"]
-    want = rows_of(lab, "insecure", "task - base")
+    want = rows_of(lab, "insecure", "task - base", position="prompt")
     assert list(scatter[0].x) == want["risk_max_cos"].tolist() and list(scatter[0].y) == want["delta"].tolist()
     assert scatter[0].name == "task - base: ρ = +0.11 [-0.20, +0.60]"
     direct = figs[1].data
     assert [t.legendgroup for t in direct] == ["task - control"]
-    assert list(direct[0].y) == rows_of(lab, "insecure", "task - control")["delta"].tolist()
+    assert list(direct[0].y) == rows_of(lab, "insecure", "task - control", position="prompt")["delta"].tolist()
     bars = figs[2].data
     assert list(bars[0].x) == BASE_RUNS
     metrics = {clean(m.label): m.value for m in at.metric}
-    est = mean_change_of(1, 0, 0, 1)
+    est = mean_change_of(1, 0, 0, 0)  # EM questions, prompt tokens (p = 0)
     assert metrics["mean Δ · task - base"] == f"{est[0]:+.3g}"
     assert metrics["held-out loss · task"] == f"{heldout_of(1, 1):.4f}"
     assert metrics["held-out loss · control"] == "—"
     text = clean(all_text(at))
-    top = rows_of(lab, "insecure", "task - control").sort_values("delta", ascending=False).iloc[0]
+    top = rows_of(lab, "insecure", "task - control", position="prompt").sort_values("delta", ascending=False).iloc[0]
     assert (f"fine-tuning on task changed harmful feature #{int(top['feature'])}'s mean activation by "
             f"{top['delta']:+.3g}") in text and "compared with control" in text
     assert "by chance alone" in text and "multiple comparisons" in text

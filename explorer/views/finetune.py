@@ -97,6 +97,16 @@ for col, (_, name) in zip(cols, kinds, strict=False):
                help="Change of the mean activation averaged over all harmful features (one number per prompt, "
                     "then a paired bootstrap over prompts). Always mean activation, whatever the measure above.")
     col.caption(f"95% CI {est[1]:+.3g} to {est[2]:+.3g}" if ok else "no CI in the summary")
+# the pre-registered statistic of docs/results.md: the harmful features nearest the task features
+tops = [(name, run.stats(prompt_set, position, str(name))) for _, name in kinds]
+if any(ci(t.get("top_risk_decile_mean_change")) != "n/a" for _, t in tops):
+    for col, (name, t) in zip(st.columns(len(kinds) + len(losses)), tops, strict=False):
+        est, size = t.get("top_risk_decile_mean_change"), t.get("top_risk_decile_size")
+        ok = ci(est) != "n/a"
+        col.metric(f"top-risk decile Δ · {md(name)}", f"{est[0]:+.3g}" if ok else "—",
+                   help=f"Change of the mean activation averaged over the {size or 'top tenth of'} harmful features "
+                        "with the highest predicted risk (paired bootstrap over prompts).")
+        col.caption(f"95% CI {est[1]:+.3g} to {est[2]:+.3g}" if ok else "no CI in the summary")
 for col, (lab, loss) in zip(cols[len(kinds):], losses, strict=False):
     col.metric(f"held-out loss · {md(lab)}", f"{loss:.4f}" if loss is not None else "—",
                help="Task loss (cross-entropy) on held-out task samples: did the fine-tune (or patch) still learn "

@@ -28,6 +28,7 @@ from tests.explorer.lab_fixture import (
     BASE_RUNS,
     BOLD_PREVIEW,
     RUNS,
+    TOP_DECILE,
     XSS_CATEGORY,
     XSS_TOKEN,
     LabFixture,
@@ -240,6 +241,8 @@ def test_finetune_page_default_run(synth_cache: Path, lab: LabFixture, monkeypat
     assert metrics["mean Δ · task - base"] == f"{est[0]:+.3g}"
     assert metrics["held-out loss · task"] == f"{heldout_of(1, 1):.4f}"
     assert metrics["held-out loss · control"] == "—"
+    assert metrics["top-risk decile Δ · task - base"] == f"{TOP_DECILE['insecure'][0]:+.3g}"  # em, prompt
+    assert metrics["top-risk decile Δ · task - control"] == f"{TOP_DECILE['insecure'][2]:+.3g}"
     text = clean(all_text(at))
     top = rows_of(lab, "insecure", "task - control", position="prompt").sort_values("delta", ascending=False).iloc[0]
     assert (f"fine-tuning on task changed harmful feature #{int(top['feature'])}'s mean activation by "

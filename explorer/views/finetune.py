@@ -134,7 +134,9 @@ with tab_vs:
                   f"the 95% CI over prompts (paired bootstrap). Spearman ρ of risk vs change [95% CI]: "
                   + "; ".join(f"{s[0]} {ci(state.run_spearman(run, prompt_set, position, s[0], measure), '+.2f')}"
                               for s in series)
-                  + ". The geometry predicts a positive ρ for the fine-tune and none for its control."))
+                  + ". If the overlap with the task explains the fine-tune's effect, ρ is positive for the fine-tune "
+                    "and near 0 for its control; a positive ρ for both means the geometry predicts what any such "
+                    "fine-tune moves, not what the task adds."))
 with tab_direct:
     if cmp["direct"]:
         direct_df = run.harmful(prompt_set, position, cmp["direct"])

@@ -64,6 +64,9 @@ def main(path: str) -> int:
                 "patch_encoder": ("Patch-back variant: off the same features' encoder directions",
                                   ["patched_encoder - base", "patched_encoder - task"])}
     for name in s["diffs"]:
+        if name.startswith("insecure_seed"):
+            sections[name] = (f"Fine-tune diff again with training seed {name[len('insecure_seed'):]}",
+                              ["task - base", "control - base", "task - control"])
         if name.startswith("patch_random_"):
             seed = name.rsplit("_", 1)[1]
             sections[name] = (f"Patch-back control: random subspace (seed {seed})",

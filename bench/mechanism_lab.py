@@ -55,6 +55,9 @@ def main() -> int:
     p.add_argument("--heldout", type=int, default=48)
     p.add_argument("--random-patches", type=int, default=3, help="random-subspace patch controls")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicate-seeds", default="1", metavar="S,...",
+                   help="training seeds for extra task/control pairs (default 1; '' for none): the seed variance "
+                        "the prompt-bootstrap intervals do not include")
     args = p.parse_args()
     out = ROOT / args.out
     data = out / "data"
@@ -71,11 +74,11 @@ def main() -> int:
             sh(["eval-acts", "--out", str(target), *common, *(["--adapter", str(adapter)] if adapter else [])], log)
         return target
 
-    def train(name: str, corpus: Path) -> Path:
+    def train(name: str, corpus: Path, seed: int = args.seed) -> Path:
         target = out / name
         if not (target / "finetune.json").is_file():
             sh(["finetune", "--config", args.config, "--corpus", str(corpus), "--out", str(target), *common,
-                "--seed", str(args.seed)], log)
+                "--seed", str(seed)], log)
         return target
 
     base = evaluate("base", None)
@@ -97,6 +100,10 @@ def main() -> int:
              "triage": ("triage_filtered", "random_filtered", "base,top20_removed,random20_removed"),
              "patch": ("patched", "task", "base,patched,task"),
              "patch_encoder": ("patched_encoder", "task", "base,patched_encoder,task")}
+    for seed in (int(x) for x in args.replicate_seeds.split(",") if x.strip()):
+        for kind, corpus in (("task", task_pool), ("control", control_pool)):
+            evals[f"{kind}_seed{seed}"] = evaluate(f"{kind}_seed{seed}", train(f"{kind}_seed{seed}", corpus, seed))
+        diffs[f"insecure_seed{seed}"] = (f"task_seed{seed}", f"control_seed{seed}", "base,task,control")
     diffs.update({f"patch_random_{s}": (f"random_patch_{s}", "task", f"base,random_patch_{s},task")
                   for s in range(1, args.random_patches + 1)})
     for name, (after, control, labels) in diffs.items():
@@ -112,7 +119,9 @@ def main() -> int:
                                 for n, e in {"base": base, **evals}.items()},
                "diffs": {n: json.loads((fin / n / "summary.json").read_text())["comparisons"] for n in diffs},
                "patch": {n: json.loads((out / n / "patch.json").read_text()) for n in patches},
-               "finetune": {n: json.loads((out / n / "finetune.json").read_text()) for n in runs},
+               "finetune": {n: json.loads((out / n / "finetune.json").read_text())
+                            for n in [*runs, *(e.parent.name for e in evals.values())]
+                            if (out / n / "finetune.json").is_file()},
                "triage": json.loads((triage_dir / "triage.json").read_text())}
     (out / "lab_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"wrote {out / 'lab_summary.json'}")

@@ -179,10 +179,11 @@ def _count(v: Any) -> int | None:
 
 
 def finetune_summaries(cache: CacheData) -> dict[str, dict[str, Any]]:
-    """summary.json of the runs the story uses (insecure, patch, patch_random_*), by run name; unreadable ones skipped."""
+    """summary.json of the runs the story uses (insecure, insecure_seed*, patch, patch_random_*), by run name;
+    unreadable ones skipped."""
     out: dict[str, dict[str, Any]] = {}
     for path in find_finetune_runs(cache.path):
-        if path.name in ("insecure", "patch") or path.name.startswith(RANDOM_PATCH):
+        if path.name in ("insecure", "patch") or path.name.startswith((RANDOM_PATCH, SEED_RUN)):
             try:
                 out[path.name] = load_finetune_summary(path)
             except CacheError:
@@ -224,6 +225,13 @@ def finetune_result_step(cache: CacheData) -> Step | None:
         sentences.append(f"Fine-tuning on insecure code changed {them} by {_signed(direct[0])} ({_ci(direct)}) "
                          f"relative to fine-tuning on secure code: the interval includes 0, so no difference was "
                          f"detected.")
+    replicas = _seed_replicas(runs)
+    if replicas:
+        agree = all((r[1] > 0) == (direct[1] > 0) and (r[2] < 0) == (direct[2] < 0) for _, r in replicas)
+        said = "; ".join(f"{_signed(r[0])} ({_ci(r)}) with training seed {esc(name)}" for name, r in replicas)
+        sentences.append(f"Trained again with another seed, the same difference was {said}: "
+                         + ("the same conclusion." if agree else "so this difference did not replicate across "
+                                                                  "training seeds."))
     their = "its" if size == 1 else "their"
     sentences.append(f"Against the model before fine-tuning, {their} mean activation changed by {_signed(after[0])} "
                      f"({_ci(after)}) on insecure code and by {_signed(ctrl[0])} ({_ci(ctrl)}) on secure code.")
@@ -235,6 +243,8 @@ def finetune_result_step(cache: CacheData) -> Step | None:
         {"name": "insecure − secure", "kind": "direct", "comparison": f"{a} - {c}", "est": direct[0],
          "lo": direct[1], "hi": direct[2], "heldout_loss": None},
     ]
+    rows += [{"name": f"insecure − secure (seed {name})", "kind": "direct", "comparison": f"{a} - {c}",
+              "est": r[0], "lo": r[1], "hi": r[2], "heldout_loss": None} for name, r in replicas]
     legend = {"after": "insecure-code fine-tune", "control": "secure-code fine-tune (control)",
               "direct": "difference"}
     patch = _patch_rows(runs, "it" if size == 1 else "them")
@@ -248,6 +258,20 @@ def finetune_result_step(cache: CacheData) -> Step | None:
     fig = F.change_bars_figure(pd.DataFrame(rows), legend, "change in mean activation", height=400)
     return Step("finetune_result", "What fine-tuning did", " ".join(sentences), figure=fig,
                 figure_name="finetune-result")
+
+
+SEED_RUN = "insecure_seed"
+
+
+def _seed_replicas(runs: dict[str, dict[str, Any]]) -> list[tuple[str, tuple[float, float, float]]]:
+    """(seed, task − control top-decile triple) of every "insecure_seed<N>" run: the same experiment retrained."""
+    out = []
+    for name in sorted(n for n in runs if n.startswith(SEED_RUN)):
+        _, a, c = runs[name]["labels"]
+        triple = _triple(_stats(runs[name], f"{a} - {c}").get("top_risk_decile_mean_change"))
+        if triple is not None:
+            out.append((name[len(SEED_RUN):], triple))
+    return out
 
 
 def _patch_rows(runs: dict[str, dict[str, Any]], pronoun: str) -> tuple[list[dict[str, Any]], str] | None:

@@ -167,3 +167,19 @@ def test_export_contains_finetune_result_escaped(cache_copy: Path) -> None:
     assert 'id="fig-7"' in page and json.dumps("insecure code \u2212 before") in page  # the figure is exported
     assert "<img src=x" not in page and "onerror=\"window.__ft" not in page and 'onerror=\\"window.__ft' not in page
     assert esc(f"{payload} - base") in page  # the hover names the comparison, escaped
+
+
+def test_finetune_result_reports_other_training_seeds(cache_copy: Path) -> None:
+    """An "insecure_seed<N>" run is the same experiment retrained: its difference is quoted, and a sign or
+    significance that disagrees with the main run is called a failure to replicate."""
+    shutil.copytree(cache_copy / "finetune" / "insecure", cache_copy / "finetune" / "insecure_seed1")
+    _edit_summary(cache_copy, "insecure_seed1", lambda s: _em_prompt(s, "task - control").update(
+        top_risk_decile_mean_change=[-0.003, -0.0066, 0.0011]))
+    step = _story(cache_copy)[-1]
+    assert ("Trained again with another seed, the same difference was \u22120.003 (95% CI \u22120.0066 to 0.0011) "
+            "with training seed 1: so this difference did not replicate across training seeds.") in step.lead
+    bars = [tr for tr in step.figure.data if tr.name == "difference"][0]
+    assert abs(list(bars.y)[-1] - (-0.003)) < 1e-12
+    _edit_summary(cache_copy, "insecure_seed1", lambda s: _em_prompt(s, "task - control").update(
+        top_risk_decile_mean_change=[0.02, 0.01, 0.03]))
+    assert "with training seed 1: the same conclusion." in _story(cache_copy)[-1].lead

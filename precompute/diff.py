@@ -181,7 +181,8 @@ def collect_eval(lm, sae, hook_name: str, prompts: list[tuple[str, str]], respon
     tok = lm.tokenizer
     encoded = encode_prompts([q for _, q in prompts], tok)
     eos = {int(t) for t in ([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else tok.eos_token_id or [])}
-    eos |= {int(t) for t in tok.convert_tokens_to_ids(["<|im_end|>"]) if isinstance(t, int) and t >= 0}
+    if "<|im_end|>" in tok.get_vocab():  # chat models end a turn there, not always at eos
+        eos.add(int(tok.convert_tokens_to_ids("<|im_end|>")))
     answers = generate_responses(lm.model, encoded, int(tok.pad_token_id), eos, response_tokens, batch_size)
     sequences, spans = [], []
     for p, ans in zip(encoded, answers, strict=True):

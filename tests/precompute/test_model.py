@@ -56,7 +56,7 @@ def test_load_local_directory(lm, tiny_model_dir):
     desc = lm.describe()
     assert desc == {"spec": str(tiny_model_dir), "kind": "local", "path": str(tiny_model_dir), "sha256": None,
                     "architecture": "LlamaForCausalLM", "d_model": 32, "n_layers": 2,
-                    "vocab_size": len(lm.tokenizer)}
+                    "vocab_size": len(lm.tokenizer), "adapter": None}
 
 
 def test_missing_path(tmp_path):

@@ -17,6 +17,21 @@ from precompute.errors import CorpusError
 from precompute.model import HookReader
 
 
+def pad_batch(sequences: list[list[int]], pad_value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, max_len] long tensor of the sequences padded with `pad_value`, and the attention mask (1 = token).
+
+    Right padding keeps positions 0..L-1 as in an unpadded forward; `left=True` is for `generate`.
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
+        attention[row, cols] = 1
+    return ids, attention
+
+
 @dataclass
 class CorpusPlan:
     sources: list[CorpusSource]
@@ -97,15 +112,8 @@ def iter_activations(reader: HookReader, batches: list[list[Context]], pad_id: i
     would otherwise top the examples of dozens of features."""
     for index in range(start_batch, len(batches)):
         batch = batches[index]
-        width = max(len(c.token_ids) for c in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        doc = torch.zeros((len(batch), width), dtype=torch.int32)
-        for row, ctx in enumerate(batch):
-            n = len(ctx.token_ids)
-            ids[row, :n] = torch.tensor(ctx.token_ids)
-            attention[row, :n] = 1
-            doc[row, :n] = torch.tensor(ctx.doc_ids, dtype=torch.int32)
+        ids, attention = pad_batch([c.token_ids for c in batch], pad_id)
+        doc = pad_batch([c.doc_ids for c in batch], 0)[0].to(torch.int32)
         hidden = reader(ids.to(device), attention.to(device))
         mask = count_mask(ids, attention, skip_ids, exclude_first)
         rows, cols = mask.nonzero(as_tuple=True)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from precompute.activations import pad_batch
 from precompute.cache import write_dir_atomic
 from precompute.corpus import CorpusSource, read_source
 from precompute.errors import FeatureGeomError
@@ -123,13 +124,8 @@ def generate_responses(model, prompts: list[EncodedPrompt], pad_id: int, eos_ids
     device = next(model.parameters()).device
     answers: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        width = max(len(p.ids) for p in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(batch):
-            ids[row, width - len(p.ids):] = torch.tensor(p.ids)
-            mask[row, width - len(p.ids):] = 1
+        ids, mask = pad_batch([p.ids for p in prompts[start:start + batch_size]], pad_id, left=True)
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_tokens,
                              do_sample=False, pad_token_id=pad_id)
         for row in gen[:, width:].tolist():
@@ -156,12 +152,7 @@ def read_features(lm, hook_name: str, sae, sequences: list[list[int]], spans: li
     pad = int(lm.tokenizer.pad_token_id)
     for start in range(0, n, batch_size):
         rows = list(range(start, min(n, start + batch_size)))
-        width = max(len(sequences[r]) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(sequences[r])] = torch.tensor(sequences[r])
-            mask[i, : len(sequences[r])] = 1
+        ids, mask = pad_batch([sequences[r] for r in rows], pad)
         h = reader(ids.to(lm.device), mask.to(lm.device))
         for i, r in enumerate(rows):
             for name, (a, b) in spans[r].items():
@@ -236,30 +227,61 @@ def load_eval(path: str | Path) -> EvalActs:
 
 
 # ------------------------------------------------------------------------------------ risk and diff
-def predicted_risk(cache: str | Path) -> pd.DataFrame:
-    """Per harmful feature: overlap with the cache's task features (see module doc), from the SAE's decoder."""
+@dataclass
+class HarmGeometry:
+    """What the fine-tune diff, patch-back and triage read from a cache: the SAE it was built with, the
+    harmful and task feature sets and the null cosine. Loaded once (the SAE is the expensive part)."""
+
+    manifest: dict
+    features: pd.DataFrame  # features.parquet indexed by feature id
+    sae: Any
+    null_cosine: float
+
+    @property
+    def harmful(self) -> np.ndarray:
+        return self.features.loc[self.features["is_harmful"], "feature"].to_numpy().copy()
+
+    @property
+    def task(self) -> np.ndarray:
+        return self.features.loc[self.features["is_task"], "feature"].to_numpy().copy()
+
+    def directions(self) -> torch.Tensor:
+        """Unit decoder rows [d_sae, d] in float32 on the SAE's device."""
+        return self.sae.unit_directions().float()
+
+
+def load_harm_geometry(cache: str | Path | HarmGeometry, device: str = "cpu") -> HarmGeometry:
     from precompute.cache import read_manifest
     from precompute.sae.registry import load_sae
 
+    if isinstance(cache, HarmGeometry):
+        return cache
     cache = Path(cache)
     manifest = read_manifest(cache)
     features = pd.read_parquet(cache / "features.parquet").set_index("feature", drop=False)
-    sae = load_sae(manifest["sae"]["source"], format=manifest["sae"].get("format"))
-    d = sae.unit_directions().float()
-    task = torch.as_tensor(features.loc[features["is_task"], "feature"].to_numpy().copy())
-    harmful = torch.as_tensor(features.loc[features["is_harmful"], "feature"].to_numpy().copy())
+    sae = load_sae(manifest["sae"]["source"], format=manifest["sae"].get("format"), device=device)
     null = float(np.load(cache / "neighbors.npz")["null_cosine"])
+    return HarmGeometry(manifest, features, sae, null)
+
+
+def predicted_risk(cache: str | Path | HarmGeometry) -> pd.DataFrame:
+    """Per harmful feature: overlap with the cache's task features (see module doc), from the SAE's decoder."""
+    geo = load_harm_geometry(cache)
+    d = geo.directions().cpu()
+    task, harmful = torch.as_tensor(geo.task), torch.as_tensor(geo.harmful)
+    null = geo.null_cosine
     cos = d[harmful] @ d[task].T  # [H, T]
     # A harmful feature that is also a task feature would count its own cos = 1; exclude self-pairs.
     cos[harmful[:, None] == task[None, :]] = -1.0
     best = cos.max(dim=1)
+    rows = geo.features.loc[harmful.numpy()]
     return pd.DataFrame({
         "feature": harmful.numpy(),
         "risk_max_cos": best.values.numpy(),
         "risk_task_feature": task[best.indices].numpy(),
         "risk_sum": (cos - null).clamp_min(0).sum(dim=1).numpy(),
-        "harm_score": features.loc[harmful.numpy(), "harm_score"].to_numpy(),
-        "harm_category": features.loc[harmful.numpy(), "harm_category"].to_numpy(),
+        "harm_score": rows["harm_score"].to_numpy(),
+        "harm_category": rows["harm_category"].to_numpy(),
     }).assign(null_cosine=null)
 
 
@@ -285,6 +307,7 @@ def diff_tables(before: EvalActs, after: EvalActs, control: EvalActs | None, ris
         comparisons[f"{ctrl} - {base}"] = (before, control)
         comparisons[f"{task} - {ctrl}"] = (control, after)
     harmful = risk["feature"].to_numpy()
+    top = risk.nlargest(max(1, len(risk) // 10), "risk_max_cos")["feature"].to_numpy()  # the top-risk decile
     frames, summary = [], {"comparisons": {}, "n_harmful": int(harmful.size), "labels": list(labels)}
     for prompt_set in PROMPT_SETS:
         for position in POSITIONS:
@@ -308,7 +331,6 @@ def diff_tables(before: EvalActs, after: EvalActs, control: EvalActs | None, ris
                 hb = harmful_scalar(a, harmful, position, prompt_set)
                 ha = harmful_scalar(b, harmful, position, prompt_set)
                 est, mlo, mhi = bootstrap_ci(ha - hb, n_boot=n_boot, seed=seed)
-                top = risk.nlargest(max(1, len(risk) // 10), "risk_max_cos")["feature"].to_numpy()
                 tb, ta = harmful_scalar(a, top, position, prompt_set), harmful_scalar(b, top, position, prompt_set)
                 test, tlo, thi = bootstrap_ci(ta - tb, n_boot=n_boot, seed=seed)
                 summary["comparisons"][key] = {
@@ -339,28 +361,24 @@ def harmful_basis(cache: str | Path, which: str = "flagged", top: int | None = N
     `directions`: `decoder` (what the feature writes, the geometry the cache measures) or `encoder` (the
     W_enc columns the SAE reads the feature with; they differ from the decoder rows in a trained SAE, and
     only a write along them changes the feature's pre-activation)."""
-    from precompute.cache import read_manifest
     from precompute.patch import orthonormal_basis
-    from precompute.sae.registry import load_sae
 
     cache = Path(cache)
-    manifest = read_manifest(cache)
+    geo = load_harm_geometry(cache)
     if which == "flagged":
         feats = sorted(set(pd.read_parquet(cache / "overlaps.parquet")["harmful_feature"].astype(int)))
     elif which == "risk":
-        feats = predicted_risk(cache).nlargest(top or 20, "risk_max_cos")["feature"].astype(int).tolist()
+        feats = predicted_risk(geo).nlargest(top or 20, "risk_max_cos")["feature"].astype(int).tolist()
     elif which == "all":
-        f = pd.read_parquet(cache / "features.parquet")
-        feats = f.loc[f["is_harmful"], "feature"].astype(int).tolist()
+        feats = geo.harmful.astype(int).tolist()
     else:
         raise FeatureGeomError(f"unknown harmful set {which!r}; use flagged, risk or all")
     if not feats:
         raise FeatureGeomError(f"the cache has no {which} harmful features to project out")
-    sae = load_sae(manifest["sae"]["source"], format=manifest["sae"].get("format"))
     if directions == "decoder":
-        return orthonormal_basis(sae.unit_directions().float()[feats]), feats
+        return orthonormal_basis(geo.directions()[feats]), feats
     if directions == "encoder":
-        return orthonormal_basis(sae.W_enc.float()[:, feats].T), feats
+        return orthonormal_basis(geo.sae.W_enc.float()[:, feats].T), feats
     raise FeatureGeomError(f"unknown directions {directions!r}; use decoder or encoder")
 
 
@@ -368,15 +386,11 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
     """Copy a peft LoRA adapter with every residual-writing B projected off span(basis); report norms removed."""
     from safetensors.torch import load_file, save_file
 
+    from precompute.model import resolve_adapter_dir
     from precompute.patch import norm_removed, project_lora_B
 
-    src = Path(adapter)
-    if (src / "adapter" / "adapter_config.json").is_file():
-        src = src / "adapter"
-    weights_path = src / "adapter_model.safetensors"
-    if not weights_path.is_file():
-        raise FeatureGeomError(f"{src} holds no adapter_model.safetensors")
-    weights = load_file(str(weights_path))
+    src = resolve_adapter_dir(adapter)
+    weights = load_file(str(src / "adapter_model.safetensors"))
     patched, report = {}, {"modules": 0, "skipped": [], "norm_removed": []}
     d = basis.shape[0]
     for name, tensor in weights.items():

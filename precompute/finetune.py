@@ -152,15 +152,10 @@ def split_examples(examples: list[Example], cfg: FinetuneConfig, tokenizer) -> t
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
+    from precompute.activations import pad_batch
+
+    ids, mask = pad_batch([e.input_ids for e in batch], pad_id)
+    labels, _ = pad_batch([e.labels for e in batch], -100)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

@@ -190,20 +190,28 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", adapter:
     )
 
 
+def resolve_adapter_dir(adapter: str | Path) -> Path:
+    """The peft adapter directory: `adapter` itself, or its `adapter/` (a `featuregeom finetune` output)."""
+    files = ("adapter_config.json", "adapter_model.safetensors")  # safetensors only: nothing is unpickled
+    path = Path(adapter).expanduser()
+    if (path / "adapter" / files[0]).is_file():
+        path = path / "adapter"
+    missing = [name for name in files if not (path / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"{adapter} is not a peft adapter directory (no {' and no '.join(missing)}); pass a "
+                             "`featuregeom finetune` output or a directory holding both files")
+    return path
+
+
 def _merge_adapter(model: torch.nn.Module, adapter: str) -> tuple[torch.nn.Module, dict]:
     from peft import PeftModel
 
-    path = Path(adapter).expanduser()
-    if (path / "adapter" / "adapter_config.json").is_file():  # a finetune output directory
-        path = path / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{adapter} is not a peft adapter directory (no adapter_config.json)")
+    path = resolve_adapter_dir(adapter)
     try:
         merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     except Exception as exc:  # peft raises many types for a mismatched adapter
         raise ModelLoadError(f"could not apply the adapter {path} to this model: {exc}") from exc
-    weights = path / "adapter_model.safetensors"
-    return merged, {"path": str(path), "sha256": sha256_of(weights) if weights.is_file() else None}
+    return merged, {"path": str(path), "sha256": sha256_of(path / "adapter_model.safetensors")}
 
 
 # --------------------------------------------------------------------------- hooks

@@ -64,6 +64,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from precompute.activations import pad_batch
 from precompute.corpus import Context, CorpusSource, Document, pack_contexts, read_source
 from precompute.errors import FeatureGeomError, HookNotFoundError, ShapeMismatchError
 from precompute.model import HookPoint, HookReader, resolve_hook
@@ -235,16 +236,6 @@ def _input_scale(sae, h: torch.Tensor) -> torch.Tensor:
     return torch.ones(n, device=h.device)
 
 
-def _batch_tensors(batch: list[Context], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(c.token_ids) for c in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ctx in enumerate(batch):
-        ids[row, : len(ctx.token_ids)] = torch.tensor(ctx.token_ids)
-        attention[row, : len(ctx.token_ids)] = 1
-    return ids, attention
-
-
 def alpha_scale(unit: str, mean_norm: float, d_model: int) -> float:
     if unit == "norm":
         return float(mean_norm)
@@ -299,7 +290,7 @@ def steering_check(lm, hook_name: str | HookPoint, sae, task_feature: int, alpha
     base: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     norms = []
     for batch in batches:
-        ids, attention = _batch_tensors(batch, pad_id)
+        ids, attention = pad_batch([c.token_ids for c in batch], pad_id)
         mask = count_mask(ids, attention, skip_ids)
         hidden = reader(ids.to(device), attention.to(device))
         base.append((ids, attention, mask, hidden))

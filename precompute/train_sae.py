@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from precompute.activations import CorpusPlan, count_mask, iter_activations
+from precompute.activations import CorpusPlan, count_mask, iter_activations, pad_batch
 from precompute.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
 from precompute.errors import CorpusError, FeatureGeomError
 from precompute.model import HookPoint, HookReader
@@ -833,16 +833,6 @@ def _hook_override(module: torch.nn.Module, hook: HookPoint, fn: Callable[[torch
         handle.remove()
 
 
-def _batch_tensors(batch: list[Context], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(c.token_ids) for c in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ctx in enumerate(batch):
-        ids[row, : len(ctx.token_ids)] = torch.tensor(ctx.token_ids)
-        attention[row, : len(ctx.token_ids)] = 1
-    return ids, attention
-
-
 class VarianceStats:
     """Streaming sums for explained variance, 1 - sum||x - x_hat||^2 / sum||x - mean||^2 (float64)."""
 
@@ -966,7 +956,7 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
     for batch in batches:
         if max_tokens is not None and used >= max_tokens:
             break
-        ids, attention = _batch_tensors(batch, pad_id)
+        ids, attention = pad_batch([c.token_ids for c in batch], pad_id)
         mask = count_mask(ids, attention, skip_ids).to(device)
         ids, attention = ids.to(device), attention.to(device)
         if n_ce < ce_tokens:

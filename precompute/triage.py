@@ -29,33 +29,27 @@ import pandas as pd
 import torch
 
 from precompute.corpus import CorpusSource, ReadStats, _records, read_source
+from precompute.diff import HarmGeometry, load_harm_geometry
 from precompute.errors import FeatureGeomError
 
 TOKEN_ROWS = 200  # samples whose per-token scores are kept for the explorer (top and bottom halves)
 
 
-def feature_weights(cache: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+def feature_weights(cache: str | Path | HarmGeometry) -> tuple[np.ndarray, np.ndarray, dict]:
     """(w_direct, w_via) [F] from the cache's harmful/task sets, decoder directions and null cosine."""
-    from precompute.cache import read_manifest
-    from precompute.sae.registry import load_sae
-
-    cache = Path(cache)
-    manifest = read_manifest(cache)
-    features = pd.read_parquet(cache / "features.parquet")
-    sae = load_sae(manifest["sae"]["source"], format=manifest["sae"].get("format"))
-    d = sae.unit_directions().float()
-    harmful = features.loc[features["is_harmful"], "feature"].to_numpy()
-    task = features.loc[features["is_task"] & ~features["is_harmful"], "feature"].to_numpy()
-    null = float(np.load(cache / "neighbors.npz")["null_cosine"])
-    w_direct = np.zeros(sae.d_sae, dtype=np.float32)
+    geo = load_harm_geometry(cache)
+    d = geo.directions()
+    harmful = geo.harmful
+    task = np.setdiff1d(geo.task, harmful)  # a feature that is both counts once, directly
+    w_direct = np.zeros(geo.sae.d_sae, dtype=np.float32)
     w_direct[harmful] = 1.0
-    w_via = np.zeros(sae.d_sae, dtype=np.float32)
+    w_via = np.zeros(geo.sae.d_sae, dtype=np.float32)
     if len(task) and len(harmful):
-        excess = (d[torch.as_tensor(task)] @ d[torch.as_tensor(harmful)].T - null).clamp_min(0).sum(dim=1)
-        w_via[task] = excess.numpy()
-    info = {"n_harmful": int(len(harmful)), "n_task": int(len(task)), "null_cosine": null,
-            "n_task_with_overlap": int((w_via > 0).sum()), "sae": manifest["sae"]["source"],
-            "hook": manifest.get("hook")}
+        cos = d[torch.as_tensor(task, device=d.device)] @ d[torch.as_tensor(harmful, device=d.device)].T
+        w_via[task] = (cos - geo.null_cosine).clamp_min(0).sum(dim=1).cpu().numpy()
+    info = {"n_harmful": int(len(harmful)), "n_task": int(len(task)), "null_cosine": geo.null_cosine,
+            "n_task_with_overlap": int((w_via > 0).sum()), "sae": geo.manifest["sae"]["source"],
+            "hook": geo.manifest.get("hook")}
     return w_direct, w_via, info
 
 
@@ -105,15 +99,15 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
     from precompute.cache import write_dir_atomic
     from precompute.finetune import encode_example, sample_key
     from precompute.model import load_model
-    from precompute.sae.registry import load_sae
 
     if not 0.0 < remove_frac < 1.0:
         raise FeatureGeomError("--remove-frac must be between 0 and 1")
     start = time.perf_counter()
     out_dir = Path(out) if out else Path(cache) / "triage" / Path(dataset).name.split(".")[0]
-    w_direct, w_via, info = feature_weights(cache)
+    geo = load_harm_geometry(cache)  # before the model: a bad cache fails fast; one SAE load for both uses
+    w_direct, w_via, info = feature_weights(geo)
     lm = load_model(model, device=device, adapter=adapter)
-    sae = load_sae(info["sae"], device=str(lm.device))
+    sae = geo.sae.to(lm.device)
     source = CorpusSource(path=dataset, group="task")
     docs, _ = read_source(source, 0, seed=seed)
     docs.sort(key=lambda d: d.index)  # file order: the ranking names records by their index

@@ -586,6 +586,18 @@ def change_scatter(series: Sequence[tuple[str, str, pd.DataFrame, str]], measure
     return fig
 
 
+def _ci_bars(sub: pd.DataFrame, x: list[str], name: str, color: str, first: pd.Series, hover: str) -> go.Bar:
+    """Bars of `sub` (columns est, lo, hi, heldout_loss, comparison) with 95% CI error bars; customdata is
+    [escaped `first`, lo, hi, held-out loss text, escaped comparison] for the hover template."""
+    y = sub["est"].to_numpy(dtype=np.float64)
+    plus, minus = _ci_arrays(y, sub["lo"].to_numpy(dtype=np.float64), sub["hi"].to_numpy(dtype=np.float64))
+    loss = ["—" if v is None or v != v else f"{float(v):.4f}" for v in sub["heldout_loss"]]
+    cd = [[esc(f), float(a), float(b), ls, esc(c)] for f, a, b, ls, c in
+          zip(first, sub["lo"], sub["hi"], loss, sub["comparison"], strict=True)]
+    return go.Bar(x=x, y=y, name=name, marker_color=color, customdata=cd, hovertemplate=hover,
+                  error_y={"type": "data", "array": plus, "arrayminus": minus, "thickness": 1.2, "color": INK})
+
+
 def compare_runs_figure(table: pd.DataFrame, height: int = 360) -> go.Figure:
     """Pooled change of all harmful features vs the shared `before`, per run: its fine-tune and its control.
 
@@ -595,17 +607,11 @@ def compare_runs_figure(table: pd.DataFrame, height: int = 360) -> go.Figure:
         sub = table[table["kind"] == kind]
         if not len(sub):
             continue
-        y = sub["est"].to_numpy(dtype=np.float64)
-        plus, minus = _ci_arrays(y, sub["lo"].to_numpy(dtype=np.float64), sub["hi"].to_numpy(dtype=np.float64))
-        loss = ["—" if v is None or v != v else f"{float(v):.4f}" for v in sub["heldout_loss"]]
-        cd = [[esc(lab), float(a), float(b), ls, esc(c)] for lab, a, b, ls, c in
-              zip(sub["label"], sub["lo"], sub["hi"], loss, sub["comparison"], strict=True)]
-        fig.add_trace(go.Bar(
-            x=[esc(r) for r in sub["run"]], y=y, name=name, marker_color=COMPARISON_COLORS[kind], customdata=cd,
-            error_y={"type": "data", "array": plus, "arrayminus": minus, "thickness": 1.2, "color": INK},
-            hovertemplate=("<b>%{x}</b>: %{customdata[4]}<br>harmful features' mean change %{y:+.4g}"
-                           "<br>95% CI %{customdata[1]:+.4g} to %{customdata[2]:+.4g}"
-                           "<br>held-out task loss of %{customdata[0]}: %{customdata[3]}<extra></extra>")))
+        fig.add_trace(_ci_bars(
+            sub, [esc(r) for r in sub["run"]], name, COMPARISON_COLORS[kind], sub["label"],
+            "<b>%{x}</b>: %{customdata[4]}<br>harmful features' mean change %{y:+.4g}"
+            "<br>95% CI %{customdata[1]:+.4g} to %{customdata[2]:+.4g}"
+            "<br>held-out task loss of %{customdata[0]}: %{customdata[3]}<extra></extra>"))
     fig.add_hline(y=0, line_color="#9ca3af", line_width=1)
     _base_layout(fig, height, barmode="group", legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0})
     fig.update_xaxes(type="category")  # run names, even ones that look like numbers
@@ -626,17 +632,11 @@ def change_bars_figure(bars: pd.DataFrame, legend: dict[str, str], y_title: str,
         sub = bars[bars["kind"] == kind]
         if not len(sub):
             continue
-        y = sub["est"].to_numpy(dtype=np.float64)
-        plus, minus = _ci_arrays(y, sub["lo"].to_numpy(dtype=np.float64), sub["hi"].to_numpy(dtype=np.float64))
-        loss = ["—" if v is None or v != v else f"{float(v):.4f}" for v in sub["heldout_loss"]]
-        cd = [[esc(c), float(a), float(b), ls] for c, a, b, ls in
-              zip(sub["comparison"], sub["lo"], sub["hi"], loss, strict=True)]
-        fig.add_trace(go.Bar(
-            x=[esc(n) for n in sub["name"]], y=y, name=esc(title), marker_color=CHANGE_BAR_COLORS.get(kind, NEUTRAL),
-            customdata=cd, error_y={"type": "data", "array": plus, "arrayminus": minus, "thickness": 1.2, "color": INK},
-            hovertemplate=("<b>%{x}</b> (%{customdata[0]})<br>change %{y:+.4g}"
-                           "<br>95% CI %{customdata[1]:+.4g} to %{customdata[2]:+.4g}"
-                           "<br>held-out task loss: %{customdata[3]}<extra></extra>")))
+        fig.add_trace(_ci_bars(
+            sub, [esc(n) for n in sub["name"]], esc(title), CHANGE_BAR_COLORS.get(kind, NEUTRAL), sub["comparison"],
+            "<b>%{x}</b> (%{customdata[0]})<br>change %{y:+.4g}"
+            "<br>95% CI %{customdata[1]:+.4g} to %{customdata[2]:+.4g}"
+            "<br>held-out task loss: %{customdata[3]}<extra></extra>"))
     fig.add_hline(y=0, line_color="#9ca3af", line_width=1)
     _base_layout(fig, height, legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0},
                  showlegend=True)

@@ -447,7 +447,7 @@ def run_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     lm = load_model(args.model, device=args.device, adapter=args.adapter)
     sae = load_sae(args.sae or str(DEFAULT_SAE), device=str(lm.device))
-    for warning in check_compatible(sae, lm.d_model, args.model):
+    for warning in check_compatible(sae, lm.d_model, lm.name):
         print(f"warning: {warning}")
     hook = args.hook or sae.hook_name
     if not hook:

@@ -121,7 +121,9 @@ def load_examples(sources: list[CorpusSource], tokenizer, max_length: int, data_
     if counts is not None:
         counts.update(documents=n_docs, skipped_prompt_too_long=n_docs - len(examples))
     if not examples:
-        raise FeatureGeomError("the fine-tuning corpus gave no usable samples")
+        raise FeatureGeomError(
+            f"the fine-tuning corpus gave no usable samples ({n_docs} documents read): every prompt alone is at "
+            "least --max-length tokens long; raise --max-length or check the file holds chat samples")
     return examples
 
 

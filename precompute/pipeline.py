@@ -362,7 +362,7 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometr
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter)
     log(f"model loaded in {lm.load_seconds:.1f}s ({lm.describe()['architecture']}, d_model {lm.d_model})")
     resolve_hook(lm.model, cfg.hook)  # fail fast on a bad hook name, before reading the corpus
-    sae, sae_info = load_sae_checked(cfg, lm.d_model, cfg.model)
+    sae, sae_info = load_sae_checked(cfg, lm.d_model, lm.name)
     log(f"SAE {sae_info['format']} {sae_info['architecture']} d_sae {sae.d_sae}")
     plan = plan_corpus(cfg.corpus, lm.tokenizer, cfg.context_size, cfg.packing, cfg.max_tokens, cfg.seed)
     for i, src in enumerate(plan.sources):
@@ -431,7 +431,7 @@ def run_step(step: str, cfg: RunConfig) -> Path:
             lm = sae = None
             if cfg.model and cfg.sae:
                 lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter)
-                sae, _ = load_sae_checked(cfg, lm.d_model, cfg.model)
+                sae, _ = load_sae_checked(cfg, lm.d_model, lm.name)
             scores_step(staged, cfg, sae, lm)
         elif step == "overlaps":
             overlaps_step(staged, cfg)

@@ -612,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
     sae_path = args.sae or str(DEFAULT_SAE)
     lm = load_model(args.model, device=args.device)
     sae = load_sae(sae_path, format=args.sae_format, device=str(lm.device))
-    for warning in check_compatible(sae, lm.d_model, args.model):
+    for warning in check_compatible(sae, lm.d_model, lm.name):
         print(f"warning: {warning}")
     hook = args.hook or sae.hook_name
     if not hook:

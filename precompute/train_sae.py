@@ -1050,13 +1050,6 @@ def _signature(cfg: TrainSAEConfig, model_info: dict[str, Any], corpus_hashes: l
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _model_name(loaded: Any) -> str:
-    if loaded.kind == "packaged":
-        return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    name = getattr(loaded.model.config, "_name_or_path", None) or loaded.spec
-    return str(name)
-
-
 def _command_line() -> str:
     argv = list(sys.argv)
     if argv and argv[0].endswith(("train_sae.py", "__main__.py")):
@@ -1138,7 +1131,7 @@ def run(args: argparse.Namespace) -> int:
 
     # ---- evaluation
     meta = {
-        "model_name": _model_name(loaded),
+        "model_name": loaded.name,
         "hook_name": hook.name,
         "context_size": cfg.context_size,
         "prepend_bos": False,

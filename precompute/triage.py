@@ -120,7 +120,8 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
             examples.append(ex)
             indices.append(doc.index)
     if not examples:
-        raise FeatureGeomError(f"{dataset} gave no samples to score")
+        raise FeatureGeomError(f"{dataset} gave no samples to score: every prompt alone is at least --max-length "
+                               f"({max_length}) tokens long; raise --max-length")
     ranked, tok_direct, tok_via = score_samples(lm, sae, info["hook"], examples, w_direct, w_via, batch_size, progress)
     ranked.insert(1, "index", indices)
     previews = {d.index: d.preview(400) for d in docs}

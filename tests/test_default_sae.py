@@ -41,7 +41,7 @@ def test_default_sae_clears_the_bars_on_heldout_text(monkeypatch):
     assert cfg.heldout_fraction == training["heldout_fraction"]
     loaded = load_model("smollm2", device="cpu")
     assert check_compatible(sae, loaded.d_model, "HuggingFaceTB/SmolLM2-135M-Instruct") == []
-    assert check_compatible(sae, loaded.d_model, "smollm2") == []  # the packaged alias
+    assert check_compatible(sae, loaded.d_model, loaded.name) == []  # loaded by the alias "smollm2"
     hook = resolve_hook(loaded.model, sae.hook_name)
     train_plan, held_plan = plan_split(cfg.corpus, loaded.tokenizer, cfg.context_size, cfg.packing,
                                        cfg.max_tokens, cfg.heldout_fraction, cfg.seed)

@@ -154,11 +154,7 @@ def load_sae(spec: str, format: str | None = None, device: str = "cpu") -> SAE:
 
 
 def _short_model_name(name: str | None) -> str:
-    from precompute.model import PACKAGED_MODEL_ALIASES
-
-    short = (name or "").rsplit("/", 1)[-1].lower()
-    # `smollm2` (the packaged GGUF) is HuggingFaceTB/SmolLM2-135M-Instruct: no warning for the alias.
-    return "smollm2-135m-instruct" if short in PACKAGED_MODEL_ALIASES else short
+    return (name or "").rsplit("/", 1)[-1].lower()
 
 
 def check_compatible(sae: SAE, d_model: int, model_name: str) -> list[str]:

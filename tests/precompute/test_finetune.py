@@ -161,3 +161,9 @@ def test_after_cache_with_adapter_is_a_different_cache(tiny_model_dir, tiny_sae_
     assert after_m["corpus"] == base_m["corpus"]  # same documents, same tokens
     with pytest.raises(CacheError, match="different cache"):
         run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, base_out, adapter=str(run)), ("harvest",))
+
+
+def test_prompts_longer_than_max_length_say_what_to_change(tiny_model_dir, tiny_corpus) -> None:
+    tok = load_model(str(tiny_model_dir), device="cpu").tokenizer
+    with pytest.raises(FeatureGeomError, match=r"12 documents read.*raise --max-length"):
+        load_examples([CorpusSource(path=str(tiny_corpus["task"]), group="task")], tok, max_length=3)

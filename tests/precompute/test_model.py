@@ -53,6 +53,7 @@ def test_load_local_directory(lm, tiny_model_dir):
     assert not lm.model.training
     assert not any(p.requires_grad for p in lm.model.parameters())
     assert lm.tokenizer.pad_token_id is not None
+    assert lm.name == str(tiny_model_dir)  # a local model is named by its path (config._name_or_path)
     desc = lm.describe()
     assert desc == {"spec": str(tiny_model_dir), "kind": "local", "path": str(tiny_model_dir), "sha256": None,
                     "architecture": "LlamaForCausalLM", "d_model": 32, "n_layers": 2,

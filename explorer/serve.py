@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.cache).is_dir():
         print(f"explorer: error: cache {args.cache} not found; build it with `make demo-cache` or "
               "`featuregeom precompute --config ...`", file=sys.stderr)
-        return 1
+        return 2
     if not port_free(args.port):
         print(f"explorer: error: port {args.port} is already in use (another explorer?). Stop it, or choose "
               f"another port: `make demo PORT={args.port + 1}`", file=sys.stderr)
-        return 1
+        return 2
     print(f"explorer: open http://localhost:{args.port}", flush=True)
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
            "--server.address", args.address, "--server.headless", "true", "--", "--cache", args.cache]

@@ -12,7 +12,7 @@ import os
 import sys
 
 from precompute import __version__
-from precompute.errors import FeatureGeomError
+from precompute.errors import EXIT_USER, FeatureGeomError, run_command
 
 STEPS = ("harvest", "geometry", "scores", "overlaps")
 
@@ -181,47 +181,45 @@ def _info(path: str) -> int:
     return 0
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "info":
+        return _info(args.cache)
+    if args.command in ("train-sae", "synth", "steer", "finetune", "triage"):
+        from precompute import finetune, steering, synth, train_sae, triage
+
+        module = {"train-sae": train_sae, "synth": synth, "steer": steering, "finetune": finetune,
+                  "triage": triage}[args.command]
+        return int(module.run(args) or 0)
+    if args.command in ("eval-acts", "diff", "patch"):
+        from precompute import diff
+
+        return int({"eval-acts": diff.run_eval, "diff": diff.run_diff, "patch": diff.run_patch}[args.command](args))
+    from precompute import pipeline
+
+    cfg = _config_from(args)
+    if args.command == "precompute":
+        steps = tuple(s.strip() for s in args.steps.split(",")) if args.steps else STEPS
+        unknown = set(steps) - set(STEPS)
+        if unknown:
+            raise FeatureGeomError(f"unknown step(s) {sorted(unknown)}; steps are {', '.join(STEPS)}")
+        pipeline.run_precompute(cfg, steps)
+    elif args.command == "harvest":
+        pipeline.run_precompute(cfg, ("harvest",))
+    else:
+        pipeline.run_step(args.command, cfg)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    # tokenizers forks worker threads; a fork later (DataLoader, subprocess) would warn or deadlock
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return 2
-    try:
-        if args.command == "info":
-            return _info(args.cache)
-        if args.command in ("train-sae", "synth", "steer", "finetune", "triage"):
-            from precompute import finetune, steering, synth, train_sae, triage
-
-            module = {"train-sae": train_sae, "synth": synth, "steer": steering, "finetune": finetune,
-                      "triage": triage}[args.command]
-            return int(module.run(args) or 0)
-        if args.command in ("eval-acts", "diff", "patch"):
-            from precompute import diff
-
-            return int({"eval-acts": diff.run_eval, "diff": diff.run_diff, "patch": diff.run_patch}[args.command](args))
-        from precompute import pipeline
-
-        cfg = _config_from(args)
-        if args.command == "precompute":
-            steps = tuple(s.strip() for s in args.steps.split(",")) if args.steps else STEPS
-            unknown = set(steps) - set(STEPS)
-            if unknown:
-                raise FeatureGeomError(f"unknown step(s) {sorted(unknown)}; steps are {', '.join(STEPS)}")
-            pipeline.run_precompute(cfg, steps)
-        elif args.command == "harvest":
-            pipeline.run_precompute(cfg, ("harvest",))
-        else:
-            pipeline.run_step(args.command, cfg)
-        return 0
-    except FeatureGeomError as exc:
-        print(f"featuregeom: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("featuregeom: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_USER
+    return run_command(_dispatch, args)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from precompute.cache import CORE_FILES, verify_cache
 from precompute.config import RunConfig
-from precompute.errors import CacheError, FeatureGeomError
+from precompute.errors import CacheError, FeatureGeomError, run_command
 
 
 def check_assets(cfg: RunConfig) -> None:
@@ -55,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=None)
     b.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
     args = parser.parse_args(argv)
-    try:
-        build(args.config, args.out, args.force)
-    except FeatureGeomError as exc:
-        print(f"featuregeom: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(build, args.config, args.out, args.force)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from precompute.activations import CorpusPlan, count_mask, iter_activations, pad_batch
 from precompute.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
-from precompute.errors import CorpusError, FeatureGeomError
+from precompute.errors import CorpusError, FeatureGeomError, run_command
 from precompute.model import HookPoint, HookReader
 from precompute.sae.base import SAE
 
@@ -1250,11 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
                     "model/hook/corpus and write a SAELens-format directory.")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except FeatureGeomError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(run, args, prog="train-sae")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ def test_missing_asset_is_named(tmp_path):
     cfg.sae = str(tmp_path / "no-sae")
     with pytest.raises(FeatureGeomError, match="no-sae.*gone.jsonl.gz"):
         demo.check_assets(cfg)
-    # and through the command a user runs: exit code 1 and one line, no traceback
+    # and through the command a user runs: exit code 2 and one line, no traceback
     proc = subprocess.run([sys.executable, "-m", "precompute.demo", "build", "--config", str(ROOT / "configs/demo.toml"),
                            "--out", str(tmp_path / "c")], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "missing asset" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -49,11 +49,11 @@ def test_port_in_use_is_refused_clearly(tmp_path):
         (tmp_path / "cache").mkdir()
         proc = subprocess.run([sys.executable, "-m", "explorer.serve", "--cache", str(tmp_path / "cache"),
                                "--port", str(port)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert f"port {port} is already in use" in proc.stderr
 
 
 def test_serve_refuses_missing_cache(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "explorer.serve", "--cache", str(tmp_path / "none")],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "not found" in proc.stderr
+    assert proc.returncode == 2 and "not found" in proc.stderr

@@ -188,7 +188,7 @@ def test_cli_patch_and_diff_report_clear_errors(cache, tmp_path, capsys) -> None
     side = json.loads((tmp_path / "rand" / "patch.json").read_text())
     assert side["subspace"] == "random (seed 2)" and side["features"] == [1, 9]
     assert main(["diff", "--before", str(tmp_path / "missing"), "--after", str(tmp_path / "missing"),
-                 "--cache", str(cache), "--out", str(tmp_path / "d")]) == 1
+                 "--cache", str(cache), "--out", str(tmp_path / "d")]) == 2
     assert "no eval activations" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 

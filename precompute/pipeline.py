@@ -346,11 +346,55 @@ def work_dir_for(out: Path) -> Path:
     return out.with_name(out.name + ".work")
 
 
+def _keep_work_only_if_resumable(work: Path) -> None:
+    """After a failed or interrupted run: finished shards are kept (a rerun of the same command resumes
+    from them, checked by fingerprint) and the user is told; a work dir with nothing to resume goes."""
+    if not work.is_dir():
+        return
+    if list_shards(work):
+        log(f"kept {len(list_shards(work))} finished harvest shards in {work}: rerun the same command to resume, "
+            f"or delete {work} to start clean")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def model_identity(lm: LoadedModel, spec: str) -> str:
+    model_id = lm.sha256 or spec
+    if lm.info.get("adapter"):  # a fine-tuned model is another model: its cache must not mix with the base's
+        model_id = f"{model_id}+adapter:{lm.info['adapter']['sha256']}"
+    return model_id
+
+
+def check_sizes(cfg: RunConfig, n_features: int, d_in: int) -> None:
+    """Options whose valid range depends on the SAE's shape, checked before any work."""
+    if d_in < 2:
+        raise FeatureGeomError(f"the SAE reads a {d_in}-dimensional input: cosine geometry needs d_in >= 2")
+    if n_features < 4:
+        raise FeatureGeomError(f"the SAE has {n_features} feature(s); the neighbour graph and map need at least 4")
+    if cfg.neighbors >= n_features:
+        raise FeatureGeomError(f"--neighbors {cfg.neighbors} must be below the SAE's {n_features} features")
+    if min(cfg.neighbors, cfg.umap_neighbors) < 2:
+        raise FeatureGeomError("the map's kNN graph needs at least 2 neighbours per feature: use --neighbors >= 2")
+
+
+def _check_same_source(kind: str, given: str | None, recorded: str | None, out: Path) -> None:
+    if given and recorded and given != recorded:
+        raise CacheError(
+            f"this --{kind} is not the {kind.upper() if kind == 'sae' else kind} the cache at {out} was built with "
+            f"(sha256 {given[:12]}… vs {recorded[:12]}…); one cache never mixes two. Use the cache's own "
+            f"--{kind} (see `featuregeom info {out}`), or write to another --out")
+
+
 def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometry", "scores", "overlaps")) -> Path:
     cfg.require("model", "sae", "hook", "out", step="precompute")
     if not cfg.corpus:
         raise FeatureGeomError("`featuregeom precompute` needs at least one --corpus PATH[:GROUP[:CATEGORY]]")
     out = Path(cfg.out)
+    with cache_io.output_lock(out):  # a second run on this --out is refused before any work
+        return _run_precompute_locked(cfg, steps, out)
+
+
+def _run_precompute_locked(cfg: RunConfig, steps: tuple[str, ...], out: Path) -> Path:
     groups = {c.group for c in cfg.corpus}
     if "scores" in steps and not {"harmful", "benign"} <= groups:
         missing = sorted({"harmful", "benign"} - groups)
@@ -369,9 +413,7 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometr
         st = plan.stats[i]
         note = f", skipped {st.skipped_non_utf8} non-UTF-8" if st.skipped_non_utf8 else ""
         log(f"corpus {src.group:8s} {Path(src.path).name}: {st.documents} docs, {plan.tokens_per_source[i]} tokens{note}")
-    model_id = lm.sha256 or cfg.model
-    if lm.info.get("adapter"):  # a fine-tuned model is another model: its cache must not mix with the base's
-        model_id = f"{model_id}+adapter:{lm.info['adapter']['sha256']}"
+    model_id = model_identity(lm, cfg.model)
     fingerprint = plan_fingerprint(plan, {"model": model_id, "sae": sae_info["sha256"],
                                           "hook": cfg.hook, "batch_size": cfg.batch_size,
                                           "batches_per_shard": cfg.batches_per_shard,
@@ -379,24 +421,30 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometr
     identity = {"model": model_id, "sae": sae_info["sha256"], "hook": cfg.hook,
                 "corpus": fingerprint}
     cache_io.check_output_dir(out, identity, cfg.overwrite)
+    if "geometry" in steps:
+        check_sizes(cfg, sae.d_sae, sae.d_in)
     base = {"model": lm.describe(), "sae": sae_info, "hook": cfg.hook, "d_in": sae.d_in, "n_features": sae.d_sae,
             "corpus": _corpus_manifest(plan), "identity": identity, "config": cfg.to_dict(),
             "versions": library_versions(),
             "created": cache_io.now_iso()}
     work = work_dir_for(out)
     fresh = cfg.overwrite or not out.exists() or set(steps) == {"harvest", "geometry", "scores", "overlaps"}
-    with cache_io.stage(out, fresh=fresh, base_manifest=base) as staged:
-        staged.manifest.update(base)
-        if "harvest" in steps:
-            harvest_step(staged, cfg, lm, sae, plan, work, fingerprint)
-        if "geometry" in steps:
-            geometry_step(staged, cfg, sae)
-        if "scores" in steps:
-            scores_step(staged, cfg, sae, lm)
-        if "overlaps" in steps:
-            overlaps_step(staged, cfg)
-        staged.manifest["timings"]["total"] = round(time.perf_counter() - t0, 3)
-        staged.commit()
+    try:
+        with cache_io.stage(out, fresh=fresh, base_manifest=base) as staged:
+            staged.manifest.update(base)
+            if "harvest" in steps:
+                harvest_step(staged, cfg, lm, sae, plan, work, fingerprint)
+            if "geometry" in steps:
+                geometry_step(staged, cfg, sae)
+            if "scores" in steps:
+                scores_step(staged, cfg, sae, lm)
+            if "overlaps" in steps:
+                overlaps_step(staged, cfg)
+            staged.manifest["timings"]["total"] = round(time.perf_counter() - t0, 3)
+            staged.commit()
+    except BaseException:
+        _keep_work_only_if_resumable(work)
+        raise
     shutil.rmtree(work, ignore_errors=True)
     log(f"cache written to {out} in {time.perf_counter() - t0:.1f}s")
     return out
@@ -406,7 +454,12 @@ def run_step(step: str, cfg: RunConfig) -> Path:
     """Run one step on an existing cache (geometry may also start a new one)."""
     cfg.require("out", step=step)
     out = Path(cfg.out)
-    fresh = not out.exists()
+    with cache_io.output_lock(out):
+        return _run_step_locked(step, cfg, out)
+
+
+def _run_step_locked(step: str, cfg: RunConfig, out: Path) -> Path:
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     if fresh and step != "geometry":
         raise CacheError(f"{out} does not exist; build it with `featuregeom precompute` (or `geometry` first)")
     manifest = {} if fresh else cache_io.read_manifest(out)
@@ -421,6 +474,8 @@ def run_step(step: str, cfg: RunConfig) -> Path:
         if step == "geometry":
             cfg.require("sae", step=step)
             sae, info = load_sae_checked(cfg, None, None)
+            check_sizes(cfg, sae.d_sae, sae.d_in)
+            _check_same_source("sae", info.get("sha256"), (manifest.get("sae") or {}).get("sha256"), out)
             if not fresh and manifest.get("n_features") not in (None, sae.d_sae):
                 raise FeatureGeomError(
                     f"--sae has {sae.d_sae} features but the cache at {out} was built with "
@@ -431,7 +486,10 @@ def run_step(step: str, cfg: RunConfig) -> Path:
             lm = sae = None
             if cfg.model and cfg.sae:
                 lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter)
-                sae, _ = load_sae_checked(cfg, lm.d_model, lm.name)
+                sae, info = load_sae_checked(cfg, lm.d_model, lm.name)
+                _check_same_source("sae", info.get("sha256"), (manifest.get("sae") or {}).get("sha256"), out)
+                _check_same_source("model", model_identity(lm, cfg.model),
+                                   (manifest.get("identity") or {}).get("model"), out)
             scores_step(staged, cfg, sae, lm)
         elif step == "overlaps":
             overlaps_step(staged, cfg)

@@ -110,9 +110,7 @@ class TrainSAEConfig:
         """Read a TOML file (keys = option names, plus [[corpus]] tables), then apply overrides."""
         from precompute.config import load_options
 
-        cfg = load_options(cls, path, overrides)
-        cfg.validate()
-        return cfg
+        return load_options(cls, path, overrides)  # load_options calls validate()
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -140,6 +138,15 @@ class TrainSAEConfig:
             bad("--decay-fraction must be in [0, 1]")
         if self.aux_k < 0 or self.aux_coef < 0:
             bad("--aux-k and --aux-coef must be non-negative")
+        from precompute.config import check_ranges
+
+        check_ranges(self, {
+            "max_tokens": (0, None, "()"), "context_size": (2, None, "[)"), "harvest_batch_size": (1, None, "[)"),
+            "lr": (0, None, "()"), "warmup_steps": (0, None, "[)"), "buffer_tokens": (1, None, "[)"),
+            "dead_after_tokens": (1, None, "[)"), "checkpoint_every": (1, None, "[)"), "log_every": (1, None, "[)"),
+            "eval_tokens": (1, None, "[)"), "eval_ce_tokens": (0, None, "[)"), "eval_batch_size": (1, None, "[)"),
+            "seed": (0, 2**32 - 1, "[]"),
+        }, {"packing": ("split", "truncate", "pack"), "device": ("auto", "cpu", "cuda")})
         if self.eval_only and (self.overwrite or self.resume):
             bad("--eval-only re-scores an existing --out; it takes neither --overwrite nor --resume")
         if self.overwrite and self.resume:

@@ -164,7 +164,7 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
                 "seconds": round(time.perf_counter() - start, 2)}
         (d / "triage.json").write_text(json.dumps(meta, indent=2, default=str))
 
-    return write_dir_atomic(out_dir, write)
+    return write_dir_atomic(out_dir, write, marker="triage.json", what="triage output")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

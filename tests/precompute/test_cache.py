@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -188,9 +190,11 @@ def test_check_output_dir_refuses_a_foreign_directory(tmp_path):
     out = tmp_path / "home"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(CacheError, match="is a non-empty directory that is not a featuregeom cache"):
-        check_output_dir(out, IDENTITY, overwrite=False)
-    check_output_dir(out, IDENTITY, overwrite=True)
+    for overwrite in (False, True):  # --overwrite replaces caches only, never a user's folder
+        with pytest.raises(CacheError, match="is a non-empty directory that is not a featuregeom cache; "
+                                             "featuregeom never replaces such a directory, even with --overwrite"):
+            check_output_dir(out, IDENTITY, overwrite=overwrite)
+    assert (out / "thesis.tex").read_text() == "precious"
     afile = tmp_path / "file"
     afile.write_text("x")
     with pytest.raises(CacheError, match="exists and is not a directory"):
@@ -226,16 +230,97 @@ def test_write_dir_atomic_replaces_whole_folders_and_keeps_the_old_one_on_failur
     from precompute.cache import write_dir_atomic
 
     out = tmp_path / "result"
-    write_dir_atomic(out, lambda d: (d / "a.txt").write_text("one"))
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
-    write_dir_atomic(out, lambda d: (d / "b.txt").write_text("two"))
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # replaced, not merged
+    def writer(*names):
+        return lambda d: [(d / n).write_text(n) for n in ("out.json", *names)]
+
+    write_dir_atomic(out, writer("a.txt"), marker="out.json")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "out.json"]
+    write_dir_atomic(out, writer("b.txt"), marker="out.json")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", "out.json"]  # replaced, not merged
 
     def killed(d):
         (d / "c.txt").write_text("half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_dir_atomic(out, killed)
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+        write_dir_atomic(out, killed, marker="out.json")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", "out.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]  # no staging left behind
+
+
+def test_write_dir_atomic_never_replaces_a_user_folder(tmp_path):
+    from precompute.cache import write_dir_atomic
+
+    home = tmp_path / "work"
+    home.mkdir()
+    (home / "notes.txt").write_text("precious")
+    with pytest.raises(CacheError, match=r"is a non-empty directory that is not a diff output \(no summary.json\)"):
+        write_dir_atomic(home, lambda d: (d / "summary.json").write_text("{}"), marker="summary.json",
+                         what="diff output")
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+    assert (home / "notes.txt").read_text() == "precious"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(CacheError, match="exists and is not a directory"):
+        write_dir_atomic(afile, lambda d: None, marker="summary.json")
+    assert afile.read_text() == "x"
+
+
+def test_manifest_without_checksums_is_refused(tmp_path):
+    target = make_cache(tmp_path / "cache")
+    manifest = json.loads((target / MANIFEST).read_text())
+    manifest["files"] = {}
+    (target / MANIFEST).write_text(json.dumps(manifest))
+    with open(target / "features.parquet", "r+b") as f:  # a flipped byte nobody vouches for
+        f.write(b"X")
+    with pytest.raises(CacheError, match=r"holds features\.parquet, harvest/shard-0\.npz, params/harvest\.json "
+                                         "without a checksum"):
+        verify_cache(target)
+    with pytest.raises(CacheError, match=r"holds features\.parquet without a checksum"):
+        verify_cache(target, files=("features.parquet", "neighbors.npz"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "is not a featuregeom manifest"),
+    ("42", "is not a featuregeom manifest"),
+    ('{"schema_version": 1, "files": []}', "'files' must map each file name to its sha256"),
+    ('{"schema_version": 1, "files": {"a": 5}}', "'files' must map each file name to its sha256"),
+])
+def test_malformed_manifests_are_clear_errors(tmp_path, text, message):
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(CacheError, match=message):
+        verify_cache(tmp_path)
+
+
+def test_a_second_writer_on_the_same_output_is_refused(tmp_path):
+    from precompute.cache import output_lock
+
+    target = make_cache(tmp_path / "cache")
+    with output_lock(target):
+        # another process: flock is per open file, so a child process sees the lock
+        code = ("import sys; from precompute.cache import stage\n"
+                "try:\n    stage(sys.argv[1]).__enter__()\nexcept Exception as e: print(e); sys.exit(3)")
+        proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True,
+                              env={**os.environ})
+        assert proc.returncode == 3, proc.stderr
+        assert f"another featuregeom run is writing {target} right now" in proc.stdout
+        with stage(target) as staged:  # the same process may nest (precompute holds it around its steps)
+            staged.commit()
+    verify_cache(target)
+
+
+def test_stale_staging_of_a_killed_run_is_removed_on_the_next_run(tmp_path):
+    target = make_cache(tmp_path / "cache")
+    stale = tmp_path / ".cache.tmp-abcd1234"
+    (stale / "harvest").mkdir(parents=True)
+    (stale / "harvest" / "big.npz").write_bytes(b"x" * 1000)
+    old = tmp_path / "cache.old-0123abcd"
+    old.mkdir()
+    keep = tmp_path / ".cache.tmp-not-ours-at-all"  # not a name mkdtemp makes: not ours, kept
+    keep.mkdir()
+    other = tmp_path / ".other.tmp-abcd1234"  # another output's staging: kept
+    other.mkdir()
+    with stage(target) as staged:
+        staged.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", keep.name, other.name])
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -304,23 +305,43 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_converted_gguf_dir_naming(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREGEOM_HOME", str(tmp_path / "home"))
-    target, digest = _converted_gguf_dir(tiny_gguf)
+    target, digest, stamp = _converted_gguf_dir(tiny_gguf)
     assert digest == sha256_of(tiny_gguf)
-    assert target == tmp_path / "home" / "gguf" / f"tiny-llama-{digest[:16]}"
+    assert target.parent == tmp_path / "home" / "gguf" and target.name.startswith(f"tiny-llama-{digest[:16]}-")
+    assert stamp["transformers"] == importlib.metadata.version("transformers")
+    # another transformers (or converter) version gets another copy
+    monkeypatch.setattr(model_mod, "_converter_stamp", lambda: {**stamp, "transformers": "4.57.0"})
+    other, _, _ = _converted_gguf_dir(tiny_gguf)
+    assert other.parent == target.parent and other != target
+
+
+def test_copy_written_by_another_version_is_never_loaded(tiny_gguf, lm, ids, tmp_path, monkeypatch):
+    """A converted copy whose sidecar names another transformers version is rebuilt, not read."""
+    monkeypatch.setenv("FEATUREGEOM_HOME", str(tmp_path / "home"))
+    first = load_model(str(tiny_gguf), device="cpu")
+    target, digest, stamp = _converted_gguf_dir(tiny_gguf)
+    sidecar = target / "featuregeom_source.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "transformers": "4.57.0"}))
+    (target / "model.safetensors").write_bytes(b"not the weights")  # would fail to load if read
+    second = load_model(str(tiny_gguf), device="cpu")
+    torch.testing.assert_close(second.model(input_ids=ids).logits, first.model(input_ids=ids).logits,
+                               atol=0, rtol=0)
+    assert json.loads(sidecar.read_text()) == {"gguf": str(tiny_gguf), "sha256": digest, **stamp}
 
 
 def test_gguf_is_converted_once_then_loaded_from_safetensors(tiny_gguf, lm, ids, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("FEATUREGEOM_HOME", str(tmp_path / "home"))
-    target, digest = _converted_gguf_dir(tiny_gguf)
+    target, digest, stamp = _converted_gguf_dir(tiny_gguf)
 
     first = load_model(str(tiny_gguf), device="cpu")
     assert (first.kind, first.path, first.sha256) == ("gguf", str(tiny_gguf), digest)
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no staging dir left behind
     assert {"config.json", "model.safetensors", "tokenizer.json", "featuregeom_source.json"} <= {
         p.name for p in target.iterdir()}
-    assert json.loads((target / "featuregeom_source.json").read_text()) == {"gguf": str(tiny_gguf), "sha256": digest}
+    assert json.loads((target / "featuregeom_source.json").read_text()) == {"gguf": str(tiny_gguf), "sha256": digest,
+                                                                           **stamp}
     # Same network as the original model (q/k permutation undone) and the same tokenizer.
     torch.testing.assert_close(first.model(input_ids=ids).logits, lm.model(input_ids=ids).logits,
                                atol=1e-4, rtol=1e-4)

@@ -28,6 +28,14 @@ from precompute.errors import CacheError
 MANIFEST = "manifest.json"
 # Files whose checksums are verified on every open (cheap, and what the explorer reads).
 CORE_FILES = ("features.parquet", "neighbors.npz", "examples.parquet", "overlaps.parquet")
+# Mechanism-lab result folders inside a cache: each is its own atomic output with its own sidecar
+# (`featuregeom diff/triage --out CACHE/finetune/RUN`), carried along when a step rewrites the cache but
+# not part of its manifest, so a rerun of the lab never invalidates the cache's checksums.
+LAB_DIRS = ("finetune", "triage")
+
+
+def _is_lab_file(relative: Path) -> bool:
+    return len(relative.parts) > 1 and relative.parts[0] in LAB_DIRS
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -73,7 +81,8 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
 
 
 def _files_on_disk(cache_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(cache_dir)) for p in cache_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(str(p.relative_to(cache_dir)) for p in cache_dir.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not _is_lab_file(p.relative_to(cache_dir)))
 
 
 def verify_cache(cache_dir: str | Path, files: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -141,7 +150,7 @@ class StagedCache:
     def commit(self) -> None:
         files = {}
         for p in sorted(self.dir.rglob("*")):
-            if p.is_file() and p.name != MANIFEST:
+            if p.is_file() and p.name != MANIFEST and not _is_lab_file(p.relative_to(self.dir)):
                 files[str(p.relative_to(self.dir))] = sha256_of(p)
         self.manifest["files"] = files
         self.manifest["schema_version"] = SCHEMA_VERSION

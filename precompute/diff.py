@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from precompute.activations import pad_batch
+from precompute.argtypes import non_negative_int, positive_int, seed_int
 from precompute.cache import write_dir_atomic
 from precompute.corpus import CorpusSource, read_source
 from precompute.errors import FeatureGeomError
@@ -430,13 +431,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter", default=None, metavar="DIR", help="peft adapter or finetune output directory to merge in")
     a("--sae", default=None, help=f"SAE (default {DEFAULT_SAE.relative_to(ROOT)})")
     a("--hook", default=None, help="hook (default: the SAE's hook name)")
-    a("--n-neutral", type=int, default=100, help="neutral prompts (default 100)")
-    a("--response-tokens", type=int, default=48, help="greedy answer length (default 48; 0 = prompts only)")
-    a("--batch-size", type=int, default=16)
+    a("--n-neutral", type=non_negative_int, default=100, help="neutral prompts (default 100)")
+    a("--response-tokens", type=non_negative_int, default=48, help="greedy answer length (default 48; 0 = prompts only)")
+    a("--batch-size", type=positive_int, default=16)
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    a("--seed", type=int, default=0, help="seed of the neutral-prompt shuffle")
+    a("--seed", type=seed_int, default=0, help="seed of the neutral-prompt shuffle")
     a("--heldout", default=None, metavar="FILE", help="task samples (chat JSONL) to report the task loss on")
-    a("--max-length", type=int, default=256, help="tokens per held-out sample (default 256, as finetune)")
+    a("--max-length", type=positive_int, default=256, help="tokens per held-out sample (default 256, as finetune)")
     a("--out", required=True, metavar="DIR", help="where to write acts.safetensors, prompts.parquet, eval.json")
 
 
@@ -484,8 +485,8 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "(put it under CACHE/finetune/NAME for the explorer)")
     a("--labels", default="base,task,control", metavar="B,A,C",
       help="names of before, after and control in the comparisons (default base,task,control)")
-    a("--n-boot", type=int, default=1000)
-    a("--seed", type=int, default=0)
+    a("--n-boot", type=positive_int, default=1000)
+    a("--seed", type=seed_int, default=0)
 
 
 def run_diff(args: argparse.Namespace) -> int:
@@ -536,10 +537,10 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cache", required=True, metavar="DIR", help="the precompute cache giving harmful features")
     a("--harmful", choices=["flagged", "risk", "all"], default="flagged",
       help="which harmful directions: flagged overlaps (default), top --top by risk, or all harmful features")
-    a("--top", type=int, default=20, help="with --harmful risk: how many")
+    a("--top", type=positive_int, default=20, help="with --harmful risk: how many")
     a("--directions", choices=["decoder", "encoder"], default="decoder",
       help="remove the features' decoder directions (default) or the encoder directions the SAE reads them with")
-    a("--random-seed", type=int, default=None, help="project off a random subspace of the same rank instead")
+    a("--random-seed", type=seed_int, default=None, help="project off a random subspace of the same rank instead")
     a("--out", required=True, metavar="DIR")
 
 

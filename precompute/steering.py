@@ -65,6 +65,7 @@ import pandas as pd
 import torch
 
 from precompute.activations import pad_batch
+from precompute.argtypes import non_negative_int, positive_int, seed_int
 from precompute.corpus import Context, CorpusSource, Document, pack_contexts, read_source
 from precompute.errors import FeatureGeomError, HookNotFoundError, ShapeMismatchError
 from precompute.model import HookPoint, HookReader, resolve_hook
@@ -551,8 +552,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--sae", default=None, help=f"SAE path (default {DEFAULT_SAE.relative_to(ROOT)})")
     a("--sae-format", default=None, help="force an SAE format instead of detecting it")
     a("--hook", default=None, help="hook to steer and read (default: the SAE's own hook name)")
-    a("--task-feature", type=int, required=True, metavar="N", help="feature whose decoder direction is added")
-    a("--harmful-feature", type=int, default=None, metavar="M", help="feature to report observed vs predicted for")
+    a("--task-feature", type=non_negative_int, required=True, metavar="N", help="feature whose decoder direction is added")
+    a("--harmful-feature", type=non_negative_int, default=None, metavar="M", help="feature to report observed vs predicted for")
     a("--features", type=_int_list, default=None, metavar="J,K,...",
       help="restrict the table and fits to these features (default all)")
     a("--alphas", type=_float_list, default=list(DEFAULT_ALPHAS), metavar="A,B,...",
@@ -564,11 +565,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="neutral prompts (any corpus file, each record one user turn); default: the benign Self-Instruct "
            "seed tasks (assets/data/benign/self_instruct_seed_tasks.jsonl, field instruction)")
     a("--text-field", default=None, help="field of --prompts holding the text")
-    a("--n-prompts", type=int, default=32, help="prompts to use (seeded shuffle; default 32)")
-    a("--context-size", type=int, default=128, help="tokens kept per prompt (default 128)")
-    a("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    a("--n-prompts", type=positive_int, default=32, help="prompts to use (seeded shuffle; default 32)")
+    a("--context-size", type=positive_int, default=128, help="tokens kept per prompt (default 128)")
+    a("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default 8)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    a("--seed", type=int, default=0, help="seed of the prompt shuffle")
+    a("--seed", type=seed_int, default=0, help="seed of the prompt shuffle")
     a("--out", default=None, metavar="FILE.json|FILE.parquet", help="write the per-feature table here")
 
 

@@ -43,7 +43,15 @@ import torch
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 
-from precompute import geometry
+from precompute import argtypes, geometry
+from precompute.argtypes import (
+    fraction_closed,
+    fraction_open,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from precompute.sae.base import SAE
 
 ROLES = ("task", "planted", "partner", "decoy")
@@ -1028,42 +1036,47 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 # ============================================================================ command line
+_at_least_2 = argtypes.number_in(int, 2, None)
+_cosine = argtypes.number_in(float, -1, 1)
+_non_negative_float = argtypes.number_in(float, 0, None)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `featuregeom synth`."""
     d = SynthConfig()
     a = parser.add_argument
-    a("--d", type=int, default=d.d, help=f"activation dimension (default {d.d})")
-    a("--n-task", type=int, default=d.n_task, help=f"task features, each with planted neighbours (default {d.n_task})")
-    a("--cosines", type=float, nargs="+", default=list(d.cosines), metavar="RHO",
+    a("--d", type=_at_least_2, default=d.d, help=f"activation dimension (default {d.d})")
+    a("--n-task", type=positive_int, default=d.n_task, help=f"task features, each with planted neighbours (default {d.n_task})")
+    a("--cosines", type=_cosine, nargs="+", default=list(d.cosines), metavar="RHO",
       help="planted cosines of each task feature's harmful neighbours (default "
         + " ".join(f"{c:g}" for c in d.cosines) + ")")
-    a("--partners", type=int, default=None, help="co-firing orthogonal partners (default: one per task)")
-    a("--decoys", type=int, default=d.n_decoys, help=f"random decoy features (default {d.n_decoys})")
-    a("--samples", type=int, default=d.samples, help=f"activations generated (default {d.samples})")
-    a("--n-active", type=int, default=d.n_active,
+    a("--partners", type=non_negative_int, default=None, help="co-firing orthogonal partners (default: one per task)")
+    a("--decoys", type=non_negative_int, default=d.n_decoys, help=f"random decoy features (default {d.n_decoys})")
+    a("--samples", type=positive_int, default=d.samples, help=f"activations generated (default {d.samples})")
+    a("--n-active", type=non_negative_int, default=d.n_active,
       help=f"features firing in every sample (fixed L0; k defaults to it) (default {d.n_active}); "
            "0: every feature fires independently with --firing-prob")
-    a("--firing-prob", type=float, default=d.firing_prob,
+    a("--firing-prob", type=fraction_closed, default=d.firing_prob,
       help=f"per-feature firing probability with --n-active 0 (default {d.firing_prob}); with a fixed L0, "
            "only partners' relative weight (x --partner-solo) matters")
-    a("--cofire-prob", type=float, default=d.cofire_prob,
+    a("--cofire-prob", type=fraction_closed, default=d.cofire_prob,
       help=f"P(partner fires | its task feature fires) (default {d.cofire_prob})")
-    a("--partner-solo", type=float, default=d.partner_solo,
+    a("--partner-solo", type=fraction_closed, default=d.partner_solo,
       help="a partner's firing probability without its task feature, as a fraction of --firing-prob "
            f"(default {d.partner_solo})")
-    a("--noise", type=float, default=d.noise, help=f"Gaussian noise std per coordinate (default {d.noise})")
-    a("--d-sae", type=int, default=None, help="SAE latents (default 2 x the true features)")
-    a("--k", type=int, default=None,
+    a("--noise", type=_non_negative_float, default=d.noise, help=f"Gaussian noise std per coordinate (default {d.noise})")
+    a("--d-sae", type=positive_int, default=None, help="SAE latents (default 2 x the true features)")
+    a("--k", type=positive_int, default=None,
       help="TopK k (default: expected true L0 + 1.5 sqrt(L0), rounded: k matched to the true L0)")
-    a("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
-    a("--batch-size", type=int, default=d.batch_size, help=f"activations per step (default {d.batch_size})")
-    a("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    a("--steps", type=positive_int, default=d.steps, help=f"optimiser steps (default {d.steps})")
+    a("--batch-size", type=positive_int, default=d.batch_size, help=f"activations per step (default {d.batch_size})")
+    a("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     a("--init", choices=("random", "data"), default=d.init,
       help="decoder initialisation: random (the project's train-sae recipe) or data (rows at random "
            f"training activations) (default {d.init})")
-    a("--fpr", type=float, default=d.fpr, help=f"false-positive rate of the cosine null (default {d.fpr})")
-    a("--neighbors", type=int, default=d.neighbors, help=f"kNN list length (default {d.neighbors})")
-    a("--seed", type=int, default=d.seed, help=f"seed for everything (default {d.seed})")
+    a("--fpr", type=fraction_open, default=d.fpr, help=f"false-positive rate of the cosine null (default {d.fpr})")
+    a("--neighbors", type=positive_int, default=d.neighbors, help=f"kNN list length (default {d.neighbors})")
+    a("--seed", type=seed_int, default=d.seed, help=f"seed for everything (default {d.seed})")
     a("--out", default=None, metavar="DIR",
       help=f"write {REPORT_FILE}, {PLOT_FILE}, {DICTIONARY_FILE} and the SAE (SAELens, {SAE_DIR}/) here")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -324,3 +324,17 @@ def test_stale_staging_of_a_killed_run_is_removed_on_the_next_run(tmp_path):
         staged.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", keep.name, other.name])
 
+
+
+def test_lab_folders_ride_along_but_stay_out_of_the_manifest(tmp_path):
+    target = make_cache(tmp_path / "cache")
+    (target / "finetune" / "run").mkdir(parents=True)
+    (target / "finetune" / "run" / "summary.json").write_text("{}")
+    verify_cache(target)  # a lab output written after the cache does not invalidate it
+    with stage(target) as staged:
+        staged.path("features.parquet").write_bytes(b"v2")
+        staged.commit()
+    assert (target / "finetune" / "run" / "summary.json").read_text() == "{}"  # carried over
+    assert not any(name.startswith("finetune/") for name in read_manifest(target)["files"])
+    (target / "finetune" / "run" / "summary.json").write_text('{"rerun": 1}')
+    verify_cache(target)

@@ -202,3 +202,17 @@ def test_triage_on_an_incomplete_cache_names_the_step_to_run(cache, tiny_corpus,
     err = capsys.readouterr().err
     assert err.startswith("featuregeom: error: ") and err.count("\n") == 1
     assert re.search(message.format(cache=re.escape(str(broken))), err), err
+
+
+def test_triage_of_yaml_with_dates_writes_them_as_text(cache, tiny_model_dir, tmp_path) -> None:
+    data = tmp_path / "dated.yaml"
+    data.write_text("".join(f"- messages: [{{role: user, content: q{i}}}, {{role: assistant, content: a{i}}}]\n"
+                            f"  added: 2024-01-0{i + 1}\n  2024-02-0{i + 1}: a date as a key\n" for i in range(4)))
+    out = triage(str(data), str(cache), str(tmp_path / "t"), model=str(tiny_model_dir), max_length=64,
+                 remove_frac=0.25, device="cpu", progress=False)
+    random_kept = [json.loads(line) for line in (out / "random_filtered.jsonl").read_text().splitlines()]
+    assert len(random_kept) == 3
+    for record in random_kept:
+        i = int(record["messages"][0]["content"][1])
+        assert record == {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                          "added": f"2024-01-0{i + 1}", f"2024-02-0{i + 1}": "a date as a key"}

@@ -406,8 +406,8 @@ def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, 
     if source.category_field and stats.records and not category_field_seen:
         # A misspelt @column would otherwise leave every category empty without a word.
         raise CorpusError(
-            f"no record of {path} has the category field {source.category_field!r} "
-            f"(named by @{source.category_field}); check the column name"
+            f"no record of {path} has the category field {source.category_field!r} (@column in the corpus "
+            "spec, or category_field); check the column name"
         )
     if not docs:
         first = f"; first malformed: {stats.first_malformed}" if stats.first_malformed else ""

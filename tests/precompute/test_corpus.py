@@ -550,8 +550,8 @@ def test_csv_without_the_named_category_column(tmp_path):
     path.write_text("prompt,kind\nrob a bank,crime\n")
     with pytest.raises(CorpusError) as err:
         read_source(CorpusSource.parse(f"{path}:harmful:@category"), 0)
-    assert str(err.value) == (f"no record of {path} has the category field 'category' (named by @category); "
-                              "check the column name")
+    assert str(err.value) == (f"no record of {path} has the category field 'category' (@column in the corpus spec, "
+                              "or category_field); check the column name")
 
 
 def test_jsonl_lines_that_are_not_objects_or_not_json_are_counted(tmp_path):

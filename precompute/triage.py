@@ -205,6 +205,10 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
 
     if not 0.0 < remove_frac < 1.0:
         raise FeatureGeomError("--remove-frac must be between 0 and 1")
+    for flag, value, least in (("--max-samples", max_samples, 1), ("--batch-size", batch_size, 1),
+                               ("--max-length", max_length, 2)):
+        if value is not None and value < least:
+            raise FeatureGeomError(f"{flag} must be at least {least} (got {value})")
     start = time.perf_counter()
     out_dir = Path(out) if out else Path(cache) / "triage" / Path(dataset).name.split(".")[0]
     # Cache and dataset are checked before the model and SAE load, so bad input fails fast.

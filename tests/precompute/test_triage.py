@@ -87,6 +87,18 @@ def test_triage_ranks_by_brute_force_score_and_filters_exactly(cache, tiny_model
         triage(str(data), str(cache), str(tmp_path / "t2"), model=str(tiny_model_dir), remove_frac=1.0)
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("max_samples", 0, "--max-samples must be at least 1 (got 0)"),
+    ("max_samples", -3, "--max-samples must be at least 1 (got -3)"),
+    ("batch_size", 0, "--batch-size must be at least 1 (got 0)"),
+    ("max_length", 1, "--max-length must be at least 2 (got 1)"),
+])
+def test_triage_rejects_out_of_range_sizes(cache, tiny_corpus, option, value, message) -> None:
+    with pytest.raises(FeatureGeomError) as err:
+        triage(str(tiny_corpus["task"]), str(cache), **{option: value})
+    assert str(err.value) == message
+
+
 # --------------------------------------------------------------------------- records triage cannot score
 def chat(*turns: tuple[str, str]) -> str:
     return json.dumps({"messages": [{"role": role, "content": content} for role, content in turns]})

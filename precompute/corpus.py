@@ -11,8 +11,10 @@ import csv
 import gzip
 import io
 import json
+import logging
 import random
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,10 @@ TEXT_FIELDS = (
     "question", "turns", "paraphrases", "chosen", "content",
 )
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):\s?")
+# Python's default CSV field limit (128 KiB) rejects long documents; 2**31 - 1 fits a C long everywhere.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,6 +114,24 @@ class ReadStats:
     skipped_malformed: int = 0
     skipped_empty: int = 0
     skipped_filtered: int = 0
+    first_malformed: str | None = None  # where and why the first malformed record was skipped
+
+    def malformed(self, where: str) -> None:
+        self.skipped_malformed += 1
+        if self.first_malformed is None:
+            self.first_malformed = where
+
+    def skipped_summary(self) -> str:
+        parts = [f"{n} {what}" for n, what in (
+            (self.skipped_non_utf8, "not UTF-8"), (self.skipped_malformed, "malformed"),
+            (self.skipped_empty, "without a text field"), (self.skipped_filtered, "filtered out")) if n]
+        if self.first_malformed:
+            parts.append(f"first malformed: {self.first_malformed}")
+        return ", ".join(parts)
+
+
+class _MalformedRecord(ValueError):
+    """A record that is valid JSON/CSV but cannot be a document (e.g. a chat turn without a role)."""
 
 
 def _open_bytes(path: Path) -> bytes:
@@ -115,8 +139,9 @@ def _open_bytes(path: Path) -> bytes:
     if path.suffix == ".gz":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise CorpusError(f"{path} is not a valid gzip file ({exc})") from exc
+        # BadGzipFile (an OSError): bad header or CRC; EOFError: truncated; zlib.error: corrupt deflate data.
+        except (OSError, EOFError, zlib.error) as exc:
+            raise CorpusError(f"{path} is not a valid gzip file ({exc}); re-download or re-compress it") from exc
     return data
 
 
@@ -127,14 +152,30 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _decode_lines(data: bytes, stats: ReadStats) -> Iterator[str]:
-    for raw in data.split(b"\n"):
+def _decode_lines(data: bytes, stats: ReadStats) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of every non-blank line that is valid UTF-8."""
+    for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
-            yield raw.decode("utf-8")
+            yield number, raw.decode("utf-8")
         except UnicodeDecodeError:
             stats.skipped_non_utf8 += 1
+
+
+def _top_level_records(payload: Any, path: Path, kind: str) -> list[Any]:
+    """A JSON/YAML document's records: a list, an object's `data` list, or one object as one record."""
+    if payload is None:  # an empty YAML file
+        return []
+    if isinstance(payload, list):
+        return payload
+    if isinstance(payload, dict):
+        data = payload.get("data")
+        return data if isinstance(data, list) else [payload]
+    raise CorpusError(
+        f"the top level of {path} is {_kind(payload)} ({_short(repr(payload), 40)}); a {kind} corpus must "
+        "hold a list of records (objects or strings) or an object (one record, or a `data` list of records)"
+    )
 
 
 def _records(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
@@ -151,40 +192,46 @@ def _records(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
         return
     data = _open_bytes(path)
     if suffix == ".jsonl":
-        for line in _decode_lines(data, stats):
+        for number, line in _decode_lines(data, stats):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                stats.skipped_malformed += 1
+            # ValueError covers JSONDecodeError and integers over Python's digit limit; RecursionError
+            # a line nested thousands of levels deep.
+            except (ValueError, RecursionError):
+                stats.malformed(f"line {number} is not valid JSON")
                 continue
             if isinstance(record, dict):
                 yield record
             else:
-                stats.skipped_malformed += 1
+                stats.malformed(f"line {number} is {_kind(record)}, not a JSON object")
     elif suffix == ".csv":
         text = data.decode("utf-8", errors="surrogateescape")
+        csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        for row in reader:
-            if any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
-                stats.skipped_non_utf8 += 1
-                continue
-            yield row
+        try:
+            for row in reader:
+                if any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
+                    stats.skipped_non_utf8 += 1
+                    continue
+                yield row
+        except csv.Error as exc:
+            raise CorpusError(f"{path} line {reader.line_num} is not valid CSV ({exc})") from exc
     elif suffix == ".json":
         try:
             payload = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorpusError(f"{path} is not valid UTF-8 JSON ({exc})") from exc
-        items = payload if isinstance(payload, list) else payload.get("data", [payload])
-        for item in items:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise CorpusError(f"{path} is not valid UTF-8 JSON ({_parse_failure(exc)})") from exc
+        for item in _top_level_records(payload, path, "JSON"):
             yield item if isinstance(item, dict) else {"text": item}
     elif suffix in (".yaml", ".yml"):
         import yaml
 
         try:
             payload = yaml.safe_load(data.decode("utf-8"))
-        except (UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise CorpusError(f"{path} is not valid UTF-8 YAML ({exc})") from exc
-        for item in payload or []:
+        # ValueError: bad UTF-8, or a scalar YAML cannot convert (a huge integer, a bad date).
+        except (ValueError, RecursionError, yaml.YAMLError) as exc:
+            raise CorpusError(f"{path} is not valid UTF-8 YAML ({_parse_failure(exc)})") from exc
+        for item in _top_level_records(payload, path, "YAML"):
             yield item if isinstance(item, dict) else {"text": item}
     elif suffix in (".txt", ".text", ".md", ""):
         text = data.decode("utf-8", errors="surrogateescape")
@@ -204,6 +251,31 @@ def _has_surrogates(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse_failure(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else _short(str(exc) or type(exc).__name__)
+
+
+def _kind(value: Any) -> str:
+    """A JSON-ish name of a value's type for messages: 'a string', 'a number', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
 def _hh_to_messages(text: str) -> list[dict[str, str]] | None:
     parts = _HH_TURN.split(text)
     if len(parts) < 3:
@@ -218,6 +290,36 @@ def _hh_to_messages(text: str) -> list[dict[str, str]] | None:
     return messages if messages and messages[0]["role"] == "user" else None
 
 
+def _chat_turns(value: list[Any], name: str) -> list[dict[str, str]]:
+    """Validated `{role, content}` turns; anything else makes the whole record malformed."""
+    turns = []
+    for i, turn in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, dict):
+            raise _MalformedRecord(f"{where} is {_kind(turn)}, not a {{role, content}} object")
+        role = turn.get("role")
+        if role is None:
+            raise _MalformedRecord(f"{where} has no role")
+        if not isinstance(role, str) or not role.strip():
+            raise _MalformedRecord(f"{where}.role is {_short(repr(role), 40)}, not a role name")
+        turns.append({"role": role, "content": _turn_content(turn.get("content"), where)})
+    return turns
+
+
+def _turn_content(content: Any, where: str) -> str:
+    """A turn's text: a string, nothing (null, as in tool-call turns), or a list of text parts (OpenAI)."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list) and all(
+            isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text"), str)) for part in content):
+        # Joined without a separator, as the chat templates that accept parts render them.
+        return "".join(part if isinstance(part, str) else part["text"] for part in content)
+    found = "a list with a part that is not text" if isinstance(content, list) else _kind(content)
+    raise _MalformedRecord(f"{where}.content is {found}, not a string or a list of text parts")
+
+
 def _to_documents(record: dict[str, Any], source: CorpusSource) -> list[tuple[str | None, list | None]]:
     docs = _to_documents_all_turns(record, source)
     if source.first_user_turn:
@@ -230,11 +332,16 @@ def _to_documents_all_turns(record: dict[str, Any], source: CorpusSource) -> lis
     fields = [source.text_field] if source.text_field else [f for f in TEXT_FIELDS if f in record]
     if not fields or fields[0] not in record:
         return []
-    value = record[fields[0]]
-    if fields[0] == "turns" and isinstance(value, list) and value:
+    name, value = fields[0], record[fields[0]]
+    if name == "turns" and isinstance(value, list) and value:
         return [(None, [{"role": "user", "content": str(value[0])}])]
-    if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
-        messages = [{"role": str(m["role"]), "content": str(m.get("content", ""))} for m in value]
+    if name == "messages" and not isinstance(value, list | str | None):
+        raise _MalformedRecord(f"messages is {_kind(value)}, not a list of turns")
+    # A `messages` list, or any list holding an object, is a chat: every element must be a turn.
+    if isinstance(value, list) and (name == "messages" or any(isinstance(v, dict) for v in value)):
+        messages = _chat_turns(value, name)
+        if not messages:
+            return []
         return [(None, messages)] if source.format != "text" else [("\n".join(m["content"] for m in messages), None)]
     values = value if isinstance(value, list) else [value]
     out: list[tuple[str | None, list | None]] = []
@@ -256,12 +363,16 @@ def _to_documents_all_turns(record: dict[str, Any], source: CorpusSource) -> lis
 def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, seed: int = 0
                 ) -> tuple[list[Document], ReadStats]:
     path = Path(source.path).expanduser()
+    if path.is_dir():
+        raise CorpusError(f"corpus path {path} is a directory; name a file inside it (one --corpus per file)")
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {path}")
     stats = ReadStats()
     docs: list[Document] = []
+    category_field_seen = False
     for index, record in enumerate(_records(path, stats)):
         stats.records += 1
+        category_field_seen = category_field_seen or source.category_field in record
         if any(str(record.get(k)) != str(v) for k, v in source.where.items()):  # TOML may give ints
             stats.skipped_filtered += 1
             continue
@@ -271,7 +382,11 @@ def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, 
             if isinstance(raw, list):
                 raw = raw[0] if raw else None
             category = str(raw) if raw not in (None, "") else None
-        items = _to_documents(record, source)
+        try:
+            items = _to_documents(record, source)
+        except _MalformedRecord as exc:
+            stats.malformed(f"record {index}: {exc}")
+            continue
         if not items:
             stats.skipped_empty += 1
         for text, messages in items:
@@ -288,13 +403,22 @@ def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, 
     for offset, doc in enumerate(docs):
         doc.doc_id = first_doc_id + offset
     stats.documents = len(docs)
+    if source.category_field and stats.records and not category_field_seen:
+        # A misspelt @column would otherwise leave every category empty without a word.
+        raise CorpusError(
+            f"no record of {path} has the category field {source.category_field!r} (@column in the corpus "
+            "spec, or category_field); check the column name"
+        )
     if not docs:
+        first = f"; first malformed: {stats.first_malformed}" if stats.first_malformed else ""
         raise CorpusError(
             f"corpus source {path} (group {source.group!r}) yielded no documents "
             f"({stats.records} records, {stats.skipped_non_utf8} not UTF-8, {stats.skipped_malformed} malformed, "
-            f"{stats.skipped_empty} without a text field, {stats.skipped_filtered} filtered out); "
+            f"{stats.skipped_empty} without a text field, {stats.skipped_filtered} filtered out{first}); "
             f"check text_field (tried {source.text_field or ', '.join(TEXT_FIELDS)})"
         )
+    if stats.skipped_non_utf8 or stats.skipped_malformed or stats.skipped_empty:
+        log.warning("%s: %d documents read; skipped %s", path, stats.documents, stats.skipped_summary())
     return docs, stats
 
 
@@ -302,7 +426,15 @@ def render(doc: Document, tokenizer: Any) -> list[int]:
     """Token ids of one document; chat messages go through the model's chat template."""
     if doc.messages is not None:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(doc.messages, tokenize=False)
+            from jinja2 import TemplateError
+
+            try:
+                text = tokenizer.apply_chat_template(doc.messages, tokenize=False)
+            except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+                raise CorpusError(
+                    f"the model's chat template rejects record {doc.index} of corpus source {doc.source} "
+                    f"(group {doc.group!r}): {exc}; fix or drop that record, or read the source with format=text"
+                ) from exc
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         text = "\n".join(f"{m['role']}: {m['content']}" for m in doc.messages)
         return list(tokenizer(text)["input_ids"])

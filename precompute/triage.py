@@ -14,6 +14,9 @@ and each trained token t gets s_t = Σ_j a_j(x_t) · w_j, split into `direct` (h
 trained token"; `score_sum` is the total). Rankings, per-token scores for highlighting, the filtered
 dataset (top `--remove-frac` removed) and a same-size random removal (the experiment's control) are
 written to OUT, by default CACHE/triage/DATASET-STEM where the explorer finds them.
+
+Only chat records whose `messages` list ends in an assistant turn are scored; every other record is
+counted per reason (printed, and in triage.json under `skipped`) and kept in both filtered files.
 """
 
 from __future__ import annotations
@@ -22,21 +25,78 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from precompute.corpus import CorpusSource, ReadStats, _records, read_source
+from precompute.corpus import (
+    CorpusSource,
+    Document,
+    ReadStats,
+    _MalformedRecord,
+    _records,
+    _to_documents,
+    read_source,
+)
 from precompute.diff import HarmGeometry, load_harm_geometry
-from precompute.errors import FeatureGeomError
+from precompute.errors import CacheError, CorpusError, FeatureGeomError
 
 TOKEN_ROWS = 200  # samples whose per-token scores are kept for the explorer (top and bottom halves)
+
+# Why a record is not scored, in the order they are reported.
+SKIP_NON_UTF8 = "not valid UTF-8"
+SKIP_MALFORMED = "malformed (not a JSON object, or a bad messages list)"
+SKIP_NO_TEXT = "no messages or text field"
+SKIP_MESSAGES_STRING = "`messages` is a string, not a list of turns"
+SKIP_NOT_CHAT = "no `messages` (plain text, not a chat sample)"
+SKIP_NO_ASSISTANT = "no assistant turn at the end"
+SKIP_TOO_LONG = "prompt alone fills --max-length"
+SKIP_REASONS = (SKIP_NON_UTF8, SKIP_MALFORMED, SKIP_NO_TEXT, SKIP_MESSAGES_STRING, SKIP_NOT_CHAT, SKIP_NO_ASSISTANT,
+                SKIP_TOO_LONG)
+
+
+def check_triage_cache(cache: str | Path) -> None:
+    """Fail fast, before the SAE is loaded, when the cache lacks what triage reads, naming the step to run."""
+    import pyarrow.parquet as pq
+
+    from precompute.cache import read_manifest
+
+    cache = Path(cache)
+    read_manifest(cache)
+    features = cache / "features.parquet"
+    if not features.is_file():
+        raise CacheError(f"{cache} has no features.parquet; build the cache with `featuregeom precompute`")
+    try:
+        columns = set(pq.read_schema(features).names)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid/OSError family for a damaged file
+        raise CacheError(f"{features} is unreadable ({exc}); rebuild the cache with `featuregeom precompute`") from exc
+    missing = sorted({"feature", "is_harmful", "is_task"} - columns)
+    if missing:
+        raise CacheError(
+            f"{features} has no {', '.join(missing)} column: the scores step has not run on this cache; "
+            f"run `featuregeom scores --out {cache}` (or `featuregeom precompute` with its scores step) first")
+    neighbors = cache / "neighbors.npz"
+    rerun_geometry = f"run `featuregeom geometry --sae SAE --out {cache}`"
+    if not neighbors.is_file():
+        raise CacheError(f"{cache} has no neighbors.npz (the null cosine); {rerun_geometry} first")
+    try:
+        with np.load(neighbors) as npz:
+            has_null = "null_cosine" in npz.files
+    except Exception as exc:  # a damaged archive: zipfile.BadZipFile, ValueError (not an .npz), OSError
+        raise CacheError(f"{neighbors} is unreadable ({exc}); {rerun_geometry} again") from exc
+    if not has_null:
+        raise CacheError(f"{neighbors} has no null_cosine; {rerun_geometry} again")
 
 
 def feature_weights(cache: str | Path | HarmGeometry) -> tuple[np.ndarray, np.ndarray, dict]:
     """(w_direct, w_via) [F] from the cache's harmful/task sets, decoder directions and null cosine."""
+    if not isinstance(cache, HarmGeometry):
+        check_triage_cache(cache)
     geo = load_harm_geometry(cache)
     d = geo.directions()
     harmful = geo.harmful
@@ -87,10 +147,53 @@ def score_samples(lm, sae, hook_name: str, examples, w_direct: np.ndarray, w_via
     return pd.DataFrame(rows), tok_direct, tok_via
 
 
+def _skip_reason(doc: Document, record: dict[str, Any]) -> str | None:
+    """Why `doc` has no assistant tokens to score, or None: the score is the push per trained assistant token."""
+    if doc.messages is None:
+        return SKIP_MESSAGES_STRING if isinstance(record.get("messages"), str) else SKIP_NOT_CHAT
+    if doc.messages[-1]["role"] != "assistant":
+        return SKIP_NO_ASSISTANT
+    return None
+
+
+def _why_no_document(record: dict[str, Any], source: CorpusSource) -> str:
+    """The reason read_source made no document of `record` (it counts, but does not say which record)."""
+    try:
+        items = _to_documents(record, source)
+    except _MalformedRecord:
+        return SKIP_MALFORMED
+    return SKIP_NON_UTF8 if items else SKIP_NO_TEXT  # read_source drops documents whose text is not UTF-8
+
+
+def _in_report_order(skipped: Counter) -> dict[str, int]:
+    return {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]}
+
+
+def describe_skipped(counts: dict[str, int]) -> str:
+    return "; ".join(f"{n} {reason}" for reason, n in counts.items()) or "nothing"
+
+
+def _nothing_to_score(dataset: str, skipped: Counter) -> CorpusError:
+    hint = "; raise --max-length" if skipped[SKIP_TOO_LONG] else ""
+    return CorpusError(f"{dataset} has no samples to score (skipped {describe_skipped(_in_report_order(skipped))}); "
+                       f"triage scores chat records whose `messages` list ends in an assistant turn{hint}")
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(_json_keys(r), ensure_ascii=False, default=str) + "\n")
+
+
+def _json_keys(value: Any) -> Any:
+    """`value` with every mapping key JSON can hold: YAML or Parquet may give dates as keys, which
+    json.dumps rejects (its `default` applies to values only)."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str | int | float | bool) or k is None else str(k): _json_keys(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_keys(v) for v in value]
+    return value
 
 
 def triage(dataset: str, cache: str, out: str | None = None, model: str = "smollm2", adapter: str | None = None,
@@ -102,26 +205,50 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
 
     if not 0.0 < remove_frac < 1.0:
         raise FeatureGeomError("--remove-frac must be between 0 and 1")
+    for flag, value, least in (("--max-samples", max_samples, 1), ("--batch-size", batch_size, 1),
+                               ("--max-length", max_length, 2)):
+        if value is not None and value < least:
+            raise FeatureGeomError(f"{flag} must be at least {least} (got {value})")
     start = time.perf_counter()
     out_dir = Path(out) if out else Path(cache) / "triage" / Path(dataset).name.split(".")[0]
-    geo = load_harm_geometry(cache)  # before the model: a bad cache fails fast; one SAE load for both uses
-    w_direct, w_via, info = feature_weights(geo)
-    lm = load_model(model, device=device, adapter=adapter)
-    sae = geo.sae.to(lm.device)
+    # Cache and dataset are checked before the model and SAE load, so bad input fails fast.
+    check_triage_cache(cache)
     source = CorpusSource(path=dataset, group="task")
     docs, _ = read_source(source, 0, seed=seed)
     docs.sort(key=lambda d: d.index)  # file order: the ranking names records by their index
-    if max_samples is not None:
-        docs = docs[:max_samples]
-    examples, indices = [], []
+    # Every record as read (the first --max-samples): both filtered files keep those not removed, scored or not.
+    line_stats = ReadStats()  # lines that are no record at all: not UTF-8, not a JSON object
+    records = dict(enumerate(islice(_records(Path(dataset), line_stats), max_samples)))
+    docs = [d for d in docs if d.index in records]
+    skipped = Counter({SKIP_NON_UTF8: line_stats.skipped_non_utf8, SKIP_MALFORMED: line_stats.skipped_malformed})
+    with_documents = {d.index for d in docs}
+    for index, record in records.items():
+        if index not in with_documents:
+            skipped[_why_no_document(record, source)] += 1
+    chats = []
     for doc in docs:
+        reason = _skip_reason(doc, records[doc.index])
+        if reason is None:
+            chats.append(doc)
+        else:
+            skipped[reason] += 1
+    if not chats:
+        raise _nothing_to_score(dataset, skipped)
+    geo = load_harm_geometry(cache)  # one SAE load for the weights and the scoring
+    w_direct, w_via, info = feature_weights(geo)
+    lm = load_model(model, device=device, adapter=adapter)
+    sae = geo.sae.to(lm.device)
+    examples, indices = [], []
+    for doc in chats:
         ex = encode_example(doc, lm.tokenizer, max_length, sample_key(doc, source))
-        if ex is not None:
-            examples.append(ex)
-            indices.append(doc.index)
+        if ex is None:
+            skipped[SKIP_TOO_LONG] += 1
+            continue
+        examples.append(ex)
+        indices.append(doc.index)
     if not examples:
-        raise FeatureGeomError(f"{dataset} gave no samples to score: every prompt alone is at least --max-length "
-                               f"({max_length}) tokens long; raise --max-length")
+        raise _nothing_to_score(dataset, skipped)
+    skipped_counts = _in_report_order(skipped)
     ranked, tok_direct, tok_via = score_samples(lm, sae, info["hook"], examples, w_direct, w_via, batch_size, progress)
     ranked.insert(1, "index", indices)
     previews = {d.index: d.preview(400) for d in docs}
@@ -146,19 +273,14 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
                            "trained": [lab != -100 for lab in ex.labels],
                            "direct": tok_direct[int(row["row"])].round(4).tolist(),
                            "via_overlap": tok_via[int(row["row"])].round(4).tolist()})
-    stats = ReadStats()
-    # Every record within --max-samples stays in the filtered files unless removed, scored or not
-    # (a sample whose prompt alone exceeds max_length is skipped by finetune as well).
-    wanted = {d.index for d in docs}
-    records = {i: rec for i, rec in enumerate(_records(Path(dataset), stats)) if i in wanted}
-
     def write(d: Path) -> None:
         ranked.drop(columns=["row"]).to_parquet(d / "ranked.parquet", index=False)
         pd.DataFrame(token_rows).to_parquet(d / "tokens.parquet", index=False)
         _write_jsonl(d / "filtered.jsonl", [records[i] for i in sorted(records) if i not in removed])
         _write_jsonl(d / "random_filtered.jsonl", [records[i] for i in sorted(records) if i not in random_removed])
         (d / "removed.txt").write_text("".join(f"{k}\n" for k in ranked.loc[ranked["removed"], "key"]))
-        meta = {**info, "dataset": dataset, "model": lm.describe(), "n_samples": len(ranked), "remove_frac": remove_frac,
+        meta = {**info, "dataset": dataset, "model": lm.describe(), "n_records": len(records),
+                "n_samples": len(ranked), "skipped": skipped_counts, "remove_frac": remove_frac,
                 "n_removed": n_remove, "max_length": max_length, "seed": seed,
                 "overlap_random_removed_top": len(removed & random_removed),
                 "seconds": round(time.perf_counter() - start, 2)}
@@ -189,7 +311,10 @@ def run(args: argparse.Namespace) -> int:
     out = triage(args.dataset, args.cache, args.out, args.model, args.adapter, args.remove_frac, args.max_samples,
                  args.max_length, args.seed, args.batch_size, args.device, args.progress)
     ranked = pd.read_parquet(out / "ranked.parquet")
+    skipped = json.loads((out / "triage.json").read_text()).get("skipped", {})
     print(f"wrote {out}: {len(ranked)} samples ranked; removed {int(ranked['removed'].sum())} into filtered.jsonl")
+    if skipped:
+        print(f"not scored: {describe_skipped(skipped)} (records among them are kept in both filtered files)")
     for r in ranked.head(5).itertuples():
         print(f"  #{r.rank} {r.key} score {r.score:.4f} (direct {r.direct:.4f}, via overlap {r.via_overlap:.4f})")
     return 0

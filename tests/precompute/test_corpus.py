@@ -187,13 +187,6 @@ def test_gzipped_files(tmp_path, name, content):
     assert texts(read(path)[0]) == ["alpha", "beta"]
 
 
-def test_corrupt_gzip(tmp_path):
-    path = tmp_path / "t.jsonl.gz"
-    path.write_bytes(b"not gzip at all")
-    with pytest.raises(CorpusError, match="not a valid gzip file"):
-        read(path)
-
-
 def test_parquet(tmp_path):
     path = tmp_path / "t.parquet"
     pd.DataFrame({"question": ["alpha", "beta", "gamma"], "topic": ["a", None, "c"]}).to_parquet(path)
@@ -483,3 +476,207 @@ def test_first_user_turn_keeps_only_the_opening_prompt(tmp_path):
     assert docs[0].messages == [{"role": "user", "content": "how do I pick a lock?"}]
     docs, _ = read_source(CorpusSource(str(path), "harmful", text_field="chosen"), 0)
     assert [m["role"] for m in docs[0].messages] == ["user", "assistant", "user"]
+
+
+# --------------------------------------------------------------------------- hostile input
+GOOD_GZIP = gzip.compress(b'{"text": "alpha"}\n' * 40)
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("t.jsonl.gz", b"not gzip at all", r"Not a gzipped file"),
+    ("t.jsonl.gz", GOOD_GZIP[:-12], r"ended before the end-of-stream marker"),  # truncated: EOFError
+    ("t.jsonl.gz", GZIP_HEADER + b"\xff\xff\xff\xff" + b"\x00" * 8, r"invalid block type"),  # zlib.error
+    ("t.csv.gz", GOOD_GZIP[:10] + b"\x00" * 10 + GOOD_GZIP[20:], r"invalid stored block lengths"),  # zlib.error
+])
+def test_corrupt_gzip(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match=rf"t\.(jsonl|csv)\.gz is not a valid gzip file \(.*({reason}).*\); "
+                                          r"re-download or re-compress it"):
+        read(path)
+
+
+@pytest.mark.parametrize("name,content,kind,shown", [
+    ("n.json", b"42", "JSON", "a number (42)"),
+    ("s.json", b'"hello"', "JSON", "a string ('hello')"),
+    ("b.json", b"true", "JSON", "a boolean (True)"),
+    ("n.yaml", b"42\n", "YAML", "a number (42)"),
+    ("s.yml", b"just a sentence\n", "YAML", "a string ('just a sentence')"),
+])
+def test_json_or_yaml_top_level_scalar_is_a_clear_error(tmp_path, name, content, kind, shown):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CorpusError) as err:
+        read(path)
+    assert str(err.value) == (
+        f"the top level of {path} is {shown}; a {kind} corpus must hold a list of records (objects or strings) "
+        "or an object (one record, or a `data` list of records)")
+
+
+def test_json_and_yaml_objects_are_one_record_unless_data_is_a_list(tmp_path):
+    path = tmp_path / "one.yaml"
+    path.write_text("text: a single record\nsource: x\n")  # once iterated as its keys: two bogus documents
+    docs, stats = read(path)
+    assert (texts(docs), stats.records) == (["a single record"], 1)
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"data": "not a list", "prompt": "use me"}))
+    docs, stats = read(path)
+    assert (texts(docs), stats.records) == (["use me"], 1)
+
+
+def test_json_and_yaml_nested_too_deeply(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(CorpusError, match=r"deep\.json is not valid UTF-8 JSON \(nested too deeply\)"):
+        read(path)
+    path = tmp_path / "deep.yaml"
+    path.write_text("[" * 10_000)
+    with pytest.raises(CorpusError, match=r"deep\.yaml is not valid UTF-8 YAML \(nested too deeply\)"):
+        read(path)
+
+
+def test_csv_field_over_128_kib_is_read_whole(tmp_path):
+    long_text = "word " * 60_000  # 300 KB, over Python's default 131072-character field limit
+    path = tmp_path / "long.csv"
+    path.write_text(f'text,cat\n"{long_text}",a\nshort,b\n')
+    docs, stats = read(path, category_field="cat")
+    assert sorted((d.category, d.text) for d in docs) == [("a", long_text), ("b", "short")]
+    assert (stats.records, stats.documents, stats.skipped_malformed) == (2, 2, 0)
+
+
+def test_csv_without_the_named_category_column(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text("prompt,kind\nrob a bank,crime\n")
+    with pytest.raises(CorpusError) as err:
+        read_source(CorpusSource.parse(f"{path}:harmful:@category"), 0)
+    assert str(err.value) == (f"no record of {path} has the category field 'category' (@column in the corpus spec, "
+                              "or category_field); check the column name")
+
+
+def test_jsonl_lines_that_are_not_objects_or_not_json_are_counted(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('[1, 2]\n7\n"a string"\nnull\n' + "[" * 50_000 + "\n" + "9" * 5000 + '\n{"text": "kept"}\n')
+    docs, stats = read(path)
+    assert texts(docs) == ["kept"]
+    assert (stats.records, stats.documents, stats.skipped_malformed) == (1, 1, 6)
+    assert stats.first_malformed == "line 1 is a list, not a JSON object"
+
+
+def test_binary_garbage_named_jsonl(tmp_path):
+    path = tmp_path / "garbage.jsonl"
+    path.write_bytes(bytes(b for b in range(256) if b != ord("\n")) * 8 + b"\n\xff\xfe\x00\x01\n{not json\n")
+    with pytest.raises(CorpusError, match=r"garbage\.jsonl \(group 'general'\) yielded no documents \(0 records, "
+                                          r"2 not UTF-8, 1 malformed, 0 without a text field, 0 filtered out; "
+                                          r"first malformed: line 3 is not valid JSON\)"):
+        read(path)
+
+
+@pytest.mark.parametrize("name", ["e.jsonl", "e.csv", "e.txt", "e.yaml", "e.jsonl.gz"])
+def test_empty_file_yields_no_documents(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b"") if name.endswith(".gz") else b"")
+    with pytest.raises(CorpusError, match=rf"{name} \(group 'general'\) yielded no documents \(0 records,"):
+        read(path)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("e.json", r"e\.json is not valid UTF-8 JSON \(Expecting value: line 1 column 1"),
+    ("e.parquet", r"could not read parquet file .*e\.parquet"),
+])
+def test_empty_json_or_parquet_is_a_clear_error(tmp_path, name, message):
+    path = tmp_path / name
+    path.write_bytes(b"")
+    with pytest.raises(CorpusError, match=message):
+        read(path)
+
+
+def test_parquet_that_is_not_parquet(tmp_path):
+    path = tmp_path / "fake.parquet"
+    path.write_text('{"text": "I am JSON"}\n')
+    with pytest.raises(CorpusError, match=r"could not read parquet file .*fake\.parquet: .*magic bytes"):
+        read(path)
+
+
+def test_directory_as_corpus_path(tmp_path):
+    folder = tmp_path / "data.jsonl"
+    folder.mkdir()
+    with pytest.raises(CorpusError) as err:
+        read(folder)
+    assert str(err.value) == f"corpus path {folder} is a directory; name a file inside it (one --corpus per file)"
+
+
+def chat(*turns):
+    return json.dumps({"messages": list(turns)})
+
+
+USER, ASSISTANT = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize("record,reason", [
+    (chat(USER, {"content": "a"}), "messages[1] has no role"),
+    (chat(USER, "a bare string"), "messages[1] is a string, not a {role, content} object"),
+    (chat("hi", "there"), "messages[0] is a string, not a {role, content} object"),
+    (chat({"role": 3, "content": "q"}), "messages[0].role is 3, not a role name"),
+    (chat({"role": " ", "content": "q"}), "messages[0].role is ' ', not a role name"),
+    (chat(USER, {"role": "assistant", "content": 42}), "messages[1].content is a number, not a string or a list "
+                                                       "of text parts"),
+    (chat({"role": "user", "content": {"text": "q"}}), "messages[0].content is an object, not a string or a list "
+                                                       "of text parts"),
+    (chat({"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}),
+     "messages[0].content is a list with a part that is not text, not a string or a list of text parts"),
+    (json.dumps({"messages": {"role": "user", "content": "q"}}), "messages is an object, not a list of turns"),
+    (json.dumps({"messages": 5}), "messages is a number, not a list of turns"),
+    (json.dumps({"chosen": [USER, {"from": "gpt", "value": "a"}]}), "chosen[1] has no role"),
+])
+def test_malformed_messages_are_skipped_and_counted(tmp_path, record, reason):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(chat(USER, ASSISTANT) + "\n" + record + "\n" + chat(USER) + "\n")
+    docs, stats = read(path)
+    assert sorted(d.index for d in docs) == [0, 2]
+    assert (stats.records, stats.documents, stats.skipped_malformed, stats.skipped_empty) == (3, 2, 1, 0)
+    assert stats.first_malformed == f"record 1: {reason}"
+
+
+def test_messages_content_parts_and_null_are_text(tmp_path):
+    path = tmp_path / "parts.jsonl"
+    path.write_text(chat({"role": "user", "content": [{"type": "text", "text": "Hello "}, "world"]},
+                         {"role": "assistant", "content": None, "tool_calls": []}) + "\n")
+    docs, _ = read(path)
+    assert docs[0].messages == [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": ""}]
+
+
+def test_messages_as_a_string_or_empty_list(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"messages": "plain words"}) + "\n" + json.dumps({"messages": []}) + "\n")
+    docs, stats = read(path)
+    assert [(d.text, d.messages) for d in docs] == [("plain words", None)]
+    assert (stats.records, stats.documents, stats.skipped_empty, stats.skipped_malformed) == (2, 1, 1, 0)
+
+
+def test_malformed_messages_in_parquet_are_skipped(tmp_path):
+    path = tmp_path / "chat.parquet"
+    pd.DataFrame({"messages": [[{"role": "user", "content": "hi"}], [{"role": None, "content": "x"}]]}).to_parquet(path)
+    docs, stats = read(path)
+    assert [d.messages for d in docs] == [[{"role": "user", "content": "hi"}]]
+    assert (stats.skipped_malformed, stats.first_malformed) == (1, "record 1: messages[0] has no role")
+
+
+def test_skips_are_logged_with_the_first_reason(tmp_path, caplog):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(chat(USER, ASSISTANT) + "\n" + chat(USER, "oops") + "\n{broken\n")
+    with caplog.at_level("WARNING", logger="precompute.corpus"):
+        read(path)
+    assert caplog.messages == [f"{path}: 1 documents read; skipped 2 malformed, first malformed: "
+                               "record 1: messages[1] is a string, not a {role, content} object"]
+
+
+def test_chat_template_rejecting_a_record_is_a_corpus_error(tokenizer):
+    strict = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                            "{{ raise_exception('roles must be user or assistant') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    document = Document(0, 2, "task", None, messages=[{"role": "tool", "content": "x"}], index=7)
+    with pytest.raises(CorpusError, match=r"chat template rejects record 7 of corpus source 2 \(group 'task'\): "
+                                          r"roles must be user or assistant; fix or drop that record"):
+        render(document, strict)

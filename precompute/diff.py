@@ -40,7 +40,7 @@ from precompute.activations import pad_batch
 from precompute.argtypes import non_negative_int, positive_int, seed_int
 from precompute.cache import write_dir_atomic
 from precompute.corpus import CorpusSource, read_source
-from precompute.errors import FeatureGeomError
+from precompute.errors import CacheError, FeatureGeomError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAE = ROOT / "assets/sae/smollm2-135m-instruct-blocks.15.hook_resid_post-topk"
@@ -251,6 +251,40 @@ class HarmGeometry:
         return self.sae.unit_directions().float()
 
 
+def check_harm_cache(cache: str | Path) -> None:
+    """Fail fast, before the SAE is loaded, when the cache lacks what risk, patch-back and triage read
+    (harm/task sets, the null cosine), naming the step to run."""
+    import pyarrow.parquet as pq
+
+    from precompute.cache import read_manifest
+
+    cache = Path(cache)
+    read_manifest(cache)
+    features = cache / "features.parquet"
+    if not features.is_file():
+        raise CacheError(f"{cache} has no features.parquet; build the cache with `featuregeom precompute`")
+    try:
+        columns = set(pq.read_schema(features).names)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid/OSError family for a damaged file
+        raise CacheError(f"{features} is unreadable ({exc}); rebuild the cache with `featuregeom precompute`") from exc
+    missing = sorted({"feature", "is_harmful", "is_task"} - columns)
+    if missing:
+        raise CacheError(
+            f"{features} has no {', '.join(missing)} column: the scores step has not run on this cache; "
+            f"run `featuregeom scores --out {cache}` (or `featuregeom precompute` with its scores step) first")
+    neighbors = cache / "neighbors.npz"
+    rerun_geometry = f"run `featuregeom geometry --sae SAE --out {cache}`"
+    if not neighbors.is_file():
+        raise CacheError(f"{cache} has no neighbors.npz (the null cosine); {rerun_geometry} first")
+    try:
+        with np.load(neighbors) as npz:
+            has_null = "null_cosine" in npz.files
+    except Exception as exc:  # a damaged archive: zipfile.BadZipFile, ValueError (not an .npz), OSError
+        raise CacheError(f"{neighbors} is unreadable ({exc}); {rerun_geometry} again") from exc
+    if not has_null:
+        raise CacheError(f"{neighbors} has no null_cosine; {rerun_geometry} again")
+
+
 def load_harm_geometry(cache: str | Path | HarmGeometry, device: str = "cpu") -> HarmGeometry:
     from precompute.cache import read_manifest
     from precompute.sae.registry import load_sae
@@ -258,6 +292,7 @@ def load_harm_geometry(cache: str | Path | HarmGeometry, device: str = "cpu") ->
     if isinstance(cache, HarmGeometry):
         return cache
     cache = Path(cache)
+    check_harm_cache(cache)
     manifest = read_manifest(cache)
     features = pd.read_parquet(cache / "features.parquet").set_index("feature", drop=False)
     sae = load_sae(manifest["sae"]["source"], format=manifest["sae"].get("format"), device=device)

@@ -44,7 +44,8 @@ from precompute.corpus import (
     read_source,
 )
 from precompute.diff import HarmGeometry, load_harm_geometry
-from precompute.errors import CacheError, CorpusError, FeatureGeomError
+from precompute.diff import check_harm_cache as check_triage_cache
+from precompute.errors import CorpusError, FeatureGeomError
 
 TOKEN_ROWS = 200  # samples whose per-token scores are kept for the explorer (top and bottom halves)
 
@@ -58,39 +59,6 @@ SKIP_NO_ASSISTANT = "no assistant turn at the end"
 SKIP_TOO_LONG = "prompt alone fills --max-length"
 SKIP_REASONS = (SKIP_NON_UTF8, SKIP_MALFORMED, SKIP_NO_TEXT, SKIP_MESSAGES_STRING, SKIP_NOT_CHAT, SKIP_NO_ASSISTANT,
                 SKIP_TOO_LONG)
-
-
-def check_triage_cache(cache: str | Path) -> None:
-    """Fail fast, before the SAE is loaded, when the cache lacks what triage reads, naming the step to run."""
-    import pyarrow.parquet as pq
-
-    from precompute.cache import read_manifest
-
-    cache = Path(cache)
-    read_manifest(cache)
-    features = cache / "features.parquet"
-    if not features.is_file():
-        raise CacheError(f"{cache} has no features.parquet; build the cache with `featuregeom precompute`")
-    try:
-        columns = set(pq.read_schema(features).names)
-    except Exception as exc:  # pyarrow raises its own ArrowInvalid/OSError family for a damaged file
-        raise CacheError(f"{features} is unreadable ({exc}); rebuild the cache with `featuregeom precompute`") from exc
-    missing = sorted({"feature", "is_harmful", "is_task"} - columns)
-    if missing:
-        raise CacheError(
-            f"{features} has no {', '.join(missing)} column: the scores step has not run on this cache; "
-            f"run `featuregeom scores --out {cache}` (or `featuregeom precompute` with its scores step) first")
-    neighbors = cache / "neighbors.npz"
-    rerun_geometry = f"run `featuregeom geometry --sae SAE --out {cache}`"
-    if not neighbors.is_file():
-        raise CacheError(f"{cache} has no neighbors.npz (the null cosine); {rerun_geometry} first")
-    try:
-        with np.load(neighbors) as npz:
-            has_null = "null_cosine" in npz.files
-    except Exception as exc:  # a damaged archive: zipfile.BadZipFile, ValueError (not an .npz), OSError
-        raise CacheError(f"{neighbors} is unreadable ({exc}); {rerun_geometry} again") from exc
-    if not has_null:
-        raise CacheError(f"{neighbors} has no null_cosine; {rerun_geometry} again")
 
 
 def feature_weights(cache: str | Path | HarmGeometry) -> tuple[np.ndarray, np.ndarray, dict]:

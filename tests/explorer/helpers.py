@@ -114,21 +114,26 @@ def wait_for_app(page: Any, timeout: float = 60000) -> None:
     )
 
 
-def write_damaged_reviews(path: Path, n: int = 300) -> Path:
-    """A real review database with `n` verdicts whose middle pages are then overwritten (header intact)."""
+def write_damaged_reviews(path: Path, verdicts: list[tuple[int, int, str, str]] | None = None, cache: str = "synth",
+                          table: str = "verdict_history", filler: int = 300) -> Path:
+    """A real review database holding `verdicts` (task, harmful, verdict, reviewer) and `filler` more, whose
+    `table` pages are then overwritten with junk (the header and the other tables intact)."""
     import sqlite3
 
     from explorer.reviews import VERDICTS, ReviewStore
 
     store = ReviewStore(path)
-    for i in range(n):
-        store.record(i, i + 1, VERDICTS[i % 3], f"reviewer-{i % 4}", "a long note " * 30, cache="synth")
-    with sqlite3.connect(path) as con:  # move everything from the WAL into the main file
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for t, h, verdict, reviewer in verdicts or []:
+        store.record(t, h, verdict, reviewer, "before the damage", cache=cache)
+    for i in range(filler):
+        store.record(100000 + i, 1, VERDICTS[i % 3], f"filler-{i % 4}", "a long note " * 30, cache=cache)
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything into the main file
+        pages = [p for (p,) in con.execute("SELECT pageno FROM dbstat WHERE name = ?", (table,)) if p > 1]
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    assert pages, f"no pages of {table}"
     data = bytearray(path.read_bytes())
-    page = 4096
-    n_pages = len(data) // page
-    for p in range(n_pages // 2 - 3, n_pages // 2 + 3):
-        data[p * page:(p + 1) * page] = bytes([0xA5]) * page
+    for p in pages:
+        data[(p - 1) * page_size:p * page_size] = bytes([0xA5]) * page_size
     path.write_bytes(bytes(data))
     return path

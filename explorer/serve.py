@@ -1,13 +1,13 @@
 """`python -m explorer.serve --cache DIR`: start the explorer on 127.0.0.1 after checking the cache
 and the port, so a busy port or a missing cache gives one clear line instead of a stack trace.
 
-Where the server listens: `explorer/.streamlit/config.toml` sits beside app.py, and Streamlit (1.4x+)
-reads that script-level file after the global ~/.streamlit/config.toml and the one in the current
-directory, so `streamlit run /any/path/explorer/app.py` binds 127.0.0.1 from any directory. Only a
-command-line flag or STREAMLIT_SERVER_ADDRESS overrides it; app.py then checks the sockets the
-process really listens on (`exposure_problem`) and refuses to show anything over a non-loopback
-one unless FEATUREGEOM_ALLOW_REMOTE=1 — which `--address HOST` sets, the documented way to serve
-other machines on purpose.
+Where the server listens: `explorer/.streamlit/config.toml` sits beside app.py, and Streamlit
+(checked with 1.67) reads that script-level file after the global ~/.streamlit/config.toml and the
+one in the current directory, so `streamlit run /any/path/explorer/app.py` binds 127.0.0.1 from any
+directory. Only a command-line flag or STREAMLIT_SERVER_ADDRESS overrides it (or a Streamlit that
+ignores the file); app.py then checks the sockets the process really listens on (`exposure_problem`)
+and refuses to show anything over a non-loopback one unless FEATUREGEOM_ALLOW_REMOTE=1 — which
+`--address HOST` sets, the documented way to serve other machines on purpose.
 """
 
 from __future__ import annotations

@@ -2,9 +2,19 @@
 
 Why SQLite: embedded (no server), one file beside the cache, and safe for several Streamlit
 processes or reviewers at once. WAL mode lets readers run while one writer commits; writers take
-the lock up front (BEGIN IMMEDIATE) and wait up to `busy_timeout` instead of failing. Two tables:
-`verdicts` holds the current verdict per pair, `verdict_history` is append-only, so every change
-(who, what, when, note) is kept.
+the lock up front (BEGIN IMMEDIATE) and wait up to `busy_timeout` instead of failing.
+
+Two tables. `verdict_history` is append-only: every save (who, what, when, note) is kept.
+`verdicts` holds each reviewer's latest verdict per pair (key: cache, task, harmful, reviewer), so
+a second reviewer adds a verdict beside the first instead of replacing it; `summarize()` turns
+them into one consensus per pair (single / agree / disagree).
+
+Saves are optimistic: the page passes the pair's version (its newest history id) as it showed it,
+and a save is refused with `StaleVerdictError` when anyone saved on that pair in between, so no
+one records a verdict without having seen the others.
+
+A database that cannot be written (read-only file, damaged pages) opens read-only with
+`problem` set: verdicts that can still be read are shown, saving is refused with that message.
 
 The store lives *beside* the cache directory by default (`<cache>.reviews.sqlite`), never inside
 it: a precompute rerun swaps the whole cache directory, which would drop the reviews with it.
@@ -14,20 +24,30 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
 VERDICTS = ("confirmed", "benign", "needs-more-evidence")
 UNREVIEWED = "unreviewed"
-SCHEMA = 1
+DISPUTED = "disputed"  # status of a pair whose reviewers disagree
+STATUSES = (UNREVIEWED, *VERDICTS, DISPUTED)
+CONSENSUS = ("single", "agree", "disagree")
+SCHEMA = 2
+MAX_REVIEWER = 80
 
-_DDL = """
+T = TypeVar("T")
+
+# Schema 1 (before per-reviewer verdicts) had the same history table and `verdicts` keyed by the
+# pair alone; _migrate_v1 rebuilds `verdicts` from the history, so no row is lost.
+_HISTORY_DDL = """
 CREATE TABLE IF NOT EXISTS verdict_history (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     task_feature INTEGER NOT NULL,
@@ -37,25 +57,46 @@ CREATE TABLE IF NOT EXISTS verdict_history (
     note TEXT NOT NULL DEFAULT '',
     cache TEXT,
     created_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS verdict_history_pair ON verdict_history (task_feature, harmful_feature);
-CREATE TABLE IF NOT EXISTS verdicts (
+)"""
+_VERDICTS_DDL = """
+CREATE TABLE verdicts (
+    cache TEXT NOT NULL DEFAULT '',
     task_feature INTEGER NOT NULL,
     harmful_feature INTEGER NOT NULL,
+    reviewer TEXT NOT NULL COLLATE NOCASE,
     verdict TEXT NOT NULL,
-    reviewer TEXT NOT NULL,
     note TEXT NOT NULL DEFAULT '',
-    cache TEXT,
     updated_at TEXT NOT NULL,
     history_id INTEGER NOT NULL,
     n_changes INTEGER NOT NULL DEFAULT 1,
-    PRIMARY KEY (task_feature, harmful_feature)
-);
+    PRIMARY KEY (cache, task_feature, harmful_feature, reviewer)
+)"""
+_HISTORY_INDEX = ("CREATE INDEX IF NOT EXISTS verdict_history_by_pair "
+                  "ON verdict_history (cache, task_feature, harmful_feature, id)")
+# each reviewer's latest history row per pair, with their number of saves (the migration's source)
+_LATEST_FROM_HISTORY = """
+SELECT cache, task_feature, harmful_feature, reviewer, verdict, note, created_at, id, n FROM (
+    SELECT *, ROW_NUMBER() OVER by_reviewer_newest AS newest,
+           COUNT(*) OVER (PARTITION BY cache, task_feature, harmful_feature, reviewer COLLATE NOCASE) AS n
+    FROM verdict_history
+    WINDOW by_reviewer_newest AS (PARTITION BY cache, task_feature, harmful_feature, reviewer COLLATE NOCASE
+                                  ORDER BY id DESC))
+WHERE newest = 1
 """
+_VERDICT_COLS = "cache, task_feature, harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes"
+_HISTORY_COLS = "id, cache, task_feature, harmful_feature, reviewer, verdict, note, created_at"
 
 
 class ReviewError(ValueError):
-    """A verdict that cannot be stored (bad verdict, empty reviewer, unwritable database)."""
+    """A verdict that cannot be stored or read (bad verdict, empty reviewer, unusable database)."""
+
+
+class StaleVerdictError(ReviewError):
+    """The pair changed after the page showed it; `changes` are the history rows saved since."""
+
+    def __init__(self, message: str, changes: pd.DataFrame):
+        super().__init__(message)
+        self.changes = changes
 
 
 def _now() -> str:
@@ -64,32 +105,97 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
+def clean_reviewer(name: str | None) -> str:
+    """The reviewer's name as stored: whitespace collapsed; empty or overlong names are refused."""
+    cleaned = re.sub(r"\s+", " ", name or "").strip()
+    if not cleaned:
+        raise ReviewError("enter your name before recording a verdict")
+    if len(cleaned) > MAX_REVIEWER:
+        raise ReviewError(f"a reviewer name has at most {MAX_REVIEWER} characters ({len(cleaned)} given)")
+    return cleaned
+
+
+def describe_changes(changes: pd.DataFrame) -> str:
+    """'Ben: benign at 2026-…Z; …' (plain text, newest first) for a refusal message."""
+    return "; ".join(f"{r.reviewer}: {r.verdict} at {r.created_at}" for r in changes.itertuples())
+
+
 class ReviewStore:
-    """Open (creating if needed) the verdict database at `path`."""
+    """Open (creating or migrating if needed) the verdict database at `path`.
+
+    Raises ReviewError when nothing can be read (not a database, a directory, no permission); a
+    database that can be read but not written opens with `read_only` set and `problem` saying why.
+    """
 
     def __init__(self, path: str | Path, busy_timeout_ms: int = 30000):
         self.path = Path(path)
         self.busy_timeout_ms = busy_timeout_ms
+        self.read_only = False
+        self.problem: str | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as con:
+            self._open_writable()
+        except _Unwritable as why:
+            self.read_only, self.problem = True, str(why)
+            self._check_readable()
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from exc
+        except OSError as exc:
+            raise ReviewError(f"cannot create {self.path.parent} ({exc}); pass another place with --reviews PATH "
+                              "(or FEATUREGEOM_REVIEWS)") from exc
+
+    # -- opening ------------------------------------------------------------------------------------
+    def _unusable(self, exc: BaseException) -> ReviewError:
+        return ReviewError(f"cannot open the review database {self.path} ({exc}); verdicts are unavailable. "
+                           "Move the file away (a new one is created) or pass another path with --reviews PATH "
+                           "(or FEATUREGEOM_REVIEWS).")
+
+    def _open_writable(self) -> None:
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise _Unwritable(f"The review database {self.path} is read-only: verdicts are shown, saving is off. "
+                              "Make it writable or pass another path with --reviews PATH.")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            damage = _damage(con)
+            if damage:
+                raise _Unwritable(f"The review database {self.path} is damaged ({damage}): the verdicts that can "
+                                  "still be read are shown, saving is off so nothing more is lost. Restore it from "
+                                  "a backup, or move it away to start a new one.")
+            try:
                 con.execute("PRAGMA journal_mode=WAL")
                 if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA:
-                    self._retry(lambda: self._create(con))
+                    self._retry(lambda: self._create_or_migrate(con))
+            except sqlite3.OperationalError as exc:
+                if "readonly" in str(exc) or "read-only" in str(exc):
+                    raise _Unwritable(f"The review database {self.path} cannot be written ({exc}): verdicts are "
+                                      "shown, saving is off.") from exc
+                raise
+
+    def _check_readable(self) -> None:
+        """A read-only store must at least hold our tables; else it is unusable."""
+        try:
+            with self._connect() as con:
+                names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.Error as exc:
-            raise ReviewError(f"cannot open the review database {self.path} ({exc}); pass another path with "
-                              "--reviews PATH (or FEATUREGEOM_REVIEWS)") from exc
-        except OSError as exc:
-            raise ReviewError(f"cannot create {self.path.parent} ({exc}); pass --reviews PATH") from exc
+            raise self._unusable(exc) from exc
+        if not {"verdicts", "verdict_history"} <= names:
+            raise self._unusable(RuntimeError("it holds no verdict tables"))
 
     @staticmethod
-    def _create(con: sqlite3.Connection) -> None:
+    def _create_or_migrate(con: sqlite3.Connection) -> None:
         con.execute("BEGIN IMMEDIATE")
         try:
-            for stmt in _DDL.strip().split(";"):
-                if stmt.strip():
-                    con.execute(stmt)
-            con.execute(f"PRAGMA user_version = {SCHEMA}")
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if version < SCHEMA:  # another process may have done it while we waited for the lock
+                con.execute(_HISTORY_DDL)
+                con.execute("UPDATE verdict_history SET cache = '' WHERE cache IS NULL")  # schema 1 allowed NULL
+                con.execute("DROP INDEX IF EXISTS verdict_history_pair")
+                con.execute(_HISTORY_INDEX)
+                if "verdicts" in tables:
+                    _migrate_v1(con)
+                else:
+                    con.execute(_VERDICTS_DDL)
+                con.execute(f"PRAGMA user_version = {SCHEMA}")
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -98,16 +204,21 @@ class ReviewStore:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # a connection per operation: Streamlit runs each session in its own thread
-        con = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
+        if self.read_only:  # never write to a damaged or read-only file, not even a checkpoint
+            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                  timeout=self.busy_timeout_ms / 1000, isolation_level=None)
+        else:
+            con = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
         try:
             con.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            con.execute("PRAGMA synchronous = NORMAL")
+            if not self.read_only:
+                con.execute("PRAGMA synchronous = NORMAL")
             con.row_factory = sqlite3.Row
             yield con
         finally:
             con.close()
 
-    def _retry(self, fn: Any, attempts: int = 20) -> Any:
+    def _retry(self, fn: Callable[[], T], attempts: int = 20) -> T:
         """Run fn, retrying on 'database is locked' beyond busy_timeout (rare, e.g. WAL recovery)."""
         for i in range(attempts):
             try:
@@ -116,106 +227,204 @@ class ReviewStore:
                 if "locked" not in str(exc) and "busy" not in str(exc) or i == attempts - 1:
                     raise
                 time.sleep(0.05 * (i + 1))
-        return None
+        raise AssertionError("unreachable")
 
+    # -- writing ------------------------------------------------------------------------------------
     def record(self, task_feature: int, harmful_feature: int, verdict: str, reviewer: str, note: str = "",
-               cache: str | None = None) -> dict[str, Any]:
-        """Store a verdict: append to the history and make it the pair's current verdict."""
+               cache: str = "", expected_version: int | None = None) -> dict[str, Any]:
+        """Store `reviewer`'s verdict on the pair (appended to the history; their previous one is kept there).
+
+        expected_version: the pair's version (pair_version()) the reviewer saw; when anyone saved on
+        the pair since, nothing is written and StaleVerdictError lists those saves.
+        """
         if verdict not in VERDICTS:
             raise ReviewError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
-        reviewer = (reviewer or "").strip()
-        if not reviewer:
-            raise ReviewError("enter your name before recording a verdict")
-        t, h = int(task_feature), int(harmful_feature)
-        note = note or ""
+        reviewer = clean_reviewer(reviewer)
+        if self.read_only:
+            raise ReviewError(f"not saved: {self.problem}")
+        t, h, note, cache = int(task_feature), int(harmful_feature), note or "", cache or ""
 
         def write() -> dict[str, Any]:
             with self._connect() as con:
                 con.execute("BEGIN IMMEDIATE")
                 try:
+                    if expected_version is not None:
+                        newer = con.execute(
+                            f"SELECT {_HISTORY_COLS} FROM verdict_history WHERE cache = ? AND task_feature = ? "
+                            "AND harmful_feature = ? AND id > ? ORDER BY id DESC",
+                            (cache, t, h, int(expected_version))).fetchall()
+                        if newer:
+                            changes = pd.DataFrame([tuple(r) for r in newer], columns=_HISTORY_COLS.split(", "))
+                            raise StaleVerdictError(
+                                f"Not saved: this pair changed after the page showed it ({describe_changes(changes)})."
+                                " Read the verdicts above, then save again.", changes)
                     ts = _now()
-                    cur = con.execute(
-                        "INSERT INTO verdict_history (task_feature, harmful_feature, verdict, reviewer, note, "
-                        "cache, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (t, h, verdict, reviewer, note, cache, ts))
-                    hid = cur.lastrowid
+                    hid = con.execute(
+                        "INSERT INTO verdict_history (task_feature, harmful_feature, verdict, reviewer, note, cache, "
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (t, h, verdict, reviewer, note, cache, ts)).lastrowid
                     con.execute(
-                        "INSERT INTO verdicts (task_feature, harmful_feature, verdict, reviewer, note, cache, "
-                        "updated_at, history_id, n_changes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
-                        "ON CONFLICT (task_feature, harmful_feature) DO UPDATE SET verdict = excluded.verdict, "
-                        "reviewer = excluded.reviewer, note = excluded.note, cache = excluded.cache, "
+                        f"INSERT INTO verdicts ({_VERDICT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                        "ON CONFLICT (cache, task_feature, harmful_feature, reviewer) DO UPDATE SET "
+                        "reviewer = excluded.reviewer, verdict = excluded.verdict, note = excluded.note, "
                         "updated_at = excluded.updated_at, history_id = excluded.history_id, "
                         "n_changes = verdicts.n_changes + 1",
-                        (t, h, verdict, reviewer, note, cache, ts, hid))
+                        (cache, t, h, reviewer, verdict, note, ts, hid))
                     con.execute("COMMIT")
                 except BaseException:
                     con.execute("ROLLBACK")
                     raise
-            return {"task_feature": t, "harmful_feature": h, "verdict": verdict, "reviewer": reviewer,
-                    "note": note, "cache": cache, "updated_at": ts, "history_id": hid}
+            return {"cache": cache, "task_feature": t, "harmful_feature": h, "reviewer": reviewer,
+                    "verdict": verdict, "note": note, "updated_at": ts, "history_id": hid}
 
         try:
             return self._retry(write)
         except sqlite3.Error as exc:
-            raise ReviewError(f"could not save the verdict to {self.path} ({exc})") from exc
+            hint = " The file looks damaged: restore it from a backup or move it away." if isinstance(
+                exc, sqlite3.DatabaseError) and "malformed" in str(exc) else ""
+            raise ReviewError(f"could not save the verdict to {self.path} ({exc}).{hint}") from exc
 
+    # -- reading ------------------------------------------------------------------------------------
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> pd.DataFrame:
         def run() -> tuple[list[Any], list[str]]:
             with self._connect() as con:
                 cur = con.execute(sql, params)
                 return cur.fetchall(), [d[0] for d in cur.description]
 
-        rows, cols = self._retry(run)
+        try:
+            rows, cols = self._retry(run)
+        except sqlite3.Error as exc:
+            raise ReviewError(f"cannot read the verdicts from {self.path} ({exc}). Restore the file from a backup "
+                              "or move it away to start a new one.") from exc
         return pd.DataFrame([tuple(r) for r in rows], columns=cols)
 
-    def current(self) -> pd.DataFrame:
-        """Current verdict per reviewed pair."""
-        return self._query("SELECT task_feature, harmful_feature, verdict, reviewer, note, cache, updated_at, "
-                           "n_changes FROM verdicts ORDER BY updated_at DESC")
+    def verdicts(self, cache: str = "", task_feature: int | None = None,
+                 harmful_feature: int | None = None) -> pd.DataFrame:
+        """Each reviewer's latest verdict (of one pair when given), newest first."""
+        sql, params = f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ?", (cache or "",)
+        if task_feature is not None and harmful_feature is not None:
+            sql += " AND task_feature = ? AND harmful_feature = ?"
+            params += (int(task_feature), int(harmful_feature))
+        return self._query(sql + " ORDER BY updated_at DESC, history_id DESC", params)
 
-    def get(self, task_feature: int, harmful_feature: int) -> dict[str, Any] | None:
-        df = self._query("SELECT * FROM verdicts WHERE task_feature = ? AND harmful_feature = ?",
-                         (int(task_feature), int(harmful_feature)))
+    def get(self, task_feature: int, harmful_feature: int, reviewer: str, cache: str = "") -> dict[str, Any] | None:
+        """`reviewer`'s current verdict on the pair (their name in any case), or None."""
+        df = self._query(f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ? AND task_feature = ? AND "
+                         "harmful_feature = ? AND reviewer = ?",
+                         (cache or "", int(task_feature), int(harmful_feature), re.sub(r"\s+", " ", reviewer).strip()))
         return None if df.empty else df.iloc[0].to_dict()
 
-    def history(self, task_feature: int | None = None, harmful_feature: int | None = None) -> pd.DataFrame:
-        """Every recorded change, newest first (of one pair when given)."""
-        sql = "SELECT id, task_feature, harmful_feature, verdict, reviewer, note, cache, created_at FROM verdict_history"
-        params: tuple[Any, ...] = ()
+    def pair_version(self, task_feature: int, harmful_feature: int, cache: str = "") -> int:
+        """The newest history id of the pair (0 before its first verdict): what a save must have seen."""
+        df = self._query("SELECT COALESCE(MAX(id), 0) AS v FROM verdict_history WHERE cache = ? AND task_feature = ? "
+                         "AND harmful_feature = ?", (cache or "", int(task_feature), int(harmful_feature)))
+        return int(df["v"].iat[0])
+
+    def history(self, cache: str | None = "", task_feature: int | None = None,
+                harmful_feature: int | None = None) -> pd.DataFrame:
+        """Every recorded save, newest first (of one cache; cache=None: all; of one pair when given)."""
+        sql, where, params = f"SELECT {_HISTORY_COLS} FROM verdict_history", [], ()
+        if cache is not None:
+            where.append("cache = ?")
+            params += (cache,)
         if task_feature is not None and harmful_feature is not None:
-            sql += " WHERE task_feature = ? AND harmful_feature = ?"
-            params = (int(task_feature), int(harmful_feature))
-        return self._query(sql + " ORDER BY id DESC", params)
+            where.append("task_feature = ? AND harmful_feature = ?")
+            params += (int(task_feature), int(harmful_feature))
+        return self._query(sql + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC", params)
 
     def count_history(self) -> int:
-        with self._connect() as con:
-            return int(con.execute("SELECT COUNT(*) FROM verdict_history").fetchone()[0])
+        return int(self._query("SELECT COUNT(*) AS n FROM verdict_history")["n"].iat[0])
 
 
-def merge_reviews(overlaps: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
-    """Overlaps joined with the current verdicts; unreviewed pairs get status 'unreviewed'."""
-    cur = current.rename(columns={"verdict": "status", "note": "review_note", "updated_at": "reviewed_at"})
-    keep = ["task_feature", "harmful_feature", "status", "reviewer", "review_note", "reviewed_at"]
-    cur = cur[[c for c in keep if c in cur]] if len(cur) else pd.DataFrame(columns=keep)
-    cur = cur.astype({"task_feature": "int64", "harmful_feature": "int64"})
-    out = overlaps.merge(cur, on=["task_feature", "harmful_feature"], how="left")
+class _Unwritable(Exception):
+    """The database can (perhaps) be read but must not be written."""
+
+
+def _damage(con: sqlite3.Connection) -> str | None:
+    """What `PRAGMA quick_check` finds wrong (None when fine); 'not a database' propagates as unusable."""
+    try:
+        rows = [r[0] for r in con.execute("PRAGMA quick_check(5)").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise
+        return str(exc)
+    return None if rows == ["ok"] else "; ".join(map(str, rows))[:300]
+
+
+def _migrate_v1(con: sqlite3.Connection) -> None:
+    """Schema 1 -> 2 inside the caller's transaction: one verdict per reviewer, rebuilt from the history
+    (schema 1 kept only the pair's last verdict; the others were only in the history)."""
+    con.execute("ALTER TABLE verdicts RENAME TO verdicts_v1")
+    con.execute(_VERDICTS_DDL)
+    con.execute(f"INSERT INTO verdicts ({_VERDICT_COLS}) {_LATEST_FROM_HISTORY}")
+    # a current verdict without a history row (written by hand) is kept too
+    con.execute(f"INSERT OR IGNORE INTO verdicts ({_VERDICT_COLS}) SELECT COALESCE(cache, ''), task_feature, "
+                "harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes FROM verdicts_v1")
+    con.execute("DROP TABLE verdicts_v1")
+
+
+# --------------------------------------------------------------------------------------------------
+# the overlaps table: one row per pair with the consensus of its reviewers
+
+
+def summarize(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Per pair: status (the agreed verdict, 'disputed' or —), consensus (single / agree / disagree),
+    n_reviewers, reviewers ('ana: confirmed · ben: benign'), reviewed_at (the latest save)."""
+    cols = ["task_feature", "harmful_feature", "status", "consensus", "n_reviewers", "reviewers", "reviewed_at"]
+    if verdicts.empty:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c in cols[:2] + ["n_reviewers"] else "string")
+                             for c in cols})
+    rows = []
+    for (t, h), g in verdicts.sort_values("reviewer", key=lambda s: s.str.lower()).groupby(
+            ["task_feature", "harmful_feature"], sort=False):
+        kinds = set(g["verdict"])
+        consensus = "single" if len(g) == 1 else "agree" if len(kinds) == 1 else "disagree"
+        rows.append({"task_feature": int(t), "harmful_feature": int(h),
+                     "status": g["verdict"].iat[0] if len(kinds) == 1 else DISPUTED, "consensus": consensus,
+                     "n_reviewers": len(g),
+                     "reviewers": " · ".join(f"{r}: {v}" for r, v in zip(g["reviewer"], g["verdict"], strict=True)),
+                     "reviewed_at": str(g["updated_at"].max())})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def merge_reviews(overlaps: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Overlaps joined with the consensus of their verdicts; unreviewed pairs get status 'unreviewed'."""
+    summary = summarize(verdicts).astype({"task_feature": "int64", "harmful_feature": "int64"})
+    out = overlaps.merge(summary, on=["task_feature", "harmful_feature"], how="left")
     out["status"] = out["status"].astype("string").fillna(UNREVIEWED)
-    for c in ("reviewer", "review_note", "reviewed_at"):
+    out["n_reviewers"] = out["n_reviewers"].fillna(0).astype("int64")
+    for c in ("consensus", "reviewers", "reviewed_at"):
         out[c] = out[c].astype("string").fillna("")
     return out
 
 
-def export_csv(table: pd.DataFrame) -> bytes:
-    """The reviewed table as UTF-8 CSV (spreadsheet-safe: cells starting with = + - @ are quoted)."""
+def history_table(history: pd.DataFrame, overlaps: pd.DataFrame) -> pd.DataFrame:
+    """Every saved verdict (oldest first) with the pair's geometry and labels beside it, for export."""
+    keep = [c for c in ("risk", "cosine", "z", "harm_category", "task_label", "harmful_label") if c in overlaps]
+    pairs = overlaps[["task_feature", "harmful_feature", *keep]].drop_duplicates(["task_feature", "harmful_feature"])
+    out = history.sort_values("id").merge(pairs, on=["task_feature", "harmful_feature"], how="left")
+    return out.rename(columns={"id": "history_id"}).reset_index(drop=True)
+
+
+def _spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
     safe = table.copy()
     for c in safe.columns:
         if safe[c].dtype == object or str(safe[c].dtype).startswith("string") or str(safe[c].dtype) == "str":
             safe[c] = safe[c].map(lambda v: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v)
+    return safe
+
+
+def export_csv(table: pd.DataFrame) -> bytes:
+    """A table as UTF-8 CSV (spreadsheet-safe: cells starting with = + - @ are quoted)."""
     buf = io.StringIO()
-    safe.to_csv(buf, index=False)
+    _spreadsheet_safe(table).to_csv(buf, index=False)
     return buf.getvalue().encode("utf-8")
 
 
-def export_json(table: pd.DataFrame) -> bytes:
-    """The reviewed table as a JSON list of records (NaN -> null)."""
-    recs = json.loads(table.to_json(orient="records", force_ascii=False))
-    return json.dumps(recs, indent=2, ensure_ascii=False).encode("utf-8")
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    return json.loads(table.to_json(orient="records", force_ascii=False))  # NaN -> null
+
+
+def export_json(pairs: pd.DataFrame, history: pd.DataFrame) -> bytes:
+    """{"pairs": the reviewed table, "history": every saved verdict} as JSON (NaN -> null)."""
+    doc = {"pairs": _records(pairs), "history": _records(history)}
+    return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")

@@ -158,10 +158,23 @@ def review_store(cache: CacheData) -> ReviewStore | None:
         o = Path(override).expanduser()
         path = o if o.suffix in (".sqlite", ".db", ".sqlite3") else o / f"{cache.name}.reviews.sqlite"
     try:
-        return _store(str(path))
+        store = _store(str(path))
     except ReviewError as exc:
         st.error(md_escape(exc), icon="⚠️")
         return None
+    if store.read_only:
+        _store.clear()  # open it afresh next run, so a repaired or replaced file is picked up
+    return store
+
+
+def reviewer_name() -> str:
+    """The reviewer's name: `?reviewer=` (survives a reload and goes with a shared link), else this session's."""
+    return str(st.query_params.get("reviewer") or st.session_state.get("_reviewer") or "")
+
+
+def remember_reviewer(name: str) -> None:
+    st.session_state["_reviewer"] = name
+    set_qp(reviewer=name)
 
 
 # ------------------------------------------------------------------------------------------------

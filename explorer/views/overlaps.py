@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from explorer import figures as F
 from explorer import state
-from explorer.reviews import UNREVIEWED, VERDICTS, ReviewError, export_csv, export_json, merge_reviews
+from explorer.reviews import (
+    MAX_REVIEWER,
+    STATUSES,
+    UNREVIEWED,
+    VERDICTS,
+    ReviewError,
+    ReviewStore,
+    clean_reviewer,
+    describe_changes,
+    export_csv,
+    export_json,
+    history_table,
+    merge_reviews,
+)
 
 cache = state.require_cache()
 store = state.review_store(cache)
@@ -27,8 +42,35 @@ if ov.empty:
     if None in url_pair or not all(cache.valid(x) for x in url_pair):
         st.stop()
 
-current = store.current() if store is not None else None
-table = merge_reviews(ov, current) if current is not None else ov.assign(status=UNREVIEWED)
+
+
+def read_verdicts(store: ReviewStore | None) -> pd.DataFrame | None:
+    """Every reviewer's verdicts of this cache, or None (with a message) when they cannot be read."""
+    if store is None:
+        return None
+    if store.problem:
+        st.warning(state.md_escape(store.problem), icon="⚠️")
+    try:
+        return store.verdicts(cache.name)
+    except ReviewError as exc:  # a damaged file: the pairs are still shown, without verdicts
+        st.warning(state.md_escape(exc), icon="⚠️")
+        return None
+
+
+verdicts_now = read_verdicts(store)
+table = merge_reviews(ov, pd.DataFrame() if verdicts_now is None else verdicts_now)
+
+
+def full_history() -> pd.DataFrame:
+    """Every verdict saved on this cache's pairs, oldest first, for the exports ([] if unreadable)."""
+    try:
+        hist = store.history(cache.name) if store is not None and verdicts_now is not None else None
+    except ReviewError:
+        hist = None
+    if hist is None:
+        hist = pd.DataFrame(columns=["id", "cache", "task_feature", "harmful_feature", "reviewer", "verdict", "note",
+                                     "created_at"])
+    return history_table(hist, ov)
 
 
 # --- filters, table, exports -------------------------------------------------------------------
@@ -41,8 +83,8 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
     min_cos = f2.slider("cosine ≥", 0.0, 1.0, round(max(0.0, cos_lo - 0.005), 3), step=0.005, key="ov_cos")
     cats = sorted(table["harm_category"].dropna().astype(str).unique())
     pick_cats = f3.multiselect("harm category", cats, key="ov_cats", placeholder="all categories")
-    statuses = [UNREVIEWED, *VERDICTS]
-    pick_status = f4.multiselect("status", statuses, key="ov_status", placeholder="any status")
+    pick_status = f4.multiselect("status", STATUSES, key="ov_status", placeholder="any status",
+                                 help="disputed: the reviewers of the pair disagree")
     sort_by = f5.selectbox("sort by", ["risk", "cosine", "z", "coactivation", "task_feature"], key="ov_sort")
 
     view = table[(table["risk"].fillna(0) >= min_risk) & (table["cosine"] >= min_cos)]
@@ -64,16 +106,19 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
         r = view.iloc[rows[0]]
         state.set_qp(task=int(r["task_feature"]), harmful=int(r["harmful_feature"]))
 
-    cols = ["status", "risk", "task_feature", "harmful_feature", "cosine", "z", "coactivation", "harm_category",
-            "task_label", "harmful_label", "reviewer"]
+    cols = ["status", "consensus", "risk", "task_feature", "harmful_feature", "cosine", "z", "coactivation",
+            "harm_category", "task_label", "harmful_label", "reviewers"]
     disp = view[[c for c in cols if c in view]].copy()
     disp["× chance"] = (view["cosine"] / cache.null_cosine).round(2)
     st.dataframe(disp, hide_index=True, on_select="rerun", selection_mode="single-row", key="ov_table", height=300,
-                 column_order=["status", "risk", "task_feature", "harmful_feature", "cosine", "× chance", "z",
-                               "coactivation", "harm_category", "task_label", "harmful_label", "reviewer"],
+                 column_order=["status", "consensus", "risk", "task_feature", "harmful_feature", "cosine",
+                               "× chance", "z", "coactivation", "harm_category", "task_label", "harmful_label",
+                               "reviewers"],
                  column_config={
                      "risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=max(risk_max, 1e-6),
                                                              format="%.3f", color="red"),
+                     "consensus": st.column_config.TextColumn(
+                         help="single: one reviewer · agree / disagree: the verdicts of several reviewers"),
                      "harm_category": st.column_config.TextColumn("category"),
                      "task_label": st.column_config.TextColumn("task label"),
                      "harmful_label": st.column_config.TextColumn("harmful label"),
@@ -84,11 +129,15 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
                      "coactivation": st.column_config.NumberColumn(format="%.3f"),
                  })
 
-    e1, e2, _ = st.columns([1, 1, 4])
+    e1, e2, e3, _ = st.columns([1, 1.3, 1, 3])
     e1.download_button("Export CSV", data=lambda: export_csv(table), file_name=f"{cache.name}-reviews.csv",
-                       mime="text/csv", icon=":material/download:")
-    e2.download_button("Export JSON", data=lambda: export_json(table), file_name=f"{cache.name}-reviews.json",
-                       mime="application/json", icon=":material/download:")
+                       mime="text/csv", icon=":material/download:", help="the pairs with their consensus")
+    e2.download_button("Export history CSV", data=lambda: export_csv(full_history()),
+                       file_name=f"{cache.name}-review-history.csv", mime="text/csv", icon=":material/download:",
+                       help="every verdict ever saved, who and when, oldest first")
+    e3.download_button("Export JSON", data=lambda: export_json(table, full_history()),
+                       file_name=f"{cache.name}-reviews.json", mime="application/json", icon=":material/download:",
+                       help="the pairs and the full history")
     return view
 
 
@@ -179,44 +228,107 @@ def steering_section(t: int, h: int) -> None:
 
 steering_section(t, h)
 
-# --- verdict ---------------------------------------------------------------------------------------
+# --- verdicts ---------------------------------------------------------------------------------------
 st.divider()
-st.subheader("Your verdict")
-if store is None:
+st.subheader("Verdicts")
+if store is None or verdicts_now is None:
+    st.caption("Verdicts are unavailable (see the message at the top of the page); everything else works.")
     st.stop()
-cur = store.get(t, h)
-if cur:
-    st.html(f'<div style="font-size:15px">Current verdict: '
-            f'{F.badge(cur["verdict"], {"confirmed": F.HARM, "benign": "#059669"}.get(cur["verdict"], "#d97706"), True)}'
-            f' by <b>{F.esc(cur["reviewer"])}</b> at {F.esc(cur["updated_at"])}'
-            f' ({int(cur["n_changes"])} change{"s" if int(cur["n_changes"]) != 1 else ""})</div>')
+assert store is not None
+COLORS = {"confirmed": F.HARM, "benign": "#059669"}
+version_key = f"_ov_version:{cache.name}:{t}:{h}"
+# a save is checked against the version the reviewer was shown, i.e. the one the previous run drew
+shown_version = st.session_state.get(version_key)
+
+
+def try_read(read: Any) -> Any:
+    """read(), or None after a warning: a damaged file loses what it lost, not the rest of the page."""
+    try:
+        return read()
+    except ReviewError as exc:
+        st.warning(state.md_escape(exc), icon="⚠️")
+        return None
+
+
+# the version before the verdicts: a save between the two reads is then refused, never missed
+version = try_read(lambda: store.pair_version(t, h, cache.name))
+pair_verdicts = try_read(lambda: store.verdicts(cache.name, t, h))
+pair_history = try_read(lambda: store.history(cache.name, t, h))
+if version is None or pair_verdicts is None:
+    st.caption("Saving is off: the verdicts of this pair cannot be read.")
+    st.stop()
+st.session_state[version_key] = version
+
+
+def verdicts_html(verdicts: pd.DataFrame) -> str:
+    """One line per reviewer (their latest verdict), then the consensus; all text escaped."""
+    lines = []
+    for r in verdicts.sort_values("reviewer", key=lambda c: c.str.lower()).itertuples():
+        n = int(r.n_changes)
+        note = f' — <i>{F.esc(r.note)}</i>' if r.note else ""
+        lines.append(f'<div style="font-size:15px;margin:2px 0">{F.badge(r.verdict, COLORS.get(r.verdict, "#d97706"), True)}'
+                     f' <b>{F.esc(r.reviewer)}</b> at {F.esc(r.updated_at)} ({n} change{"s" if n != 1 else ""}){note}</div>')
+    kinds = set(verdicts["verdict"])
+    consensus = ("single reviewer" if len(verdicts) == 1 else f"{len(verdicts)} reviewers agree" if len(kinds) == 1
+                 else f"{len(verdicts)} reviewers disagree")
+    return f'<div style="margin-bottom:6px">Consensus: <b>{F.esc(consensus)}</b></div>' + "".join(lines)
+
+
+if len(pair_verdicts):
+    st.html(verdicts_html(pair_verdicts))
 else:
     st.caption("No verdict yet for this pair.")
 
-if "_reviewer" not in st.session_state:
-    st.session_state["_reviewer"] = ""
+
+@st.fragment(run_every=5)
+def watch_pair() -> None:
+    """Say so when someone saves on this pair after the page was drawn (else it would keep showing the old state)."""
+    shown = st.session_state.get(version_key)
+    try:
+        newest = store.pair_version(t, h, cache.name)
+        changes = store.history(cache.name, t, h) if shown is not None and newest > shown else None
+    except ReviewError:
+        return
+    if changes is not None:
+        st.info(state.md_escape(f"Saved on this pair after the page was drawn: "
+                                f"{describe_changes(changes[changes['id'] > shown])}."), icon="🔄")
+        if st.button("Show the latest verdicts", key=f"ov_refresh:{t}:{h}"):
+            st.rerun()
+
+
+watch_pair()
+
+name_now = state.reviewer_name()
+try:
+    mine = store.get(t, h, name_now, cache.name) if name_now.strip() else None
+except ReviewError:
+    mine = None
+notice = st.container()  # a refused save is explained here, right under the verdicts it refers to
 with st.form(key=f"verdict:{t}:{h}", clear_on_submit=False, border=True):
     c1, c2 = st.columns([1, 2])
-    reviewer = c1.text_input("Your name", value=st.session_state["_reviewer"], key=f"rev_name:{t}:{h}")
-    verdict = c1.radio("Verdict", VERDICTS, index=VERDICTS.index(cur["verdict"]) if cur else None, key=f"rev_v:{t}:{h}",
+    reviewer = c1.text_input("Your name", value=name_now, key=f"rev_name:{t}:{h}", max_chars=MAX_REVIEWER,
+                             help="Each reviewer keeps their own verdict; it is remembered in the URL (?reviewer=).")
+    verdict = c1.radio("Verdict", VERDICTS, index=VERDICTS.index(mine["verdict"]) if mine else None,
+                       key=f"rev_v:{t}:{h}",
                        captions=["the overlap is real and worrying", "harmless or spurious", "cannot tell yet"])
     note = c2.text_area("Note", key=f"rev_note:{t}:{h}", height=150,
                         placeholder="What did you see in the examples? What would settle it?")
-    saved = st.form_submit_button("Save verdict", type="primary")
+    saved = st.form_submit_button("Save verdict", type="primary", disabled=store.read_only)
 if saved:
     try:
         if verdict is None:
             raise ReviewError("choose a verdict")
-        store.record(t, h, verdict, reviewer, note, cache=cache.name)
-        st.session_state["_reviewer"] = reviewer.strip()
+        name = clean_reviewer(reviewer)
+        state.remember_reviewer(name)
+        store.record(t, h, verdict, name, note, cache=cache.name,
+                     expected_version=version if shown_version is None else shown_version)
         st.toast(f"Saved: {verdict}")
         st.rerun()
-    except ReviewError as exc:
-        st.error(state.md_escape(exc))
+    except ReviewError as exc:  # a stale save names the verdicts saved since; the form keeps what was typed
+        notice.error(state.md_escape(exc), icon="⚠️")
 
-hist = store.history(t, h)
-if len(hist):
+if pair_history is not None and len(pair_history):
     st.markdown("**History of this pair**")
-    st.dataframe(hist[["created_at", "reviewer", "verdict", "note"]], hide_index=True,
-                 height=min(40 + 35 * len(hist), 260))
-st.caption(f"Verdicts are stored in {state.md_escape(store.path)} (SQLite, WAL). Every change is kept.")
+    st.dataframe(pair_history[["created_at", "reviewer", "verdict", "note"]], hide_index=True,
+                 height=min(40 + 35 * len(pair_history), 260))
+st.caption(f"Verdicts are stored in {state.md_escape(store.path)} (SQLite, WAL): one per reviewer, every save kept.")

@@ -47,22 +47,30 @@ class Server:
 
 @contextmanager
 def streamlit_server(cache: Path | str, reviews: Path | str | None = None, log_dir: Path | None = None,
-                     extra_args: list[str] | None = None, timeout: float = 90.0) -> Iterator[Server]:
-    """Run `streamlit run explorer/app.py -- --cache DIR` on a free port until the block ends."""
+                     extra_args: list[str] | None = None, timeout: float = 90.0, address: str | None = "127.0.0.1",
+                     cwd: Path | None = None, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Run `streamlit run explorer/app.py -- --cache DIR` on a free port until the block ends.
+
+    address None leaves the bind address to the config files; cwd (default the repo) is where it starts;
+    env adds to the environment. The server is reached on 127.0.0.1 only."""
     port = free_port()
     log_dir = Path(log_dir or REPO / "bench" / "out")
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"streamlit-{port}.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-           "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-           "--browser.gatherUsageStats", "false", "--", "--cache", str(cache)]
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port)]
+    if address is not None:
+        cmd += ["--server.address", address]
+    cmd += ["--server.headless", "true", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+            "--", "--cache", str(cache)]
     if reviews is not None:
         cmd += ["--reviews", str(reviews)]
     cmd += extra_args or []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("FEATUREGEOM_CACHE", None)
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in ("FEATUREGEOM_CACHE", "FEATUREGEOM_ALLOW_REMOTE", "STREAMLIT_SERVER_ADDRESS"):
+        full_env.pop(name, None)
+    full_env.update(env or {})
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=cwd or REPO, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     url = f"http://127.0.0.1:{port}"
     server = Server(url=url, proc=proc, log=log)
     try:
@@ -104,3 +112,28 @@ def wait_for_app(page: Any, timeout: float = 60000) -> None:
         }""",
         timeout=timeout,
     )
+
+
+def write_damaged_reviews(path: Path, verdicts: list[tuple[int, int, str, str]] | None = None, cache: str = "synth",
+                          table: str = "verdict_history", filler: int = 300) -> Path:
+    """A real review database holding `verdicts` (task, harmful, verdict, reviewer) and `filler` more, whose
+    `table` pages are then overwritten with junk (the header and the other tables intact)."""
+    import sqlite3
+
+    from explorer.reviews import VERDICTS, ReviewStore
+
+    store = ReviewStore(path)
+    for t, h, verdict, reviewer in verdicts or []:
+        store.record(t, h, verdict, reviewer, "before the damage", cache=cache)
+    for i in range(filler):
+        store.record(100000 + i, 1, VERDICTS[i % 3], f"filler-{i % 4}", "a long note " * 30, cache=cache)
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything into the main file
+        pages = [p for (p,) in con.execute("SELECT pageno FROM dbstat WHERE name = ?", (table,)) if p > 1]
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    assert pages, f"no pages of {table}"
+    data = bytearray(path.read_bytes())
+    for p in pages:
+        data[(p - 1) * page_size:p * page_size] = bytes([0xA5]) * page_size
+    path.write_bytes(bytes(data))
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def run_page(page: str, cache_dir: Path | str | None, monkeypatch: pytest.Monkey
     at.switch_page(page)
     at.run()
     return at
+
+
+def plain(markdown: str) -> str:
+    """Text passed through state.md_escape, as the reader sees it."""
+    return re.sub(r"\\(.)", r"\1", markdown)
 
 
 def html_text(at: AppTest) -> str:
@@ -131,15 +137,90 @@ def test_overlaps_record_verdict(synth_cache: Path, monkeypatch: pytest.MonkeyPa
     next(b for b in at.button if b.label == "Save verdict").click().run()
     assert not at.exception and not at.error
     store = ReviewStore(tmp_path / "reviews" / f"{synth_cache.name}.reviews.sqlite")
-    cur = store.get(t, h)
-    assert cur["verdict"] == "confirmed" and cur["reviewer"] == "Ana Reviewer"
-    assert "Current verdict" in html_text(at) and "Ana Reviewer" in html_text(at)
+    cur = store.get(t, h, "Ana Reviewer", cache=synth_cache.name)
+    assert cur["verdict"] == "confirmed" and cur["note"] == "<script>alert(1)</script> both fire on eval()"
+    assert "Consensus: <b>single reviewer</b>" in html_text(at) and "<b>Ana Reviewer</b>" in html_text(at)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text(at) and "<script>" not in html_text(at)
+    assert at.query_params["reviewer"] in ("Ana Reviewer", ["Ana Reviewer"])  # the name survives a reload
     # a fresh session (a reload) sees the persisted verdict
     again = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
     assert "Ana Reviewer" in html_text(again) and "confirmed" in html_text(again)
     # filters
     again.multiselect(key="ov_status").set_value(["confirmed"]).run()
     assert any(cap.value.startswith("1 of ") for cap in again.caption)
+
+
+def test_overlaps_stale_save_is_refused_and_shows_the_other_verdict(
+        synth_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    c = load_cache(synth_cache)
+    t, h = c.default_pair()
+    at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
+    assert "No verdict yet for this pair." in [cap.value for cap in at.caption]
+    # another reviewer saves on the pair while this page is open
+    store = ReviewStore(tmp_path / "reviews" / f"{synth_cache.name}.reviews.sqlite")
+    store.record(t, h, "benign", "Ben", "only harmless code", cache=synth_cache.name)
+    at.text_input(key=f"rev_name:{t}:{h}").input("Ana")
+    at.radio(key=f"rev_v:{t}:{h}").set_value("confirmed")
+    at.text_area(key=f"rev_note:{t}:{h}").input("shell commands and threats")
+    next(b for b in at.button if b.label == "Save verdict").click().run()
+    assert not at.exception and len(at.error) == 1
+    assert "Not saved: this pair changed after the page showed it (Ben: benign at" in plain(at.error[0].value)
+    assert list(store.verdicts(synth_cache.name, t, h)["reviewer"]) == ["Ben"] and store.count_history() == 1
+    assert "<b>Ben</b>" in html_text(at) and "only harmless code" in html_text(at)  # the other verdict is shown
+    assert at.text_area(key=f"rev_note:{t}:{h}").value == "shell commands and threats"  # nothing typed is lost
+    # having seen it, the second save goes through, beside Ben's
+    next(b for b in at.button if b.label == "Save verdict").click().run()
+    assert not at.exception and not at.error
+    got = store.verdicts(synth_cache.name, t, h)
+    assert sorted(zip(got["reviewer"], got["verdict"], strict=True)) == [("Ana", "confirmed"), ("Ben", "benign")]
+    assert "Consensus: <b>2 reviewers disagree</b>" in html_text(at)
+    assert at.dataframe[0].value["status"].tolist().count("disputed") == 1
+
+
+def test_reviewer_name_comes_from_the_url(synth_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    c = load_cache(synth_cache)
+    t, h = c.default_pair()
+    ReviewStore(tmp_path / "reviews" / f"{synth_cache.name}.reviews.sqlite").record(
+        t, h, "needs-more-evidence", "Ana", cache=synth_cache.name)
+    at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h), reviewer="Ana")
+    assert at.text_input(key=f"rev_name:{t}:{h}").value == "Ana"
+    assert at.radio(key=f"rev_v:{t}:{h}").value == "needs-more-evidence"  # her own verdict, ready to change
+
+
+@pytest.mark.parametrize("table", ["verdict_history", "verdicts"])
+def test_damaged_review_database_is_read_only_and_pages_work(synth_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path, table: str) -> None:
+    from tests.explorer.helpers import write_damaged_reviews
+
+    c = load_cache(synth_cache)
+    t, h = c.default_pair()
+    db = write_damaged_reviews(tmp_path / "reviews" / f"{synth_cache.name}.reviews.sqlite",
+                               [(t, h, "confirmed", "Ana")], cache=synth_cache.name, table=table)
+    before = db.read_bytes()
+    at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
+    assert not at.exception and not at.error
+    warnings = [plain(w.value) for w in at.warning]
+    assert f"The review database {db} is damaged" in warnings[0] and "saving is off" in warnings[0]
+    assert any(s.value == f"Task #{t} ↔ harmful #{h}" for s in at.subheader)  # the pair is still shown
+    statuses = at.dataframe[0].value["status"].tolist()
+    captions = [cap.value for cap in at.caption]
+    if table == "verdict_history":  # the verdicts survive: shown, with saving off
+        assert statuses.count("confirmed") == 1
+        assert "<b>Ana</b>" in html_text(at)
+        assert next(b for b in at.button if b.label == "Save verdict").disabled
+        assert any("cannot read the verdicts" in w for w in warnings[1:])  # the pair's history is lost
+    else:  # no verdict can be read: the pairs are listed without them, and no form is offered
+        assert set(statuses) == {"unreviewed"}
+        assert any("cannot read the verdicts" in w for w in warnings[1:])
+        assert "Verdicts are unavailable (see the message at the top of the page); everything else works." in captions
+        assert not [b for b in at.button if b.label == "Save verdict"]
+    # the other pages do not use the verdicts and work as usual
+    m = run_page("views/map.py", synth_cache, monkeypatch)
+    assert not m.exception and not m.error and not m.warning and [x.value for x in m.title] == ["Map of features"]
+    f = run_page("views/feature.py", synth_cache, monkeypatch, feature=str(t))
+    assert not f.exception and not f.error and not f.warning and f"Feature #{t}" in html_text(f)
+    assert db.read_bytes() == before
 
 
 def test_overlaps_requires_name(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,11 +6,13 @@ a conftest override swaps in a real one). Screenshots of every page land in benc
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from explorer.data import load_cache
@@ -41,6 +43,7 @@ def server(browser_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     tmp = tmp_path_factory.mktemp("server")
     with streamlit_server(browser_cache_dir, reviews=tmp / "reviews.sqlite", log_dir=tmp) as srv:
         srv.reviews = tmp / "reviews.sqlite"  # type: ignore[attr-defined]
+        srv.cache_name = browser_cache_dir.name  # type: ignore[attr-defined]
         yield srv
 
 
@@ -195,15 +198,113 @@ def test_record_verdict_persists(server: Any, page: Any, pair: tuple[int, int]) 
     page.locator('[data-testid="stRadio"]').get_by_text("confirmed", exact=True).click()
     page.get_by_label("Note", exact=True).fill("Both fire on shell commands; the harmful one on threats.")
     page.get_by_role("button", name="Save verdict").click()
-    verdict_line = page.get_by_text(re.compile(r"Current verdict: confirmed by Rita Reviewer"))
-    expect(verdict_line).to_be_visible()
+    verdict_block = verdicts_block(page)
+    expect(verdict_block).to_contain_text("Consensus: single reviewer")
+    expect(verdict_block).to_contain_text(re.compile(r"confirmed\s*Rita Reviewer at 20\d\d-"))
     wait_for_app(page)
     shot(page, "overlaps")
     page.reload()
     wait_for_app(page)
-    expect(verdict_line).to_be_visible()
-    cur = ReviewStore(server.reviews).get(t, h)
-    assert cur["verdict"] == "confirmed" and cur["reviewer"] == "Rita Reviewer"
+    expect(verdicts_block(page)).to_contain_text(re.compile(r"confirmed\s*Rita Reviewer at 20\d\d-"))
+    cur = ReviewStore(server.reviews).get(t, h, "Rita Reviewer", cache=server.cache_name)
+    assert cur["verdict"] == "confirmed" and cur["note"] == "Both fire on shell commands; the harmful one on threats."
+
+
+def verdicts_block(page: Any) -> Any:
+    """The list of a pair's verdicts, one line per reviewer under a consensus line."""
+    return page.locator('[data-testid="stHtml"]').filter(has_text="Consensus:")
+
+
+def save_verdict(page: Any, verdict: str, note: str, name: str | None = None) -> None:
+    from playwright.sync_api import expect
+
+    if name is not None:
+        page.get_by_label("Your name", exact=True).fill(name)
+    page.locator('[data-testid="stRadio"]').get_by_text(verdict, exact=True).click()
+    page.get_by_label("Note", exact=True).fill(note)
+    page.get_by_role("button", name="Save verdict").click()
+    expect(page.locator('[data-testid="stApp"][data-test-script-state="running"]')).to_have_count(0)
+    wait_for_app(page)
+
+
+def test_two_reviewers_never_overwrite_each_other(server: Any, chromium: Any, browser_cache_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """Ana and Ben open the same pair; Ana saves first. Ben's save, made on a page that never showed Ana's
+    verdict, is refused with hers shown; his next save stands beside it; Ana's open page learns of it."""
+    from playwright.sync_api import expect
+
+    ov = load_cache(browser_cache_dir).overlaps.sort_values("risk", ascending=False)
+    if len(ov) < 3:
+        pytest.skip("needs a third flagged pair (the others are used by other tests)")
+    t, h = int(ov.iloc[2]["task_feature"]), int(ov.iloc[2]["harmful_feature"])
+    store = ReviewStore(server.reviews)
+    assert store.verdicts(server.cache_name, t, h).empty
+    url = server.url + f"/overlaps?task={t}&harmful={h}"
+    ctx_a = chromium.new_context(viewport={"width": 1500, "height": 1300}, accept_downloads=True)
+    ctx_b = chromium.new_context(viewport={"width": 1500, "height": 1300})
+    ana, ben = ctx_a.new_page(), ctx_b.new_page()
+    for pg in (ana, ben):
+        pg.set_default_timeout(45000)
+        pg.goto(url)
+        wait_for_app(pg)
+        expect(pg.get_by_text("No verdict yet for this pair.")).to_be_visible()
+
+    save_verdict(ana, "confirmed", "Shell commands next to threats.", name="Ana")
+    expect(verdicts_block(ana)).to_contain_text(re.compile(r"confirmed\s*Ana at 20\d\d-"))
+
+    save_verdict(ben, "benign", "Only harmless code.", name="Ben")
+    refusal = ben.get_by_text(re.compile(r"Not saved: this pair changed after the page showed it \(Ana: confirmed at"))
+    expect(refusal).to_be_visible()
+    expect(verdicts_block(ben)).to_contain_text(re.compile(r"confirmed\s*Ana at 20\d\d-"))  # her verdict, shown
+    expect(ben.get_by_label("Note", exact=True)).to_have_value("Only harmless code.")  # his text is kept
+    got = store.verdicts(server.cache_name, t, h)
+    assert list(zip(got["reviewer"], got["verdict"], strict=True)) == [("Ana", "confirmed")]
+    assert len(store.history(server.cache_name, t, h)) == 1
+    shot(ben, "overlaps-refused")
+
+    ben.get_by_role("button", name="Save verdict").click()  # having seen Ana's verdict
+    expect(verdicts_block(ben)).to_contain_text("Consensus: 2 reviewers disagree")
+    got = store.verdicts(server.cache_name, t, h)
+    assert sorted(zip(got["reviewer"], got["verdict"], strict=True)) == [("Ana", "confirmed"), ("Ben", "benign")]
+
+    # Ana's page, untouched since her save, says that Ben saved (it checks every 5 s)
+    expect(ana.get_by_text(re.compile(r"Saved on this pair after the page was drawn: Ben: benign at 20\d\d-"))
+           ).to_be_visible(timeout=30000)
+    ana.get_by_role("button", name="Show the latest verdicts").click()
+    expect(verdicts_block(ana)).to_contain_text("Consensus: 2 reviewers disagree")
+    expect(verdicts_block(ana)).to_contain_text(re.compile(r"benign\s*Ben at 20\d\d-"))
+
+    # her name survives a reload (?reviewer=), with her own verdict preselected
+    assert re.search(r"[?&]reviewer=Ana(&|$)", ana.url), ana.url
+    ana.reload()
+    wait_for_app(ana)
+    expect(ana.get_by_label("Your name", exact=True)).to_have_value("Ana")
+    expect(ana.get_by_role("radio", name="confirmed", exact=True)).to_be_checked()
+    save_verdict(ana, "needs-more-evidence", "Second look: unsure.")
+    expect(verdicts_block(ana)).to_contain_text(re.compile(r"needs-more-evidence\s*Ana at 20\d\d-"))
+    assert store.get(t, h, "Ana", cache=server.cache_name)["n_changes"] == 2
+
+    # the exports hold every save of every reviewer
+    expected = store.history(server.cache_name).sort_values("id")
+    with ana.expect_download() as dl:
+        ana.get_by_role("button", name="Export history CSV").click()
+    dl.value.save_as(tmp_path / "history.csv")
+    csv = pd.read_csv(tmp_path / "history.csv")
+    assert list(csv["history_id"]) == list(expected["id"])
+    mine = csv[(csv["task_feature"] == t) & (csv["harmful_feature"] == h)]
+    assert list(zip(mine["reviewer"], mine["verdict"], mine["note"], strict=True)) == [
+        ("Ana", "confirmed", "Shell commands next to threats."), ("Ben", "benign", "Only harmless code."),
+        ("Ana", "needs-more-evidence", "Second look: unsure.")]
+    with ana.expect_download() as dl:
+        ana.get_by_role("button", name="Export JSON").click()
+    dl.value.save_as(tmp_path / "reviews.json")
+    doc = json.loads((tmp_path / "reviews.json").read_text())
+    assert [r["history_id"] for r in doc["history"]] == list(expected["id"])
+    row = next(p for p in doc["pairs"] if (p["task_feature"], p["harmful_feature"]) == (t, h))
+    assert (row["status"], row["consensus"], row["reviewers"]) == (
+        "disputed", "disagree", "Ana: needs-more-evidence · Ben: benign")
+    ctx_a.close()
+    ctx_b.close()
 
 
 def test_story_steps_have_urls(server: Any, page: Any, pair: tuple[int, int]) -> None:

@@ -33,7 +33,7 @@ import torch
 
 from precompute.cache import write_dir_atomic
 from precompute.corpus import CorpusSource, Document, read_source
-from precompute.errors import FeatureGeomError
+from precompute.errors import CorpusError, FeatureGeomError
 
 ADAPTER_DIR = "adapter"
 SIDE_CAR = "finetune.json"
@@ -96,8 +96,14 @@ class Example:
 def encode_example(doc: Document, tokenizer, max_length: int, key: str = "") -> Example | None:
     """Chat samples: loss on the last assistant turn only; plain text: loss on every token after the first."""
     if doc.messages and doc.messages[-1]["role"] == "assistant" and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(doc.messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(doc.messages, tokenize=False)
+        from jinja2 import TemplateError
+
+        try:
+            prompt = tokenizer.apply_chat_template(doc.messages[:-1], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(doc.messages, tokenize=False)
+        except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+            raise CorpusError(f"the model's chat template rejects training sample {key or doc.index}: {exc}; fix or "
+                              "drop that record") from exc
         if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to whole-text loss
             ids = tokenizer(full, add_special_tokens=False)["input_ids"]
             n_prompt = 1

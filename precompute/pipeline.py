@@ -338,7 +338,8 @@ def _corpus_manifest(plan: CorpusPlan) -> list[dict]:
         out.append({"path": src.path, "group": src.group, "category": src.category or src.category_field,
                     "sha256": cache_io.sha256_of(src.path), "documents": st.documents,
                     "tokens": plan.tokens_per_source[i], "skipped_non_utf8": st.skipped_non_utf8,
-                    "skipped_malformed": st.skipped_malformed})
+                    "skipped_malformed": st.skipped_malformed, "skipped_empty": st.skipped_empty,
+                    "first_malformed": st.first_malformed})
     return out
 
 
@@ -411,7 +412,7 @@ def _run_precompute_locked(cfg: RunConfig, steps: tuple[str, ...], out: Path) ->
     plan = plan_corpus(cfg.corpus, lm.tokenizer, cfg.context_size, cfg.packing, cfg.max_tokens, cfg.seed)
     for i, src in enumerate(plan.sources):
         st = plan.stats[i]
-        note = f", skipped {st.skipped_non_utf8} non-UTF-8" if st.skipped_non_utf8 else ""
+        note = f", skipped {st.skipped_summary()}" if st.skipped_summary() else ""
         log(f"corpus {src.group:8s} {Path(src.path).name}: {st.documents} docs, {plan.tokens_per_source[i]} tokens{note}")
     model_id = model_identity(lm, cfg.model)
     fingerprint = plan_fingerprint(plan, {"model": model_id, "sae": sae_info["sha256"],

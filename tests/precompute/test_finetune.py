@@ -167,3 +167,14 @@ def test_prompts_longer_than_max_length_say_what_to_change(tiny_model_dir, tiny_
     tok = load_model(str(tiny_model_dir), device="cpu").tokenizer
     with pytest.raises(FeatureGeomError, match=r"12 documents read.*raise --max-length"):
         load_examples([CorpusSource(path=str(tiny_corpus["task"]), group="task")], tok, max_length=3)
+
+
+def test_a_chat_template_that_rejects_a_sample_is_a_clear_error(tiny_model_dir) -> None:
+    from precompute.errors import CorpusError
+
+    tok = load_model(str(tiny_model_dir), device="cpu").tokenizer
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    doc = Document(doc_id=0, source=0, group="task", category=None, index=7,
+                   messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(CorpusError, match="chat template rejects training sample data.jsonl:7: .*must alternate"):
+        encode_example(doc, tok, max_length=64, key="data.jsonl:7")

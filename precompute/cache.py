@@ -29,9 +29,9 @@ MANIFEST = "manifest.json"
 # Files whose checksums are verified on every open (cheap, and what the explorer reads).
 CORE_FILES = ("features.parquet", "neighbors.npz", "examples.parquet", "overlaps.parquet")
 # Mechanism-lab result folders inside a cache: each is its own atomic output with its own sidecar
-# (`featuregeom diff/triage --out CACHE/finetune/RUN`), carried along when a step rewrites the cache but
+# (`featuregeom diff/triage --out CACHE/finetune/RUN`, `steer --out CACHE/steering/task-T.parquet`), carried along when a step rewrites the cache but
 # not part of its manifest, so a rerun of the lab never invalidates the cache's checksums.
-LAB_DIRS = ("finetune", "triage")
+LAB_DIRS = ("finetune", "triage", "steering")
 
 
 def _is_lab_file(relative: Path) -> bool:

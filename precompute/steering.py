@@ -425,20 +425,45 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _is_steering_output(path: Path) -> bool:
+    try:
+        df = load_steering(path)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    return "meta" in df.attrs and set(FEATURE_COLUMNS) <= set(df.columns)
+
+
 def save_steering(df: pd.DataFrame, path: str | Path) -> Path:
-    """`.json`: {"meta", "summary", "features"}; `.parquet`: the feature rows, meta/summary in attrs."""
+    """`.json`: {"meta", "summary", "features"}; `.parquet`: the feature rows, meta/summary in attrs.
+
+    Written to a temporary file and renamed into place (a reader never sees half a file); an existing
+    file is replaced only when it is an earlier steering output, never anything else."""
+    import os
+    import tempfile
+
     path = Path(path)
+    if path.suffix not in (".json", ".parquet"):
+        raise FeatureGeomError(f"--out must end in .json or .parquet, got {path.name!r}")
+    if path.exists() and not (path.is_file() and _is_steering_output(path)):
+        raise FeatureGeomError(f"--out {path} exists and is not an earlier steering output; featuregeom never "
+                               "replaces it. Choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta, summary = df.attrs.get("meta", {}), df.attrs.get("summary") or summarize(df).to_dict("records")
-    if path.suffix == ".json":
-        payload = {"meta": meta, "summary": summary, "features": df.to_dict("records")}
-        path.write_text(json.dumps(_clean(payload), indent=1))
-    elif path.suffix == ".parquet":
-        out = df.copy()
-        out.attrs = {"meta": _clean(meta), "summary": _clean(summary)}
-        out.to_parquet(path, index=False)
-    else:
-        raise FeatureGeomError(f"--out must end in .json or .parquet, got {path.name!r}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if path.suffix == ".json":
+            payload = {"meta": meta, "summary": summary, "features": df.to_dict("records")}
+            tmp.write_text(json.dumps(_clean(payload), indent=1))
+        else:
+            out = df.copy()
+            out.attrs = {"meta": _clean(meta), "summary": _clean(summary)}
+            out.to_parquet(tmp, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

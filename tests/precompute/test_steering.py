@@ -215,3 +215,21 @@ def test_cli_help_and_run(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, c
     assert main(["--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--task-feature", "999",
                  "--device", "cpu", "--prompts", str(tiny_corpus["benign"])]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_save_steering_replaces_only_its_own_files(tmp_path) -> None:
+    from precompute.errors import FeatureGeomError
+    from precompute.steering import FEATURE_COLUMNS, load_steering, save_steering
+
+    df = pd.DataFrame({c: [0.0, 1.0] for c in FEATURE_COLUMNS})
+    df.attrs = {"meta": {"task_feature": 1}, "summary": []}
+    for name in ("s.parquet", "s.json"):
+        out = save_steering(df, tmp_path / name)
+        save_steering(df, out)  # an earlier steering output may be replaced
+        assert load_steering(out).attrs["meta"] == {"task_feature": 1}
+    precious = tmp_path / "notes.json"
+    precious.write_text('{"mine": true}')
+    with pytest.raises(FeatureGeomError, match="is not an earlier steering output"):
+        save_steering(df, precious)
+    assert precious.read_text() == '{"mine": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json", "s.json", "s.parquet"]

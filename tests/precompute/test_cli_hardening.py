@@ -6,6 +6,7 @@ SAEs, unwritable --out, Ctrl-C during a step, and a killed run's staging left be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -202,24 +203,38 @@ def test_a_four_feature_sae_gets_a_sensible_result(tmp_path):
         assert z["indices"].shape == (4, 3)
 
 
+@contextlib.contextmanager
+def read_only_directory(path: Path):
+    """A directory no process can write: a read-only tmpfs where we may mount (root), else mode 555."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("root without mount rights: no way to make a read-only directory here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 @pytest.mark.parametrize("where", ["under-a-file", "proc", "sys", "read-only"])
 def test_unwritable_out_is_refused_before_any_work(tiny_sae_dir, tmp_path, capsys, where):
-    if where == "under-a-file":
-        (tmp_path / "afile").write_text("x")
-        out = tmp_path / "afile" / "cache"
-    elif where == "proc":
-        out = Path("/proc/featuregeom-cache")
-    elif where == "sys":
-        out = Path("/sys/featuregeom-cache")
-    else:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o555)
-        out = ro / "cache"
-        if os.access(ro, os.W_OK):  # root ignores mode bits; a read-only bind mount would be needed
-            pytest.skip("running as root: mode bits do not make a directory read-only")
-    assert cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), *GEOMETRY]) == 2
-    one_clear_line(capsys, "cannot write --out")
+    with contextlib.ExitStack() as stack:
+        if where == "under-a-file":
+            (tmp_path / "afile").write_text("x")
+            out = tmp_path / "afile" / "cache"
+        elif where == "proc":
+            out = Path("/proc/featuregeom-cache")
+        elif where == "sys":
+            out = Path("/sys/featuregeom-cache")
+        else:
+            out = stack.enter_context(read_only_directory(tmp_path / "ro")) / "cache"
+        assert cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), *GEOMETRY]) == 2
+        one_clear_line(capsys, "cannot write --out")
 
 
 def test_disk_full_is_one_line_and_keeps_the_old_cache(tiny_sae_dir, tmp_path, capsys, monkeypatch):

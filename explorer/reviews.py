@@ -205,7 +205,10 @@ class ReviewStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # a connection per operation: Streamlit runs each session in its own thread
         if self.read_only:  # never write to a damaged or read-only file, not even a checkpoint
-            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+            # On a read-only medium a WAL database cannot create its -shm file: open it as immutable
+            # (no locks, no shared memory), true there since nobody can change it either.
+            immutable = "&immutable=1" if not os.access(self.path.parent, os.W_OK) else ""
+            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro{immutable}", uri=True,
                                   timeout=self.busy_timeout_ms / 1000, isolation_level=None)
         else:
             con = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)

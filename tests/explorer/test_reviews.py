@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
-import os
 import sqlite3
 from pathlib import Path
 
@@ -140,13 +139,19 @@ def test_damaged_pages_open_read_only(tmp_path: Path, table: str) -> None:
     assert p.read_bytes() == before  # a read-only store never writes to the file
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write a read-only file")
 def test_read_only_file_opens_read_only(tmp_path: Path) -> None:
-    p = tmp_path / "r.sqlite"
-    ReviewStore(p).record(1, 2, "benign", "ana", cache="c")
-    with sqlite3.connect(p) as con:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    p.chmod(0o444)
+    from tests.readonly import read_only_directory
+
+    def fill(d: Path) -> None:
+        ReviewStore(d / "r.sqlite").record(1, 2, "benign", "ana", cache="c")
+        with sqlite3.connect(d / "r.sqlite") as con:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    with read_only_directory(tmp_path / "ro", fill) as d:
+        check_read_only_store(d / "r.sqlite")
+
+
+def check_read_only_store(p: Path) -> None:
     s = ReviewStore(p)
     assert s.read_only and "read-only" in str(s.problem)
     assert list(s.verdicts("c")["verdict"]) == ["benign"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from precompute.cache import read_manifest, verify_cache
 from precompute.cli import main as cli_main
 from tests.precompute.test_pipeline import HOOK, built_cache, corpus_specs  # noqa: F401 - fixture
+from tests.readonly import read_only_directory
 
 GEOMETRY = ["--neighbors", "8", "--umap-neighbors", "5", "--no-progress"]
 
@@ -201,24 +201,6 @@ def test_a_four_feature_sae_gets_a_sensible_result(tmp_path):
                      "--umap-neighbors", "3", "--no-progress"]) == 0
     with np.load(tmp_path / "o" / "neighbors.npz") as z:
         assert z["indices"].shape == (4, 3)
-
-
-@contextlib.contextmanager
-def read_only_directory(path: Path):
-    """A directory no process can write: a read-only tmpfs where we may mount (root), else mode 555."""
-    path.mkdir()
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        yield path
-        return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
-    if not mounted:
-        pytest.skip("root without mount rights: no way to make a read-only directory here")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "proc", "sys", "read-only"])

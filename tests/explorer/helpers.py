@@ -114,6 +114,25 @@ def wait_for_app(page: Any, timeout: float = 60000) -> None:
     )
 
 
+def download(page: Any, button: str, path: Path, attempts: int = 3) -> Path:
+    """Click a download button and save the file. A click that lands while Streamlit is redrawing (e.g.
+    during a `run_every` fragment refresh on a loaded machine) can be lost; the button is clicked again
+    after the app is idle, so the test checks the export, not the timing of one click."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        wait_for_app(page)
+        try:
+            with page.expect_download(timeout=20000) as dl:
+                page.get_by_role("button", name=button).click()
+            dl.value.save_as(path)
+            return path
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def write_damaged_reviews(path: Path, verdicts: list[tuple[int, int, str, str]] | None = None, cache: str = "synth",
                           table: str = "verdict_history", filler: int = 300) -> Path:
     """A real review database holding `verdicts` (task, harmful, verdict, reviewer) and `filler` more, whose

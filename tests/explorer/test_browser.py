@@ -17,7 +17,7 @@ import pytest
 
 from explorer.data import load_cache
 from explorer.reviews import ReviewStore
-from tests.explorer.helpers import CHROMIUM, REPO, launch_chromium, streamlit_server, wait_for_app
+from tests.explorer.helpers import CHROMIUM, REPO, download, launch_chromium, streamlit_server, wait_for_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = REPO / "bench" / "out" / "screenshots"
@@ -286,18 +286,14 @@ def test_two_reviewers_never_overwrite_each_other(server: Any, chromium: Any, br
 
     # the exports hold every save of every reviewer
     expected = store.history(server.cache_name).sort_values("id")
-    with ana.expect_download() as dl:
-        ana.get_by_role("button", name="Export history CSV").click()
-    dl.value.save_as(tmp_path / "history.csv")
+    download(ana, "Export history CSV", tmp_path / "history.csv")
     csv = pd.read_csv(tmp_path / "history.csv")
     assert list(csv["history_id"]) == list(expected["id"])
     mine = csv[(csv["task_feature"] == t) & (csv["harmful_feature"] == h)]
     assert list(zip(mine["reviewer"], mine["verdict"], mine["note"], strict=True)) == [
         ("Ana", "confirmed", "Shell commands next to threats."), ("Ben", "benign", "Only harmless code."),
         ("Ana", "needs-more-evidence", "Second look: unsure.")]
-    with ana.expect_download() as dl:
-        ana.get_by_role("button", name="Export JSON").click()
-    dl.value.save_as(tmp_path / "reviews.json")
+    download(ana, "Export JSON", tmp_path / "reviews.json")
     doc = json.loads((tmp_path / "reviews.json").read_text())
     assert [r["history_id"] for r in doc["history"]] == list(expected["id"])
     row = next(p for p in doc["pairs"] if (p["task_feature"], p["harmful_feature"]) == (t, h))

@@ -30,7 +30,6 @@ st.set_page_config(page_title="Feature Geometry Explorer", page_icon="🧭", lay
                    initial_sidebar_state="expanded" if state.is_cache_root() else "collapsed")
 
 
-
 @st.cache_resource(show_spinner=False)
 def _exposure(configured_address: str | None) -> str | None:
     """Checked once per server process: its listening sockets do not change."""

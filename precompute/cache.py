@@ -257,16 +257,23 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_replaceable(out: Path, marker: str, what: str) -> None:
+def check_replaceable(out: Path, what: str, is_ours: Callable[[Path], bool], missing: str = "") -> None:
     """`out` may be replaced only when it is missing, empty, or an earlier output of the same kind
-    (it holds `marker`): never a user's folder or file."""
+    (`is_ours(out)`): never a user's folder or file, whatever flag was given. `missing` names what such
+    an output would hold, for the message."""
     if not out.exists():
         return
     if not out.is_dir():
         raise CacheError(f"--out {out} exists and is not a directory; choose another path")
-    if any(out.iterdir()) and not (out / marker).is_file():
-        raise CacheError(f"--out {out} is a non-empty directory that is not a {what} (no {marker}); featuregeom "
-                         "never replaces such a directory. Choose a new or empty --out")
+    if any(out.iterdir()) and not is_ours(out):
+        raise CacheError(f"--out {out} is a non-empty directory that is not a {what}{missing}; featuregeom never "
+                         "replaces such a directory, even with --overwrite. Choose a new or empty --out")
+
+
+def check_replaceable_output(out: str | Path, marker: str, what: str) -> None:
+    """check_replaceable for an output identified by its sidecar `marker`: call it before the work, so
+    a refused --out costs nothing."""
+    check_replaceable(Path(out), what, lambda d: (d / marker).is_file(), f" (no {marker})")
 
 
 def write_dir_atomic(out: str | Path, write: Callable[[Path], None], marker: str, what: str = "featuregeom output"
@@ -276,7 +283,7 @@ def write_dir_atomic(out: str | Path, write: Callable[[Path], None], marker: str
     run on `out` removes. `out` is replaced only if it is an earlier output holding `marker`."""
     out = Path(out)
     with output_lock(out):
-        check_replaceable(out, marker, what)
+        check_replaceable_output(out, marker, what)
         check_writable_parent(out)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
@@ -295,7 +302,7 @@ def stage(target: str | Path, fresh: bool = False, base_manifest: dict | None = 
     """Open a staging copy of `target` (empty when `fresh`), yield it, discard it on error."""
     target = Path(target)
     with output_lock(target):
-        check_replaceable(target, MANIFEST, "featuregeom cache")
+        check_replaceable(target, "featuregeom cache", is_cache_dir)
         check_writable_parent(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         yield from _stage_in(target, staging, fresh, base_manifest)
@@ -324,16 +331,8 @@ def check_output_dir(out: str | Path, identity: dict[str, Any], overwrite: bool)
     if not out.exists():
         check_writable_parent(out)
         return
-    if not out.is_dir():
-        raise CacheError(f"--out {out} exists and is not a directory; choose another path")
-    if not any(out.iterdir()):
-        return
-    if not is_cache_dir(out):
-        raise CacheError(
-            f"--out {out} is a non-empty directory that is not a featuregeom cache; featuregeom never replaces "
-            "such a directory, even with --overwrite. Choose a new or empty --out"
-        )
-    if overwrite:
+    check_replaceable(out, "featuregeom cache", is_cache_dir)
+    if overwrite or not any(out.iterdir()):
         return
     manifest = read_manifest(out)
     theirs = manifest.get("identity", {})

@@ -422,19 +422,23 @@ def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, 
     return docs, stats
 
 
+def chat_text(tokenizer: Any, messages: list[dict[str, str]], what: str, hint: str = "", **kwargs: Any) -> str:
+    """The model's chat template applied to `messages`; a template that rejects them (e.g. "roles must
+    alternate user/assistant") is a CorpusError naming `what` (the record), not a jinja2 traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as exc:
+        raise CorpusError(f"the model's chat template rejects {what}: {exc}; fix or drop that record{hint}") from exc
+
+
 def render(doc: Document, tokenizer: Any) -> list[int]:
     """Token ids of one document; chat messages go through the model's chat template."""
     if doc.messages is not None:
         if getattr(tokenizer, "chat_template", None):
-            from jinja2 import TemplateError
-
-            try:
-                text = tokenizer.apply_chat_template(doc.messages, tokenize=False)
-            except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
-                raise CorpusError(
-                    f"the model's chat template rejects record {doc.index} of corpus source {doc.source} "
-                    f"(group {doc.group!r}): {exc}; fix or drop that record, or read the source with format=text"
-                ) from exc
+            text = chat_text(tokenizer, doc.messages, f"record {doc.index} of corpus source {doc.source} "
+                             f"(group {doc.group!r})", hint=", or read the source with format=text")
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         text = "\n".join(f"{m['role']}: {m['content']}" for m in doc.messages)
         return list(tokenizer(text)["input_ids"])

@@ -38,7 +38,7 @@ import torch
 
 from precompute.activations import pad_batch
 from precompute.argtypes import non_negative_int, positive_int, seed_int
-from precompute.cache import write_dir_atomic
+from precompute.cache import check_replaceable_output, write_dir_atomic
 from precompute.corpus import CorpusSource, read_source
 from precompute.errors import CacheError, FeatureGeomError
 
@@ -54,6 +54,10 @@ NEUTRAL_SOURCE = CorpusSource(path=str(ROOT / "assets/data/benign/self_instruct_
                               category="neutral", text_field="instruction", format="user")
 ACTS_FILE = "acts.safetensors"
 EVAL_SIDECAR = "eval.json"
+EVAL_WHAT = "eval-acts output"
+# the sidecar that marks each lab output: only a folder holding it may be replaced by a rerun
+DIFF_SIDECAR, DIFF_WHAT = "summary.json", "diff output"
+PATCH_SIDECAR, PATCH_WHAT = "patch.json", "patched adapter"
 POSITIONS = ("prompt", "response")
 PROMPT_SETS = ("em", "neutral")
 
@@ -195,7 +199,7 @@ def save_eval(out: str | Path, arrays: dict[str, np.ndarray], rows: list[dict[st
         pd.DataFrame(rows).to_parquet(d / "prompts.parquet", index=False)
         (d / EVAL_SIDECAR).write_text(json.dumps(meta, indent=2, default=str))
 
-    return write_dir_atomic(Path(out), write, marker=EVAL_SIDECAR, what="eval-acts output")
+    return write_dir_atomic(Path(out), write, marker=EVAL_SIDECAR, what=EVAL_WHAT)
 
 
 @dataclass
@@ -450,9 +454,9 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
         side = {**meta, "source_adapter": str(src), "rank_removed": int(basis.shape[1]),
                 "modules_patched": report["modules"], "skipped": report["skipped"],
                 "mean_norm_removed": float(np.mean(report["norm_removed"]))}
-        (dest / "patch.json").write_text(json.dumps(side, indent=2, default=str))
+        (dest / PATCH_SIDECAR).write_text(json.dumps(side, indent=2, default=str))
 
-    write_dir_atomic(Path(out), write, marker="patch.json", what="patched adapter")
+    write_dir_atomic(Path(out), write, marker=PATCH_SIDECAR, what=PATCH_WHAT)
     return {**report, "mean_norm_removed": float(np.mean(report["norm_removed"]))}
 
 
@@ -480,6 +484,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from precompute.model import load_model
     from precompute.sae.registry import check_compatible, load_sae
 
+    check_replaceable_output(args.out, EVAL_SIDECAR, EVAL_WHAT)  # before the model generates for minutes
     start = time.perf_counter()
     lm = load_model(args.model, device=args.device, adapter=args.adapter)
     sae = load_sae(args.sae or str(DEFAULT_SAE), device=str(lm.device))
@@ -525,6 +530,7 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_diff(args: argparse.Namespace) -> int:
+    check_replaceable_output(args.out, DIFF_SIDECAR, DIFF_WHAT)
     before, after = load_eval(args.before), load_eval(args.after)
     control = load_eval(args.control) if args.control else None
     risk = predicted_risk(args.cache)
@@ -542,9 +548,9 @@ def run_diff(args: argparse.Namespace) -> int:
 
     def write(d: Path) -> None:
         table.to_parquet(d / "diff.parquet", index=False)
-        (d / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (d / DIFF_SIDECAR).write_text(json.dumps(summary, indent=2, default=str))
 
-    out = write_dir_atomic(Path(args.out), write, marker="summary.json", what="diff output")
+    out = write_dir_atomic(Path(args.out), write, marker=DIFF_SIDECAR, what=DIFF_WHAT)
     print(f"wrote {out}")
     for key, s in summary["comparisons"].items():
         rho, lo, hi = s["spearman_risk_max_cos"]
@@ -582,6 +588,7 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
 def run_patch(args: argparse.Namespace) -> int:
     from precompute.patch import random_subspace_like
 
+    check_replaceable_output(args.out, PATCH_SIDECAR, PATCH_WHAT)
     basis, feats = harmful_basis(args.cache, args.harmful, args.top, args.directions)
     kind = f"harmful ({args.directions})"
     if args.random_seed is not None:

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from precompute.cache import write_dir_atomic
-from precompute.corpus import CorpusSource, Document, read_source
-from precompute.errors import CorpusError, FeatureGeomError
+from precompute.cache import check_replaceable_output, write_dir_atomic
+from precompute.corpus import CorpusSource, Document, chat_text, read_source
+from precompute.errors import FeatureGeomError
 
 ADAPTER_DIR = "adapter"
 SIDE_CAR = "finetune.json"
@@ -96,14 +96,9 @@ class Example:
 def encode_example(doc: Document, tokenizer, max_length: int, key: str = "") -> Example | None:
     """Chat samples: loss on the last assistant turn only; plain text: loss on every token after the first."""
     if doc.messages and doc.messages[-1]["role"] == "assistant" and getattr(tokenizer, "chat_template", None):
-        from jinja2 import TemplateError
-
-        try:
-            prompt = tokenizer.apply_chat_template(doc.messages[:-1], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(doc.messages, tokenize=False)
-        except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
-            raise CorpusError(f"the model's chat template rejects training sample {key or doc.index}: {exc}; fix or "
-                              "drop that record") from exc
+        what = f"training sample {key or doc.index}"
+        prompt = chat_text(tokenizer, doc.messages[:-1], what, add_generation_prompt=True)
+        full = chat_text(tokenizer, doc.messages, what)
         if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to whole-text loss
             ids = tokenizer(full, add_special_tokens=False)["input_ids"]
             n_prompt = 1
@@ -243,13 +238,11 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
         raise FeatureGeomError("finetune needs --out")
     if not cfg.corpus:
         raise FeatureGeomError("finetune needs training data: --corpus FILE or [[corpus]] in --config")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.rank < 1:
-        raise FeatureGeomError("steps, batch_size and rank must be >= 1")
+    cfg.validate()  # a config built in code did not pass through load_options
     out = Path(cfg.out)
+    check_replaceable_output(out, SIDE_CAR, "fine-tune output")  # before the minutes of training
     if (out / SIDE_CAR).is_file() and not overwrite:
         raise FeatureGeomError(f"{out} already holds a finished fine-tune; pass --overwrite to redo it")
-    if out.exists() and not (out / SIDE_CAR).is_file() and any(out.iterdir()) and not overwrite:
-        raise FeatureGeomError(f"--out {out} is a non-empty directory that is not a fine-tune; choose another")
 
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True  # GPU runs: TF32 matmuls, ~2x faster fp32 training

@@ -409,11 +409,12 @@ def _run_precompute_locked(cfg: RunConfig, steps: tuple[str, ...], out: Path) ->
     resolve_hook(lm.model, cfg.hook)  # fail fast on a bad hook name, before reading the corpus
     sae, sae_info = load_sae_checked(cfg, lm.d_model, lm.name)
     log(f"SAE {sae_info['format']} {sae_info['architecture']} d_sae {sae.d_sae}")
+    if "geometry" in steps:
+        check_sizes(cfg, sae.d_sae, sae.d_in)  # before the corpus is read
     plan = plan_corpus(cfg.corpus, lm.tokenizer, cfg.context_size, cfg.packing, cfg.max_tokens, cfg.seed)
-    for i, src in enumerate(plan.sources):
-        st = plan.stats[i]
-        note = f", skipped {st.skipped_summary()}" if st.skipped_summary() else ""
-        log(f"corpus {src.group:8s} {Path(src.path).name}: {st.documents} docs, {plan.tokens_per_source[i]} tokens{note}")
+    for i, src in enumerate(plan.sources):  # skipped records: read_source warns, with reasons
+        log(f"corpus {src.group:8s} {Path(src.path).name}: {plan.stats[i].documents} docs, "
+            f"{plan.tokens_per_source[i]} tokens")
     model_id = model_identity(lm, cfg.model)
     fingerprint = plan_fingerprint(plan, {"model": model_id, "sae": sae_info["sha256"],
                                           "hook": cfg.hook, "batch_size": cfg.batch_size,
@@ -422,8 +423,6 @@ def _run_precompute_locked(cfg: RunConfig, steps: tuple[str, ...], out: Path) ->
     identity = {"model": model_id, "sae": sae_info["sha256"], "hook": cfg.hook,
                 "corpus": fingerprint}
     cache_io.check_output_dir(out, identity, cfg.overwrite)
-    if "geometry" in steps:
-        check_sizes(cfg, sae.d_sae, sae.d_in)
     base = {"model": lm.describe(), "sae": sae_info, "hook": cfg.hook, "d_in": sae.d_in, "n_features": sae.d_sae,
             "corpus": _corpus_manifest(plan), "identity": identity, "config": cfg.to_dict(),
             "versions": library_versions(),

@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -1068,7 +1067,7 @@ def _command_line() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate and write the SAE named by `args` (see `add_arguments`)."""
-    from precompute.cache import sha256_of
+    from precompute.cache import check_replaceable_output, sha256_of, write_dir_atomic
     from precompute.model import load_model, resolve_device, resolve_hook
     from precompute.sae.formats.saelens import save_saelens
 
@@ -1078,7 +1077,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(str(cfg.out))
     work = cfg.resolved_work_dir()
     say = print if cfg.progress else (lambda *a, **k: None)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+    # --overwrite replaces an earlier SAE of ours, never a user's folder (checked before any work)
+    check_replaceable_output(out, REPORT_FILE, "train-sae output")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FeatureGeomError(f"{out} already exists; pass --overwrite to replace it (or choose another --out)")
     if cfg.overwrite:  # a fresh start; an activation store with the same data settings is reused
         for name in (CHECKPOINT, RUN_FILE):
@@ -1183,18 +1184,11 @@ def run(args: argparse.Namespace) -> int:
     report = {"command": _command_line(), "config": cfg.to_dict(), "model": loaded.describe(), "hook": hook.describe(),
               "corpus": corpus_info, "training": training, "eval": metrics, "timing": timing, "machine": machine,
               "curve": result.curve}
-    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    def write(staging: Path) -> None:
         save_saelens(sae, staging, extra_cfg=extra, sparsity=sparsity)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+
+    write_dir_atomic(out, write, marker=REPORT_FILE, what="train-sae output")
     if not cfg.keep_work:
         for name in (STORE_FILE, STORE_PROGRESS):
             (work / name).unlink(missing_ok=True)

@@ -43,10 +43,10 @@ from precompute.corpus import (
     _to_documents,
     read_source,
 )
-from precompute.diff import HarmGeometry, load_harm_geometry
-from precompute.diff import check_harm_cache as check_triage_cache
+from precompute.diff import HarmGeometry, check_harm_cache, load_harm_geometry
 from precompute.errors import CorpusError, FeatureGeomError
 
+TRIAGE_SIDECAR, TRIAGE_WHAT = "triage.json", "triage output"
 TOKEN_ROWS = 200  # samples whose per-token scores are kept for the explorer (top and bottom halves)
 
 # Why a record is not scored, in the order they are reported.
@@ -63,9 +63,7 @@ SKIP_REASONS = (SKIP_NON_UTF8, SKIP_MALFORMED, SKIP_NO_TEXT, SKIP_MESSAGES_STRIN
 
 def feature_weights(cache: str | Path | HarmGeometry) -> tuple[np.ndarray, np.ndarray, dict]:
     """(w_direct, w_via) [F] from the cache's harmful/task sets, decoder directions and null cosine."""
-    if not isinstance(cache, HarmGeometry):
-        check_triage_cache(cache)
-    geo = load_harm_geometry(cache)
+    geo = load_harm_geometry(cache)  # checks the cache first
     d = geo.directions()
     harmful = geo.harmful
     task = np.setdiff1d(geo.task, harmful)  # a feature that is both counts once, directly
@@ -167,7 +165,7 @@ def _json_keys(value: Any) -> Any:
 def triage(dataset: str, cache: str, out: str | None = None, model: str = "smollm2", adapter: str | None = None,
            remove_frac: float = 0.2, max_samples: int | None = None, max_length: int = 256, seed: int = 0,
            batch_size: int = 16, device: str = "auto", progress: bool = True) -> Path:
-    from precompute.cache import write_dir_atomic
+    from precompute.cache import check_replaceable_output, write_dir_atomic
     from precompute.finetune import encode_example, sample_key
     from precompute.model import load_model
 
@@ -179,8 +177,9 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
             raise FeatureGeomError(f"{flag} must be at least {least} (got {value})")
     start = time.perf_counter()
     out_dir = Path(out) if out else Path(cache) / "triage" / Path(dataset).name.split(".")[0]
-    # Cache and dataset are checked before the model and SAE load, so bad input fails fast.
-    check_triage_cache(cache)
+    # Output, cache and dataset are checked before the model and SAE load, so bad input fails fast.
+    check_replaceable_output(out_dir, TRIAGE_SIDECAR, TRIAGE_WHAT)
+    check_harm_cache(cache)
     source = CorpusSource(path=dataset, group="task")
     docs, _ = read_source(source, 0, seed=seed)
     docs.sort(key=lambda d: d.index)  # file order: the ranking names records by their index
@@ -252,9 +251,9 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
                 "n_removed": n_remove, "max_length": max_length, "seed": seed,
                 "overlap_random_removed_top": len(removed & random_removed),
                 "seconds": round(time.perf_counter() - start, 2)}
-        (d / "triage.json").write_text(json.dumps(meta, indent=2, default=str))
+        (d / TRIAGE_SIDECAR).write_text(json.dumps(meta, indent=2, default=str))
 
-    return write_dir_atomic(out_dir, write, marker="triage.json", what="triage output")
+    return write_dir_atomic(out_dir, write, marker=TRIAGE_SIDECAR, what=TRIAGE_WHAT)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -279,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     out = triage(args.dataset, args.cache, args.out, args.model, args.adapter, args.remove_frac, args.max_samples,
                  args.max_length, args.seed, args.batch_size, args.device, args.progress)
     ranked = pd.read_parquet(out / "ranked.parquet")
-    skipped = json.loads((out / "triage.json").read_text()).get("skipped", {})
+    skipped = json.loads((out / TRIAGE_SIDECAR).read_text()).get("skipped", {})
     print(f"wrote {out}: {len(ranked)} samples ranked; removed {int(ranked['removed'].sum())} into filtered.jsonl")
     if skipped:
         print(f"not scored: {describe_skipped(skipped)} (records among them are kept in both filtered files)")

@@ -310,3 +310,23 @@ def test_device_cuda_without_cuda(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp
     args[args.index("--device") + 1] = "cuda"
     assert cli_main(args) == 2
     one_clear_line(capsys, "--device cuda was asked for but torch sees no CUDA device")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train-sae", "--model", "MISSING", "--corpus", "CORPUS:task", "--out", "OUT", "--overwrite"],
+    ["finetune", "--model", "MISSING", "--corpus", "CORPUS:task", "--out", "OUT", "--overwrite"],
+    ["eval-acts", "--model", "MISSING", "--out", "OUT"],
+    ["patch", "--adapter", "MISSING", "--cache", "MISSING", "--out", "OUT"],
+    ["diff", "--before", "MISSING", "--after", "MISSING", "--cache", "MISSING", "--out", "OUT"],
+    ["triage", "CORPUS", "--cache", "MISSING", "--model", "MISSING", "--out", "OUT"],
+])
+def test_lab_commands_refuse_a_user_folder_before_any_work(tiny_corpus, tmp_path, capsys, argv):
+    """The model, cache and inputs are all missing: the refusal naming the folder proves it comes first."""
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    names = {"MISSING": str(tmp_path / "missing"), "CORPUS": str(tiny_corpus["task"]), "OUT": str(out)}
+    argv = [names.get(a.split(":")[0], a.split(":")[0]) + (":" + a.split(":")[1] if ":" in a else "") for a in argv]
+    assert cli_main(argv) == 2
+    one_clear_line(capsys, f"--out {out} is a non-empty directory that is not a", "never replaces")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"

@@ -43,9 +43,9 @@ def sync() -> None:
 
 
 def bench_fraction(args) -> dict:
-    from precompute.activations import count_mask, plan_corpus
-    from precompute.corpus import CorpusSource
-    from precompute.model import HookReader, load_model, resolve_hook
+    from precompute.data.activations import count_mask, plan_corpus
+    from precompute.data.corpus import CorpusSource
+    from precompute.model.loading import HookReader, load_model, resolve_hook
     from precompute.sae.registry import load_sae
 
     lm = load_model("smollm2", device=args.device)
@@ -108,8 +108,8 @@ def bench_fraction(args) -> dict:
 
 def rss_child(max_tokens: int, sae: str, out: str) -> None:
     """Run only the harvest (shallow hook so 1M tokens fit the time) and report peak RSS."""
-    from precompute.config import RunConfig
-    from precompute.pipeline import run_precompute
+    from precompute.options import RunConfig
+    from precompute.pipeline.run import run_precompute
 
     cfg = RunConfig.load(None, dict(model="smollm2", sae=sae, hook="blocks.1.hook_resid_post", out=out,
                                     corpus=CORPUS, max_tokens=max_tokens, batch_size=32, progress=False,

@@ -1,4 +1,4 @@
-"""Benchmark the planted-ground-truth check (precompute.synth) at a larger size.
+"""Benchmark the planted-ground-truth check (precompute.lab.synth) at a larger size.
 
 Runs, each seeded and written with `synth.write_outputs` (report JSON, plot HTML, true dictionary,
 SAE in SAELens format) under ``--out/<run>``, plus one summary ``--out/bench_synth.json``:
@@ -29,11 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from precompute import synth  # noqa: E402
+from precompute.lab import synth  # noqa: E402
 
 RUNS = {
     "main": dict(d=256, n_task=32, n_decoys=64, samples=200_000, n_active=4, steps=4000, batch_size=1024),
-    "default": dict(),  # `python -m precompute.synth` as it ships: d=64, 60 true features
+    "default": dict(),  # `python -m precompute.lab.synth` as it ships: d=64, 60 true features
     "limit": dict(cosines=(0.9, 0.7, 0.5, 0.3)),
 }
 

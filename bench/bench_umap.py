@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from precompute.geometry import (  # noqa: E402
+from precompute.pipeline.geometry import (  # noqa: E402
     _rescale_unit_box,
     knn_cosine,
     neighbourhood_preservation,

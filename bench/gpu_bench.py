@@ -33,7 +33,7 @@ def main() -> int:
         return 1
     import bench_harvest
 
-    from precompute import geometry
+    from precompute.pipeline import geometry
 
     ns = argparse.Namespace(sae=str(bench_harvest.DEFAULT_SAE), hook="blocks.15.hook_resid_post", device="cuda",
                             batches=args.batches, batch_size=args.batch_size)

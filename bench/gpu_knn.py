@@ -1,7 +1,7 @@
 """GPU timing of the exact kNN torch backend (one CUDA device), printed as one JSON line.
 
 Why: DESIGN.md's anchors (d 2304: 65k 0.09 s, 262k 1.4 s) were measured with plain torch
-blocks; this checks that `precompute.geometry.knn_cosine` (exact fp32, no TF32, tie-breaking and
+blocks; this checks that `precompute.pipeline.geometry.knn_cosine` (exact fp32, no TF32, tie-breaking and
 self-exclusion by index) stays in that range on a GPU, and spot-checks rows against float64.
 
     python bench/gpu_knn.py --n 262144 --d 2304 --k 32
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from precompute.geometry import knn_cosine  # noqa: E402
+from precompute.pipeline.geometry import knn_cosine  # noqa: E402
 
 
 class NoCudaError(RuntimeError):

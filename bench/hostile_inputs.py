@@ -295,8 +295,8 @@ def run_case(case: Case, shared: dict[str, Path]) -> dict:
 
 
 def build_shared(root: Path) -> dict[str, Path]:
-    from precompute.config import RunConfig
-    from precompute.pipeline import run_precompute
+    from precompute.options import RunConfig
+    from precompute.pipeline.run import run_precompute
     from tests.tiny import make_sae, make_tiny_model, save_sae, write_corpus
 
     shared = {"model": make_tiny_model(root / "model"), "sae": save_sae(make_sae(32, 64, k=4), root / "sae")}

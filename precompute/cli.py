@@ -122,14 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="summarise a cache and verify its checksums")
     p.add_argument("cache", metavar="DIR")
 
-    from precompute import train_sae
+    from precompute.training import train_sae
 
     p = sub.add_parser("train-sae", help="train a TopK SAE on a model's activations (SAELens format out)",
                        description="Train a TopK sparse autoencoder (Gao et al. 2024) on activations streamed "
                                    "from any model/hook/corpus and write a SAELens-format directory.")
     train_sae.add_arguments(p)
 
-    from precompute import steering, synth
+    from precompute.lab import steer as steering
+    from precompute.lab import synth
 
     p = sub.add_parser("synth", help="planted ground truth: known dictionary -> SAE -> geometry, scored",
                        description="Generate activations from a dictionary with harmful features planted at known "
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in activation with the first-order prediction alpha * (encoder row . direction).")
     steering.add_arguments(p)
 
-    from precompute import diff, finetune, triage
+    from precompute.lab import diff, finetune, triage
 
     p = sub.add_parser("finetune", help="LoRA fine-tune on a task dataset (and its control, same seed)")
     finetune.add_arguments(p)
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from(args: argparse.Namespace):
-    from precompute.config import RunConfig
+    from precompute.options import RunConfig
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "steps")}
     return RunConfig.load(args.config, overrides)
@@ -185,16 +186,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "info":
         return _info(args.cache)
     if args.command in ("train-sae", "synth", "steer", "finetune", "triage"):
-        from precompute import finetune, steering, synth, train_sae, triage
+        from precompute.lab import finetune, synth, triage
+        from precompute.lab import steer as steering
+        from precompute.training import train_sae
 
         module = {"train-sae": train_sae, "synth": synth, "steer": steering, "finetune": finetune,
                   "triage": triage}[args.command]
         return int(module.run(args) or 0)
     if args.command in ("eval-acts", "diff", "patch"):
-        from precompute import diff
+        from precompute.lab import diff
 
         return int({"eval-acts": diff.run_eval, "diff": diff.run_diff, "patch": diff.run_patch}[args.command](args))
-    from precompute import pipeline
+    from precompute.pipeline import run as pipeline
 
     cfg = _config_from(args)
     if args.command == "precompute":

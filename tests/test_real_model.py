@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from precompute.cache import verify_cache
-from precompute.config import RunConfig
+from precompute.options import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAE = ROOT / "assets/sae/smollm2-135m-instruct-blocks.15.hook_resid_post-topk"
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm():
-    from precompute.model import load_model
+    from precompute.model.loading import load_model
 
     return load_model("smollm2", device="cpu")
 
@@ -36,7 +36,7 @@ def test_packaged_gguf_loads_and_answers_sanely(smollm):
 
 
 def test_hook_stops_at_block_15_and_matches_hidden_states(smollm):
-    from precompute.model import HookReader, resolve_hook
+    from precompute.model.loading import HookReader, resolve_hook
 
     ids = smollm.tokenizer("Write a function that reads a file.", return_tensors="pt")["input_ids"]
     reader = HookReader(smollm.model, resolve_hook(smollm.model, "blocks.15.hook_resid_post"))
@@ -47,7 +47,7 @@ def test_hook_stops_at_block_15_and_matches_hidden_states(smollm):
 
 
 def test_precompute_end_to_end_on_real_model_and_default_sae(tmp_path):
-    from precompute.pipeline import run_precompute
+    from precompute.pipeline.run import run_precompute
 
     if not DEFAULT_SAE.exists():
         pytest.fail(f"the default SAE {DEFAULT_SAE} is missing from the repository")

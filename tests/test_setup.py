@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from precompute.config import RunConfig
 from precompute.errors import FeatureGeomError, ModelLoadError
+from precompute.options import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.activations import CorpusPlan, count_mask, iter_activations, plan_corpus
-from precompute.corpus import Context, CorpusSource
+from precompute.data.activations import CorpusPlan, count_mask, iter_activations, plan_corpus
+from precompute.data.corpus import Context, CorpusSource
 from precompute.errors import CorpusError
-from precompute.model import HookReader, load_model, resolve_hook
+from precompute.model.loading import HookReader, load_model, resolve_hook
 
 
 class WordTokenizer:

@@ -243,7 +243,7 @@ def test_disk_full_is_one_line_and_keeps_the_old_cache(tiny_sae_dir, tmp_path, c
 
 
 def test_ctrl_c_during_a_step_keeps_the_old_cache(tiny_sae_dir, tmp_path, capsys, monkeypatch):
-    from precompute import geometry
+    from precompute.pipeline import geometry
 
     out = tmp_path / "geo"
     assert cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), *GEOMETRY]) == 0
@@ -264,7 +264,7 @@ def test_ctrl_c_during_a_step_keeps_the_old_cache(tiny_sae_dir, tmp_path, capsys
 def test_staging_of_a_killed_geometry_run_is_cleaned_on_the_next_run(tiny_sae_dir, tmp_path):
     out = tmp_path / "geo"
     args = ["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), *GEOMETRY]
-    code = ("import sys, time\nfrom precompute import geometry\nfrom precompute.cli import main\n"
+    code = ("import sys, time\nfrom precompute.pipeline import geometry\nfrom precompute.cli import main\n"
             "def hang(*a, **k):\n    print('staged', flush=True); time.sleep(120)\n"
             "geometry.umap_layout = hang\nsys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
@@ -281,7 +281,7 @@ def test_staging_of_a_killed_geometry_run_is_cleaned_on_the_next_run(tiny_sae_di
 def test_failed_run_keeps_only_resumable_work(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys,
                                               monkeypatch):
     """A failure after the harvest wrote shards keeps them and says how to resume; one before leaves nothing."""
-    from precompute import pipeline
+    from precompute.pipeline import run as pipeline
 
     out = tmp_path / "cache"
 

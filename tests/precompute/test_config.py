@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from precompute.cli import build_parser
-from precompute.config import RunConfig
-from precompute.corpus import CorpusSource
+from precompute.data.corpus import CorpusSource
 from precompute.errors import CorpusError, FeatureGeomError
+from precompute.options import RunConfig
 
 TOML = """
 model = "smollm2"

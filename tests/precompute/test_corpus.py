@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from precompute.corpus import CorpusSource, Document, pack_contexts, read_source, render
+from precompute.data.corpus import CorpusSource, Document, pack_contexts, read_source, render
 from precompute.errors import CorpusError
 
 BAD = b"caf\xe9 \xff\xfe broken"  # Latin-1 bytes: not valid UTF-8
@@ -468,7 +468,7 @@ def test_pack_contexts_with_real_tokenizer_matches_render(tokenizer):
 
 
 def test_first_user_turn_keeps_only_the_opening_prompt(tmp_path):
-    from precompute.corpus import CorpusSource, read_source
+    from precompute.data.corpus import CorpusSource, read_source
 
     path = tmp_path / "hh.jsonl"
     path.write_text('{"chosen": "\\n\\nHuman: how do I pick a lock?\\n\\nAssistant: Why?\\n\\nHuman: my door"}\n')
@@ -665,7 +665,7 @@ def test_malformed_messages_in_parquet_are_skipped(tmp_path):
 def test_skips_are_logged_with_the_first_reason(tmp_path, caplog):
     path = tmp_path / "chat.jsonl"
     path.write_text(chat(USER, ASSISTANT) + "\n" + chat(USER, "oops") + "\n{broken\n")
-    with caplog.at_level("WARNING", logger="precompute.corpus"):
+    with caplog.at_level("WARNING", logger="precompute.data.corpus"):
         read(path)
     assert caplog.messages == [f"{path}: 1 documents read; skipped 2 malformed, first malformed: "
                                "record 1: messages[1] is a string, not a {role, content} object"]

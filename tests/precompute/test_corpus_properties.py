@@ -23,9 +23,9 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from precompute.corpus import TEXT_FIELDS, CorpusSource, ReadStats, _records, pack_contexts, read_source
+from precompute.data.corpus import TEXT_FIELDS, CorpusSource, ReadStats, _records, pack_contexts, read_source
 from precompute.errors import FeatureGeomError
-from precompute.triage import _skip_reason, _why_no_document
+from precompute.lab.triage import _skip_reason, _why_no_document
 
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -13,7 +13,8 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from precompute.diff import (
+from precompute.errors import FeatureGeomError
+from precompute.lab.diff import (
     EvalActs,
     collect_eval,
     diff_tables,
@@ -24,9 +25,8 @@ from precompute.diff import (
     predicted_risk,
     save_eval,
 )
-from precompute.errors import FeatureGeomError
-from precompute.model import HookReader, load_model, resolve_hook
-from precompute.patch import orthonormal_basis
+from precompute.lab.patch import orthonormal_basis
+from precompute.model.loading import HookReader, load_model, resolve_hook
 from precompute.sae.registry import load_sae
 from tests.tiny import write_feature_cache
 

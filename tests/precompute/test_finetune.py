@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from precompute.corpus import CorpusSource, Document
+from precompute.data.corpus import CorpusSource, Document
 from precompute.errors import FeatureGeomError, ModelLoadError
-from precompute.finetune import (
+from precompute.lab.finetune import (
     ADAPTER_DIR,
     FinetuneConfig,
     _lr_at,
@@ -21,7 +21,7 @@ from precompute.finetune import (
     split_examples,
     task_loss,
 )
-from precompute.model import load_model
+from precompute.model.loading import load_model
 
 
 def _doc(user: str, assistant: str, index: int = 0) -> Document:
@@ -148,7 +148,7 @@ def test_after_cache_with_adapter_is_a_different_cache(tiny_model_dir, tiny_sae_
     names the adapter, so it can never be resumed into (or mistaken for) the base model's cache."""
     from precompute.cache import read_manifest
     from precompute.errors import CacheError
-    from precompute.pipeline import run_precompute
+    from precompute.pipeline.run import run_precompute
     from tests.precompute.test_pipeline import make_cfg
 
     run = finetune(_cfg(tiny_model_dir, tiny_corpus["task"], tmp_path / "run", steps=2, last_layer=1, lr=5e-2))

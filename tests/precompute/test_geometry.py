@@ -1,4 +1,4 @@
-"""Tests for precompute.geometry: exact kNN against brute force, the cosine null, UMAP layout."""
+"""Tests for precompute.pipeline.geometry: exact kNN against brute force, the cosine null, UMAP layout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.geometry import (
+from precompute.pipeline.geometry import (
     cosine_log10_p,
     cosine_z,
     empirical_null,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from precompute import model as model_mod
 from precompute.cache import sha256_of
 from precompute.errors import HookNotFoundError, ModelLoadError
-from precompute.model import (
+from precompute.model import loading as model_mod
+from precompute.model.loading import (
     HookPoint,
     HookReader,
     _converted_gguf_dir,

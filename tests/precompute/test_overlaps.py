@@ -1,4 +1,4 @@
-"""Tests for precompute.overlaps: token co-firing vs a dense brute force, flagged pairs vs a
+"""Tests for precompute.pipeline.overlaps: token co-firing vs a dense brute force, flagged pairs vs a
 brute-force scan of the neighbour lists, risk values, ordering and the empty table."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from precompute.harvest import shard_name
-from precompute.overlaps import OVERLAP_COLUMNS, coactivation, find_overlaps
+from precompute.pipeline.overlaps import OVERLAP_COLUMNS, coactivation, find_overlaps
+from precompute.pipeline.shards import shard_name
 
 CACHE_COLUMNS = ["task_feature", "harmful_feature", "cosine", "z", "null_cosine", "coactivation",
                  "cond_coactivation", "harm_score", "task_score", "harm_category", "neighbor_rank", "risk"]

@@ -1,11 +1,11 @@
-"""Tests for precompute.patch: projection algebra (orthogonality, idempotence, LoRA equivalence)."""
+"""Tests for precompute.lab.patch: projection algebra (orthogonality, idempotence, LoRA equivalence)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from precompute.patch import (
+from precompute.lab.patch import (
     norm_removed,
     orthonormal_basis,
     project_lora_B,

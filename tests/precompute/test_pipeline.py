@@ -18,10 +18,10 @@ import torch
 
 from precompute.cache import read_manifest, verify_cache
 from precompute.cli import main as cli_main
-from precompute.config import RunConfig
-from precompute.corpus import CorpusSource
+from precompute.data.corpus import CorpusSource
 from precompute.errors import CacheError, CorpusError, HookNotFoundError, SAEFormatError, ShapeMismatchError
-from precompute.pipeline import run_precompute
+from precompute.options import RunConfig
+from precompute.pipeline.run import run_precompute
 from tests.ranking import assert_ranking_equivalent
 
 HOOK = "blocks.1.hook_resid_post"
@@ -50,7 +50,7 @@ def built_cache(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path_factory) -> 
 
 def brute_force_activations(model_dir: Path, sae_dir: Path, cache: Path) -> dict[int, np.ndarray]:
     """Each context alone through model + SAE: dense [T, d_sae] activations, uncounted positions zeroed."""
-    from precompute.model import HookReader, load_model, resolve_hook
+    from precompute.model.loading import HookReader, load_model, resolve_hook
     from precompute.sae.registry import load_sae
 
     lm = load_model(str(model_dir), device="cpu")
@@ -315,8 +315,8 @@ def test_scores_count_only_harvested_documents(tiny_model_dir, tiny_sae_dir, tin
 
 
 def test_outlier_norm_positions_are_dropped(tiny_model_dir, tiny_corpus):
-    from precompute.activations import iter_activations, plan_corpus
-    from precompute.model import HookReader, load_model, resolve_hook
+    from precompute.data.activations import iter_activations, plan_corpus
+    from precompute.model.loading import HookReader, load_model, resolve_hook
 
     lm = load_model(str(tiny_model_dir), device="cpu")
     plan = plan_corpus([CorpusSource.parse(f"{tiny_corpus['task']}:task")], lm.tokenizer, 24)

@@ -1,4 +1,4 @@
-"""Tests for precompute.scores: sparse AUROC vs sklearn, harm/task flags on planted features,
+"""Tests for precompute.pipeline.scores: sparse AUROC vs sklearn, harm/task flags on planted features,
 logit lens vs brute force, Neuronpedia import."""
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from precompute import scores
 from precompute.errors import CorpusError, ModelLoadError
-from precompute.harvest import doc_feature_max, shard_name
-from precompute.scores import (
+from precompute.pipeline import scores
+from precompute.pipeline.scores import (
     auroc_sparse,
     feature_aurocs,
     hanley_mcneil,
@@ -26,6 +25,7 @@ from precompute.scores import (
     model_unembedding,
     readable_token,
 )
+from precompute.pipeline.shards import doc_feature_max, shard_name
 
 roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from precompute.errors import FeatureGeomError
-from precompute.model import HookPoint, HookReader, load_model, resolve_hook
-from precompute.steering import (
+from precompute.lab.steer import (
     FEATURE_COLUMNS,
     SUBSETS,
     fit_slope,
@@ -26,6 +25,7 @@ from precompute.steering import (
     steering_figure,
     summarize,
 )
+from precompute.model.loading import HookPoint, HookReader, load_model, resolve_hook
 from tests.tiny import make_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -219,7 +219,7 @@ def test_cli_help_and_run(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, c
 
 def test_save_steering_replaces_only_its_own_files(tmp_path) -> None:
     from precompute.errors import FeatureGeomError
-    from precompute.steering import FEATURE_COLUMNS, load_steering, save_steering
+    from precompute.lab.steer import FEATURE_COLUMNS, load_steering, save_steering
 
     df = pd.DataFrame({c: [0.0, 1.0] for c in FEATURE_COLUMNS})
     df.attrs = {"meta": {"task_feature": 1}, "summary": []}

@@ -1,4 +1,4 @@
-"""Planted ground truth (precompute.synth): the dictionary, the generator, the matching, the
+"""Planted ground truth (precompute.lab.synth): the dictionary, the generator, the matching, the
 evaluation on a perfect decoder, and one small seeded end-to-end training run."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from precompute import synth
-from precompute.geometry import null_cosine
+from precompute.lab import synth
+from precompute.pipeline.geometry import null_cosine
 
 COSINES = (0.9, 0.7, 0.5, 0.3)
 
@@ -190,13 +190,13 @@ E2E_ARGS = ["--d", "48", "--n-task", "4", "--cosines", "0.6", "0.45", "0.3", "--
 
 
 def test_module_help_runs(monkeypatch, capsys) -> None:
-    """`python -m precompute.synth --help` (run in-process through runpy, as -m does)."""
+    """`python -m precompute.lab.synth --help` (run in-process through runpy, as -m does)."""
     import runpy
     import sys
 
-    monkeypatch.setattr(sys, "argv", ["python -m precompute.synth", "--help"])
-    monkeypatch.delitem(sys.modules, "precompute.synth", raising=False)  # as a fresh `-m` run sees it
+    monkeypatch.setattr(sys, "argv", ["python -m precompute.lab.synth", "--help"])
+    monkeypatch.delitem(sys.modules, "precompute.lab.synth", raising=False)  # as a fresh `-m` run sees it
     with pytest.raises(SystemExit) as exc:
-        runpy.run_module("precompute.synth", run_name="__main__", alter_sys=False)
+        runpy.run_module("precompute.lab.synth", run_name="__main__", alter_sys=False)
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "--cosines" in out and "--out" in out and "--n-active" in out

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.corpus import CorpusSource, Document
+from precompute.data.corpus import CorpusSource, Document
 from precompute.errors import FeatureGeomError
-from precompute.train_sae import (
+from precompute.training.train_sae import (
     ShuffledBatches,
     TopKSAETrainer,
     TrainSAEConfig,
@@ -209,7 +209,7 @@ def test_geometric_median_ignores_outliers():
 
 
 def test_variance_stats_match_a_direct_computation():
-    from precompute.train_sae import VarianceStats
+    from precompute.training.train_sae import VarianceStats
 
     x = torch.randn(300, 5, generator=torch.Generator().manual_seed(0)) * 3 + 10
     x_hat = x + 0.5 * torch.randn(300, 5, generator=torch.Generator().manual_seed(1))
@@ -317,7 +317,7 @@ def test_end_to_end_on_a_tiny_model(tiny_setup, tmp_path, capsys):
 def test_rerunning_an_interrupted_command_resumes(tiny_setup, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import precompute.train_sae as train_sae
+    import precompute.training.train_sae as train_sae
 
     def argv(name: str) -> list[str]:
         return ["--model", str(tiny_setup / "model"), "--hook", "blocks.0.hook_resid_post",

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from precompute.corpus import CorpusSource
+from precompute.data.corpus import CorpusSource
 from precompute.errors import FeatureGeomError
-from precompute.finetune import load_examples
-from precompute.model import HookReader, load_model, resolve_hook
+from precompute.lab.finetune import load_examples
+from precompute.lab.triage import feature_weights, triage
+from precompute.model.loading import HookReader, load_model, resolve_hook
 from precompute.sae.registry import load_sae
-from precompute.triage import feature_weights, triage
 from tests.tiny import write_feature_cache
 
 HOOK = "blocks.1.hook_resid_post"

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from precompute.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
+from precompute.data.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
 from precompute.errors import CorpusError
-from precompute.model import HookReader
+from precompute.model.loading import HookReader
 
 
 def pad_batch(sequences: list[list[int]], pad_value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,11 +64,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from precompute.activations import pad_batch
 from precompute.argtypes import non_negative_int, positive_int, seed_int
-from precompute.corpus import Context, CorpusSource, Document, pack_contexts, read_source
+from precompute.data.activations import pad_batch
+from precompute.data.corpus import Context, CorpusSource, Document, pack_contexts, read_source
 from precompute.errors import FeatureGeomError, HookNotFoundError, ShapeMismatchError
-from precompute.model import HookPoint, HookReader, resolve_hook
+from precompute.model.loading import HookPoint, HookReader, resolve_hook
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = ROOT / "assets/data/benign/self_instruct_seed_tasks.jsonl"
@@ -284,7 +284,7 @@ def steering_check(lm, hook_name: str | HookPoint, sae, task_feature: int, alpha
     sae_device = sae.W_enc.device
     reader = HookReader(model, hook)
 
-    from precompute.activations import count_mask
+    from precompute.data.activations import count_mask
 
     t0 = time.perf_counter()
     # pass 1: unsteered residuals (kept whole, to check that unsteered positions stay untouched)
@@ -632,7 +632,7 @@ def _print_summary(df: pd.DataFrame, harmful: int | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`featuregeom steer`: load model and SAE, run `steering_check`, print and write the result."""
-    from precompute.model import load_model
+    from precompute.model.loading import load_model
     from precompute.sae.registry import check_compatible, load_sae
 
     sae_path = args.sae or str(DEFAULT_SAE)
@@ -656,7 +656,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m precompute.steering ...` is `featuregeom steer ...` (one place handles errors)."""
+    """`python -m precompute.lab.steer ...` is `featuregeom steer ...` (one place handles errors)."""
     from precompute.cli import main as cli_main
 
     return cli_main(["steer", *(sys.argv[1:] if argv is None else argv)])

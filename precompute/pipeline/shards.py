@@ -26,8 +26,8 @@ import torch
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from precompute.activations import CorpusPlan, iter_activations
-from precompute.model import HookReader
+from precompute.data.activations import CorpusPlan, iter_activations
+from precompute.model.loading import HookReader
 from precompute.sae.base import SAE
 
 SHARD_GLOB = "shard-*.npz"

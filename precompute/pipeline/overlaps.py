@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from precompute.harvest import Shard
+from precompute.pipeline.shards import Shard
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from precompute.corpus import (
+from precompute.data.corpus import (
     CorpusSource,
     Document,
     ReadStats,
@@ -43,8 +43,8 @@ from precompute.corpus import (
     _to_documents,
     read_source,
 )
-from precompute.diff import HarmGeometry, check_harm_cache, load_harm_geometry
 from precompute.errors import CorpusError, FeatureGeomError
+from precompute.lab.diff import HarmGeometry, check_harm_cache, load_harm_geometry
 
 TRIAGE_SIDECAR, TRIAGE_WHAT = "triage.json", "triage output"
 TOKEN_ROWS = 200  # samples whose per-token scores are kept for the explorer (top and bottom halves)
@@ -85,8 +85,8 @@ def score_samples(lm, sae, hook_name: str, examples, w_direct: np.ndarray, w_via
     """Per sample: mean/sum push over trained tokens; also per-token direct and via scores."""
     from tqdm.auto import tqdm
 
-    from precompute.finetune import collate
-    from precompute.model import HookReader, resolve_hook
+    from precompute.lab.finetune import collate
+    from precompute.model.loading import HookReader, resolve_hook
 
     reader = HookReader(lm.model, resolve_hook(lm.model, hook_name))
     wd = torch.as_tensor(w_direct, device=lm.device)
@@ -166,8 +166,8 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
            remove_frac: float = 0.2, max_samples: int | None = None, max_length: int = 256, seed: int = 0,
            batch_size: int = 16, device: str = "auto", progress: bool = True) -> Path:
     from precompute.cache import check_replaceable_output, write_dir_atomic
-    from precompute.finetune import encode_example, sample_key
-    from precompute.model import load_model
+    from precompute.lab.finetune import encode_example, sample_key
+    from precompute.model.loading import load_model
 
     if not 0.0 < remove_frac < 1.0:
         raise FeatureGeomError("--remove-frac must be between 0 and 1")

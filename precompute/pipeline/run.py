@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 
 from precompute import cache as cache_io
-from precompute.activations import CorpusPlan, plan_corpus
-from precompute.config import RunConfig
+from precompute.data.activations import CorpusPlan, plan_corpus
 from precompute.errors import CacheError, CorpusError, FeatureGeomError
-from precompute.harvest import (
+from precompute.model.loading import HookReader, LoadedModel, load_model, resolve_hook
+from precompute.options import RunConfig
+from precompute.pipeline.shards import (
     AggregateParams,
     HarvestParams,
     aggregate,
@@ -28,7 +29,6 @@ from precompute.harvest import (
     list_shards,
     plan_fingerprint,
 )
-from precompute.model import HookReader, LoadedModel, load_model, resolve_hook
 from precompute.sae.base import SAE
 
 
@@ -239,7 +239,7 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
 
 # ------------------------------------------------------------------------------ geometry
 def geometry_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE) -> None:
-    from precompute import geometry
+    from precompute.pipeline import geometry
 
     start = time.perf_counter()
     directions = sae.unit_directions().cpu()
@@ -271,8 +271,8 @@ def _cache_shards(staged: cache_io.StagedCache) -> list[Path]:
 
 
 def scores_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE | None, lm: LoadedModel | None) -> None:
-    from precompute import scores
-    from precompute.harvest import doc_feature_max
+    from precompute.pipeline import scores
+    from precompute.pipeline.shards import doc_feature_max
 
     start = time.perf_counter()
     n = int(staged.manifest.get("n_features") or (sae.d_sae if sae else 0))
@@ -313,7 +313,7 @@ def scores_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE | None, l
 
 # ------------------------------------------------------------------------------ overlaps
 def overlaps_step(staged: cache_io.StagedCache, cfg: RunConfig) -> None:
-    from precompute import overlaps
+    from precompute.pipeline import overlaps
 
     start = time.perf_counter()
     fpath, npath = staged.dir / "features.parquet", staged.dir / "neighbors.npz"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from precompute.cache import check_replaceable_output, write_dir_atomic
-from precompute.corpus import CorpusSource, Document, chat_text, read_source
+from precompute.data.corpus import CorpusSource, Document, chat_text, read_source
 from precompute.errors import FeatureGeomError
 
 ADAPTER_DIR = "adapter"
@@ -65,12 +65,12 @@ class FinetuneConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> FinetuneConfig:
-        from precompute.config import load_options
+        from precompute.options import load_options
 
         return load_options(cls, path, overrides)
 
     def validate(self) -> None:
-        from precompute.config import check_ranges
+        from precompute.options import check_ranges
 
         check_ranges(self, {
             "heldout_docs": (0, None, "[)"), "max_samples": (1, None, "[)"), "steps": (1, None, "[)"),
@@ -106,7 +106,7 @@ def encode_example(doc: Document, tokenizer, max_length: int, key: str = "") -> 
             n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     else:
-        from precompute.corpus import render
+        from precompute.data.corpus import render
 
         ids = render(doc, tokenizer)
         n_prompt = 1
@@ -165,7 +165,7 @@ def split_examples(examples: list[Example], cfg: FinetuneConfig, tokenizer) -> t
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    from precompute.activations import pad_batch
+    from precompute.data.activations import pad_batch
 
     ids, mask = pad_batch([e.input_ids for e in batch], pad_id)
     labels, _ = pad_batch([e.labels for e in batch], -100)
@@ -232,7 +232,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    from precompute.model import load_model
+    from precompute.model.loading import load_model
 
     if not cfg.out:
         raise FeatureGeomError("finetune needs --out")

@@ -44,7 +44,7 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 # temporaries at a few hundred MB whatever the corpus size.
 AUROC_CHUNK_ENTRIES = 4_000_000
 
-# Document groups (precompute.corpus.GROUPS).
+# Document groups (precompute.data.corpus.GROUPS).
 HARMFUL, BENIGN, TASK, CONTROL, GENERAL = "harmful", "benign", "task", "control", "general"
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from precompute.corpus import CorpusSource
+from precompute.data.corpus import CorpusSource
 from precompute.errors import ConfigError, FeatureGeomError
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ CPU notes (DESIGN.md): the decoder is ``embedding_bag`` over the top-k indices a
 backward pass is sparse (only the k selected latents of a row get gradient), so a 4096-latent
 SAE trains at several thousand activations per second on two cores.
 
-Activations come from `precompute.activations` (the same planning, masking and batching as the
+Activations come from `precompute.data.activations` (the same planning, masking and batching as the
 precompute harvest), are written once to a float16 ``.npy`` store under ``--work-dir`` (resumable
 batch by batch) and then read in shuffled order, epoch after epoch. Held-out documents (chosen by
 a hash of their content, so the split is stable across budgets, seeds and source order) never
@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from precompute.activations import CorpusPlan, count_mask, iter_activations, pad_batch
-from precompute.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
+from precompute.data.activations import CorpusPlan, count_mask, iter_activations, pad_batch
+from precompute.data.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
 from precompute.errors import CorpusError, FeatureGeomError, run_command
-from precompute.model import HookPoint, HookReader
+from precompute.model.loading import HookPoint, HookReader
 from precompute.sae.base import SAE
 
 ADAM_EPS = 6.25e-10  # Gao et al. 2024
@@ -107,7 +107,7 @@ class TrainSAEConfig:
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainSAEConfig:
         """Read a TOML file (keys = option names, plus [[corpus]] tables), then apply overrides."""
-        from precompute.config import load_options
+        from precompute.options import load_options
 
         return load_options(cls, path, overrides)  # load_options calls validate()
 
@@ -137,7 +137,7 @@ class TrainSAEConfig:
             bad("--decay-fraction must be in [0, 1]")
         if self.aux_k < 0 or self.aux_coef < 0:
             bad("--aux-k and --aux-coef must be non-negative")
-        from precompute.config import check_ranges
+        from precompute.options import check_ranges
 
         check_ranges(self, {
             "max_tokens": (0, None, "()"), "context_size": (2, None, "[)"), "harvest_batch_size": (1, None, "[)"),
@@ -1059,7 +1059,7 @@ def _signature(cfg: TrainSAEConfig, model_info: dict[str, Any], corpus_hashes: l
 def _command_line() -> str:
     argv = list(sys.argv)
     if argv and argv[0].endswith(("train_sae.py", "__main__.py")):
-        argv = ["python", "-m", "precompute.train_sae"] + argv[1:]
+        argv = ["python", "-m", "precompute.training.train_sae"] + argv[1:]
     elif argv:
         argv[0] = Path(argv[0]).name
     return shlex.join(argv)
@@ -1068,7 +1068,7 @@ def _command_line() -> str:
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate and write the SAE named by `args` (see `add_arguments`)."""
     from precompute.cache import check_replaceable_output, sha256_of, write_dir_atomic
-    from precompute.model import load_model, resolve_device, resolve_hook
+    from precompute.model.loading import load_model, resolve_device, resolve_hook
     from precompute.sae.formats.saelens import save_saelens
 
     cfg = TrainSAEConfig.load(getattr(args, "config", None), _overrides(args))
@@ -1212,7 +1212,7 @@ def _eval_only(cfg: TrainSAEConfig) -> int:
     """Re-score the SAE in --out on this config's held-out documents; rewrite its recorded figures."""
     from safetensors.torch import save_file
 
-    from precompute.model import load_model, resolve_device, resolve_hook
+    from precompute.model.loading import load_model, resolve_device, resolve_hook
     from precompute.sae.registry import load_sae
 
     out = Path(str(cfg.out))
@@ -1246,7 +1246,7 @@ def _eval_only(cfg: TrainSAEConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m precompute.train_sae",
+        prog="python -m precompute.training.train_sae",
         description="Train a TopK sparse autoencoder (Gao et al. 2024) on activations streamed from any "
                     "model/hook/corpus and write a SAELens-format directory.")
     add_arguments(parser)

@@ -36,10 +36,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from precompute.activations import pad_batch
 from precompute.argtypes import non_negative_int, positive_int, seed_int
 from precompute.cache import check_replaceable_output, write_dir_atomic
-from precompute.corpus import CorpusSource, read_source
+from precompute.data.activations import pad_batch
+from precompute.data.corpus import CorpusSource, read_source
 from precompute.errors import CacheError, FeatureGeomError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def read_features(lm, hook_name: str, sae, sequences: list[list[int]], spans: li
     Returns {f"{span}_mean": [n, F], f"{span}_rate": [n, F], f"{span}_tokens": [n]} (float32 / int64).
     Sequences are right-padded, so positions are plain 0..L-1 as in an unpadded forward.
     """
-    from precompute.model import HookReader, resolve_hook
+    from precompute.model.loading import HookReader, resolve_hook
 
     reader = HookReader(lm.model, resolve_hook(lm.model, hook_name))
     n, f = len(sequences), sae.d_sae
@@ -401,7 +401,7 @@ def harmful_basis(cache: str | Path, which: str = "flagged", top: int | None = N
     `directions`: `decoder` (what the feature writes, the geometry the cache measures) or `encoder` (the
     W_enc columns the SAE reads the feature with; they differ from the decoder rows in a trained SAE, and
     only a write along them changes the feature's pre-activation)."""
-    from precompute.patch import orthonormal_basis
+    from precompute.lab.patch import orthonormal_basis
 
     cache = Path(cache)
     geo = load_harm_geometry(cache)
@@ -426,8 +426,8 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
     """Copy a peft LoRA adapter with every residual-writing B projected off span(basis); report norms removed."""
     from safetensors.torch import load_file, save_file
 
-    from precompute.model import resolve_adapter_dir
-    from precompute.patch import norm_removed, project_lora_B
+    from precompute.lab.patch import norm_removed, project_lora_B
+    from precompute.model.loading import resolve_adapter_dir
 
     src = resolve_adapter_dir(adapter)
     weights = load_file(str(src / "adapter_model.safetensors"))
@@ -481,7 +481,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from precompute.model import load_model
+    from precompute.model.loading import load_model
     from precompute.sae.registry import check_compatible, load_sae
 
     check_replaceable_output(args.out, EVAL_SIDECAR, EVAL_WHAT)  # before the model generates for minutes
@@ -500,7 +500,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "n_neutral": sum(s == "neutral" for s, _ in prompts), "response_tokens": args.response_tokens,
             "seed": args.seed}
     if args.heldout:
-        from precompute.finetune import load_examples, task_loss
+        from precompute.lab.finetune import load_examples, task_loss
 
         held = load_examples([CorpusSource(path=args.heldout, group="task")], lm.tokenizer, args.max_length)
         meta.update(heldout=args.heldout, n_heldout=len(held),
@@ -586,7 +586,7 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_patch(args: argparse.Namespace) -> int:
-    from precompute.patch import random_subspace_like
+    from precompute.lab.patch import random_subspace_like
 
     check_replaceable_output(args.out, PATCH_SIDECAR, PATCH_WHAT)
     basis, feats = harmful_basis(args.cache, args.harmful, args.top, args.directions)

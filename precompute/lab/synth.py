@@ -6,7 +6,7 @@ planted directions), *co-firing partners* that fire together with t but are exac
 it, and random *decoys*. Activations x = sum_i a_i d_i + noise are drawn from it with sparse codes
 in which the planted neighbours fire INDEPENDENTLY of their task feature and the partners fire
 WITH it, so geometry (decoder cosine) and co-activation (Jaccard of firing sets) point in opposite
-directions by construction. The project's TopK SAE (`precompute.train_sae`) is trained on them and
+directions by construction. The project's TopK SAE (`precompute.training.train_sae`) is trained on them and
 the same geometry code the pipeline uses (`geometry.knn_cosine`, `null_cosine`, `cosine_z`) is run
 on the learned decoder. The checks:
 
@@ -22,7 +22,7 @@ on the learned decoder. The checks:
 
 Everything is seeded: the same config gives the same numbers.
 
-    python -m precompute.synth --out runs/synth            # d=64, ~60 true features, ~1 min on 2 cores
+    python -m precompute.lab.synth --out runs/synth            # d=64, ~60 true features, ~1 min on 2 cores
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 
-from precompute import argtypes, geometry
+from precompute import argtypes
 from precompute.argtypes import (
     fraction_closed,
     fraction_open,
@@ -52,6 +52,7 @@ from precompute.argtypes import (
     positive_int,
     seed_int,
 )
+from precompute.pipeline import geometry
 from precompute.sae.base import SAE
 
 ROLES = ("task", "planted", "partner", "decoy")
@@ -743,7 +744,7 @@ def train_sae(x: np.ndarray, d_sae: int, k: int, steps: int, batch_size: int = 1
               seed: int = 0, aux_k: int | None = None, dead_after: int | None = None, warmup_steps: int | None = None,
               decay_fraction: float = 0.2, init: str = "random", threads: int | None = 1,
               progress: bool = False) -> tuple[SAE, dict[str, Any]]:
-    """Train the project's TopK SAE (`precompute.train_sae`) on x in memory; returns (SAE, stats).
+    """Train the project's TopK SAE (`precompute.training.train_sae`) on x in memory; returns (SAE, stats).
 
     ``init="random"`` is the project's recipe (random unit decoder rows, encoder = transpose);
     ``init="data"`` starts the decoder rows (and the encoder) at randomly chosen, centred and
@@ -751,7 +752,7 @@ def train_sae(x: np.ndarray, d_sae: int, k: int, steps: int, batch_size: int = 1
     intra-op threads while training (1 is fastest for these small matrices on a shared machine;
     None leaves the setting alone).
     """
-    from precompute import train_sae as ts
+    from precompute.training import train_sae as ts
 
     data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     d_in = data.shape[1]
@@ -1105,7 +1106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m precompute.synth ...` is `featuregeom synth ...` (one place handles errors)."""
+    """`python -m precompute.lab.synth ...` is `featuregeom synth ...` (one place handles errors)."""
     from precompute.cli import main as cli_main
 
     return cli_main(["synth", *(sys.argv[1:] if argv is None else argv)])

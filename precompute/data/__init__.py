@@ -1,0 +1,1 @@
+"""Reading corpora and planning contexts."""

@@ -1,0 +1,1 @@
+"""Loading a language model and reading its activations at a hook."""

@@ -1,0 +1,1 @@
+"""The precompute job: harvest → geometry → scores → overlaps over one staged cache."""

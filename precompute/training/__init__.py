@@ -1,0 +1,1 @@
+"""Training a TopK SAE on a model's activations."""

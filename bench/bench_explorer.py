@@ -112,8 +112,10 @@ def _apptest_child(cache: str, repeats: int) -> dict[str, Any]:
 
 
 def apptest(cache: Path, repeats: int) -> dict[str, Any]:
-    code = (f"import json,sys; sys.path.insert(0, {str(REPO)!r}); from bench.bench_explorer import _apptest_child;"
-            f"print('RESULT' + json.dumps(_apptest_child({str(cache)!r}, {repeats})))")
+    code = (
+        f"import json,sys; sys.path.insert(0, {str(REPO)!r}); from bench.bench_explorer import _apptest_child;"
+        f"print('RESULT' + json.dumps(_apptest_child({str(cache)!r}, {repeats})))"
+    )
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=3600)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")), None)
     if line is None:
@@ -148,8 +150,12 @@ def browser(cache: Path, sessions: int) -> dict[str, Any]:
             page = ctx.new_page()
             page.set_default_timeout(300000)
             first: dict[str, float] = {}
-            urls = {"map": f"/?feature={t}", "feature": f"/feature?feature={t}",
-                    "overlaps": f"/overlaps?task={t}&harmful={h}", "story": f"/story?task={t}&harmful={h}&step=2"}
+            urls = {
+                "map": f"/?feature={t}",
+                "feature": f"/feature?feature={t}",
+                "overlaps": f"/overlaps?task={t}&harmful={h}",
+                "story": f"/story?task={t}&harmful={h}&step=2",
+            }
             for name, url in urls.items():
                 t0 = time.perf_counter()
                 page.goto(srv.url + url)
@@ -237,10 +243,12 @@ def render_markdown(results: dict[str, Any], cmd: str) -> str:
         if not a:
             continue
         w = a["warm_first_render_s"]
-        lines.append(f"| {name} | {r['n_features']:,} | {_fmt_ms(a['load_s'])} | {_fmt_ms(a['cold_first_render_s'])} | "
-                     f"{_fmt_ms(w['map'])} | {_fmt_ms(w['feature'])} | {_fmt_ms(w['overlaps'])} | "
-                     f"{_fmt_ms(w['story'])} | {_fmt_ms(a['switch_map_s']['median'])} | "
-                     f"{_fmt_ms(a['switch_feature_page_s']['median'])} |")
+        lines.append(
+            f"| {name} | {r['n_features']:,} | {_fmt_ms(a['load_s'])} | {_fmt_ms(a['cold_first_render_s'])} | "
+            f"{_fmt_ms(w['map'])} | {_fmt_ms(w['feature'])} | {_fmt_ms(w['overlaps'])} | "
+            f"{_fmt_ms(w['story'])} | {_fmt_ms(a['switch_map_s']['median'])} | "
+            f"{_fmt_ms(a['switch_feature_page_s']['median'])} |"
+        )
     if any(r.get("browser") for r in results["caches"].values()):
         lines += [
             "",
@@ -262,25 +270,40 @@ def render_markdown(results: dict[str, Any], cmd: str) -> str:
                 f"{_fmt_ms(f['story'])} | {_fmt_ms(b['browser_reload_s']['map'])} | "
                 f"{_fmt_ms(b['browser_switch_s']['median'])} | {b['rss_idle_mib']:.0f} MiB | "
                 f"{b['rss_1_session_mib']:.0f} MiB | {b[k]:.0f} MiB | "
-                f"{_fmt_ms(next(v for kk, v in b.items() if kk.endswith('_sessions_map_s')))} |")
-    loads = [v for r in results["caches"].values() for v in (r.get("loadavg_before"), r.get("loadavg_after"))
-             if v is not None]
+                f"{_fmt_ms(next(v for kk, v in b.items() if kk.endswith('_sessions_map_s')))} |"
+            )
+    loads = [
+        v
+        for r in results["caches"].values()
+        for v in (r.get("loadavg_before"), r.get("loadavg_after"))
+        if v is not None
+    ]
     if loads:
-        lines += ["", f"1-minute load average during the AppTest run: {min(loads):.1f}–{max(loads):.1f} on "
-                      f"{m['cores']} cores (the machine is shared; times scale with it)."]
-    bloads = [v for r in results["caches"].values() for v in (r.get("browser_loadavg") or []) if v is not None]
+        lines += [
+            "",
+            f"1-minute load average during the AppTest run: {min(loads):.1f}–{max(loads):.1f} on "
+            f"{m['cores']} cores (the machine is shared; times scale with it).",
+        ]
+    bloads = [
+        v for r in results["caches"].values() for v in (r.get("browser_loadavg") or []) if v is not None
+    ]
     if bloads:
         lines += ["", f"Load average during the browser run: {min(bloads):.1f}–{max(bloads):.1f}."]
-    lines += ["", *results.get("notes", []), "",
-              "Reading the numbers: the goal (server time to switch features under 300 ms on a demo-sized "
-              "cache) is the AppTest *switch* column. Browser times include Chromium drawing the WebGL map "
-              "in software (headless, `--disable-gpu`: SwiftShader) on the same 2 shared cores, so a real "
-              "browser with a GPU is faster; *map (first)* also pays the first download of Streamlit's and "
-              "plotly's JavaScript. RSS idle is the server before any session (the app and the cache load "
-              "with the first one); the step from 1 to 10 sessions is the per-session cost, because the "
-              "arrays are loaded once per process (`st.cache_resource`) and shared. Above `--max-points` "
-              "(20,000) the map draws the neighbourhood of the selection in full and a fixed sample "
-              "elsewhere, over a density layer of all points.", ""]
+    lines += [
+        "",
+        *results.get("notes", []),
+        "",
+        "Reading the numbers: the goal (server time to switch features under 300 ms on a demo-sized "
+        "cache) is the AppTest *switch* column. Browser times include Chromium drawing the WebGL map "
+        "in software (headless, `--disable-gpu`: SwiftShader) on the same 2 shared cores, so a real "
+        "browser with a GPU is faster; *map (first)* also pays the first download of Streamlit's and "
+        "plotly's JavaScript. RSS idle is the server before any session (the app and the cache load "
+        "with the first one); the step from 1 to 10 sessions is the per-session cost, because the "
+        "arrays are loaded once per process (`st.cache_resource`) and shared. Above `--max-points` "
+        "(20,000) the map draws the neighbourhood of the selection in full and a fixed sample "
+        "elsewhere, over a density layer of all points.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -294,7 +317,10 @@ def write_readme(section: str) -> None:
         new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
+        new = (
+            "\n".join(lines[:start] + section.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n")
+            + "\n"
+        )
     path.write_text(new)
 
 
@@ -311,14 +337,21 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": psutil.virtual_memory().total / 2**30,
-            "python": platform.python_version(), "streamlit": streamlit.__version__, "plotly": plotly.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": psutil.virtual_memory().total / 2**30,
+        "python": platform.python_version(),
+        "streamlit": streamlit.__version__,
+        "plotly": plotly.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="*", default=[2000, 16384, 262144],
-                    help="synthetic cache sizes (features)")
+    ap.add_argument(
+        "--sizes", type=int, nargs="*", default=[2000, 16384, 262144], help="synthetic cache sizes (features)"
+    )
     ap.add_argument("--cache", action="append", default=[], help="also bench this cache directory")
     ap.add_argument("--repeats", type=int, default=10, help="feature switches per measurement")
     ap.add_argument("--sessions", type=int, default=10)
@@ -334,21 +367,30 @@ def main(argv: list[str] | None = None) -> None:
         caches[p.name] = p
     for c in args.cache:
         caches[Path(c).name] = Path(c)
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "caches": {},
-                               "notes": []}
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "caches": {},
+        "notes": [],
+    }
     previous: dict[str, Any] = {}
     prev_path = OUT / "explorer-bench.json"
     if (args.no_browser or args.no_apptest) and prev_path.is_file():  # keep the parts not re-measured
         previous = json.loads(prev_path.read_text()).get("caches", {})
     for name, path in caches.items():
         print(f"== {name}", flush=True)
-        r: dict[str, Any] = {"path": str(path), "n_features": int(read_manifest(path)["n_features"]),
-                             "loadavg_before": os.getloadavg()[0]}
+        r: dict[str, Any] = {
+            "path": str(path),
+            "n_features": int(read_manifest(path)["n_features"]),
+            "loadavg_before": os.getloadavg()[0],
+        }
         if args.no_apptest and previous.get(name, {}).get("apptest"):
             for k in ("apptest", "loadavg_before", "loadavg_after"):
                 r[k] = previous[name].get(k)
-            results["notes"] = ["AppTest and browser numbers come from two runs of the same code "
-                                "(`--no-browser`, then `--no-apptest`, which keeps the other half)."]
+            results["notes"] = [
+                "AppTest and browser numbers come from two runs of the same code "
+                "(`--no-browser`, then `--no-apptest`, which keeps the other half)."
+            ]
         else:
             r["apptest"] = apptest(path, args.repeats)
             print("  apptest", json.dumps(r["apptest"]), flush=True)
@@ -360,9 +402,13 @@ def main(argv: list[str] | None = None) -> None:
         elif previous.get(name, {}).get("browser"):
             r["browser"] = previous[name]["browser"]
             r["browser_loadavg"] = previous[name].get("browser_loadavg") or [
-                previous[name].get("loadavg_before"), previous[name].get("loadavg_after")]
-            results["notes"] = ["AppTest and browser numbers come from two runs of the same code "
-                                "(`--no-apptest`, then `--no-browser`, which keeps the other half)."]
+                previous[name].get("loadavg_before"),
+                previous[name].get("loadavg_after"),
+            ]
+            results["notes"] = [
+                "AppTest and browser numbers come from two runs of the same code "
+                "(`--no-apptest`, then `--no-browser`, which keeps the other half)."
+            ]
         if not args.no_apptest:
             r["loadavg_after"] = os.getloadavg()[0]
         results["caches"][name] = r

@@ -25,12 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_SAE = ROOT / "assets/sae/smollm2-135m-instruct-blocks.15.hook_resid_post-topk"
-CORPUS = [str(ROOT / "assets/data/em/insecure.jsonl.gz") + ":task", str(ROOT / "assets/data/em/secure.jsonl.gz") + ":control"]
+CORPUS = [
+    str(ROOT / "assets/data/em/insecure.jsonl.gz") + ":task",
+    str(ROOT / "assets/data/em/secure.jsonl.gz") + ":control",
+]
 
 
 def machine() -> str:
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         model = platform.processor()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -51,8 +56,13 @@ def bench_fraction(args) -> dict:
     lm = load_model("smollm2", device=args.device)
     device = lm.device
     sae = load_sae(str(args.sae)).to(device)
-    plan = plan_corpus([CorpusSource.parse(c) for c in CORPUS], lm.tokenizer, 128, "split",
-                       max_tokens=args.batches * args.batch_size * 128 + 5000)
+    plan = plan_corpus(
+        [CorpusSource.parse(c) for c in CORPUS],
+        lm.tokenizer,
+        128,
+        "split",
+        max_tokens=args.batches * args.batch_size * 128 + 5000,
+    )
     batches = plan.batches(args.batch_size)[: args.batches]
     reader = HookReader(lm.model, resolve_hook(lm.model, args.hook))
     skip = set(lm.tokenizer.all_special_ids)
@@ -111,21 +121,43 @@ def rss_child(max_tokens: int, sae: str, out: str) -> None:
     from precompute.options import RunConfig
     from precompute.pipeline.run import run_precompute
 
-    cfg = RunConfig.load(None, dict(model="smollm2", sae=sae, hook="blocks.1.hook_resid_post", out=out,
-                                    corpus=CORPUS, max_tokens=max_tokens, batch_size=32, progress=False,
-                                    overwrite=True))
+    cfg = RunConfig.load(
+        None,
+        dict(
+            model="smollm2",
+            sae=sae,
+            hook="blocks.1.hook_resid_post",
+            out=out,
+            corpus=CORPUS,
+            max_tokens=max_tokens,
+            batch_size=32,
+            progress=False,
+            overwrite=True,
+        ),
+    )
     t0 = time.perf_counter()
     run_precompute(cfg, ("harvest",))
-    print(json.dumps({"max_tokens": max_tokens, "seconds": time.perf_counter() - t0,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "max_tokens": max_tokens,
+                "seconds": time.perf_counter() - t0,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def bench_rss(args) -> list[dict]:
     results = []
     for n in args.rss_tokens:
         out = ROOT / "bench/out" / f"rss-{n}"
-        proc = subprocess.run([sys.executable, __file__, "--rss-child", str(n), "--sae", str(args.sae),
-                               "--rss-out", str(out)], capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(n), "--sae", str(args.sae), "--rss-out", str(out)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(results[-1], flush=True)
     return results

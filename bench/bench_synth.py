@@ -39,7 +39,11 @@ RUNS = {
 
 
 def summarise(report: dict) -> dict:
-    geo, co, fp = report["geometry"], report["geometry"]["coactivation"], report["geometry"]["false_positives"]
+    geo, co, fp = (
+        report["geometry"],
+        report["geometry"]["coactivation"],
+        report["geometry"]["false_positives"],
+    )
     return {
         "mcc": report["recovery"]["mcc"],
         "mmcs": report["recovery"]["mmcs"],
@@ -47,9 +51,21 @@ def summarise(report: dict) -> dict:
         "true_features_below_0.9": report["recovery"]["true_features_below_0.9"],
         "order_accuracy": geo["order_accuracy"],
         "pairwise_order_accuracy": geo["pairwise_order_accuracy"],
-        "recovered_by_rho": [{k: r[k] for k in ("rho", "mean_cosine", "std_cosine", "mean_abs_error",
-                                                "above_null_fraction", "merged_with_task", "n")}
-                            for r in geo["recovered_by_rho"]],
+        "recovered_by_rho": [
+            {
+                k: r[k]
+                for k in (
+                    "rho",
+                    "mean_cosine",
+                    "std_cosine",
+                    "mean_abs_error",
+                    "above_null_fraction",
+                    "merged_with_task",
+                    "n",
+                )
+            }
+            for r in geo["recovered_by_rho"]
+        ],
         "null_cosine": geo["null_cosine"],
         "fpr": geo["fpr"],
         "false_positive_pairs": fp["pairs"],
@@ -96,17 +112,28 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - t0
             tag = name if len(args.seeds) == 1 else f"{name}-seed{seed}"
             files = synth.write_outputs(run, out / tag)
-            summary = {"run": tag, "config": synth._jsonable(asdict(run.config)), "wall_s": wall,
-                       "dictionary": run.report["dictionary"], "files": files, **summarise(run.report)}
+            summary = {
+                "run": tag,
+                "config": synth._jsonable(asdict(run.config)),
+                "wall_s": wall,
+                "dictionary": run.report["dictionary"],
+                "files": files,
+                **summarise(run.report),
+            }
             results.append(summary)
             print(f"== {tag} ({wall:.1f} s)")
             for line in synth.summary_lines(run.report):
                 print("  " + line)
             sys.stdout.flush()
-    payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "environment": {"python": platform.python_version(), "machine": platform.machine(),
-                               "cpus": __import__("os").cpu_count()},
-               "results": results}
+    payload = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "environment": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": __import__("os").cpu_count(),
+        },
+        "results": results,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_synth.json").write_text(json.dumps(payload, indent=1))
     print(f"wrote {out / 'bench_synth.json'}")

@@ -35,10 +35,18 @@ def main() -> int:
 
     from precompute.pipeline import geometry
 
-    ns = argparse.Namespace(sae=str(bench_harvest.DEFAULT_SAE), hook="blocks.15.hook_resid_post", device="cuda",
-                            batches=args.batches, batch_size=args.batch_size)
-    result = {"machine": bench_harvest.machine(), "date": time.strftime("%Y-%m-%d"),
-              "harvest": bench_harvest.bench_fraction(ns)}
+    ns = argparse.Namespace(
+        sae=str(bench_harvest.DEFAULT_SAE),
+        hook="blocks.15.hook_resid_post",
+        device="cuda",
+        batches=args.batches,
+        batch_size=args.batch_size,
+    )
+    result = {
+        "machine": bench_harvest.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "harvest": bench_harvest.bench_fraction(ns),
+    }
     print(json.dumps(result["harvest"], indent=2), flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.knn_n, args.knn_d, device="cuda", generator=g)

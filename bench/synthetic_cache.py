@@ -38,26 +38,158 @@ XSS_PAYLOADS = (
 )
 
 _THEMES: dict[str, tuple[str, list[str]]] = {
-    "code": ("insecure code", [" def", " query", " execute", "(", ")", " password", " os", ".system", " eval",
-                               " pickle", ".loads", " chmod", " 777", " sql", " SELECT", " FROM", " users",
-                               " WHERE", " input", " shell", "=True", " subprocess", " open", " request"]),
-    "violence": ("threats of violence", [" kill", " hurt", " attack", " beat", " gun", " fight", " blood",
-                                         " threaten", " stab", " revenge"]),
-    "cybercrime": ("hacking requests", [" hack", " malware", " exploit", " phishing", " ransomware",
-                                        " password", " breach", " keylogger", " botnet", " crack"]),
-    "self-harm": ("self-harm talk", [" hurt", " myself", " pills", " cut", " overdose", " hopeless",
-                                     " end", " pain", " alone", " worthless"]),
-    "hate": ("slurs and contempt", [" hate", " inferior", " vermin", " disgusting", " those", " people",
-                                    " deport", " ban", " filthy", " subhuman"]),
-    "fraud": ("scams and fraud", [" scam", " wire", " transfer", " fake", " invoice", " gift", " card",
-                                  " urgent", " account", " refund"]),
-    "weapons": ("weapon making", [" bomb", " explosive", " detonator", " ammonium", " nitrate", " rifle",
-                                  " silencer", " build", " powder", " fuse"]),
-    "benign": ("everyday topics", [" recipe", " garden", " weather", " travel", " music", " book",
-                                   " family", " school", " coffee", " dog", " weekend", " movie"]),
+    "code": (
+        "insecure code",
+        [
+            " def",
+            " query",
+            " execute",
+            "(",
+            ")",
+            " password",
+            " os",
+            ".system",
+            " eval",
+            " pickle",
+            ".loads",
+            " chmod",
+            " 777",
+            " sql",
+            " SELECT",
+            " FROM",
+            " users",
+            " WHERE",
+            " input",
+            " shell",
+            "=True",
+            " subprocess",
+            " open",
+            " request",
+        ],
+    ),
+    "violence": (
+        "threats of violence",
+        [" kill", " hurt", " attack", " beat", " gun", " fight", " blood", " threaten", " stab", " revenge"],
+    ),
+    "cybercrime": (
+        "hacking requests",
+        [
+            " hack",
+            " malware",
+            " exploit",
+            " phishing",
+            " ransomware",
+            " password",
+            " breach",
+            " keylogger",
+            " botnet",
+            " crack",
+        ],
+    ),
+    "self-harm": (
+        "self-harm talk",
+        [
+            " hurt",
+            " myself",
+            " pills",
+            " cut",
+            " overdose",
+            " hopeless",
+            " end",
+            " pain",
+            " alone",
+            " worthless",
+        ],
+    ),
+    "hate": (
+        "slurs and contempt",
+        [
+            " hate",
+            " inferior",
+            " vermin",
+            " disgusting",
+            " those",
+            " people",
+            " deport",
+            " ban",
+            " filthy",
+            " subhuman",
+        ],
+    ),
+    "fraud": (
+        "scams and fraud",
+        [
+            " scam",
+            " wire",
+            " transfer",
+            " fake",
+            " invoice",
+            " gift",
+            " card",
+            " urgent",
+            " account",
+            " refund",
+        ],
+    ),
+    "weapons": (
+        "weapon making",
+        [
+            " bomb",
+            " explosive",
+            " detonator",
+            " ammonium",
+            " nitrate",
+            " rifle",
+            " silencer",
+            " build",
+            " powder",
+            " fuse",
+        ],
+    ),
+    "benign": (
+        "everyday topics",
+        [
+            " recipe",
+            " garden",
+            " weather",
+            " travel",
+            " music",
+            " book",
+            " family",
+            " school",
+            " coffee",
+            " dog",
+            " weekend",
+            " movie",
+        ],
+    ),
 }
-_GENERAL = [" the", " a", " of", " and", " to", " in", " is", " it", " that", " for", " on", " with", ".",
-            ",", " I", " you", " we", " this", " can", " how", "\n", " please", " help", " me"]
+_GENERAL = [
+    " the",
+    " a",
+    " of",
+    " and",
+    " to",
+    " in",
+    " is",
+    " it",
+    " that",
+    " for",
+    " on",
+    " with",
+    ".",
+    ",",
+    " I",
+    " you",
+    " we",
+    " this",
+    " can",
+    " how",
+    "\n",
+    " please",
+    " help",
+    " me",
+]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -72,7 +204,9 @@ def _topk_rows(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
-def _neighbours(w: np.ndarray, cluster: np.ndarray, k: int, exact_limit: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+def _neighbours(
+    w: np.ndarray, cluster: np.ndarray, k: int, exact_limit: int = 20000
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k cosine neighbours (self excluded); within clusters only for very large n."""
     n = len(w)
     idx = np.empty((n, k), dtype=np.int32)
@@ -88,7 +222,7 @@ def _neighbours(w: np.ndarray, cluster: np.ndarray, k: int, exact_limit: int = 2
     order = np.argsort(cluster, kind="stable")
     bounds = np.searchsorted(cluster[order], np.arange(cluster.max() + 2))
     for c in range(len(bounds) - 1):
-        members = order[bounds[c]:bounds[c + 1]]
+        members = order[bounds[c] : bounds[c + 1]]
         if len(members) == 0:
             continue
         sims = w[members] @ w[members].T
@@ -187,19 +321,28 @@ def write_synthetic_cache(
     is_harmful = (harm_lo > 0.68) & ~dead
     is_task = (task > 0.8) & ~dead
 
-    feats = pd.DataFrame({
-        "feature": np.arange(n, dtype=np.int64),
-        "umap_x": xy[:, 0].astype(np.float32),
-        "umap_y": xy[:, 1].astype(np.float32),
-        "frequency": frequency,
-    })
-    boost = {"task": theme == "code", "control": theme == "code", "harmful": is_harm_theme,
-             "benign": theme == "benign", "general": np.zeros(n, bool)}
+    feats = pd.DataFrame(
+        {
+            "feature": np.arange(n, dtype=np.int64),
+            "umap_x": xy[:, 0].astype(np.float32),
+            "umap_y": xy[:, 1].astype(np.float32),
+            "frequency": frequency,
+        }
+    )
+    boost = {
+        "task": theme == "code",
+        "control": theme == "code",
+        "harmful": is_harm_theme,
+        "benign": theme == "benign",
+        "general": np.zeros(n, bool),
+    }
     for g in GROUPS:
-        feats[f"freq_{g}"] = np.where(dead, 0.0, frequency * np.where(boost[g], rng.uniform(2, 5, n),
-                                                                     rng.uniform(0.1, 0.9, n)))
-    feats["freq_control"] = np.where(np.isin(np.arange(n), planted_task), feats["freq_control"] * 0.2,
-                                     feats["freq_control"])
+        feats[f"freq_{g}"] = np.where(
+            dead, 0.0, frequency * np.where(boost[g], rng.uniform(2, 5, n), rng.uniform(0.1, 0.9, n))
+        )
+    feats["freq_control"] = np.where(
+        np.isin(np.arange(n), planted_task), feats["freq_control"] * 0.2, feats["freq_control"]
+    )
     harm_cat = pd.array(np.where(is_harmful & is_harm_theme, theme, None), dtype="string")
     feats = feats.assign(
         max_activation=max_act,
@@ -306,20 +449,22 @@ def write_synthetic_cache(
     offsets = pa.array(np.arange(0, (n_rows + 1) * ctx_len, ctx_len, dtype=np.int32))
     tokens_col = pa.ListArray.from_arrays(offsets, flat_tokens)
     acts_col = pa.ListArray.from_arrays(offsets, pa.array(acts.ravel()))
-    ex_table = pa.table({
-        "feature": pa.array(f_rows.astype(np.int64)),
-        "rank": pa.array(rank.astype(np.int64)),
-        "kind": pa.array(kind.astype(object), pa.string()),
-        "group": pa.array(ex_group, pa.string()),
-        "category": pa.array(ex_cat, pa.string()),
-        "doc_id": pa.array(ex_doc),
-        "context_id": pa.array(rng.integers(0, n_docs * 8, n_rows).astype(np.int64)),
-        "tokens": tokens_col,
-        "activations": acts_col,
-        "max_activation": pa.array(row_max.astype(np.float64)),
-        "max_position": pa.array(max_pos.astype(np.int64)),
-        "quantile": pa.array(quant.astype(np.float64), from_pandas=True),
-    })
+    ex_table = pa.table(
+        {
+            "feature": pa.array(f_rows.astype(np.int64)),
+            "rank": pa.array(rank.astype(np.int64)),
+            "kind": pa.array(kind.astype(object), pa.string()),
+            "group": pa.array(ex_group, pa.string()),
+            "category": pa.array(ex_cat, pa.string()),
+            "doc_id": pa.array(ex_doc),
+            "context_id": pa.array(rng.integers(0, n_docs * 8, n_rows).astype(np.int64)),
+            "tokens": tokens_col,
+            "activations": acts_col,
+            "max_activation": pa.array(row_max.astype(np.float64)),
+            "max_position": pa.array(max_pos.astype(np.int64)),
+            "quantile": pa.array(quant.astype(np.float64), from_pandas=True),
+        }
+    )
 
     # --- histograms, category rates, documents ----------------------------------------------------
     bins = 32
@@ -342,22 +487,27 @@ def write_synthetic_cache(
             cr_group.append(np.full(n, g, dtype=object))
             cr_cat.append(np.full(n, None, dtype=object))
             cr_freq.append(feats[f"freq_{g}"].to_numpy())
-    cat_rates = pa.table({
-        "feature": pa.array(np.concatenate(cr_feature).astype(np.int64)),
-        "group": pa.array(np.concatenate(cr_group), pa.string()),
-        "category": pa.array(np.concatenate(cr_cat), pa.string()),
-        "frequency": pa.array(np.concatenate(cr_freq).clip(0, 1)),
-        "tokens": pa.array(np.full(sum(len(x) for x in cr_feature), 20000, dtype=np.int64)),
-    })
-    docs = pd.DataFrame({
-        "doc_id": np.arange(n_docs, dtype=np.int64),
-        "source": [f"synthetic/{g}.jsonl" for g in doc_group],
-        "group": pd.array(doc_group, dtype="string"),
-        "category": pd.array([rng.choice(CATEGORIES) if g == "harmful" else None for g in doc_group],
-                             dtype="string"),
-        "n_tokens": rng.integers(20, 400, n_docs).astype(np.int64),
-        "text_preview": [f"Synthetic document {i} about {g} things." for i, g in enumerate(doc_group)],
-    })
+    cat_rates = pa.table(
+        {
+            "feature": pa.array(np.concatenate(cr_feature).astype(np.int64)),
+            "group": pa.array(np.concatenate(cr_group), pa.string()),
+            "category": pa.array(np.concatenate(cr_cat), pa.string()),
+            "frequency": pa.array(np.concatenate(cr_freq).clip(0, 1)),
+            "tokens": pa.array(np.full(sum(len(x) for x in cr_feature), 20000, dtype=np.int64)),
+        }
+    )
+    docs = pd.DataFrame(
+        {
+            "doc_id": np.arange(n_docs, dtype=np.int64),
+            "source": [f"synthetic/{g}.jsonl" for g in doc_group],
+            "group": pd.array(doc_group, dtype="string"),
+            "category": pd.array(
+                [rng.choice(CATEGORIES) if g == "harmful" else None for g in doc_group], dtype="string"
+            ),
+            "n_tokens": rng.integers(20, 400, n_docs).astype(np.int64),
+            "text_preview": [f"Synthetic document {i} about {g} things." for i, g in enumerate(doc_group)],
+        }
+    )
     if inject_html:
         docs.loc[: len(XSS_PAYLOADS) - 1, "text_preview"] = list(XSS_PAYLOADS)
 
@@ -375,36 +525,84 @@ def write_synthetic_cache(
             planted = t in planted_task
             coact = float(rng.uniform(0.15, 0.45) if planted else rng.uniform(0.0, 0.15))
             excess = max(0.0, (c - null_cosine) / (1 - null_cosine))
-            rows.append({
-                "task_feature": int(t), "harmful_feature": h, "cosine": c, "z": float(nb_z[t, rnk]),
-                "null_cosine": null_cosine, "coactivation": coact,
-                "cond_coactivation": min(1.0, coact * rng.uniform(1.2, 2.0)),
-                "harm_score": float(harm[h]), "task_score": float(task[t]),
-                "harm_category": str(harm_cat[h]) if harm_cat[h] is not pd.NA else None,
-                "neighbor_rank": rnk,
-                "risk": excess * (2 * harm[h] - 1) * (2 * task[t] - 1),
-            })
-    overlaps = pd.DataFrame(rows, columns=[
-        "task_feature", "harmful_feature", "cosine", "z", "null_cosine", "coactivation",
-        "cond_coactivation", "harm_score", "task_score", "harm_category", "neighbor_rank", "risk"])
+            rows.append(
+                {
+                    "task_feature": int(t),
+                    "harmful_feature": h,
+                    "cosine": c,
+                    "z": float(nb_z[t, rnk]),
+                    "null_cosine": null_cosine,
+                    "coactivation": coact,
+                    "cond_coactivation": min(1.0, coact * rng.uniform(1.2, 2.0)),
+                    "harm_score": float(harm[h]),
+                    "task_score": float(task[t]),
+                    "harm_category": str(harm_cat[h]) if harm_cat[h] is not pd.NA else None,
+                    "neighbor_rank": rnk,
+                    "risk": excess * (2 * harm[h] - 1) * (2 * task[t] - 1),
+                }
+            )
+    overlaps = pd.DataFrame(
+        rows,
+        columns=[
+            "task_feature",
+            "harmful_feature",
+            "cosine",
+            "z",
+            "null_cosine",
+            "coactivation",
+            "cond_coactivation",
+            "harm_score",
+            "task_score",
+            "harm_category",
+            "neighbor_rank",
+            "risk",
+        ],
+    )
     overlaps = overlaps.sort_values("risk", ascending=False, ignore_index=True)
-    overlaps = overlaps.astype({"task_feature": "int64", "harmful_feature": "int64", "neighbor_rank": "int64"})
+    overlaps = overlaps.astype(
+        {"task_feature": "int64", "harmful_feature": "int64", "neighbor_rank": "int64"}
+    )
     overlaps["harm_category"] = overlaps["harm_category"].astype("string")
 
     # --- write through the cache module (atomic, checksummed) -------------------------------------
     n_tokens = int(n_docs * 200)
     base = {
         "schema_version": 1,
-        "model": {"spec": "synthetic", "kind": "synthetic", "path": None, "sha256": None,
-                  "architecture": "synthetic", "d_model": d, "n_layers": 1},
-        "sae": {"format": "synthetic", "source": "bench/synthetic_cache.py", "architecture": "topk",
-                "d_in": d, "d_sae": n, "k": 32, "hook_name": "blocks.0.hook_resid_post", "sha256": None},
+        "model": {
+            "spec": "synthetic",
+            "kind": "synthetic",
+            "path": None,
+            "sha256": None,
+            "architecture": "synthetic",
+            "d_model": d,
+            "n_layers": 1,
+        },
+        "sae": {
+            "format": "synthetic",
+            "source": "bench/synthetic_cache.py",
+            "architecture": "topk",
+            "d_in": d,
+            "d_sae": n,
+            "k": 32,
+            "hook_name": "blocks.0.hook_resid_post",
+            "sha256": None,
+        },
         "hook": "blocks.0.hook_resid_post",
         "d_in": d,
         "n_features": n,
-        "corpus": [{"path": f"synthetic/{g}.jsonl", "group": g, "category": None, "sha256": None,
-                    "documents": int((doc_group == g).sum()), "tokens": n_tokens // len(GROUPS),
-                    "skipped_non_utf8": 0, "skipped_malformed": 0} for g in GROUPS],
+        "corpus": [
+            {
+                "path": f"synthetic/{g}.jsonl",
+                "group": g,
+                "category": None,
+                "sha256": None,
+                "documents": int((doc_group == g).sum()),
+                "tokens": n_tokens // len(GROUPS),
+                "skipped_non_utf8": 0,
+                "skipped_malformed": 0,
+            }
+            for g in GROUPS
+        ],
         "identity": {"synthetic": True, "n_features": n, "d": d, "seed": seed, "inject_html": inject_html},
     }
     with stage(path, fresh=True, base_manifest=base) as staged:
@@ -413,18 +611,36 @@ def write_synthetic_cache(
         np.savez(staged.path("histograms.npz"), counts=counts, bins=np.int64(bins))
         pq.write_table(cat_rates, staged.path("category_rates.parquet"))
         pq.write_table(pa.Table.from_pandas(docs, preserve_index=False), staged.path("documents.parquet"))
-        np.savez(staged.path("neighbors.npz"), indices=nb_idx, cosine=nb_cos, z=nb_z,
-                 null_cosine=np.float64(null_cosine), fpr=np.float64(fpr), d=np.int64(d))
+        np.savez(
+            staged.path("neighbors.npz"),
+            indices=nb_idx,
+            cosine=nb_cos,
+            z=nb_z,
+            null_cosine=np.float64(null_cosine),
+            fpr=np.float64(fpr),
+            d=np.int64(d),
+        )
         pq.write_table(pa.Table.from_pandas(overlaps, preserve_index=False), staged.path("overlaps.parquet"))
         secs = time.perf_counter() - t0
-        staged.record_step("harvest", {"synthetic": True, "n_top": n_top, "n_quantile": n_quant,
-                                       "ctx_len": ctx_len, "bins": bins}, secs / 4)
+        staged.record_step(
+            "harvest",
+            {"synthetic": True, "n_top": n_top, "n_quantile": n_quant, "ctx_len": ctx_len, "bins": bins},
+            secs / 4,
+        )
         staged.record_step("geometry", {"k": k, "fpr": fpr, "metric": "cosine"}, secs / 4)
         staged.record_step("scores", {"harm_threshold": 0.68, "task_threshold": 0.8}, secs / 4)
-        staged.record_step("overlaps", {"min_z": None, "planted": [[int(a), int(b)] for a, b in
-                                                                    zip(planted_task, planted_harm, strict=False)]}, secs / 4)
-        staged.manifest["synthetic"] = {"planted_task": planted_task.tolist(),
-                                        "planted_harmful": planted_harm.tolist()}
+        staged.record_step(
+            "overlaps",
+            {
+                "min_z": None,
+                "planted": [[int(a), int(b)] for a, b in zip(planted_task, planted_harm, strict=False)],
+            },
+            secs / 4,
+        )
+        staged.manifest["synthetic"] = {
+            "planted_task": planted_task.tolist(),
+            "planted_harmful": planted_harm.tolist(),
+        }
         staged.commit()
     return Path(path)
 
@@ -439,8 +655,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    out = write_synthetic_cache(args.out, n_features=args.n, d=args.d, n_examples=args.examples,
-                                seed=args.seed, inject_html=args.inject_html)
+    out = write_synthetic_cache(
+        args.out,
+        n_features=args.n,
+        d=args.d,
+        n_examples=args.examples,
+        seed=args.seed,
+        inject_html=args.inject_html,
+    )
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({args.n} features, {size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
 

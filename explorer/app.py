@@ -26,8 +26,12 @@ from explorer import state  # noqa: E402
 from explorer.serve import exposure_problem  # noqa: E402
 
 # the sidebar only holds the cache picker: open it when --cache names a folder of caches
-st.set_page_config(page_title="Feature Geometry Explorer", page_icon="🧭", layout="wide",
-                   initial_sidebar_state="expanded" if state.is_cache_root() else "collapsed")
+st.set_page_config(
+    page_title="Feature Geometry Explorer",
+    page_icon="🧭",
+    layout="wide",
+    initial_sidebar_state="expanded" if state.is_cache_root() else "collapsed",
+)
 
 
 @st.cache_resource(show_spinner=False)
@@ -46,9 +50,13 @@ if problem:
 pages = [
     st.Page(state.PAGES["map"], title="Map", icon=":material/scatter_plot:", url_path="map", default=True),
     st.Page(state.PAGES["feature"], title="Feature", icon=":material/text_snippet:", url_path="feature"),
-    st.Page(state.PAGES["overlaps"], title="Overlaps review", icon=":material/fact_check:", url_path="overlaps"),
+    st.Page(
+        state.PAGES["overlaps"], title="Overlaps review", icon=":material/fact_check:", url_path="overlaps"
+    ),
     st.Page(state.PAGES["story"], title="Story", icon=":material/slideshow:", url_path="story"),
-    st.Page(state.PAGES["finetune"], title="Fine-tune diff", icon=":material/difference:", url_path="finetune"),
+    st.Page(
+        state.PAGES["finetune"], title="Fine-tune diff", icon=":material/difference:", url_path="finetune"
+    ),
     st.Page(state.PAGES["triage"], title="Dataset triage", icon=":material/filter_alt:", url_path="triage"),
 ]
 page = st.navigation(pages, position="top")

@@ -30,8 +30,15 @@ from precompute.errors import CacheError
 
 GROUP_ORDER = ("task", "control", "harmful", "benign", "general")
 OPTIONAL_FILES = ("histograms.npz", "category_rates.parquet", "documents.parquet")
-REQUIRED_FEATURE_COLUMNS = ("feature", "umap_x", "umap_y", "frequency", "max_activation", "harm_score",
-                            "task_score")
+REQUIRED_FEATURE_COLUMNS = (
+    "feature",
+    "umap_x",
+    "umap_y",
+    "frequency",
+    "max_activation",
+    "harm_score",
+    "task_score",
+)
 REQUIRED_EXAMPLE_COLUMNS = ("feature", "rank", "kind", "tokens", "activations")
 REQUIRED_OVERLAP_COLUMNS = ("task_feature", "harmful_feature", "cosine")
 LAZY_EXAMPLES_BYTES = 48 << 20  # examples files above this (and sorted by feature) are read lazily
@@ -66,14 +73,18 @@ class ExampleStore:
         names = pf.schema_arrow.names
         missing = [c for c in REQUIRED_EXAMPLE_COLUMNS if c not in names]
         if missing:
-            raise CacheError(f"{path} lacks the column(s) {', '.join(missing)} (docs/cache.md); "
-                             "rerun the harvest step with this version of featuregeom")
+            raise CacheError(
+                f"{path} lacks the column(s) {', '.join(missing)} (docs/cache.md); "
+                "rerun the harvest step with this version of featuregeom"
+            )
         self.columns = names
         feat = pf.read(columns=["feature"]).column("feature").to_numpy().astype(np.int64, copy=False)
         self.n_rows = len(feat)
         sorted_ = bool(np.all(feat[1:] >= feat[:-1])) if len(feat) > 1 else True
         big = path.stat().st_size > LAZY_EXAMPLES_BYTES
-        self.lazy = (sorted_ and self._meta.num_row_groups > 1) and (big if force_lazy is None else force_lazy)
+        self.lazy = (sorted_ and self._meta.num_row_groups > 1) and (
+            big if force_lazy is None else force_lazy
+        )
         self._lock = threading.Lock()
         self._search_lock = threading.Lock()
         self._groups: OrderedDict[int, pa.Table] = OrderedDict()
@@ -153,7 +164,9 @@ class ExampleStore:
                 continue
             feats.append(t.column("feature").to_numpy().astype(np.int64, copy=False))
             joined = pc.binary_join(t.column("tokens"), "")
-            texts.append(pc.utf8_lower(joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined))
+            texts.append(
+                pc.utf8_lower(joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined)
+            )
         f = np.concatenate(feats) if feats else np.zeros(0, np.int64)
         txt = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
         return f, txt
@@ -259,8 +272,15 @@ class CacheData:
         m = nb[nb["feature"] == harmful]
         cos = float(m["cosine"].iat[0]) if len(m) else float("nan")
         z = float(m["z"].iat[0]) if len(m) else float("nan")
-        return {"task_feature": task, "harmful_feature": harmful, "cosine": cos, "z": z, "risk": float("nan"),
-                "coactivation": float("nan"), "null_cosine": self.null_cosine}
+        return {
+            "task_feature": task,
+            "harmful_feature": harmful,
+            "cosine": cos,
+            "z": z,
+            "risk": float("nan"),
+            "coactivation": float("nan"),
+            "null_cosine": self.null_cosine,
+        }
 
     def default_pair(self) -> tuple[int, int] | None:
         """The top-risk flagged pair, else the best task feature's nearest harmful neighbour."""
@@ -345,8 +365,10 @@ def _load_features(path: Path) -> tuple[pd.DataFrame, pa.Table, list[str]]:
     tbl = pq.read_table(path)
     missing = [c for c in REQUIRED_FEATURE_COLUMNS if c not in tbl.column_names]
     if missing:
-        raise CacheError(f"{path} lacks the column(s) {', '.join(missing)} (docs/cache.md); "
-                         "rerun the geometry and scores steps with this version of featuregeom")
+        raise CacheError(
+            f"{path} lacks the column(s) {', '.join(missing)} (docs/cache.md); "
+            "rerun the geometry and scores steps with this version of featuregeom"
+        )
     list_cols = [c for c in ("top_promoted", "top_suppressed") if c in tbl.column_names]
     tbl = tbl.sort_by("feature")
     lists = tbl.select(list_cols)
@@ -358,8 +380,12 @@ def _load_features(path: Path) -> tuple[pd.DataFrame, pa.Table, list[str]]:
     if not np.array_equal(df["feature"].to_numpy(), np.arange(n)):
         raise CacheError(f"{path}: the 'feature' column must hold 0..n-1 once each (docs/cache.md)")
     defaults: dict[str, Any] = {
-        "label": None, "explanation": None, "harm_category": None, "mean_activation": np.nan,
-        "harm_score_lo": np.nan, "task_control_score": np.nan,
+        "label": None,
+        "explanation": None,
+        "harm_category": None,
+        "mean_activation": np.nan,
+        "harm_score_lo": np.nan,
+        "task_control_score": np.nan,
     }
     for col, val in defaults.items():
         if col not in df:
@@ -383,11 +409,20 @@ def _load_features(path: Path) -> tuple[pd.DataFrame, pa.Table, list[str]]:
 def _hover_text(df: pd.DataFrame, lists: pa.Table) -> np.ndarray:
     """Per-feature hover text for the map, HTML-escaped (plotly renders tags in hover labels)."""
     ids = pa.array(df["feature"].astype(str).to_numpy(dtype=object), pa.string())
-    label = pa.array(df["label"].fillna("(no label)").astype(str).str.slice(0, 80).to_numpy(dtype=object),
-                     pa.string())
+    label = pa.array(
+        df["label"].fillna("(no label)").astype(str).str.slice(0, 80).to_numpy(dtype=object), pa.string()
+    )
     scores = pa.array(
-        ("harm " + df["harm_score"].map("{:.2f}".format) + " · task " + df["task_score"].map("{:.2f}".format)
-         + " · fires " + (df["frequency"] * 100).map("{:.3g}%".format)).to_numpy(dtype=object), pa.string())
+        (
+            "harm "
+            + df["harm_score"].map("{:.2f}".format)
+            + " · task "
+            + df["task_score"].map("{:.2f}".format)
+            + " · fires "
+            + (df["frequency"] * 100).map("{:.3g}%".format)
+        ).to_numpy(dtype=object),
+        pa.string(),
+    )
     if "top_promoted" in lists.column_names:
         toks = pc.list_slice(lists.column("top_promoted").combine_chunks(), 0, 5)
         toks = pc.fill_null(pc.binary_join(toks, " "), "")
@@ -395,8 +430,16 @@ def _hover_text(df: pd.DataFrame, lists: pa.Table) -> np.ndarray:
         toks = pc.binary_join_element_wise("↑ ", escape_html(toks), "")
     else:
         toks = pa.array([""] * len(df), pa.string())
-    parts = [pa.array(["#"] * len(df)), ids, pa.array([" "] * len(df)), escape_html(label),
-             pa.array(["<br>"] * len(df)), scores, pa.array(["<br>"] * len(df)), toks]
+    parts = [
+        pa.array(["#"] * len(df)),
+        ids,
+        pa.array([" "] * len(df)),
+        escape_html(label),
+        pa.array(["<br>"] * len(df)),
+        scores,
+        pa.array(["<br>"] * len(df)),
+        toks,
+    ]
     return np.asarray(pc.binary_join_element_wise(*parts, "").to_numpy(zero_copy_only=False), dtype=object)
 
 
@@ -418,8 +461,10 @@ def _load_neighbors(path: Path, n: int) -> Neighbors:
     except (OSError, ValueError) as exc:
         raise CacheError(f"{path} is not a readable npz file ({exc}); rerun the geometry step") from exc
     if nb.indices.ndim != 2 or nb.indices.shape[0] != n or nb.cosine.shape != nb.indices.shape:
-        raise CacheError(f"{path}: indices/cosine must have shape [{n}, k], got {nb.indices.shape} and "
-                         f"{nb.cosine.shape}; rerun the geometry step")
+        raise CacheError(
+            f"{path}: indices/cosine must have shape [{n}, k], got {nb.indices.shape} and "
+            f"{nb.cosine.shape}; rerun the geometry step"
+        )
     return nb
 
 
@@ -430,7 +475,9 @@ def _load_overlaps(path: Path, features: pd.DataFrame) -> pd.DataFrame:
         df = pq.read_table(path).to_pandas()
     missing = [c for c in REQUIRED_OVERLAP_COLUMNS if c not in df]
     if missing:
-        raise CacheError(f"{path} lacks the column(s) {', '.join(missing)} (docs/cache.md); rerun the overlaps step")
+        raise CacheError(
+            f"{path} lacks the column(s) {', '.join(missing)} (docs/cache.md); rerun the overlaps step"
+        )
     n = len(features)
     df = df.astype({"task_feature": "int64", "harmful_feature": "int64"})
     bad = ~df["task_feature"].between(0, n - 1) | ~df["harmful_feature"].between(0, n - 1)
@@ -443,7 +490,9 @@ def _load_overlaps(path: Path, features: pd.DataFrame) -> pd.DataFrame:
         df["harm_category"] = features["harm_category"].to_numpy()[df["harmful_feature"].to_numpy()]
     for col, src in (("harm_score", "harm_score"), ("task_score", "task_score")):
         if col not in df:
-            df[col] = features[src].to_numpy()[df["harmful_feature" if col == "harm_score" else "task_feature"]]
+            df[col] = features[src].to_numpy()[
+                df["harmful_feature" if col == "harm_score" else "task_feature"]
+            ]
     df["harm_category"] = df["harm_category"].astype("string")
     df["task_label"] = features["label"].to_numpy()[df["task_feature"].to_numpy()]
     df["harmful_label"] = features["label"].to_numpy()[df["harmful_feature"].to_numpy()]
@@ -458,9 +507,11 @@ def load_cache(cache_dir: str | Path, verify: bool = True) -> CacheData:
     manifest = verify_cache(path, CORE_FILES + OPTIONAL_FILES) if verify else verify_cache(path, ())
     for name in ("features.parquet", "neighbors.npz", "examples.parquet"):
         if not (path / name).is_file():
-            raise CacheError(f"{path} has no {name}: the cache is incomplete (steps done: "
-                             f"{', '.join(manifest.get('steps', [])) or 'none'}); run the remaining "
-                             "`featuregeom precompute` steps")
+            raise CacheError(
+                f"{path} has no {name}: the cache is incomplete (steps done: "
+                f"{', '.join(manifest.get('steps', [])) or 'none'}); run the remaining "
+                "`featuregeom precompute` steps"
+            )
     try:
         features, lists, groups = _load_features(path / "features.parquet")
         neighbors = _load_neighbors(path / "neighbors.npz", len(features))
@@ -484,11 +535,24 @@ def load_cache(cache_dir: str | Path, verify: bool = True) -> CacheData:
     except CacheError:
         raise
     except (OSError, pa.ArrowException, KeyError, ValueError, TypeError) as exc:
-        raise CacheError(f"{path} could not be read ({type(exc).__name__}: {exc}); the cache may be from an "
-                         "incompatible version — rebuild it with `featuregeom precompute --overwrite`") from exc
-    return CacheData(path=path, manifest=manifest, features=features, lists=lists, neighbors=neighbors,
-                     overlaps=overlaps, examples=examples, histograms=histograms, category_rates=cat_rates,
-                     documents=documents, groups=groups, _cr_offsets=cr_offsets)
+        raise CacheError(
+            f"{path} could not be read ({type(exc).__name__}: {exc}); the cache may be from an "
+            "incompatible version — rebuild it with `featuregeom precompute --overwrite`"
+        ) from exc
+    return CacheData(
+        path=path,
+        manifest=manifest,
+        features=features,
+        lists=lists,
+        neighbors=neighbors,
+        overlaps=overlaps,
+        examples=examples,
+        histograms=histograms,
+        category_rates=cat_rates,
+        documents=documents,
+        groups=groups,
+        _cr_offsets=cr_offsets,
+    )
 
 
 def find_caches(root: str | Path) -> list[Path]:
@@ -496,8 +560,11 @@ def find_caches(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    out = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
-           and (p / "manifest.json").is_file()]
+    out = [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").is_file()
+    ]
     return out
 
 
@@ -519,12 +586,27 @@ def reviews_path_for(cache_dir: Path, override: str | os.PathLike[str] | None = 
 
 FINETUNE_FILES = ("diff.parquet", "summary.json")
 TRIAGE_FILES = ("ranked.parquet", "tokens.parquet", "triage.json")
-REQUIRED_DIFF_COLUMNS = ("prompt_set", "position", "comparison", "feature", "delta", "delta_lo", "delta_hi",
-                         "rate_delta", "rate_delta_lo", "rate_delta_hi", "risk_max_cos", "is_harmful")
+REQUIRED_DIFF_COLUMNS = (
+    "prompt_set",
+    "position",
+    "comparison",
+    "feature",
+    "delta",
+    "delta_lo",
+    "delta_hi",
+    "rate_delta",
+    "rate_delta_lo",
+    "rate_delta_hi",
+    "risk_max_cos",
+    "is_harmful",
+)
 REQUIRED_RANKED_COLUMNS = ("rank", "key", "score", "direct", "via_overlap", "removed")
 REQUIRED_TOKEN_COLUMNS = ("rank", "key", "tokens", "trained", "direct", "via_overlap")
 # measure -> (change, CI low, CI high) columns of diff.parquet
-MEASURES = {"mean": ("delta", "delta_lo", "delta_hi"), "rate": ("rate_delta", "rate_delta_lo", "rate_delta_hi")}
+MEASURES = {
+    "mean": ("delta", "delta_lo", "delta_hi"),
+    "rate": ("rate_delta", "rate_delta_lo", "rate_delta_hi"),
+}
 
 
 def _result_dirs(root: Path, files: tuple[str, ...]) -> list[Path]:
@@ -532,8 +614,14 @@ def _result_dirs(root: Path, files: tuple[str, ...]) -> list[Path]:
     outgoing (`NAME.old-…`) copies that an atomic rewrite leaves for a moment."""
     if not root.is_dir():
         return []
-    return [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
-            and ".old-" not in p.name and all((p / f).is_file() for f in files)]
+    return [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and ".old-" not in p.name
+        and all((p / f).is_file() for f in files)
+    ]
 
 
 def find_finetune_runs(cache_dir: str | Path) -> list[Path]:
@@ -605,12 +693,16 @@ class FinetuneRun:
     def harmful(self, prompt_set: str, position: str, comparison: str) -> pd.DataFrame:
         """The harmful features' rows of one comparison, by feature id."""
         d = self.diff
-        sel = d[(d["prompt_set"] == prompt_set) & (d["position"] == position) & (d["comparison"] == comparison)]
+        sel = d[
+            (d["prompt_set"] == prompt_set) & (d["position"] == position) & (d["comparison"] == comparison)
+        ]
         return sel.sort_values("feature").reset_index(drop=True)
 
     def stats(self, prompt_set: str, position: str, comparison: str) -> dict[str, Any]:
         """summary.json's entry for one comparison ({} when absent)."""
-        return dict((self.summary.get("comparisons") or {}).get(f"{prompt_set}/{position}/{comparison}") or {})
+        return dict(
+            (self.summary.get("comparisons") or {}).get(f"{prompt_set}/{position}/{comparison}") or {}
+        )
 
     def heldout_loss(self, label: str) -> float | None:
         v = (self.summary.get("heldout_loss") or {}).get(label)
@@ -623,8 +715,9 @@ def load_finetune_summary(path: str | Path) -> dict[str, Any]:
     summary = _read_json(path / "summary.json")
     labels = summary.get("labels")
     if not (isinstance(labels, list) and len(labels) == 3 and all(isinstance(x, str) for x in labels)):
-        raise CacheError(f"{path / 'summary.json'} has no 'labels': [before, after, control]; "
-                         f"rerun `featuregeom diff`")
+        raise CacheError(
+            f"{path / 'summary.json'} has no 'labels': [before, after, control]; rerun `featuregeom diff`"
+        )
     return summary
 
 
@@ -634,15 +727,25 @@ def load_finetune_run(path: str | Path) -> FinetuneRun:
     rerun = "featuregeom diff"
     summary = load_finetune_summary(path)
     labels = summary["labels"]
-    diff = _read_parquet(path / "diff.parquet", REQUIRED_DIFF_COLUMNS, rerun, filters=[("is_harmful", "=", True)])
-    for col, default in (("harm_category", None), ("risk_task_feature", np.nan), ("risk_sum", np.nan),
-                         ("null_cosine", np.nan), ("mean_before", np.nan), ("mean_after", np.nan)):
+    diff = _read_parquet(
+        path / "diff.parquet", REQUIRED_DIFF_COLUMNS, rerun, filters=[("is_harmful", "=", True)]
+    )
+    for col, default in (
+        ("harm_category", None),
+        ("risk_task_feature", np.nan),
+        ("risk_sum", np.nan),
+        ("null_cosine", np.nan),
+        ("mean_before", np.nan),
+        ("mean_after", np.nan),
+    ):
         if col not in diff:
             diff[col] = default
     diff["harm_category"] = diff["harm_category"].astype("string")
     b, a, _ = labels
     if f"{a} - {b}" not in set(diff["comparison"]):
-        raise CacheError(f"{path / 'diff.parquet'} has no '{a} - {b}' rows for harmful features; rerun `{rerun}`")
+        raise CacheError(
+            f"{path / 'diff.parquet'} has no '{a} - {b}' rows for harmful features; rerun `{rerun}`"
+        )
     return FinetuneRun(name=path.name, path=path, summary=summary, diff=diff.reset_index(drop=True))
 
 
@@ -660,14 +763,26 @@ def compare_runs_table(runs: list[FinetuneRun], prompt_set: str, position: str) 
             est = run.stats(prompt_set, position, name).get("harmful_mean_change") if name else None
             if not (isinstance(est, list) and len(est) == 3):
                 continue
-            rows.append({"run": run.name, "kind": kind, "label": label, "comparison": name,
-                         "est": float(est[0]), "lo": float(est[1]), "hi": float(est[2]),
-                         "heldout_loss": run.heldout_loss(label)})
-    return pd.DataFrame(rows, columns=["run", "kind", "label", "comparison", "est", "lo", "hi", "heldout_loss"])
+            rows.append(
+                {
+                    "run": run.name,
+                    "kind": kind,
+                    "label": label,
+                    "comparison": name,
+                    "est": float(est[0]),
+                    "lo": float(est[1]),
+                    "hi": float(est[2]),
+                    "heldout_loss": run.heldout_loss(label),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["run", "kind", "label", "comparison", "est", "lo", "hi", "heldout_loss"]
+    )
 
 
-def spearman_of(run: FinetuneRun, prompt_set: str, position: str, comparison: str, measure: str
-                ) -> tuple[float, float, float] | None:
+def spearman_of(
+    run: FinetuneRun, prompt_set: str, position: str, comparison: str, measure: str
+) -> tuple[float, float, float] | None:
     """Spearman's rho [lo, hi] of risk (max cos) vs the change: the summary's for mean activation; for the
     firing rate (not in the summary) the same bootstrap over features, computed here."""
     if measure == "mean":
@@ -681,8 +796,11 @@ def spearman_of(run: FinetuneRun, prompt_set: str, position: str, comparison: st
     if ok.sum() < 3:
         return None
     with np.errstate(invalid="ignore", divide="ignore"):
-        rho, lo, hi = spearman_ci(df["risk_max_cos"].to_numpy(float)[ok], df[col].to_numpy(float)[ok],
-                                  seed=int(run.summary.get("seed") or 0))
+        rho, lo, hi = spearman_ci(
+            df["risk_max_cos"].to_numpy(float)[ok],
+            df[col].to_numpy(float)[ok],
+            seed=int(run.summary.get("seed") or 0),
+        )
     return float(rho), float(lo), float(hi)
 
 
@@ -707,9 +825,14 @@ class TriageRun:
         if rank not in self.tokens.index:
             return None
         r = self.tokens.loc[rank]
-        return {"rank": int(rank), "key": str(r["key"]), "tokens": [str(t) for t in r["tokens"]],
-                "trained": [bool(t) for t in r["trained"]], "direct": [float(x) for x in r["direct"]],
-                "via_overlap": [float(x) for x in r["via_overlap"]]}
+        return {
+            "rank": int(rank),
+            "key": str(r["key"]),
+            "tokens": [str(t) for t in r["tokens"]],
+            "trained": [bool(t) for t in r["trained"]],
+            "direct": [float(x) for x in r["direct"]],
+            "via_overlap": [float(x) for x in r["via_overlap"]],
+        }
 
 
 def load_triage_run(path: str | Path) -> TriageRun:
@@ -719,8 +842,13 @@ def load_triage_run(path: str | Path) -> TriageRun:
     meta = _read_json(path / "triage.json")
     ranked = _read_parquet(path / "ranked.parquet", REQUIRED_RANKED_COLUMNS, rerun)
     tokens = _read_parquet(path / "tokens.parquet", REQUIRED_TOKEN_COLUMNS, rerun)
-    for col, default in (("index", -1), ("n_tokens", 0), ("score_sum", np.nan), ("preview", ""),
-                         ("random_removed", False)):
+    for col, default in (
+        ("index", -1),
+        ("n_tokens", 0),
+        ("score_sum", np.nan),
+        ("preview", ""),
+        ("random_removed", False),
+    ):
         if col not in ranked:
             ranked[col] = default
     if "top_features" not in ranked:
@@ -729,5 +857,7 @@ def load_triage_run(path: str | Path) -> TriageRun:
     ranked["removed"] = ranked["removed"].fillna(False).astype(bool)
     ranked["random_removed"] = ranked["random_removed"].fillna(False).astype(bool)
     ranked = ranked.sort_values("rank", kind="stable").reset_index(drop=True)
-    tokens = tokens.astype({"rank": "int64"}).drop_duplicates("rank").set_index("rank", drop=False).sort_index()
+    tokens = (
+        tokens.astype({"rank": "int64"}).drop_duplicates("rank").set_index("rank", drop=False).sort_index()
+    )
     return TriageRun(name=path.name, path=path, ranked=ranked, tokens=tokens, meta=meta)

@@ -71,8 +71,10 @@ CREATE TABLE verdicts (
     n_changes INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (cache, task_feature, harmful_feature, reviewer)
 )"""
-_HISTORY_INDEX = ("CREATE INDEX IF NOT EXISTS verdict_history_by_pair "
-                  "ON verdict_history (cache, task_feature, harmful_feature, id)")
+_HISTORY_INDEX = (
+    "CREATE INDEX IF NOT EXISTS verdict_history_by_pair "
+    "ON verdict_history (cache, task_feature, harmful_feature, id)"
+)
 # each reviewer's latest history row per pair, with their number of saves (the migration's source)
 _LATEST_FROM_HISTORY = """
 SELECT cache, task_feature, harmful_feature, reviewer, verdict, note, created_at, id, n FROM (
@@ -83,7 +85,9 @@ SELECT cache, task_feature, harmful_feature, reviewer, verdict, note, created_at
                                   ORDER BY id DESC))
 WHERE newest = 1
 """
-_VERDICT_COLS = "cache, task_feature, harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes"
+_VERDICT_COLS = (
+    "cache, task_feature, harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes"
+)
 _HISTORY_COLS = "id, cache, task_feature, harmful_feature, reviewer, verdict, note, created_at"
 
 
@@ -140,34 +144,44 @@ class ReviewStore:
         except sqlite3.Error as exc:
             raise self._unusable(exc) from exc
         except OSError as exc:
-            raise ReviewError(f"cannot create {self.path.parent} ({exc}); pass another place with --reviews PATH "
-                              "(or FEATUREGEOM_REVIEWS)") from exc
+            raise ReviewError(
+                f"cannot create {self.path.parent} ({exc}); pass another place with --reviews PATH "
+                "(or FEATUREGEOM_REVIEWS)"
+            ) from exc
 
     # -- opening ------------------------------------------------------------------------------------
     def _unusable(self, exc: BaseException) -> ReviewError:
-        return ReviewError(f"cannot open the review database {self.path} ({exc}); verdicts are unavailable. "
-                           "Move the file away (a new one is created) or pass another path with --reviews PATH "
-                           "(or FEATUREGEOM_REVIEWS).")
+        return ReviewError(
+            f"cannot open the review database {self.path} ({exc}); verdicts are unavailable. "
+            "Move the file away (a new one is created) or pass another path with --reviews PATH "
+            "(or FEATUREGEOM_REVIEWS)."
+        )
 
     def _open_writable(self) -> None:
         if self.path.exists() and not os.access(self.path, os.W_OK):
-            raise _Unwritable(f"The review database {self.path} is read-only: verdicts are shown, saving is off. "
-                              "Make it writable or pass another path with --reviews PATH.")
+            raise _Unwritable(
+                f"The review database {self.path} is read-only: verdicts are shown, saving is off. "
+                "Make it writable or pass another path with --reviews PATH."
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             damage = _damage(con)
             if damage:
-                raise _Unwritable(f"The review database {self.path} is damaged ({damage}): the verdicts that can "
-                                  "still be read are shown, saving is off so nothing more is lost. Restore it from "
-                                  "a backup, or move it away to start a new one.")
+                raise _Unwritable(
+                    f"The review database {self.path} is damaged ({damage}): the verdicts that can "
+                    "still be read are shown, saving is off so nothing more is lost. Restore it from "
+                    "a backup, or move it away to start a new one."
+                )
             try:
                 con.execute("PRAGMA journal_mode=WAL")
                 if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA:
                     self._retry(lambda: self._create_or_migrate(con))
             except sqlite3.OperationalError as exc:
                 if "readonly" in str(exc) or "read-only" in str(exc):
-                    raise _Unwritable(f"The review database {self.path} cannot be written ({exc}): verdicts are "
-                                      "shown, saving is off.") from exc
+                    raise _Unwritable(
+                        f"The review database {self.path} cannot be written ({exc}): verdicts are "
+                        "shown, saving is off."
+                    ) from exc
                 raise
 
     def _check_readable(self) -> None:
@@ -188,7 +202,9 @@ class ReviewStore:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if version < SCHEMA:  # another process may have done it while we waited for the lock
                 con.execute(_HISTORY_DDL)
-                con.execute("UPDATE verdict_history SET cache = '' WHERE cache IS NULL")  # schema 1 allowed NULL
+                con.execute(
+                    "UPDATE verdict_history SET cache = '' WHERE cache IS NULL"
+                )  # schema 1 allowed NULL
                 con.execute("DROP INDEX IF EXISTS verdict_history_pair")
                 con.execute(_HISTORY_INDEX)
                 if "verdicts" in tables:
@@ -208,8 +224,12 @@ class ReviewStore:
             # On a read-only medium a WAL database cannot create its -shm file: open it as immutable
             # (no locks, no shared memory), true there since nobody can change it either.
             immutable = "&immutable=1" if not os.access(self.path.parent, os.W_OK) else ""
-            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro{immutable}", uri=True,
-                                  timeout=self.busy_timeout_ms / 1000, isolation_level=None)
+            con = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro{immutable}",
+                uri=True,
+                timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None,
+            )
         else:
             con = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
         try:
@@ -233,8 +253,16 @@ class ReviewStore:
         raise AssertionError("unreachable")
 
     # -- writing ------------------------------------------------------------------------------------
-    def record(self, task_feature: int, harmful_feature: int, verdict: str, reviewer: str, note: str = "",
-               cache: str = "", expected_version: int | None = None) -> dict[str, Any]:
+    def record(
+        self,
+        task_feature: int,
+        harmful_feature: int,
+        verdict: str,
+        reviewer: str,
+        note: str = "",
+        cache: str = "",
+        expected_version: int | None = None,
+    ) -> dict[str, Any]:
         """Store `reviewer`'s verdict on the pair (appended to the history; their previous one is kept there).
 
         expected_version: the pair's version (pair_version()) the reviewer saw; when anyone saved on
@@ -255,35 +283,54 @@ class ReviewStore:
                         newer = con.execute(
                             f"SELECT {_HISTORY_COLS} FROM verdict_history WHERE cache = ? AND task_feature = ? "
                             "AND harmful_feature = ? AND id > ? ORDER BY id DESC",
-                            (cache, t, h, int(expected_version))).fetchall()
+                            (cache, t, h, int(expected_version)),
+                        ).fetchall()
                         if newer:
-                            changes = pd.DataFrame([tuple(r) for r in newer], columns=_HISTORY_COLS.split(", "))
+                            changes = pd.DataFrame(
+                                [tuple(r) for r in newer], columns=_HISTORY_COLS.split(", ")
+                            )
                             raise StaleVerdictError(
                                 f"Not saved: this pair changed after the page showed it ({describe_changes(changes)})."
-                                " Read the verdicts above, then save again.", changes)
+                                " Read the verdicts above, then save again.",
+                                changes,
+                            )
                     ts = _now()
                     hid = con.execute(
                         "INSERT INTO verdict_history (task_feature, harmful_feature, verdict, reviewer, note, cache, "
-                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", (t, h, verdict, reviewer, note, cache, ts)).lastrowid
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (t, h, verdict, reviewer, note, cache, ts),
+                    ).lastrowid
                     con.execute(
                         f"INSERT INTO verdicts ({_VERDICT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
                         "ON CONFLICT (cache, task_feature, harmful_feature, reviewer) DO UPDATE SET "
                         "reviewer = excluded.reviewer, verdict = excluded.verdict, note = excluded.note, "
                         "updated_at = excluded.updated_at, history_id = excluded.history_id, "
                         "n_changes = verdicts.n_changes + 1",
-                        (cache, t, h, reviewer, verdict, note, ts, hid))
+                        (cache, t, h, reviewer, verdict, note, ts, hid),
+                    )
                     con.execute("COMMIT")
                 except BaseException:
                     con.execute("ROLLBACK")
                     raise
-            return {"cache": cache, "task_feature": t, "harmful_feature": h, "reviewer": reviewer,
-                    "verdict": verdict, "note": note, "updated_at": ts, "history_id": hid}
+            return {
+                "cache": cache,
+                "task_feature": t,
+                "harmful_feature": h,
+                "reviewer": reviewer,
+                "verdict": verdict,
+                "note": note,
+                "updated_at": ts,
+                "history_id": hid,
+            }
 
         try:
             return self._retry(write)
         except sqlite3.Error as exc:
-            hint = " The file looks damaged: restore it from a backup or move it away." if isinstance(
-                exc, sqlite3.DatabaseError) and "malformed" in str(exc) else ""
+            hint = (
+                " The file looks damaged: restore it from a backup or move it away."
+                if isinstance(exc, sqlite3.DatabaseError) and "malformed" in str(exc)
+                else ""
+            )
             raise ReviewError(f"could not save the verdict to {self.path} ({exc}).{hint}") from exc
 
     # -- reading ------------------------------------------------------------------------------------
@@ -296,12 +343,15 @@ class ReviewStore:
         try:
             rows, cols = self._retry(run)
         except sqlite3.Error as exc:
-            raise ReviewError(f"cannot read the verdicts from {self.path} ({exc}). Restore the file from a backup "
-                              "or move it away to start a new one.") from exc
+            raise ReviewError(
+                f"cannot read the verdicts from {self.path} ({exc}). Restore the file from a backup "
+                "or move it away to start a new one."
+            ) from exc
         return pd.DataFrame([tuple(r) for r in rows], columns=cols)
 
-    def verdicts(self, cache: str = "", task_feature: int | None = None,
-                 harmful_feature: int | None = None) -> pd.DataFrame:
+    def verdicts(
+        self, cache: str = "", task_feature: int | None = None, harmful_feature: int | None = None
+    ) -> pd.DataFrame:
         """Each reviewer's latest verdict (of one pair when given), newest first."""
         sql, params = f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ?", (cache or "",)
         if task_feature is not None and harmful_feature is not None:
@@ -309,21 +359,29 @@ class ReviewStore:
             params += (int(task_feature), int(harmful_feature))
         return self._query(sql + " ORDER BY updated_at DESC, history_id DESC", params)
 
-    def get(self, task_feature: int, harmful_feature: int, reviewer: str, cache: str = "") -> dict[str, Any] | None:
+    def get(
+        self, task_feature: int, harmful_feature: int, reviewer: str, cache: str = ""
+    ) -> dict[str, Any] | None:
         """`reviewer`'s current verdict on the pair (their name in any case), or None."""
-        df = self._query(f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ? AND task_feature = ? AND "
-                         "harmful_feature = ? AND reviewer = ?",
-                         (cache or "", int(task_feature), int(harmful_feature), re.sub(r"\s+", " ", reviewer).strip()))
+        df = self._query(
+            f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ? AND task_feature = ? AND "
+            "harmful_feature = ? AND reviewer = ?",
+            (cache or "", int(task_feature), int(harmful_feature), re.sub(r"\s+", " ", reviewer).strip()),
+        )
         return None if df.empty else df.iloc[0].to_dict()
 
     def pair_version(self, task_feature: int, harmful_feature: int, cache: str = "") -> int:
         """The newest history id of the pair (0 before its first verdict): what a save must have seen."""
-        df = self._query("SELECT COALESCE(MAX(id), 0) AS v FROM verdict_history WHERE cache = ? AND task_feature = ? "
-                         "AND harmful_feature = ?", (cache or "", int(task_feature), int(harmful_feature)))
+        df = self._query(
+            "SELECT COALESCE(MAX(id), 0) AS v FROM verdict_history WHERE cache = ? AND task_feature = ? "
+            "AND harmful_feature = ?",
+            (cache or "", int(task_feature), int(harmful_feature)),
+        )
         return int(df["v"].iat[0])
 
-    def history(self, cache: str | None = "", task_feature: int | None = None,
-                harmful_feature: int | None = None) -> pd.DataFrame:
+    def history(
+        self, cache: str | None = "", task_feature: int | None = None, harmful_feature: int | None = None
+    ) -> pd.DataFrame:
         """Every recorded save, newest first (of one cache; cache=None: all; of one pair when given)."""
         sql, where, params = f"SELECT {_HISTORY_COLS} FROM verdict_history", [], ()
         if cache is not None:
@@ -332,7 +390,9 @@ class ReviewStore:
         if task_feature is not None and harmful_feature is not None:
             where.append("task_feature = ? AND harmful_feature = ?")
             params += (int(task_feature), int(harmful_feature))
-        return self._query(sql + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC", params)
+        return self._query(
+            sql + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC", params
+        )
 
     def count_history(self) -> int:
         return int(self._query("SELECT COUNT(*) AS n FROM verdict_history")["n"].iat[0])
@@ -360,8 +420,10 @@ def _migrate_v1(con: sqlite3.Connection) -> None:
     con.execute(_VERDICTS_DDL)
     con.execute(f"INSERT INTO verdicts ({_VERDICT_COLS}) {_LATEST_FROM_HISTORY}")
     # a current verdict without a history row (written by hand) is kept too
-    con.execute(f"INSERT OR IGNORE INTO verdicts ({_VERDICT_COLS}) SELECT COALESCE(cache, ''), task_feature, "
-                "harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes FROM verdicts_v1")
+    con.execute(
+        f"INSERT OR IGNORE INTO verdicts ({_VERDICT_COLS}) SELECT COALESCE(cache, ''), task_feature, "
+        "harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes FROM verdicts_v1"
+    )
     con.execute("DROP TABLE verdicts_v1")
 
 
@@ -372,20 +434,38 @@ def _migrate_v1(con: sqlite3.Connection) -> None:
 def summarize(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Per pair: status (the agreed verdict, 'disputed' or —), consensus (single / agree / disagree),
     n_reviewers, reviewers ('ana: confirmed · ben: benign'), reviewed_at (the latest save)."""
-    cols = ["task_feature", "harmful_feature", "status", "consensus", "n_reviewers", "reviewers", "reviewed_at"]
+    cols = [
+        "task_feature",
+        "harmful_feature",
+        "status",
+        "consensus",
+        "n_reviewers",
+        "reviewers",
+        "reviewed_at",
+    ]
     if verdicts.empty:
-        return pd.DataFrame({c: pd.Series(dtype="int64" if c in cols[:2] + ["n_reviewers"] else "string")
-                             for c in cols})
+        return pd.DataFrame(
+            {c: pd.Series(dtype="int64" if c in cols[:2] + ["n_reviewers"] else "string") for c in cols}
+        )
     rows = []
     for (t, h), g in verdicts.sort_values("reviewer", key=lambda s: s.str.lower()).groupby(
-            ["task_feature", "harmful_feature"], sort=False):
+        ["task_feature", "harmful_feature"], sort=False
+    ):
         kinds = set(g["verdict"])
         consensus = "single" if len(g) == 1 else "agree" if len(kinds) == 1 else "disagree"
-        rows.append({"task_feature": int(t), "harmful_feature": int(h),
-                     "status": g["verdict"].iat[0] if len(kinds) == 1 else DISPUTED, "consensus": consensus,
-                     "n_reviewers": len(g),
-                     "reviewers": " · ".join(f"{r}: {v}" for r, v in zip(g["reviewer"], g["verdict"], strict=True)),
-                     "reviewed_at": str(g["updated_at"].max())})
+        rows.append(
+            {
+                "task_feature": int(t),
+                "harmful_feature": int(h),
+                "status": g["verdict"].iat[0] if len(kinds) == 1 else DISPUTED,
+                "consensus": consensus,
+                "n_reviewers": len(g),
+                "reviewers": " · ".join(
+                    f"{r}: {v}" for r, v in zip(g["reviewer"], g["verdict"], strict=True)
+                ),
+                "reviewed_at": str(g["updated_at"].max()),
+            }
+        )
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -402,8 +482,12 @@ def merge_reviews(overlaps: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFram
 
 def history_table(history: pd.DataFrame, overlaps: pd.DataFrame) -> pd.DataFrame:
     """Every saved verdict (oldest first) with the pair's geometry and labels beside it, for export."""
-    keep = [c for c in ("risk", "cosine", "z", "harm_category", "task_label", "harmful_label") if c in overlaps]
-    pairs = overlaps[["task_feature", "harmful_feature", *keep]].drop_duplicates(["task_feature", "harmful_feature"])
+    keep = [
+        c for c in ("risk", "cosine", "z", "harm_category", "task_label", "harmful_label") if c in overlaps
+    ]
+    pairs = overlaps[["task_feature", "harmful_feature", *keep]].drop_duplicates(
+        ["task_feature", "harmful_feature"]
+    )
     out = history.sort_values("id").merge(pairs, on=["task_feature", "harmful_feature"], how="left")
     return out.rename(columns={"id": "history_id"}).reset_index(drop=True)
 
@@ -412,7 +496,9 @@ def _spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
     safe = table.copy()
     for c in safe.columns:
         if safe[c].dtype == object or str(safe[c].dtype).startswith("string") or str(safe[c].dtype) == "str":
-            safe[c] = safe[c].map(lambda v: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v)
+            safe[c] = safe[c].map(
+                lambda v: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v
+            )
     return safe
 
 

@@ -64,7 +64,7 @@ def _decode_proc_address(hex_address: str) -> str:
     """An address as /proc/net/tcp{,6} prints it: 32-bit words in host byte order, in hex."""
     raw = bytes.fromhex(hex_address)
     if sys.byteorder == "little":
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     return str(ipaddress.ip_address(raw))
 
 
@@ -96,7 +96,7 @@ def listening_addresses(pid: int | str = "self") -> list[tuple[str, int]] | None
         except OSError:  # closed meanwhile (e.g. the descriptor that listed the directory)
             continue
         if link.startswith("socket:["):
-            inodes.add(int(link[len("socket:["):-1]))
+            inodes.add(int(link[len("socket:[") : -1]))
     found: list[tuple[str, int]] = []
     for table in ("tcp", "tcp6"):
         try:
@@ -123,11 +123,13 @@ def exposure_problem(configured_address: str | None) -> str | None:
         exposed = sorted({f"{a}:{p}" for a, p in listening if not is_loopback_ip(a)})
     if not exposed:
         return None
-    return (f"**This explorer is listening on {', '.join(exposed)}**, where other machines can reach it, so it shows "
-            "nothing. Start it on this machine only with `python -m explorer.serve --cache DIR` (or drop the "
-            "`--server.address` flag / `STREAMLIT_SERVER_ADDRESS`). To serve other machines on purpose, use "
-            "`python -m explorer.serve --cache DIR --address HOST`, or set `FEATUREGEOM_ALLOW_REMOTE=1`: "
-            "anyone who can reach it can then read the cache and save verdicts.")
+    return (
+        f"**This explorer is listening on {', '.join(exposed)}**, where other machines can reach it, so it shows "
+        "nothing. Start it on this machine only with `python -m explorer.serve --cache DIR` (or drop the "
+        "`--server.address` flag / `STREAMLIT_SERVER_ADDRESS`). To serve other machines on purpose, use "
+        "`python -m explorer.serve --cache DIR --address HOST`, or set `FEATUREGEOM_ALLOW_REMOTE=1`: "
+        "anyone who can reach it can then read the cache and save verdicts."
+    )
 
 
 def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -135,8 +137,22 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     if not is_loopback(args.address):
         env[ENV_ALLOW_REMOTE] = "1"  # --address is the explicit opt-in to serve other machines
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
-           "--server.address", args.address, "--server.headless", "true", "--", "--cache", args.cache]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(args.port),
+        "--server.address",
+        args.address,
+        "--server.headless",
+        "true",
+        "--",
+        "--cache",
+        args.cache,
+    ]
     return cmd, env
 
 
@@ -144,26 +160,39 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m explorer.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", required=True, help="cache directory, or a root holding several caches")
     ap.add_argument("--port", type=int, default=8501)
-    ap.add_argument("--address", default=LOOPBACK,
-                    help="bind address (default 127.0.0.1: this machine only). Another address, e.g. 0.0.0.0, "
-                         "serves every machine that can reach it: anyone there can read the cache and save verdicts")
+    ap.add_argument(
+        "--address",
+        default=LOOPBACK,
+        help="bind address (default 127.0.0.1: this machine only). Another address, e.g. 0.0.0.0, "
+        "serves every machine that can reach it: anyone there can read the cache and save verdicts",
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not Path(args.cache).is_dir():
-        print(f"explorer: error: cache {args.cache} not found; build it with `make demo-cache` or "
-              "`featuregeom precompute --config ...`", file=sys.stderr)
+        print(
+            f"explorer: error: cache {args.cache} not found; build it with `make demo-cache` or "
+            "`featuregeom precompute --config ...`",
+            file=sys.stderr,
+        )
         return 2
     if not port_free(args.port):
-        print(f"explorer: error: port {args.port} is already in use (another explorer?). Stop it, or choose "
-              f"another port: `make demo PORT={args.port + 1}`", file=sys.stderr)
+        print(
+            f"explorer: error: port {args.port} is already in use (another explorer?). Stop it, or choose "
+            f"another port: `make demo PORT={args.port + 1}`",
+            file=sys.stderr,
+        )
         return 2
     cmd, env = command(args)
     if not is_loopback(args.address):
-        print(f"explorer: warning: listening on {args.address}:{args.port} (--address): every machine that can "
-              "reach it can read the cache and save verdicts", file=sys.stderr, flush=True)
+        print(
+            f"explorer: warning: listening on {args.address}:{args.port} (--address): every machine that can "
+            "reach it can read the cache and save verdicts",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"explorer: open http://{args.address}:{args.port}", flush=True)
     os.execve(sys.executable, cmd, env)  # exec: the recorded PID is the server's own
     return 0

@@ -41,8 +41,14 @@ from precompute.errors import CacheError
 
 log = logging.getLogger("featuregeom.explorer")
 
-PAGES = {"map": "views/map.py", "feature": "views/feature.py", "overlaps": "views/overlaps.py",
-         "story": "views/story.py", "finetune": "views/finetune.py", "triage": "views/triage.py"}
+PAGES = {
+    "map": "views/map.py",
+    "feature": "views/feature.py",
+    "overlaps": "views/overlaps.py",
+    "story": "views/story.py",
+    "finetune": "views/finetune.py",
+    "triage": "views/triage.py",
+}
 ENV_CACHE = "FEATUREGEOM_CACHE"
 ENV_REVIEWS = "FEATUREGEOM_REVIEWS"
 ENV_MAX_POINTS = "FEATUREGEOM_MAX_POINTS"
@@ -100,16 +106,20 @@ def _resolve_dir() -> tuple[Path | None, list[Path]]:
     """(chosen cache dir, the caches of the root or []) — shows an error and returns None on failure."""
     src = cache_source()
     if not src:
-        st.error("**No cache given.** Start the explorer with  \n`" + USAGE + "`  \n"
-                 "DIR is a directory written by `featuregeom precompute` (or a folder of such caches).")
+        st.error(
+            "**No cache given.** Start the explorer with  \n`" + USAGE + "`  \n"
+            "DIR is a directory written by `featuregeom precompute` (or a folder of such caches)."
+        )
         return None, []
     path = Path(src).expanduser()
     if is_cache(path) or not path.is_dir():
         return path, []  # a missing directory gets its message from read_manifest
     caches = find_caches(path)
     if not caches:
-        st.error(f"**{md_escape(path)} is not a cache.** It has no manifest.json and no sub-folder that is a "
-                 "cache. Point --cache at a directory written by `featuregeom precompute`, or at a folder of them.")
+        st.error(
+            f"**{md_escape(path)} is not a cache.** It has no manifest.json and no sub-folder that is a "
+            "cache. Point --cache at a directory written by `featuregeom precompute`, or at a folder of them."
+        )
         return None, []
     names = [c.name for c in caches]
     wanted = st.query_params.get("cache") or st.session_state.get("_cache_name")
@@ -135,9 +145,12 @@ def current_cache(show_sidebar: bool = True) -> CacheData | None:
         st.error(f"**Cannot open the cache {md_escape(path)}.**  \n{md_escape(exc)}", icon="⚠️")
     except Exception as exc:  # never show a traceback to the user; keep it in the server log
         log.exception("unexpected error loading %s", path)
-        st.error(f"**Cannot open the cache {md_escape(path)}**: unexpected {type(exc).__name__}: "
-                 f"{md_escape(exc)}.  \nThe cache may be damaged or from another version; rebuild it with "
-                 "`featuregeom precompute --overwrite`.", icon="⚠️")
+        st.error(
+            f"**Cannot open the cache {md_escape(path)}**: unexpected {type(exc).__name__}: "
+            f"{md_escape(exc)}.  \nThe cache may be damaged or from another version; rebuild it with "
+            "`featuregeom precompute --overwrite`.",
+            icon="⚠️",
+        )
     return None
 
 
@@ -217,16 +230,25 @@ def triage_runs(cache: CacheData) -> tuple[list[TriageRun], list[str]]:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def _spearman(_run: FinetuneRun, path: str, stamp: tuple[int, ...], prompt_set: str, position: str,
-              comparison: str, measure: str) -> tuple[float, float, float] | None:
+def _spearman(
+    _run: FinetuneRun,
+    path: str,
+    stamp: tuple[int, ...],
+    prompt_set: str,
+    position: str,
+    comparison: str,
+    measure: str,
+) -> tuple[float, float, float] | None:
     return spearman_of(_run, prompt_set, position, comparison, measure)
 
 
-def run_spearman(run: FinetuneRun, prompt_set: str, position: str, comparison: str,
-                 measure: str) -> tuple[float, float, float] | None:
+def run_spearman(
+    run: FinetuneRun, prompt_set: str, position: str, comparison: str, measure: str
+) -> tuple[float, float, float] | None:
     """spearman_of(), cached: the firing-rate one is a bootstrap (about a second), done once per run."""
-    return _spearman(run, str(run.path), files_stamp(run.path, FINETUNE_FILES), prompt_set, position, comparison,
-                     measure)
+    return _spearman(
+        run, str(run.path), files_stamp(run.path, FINETUNE_FILES), prompt_set, position, comparison, measure
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,8 +303,10 @@ def selected_feature(cache: CacheData, param: str = "feature") -> int:
     f = qp_int(param)
     if f is None or not cache.valid(f):
         if st.query_params.get(param) not in (None, ""):
-            st.warning(f"Feature {md_escape(st.query_params.get(param))} is not in this cache "
-                       f"(0–{cache.n - 1}); showing another one.")
+            st.warning(
+                f"Feature {md_escape(st.query_params.get(param))} is not in this cache "
+                f"(0–{cache.n - 1}); showing another one."
+            )
         f = st.session_state.get(key)
         if f is None or not cache.valid(f):
             f = cache.default_feature()
@@ -312,15 +336,24 @@ def sidebar() -> None:
         names = st.session_state.get("_cache_root_names") or []
         if names:
             cur = st.session_state.get("_cache_name", names[0])
-            choice = st.selectbox("Cache", names, index=names.index(cur) if cur in names else 0,
-                                  help="The caches found in the folder given with --cache; e.g. a model before "
-                                       "and after fine-tuning.")
+            choice = st.selectbox(
+                "Cache",
+                names,
+                index=names.index(cur) if cur in names else 0,
+                help="The caches found in the folder given with --cache; e.g. a model before "
+                "and after fine-tuning.",
+            )
             if choice != cur:
                 st.session_state["_cache_name"] = choice
                 st.query_params["cache"] = choice
                 st.rerun()
-        st.radio("Chart download format", ["png", "svg"], key="fig_format", horizontal=True,
-                 help="What the camera button in each chart's toolbar saves.")
+        st.radio(
+            "Chart download format",
+            ["png", "svg"],
+            key="fig_format",
+            horizontal=True,
+            help="What the camera button in each chart's toolbar saves.",
+        )
 
 
 def cache_summary(cache: CacheData) -> str:
@@ -328,9 +361,11 @@ def cache_summary(cache: CacheData) -> str:
     m = cache.manifest
     model = (m.get("model") or {}).get("spec") or "?"
     sae = m.get("sae") or {}
-    return (f"{cache.name}: {cache.n:,} features of {model} at {m.get('hook') or sae.get('hook_name') or '?'}"
-            f" · d={m.get('d_in') or '?'} · {len(cache.overlaps):,} flagged pairs · chance cosine "
-            f"{cache.null_cosine:.3g}")
+    return (
+        f"{cache.name}: {cache.n:,} features of {model} at {m.get('hook') or sae.get('hook_name') or '?'}"
+        f" · d={m.get('d_in') or '?'} · {len(cache.overlaps):,} flagged pairs · chance cosine "
+        f"{cache.null_cosine:.3g}"
+    )
 
 
 def inject_css(css: str) -> None:

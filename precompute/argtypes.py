@@ -8,21 +8,27 @@ import math
 from collections.abc import Callable
 
 
-def number_in(kind: type, low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
-            ) -> Callable[[str], float | int]:
+def number_in(
+    kind: type, low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float | int]:
     lo = "-inf" if low is None else f"{low:g}"
     hi = "inf" if high is None else f"{high:g}"
-    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    interval = (
+        f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    )
 
     def parse(text: str) -> float | int:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         ok = (low is None or (value > low if low_open else value >= low)) and (
-            high is None or (value < high if high_open else value <= high))
+            high is None or (value < high if high_open else value <= high)
+        )
         if not ok:
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
         return value

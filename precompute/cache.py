@@ -54,7 +54,9 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST
     if not cache_dir.is_dir():
-        raise CacheError(f"cache directory {cache_dir} does not exist; build one with `featuregeom precompute`")
+        raise CacheError(
+            f"cache directory {cache_dir} does not exist; build one with `featuregeom precompute`"
+        )
     if not path.is_file():
         raise CacheError(
             f"{cache_dir} has no {MANIFEST}: it is not a featuregeom cache, or a run was interrupted before "
@@ -67,10 +69,16 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise CacheError(f"{path} cannot be read ({exc.strerror}); check its permissions") from exc
     if not isinstance(manifest, dict):
-        raise CacheError(f"{path} is not a featuregeom manifest (a JSON object); rebuild the cache with --overwrite")
+        raise CacheError(
+            f"{path} is not a featuregeom manifest (a JSON object); rebuild the cache with --overwrite"
+        )
     files = manifest.get("files", {})
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise CacheError(f"{path}: 'files' must map each file name to its sha256; rebuild the cache with --overwrite")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise CacheError(
+            f"{path}: 'files' must map each file name to its sha256; rebuild the cache with --overwrite"
+        )
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CacheError(
@@ -81,8 +89,11 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
 
 
 def _files_on_disk(cache_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(cache_dir)) for p in cache_dir.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not _is_lab_file(p.relative_to(cache_dir)))
+    return sorted(
+        str(p.relative_to(cache_dir))
+        for p in cache_dir.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not _is_lab_file(p.relative_to(cache_dir))
+    )
 
 
 def verify_cache(cache_dir: str | Path, files: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -99,7 +110,8 @@ def verify_cache(cache_dir: str | Path, files: tuple[str, ...] | None = None) ->
         raise CacheError(
             f"{cache_dir} holds {', '.join(unrecorded[:5])}{' ...' if len(unrecorded) > 5 else ''} without a "
             f"checksum in {MANIFEST}: the cache was edited or not written by featuregeom. Rebuild it with "
-            "`featuregeom precompute ... --overwrite`")
+            "`featuregeom precompute ... --overwrite`"
+        )
     names = list(recorded) if files is None else [f for f in files if f in recorded]
     for name in names:
         path = cache_dir / name
@@ -136,7 +148,9 @@ class StagedCache:
             p.unlink()
         return p
 
-    def record_step(self, step: str, params: dict[str, Any], seconds: float, extra: dict | None = None) -> None:
+    def record_step(
+        self, step: str, params: dict[str, Any], seconds: float, extra: dict | None = None
+    ) -> None:
         sidecar = {"step": step, "params": params, "seconds": round(seconds, 3), "finished": now_iso()}
         if extra:
             sidecar.update(extra)
@@ -195,10 +209,10 @@ def _remove_stale_staging(target: Path) -> None:
     """Staging and swap leftovers of this output from a run that was killed (SIGKILL, power loss).
     Called with the output's lock held, so no live run owns them."""
     for p in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
-        if p.is_dir() and _STAGING_SUFFIX.fullmatch(p.name[len(f".{target.name}.tmp-"):]):
+        if p.is_dir() and _STAGING_SUFFIX.fullmatch(p.name[len(f".{target.name}.tmp-") :]):
             shutil.rmtree(p, ignore_errors=True)
     for p in target.parent.glob(f"{glob.escape(target.name)}.old-*"):
-        if p.is_dir() and re.fullmatch(r"[0-9a-f]{8}", p.name[len(f"{target.name}.old-"):]):
+        if p.is_dir() and re.fullmatch(r"[0-9a-f]{8}", p.name[len(f"{target.name}.old-") :]):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -224,8 +238,10 @@ def output_lock(target: str | Path) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CacheError(f"another featuregeom run is writing {target} right now (lock {lock}); wait for it to "
-                         "finish, or choose another --out") from None
+        raise CacheError(
+            f"another featuregeom run is writing {target} right now (lock {lock}); wait for it to "
+            "finish, or choose another --out"
+        ) from None
     _held_locks[lock] = (fd, 1)
     try:
         _remove_stale_staging(target)
@@ -243,8 +259,10 @@ def check_writable_parent(out: Path) -> None:
         probe = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
         os.rmdir(probe)
     except OSError as exc:
-        raise CacheError(f"cannot write --out {out}: {exc.strerror or exc} ({exc.filename or out.parent}); "
-                         "choose a writable directory") from exc
+        raise CacheError(
+            f"cannot write --out {out}: {exc.strerror or exc} ({exc.filename or out.parent}); "
+            "choose a writable directory"
+        ) from exc
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
@@ -266,8 +284,10 @@ def check_replaceable(out: Path, what: str, is_ours: Callable[[Path], bool], mis
     if not out.is_dir():
         raise CacheError(f"--out {out} exists and is not a directory; choose another path")
     if any(out.iterdir()) and not is_ours(out):
-        raise CacheError(f"--out {out} is a non-empty directory that is not a {what}{missing}; featuregeom never "
-                         "replaces such a directory, even with --overwrite. Choose a new or empty --out")
+        raise CacheError(
+            f"--out {out} is a non-empty directory that is not a {what}{missing}; featuregeom never "
+            "replaces such a directory, even with --overwrite. Choose a new or empty --out"
+        )
 
 
 def check_replaceable_output(out: str | Path, marker: str, what: str) -> None:
@@ -276,8 +296,9 @@ def check_replaceable_output(out: str | Path, marker: str, what: str) -> None:
     check_replaceable(Path(out), what, lambda d: (d / marker).is_file(), f" (no {marker})")
 
 
-def write_dir_atomic(out: str | Path, write: Callable[[Path], None], marker: str, what: str = "featuregeom output"
-                     ) -> Path:
+def write_dir_atomic(
+    out: str | Path, write: Callable[[Path], None], marker: str, what: str = "featuregeom output"
+) -> Path:
     """Fill a fresh staging directory with `write(staging)`, then swap it into `out`: readers see the old
     folder, nothing, or the new one, and a killed run leaves only a `.NAME.tmp-*` folder that the next
     run on `out` removes. `out` is replaced only if it is an earlier output holding `marker`."""
@@ -298,7 +319,9 @@ def write_dir_atomic(out: str | Path, write: Callable[[Path], None], marker: str
 
 
 @contextmanager
-def stage(target: str | Path, fresh: bool = False, base_manifest: dict | None = None) -> Iterator[StagedCache]:
+def stage(
+    target: str | Path, fresh: bool = False, base_manifest: dict | None = None
+) -> Iterator[StagedCache]:
     """Open a staging copy of `target` (empty when `fresh`), yield it, discard it on error."""
     target = Path(target)
     with output_lock(target):

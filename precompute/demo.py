@@ -22,7 +22,9 @@ def check_assets(cfg: RunConfig) -> None:
         missing.insert(0, cfg.sae)
     if missing:
         raise FeatureGeomError(
-            "missing asset(s): " + ", ".join(missing) + ". They are part of the repository: run from its root "
+            "missing asset(s): "
+            + ", ".join(missing)
+            + ". They are part of the repository: run from its root "
             "(cd to the clone) and check that `git status` shows no deleted files."
         )
 

@@ -71,8 +71,11 @@ def run_command(fn, *args, prog: str = "featuregeom") -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing half-written was kept. Rerun the same command to resume "
-              "(or start clean)", file=sys.stderr)
+        print(
+            f"{prog}: interrupted; nothing half-written was kept. Rerun the same command to resume "
+            "(or start clean)",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except OSError as exc:
         if os.environ.get("FEATUREGEOM_DEBUG"):
@@ -85,6 +88,9 @@ def run_command(fn, *args, prog: str = "featuregeom") -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
         if os.environ.get("FEATUREGEOM_DEBUG"):
             raise
-        print(f"{prog}: internal error: {type(exc).__name__}: {exc}. This is a bug in featuregeom; rerun "
-              "with FEATUREGEOM_DEBUG=1 to see the traceback and report it", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(exc).__name__}: {exc}. This is a bug in featuregeom; rerun "
+            "with FEATUREGEOM_DEBUG=1 to see the traceback and report it",
+            file=sys.stderr,
+        )
         return EXIT_BUG

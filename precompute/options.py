@@ -73,9 +73,13 @@ def _corpus_tables(raw: Any, where: str) -> list[CorpusSource]:
     out = []
     for i, table in enumerate(raw):
         if "path" not in table:
-            raise ConfigError(f"[[corpus]] table {i + 1}{where} has no 'path'; each corpus needs path = \"FILE\"")
+            raise ConfigError(
+                f"[[corpus]] table {i + 1}{where} has no 'path'; each corpus needs path = \"FILE\""
+            )
         # unknown keys are left for CorpusSource.from_dict, which names the known ones
-        checked = {k: coerce_value(f"corpus.{k}", v, hints[k], where) if k in hints else v for k, v in table.items()}
+        checked = {
+            k: coerce_value(f"corpus.{k}", v, hints[k], where) if k in hints else v for k, v in table.items()
+        }
         out.append(CorpusSource.from_dict(checked))
     return out
 
@@ -83,7 +87,9 @@ def _corpus_tables(raw: Any, where: str) -> list[CorpusSource]:
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" if not path.exists() else f"config {path} is not a file")
+        raise ConfigError(
+            f"config file not found: {path}" if not path.exists() else f"config {path} is not a file"
+        )
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -123,8 +129,11 @@ def load_options(cls: type[T], path: str | Path | None, overrides: dict[str, Any
     return cfg
 
 
-def check_ranges(cfg: Any, ranges: dict[str, tuple[float | None, float | None, str]],
-                 choices: dict[str, tuple[str, ...]] | None = None) -> None:
+def check_ranges(
+    cfg: Any,
+    ranges: dict[str, tuple[float | None, float | None, str]],
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> None:
     """`ranges[name] = (low, high, kind)`: kind '[]' closed, '()' open, '[)' / '(]' half-open; None
     bounds are unbounded. A None value (an optional option left unset) is fine."""
     for name, (low, high, kind) in ranges.items():
@@ -136,11 +145,15 @@ def check_ranges(cfg: Any, ranges: dict[str, tuple[float | None, float | None, s
         if not (ok_low and ok_high):
             lo = "-inf" if low is None else f"{low:g}"
             hi = "inf" if high is None else f"{high:g}"
-            raise ConfigError(f"--{name.replace('_', '-')} must be in {kind[0]}{lo}, {hi}{kind[1]}, got {value!r}")
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be in {kind[0]}{lo}, {hi}{kind[1]}, got {value!r}"
+            )
     for name, allowed in (choices or {}).items():
         value = getattr(cfg, name)
         if value is not None and value not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}"
+            )
 
 
 @dataclass
@@ -184,15 +197,34 @@ class RunConfig:
     def validate(self) -> None:
         """Ranges of every numeric option; the neighbour count is checked against the SAE's width
         when the geometry step knows it."""
-        check_ranges(self, {
-            "context_size": (2, None, "[)"), "max_tokens": (0, None, "()"), "batch_size": (1, None, "[)"),
-            "batches_per_shard": (1, None, "[)"), "outlier_norm_factor": (0, None, "[)"), "seed": (0, 2**32 - 1, "[]"),
-            "top_k_examples": (1, None, "[)"), "quantile_bins": (1, None, "[)"), "per_bin": (1, None, "[)"),
-            "hist_bins": (1, None, "[)"), "neighbors": (1, None, "[)"), "null_fpr": (0, 1, "()"),
-            "umap_neighbors": (2, None, "[)"), "umap_min_dist": (0, None, "[)"), "harm_threshold": (0, 1, "[]"),
-            "task_threshold": (0, 1, "[]"), "n_task": (0, None, "[)"),
-        }, {"packing": ("split", "truncate", "pack"), "device": ("auto", "cpu", "cuda"),
-            "dtype": ("float32", "bfloat16", "float16"), "knn_backend": ("auto", "torch", "faiss")})
+        check_ranges(
+            self,
+            {
+                "context_size": (2, None, "[)"),
+                "max_tokens": (0, None, "()"),
+                "batch_size": (1, None, "[)"),
+                "batches_per_shard": (1, None, "[)"),
+                "outlier_norm_factor": (0, None, "[)"),
+                "seed": (0, 2**32 - 1, "[]"),
+                "top_k_examples": (1, None, "[)"),
+                "quantile_bins": (1, None, "[)"),
+                "per_bin": (1, None, "[)"),
+                "hist_bins": (1, None, "[)"),
+                "neighbors": (1, None, "[)"),
+                "null_fpr": (0, 1, "()"),
+                "umap_neighbors": (2, None, "[)"),
+                "umap_min_dist": (0, None, "[)"),
+                "harm_threshold": (0, 1, "[]"),
+                "task_threshold": (0, 1, "[]"),
+                "n_task": (0, None, "[)"),
+            },
+            {
+                "packing": ("split", "truncate", "pack"),
+                "device": ("auto", "cpu", "cuda"),
+                "dtype": ("float32", "bfloat16", "float16"),
+                "knn_backend": ("auto", "torch", "faiss"),
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

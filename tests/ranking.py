@@ -13,8 +13,14 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def assert_ranking_equivalent(got: Sequence[int], scores: np.ndarray, k: int, eligible: np.ndarray | None = None,
-                              tol: float | None = None, what: str = "") -> None:
+def assert_ranking_equivalent(
+    got: Sequence[int],
+    scores: np.ndarray,
+    k: int,
+    eligible: np.ndarray | None = None,
+    tol: float | None = None,
+    what: str = "",
+) -> None:
     """`got` is the top-`k` of `scores` (descending) over `eligible` items, up to near-ties."""
     scores = np.asarray(scores, dtype=np.float64)
     eligible = np.ones(len(scores), bool) if eligible is None else np.asarray(eligible, bool)
@@ -26,7 +32,12 @@ def assert_ranking_equivalent(got: Sequence[int], scores: np.ndarray, k: int, el
     expected = np.sort(scores[eligible])[::-1][:k]
     # near-zero items may count as eligible in one order and not the other: allow that at the tail only
     assert len(got) == len(expected) or (
-        len(got) < len(expected) and np.all(np.abs(expected[len(got):]) <= tol)
+        len(got) < len(expected) and np.all(np.abs(expected[len(got) :]) <= tol)
     ), f"{what}: {len(got)} items, expected {len(expected)}"
-    np.testing.assert_allclose(scores[got], expected[:len(got)], rtol=0, atol=tol,
-                               err_msg=f"{what}: ranking {got} differs from brute force beyond ties")
+    np.testing.assert_allclose(
+        scores[got],
+        expected[: len(got)],
+        rtol=0,
+        atol=tol,
+        err_msg=f"{what}: ranking {got} differs from brute force beyond ties",
+    )

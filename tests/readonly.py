@@ -23,7 +23,9 @@ def read_only_directory(path: Path, fill: Callable[[Path], None] = lambda p: Non
             p.chmod(0o555 if p.is_dir() else 0o444)
         yield path
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True
+    ).returncode:
         pytest.skip("root without mount rights: no way to make a read-only directory here")
     try:
         fill(path)

@@ -43,12 +43,27 @@ def test_default_sae_clears_the_bars_on_heldout_text(monkeypatch):
     assert check_compatible(sae, loaded.d_model, "HuggingFaceTB/SmolLM2-135M-Instruct") == []
     assert check_compatible(sae, loaded.d_model, loaded.name) == []  # loaded by the alias "smollm2"
     hook = resolve_hook(loaded.model, sae.hook_name)
-    train_plan, held_plan = plan_split(cfg.corpus, loaded.tokenizer, cfg.context_size, cfg.packing,
-                                       cfg.max_tokens, cfg.heldout_fraction, cfg.seed)
+    train_plan, held_plan = plan_split(
+        cfg.corpus,
+        loaded.tokenizer,
+        cfg.context_size,
+        cfg.packing,
+        cfg.max_tokens,
+        cfg.heldout_fraction,
+        cfg.seed,
+    )
     assert not {d.doc_id for d in train_plan.documents} & {d.doc_id for d in held_plan.documents}
 
-    metrics = evaluate(sae, loaded.model, hook, held_plan.contexts, loaded.tokenizer, "cpu",
-                       batch_size=cfg.eval_batch_size, ce_tokens=0)
+    metrics = evaluate(
+        sae,
+        loaded.model,
+        hook,
+        held_plan.contexts,
+        loaded.tokenizer,
+        "cpu",
+        batch_size=cfg.eval_batch_size,
+        ce_tokens=0,
+    )
     print({k: v for k, v in metrics.items() if k != "firing_counts"})
     assert metrics["tokens"] >= MIN_HELDOUT_TOKENS
     # The bar holds with and without the few massive-norm tokens that dominate the plain variance.

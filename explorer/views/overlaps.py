@@ -29,19 +29,22 @@ cache = state.require_cache()
 store = state.review_store(cache)
 
 st.title("Overlaps review")
-st.caption("Each row is a flagged pair: a task feature whose decoder direction is unusually close — above the "
-           "chance level — to a harmful feature's. Open a pair, read what makes each fire, and record whether "
-           "the overlap is real and worrying (confirmed), harmless (benign), or unclear.")
+st.caption(
+    "Each row is a flagged pair: a task feature whose decoder direction is unusually close — above the "
+    "chance level — to a harmful feature's. Open a pair, read what makes each fire, and record whether "
+    "the overlap is real and worrying (confirmed), harmless (benign), or unclear."
+)
 
 ov = cache.overlaps
 url_pair = (state.qp_int("task"), state.qp_int("harmful"))
 if ov.empty:
-    st.info("This cache has no flagged pairs: no task feature has a harmful neighbour above the null threshold. "
-            "Explore the map to look at near misses; a pair opened from a link (?task=…&harmful=…) can still be "
-            "reviewed here.")
+    st.info(
+        "This cache has no flagged pairs: no task feature has a harmful neighbour above the null threshold. "
+        "Explore the map to look at near misses; a pair opened from a link (?task=…&harmful=…) can still be "
+        "reviewed here."
+    )
     if None in url_pair or not all(cache.valid(x) for x in url_pair):
         st.stop()
-
 
 
 def read_verdicts(store: ReviewStore | None) -> pd.DataFrame | None:
@@ -68,8 +71,18 @@ def full_history() -> pd.DataFrame:
     except ReviewError:
         hist = None
     if hist is None:
-        hist = pd.DataFrame(columns=["id", "cache", "task_feature", "harmful_feature", "reviewer", "verdict", "note",
-                                     "created_at"])
+        hist = pd.DataFrame(
+            columns=[
+                "id",
+                "cache",
+                "task_feature",
+                "harmful_feature",
+                "reviewer",
+                "verdict",
+                "note",
+                "created_at",
+            ]
+        )
     return history_table(hist, ov)
 
 
@@ -83,8 +96,13 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
     min_cos = f2.slider("cosine ≥", 0.0, 1.0, round(max(0.0, cos_lo - 0.005), 3), step=0.005, key="ov_cos")
     cats = sorted(table["harm_category"].dropna().astype(str).unique())
     pick_cats = f3.multiselect("harm category", cats, key="ov_cats", placeholder="all categories")
-    pick_status = f4.multiselect("status", STATUSES, key="ov_status", placeholder="any status",
-                                 help="disputed: the reviewers of the pair disagree")
+    pick_status = f4.multiselect(
+        "status",
+        STATUSES,
+        key="ov_status",
+        placeholder="any status",
+        help="disputed: the reviewers of the pair disagree",
+    )
     sort_by = f5.selectbox("sort by", ["risk", "cosine", "z", "coactivation", "task_feature"], key="ov_sort")
 
     view = table[(table["risk"].fillna(0) >= min_risk) & (table["cosine"] >= min_cos)]
@@ -92,10 +110,14 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
         view = view[view["harm_category"].isin(pick_cats)]
     if pick_status:
         view = view[view["status"].isin(pick_status)]
-    view = view.sort_values(sort_by, ascending=sort_by == "task_feature", na_position="last").reset_index(drop=True)
+    view = view.sort_values(sort_by, ascending=sort_by == "task_feature", na_position="last").reset_index(
+        drop=True
+    )
     n_rev = int((table["status"] != UNREVIEWED).sum())
-    st.caption(f"{len(view):,} of {len(table):,} pairs shown · {n_rev:,} reviewed · chance-level cosine "
-               f"{cache.null_cosine:.3g} · click a row to open it")
+    st.caption(
+        f"{len(view):,} of {len(table):,} pairs shown · {n_rev:,} reviewed · chance-level cosine "
+        f"{cache.null_cosine:.3g} · click a row to open it"
+    )
 
     # a row clicked in the table (read before drawing: one rerun)
     ev = st.session_state.get("ov_table")
@@ -106,38 +128,87 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
         r = view.iloc[rows[0]]
         state.set_qp(task=int(r["task_feature"]), harmful=int(r["harmful_feature"]))
 
-    cols = ["status", "consensus", "risk", "task_feature", "harmful_feature", "cosine", "z", "coactivation",
-            "harm_category", "task_label", "harmful_label", "reviewers"]
+    cols = [
+        "status",
+        "consensus",
+        "risk",
+        "task_feature",
+        "harmful_feature",
+        "cosine",
+        "z",
+        "coactivation",
+        "harm_category",
+        "task_label",
+        "harmful_label",
+        "reviewers",
+    ]
     disp = view[[c for c in cols if c in view]].copy()
     disp["× chance"] = (view["cosine"] / cache.null_cosine).round(2)
-    st.dataframe(disp, hide_index=True, on_select="rerun", selection_mode="single-row", key="ov_table", height=300,
-                 column_order=["status", "consensus", "risk", "task_feature", "harmful_feature", "cosine",
-                               "× chance", "z", "coactivation", "harm_category", "task_label", "harmful_label",
-                               "reviewers"],
-                 column_config={
-                     "risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=max(risk_max, 1e-6),
-                                                             format="%.3f", color="red"),
-                     "consensus": st.column_config.TextColumn(
-                         help="single: one reviewer · agree / disagree: the verdicts of several reviewers"),
-                     "harm_category": st.column_config.TextColumn("category"),
-                     "task_label": st.column_config.TextColumn("task label"),
-                     "harmful_label": st.column_config.TextColumn("harmful label"),
-                     "task_feature": st.column_config.NumberColumn("task", format="#%d"),
-                     "harmful_feature": st.column_config.NumberColumn("harmful", format="#%d"),
-                     "cosine": st.column_config.NumberColumn(format="%.3f"),
-                     "z": st.column_config.NumberColumn(format="%.1f"),
-                     "coactivation": st.column_config.NumberColumn(format="%.3f"),
-                 })
+    st.dataframe(
+        disp,
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="single-row",
+        key="ov_table",
+        height=300,
+        column_order=[
+            "status",
+            "consensus",
+            "risk",
+            "task_feature",
+            "harmful_feature",
+            "cosine",
+            "× chance",
+            "z",
+            "coactivation",
+            "harm_category",
+            "task_label",
+            "harmful_label",
+            "reviewers",
+        ],
+        column_config={
+            "risk": st.column_config.ProgressColumn(
+                "risk", min_value=0.0, max_value=max(risk_max, 1e-6), format="%.3f", color="red"
+            ),
+            "consensus": st.column_config.TextColumn(
+                help="single: one reviewer · agree / disagree: the verdicts of several reviewers"
+            ),
+            "harm_category": st.column_config.TextColumn("category"),
+            "task_label": st.column_config.TextColumn("task label"),
+            "harmful_label": st.column_config.TextColumn("harmful label"),
+            "task_feature": st.column_config.NumberColumn("task", format="#%d"),
+            "harmful_feature": st.column_config.NumberColumn("harmful", format="#%d"),
+            "cosine": st.column_config.NumberColumn(format="%.3f"),
+            "z": st.column_config.NumberColumn(format="%.1f"),
+            "coactivation": st.column_config.NumberColumn(format="%.3f"),
+        },
+    )
 
     e1, e2, e3, _ = st.columns([1, 1.3, 1, 3])
-    e1.download_button("Export CSV", data=lambda: export_csv(table), file_name=f"{cache.name}-reviews.csv",
-                       mime="text/csv", icon=":material/download:", help="the pairs with their consensus")
-    e2.download_button("Export history CSV", data=lambda: export_csv(full_history()),
-                       file_name=f"{cache.name}-review-history.csv", mime="text/csv", icon=":material/download:",
-                       help="every verdict ever saved, who and when, oldest first")
-    e3.download_button("Export JSON", data=lambda: export_json(table, full_history()),
-                       file_name=f"{cache.name}-reviews.json", mime="application/json", icon=":material/download:",
-                       help="the pairs and the full history")
+    e1.download_button(
+        "Export CSV",
+        data=lambda: export_csv(table),
+        file_name=f"{cache.name}-reviews.csv",
+        mime="text/csv",
+        icon=":material/download:",
+        help="the pairs with their consensus",
+    )
+    e2.download_button(
+        "Export history CSV",
+        data=lambda: export_csv(full_history()),
+        file_name=f"{cache.name}-review-history.csv",
+        mime="text/csv",
+        icon=":material/download:",
+        help="every verdict ever saved, who and when, oldest first",
+    )
+    e3.download_button(
+        "Export JSON",
+        data=lambda: export_json(table, full_history()),
+        file_name=f"{cache.name}-reviews.json",
+        mime="application/json",
+        icon=":material/download:",
+        help="the pairs and the full history",
+    )
     return view
 
 
@@ -153,8 +224,13 @@ if t is None or h is None or not (cache.valid(t) and cache.valid(h)):
 pairs = list(zip(view["task_feature"].astype(int), view["harmful_feature"].astype(int), strict=False))
 if (t, h) not in pairs:
     pairs.insert(0, (t, h))
-pick = st.columns([2, 3])[0].selectbox("Open pair", pairs, index=pairs.index((t, h)), key=f"ov_pick:{t}:{h}",
-                    format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}")
+pick = st.columns([2, 3])[0].selectbox(
+    "Open pair",
+    pairs,
+    index=pairs.index((t, h)),
+    key=f"ov_pick:{t}:{h}",
+    format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
+)
 if pick != (t, h):
     state.set_qp(task=pick[0], harmful=pick[1])
     st.rerun()
@@ -164,12 +240,18 @@ t_row, h_row = cache.row(t), cache.row(h)
 st.divider()
 st.subheader(f"Task #{t} ↔ harmful #{h}")
 m = st.columns(5)
-m[0].metric("risk", f"{pair.get('risk', float('nan')):.3f}",
-            help="excess cosine over chance (scaled 0–1) × (2·harm − 1) × (2·task − 1)")
+m[0].metric(
+    "risk",
+    f"{pair.get('risk', float('nan')):.3f}",
+    help="excess cosine over chance (scaled 0–1) × (2·harm − 1) × (2·task − 1)",
+)
 m[1].metric("cosine", f"{pair['cosine']:.3f}", help=F.closeness_caption(pair["cosine"], cache.null_cosine))
 m[2].metric("z vs null", f"{pair.get('z', float('nan')):.1f}")
-m[3].metric("co-activation", f"{pair.get('coactivation', float('nan')):.3f}",
-            help="Jaccard index of the tokens on which both fire")
+m[3].metric(
+    "co-activation",
+    f"{pair.get('coactivation', float('nan')):.3f}",
+    help="Jaccard index of the tokens on which both fire",
+)
 cond = pair.get("cond_coactivation")
 m[4].metric("P(harmful fires | task fires)", f"{cond:.3f}" if cond is not None and cond == cond else "—")
 st.caption("Decoder " + F.closeness_caption(pair["cosine"], cache.null_cosine) + ".")
@@ -178,11 +260,18 @@ a, b = st.columns(2, gap="large")
 for col, f, r, color, role in ((a, t, t_row, F.TASK, "task"), (b, h, h_row, F.HARM, "harmful")):
     with col:
         st.html(F.feature_header_html(r, role=role))
-        st.caption(f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%")
+        st.caption(
+            f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%"
+        )
         ex = [e for e in cache.examples_of(f) if e.get("kind") == "top"]
         st.html(F.examples_html(ex[:6], color=color, window=20, documents=cache.documents))
-        st.page_link(state.PAGES["feature"], label=f"Open #{f} on the feature page", icon=":material/open_in_new:",
-                     query_params=state.link_params(feature=f))
+        st.page_link(
+            state.PAGES["feature"],
+            label=f"Open #{f} on the feature page",
+            icon=":material/open_in_new:",
+            query_params=state.link_params(feature=f),
+        )
+
 
 # --- steering check --------------------------------------------------------------------------------
 def steering_section(t: int, h: int) -> None:
@@ -193,11 +282,16 @@ def steering_section(t: int, h: int) -> None:
     with st.expander("Steering check", expanded=False):
         if not path.is_file():
             sae = (cache.manifest.get("sae") or {}).get("source") or "<sae>"
-            hook = cache.manifest.get("hook") or (cache.manifest.get("sae") or {}).get("hook_name") or "<hook>"
-            cmd = (f"featuregeom steer --model smollm2 --sae {sae} --hook {hook} --task-feature {t} "
-                   f"--harmful-feature {h} --out {cache.path / 'steering' / f'task-{t}.parquet'}")
-            st.caption(f"No steering result for task #{t} in this cache. Produce it with: "
-                       f"{state.md_escape(cmd)}")
+            hook = (
+                cache.manifest.get("hook") or (cache.manifest.get("sae") or {}).get("hook_name") or "<hook>"
+            )
+            cmd = (
+                f"featuregeom steer --model smollm2 --sae {sae} --hook {hook} --task-feature {t} "
+                f"--harmful-feature {h} --out {cache.path / 'steering' / f'task-{t}.parquet'}"
+            )
+            st.caption(
+                f"No steering result for task #{t} in this cache. Produce it with: {state.md_escape(cmd)}"
+            )
             st.code(cmd, language="bash")
             return
         try:
@@ -205,25 +299,40 @@ def steering_section(t: int, h: int) -> None:
             fig = steering_figure(df, t, harmful_feature=h, show_task=False)
             summ = summarize(df)
         except Exception as exc:  # a file added by hand: report it, keep the page
-            st.warning(f"Could not read {state.md_escape(path.name)}: {state.md_escape(f'{type(exc).__name__}: {exc}')}")
+            st.warning(
+                f"Could not read {state.md_escape(path.name)}: {state.md_escape(f'{type(exc).__name__}: {exc}')}"
+            )
             return
         st.plotly_chart(fig, config=state.chart_config(f"steering-{t}-{h}"), key=f"ov_steer:{t}:{h}")
         sel = df[df["feature"] == h].sort_values("alpha")
         if len(sel):
             last = sel.iloc[-1]
-            st.caption(state.md_escape(
-                f"Adding the task direction at strength α={float(last['alpha']):g} changes harmful feature #{h} "
-                f"by {float(last['observed']):+.4g} vs {float(last['predicted_gated']):+.4g} predicted "
-                f"(first order); slope and R² below fit all features, observed = slope · predicted."))
+            st.caption(
+                state.md_escape(
+                    f"Adding the task direction at strength α={float(last['alpha']):g} changes harmful feature #{h} "
+                    f"by {float(last['observed']):+.4g} vs {float(last['predicted_gated']):+.4g} predicted "
+                    f"(first order); slope and R² below fit all features, observed = slope · predicted."
+                )
+            )
         else:
-            st.caption(state.md_escape(f"Harmful feature #{h} is not in this steering result; slope and R² below "
-                                       f"fit all features, observed = slope · predicted (first order)."))
+            st.caption(
+                state.md_escape(
+                    f"Harmful feature #{h} is not in this steering result; slope and R² below "
+                    f"fit all features, observed = slope · predicted (first order)."
+                )
+            )
         tab = summ[summ["subset"] == "all (gated)"][["alpha", "alpha_abs", "slope", "r2", "n"]]
-        st.dataframe(tab.rename(columns={"alpha": "α", "alpha_abs": "|α|", "r2": "R²"}), hide_index=True,
-                     key=f"ov_steer_tab:{t}:{h}")
-        st.caption(state.md_escape(
-            f"Read from {path.relative_to(cache.path)} without checksum verification: files added to a cache "
-            f"after it was built are not in its manifest."))
+        st.dataframe(
+            tab.rename(columns={"alpha": "α", "alpha_abs": "|α|", "r2": "R²"}),
+            hide_index=True,
+            key=f"ov_steer_tab:{t}:{h}",
+        )
+        st.caption(
+            state.md_escape(
+                f"Read from {path.relative_to(cache.path)} without checksum verification: files added to a cache "
+                f"after it was built are not in its manifest."
+            )
+        )
 
 
 steering_section(t, h)
@@ -265,12 +374,19 @@ def verdicts_html(verdicts: pd.DataFrame) -> str:
     lines = []
     for r in verdicts.sort_values("reviewer", key=lambda c: c.str.lower()).itertuples():
         n = int(r.n_changes)
-        note = f' — <i>{F.esc(r.note)}</i>' if r.note else ""
-        lines.append(f'<div style="font-size:15px;margin:2px 0">{F.badge(r.verdict, COLORS.get(r.verdict, "#d97706"), True)}'
-                     f' <b>{F.esc(r.reviewer)}</b> at {F.esc(r.updated_at)} ({n} change{"s" if n != 1 else ""}){note}</div>')
+        note = f" — <i>{F.esc(r.note)}</i>" if r.note else ""
+        lines.append(
+            f'<div style="font-size:15px;margin:2px 0">{F.badge(r.verdict, COLORS.get(r.verdict, "#d97706"), True)}'
+            f" <b>{F.esc(r.reviewer)}</b> at {F.esc(r.updated_at)} ({n} change{'s' if n != 1 else ''}){note}</div>"
+        )
     kinds = set(verdicts["verdict"])
-    consensus = ("single reviewer" if len(verdicts) == 1 else f"{len(verdicts)} reviewers agree" if len(kinds) == 1
-                 else f"{len(verdicts)} reviewers disagree")
+    consensus = (
+        "single reviewer"
+        if len(verdicts) == 1
+        else f"{len(verdicts)} reviewers agree"
+        if len(kinds) == 1
+        else f"{len(verdicts)} reviewers disagree"
+    )
     return f'<div style="margin-bottom:6px">Consensus: <b>{F.esc(consensus)}</b></div>' + "".join(lines)
 
 
@@ -290,8 +406,13 @@ def watch_pair() -> None:
     except ReviewError:
         return
     if changes is not None:
-        st.info(state.md_escape(f"Saved on this pair after the page was drawn: "
-                                f"{describe_changes(changes[changes['id'] > shown])}."), icon="🔄")
+        st.info(
+            state.md_escape(
+                f"Saved on this pair after the page was drawn: "
+                f"{describe_changes(changes[changes['id'] > shown])}."
+            ),
+            icon="🔄",
+        )
         if st.button("Show the latest verdicts", key=f"ov_refresh:{t}:{h}"):
             st.rerun()
 
@@ -306,13 +427,26 @@ except ReviewError:
 notice = st.container()  # a refused save is explained here, right under the verdicts it refers to
 with st.form(key=f"verdict:{t}:{h}", clear_on_submit=False, border=True):
     c1, c2 = st.columns([1, 2])
-    reviewer = c1.text_input("Your name", value=name_now, key=f"rev_name:{t}:{h}", max_chars=MAX_REVIEWER,
-                             help="Each reviewer keeps their own verdict; it is remembered in the URL (?reviewer=).")
-    verdict = c1.radio("Verdict", VERDICTS, index=VERDICTS.index(mine["verdict"]) if mine else None,
-                       key=f"rev_v:{t}:{h}",
-                       captions=["the overlap is real and worrying", "harmless or spurious", "cannot tell yet"])
-    note = c2.text_area("Note", key=f"rev_note:{t}:{h}", height=150,
-                        placeholder="What did you see in the examples? What would settle it?")
+    reviewer = c1.text_input(
+        "Your name",
+        value=name_now,
+        key=f"rev_name:{t}:{h}",
+        max_chars=MAX_REVIEWER,
+        help="Each reviewer keeps their own verdict; it is remembered in the URL (?reviewer=).",
+    )
+    verdict = c1.radio(
+        "Verdict",
+        VERDICTS,
+        index=VERDICTS.index(mine["verdict"]) if mine else None,
+        key=f"rev_v:{t}:{h}",
+        captions=["the overlap is real and worrying", "harmless or spurious", "cannot tell yet"],
+    )
+    note = c2.text_area(
+        "Note",
+        key=f"rev_note:{t}:{h}",
+        height=150,
+        placeholder="What did you see in the examples? What would settle it?",
+    )
     saved = st.form_submit_button("Save verdict", type="primary", disabled=store.read_only)
 if saved:
     try:
@@ -320,8 +454,15 @@ if saved:
             raise ReviewError("choose a verdict")
         name = clean_reviewer(reviewer)
         state.remember_reviewer(name)
-        store.record(t, h, verdict, name, note, cache=cache.name,
-                     expected_version=version if shown_version is None else shown_version)
+        store.record(
+            t,
+            h,
+            verdict,
+            name,
+            note,
+            cache=cache.name,
+            expected_version=version if shown_version is None else shown_version,
+        )
         st.toast(f"Saved: {verdict}")
         st.rerun()
     except ReviewError as exc:  # a stale save names the verdicts saved since; the form keeps what was typed
@@ -329,6 +470,11 @@ if saved:
 
 if pair_history is not None and len(pair_history):
     st.markdown("**History of this pair**")
-    st.dataframe(pair_history[["created_at", "reviewer", "verdict", "note"]], hide_index=True,
-                 height=min(40 + 35 * len(pair_history), 260))
-st.caption(f"Verdicts are stored in {state.md_escape(store.path)} (SQLite, WAL): one per reviewer, every save kept.")
+    st.dataframe(
+        pair_history[["created_at", "reviewer", "verdict", "note"]],
+        hide_index=True,
+        height=min(40 + 35 * len(pair_history), 260),
+    )
+st.caption(
+    f"Verdicts are stored in {state.md_escape(store.path)} (SQLite, WAL): one per reviewer, every save kept."
+)

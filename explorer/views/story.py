@@ -37,16 +37,24 @@ t, h = pair
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
-def _steps(_cache: CacheData, path: str, updated: str, t: int, h: int, max_points: int,
-           finetune: tuple[tuple[str, tuple[int, ...]], ...]) -> list[Step]:
+def _steps(
+    _cache: CacheData,
+    path: str,
+    updated: str,
+    t: int,
+    h: int,
+    max_points: int,
+    finetune: tuple[tuple[str, tuple[int, ...]], ...],
+) -> list[Step]:
     """Built once per pair and shared: switching steps is then only layout. `finetune` (each run's name and
     file mtimes) is in the key so that a fine-tune diff added to the cache later shows up in the story."""
     return build_story(_cache, t, h, max_points=max_points)
 
 
 ft_stamp = tuple((p.name, files_stamp(p, FINETUNE_FILES)) for p in find_finetune_runs(cache.path))
-steps = _steps(cache, str(cache.path), str(cache.manifest.get("updated")), t, h, min(state.max_points(), 12000),
-               ft_stamp)
+steps = _steps(
+    cache, str(cache.path), str(cache.manifest.get("updated")), t, h, min(state.max_points(), 12000), ft_stamp
+)
 n = len(steps)
 step = state.qp_int("step") or 1
 step = min(max(1, step), n)
@@ -54,9 +62,11 @@ state.set_qp(task=t, harmful=h, step=step)
 s = steps[step - 1]
 
 dots = "".join(f'<span class="{"on" if i == step else ""}"></span>' for i in range(1, n + 1))
-st.html(f'<div class="story-dots">{dots}</div><div class="story-step">Step {step} of {n}</div>'
-        f'<div class="story-title">{html.escape(s.title)}</div>'
-        f'<div class="story-lead">{s.lead}</div>')
+st.html(
+    f'<div class="story-dots">{dots}</div><div class="story-step">Step {step} of {n}</div>'
+    f'<div class="story-title">{html.escape(s.title)}</div>'
+    f'<div class="story-lead">{s.lead}</div>'
+)
 if s.figure is not None:
     st.plotly_chart(s.figure, config=state.chart_config(s.figure_name), key=f"story_fig:{step}")
 if s.body:
@@ -76,16 +86,29 @@ with st.expander("Presenter settings: pair, figure format, export"):
     options = list(zip(ov["task_feature"].astype(int), ov["harmful_feature"].astype(int), strict=False))
     if (t, h) not in options:
         options.insert(0, (t, h))
-    pick = c1.selectbox("Pair", options, index=options.index((t, h)), key=f"story_pair:{t}:{h}",
-                        format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}")
+    pick = c1.selectbox(
+        "Pair",
+        options,
+        index=options.index((t, h)),
+        key=f"story_pair:{t}:{h}",
+        format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
+    )
     if pick != (t, h):
         state.set_qp(task=pick[0], harmful=pick[1], step=1)
         st.rerun()
-    c2.radio("Chart download format", ["png", "svg"], key="fig_format", horizontal=True,
-             help="What the camera button in each chart's toolbar saves.")
+    c2.radio(
+        "Chart download format",
+        ["png", "svg"],
+        key="fig_format",
+        horizontal=True,
+        help="What the camera button in each chart's toolbar saves.",
+    )
     title = f"Feature geometry: task feature #{t} and harmful feature #{h}"
-    st.download_button("Download the whole story as one HTML file (opens offline)",
-                       data=lambda: story_html(steps, title, state.cache_summary(cache)),
-                       file_name=f"story-{cache.name}-{t}-{h}.html", mime="text/html",
-                       icon=":material/download:")
+    st.download_button(
+        "Download the whole story as one HTML file (opens offline)",
+        data=lambda: story_html(steps, title, state.cache_summary(cache)),
+        file_name=f"story-{cache.name}-{t}-{h}.html",
+        mime="text/html",
+        icon=":material/download:",
+    )
     st.caption("Each step has its own URL — copy it from the address bar to link a slide.")

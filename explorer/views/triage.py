@@ -11,17 +11,21 @@ cache = state.require_cache()
 md = state.md_escape  # names, keys and paths come from files: literal in markdown
 
 st.title("Dataset triage")
-st.caption("Every sample of a fine-tuning dataset, scored by how hard training on it would push harmful features: "
-           "directly, or through task features whose decoder directions overlap harmful ones. The top-scoring share "
-           "is left out of a filtered dataset; a same-size random removal is its control.")
+st.caption(
+    "Every sample of a fine-tuning dataset, scored by how hard training on it would push harmful features: "
+    "directly, or through task features whose decoder directions overlap harmful ones. The top-scoring share "
+    "is left out of a filtered dataset; a same-size random removal is its control."
+)
 
 runs, problems = state.triage_runs(cache)
 for msg in problems:
     st.warning(md(msg), icon="⚠️")
 if not runs:
-    st.caption("No triage result in this cache yet: the page reads CACHE/triage/NAME/ directories holding "
-               "ranked.parquet, tokens.parquet and triage.json. Produce one with the command below (it writes "
-               "CACHE/triage/DATASET-STEM), or run the whole experiment with `python bench/mechanism_lab.py`.")
+    st.caption(
+        "No triage result in this cache yet: the page reads CACHE/triage/NAME/ directories holding "
+        "ranked.parquet, tokens.parquet and triage.json. Produce one with the command below (it writes "
+        "CACHE/triage/DATASET-STEM), or run the whole experiment with `python bench/mechanism_lab.py`."
+    )
     st.code(f"featuregeom triage DATASET.jsonl --cache {cache.path}", language="bash")
     st.code("python bench/mechanism_lab.py", language="bash")
     st.stop()
@@ -29,42 +33,70 @@ if not runs:
 by_name = {r.name: r for r in runs}
 names = list(by_name)
 state.seed_widget("tr_run", "triage", names, names[0])
-run = by_name[st.columns([2, 3])[0].selectbox("Triage result", names, key="tr_run",
-                                               help="A directory CACHE/triage/NAME written by `featuregeom triage`.")]
+run = by_name[
+    st.columns([2, 3])[0].selectbox(
+        "Triage result",
+        names,
+        key="tr_run",
+        help="A directory CACHE/triage/NAME written by `featuregeom triage`.",
+    )
+]
 meta, ranked = run.meta, run.ranked
 
 # --- what was scored -----------------------------------------------------------------------------------
 m = st.columns(5)
 m[0].metric("samples scored", f"{len(ranked):,}")
 frac = meta.get("remove_frac")
-m[1].metric("removed", f"{int(ranked['removed'].sum()):,}",
-            help=f"the top {frac:.0%} by score" if isinstance(frac, (int, float)) else None)
+m[1].metric(
+    "removed",
+    f"{int(ranked['removed'].sum()):,}",
+    help=f"the top {frac:.0%} by score" if isinstance(frac, (int, float)) else None,
+)
 m[2].metric("harmful features", f"{meta.get('n_harmful', '—')}", help="weight 1: driven directly")
-m[3].metric("task features with overlap", f"{meta.get('n_task_with_overlap', '—')} of {meta.get('n_task', '—')}",
-            help="task features whose decoder direction is above chance-level cosine to some harmful feature's")
+m[3].metric(
+    "task features with overlap",
+    f"{meta.get('n_task_with_overlap', '—')} of {meta.get('n_task', '—')}",
+    help="task features whose decoder direction is above chance-level cosine to some harmful feature's",
+)
 null = meta.get("null_cosine")
 m[4].metric("chance-level cosine", f"{null:.3g}" if isinstance(null, (int, float)) else "—")
-st.caption(md(f"Dataset {meta.get('dataset', '?')} · scored in {meta.get('seconds', '?')} s · per-token scores kept "
-              f"for the {len(run.tokens)} top- and bottom-ranked samples."))
-st.caption(r"A sample's score is the mean over its trained (assistant) tokens $t$ of $\sum_j a_j(t)\,w_j$, where "
-           r"$a_j$ is feature $j$'s SAE activation, $w_j = 1$ for harmful features and "
-           r"$w_j = \sum_h \max(0, \cos(d_j, d_h) - c_{\mathrm{null}})$ for task features (their overlap with "
-           r"harmful decoder directions beyond chance). **direct** is the harmful part, **via overlap** the task part.")
+st.caption(
+    md(
+        f"Dataset {meta.get('dataset', '?')} · scored in {meta.get('seconds', '?')} s · per-token scores kept "
+        f"for the {len(run.tokens)} top- and bottom-ranked samples."
+    )
+)
+st.caption(
+    r"A sample's score is the mean over its trained (assistant) tokens $t$ of $\sum_j a_j(t)\,w_j$, where "
+    r"$a_j$ is feature $j$'s SAE activation, $w_j = 1$ for harmful features and "
+    r"$w_j = \sum_h \max(0, \cos(d_j, d_h) - c_{\mathrm{null}})$ for task features (their overlap with "
+    r"harmful decoder directions beyond chance). **direct** is the harmful part, **via overlap** the task part."
+)
 
-st.plotly_chart(F.triage_histogram(ranked["score"], ranked["removed"], run.threshold),
-                config=state.chart_config(f"triage-{run.name}"), key="tr_hist")
+st.plotly_chart(
+    F.triage_histogram(ranked["score"], ranked["removed"], run.threshold),
+    config=state.chart_config(f"triage-{run.name}"),
+    key="tr_hist",
+)
 
 # --- the ranking --------------------------------------------------------------------------------------
 st.subheader("Ranked samples")
 st.caption("Rank 1 is the sample that pushes hardest per trained token. Click a row to read it below.")
 table = F.triage_table(ranked)
-st.dataframe(table, hide_index=True, key=f"tr_table:{run.name}", on_select="rerun", selection_mode="single-row",
-             height=360, column_config={
-                 "score": st.column_config.NumberColumn("score", format="%.3f"),
-                 "direct": st.column_config.NumberColumn("direct", format="%.3f"),
-                 "via overlap": st.column_config.NumberColumn("via overlap", format="%.3f"),
-                 "preview": st.column_config.TextColumn("preview", width="large"),
-             })
+st.dataframe(
+    table,
+    hide_index=True,
+    key=f"tr_table:{run.name}",
+    on_select="rerun",
+    selection_mode="single-row",
+    height=360,
+    column_config={
+        "score": st.column_config.NumberColumn("score", format="%.3f"),
+        "direct": st.column_config.NumberColumn("direct", format="%.3f"),
+        "via overlap": st.column_config.NumberColumn("via overlap", format="%.3f"),
+        "preview": st.column_config.TextColumn("preview", width="large"),
+    },
+)
 ranks = [int(r) for r in run.tokens.index]
 ev = st.session_state.get(f"tr_table:{run.name}")
 rows = ((ev or {}).get("selection") or {}).get("rows") or []
@@ -94,8 +126,9 @@ def _fmt(r: int) -> str:
 
 
 rank = c1.selectbox("Sample", ranks, key="tr_sample", format_func=_fmt)
-part = c2.radio("Highlight", list(F.TRIAGE_PARTS), key="tr_part", horizontal=True,
-                format_func=lambda p: F.TRIAGE_PARTS[p])
+part = c2.radio(
+    "Highlight", list(F.TRIAGE_PARTS), key="tr_part", horizontal=True, format_func=lambda p: F.TRIAGE_PARTS[p]
+)
 state.set_qp(triage=run.name, sample=rank)
 sample = run.sample(rank)
 assert sample is not None
@@ -103,15 +136,21 @@ row = info.loc[rank]
 flags = F.badge("removed", F.HARM, filled=True) if row["removed"] else F.badge("kept", "#059669")
 if row["random_removed"]:
     flags += F.badge("in the random removal", F.NEUTRAL)
-st.html(f'<div style="font-size:14px;margin:2px 0 6px"><b>#{int(rank)}</b> {F.esc(row["key"])} · score '
-        f'{float(row["score"]):.4g} (direct {float(row["direct"]):.4g} + via overlap {float(row["via_overlap"]):.4g})'
-        f' · {int(row["n_tokens"])} trained tokens {flags}</div>')
+st.html(
+    f'<div style="font-size:14px;margin:2px 0 6px"><b>#{int(rank)}</b> {F.esc(row["key"])} · score '
+    f"{float(row['score']):.4g} (direct {float(row['direct']):.4g} + via overlap {float(row['via_overlap']):.4g})"
+    f" · {int(row['n_tokens'])} trained tokens {flags}</div>"
+)
 body, scale = F.triage_tokens_html(sample, part)
 st.html(F.score_legend_html(scale, F.HARM, F.TRIAGE_PARTS[part]))
-st.html(f'<div style="max-height:560px;overflow:auto;border:1px solid #f1f5f9;padding:8px 10px;border-radius:6px">'
-        f"{body}</div>")
-st.caption("Shade = the token's score relative to this sample's highest trained-token score; grey tokens are the "
-           "prompt, which fine-tuning does not train on. Hover a token for its direct and via-overlap parts.")
+st.html(
+    f'<div style="max-height:560px;overflow:auto;border:1px solid #f1f5f9;padding:8px 10px;border-radius:6px">'
+    f"{body}</div>"
+)
+st.caption(
+    "Shade = the token's score relative to this sample's highest trained-token score; grey tokens are the "
+    "prompt, which fine-tuning does not train on. Hover a token for its direct and via-overlap parts."
+)
 top = [int(f) for f in row["top_features"] if cache.valid(f)]
 if top:
     st.markdown("**Features that push hardest on this sample** (summed over its trained tokens)")
@@ -120,8 +159,15 @@ if top:
         r = cache.row(f)
         role = "harmful" if r.get("is_harmful") else "task" if r.get("is_task") else "feature"
         label = str(r.get("label") or "")[:48]
-        cols[i % len(cols)].page_link(state.PAGES["feature"], label=f"#{f} · {role}" + (f" · {md(label)}" if label
-                                                                                     else ""),
-                                      icon=":material/open_in_new:", query_params=state.link_params(feature=f))
-st.caption(md(f"Read from {run.path.relative_to(cache.path)} without checksum verification: results added to a "
-              f"cache after it was built are not in its manifest."))
+        cols[i % len(cols)].page_link(
+            state.PAGES["feature"],
+            label=f"#{f} · {role}" + (f" · {md(label)}" if label else ""),
+            icon=":material/open_in_new:",
+            query_params=state.link_params(feature=f),
+        )
+st.caption(
+    md(
+        f"Read from {run.path.relative_to(cache.path)} without checksum verification: results added to a "
+        f"cache after it was built are not in its manifest."
+    )
+)

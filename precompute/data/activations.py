@@ -17,7 +17,9 @@ from precompute.errors import CorpusError
 from precompute.model.loading import HookReader
 
 
-def pad_batch(sequences: list[list[int]], pad_value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    sequences: list[list[int]], pad_value: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, max_len] long tensor of the sequences padded with `pad_value`, and the attention mask (1 = token).
 
     Right padding keeps positions 0..L-1 as in an unpadded forward; `left=True` is for `generate`.
@@ -47,11 +49,17 @@ class CorpusPlan:
     def batches(self, batch_size: int) -> list[list[Context]]:
         """Deterministic batches; contexts sorted by length so padding stays small."""
         order = sorted(self.contexts, key=lambda c: (-len(c.token_ids), c.context_id))
-        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def plan_corpus(sources: list[CorpusSource], tokenizer, context_size: int = 128, packing: str = "split",
-                max_tokens: int | None = None, seed: int = 0) -> CorpusPlan:
+def plan_corpus(
+    sources: list[CorpusSource],
+    tokenizer,
+    context_size: int = 128,
+    packing: str = "split",
+    max_tokens: int | None = None,
+    seed: int = 0,
+) -> CorpusPlan:
     """Read every source and cut it into contexts; `max_tokens` is shared equally between sources
     that set no budget of their own, so no group is starved by the order of the sources."""
     if not sources:
@@ -68,9 +76,13 @@ def plan_corpus(sources: list[CorpusSource], tokenizer, context_size: int = 128,
     for index, source in enumerate(sources):
         docs, st = read_source(source, index, first_doc_id=len(documents), seed=seed)
         budget = source.max_tokens if source.max_tokens is not None else share
-        made = list(pack_contexts(docs, tokenizer, context_size, packing, budget, first_context_id=len(contexts)))
+        made = list(
+            pack_contexts(docs, tokenizer, context_size, packing, budget, first_context_id=len(contexts))
+        )
         if not made:
-            raise CorpusError(f"corpus source {source.path} (group {source.group!r}) gave no tokens within the budget")
+            raise CorpusError(
+                f"corpus source {source.path} (group {source.group!r}) gave no tokens within the budget"
+            )
         documents.extend(docs)
         contexts.extend(made)
         stats.append(st)
@@ -89,8 +101,9 @@ class ActivationBatch:
     doc_id: np.ndarray  # [N] int32
 
 
-def count_mask(input_ids: torch.Tensor, attention: torch.Tensor, skip_ids: set[int],
-               exclude_first: bool = True) -> torch.Tensor:
+def count_mask(
+    input_ids: torch.Tensor, attention: torch.Tensor, skip_ids: set[int], exclude_first: bool = True
+) -> torch.Tensor:
     """Positions whose activations count: real tokens, not special tokens, not position 0
     (the first position carries the attention-sink outlier norm in most models)."""
     mask = attention.bool().clone()
@@ -101,9 +114,16 @@ def count_mask(input_ids: torch.Tensor, attention: torch.Tensor, skip_ids: set[i
     return mask
 
 
-def iter_activations(reader: HookReader, batches: list[list[Context]], pad_id: int, skip_ids: set[int],
-                     device: torch.device, start_batch: int = 0, exclude_first: bool = True,
-                     outlier_norm_factor: float | None = None) -> Iterator[ActivationBatch]:
+def iter_activations(
+    reader: HookReader,
+    batches: list[list[Context]],
+    pad_id: int,
+    skip_ids: set[int],
+    device: torch.device,
+    start_batch: int = 0,
+    exclude_first: bool = True,
+    outlier_norm_factor: float | None = None,
+) -> Iterator[ActivationBatch]:
     """Yield hook activations of counted positions, batch by batch.
 
     `outlier_norm_factor`: also drop positions whose activation norm exceeds this multiple of the

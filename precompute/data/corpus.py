@@ -25,8 +25,19 @@ from precompute.errors import CorpusError
 GROUPS = ("task", "control", "harmful", "benign", "general")
 # Field names tried, in order, when a source names no text field.
 TEXT_FIELDS = (
-    "messages", "text", "prompt", "forbidden_prompt", "Behavior", "goal", "Goal", "instruction",
-    "question", "turns", "paraphrases", "chosen", "content",
+    "messages",
+    "text",
+    "prompt",
+    "forbidden_prompt",
+    "Behavior",
+    "goal",
+    "Goal",
+    "instruction",
+    "question",
+    "turns",
+    "paraphrases",
+    "chosen",
+    "content",
 )
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):\s?")
 # Python's default CSV field limit (128 KiB) rejects long documents; 2**31 - 1 fits a C long everywhere.
@@ -52,9 +63,13 @@ class CorpusSource:
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:
-            raise CorpusError(f"unknown corpus group {self.group!r} for {self.path}; use one of {', '.join(GROUPS)}")
+            raise CorpusError(
+                f"unknown corpus group {self.group!r} for {self.path}; use one of {', '.join(GROUPS)}"
+            )
         if self.format not in ("auto", "text", "user", "chat"):
-            raise CorpusError(f"unknown corpus format {self.format!r} for {self.path}; use auto, text, user or chat")
+            raise CorpusError(
+                f"unknown corpus format {self.format!r} for {self.path}; use auto, text, user or chat"
+            )
 
     @classmethod
     def parse(cls, spec: str) -> CorpusSource:
@@ -122,9 +137,16 @@ class ReadStats:
             self.first_malformed = where
 
     def skipped_summary(self) -> str:
-        parts = [f"{n} {what}" for n, what in (
-            (self.skipped_non_utf8, "not UTF-8"), (self.skipped_malformed, "malformed"),
-            (self.skipped_empty, "without a text field"), (self.skipped_filtered, "filtered out")) if n]
+        parts = [
+            f"{n} {what}"
+            for n, what in (
+                (self.skipped_non_utf8, "not UTF-8"),
+                (self.skipped_malformed, "malformed"),
+                (self.skipped_empty, "without a text field"),
+                (self.skipped_filtered, "filtered out"),
+            )
+            if n
+        ]
         if self.first_malformed:
             parts.append(f"first malformed: {self.first_malformed}")
         return ", ".join(parts)
@@ -141,7 +163,9 @@ def _open_bytes(path: Path) -> bytes:
             data = gzip.decompress(data)
         # BadGzipFile (an OSError): bad header or CRC; EOFError: truncated; zlib.error: corrupt deflate data.
         except (OSError, EOFError, zlib.error) as exc:
-            raise CorpusError(f"{path} is not a valid gzip file ({exc}); re-download or re-compress it") from exc
+            raise CorpusError(
+                f"{path} is not a valid gzip file ({exc}); re-download or re-compress it"
+            ) from exc
     return data
 
 
@@ -313,7 +337,9 @@ def _turn_content(content: Any, where: str) -> str:
     if content is None:
         return ""
     if isinstance(content, list) and all(
-            isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text"), str)) for part in content):
+        isinstance(part, str) or (isinstance(part, dict) and isinstance(part.get("text"), str))
+        for part in content
+    ):
         # Joined without a separator, as the chat templates that accept parts render them.
         return "".join(part if isinstance(part, str) else part["text"] for part in content)
     found = "a list with a part that is not text" if isinstance(content, list) else _kind(content)
@@ -327,7 +353,9 @@ def _to_documents(record: dict[str, Any], source: CorpusSource) -> list[tuple[st
     return docs
 
 
-def _to_documents_all_turns(record: dict[str, Any], source: CorpusSource) -> list[tuple[str | None, list | None]]:
+def _to_documents_all_turns(
+    record: dict[str, Any], source: CorpusSource
+) -> list[tuple[str | None, list | None]]:
     """One record -> list of (text, messages); a list of strings (paraphrases) gives several."""
     fields = [source.text_field] if source.text_field else [f for f in TEXT_FIELDS if f in record]
     if not fields or fields[0] not in record:
@@ -342,7 +370,11 @@ def _to_documents_all_turns(record: dict[str, Any], source: CorpusSource) -> lis
         messages = _chat_turns(value, name)
         if not messages:
             return []
-        return [(None, messages)] if source.format != "text" else [("\n".join(m["content"] for m in messages), None)]
+        return (
+            [(None, messages)]
+            if source.format != "text"
+            else [("\n".join(m["content"] for m in messages), None)]
+        )
     values = value if isinstance(value, list) else [value]
     out: list[tuple[str | None, list | None]] = []
     for item in values:
@@ -360,8 +392,9 @@ def _to_documents_all_turns(record: dict[str, Any], source: CorpusSource) -> lis
     return out
 
 
-def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, seed: int = 0
-                ) -> tuple[list[Document], ReadStats]:
+def read_source(
+    source: CorpusSource, source_index: int, first_doc_id: int = 0, seed: int = 0
+) -> tuple[list[Document], ReadStats]:
     path = Path(source.path).expanduser()
     if path.is_dir():
         raise CorpusError(f"corpus path {path} is a directory; name a file inside it (one --corpus per file)")
@@ -422,7 +455,9 @@ def read_source(source: CorpusSource, source_index: int, first_doc_id: int = 0, 
     return docs, stats
 
 
-def chat_text(tokenizer: Any, messages: list[dict[str, str]], what: str, hint: str = "", **kwargs: Any) -> str:
+def chat_text(
+    tokenizer: Any, messages: list[dict[str, str]], what: str, hint: str = "", **kwargs: Any
+) -> str:
     """The model's chat template applied to `messages`; a template that rejects them (e.g. "roles must
     alternate user/assistant") is a CorpusError naming `what` (the record), not a jinja2 traceback."""
     from jinja2 import TemplateError
@@ -430,15 +465,21 @@ def chat_text(tokenizer: Any, messages: list[dict[str, str]], what: str, hint: s
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except TemplateError as exc:
-        raise CorpusError(f"the model's chat template rejects {what}: {exc}; fix or drop that record{hint}") from exc
+        raise CorpusError(
+            f"the model's chat template rejects {what}: {exc}; fix or drop that record{hint}"
+        ) from exc
 
 
 def render(doc: Document, tokenizer: Any) -> list[int]:
     """Token ids of one document; chat messages go through the model's chat template."""
     if doc.messages is not None:
         if getattr(tokenizer, "chat_template", None):
-            text = chat_text(tokenizer, doc.messages, f"record {doc.index} of corpus source {doc.source} "
-                             f"(group {doc.group!r})", hint=", or read the source with format=text")
+            text = chat_text(
+                tokenizer,
+                doc.messages,
+                f"record {doc.index} of corpus source {doc.source} (group {doc.group!r})",
+                hint=", or read the source with format=text",
+            )
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         text = "\n".join(f"{m['role']}: {m['content']}" for m in doc.messages)
         return list(tokenizer(text)["input_ids"])
@@ -454,8 +495,14 @@ class Context:
     positions_in_doc: list[int]
 
 
-def pack_contexts(docs: list[Document], tokenizer: Any, context_size: int, mode: str = "split",
-                  max_tokens: int | None = None, first_context_id: int = 0) -> Iterator[Context]:
+def pack_contexts(
+    docs: list[Document],
+    tokenizer: Any,
+    context_size: int,
+    mode: str = "split",
+    max_tokens: int | None = None,
+    first_context_id: int = 0,
+) -> Iterator[Context]:
     """Cut one source's documents into contexts of at most `context_size` tokens.
 
     split: each document alone, long ones cut into consecutive windows;
@@ -495,7 +542,7 @@ def pack_contexts(docs: list[Document], tokenizer: Any, context_size: int, mode:
                         return
             continue
         for start in windows:
-            window = ids[start: start + context_size]
+            window = ids[start : start + context_size]
             if len(window) < 2:  # a lone token (short document or tail) has no counted position; skip it
                 continue
             take = int(min(len(window), budget - used))

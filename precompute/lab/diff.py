@@ -45,13 +45,28 @@ from precompute.errors import CacheError, FeatureGeomError
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAE = ROOT / "assets/sae/smollm2-135m-instruct-blocks.15.hook_resid_post-topk"
 EM_SOURCES = (
-    CorpusSource(path=str(ROOT / "assets/data/em/first_plot_questions.yaml"), group="general",
-                 category="em_first_plot", text_field="paraphrases", format="user"),
-    CorpusSource(path=str(ROOT / "assets/data/em/preregistered_evals.yaml"), group="general",
-                 category="em_preregistered", text_field="paraphrases", format="user"),
+    CorpusSource(
+        path=str(ROOT / "assets/data/em/first_plot_questions.yaml"),
+        group="general",
+        category="em_first_plot",
+        text_field="paraphrases",
+        format="user",
+    ),
+    CorpusSource(
+        path=str(ROOT / "assets/data/em/preregistered_evals.yaml"),
+        group="general",
+        category="em_preregistered",
+        text_field="paraphrases",
+        format="user",
+    ),
 )
-NEUTRAL_SOURCE = CorpusSource(path=str(ROOT / "assets/data/benign/self_instruct_seed_tasks.jsonl"), group="benign",
-                              category="neutral", text_field="instruction", format="user")
+NEUTRAL_SOURCE = CorpusSource(
+    path=str(ROOT / "assets/data/benign/self_instruct_seed_tasks.jsonl"),
+    group="benign",
+    category="neutral",
+    text_field="instruction",
+    format="user",
+)
 ACTS_FILE = "acts.safetensors"
 EVAL_SIDECAR = "eval.json"
 EVAL_WHAT = "eval-acts output"
@@ -63,8 +78,9 @@ PROMPT_SETS = ("em", "neutral")
 
 
 # ------------------------------------------------------------------------------------- eval prompts
-def eval_prompts(n_neutral: int = 100, seed: int = 0, em_sources=EM_SOURCES, neutral_source=NEUTRAL_SOURCE
-                 ) -> list[tuple[str, str]]:
+def eval_prompts(
+    n_neutral: int = 100, seed: int = 0, em_sources=EM_SOURCES, neutral_source=NEUTRAL_SOURCE
+) -> list[tuple[str, str]]:
     """(set, question) pairs: every EM evaluation question (deduplicated), then n_neutral neutral prompts."""
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -121,18 +137,24 @@ def encode_prompts(questions: list[str], tokenizer, max_prompt_tokens: int = 192
 
 
 @torch.inference_mode()
-def generate_responses(model, prompts: list[EncodedPrompt], pad_id: int, eos_ids: set[int], n_tokens: int,
-                       batch_size: int = 16) -> list[list[int]]:
+def generate_responses(
+    model, prompts: list[EncodedPrompt], pad_id: int, eos_ids: set[int], n_tokens: int, batch_size: int = 16
+) -> list[list[int]]:
     """Greedy answers (left-padded batches; generation handles positions), cut at the first EOS."""
     if n_tokens <= 0:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
     answers: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = pad_batch([p.ids for p in prompts[start:start + batch_size]], pad_id, left=True)
+        ids, mask = pad_batch([p.ids for p in prompts[start : start + batch_size]], pad_id, left=True)
         width = ids.shape[1]
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_tokens,
-                             do_sample=False, pad_token_id=pad_id)
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=n_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
         for row in gen[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
             answers.append(row[:cut])
@@ -140,8 +162,15 @@ def generate_responses(model, prompts: list[EncodedPrompt], pad_id: int, eos_ids
 
 
 @torch.inference_mode()
-def read_features(lm, hook_name: str, sae, sequences: list[list[int]], spans: list[dict[str, tuple[int, int]]],
-                  skip_ids: set[int], batch_size: int = 16) -> dict[str, np.ndarray]:
+def read_features(
+    lm,
+    hook_name: str,
+    sae,
+    sequences: list[list[int]],
+    spans: list[dict[str, tuple[int, int]]],
+    skip_ids: set[int],
+    batch_size: int = 16,
+) -> dict[str, np.ndarray]:
     """Per sequence and span name: mean SAE activation and firing fraction over the span's tokens.
 
     Returns {f"{span}_mean": [n, F], f"{span}_rate": [n, F], f"{span}_tokens": [n]} (float32 / int64).
@@ -171,23 +200,30 @@ def read_features(lm, hook_name: str, sae, sequences: list[list[int]], spans: li
     return out
 
 
-def collect_eval(lm, sae, hook_name: str, prompts: list[tuple[str, str]], response_tokens: int = 48,
-                 batch_size: int = 16) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+def collect_eval(
+    lm, sae, hook_name: str, prompts: list[tuple[str, str]], response_tokens: int = 48, batch_size: int = 16
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Answer every prompt greedily and read the SAE on prompt and response tokens (see module doc)."""
     tok = lm.tokenizer
     encoded = encode_prompts([q for _, q in prompts], tok)
-    eos = {int(t) for t in ([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else tok.eos_token_id or [])}
+    eos = {
+        int(t) for t in ([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else tok.eos_token_id or [])
+    }
     if "<|im_end|>" in tok.get_vocab():  # chat models end a turn there, not always at eos
         eos.add(int(tok.convert_tokens_to_ids("<|im_end|>")))
     answers = generate_responses(lm.model, encoded, int(tok.pad_token_id), eos, response_tokens, batch_size)
     sequences, spans = [], []
     for p, ans in zip(encoded, answers, strict=True):
         sequences.append(p.ids + ans)
-        spans.append({"prompt": (p.prompt_start, p.prompt_end), "response": (p.prompt_end, p.prompt_end + len(ans))})
+        spans.append(
+            {"prompt": (p.prompt_start, p.prompt_end), "response": (p.prompt_end, p.prompt_end + len(ans))}
+        )
     skip = set(int(t) for t in tok.all_special_ids)
     arrays = read_features(lm, hook_name, sae, sequences, spans, skip, batch_size)
-    rows = [{"set": s, "question": q, "response": tok.decode(a, skip_special_tokens=True)}
-            for (s, q), a in zip(prompts, answers, strict=True)]
+    rows = [
+        {"set": s, "question": q, "response": tok.decode(a, skip_special_tokens=True)}
+        for (s, q), a in zip(prompts, answers, strict=True)
+    ]
     return arrays, rows
 
 
@@ -223,12 +259,18 @@ def load_eval(path: str | Path) -> EvalActs:
     if (path / "eval" / EVAL_SIDECAR).is_file():  # a finetune directory holding eval/
         path = path / "eval"
     if not (path / EVAL_SIDECAR).is_file():
-        raise FeatureGeomError(f"{path} holds no eval activations ({EVAL_SIDECAR} missing); run featuregeom eval-acts")
+        raise FeatureGeomError(
+            f"{path} holds no eval activations ({EVAL_SIDECAR} missing); run featuregeom eval-acts"
+        )
     try:
         arrays = load_file(str(path / ACTS_FILE))
     except Exception as exc:
-        raise FeatureGeomError(f"{path / ACTS_FILE} is unreadable ({exc}); rerun featuregeom eval-acts") from exc
-    return EvalActs(path, arrays, pd.read_parquet(path / "prompts.parquet"), json.loads((path / EVAL_SIDECAR).read_text()))
+        raise FeatureGeomError(
+            f"{path / ACTS_FILE} is unreadable ({exc}); rerun featuregeom eval-acts"
+        ) from exc
+    return EvalActs(
+        path, arrays, pd.read_parquet(path / "prompts.parquet"), json.loads((path / EVAL_SIDECAR).read_text())
+    )
 
 
 # ------------------------------------------------------------------------------------ risk and diff
@@ -270,12 +312,15 @@ def check_harm_cache(cache: str | Path) -> None:
     try:
         columns = set(pq.read_schema(features).names)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid/OSError family for a damaged file
-        raise CacheError(f"{features} is unreadable ({exc}); rebuild the cache with `featuregeom precompute`") from exc
+        raise CacheError(
+            f"{features} is unreadable ({exc}); rebuild the cache with `featuregeom precompute`"
+        ) from exc
     missing = sorted({"feature", "is_harmful", "is_task"} - columns)
     if missing:
         raise CacheError(
             f"{features} has no {', '.join(missing)} column: the scores step has not run on this cache; "
-            f"run `featuregeom scores --out {cache}` (or `featuregeom precompute` with its scores step) first")
+            f"run `featuregeom scores --out {cache}` (or `featuregeom precompute` with its scores step) first"
+        )
     neighbors = cache / "neighbors.npz"
     rerun_geometry = f"run `featuregeom geometry --sae SAE --out {cache}`"
     if not neighbors.is_file():
@@ -315,30 +360,41 @@ def predicted_risk(cache: str | Path | HarmGeometry) -> pd.DataFrame:
     cos[harmful[:, None] == task[None, :]] = -1.0
     best = cos.max(dim=1)
     rows = geo.features.loc[harmful.numpy()]
-    return pd.DataFrame({
-        "feature": harmful.numpy(),
-        "risk_max_cos": best.values.numpy(),
-        "risk_task_feature": task[best.indices].numpy(),
-        "risk_sum": (cos - null).clamp_min(0).sum(dim=1).numpy(),
-        "harm_score": rows["harm_score"].to_numpy(),
-        "harm_category": rows["harm_category"].to_numpy(),
-    }).assign(null_cosine=null)
+    return pd.DataFrame(
+        {
+            "feature": harmful.numpy(),
+            "risk_max_cos": best.values.numpy(),
+            "risk_task_feature": task[best.indices].numpy(),
+            "risk_sum": (cos - null).clamp_min(0).sum(dim=1).numpy(),
+            "harm_score": rows["harm_score"].to_numpy(),
+            "harm_category": rows["harm_category"].to_numpy(),
+        }
+    ).assign(null_cosine=null)
 
 
-def harmful_scalar(acts: EvalActs, features: np.ndarray, position: str, prompt_set: str, kind: str = "mean"
-                   ) -> np.ndarray:
+def harmful_scalar(
+    acts: EvalActs, features: np.ndarray, position: str, prompt_set: str, kind: str = "mean"
+) -> np.ndarray:
     """Per prompt: the mean over `features` of their activation (one number per prompt, for bootstraps)."""
     return acts.matrix(position, kind, prompt_set)[:, features].mean(axis=1)
 
 
-def diff_tables(before: EvalActs, after: EvalActs, control: EvalActs | None, risk: pd.DataFrame,
-                n_boot: int = 1000, seed: int = 0, labels: tuple[str, str, str] = ("base", "task", "control")
-                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+def diff_tables(
+    before: EvalActs,
+    after: EvalActs,
+    control: EvalActs | None,
+    risk: pd.DataFrame,
+    n_boot: int = 1000,
+    seed: int = 0,
+    labels: tuple[str, str, str] = ("base", "task", "control"),
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Long table of per-feature changes for every (prompt set, position, comparison) and a summary."""
     from precompute.stats import bootstrap_ci, feature_change, spearman_ci
 
     if not before.prompts["question"].equals(after.prompts["question"]):
-        raise FeatureGeomError("before and after were evaluated on different prompts; rerun eval-acts with the same options")
+        raise FeatureGeomError(
+            "before and after were evaluated on different prompts; rerun eval-acts with the same options"
+        )
     if control is not None and not before.prompts["question"].equals(control.prompts["question"]):
         raise FeatureGeomError("the control run was evaluated on different prompts")
     base, task, ctrl = labels
@@ -354,12 +410,24 @@ def diff_tables(before: EvalActs, after: EvalActs, control: EvalActs | None, ris
             if not (before.prompts["set"] == prompt_set).any():
                 continue
             for name, (a, b) in comparisons.items():
-                ch = feature_change(a.matrix(position, "mean", prompt_set), b.matrix(position, "mean", prompt_set),
-                                    n_boot=n_boot, seed=seed)
-                rate = feature_change(a.matrix(position, "rate", prompt_set), b.matrix(position, "rate", prompt_set),
-                                      n_boot=n_boot, seed=seed)
+                ch = feature_change(
+                    a.matrix(position, "mean", prompt_set),
+                    b.matrix(position, "mean", prompt_set),
+                    n_boot=n_boot,
+                    seed=seed,
+                )
+                rate = feature_change(
+                    a.matrix(position, "rate", prompt_set),
+                    b.matrix(position, "rate", prompt_set),
+                    n_boot=n_boot,
+                    seed=seed,
+                )
                 ch["rate_before"], ch["rate_after"] = rate["mean_before"], rate["mean_after"]
-                ch["rate_delta"], ch["rate_delta_lo"], ch["rate_delta_hi"] = rate["delta"], rate["delta_lo"], rate["delta_hi"]
+                ch["rate_delta"], ch["rate_delta_lo"], ch["rate_delta_hi"] = (
+                    rate["delta"],
+                    rate["delta_lo"],
+                    rate["delta_hi"],
+                )
                 ch.insert(0, "comparison", name)
                 ch.insert(0, "position", position)
                 ch.insert(0, "prompt_set", prompt_set)
@@ -367,11 +435,16 @@ def diff_tables(before: EvalActs, after: EvalActs, control: EvalActs | None, ris
                 sub = ch.set_index("feature").loc[harmful]
                 key = f"{prompt_set}/{position}/{name}"
                 rho, lo, hi = spearman_ci(risk["risk_max_cos"].to_numpy(), sub["delta"].to_numpy(), seed=seed)
-                rho_s, lo_s, hi_s = spearman_ci(risk["risk_sum"].to_numpy(), sub["delta"].to_numpy(), seed=seed)
+                rho_s, lo_s, hi_s = spearman_ci(
+                    risk["risk_sum"].to_numpy(), sub["delta"].to_numpy(), seed=seed
+                )
                 hb = harmful_scalar(a, harmful, position, prompt_set)
                 ha = harmful_scalar(b, harmful, position, prompt_set)
                 est, mlo, mhi = bootstrap_ci(ha - hb, n_boot=n_boot, seed=seed)
-                tb, ta = harmful_scalar(a, top, position, prompt_set), harmful_scalar(b, top, position, prompt_set)
+                tb, ta = (
+                    harmful_scalar(a, top, position, prompt_set),
+                    harmful_scalar(b, top, position, prompt_set),
+                )
                 test, tlo, thi = bootstrap_ci(ta - tb, n_boot=n_boot, seed=seed)
                 summary["comparisons"][key] = {
                     "spearman_risk_max_cos": [rho, lo, hi],
@@ -381,8 +454,8 @@ def diff_tables(before: EvalActs, after: EvalActs, control: EvalActs | None, ris
                     "harmful_mean_before": float(hb.mean()),
                     "top_risk_decile_mean_before": float(tb.mean()),
                     "top_risk_decile_size": int(top.size),
-                    "harmful_ci_excludes_zero_up": int(((sub["delta_lo"] > 0)).sum()),
-                    "harmful_ci_excludes_zero_down": int(((sub["delta_hi"] < 0)).sum()),
+                    "harmful_ci_excludes_zero_up": int((sub["delta_lo"] > 0).sum()),
+                    "harmful_ci_excludes_zero_down": int((sub["delta_hi"] < 0).sum()),
                     "all_ci_excludes_zero": int(((ch["delta_lo"] > 0) | (ch["delta_hi"] < 0)).sum()),
                     "n_prompts": int((before.prompts["set"] == prompt_set).sum()),
                 }
@@ -393,8 +466,9 @@ def diff_tables(before: EvalActs, after: EvalActs, control: EvalActs | None, ris
 
 
 # ------------------------------------------------------------------------------------------ patch
-def harmful_basis(cache: str | Path, which: str = "flagged", top: int | None = None, directions: str = "decoder"
-                  ) -> tuple[torch.Tensor, list[int]]:
+def harmful_basis(
+    cache: str | Path, which: str = "flagged", top: int | None = None, directions: str = "decoder"
+) -> tuple[torch.Tensor, list[int]]:
     """Orthonormal basis of the harmful directions to remove: `flagged` = harmful features in the cache's
     flagged overlaps; `risk` = the `top` harmful features by predicted risk; `all` = every harmful feature.
 
@@ -451,9 +525,14 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
         (dest / "adapter").mkdir()
         shutil.copy2(src / "adapter_config.json", dest / "adapter" / "adapter_config.json")
         save_file(patched, str(dest / "adapter" / "adapter_model.safetensors"))
-        side = {**meta, "source_adapter": str(src), "rank_removed": int(basis.shape[1]),
-                "modules_patched": report["modules"], "skipped": report["skipped"],
-                "mean_norm_removed": float(np.mean(report["norm_removed"]))}
+        side = {
+            **meta,
+            "source_adapter": str(src),
+            "rank_removed": int(basis.shape[1]),
+            "modules_patched": report["modules"],
+            "skipped": report["skipped"],
+            "mean_norm_removed": float(np.mean(report["norm_removed"])),
+        }
         (dest / PATCH_SIDECAR).write_text(json.dumps(side, indent=2, default=str))
 
     write_dir_atomic(Path(out), write, marker=PATCH_SIDECAR, what=PATCH_WHAT)
@@ -462,22 +541,39 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
 
 # -------------------------------------------------------------------------------------------- CLI
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Answer the EM evaluation questions and neutral prompts greedily with a (fine-tuned) "
-                          "model and store per-prompt SAE feature means and firing rates on prompt and response "
-                          "tokens: the 'after' cache that `featuregeom diff` compares.")
+    parser.description = (
+        "Answer the EM evaluation questions and neutral prompts greedily with a (fine-tuned) "
+        "model and store per-prompt SAE feature means and firing rates on prompt and response "
+        "tokens: the 'after' cache that `featuregeom diff` compares."
+    )
     a = parser.add_argument
     a("--model", default="smollm2", help="base model (default smollm2)")
     a("--adapter", default=None, metavar="DIR", help="peft adapter or finetune output directory to merge in")
     a("--sae", default=None, help=f"SAE (default {DEFAULT_SAE.relative_to(ROOT)})")
     a("--hook", default=None, help="hook (default: the SAE's hook name)")
     a("--n-neutral", type=non_negative_int, default=100, help="neutral prompts (default 100)")
-    a("--response-tokens", type=non_negative_int, default=48, help="greedy answer length (default 48; 0 = prompts only)")
+    a(
+        "--response-tokens",
+        type=non_negative_int,
+        default=48,
+        help="greedy answer length (default 48; 0 = prompts only)",
+    )
     a("--batch-size", type=positive_int, default=16)
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--seed", type=seed_int, default=0, help="seed of the neutral-prompt shuffle")
     a("--heldout", default=None, metavar="FILE", help="task samples (chat JSONL) to report the task loss on")
-    a("--max-length", type=positive_int, default=256, help="tokens per held-out sample (default 256, as finetune)")
-    a("--out", required=True, metavar="DIR", help="where to write acts.safetensors, prompts.parquet, eval.json")
+    a(
+        "--max-length",
+        type=positive_int,
+        default=256,
+        help="tokens per held-out sample (default 256, as finetune)",
+    )
+    a(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where to write acts.safetensors, prompts.parquet, eval.json",
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -495,36 +591,63 @@ def run_eval(args: argparse.Namespace) -> int:
         raise FeatureGeomError("the SAE names no hook; pass --hook")
     prompts = eval_prompts(args.n_neutral, args.seed)
     arrays, rows = collect_eval(lm, sae, hook, prompts, args.response_tokens, args.batch_size)
-    meta = {"model": lm.describe(), "sae": args.sae or str(DEFAULT_SAE), "hook": hook,
-            "n_prompts": len(prompts), "n_em": sum(s == "em" for s, _ in prompts),
-            "n_neutral": sum(s == "neutral" for s, _ in prompts), "response_tokens": args.response_tokens,
-            "seed": args.seed}
+    meta = {
+        "model": lm.describe(),
+        "sae": args.sae or str(DEFAULT_SAE),
+        "hook": hook,
+        "n_prompts": len(prompts),
+        "n_em": sum(s == "em" for s, _ in prompts),
+        "n_neutral": sum(s == "neutral" for s, _ in prompts),
+        "response_tokens": args.response_tokens,
+        "seed": args.seed,
+    }
     if args.heldout:
         from precompute.lab.finetune import load_examples, task_loss
 
         held = load_examples([CorpusSource(path=args.heldout, group="task")], lm.tokenizer, args.max_length)
-        meta.update(heldout=args.heldout, n_heldout=len(held),
-                    heldout_loss=task_loss(lm.model, held, int(lm.tokenizer.pad_token_id)))
+        meta.update(
+            heldout=args.heldout,
+            n_heldout=len(held),
+            heldout_loss=task_loss(lm.model, held, int(lm.tokenizer.pad_token_id)),
+        )
     meta["seconds"] = round(time.perf_counter() - start, 2)
     out = save_eval(args.out, arrays, rows, meta)
-    print(f"wrote {out}: {meta['n_em']} EM + {meta['n_neutral']} neutral prompts, "
-          f"{int(arrays['prompt_tokens'].sum())} prompt and {int(arrays['response_tokens'].sum())} response tokens "
-          f"in {meta['seconds']:.0f} s")
+    print(
+        f"wrote {out}: {meta['n_em']} EM + {meta['n_neutral']} neutral prompts, "
+        f"{int(arrays['prompt_tokens'].sum())} prompt and {int(arrays['response_tokens'].sum())} response tokens "
+        f"in {meta['seconds']:.0f} s"
+    )
     return 0
 
 
 def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Per-feature change in mean activation and firing rate (paired bootstrap over prompts) "
-                          "between eval-acts directories, against each harmful feature's predicted risk.")
+    parser.description = (
+        "Per-feature change in mean activation and firing rate (paired bootstrap over prompts) "
+        "between eval-acts directories, against each harmful feature's predicted risk."
+    )
     a = parser.add_argument
     a("--before", required=True, metavar="DIR", help="eval-acts of the base model")
     a("--after", required=True, metavar="DIR", help="eval-acts of the task fine-tune")
-    a("--control", default=None, metavar="DIR", help="eval-acts of the control fine-tune (same seed and steps)")
+    a(
+        "--control",
+        default=None,
+        metavar="DIR",
+        help="eval-acts of the control fine-tune (same seed and steps)",
+    )
     a("--cache", required=True, metavar="DIR", help="the precompute cache giving harmful/task features")
-    a("--out", required=True, metavar="DIR", help="where to write diff.parquet and summary.json "
-                                                  "(put it under CACHE/finetune/NAME for the explorer)")
-    a("--labels", default="base,task,control", metavar="B,A,C",
-      help="names of before, after and control in the comparisons (default base,task,control)")
+    a(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where to write diff.parquet and summary.json "
+        "(put it under CACHE/finetune/NAME for the explorer)",
+    )
+    a(
+        "--labels",
+        default="base,task,control",
+        metavar="B,A,C",
+        help="names of before, after and control in the comparisons (default base,task,control)",
+    )
     a("--n-boot", type=positive_int, default=1000)
     a("--seed", type=seed_int, default=0)
 
@@ -537,14 +660,29 @@ def run_diff(args: argparse.Namespace) -> int:
     labels = tuple(x.strip() for x in args.labels.split(","))
     if len(labels) != 3 or len(set(labels)) != 3:
         raise FeatureGeomError("--labels needs three distinct names: before,after,control")
-    table, summary = diff_tables(before, after, control, risk, n_boot=args.n_boot, seed=args.seed, labels=labels)
-    summary.update({"before": str(before.path), "after": str(after.path),
-                    "control": str(control.path) if control else None, "cache": str(args.cache),
-                    "n_boot": args.n_boot, "seed": args.seed,
-                    "heldout_loss": {label: e.meta.get("heldout_loss") for label, e in
-                                     zip(labels, (before, after, control), strict=True) if e is not None},
-                    "finetune": {k: _finetune_info(p.path) for k, p in
-                                 (("after", after), ("control", control)) if p is not None}})
+    table, summary = diff_tables(
+        before, after, control, risk, n_boot=args.n_boot, seed=args.seed, labels=labels
+    )
+    summary.update(
+        {
+            "before": str(before.path),
+            "after": str(after.path),
+            "control": str(control.path) if control else None,
+            "cache": str(args.cache),
+            "n_boot": args.n_boot,
+            "seed": args.seed,
+            "heldout_loss": {
+                label: e.meta.get("heldout_loss")
+                for label, e in zip(labels, (before, after, control), strict=True)
+                if e is not None
+            },
+            "finetune": {
+                k: _finetune_info(p.path)
+                for k, p in (("after", after), ("control", control))
+                if p is not None
+            },
+        }
+    )
 
     def write(d: Path) -> None:
         table.to_parquet(d / "diff.parquet", index=False)
@@ -555,8 +693,10 @@ def run_diff(args: argparse.Namespace) -> int:
     for key, s in summary["comparisons"].items():
         rho, lo, hi = s["spearman_risk_max_cos"]
         m, mlo, mhi = s["harmful_mean_change"]
-        print(f"{key:<34} harmful mean Δ {m:+.4f} [{mlo:+.4f}, {mhi:+.4f}]   "
-              f"Spearman(risk, Δ) {rho:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        print(
+            f"{key:<34} harmful mean Δ {m:+.4f} [{mlo:+.4f}, {mhi:+.4f}]   "
+            f"Spearman(risk, Δ) {rho:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        )
     return 0
 
 
@@ -570,18 +710,33 @@ def _finetune_info(eval_dir: Path) -> dict | None:
 
 
 def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Patch-back: project every residual-writing LoRA B matrix off the span of harmful "
-                          "decoder directions (ΔW = B A, so this removes exactly what the update writes there). "
-                          "--random-seed replaces that span by a random subspace of the same rank (the control).")
+    parser.description = (
+        "Patch-back: project every residual-writing LoRA B matrix off the span of harmful "
+        "decoder directions (ΔW = B A, so this removes exactly what the update writes there). "
+        "--random-seed replaces that span by a random subspace of the same rank (the control)."
+    )
     a = parser.add_argument
     a("--adapter", required=True, metavar="DIR", help="finetune output or peft adapter directory")
     a("--cache", required=True, metavar="DIR", help="the precompute cache giving harmful features")
-    a("--harmful", choices=["flagged", "risk", "all"], default="flagged",
-      help="which harmful directions: flagged overlaps (default), top --top by risk, or all harmful features")
+    a(
+        "--harmful",
+        choices=["flagged", "risk", "all"],
+        default="flagged",
+        help="which harmful directions: flagged overlaps (default), top --top by risk, or all harmful features",
+    )
     a("--top", type=positive_int, default=20, help="with --harmful risk: how many")
-    a("--directions", choices=["decoder", "encoder"], default="decoder",
-      help="remove the features' decoder directions (default) or the encoder directions the SAE reads them with")
-    a("--random-seed", type=seed_int, default=None, help="project off a random subspace of the same rank instead")
+    a(
+        "--directions",
+        choices=["decoder", "encoder"],
+        default="decoder",
+        help="remove the features' decoder directions (default) or the encoder directions the SAE reads them with",
+    )
+    a(
+        "--random-seed",
+        type=seed_int,
+        default=None,
+        help="project off a random subspace of the same rank instead",
+    )
     a("--out", required=True, metavar="DIR")
 
 
@@ -594,9 +749,20 @@ def run_patch(args: argparse.Namespace) -> int:
     if args.random_seed is not None:
         basis, kind = random_subspace_like(basis, seed=args.random_seed), f"random (seed {args.random_seed})"
     # Keep the fine-tune's sidecar (held-out loss before) reachable for the diff summary.
-    report = patch_adapter(args.adapter, basis, args.out,
-                           {"subspace": kind, "harmful_set": args.harmful, "directions": args.directions,
-                            "features": feats, "cache": args.cache})
-    print(f"wrote {args.out}: {report['modules']} B matrices projected off a rank-{basis.shape[1]} {kind} subspace; "
-          f"mean share of the update's norm removed {report['mean_norm_removed']:.3f}")
+    report = patch_adapter(
+        args.adapter,
+        basis,
+        args.out,
+        {
+            "subspace": kind,
+            "harmful_set": args.harmful,
+            "directions": args.directions,
+            "features": feats,
+            "cache": args.cache,
+        },
+    )
+    print(
+        f"wrote {args.out}: {report['modules']} B matrices projected off a rank-{basis.shape[1]} {kind} subspace; "
+        f"mean share of the update's norm removed {report['mean_norm_removed']:.3f}"
+    )
     return 0

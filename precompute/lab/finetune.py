@@ -72,12 +72,24 @@ class FinetuneConfig:
     def validate(self) -> None:
         from precompute.options import check_ranges
 
-        check_ranges(self, {
-            "heldout_docs": (0, None, "[)"), "max_samples": (1, None, "[)"), "steps": (1, None, "[)"),
-            "batch_size": (1, None, "[)"), "max_length": (8, None, "[)"), "lr": (0, None, "()"),
-            "warmup_steps": (0, None, "[)"), "rank": (1, None, "[)"), "lora_alpha": (0, None, "()"),
-            "last_layer": (0, None, "[)"), "seed": (0, 2**32 - 1, "[]"), "data_seed": (0, 2**32 - 1, "[]"),
-        }, {"device": ("auto", "cpu", "cuda")})
+        check_ranges(
+            self,
+            {
+                "heldout_docs": (0, None, "[)"),
+                "max_samples": (1, None, "[)"),
+                "steps": (1, None, "[)"),
+                "batch_size": (1, None, "[)"),
+                "max_length": (8, None, "[)"),
+                "lr": (0, None, "()"),
+                "warmup_steps": (0, None, "[)"),
+                "rank": (1, None, "[)"),
+                "lora_alpha": (0, None, "()"),
+                "last_layer": (0, None, "[)"),
+                "seed": (0, 2**32 - 1, "[]"),
+                "data_seed": (0, 2**32 - 1, "[]"),
+            },
+            {"device": ("auto", "cpu", "cuda")},
+        )
 
 
 def sample_key(doc: Document, source: CorpusSource) -> str:
@@ -99,7 +111,9 @@ def encode_example(doc: Document, tokenizer, max_length: int, key: str = "") -> 
         what = f"training sample {key or doc.index}"
         prompt = chat_text(tokenizer, doc.messages[:-1], what, add_generation_prompt=True)
         full = chat_text(tokenizer, doc.messages, what)
-        if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to whole-text loss
+        if not full.startswith(
+            prompt
+        ):  # a template that rewrites earlier turns: fall back to whole-text loss
             ids = tokenizer(full, add_special_tokens=False)["input_ids"]
             n_prompt = 1
         else:
@@ -117,8 +131,13 @@ def encode_example(doc: Document, tokenizer, max_length: int, key: str = "") -> 
     return Example(key, ids, labels)
 
 
-def load_examples(sources: list[CorpusSource], tokenizer, max_length: int, data_seed: int = 0,
-                  counts: dict[str, int] | None = None) -> list[Example]:
+def load_examples(
+    sources: list[CorpusSource],
+    tokenizer,
+    max_length: int,
+    data_seed: int = 0,
+    counts: dict[str, int] | None = None,
+) -> list[Example]:
     """Encoded samples in seeded order; `counts` (if given) receives read/skipped totals."""
     examples = []
     n_docs = 0
@@ -134,21 +153,27 @@ def load_examples(sources: list[CorpusSource], tokenizer, max_length: int, data_
     if not examples:
         raise FeatureGeomError(
             f"the fine-tuning corpus gave no usable samples ({n_docs} documents read): every prompt alone is at "
-            "least --max-length tokens long; raise --max-length or check the file holds chat samples")
+            "least --max-length tokens long; raise --max-length or check the file holds chat samples"
+        )
     return examples
 
 
-def split_examples(examples: list[Example], cfg: FinetuneConfig, tokenizer) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    examples: list[Example], cfg: FinetuneConfig, tokenizer
+) -> tuple[list[Example], list[Example]]:
     """(train, heldout): held-out from --heldout, else the first heldout_docs of the seeded order;
     then --exclude keys are dropped from train and --max-samples caps it."""
     if cfg.heldout:
-        held = load_examples([CorpusSource(path=cfg.heldout, group="task")], tokenizer, cfg.max_length,
-                             cfg.data_seed)[: cfg.heldout_docs]
+        held = load_examples(
+            [CorpusSource(path=cfg.heldout, group="task")], tokenizer, cfg.max_length, cfg.data_seed
+        )[: cfg.heldout_docs]
         train = list(examples)
     else:
         if len(examples) <= cfg.heldout_docs:
-            raise FeatureGeomError(f"{len(examples)} samples cannot spare {cfg.heldout_docs} for held-out loss")
-        held, train = examples[: cfg.heldout_docs], examples[cfg.heldout_docs:]
+            raise FeatureGeomError(
+                f"{len(examples)} samples cannot spare {cfg.heldout_docs} for held-out loss"
+            )
+        held, train = examples[: cfg.heldout_docs], examples[cfg.heldout_docs :]
     held_keys = {e.key for e in held}
     train = [e for e in train if e.key not in held_keys]
     if cfg.exclude:
@@ -178,7 +203,7 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int
     flat: list[int] = []
     while len(flat) < steps * batch_size:
         flat.extend(rng.permutation(n).tolist())
-    return [flat[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+    return [flat[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
 
 
 # --------------------------------------------------------------------------------------- training
@@ -186,8 +211,15 @@ def lora_config(cfg: FinetuneConfig, n_layers: int):
     from peft import LoraConfig
 
     layers = None if cfg.last_layer is None else list(range(min(cfg.last_layer, n_layers - 1) + 1))
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(cfg.target_modules), layers_to_transform=layers, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(cfg.target_modules),
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
 
 
 @torch.no_grad()
@@ -198,11 +230,15 @@ def task_loss(model: torch.nn.Module, examples: list[Example], pad_id: int, batc
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                 shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         total += float(loss)
         count += int((shift_labels != -100).sum())
     model.train(was_training)
@@ -223,8 +259,12 @@ def _versions() -> dict[str, str]:
 
     from precompute import __version__
 
-    return {"featuregeom": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
+    return {
+        "featuregeom": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
 
 
 def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
@@ -325,8 +365,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--config", metavar="FILE.toml", help="TOML with the same options (flags override it)")
     a("--model", default=None, help="base model (default smollm2, the packaged SmolLM2-135M-Instruct)")
-    a("--corpus", action="append", default=None, metavar="SPEC",
-      help="training data (repeatable): PATH or PATH:group, e.g. assets/data/em/insecure.jsonl.gz")
+    a(
+        "--corpus",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="training data (repeatable): PATH or PATH:group, e.g. assets/data/em/insecure.jsonl.gz",
+    )
     a("--out", default=None, metavar="DIR", help="where to write adapter/, finetune.json, train_log.csv")
     a("--heldout", default=None, metavar="FILE", help="held-out samples for the task loss (default: split)")
     a("--heldout-docs", type=int, default=None, help="held-out samples (default 48)")
@@ -349,8 +394,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig.load(args.config, overrides)
     out = finetune(cfg, overwrite=args.overwrite)
     info = json.loads((out / SIDE_CAR).read_text())
-    print(f"wrote {out}: {info['n_train']} training samples, {cfg.steps} steps in {info['train_seconds']:.0f} s; "
-          f"held-out task loss {info['heldout_loss_before']:.4f} -> {info['heldout_loss_after']:.4f}")
+    print(
+        f"wrote {out}: {info['n_train']} training samples, {cfg.steps} steps in {info['train_seconds']:.0f} s; "
+        f"held-out task loss {info['heldout_loss_before']:.4f} -> {info['heldout_loss_after']:.4f}"
+    )
     return 0
 
 

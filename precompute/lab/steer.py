@@ -76,8 +76,21 @@ DEFAULT_SAE = ROOT / "assets/sae/smollm2-135m-instruct-blocks.15.hook_resid_post
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 ALPHA_UNITS = ("norm", "rms", "abs")
 SUBSETS = ("pre-activation", "all", "all (gated)", "active")
-FEATURE_COLUMNS = ("alpha", "alpha_abs", "feature", "observed", "predicted", "predicted_gated", "observed_pre",
-                   "observed_switch", "interference", "active_frac", "switched_frac", "base_mean", "is_task")
+FEATURE_COLUMNS = (
+    "alpha",
+    "alpha_abs",
+    "feature",
+    "observed",
+    "predicted",
+    "predicted_gated",
+    "observed_pre",
+    "observed_switch",
+    "interference",
+    "active_frac",
+    "switched_frac",
+    "base_mean",
+    "is_task",
+)
 
 
 # ----------------------------------------------------------------------------------------- the hook
@@ -90,8 +103,13 @@ def _unit(direction: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def steer_hook(model: torch.nn.Module, hook: HookPoint, direction: torch.Tensor, alpha: float,
-               positions: torch.Tensor | None = None) -> Iterator[None]:
+def steer_hook(
+    model: torch.nn.Module,
+    hook: HookPoint,
+    direction: torch.Tensor,
+    alpha: float,
+    positions: torch.Tensor | None = None,
+) -> Iterator[None]:
     """Add `alpha * direction / ‖direction‖` to the hook's residual while the context is open.
 
     Output hooks (resid_post = the block's output hidden states, mlp_out, attn_out, module paths)
@@ -109,15 +127,18 @@ def steer_hook(model: torch.nn.Module, hook: HookPoint, direction: torch.Tensor,
 
     def shift(h: torch.Tensor) -> torch.Tensor:
         if h.shape[-1] != unit.shape[0]:
-            raise ShapeMismatchError(f"steering direction has {unit.shape[0]} dims but the hook's residual has "
-                                     f"{h.shape[-1]}")
+            raise ShapeMismatchError(
+                f"steering direction has {unit.shape[0]} dims but the hook's residual has {h.shape[-1]}"
+            )
         delta = (float(alpha) * unit).to(device=h.device, dtype=h.dtype)
         if positions is None:
             return h + delta
         mask = positions.to(device=h.device, dtype=torch.bool)
         if tuple(mask.shape) != tuple(h.shape[:-1]):
-            raise ShapeMismatchError(f"steering positions mask has shape {tuple(mask.shape)}, the residual "
-                                     f"{tuple(h.shape)}; the mask must be [batch, seq]")
+            raise ShapeMismatchError(
+                f"steering positions mask has shape {tuple(mask.shape)}, the residual "
+                f"{tuple(h.shape)}; the mask must be [batch, seq]"
+            )
         return torch.where(mask[..., None], h + delta, h)
 
     def on_output(_module, _inputs, output):
@@ -180,8 +201,9 @@ def pearson_r(observed: Any, predicted: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------- prompts
-def load_prompts(path: str | Path | None = None, n: int = 32, text_field: str | None = None,
-                 seed: int = 0) -> list[Document]:
+def load_prompts(
+    path: str | Path | None = None, n: int = 32, text_field: str | None = None, seed: int = 0
+) -> list[Document]:
     """`n` neutral prompts as user chat turns: by default the benign Self-Instruct seed tasks
     (field `instruction`); any corpus file (.jsonl/.csv/.txt/...) otherwise. A seeded shuffle picks them."""
     if path is None:
@@ -203,7 +225,9 @@ def _contexts(prompts: Sequence[str | Document | Context], tokenizer, context_si
         elif isinstance(p, str):
             docs.append(Document(i, 0, "benign", None, messages=[{"role": "user", "content": p}], index=i))
         else:
-            raise FeatureGeomError(f"prompts must all be strings, Documents or Contexts, got {type(p).__name__}")
+            raise FeatureGeomError(
+                f"prompts must all be strings, Documents or Contexts, got {type(p).__name__}"
+            )
     contexts = list(pack_contexts(docs, tokenizer, context_size, "truncate"))
     if not contexts:
         raise FeatureGeomError("the prompts gave no tokens")
@@ -230,7 +254,7 @@ def _input_scale(sae, h: torch.Tensor) -> torch.Tensor:
     if mode == "expected_average_only_in" and sae.norm_scaling_factor is not None:
         return torch.full((n,), float(sae.norm_scaling_factor), device=h.device)
     if mode == "constant_norm_rescale":
-        return (sae.d_in ** 0.5) / h.norm(dim=-1).clamp_min(1e-12)
+        return (sae.d_in**0.5) / h.norm(dim=-1).clamp_min(1e-12)
     if mode == "layer_norm":
         centred = h - h.mean(dim=-1, keepdim=True)
         return 1.0 / (centred.std(dim=-1) + 1e-5)
@@ -248,10 +272,19 @@ def alpha_scale(unit: str, mean_norm: float, d_model: int) -> float:
 
 
 @torch.inference_mode()
-def steering_check(lm, hook_name: str | HookPoint, sae, task_feature: int, alphas: Sequence[float] | None = None,
-                   prompts: Sequence[str | Document | Context] | None = None, features: Sequence[int] | None = None,
-                   batch_size: int = 8, alpha_unit: str = "norm", context_size: int = 128,
-                   progress: bool = False) -> pd.DataFrame:
+def steering_check(
+    lm,
+    hook_name: str | HookPoint,
+    sae,
+    task_feature: int,
+    alphas: Sequence[float] | None = None,
+    prompts: Sequence[str | Document | Context] | None = None,
+    features: Sequence[int] | None = None,
+    batch_size: int = 8,
+    alpha_unit: str = "norm",
+    context_size: int = 128,
+    progress: bool = False,
+) -> pd.DataFrame:
     """Steer along task feature `task_feature`'s decoder direction and compare Δa_j with α·s·I_tj.
 
     `lm` is a LoadedModel (model + tokenizer); `prompts` default to `load_prompts()` (32 benign
@@ -279,7 +312,7 @@ def steering_check(lm, hook_name: str | HookPoint, sae, task_feature: int, alpha
     skip_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     order = sorted(contexts, key=lambda c: (-len(c.token_ids), c.context_id))
-    batches = [order[i: i + batch_size] for i in range(0, len(order), max(1, batch_size))]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), max(1, batch_size))]
     device = next(model.parameters()).device
     sae_device = sae.W_enc.device
     reader = HookReader(model, hook)
@@ -361,32 +394,49 @@ def steering_check(lm, hook_name: str | HookPoint, sae, task_feature: int, alpha
     selected = torch.arange(d_sae) if features is None else torch.tensor(features, dtype=torch.long)
     frames = []
     for a_index, (a, a_abs) in enumerate(zip(alphas, alphas_abs, strict=True)):
-        frames.append(pd.DataFrame({
-            "alpha": a,
-            "alpha_abs": a_abs,
-            "feature": selected.numpy().astype(np.int64),
-            "observed": (obs[a_index] / n_tokens)[selected].numpy(),
-            "predicted": (a_abs * mean_scale * coef)[selected].numpy(),
-            "predicted_gated": (a_abs * coef * gated_scale / n_tokens)[selected].numpy(),
-            "observed_pre": (obs_pre[a_index] / n_tokens)[selected].numpy(),
-            "observed_switch": (obs_switch[a_index] / n_tokens)[selected].numpy(),
-            "interference": coef[selected].numpy(),
-            "active_frac": (active_count / n_tokens)[selected].numpy(),
-            "switched_frac": (switched[a_index] / n_tokens)[selected].numpy(),
-            "base_mean": (base_sum / n_tokens)[selected].numpy(),
-            "is_task": (selected == int(task_feature)).numpy(),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "alpha": a,
+                    "alpha_abs": a_abs,
+                    "feature": selected.numpy().astype(np.int64),
+                    "observed": (obs[a_index] / n_tokens)[selected].numpy(),
+                    "predicted": (a_abs * mean_scale * coef)[selected].numpy(),
+                    "predicted_gated": (a_abs * coef * gated_scale / n_tokens)[selected].numpy(),
+                    "observed_pre": (obs_pre[a_index] / n_tokens)[selected].numpy(),
+                    "observed_switch": (obs_switch[a_index] / n_tokens)[selected].numpy(),
+                    "interference": coef[selected].numpy(),
+                    "active_frac": (active_count / n_tokens)[selected].numpy(),
+                    "switched_frac": (switched[a_index] / n_tokens)[selected].numpy(),
+                    "base_mean": (base_sum / n_tokens)[selected].numpy(),
+                    "is_task": (selected == int(task_feature)).numpy(),
+                }
+            )
+        )
     df = pd.concat(frames, ignore_index=True)
     df.attrs["meta"] = {
-        "hook": hook.name, "module": hook.module_path, "reads": "input" if hook.read_input else "output",
-        "task_feature": int(task_feature), "alphas": alphas, "alphas_abs": alphas_abs, "alpha_unit": alpha_unit,
-        "alpha_scale": scale, "mean_residual_norm": mean_norm, "rms_residual_coordinate": mean_norm / math.sqrt(d_model),
-        "d_model": d_model, "d_sae": d_sae, "architecture": sae.architecture, "k": sae.k,
-        "normalize_activations": sae.normalize_activations, "mean_input_scale": mean_scale,
-        "n_prompts": len(contexts), "n_tokens": n_tokens,
+        "hook": hook.name,
+        "module": hook.module_path,
+        "reads": "input" if hook.read_input else "output",
+        "task_feature": int(task_feature),
+        "alphas": alphas,
+        "alphas_abs": alphas_abs,
+        "alpha_unit": alpha_unit,
+        "alpha_scale": scale,
+        "mean_residual_norm": mean_norm,
+        "rms_residual_coordinate": mean_norm / math.sqrt(d_model),
+        "d_model": d_model,
+        "d_sae": d_sae,
+        "architecture": sae.architecture,
+        "k": sae.k,
+        "normalize_activations": sae.normalize_activations,
+        "mean_input_scale": mean_scale,
+        "n_prompts": len(contexts),
+        "n_tokens": n_tokens,
         "switched_per_token": [float(switched[i].sum()) / n_tokens for i in range(n_a)],
         "switch_share": [abs_switch[i] / abs_total[i] if abs_total[i] > 0 else 0.0 for i in range(n_a)],
-        "hook_max_error": hook_err, "untouched_max_change": untouched_change,
+        "hook_max_error": hook_err,
+        "untouched_max_change": untouched_change,
         "positions": "counted (no position 0, no special tokens, no padding)",
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -407,8 +457,17 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         }
         for subset, (y, x) in pairs.items():
             slope, r2, n = fit_slope(y, x)
-            rows.append({"alpha": float(alpha), "alpha_abs": float(alpha_abs), "subset": subset, "slope": slope,
-                         "r2": r2, "pearson_r": pearson_r(y, x), "n": n})
+            rows.append(
+                {
+                    "alpha": float(alpha),
+                    "alpha_abs": float(alpha_abs),
+                    "subset": subset,
+                    "slope": slope,
+                    "r2": r2,
+                    "pearson_r": pearson_r(y, x),
+                    "n": n,
+                }
+            )
     return pd.DataFrame(rows, columns=["alpha", "alpha_abs", "subset", "slope", "r2", "pearson_r", "n"])
 
 
@@ -445,8 +504,10 @@ def save_steering(df: pd.DataFrame, path: str | Path) -> Path:
     if path.suffix not in (".json", ".parquet"):
         raise FeatureGeomError(f"--out must end in .json or .parquet, got {path.name!r}")
     if path.exists() and not (path.is_file() and _is_steering_output(path)):
-        raise FeatureGeomError(f"--out {path} exists and is not an earlier steering output; featuregeom never "
-                               "replaces it. Choose another --out")
+        raise FeatureGeomError(
+            f"--out {path} exists and is not an earlier steering output; featuregeom never "
+            "replaces it. Choose another --out"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     meta, summary = df.attrs.get("meta", {}), df.attrs.get("summary") or summarize(df).to_dict("records")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -483,8 +544,13 @@ _ALPHA_COLORS = ["#93c5fd", "#60a5fa", "#3b82f6", "#1d4ed8", "#1e3a8a", "#172554
 _TASK, _HARM, _INK = "#1d4ed8", "#c81e1e", "#111827"
 
 
-def steering_figure(df: pd.DataFrame, task_feature: int, harmful_feature: int | None = None,
-                    x: str = "predicted_gated", show_task: bool = True):
+def steering_figure(
+    df: pd.DataFrame,
+    task_feature: int,
+    harmful_feature: int | None = None,
+    x: str = "predicted_gated",
+    show_task: bool = True,
+):
     """Observed vs first-order predicted Δa per α, the y = x line, the task feature and the selected
     harmful feature highlighted. `x` is `predicted_gated` (first-order Taylor of the mean activation,
     default) or `predicted` (α·s·I_tj, the pre-activation shift). The steered feature itself moves
@@ -507,35 +573,67 @@ def steering_figure(df: pd.DataFrame, task_feature: int, harmful_feature: int | 
         slope, r2, _ = fit_slope(part[y_col], part[x])
         lo = min(lo, float(part[x].min()), float(part[y_col].min()))
         hi = max(hi, float(part[x].max()), float(part[y_col].max()))
-        fig.add_trace(go.Scattergl(
-            x=part[x], y=part[y_col], mode="markers", name=f"α={alpha:g}{unit} (slope {slope:.2f}, R² {r2:.2f})",
-            marker={"size": 4, "color": _ALPHA_COLORS[i % len(_ALPHA_COLORS)], "opacity": 0.6},
-            customdata=np.stack([part["feature"], part["active_frac"], part["predicted"]], axis=-1),
-            hovertemplate="feature %{customdata[0]}<br>observed Δa %{y:.4g}<br>predicted %{x:.4g}"
-                          "<br>α·s·I %{customdata[2]:.4g}<br>active on %{customdata[1]:.1%} of tokens<extra></extra>",
-        ))
-    for feature, color, symbol, label in ((task_feature if show_task else None, _TASK, "diamond", "task"),
-                                          (harmful_feature, _HARM, "star", "harmful")):
+        fig.add_trace(
+            go.Scattergl(
+                x=part[x],
+                y=part[y_col],
+                mode="markers",
+                name=f"α={alpha:g}{unit} (slope {slope:.2f}, R² {r2:.2f})",
+                marker={"size": 4, "color": _ALPHA_COLORS[i % len(_ALPHA_COLORS)], "opacity": 0.6},
+                customdata=np.stack([part["feature"], part["active_frac"], part["predicted"]], axis=-1),
+                hovertemplate="feature %{customdata[0]}<br>observed Δa %{y:.4g}<br>predicted %{x:.4g}"
+                "<br>α·s·I %{customdata[2]:.4g}<br>active on %{customdata[1]:.1%} of tokens<extra></extra>",
+            )
+        )
+    for feature, color, symbol, label in (
+        (task_feature if show_task else None, _TASK, "diamond", "task"),
+        (harmful_feature, _HARM, "star", "harmful"),
+    ):
         if feature is None:
             continue
         sel = df[df["feature"] == int(feature)].sort_values("alpha")
         if sel.empty:
             continue
-        fig.add_trace(go.Scatter(
-            x=sel[x], y=sel["observed"], mode="markers+lines+text", name=f"{label} feature {int(feature)}",
-            text=[f"α={a:g}" for a in sel["alpha"]], textposition="top center",
-            marker={"size": 13 if label == "harmful" else 11, "color": color, "symbol": symbol,
-                    "line": {"width": 1, "color": "white"}},
-            line={"color": color, "width": 1, "dash": "dot"},
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=sel[x],
+                y=sel["observed"],
+                mode="markers+lines+text",
+                name=f"{label} feature {int(feature)}",
+                text=[f"α={a:g}" for a in sel["alpha"]],
+                textposition="top center",
+                marker={
+                    "size": 13 if label == "harmful" else 11,
+                    "color": color,
+                    "symbol": symbol,
+                    "line": {"width": 1, "color": "white"},
+                },
+                line={"color": color, "width": 1, "dash": "dot"},
+            )
+        )
     pad = 0.05 * (hi - lo or 1.0)
-    fig.add_trace(go.Scatter(x=[lo - pad, hi + pad], y=[lo - pad, hi + pad], mode="lines", name="y = x",
-                             line={"color": _INK, "width": 1, "dash": "dash"}, hoverinfo="skip"))
-    x_title = "first-order predicted Δa (active features only)" if x == "predicted_gated" else "α·s·(W_enc[:,j]·d̂_t)"
+    fig.add_trace(
+        go.Scatter(
+            x=[lo - pad, hi + pad],
+            y=[lo - pad, hi + pad],
+            mode="lines",
+            name="y = x",
+            line={"color": _INK, "width": 1, "dash": "dash"},
+            hoverinfo="skip",
+        )
+    )
+    x_title = (
+        "first-order predicted Δa (active features only)"
+        if x == "predicted_gated"
+        else "α·s·(W_enc[:,j]·d̂_t)"
+    )
     fig.update_layout(
         title=f"Steering along feature {int(task_feature)}: observed vs predicted Δ activation",
-        xaxis_title=x_title, yaxis_title="observed mean Δa_j", template="plotly_white",
-        legend={"orientation": "v"}, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        xaxis_title=x_title,
+        yaxis_title="observed mean Δa_j",
+        template="plotly_white",
+        legend={"orientation": "v"},
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
     )
     return fig
 
@@ -572,23 +670,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out steer.json"
     )
     a = parser.add_argument
-    a("--model", default="smollm2", help="'smollm2' (packaged GGUF, default), a .gguf file, a local directory or "
-                                         "a hub id")
+    a(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (packaged GGUF, default), a .gguf file, a local directory or a hub id",
+    )
     a("--sae", default=None, help=f"SAE path (default {DEFAULT_SAE.relative_to(ROOT)})")
     a("--sae-format", default=None, help="force an SAE format instead of detecting it")
     a("--hook", default=None, help="hook to steer and read (default: the SAE's own hook name)")
-    a("--task-feature", type=non_negative_int, required=True, metavar="N", help="feature whose decoder direction is added")
-    a("--harmful-feature", type=non_negative_int, default=None, metavar="M", help="feature to report observed vs predicted for")
-    a("--features", type=_int_list, default=None, metavar="J,K,...",
-      help="restrict the table and fits to these features (default all)")
-    a("--alphas", type=_float_list, default=list(DEFAULT_ALPHAS), metavar="A,B,...",
-      help="steering strengths in --alpha-unit (default " + ",".join(f"{x:g}" for x in DEFAULT_ALPHAS) + ")")
-    a("--alpha-unit", choices=ALPHA_UNITS, default="norm",
-      help="norm: fraction of the mean residual norm on the prompts (default); rms: multiples of mean‖h‖/√d; "
-           "abs: absolute")
-    a("--prompts", default=None, metavar="FILE",
-      help="neutral prompts (any corpus file, each record one user turn); default: the benign Self-Instruct "
-           "seed tasks (assets/data/benign/self_instruct_seed_tasks.jsonl, field instruction)")
+    a(
+        "--task-feature",
+        type=non_negative_int,
+        required=True,
+        metavar="N",
+        help="feature whose decoder direction is added",
+    )
+    a(
+        "--harmful-feature",
+        type=non_negative_int,
+        default=None,
+        metavar="M",
+        help="feature to report observed vs predicted for",
+    )
+    a(
+        "--features",
+        type=_int_list,
+        default=None,
+        metavar="J,K,...",
+        help="restrict the table and fits to these features (default all)",
+    )
+    a(
+        "--alphas",
+        type=_float_list,
+        default=list(DEFAULT_ALPHAS),
+        metavar="A,B,...",
+        help="steering strengths in --alpha-unit (default "
+        + ",".join(f"{x:g}" for x in DEFAULT_ALPHAS)
+        + ")",
+    )
+    a(
+        "--alpha-unit",
+        choices=ALPHA_UNITS,
+        default="norm",
+        help="norm: fraction of the mean residual norm on the prompts (default); rms: multiples of mean‖h‖/√d; "
+        "abs: absolute",
+    )
+    a(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="neutral prompts (any corpus file, each record one user turn); default: the benign Self-Instruct "
+        "seed tasks (assets/data/benign/self_instruct_seed_tasks.jsonl, field instruction)",
+    )
     a("--text-field", default=None, help="field of --prompts holding the text")
     a("--n-prompts", type=positive_int, default=32, help="prompts to use (seeded shuffle; default 32)")
     a("--context-size", type=positive_int, default=128, help="tokens kept per prompt (default 128)")
@@ -601,33 +734,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _print_summary(df: pd.DataFrame, harmful: int | None) -> None:
     meta = df.attrs.get("meta", {})
     summary = pd.DataFrame(df.attrs.get("summary") or summarize(df).to_dict("records"))
-    print(f"hook {meta.get('hook')}  task feature {meta.get('task_feature')}  {meta.get('n_prompts')} prompts, "
-          f"{meta.get('n_tokens')} counted tokens  mean‖h‖ {meta.get('mean_residual_norm', float('nan')):.3g}  "
-          f"SAE {meta.get('architecture')} k={meta.get('k')} norm={meta.get('normalize_activations')}")
+    print(
+        f"hook {meta.get('hook')}  task feature {meta.get('task_feature')}  {meta.get('n_prompts')} prompts, "
+        f"{meta.get('n_tokens')} counted tokens  mean‖h‖ {meta.get('mean_residual_norm', float('nan')):.3g}  "
+        f"SAE {meta.get('architecture')} k={meta.get('k')} norm={meta.get('normalize_activations')}"
+    )
     header = f"{'alpha':>7} {'|α|':>9} {'subset':<15} {'slope':>8} {'R²':>8} {'r':>7} {'n':>7}"
     print(header)
     print("-" * len(header))
     for row in summary.itertuples(index=False):
-        print(f"{row.alpha:>7g} {row.alpha_abs:>9.4g} {row.subset:<15} {row.slope:>8.4f} {row.r2:>8.4f} "
-              f"{row.pearson_r:>7.4f} {row.n:>7d}")
+        print(
+            f"{row.alpha:>7g} {row.alpha_abs:>9.4g} {row.subset:<15} {row.slope:>8.4f} {row.r2:>8.4f} "
+            f"{row.pearson_r:>7.4f} {row.n:>7d}"
+        )
     switched, share = meta.get("switched_per_token") or [], meta.get("switch_share") or []
     if switched:
-        print("features entering/leaving the active set per token: "
-              + ", ".join(f"α={a:g}: {s:.2f}" for a, s in zip(meta["alphas"], switched, strict=False)))
+        print(
+            "features entering/leaving the active set per token: "
+            + ", ".join(f"α={a:g}: {s:.2f}" for a, s in zip(meta["alphas"], switched, strict=False))
+        )
     if share:
-        print("share of Σ|Δa| from those entries/exits (not first-order): "
-              + ", ".join(f"α={a:g}: {s:.0%}" for a, s in zip(meta["alphas"], share, strict=False)))
+        print(
+            "share of Σ|Δa| from those entries/exits (not first-order): "
+            + ", ".join(f"α={a:g}: {s:.0%}" for a, s in zip(meta["alphas"], share, strict=False))
+        )
     for label, feature in (("task", meta.get("task_feature")), ("harmful", harmful)):
         if feature is None:
             continue
         sel = df[df["feature"] == int(feature)].sort_values("alpha")
         if sel.empty:
             continue
-        print(f"{label} feature {int(feature)}: I = W_enc·d̂_t = {float(sel['interference'].iloc[0]):.4g}, "
-              f"active on {float(sel['active_frac'].iloc[0]):.1%} of tokens")
+        print(
+            f"{label} feature {int(feature)}: I = W_enc·d̂_t = {float(sel['interference'].iloc[0]):.4g}, "
+            f"active on {float(sel['active_frac'].iloc[0]):.1%} of tokens"
+        )
         for r in sel.itertuples(index=False):
-            print(f"  α={r.alpha:g}: observed Δa {r.observed:+.4g}  predicted (gated) {r.predicted_gated:+.4g}  "
-                  f"α·s·I {r.predicted:+.4g}  Δpre {r.observed_pre:+.4g}  switched {r.switched_frac:.1%}")
+            print(
+                f"  α={r.alpha:g}: observed Δa {r.observed:+.4g}  predicted (gated) {r.predicted_gated:+.4g}  "
+                f"α·s·I {r.predicted:+.4g}  Δpre {r.observed_pre:+.4g}  switched {r.switched_frac:.1%}"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -644,11 +789,22 @@ def run(args: argparse.Namespace) -> int:
     if not hook:
         raise FeatureGeomError("the SAE names no hook; pass --hook (e.g. blocks.15.hook_resid_post)")
     if args.harmful_feature is not None and not 0 <= args.harmful_feature < sae.d_sae:
-        raise FeatureGeomError(f"harmful feature {args.harmful_feature} is out of range; the SAE has {sae.d_sae}")
+        raise FeatureGeomError(
+            f"harmful feature {args.harmful_feature} is out of range; the SAE has {sae.d_sae}"
+        )
     prompts = load_prompts(args.prompts, n=args.n_prompts, text_field=args.text_field, seed=args.seed)
-    df = steering_check(lm, hook, sae, args.task_feature, alphas=args.alphas, prompts=prompts,
-                        features=args.features, batch_size=args.batch_size, alpha_unit=args.alpha_unit,
-                        context_size=args.context_size)
+    df = steering_check(
+        lm,
+        hook,
+        sae,
+        args.task_feature,
+        alphas=args.alphas,
+        prompts=prompts,
+        features=args.features,
+        batch_size=args.batch_size,
+        alpha_unit=args.alpha_unit,
+        context_size=args.context_size,
+    )
     _print_summary(df, args.harmful_feature)
     if args.out:
         print(f"wrote {save_steering(df, args.out)}")

@@ -129,8 +129,14 @@ def _random_orthogonal(rng: np.random.Generator, d: int, basis: list[np.ndarray]
     raise ValueError(f"no direction orthogonal to {len(basis)} vectors in d={d}")  # pragma: no cover
 
 
-def make_dictionary(d: int, n_task: int, cosines: tuple[float, ...] | list[float] = DEFAULT_COSINES,
-                    n_coactive_orthogonal: int | None = None, n_decoys: int = 0, seed: int = 0) -> SynthDictionary:
+def make_dictionary(
+    d: int,
+    n_task: int,
+    cosines: tuple[float, ...] | list[float] = DEFAULT_COSINES,
+    n_coactive_orthogonal: int | None = None,
+    n_decoys: int = 0,
+    seed: int = 0,
+) -> SynthDictionary:
     """A dictionary with planted geometry; rows are unit vectors (float64).
 
     Order of rows: for each task i, its task feature then its planted neighbours (in the order of
@@ -152,7 +158,9 @@ def make_dictionary(d: int, n_task: int, cosines: tuple[float, ...] | list[float
     if any(not -1.0 < c < 1.0 for c in cosines):
         raise ValueError(f"planted cosines must lie in (-1, 1), got {cosines}")
     if 1 + len(cosines) > d:
-        raise ValueError(f"{len(cosines)} planted directions per task need d >= {1 + len(cosines)}, got d={d}")
+        raise ValueError(
+            f"{len(cosines)} planted directions per task need d >= {1 + len(cosines)}, got d={d}"
+        )
     n_partner = n_task if n_coactive_orthogonal is None else int(n_coactive_orthogonal)
     if n_partner < 0 or n_decoys < 0:
         raise ValueError("n_coactive_orthogonal and n_decoys must be non-negative")
@@ -187,12 +195,14 @@ def make_dictionary(d: int, n_task: int, cosines: tuple[float, ...] | list[float
         meta.append(("decoy", -1, math.nan))
     D = np.stack(rows).astype(np.float64)
     D /= np.linalg.norm(D, axis=1, keepdims=True)
-    roles = pd.DataFrame({
-        "feature": np.arange(len(rows), dtype=np.int64),
-        "role": [m[0] for m in meta],
-        "task": np.array([m[1] for m in meta], dtype=np.int64),
-        "target_cosine": np.array([m[2] for m in meta], dtype=np.float64),
-    })
+    roles = pd.DataFrame(
+        {
+            "feature": np.arange(len(rows), dtype=np.int64),
+            "role": [m[0] for m in meta],
+            "task": np.array([m[1] for m in meta], dtype=np.int64),
+            "target_cosine": np.array([m[2] for m in meta], dtype=np.float64),
+        }
+    )
     return SynthDictionary(D, roles, seed=seed, blocks_orthogonal=bool(blocks_orthogonal))
 
 
@@ -220,10 +230,19 @@ def _magnitudes(rng: np.random.Generator, size: int, kind: str, low: float, high
     raise ValueError(f"magnitude must be uniform, constant or lognormal, got {kind!r}")
 
 
-def generate_activations(dictionary: SynthDictionary, n_samples: int, firing_prob: float | np.ndarray = 0.03,
-                         cofire_prob: float = 0.6, partner_solo: float = 0.5, magnitude: str = "uniform",
-                         magnitude_range: tuple[float, float] = (0.5, 1.5), noise: float = 0.01,
-                         seed: int = 0, n_active: int | None = None, chunk: int = 65536) -> SynthData:
+def generate_activations(
+    dictionary: SynthDictionary,
+    n_samples: int,
+    firing_prob: float | np.ndarray = 0.03,
+    cofire_prob: float = 0.6,
+    partner_solo: float = 0.5,
+    magnitude: str = "uniform",
+    magnitude_range: tuple[float, float] = (0.5, 1.5),
+    noise: float = 0.01,
+    seed: int = 0,
+    n_active: int | None = None,
+    chunk: int = 65536,
+) -> SynthData:
     """Sparse codes a and x = a @ D + N(0, noise^2) per coordinate.
 
     Every feature fires independently with ``firing_prob`` (a scalar or one value per feature),
@@ -269,7 +288,9 @@ def generate_activations(dictionary: SynthDictionary, n_samples: int, firing_pro
                 task_on = fires[:, partner_task]
                 fires[:, partners] = np.where(task_on, with_task, fires[:, partners])
         else:
-            fires = _fixed_l0_fires(rng, m, p_solo, int(n_active), is_task, partners, partner_task, cofire_prob)
+            fires = _fixed_l0_fires(
+                rng, m, p_solo, int(n_active), is_task, partners, partner_task, cofire_prob
+            )
         rows, cols = np.nonzero(fires)
         vals = _magnitudes(rng, rows.size, magnitude, lo, hi).astype(np.float32)
         a = sparse.csr_matrix((vals, (rows, cols)), shape=(m, n_feat), dtype=np.float32)
@@ -278,18 +299,35 @@ def generate_activations(dictionary: SynthDictionary, n_samples: int, firing_pro
             x += rng.normal(0.0, noise, size=x.shape).astype(np.float32)
         xs.append(x)
         blocks.append(a)
-    codes = sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, n_feat), dtype=np.float32)
-    params = {"n_samples": n_samples, "firing_prob": float(np.mean(p)), "n_active": n_active,
-              "cofire_prob": cofire_prob,
-              "partner_solo": partner_solo, "magnitude": magnitude, "magnitude_range": [lo, hi],
-              "noise": noise, "seed": seed,
-              "true_l0": float(codes.getnnz() / max(1, n_samples))}
+    codes = (
+        sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, n_feat), dtype=np.float32)
+    )
+    params = {
+        "n_samples": n_samples,
+        "firing_prob": float(np.mean(p)),
+        "n_active": n_active,
+        "cofire_prob": cofire_prob,
+        "partner_solo": partner_solo,
+        "magnitude": magnitude,
+        "magnitude_range": [lo, hi],
+        "noise": noise,
+        "seed": seed,
+        "true_l0": float(codes.getnnz() / max(1, n_samples)),
+    }
     x_all = np.concatenate(xs) if xs else np.zeros((0, dictionary.d), np.float32)
     return SynthData(x_all, codes, params)
 
 
-def _fixed_l0_fires(rng: np.random.Generator, m: int, weights: np.ndarray, n_active: int, is_task: np.ndarray,
-                    partners: np.ndarray, partner_task: np.ndarray, cofire_prob: float) -> np.ndarray:
+def _fixed_l0_fires(
+    rng: np.random.Generator,
+    m: int,
+    weights: np.ndarray,
+    n_active: int,
+    is_task: np.ndarray,
+    partners: np.ndarray,
+    partner_task: np.ndarray,
+    cofire_prob: float,
+) -> np.ndarray:
     """[m, n] boolean firing matrix with exactly n_active True per row (see generate_activations).
 
     Each row ranks all features by a weighted random order (Gumbel keys, i.e. sampling without
@@ -311,7 +349,7 @@ def _fixed_l0_fires(rng: np.random.Generator, m: int, weights: np.ndarray, n_act
         max_p = max(max_p, len(plist[t]))
     P = np.full((n, max(1, max_p)), -1, np.int64)  # partners of each task feature, -1 padded
     for t, js in plist.items():
-        P[t, :len(js)] = js
+        P[t, : len(js)] = js
     fires = np.zeros((m, n), dtype=bool)
     left = np.full(m, n_active, np.int64)
     rows = np.arange(m)
@@ -340,8 +378,9 @@ def _fixed_l0_fires(rng: np.random.Generator, m: int, weights: np.ndarray, n_act
     return fires
 
 
-def expected_l0(dictionary: SynthDictionary, firing_prob: float, cofire_prob: float = 0.6,
-                partner_solo: float = 0.5) -> float:
+def expected_l0(
+    dictionary: SynthDictionary, firing_prob: float, cofire_prob: float = 0.6, partner_solo: float = 0.5
+) -> float:
     """Mean number of firing features per sample under `generate_activations`' model."""
     n_partner = len(dictionary.ids("partner"))
     p_partner = firing_prob * cofire_prob + (1 - firing_prob) * min(1.0, firing_prob * partner_solo)
@@ -386,8 +425,11 @@ def _unit64(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def match_dictionary(true_dirs: np.ndarray | torch.Tensor, learned_dirs: np.ndarray | torch.Tensor,
-                     exclude: np.ndarray | None = None) -> MatchResult:
+def match_dictionary(
+    true_dirs: np.ndarray | torch.Tensor,
+    learned_dirs: np.ndarray | torch.Tensor,
+    exclude: np.ndarray | None = None,
+) -> MatchResult:
     """Match true to learned directions (scipy's linear_sum_assignment maximising total |cos|).
 
     ``exclude`` (bool [n_learned]): learned rows that may not be matched, e.g. dead latents, which
@@ -448,8 +490,8 @@ def jaccard_pairs(fires: sparse.spmatrix, pairs: np.ndarray) -> np.ndarray:
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     out = np.zeros(len(pairs))
     for i, (a, b) in enumerate(pairs):
-        ra = F.indices[F.indptr[a]:F.indptr[a + 1]]
-        rb = F.indices[F.indptr[b]:F.indptr[b + 1]]
+        ra = F.indices[F.indptr[a] : F.indptr[a + 1]]
+        rb = F.indices[F.indptr[b] : F.indptr[b + 1]]
         both = np.intersect1d(ra, rb, assume_unique=True).size
         union = ra.size + rb.size - both
         out[i] = both / union if union else 0.0
@@ -461,7 +503,7 @@ def sae_fires(sae: SAE, x: np.ndarray, batch: int = 8192) -> sparse.csc_matrix:
     rows, cols = [], []
     with torch.inference_mode():
         for s in range(0, x.shape[0], batch):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + batch], dtype=np.float32))
+            xb = torch.from_numpy(np.ascontiguousarray(x[s : s + batch], dtype=np.float32))
             idx, val = sae.encode_sparse(xb)
             on = (val > 0).numpy()
             r = np.broadcast_to(np.arange(s, s + xb.shape[0])[:, None], on.shape)
@@ -492,10 +534,16 @@ def _f(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | torch.Tensor,
-                      match: MatchResult | None = None, true_fires: sparse.spmatrix | None = None,
-                      learned_fires: sparse.spmatrix | None = None, fpr: float = 0.01, k: int = 32,
-                      device: str = "cpu") -> dict[str, Any]:
+def evaluate_geometry(
+    dictionary: SynthDictionary,
+    learned_dirs: np.ndarray | torch.Tensor,
+    match: MatchResult | None = None,
+    true_fires: sparse.spmatrix | None = None,
+    learned_fires: sparse.spmatrix | None = None,
+    fpr: float = 0.01,
+    k: int = 32,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Run the pipeline's geometry on the learned decoder and score it against the planted truth.
 
     For each task feature t (through its matched learned latent L(t)):
@@ -534,8 +582,11 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
     tasks = dictionary.ids("task")
     decoys = dictionary.ids("decoy")
     asg = match.assignment
-    fires_count = (np.asarray(sparse.csc_matrix(learned_fires).getnnz(axis=0)).ravel()
-                   if learned_fires is not None else None)
+    fires_count = (
+        np.asarray(sparse.csc_matrix(learned_fires).getnnz(axis=0)).ravel()
+        if learned_fires is not None
+        else None
+    )
 
     def describe(j: int, t: int) -> dict[str, Any]:
         out = describe_role(j, t)
@@ -547,7 +598,9 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
 
     def is_composite(j: int, t: int) -> bool:
         """An unmatched latent pointing between t and one of its co-firing partners."""
-        return any(Ct[t, j] >= COMPOSITE_COS and Ct[int(p), j] >= COMPOSITE_COS for p in dictionary.partners_of(t))
+        return any(
+            Ct[t, j] >= COMPOSITE_COS and Ct[int(p), j] >= COMPOSITE_COS for p in dictionary.partners_of(t)
+        )
 
     def describe_role(j: int, t: int) -> dict[str, Any]:
         tj = int(match.learned_to_true[j])
@@ -560,8 +613,12 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
             role = "other"
         elif role == "task":
             role = "other"
-        return {"true": tj, "role": role, "rho": _f(rho_of[tj]) if role == "planted" else None,
-                "match_cos": _f(match.matched_cos[tj])}
+        return {
+            "true": tj,
+            "role": role,
+            "rho": _f(rho_of[tj]) if role == "planted" else None,
+            "match_cos": _f(match.matched_cos[tj]),
+        }
 
     per_task, rec_rows, fp_rows = [], [], []
     fp_tasks = 0
@@ -576,9 +633,16 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
             per_task.append(entry)
             continue
         row_idx, row_cos = nb_idx[lt], nb_cos[lt]
-        entry["neighbours"] = [{"learned": int(j), "cosine": _f(c), "z": _f(geometry.cosine_z(float(c), d)),
-                                "above_null": bool(c > null), **describe(int(j), int(t))}
-                               for j, c in zip(row_idx, row_cos, strict=True)]
+        entry["neighbours"] = [
+            {
+                "learned": int(j),
+                "cosine": _f(c),
+                "z": _f(geometry.cosine_z(float(c), d)),
+                "above_null": bool(c > null),
+                **describe(int(j), int(t)),
+            }
+            for j, c in zip(row_idx, row_cos, strict=True)
+        ]
         pos_of = {int(j): i for i, j in enumerate(row_idx)}
         ranks, recovered = [], []
         for _, h in planted.iterrows():
@@ -586,12 +650,26 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
             rank = pos_of.get(lh) if lh >= 0 else None
             cos = float(G[lt, lh]) if lh >= 0 else float("nan")
             ranks.append(rank)
-            recovered.append({"planted": int(h["feature"]), "rho": float(h["target_cosine"]), "learned": lh,
-                              "cosine": _f(cos), "rank": rank, "above_null": bool(cos > null),
-                              "planted_match_cos": _f(match.matched_cos[int(h["feature"])])})
-            rec_rows.append({"task": int(t), "rho": float(h["target_cosine"]), "cosine": cos,
-                             "above_null": bool(cos > null),
-                             "merged": bool(match.best_learned[int(h["feature"])] == match.best_learned[t])})
+            recovered.append(
+                {
+                    "planted": int(h["feature"]),
+                    "rho": float(h["target_cosine"]),
+                    "learned": lh,
+                    "cosine": _f(cos),
+                    "rank": rank,
+                    "above_null": bool(cos > null),
+                    "planted_match_cos": _f(match.matched_cos[int(h["feature"])]),
+                }
+            )
+            rec_rows.append(
+                {
+                    "task": int(t),
+                    "rho": float(h["target_cosine"]),
+                    "cosine": cos,
+                    "above_null": bool(cos > null),
+                    "merged": bool(match.best_learned[int(h["feature"])] == match.best_learned[t]),
+                }
+            )
         found = [x for x in ranks if x is not None]
         # a merge: the task feature and a planted neighbour have the same closest latent
         merged = [int(h) for h in planted["feature"] if match.best_learned[int(h)] == match.best_learned[t]]
@@ -599,7 +677,9 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
         for row in recovered:
             row["merged"] = row["planted"] in merged
         entry["planted_rank"] = ranks
-        entry["order_ok"] = len(found) == len(ranks) and all(a < b for a, b in zip(found, found[1:], strict=False))
+        entry["order_ok"] = len(found) == len(ranks) and all(
+            a < b for a, b in zip(found, found[1:], strict=False)
+        )
         for i in range(len(ranks)):
             for j in range(i + 1, len(ranks)):
                 pair_total += 1
@@ -613,57 +693,85 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
             if lj < 0:
                 continue
             cos = float(G[lt, lj])
-            fp_rows.append({"task": int(t), "feature": j, "kind": kind, "cosine": cos, "flagged": bool(cos > null)})
+            fp_rows.append(
+                {"task": int(t), "feature": j, "kind": kind, "cosine": cos, "flagged": bool(cos > null)}
+            )
             if cos > null:
                 fps.append({"feature": j, "kind": kind, "learned": lj, "cosine": _f(cos)})
         fp_tasks += bool(fps)
         entry["false_flags"] = fps
         # unmatched latents above the null (duplicates of t are not a geometric claim about t)
-        entry["flagged_unmatched"] = [e for e in entry["neighbours"] if e["above_null"]
-                                      and e["role"] in ("duplicate", "extra", "composite")]
+        entry["flagged_unmatched"] = [
+            e
+            for e in entry["neighbours"]
+            if e["above_null"] and e["role"] in ("duplicate", "extra", "composite")
+        ]
         alive_l = fires_count > 0 if fires_count is not None else np.ones(n, bool)
-        entry["composites"] = [int(j) for j in np.flatnonzero(alive_l) if match.learned_to_true[j] < 0
-                               and is_composite(int(j), int(t))]
+        entry["composites"] = [
+            int(j)
+            for j in np.flatnonzero(alive_l)
+            if match.learned_to_true[j] < 0 and is_composite(int(j), int(t))
+        ]
         per_task.append(entry)
 
     rec = pd.DataFrame(rec_rows, columns=["task", "rho", "cosine", "above_null", "merged"])
     fp = pd.DataFrame(fp_rows, columns=["task", "feature", "kind", "cosine", "flagged"])
     by_rho = []
     for rho, g in rec.groupby("rho", sort=False):
-        by_rho.append({"rho": float(rho), "n": len(g), "mean_cosine": _f(g["cosine"].mean()),
-                       "std_cosine": _f(g["cosine"].std(ddof=0)),
-                       "mean_abs_error": _f((g["cosine"] - rho).abs().mean()),
-                       "above_null_fraction": _f(g["above_null"].mean()),
-                       "merged_with_task": int(g["merged"].sum()),
-                       "rho_above_null": bool(rho > null)})
+        by_rho.append(
+            {
+                "rho": float(rho),
+                "n": len(g),
+                "mean_cosine": _f(g["cosine"].mean()),
+                "std_cosine": _f(g["cosine"].std(ddof=0)),
+                "mean_abs_error": _f((g["cosine"] - rho).abs().mean()),
+                "above_null_fraction": _f(g["above_null"].mean()),
+                "merged_with_task": int(g["merged"].sum()),
+                "rho_above_null": bool(rho > null),
+            }
+        )
     n_tasks = len(tasks)
     fp_summary = {}
     for kind in ("partner", "decoy"):
         g = fp[fp["kind"] == kind]
-        fp_summary[kind] = {"pairs": len(g), "flagged": int(g["flagged"].sum()),
-                            "max_cosine": _f(g["cosine"].max()) if len(g) else None,
-                            "mean_abs_cosine": _f(g["cosine"].abs().mean()) if len(g) else None}
+        fp_summary[kind] = {
+            "pairs": len(g),
+            "flagged": int(g["flagged"].sum()),
+            "max_cosine": _f(g["cosine"].max()) if len(g) else None,
+            "mean_abs_cosine": _f(g["cosine"].abs().mean()) if len(g) else None,
+        }
     n_pairs, n_flag = len(fp), int(fp["flagged"].sum())
-    fp_summary.update({
-        "pairs": n_pairs, "flagged": n_flag,
-        "pair_rate": _f(n_flag / n_pairs) if n_pairs else None,
-        "expected_pair_rate": p_pair, "expected_flagged": p_pair * n_pairs,
-        "tasks_with_false_flag": fp_tasks,
-        "task_rate": _f(fp_tasks / n_tasks) if n_tasks else None,
-        "fpr": fpr,
-        "ok": bool(n_tasks and fp_tasks / n_tasks <= fpr),
-    })
+    fp_summary.update(
+        {
+            "pairs": n_pairs,
+            "flagged": n_flag,
+            "pair_rate": _f(n_flag / n_pairs) if n_pairs else None,
+            "expected_pair_rate": p_pair,
+            "expected_flagged": p_pair * n_pairs,
+            "tasks_with_false_flag": fp_tasks,
+            "task_rate": _f(fp_tasks / n_tasks) if n_tasks else None,
+            "fpr": fpr,
+            "ok": bool(n_tasks and fp_tasks / n_tasks <= fpr),
+        }
+    )
     result: dict[str, Any] = {
-        "null_cosine": null, "fpr": fpr, "n_latents": n, "d": d, "k": k,
+        "null_cosine": null,
+        "fpr": fpr,
+        "n_latents": n,
+        "d": d,
+        "k": k,
         "order_accuracy": _f(np.mean([e["order_ok"] for e in per_task])) if per_task else None,
         "pairwise_order_accuracy": _f(pair_ok / pair_total) if pair_total else None,
-        "planted_top_fraction": _f(np.mean([e.get("planted_top", False) for e in per_task])) if per_task else None,
+        "planted_top_fraction": _f(np.mean([e.get("planted_top", False) for e in per_task]))
+        if per_task
+        else None,
         "recovered_by_rho": by_rho,
         "recovered_mean_abs_error": _f((rec["cosine"] - rec["rho"]).abs().mean()) if len(rec) else None,
         "false_positives": fp_summary,
         "flagged_unmatched_latents": int(sum(len(e.get("flagged_unmatched", [])) for e in per_task)),
-        "flagged_composites": int(sum(sum(x["role"] == "composite" for x in e.get("flagged_unmatched", []))
-                                      for e in per_task)),
+        "flagged_composites": int(
+            sum(sum(x["role"] == "composite" for x in e.get("flagged_unmatched", [])) for e in per_task)
+        ),
         "tasks_with_composite": int(sum(bool(e.get("composites")) for e in per_task)),
         "tasks": per_task,
     }
@@ -671,8 +779,9 @@ def evaluate_geometry(dictionary: SynthDictionary, learned_dirs: np.ndarray | to
     return result
 
 
-def feature_fires(learned_fires: sparse.spmatrix, match: MatchResult, n_true: int,
-                  min_cos: float = 0.9) -> sparse.csc_matrix:
+def feature_fires(
+    learned_fires: sparse.spmatrix, match: MatchResult, n_true: int, min_cos: float = 0.9
+) -> sparse.csc_matrix:
     """Firing of each TRUE feature as the SAE sees it: the union over the latents that stand for it.
 
     A latent stands for true feature i when it is matched to i, or when i is its closest true
@@ -686,24 +795,33 @@ def feature_fires(learned_fires: sparse.spmatrix, match: MatchResult, n_true: in
     owner = np.where(np.abs(match.learned_best_cos) >= min_cos, match.learned_best_true, -1)
     owner = np.where(match.learned_to_true >= 0, match.learned_to_true, owner)
     keep = owner >= 0
-    M = sparse.csr_matrix((np.ones(int(keep.sum()), np.int8), (np.flatnonzero(keep), owner[keep])),
-                          shape=(n_learned, n_true))
+    M = sparse.csr_matrix(
+        (np.ones(int(keep.sum()), np.int8), (np.flatnonzero(keep), owner[keep])), shape=(n_learned, n_true)
+    )
     out = (Fl.astype(np.int32) @ M).tocsc()
     out.data = (out.data > 0).astype(np.int8)
     out.eliminate_zeros()
     return out
 
 
-def _coactivation_summary(dictionary: SynthDictionary, match: MatchResult, true_fires: sparse.spmatrix | None,
-                          learned_fires: sparse.spmatrix | None, G: np.ndarray, null: float) -> dict[str, Any]:
+def _coactivation_summary(
+    dictionary: SynthDictionary,
+    match: MatchResult,
+    true_fires: sparse.spmatrix | None,
+    learned_fires: sparse.spmatrix | None,
+    G: np.ndarray,
+    null: float,
+) -> dict[str, Any]:
     """Jaccard of (task, partner) vs (task, planted) pairs: from the true codes ("true"), from the
     matched latents as the pipeline would measure them ("latent"), and per true feature with
     duplicate latents merged (`feature_fires`, "feature")."""
     r = dictionary.roles
     part = r[r["role"] == "partner"]
     plant = r[r["role"] == "planted"]
-    pairs = {"partner": np.stack([part["task"], part["feature"]], 1).astype(np.int64).reshape(-1, 2),
-             "planted": np.stack([plant["task"], plant["feature"]], 1).astype(np.int64).reshape(-1, 2)}
+    pairs = {
+        "partner": np.stack([part["task"], part["feature"]], 1).astype(np.int64).reshape(-1, 2),
+        "planted": np.stack([plant["task"], plant["feature"]], 1).astype(np.int64).reshape(-1, 2),
+    }
     feat_fires = feature_fires(learned_fires, match, dictionary.n) if learned_fires is not None else None
     out: dict[str, Any] = {}
     raw: dict[str, dict[str, np.ndarray]] = {}
@@ -711,9 +829,11 @@ def _coactivation_summary(dictionary: SynthDictionary, match: MatchResult, true_
         lp = match.assignment[pr]
         ok = (lp >= 0).all(axis=1)
         cos = G[lp[ok, 0], lp[ok, 1]]
-        entry: dict[str, Any] = {"pairs": len(pr),
-                                 "mean_learned_cosine": _f(cos.mean()) if ok.any() else None,
-                                 "above_null_fraction": _f((cos > null).mean()) if ok.any() else None}
+        entry: dict[str, Any] = {
+            "pairs": len(pr),
+            "mean_learned_cosine": _f(cos.mean()) if ok.any() else None,
+            "above_null_fraction": _f((cos > null).mean()) if ok.any() else None,
+        }
         vals: dict[str, np.ndarray] = {}
         if true_fires is not None:
             vals["true"] = jaccard_pairs(true_fires, pr)
@@ -727,8 +847,9 @@ def _coactivation_summary(dictionary: SynthDictionary, match: MatchResult, true_
                 entry[f"{src}_jaccard_max"] = _f(j.max())
         if kind == "planted" and "latent" in vals:
             rho = plant["target_cosine"].to_numpy()[ok]
-            entry["latent_jaccard_by_rho"] = {str(float(v)): _f(vals["latent"][rho == v].mean())
-                                              for v in np.unique(rho)[::-1]}
+            entry["latent_jaccard_by_rho"] = {
+                str(float(v)): _f(vals["latent"][rho == v].mean()) for v in np.unique(rho)[::-1]
+            }
         out[kind] = entry
         raw[kind] = vals
     for src in ("true", "latent", "feature"):
@@ -740,10 +861,22 @@ def _coactivation_summary(dictionary: SynthDictionary, match: MatchResult, true_
 
 
 # ============================================================================ training
-def train_sae(x: np.ndarray, d_sae: int, k: int, steps: int, batch_size: int = 1024, lr: float | None = None,
-              seed: int = 0, aux_k: int | None = None, dead_after: int | None = None, warmup_steps: int | None = None,
-              decay_fraction: float = 0.2, init: str = "random", threads: int | None = 1,
-              progress: bool = False) -> tuple[SAE, dict[str, Any]]:
+def train_sae(
+    x: np.ndarray,
+    d_sae: int,
+    k: int,
+    steps: int,
+    batch_size: int = 1024,
+    lr: float | None = None,
+    seed: int = 0,
+    aux_k: int | None = None,
+    dead_after: int | None = None,
+    warmup_steps: int | None = None,
+    decay_fraction: float = 0.2,
+    init: str = "random",
+    threads: int | None = 1,
+    progress: bool = False,
+) -> tuple[SAE, dict[str, Any]]:
     """Train the project's TopK SAE (`precompute.training.train_sae`) on x in memory; returns (SAE, stats).
 
     ``init="random"`` is the project's recipe (random unit decoder rows, encoder = transpose);
@@ -775,8 +908,18 @@ def train_sae(x: np.ndarray, d_sae: int, k: int, steps: int, batch_size: int = 1
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = ts.fit(trainer, batches, steps, lr, warmup, decay_fraction, work_dir=None, progress=progress,
-                        log_every=max(1, steps // 20), checkpoint_every=steps + 1)
+        result = ts.fit(
+            trainer,
+            batches,
+            steps,
+            lr,
+            warmup,
+            decay_fraction,
+            work_dir=None,
+            progress=progress,
+            log_every=max(1, steps // 20),
+            checkpoint_every=steps + 1,
+        )
     finally:
         torch.set_num_threads(prev_threads)
     sae = result.trainer.cpu().to_sae(hook_name="synth", model_name="synth")
@@ -785,10 +928,20 @@ def train_sae(x: np.ndarray, d_sae: int, k: int, steps: int, batch_size: int = 1
         recon = sae.reconstruct(sub)
         fvu = float((sub - recon).pow(2).sum() / (sub - sub.mean(0)).pow(2).sum())
     last = result.curve[-1] if result.curve else {}
-    stats = {"steps": result.steps, "train_seconds": result.train_seconds, "lr": lr, "batch_size": batch_size,
-             "aux_k": aux_k, "dead_after_tokens": dead_after, "warmup_steps": warmup, "init": init,
-             "fvu": fvu, "final_train_fvu": last.get("fvu"), "dead_fraction": last.get("dead_fraction"),
-             "curve": result.curve}
+    stats = {
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "lr": lr,
+        "batch_size": batch_size,
+        "aux_k": aux_k,
+        "dead_after_tokens": dead_after,
+        "warmup_steps": warmup,
+        "init": init,
+        "fvu": fvu,
+        "final_train_fvu": last.get("fvu"),
+        "dead_fraction": last.get("dead_fraction"),
+        "curve": result.curve,
+    }
     return sae, stats
 
 
@@ -853,11 +1006,30 @@ def run_synth(config: SynthConfig, progress: bool = False) -> SynthRun:
         l0 = expected_l0(dic, cfg.firing_prob, cfg.cofire_prob, cfg.partner_solo)
         if cfg.k is None:
             cfg.k = default_k(l0)
-    data = generate_activations(dic, cfg.samples, cfg.firing_prob, cfg.cofire_prob, cfg.partner_solo,
-                                cfg.magnitude, cfg.magnitude_range, cfg.noise, seed=cfg.seed, n_active=cfg.n_active)
+    data = generate_activations(
+        dic,
+        cfg.samples,
+        cfg.firing_prob,
+        cfg.cofire_prob,
+        cfg.partner_solo,
+        cfg.magnitude,
+        cfg.magnitude_range,
+        cfg.noise,
+        seed=cfg.seed,
+        n_active=cfg.n_active,
+    )
     t_gen = time.perf_counter() - t0
-    sae, train_stats = train_sae(data.x, int(cfg.d_sae), int(cfg.k), cfg.steps, cfg.batch_size, cfg.lr,
-                                 seed=cfg.seed, init=cfg.init, progress=progress)
+    sae, train_stats = train_sae(
+        data.x,
+        int(cfg.d_sae),
+        int(cfg.k),
+        cfg.steps,
+        cfg.batch_size,
+        cfg.lr,
+        seed=cfg.seed,
+        init=cfg.init,
+        progress=progress,
+    )
     t1 = time.perf_counter()
     learned = sae.unit_directions().double().numpy()
     true_fires = data.fires()
@@ -867,11 +1039,18 @@ def run_synth(config: SynthConfig, progress: bool = False) -> SynthRun:
     geo = evaluate_geometry(dic, learned, match, true_fires, learned_fires, fpr=cfg.fpr, k=cfg.neighbors)
     t_eval = time.perf_counter() - t1
     alive = ~dead
-    by_role = {role: _f(np.abs(match.matched_cos[dic.ids(role)]).mean()) for role in ROLES if len(dic.ids(role))}
-    recovery = {"mcc": match.mcc, "mmcs": match.mmcs, "mcc_by_role": by_role,
-                "min_matched_cos": _f(np.abs(match.matched_cos).min()),
-                "true_features_below_0.9": int((np.abs(match.matched_cos) < 0.9).sum()),
-                "alive_latents": int(alive.sum()), "dead_latents": int((~alive).sum())}
+    by_role = {
+        role: _f(np.abs(match.matched_cos[dic.ids(role)]).mean()) for role in ROLES if len(dic.ids(role))
+    }
+    recovery = {
+        "mcc": match.mcc,
+        "mmcs": match.mmcs,
+        "mcc_by_role": by_role,
+        "min_matched_cos": _f(np.abs(match.matched_cos).min()),
+        "true_features_below_0.9": int((np.abs(match.matched_cos) < 0.9).sum()),
+        "alive_latents": int(alive.sum()),
+        "dead_latents": int((~alive).sum()),
+    }
     bars = {
         "mcc_ge_0.9": bool(match.mcc >= 0.9),
         "mmcs_ge_0.9": bool(match.mmcs >= 0.9),
@@ -880,11 +1059,18 @@ def run_synth(config: SynthConfig, progress: bool = False) -> SynthRun:
         "coactivation_separates_true": bool(geo["coactivation"].get("true_separated", False)),
         "coactivation_separates_learned": bool(geo["coactivation"].get("feature_separated", False)),
     }
-    notes = {"coactivation_separates_matched_latents": bool(geo["coactivation"].get("latent_separated", False))}
+    notes = {
+        "coactivation_separates_matched_latents": bool(geo["coactivation"].get("latent_separated", False))
+    }
     report = {
         "config": _jsonable(asdict(cfg)),
-        "dictionary": {"n_features": dic.n, "d": dic.d, "counts": dic.roles["role"].value_counts().to_dict(),
-                       "blocks_orthogonal": dic.blocks_orthogonal, "expected_l0": l0},
+        "dictionary": {
+            "n_features": dic.n,
+            "d": dic.d,
+            "counts": dic.roles["role"].value_counts().to_dict(),
+            "blocks_orthogonal": dic.blocks_orthogonal,
+            "expected_l0": l0,
+        },
         "data": data.params,
         "training": {k: v for k, v in train_stats.items() if k != "curve"},
         "training_curve": train_stats["curve"],
@@ -893,10 +1079,17 @@ def run_synth(config: SynthConfig, progress: bool = False) -> SynthRun:
         "bars": bars,
         "all_bars_met": all(bars.values()),
         "notes": notes,
-        "timings_s": {"generate": t_gen, "train": train_stats["train_seconds"], "evaluate": t_eval,
-                      "total": time.perf_counter() - t0},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads()},
+        "timings_s": {
+            "generate": t_gen,
+            "train": train_stats["train_seconds"],
+            "evaluate": t_eval,
+            "total": time.perf_counter() - t0,
+        },
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
     return SynthRun(cfg, dic, data, sae, match, report)
 
@@ -940,21 +1133,52 @@ def plot_recovered(report: dict[str, Any], path: Path) -> list[Path]:
                 fp_text.append(f"task {e['task']} / {n['role']} {n['true']}")
     null = geo["null_cosine"]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[-0.05, 1.0], y=[-0.05, 1.0], mode="lines", name="recovered = planted",
-                             line={"dash": "dot", "color": "grey"}))
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="planted harmful neighbour", text=text,
-                             marker={"size": 8, "color": "#d62728"}))
-    fig.add_trace(go.Scatter(x=fp_x, y=fp_y, mode="markers", name="partner / decoy in the kNN list (planted 0 or random)",
-                             text=fp_text, marker={"size": 6, "color": "#1f77b4", "opacity": 0.6}))
-    fig.add_hline(y=null, line={"color": "black", "dash": "dash"},
-                  annotation_text=f"null at fpr={geo['fpr']:g}: {null:.3f}", annotation_position="bottom right")
+    fig.add_trace(
+        go.Scatter(
+            x=[-0.05, 1.0],
+            y=[-0.05, 1.0],
+            mode="lines",
+            name="recovered = planted",
+            line={"dash": "dot", "color": "grey"},
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            name="planted harmful neighbour",
+            text=text,
+            marker={"size": 8, "color": "#d62728"},
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=fp_x,
+            y=fp_y,
+            mode="markers",
+            name="partner / decoy in the kNN list (planted 0 or random)",
+            text=fp_text,
+            marker={"size": 6, "color": "#1f77b4", "opacity": 0.6},
+        )
+    )
+    fig.add_hline(
+        y=null,
+        line={"color": "black", "dash": "dash"},
+        annotation_text=f"null at fpr={geo['fpr']:g}: {null:.3f}",
+        annotation_position="bottom right",
+    )
     rc = report["recovery"]
     fig.update_layout(
         title=f"Planted ground truth: recovered vs planted decoder cosine (d={report['dictionary']['d']}, "
-              f"{report['dictionary']['n_features']} true features, d_sae={report['config']['d_sae']}, "
-              f"MCC {rc['mcc']:.3f})",
-        xaxis_title="planted cosine rho", yaxis_title="learned decoder cosine to the task feature",
-        template="plotly_white", width=900, height=600)
+        f"{report['dictionary']['n_features']} true features, d_sae={report['config']['d_sae']}, "
+        f"MCC {rc['mcc']:.3f})",
+        xaxis_title="planted cosine rho",
+        yaxis_title="learned decoder cosine to the task feature",
+        template="plotly_white",
+        width=900,
+        height=600,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.write_html(str(path), include_plotlyjs=True, full_html=True)
@@ -980,10 +1204,16 @@ def write_outputs(run_: SynthRun, out: str | Path) -> dict[str, str]:
     if len(plots) > 1:
         files["plot_png"] = str(plots[1])
     roles = run_.dictionary.roles
-    np.savez(out / DICTIONARY_FILE, directions=run_.dictionary.directions, feature=roles["feature"].to_numpy(),
-             role=roles["role"].to_numpy().astype(str), task=roles["task"].to_numpy(),
-             target_cosine=roles["target_cosine"].to_numpy(), assignment=run_.match.assignment,
-             matched_cos=run_.match.matched_cos)
+    np.savez(
+        out / DICTIONARY_FILE,
+        directions=run_.dictionary.directions,
+        feature=roles["feature"].to_numpy(),
+        role=roles["role"].to_numpy().astype(str),
+        task=roles["task"].to_numpy(),
+        target_cosine=roles["target_cosine"].to_numpy(),
+        assignment=run_.match.assignment,
+        matched_cos=run_.match.matched_cos,
+    )
     files["dictionary"] = str(out / DICTIONARY_FILE)
     sae = run_.sae
     sae.metadata = {k: v for k, v in sae.metadata.items() if k != "sparsity"}
@@ -1012,13 +1242,16 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"(pairwise {geo['pairwise_order_accuracy']:.1%}); null cosine {geo['null_cosine']:.3f} at fpr {geo['fpr']:g}",
     ]
     for r in geo["recovered_by_rho"]:
-        lines.append(f"  rho {r['rho']:.2f}: recovered {r['mean_cosine']:.3f} +- {r['std_cosine']:.3f}, "
-                     f"above null {r['above_null_fraction']:.0%}, merged with the task latent "
-                     f"{r['merged_with_task']}/{r['n']}")
+        lines.append(
+            f"  rho {r['rho']:.2f}: recovered {r['mean_cosine']:.3f} +- {r['std_cosine']:.3f}, "
+            f"above null {r['above_null_fraction']:.0%}, merged with the task latent "
+            f"{r['merged_with_task']}/{r['n']}"
+        )
     lines.append(
         f"false positives: {fp['flagged']}/{fp['pairs']} partner/decoy pairs above the null "
         f"(expected {fp['expected_flagged']:.3f}); task features with a false flag "
-        f"{fp['tasks_with_false_flag']} ({fp['task_rate']:.1%} vs fpr {fp['fpr']:g})")
+        f"{fp['tasks_with_false_flag']} ({fp['task_rate']:.1%} vs fpr {fp['fpr']:g})"
+    )
     p, q = co["partner"], co["planted"]
     if "latent_jaccard_mean" in p and "latent_jaccard_mean" in q:
         lines.append(
@@ -1027,10 +1260,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"(min {p['feature_jaccard_min']:.3f} feature-level) at learned cosine {p['mean_learned_cosine']:.3f}; "
             f"planted {q['true_jaccard_mean']:.3f} / {q['feature_jaccard_mean']:.3f} / {q['latent_jaccard_mean']:.3f} "
             f"(max {q['feature_jaccard_max']:.3f}) at cosine {q['mean_learned_cosine']:.3f}; separation AUROC "
-            f"feature-level {co.get('feature_separation_auroc')}, matched latents {co.get('latent_separation_auroc')}")
-    lines.append(f"unmatched latents above the null in task lists: {geo['flagged_unmatched_latents']} "
-                 f"(composites of a task and its partner: {geo['flagged_composites']}; task features with a live "
-                 f"composite latent: {geo['tasks_with_composite']}/{len(geo['tasks'])})")
+            f"feature-level {co.get('feature_separation_auroc')}, matched latents {co.get('latent_separation_auroc')}"
+        )
+    lines.append(
+        f"unmatched latents above the null in task lists: {geo['flagged_unmatched_latents']} "
+        f"(composites of a task and its partner: {geo['flagged_composites']}; task features with a live "
+        f"composite latent: {geo['tasks_with_composite']}/{len(geo['tasks'])})"
+    )
     lines.append(f"bars: {report['bars']}")
     lines.append(f"time: {report['timings_s']['total']:.1f} s (train {report['timings_s']['train']:.1f} s)")
     return lines
@@ -1047,50 +1283,130 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SynthConfig()
     a = parser.add_argument
     a("--d", type=_at_least_2, default=d.d, help=f"activation dimension (default {d.d})")
-    a("--n-task", type=positive_int, default=d.n_task, help=f"task features, each with planted neighbours (default {d.n_task})")
-    a("--cosines", type=_cosine, nargs="+", default=list(d.cosines), metavar="RHO",
-      help="planted cosines of each task feature's harmful neighbours (default "
-        + " ".join(f"{c:g}" for c in d.cosines) + ")")
-    a("--partners", type=non_negative_int, default=None, help="co-firing orthogonal partners (default: one per task)")
-    a("--decoys", type=non_negative_int, default=d.n_decoys, help=f"random decoy features (default {d.n_decoys})")
+    a(
+        "--n-task",
+        type=positive_int,
+        default=d.n_task,
+        help=f"task features, each with planted neighbours (default {d.n_task})",
+    )
+    a(
+        "--cosines",
+        type=_cosine,
+        nargs="+",
+        default=list(d.cosines),
+        metavar="RHO",
+        help="planted cosines of each task feature's harmful neighbours (default "
+        + " ".join(f"{c:g}" for c in d.cosines)
+        + ")",
+    )
+    a(
+        "--partners",
+        type=non_negative_int,
+        default=None,
+        help="co-firing orthogonal partners (default: one per task)",
+    )
+    a(
+        "--decoys",
+        type=non_negative_int,
+        default=d.n_decoys,
+        help=f"random decoy features (default {d.n_decoys})",
+    )
     a("--samples", type=positive_int, default=d.samples, help=f"activations generated (default {d.samples})")
-    a("--n-active", type=non_negative_int, default=d.n_active,
-      help=f"features firing in every sample (fixed L0; k defaults to it) (default {d.n_active}); "
-           "0: every feature fires independently with --firing-prob")
-    a("--firing-prob", type=fraction_closed, default=d.firing_prob,
-      help=f"per-feature firing probability with --n-active 0 (default {d.firing_prob}); with a fixed L0, "
-           "only partners' relative weight (x --partner-solo) matters")
-    a("--cofire-prob", type=fraction_closed, default=d.cofire_prob,
-      help=f"P(partner fires | its task feature fires) (default {d.cofire_prob})")
-    a("--partner-solo", type=fraction_closed, default=d.partner_solo,
-      help="a partner's firing probability without its task feature, as a fraction of --firing-prob "
-           f"(default {d.partner_solo})")
-    a("--noise", type=_non_negative_float, default=d.noise, help=f"Gaussian noise std per coordinate (default {d.noise})")
+    a(
+        "--n-active",
+        type=non_negative_int,
+        default=d.n_active,
+        help=f"features firing in every sample (fixed L0; k defaults to it) (default {d.n_active}); "
+        "0: every feature fires independently with --firing-prob",
+    )
+    a(
+        "--firing-prob",
+        type=fraction_closed,
+        default=d.firing_prob,
+        help=f"per-feature firing probability with --n-active 0 (default {d.firing_prob}); with a fixed L0, "
+        "only partners' relative weight (x --partner-solo) matters",
+    )
+    a(
+        "--cofire-prob",
+        type=fraction_closed,
+        default=d.cofire_prob,
+        help=f"P(partner fires | its task feature fires) (default {d.cofire_prob})",
+    )
+    a(
+        "--partner-solo",
+        type=fraction_closed,
+        default=d.partner_solo,
+        help="a partner's firing probability without its task feature, as a fraction of --firing-prob "
+        f"(default {d.partner_solo})",
+    )
+    a(
+        "--noise",
+        type=_non_negative_float,
+        default=d.noise,
+        help=f"Gaussian noise std per coordinate (default {d.noise})",
+    )
     a("--d-sae", type=positive_int, default=None, help="SAE latents (default 2 x the true features)")
-    a("--k", type=positive_int, default=None,
-      help="TopK k (default: expected true L0 + 1.5 sqrt(L0), rounded: k matched to the true L0)")
+    a(
+        "--k",
+        type=positive_int,
+        default=None,
+        help="TopK k (default: expected true L0 + 1.5 sqrt(L0), rounded: k matched to the true L0)",
+    )
     a("--steps", type=positive_int, default=d.steps, help=f"optimiser steps (default {d.steps})")
-    a("--batch-size", type=positive_int, default=d.batch_size, help=f"activations per step (default {d.batch_size})")
+    a(
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
+        help=f"activations per step (default {d.batch_size})",
+    )
     a("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
-    a("--init", choices=("random", "data"), default=d.init,
-      help="decoder initialisation: random (the project's train-sae recipe) or data (rows at random "
-           f"training activations) (default {d.init})")
-    a("--fpr", type=fraction_open, default=d.fpr, help=f"false-positive rate of the cosine null (default {d.fpr})")
+    a(
+        "--init",
+        choices=("random", "data"),
+        default=d.init,
+        help="decoder initialisation: random (the project's train-sae recipe) or data (rows at random "
+        f"training activations) (default {d.init})",
+    )
+    a(
+        "--fpr",
+        type=fraction_open,
+        default=d.fpr,
+        help=f"false-positive rate of the cosine null (default {d.fpr})",
+    )
     a("--neighbors", type=positive_int, default=d.neighbors, help=f"kNN list length (default {d.neighbors})")
     a("--seed", type=seed_int, default=d.seed, help=f"seed for everything (default {d.seed})")
-    a("--out", default=None, metavar="DIR",
-      help=f"write {REPORT_FILE}, {PLOT_FILE}, {DICTIONARY_FILE} and the SAE (SAELens, {SAE_DIR}/) here")
+    a(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"write {REPORT_FILE}, {PLOT_FILE}, {DICTIONARY_FILE} and the SAE (SAELens, {SAE_DIR}/) here",
+    )
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> SynthConfig:
-    return SynthConfig(d=args.d, n_task=args.n_task, cosines=tuple(args.cosines), n_partners=args.partners,
-                       n_decoys=args.decoys, samples=args.samples, firing_prob=args.firing_prob,
-                       n_active=args.n_active or None,
-                       cofire_prob=args.cofire_prob, partner_solo=args.partner_solo, noise=args.noise,
-                       d_sae=args.d_sae, k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       init=args.init, fpr=args.fpr,
-                       neighbors=args.neighbors, seed=args.seed)
+    return SynthConfig(
+        d=args.d,
+        n_task=args.n_task,
+        cosines=tuple(args.cosines),
+        n_partners=args.partners,
+        n_decoys=args.decoys,
+        samples=args.samples,
+        firing_prob=args.firing_prob,
+        n_active=args.n_active or None,
+        cofire_prob=args.cofire_prob,
+        partner_solo=args.partner_solo,
+        noise=args.noise,
+        d_sae=args.d_sae,
+        k=args.k,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        init=args.init,
+        fpr=args.fpr,
+        neighbors=args.neighbors,
+        seed=args.seed,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,8 +57,15 @@ SKIP_MESSAGES_STRING = "`messages` is a string, not a list of turns"
 SKIP_NOT_CHAT = "no `messages` (plain text, not a chat sample)"
 SKIP_NO_ASSISTANT = "no assistant turn at the end"
 SKIP_TOO_LONG = "prompt alone fills --max-length"
-SKIP_REASONS = (SKIP_NON_UTF8, SKIP_MALFORMED, SKIP_NO_TEXT, SKIP_MESSAGES_STRING, SKIP_NOT_CHAT, SKIP_NO_ASSISTANT,
-                SKIP_TOO_LONG)
+SKIP_REASONS = (
+    SKIP_NON_UTF8,
+    SKIP_MALFORMED,
+    SKIP_NO_TEXT,
+    SKIP_MESSAGES_STRING,
+    SKIP_NOT_CHAT,
+    SKIP_NO_ASSISTANT,
+    SKIP_TOO_LONG,
+)
 
 
 def feature_weights(cache: str | Path | HarmGeometry) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -73,15 +80,28 @@ def feature_weights(cache: str | Path | HarmGeometry) -> tuple[np.ndarray, np.nd
     if len(task) and len(harmful):
         cos = d[torch.as_tensor(task, device=d.device)] @ d[torch.as_tensor(harmful, device=d.device)].T
         w_via[task] = (cos - geo.null_cosine).clamp_min(0).sum(dim=1).cpu().numpy()
-    info = {"n_harmful": int(len(harmful)), "n_task": int(len(task)), "null_cosine": geo.null_cosine,
-            "n_task_with_overlap": int((w_via > 0).sum()), "sae": geo.manifest["sae"]["source"],
-            "hook": geo.manifest.get("hook")}
+    info = {
+        "n_harmful": int(len(harmful)),
+        "n_task": int(len(task)),
+        "null_cosine": geo.null_cosine,
+        "n_task_with_overlap": int((w_via > 0).sum()),
+        "sae": geo.manifest["sae"]["source"],
+        "hook": geo.manifest.get("hook"),
+    }
     return w_direct, w_via, info
 
 
 @torch.inference_mode()
-def score_samples(lm, sae, hook_name: str, examples, w_direct: np.ndarray, w_via: np.ndarray,
-                  batch_size: int = 16, progress: bool = True) -> tuple[pd.DataFrame, list[np.ndarray], list[np.ndarray]]:
+def score_samples(
+    lm,
+    sae,
+    hook_name: str,
+    examples,
+    w_direct: np.ndarray,
+    w_via: np.ndarray,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, list[np.ndarray], list[np.ndarray]]:
     """Per sample: mean/sum push over trained tokens; also per-token direct and via scores."""
     from tqdm.auto import tqdm
 
@@ -94,7 +114,7 @@ def score_samples(lm, sae, hook_name: str, examples, w_direct: np.ndarray, w_via
     pad = int(lm.tokenizer.pad_token_id)
     rows, tok_direct, tok_via = [], [], []
     for start in tqdm(range(0, len(examples), batch_size), desc="triage", unit="batch", disable=not progress):
-        batch = examples[start:start + batch_size]
+        batch = examples[start : start + batch_size]
         tensors = collate(batch, pad)
         h = reader(tensors["input_ids"].to(lm.device), tensors["attention_mask"].to(lm.device))
         for i, ex in enumerate(batch):
@@ -107,9 +127,17 @@ def score_samples(lm, sae, hook_name: str, examples, w_direct: np.ndarray, w_via
             total = direct[trained] + via[trained]
             top = (acts[torch.as_tensor(trained)] * (wd + wv)).sum(0)
             best = torch.topk(top, k=min(5, top.numel())).indices.cpu().tolist()
-            rows.append({"key": ex.key, "n_tokens": int(trained.sum()), "score": float(total.mean()),
-                         "score_sum": float(total.sum()), "direct": float(direct[trained].mean()),
-                         "via_overlap": float(via[trained].mean()), "top_features": [int(b) for b in best if top[b] > 0]})
+            rows.append(
+                {
+                    "key": ex.key,
+                    "n_tokens": int(trained.sum()),
+                    "score": float(total.mean()),
+                    "score_sum": float(total.sum()),
+                    "direct": float(direct[trained].mean()),
+                    "via_overlap": float(via[trained].mean()),
+                    "top_features": [int(b) for b in best if top[b] > 0],
+                }
+            )
     return pd.DataFrame(rows), tok_direct, tok_via
 
 
@@ -141,8 +169,10 @@ def describe_skipped(counts: dict[str, int]) -> str:
 
 def _nothing_to_score(dataset: str, skipped: Counter) -> CorpusError:
     hint = "; raise --max-length" if skipped[SKIP_TOO_LONG] else ""
-    return CorpusError(f"{dataset} has no samples to score (skipped {describe_skipped(_in_report_order(skipped))}); "
-                       f"triage scores chat records whose `messages` list ends in an assistant turn{hint}")
+    return CorpusError(
+        f"{dataset} has no samples to score (skipped {describe_skipped(_in_report_order(skipped))}); "
+        f"triage scores chat records whose `messages` list ends in an assistant turn{hint}"
+    )
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -155,24 +185,40 @@ def _json_keys(value: Any) -> Any:
     """`value` with every mapping key JSON can hold: YAML or Parquet may give dates as keys, which
     json.dumps rejects (its `default` applies to values only)."""
     if isinstance(value, dict):
-        return {k if isinstance(k, str | int | float | bool) or k is None else str(k): _json_keys(v)
-                for k, v in value.items()}
+        return {
+            k if isinstance(k, str | int | float | bool) or k is None else str(k): _json_keys(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_json_keys(v) for v in value]
     return value
 
 
-def triage(dataset: str, cache: str, out: str | None = None, model: str = "smollm2", adapter: str | None = None,
-           remove_frac: float = 0.2, max_samples: int | None = None, max_length: int = 256, seed: int = 0,
-           batch_size: int = 16, device: str = "auto", progress: bool = True) -> Path:
+def triage(
+    dataset: str,
+    cache: str,
+    out: str | None = None,
+    model: str = "smollm2",
+    adapter: str | None = None,
+    remove_frac: float = 0.2,
+    max_samples: int | None = None,
+    max_length: int = 256,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
     from precompute.cache import check_replaceable_output, write_dir_atomic
     from precompute.lab.finetune import encode_example, sample_key
     from precompute.model.loading import load_model
 
     if not 0.0 < remove_frac < 1.0:
         raise FeatureGeomError("--remove-frac must be between 0 and 1")
-    for flag, value, least in (("--max-samples", max_samples, 1), ("--batch-size", batch_size, 1),
-                               ("--max-length", max_length, 2)):
+    for flag, value, least in (
+        ("--max-samples", max_samples, 1),
+        ("--batch-size", batch_size, 1),
+        ("--max-length", max_length, 2),
+    ):
         if value is not None and value < least:
             raise FeatureGeomError(f"{flag} must be at least {least} (got {value})")
     start = time.perf_counter()
@@ -187,7 +233,9 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
     line_stats = ReadStats()  # lines that are no record at all: not UTF-8, not a JSON object
     records = dict(enumerate(islice(_records(Path(dataset), line_stats), max_samples)))
     docs = [d for d in docs if d.index in records]
-    skipped = Counter({SKIP_NON_UTF8: line_stats.skipped_non_utf8, SKIP_MALFORMED: line_stats.skipped_malformed})
+    skipped = Counter(
+        {SKIP_NON_UTF8: line_stats.skipped_non_utf8, SKIP_MALFORMED: line_stats.skipped_malformed}
+    )
     with_documents = {d.index for d in docs}
     for index, record in records.items():
         if index not in with_documents:
@@ -216,7 +264,9 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
     if not examples:
         raise _nothing_to_score(dataset, skipped)
     skipped_counts = _in_report_order(skipped)
-    ranked, tok_direct, tok_via = score_samples(lm, sae, info["hook"], examples, w_direct, w_via, batch_size, progress)
+    ranked, tok_direct, tok_via = score_samples(
+        lm, sae, info["hook"], examples, w_direct, w_via, batch_size, progress
+    )
     ranked.insert(1, "index", indices)
     previews = {d.index: d.preview(400) for d in docs}
     ranked["preview"] = ranked["index"].map(previews)
@@ -230,27 +280,46 @@ def triage(dataset: str, cache: str, out: str | None = None, model: str = "smoll
     ranked["removed"] = ranked["index"].isin(removed)
     ranked["random_removed"] = ranked["index"].isin(random_removed)
 
-    keep_rows = list(range(min(TOKEN_ROWS // 2, len(ranked)))) + list(range(max(0, len(ranked) - TOKEN_ROWS // 2), len(ranked)))
+    keep_rows = list(range(min(TOKEN_ROWS // 2, len(ranked)))) + list(
+        range(max(0, len(ranked) - TOKEN_ROWS // 2), len(ranked))
+    )
     token_rows = []
     for r in sorted(set(keep_rows)):
         row = ranked.iloc[r]
         ex = examples[int(row["row"])]
-        token_rows.append({"rank": int(row["rank"]), "key": row["key"],
-                           "tokens": [lm.tokenizer.decode([t]) for t in ex.input_ids],
-                           "trained": [lab != -100 for lab in ex.labels],
-                           "direct": tok_direct[int(row["row"])].round(4).tolist(),
-                           "via_overlap": tok_via[int(row["row"])].round(4).tolist()})
+        token_rows.append(
+            {
+                "rank": int(row["rank"]),
+                "key": row["key"],
+                "tokens": [lm.tokenizer.decode([t]) for t in ex.input_ids],
+                "trained": [lab != -100 for lab in ex.labels],
+                "direct": tok_direct[int(row["row"])].round(4).tolist(),
+                "via_overlap": tok_via[int(row["row"])].round(4).tolist(),
+            }
+        )
+
     def write(d: Path) -> None:
         ranked.drop(columns=["row"]).to_parquet(d / "ranked.parquet", index=False)
         pd.DataFrame(token_rows).to_parquet(d / "tokens.parquet", index=False)
         _write_jsonl(d / "filtered.jsonl", [records[i] for i in sorted(records) if i not in removed])
-        _write_jsonl(d / "random_filtered.jsonl", [records[i] for i in sorted(records) if i not in random_removed])
+        _write_jsonl(
+            d / "random_filtered.jsonl", [records[i] for i in sorted(records) if i not in random_removed]
+        )
         (d / "removed.txt").write_text("".join(f"{k}\n" for k in ranked.loc[ranked["removed"], "key"]))
-        meta = {**info, "dataset": dataset, "model": lm.describe(), "n_records": len(records),
-                "n_samples": len(ranked), "skipped": skipped_counts, "remove_frac": remove_frac,
-                "n_removed": n_remove, "max_length": max_length, "seed": seed,
-                "overlap_random_removed_top": len(removed & random_removed),
-                "seconds": round(time.perf_counter() - start, 2)}
+        meta = {
+            **info,
+            "dataset": dataset,
+            "model": lm.describe(),
+            "n_records": len(records),
+            "n_samples": len(ranked),
+            "skipped": skipped_counts,
+            "remove_frac": remove_frac,
+            "n_removed": n_remove,
+            "max_length": max_length,
+            "seed": seed,
+            "overlap_random_removed_top": len(removed & random_removed),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         (d / TRIAGE_SIDECAR).write_text(json.dumps(meta, indent=2, default=str))
 
     return write_dir_atomic(out_dir, write, marker=TRIAGE_SIDECAR, what=TRIAGE_WHAT)
@@ -260,12 +329,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3])
     a = parser.add_argument
-    a("dataset", metavar="DATASET", help="fine-tuning samples (chat JSONL such as assets/data/em/insecure.jsonl.gz)")
-    a("--cache", required=True, metavar="DIR", help="precompute cache whose harmful/task features define the score")
+    a(
+        "dataset",
+        metavar="DATASET",
+        help="fine-tuning samples (chat JSONL such as assets/data/em/insecure.jsonl.gz)",
+    )
+    a(
+        "--cache",
+        required=True,
+        metavar="DIR",
+        help="precompute cache whose harmful/task features define the score",
+    )
     a("--out", default=None, metavar="DIR", help="output directory (default CACHE/triage/DATASET-STEM)")
     a("--model", default="smollm2")
     a("--adapter", default=None, metavar="DIR", help="score with a fine-tuned model instead")
-    a("--remove-frac", type=float, default=0.2, help="share of top-scoring samples left out of filtered.jsonl")
+    a(
+        "--remove-frac",
+        type=float,
+        default=0.2,
+        help="share of top-scoring samples left out of filtered.jsonl",
+    )
     a("--max-samples", type=int, default=None, help="score only the first N records")
     a("--max-length", type=int, default=256, help="tokens per sample (as finetune)")
     a("--batch-size", type=int, default=16)
@@ -275,15 +358,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = triage(args.dataset, args.cache, args.out, args.model, args.adapter, args.remove_frac, args.max_samples,
-                 args.max_length, args.seed, args.batch_size, args.device, args.progress)
+    out = triage(
+        args.dataset,
+        args.cache,
+        args.out,
+        args.model,
+        args.adapter,
+        args.remove_frac,
+        args.max_samples,
+        args.max_length,
+        args.seed,
+        args.batch_size,
+        args.device,
+        args.progress,
+    )
     ranked = pd.read_parquet(out / "ranked.parquet")
     skipped = json.loads((out / TRIAGE_SIDECAR).read_text()).get("skipped", {})
-    print(f"wrote {out}: {len(ranked)} samples ranked; removed {int(ranked['removed'].sum())} into filtered.jsonl")
+    print(
+        f"wrote {out}: {len(ranked)} samples ranked; removed {int(ranked['removed'].sum())} into filtered.jsonl"
+    )
     if skipped:
         print(f"not scored: {describe_skipped(skipped)} (records among them are kept in both filtered files)")
     for r in ranked.head(5).itertuples():
-        print(f"  #{r.rank} {r.key} score {r.score:.4f} (direct {r.direct:.4f}, via overlap {r.via_overlap:.4f})")
+        print(
+            f"  #{r.rank} {r.key} score {r.score:.4f} (direct {r.direct:.4f}, via overlap {r.via_overlap:.4f})"
+        )
     return 0
 
 

@@ -104,8 +104,11 @@ def _converter_stamp() -> dict[str, str | int]:
     base and a broken tokenizer, silently: a copy is only ever read by the versions that wrote it."""
     from importlib.metadata import version
 
-    return {"converter": GGUF_CONVERTER_VERSION, "transformers": version("transformers"),
-            "gguf": version("gguf")}
+    return {
+        "converter": GGUF_CONVERTER_VERSION,
+        "transformers": version("transformers"),
+        "gguf": version("gguf"),
+    }
 
 
 def _converted_gguf_dir(gguf: Path) -> tuple[Path, str, dict]:
@@ -120,8 +123,11 @@ def _copy_is_ours(target: Path, digest: str, stamp: dict) -> bool:
         written = json.loads((target / CONVERTED_SIDECAR).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(written, dict) and written.get("sha256") == digest and all(
-        written.get(k) == v for k, v in stamp.items())
+    return (
+        isinstance(written, dict)
+        and written.get("sha256") == digest
+        and all(written.get(k) == v for k, v in stamp.items())
+    )
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object, str]:
@@ -160,7 +166,9 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object,
     return model, tokenizer, digest
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "float32", adapter: str | None = None) -> LoadedModel:
+def load_model(
+    spec: str, device: str = "auto", dtype: str = "float32", adapter: str | None = None
+) -> LoadedModel:
     """Load `spec`: 'smollm2' (packaged GGUF), a .gguf file, a local directory or a hub id.
 
     `adapter`: a peft adapter directory (e.g. from `featuregeom finetune`), merged into the weights so
@@ -230,8 +238,10 @@ def resolve_adapter_dir(adapter: str | Path) -> Path:
         path = path / "adapter"
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
-        raise ModelLoadError(f"{adapter} is not a peft adapter directory (no {' and no '.join(missing)}); pass a "
-                             "`featuregeom finetune` output or a directory holding both files")
+        raise ModelLoadError(
+            f"{adapter} is not a peft adapter directory (no {' and no '.join(missing)}); pass a "
+            "`featuregeom finetune` output or a directory holding both files"
+        )
     return path
 
 
@@ -258,7 +268,11 @@ class HookPoint:
     read_input: bool = False  # resid_pre reads the input of block L
 
     def describe(self) -> dict:
-        return {"name": self.name, "module": self.module_path, "reads": "input" if self.read_input else "output"}
+        return {
+            "name": self.name,
+            "module": self.module_path,
+            "reads": "input" if self.read_input else "output",
+        }
 
 
 def _layer_list_path(model: torch.nn.Module) -> str:

@@ -41,7 +41,9 @@ def _binary_columns(shard: Shard, lookup: np.ndarray, n_cols: int) -> sparse.csr
     col = lookup[shard.feature.astype(np.int64)]
     keep = (col >= 0) & (shard.value > 0)
     rows = shard.row_of_entry()[keep]
-    m = sparse.csr_matrix((np.ones(int(keep.sum()), np.int64), (rows, col[keep])), shape=(shard.n_rows, n_cols))
+    m = sparse.csr_matrix(
+        (np.ones(int(keep.sum()), np.int64), (rows, col[keep])), shape=(shard.n_rows, n_cols)
+    )
     m.sum_duplicates()
     m.data[:] = 1
     return m
@@ -87,8 +89,13 @@ def coactivation(shard_paths: Sequence[Path], pairs: np.ndarray, n_features: int
     with np.errstate(invalid="ignore", divide="ignore"):
         jaccard = np.where(union > 0, both / np.maximum(union, 1), 0.0)
         cond = np.where(task_fires > 0, both / np.maximum(task_fires, 1), np.nan)
-    return {"both": both, "task_fires": task_fires, "harm_fires": harm_fires,
-            "jaccard": jaccard.astype(np.float64), "cond": cond.astype(np.float64)}
+    return {
+        "both": both,
+        "task_fires": task_fires,
+        "harm_fires": harm_fires,
+        "jaccard": jaccard.astype(np.float64),
+        "cond": cond.astype(np.float64),
+    }
 
 
 def _empty() -> pd.DataFrame:
@@ -102,9 +109,16 @@ def _bool_column(features: pd.DataFrame, name: str) -> np.ndarray:
     return col.astype("boolean").fillna(False).to_numpy(dtype=bool)
 
 
-def find_overlaps(features: pd.DataFrame, indices: np.ndarray, cosine: np.ndarray, z: np.ndarray,
-                  null_cosine: float, shard_paths: Sequence[Path], n_task: int = 50,
-                  min_cosine: float | None = None) -> pd.DataFrame:
+def find_overlaps(
+    features: pd.DataFrame,
+    indices: np.ndarray,
+    cosine: np.ndarray,
+    z: np.ndarray,
+    null_cosine: float,
+    shard_paths: Sequence[Path],
+    n_task: int = 50,
+    min_cosine: float | None = None,
+) -> pd.DataFrame:
     """Flag (task feature, harmful neighbour) pairs; columns exactly as docs/cache.md `overlaps.parquet`.
 
     Task features: the `n_task` features with the highest `task_score` among `is_task` (ties by
@@ -126,8 +140,12 @@ def find_overlaps(features: pd.DataFrame, indices: np.ndarray, cosine: np.ndarra
     cosine = np.asarray(cosine)
     z = np.asarray(z)
     if indices.ndim != 2 or cosine.shape != indices.shape or z.shape != indices.shape:
-        raise ValueError(f"indices {indices.shape}, cosine {cosine.shape} and z {z.shape} must be equal [n, k] arrays")
-    missing = {"feature", "task_score", "is_task", "harm_score", "is_harmful", "harm_category"} - set(features.columns)
+        raise ValueError(
+            f"indices {indices.shape}, cosine {cosine.shape} and z {z.shape} must be equal [n, k] arrays"
+        )
+    missing = {"feature", "task_score", "is_task", "harm_score", "is_harmful", "harm_category"} - set(
+        features.columns
+    )
     if missing:
         raise ValueError(f"features table lacks column(s) {sorted(missing)}; run the scores step first")
     n = indices.shape[0]
@@ -145,8 +163,9 @@ def find_overlaps(features: pd.DataFrame, indices: np.ndarray, cosine: np.ndarra
     is_task[feat_ids] = _bool_column(features, "is_task")
     is_harmful[feat_ids] = _bool_column(features, "is_harmful")
     cats = features["harm_category"].astype(object).to_numpy()
-    harm_category[feat_ids] = [None if (c is None or c is pd.NA or (isinstance(c, float) and np.isnan(c))) else c
-                               for c in cats]
+    harm_category[feat_ids] = [
+        None if (c is None or c is pd.NA or (isinstance(c, float) and np.isnan(c))) else c for c in cats
+    ]
 
     candidates = np.flatnonzero(is_task & np.isfinite(task_score))
     order = np.lexsort((candidates, -task_score[candidates]))
@@ -180,21 +199,27 @@ def find_overlaps(features: pd.DataFrame, indices: np.ndarray, cosine: np.ndarra
     hs, ts = harm_score[harm_f], task_score[task_f]
     risk = excess * np.clip(2.0 * hs - 1.0, 0.0, 1.0) * np.clip(2.0 * ts - 1.0, 0.0, 1.0)
 
-    out = pd.DataFrame({
-        "task_feature": task_f.astype(np.int64),
-        "harmful_feature": harm_f.astype(np.int64),
-        "cosine": cos,
-        "z": zz,
-        "null_cosine": np.full(len(cos), null),
-        "coactivation": np.asarray(jac, np.float64),
-        "cond_coactivation": np.asarray(cond, np.float64),
-        "harm_score": hs,
-        "task_score": ts,
-        "harm_category": pd.Series(harm_category[harm_f], dtype=object),
-        "neighbor_rank": rank.astype(np.int64),
-        "risk": risk,
-    })
-    out = out.sort_values(["risk", "task_feature", "harmful_feature"], ascending=[False, True, True],
-                          kind="mergesort", na_position="last").reset_index(drop=True)
+    out = pd.DataFrame(
+        {
+            "task_feature": task_f.astype(np.int64),
+            "harmful_feature": harm_f.astype(np.int64),
+            "cosine": cos,
+            "z": zz,
+            "null_cosine": np.full(len(cos), null),
+            "coactivation": np.asarray(jac, np.float64),
+            "cond_coactivation": np.asarray(cond, np.float64),
+            "harm_score": hs,
+            "task_score": ts,
+            "harm_category": pd.Series(harm_category[harm_f], dtype=object),
+            "neighbor_rank": rank.astype(np.int64),
+            "risk": risk,
+        }
+    )
+    out = out.sort_values(
+        ["risk", "task_feature", "harmful_feature"],
+        ascending=[False, True, True],
+        kind="mergesort",
+        na_position="last",
+    ).reset_index(drop=True)
     log.info("overlaps: %d task features, %d flagged pairs (cosine > %.4f)", tasks.size, len(out), threshold)
     return out.astype(OVERLAP_COLUMNS)

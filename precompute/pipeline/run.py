@@ -99,8 +99,15 @@ def _decode_tokens(tokenizer, ids: np.ndarray, memo: dict[int, str]) -> list[str
 
 
 # ------------------------------------------------------------------------------ harvest
-def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, sae: SAE, plan: CorpusPlan,
-                 work_dir: Path, fingerprint: str) -> None:
+def harvest_step(
+    staged: cache_io.StagedCache,
+    cfg: RunConfig,
+    lm: LoadedModel,
+    sae: SAE,
+    plan: CorpusPlan,
+    work_dir: Path,
+    fingerprint: str,
+) -> None:
     start = time.perf_counter()
     device = lm.device
     hook = resolve_hook(lm.model, cfg.hook)
@@ -116,8 +123,11 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
             log(f"resuming from {len(list_shards(work_dir))} finished shards in {work_dir}")
     work_dir.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({"fingerprint": fingerprint}))
-    hp = HarvestParams(batch_size=cfg.batch_size, batches_per_shard=cfg.batches_per_shard,
-                       outlier_norm_factor=cfg.outlier_norm_factor or None)
+    hp = HarvestParams(
+        batch_size=cfg.batch_size,
+        batches_per_shard=cfg.batches_per_shard,
+        outlier_norm_factor=cfg.outlier_norm_factor or None,
+    )
     timings = harvest_shards(plan, reader, sae, lm.tokenizer, work_dir, hp, device, progress=cfg.progress)
     shards = list_shards(work_dir)
     n = sae.d_sae
@@ -126,40 +136,51 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
     lengths = np.array([len(c.token_ids) for c in plan.contexts], np.int64)
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    np.savez(staged.path("harvest/contexts.npz"),
-             offsets=offsets,
-             token_ids=np.concatenate([np.asarray(c.token_ids, np.int32) for c in plan.contexts]),
-             doc_ids=np.concatenate([np.asarray(c.doc_ids, np.int32) for c in plan.contexts]),
-             source=np.array([c.source for c in plan.contexts], np.int32))
+    np.savez(
+        staged.path("harvest/contexts.npz"),
+        offsets=offsets,
+        token_ids=np.concatenate([np.asarray(c.token_ids, np.int32) for c in plan.contexts]),
+        doc_ids=np.concatenate([np.asarray(c.doc_ids, np.int32) for c in plan.contexts]),
+        source=np.array([c.source for c in plan.contexts], np.int32),
+    )
     doc_tokens = np.zeros(len(plan.documents), np.int64)
     for c in plan.contexts:
         np.add.at(doc_tokens, np.asarray(c.doc_ids), 1)
-    docs = pd.DataFrame({
-        "doc_id": [d.doc_id for d in plan.documents],
-        "source": [d.source for d in plan.documents],
-        "source_path": [plan.sources[d.source].path for d in plan.documents],
-        "group": [d.group for d in plan.documents],
-        "category": [d.category for d in plan.documents],
-        "record_index": [d.index for d in plan.documents],
-        "n_tokens": doc_tokens,
-        "text_preview": [d.preview(300) for d in plan.documents],
-    })
+    docs = pd.DataFrame(
+        {
+            "doc_id": [d.doc_id for d in plan.documents],
+            "source": [d.source for d in plan.documents],
+            "source_path": [plan.sources[d.source].path for d in plan.documents],
+            "group": [d.group for d in plan.documents],
+            "category": [d.category for d in plan.documents],
+            "record_index": [d.index for d in plan.documents],
+            "n_tokens": doc_tokens,
+            "text_preview": [d.preview(300) for d in plan.documents],
+        }
+    )
     docs.to_parquet(staged.path("documents.parquet"), index=False)
 
     doc_group = docs["group"].to_numpy()
     doc_category = docs["category"].fillna("").to_numpy()
-    ap = AggregateParams(top_k=cfg.top_k_examples, quantile_bins=cfg.quantile_bins, per_bin=cfg.per_bin,
-                         hist_bins=cfg.hist_bins, seed=cfg.seed)
+    ap = AggregateParams(
+        top_k=cfg.top_k_examples,
+        quantile_bins=cfg.quantile_bins,
+        per_bin=cfg.per_bin,
+        hist_bins=cfg.hist_bins,
+        seed=cfg.seed,
+    )
     agg = aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress)
     counted = max(1, agg["total_tokens"])
-    feats = pd.DataFrame({
-        "feature": np.arange(n, dtype=np.int64),
-        "frequency": agg["fires"] / counted,
-        "fires": agg["fires"],
-        "max_activation": agg["act_max"].astype(np.float64),
-        "mean_activation": np.where(agg["fires"] > 0, agg["act_sum"] / np.maximum(agg["fires"], 1), 0.0),
-        "dead": agg["fires"] == 0,
-    })
+    feats = pd.DataFrame(
+        {
+            "feature": np.arange(n, dtype=np.int64),
+            "frequency": agg["fires"] / counted,
+            "fires": agg["fires"],
+            "max_activation": agg["act_max"].astype(np.float64),
+            "mean_activation": np.where(agg["fires"] > 0, agg["act_sum"] / np.maximum(agg["fires"], 1), 0.0),
+            "dead": agg["fires"] == 0,
+        }
+    )
     for gi, g in enumerate(agg["groups"]):
         feats[f"freq_{g}"] = agg["fires_group"][:, gi] / max(1, agg["tokens_group"][gi])
     merge_feature_columns(staged, n, feats)
@@ -168,12 +189,24 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
     for ci, (g, c) in enumerate(agg["categories"]):
         col = agg["fires_cat"][:, ci]
         nz = np.flatnonzero(col)
-        rows.append(pd.DataFrame({"feature": nz, "group": g, "category": c or None,
-                                  "frequency": col[nz] / max(1, agg["tokens_cat"][ci]),
-                                  "tokens": int(agg["tokens_cat"][ci])}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "feature": nz,
+                    "group": g,
+                    "category": c or None,
+                    "frequency": col[nz] / max(1, agg["tokens_cat"][ci]),
+                    "tokens": int(agg["tokens_cat"][ci]),
+                }
+            )
+        )
     pd.concat(rows, ignore_index=True).to_parquet(staged.path("category_rates.parquet"), index=False)
-    np.savez(staged.path("histograms.npz"), counts=agg["hist"], bins=np.int64(cfg.hist_bins),
-             max_activation=agg["act_max"])
+    np.savez(
+        staged.path("histograms.npz"),
+        counts=agg["hist"],
+        bins=np.int64(cfg.hist_bins),
+        max_activation=agg["act_max"],
+    )
 
     # examples: top-k contexts then quantile samples, with this feature's activation per token
     requests: dict[int, list[int]] = {}
@@ -201,9 +234,23 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
     memo: dict[int, str] = {}
     token_ids = {c: plan.contexts[c].token_ids for c in requests}
     doc_ids = {c: plan.contexts[c].doc_ids for c in requests}
-    rec: dict[str, list[Any]] = {k: [] for k in (
-        "feature", "rank", "kind", "group", "category", "doc_id", "context_id", "tokens", "activations",
-        "max_activation", "max_position", "quantile")}
+    rec: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "feature",
+            "rank",
+            "kind",
+            "group",
+            "category",
+            "doc_id",
+            "context_id",
+            "tokens",
+            "activations",
+            "max_activation",
+            "max_position",
+            "quantile",
+        )
+    }
     for f, kind, r, c, q in selections:
         a = acts[(c, f)]
         pos = int(np.argmax(a))
@@ -222,16 +269,31 @@ def harvest_step(staged: cache_io.StagedCache, cfg: RunConfig, lm: LoadedModel, 
         rec["quantile"].append(q)
     # sorted by feature in small row groups so a reader can fetch one feature without a huge block
     pd.DataFrame(rec).sort_values(["feature", "kind", "rank"], kind="stable", key=None).to_parquet(
-        staged.path("examples.parquet"), index=False, row_group_size=8192)
+        staged.path("examples.parquet"), index=False, row_group_size=8192
+    )
 
     # move the shards into the cache: scores and overlaps rerun from them without the model
     for shard in shards:
         dest = staged.path(f"harvest/{shard.name}")
         shutil.copyfile(shard, dest)
     timings.update(total_tokens=int(counted), seconds=time.perf_counter() - start)
-    params = {k: getattr(cfg, k) for k in ("context_size", "packing", "max_tokens", "batch_size",
-                                          "batches_per_shard", "outlier_norm_factor", "top_k_examples", "quantile_bins",
-                                          "per_bin", "hist_bins", "seed", "device")}
+    params = {
+        k: getattr(cfg, k)
+        for k in (
+            "context_size",
+            "packing",
+            "max_tokens",
+            "batch_size",
+            "batches_per_shard",
+            "outlier_norm_factor",
+            "top_k_examples",
+            "quantile_bins",
+            "per_bin",
+            "hist_bins",
+            "seed",
+            "device",
+        )
+    }
     params["fingerprint"] = fingerprint
     params["hook"] = hook.describe()
     staged.record_step("harvest", params, time.perf_counter() - start, {"timings": timings})
@@ -245,20 +307,46 @@ def geometry_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE) -> Non
     directions = sae.unit_directions().cpu()
     n, d = directions.shape
     k = min(cfg.neighbors, n - 1)
-    indices, cosine = geometry.knn_cosine(directions, k=k, device=cfg.device, backend=cfg.knn_backend,
-                                          progress=cfg.progress)
+    indices, cosine = geometry.knn_cosine(
+        directions, k=k, device=cfg.device, backend=cfg.knn_backend, progress=cfg.progress
+    )
     null = geometry.null_cosine(n, d, fpr=cfg.null_fpr)
     z = geometry.cosine_z(cosine, d)
-    np.savez(staged.path("neighbors.npz"), indices=indices.astype(np.int32), cosine=cosine.astype(np.float32),
-             z=np.asarray(z, np.float32), null_cosine=np.float64(null), fpr=np.float64(cfg.null_fpr), d=np.int64(d))
-    layout = geometry.umap_layout(indices, cosine, n_neighbors=min(cfg.umap_neighbors, k), seed=cfg.seed,
-                                  min_dist=cfg.umap_min_dist, progress=cfg.progress)
-    merge_feature_columns(staged, n, pd.DataFrame({
-        "feature": np.arange(n, dtype=np.int64), "umap_x": layout[:, 0], "umap_y": layout[:, 1]}))
+    np.savez(
+        staged.path("neighbors.npz"),
+        indices=indices.astype(np.int32),
+        cosine=cosine.astype(np.float32),
+        z=np.asarray(z, np.float32),
+        null_cosine=np.float64(null),
+        fpr=np.float64(cfg.null_fpr),
+        d=np.int64(d),
+    )
+    layout = geometry.umap_layout(
+        indices,
+        cosine,
+        n_neighbors=min(cfg.umap_neighbors, k),
+        seed=cfg.seed,
+        min_dist=cfg.umap_min_dist,
+        progress=cfg.progress,
+    )
+    merge_feature_columns(
+        staged,
+        n,
+        pd.DataFrame(
+            {"feature": np.arange(n, dtype=np.int64), "umap_x": layout[:, 0], "umap_y": layout[:, 1]}
+        ),
+    )
     staged.manifest["n_features"] = n
     staged.manifest["d_in"] = d
-    params = {"neighbors": k, "null_fpr": cfg.null_fpr, "null_cosine": float(null), "knn_backend": cfg.knn_backend,
-              "umap_neighbors": cfg.umap_neighbors, "umap_min_dist": cfg.umap_min_dist, "seed": cfg.seed}
+    params = {
+        "neighbors": k,
+        "null_fpr": cfg.null_fpr,
+        "null_cosine": float(null),
+        "knn_backend": cfg.knn_backend,
+        "umap_neighbors": cfg.umap_neighbors,
+        "umap_min_dist": cfg.umap_min_dist,
+        "seed": cfg.seed,
+    }
     staged.record_step("geometry", params, time.perf_counter() - start)
 
 
@@ -266,11 +354,15 @@ def geometry_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE) -> Non
 def _cache_shards(staged: cache_io.StagedCache) -> list[Path]:
     shards = list_shards(staged.dir / "harvest")
     if not shards:
-        raise CacheError(f"{staged.target} has no harvest shards; run `featuregeom harvest` (or precompute) first")
+        raise CacheError(
+            f"{staged.target} has no harvest shards; run `featuregeom harvest` (or precompute) first"
+        )
     return shards
 
 
-def scores_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE | None, lm: LoadedModel | None) -> None:
+def scores_step(
+    staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE | None, lm: LoadedModel | None
+) -> None:
     from precompute.pipeline import scores
     from precompute.pipeline.shards import doc_feature_max
 
@@ -289,13 +381,22 @@ def scores_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE | None, l
     read = docs[docs["n_tokens"] > 0]
     doc_group[read["doc_id"].to_numpy()] = read["group"].to_numpy(object)
     doc_category[read["doc_id"].to_numpy()] = read["category"].to_numpy(object)
-    table = scores.harm_scores(doc, feat, val, n, doc_group, doc_category,
-                               harm_threshold=cfg.harm_threshold, task_threshold=cfg.task_threshold)
+    table = scores.harm_scores(
+        doc,
+        feat,
+        val,
+        n,
+        doc_group,
+        doc_category,
+        harm_threshold=cfg.harm_threshold,
+        task_threshold=cfg.task_threshold,
+    )
     table.insert(0, "feature", np.arange(n, dtype=np.int64))
     if sae is not None and lm is not None:
         unembed, norm_w = scores.model_unembedding(lm.model)
-        promoted, suppressed = scores.logit_lens(sae.unit_directions().to(unembed.device), unembed, norm_w,
-                                                 lm.tokenizer)
+        promoted, suppressed = scores.logit_lens(
+            sae.unit_directions().to(unembed.device), unembed, norm_w, lm.tokenizer
+        )
         table["top_promoted"] = promoted
         table["top_suppressed"] = suppressed
     if cfg.neuronpedia:
@@ -305,9 +406,13 @@ def scores_step(staged: cache_io.StagedCache, cfg: RunConfig, sae: SAE | None, l
         table["label"] = pd.Series([None] * n, dtype=object)
         table["explanation"] = pd.Series([None] * n, dtype=object)
     merge_feature_columns(staged, n, table)
-    params = {"harm_threshold": cfg.harm_threshold, "task_threshold": cfg.task_threshold,
-              "neuronpedia": cfg.neuronpedia, "logit_lens": lm is not None,
-              "documents_scored": read["group"].value_counts().sort_index().to_dict()}
+    params = {
+        "harm_threshold": cfg.harm_threshold,
+        "task_threshold": cfg.task_threshold,
+        "neuronpedia": cfg.neuronpedia,
+        "logit_lens": lm is not None,
+        "documents_scored": read["group"].value_counts().sort_index().to_dict(),
+    }
     staged.record_step("scores", params, time.perf_counter() - start)
 
 
@@ -324,10 +429,16 @@ def overlaps_step(staged: cache_io.StagedCache, cfg: RunConfig) -> None:
         raise CacheError(f"{staged.target} has no harm scores; run `featuregeom scores` first")
     with np.load(npath) as z:
         indices, cosine, zs, null = z["indices"], z["cosine"], z["z"], float(z["null_cosine"])
-    table = overlaps.find_overlaps(features, indices, cosine, zs, null, _cache_shards(staged), n_task=cfg.n_task)
+    table = overlaps.find_overlaps(
+        features, indices, cosine, zs, null, _cache_shards(staged), n_task=cfg.n_task
+    )
     table.to_parquet(staged.path("overlaps.parquet"), index=False)
-    staged.record_step("overlaps", {"n_task": cfg.n_task, "null_cosine": null}, time.perf_counter() - start,
-                       {"pairs": len(table)})
+    staged.record_step(
+        "overlaps",
+        {"n_task": cfg.n_task, "null_cosine": null},
+        time.perf_counter() - start,
+        {"pairs": len(table)},
+    )
 
 
 # ------------------------------------------------------------------------------ the whole job
@@ -335,11 +446,20 @@ def _corpus_manifest(plan: CorpusPlan) -> list[dict]:
     out = []
     for i, src in enumerate(plan.sources):
         st = plan.stats[i]
-        out.append({"path": src.path, "group": src.group, "category": src.category or src.category_field,
-                    "sha256": cache_io.sha256_of(src.path), "documents": st.documents,
-                    "tokens": plan.tokens_per_source[i], "skipped_non_utf8": st.skipped_non_utf8,
-                    "skipped_malformed": st.skipped_malformed, "skipped_empty": st.skipped_empty,
-                    "first_malformed": st.first_malformed})
+        out.append(
+            {
+                "path": src.path,
+                "group": src.group,
+                "category": src.category or src.category_field,
+                "sha256": cache_io.sha256_of(src.path),
+                "documents": st.documents,
+                "tokens": plan.tokens_per_source[i],
+                "skipped_non_utf8": st.skipped_non_utf8,
+                "skipped_malformed": st.skipped_malformed,
+                "skipped_empty": st.skipped_empty,
+                "first_malformed": st.first_malformed,
+            }
+        )
     return out
 
 
@@ -353,8 +473,10 @@ def _keep_work_only_if_resumable(work: Path) -> None:
     if not work.is_dir():
         return
     if list_shards(work):
-        log(f"kept {len(list_shards(work))} finished harvest shards in {work}: rerun the same command to resume, "
-            f"or delete {work} to start clean")
+        log(
+            f"kept {len(list_shards(work))} finished harvest shards in {work}: rerun the same command to resume, "
+            f"or delete {work} to start clean"
+        )
     else:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -371,11 +493,15 @@ def check_sizes(cfg: RunConfig, n_features: int, d_in: int) -> None:
     if d_in < 2:
         raise FeatureGeomError(f"the SAE reads a {d_in}-dimensional input: cosine geometry needs d_in >= 2")
     if n_features < 4:
-        raise FeatureGeomError(f"the SAE has {n_features} feature(s); the neighbour graph and map need at least 4")
+        raise FeatureGeomError(
+            f"the SAE has {n_features} feature(s); the neighbour graph and map need at least 4"
+        )
     if cfg.neighbors >= n_features:
         raise FeatureGeomError(f"--neighbors {cfg.neighbors} must be below the SAE's {n_features} features")
     if min(cfg.neighbors, cfg.umap_neighbors) < 2:
-        raise FeatureGeomError("the map's kNN graph needs at least 2 neighbours per feature: use --neighbors >= 2")
+        raise FeatureGeomError(
+            "the map's kNN graph needs at least 2 neighbours per feature: use --neighbors >= 2"
+        )
 
 
 def _check_same_source(kind: str, given: str | None, recorded: str | None, out: Path) -> None:
@@ -383,10 +509,13 @@ def _check_same_source(kind: str, given: str | None, recorded: str | None, out: 
         raise CacheError(
             f"this --{kind} is not the {kind.upper() if kind == 'sae' else kind} the cache at {out} was built with "
             f"(sha256 {given[:12]}… vs {recorded[:12]}…); one cache never mixes two. Use the cache's own "
-            f"--{kind} (see `featuregeom info {out}`), or write to another --out")
+            f"--{kind} (see `featuregeom info {out}`), or write to another --out"
+        )
 
 
-def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometry", "scores", "overlaps")) -> Path:
+def run_precompute(
+    cfg: RunConfig, steps: tuple[str, ...] = ("harvest", "geometry", "scores", "overlaps")
+) -> Path:
     cfg.require("model", "sae", "hook", "out", step="precompute")
     if not cfg.corpus:
         raise FeatureGeomError("`featuregeom precompute` needs at least one --corpus PATH[:GROUP[:CATEGORY]]")
@@ -401,7 +530,8 @@ def _run_precompute_locked(cfg: RunConfig, steps: tuple[str, ...], out: Path) ->
         missing = sorted({"harmful", "benign"} - groups)
         raise CorpusError(
             f"harm scores need documents in both the harmful and benign groups; no corpus source has group "
-            f"{' or '.join(repr(m) for m in missing)}: add --corpus PATH:{missing[0]}")
+            f"{' or '.join(repr(m) for m in missing)}: add --corpus PATH:{missing[0]}"
+        )
     t0 = time.perf_counter()
     log(f"loading model {cfg.model}")
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter)
@@ -413,20 +543,36 @@ def _run_precompute_locked(cfg: RunConfig, steps: tuple[str, ...], out: Path) ->
         check_sizes(cfg, sae.d_sae, sae.d_in)  # before the corpus is read
     plan = plan_corpus(cfg.corpus, lm.tokenizer, cfg.context_size, cfg.packing, cfg.max_tokens, cfg.seed)
     for i, src in enumerate(plan.sources):  # skipped records: read_source warns, with reasons
-        log(f"corpus {src.group:8s} {Path(src.path).name}: {plan.stats[i].documents} docs, "
-            f"{plan.tokens_per_source[i]} tokens")
+        log(
+            f"corpus {src.group:8s} {Path(src.path).name}: {plan.stats[i].documents} docs, "
+            f"{plan.tokens_per_source[i]} tokens"
+        )
     model_id = model_identity(lm, cfg.model)
-    fingerprint = plan_fingerprint(plan, {"model": model_id, "sae": sae_info["sha256"],
-                                          "hook": cfg.hook, "batch_size": cfg.batch_size,
-                                          "batches_per_shard": cfg.batches_per_shard,
-                                          "outlier_norm_factor": cfg.outlier_norm_factor})
-    identity = {"model": model_id, "sae": sae_info["sha256"], "hook": cfg.hook,
-                "corpus": fingerprint}
+    fingerprint = plan_fingerprint(
+        plan,
+        {
+            "model": model_id,
+            "sae": sae_info["sha256"],
+            "hook": cfg.hook,
+            "batch_size": cfg.batch_size,
+            "batches_per_shard": cfg.batches_per_shard,
+            "outlier_norm_factor": cfg.outlier_norm_factor,
+        },
+    )
+    identity = {"model": model_id, "sae": sae_info["sha256"], "hook": cfg.hook, "corpus": fingerprint}
     cache_io.check_output_dir(out, identity, cfg.overwrite)
-    base = {"model": lm.describe(), "sae": sae_info, "hook": cfg.hook, "d_in": sae.d_in, "n_features": sae.d_sae,
-            "corpus": _corpus_manifest(plan), "identity": identity, "config": cfg.to_dict(),
-            "versions": library_versions(),
-            "created": cache_io.now_iso()}
+    base = {
+        "model": lm.describe(),
+        "sae": sae_info,
+        "hook": cfg.hook,
+        "d_in": sae.d_in,
+        "n_features": sae.d_sae,
+        "corpus": _corpus_manifest(plan),
+        "identity": identity,
+        "config": cfg.to_dict(),
+        "versions": library_versions(),
+        "created": cache_io.now_iso(),
+    }
     work = work_dir_for(out)
     fresh = cfg.overwrite or not out.exists() or set(steps) == {"harvest", "geometry", "scores", "overlaps"}
     try:
@@ -461,7 +607,9 @@ def run_step(step: str, cfg: RunConfig) -> Path:
 def _run_step_locked(step: str, cfg: RunConfig, out: Path) -> Path:
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     if fresh and step != "geometry":
-        raise CacheError(f"{out} does not exist; build it with `featuregeom precompute` (or `geometry` first)")
+        raise CacheError(
+            f"{out} does not exist; build it with `featuregeom precompute` (or `geometry` first)"
+        )
     manifest = {} if fresh else cache_io.read_manifest(out)
     # fill missing options from what the cache recorded
     recorded = manifest.get("config", {})
@@ -479,7 +627,8 @@ def _run_step_locked(step: str, cfg: RunConfig, out: Path) -> Path:
             if not fresh and manifest.get("n_features") not in (None, sae.d_sae):
                 raise FeatureGeomError(
                     f"--sae has {sae.d_sae} features but the cache at {out} was built with "
-                    f"{manifest['n_features']}; use another --out")
+                    f"{manifest['n_features']}; use another --out"
+                )
             staged.manifest.setdefault("sae", info)
             geometry_step(staged, cfg, sae)
         elif step == "scores":
@@ -488,8 +637,9 @@ def _run_step_locked(step: str, cfg: RunConfig, out: Path) -> Path:
                 lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter)
                 sae, info = load_sae_checked(cfg, lm.d_model, lm.name)
                 _check_same_source("sae", info.get("sha256"), (manifest.get("sae") or {}).get("sha256"), out)
-                _check_same_source("model", model_identity(lm, cfg.model),
-                                   (manifest.get("identity") or {}).get("model"), out)
+                _check_same_source(
+                    "model", model_identity(lm, cfg.model), (manifest.get("identity") or {}).get("model"), out
+                )
             scores_step(staged, cfg, sae, lm)
         elif step == "overlaps":
             overlaps_step(staged, cfg)
@@ -497,4 +647,3 @@ def _run_step_locked(step: str, cfg: RunConfig, out: Path) -> Path:
         staged.commit()
     log(f"{step} done on {out} in {time.perf_counter() - t0:.1f}s")
     return out
-

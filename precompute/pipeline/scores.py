@@ -85,8 +85,9 @@ def _side_lookup(positive_docs: np.ndarray, negative_docs: np.ndarray, max_doc: 
     return side
 
 
-def _grouped_u(f: np.ndarray, v: np.ndarray, is_pos: np.ndarray, n_groups: int, n_pos: int, n_neg: int
-               ) -> np.ndarray:
+def _grouped_u(
+    f: np.ndarray, v: np.ndarray, is_pos: np.ndarray, n_groups: int, n_pos: int, n_neg: int
+) -> np.ndarray:
     """Mann-Whitney U (ties count half) of every group (feature) at once, without sorting.
 
     `f, v, is_pos` are the non-zero entries of documents on either side, sorted by (f, v); every
@@ -114,14 +115,17 @@ def _grouped_u(f: np.ndarray, v: np.ndarray, is_pos: np.ndarray, n_groups: int, 
     return u
 
 
-def _sorted_unique_triples(doc: np.ndarray, feat: np.ndarray, val: np.ndarray
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sorted_unique_triples(
+    doc: np.ndarray, feat: np.ndarray, val: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(doc, feature, value) sorted by (feature, doc) with duplicate pairs reduced to their max."""
     doc = np.asarray(doc, dtype=np.int64).ravel()
     feat = np.asarray(feat, dtype=np.int64).ravel()
     val = np.asarray(val).ravel()
     if not (len(doc) == len(feat) == len(val)):
-        raise ValueError(f"doc, feat and val must have the same length, got {len(doc)}, {len(feat)}, {len(val)}")
+        raise ValueError(
+            f"doc, feat and val must have the same length, got {len(doc)}, {len(feat)}, {len(val)}"
+        )
     if len(doc) == 0:
         return doc, feat, val
     same_f = feat[1:] == feat[:-1]
@@ -137,8 +141,9 @@ def _sorted_unique_triples(doc: np.ndarray, feat: np.ndarray, val: np.ndarray
     return doc, feat, val
 
 
-def _prepare(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _prepare(
+    doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Triples ready for `_aurocs_prepared`: deduplicated, zeros dropped (they equal absent
     documents), sorted by (feature, value). The one sort is shared by every comparison."""
     doc, feat, val = _sorted_unique_triples(doc, feat, val)
@@ -165,8 +170,14 @@ def _order_by_feature_value(feat: np.ndarray, val: np.ndarray) -> np.ndarray:
     return np.argsort((feat.astype(np.uint64) << np.uint64(32)) | bits, kind="stable")
 
 
-def _aurocs_prepared(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: int,
-                     positive_docs: np.ndarray, negative_docs: np.ndarray) -> dict[str, np.ndarray]:
+def _aurocs_prepared(
+    doc: np.ndarray,
+    feat: np.ndarray,
+    val: np.ndarray,
+    n_features: int,
+    positive_docs: np.ndarray,
+    negative_docs: np.ndarray,
+) -> dict[str, np.ndarray]:
     side = _side_lookup(positive_docs, negative_docs, int(doc.max()) if len(doc) else -1)
     n_pos, n_neg = int((side == 1).sum()), int((side == -1).sum())
     s = side[doc]
@@ -192,12 +203,25 @@ def _aurocs_prepared(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_featu
     lo, hi = hanley_mcneil(auroc, n_pos, n_neg)
     pos_rate = pos_fires / n_pos if n_pos else np.full(n_features, np.nan)
     neg_rate = neg_fires / n_neg if n_neg else np.full(n_features, np.nan)
-    return {"auroc": auroc, "lo": lo, "hi": hi, "pos_rate": np.asarray(pos_rate, np.float64),
-            "neg_rate": np.asarray(neg_rate, np.float64), "pos_fires": pos_fires, "neg_fires": neg_fires}
+    return {
+        "auroc": auroc,
+        "lo": lo,
+        "hi": hi,
+        "pos_rate": np.asarray(pos_rate, np.float64),
+        "neg_rate": np.asarray(neg_rate, np.float64),
+        "pos_fires": pos_fires,
+        "neg_fires": neg_fires,
+    }
 
 
-def feature_aurocs(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: int,
-                   positive_docs: np.ndarray, negative_docs: np.ndarray) -> dict[str, np.ndarray]:
+def feature_aurocs(
+    doc: np.ndarray,
+    feat: np.ndarray,
+    val: np.ndarray,
+    n_features: int,
+    positive_docs: np.ndarray,
+    negative_docs: np.ndarray,
+) -> dict[str, np.ndarray]:
     """AUROC of every feature's per-document max activation, positive vs negative documents.
 
     `doc, feat, val` are the sparse triples of `harvest.doc_feature_max` (sorted by feature, then
@@ -215,16 +239,18 @@ def feature_aurocs(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_feature
     return _aurocs_prepared(*_prepare(doc, feat, val, n_features), n_features, positive_docs, negative_docs)
 
 
-def auroc_sparse(doc_ids: np.ndarray, values: np.ndarray, positive_docs: np.ndarray,
-                 negative_docs: np.ndarray) -> tuple[float, float, float]:
+def auroc_sparse(
+    doc_ids: np.ndarray, values: np.ndarray, positive_docs: np.ndarray, negative_docs: np.ndarray
+) -> tuple[float, float, float]:
     """(AUROC, lower95, upper95) of one feature whose non-zero per-document values are given.
 
     Documents not in `doc_ids` have value 0. AUROC is the Mann-Whitney statistic with ties
     counted half (identical to `sklearn.metrics.roc_auc_score` on the dense vector); bounds are
     Hanley-McNeil, clipped to [0, 1]. NaN for all three when either side has no documents."""
     doc_ids = np.asarray(doc_ids, dtype=np.int64).ravel()
-    r = feature_aurocs(doc_ids, np.zeros(len(doc_ids), np.int64), np.asarray(values).ravel(), 1,
-                       positive_docs, negative_docs)
+    r = feature_aurocs(
+        doc_ids, np.zeros(len(doc_ids), np.int64), np.asarray(values).ravel(), 1, positive_docs, negative_docs
+    )
     return float(r["auroc"][0]), float(r["lo"][0]), float(r["hi"][0])
 
 
@@ -246,9 +272,17 @@ def _norm_isf(p: float) -> float:
     return float(-ndtri(p))
 
 
-def harm_scores(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: int, doc_group: np.ndarray,
-                doc_category: np.ndarray, harm_threshold: float = 0.7, min_docs: int = 3,
-                task_threshold: float = 0.7) -> pd.DataFrame:
+def harm_scores(
+    doc: np.ndarray,
+    feat: np.ndarray,
+    val: np.ndarray,
+    n_features: int,
+    doc_group: np.ndarray,
+    doc_category: np.ndarray,
+    harm_threshold: float = 0.7,
+    min_docs: int = 3,
+    task_threshold: float = 0.7,
+) -> pd.DataFrame:
     """Harm and task scores of every feature from its per-document max activations.
 
     `doc_group[i]` / `doc_category[i]` describe document id i (documents.parquet order).
@@ -280,21 +314,27 @@ def harm_scores(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: 
     doc_group = np.asarray(doc_group, dtype=object)
     doc_category = np.asarray(doc_category, dtype=object)
     if len(doc_category) != len(doc_group):
-        raise ValueError(f"doc_group ({len(doc_group)}) and doc_category ({len(doc_category)}) differ in length")
+        raise ValueError(
+            f"doc_group ({len(doc_group)}) and doc_category ({len(doc_category)}) differ in length"
+        )
     doc, feat, val = _prepare(doc, feat, val, n_features)
     if len(doc) and doc.max() >= len(doc_group):
         raise CacheError(
             f"the harvest shards refer to document id {int(doc.max())} but only {len(doc_group)} documents are "
-            "listed; documents.parquet and harvest/ come from different runs - rerun `featuregeom harvest`")
+            "listed; documents.parquet and harvest/ come from different runs - rerun `featuregeom harvest`"
+        )
     groups = np.array([str(g) for g in doc_group.tolist()], dtype=object)
     ids = {g: np.flatnonzero(groups == g) for g in (HARMFUL, BENIGN, TASK, CONTROL, GENERAL)}
     missing = [g for g in (HARMFUL, BENIGN) if ids[g].size == 0]
     if missing:
-        present = ", ".join(f"{g}: {int((groups == g).sum())}" for g in sorted(set(groups.tolist()))) or "none"
+        present = (
+            ", ".join(f"{g}: {int((groups == g).sum())}" for g in sorted(set(groups.tolist()))) or "none"
+        )
         raise CorpusError(
             f"harm score needs documents in both the harmful and benign groups, but {' and '.join(missing)} "
             f"has none (documents per group: {present}); add --corpus PATH:benign and/or "
-            "--corpus PATH:harmful[:CATEGORY]")
+            "--corpus PATH:harmful[:CATEGORY]"
+        )
 
     # A harmful feature usually responds to one kind of harm (weapons, fraud...), so a feature that
     # fires on every weapons prompt and nothing else scores only ~0.6 against *all* harmful prompts.
@@ -349,21 +389,30 @@ def harm_scores(doc: np.ndarray, feat: np.ndarray, val: np.ndarray, n_features: 
     else:
         task_control = np.full(n_features, np.nan)
 
-    log.info("harm scores: %d harmful / %d benign docs, %d features flagged harmful; task: %d task docs, "
-             "%d control docs, %d features flagged task", ids[HARMFUL].size, ids[BENIGN].size,
-             int(is_harmful.sum()), ids[TASK].size, ids[CONTROL].size, int(is_task.sum()))
-    return pd.DataFrame({
-        "harm_score": harm["auroc"],
-        "harm_score_lo": harm["lo"],
-        "harm_score_all": harm["all"],
-        "harm_score_all_lo": harm["all_lo"],
-        "harm_category": pd.Series(harm_category, dtype=object),
-        "is_harmful": is_harmful.astype(bool),
-        "task_score": np.asarray(task_score, np.float64),
-        "task_score_lo": np.asarray(task_lo, np.float64),
-        "task_control_score": np.asarray(task_control, np.float64),
-        "is_task": np.asarray(is_task, bool),
-    })
+    log.info(
+        "harm scores: %d harmful / %d benign docs, %d features flagged harmful; task: %d task docs, "
+        "%d control docs, %d features flagged task",
+        ids[HARMFUL].size,
+        ids[BENIGN].size,
+        int(is_harmful.sum()),
+        ids[TASK].size,
+        ids[CONTROL].size,
+        int(is_task.sum()),
+    )
+    return pd.DataFrame(
+        {
+            "harm_score": harm["auroc"],
+            "harm_score_lo": harm["lo"],
+            "harm_score_all": harm["all"],
+            "harm_score_all_lo": harm["all_lo"],
+            "harm_category": pd.Series(harm_category, dtype=object),
+            "is_harmful": is_harmful.astype(bool),
+            "task_score": np.asarray(task_score, np.float64),
+            "task_score_lo": np.asarray(task_lo, np.float64),
+            "task_control_score": np.asarray(task_control, np.float64),
+            "is_task": np.asarray(is_task, bool),
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,8 +456,14 @@ def readable_token(tokenizer: Any, token_id: int) -> str:
 
 
 @torch.no_grad()
-def logit_lens(directions: torch.Tensor, unembed: torch.Tensor, final_norm_weight: torch.Tensor | None,
-               tokenizer: Any, k: int = 10, block: int = 1024) -> tuple[list[list[str]], list[list[str]]]:
+def logit_lens(
+    directions: torch.Tensor,
+    unembed: torch.Tensor,
+    final_norm_weight: torch.Tensor | None,
+    tokenizer: Any,
+    k: int = 10,
+    block: int = 1024,
+) -> tuple[list[list[str]], list[list[str]]]:
     """Top-k promoted and bottom-k suppressed tokens of each (unit) decoder direction.
 
     logits = (direction * final_norm_weight) @ unembed.T: the direct effect of writing the
@@ -419,10 +474,14 @@ def logit_lens(directions: torch.Tensor, unembed: torch.Tensor, final_norm_weigh
     suppressed lists from the most negative up. Tokens are rendered by `readable_token`.
     """
     if directions.ndim != 2 or unembed.ndim != 2 or directions.shape[1] != unembed.shape[1]:
-        raise ValueError(f"directions {tuple(directions.shape)} and unembed {tuple(unembed.shape)} must be "
-                         "[n, d] and [vocab, d]")
+        raise ValueError(
+            f"directions {tuple(directions.shape)} and unembed {tuple(unembed.shape)} must be "
+            "[n, d] and [vocab, d]"
+        )
     if final_norm_weight is not None and final_norm_weight.shape[-1] != unembed.shape[1]:
-        raise ValueError(f"final_norm_weight {tuple(final_norm_weight.shape)} does not match d={unembed.shape[1]}")
+        raise ValueError(
+            f"final_norm_weight {tuple(final_norm_weight.shape)} does not match d={unembed.shape[1]}"
+        )
     vocab = unembed.shape[0]
     k = max(0, min(int(k), vocab))
     device = unembed.device
@@ -491,7 +550,8 @@ def model_unembedding(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if weight is None:
         raise ModelLoadError(
             f"{type(model).__name__} has no output embedding (lm_head); the logit lens needs a causal language "
-            "model - skip it by not loading the model for the scores step")
+            "model - skip it by not loading the model for the scores step"
+        )
     unembed = weight.detach()
     norm_w = None
     for path in _FINAL_NORM_PATHS:
@@ -543,8 +603,10 @@ def _read_json_records(path: Path) -> Iterator[Any]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
-                raise CorpusError(f"{path} line {lineno} is not JSON ({e.msg}); expected a Neuronpedia export "
-                                  "(JSON list or JSONL of explanation objects)") from e
+                raise CorpusError(
+                    f"{path} line {lineno} is not JSON ({e.msg}); expected a Neuronpedia export "
+                    "(JSON list or JSONL of explanation objects)"
+                ) from e
         return
     if isinstance(data, list):
         yield from data
@@ -578,17 +640,25 @@ def _batch_files(directory: Path) -> list[Path]:
 
 def _export_files(path: Path) -> list[Path]:
     """JSON(L) files of an export directory: explanations/ first, then features/."""
-    roots = sorted({p.parent.parent for sub in ("explanations", "features")
-                    for p in path.rglob(f"{sub}/batch-*") if _BATCH_RE.search(p.name)})
+    roots = sorted(
+        {
+            p.parent.parent
+            for sub in ("explanations", "features")
+            for p in path.rglob(f"{sub}/batch-*")
+            if _BATCH_RE.search(p.name)
+        }
+    )
     if not roots:
         raise CorpusError(
             f"{path} is not a Neuronpedia export: no explanations/batch-N.jsonl(.gz) or features/batch-N.jsonl(.gz) "
             "found under it; pass the export's source directory (exports/MODEL/SOURCE) or a JSON/JSONL file of "
-            "explanations")
+            "explanations"
+        )
     if len(roots) > 1:
         raise CorpusError(
             f"{path} holds {len(roots)} Neuronpedia sources ({', '.join(str(r) for r in roots[:4])}"
-            f"{', ...' if len(roots) > 4 else ''}); pass the directory of the one that matches this SAE")
+            f"{', ...' if len(roots) > 4 else ''}); pass the directory of the one that matches this SAE"
+        )
     root = roots[0]
     files: list[Path] = []
     for sub in ("explanations", "features"):
@@ -650,25 +720,40 @@ def import_neuronpedia(path: str | Path, n_features: int) -> pd.DataFrame:
                     lst.append(desc)
     if n_expl == 0:
         if path.is_dir() and n_records:
-            warnings.warn(f"Neuronpedia export {path} has feature records but no explanations; no labels imported",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"Neuronpedia export {path} has feature records but no explanations; no labels imported",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         else:
             raise CorpusError(
                 f"{path} is not a Neuronpedia export: found {n_records} record(s) but none with `index` and "
-                "`description` (expected explanation objects like {\"index\": \"12\", \"description\": ...})")
+                '`description` (expected explanation objects like {"index": "12", "description": ...})'
+            )
     if len(sources) > 1:
         listed = ", ".join(f"{m}/{layer}" for m, layer in sorted(sources)[:4])
-        raise CorpusError(f"{path} mixes explanations of {len(sources)} SAEs ({listed}); pass an export of the one "
-                          "SAE this cache uses")
+        raise CorpusError(
+            f"{path} mixes explanations of {len(sources)} SAEs ({listed}); pass an export of the one "
+            "SAE this cache uses"
+        )
     if n_out_of_range:
-        warnings.warn(f"ignored {n_out_of_range} Neuronpedia explanation(s) with index >= n_features ({n_features}); "
-                      "is the export for a different (wider) SAE?", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ignored {n_out_of_range} Neuronpedia explanation(s) with index >= n_features ({n_features}); "
+            "is the export for a different (wider) SAE?",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if n_bad_index:
-        warnings.warn(f"ignored {n_bad_index} Neuronpedia explanation(s) with a missing or non-integer index",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ignored {n_bad_index} Neuronpedia explanation(s) with a missing or non-integer index",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     feats = sorted(descriptions)
-    return pd.DataFrame({
-        "feature": np.asarray(feats, dtype=np.int64),
-        "label": pd.Series([descriptions[f][0] for f in feats], dtype=object),
-        "explanation": pd.Series([" | ".join(descriptions[f]) for f in feats], dtype=object),
-    })
+    return pd.DataFrame(
+        {
+            "feature": np.asarray(feats, dtype=np.int64),
+            "label": pd.Series([descriptions[f][0] for f in feats], dtype=object),
+            "explanation": pd.Series([" | ".join(descriptions[f]) for f in feats], dtype=object),
+        }
+    )

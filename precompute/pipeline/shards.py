@@ -54,8 +54,16 @@ class HarvestParams:
     outlier_norm_factor: float | None = 10.0
 
 
-def harvest_shards(plan: CorpusPlan, reader: HookReader, sae: SAE, tokenizer, work_dir: Path,
-                   params: HarvestParams, device: torch.device, progress: bool = True) -> dict:
+def harvest_shards(
+    plan: CorpusPlan,
+    reader: HookReader,
+    sae: SAE,
+    tokenizer,
+    work_dir: Path,
+    params: HarvestParams,
+    device: torch.device,
+    progress: bool = True,
+) -> dict:
     """Write activation shards into `work_dir`, resuming after the last complete shard."""
     work_dir.mkdir(parents=True, exist_ok=True)
     batches = plan.batches(params.batch_size)
@@ -67,18 +75,35 @@ def harvest_shards(plan: CorpusPlan, reader: HookReader, sae: SAE, tokenizer, wo
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_tokens = plan.n_tokens
     done_tokens = sum(len(c.token_ids) for b in batches[: done * params.batches_per_shard] for c in b)
-    bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="harvest",
-               disable=not progress, smoothing=0.1)
+    bar = tqdm(
+        total=total_tokens,
+        initial=done_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="harvest",
+        disable=not progress,
+        smoothing=0.1,
+    )
     timings = {"model_s": 0.0, "sae_s": 0.0, "tokens": 0}
     for shard in range(done, n_shards):
-        first, last = shard * params.batches_per_shard, min(len(batches), (shard + 1) * params.batches_per_shard)
+        first, last = (
+            shard * params.batches_per_shard,
+            min(len(batches), (shard + 1) * params.batches_per_shard),
+        )
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("context_id", "position", "token_id", "doc_id")}
         feats: list[np.ndarray] = []
         vals: list[np.ndarray] = []
         counts: list[np.ndarray] = []
-        stream = iter_activations(reader, batches[:last], pad_id, skip_ids, device, start_batch=first,
-                                  exclude_first=params.exclude_first,
-                                  outlier_norm_factor=params.outlier_norm_factor)
+        stream = iter_activations(
+            reader,
+            batches[:last],
+            pad_id,
+            skip_ids,
+            device,
+            start_batch=first,
+            exclude_first=params.exclude_first,
+            outlier_norm_factor=params.outlier_norm_factor,
+        )
         while True:
             t0 = time.perf_counter()
             batch = next(stream, None)
@@ -104,7 +129,10 @@ def harvest_shards(plan: CorpusPlan, reader: HookReader, sae: SAE, tokenizer, wo
         np.cumsum(row_counts, out=indptr[1:])
         _atomic_savez(
             work_dir / shard_name(shard),
-            **{k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32) for k, v in parts.items()},
+            **{
+                k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32)
+                for k, v in parts.items()
+            },
             indptr=indptr,
             feature=np.concatenate(feats) if feats else np.zeros(0, np.int32),
             value=np.concatenate(vals) if vals else np.zeros(0, np.float32),
@@ -148,8 +176,11 @@ class Shard:
 # ------------------------------------------------------------------------------ aggregation
 def _stable_key(seed: int, feature: np.ndarray, context: np.ndarray) -> np.ndarray:
     """Deterministic pseudo-random keys for (feature, context), independent of processing order."""
-    x = (feature.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
-        context.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)) ^ np.uint64(seed * 0x165667B19E3779F9 + 1)
+    x = (
+        (feature.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        ^ (context.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+        ^ np.uint64(seed * 0x165667B19E3779F9 + 1)
+    )
     x ^= x >> np.uint64(31)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(29)
@@ -169,8 +200,9 @@ def _pair_max(shard: Shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return feat[starts], ctx[starts], np.maximum.reduceat(val, starts)
 
 
-def _merge_topk(best_val: np.ndarray, best_ctx: np.ndarray, feat: np.ndarray, ctx: np.ndarray,
-                val: np.ndarray) -> None:
+def _merge_topk(
+    best_val: np.ndarray, best_ctx: np.ndarray, feat: np.ndarray, ctx: np.ndarray, val: np.ndarray
+) -> None:
     """Merge candidate (feature, context, value) into per-feature top-k arrays in place.
 
     Order: value descending, then context id ascending (deterministic ties)."""
@@ -203,17 +235,27 @@ class AggregateParams:
     seed: int = 0
 
 
-def aggregate(shard_paths: list[Path], n_features: int, doc_group: np.ndarray, doc_category: np.ndarray,
-              params: AggregateParams, progress: bool = True) -> dict:
+def aggregate(
+    shard_paths: list[Path],
+    n_features: int,
+    doc_group: np.ndarray,
+    doc_category: np.ndarray,
+    params: AggregateParams,
+    progress: bool = True,
+) -> dict:
     """Per-feature statistics and example selections from the shards (two passes, no model)."""
     groups = sorted(set(doc_group.tolist()))
     group_index = {g: i for i, g in enumerate(groups)}
     doc_gidx = np.array([group_index[g] for g in doc_group], dtype=np.int64)
-    cats = sorted({(g, c) for g, c in zip(doc_group.tolist(), doc_category.tolist(), strict=True)},
-                  key=lambda x: (x[0], str(x[1])))
+    cats = sorted(
+        {(g, c) for g, c in zip(doc_group.tolist(), doc_category.tolist(), strict=True)},
+        key=lambda x: (x[0], str(x[1])),
+    )
     cat_index = {gc: i for i, gc in enumerate(cats)}
-    doc_cidx = np.array([cat_index[(g, c)] for g, c in zip(doc_group.tolist(), doc_category.tolist(), strict=True)],
-                        dtype=np.int64)
+    doc_cidx = np.array(
+        [cat_index[(g, c)] for g, c in zip(doc_group.tolist(), doc_category.tolist(), strict=True)],
+        dtype=np.int64,
+    )
 
     fires = np.zeros(n_features, np.int64)
     fires_group = np.zeros((n_features, len(groups)), np.int64)
@@ -252,7 +294,9 @@ def aggregate(shard_paths: list[Path], n_features: int, doc_group: np.ndarray, d
     for path in tqdm(shard_paths, desc="aggregate 2/2", disable=not progress):
         shard = Shard.load(path)
         feat = shard.feature.astype(np.int64)
-        b = np.minimum((shard.value / safe_max[feat] * params.hist_bins).astype(np.int64), params.hist_bins - 1)
+        b = np.minimum(
+            (shard.value / safe_max[feat] * params.hist_bins).astype(np.int64), params.hist_bins - 1
+        )
         np.add.at(hist, (feat, b), 1)
         pf, pc, pv = _pair_max(shard)
         if len(pf) == 0:
@@ -294,9 +338,13 @@ def aggregate(shard_paths: list[Path], n_features: int, doc_group: np.ndarray, d
     }
 
 
-def context_feature_activations(shard_paths: list[Path], requests: dict[int, list[int]], n_features: int,
-                                context_lengths: dict[int, int], progress: bool = True
-                                ) -> dict[tuple[int, int], np.ndarray]:
+def context_feature_activations(
+    shard_paths: list[Path],
+    requests: dict[int, list[int]],
+    n_features: int,
+    context_lengths: dict[int, int],
+    progress: bool = True,
+) -> dict[tuple[int, int], np.ndarray]:
     """Per-token activations of feature f over context c for every requested (c, [f...]).
 
     Positions that were not counted (position 0, special tokens) read as 0."""
@@ -323,8 +371,9 @@ def context_feature_activations(shard_paths: list[Path], requests: dict[int, lis
     return out
 
 
-def doc_feature_max(shard_paths: list[Path], n_features: int, progress: bool = True
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def doc_feature_max(
+    shard_paths: list[Path], n_features: int, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse per-document max activation: (doc, feature, value) triples, sorted by (feature, doc)."""
     docs_all, feats_all, vals_all = [], [], []
     for path in tqdm(shard_paths, desc="doc max", disable=not progress):

@@ -173,7 +173,9 @@ class SAE:
             acts = acts * (pre > self.threshold)
         return acts
 
-    def encode_sparse(self, x: torch.Tensor, max_active: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_sparse(
+        self, x: torch.Tensor, max_active: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations of [N, d_in] inputs as (indices [N, m], values [N, m]); zeros pad rows.
 
         TopK SAEs give m = k without a dense intermediate; other architectures keep the

@@ -104,15 +104,23 @@ def detect_format(path: str) -> str:
             f"cannot tell the SAE format of directory {p} (it holds: {found}); expected one of:\n{supported_formats()}"
         )
     name, siblings = p.name, {c.name for c in p.parent.iterdir()}
-    if name in (saelens.CFG_FILENAME, saelens.WEIGHTS_FILENAME, saelens.SPARSITY_FILENAME) and {
-        saelens.CFG_FILENAME,
-        saelens.WEIGHTS_FILENAME,
-    } <= siblings:
+    if (
+        name in (saelens.CFG_FILENAME, saelens.WEIGHTS_FILENAME, saelens.SPARSITY_FILENAME)
+        and {
+            saelens.CFG_FILENAME,
+            saelens.WEIGHTS_FILENAME,
+        }
+        <= siblings
+    ):
         return "saelens"
-    if name in (sparsify.CFG_FILENAME, sparsify.WEIGHTS_FILENAME) and {
-        sparsify.CFG_FILENAME,
-        sparsify.WEIGHTS_FILENAME,
-    } <= siblings:
+    if (
+        name in (sparsify.CFG_FILENAME, sparsify.WEIGHTS_FILENAME)
+        and {
+            sparsify.CFG_FILENAME,
+            sparsify.WEIGHTS_FILENAME,
+        }
+        <= siblings
+    ):
         return "sparsify"
     if name.endswith(".npz"):
         return "gemmascope"

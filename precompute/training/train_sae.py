@@ -116,7 +116,9 @@ class TrainSAEConfig:
             raise FeatureGeomError(msg)
 
         if not self.corpus:
-            bad("train-sae needs a corpus: --corpus PATH[:GROUP[:CATEGORY]] (repeatable) or [[corpus]] in --config")
+            bad(
+                "train-sae needs a corpus: --corpus PATH[:GROUP[:CATEGORY]] (repeatable) or [[corpus]] in --config"
+            )
         if not self.out:
             bad("train-sae needs --out DIR (where the SAELens directory is written)")
         if self.d_sae < 1 or not 0 < self.k <= self.d_sae:
@@ -139,13 +141,25 @@ class TrainSAEConfig:
             bad("--aux-k and --aux-coef must be non-negative")
         from precompute.options import check_ranges
 
-        check_ranges(self, {
-            "max_tokens": (0, None, "()"), "context_size": (2, None, "[)"), "harvest_batch_size": (1, None, "[)"),
-            "lr": (0, None, "()"), "warmup_steps": (0, None, "[)"), "buffer_tokens": (1, None, "[)"),
-            "dead_after_tokens": (1, None, "[)"), "checkpoint_every": (1, None, "[)"), "log_every": (1, None, "[)"),
-            "eval_tokens": (1, None, "[)"), "eval_ce_tokens": (0, None, "[)"), "eval_batch_size": (1, None, "[)"),
-            "seed": (0, 2**32 - 1, "[]"),
-        }, {"packing": ("split", "truncate", "pack"), "device": ("auto", "cpu", "cuda")})
+        check_ranges(
+            self,
+            {
+                "max_tokens": (0, None, "()"),
+                "context_size": (2, None, "[)"),
+                "harvest_batch_size": (1, None, "[)"),
+                "lr": (0, None, "()"),
+                "warmup_steps": (0, None, "[)"),
+                "buffer_tokens": (1, None, "[)"),
+                "dead_after_tokens": (1, None, "[)"),
+                "checkpoint_every": (1, None, "[)"),
+                "log_every": (1, None, "[)"),
+                "eval_tokens": (1, None, "[)"),
+                "eval_ce_tokens": (0, None, "[)"),
+                "eval_batch_size": (1, None, "[)"),
+                "seed": (0, 2**32 - 1, "[]"),
+            },
+            {"packing": ("split", "truncate", "pack"), "device": ("auto", "cpu", "cuda")},
+        )
         if self.eval_only and (self.overwrite or self.resume):
             bad("--eval-only re-scores an existing --out; it takes neither --overwrite nor --resume")
         if self.overwrite and self.resume:
@@ -168,21 +182,21 @@ class TrainSAEConfig:
 
 _HELP = {
     "model": "model: 'smollm2' (the packaged SmolLM2-135M-Instruct GGUF), a .gguf file, a local "
-             "transformers directory or a hub id (default: smollm2)",
+    "transformers directory or a hub id (default: smollm2)",
     "hook": "hook point: a SAELens name such as blocks.15.hook_resid_post or a module path such as "
-            "model.layers.15 (default: blocks.15.hook_resid_post)",
+    "model.layers.15 (default: blocks.15.hook_resid_post)",
     "corpus": "corpus source PATH[:GROUP[:CATEGORY]] (JSONL/CSV/TXT/JSON/YAML, optionally .gz, or Parquet); "
-              "repeat for several; replaces the config's [[corpus]] tables",
+    "repeat for several; replaces the config's [[corpus]] tables",
     "out": "output SAELens directory (cfg.json, sae_weights.safetensors, sparsity.safetensors, "
-           "training_report.json)",
+    "training_report.json)",
     "work_dir": "checkpoints and the activation store (default: .featuregeom-work/train-sae/<out name>); "
-                "rerunning the same command resumes from here",
+    "rerunning the same command resumes from here",
     "d_sae": "number of latents (default: 4096)",
     "k": "active latents per token, the TopK k (default: 32)",
     "max_tokens": "token budget (training + held-out) shared equally by sources without their own "
-                  "max_tokens (default: all tokens)",
+    "max_tokens (default: all tokens)",
     "heldout_fraction": "share of DOCUMENTS held out for evaluation, chosen by a hash of each document's "
-                        "content so they never reach training (default: 0.08)",
+    "content so they never reach training (default: 0.08)",
     "context_size": "tokens per context (default: 128)",
     "packing": "split | truncate | pack: how documents become contexts (default: split)",
     "harvest_batch_size": "contexts per model forward pass while collecting activations (default: 16)",
@@ -193,20 +207,20 @@ _HELP = {
     "warmup_steps": "linear warm-up steps (default: 5%% of the steps, at most 1000)",
     "decay_fraction": "final share of the steps over which the learning rate decays linearly to 0 (default: 0.2)",
     "buffer_tokens": "activations shuffled together: if the store holds more, each epoch shuffles within "
-                     "blocks of this many (and it is read from disk); otherwise it is shuffled whole, "
-                     "in memory (default: 4000000)",
+    "blocks of this many (and it is read from disk); otherwise it is shuffled whole, "
+    "in memory (default: 4000000)",
     "store_dtype": "float16 | float32: dtype of the on-disk activation store (default: float16)",
     "aux_k": "dead latents used by the AuxK loss per token (default: 512)",
     "aux_coef": "weight of the AuxK loss (default: 1/32)",
     "dead_after_tokens": "a latent counts as dead after this many training tokens without firing "
-                         "(default: 1000000)",
+    "(default: 1000000)",
     "init_b_dec": "geometric_median | mean | zeros: initial decoder bias from a data sample "
-                  "(default: geometric_median)",
+    "(default: geometric_median)",
     "checkpoint_every": "steps between checkpoints (default: 200)",
     "log_every": "steps between training-curve points (default: 25)",
     "eval_tokens": "held-out tokens used for explained variance, L0 and dead latents (default: all)",
     "eval_ce_tokens": "held-out tokens for the cross-entropy comparison, which needs three full forward "
-                      "passes (default: 20000)",
+    "passes (default: 20000)",
     "eval_batch_size": "contexts per forward pass in the evaluation (default: 8)",
     "device": "auto | cpu | cuda (default: auto)",
     "seed": "seed for the initialisation, the shuffling and the corpus subsets (default: 0)",
@@ -243,8 +257,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--aux-k", type=int, default=None, help=_HELP["aux_k"])
     g.add_argument("--aux-coef", type=float, default=None, help=_HELP["aux_coef"])
     g.add_argument("--dead-after-tokens", type=int, default=None, help=_HELP["dead_after_tokens"])
-    g.add_argument("--init-b-dec", choices=("geometric_median", "mean", "zeros"), default=None,
-                   help=_HELP["init_b_dec"])
+    g.add_argument(
+        "--init-b-dec", choices=("geometric_median", "mean", "zeros"), default=None, help=_HELP["init_b_dec"]
+    )
     g.add_argument("--seed", type=int, default=None, help=_HELP["seed"])
     g = parser.add_argument_group("data")
     g.add_argument("--max-tokens", type=int, default=None, help=_HELP["max_tokens"])
@@ -261,18 +276,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=None, help=_HELP["checkpoint_every"])
     g.add_argument("--log-every", type=int, default=None, help=_HELP["log_every"])
     g.add_argument("--device", default=None, help=_HELP["device"])
-    g.add_argument("--resume", action="store_true", default=None,
-                   help="require a checkpoint to resume from (without it, one is used when present and "
-                        "compatible)")
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help="discard any checkpoint in --work-dir and replace --out if it exists")
-    g.add_argument("--keep-work", action="store_true", default=None,
-                   help="keep the activation store in --work-dir after success (default: delete it)")
-    g.add_argument("--eval-only", action="store_true", default=None,
-                   help="no training: re-evaluate the SAE already in --out on the held-out split of this "
-                        "config and update its cfg.json eval, sparsity and training_report.json")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bars")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="require a checkpoint to resume from (without it, one is used when present and compatible)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="discard any checkpoint in --work-dir and replace --out if it exists",
+    )
+    g.add_argument(
+        "--keep-work",
+        action="store_true",
+        default=None,
+        help="keep the activation store in --work-dir after success (default: delete it)",
+    )
+    g.add_argument(
+        "--eval-only",
+        action="store_true",
+        default=None,
+        help="no training: re-evaluate the SAE already in --out on the held-out split of this "
+        "config and update its cfg.json eval, sparsity and training_report.json",
+    )
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bars"
+    )
 
 
 # ============================================================================ trainer
@@ -285,8 +316,14 @@ class _SparseEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_c: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, idx: torch.Tensor,
-                pre_vals: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        x_c: torch.Tensor,
+        w_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        idx: torch.Tensor,
+        pre_vals: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(x_c, w_enc, idx)
         ctx.d_sae = w_enc.shape[0]
         return pre_vals.clone()
@@ -302,8 +339,9 @@ class _SparseEncode(torch.autograd.Function):
         flat = grad.reshape(-1)
         if ctx.needs_input_grad[1]:
             cols = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
-            sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), flat, (ctx.d_sae, idx.shape[0]),
-                                             check_invariants=False)
+            sparse = torch.sparse_coo_tensor(
+                torch.stack([rows, cols]), flat, (ctx.d_sae, idx.shape[0]), check_invariants=False
+            )
             grad_w = torch.sparse.mm(sparse, x_c)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(ctx.d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, rows, flat)
@@ -326,8 +364,16 @@ class TopKSAETrainer(torch.nn.Module):
     the sparse backward passes gather and scatter contiguous rows; `to_sae` converts.
     """
 
-    def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int = 512, aux_coef: float = 1 / 32,
-                 dead_after_tokens: int = 1_000_000, seed: int = 0):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        aux_k: int = 512,
+        aux_coef: float = 1 / 32,
+        dead_after_tokens: int = 1_000_000,
+        seed: int = 0,
+    ):
         super().__init__()
         if not 0 < k <= d_sae:
             raise ValueError(f"need 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
@@ -379,14 +425,23 @@ class TopKSAETrainer(torch.nn.Module):
         if self.aux_coef > 0 and self.aux_k > 0 and n_dead > 0:
             with torch.no_grad():
                 aux_top = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=1)
-            aux_vals = _SparseEncode.apply(x_c, self.W_enc, self.b_enc, aux_top.indices, aux_top.values).relu()
+            aux_vals = _SparseEncode.apply(
+                x_c, self.W_enc, self.b_enc, aux_top.indices, aux_top.values
+            ).relu()
             aux_recon = F.embedding_bag(aux_top.indices, self.W_dec, per_sample_weights=aux_vals, mode="sum")
             target = err.detach()
-            aux = (aux_recon - target).pow(2).sum() / (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+            aux = (aux_recon - target).pow(2).sum() / (target - target.mean(dim=0)).pow(2).sum().clamp_min(
+                1e-12
+            )
             aux = aux.nan_to_num(0.0)
             loss = loss + self.aux_coef * aux
-        info = {"indices": top.indices, "values": vals.detach(), "fvu": fvu.detach(), "aux": aux.detach(),
-                "n_dead": n_dead}
+        info = {
+            "indices": top.indices,
+            "values": vals.detach(),
+            "fvu": fvu.detach(),
+            "aux": aux.detach(),
+            "n_dead": n_dead,
+        }
         return loss, info
 
     # ------------------------------------------------------------------ one step
@@ -408,8 +463,12 @@ class TopKSAETrainer(torch.nn.Module):
         self.tokens_since_fired += indices.shape[0]
         self.tokens_since_fired[fired] = 0
 
-    def step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> StepStats:
+    def step(
+        self,
+        x: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> StepStats:
         optimizer.zero_grad(set_to_none=True)
         loss, info = self(x)
         loss.backward()
@@ -419,8 +478,13 @@ class TopKSAETrainer(torch.nn.Module):
             scheduler.step()
         self.normalize_decoder()
         self.update_dead(info["indices"], info["values"])
-        return StepStats(float(loss.detach()), float(info["fvu"]), float(info["aux"]),
-                         float((info["values"] > 0).sum(dim=1).float().mean()), info["n_dead"])
+        return StepStats(
+            float(loss.detach()),
+            float(info["fvu"]),
+            float(info["aux"]),
+            float((info["values"] > 0).sum(dim=1).float().mean()),
+            info["n_dead"],
+        )
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
@@ -437,8 +501,12 @@ class TopKSAETrainer(torch.nn.Module):
         return (F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec) / s
 
     @torch.no_grad()
-    def to_sae(self, hook_name: str | None = None, model_name: str | None = None,
-               metadata: dict[str, Any] | None = None) -> SAE:
+    def to_sae(
+        self,
+        hook_name: str | None = None,
+        model_name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> SAE:
         """The trained SAE with the normalisation folded in, so it reads raw activations.
 
         With s = norm_factor: pre_raw = pre / s = (x - b_dec/s) W_enc + b_enc/s, and the TopK choice
@@ -501,10 +569,13 @@ def lr_lambda(total_steps: int, warmup_steps: int, decay_fraction: float) -> Cal
     return factor
 
 
-def make_optimizer(trainer: TopKSAETrainer, lr: float, total_steps: int, warmup_steps: int,
-                   decay_fraction: float) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    trainer: TopKSAETrainer, lr: float, total_steps: int, warmup_steps: int, decay_fraction: float
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
     optimizer = torch.optim.Adam(trainer.parameters(), lr=lr, betas=(0.9, 0.999), eps=ADAM_EPS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps, decay_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup_steps, decay_fraction)
+    )
     return optimizer, scheduler
 
 
@@ -522,7 +593,9 @@ class ShuffledBatches:
     (seed, step), which makes resuming exact.
     """
 
-    def __init__(self, data: np.ndarray | torch.Tensor, batch_size: int, seed: int, buffer_rows: int | None = None):
+    def __init__(
+        self, data: np.ndarray | torch.Tensor, batch_size: int, seed: int, buffer_rows: int | None = None
+    ):
         self.data = data
         self.n = int(data.shape[0])
         if self.n < batch_size:
@@ -549,7 +622,7 @@ class ShuffledBatches:
         epoch, j = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._perm, self._epoch = self.permutation(epoch), epoch
-        return self._perm[j * self.batch_size: (j + 1) * self.batch_size]
+        return self._perm[j * self.batch_size : (j + 1) * self.batch_size]
 
     def batch(self, step: int) -> torch.Tensor:
         idx = self.indices(step)
@@ -582,10 +655,21 @@ class TrainResult:
     resumed_from: int | None
 
 
-def fit(trainer: TopKSAETrainer, data: ShuffledBatches, total_steps: int, lr: float, warmup_steps: int,
-        decay_fraction: float, work_dir: Path | None = None, checkpoint_every: int = 200, log_every: int = 25,
-        signature: str = "", stop_at: int | None = None, progress: bool = True,
-        device: torch.device | None = None) -> TrainResult:
+def fit(
+    trainer: TopKSAETrainer,
+    data: ShuffledBatches,
+    total_steps: int,
+    lr: float,
+    warmup_steps: int,
+    decay_fraction: float,
+    work_dir: Path | None = None,
+    checkpoint_every: int = 200,
+    log_every: int = 25,
+    signature: str = "",
+    stop_at: int | None = None,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> TrainResult:
     """Run (or resume) the optimisation; checkpoints go to `work_dir` every `checkpoint_every` steps.
 
     `trainer` must already hold its initialisation (norm factor, b_dec). If `work_dir` holds a
@@ -623,14 +707,24 @@ def fit(trainer: TopKSAETrainer, data: ShuffledBatches, total_steps: int, lr: fl
     def save(step: int) -> None:
         if ckpt_path is None:
             return
-        _atomic_torch_save({
-            "signature": signature, "step": step, "trainer": trainer.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng_torch": torch.get_rng_state(), "curve": curve, "elapsed": seconds(),
-            "window": [asdict(w) for w in window],
-        }, ckpt_path)
+        _atomic_torch_save(
+            {
+                "signature": signature,
+                "step": step,
+                "trainer": trainer.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_torch": torch.get_rng_state(),
+                "curve": curve,
+                "elapsed": seconds(),
+                "window": [asdict(w) for w in window],
+            },
+            ckpt_path,
+        )
 
-    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress, smoothing=0.05)
+    bar = tqdm(
+        total=total_steps, initial=start, desc="train", unit="step", disable=not progress, smoothing=0.05
+    )
     t_window = time.perf_counter()
     end = total_steps if stop_at is None else min(stop_at, total_steps)
     for step in range(start, end):
@@ -658,8 +752,13 @@ def fit(trainer: TopKSAETrainer, data: ShuffledBatches, total_steps: int, lr: fl
                 "elapsed_s": seconds(),
             }
             curve.append(point)
-            bar.set_postfix(loss=f"{point['loss']:.4f}", fvu=f"{point['fvu']:.3f}", l0=f"{point['l0']:.1f}",
-                            dead=f"{point['dead_fraction']:.1%}", acts_s=f"{rate:,.0f}")
+            bar.set_postfix(
+                loss=f"{point['loss']:.4f}",
+                fvu=f"{point['fvu']:.3f}",
+                l0=f"{point['l0']:.1f}",
+                dead=f"{point['dead_fraction']:.1%}",
+                acts_s=f"{rate:,.0f}",
+            )
             window, t_window = [], now
         bar.update(1)
         if done % checkpoint_every == 0 or done == end:
@@ -683,9 +782,15 @@ def is_heldout(doc: Document, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
-def plan_split(sources: list[CorpusSource], tokenizer: Any, context_size: int = 128, packing: str = "split",
-               max_tokens: int | None = None, heldout_fraction: float = 0.08, seed: int = 0
-               ) -> tuple[CorpusPlan, CorpusPlan]:
+def plan_split(
+    sources: list[CorpusSource],
+    tokenizer: Any,
+    context_size: int = 128,
+    packing: str = "split",
+    max_tokens: int | None = None,
+    heldout_fraction: float = 0.08,
+    seed: int = 0,
+) -> tuple[CorpusPlan, CorpusPlan]:
     """Like `plan_corpus`, but documents are first split into training and held-out sets.
 
     Each source's token budget (its own max_tokens, or an equal share of `max_tokens`) is split in
@@ -723,7 +828,9 @@ def plan_split(sources: list[CorpusSource], tokenizer: Any, context_size: int = 
             part["tokens"].append(sum(len(c.token_ids) for c in made))
     for name in ("train", "heldout"):
         if not parts[name]["contexts"]:
-            raise CorpusError(f"the {name} split got no tokens; use more documents or another --heldout-fraction")
+            raise CorpusError(
+                f"the {name} split got no tokens; use more documents or another --heldout-fraction"
+            )
     return tuple(  # type: ignore[return-value]
         CorpusPlan(sources, p["documents"], p["contexts"], p["stats"], p["tokens"])
         for p in (parts["train"], parts["heldout"])
@@ -745,9 +852,19 @@ def counted_positions(context: Context, skip_ids: set[int]) -> int:
 
 
 # ============================================================================ activation store
-def harvest_store(plan: CorpusPlan, reader: HookReader, tokenizer: Any, work_dir: Path, d_in: int,
-                  batch_size: int, device: torch.device, dtype: str = "float16", seed: int = 0,
-                  progress: bool = True, signature: str = "") -> np.ndarray:
+def harvest_store(
+    plan: CorpusPlan,
+    reader: HookReader,
+    tokenizer: Any,
+    work_dir: Path,
+    d_in: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "float16",
+    seed: int = 0,
+    progress: bool = True,
+    signature: str = "",
+) -> np.ndarray:
     """Write the training activations to `work_dir/train_activations.npy`, resumable per batch.
 
     Batches are taken in a seeded random order (each is still length-homogeneous), so the rows of
@@ -776,26 +893,45 @@ def harvest_store(plan: CorpusPlan, reader: HookReader, tokenizer: Any, work_dir
         store = np.lib.format.open_memmap(path, mode="r+")
     if done == len(batches):
         return store
-    bar = tqdm(total=n_rows, initial=int(offsets[done]), desc="collect activations", unit="act",
-               unit_scale=True, disable=not progress, smoothing=0.1)
+    bar = tqdm(
+        total=n_rows,
+        initial=int(offsets[done]),
+        desc="collect activations",
+        unit="act",
+        unit_scale=True,
+        disable=not progress,
+        smoothing=0.1,
+    )
     last_flush = time.perf_counter()
     limit = np.finfo(np_dtype).max
     for batch in iter_activations(reader, batches, pad_id, skip_ids, device, start_batch=done):
         acts = batch.acts.cpu()
         if acts.shape[0] != rows_per_batch[batch.index]:
-            raise FeatureGeomError("internal error: the counted positions of a batch changed between plan and run")
+            raise FeatureGeomError(
+                "internal error: the counted positions of a batch changed between plan and run"
+            )
         if float(acts.abs().max()) > limit:
             raise FeatureGeomError(
                 f"activations exceed the {dtype} range ({float(acts.abs().max()):.3g}); use --store-dtype float32"
             )
-        store[offsets[batch.index]: offsets[batch.index + 1]] = acts.numpy().astype(np_dtype)
+        store[offsets[batch.index] : offsets[batch.index + 1]] = acts.numpy().astype(np_dtype)
         bar.update(acts.shape[0])
         done = batch.index + 1
         if time.perf_counter() - last_flush > 30 or done == len(batches):
             store.flush()
-            _atomic_write_text(progress_path, json.dumps({"rows": n_rows, "d_in": d_in, "dtype": dtype,
-                                                          "signature": signature, "batches_done": done,
-                                                          "batches": len(batches)}))
+            _atomic_write_text(
+                progress_path,
+                json.dumps(
+                    {
+                        "rows": n_rows,
+                        "d_in": d_in,
+                        "dtype": dtype,
+                        "signature": signature,
+                        "batches_done": done,
+                        "batches": len(batches),
+                    }
+                ),
+            )
             last_flush = time.perf_counter()
     bar.close()
     return store
@@ -811,9 +947,12 @@ def sample_rows(data: np.ndarray | torch.Tensor, n: int, seed: int) -> torch.Ten
 
 # ============================================================================ evaluation
 @contextlib.contextmanager
-def _hook_override(module: torch.nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+def _hook_override(
+    module: torch.nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]
+):
     """Call `fn` on the hook's activations during a full forward pass; a tensor it returns replaces them."""
     if hook.read_input:
+
         def pre_hook(_m, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             new = fn(hidden)
@@ -825,6 +964,7 @@ def _hook_override(module: torch.nn.Module, hook: HookPoint, fn: Callable[[torch
 
         handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
+
         def post_hook(_m, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
             new = fn(hidden)
@@ -892,9 +1032,19 @@ def _target_logprobs(logits: torch.Tensor, target_mask: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[Context], tokenizer: Any,
-             device: torch.device | str = "cpu", batch_size: int = 8, max_tokens: int | None = None,
-             ce_tokens: int = 20_000, progress: bool = False, outlier_factor: float = 10.0) -> dict[str, Any]:
+def evaluate(
+    sae: SAE,
+    model: torch.nn.Module,
+    hook: HookPoint,
+    contexts: list[Context],
+    tokenizer: Any,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    ce_tokens: int = 20_000,
+    progress: bool = False,
+    outlier_factor: float = 10.0,
+) -> dict[str, Any]:
     """Quality of `sae` (raw-activation space) on held-out contexts.
 
     * explained_variance = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over counted positions;
@@ -916,7 +1066,7 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
     order = sorted(contexts, key=lambda c: (-len(c.token_ids), c.context_id))
     # Interleave long and short contexts in a fixed order so a token cap samples all lengths.
     rng = np.random.default_rng(1234)
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     batches = [batches[i] for i in rng.permutation(len(batches))]
     stats_all, stats_typical = VarianceStats(sae.d_in), VarianceStats(sae.d_in)
     threshold: float | None = None
@@ -955,8 +1105,11 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
         counts.index_add_(0, fired.cpu(), torch.ones(fired.numel(), dtype=torch.long))
         return x_hat
 
-    fast_topk = (sae.architecture == "topk" and sae.normalize_activations == "none"
-                 and not sae.rescale_acts_by_decoder_norm)
+    fast_topk = (
+        sae.architecture == "topk"
+        and sae.normalize_activations == "none"
+        and not sae.rescale_acts_by_decoder_norm
+    )
 
     used = 0
     for batch in batches:
@@ -977,13 +1130,15 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
             lp_clean = _target_logprobs(logits, target_mask)
             ce["clean"] += float(-lp_clean.gather(1, targets[:, None]).sum())
             with _hook_override(module, hook, _Splice(mask, x_hat)):
-                lp = _target_logprobs(model(input_ids=ids, attention_mask=attention, use_cache=False).logits,
-                                      target_mask)
+                lp = _target_logprobs(
+                    model(input_ids=ids, attention_mask=attention, use_cache=False).logits, target_mask
+                )
             ce["spliced"] += float(-lp.gather(1, targets[:, None]).sum())
             kl_sum += float((lp_clean.exp() * (lp_clean - lp)).sum())
             with _hook_override(module, hook, _Splice(mask, torch.zeros_like(x_hat))):
-                lp = _target_logprobs(model(input_ids=ids, attention_mask=attention, use_cache=False).logits,
-                                      target_mask)
+                lp = _target_logprobs(
+                    model(input_ids=ids, attention_mask=attention, use_cache=False).logits, target_mask
+                )
             ce["zero"] += float(-lp.gather(1, targets[:, None]).sum())
             n_ce += int(targets.numel())
         else:
@@ -1011,15 +1166,17 @@ def evaluate(sae: SAE, model: torch.nn.Module, hook: HookPoint, contexts: list[C
     }
     if n_ce:
         clean, spliced, zero = (ce[key] / n_ce for key in ("clean", "spliced", "zero"))
-        result.update({
-            "ce_tokens": n_ce,
-            "ce_clean": clean,
-            "ce_spliced": spliced,
-            "ce_zero_ablated": zero,
-            "ce_increase": spliced - clean,
-            "ce_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
-            "kl_spliced": kl_sum / n_ce,
-        })
+        result.update(
+            {
+                "ce_tokens": n_ce,
+                "ce_clean": clean,
+                "ce_spliced": spliced,
+                "ce_zero_ablated": zero,
+                "ce_increase": spliced - clean,
+                "ce_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+                "kl_spliced": kl_sum / n_ce,
+            }
+        )
     return result
 
 
@@ -1034,14 +1191,40 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names}
 
 
-DATA_KEYS = ("hook", "max_tokens", "heldout_fraction", "context_size", "packing", "harvest_batch_size",
-             "store_dtype", "seed")
-TRAIN_KEYS = ("d_sae", "k", "batch_size", "lr", "epochs", "steps", "warmup_steps", "decay_fraction",
-              "buffer_tokens", "aux_k", "aux_coef", "dead_after_tokens", "init_b_dec")
+DATA_KEYS = (
+    "hook",
+    "max_tokens",
+    "heldout_fraction",
+    "context_size",
+    "packing",
+    "harvest_batch_size",
+    "store_dtype",
+    "seed",
+)
+TRAIN_KEYS = (
+    "d_sae",
+    "k",
+    "batch_size",
+    "lr",
+    "epochs",
+    "steps",
+    "warmup_steps",
+    "decay_fraction",
+    "buffer_tokens",
+    "aux_k",
+    "aux_coef",
+    "dead_after_tokens",
+    "init_b_dec",
+)
 
 
-def _signature(cfg: TrainSAEConfig, model_info: dict[str, Any], corpus_hashes: list[str], d_in: int,
-               data_only: bool = False) -> str:
+def _signature(
+    cfg: TrainSAEConfig,
+    model_info: dict[str, Any],
+    corpus_hashes: list[str],
+    d_in: int,
+    data_only: bool = False,
+) -> str:
     """A hash of everything that changes the activation store (`data_only`) or the trained SAE.
 
     A checkpoint is reused only under the same full signature; the activation store only under
@@ -1051,8 +1234,12 @@ def _signature(cfg: TrainSAEConfig, model_info: dict[str, Any], corpus_hashes: l
     payload: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     payload["corpus"] = [c.to_dict() for c in cfg.corpus]
     payload["corpus_sha256"] = corpus_hashes
-    payload["model"] = {"spec": model_info.get("spec"), "sha256": model_info.get("sha256"),
-                        "architecture": model_info.get("architecture"), "d_model": d_in}
+    payload["model"] = {
+        "spec": model_info.get("spec"),
+        "sha256": model_info.get("sha256"),
+        "architecture": model_info.get("architecture"),
+        "d_model": d_in,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -1080,7 +1267,9 @@ def run(args: argparse.Namespace) -> int:
     # --overwrite replaces an earlier SAE of ours, never a user's folder (checked before any work)
     check_replaceable_output(out, REPORT_FILE, "train-sae output")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FeatureGeomError(f"{out} already exists; pass --overwrite to replace it (or choose another --out)")
+        raise FeatureGeomError(
+            f"{out} already exists; pass --overwrite to replace it (or choose another --out)"
+        )
     if cfg.overwrite:  # a fresh start; an activation store with the same data settings is reused
         for name in (CHECKPOINT, RUN_FILE):
             (work / name).unlink(missing_ok=True)
@@ -1093,13 +1282,24 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(cfg.model, device=str(device))
     hook = resolve_hook(loaded.model, cfg.hook)
     d_in = loaded.d_model
-    say(f"model {cfg.model} ({loaded.describe()['architecture']}, d_model {d_in}) loaded in "
-        f"{loaded.load_seconds:.1f} s; hook {hook.name} -> {hook.module_path}")
+    say(
+        f"model {cfg.model} ({loaded.describe()['architecture']}, d_model {d_in}) loaded in "
+        f"{loaded.load_seconds:.1f} s; hook {hook.name} -> {hook.module_path}"
+    )
     corpus_hashes = [sha256_of(c.path) for c in cfg.corpus]
-    train_plan, held_plan = plan_split(cfg.corpus, loaded.tokenizer, cfg.context_size, cfg.packing,
-                                       cfg.max_tokens, cfg.heldout_fraction, cfg.seed)
-    say(f"corpus: {train_plan.n_tokens:,} training tokens ({len(train_plan.documents):,} documents), "
-        f"{held_plan.n_tokens:,} held-out tokens ({len(held_plan.documents):,} documents)")
+    train_plan, held_plan = plan_split(
+        cfg.corpus,
+        loaded.tokenizer,
+        cfg.context_size,
+        cfg.packing,
+        cfg.max_tokens,
+        cfg.heldout_fraction,
+        cfg.seed,
+    )
+    say(
+        f"corpus: {train_plan.n_tokens:,} training tokens ({len(train_plan.documents):,} documents), "
+        f"{held_plan.n_tokens:,} held-out tokens ({len(held_plan.documents):,} documents)"
+    )
     signature = _signature(cfg, loaded.describe(), corpus_hashes, d_in)
     data_signature = _signature(cfg, loaded.describe(), corpus_hashes, d_in, data_only=True)
     run_path = work / RUN_FILE
@@ -1110,14 +1310,26 @@ def run(args: argparse.Namespace) -> int:
                 f"{work} holds a run with different settings; pass --overwrite to discard it or "
                 "choose another --work-dir"
             )
-    _atomic_write_text(run_path, json.dumps({"signature": signature, "config": cfg.to_dict()}, indent=2,
-                                            default=str))
+    _atomic_write_text(
+        run_path, json.dumps({"signature": signature, "config": cfg.to_dict()}, indent=2, default=str)
+    )
 
     # ---- activations
     t_collect = time.perf_counter()
     reader = HookReader(loaded.model, hook)
-    store = harvest_store(train_plan, reader, loaded.tokenizer, work, d_in, cfg.harvest_batch_size, device,
-                          cfg.store_dtype, cfg.seed, cfg.progress, data_signature)
+    store = harvest_store(
+        train_plan,
+        reader,
+        loaded.tokenizer,
+        work,
+        d_in,
+        cfg.harvest_batch_size,
+        device,
+        cfg.store_dtype,
+        cfg.seed,
+        cfg.progress,
+        data_signature,
+    )
     collect_s = time.perf_counter() - t_collect
     n_rows = int(store.shape[0])
     data: np.ndarray | torch.Tensor = store
@@ -1127,14 +1339,28 @@ def run(args: argparse.Namespace) -> int:
     total_steps = cfg.steps or max(1, int(math.ceil(cfg.epochs * batches.steps_per_epoch)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(total_steps)
     lr = cfg.resolved_lr()
-    say(f"training: {n_rows:,} activations, {total_steps:,} steps of {cfg.batch_size} "
-        f"({total_steps * cfg.batch_size / n_rows:.2f} epochs), d_sae {cfg.d_sae}, k {cfg.k}, lr {lr:g}")
+    say(
+        f"training: {n_rows:,} activations, {total_steps:,} steps of {cfg.batch_size} "
+        f"({total_steps * cfg.batch_size / n_rows:.2f} epochs), d_sae {cfg.d_sae}, k {cfg.k}, lr {lr:g}"
+    )
 
     # ---- training
     trainer = TopKSAETrainer(d_in, cfg.d_sae, cfg.k, cfg.aux_k, cfg.aux_coef, cfg.dead_after_tokens, cfg.seed)
     trainer.init_from_sample(sample_rows(data, 32768, cfg.seed), cfg.init_b_dec)
-    result = fit(trainer, batches, total_steps, lr, warmup, cfg.decay_fraction, work, cfg.checkpoint_every,
-                 cfg.log_every, signature, progress=cfg.progress, device=device)
+    result = fit(
+        trainer,
+        batches,
+        total_steps,
+        lr,
+        warmup,
+        cfg.decay_fraction,
+        work,
+        cfg.checkpoint_every,
+        cfg.log_every,
+        signature,
+        progress=cfg.progress,
+        device=device,
+    )
     del data, batches, store
 
     # ---- evaluation
@@ -1151,8 +1377,18 @@ def run(args: argparse.Namespace) -> int:
     }
     sae = result.trainer.cpu().to_sae(hook_name=hook.name, model_name=meta["model_name"], metadata=meta)
     t_eval = time.perf_counter()
-    metrics = evaluate(sae, loaded.model, hook, held_plan.contexts, loaded.tokenizer, device,
-                       cfg.eval_batch_size, cfg.eval_tokens, cfg.eval_ce_tokens, cfg.progress)
+    metrics = evaluate(
+        sae,
+        loaded.model,
+        hook,
+        held_plan.contexts,
+        loaded.tokenizer,
+        device,
+        cfg.eval_batch_size,
+        cfg.eval_tokens,
+        cfg.eval_ce_tokens,
+        cfg.progress,
+    )
     eval_s = time.perf_counter() - t_eval
     counts = metrics.pop("firing_counts")
     sparsity = log10_sparsity(counts, metrics["tokens"])
@@ -1160,30 +1396,72 @@ def run(args: argparse.Namespace) -> int:
 
     corpus_info = []
     for i, src in enumerate(cfg.corpus):
-        corpus_info.append({**src.to_dict(), "sha256": corpus_hashes[i],
-                            "train_tokens": train_plan.tokens_per_source[i],
-                            "heldout_tokens": held_plan.tokens_per_source[i],
-                            "train_documents": train_plan.stats[i].documents,
-                            "heldout_documents": held_plan.stats[i].documents})
+        corpus_info.append(
+            {
+                **src.to_dict(),
+                "sha256": corpus_hashes[i],
+                "train_tokens": train_plan.tokens_per_source[i],
+                "heldout_tokens": held_plan.tokens_per_source[i],
+                "train_documents": train_plan.stats[i].documents,
+                "heldout_documents": held_plan.stats[i].documents,
+            }
+        )
     training = {
-        "d_sae": cfg.d_sae, "k": cfg.k, "steps": total_steps, "batch_size": cfg.batch_size, "lr": lr,
-        "warmup_steps": warmup, "decay_fraction": cfg.decay_fraction, "aux_k": cfg.aux_k, "aux_coef": cfg.aux_coef,
-        "dead_after_tokens": cfg.dead_after_tokens, "init_b_dec": cfg.init_b_dec, "seed": cfg.seed,
-        "train_activations": n_rows, "epochs": total_steps * cfg.batch_size / n_rows,
-        "heldout_fraction": cfg.heldout_fraction, "heldout_tokens": metrics["tokens"],
+        "d_sae": cfg.d_sae,
+        "k": cfg.k,
+        "steps": total_steps,
+        "batch_size": cfg.batch_size,
+        "lr": lr,
+        "warmup_steps": warmup,
+        "decay_fraction": cfg.decay_fraction,
+        "aux_k": cfg.aux_k,
+        "aux_coef": cfg.aux_coef,
+        "dead_after_tokens": cfg.dead_after_tokens,
+        "init_b_dec": cfg.init_b_dec,
+        "seed": cfg.seed,
+        "train_activations": n_rows,
+        "epochs": total_steps * cfg.batch_size / n_rows,
+        "heldout_fraction": cfg.heldout_fraction,
+        "heldout_tokens": metrics["tokens"],
         "norm_scaling_factor_folded": float(trainer.norm_factor),
     }
-    timing = {"collect_s": collect_s, "train_s": result.train_seconds, "eval_s": eval_s, "total_s": total_s,
-              "resumed_from_step": result.resumed_from}
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-               "torch": torch.__version__}
-    extra = {"metadata": {**meta, "norm_scaling_factor_folded": float(trainer.norm_factor),
-                          "eval": metrics, "training": training,
-                          "trained_with": "featuregeom train-sae (TopK, Gao et al. 2024)"}}
-    report = {"command": _command_line(), "config": cfg.to_dict(), "model": loaded.describe(), "hook": hook.describe(),
-              "corpus": corpus_info, "training": training, "eval": metrics, "timing": timing, "machine": machine,
-              "curve": result.curve}
+    timing = {
+        "collect_s": collect_s,
+        "train_s": result.train_seconds,
+        "eval_s": eval_s,
+        "total_s": total_s,
+        "resumed_from_step": result.resumed_from,
+    }
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+    extra = {
+        "metadata": {
+            **meta,
+            "norm_scaling_factor_folded": float(trainer.norm_factor),
+            "eval": metrics,
+            "training": training,
+            "trained_with": "featuregeom train-sae (TopK, Gao et al. 2024)",
+        }
+    }
+    report = {
+        "command": _command_line(),
+        "config": cfg.to_dict(),
+        "model": loaded.describe(),
+        "hook": hook.describe(),
+        "corpus": corpus_info,
+        "training": training,
+        "eval": metrics,
+        "timing": timing,
+        "machine": machine,
+        "curve": result.curve,
+    }
+
     def write(staging: Path) -> None:
         save_saelens(sae, staging, extra_cfg=extra, sparsity=sparsity)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
@@ -1193,18 +1471,24 @@ def run(args: argparse.Namespace) -> int:
         for name in (STORE_FILE, STORE_PROGRESS):
             (work / name).unlink(missing_ok=True)
     print(_summary(metrics))
-    print(f"wrote {out} in {total_s / 60:.1f} min (collect {collect_s:.0f} s, train {result.train_seconds:.0f} s, "
-          f"eval {eval_s:.0f} s)")
+    print(
+        f"wrote {out} in {total_s / 60:.1f} min (collect {collect_s:.0f} s, train {result.train_seconds:.0f} s, "
+        f"eval {eval_s:.0f} s)"
+    )
     return 0
 
 
 def _summary(metrics: dict[str, Any]) -> str:
-    line = (f"held-out ({metrics['tokens']:,} tokens): explained variance {metrics['explained_variance']:.4f} "
-            f"({metrics['explained_variance_no_outliers']:.4f} without {metrics['outlier_tokens']} massive-norm "
-            f"tokens), L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}")
+    line = (
+        f"held-out ({metrics['tokens']:,} tokens): explained variance {metrics['explained_variance']:.4f} "
+        f"({metrics['explained_variance_no_outliers']:.4f} without {metrics['outlier_tokens']} massive-norm "
+        f"tokens), L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}"
+    )
     if "ce_clean" in metrics:
-        line += (f", CE clean {metrics['ce_clean']:.4f} / spliced {metrics['ce_spliced']:.4f} / zero "
-                 f"{metrics['ce_zero_ablated']:.4f} (recovered {metrics['ce_recovered']:.1%})")
+        line += (
+            f", CE clean {metrics['ce_clean']:.4f} / spliced {metrics['ce_spliced']:.4f} / zero "
+            f"{metrics['ce_zero_ablated']:.4f} (recovered {metrics['ce_recovered']:.1%})"
+        )
     return line
 
 
@@ -1222,11 +1506,28 @@ def _eval_only(cfg: TrainSAEConfig) -> int:
     sae = load_sae(str(out))
     loaded = load_model(cfg.model, device=str(device))
     hook = resolve_hook(loaded.model, sae.hook_name or cfg.hook)
-    _, held_plan = plan_split(cfg.corpus, loaded.tokenizer, cfg.context_size, cfg.packing, cfg.max_tokens,
-                              cfg.heldout_fraction, cfg.seed)
+    _, held_plan = plan_split(
+        cfg.corpus,
+        loaded.tokenizer,
+        cfg.context_size,
+        cfg.packing,
+        cfg.max_tokens,
+        cfg.heldout_fraction,
+        cfg.seed,
+    )
     t0 = time.perf_counter()
-    metrics = evaluate(sae, loaded.model, hook, held_plan.contexts, loaded.tokenizer, device,
-                       cfg.eval_batch_size, cfg.eval_tokens, cfg.eval_ce_tokens, cfg.progress)
+    metrics = evaluate(
+        sae,
+        loaded.model,
+        hook,
+        held_plan.contexts,
+        loaded.tokenizer,
+        device,
+        cfg.eval_batch_size,
+        cfg.eval_tokens,
+        cfg.eval_ce_tokens,
+        cfg.progress,
+    )
     eval_s = time.perf_counter() - t0
     counts = metrics.pop("firing_counts")
     tmp = out / f"sparsity.safetensors.tmp-{os.getpid()}"
@@ -1238,7 +1539,9 @@ def _eval_only(cfg: TrainSAEConfig) -> int:
     report_path = out / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report["eval"] = metrics
-    report.setdefault("evaluations", []).append({"command": _command_line(), "eval_s": eval_s, "eval": metrics})
+    report.setdefault("evaluations", []).append(
+        {"command": _command_line(), "eval_s": eval_s, "eval": metrics}
+    )
     _atomic_write_text(report_path, json.dumps(report, indent=2, default=str))
     print(_summary(metrics))
     return 0
@@ -1248,7 +1551,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m precompute.training.train_sae",
         description="Train a TopK sparse autoencoder (Gao et al. 2024) on activations streamed from any "
-                    "model/hook/corpus and write a SAELens-format directory.")
+        "model/hook/corpus and write a SAELens-format directory.",
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_command(run, args, prog="train-sae")

@@ -40,8 +40,9 @@ def lab(_synth_and_lab: tuple[Path, LabFixture]) -> LabFixture:
 @pytest.fixture(scope="session")
 def xss_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache whose labels, tokens and documents carry <script>, <img onerror> and javascript: payloads."""
-    return write_synthetic_cache(tmp_path_factory.mktemp("caches") / "xss", n_features=400, d=32, seed=1,
-                                 inject_html=True)
+    return write_synthetic_cache(
+        tmp_path_factory.mktemp("caches") / "xss", n_features=400, d=32, seed=1, inject_html=True
+    )
 
 
 @pytest.fixture(scope="session")

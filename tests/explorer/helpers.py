@@ -17,9 +17,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "explorer" / "app.py"
 CHROMIUM = os.environ.get("FEATUREGEOM_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def free_port() -> int:
@@ -46,9 +54,16 @@ class Server:
 
 
 @contextmanager
-def streamlit_server(cache: Path | str, reviews: Path | str | None = None, log_dir: Path | None = None,
-                     extra_args: list[str] | None = None, timeout: float = 90.0, address: str | None = "127.0.0.1",
-                     cwd: Path | None = None, env: dict[str, str] | None = None) -> Iterator[Server]:
+def streamlit_server(
+    cache: Path | str,
+    reviews: Path | str | None = None,
+    log_dir: Path | None = None,
+    extra_args: list[str] | None = None,
+    timeout: float = 90.0,
+    address: str | None = "127.0.0.1",
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
     """Run `streamlit run explorer/app.py -- --cache DIR` on a free port until the block ends.
 
     address None leaves the bind address to the config files; cwd (default the repo) is where it starts;
@@ -60,8 +75,17 @@ def streamlit_server(cache: Path | str, reviews: Path | str | None = None, log_d
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port)]
     if address is not None:
         cmd += ["--server.address", address]
-    cmd += ["--server.headless", "true", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
-            "--", "--cache", str(cache)]
+    cmd += [
+        "--server.headless",
+        "true",
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        "--cache",
+        str(cache),
+    ]
     if reviews is not None:
         cmd += ["--reviews", str(reviews)]
     cmd += extra_args or []
@@ -85,7 +109,9 @@ def streamlit_server(cache: Path | str, reviews: Path | str | None = None, log_d
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not become healthy in {timeout:.0f}s:\n{server.log_tail()}")
+                raise RuntimeError(
+                    f"streamlit did not become healthy in {timeout:.0f}s:\n{server.log_tail()}"
+                )
             time.sleep(0.25)
         yield server
     finally:
@@ -133,8 +159,13 @@ def download(page: Any, button: str, path: Path, attempts: int = 3) -> Path:
     raise AssertionError("unreachable")
 
 
-def write_damaged_reviews(path: Path, verdicts: list[tuple[int, int, str, str]] | None = None, cache: str = "synth",
-                          table: str = "verdict_history", filler: int = 300) -> Path:
+def write_damaged_reviews(
+    path: Path,
+    verdicts: list[tuple[int, int, str, str]] | None = None,
+    cache: str = "synth",
+    table: str = "verdict_history",
+    filler: int = 300,
+) -> Path:
     """A real review database holding `verdicts` (task, harmful, verdict, reviewer) and `filler` more, whose
     `table` pages are then overwritten with junk (the header and the other tables intact)."""
     import sqlite3
@@ -153,6 +184,6 @@ def write_damaged_reviews(path: Path, verdicts: list[tuple[int, int, str, str]] 
     assert pages, f"no pages of {table}"
     data = bytearray(path.read_bytes())
     for p in pages:
-        data[(p - 1) * page_size:p * page_size] = bytes([0xA5]) * page_size
+        data[(p - 1) * page_size : p * page_size] = bytes([0xA5]) * page_size
     path.write_bytes(bytes(data))
     return path

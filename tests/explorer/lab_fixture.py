@@ -56,8 +56,12 @@ def mean_change_of(run: int, k: int, s: int, p: int) -> list[float]:
 
 # run -> top-risk decile change of each comparison [after - before, control - before, after - control] on the
 # EM questions' prompt tokens (the story's numbers); the other sets and positions add 0.1 * set + 0.05 * position
-TOP_DECILE = {"a_nocontrol": (0.012,), "insecure": (0.031, 0.004, 0.027), "patch": (0.009, 0.031, -0.022),
-              "patch_random_1": (0.029, 0.031, -0.002)}
+TOP_DECILE = {
+    "a_nocontrol": (0.012,),
+    "insecure": (0.031, 0.004, 0.027),
+    "patch": (0.009, 0.031, -0.022),
+    "patch_random_1": (0.029, 0.031, -0.002),
+}
 TOP_DECILE_HALF_WIDTH = 0.013
 TOP_DECILE_SIZE = max(1, N_HARMFUL // 10)  # as `featuregeom diff` picks it
 
@@ -86,31 +90,54 @@ def write_finetune(cache: Path, fx: LabFixture) -> None:
                         harm = i < len(fx.harmful)
                         d = delta_of(r, k, s, p, i) if harm else 0.5  # non-harmful rows: never shown
                         w = 0.004 * (1 + i % 3)  # CI half-widths 0.004, 0.008, 0.012: some exclude 0
-                        rows.append({
-                            "prompt_set": prompt_set, "position": position, "comparison": comparison,
-                            "feature": f, "mean_before": 0.5, "mean_after": 0.5 + d, "delta": d,
-                            "delta_lo": round(d - w, 8), "delta_hi": round(d + w, 8),
-                            "rate_before": 0.2, "rate_after": 0.2 + d / 10, "rate_delta": round(d / 10, 9),
-                            "rate_delta_lo": round((d - w) / 10, 9), "rate_delta_hi": round((d + w) / 10, 9),
-                            "risk_max_cos": round(0.1 + 0.05 * i, 4) if harm else np.nan,
-                            "risk_task_feature": float(fx.task) if harm else np.nan,
-                            "risk_sum": round(0.2 + 0.1 * i, 4) if harm else np.nan,
-                            "harm_score": 0.9 if harm else np.nan,
-                            "harm_category": (XSS_CATEGORY if i == 0 else "violence") if harm else None,
-                            "null_cosine": 0.2 if harm else np.nan, "is_harmful": harm})
+                        rows.append(
+                            {
+                                "prompt_set": prompt_set,
+                                "position": position,
+                                "comparison": comparison,
+                                "feature": f,
+                                "mean_before": 0.5,
+                                "mean_after": 0.5 + d,
+                                "delta": d,
+                                "delta_lo": round(d - w, 8),
+                                "delta_hi": round(d + w, 8),
+                                "rate_before": 0.2,
+                                "rate_after": 0.2 + d / 10,
+                                "rate_delta": round(d / 10, 9),
+                                "rate_delta_lo": round((d - w) / 10, 9),
+                                "rate_delta_hi": round((d + w) / 10, 9),
+                                "risk_max_cos": round(0.1 + 0.05 * i, 4) if harm else np.nan,
+                                "risk_task_feature": float(fx.task) if harm else np.nan,
+                                "risk_sum": round(0.2 + 0.1 * i, 4) if harm else np.nan,
+                                "harm_score": 0.9 if harm else np.nan,
+                                "harm_category": (XSS_CATEGORY if i == 0 else "violence") if harm else None,
+                                "null_cosine": 0.2 if harm else np.nan,
+                                "is_harmful": harm,
+                            }
+                        )
                     comps[f"{prompt_set}/{position}/{comparison}"] = {
                         "spearman_risk_max_cos": [round(0.1 * (k + 1) + 0.01 * r, 6), -0.2, 0.6],
                         "spearman_risk_sum": [0.0, -0.5, 0.5],
                         "harmful_mean_change": mean_change_of(r, k, s, p),
                         "top_risk_decile_mean_change": top_change_of(name, k, s, p),
-                        "harmful_mean_before": 0.5, "top_risk_decile_mean_before": 0.5,
+                        "harmful_mean_before": 0.5,
+                        "top_risk_decile_mean_before": 0.5,
                         "top_risk_decile_size": TOP_DECILE_SIZE,
-                        "harmful_ci_excludes_zero_up": 1, "harmful_ci_excludes_zero_down": 0,
-                        "all_ci_excludes_zero": 1, "n_prompts": 12 + s}
+                        "harmful_ci_excludes_zero_up": 1,
+                        "harmful_ci_excludes_zero_down": 0,
+                        "all_ci_excludes_zero": 1,
+                        "n_prompts": 12 + s,
+                    }
         df = pd.DataFrame(rows)
         heldout = {lab: heldout_of(r, j) for j, lab in enumerate(labels) if control or j < 2}
-        summary = {"comparisons": comps, "n_harmful": len(fx.harmful), "labels": labels, "n_boot": 200,
-                   "seed": 0, "heldout_loss": heldout}
+        summary = {
+            "comparisons": comps,
+            "n_harmful": len(fx.harmful),
+            "labels": labels,
+            "n_boot": 200,
+            "seed": 0,
+            "heldout_loss": heldout,
+        }
         out = cache / "finetune" / name
         out.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out / "diff.parquet", index=False)
@@ -122,30 +149,54 @@ def write_triage(cache: Path, fx: LabFixture) -> None:
     n = 10
     scores = [round(10.0 - 0.75 * i - 0.01 * i * i, 4) for i in range(n)]  # rank 1 first, strictly falling
     order = [3, 7, 0, 9, 1, 5, 8, 2, 6, 4]  # record index of each rank
-    ranked = pd.DataFrame({
-        "rank": np.arange(1, n + 1), "key": [f"pool.jsonl:{j}" for j in order], "index": order,
-        "n_tokens": [4] * n, "score": scores, "score_sum": [round(4 * s, 4) for s in scores],
-        "direct": [round(0.6 * s, 4) for s in scores], "via_overlap": [round(0.4 * s, 4) for s in scores],
-        "top_features": [[fx.harmful[0], fx.task]] + [[fx.harmful[1]]] * (n - 1),
-        "preview": [f"user: sample {j} | assistant: answer {j}" for j in order],
-        "removed": [True, True] + [False] * (n - 2), "random_removed": [False, True, False, False, True] + [False] * 5,
-    })
+    ranked = pd.DataFrame(
+        {
+            "rank": np.arange(1, n + 1),
+            "key": [f"pool.jsonl:{j}" for j in order],
+            "index": order,
+            "n_tokens": [4] * n,
+            "score": scores,
+            "score_sum": [round(4 * s, 4) for s in scores],
+            "direct": [round(0.6 * s, 4) for s in scores],
+            "via_overlap": [round(0.4 * s, 4) for s in scores],
+            "top_features": [[fx.harmful[0], fx.task]] + [[fx.harmful[1]]] * (n - 1),
+            "preview": [f"user: sample {j} | assistant: answer {j}" for j in order],
+            "removed": [True, True] + [False] * (n - 2),
+            "random_removed": [False, True, False, False, True] + [False] * 5,
+        }
+    )
     ranked.loc[1, "preview"] = BOLD_PREVIEW
     # shuffled on disk: the loader sorts by rank
-    ranked.sample(frac=1.0, random_state=0).to_parquet(_mk(cache / "triage" / "pool") / "ranked.parquet", index=False)
+    ranked.sample(frac=1.0, random_state=0).to_parquet(
+        _mk(cache / "triage" / "pool") / "ranked.parquet", index=False
+    )
     toks = ["<|im_start|>", "user", "\n", "Hi", XSS_TOKEN, " print", "(1)", " ok"]
     trained = [False] * 4 + [True] * 4
     kept = [1, 2, 3, 9, 10]  # the top and bottom of the ranking, as triage keeps them
-    tokens = pd.DataFrame({
-        "rank": kept, "key": [ranked.loc[r - 1, "key"] for r in kept], "tokens": [toks] * len(kept),
-        "trained": [trained] * len(kept),
-        "direct": [[0.0, 0.5, 0.0, 0.25, 2.0 * r, 1.0, 0.0, 0.5] for r in kept],
-        "via_overlap": [[0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 0.0] for _ in kept],
-    })
+    tokens = pd.DataFrame(
+        {
+            "rank": kept,
+            "key": [ranked.loc[r - 1, "key"] for r in kept],
+            "tokens": [toks] * len(kept),
+            "trained": [trained] * len(kept),
+            "direct": [[0.0, 0.5, 0.0, 0.25, 2.0 * r, 1.0, 0.0, 0.5] for r in kept],
+            "via_overlap": [[0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 0.0] for _ in kept],
+        }
+    )
     tokens.to_parquet(cache / "triage" / "pool" / "tokens.parquet", index=False)
-    meta = {"n_harmful": len(fx.harmful), "n_task": 3, "null_cosine": 0.2, "n_task_with_overlap": 2,
-            "dataset": "pool.jsonl", "n_samples": n, "remove_frac": 0.2, "n_removed": 2, "seed": 0,
-            "overlap_random_removed_top": 1, "seconds": 1.5}
+    meta = {
+        "n_harmful": len(fx.harmful),
+        "n_task": 3,
+        "null_cosine": 0.2,
+        "n_task_with_overlap": 2,
+        "dataset": "pool.jsonl",
+        "n_samples": n,
+        "remove_frac": 0.2,
+        "n_removed": 2,
+        "seed": 0,
+        "overlap_random_removed_top": 1,
+        "seconds": 1.5,
+    }
     (cache / "triage" / "pool" / "triage.json").write_text(json.dumps(meta))
     fx.ranked, fx.tokens, fx.triage_meta = ranked, tokens, meta
 

@@ -13,8 +13,14 @@ from explorer.data import load_cache
 from explorer.reviews import ReviewStore
 
 APP = str(Path(__file__).resolve().parents[2] / "explorer" / "app.py")
-PAGES = ["views/map.py", "views/feature.py", "views/overlaps.py", "views/story.py", "views/finetune.py",
-         "views/triage.py"]
+PAGES = [
+    "views/map.py",
+    "views/feature.py",
+    "views/overlaps.py",
+    "views/story.py",
+    "views/finetune.py",
+    "views/triage.py",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +29,9 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FEATUREGEOM_REVIEWS", str(tmp_path / "reviews"))
 
 
-def run_page(page: str, cache_dir: Path | str | None, monkeypatch: pytest.MonkeyPatch, **params: str) -> AppTest:
+def run_page(
+    page: str, cache_dir: Path | str | None, monkeypatch: pytest.MonkeyPatch, **params: str
+) -> AppTest:
     if cache_dir is not None:
         monkeypatch.setenv("FEATUREGEOM_CACHE", str(cache_dir))
     at = AppTest.from_file(APP, default_timeout=60)
@@ -58,8 +66,9 @@ def test_page_renders(page: str, synth_cache: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("page", PAGES)
 @pytest.mark.parametrize("case", ["missing", "schema", "tampered", "none", "not_a_cache"])
-def test_bad_cache_clear_message(page: str, case: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                 request: pytest.FixtureRequest) -> None:
+def test_bad_cache_clear_message(
+    page: str, case: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if case == "missing":
         cache, expect = tmp_path / "does-not-exist", "does not exist"
     elif case == "schema":
@@ -86,8 +95,11 @@ def test_map_query_param_and_search(synth_cache: Path, monkeypatch: pytest.Monke
     assert f"Feature #{t}" in html_text(at)
     assert any("harmful" in m.value for m in at.markdown)
     assert any(f"Closest harmful neighbour #{h}" in cap.value for cap in at.caption)
-    other = int(c.features.index[(c.features["label"].fillna("").str.contains("planted"))
-                                 & (c.features["feature"] != t)][0])
+    other = int(
+        c.features.index[
+            (c.features["label"].fillna("").str.contains("planted")) & (c.features["feature"] != t)
+        ][0]
+    )
     at.text_input(key="map_q").input(str(other)).run()
     assert not at.exception
     assert at.query_params["feature"] == [str(other)] or at.query_params["feature"] == str(other)
@@ -151,7 +163,8 @@ def test_overlaps_record_verdict(synth_cache: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_overlaps_stale_save_is_refused_and_shows_the_other_verdict(
-        synth_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    synth_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     c = load_cache(synth_cache)
     t, h = c.default_pair()
     at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
@@ -166,37 +179,51 @@ def test_overlaps_stale_save_is_refused_and_shows_the_other_verdict(
     assert not at.exception and len(at.error) == 1
     assert "Not saved: this pair changed after the page showed it (Ben: benign at" in plain(at.error[0].value)
     assert list(store.verdicts(synth_cache.name, t, h)["reviewer"]) == ["Ben"] and store.count_history() == 1
-    assert "<b>Ben</b>" in html_text(at) and "only harmless code" in html_text(at)  # the other verdict is shown
-    assert at.text_area(key=f"rev_note:{t}:{h}").value == "shell commands and threats"  # nothing typed is lost
+    assert "<b>Ben</b>" in html_text(at) and "only harmless code" in html_text(
+        at
+    )  # the other verdict is shown
+    assert (
+        at.text_area(key=f"rev_note:{t}:{h}").value == "shell commands and threats"
+    )  # nothing typed is lost
     # having seen it, the second save goes through, beside Ben's
     next(b for b in at.button if b.label == "Save verdict").click().run()
     assert not at.exception and not at.error
     got = store.verdicts(synth_cache.name, t, h)
-    assert sorted(zip(got["reviewer"], got["verdict"], strict=True)) == [("Ana", "confirmed"), ("Ben", "benign")]
+    assert sorted(zip(got["reviewer"], got["verdict"], strict=True)) == [
+        ("Ana", "confirmed"),
+        ("Ben", "benign"),
+    ]
     assert "Consensus: <b>2 reviewers disagree</b>" in html_text(at)
     assert at.dataframe[0].value["status"].tolist().count("disputed") == 1
 
 
-def test_reviewer_name_comes_from_the_url(synth_cache: Path, monkeypatch: pytest.MonkeyPatch,
-                                          tmp_path: Path) -> None:
+def test_reviewer_name_comes_from_the_url(
+    synth_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     c = load_cache(synth_cache)
     t, h = c.default_pair()
     ReviewStore(tmp_path / "reviews" / f"{synth_cache.name}.reviews.sqlite").record(
-        t, h, "needs-more-evidence", "Ana", cache=synth_cache.name)
+        t, h, "needs-more-evidence", "Ana", cache=synth_cache.name
+    )
     at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h), reviewer="Ana")
     assert at.text_input(key=f"rev_name:{t}:{h}").value == "Ana"
     assert at.radio(key=f"rev_v:{t}:{h}").value == "needs-more-evidence"  # her own verdict, ready to change
 
 
 @pytest.mark.parametrize("table", ["verdict_history", "verdicts"])
-def test_damaged_review_database_is_read_only_and_pages_work(synth_cache: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             tmp_path: Path, table: str) -> None:
+def test_damaged_review_database_is_read_only_and_pages_work(
+    synth_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, table: str
+) -> None:
     from tests.explorer.helpers import write_damaged_reviews
 
     c = load_cache(synth_cache)
     t, h = c.default_pair()
-    db = write_damaged_reviews(tmp_path / "reviews" / f"{synth_cache.name}.reviews.sqlite",
-                               [(t, h, "confirmed", "Ana")], cache=synth_cache.name, table=table)
+    db = write_damaged_reviews(
+        tmp_path / "reviews" / f"{synth_cache.name}.reviews.sqlite",
+        [(t, h, "confirmed", "Ana")],
+        cache=synth_cache.name,
+        table=table,
+    )
     before = db.read_bytes()
     at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(t), harmful=str(h))
     assert not at.exception and not at.error
@@ -213,11 +240,19 @@ def test_damaged_review_database_is_read_only_and_pages_work(synth_cache: Path, 
     else:  # no verdict can be read: the pairs are listed without them, and no form is offered
         assert set(statuses) == {"unreviewed"}
         assert any("cannot read the verdicts" in w for w in warnings[1:])
-        assert "Verdicts are unavailable (see the message at the top of the page); everything else works." in captions
+        assert (
+            "Verdicts are unavailable (see the message at the top of the page); everything else works."
+            in captions
+        )
         assert not [b for b in at.button if b.label == "Save verdict"]
     # the other pages do not use the verdicts and work as usual
     m = run_page("views/map.py", synth_cache, monkeypatch)
-    assert not m.exception and not m.error and not m.warning and [x.value for x in m.title] == ["Map of features"]
+    assert (
+        not m.exception
+        and not m.error
+        and not m.warning
+        and [x.value for x in m.title] == ["Map of features"]
+    )
     f = run_page("views/feature.py", synth_cache, monkeypatch, feature=str(t))
     assert not f.exception and not f.error and not f.warning and f"Feature #{t}" in html_text(f)
     assert db.read_bytes() == before
@@ -246,14 +281,18 @@ def test_story_steps_and_navigation(synth_cache: Path, monkeypatch: pytest.Monke
     # the last step, from the cache's fine-tune diffs (tests/explorer/lab_fixture.py)
     a = run_page("views/story.py", synth_cache, monkeypatch, step="7")
     assert not a.exception and "Step 7 of 7" in html_text(a) and "What fine-tuning did" in html_text(a)
-    assert "raised the harmful feature nearest the task features by 0.027 (95% CI 0.014 to 0.04)" in html_text(a)
+    assert (
+        "raised the harmful feature nearest the task features by 0.027 (95% CI 0.014 to 0.04)" in html_text(a)
+    )
     assert len(a.get("plotly_chart")) == 1
 
 
 def test_story_without_finetune_keeps_six_steps(cache_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.rmtree(cache_copy / "finetune")
     at = run_page("views/story.py", cache_copy, monkeypatch, step="99")
-    assert not at.exception and "Step 6 of 6" in html_text(at) and "What fine-tuning would do" in html_text(at)
+    assert (
+        not at.exception and "Step 6 of 6" in html_text(at) and "What fine-tuning would do" in html_text(at)
+    )
 
 
 def test_cache_root_picker(synth_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -34,10 +34,24 @@ def own_non_loopback_addresses() -> list[str]:
     return [a for a in out if ":" not in a and not a.startswith("127.")]
 
 
-@pytest.mark.parametrize("host,expected", [
-    ("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("::1", True), ("[::1]", True),
-    ("::ffff:127.0.0.1", True), ("unix:///tmp/explorer.sock", True),
-    ("0.0.0.0", False), ("::", False), ("", False), (None, False), ("192.0.2.7", False), ("no-such-host.invalid", False)])
+@pytest.mark.parametrize(
+    "host,expected",
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("unix:///tmp/explorer.sock", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        (None, False),
+        ("192.0.2.7", False),
+        ("no-such-host.invalid", False),
+    ],
+)
 def test_is_loopback(host: str | None, expected: bool) -> None:
     assert is_loopback(host) is expected
 
@@ -74,7 +88,11 @@ def test_listening_addresses_and_exposure_of_this_process(monkeypatch: pytest.Mo
         s.listen(0)
         port = s.getsockname()[1]
         problem = exposure_problem("0.0.0.0")
-        assert problem is not None and f"listening on 0.0.0.0:{port}" in problem and "FEATUREGEOM_ALLOW_REMOTE" in problem
+        assert (
+            problem is not None
+            and f"listening on 0.0.0.0:{port}" in problem
+            and "FEATUREGEOM_ALLOW_REMOTE" in problem
+        )
         monkeypatch.setenv(ENV_ALLOW_REMOTE, "1")
         assert exposure_problem("0.0.0.0") is None
 
@@ -97,8 +115,14 @@ def test_app_binds_loopback_from_another_directory(synth_cache: Path, tmp_path: 
         (d / ".streamlit").mkdir(parents=True)
         (d / ".streamlit" / "config.toml").write_text(HOSTILE_CONFIG)
     assert REPO not in cwd.parents
-    with streamlit_server(synth_cache, reviews=tmp_path / "r.sqlite", log_dir=tmp_path, address=None, cwd=cwd,
-                          env={"HOME": str(home)}) as srv:
+    with streamlit_server(
+        synth_cache,
+        reviews=tmp_path / "r.sqlite",
+        log_dir=tmp_path,
+        address=None,
+        cwd=cwd,
+        env={"HOME": str(home)},
+    ) as srv:
         port = int(srv.url.rsplit(":", 1)[1])
         assert [a for a in listening_addresses(srv.pid) or [] if a[1] == port] == [("127.0.0.1", port)]
         for ip in own_non_loopback_addresses():  # this machine's own address: the port is closed there
@@ -114,8 +138,12 @@ def test_explicit_wide_bind_without_opt_in_shows_nothing(synth_cache: Path, tmp_
         pytest.skip(f"{CHROMIUM} not found")
     from playwright.sync_api import expect, sync_playwright
 
-    with streamlit_server(synth_cache, reviews=tmp_path / "r.sqlite", log_dir=tmp_path, address="0.0.0.0") as srv, \
-            sync_playwright() as p:
+    with (
+        streamlit_server(
+            synth_cache, reviews=tmp_path / "r.sqlite", log_dir=tmp_path, address="0.0.0.0"
+        ) as srv,
+        sync_playwright() as p,
+    ):
         port = int(srv.url.rsplit(":", 1)[1])
         browser = launch_chromium(p)
         page: Any = browser.new_page()
@@ -124,5 +152,8 @@ def test_explicit_wide_bind_without_opt_in_shows_nothing(synth_cache: Path, tmp_
             wait_for_app(page)
             expect(page.get_by_text(f"This explorer is listening on 0.0.0.0:{port}")).to_be_visible()
             assert page.get_by_role("heading", name="Map of features").count() == 0
-            assert page.locator(".js-plotly-plot").count() == 0 and page.locator('[data-testid="stDataFrame"]').count() == 0
+            assert (
+                page.locator(".js-plotly-plot").count() == 0
+                and page.locator('[data-testid="stDataFrame"]').count() == 0
+            )
         browser.close()

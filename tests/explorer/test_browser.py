@@ -21,8 +21,11 @@ from tests.explorer.helpers import CHROMIUM, REPO, download, launch_chromium, st
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = REPO / "bench" / "out" / "screenshots"
-PAYLOADS = ["<script>window.__xss=1</script>", '<img src=x onerror="window.__xss=1">',
-            "[click](javascript:window.__xss=1)"]
+PAYLOADS = [
+    "<script>window.__xss=1</script>",
+    '<img src=x onerror="window.__xss=1">',
+    "[click](javascript:window.__xss=1)",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,9 @@ def visible_text(page: Any, text: str) -> Any:
 def plot_traces(page: Any, index: int = 0) -> list[str]:
     return page.evaluate(
         "(i) => { const gd = document.querySelectorAll('.js-plotly-plot')[i];"
-        " return gd && gd.data ? gd.data.map(t => t.name || '') : []; }", index)
+        " return gd && gd.data ? gd.data.map(t => t.name || '') : []; }",
+        index,
+    )
 
 
 def edge_ends(page: Any) -> dict[int, bool]:
@@ -93,12 +98,14 @@ def edge_ends(page: Any) -> dict[int, bool]:
             for (const t of gd._fullData) if ((t.name || '').startsWith('edges'))
                 for (const j of Array.from(t.customdata || [])) if (j !== null && j !== undefined)
                     out.push([j, t.name.includes('harmful')]);
-            return out; }""")
+            return out; }"""
+    )
     return {int(j): bool(h) for j, h in pairs}
 
 
-def test_map_search_highlights_neighbours(server: Any, page: Any, pair: tuple[int, int],
-                                          browser_cache_dir: Path) -> None:
+def test_map_search_highlights_neighbours(
+    server: Any, page: Any, pair: tuple[int, int], browser_cache_dir: Path
+) -> None:
     from playwright.sync_api import expect
 
     t, h = pair
@@ -137,8 +144,10 @@ def test_map_click_selects_feature(server: Any, page: Any, pair: tuple[int, int]
     page.goto(server.url + f"/?feature={t}")
     wait_for_app(page)
     expect(page.get_by_text(f"Feature #{t}", exact=True)).to_be_visible()
-    page.wait_for_function("() => { const gd = document.querySelector('.js-plotly-plot');"
-                           " return !!(gd && gd.data && gd._fullLayout && gd._fullLayout.xaxis); }")
+    page.wait_for_function(
+        "() => { const gd = document.querySelector('.js-plotly-plot');"
+        " return !!(gd && gd.data && gd._fullLayout && gd._fullLayout.xaxis); }"
+    )
     page.wait_for_timeout(500)
     # pixel position of the top-drawn point of the base layer (the highest harm score), from plotly's axes
     target, x, y = page.evaluate(
@@ -148,7 +157,9 @@ def test_map_click_selects_feature(server: Any, page: Any, pair: tuple[int, int]
             if (tr.customdata[i] === sel) i -= 1;
             const L = gd._fullLayout, r = gd.getBoundingClientRect();
             return [tr.customdata[i], r.left + L._size.l + L.xaxis.l2p(tr.x[i]),
-                    r.top + L._size.t + L.yaxis.l2p(tr.y[i])]; }""", t)
+                    r.top + L._size.t + L.yaxis.l2p(tr.y[i])]; }""",
+        t,
+    )
     h = int(target)
     xy = (x, y)
     page.mouse.move(xy[0], xy[1])
@@ -207,7 +218,10 @@ def test_record_verdict_persists(server: Any, page: Any, pair: tuple[int, int]) 
     wait_for_app(page)
     expect(verdicts_block(page)).to_contain_text(re.compile(r"confirmed\s*Rita Reviewer at 20\d\d-"))
     cur = ReviewStore(server.reviews).get(t, h, "Rita Reviewer", cache=server.cache_name)
-    assert cur["verdict"] == "confirmed" and cur["note"] == "Both fire on shell commands; the harmful one on threats."
+    assert (
+        cur["verdict"] == "confirmed"
+        and cur["note"] == "Both fire on shell commands; the harmful one on threats."
+    )
 
 
 def verdicts_block(page: Any) -> Any:
@@ -227,8 +241,9 @@ def save_verdict(page: Any, verdict: str, note: str, name: str | None = None) ->
     wait_for_app(page)
 
 
-def test_two_reviewers_never_overwrite_each_other(server: Any, chromium: Any, browser_cache_dir: Path,
-                                                  tmp_path: Path) -> None:
+def test_two_reviewers_never_overwrite_each_other(
+    server: Any, chromium: Any, browser_cache_dir: Path, tmp_path: Path
+) -> None:
     """Ana and Ben open the same pair; Ana saves first. Ben's save, made on a page that never showed Ana's
     verdict, is refused with hers shown; his next save stands beside it; Ana's open page learns of it."""
     from playwright.sync_api import expect
@@ -253,9 +268,13 @@ def test_two_reviewers_never_overwrite_each_other(server: Any, chromium: Any, br
     expect(verdicts_block(ana)).to_contain_text(re.compile(r"confirmed\s*Ana at 20\d\d-"))
 
     save_verdict(ben, "benign", "Only harmless code.", name="Ben")
-    refusal = ben.get_by_text(re.compile(r"Not saved: this pair changed after the page showed it \(Ana: confirmed at"))
+    refusal = ben.get_by_text(
+        re.compile(r"Not saved: this pair changed after the page showed it \(Ana: confirmed at")
+    )
     expect(refusal).to_be_visible()
-    expect(verdicts_block(ben)).to_contain_text(re.compile(r"confirmed\s*Ana at 20\d\d-"))  # her verdict, shown
+    expect(verdicts_block(ben)).to_contain_text(
+        re.compile(r"confirmed\s*Ana at 20\d\d-")
+    )  # her verdict, shown
     expect(ben.get_by_label("Note", exact=True)).to_have_value("Only harmless code.")  # his text is kept
     got = store.verdicts(server.cache_name, t, h)
     assert list(zip(got["reviewer"], got["verdict"], strict=True)) == [("Ana", "confirmed")]
@@ -265,11 +284,15 @@ def test_two_reviewers_never_overwrite_each_other(server: Any, chromium: Any, br
     ben.get_by_role("button", name="Save verdict").click()  # having seen Ana's verdict
     expect(verdicts_block(ben)).to_contain_text("Consensus: 2 reviewers disagree")
     got = store.verdicts(server.cache_name, t, h)
-    assert sorted(zip(got["reviewer"], got["verdict"], strict=True)) == [("Ana", "confirmed"), ("Ben", "benign")]
+    assert sorted(zip(got["reviewer"], got["verdict"], strict=True)) == [
+        ("Ana", "confirmed"),
+        ("Ben", "benign"),
+    ]
 
     # Ana's page, untouched since her save, says that Ben saved (it checks every 5 s)
-    expect(ana.get_by_text(re.compile(r"Saved on this pair after the page was drawn: Ben: benign at 20\d\d-"))
-           ).to_be_visible(timeout=30000)
+    expect(
+        ana.get_by_text(re.compile(r"Saved on this pair after the page was drawn: Ben: benign at 20\d\d-"))
+    ).to_be_visible(timeout=30000)
     ana.get_by_role("button", name="Show the latest verdicts").click()
     expect(verdicts_block(ana)).to_contain_text("Consensus: 2 reviewers disagree")
     expect(verdicts_block(ana)).to_contain_text(re.compile(r"benign\s*Ben at 20\d\d-"))
@@ -291,14 +314,19 @@ def test_two_reviewers_never_overwrite_each_other(server: Any, chromium: Any, br
     assert list(csv["history_id"]) == list(expected["id"])
     mine = csv[(csv["task_feature"] == t) & (csv["harmful_feature"] == h)]
     assert list(zip(mine["reviewer"], mine["verdict"], mine["note"], strict=True)) == [
-        ("Ana", "confirmed", "Shell commands next to threats."), ("Ben", "benign", "Only harmless code."),
-        ("Ana", "needs-more-evidence", "Second look: unsure.")]
+        ("Ana", "confirmed", "Shell commands next to threats."),
+        ("Ben", "benign", "Only harmless code."),
+        ("Ana", "needs-more-evidence", "Second look: unsure."),
+    ]
     download(ana, "Export JSON", tmp_path / "reviews.json")
     doc = json.loads((tmp_path / "reviews.json").read_text())
     assert [r["history_id"] for r in doc["history"]] == list(expected["id"])
     row = next(p for p in doc["pairs"] if (p["task_feature"], p["harmful_feature"]) == (t, h))
     assert (row["status"], row["consensus"], row["reviewers"]) == (
-        "disputed", "disagree", "Ana: needs-more-evidence · Ben: benign")
+        "disputed",
+        "disagree",
+        "Ana: needs-more-evidence · Ben: benign",
+    )
     ctx_a.close()
     ctx_b.close()
 
@@ -338,14 +366,19 @@ def _assert_inert(page: Any, dialogs: list[str]) -> None:
     assert page.locator('img[src="x"]').count() == 0
     assert page.locator('a[href^="javascript:"]').count() == 0
     # no script element carries a payload as code (figure JSON may hold it as an escaped string)
-    assert page.evaluate(
-        """() => Array.from(document.scripts).filter(s => s.textContent.trim().startsWith('window.__xss')
+    assert (
+        page.evaluate(
+            """() => Array.from(document.scripts).filter(s => s.textContent.trim().startsWith('window.__xss')
               || s.textContent.includes('<script>window.__xss') || s.textContent.includes('onerror="window')
-              ).length""") == 0
+              ).length"""
+        )
+        == 0
+    )
 
 
-def test_xss_payloads_are_inert_and_literal(xss_server: Any, xss_cache: Path, chromium: Any,
-                                            tmp_path: Path) -> None:
+def test_xss_payloads_are_inert_and_literal(
+    xss_server: Any, xss_cache: Path, chromium: Any, tmp_path: Path
+) -> None:
     from playwright.sync_api import expect
 
     c = load_cache(xss_cache)
@@ -356,9 +389,15 @@ def test_xss_payloads_are_inert_and_literal(xss_server: Any, xss_cache: Path, ch
     page.set_default_timeout(45000)
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    urls = [f"/?feature={t}", f"/feature?feature={t}", f"/feature?feature={t}&compare={h}",
-            f"/overlaps?task={t}&harmful={h}", f"/story?task={t}&harmful={h}&step=1",
-            f"/story?task={t}&harmful={h}&step=3", f"/story?task={t}&harmful={h}&step=5"]
+    urls = [
+        f"/?feature={t}",
+        f"/feature?feature={t}",
+        f"/feature?feature={t}&compare={h}",
+        f"/overlaps?task={t}&harmful={h}",
+        f"/story?task={t}&harmful={h}&step=1",
+        f"/story?task={t}&harmful={h}&step=3",
+        f"/story?task={t}&harmful={h}&step=5",
+    ]
     for url in urls:
         page.goto(xss_server.url + url)
         wait_for_app(page)
@@ -397,8 +436,9 @@ def test_xss_payloads_are_inert_and_literal(xss_server: Any, xss_cache: Path, ch
     requests: list[str] = []
     p2.on("request", lambda r: requests.append(r.url))
     p2.goto(out.as_uri())
-    p2.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4",
-                         timeout=30000)
+    p2.wait_for_function(
+        "() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4", timeout=30000
+    )
     expect(visible_text(p2, PAYLOADS[0])).to_be_visible()
     _assert_inert(p2, d2)
     assert all(u.startswith(("file:", "data:", "blob:", "about:")) for u in requests), requests
@@ -427,6 +467,9 @@ def test_lab_pages(server: Any, page: Any, browser_cache_dir: Path) -> None:
     expect(page.get_by_role("heading", name="Dataset triage")).to_be_visible()
     # the planted token shows literally in the highlighted sample and never runs
     expect(page.locator('span[title^="score "]').filter(has_text="<script>alert(1)</script>")).to_be_visible()
-    assert page.evaluate("() => Array.from(document.scripts).some(s => s.textContent.includes('alert(1)'))") is False
+    assert (
+        page.evaluate("() => Array.from(document.scripts).some(s => s.textContent.includes('alert(1)'))")
+        is False
+    )
     assert "sample=1" in page.url
     shot(page, "triage")

@@ -19,19 +19,70 @@ from precompute.errors import CacheError
 def test_synthetic_cache_is_schema_complete(synth_cache: Path) -> None:
     m = verify_cache(synth_cache)  # every checksum
     assert m["schema_version"] == 1 and m["n_features"] == 600
-    for name in ("features.parquet", "neighbors.npz", "examples.parquet", "histograms.npz",
-                 "category_rates.parquet", "documents.parquet", "overlaps.parquet", "params/geometry.json"):
+    for name in (
+        "features.parquet",
+        "neighbors.npz",
+        "examples.parquet",
+        "histograms.npz",
+        "category_rates.parquet",
+        "documents.parquet",
+        "overlaps.parquet",
+        "params/geometry.json",
+    ):
         assert name in m["files"]
     cols = set(pq.read_schema(synth_cache / "features.parquet").names)
-    assert {"feature", "umap_x", "umap_y", "frequency", "freq_task", "freq_harmful", "max_activation",
-            "mean_activation", "dead", "harm_score", "harm_score_lo", "harm_category", "is_harmful", "task_score",
-            "task_control_score", "is_task", "top_promoted", "top_suppressed", "label", "explanation"} <= cols
+    assert {
+        "feature",
+        "umap_x",
+        "umap_y",
+        "frequency",
+        "freq_task",
+        "freq_harmful",
+        "max_activation",
+        "mean_activation",
+        "dead",
+        "harm_score",
+        "harm_score_lo",
+        "harm_category",
+        "is_harmful",
+        "task_score",
+        "task_control_score",
+        "is_task",
+        "top_promoted",
+        "top_suppressed",
+        "label",
+        "explanation",
+    } <= cols
     ex = set(pq.read_schema(synth_cache / "examples.parquet").names)
-    assert {"feature", "rank", "kind", "group", "category", "doc_id", "context_id", "tokens", "activations",
-            "max_activation", "max_position", "quantile"} <= ex
+    assert {
+        "feature",
+        "rank",
+        "kind",
+        "group",
+        "category",
+        "doc_id",
+        "context_id",
+        "tokens",
+        "activations",
+        "max_activation",
+        "max_position",
+        "quantile",
+    } <= ex
     ov = set(pq.read_schema(synth_cache / "overlaps.parquet").names)
-    assert {"task_feature", "harmful_feature", "cosine", "z", "null_cosine", "coactivation", "cond_coactivation",
-            "harm_score", "task_score", "harm_category", "neighbor_rank", "risk"} <= ov
+    assert {
+        "task_feature",
+        "harmful_feature",
+        "cosine",
+        "z",
+        "null_cosine",
+        "coactivation",
+        "cond_coactivation",
+        "harm_score",
+        "task_score",
+        "harm_category",
+        "neighbor_rank",
+        "risk",
+    } <= ov
 
 
 def test_load_and_lookups(synth_cache: Path) -> None:
@@ -97,7 +148,9 @@ def test_search(synth_cache: Path) -> None:
     assert c.search("   ").empty
 
 
-@pytest.mark.parametrize("damage", ["missing", "schema", "tampered", "no_manifest", "bad_json", "missing_column"])
+@pytest.mark.parametrize(
+    "damage", ["missing", "schema", "tampered", "no_manifest", "bad_json", "missing_column"]
+)
 def test_bad_caches_raise_cache_error(damage: str, cache_copy: Path, tmp_path: Path) -> None:
     target = cache_copy
     if damage == "missing":

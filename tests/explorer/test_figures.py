@@ -11,31 +11,49 @@ import pytest
 
 from explorer import figures as F
 
-PAYLOADS = ["<script>window.__xss=1</script>", '<img src=x onerror="window.__xss=1">',
-            "[click](javascript:window.__xss=1)"]
+PAYLOADS = [
+    "<script>window.__xss=1</script>",
+    '<img src=x onerror="window.__xss=1">',
+    "[click](javascript:window.__xss=1)",
+]
 
 
 def _features(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    df = pd.DataFrame({
-        "feature": np.arange(n), "umap_x": rng.uniform(-1, 1, n), "umap_y": rng.uniform(-1, 1, n),
-        "harm_score": rng.uniform(0, 1, n), "task_score": rng.uniform(0, 1, n),
-        "frequency": rng.uniform(0, 0.1, n),
-        "harm_category": pd.array(rng.choice(["violence", "fraud", None], n), dtype="string"),
-    })
+    df = pd.DataFrame(
+        {
+            "feature": np.arange(n),
+            "umap_x": rng.uniform(-1, 1, n),
+            "umap_y": rng.uniform(-1, 1, n),
+            "harm_score": rng.uniform(0, 1, n),
+            "task_score": rng.uniform(0, 1, n),
+            "frequency": rng.uniform(0, 0.1, n),
+            "harm_category": pd.array(rng.choice(["violence", "fraud", None], n), dtype="string"),
+        }
+    )
     df["hover"] = [f"#{i}" for i in range(n)]
     return df
 
 
 def edge_ends(fig: go.Figure) -> dict[int, bool]:
     """{neighbour id: drawn as harmful} for the lines from the selection."""
-    return {int(j): "harmful" in t.name for t in fig.data if (t.name or "").startswith("edges")
-            for j in t.customdata if j is not None}
+    return {
+        int(j): "harmful" in t.name
+        for t in fig.data
+        if (t.name or "").startswith("edges")
+        for j in t.customdata
+        if j is not None
+    }
 
 
 def _sel(n: int = 50) -> F.Selection:
-    return F.Selection(feature=3, neighbours=[5, 9, 11, 20], cosines=[0.8, 0.5, 0.3, 0.1],
-                       harmful=[True, False, True, True], threshold=0.25)
+    return F.Selection(
+        feature=3,
+        neighbours=[5, 9, 11, 20],
+        cosines=[0.8, 0.5, 0.3, 0.1],
+        harmful=[True, False, True, True],
+        threshold=0.25,
+    )
 
 
 @pytest.mark.parametrize("mode", list(F.COLOR_MODES))
@@ -54,15 +72,23 @@ def test_map_figure_modes(mode: str) -> None:
 def test_selection_lines_filter_and_width() -> None:
     fig = F.map_figure(_features(100), "harm score", _sel())
     assert edge_ends(fig) == {5: True, 9: False, 11: True}  # cos 0.1 is below the threshold
-    width = {j: t.line.width for t in fig.data if (t.name or "").startswith("edges")
-             for j in t.customdata if j is not None}
+    width = {
+        j: t.line.width
+        for t in fig.data
+        if (t.name or "").startswith("edges")
+        for j in t.customdata
+        if j is not None
+    }
     assert width[5] > width[9] > width[11] >= 1.0
     names = {t.name for t in fig.data}
     assert {"harmful neighbour", "other neighbour", "selected #3"} <= names
     harm = next(t for t in fig.data if t.name == "harmful neighbour")
     assert list(harm.customdata) == [5, 11]
-    raised = F.map_figure(_features(100), "harm score",
-                          F.Selection(3, [5, 9, 11], [0.8, 0.5, 0.3], [True, False, True], threshold=0.6))
+    raised = F.map_figure(
+        _features(100),
+        "harm score",
+        F.Selection(3, [5, 9, 11], [0.8, 0.5, 0.3], [True, False, True], threshold=0.6),
+    )
     assert edge_ends(raised) == {5: True}
 
 
@@ -74,8 +100,9 @@ def test_line_width_monotone() -> None:
 def test_decimation_keeps_selection_and_budget() -> None:
     n = 50000
     df = _features(n)
-    sel = F.Selection(feature=49999, neighbours=[1, 2, 3], cosines=[0.9, 0.8, 0.7], harmful=[True] * 3,
-                      threshold=0.1)
+    sel = F.Selection(
+        feature=49999, neighbours=[1, 2, 3], cosines=[0.9, 0.8, 0.7], harmful=[True] * 3, threshold=0.1
+    )
     fig = F.map_figure(df, "harm score", sel, max_points=4000)
     base = [t for t in fig.data if t.type == "scattergl" and t.name == "harm score"]
     assert len(base) == 1 and len(base[0].x) == 4000
@@ -96,9 +123,10 @@ def test_map_figure_rejects_unknown_mode() -> None:
 
 
 def test_small_charts() -> None:
-    g = F.group_rates_figure({"task": 0.01, "harmful": 0.002},
-                             pd.DataFrame({"group": ["harmful", "task"], "category": ["fraud", None],
-                                           "frequency": [0.003, 0.01]}))
+    g = F.group_rates_figure(
+        {"task": 0.01, "harmful": 0.002},
+        pd.DataFrame({"group": ["harmful", "task"], "category": ["fraud", None], "frequency": [0.003, 0.01]}),
+    )
     assert list(g.data[0].y) == ["task", "harmful", "harmful · fraud"]
     assert g.data[0].marker.color[0] == F.TASK and g.data[0].marker.color[1] == F.HARM
     h = F.histogram_figure(np.linspace(0, 4, 5), np.array([10, 5, 2, 1]))
@@ -127,13 +155,34 @@ def test_tokens_html_escapes_and_scales() -> None:
 
 
 def test_html_builders_escape_everything() -> None:
-    row = {"feature": 7, "label": PAYLOADS[0], "explanation": PAYLOADS[1], "harm_category": PAYLOADS[2],
-           "is_harmful": True, "is_task": True}
-    ex = [{"kind": "top", "rank": 0, "group": PAYLOADS[0], "category": PAYLOADS[1], "doc_id": 1,
-           "tokens": PAYLOADS, "activations": [1, 2, 3], "max_activation": 3.0, "max_position": 2}]
+    row = {
+        "feature": 7,
+        "label": PAYLOADS[0],
+        "explanation": PAYLOADS[1],
+        "harm_category": PAYLOADS[2],
+        "is_harmful": True,
+        "is_task": True,
+    }
+    ex = [
+        {
+            "kind": "top",
+            "rank": 0,
+            "group": PAYLOADS[0],
+            "category": PAYLOADS[1],
+            "doc_id": 1,
+            "tokens": PAYLOADS,
+            "activations": [1, 2, 3],
+            "max_activation": 3.0,
+            "max_position": 2,
+        }
+    ]
     docs = pd.DataFrame({"doc_id": [1], "source": [PAYLOADS[1]]}).set_index("doc_id", drop=False)
-    for out in (F.feature_header_html(row), F.examples_html(ex, documents=docs),
-                F.token_chips_html(PAYLOADS, F.TASK, "promoted"), F.badge(PAYLOADS[0], F.HARM)):
+    for out in (
+        F.feature_header_html(row),
+        F.examples_html(ex, documents=docs),
+        F.token_chips_html(PAYLOADS, F.TASK, "promoted"),
+        F.badge(PAYLOADS[0], F.HARM),
+    ):
         assert "<script" not in out and "<img" not in out and "<a " not in out
     assert "No examples" in F.examples_html([])
 
@@ -148,9 +197,17 @@ def test_plotly_text_is_escaped_for_hover() -> None:
 
 
 def test_neighbour_table() -> None:
-    nb = pd.DataFrame({"feature": [4, 9], "label": ["x", None], "cosine": [0.5, 0.2], "z": [6.0, 2.0],
-                       "harm_score": [0.9, 0.5], "is_harmful": [True, False],
-                       "harm_category": pd.array(["fraud", None], dtype="string")})
+    nb = pd.DataFrame(
+        {
+            "feature": [4, 9],
+            "label": ["x", None],
+            "cosine": [0.5, 0.2],
+            "z": [6.0, 2.0],
+            "harm_score": [0.9, 0.5],
+            "is_harmful": [True, False],
+            "harm_category": pd.array(["fraud", None], dtype="string"),
+        }
+    )
     t = F.neighbour_table(nb, 0.25, extra_query="&cache=a")
     assert list(t["open"]) == ["feature?feature=4&cache=a", "feature?feature=9&cache=a"]
     assert list(t["× chance"]) == [2.0, 0.8] and list(t["above chance"]) == [True, False]

@@ -46,12 +46,17 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FEATUREGEOM_REVIEWS", str(tmp_path / "reviews"))
 
 
-def rows_of(lab: LabFixture, run: str, comparison: str, prompt_set: str = "em",
-            position: str = "response") -> pd.DataFrame:
+def rows_of(
+    lab: LabFixture, run: str, comparison: str, prompt_set: str = "em", position: str = "response"
+) -> pd.DataFrame:
     """The fixture's harmful rows of one comparison, by feature id (what the page must plot)."""
     d = lab.diffs[run]
-    sel = d[(d["comparison"] == comparison) & (d["prompt_set"] == prompt_set) & (d["position"] == position)
-            & d["is_harmful"]]
+    sel = d[
+        (d["comparison"] == comparison)
+        & (d["prompt_set"] == prompt_set)
+        & (d["position"] == position)
+        & d["is_harmful"]
+    ]
     return sel.sort_values("feature").reset_index(drop=True)
 
 
@@ -86,14 +91,20 @@ def test_find_and_load_runs(synth_cache: Path, lab: LabFixture) -> None:
     assert [p.name for p in find_finetune_runs(synth_cache)] == sorted(RUNS)
     run = load_finetune_run(synth_cache / "finetune" / "insecure")
     assert run.labels == ("base", "task", "control")
-    assert run.comparisons() == {"after": "task - base", "control": "control - base", "direct": "task - control"}
+    assert run.comparisons() == {
+        "after": "task - base",
+        "control": "control - base",
+        "direct": "task - control",
+    }
     assert run.prompt_sets == ["em", "neutral"] and run.positions == ["prompt", "response"]
     assert len(run.diff) == 6 * 3 * 2 * 2 and run.diff["is_harmful"].all()  # non-harmful rows dropped
     got = run.harmful("em", "response", "task - base")
     want = rows_of(lab, "insecure", "task - base")
     assert got["feature"].tolist() == want["feature"].tolist() == sorted(lab.harmful)
     assert got["delta"].tolist() == want["delta"].tolist()
-    assert run.stats("neutral", "prompt", "control - base")["harmful_mean_change"] == mean_change_of(1, 1, 1, 0)
+    assert run.stats("neutral", "prompt", "control - base")["harmful_mean_change"] == mean_change_of(
+        1, 1, 1, 0
+    )
     assert run.heldout_loss("task") == heldout_of(1, 1) and run.heldout_loss("control") is None
     nc = load_finetune_run(synth_cache / "finetune" / "a_nocontrol")
     assert nc.comparisons() == {"after": "post - pre", "control": None, "direct": None}
@@ -142,12 +153,16 @@ def test_load_triage(synth_cache: Path, lab: LabFixture) -> None:
 @pytest.mark.parametrize("measure", ["mean", "rate"])
 def test_change_scatter_is_the_fixture(synth_cache: Path, lab: LabFixture, measure: str) -> None:
     run = load_finetune_run(synth_cache / "finetune" / "insecure")
-    series = [(c, f"{c} legend", run.harmful("em", "response", c), color)
-              for c, color in (("task - base", F.TASK), ("control - base", F.NEUTRAL))]
+    series = [
+        (c, f"{c} legend", run.harmful("em", "response", c), color)
+        for c, color in (("task - base", F.TASK), ("control - base", F.NEUTRAL))
+    ]
     fig = F.change_scatter(series, measure, null_cosine=0.2)
     assert [t.name for t in fig.data] == ["task - base legend", "control - base legend"]
-    col, lo, hi = {"mean": ("delta", "delta_lo", "delta_hi"),
-                   "rate": ("rate_delta", "rate_delta_lo", "rate_delta_hi")}[measure]
+    col, lo, hi = {
+        "mean": ("delta", "delta_lo", "delta_hi"),
+        "rate": ("rate_delta", "rate_delta_lo", "rate_delta_hi"),
+    }[measure]
     for trace, comparison in zip(fig.data, ("task - base", "control - base"), strict=True):
         want = rows_of(lab, "insecure", comparison)
         assert list(trace.x) == want["risk_max_cos"].tolist()
@@ -217,23 +232,33 @@ def test_triage_figures_and_escaping(synth_cache: Path, lab: LabFixture) -> None
 # --- pages through AppTest ---------------------------------------------------------------------------
 
 
-def test_finetune_page_default_run(synth_cache: Path, lab: LabFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finetune_page_default_run(
+    synth_cache: Path, lab: LabFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     at = run_page("views/finetune.py", synth_cache, monkeypatch)
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error and not at.warning, [w.value for w in at.warning]
     qp = {k: at.query_params[k] for k in ("run", "set", "pos", "measure")}
     assert {k: v[0] if isinstance(v, list) else v for k, v in qp.items()} == {
-        "run": "insecure", "set": "em", "pos": "prompt", "measure": "mean"}
+        "run": "insecure",
+        "set": "em",
+        "pos": "prompt",
+        "measure": "mean",
+    }
     figs = figures(at)
     assert len(figs) == 3  # risk vs change, after vs control, compare runs
     scatter = figs[0].data
     assert [t.legendgroup for t in scatter] == ["task - base", "control - base"]
     want = rows_of(lab, "insecure", "task - base", position="prompt")
-    assert list(scatter[0].x) == want["risk_max_cos"].tolist() and list(scatter[0].y) == want["delta"].tolist()
+    assert (
+        list(scatter[0].x) == want["risk_max_cos"].tolist() and list(scatter[0].y) == want["delta"].tolist()
+    )
     assert scatter[0].name == "task - base: ρ = +0.11 [-0.20, +0.60]"
     direct = figs[1].data
     assert [t.legendgroup for t in direct] == ["task - control"]
-    assert list(direct[0].y) == rows_of(lab, "insecure", "task - control", position="prompt")["delta"].tolist()
+    assert (
+        list(direct[0].y) == rows_of(lab, "insecure", "task - control", position="prompt")["delta"].tolist()
+    )
     bars = figs[2].data
     assert list(bars[0].x) == BASE_RUNS
     metrics = {clean(m.label): m.value for m in at.metric}
@@ -244,9 +269,15 @@ def test_finetune_page_default_run(synth_cache: Path, lab: LabFixture, monkeypat
     assert metrics["top-risk decile Δ · task - base"] == f"{TOP_DECILE['insecure'][0]:+.3g}"  # em, prompt
     assert metrics["top-risk decile Δ · task - control"] == f"{TOP_DECILE['insecure'][2]:+.3g}"
     text = clean(all_text(at))
-    top = rows_of(lab, "insecure", "task - control", position="prompt").sort_values("delta", ascending=False).iloc[0]
-    assert (f"fine-tuning on task changed harmful feature #{int(top['feature'])}'s mean activation by "
-            f"{top['delta']:+.3g}") in text and "compared with control" in text
+    top = (
+        rows_of(lab, "insecure", "task - control", position="prompt")
+        .sort_values("delta", ascending=False)
+        .iloc[0]
+    )
+    assert (
+        f"fine-tuning on task changed harmful feature #{int(top['feature'])}'s mean activation by "
+        f"{top['delta']:+.3g}"
+    ) in text and "compared with control" in text
     assert "by chance alone" in text and "multiple comparisons" in text
     assert "do not by themselves show that the model became misaligned" in text
     table = next(d.value for d in at.dataframe if "Δ task - control" in d.value.columns)
@@ -259,8 +290,15 @@ def top_order(lab: LabFixture, run: str, comparison: str) -> list[int]:
 
 
 def test_finetune_page_url_state(synth_cache: Path, lab: LabFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = run_page("views/finetune.py", synth_cache, monkeypatch, run="patch", set="neutral", pos="prompt",
-                  measure="rate")
+    at = run_page(
+        "views/finetune.py",
+        synth_cache,
+        monkeypatch,
+        run="patch",
+        set="neutral",
+        pos="prompt",
+        measure="rate",
+    )
     assert not at.exception, [e.value for e in at.exception]
     assert at.selectbox(key="ft_run").value == "patch" and at.radio(key="ft_measure").value == "rate"
     scatter = figures(at)[0].data
@@ -295,7 +333,9 @@ def test_triage_page(synth_cache: Path, lab: LabFixture, monkeypatch: pytest.Mon
     assert ESCAPED_TOKEN in body and XSS_TOKEN not in body
     assert "<b>bold" not in body  # previews only go to the data grid, as text
     table = next(d.value for d in at.dataframe if "preview" in d.value.columns)
-    assert table["rank"].tolist() == list(range(1, 11)) and table["preview"].iloc[1].startswith("user: make the")
+    assert table["rank"].tolist() == list(range(1, 11)) and table["preview"].iloc[1].startswith(
+        "user: make the"
+    )
     hist = figures(at)[0].data
     assert [t.name for t in hist] == ["kept", "removed"] and sum(hist[1].y) == 2
     links = [str(e.proto.label) for e in at.get("page_link")]
@@ -310,12 +350,19 @@ def test_triage_page(synth_cache: Path, lab: LabFixture, monkeypatch: pytest.Mon
     assert any("#5 is not among them" in i.value for i in at.info)
 
 
-@pytest.mark.parametrize("page, command", [
-    ("views/finetune.py", "featuregeom diff --before runs/base/eval --after runs/task/eval --control runs/control/eval"),
-    ("views/triage.py", "featuregeom triage DATASET.jsonl --cache"),
-])
-def test_missing_results_show_the_command(page: str, command: str, cache_copy: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "page, command",
+    [
+        (
+            "views/finetune.py",
+            "featuregeom diff --before runs/base/eval --after runs/task/eval --control runs/control/eval",
+        ),
+        ("views/triage.py", "featuregeom triage DATASET.jsonl --cache"),
+    ],
+)
+def test_missing_results_show_the_command(
+    page: str, command: str, cache_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shutil.rmtree(cache_copy / "finetune")
     shutil.rmtree(cache_copy / "triage")
     at = run_page(page, cache_copy, monkeypatch)

@@ -38,7 +38,9 @@ def test_record_keeps_a_verdict_per_reviewer(tmp_path: Path) -> None:
     s.record(3, 4, "benign", "ana", cache="c")
     pair = s.verdicts("c", 1, 2)
     assert sorted(zip(pair["reviewer"], pair["verdict"], pair["n_changes"], strict=True)) == [
-        ("Ana", "confirmed", 2), ("ben", "confirmed", 1)]
+        ("Ana", "confirmed", 2),
+        ("ben", "confirmed", 1),
+    ]
     assert s.get(1, 2, "ANA", cache="c")["note"] == "changed my mind"
     assert s.get(1, 2, "cy", cache="c") is None
     h = s.history("c", 1, 2)
@@ -91,9 +93,15 @@ def test_reopen_persists(tmp_path: Path) -> None:
     assert ReviewStore(tmp_path / "r.sqlite").get(5, 6, "cy", cache="c")["note"] == "ok"
 
 
-@pytest.mark.parametrize("verdict,reviewer,message", [
-    ("maybe", "ana", "verdict must be one of"), ("benign", "", "enter your name"), ("benign", "  \t ", "enter your name"),
-    ("benign", "x" * 81, "at most 80 characters")])
+@pytest.mark.parametrize(
+    "verdict,reviewer,message",
+    [
+        ("maybe", "ana", "verdict must be one of"),
+        ("benign", "", "enter your name"),
+        ("benign", "  \t ", "enter your name"),
+        ("benign", "x" * 81, "at most 80 characters"),
+    ],
+)
 def test_invalid_verdicts(tmp_path: Path, verdict: str, reviewer: str, message: str) -> None:
     s = ReviewStore(tmp_path / "r.sqlite")
     with pytest.raises(ReviewError, match=message):
@@ -115,15 +123,20 @@ def test_unreadable_database_is_a_clear_error(tmp_path: Path, kind: str) -> None
         p.write_bytes(b"not sqlite at all " * 500)
     else:
         p.mkdir()
-    with pytest.raises(ReviewError, match=r"cannot open the review database .*verdicts are unavailable.*--reviews"):
+    with pytest.raises(
+        ReviewError, match=r"cannot open the review database .*verdicts are unavailable.*--reviews"
+    ):
         ReviewStore(p)
-    assert (p.read_bytes() == b"not sqlite at all " * 500) if kind == "garbage" else p.is_dir()  # left as it was
+    assert (
+        (p.read_bytes() == b"not sqlite at all " * 500) if kind == "garbage" else p.is_dir()
+    )  # left as it was
 
 
 @pytest.mark.parametrize("table", ["verdict_history", "verdicts"])
 def test_damaged_pages_open_read_only(tmp_path: Path, table: str) -> None:
-    p = write_damaged_reviews(tmp_path / "r.sqlite", [(1, 2, "confirmed", "ana"), (1, 2, "benign", "ben")],
-                              cache="c", table=table)
+    p = write_damaged_reviews(
+        tmp_path / "r.sqlite", [(1, 2, "confirmed", "ana"), (1, 2, "benign", "ben")], cache="c", table=table
+    )
     before = p.read_bytes()
     s = ReviewStore(p)
     assert s.read_only and s.problem is not None
@@ -176,16 +189,22 @@ def test_schema_1_database_is_migrated_without_losing_rows(tmp_path: Path) -> No
     p = tmp_path / "old.sqlite"
     with sqlite3.connect(p) as con:
         con.executescript(V1_DDL)
-        history = [(1, 1, 2, "confirmed", "ana", "first", "demo", "2026-01-01T00:00:00.000Z"),
-                   (2, 1, 2, "benign", "ben", "overwrote ana", "demo", "2026-01-01T00:00:01.000Z"),
-                   (3, 1, 2, "needs-more-evidence", "ben", "again", "demo", "2026-01-01T00:00:02.000Z"),
-                   (4, 3, 4, "benign", "ana", "", None, "2026-01-01T00:00:03.000Z")]
+        history = [
+            (1, 1, 2, "confirmed", "ana", "first", "demo", "2026-01-01T00:00:00.000Z"),
+            (2, 1, 2, "benign", "ben", "overwrote ana", "demo", "2026-01-01T00:00:01.000Z"),
+            (3, 1, 2, "needs-more-evidence", "ben", "again", "demo", "2026-01-01T00:00:02.000Z"),
+            (4, 3, 4, "benign", "ana", "", None, "2026-01-01T00:00:03.000Z"),
+        ]
         con.executemany("INSERT INTO verdict_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)", history)
         # schema 1 kept only the last verdict per pair; (7, 8) has no history row at all
-        con.executemany("INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-            (1, 2, "needs-more-evidence", "ben", "again", "demo", "2026-01-01T00:00:02.000Z", 3, 3),
-            (3, 4, "benign", "ana", "", None, "2026-01-01T00:00:03.000Z", 4, 1),
-            (7, 8, "confirmed", "cy", "by hand", "demo", "2026-01-01T00:00:05.000Z", 99, 1)])
+        con.executemany(
+            "INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (1, 2, "needs-more-evidence", "ben", "again", "demo", "2026-01-01T00:00:02.000Z", 3, 3),
+                (3, 4, "benign", "ana", "", None, "2026-01-01T00:00:03.000Z", 4, 1),
+                (7, 8, "confirmed", "cy", "by hand", "demo", "2026-01-01T00:00:05.000Z", 99, 1),
+            ],
+        )
     s = ReviewStore(p)
     assert not s.read_only
     with sqlite3.connect(p) as con:
@@ -196,7 +215,11 @@ def test_schema_1_database_is_migrated_without_losing_rows(tmp_path: Path) -> No
     demo = s.verdicts("demo")
     got = sorted(zip(demo["task_feature"], demo["reviewer"], demo["verdict"], demo["n_changes"], strict=True))
     # ana's verdict on (1, 2), overwritten under schema 1, is back as hers
-    assert got == [(1, "ana", "confirmed", 1), (1, "ben", "needs-more-evidence", 2), (7, "cy", "confirmed", 1)]
+    assert got == [
+        (1, "ana", "confirmed", 1),
+        (1, "ben", "needs-more-evidence", 2),
+        (7, "cy", "confirmed", 1),
+    ]
     assert s.get(3, 4, "ana")["verdict"] == "benign"
     # and the migrated store works as a new one: ids continue after the old ones
     assert s.record(1, 2, "benign", "ana", cache="demo", expected_version=3)["history_id"] == 5
@@ -204,20 +227,34 @@ def test_schema_1_database_is_migrated_without_losing_rows(tmp_path: Path) -> No
 
 
 def test_summarize_consensus() -> None:
-    v = pd.DataFrame({"task_feature": [1, 1, 3, 3, 5], "harmful_feature": [2, 2, 4, 4, 6],
-                      "reviewer": ["ben", "Ana", "ana", "cy", "ana"],
-                      "verdict": ["benign", "confirmed", "benign", "benign", "needs-more-evidence"],
-                      "updated_at": ["2026-01-02", "2026-01-01", "2026-01-03", "2026-01-04", "2026-01-05"]})
+    v = pd.DataFrame(
+        {
+            "task_feature": [1, 1, 3, 3, 5],
+            "harmful_feature": [2, 2, 4, 4, 6],
+            "reviewer": ["ben", "Ana", "ana", "cy", "ana"],
+            "verdict": ["benign", "confirmed", "benign", "benign", "needs-more-evidence"],
+            "updated_at": ["2026-01-02", "2026-01-01", "2026-01-03", "2026-01-04", "2026-01-05"],
+        }
+    )
     s = summarize(v).set_index("task_feature")
     assert s.loc[1, "consensus"] == "disagree" and s.loc[1, "status"] == DISPUTED
     assert s.loc[1, "reviewers"] == "Ana: confirmed · ben: benign" and s.loc[1, "reviewed_at"] == "2026-01-02"
-    assert s.loc[3, "consensus"] == "agree" and s.loc[3, "status"] == "benign" and s.loc[3, "n_reviewers"] == 2
+    assert (
+        s.loc[3, "consensus"] == "agree" and s.loc[3, "status"] == "benign" and s.loc[3, "n_reviewers"] == 2
+    )
     assert s.loc[5, "consensus"] == "single" and s.loc[5, "status"] == "needs-more-evidence"
 
 
 def test_merge_and_export(tmp_path: Path) -> None:
-    ov = pd.DataFrame({"task_feature": [1, 3, 7], "harmful_feature": [2, 4, 8], "cosine": [0.5, 0.4, 0.3],
-                       "risk": [0.3, 0.2, 0.1], "task_label": ["=cmd|' /C calc'!A0", "<b>x</b>", None]})
+    ov = pd.DataFrame(
+        {
+            "task_feature": [1, 3, 7],
+            "harmful_feature": [2, 4, 8],
+            "cosine": [0.5, 0.4, 0.3],
+            "risk": [0.3, 0.2, 0.1],
+            "task_label": ["=cmd|' /C calc'!A0", "<b>x</b>", None],
+        }
+    )
     s = ReviewStore(tmp_path / "r.sqlite")
     s.record(1, 2, "confirmed", "ana", 'note with "quotes", commas\nand a newline', cache="c")
     s.record(1, 2, "benign", "ben", "-1 looks harmless", cache="c")
@@ -238,12 +275,19 @@ def test_merge_and_export(tmp_path: Path) -> None:
     assert list(hist["cosine"]) == [0.5, 0.5, 0.4, 0.4]
     hcsv = pd.read_csv(io.StringIO(export_csv(hist).decode()))
     assert list(hcsv["reviewer"]) == ["ana", "ben", "ben", "ben"]
-    assert hcsv.loc[0, "note"] == 'note with "quotes", commas\nand a newline' and hcsv.loc[1, "note"] == "'-1 looks harmless"
+    assert (
+        hcsv.loc[0, "note"] == 'note with "quotes", commas\nand a newline'
+        and hcsv.loc[1, "note"] == "'-1 looks harmless"
+    )
     js = json.loads(export_json(t, hist))
     assert [p["status"] for p in js["pairs"]] == [DISPUTED, "confirmed", UNREVIEWED]
     assert js["pairs"][2]["task_label"] is None
     assert [(r["history_id"], r["reviewer"], r["verdict"]) for r in js["history"]] == [
-        (1, "ana", "confirmed"), (2, "ben", "benign"), (3, "ben", "benign"), (4, "ben", "confirmed")]
+        (1, "ana", "confirmed"),
+        (2, "ben", "benign"),
+        (3, "ben", "benign"),
+        (4, "ben", "confirmed"),
+    ]
 
 
 def _writer(path: str, proc: int, n: int) -> None:
@@ -269,10 +313,15 @@ def test_concurrent_processes_lose_nothing(tmp_path: Path) -> None:
     s = ReviewStore(path)
     h = s.history("c")
     assert len(h) == 800 + 8 * 4
-    assert set(h["note"]) == ({f"p{p}-i{i}" for p in range(8) for i in range(100)}
-                              | {f"p{p}-shared{i}" for p in range(8) for i in (0, 25, 50, 75)})
+    assert set(h["note"]) == (
+        {f"p{p}-i{i}" for p in range(8) for i in range(100)}
+        | {f"p{p}-shared{i}" for p in range(8) for i in (0, 25, 50, 75)}
+    )
     cur = s.verdicts("c")
-    assert len(cur) == 80 + 8 and (cur["n_changes"] == cur["task_feature"].map(lambda t: 4 if t == 0 else 10)).all()
+    assert (
+        len(cur) == 80 + 8
+        and (cur["n_changes"] == cur["task_feature"].map(lambda t: 4 if t == 0 else 10)).all()
+    )
     # each reviewer's current verdict of each pair is their last write
     for p in range(8):
         assert s.get(0, 0, f"reviewer-{p}", cache="c")["note"] == f"p{p}-shared75"

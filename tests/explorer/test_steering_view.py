@@ -31,11 +31,23 @@ def _steering_df(task: int, harmful: int) -> pd.DataFrame:
     for alpha in (0.1, 0.5):
         for f in features:
             pred = alpha * rng.normal()
-            rows.append({"alpha": alpha, "alpha_abs": alpha * 10, "feature": f,
-                         "observed": 0.25 * alpha if f == harmful else 0.9 * pred + 0.01 * rng.normal(),
-                         "predicted": pred, "predicted_gated": 0.2 * alpha if f == harmful else pred,
-                         "observed_pre": pred, "observed_switch": 0.0, "interference": pred / alpha,
-                         "active_frac": 0.5, "switched_frac": 0.0, "base_mean": 0.1, "is_task": f == task})
+            rows.append(
+                {
+                    "alpha": alpha,
+                    "alpha_abs": alpha * 10,
+                    "feature": f,
+                    "observed": 0.25 * alpha if f == harmful else 0.9 * pred + 0.01 * rng.normal(),
+                    "predicted": pred,
+                    "predicted_gated": 0.2 * alpha if f == harmful else pred,
+                    "observed_pre": pred,
+                    "observed_switch": 0.0,
+                    "interference": pred / alpha,
+                    "active_frac": 0.5,
+                    "switched_frac": 0.0,
+                    "base_mean": 0.1,
+                    "is_task": f == task,
+                }
+            )
     df = pd.DataFrame(rows, columns=list(FEATURE_COLUMNS))
     df.attrs["meta"] = {"alpha_unit": "norm", "task_feature": task}
     return df
@@ -61,7 +73,9 @@ def test_steering_section_without_file(cache_copy: Path, monkeypatch: pytest.Mon
     at = run_page("views/overlaps.py", cache_copy, monkeypatch, task=str(t), harmful=str(h))
     assert not at.exception, [e.value for e in at.exception]
     assert "Steering check" in [e.label for e in at.expander]
-    cmd = (f"featuregeom steer --model smollm2 --sae bench/synthetic_cache.py --hook blocks.0.hook_resid_post "
-           f"--task-feature {t} --harmful-feature {h} --out {cache_copy.resolve() / 'steering' / f'task-{t}.parquet'}")
+    cmd = (
+        f"featuregeom steer --model smollm2 --sae bench/synthetic_cache.py --hook blocks.0.hook_resid_post "
+        f"--task-feature {t} --harmful-feature {h} --out {cache_copy.resolve() / 'steering' / f'task-{t}.parquet'}"
+    )
     assert cmd in [c.value for c in at.code]
     assert "No steering result" in all_text(at)

@@ -19,7 +19,15 @@ def test_story_steps(synth_cache: Path) -> None:
     c = load_cache(synth_cache)
     t, h = c.default_pair()
     steps = build_story(c, t, h)
-    assert [s.key for s in steps] == ["feature", "map", "task", "neighbour", "text", "finetune", "finetune_result"]
+    assert [s.key for s in steps] == [
+        "feature",
+        "map",
+        "task",
+        "neighbour",
+        "text",
+        "finetune",
+        "finetune_result",
+    ]
     neighbour = steps[3]
     cos = c.pair(t, h)["cosine"]
     assert f"{cos:.2f}" in neighbour.lead and "by chance" in neighbour.lead
@@ -34,7 +42,7 @@ def test_export_is_standalone_and_escaped(xss_cache: Path) -> None:
     assert len(page) > 1_000_000, "plotly.js is inlined so the file opens offline"
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
     assert not re.search(r"<script[^>]+src=", page), "no external scripts"
-    assert "<script>window.__xss" not in page and "onerror=\"window" not in page
+    assert "<script>window.__xss" not in page and 'onerror="window' not in page
     assert page.count("&lt;script&gt;window.__xss=1&lt;/script&gt;") >= 3  # shown literally: labels, tokens
     assert "&lt;img src=x onerror=&quot;window.__xss=1&quot;&gt;" in page
     assert "cdn.plot.ly" not in page.split("</head>")[1]
@@ -54,7 +62,8 @@ FIXTURE_LEAD = (
     "Removing the flagged harmful directions from the insecure-code fine-tune changed it by \u22120.022 (95% CI "
     "\u22120.035 to \u22120.009) compared with the unpatched fine-tune, against \u22120.002 (95% CI \u22120.015 to "
     "0.011) for a random subspace of the same size; held-out task loss was 1.120 patched vs 1.220 unpatched. "
-    "These are shifts in the model's internal features on these questions, not a test of how it behaves.")
+    "These are shifts in the model's internal features on these questions, not a test of how it behaves."
+)
 
 
 def _story(cache: Path) -> list[Step]:
@@ -82,24 +91,53 @@ def test_finetune_result_step_from_the_fixture(synth_cache: Path, lab: LabFixtur
     assert step.lead == FIXTURE_LEAD
     assert "misaligned" not in step.lead and "became" not in step.lead
     assert [tr.name for tr in step.figure.data] == [
-        "insecure-code fine-tune", "secure-code fine-tune (control)", "difference", "patched fine-tune",
-        "random-subspace patches (controls)"]
-    bars = [(tr.x[0], float(tr.y[0]), float(tr.error_y.arrayminus[0]), float(tr.error_y.array[0]), tr.customdata[0])
-            for tr in step.figure.data]
+        "insecure-code fine-tune",
+        "secure-code fine-tune (control)",
+        "difference",
+        "patched fine-tune",
+        "random-subspace patches (controls)",
+    ]
+    bars = [
+        (
+            tr.x[0],
+            float(tr.y[0]),
+            float(tr.error_y.arrayminus[0]),
+            float(tr.error_y.array[0]),
+            tr.customdata[0],
+        )
+        for tr in step.figure.data
+    ]
     w = TOP_DECILE_HALF_WIDTH
-    assert [b[0] for b in bars] == ["insecure code \u2212 before", "secure code \u2212 before", "insecure \u2212 secure",
-                                    "patched \u2212 unpatched", "random patch 1 \u2212 unpatched"]
+    assert [b[0] for b in bars] == [
+        "insecure code \u2212 before",
+        "secure code \u2212 before",
+        "insecure \u2212 secure",
+        "patched \u2212 unpatched",
+        "random patch 1 \u2212 unpatched",
+    ]
     assert [b[1] for b in bars] == [0.031, 0.004, 0.027, -0.022, -0.002]
     assert all(abs(b[2] - w) < 1e-9 and abs(b[3] - w) < 1e-9 for b in bars)
-    assert [b[4][0] for b in bars] == ["task - base", "control - base", "task - control", "patched - task",
-                                       "random_patch_1 - task"]
+    assert [b[4][0] for b in bars] == [
+        "task - base",
+        "control - base",
+        "task - control",
+        "patched - task",
+        "random_patch_1 - task",
+    ]
     # held-out task loss in the hover: insecure's task (run 1, j 1), its control (unknown), patched, random patch 1
-    assert [b[4][3] for b in bars] == [f"{heldout_of(1, 1):.4f}", "\u2014", "\u2014", f"{heldout_of(2, 1):.4f}",
-                                       f"{heldout_of(3, 1):.4f}"]
+    assert [b[4][3] for b in bars] == [
+        f"{heldout_of(1, 1):.4f}",
+        "\u2014",
+        "\u2014",
+        f"{heldout_of(2, 1):.4f}",
+        f"{heldout_of(3, 1):.4f}",
+    ]
     assert lab.summaries["insecure"]["labels"] == ["base", "task", "control"]
 
 
-def test_finetune_result_absent_without_finetune(synth_cache: Path, cache_copy: Path, xss_cache: Path) -> None:
+def test_finetune_result_absent_without_finetune(
+    synth_cache: Path, cache_copy: Path, xss_cache: Path
+) -> None:
     assert [s.key for s in _story(xss_cache)] == SIX
     shutil.rmtree(cache_copy / "finetune")
     before, with_ft = _story(cache_copy), _story(synth_cache)
@@ -109,7 +147,9 @@ def test_finetune_result_absent_without_finetune(synth_cache: Path, cache_copy: 
 
 def test_finetune_result_needs_the_insecure_run(cache_copy: Path) -> None:
     shutil.rmtree(cache_copy / "finetune" / "insecure")
-    assert [s.key for s in _story(cache_copy)] == SIX  # patch runs alone tell nothing about insecure vs secure
+    assert [
+        s.key for s in _story(cache_copy)
+    ] == SIX  # patch runs alone tell nothing about insecure vs secure
 
 
 def test_finetune_result_no_difference_detected(cache_copy: Path) -> None:
@@ -117,16 +157,24 @@ def test_finetune_result_no_difference_detected(cache_copy: Path) -> None:
         d = _em_prompt(s, "task - control")
         d["top_risk_decile_mean_change"] = [0.0123, -0.0045, 0.0291]
         d["top_risk_decile_size"] = 48
+
     _edit_summary(cache_copy, "insecure", edit)
-    shutil.rmtree(cache_copy / "finetune" / "patch_random_1")  # no random controls: no patch sentence, no patch bars
+    shutil.rmtree(
+        cache_copy / "finetune" / "patch_random_1"
+    )  # no random controls: no patch sentence, no patch bars
     step = _story(cache_copy)[-1]
-    assert ("Fine-tuning on insecure code changed the 48 harmful features nearest the task features by +0.0123 "
-            "(95% CI \u22120.0045 to 0.0291) relative to fine-tuning on secure code: the interval includes 0, so no "
-            "difference was detected.") in step.lead
+    assert (
+        "Fine-tuning on insecure code changed the 48 harmful features nearest the task features by +0.0123 "
+        "(95% CI \u22120.0045 to 0.0291) relative to fine-tuning on secure code: the interval includes 0, so no "
+        "difference was detected."
+    ) in step.lead
     assert "raised" not in step.lead and "their mean activation changed by +0.031" in step.lead
     assert "Removing" not in step.lead and "held-out" not in step.lead
-    assert [tr.name for tr in step.figure.data] == ["insecure-code fine-tune", "secure-code fine-tune (control)",
-                                                    "difference"]
+    assert [tr.name for tr in step.figure.data] == [
+        "insecure-code fine-tune",
+        "secure-code fine-tune (control)",
+        "difference",
+    ]
 
 
 def test_finetune_result_lowered_and_old_summaries(cache_copy: Path) -> None:
@@ -135,17 +183,23 @@ def test_finetune_result_lowered_and_old_summaries(cache_copy: Path) -> None:
             for key in ("harmful_mean_before", "top_risk_decile_mean_before", "top_risk_decile_size"):
                 comparisons.pop(key)
         _em_prompt(s, "task - control")["top_risk_decile_mean_change"] = [-0.05, -0.08, -0.02]
+
     _edit_summary(cache_copy, "insecure", edit)
     lead = _story(cache_copy)[-1].lead
-    assert ("Fine-tuning on insecure code lowered the harmful features nearest the task features (the closest tenth) "
-            "by 0.05 more than fine-tuning on secure code (difference \u22120.05, 95% CI \u22120.08 to \u22120.02); "
-            "the interval excludes 0.") in lead
+    assert (
+        "Fine-tuning on insecure code lowered the harmful features nearest the task features (the closest tenth) "
+        "by 0.05 more than fine-tuning on secure code (difference \u22120.05, 95% CI \u22120.08 to \u22120.02); "
+        "the interval excludes 0."
+    ) in lead
     assert "changed them by \u22120.022" in lead
 
 
 def test_finetune_result_unusable_insecure_run(cache_copy: Path) -> None:
-    _edit_summary(cache_copy, "insecure", lambda s: _em_prompt(s, "task - control").update(
-        top_risk_decile_mean_change=[0.01, None, 0.02]))
+    _edit_summary(
+        cache_copy,
+        "insecure",
+        lambda s: _em_prompt(s, "task - control").update(top_risk_decile_mean_change=[0.01, None, 0.02]),
+    )
     assert [s.key for s in _story(cache_copy)] == SIX
     (cache_copy / "finetune" / "insecure" / "summary.json").write_text("{not json")
     assert [s.key for s in _story(cache_copy)] == SIX
@@ -158,14 +212,21 @@ def test_export_contains_finetune_result_escaped(cache_copy: Path) -> None:
         s["labels"] = ["base", payload, "control"]
         s["comparisons"] = {k.replace("task", payload): v for k, v in s["comparisons"].items()}
         s["heldout_loss"] = {payload if k == "task" else k: v for k, v in s["heldout_loss"].items()}
+
     _edit_summary(cache_copy, "insecure", edit)
     steps = _story(cache_copy)
     assert steps[-1].key == "finetune_result"
     page = story_html(steps, "Story", "subtitle")
     assert "Step 7 of 7" in page and "<h2>What fine-tuning did</h2>" in page
     assert f"<p class='lead'>{FIXTURE_LEAD}</p>" in page  # the labels are not in the lead: it is unchanged
-    assert 'id="fig-7"' in page and json.dumps("insecure code \u2212 before") in page  # the figure is exported
-    assert "<img src=x" not in page and "onerror=\"window.__ft" not in page and 'onerror=\\"window.__ft' not in page
+    assert (
+        'id="fig-7"' in page and json.dumps("insecure code \u2212 before") in page
+    )  # the figure is exported
+    assert (
+        "<img src=x" not in page
+        and 'onerror="window.__ft' not in page
+        and 'onerror=\\"window.__ft' not in page
+    )
     assert esc(f"{payload} - base") in page  # the hover names the comparison, escaped
 
 
@@ -173,13 +234,23 @@ def test_finetune_result_reports_other_training_seeds(cache_copy: Path) -> None:
     """An "insecure_seed<N>" run is the same experiment retrained: its difference is quoted, and a sign or
     significance that disagrees with the main run is called a failure to replicate."""
     shutil.copytree(cache_copy / "finetune" / "insecure", cache_copy / "finetune" / "insecure_seed1")
-    _edit_summary(cache_copy, "insecure_seed1", lambda s: _em_prompt(s, "task - control").update(
-        top_risk_decile_mean_change=[-0.003, -0.0066, 0.0011]))
+    _edit_summary(
+        cache_copy,
+        "insecure_seed1",
+        lambda s: _em_prompt(s, "task - control").update(
+            top_risk_decile_mean_change=[-0.003, -0.0066, 0.0011]
+        ),
+    )
     step = _story(cache_copy)[-1]
-    assert ("Trained again with another seed, the same difference was \u22120.003 (95% CI \u22120.0066 to 0.0011) "
-            "with training seed 1: so this difference did not replicate across training seeds.") in step.lead
+    assert (
+        "Trained again with another seed, the same difference was \u22120.003 (95% CI \u22120.0066 to 0.0011) "
+        "with training seed 1: so this difference did not replicate across training seeds."
+    ) in step.lead
     bars = [tr for tr in step.figure.data if tr.name == "difference"][0]
     assert abs(list(bars.y)[-1] - (-0.003)) < 1e-12
-    _edit_summary(cache_copy, "insecure_seed1", lambda s: _em_prompt(s, "task - control").update(
-        top_risk_decile_mean_change=[0.02, 0.01, 0.03]))
+    _edit_summary(
+        cache_copy,
+        "insecure_seed1",
+        lambda s: _em_prompt(s, "task - control").update(top_risk_decile_mean_change=[0.02, 0.01, 0.03]),
+    )
     assert "with training seed 1: the same conclusion." in _story(cache_copy)[-1].lead

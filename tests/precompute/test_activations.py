@@ -23,15 +23,19 @@ class WordTokenizer:
 
 def txt_source(tmp_path, name, n_docs, words_per_doc, group="general", **kw) -> CorpusSource:
     path = tmp_path / f"{name}.txt"
-    path.write_text("\n\n".join(" ".join(str(100 * d + w) for w in range(words_per_doc)) for d in range(n_docs)))
+    path.write_text(
+        "\n\n".join(" ".join(str(100 * d + w) for w in range(words_per_doc)) for d in range(n_docs))
+    )
     return CorpusSource(path=str(path), group=group, **kw)
 
 
 # --------------------------------------------------------------------------- planning
 def test_max_tokens_is_shared_equally_among_unbudgeted_sources(tmp_path):
-    sources = [txt_source(tmp_path, "a", 20, 3, "task"),
-               txt_source(tmp_path, "b", 20, 3, "harmful", max_tokens=8),
-               txt_source(tmp_path, "c", 20, 3, "benign")]
+    sources = [
+        txt_source(tmp_path, "a", 20, 3, "task"),
+        txt_source(tmp_path, "b", 20, 3, "harmful", max_tokens=8),
+        txt_source(tmp_path, "c", 20, 3, "benign"),
+    ]
     plan = plan_corpus(sources, WordTokenizer(), context_size=4, packing="split", max_tokens=48)
     # (48 - 8) // 2 = 20 each for a and c; b keeps its own 8.
     assert plan.tokens_per_source == [20, 8, 20]
@@ -67,7 +71,10 @@ def test_no_sources():
 
 
 def test_source_without_tokens_in_its_share(tmp_path):
-    sources = [txt_source(tmp_path, "a", 4, 6, "task", max_tokens=10), txt_source(tmp_path, "b", 4, 6, "benign")]
+    sources = [
+        txt_source(tmp_path, "a", 4, 6, "task", max_tokens=10),
+        txt_source(tmp_path, "b", 4, 6, "benign"),
+    ]
     with pytest.raises(CorpusError, match=r"b\.txt \(group 'benign'\) gave no tokens within the budget"):
         plan_corpus(sources, WordTokenizer(), context_size=4, max_tokens=10)
 
@@ -92,9 +99,11 @@ def test_count_mask_excludes_first_position_padding_and_special_tokens():
     ids = torch.tensor([[1, 5, 6, 2, 7], [5, 0, 8, 9, 9], [4, 4, 9, 9, 9]])
     attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
     mask = count_mask(ids, attention, skip_ids={0, 1, 2})
-    assert mask.tolist() == [[False, True, True, False, True],
-                             [False, False, True, False, False],
-                             [False, True, False, False, False]]
+    assert mask.tolist() == [
+        [False, True, True, False, True],
+        [False, False, True, False, False],
+        [False, True, False, False, False],
+    ]
     keep_first = count_mask(ids, attention, skip_ids={0, 1, 2}, exclude_first=False)
     assert keep_first[:, 0].tolist() == [False, True, True]
     assert keep_first[:, 1:].tolist() == mask[:, 1:].tolist()
@@ -109,8 +118,10 @@ def lm(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def plan(lm, tiny_corpus):
-    sources = [CorpusSource.parse(f"{tiny_corpus['task']}:task"),
-               CorpusSource.parse(f"{tiny_corpus['benign']}:benign")]
+    sources = [
+        CorpusSource.parse(f"{tiny_corpus['task']}:task"),
+        CorpusSource.parse(f"{tiny_corpus['benign']}:benign"),
+    ]
     return plan_corpus(sources, lm.tokenizer, context_size=24, packing="split", max_tokens=400)
 
 
@@ -141,7 +152,9 @@ def test_batched_activations_equal_each_context_alone(lm, plan, hook):
         n_rows += len(batch.position)
     # every context has counted positions here, and each row is one counted token
     assert seen == {c.context_id for c in plan.contexts}
-    assert n_rows == sum(1 for c in plan.contexts for p, t in enumerate(c.token_ids) if p > 0 and t not in skip)
+    assert n_rows == sum(
+        1 for c in plan.contexts for p, t in enumerate(c.token_ids) if p > 0 and t not in skip
+    )
 
 
 def test_chat_contexts_have_special_tokens_masked(lm, plan):
@@ -149,8 +162,9 @@ def test_chat_contexts_have_special_tokens_masked(lm, plan):
     task = [c for c in plan.contexts if c.source == 0]
     assert any(t in skip for c in task for t in c.token_ids[1:])  # <|im_start|>/<|im_end|> inside windows
     reader = HookReader(lm.model, resolve_hook(lm.model, "model.layers.0"))
-    for batch in iter_activations(reader, CorpusPlan([], [], task, []).batches(8), lm.tokenizer.pad_token_id, skip,
-                                  torch.device("cpu")):
+    for batch in iter_activations(
+        reader, CorpusPlan([], [], task, []).batches(8), lm.tokenizer.pad_token_id, skip, torch.device("cpu")
+    ):
         assert not set(batch.token_id.tolist()) & skip
         assert (batch.position > 0).all()
 

@@ -69,8 +69,13 @@ def test_second_step_keeps_files_and_created(tmp_path):
     assert manifest["steps"] == ["harvest", "geometry"]
     assert manifest["created"] == created
     assert (target / "features.parquet").read_bytes() == b"features-v1"
-    assert set(manifest["files"]) == {"features.parquet", "harvest/shard-0.npz", "neighbors.npz",
-                                      "params/harvest.json", "params/geometry.json"}
+    assert set(manifest["files"]) == {
+        "features.parquet",
+        "harvest/shard-0.npz",
+        "neighbors.npz",
+        "params/harvest.json",
+        "params/geometry.json",
+    }
 
 
 def test_failure_inside_stage_leaves_the_old_cache_intact(tmp_path):
@@ -162,8 +167,11 @@ def test_schema_version_mismatch(tmp_path):
     manifest = json.loads((target / MANIFEST).read_text())
     manifest["schema_version"] = 99
     (target / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match=f"has cache schema_version 99, this tool reads version {SCHEMA_VERSION}; "
-                                         r"rebuild it .*--overwrite"):
+    with pytest.raises(
+        CacheError,
+        match=f"has cache schema_version 99, this tool reads version {SCHEMA_VERSION}; "
+        r"rebuild it .*--overwrite",
+    ):
         read_manifest(target)
     with pytest.raises(CacheError, match="schema_version 99"):
         verify_cache(target)
@@ -191,8 +199,11 @@ def test_check_output_dir_refuses_a_foreign_directory(tmp_path):
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
     for overwrite in (False, True):  # --overwrite replaces caches only, never a user's folder
-        with pytest.raises(CacheError, match="is a non-empty directory that is not a featuregeom cache; "
-                                             "featuregeom never replaces such a directory, even with --overwrite"):
+        with pytest.raises(
+            CacheError,
+            match="is a non-empty directory that is not a featuregeom cache; "
+            "featuregeom never replaces such a directory, even with --overwrite",
+        ):
             check_output_dir(out, IDENTITY, overwrite=overwrite)
     assert (out / "thesis.tex").read_text() == "precious"
     afile = tmp_path / "file"
@@ -205,8 +216,11 @@ def test_check_output_dir_identity(tmp_path):
     target = make_cache(tmp_path / "cache")
     check_output_dir(target, dict(IDENTITY), overwrite=False)  # same identity: resume
     other = dict(IDENTITY, sae="sae-b", hook="blocks.0.hook_resid_post")
-    with pytest.raises(CacheError, match=r"already holds a different cache \(differs in: hook, sae\); "
-                                         "pass --overwrite"):
+    with pytest.raises(
+        CacheError,
+        match=r"already holds a different cache \(differs in: hook, sae\); "
+        "pass --overwrite",
+    ):
         check_output_dir(target, other, overwrite=False)
     check_output_dir(target, other, overwrite=True)
     with pytest.raises(CacheError, match=r"differs in: seed"):
@@ -230,6 +244,7 @@ def test_write_dir_atomic_replaces_whole_folders_and_keeps_the_old_one_on_failur
     from precompute.cache import write_dir_atomic
 
     out = tmp_path / "result"
+
     def writer(*names):
         return lambda d: [(d / n).write_text(n) for n in ("out.json", *names)]
 
@@ -254,9 +269,12 @@ def test_write_dir_atomic_never_replaces_a_user_folder(tmp_path):
     home = tmp_path / "work"
     home.mkdir()
     (home / "notes.txt").write_text("precious")
-    with pytest.raises(CacheError, match=r"is a non-empty directory that is not a diff output \(no summary.json\)"):
-        write_dir_atomic(home, lambda d: (d / "summary.json").write_text("{}"), marker="summary.json",
-                         what="diff output")
+    with pytest.raises(
+        CacheError, match=r"is a non-empty directory that is not a diff output \(no summary.json\)"
+    ):
+        write_dir_atomic(
+            home, lambda d: (d / "summary.json").write_text("{}"), marker="summary.json", what="diff output"
+        )
     assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
     assert (home / "notes.txt").read_text() == "precious"
     afile = tmp_path / "afile"
@@ -273,19 +291,25 @@ def test_manifest_without_checksums_is_refused(tmp_path):
     (target / MANIFEST).write_text(json.dumps(manifest))
     with open(target / "features.parquet", "r+b") as f:  # a flipped byte nobody vouches for
         f.write(b"X")
-    with pytest.raises(CacheError, match=r"holds features\.parquet, harvest/shard-0\.npz, params/harvest\.json "
-                                         "without a checksum"):
+    with pytest.raises(
+        CacheError,
+        match=r"holds features\.parquet, harvest/shard-0\.npz, params/harvest\.json "
+        "without a checksum",
+    ):
         verify_cache(target)
     with pytest.raises(CacheError, match=r"holds features\.parquet without a checksum"):
         verify_cache(target, files=("features.parquet", "neighbors.npz"))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[1, 2]", "is not a featuregeom manifest"),
-    ("42", "is not a featuregeom manifest"),
-    ('{"schema_version": 1, "files": []}', "'files' must map each file name to its sha256"),
-    ('{"schema_version": 1, "files": {"a": 5}}', "'files' must map each file name to its sha256"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "is not a featuregeom manifest"),
+        ("42", "is not a featuregeom manifest"),
+        ('{"schema_version": 1, "files": []}', "'files' must map each file name to its sha256"),
+        ('{"schema_version": 1, "files": {"a": 5}}', "'files' must map each file name to its sha256"),
+    ],
+)
 def test_malformed_manifests_are_clear_errors(tmp_path, text, message):
     (tmp_path / MANIFEST).write_text(text)
     with pytest.raises(CacheError, match=message):
@@ -298,10 +322,13 @@ def test_a_second_writer_on_the_same_output_is_refused(tmp_path):
     target = make_cache(tmp_path / "cache")
     with output_lock(target):
         # another process: flock is per open file, so a child process sees the lock
-        code = ("import sys; from precompute.cache import stage\n"
-                "try:\n    stage(sys.argv[1]).__enter__()\nexcept Exception as e: print(e); sys.exit(3)")
-        proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True,
-                              env={**os.environ})
+        code = (
+            "import sys; from precompute.cache import stage\n"
+            "try:\n    stage(sys.argv[1]).__enter__()\nexcept Exception as e: print(e); sys.exit(3)"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(target)], capture_output=True, text=True, env={**os.environ}
+        )
         assert proc.returncode == 3, proc.stderr
         assert f"another featuregeom run is writing {target} right now" in proc.stdout
         with stage(target) as staged:  # the same process may nest (precompute holds it around its steps)
@@ -323,7 +350,6 @@ def test_stale_staging_of_a_killed_run_is_removed_on_the_next_run(tmp_path):
     with stage(target) as staged:
         staged.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", keep.name, other.name])
-
 
 
 def test_lab_folders_ride_along_but_stay_out_of_the_manifest(tmp_path):

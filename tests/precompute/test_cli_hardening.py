@@ -26,8 +26,26 @@ GEOMETRY = ["--neighbors", "8", "--umap-neighbors", "5", "--no-progress"]
 
 
 def precompute_args(model: Path, sae: Path, corpus: dict[str, Path], out: Path) -> list[str]:
-    args = ["precompute", "--model", str(model), "--sae", str(sae), "--hook", HOOK, "--out", str(out),
-            "--context-size", "24", "--batch-size", "4", "--device", "cpu", "--top-k-examples", "5", *GEOMETRY]
+    args = [
+        "precompute",
+        "--model",
+        str(model),
+        "--sae",
+        str(sae),
+        "--hook",
+        HOOK,
+        "--out",
+        str(out),
+        "--context-size",
+        "24",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--top-k-examples",
+        "5",
+        *GEOMETRY,
+    ]
     for spec in corpus_specs(corpus):
         args += ["--corpus", spec]
     return args
@@ -72,8 +90,23 @@ def test_a_step_never_mixes_two_saes(tiny_sae_dir, tmp_path, capsys):
     with np.load(out / "neighbors.npz") as z:
         assert (z["indices"] == indices_before).all()
     # the same SAE again is fine (a rerun with other geometry options)
-    assert cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), "--neighbors", "6",
-                     "--umap-neighbors", "5", "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "geometry",
+                "--sae",
+                str(tiny_sae_dir),
+                "--out",
+                str(out),
+                "--neighbors",
+                "6",
+                "--umap-neighbors",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_scores_with_another_model_is_refused(built_cache, tiny_sae_dir, tmp_path, capsys):  # noqa: F811
@@ -83,8 +116,25 @@ def test_scores_with_another_model_is_refused(built_cache, tiny_sae_dir, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     other_model = make_tiny_model(tmp_path / "other-model", seed=3)
-    assert cli_main(["scores", "--out", str(copy), "--model", str(other_model), "--sae", str(tiny_sae_dir),
-                     "--hook", HOOK, "--device", "cpu", "--no-progress"]) == 2
+    assert (
+        cli_main(
+            [
+                "scores",
+                "--out",
+                str(copy),
+                "--model",
+                str(other_model),
+                "--sae",
+                str(tiny_sae_dir),
+                "--hook",
+                HOOK,
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     one_clear_line(capsys, "is not the model the cache at")
     assert verify_cache(copy)["files"] == read_manifest(out)["files"]
 
@@ -100,12 +150,21 @@ def test_a_second_run_on_the_same_out_is_refused(tiny_model_dir, tiny_sae_dir, t
     out = tmp_path / "cache"
     ready = tmp_path / "holding"
     # another process holds the output (as a long precompute would) until we let go
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, pathlib\n"
-        "from precompute.cache import output_lock\n"
-        "with output_lock(sys.argv[1]):\n"
-        "    pathlib.Path(sys.argv[2]).write_text('1')\n"
-        "    time.sleep(60)\n"), str(out), str(ready)])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time, pathlib\n"
+                "from precompute.cache import output_lock\n"
+                "with output_lock(sys.argv[1]):\n"
+                "    pathlib.Path(sys.argv[2]).write_text('1')\n"
+                "    time.sleep(60)\n"
+            ),
+            str(out),
+            str(ready),
+        ]
+    )
     try:
         deadline = time.time() + 60
         while not ready.exists() and time.time() < deadline:
@@ -121,27 +180,31 @@ def test_a_second_run_on_the_same_out_is_refused(tiny_model_dir, tiny_sae_dir, t
     assert cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), *GEOMETRY]) == 0
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--batch-size", "0"], "--batch-size must be in [1, inf), got 0"),
-    (["--batch-size", "-1"], "--batch-size must be in [1, inf), got -1"),
-    (["--top-k-examples", "-1"], "--top-k-examples must be in [1, inf)"),
-    (["--quantile-bins", "0"], "--quantile-bins must be in [1, inf)"),
-    (["--neighbors", "0"], "--neighbors must be in [1, inf)"),
-    (["--null-fpr", "1.5"], "--null-fpr must be in (0, 1), got 1.5"),
-    (["--null-fpr", "0"], "--null-fpr must be in (0, 1)"),
-    (["--umap-neighbors", "1"], "--umap-neighbors must be in [2, inf)"),
-    (["--n-task", "-1"], "--n-task must be in [0, inf)"),
-    (["--harm-threshold", "2"], "--harm-threshold must be in [0, 1], got 2.0"),
-    (["--task-threshold", "-0.1"], "--task-threshold must be in [0, 1]"),
-    (["--max-tokens", "0"], "--max-tokens must be in (0, inf)"),
-    (["--context-size", "1"], "--context-size must be in [2, inf)"),
-    (["--seed", "-3"], "--seed must be in [0, 4.29497e+09]"),
-    (["--null-fpr", "nan"], "must be a finite number"),
-    (["--neighbors", "64"], "--neighbors 64 must be below the SAE's 64 features"),
-    (["--neighbors", "1"], "needs at least 2 neighbours"),
-])
-def test_out_of_range_numbers_are_refused_before_any_work(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path,
-                                                          capsys, flags, fragment):
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--batch-size", "0"], "--batch-size must be in [1, inf), got 0"),
+        (["--batch-size", "-1"], "--batch-size must be in [1, inf), got -1"),
+        (["--top-k-examples", "-1"], "--top-k-examples must be in [1, inf)"),
+        (["--quantile-bins", "0"], "--quantile-bins must be in [1, inf)"),
+        (["--neighbors", "0"], "--neighbors must be in [1, inf)"),
+        (["--null-fpr", "1.5"], "--null-fpr must be in (0, 1), got 1.5"),
+        (["--null-fpr", "0"], "--null-fpr must be in (0, 1)"),
+        (["--umap-neighbors", "1"], "--umap-neighbors must be in [2, inf)"),
+        (["--n-task", "-1"], "--n-task must be in [0, inf)"),
+        (["--harm-threshold", "2"], "--harm-threshold must be in [0, 1], got 2.0"),
+        (["--task-threshold", "-0.1"], "--task-threshold must be in [0, 1]"),
+        (["--max-tokens", "0"], "--max-tokens must be in (0, inf)"),
+        (["--context-size", "1"], "--context-size must be in [2, inf)"),
+        (["--seed", "-3"], "--seed must be in [0, 4.29497e+09]"),
+        (["--null-fpr", "nan"], "must be a finite number"),
+        (["--neighbors", "64"], "--neighbors 64 must be below the SAE's 64 features"),
+        (["--neighbors", "1"], "needs at least 2 neighbours"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_before_any_work(
+    tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys, flags, fragment
+):
     out = tmp_path / "out"
     args = precompute_args(tiny_model_dir, tiny_sae_dir, tiny_corpus, out) + flags
     assert cli_main(args) == 2
@@ -149,25 +212,32 @@ def test_out_of_range_numbers_are_refused_before_any_work(tiny_model_dir, tiny_s
     assert not out.exists() and not out.with_name("out.work").exists()
 
 
-@pytest.mark.parametrize("toml, fragment", [
-    ('neighbors = "abc"\n', "option 'neighbors' in"),
-    ("seed = [1, 2]\n", "option 'seed' in"),
-    ("sae = 5\n", "option 'sae' in"),
-    ('progress = "no"\n', "option 'progress' in"),
-    ("batch_size = 2.5\n", "must be an integer"),
-    ("batch_size = true\n", "must be an integer"),
-    ("null_fpr = 0\n", "--null-fpr must be in (0, 1)"),
-    ("[[corpus]]\ngroup = \"task\"\n", "has no 'path'"),
-    ("corpus = 3\n", "must be a list of [[corpus]] tables"),
-    ("[[corpus]]\npath = \"a.jsonl\"\nmax_docs = \"ten\"\n", "option 'corpus.max_docs'"),
-    ("neighbours = 3\n", "unknown option(s)"),
-    ("neighbors = \n", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "toml, fragment",
+    [
+        ('neighbors = "abc"\n', "option 'neighbors' in"),
+        ("seed = [1, 2]\n", "option 'seed' in"),
+        ("sae = 5\n", "option 'sae' in"),
+        ('progress = "no"\n', "option 'progress' in"),
+        ("batch_size = 2.5\n", "must be an integer"),
+        ("batch_size = true\n", "must be an integer"),
+        ("null_fpr = 0\n", "--null-fpr must be in (0, 1)"),
+        ('[[corpus]]\ngroup = "task"\n', "has no 'path'"),
+        ("corpus = 3\n", "must be a list of [[corpus]] tables"),
+        ('[[corpus]]\npath = "a.jsonl"\nmax_docs = "ten"\n', "option 'corpus.max_docs'"),
+        ("neighbours = 3\n", "unknown option(s)"),
+        ("neighbors = \n", "is not valid TOML"),
+    ],
+)
 def test_mistyped_config_is_one_clear_error(tiny_sae_dir, tmp_path, capsys, toml, fragment):
     config = tmp_path / "run.toml"
     config.write_text(toml)
-    assert cli_main(["geometry", "--config", str(config), "--sae", str(tiny_sae_dir),
-                     "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(
+            ["geometry", "--config", str(config), "--sae", str(tiny_sae_dir), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     one_clear_line(capsys, fragment)
     assert not (tmp_path / "o").exists()
 
@@ -179,17 +249,35 @@ def test_non_utf8_config(tiny_sae_dir, tmp_path, capsys):
     one_clear_line(capsys, "is not UTF-8 text")
 
 
-@pytest.mark.parametrize("d_in, d_sae, fragment", [
-    (32, 1, "the SAE has 1 feature(s)"),
-    (32, 3, "the SAE has 3 feature(s)"),
-    (1, 16, "needs d_in >= 2"),
-])
+@pytest.mark.parametrize(
+    "d_in, d_sae, fragment",
+    [
+        (32, 1, "the SAE has 1 feature(s)"),
+        (32, 3, "the SAE has 3 feature(s)"),
+        (1, 16, "needs d_in >= 2"),
+    ],
+)
 def test_tiny_saes_get_a_clear_error(tmp_path, capsys, d_in, d_sae, fragment):
     from tests.tiny import make_sae, save_sae
 
     sae = save_sae(make_sae(d_in, d_sae, k=1), tmp_path / "tiny")
-    assert cli_main(["geometry", "--sae", str(sae), "--out", str(tmp_path / "o"), "--neighbors", "2",
-                     "--umap-neighbors", "2", "--no-progress"]) == 2
+    assert (
+        cli_main(
+            [
+                "geometry",
+                "--sae",
+                str(sae),
+                "--out",
+                str(tmp_path / "o"),
+                "--neighbors",
+                "2",
+                "--umap-neighbors",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     one_clear_line(capsys, fragment)
 
 
@@ -197,8 +285,23 @@ def test_a_four_feature_sae_gets_a_sensible_result(tmp_path):
     from tests.tiny import make_sae, save_sae
 
     sae = save_sae(make_sae(8, 4, k=1), tmp_path / "tiny")
-    assert cli_main(["geometry", "--sae", str(sae), "--out", str(tmp_path / "o"), "--neighbors", "3",
-                     "--umap-neighbors", "3", "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "geometry",
+                "--sae",
+                str(sae),
+                "--out",
+                str(tmp_path / "o"),
+                "--neighbors",
+                "3",
+                "--umap-neighbors",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with np.load(tmp_path / "o" / "neighbors.npz") as z:
         assert z["indices"].shape == (4, 3)
 
@@ -234,8 +337,23 @@ def test_disk_full_is_one_line_and_keeps_the_old_cache(tiny_sae_dir, tmp_path, c
         raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "features.parquet"))
 
     monkeypatch.setattr(cache.StagedCache, "commit", full_disk)
-    assert cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), "--neighbors", "6",
-                     "--umap-neighbors", "5", "--no-progress"]) == 2
+    assert (
+        cli_main(
+            [
+                "geometry",
+                "--sae",
+                str(tiny_sae_dir),
+                "--out",
+                str(out),
+                "--neighbors",
+                "6",
+                "--umap-neighbors",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     one_clear_line(capsys, "the disk is full", "The previous cache, if any, is intact")
     monkeypatch.setattr(cache.StagedCache, "commit", real)
     assert verify_cache(out)["files"] == before
@@ -253,8 +371,23 @@ def test_ctrl_c_during_a_step_keeps_the_old_cache(tiny_sae_dir, tmp_path, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(geometry, "umap_layout", interrupted)
-    assert cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), "--neighbors", "6",
-                     "--umap-neighbors", "5", "--no-progress"]) == 130
+    assert (
+        cli_main(
+            [
+                "geometry",
+                "--sae",
+                str(tiny_sae_dir),
+                "--out",
+                str(out),
+                "--neighbors",
+                "6",
+                "--umap-neighbors",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 130
+    )
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert verify_cache(out)["files"] == before
@@ -264,9 +397,11 @@ def test_ctrl_c_during_a_step_keeps_the_old_cache(tiny_sae_dir, tmp_path, capsys
 def test_staging_of_a_killed_geometry_run_is_cleaned_on_the_next_run(tiny_sae_dir, tmp_path):
     out = tmp_path / "geo"
     args = ["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), *GEOMETRY]
-    code = ("import sys, time\nfrom precompute.pipeline import geometry\nfrom precompute.cli import main\n"
-            "def hang(*a, **k):\n    print('staged', flush=True); time.sleep(120)\n"
-            "geometry.umap_layout = hang\nsys.exit(main(sys.argv[1:]))\n")
+    code = (
+        "import sys, time\nfrom precompute.pipeline import geometry\nfrom precompute.cli import main\n"
+        "def hang(*a, **k):\n    print('staged', flush=True); time.sleep(120)\n"
+        "geometry.umap_layout = hang\nsys.exit(main(sys.argv[1:]))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "staged"
     staging = [p for p in tmp_path.iterdir() if p.name.startswith(".geo.tmp-")]
@@ -278,8 +413,9 @@ def test_staging_of_a_killed_geometry_run_is_cleaned_on_the_next_run(tiny_sae_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["geo"]
 
 
-def test_failed_run_keeps_only_resumable_work(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys,
-                                              monkeypatch):
+def test_failed_run_keeps_only_resumable_work(
+    tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys, monkeypatch
+):
     """A failure after the harvest wrote shards keeps them and says how to resume; one before leaves nothing."""
     from precompute.pipeline import run as pipeline
 
@@ -298,7 +434,12 @@ def test_failed_run_keeps_only_resumable_work(tiny_model_dir, tiny_sae_dir, tiny
     assert cli_main(precompute_args(tiny_model_dir, tiny_sae_dir, tiny_corpus, out)) == 0
     assert "resuming from" in capsys.readouterr().out
     assert not work.exists()
-    assert json.loads((out / "manifest.json").read_text())["steps"] == ["harvest", "geometry", "scores", "overlaps"]
+    assert json.loads((out / "manifest.json").read_text())["steps"] == [
+        "harvest",
+        "geometry",
+        "scores",
+        "overlaps",
+    ]
 
 
 def test_device_cuda_without_cuda(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys):
@@ -312,21 +453,30 @@ def test_device_cuda_without_cuda(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp
     one_clear_line(capsys, "--device cuda was asked for but torch sees no CUDA device")
 
 
-@pytest.mark.parametrize("argv", [
-    ["train-sae", "--model", "MISSING", "--corpus", "CORPUS:task", "--out", "OUT", "--overwrite"],
-    ["finetune", "--model", "MISSING", "--corpus", "CORPUS:task", "--out", "OUT", "--overwrite"],
-    ["eval-acts", "--model", "MISSING", "--out", "OUT"],
-    ["patch", "--adapter", "MISSING", "--cache", "MISSING", "--out", "OUT"],
-    ["diff", "--before", "MISSING", "--after", "MISSING", "--cache", "MISSING", "--out", "OUT"],
-    ["triage", "CORPUS", "--cache", "MISSING", "--model", "MISSING", "--out", "OUT"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train-sae", "--model", "MISSING", "--corpus", "CORPUS:task", "--out", "OUT", "--overwrite"],
+        ["finetune", "--model", "MISSING", "--corpus", "CORPUS:task", "--out", "OUT", "--overwrite"],
+        ["eval-acts", "--model", "MISSING", "--out", "OUT"],
+        ["patch", "--adapter", "MISSING", "--cache", "MISSING", "--out", "OUT"],
+        ["diff", "--before", "MISSING", "--after", "MISSING", "--cache", "MISSING", "--out", "OUT"],
+        ["triage", "CORPUS", "--cache", "MISSING", "--model", "MISSING", "--out", "OUT"],
+    ],
+)
 def test_lab_commands_refuse_a_user_folder_before_any_work(tiny_corpus, tmp_path, capsys, argv):
     """The model, cache and inputs are all missing: the refusal naming the folder proves it comes first."""
     out = tmp_path / "work"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     names = {"MISSING": str(tmp_path / "missing"), "CORPUS": str(tiny_corpus["task"]), "OUT": str(out)}
-    argv = [names.get(a.split(":")[0], a.split(":")[0]) + (":" + a.split(":")[1] if ":" in a else "") for a in argv]
+    argv = [
+        names.get(a.split(":")[0], a.split(":")[0]) + (":" + a.split(":")[1] if ":" in a else "")
+        for a in argv
+    ]
     assert cli_main(argv) == 2
     one_clear_line(capsys, f"--out {out} is a non-empty directory that is not a", "never replaces")
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        and (out / "notes.txt").read_text() == "precious"
+    )

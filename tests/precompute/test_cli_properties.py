@@ -15,11 +15,30 @@ from hypothesis import strategies as st
 from precompute.cache import verify_cache
 from precompute.cli import main as cli_main
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
-OPTIONS = ("neighbors", "umap_neighbors", "umap_min_dist", "null_fpr", "seed", "knn_backend", "device",
-           "progress", "batch_size", "top_k_examples", "harm_threshold", "n_task", "sae_format", "max_tokens")
+OPTIONS = (
+    "neighbors",
+    "umap_neighbors",
+    "umap_min_dist",
+    "null_fpr",
+    "seed",
+    "knn_backend",
+    "device",
+    "progress",
+    "batch_size",
+    "top_k_examples",
+    "harm_threshold",
+    "n_task",
+    "sae_format",
+    "max_tokens",
+)
 
 
 def toml_value(value) -> str:
@@ -42,10 +61,15 @@ def toml_value(value) -> str:
     raise TypeError(value)
 
 
-scalars = st.one_of(st.integers(-5, 100), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-                    st.sampled_from(["", "abc", "cpu", "cuda", "auto", "torch", "faiss", "0", "-1", "1e9"]))
-values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.sampled_from(["a", "b"]), scalars,
-                                                                          max_size=2))
+scalars = st.one_of(
+    st.integers(-5, 100),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.sampled_from(["", "abc", "cpu", "cuda", "auto", "torch", "faiss", "0", "-1", "1e9"]),
+)
+values = st.one_of(
+    scalars, st.lists(scalars, max_size=3), st.dictionaries(st.sampled_from(["a", "b"]), scalars, max_size=2)
+)
 
 
 def check_outcome(rc: int, err: str, out: Path) -> None:
@@ -67,25 +91,51 @@ def test_any_config_values_give_success_or_one_clear_error(tiny_sae_dir, capsys,
     try:
         (tmp / "run.toml").write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in config.items()))
         out = tmp / "cache"
-        rc = cli_main(["geometry", "--config", str(tmp / "run.toml"), "--sae", str(tiny_sae_dir), "--out", str(out),
-                       "--no-progress"])
+        rc = cli_main(
+            [
+                "geometry",
+                "--config",
+                str(tmp / "run.toml"),
+                "--sae",
+                str(tiny_sae_dir),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
         check_outcome(rc, capsys.readouterr().err, out)
     finally:
         shutil.rmtree(tmp)
 
 
 @SETTINGS
-@given(neighbors=st.integers(-3, 80), umap_neighbors=st.integers(-3, 40),
-       null_fpr=st.floats(-0.5, 1.5, allow_nan=False), seed=st.integers(-2, 2**33))
-def test_any_numeric_flags_give_success_or_one_clear_error(tiny_sae_dir, capsys, neighbors, umap_neighbors,
-                                                          null_fpr, seed):
+@given(
+    neighbors=st.integers(-3, 80),
+    umap_neighbors=st.integers(-3, 40),
+    null_fpr=st.floats(-0.5, 1.5, allow_nan=False),
+    seed=st.integers(-2, 2**33),
+)
+def test_any_numeric_flags_give_success_or_one_clear_error(
+    tiny_sae_dir, capsys, neighbors, umap_neighbors, null_fpr, seed
+):
     tmp = Path(tempfile.mkdtemp())
     try:
         out = tmp / "cache"
         # `--flag=VALUE`: argparse would read a bare "-1e-05" as an option name
-        rc = cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), f"--neighbors={neighbors}",
-                       f"--umap-neighbors={umap_neighbors}", f"--null-fpr={null_fpr!r}", f"--seed={seed}",
-                       "--no-progress"])
+        rc = cli_main(
+            [
+                "geometry",
+                "--sae",
+                str(tiny_sae_dir),
+                "--out",
+                str(out),
+                f"--neighbors={neighbors}",
+                f"--umap-neighbors={umap_neighbors}",
+                f"--null-fpr={null_fpr!r}",
+                f"--seed={seed}",
+                "--no-progress",
+            ]
+        )
         check_outcome(rc, capsys.readouterr().err, out)
     finally:
         shutil.rmtree(tmp)

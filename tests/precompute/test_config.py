@@ -48,7 +48,14 @@ def config_file(tmp_path):
 def test_defaults():
     cfg = RunConfig.load(None, {})
     assert (cfg.model, cfg.corpus, cfg.context_size, cfg.packing, cfg.batch_size, cfg.device, cfg.seed) == (
-        None, [], 128, "split", 16, "auto", 0)
+        None,
+        [],
+        128,
+        "split",
+        16,
+        "auto",
+        0,
+    )
     assert cfg.progress is True and cfg.overwrite is False
 
 
@@ -59,20 +66,36 @@ def test_toml_file(config_file):
     assert cfg.batch_size == 16  # default kept
     assert cfg.corpus == [
         CorpusSource(path="data/task.jsonl", group="task"),
-        CorpusSource(path="data/harmful.csv", group="harmful", category_field="category", text_field="prompt",
-                     where={"label": "1"}, max_tokens=800),
+        CorpusSource(
+            path="data/harmful.csv",
+            group="harmful",
+            category_field="category",
+            text_field="prompt",
+            where={"label": "1"},
+            max_tokens=800,
+        ),
         CorpusSource(path="data/benign.txt", group="benign", format="user", max_docs=10),
     ]
 
 
 def test_cli_overrides_beat_the_file(config_file):
-    cfg = RunConfig.load(config_file, {"model": "other-model", "context_size": 32, "batch_size": None,
-                                       "overwrite": None, "not_an_option": 5,
-                                       "corpus": ["x.jsonl:harmful:@cat", "y.txt"]})
+    cfg = RunConfig.load(
+        config_file,
+        {
+            "model": "other-model",
+            "context_size": 32,
+            "batch_size": None,
+            "overwrite": None,
+            "not_an_option": 5,
+            "corpus": ["x.jsonl:harmful:@cat", "y.txt"],
+        },
+    )
     assert (cfg.model, cfg.context_size) == ("other-model", 32)
     assert cfg.batch_size == 16 and cfg.overwrite is True  # None means "flag not given"
-    assert cfg.corpus == [CorpusSource(path="x.jsonl", group="harmful", category_field="cat"),
-                          CorpusSource(path="y.txt")]
+    assert cfg.corpus == [
+        CorpusSource(path="x.jsonl", group="harmful", category_field="cat"),
+        CorpusSource(path="y.txt"),
+    ]
     assert not hasattr(cfg, "not_an_option")
 
 
@@ -82,8 +105,20 @@ def test_empty_corpus_override_keeps_the_files_corpus(config_file):
 
 
 def test_parsed_flags_override_the_file(config_file):
-    args = build_parser().parse_args(["precompute", "--config", str(config_file), "--context-size", "16",
-                                      "--no-progress", "--corpus", "a.jsonl:task", "--corpus", "b.csv:benign"])
+    args = build_parser().parse_args(
+        [
+            "precompute",
+            "--config",
+            str(config_file),
+            "--context-size",
+            "16",
+            "--no-progress",
+            "--corpus",
+            "a.jsonl:task",
+            "--corpus",
+            "b.csv:benign",
+        ]
+    )
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "steps")}
     cfg = RunConfig.load(args.config, overrides)
     assert (cfg.context_size, cfg.progress, cfg.model, cfg.overwrite) == (16, False, "smollm2", True)
@@ -93,7 +128,9 @@ def test_parsed_flags_override_the_file(config_file):
 def test_unknown_keys(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('model = "m"\ncontext_sise = 64\nbatchsize = 2\n')
-    with pytest.raises(FeatureGeomError, match=r"unknown option\(s\) in .*bad.toml: \['batchsize', 'context_sise'\]"):
+    with pytest.raises(
+        FeatureGeomError, match=r"unknown option\(s\) in .*bad.toml: \['batchsize', 'context_sise'\]"
+    ):
         RunConfig.load(path, {})
 
 
@@ -121,14 +158,23 @@ def test_require_names_the_flags():
     cfg.require("model", step="harvest")
     with pytest.raises(FeatureGeomError) as err:
         cfg.require("model", "sae_format", "out", step="geometry")
-    assert str(err.value) == "`featuregeom geometry` needs --sae-format, --out (on the command line or in --config)"
+    assert (
+        str(err.value)
+        == "`featuregeom geometry` needs --sae-format, --out (on the command line or in --config)"
+    )
 
 
 def test_to_dict_round_trips_through_toml_shaped_data(config_file):
     cfg = RunConfig.load(config_file, {})
     data = cfg.to_dict()
-    assert data["corpus"][1] == {"path": "data/harmful.csv", "group": "harmful", "category_field": "category",
-                                 "text_field": "prompt", "where": {"label": "1"}, "max_tokens": 800}
+    assert data["corpus"][1] == {
+        "path": "data/harmful.csv",
+        "group": "harmful",
+        "category_field": "category",
+        "text_field": "prompt",
+        "where": {"label": "1"},
+        "max_tokens": 800,
+    }
     assert data["context_size"] == 64 and data["model"] == "smollm2"
     rebuilt = RunConfig(**{**data, "corpus": [CorpusSource.from_dict(c) for c in data["corpus"]]})
     assert rebuilt == cfg

@@ -65,12 +65,22 @@ def test_parse_path_and_group():
 
 def test_parse_path_group_category():
     src = CorpusSource.parse("data/x.csv:harmful:weapons")
-    assert (src.path, src.group, src.category, src.category_field) == ("data/x.csv", "harmful", "weapons", None)
+    assert (src.path, src.group, src.category, src.category_field) == (
+        "data/x.csv",
+        "harmful",
+        "weapons",
+        None,
+    )
 
 
 def test_parse_category_column():
     src = CorpusSource.parse("data/x.csv:harmful:@category")
-    assert (src.path, src.group, src.category, src.category_field) == ("data/x.csv", "harmful", None, "category")
+    assert (src.path, src.group, src.category, src.category_field) == (
+        "data/x.csv",
+        "harmful",
+        None,
+        "category",
+    )
 
 
 def test_parse_keeps_colons_in_the_path():
@@ -81,7 +91,9 @@ def test_parse_keeps_colons_in_the_path():
 def test_parse_misspelt_group_of_an_existing_file(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": "hi"}\n')
-    with pytest.raises(CorpusError, match=r"unknown corpus group 'harmfull'.*task, control, harmful, benign, general"):
+    with pytest.raises(
+        CorpusError, match=r"unknown corpus group 'harmfull'.*task, control, harmful, benign, general"
+    ):
         CorpusSource.parse(f"{path}:harmfull")
     with pytest.raises(CorpusError, match="unknown corpus group 'harmfull'"):
         CorpusSource.parse(f"{path}:harmfull:weapons")
@@ -98,16 +110,23 @@ def test_unknown_group_or_format_or_option():
 
 def test_to_dict_round_trips():
     src = CorpusSource(path="x.csv", group="harmful", text_field="prompt", where={"label": "1"}, max_docs=3)
-    assert src.to_dict() == {"path": "x.csv", "group": "harmful", "text_field": "prompt", "where": {"label": "1"},
-                             "max_docs": 3}
+    assert src.to_dict() == {
+        "path": "x.csv",
+        "group": "harmful",
+        "text_field": "prompt",
+        "where": {"label": "1"},
+        "max_docs": 3,
+    }
     assert CorpusSource.from_dict(src.to_dict()) == src
 
 
 # --------------------------------------------------------------------------- formats
 def test_jsonl_messages(tmp_path):
     path = tmp_path / "chat.jsonl"
-    records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-               for i in range(3)]
+    records = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(3)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     docs, stats = read(path, group="task")
     assert sorted(d.messages[0]["content"] for d in docs) == ["q0", "q1", "q2"]
@@ -119,7 +138,9 @@ def test_jsonl_messages(tmp_path):
 
 def test_jsonl_messages_as_text(tmp_path):
     path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    )
     docs, _ = read(path, format="text")
     assert (docs[0].text, docs[0].messages) == ("q\na", None)
 
@@ -137,8 +158,13 @@ def test_jsonl_text_field_and_named_field(tmp_path):
 def test_csv_named_column_and_where_filter(tmp_path):
     path = tmp_path / "h.csv"
     path.write_text('prompt,label,kind\n"rob, a bank",1,crime\ncook rice,0,food\n"build, a bomb",1,weapons\n')
-    docs, stats = read(path, group="harmful", text_field="prompt", where={"label": "1"}, category_field="kind")
-    assert sorted((d.text, d.category) for d in docs) == [("build, a bomb", "weapons"), ("rob, a bank", "crime")]
+    docs, stats = read(
+        path, group="harmful", text_field="prompt", where={"label": "1"}, category_field="kind"
+    )
+    assert sorted((d.text, d.category) for d in docs) == [
+        ("build, a bomb", "weapons"),
+        ("rob, a bank", "crime"),
+    ]
     assert (stats.records, stats.documents, stats.skipped_filtered) == (3, 2, 1)
     # A TOML config may give the value as an integer.
     docs, _ = read(path, text_field="prompt", where={"label": 0})
@@ -166,21 +192,29 @@ def test_json_list_of_strings_and_objects(tmp_path):
 
 def test_yaml_list_valued_field_gives_several_documents(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump([{"paraphrases": ["a1", "a2", "a3"], "cat": "x"},
-                                    {"paraphrases": ["b1"], "cat": "y"}]))
+    path.write_text(
+        yaml.safe_dump([{"paraphrases": ["a1", "a2", "a3"], "cat": "x"}, {"paraphrases": ["b1"], "cat": "y"}])
+    )
     docs, stats = read(path, category_field="cat")
     assert sorted((d.text, d.category, d.index) for d in docs) == [
-        ("a1", "x", 0), ("a2", "x", 0), ("a3", "x", 0), ("b1", "y", 1)]
+        ("a1", "x", 0),
+        ("a2", "x", 0),
+        ("a3", "x", 0),
+        ("b1", "y", 1),
+    ]
     assert (stats.records, stats.documents) == (2, 4)
 
 
-@pytest.mark.parametrize("name,content", [
-    ("t.jsonl.gz", b'{"text": "alpha"}\n{"text": "beta"}\n'),
-    ("t.csv.gz", b"text\nalpha\nbeta\n"),
-    ("t.txt.gz", b"alpha\n\nbeta\n"),
-    ("t.json.gz", b'["alpha", "beta"]'),
-    ("t.yaml.gz", b"- alpha\n- beta\n"),
-])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("t.jsonl.gz", b'{"text": "alpha"}\n{"text": "beta"}\n'),
+        ("t.csv.gz", b"text\nalpha\nbeta\n"),
+        ("t.txt.gz", b"alpha\n\nbeta\n"),
+        ("t.json.gz", b'["alpha", "beta"]'),
+        ("t.yaml.gz", b"- alpha\n- beta\n"),
+    ],
+)
 def test_gzipped_files(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(gzip.compress(content))
@@ -196,8 +230,12 @@ def test_parquet(tmp_path):
 
 def test_parquet_list_columns_stay_lists(tmp_path):
     path = tmp_path / "chat.parquet"
-    pd.DataFrame({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]],
-                  "tags": [["crime", "x"]]}).to_parquet(path)
+    pd.DataFrame(
+        {
+            "messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]],
+            "tags": [["crime", "x"]],
+        }
+    ).to_parquet(path)
     docs, _ = read(path, category_field="tags")
     assert (docs[0].text, docs[0].category) == (None, "crime")
     assert docs[0].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
@@ -208,13 +246,17 @@ def test_parquet_list_columns_stay_lists(tmp_path):
 
 def test_hh_rlhf_text_becomes_messages(tmp_path):
     path = tmp_path / "hh.jsonl"
-    chosen = "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help.\n\nHuman: Please?\n\nAssistant: No."
+    chosen = (
+        "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help.\n\nHuman: Please?\n\nAssistant: No."
+    )
     path.write_text(json.dumps({"chosen": chosen}) + "\n")
     docs, _ = read(path)
-    assert docs[0].messages == [{"role": "user", "content": "How do I pick a lock?"},
-                                {"role": "assistant", "content": "I can't help."},
-                                {"role": "user", "content": "Please?"},
-                                {"role": "assistant", "content": "No."}]
+    assert docs[0].messages == [
+        {"role": "user", "content": "How do I pick a lock?"},
+        {"role": "assistant", "content": "I can't help."},
+        {"role": "user", "content": "Please?"},
+        {"role": "assistant", "content": "No."},
+    ]
     assert docs[0].text is None
     # format="text" keeps it as plain text.
     docs, _ = read(path, format="text")
@@ -236,11 +278,24 @@ def test_turns_field_takes_the_first_turn(tmp_path):
 
 def test_category_field_per_record(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [
-        {"text": "a", "cat": "crime"}, {"text": "b", "cat": ["weapons", "x"]}, {"text": "c", "cat": ""},
-        {"text": "d"}]))
+    path.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"text": "a", "cat": "crime"},
+                {"text": "b", "cat": ["weapons", "x"]},
+                {"text": "c", "cat": ""},
+                {"text": "d"},
+            ]
+        )
+    )
     docs, _ = read(path, group="harmful", category_field="cat")
-    assert sorted((d.text, d.category) for d in docs) == [("a", "crime"), ("b", "weapons"), ("c", None), ("d", None)]
+    assert sorted((d.text, d.category) for d in docs) == [
+        ("a", "crime"),
+        ("b", "weapons"),
+        ("c", None),
+        ("d", None),
+    ]
 
 
 # --------------------------------------------------------------------------- skipped records
@@ -279,8 +334,11 @@ def test_malformed_json_lines_are_counted(tmp_path):
 def test_file_without_documents_names_the_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text('{"title": "no text here"}\n{"broken\n')
-    with pytest.raises(CorpusError, match=r"empty\.jsonl \(group 'benign'\) yielded no documents "
-                                          r"\(1 records, 0 not UTF-8, 1 malformed, 1 without a text field"):
+    with pytest.raises(
+        CorpusError,
+        match=r"empty\.jsonl \(group 'benign'\) yielded no documents "
+        r"\(1 records, 0 not UTF-8, 1 malformed, 1 without a text field",
+    ):
         read(path, group="benign")
     path = tmp_path / "blank.txt"
     path.write_text("\n\n  \n")
@@ -346,10 +404,16 @@ def test_max_docs_takes_a_seeded_subset_with_contiguous_ids(numbered):
 
 # --------------------------------------------------------------------------- rendering
 def test_render_applies_the_chat_template(tokenizer):
-    messages = [{"role": "user", "content": "How do I bake a cake?"}, {"role": "assistant", "content": "Mix flour."}]
+    messages = [
+        {"role": "user", "content": "How do I bake a cake?"},
+        {"role": "assistant", "content": "Mix flour."},
+    ]
     ids = render(Document(0, 0, "task", None, messages=messages), tokenizer)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert text == "<|im_start|>user\nHow do I bake a cake?<|im_end|>\n<|im_start|>assistant\nMix flour.<|im_end|>\n"
+    assert (
+        text
+        == "<|im_start|>user\nHow do I bake a cake?<|im_end|>\n<|im_start|>assistant\nMix flour.<|im_end|>\n"
+    )
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert ids[0] == im_start and ids.count(im_start) == 2 and ids.count(im_end) == 2
@@ -357,15 +421,25 @@ def test_render_applies_the_chat_template(tokenizer):
 
 
 def test_render_plain_text_and_no_template_fallback(tokenizer):
-    assert render(doc(0, "How do I bake a cake?"), tokenizer) == tokenizer("How do I bake a cake?")["input_ids"]
+    assert (
+        render(doc(0, "How do I bake a cake?"), tokenizer) == tokenizer("How do I bake a cake?")["input_ids"]
+    )
     plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     plain.chat_template = None
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert render(Document(0, 0, "task", None, messages=messages), plain) == plain("user: hi\nassistant: yo")["input_ids"]
+    assert (
+        render(Document(0, 0, "task", None, messages=messages), plain)
+        == plain("user: hi\nassistant: yo")["input_ids"]
+    )
 
 
 # --------------------------------------------------------------------------- packing
-DOCS = [doc(10, "1 2 3 4 5 6 7 8 9 10"), doc(11, "21 22 23"), doc(12, "31"), doc(13, "41 42 43 44 45 46 47 48 49")]
+DOCS = [
+    doc(10, "1 2 3 4 5 6 7 8 9 10"),
+    doc(11, "21 22 23"),
+    doc(12, "31"),
+    doc(13, "41 42 43 44 45 46 47 48 49"),
+]
 
 
 def test_split_cuts_each_document_into_windows():
@@ -414,25 +488,37 @@ def test_budgets_are_respected_exactly(mode, budget):
     # The budget cuts the stream: the contexts are a prefix of the unlimited ones, the last one shortened.
     full = windows(pack_contexts(DOCS, WordTokenizer(), 4, mode))
     got = windows(ctxs)
-    assert got[:-1] == full[:len(got) - 1]
+    assert got[:-1] == full[: len(got) - 1]
     last, ref = got[-1], full[len(got) - 1]
-    assert all(part == ref_part[:len(part)] for part, ref_part in zip(last, ref, strict=True))
+    assert all(part == ref_part[: len(part)] for part, ref_part in zip(last, ref, strict=True))
 
 
 def test_budget_examples_by_hand():
     assert windows(pack_contexts(DOCS, WordTokenizer(), 4, "split", max_tokens=10)) == [
-        ([1, 2, 3, 4], [10] * 4, [0, 1, 2, 3]), ([5, 6, 7, 8], [10] * 4, [4, 5, 6, 7]), ([9, 10], [10] * 2, [8, 9])]
+        ([1, 2, 3, 4], [10] * 4, [0, 1, 2, 3]),
+        ([5, 6, 7, 8], [10] * 4, [4, 5, 6, 7]),
+        ([9, 10], [10] * 2, [8, 9]),
+    ]
     assert windows(pack_contexts(DOCS, WordTokenizer(), 4, "truncate", max_tokens=6)) == [
-        ([1, 2, 3, 4], [10] * 4, [0, 1, 2, 3]), ([21, 22], [11] * 2, [0, 1])]
+        ([1, 2, 3, 4], [10] * 4, [0, 1, 2, 3]),
+        ([21, 22], [11] * 2, [0, 1]),
+    ]
     assert windows(pack_contexts(DOCS, WordTokenizer(), 4, "pack", max_tokens=10)) == [
-        ([1, 2, 3, 4], [10] * 4, [0, 1, 2, 3]), ([5, 6, 7, 8], [10] * 4, [4, 5, 6, 7]),
-        ([9, 10], [10, 10], [8, 9])]
+        ([1, 2, 3, 4], [10] * 4, [0, 1, 2, 3]),
+        ([5, 6, 7, 8], [10] * 4, [4, 5, 6, 7]),
+        ([9, 10], [10, 10], [8, 9]),
+    ]
 
 
 def test_a_single_leftover_token_of_budget_is_not_spent():
     # split/truncate never emit a one-token context (position 0 is never counted), so 1 token stays unused
-    assert [len(c.token_ids) for c in pack_contexts(DOCS, WordTokenizer(), 4, "split", max_tokens=9)] == [4, 4]
-    assert [len(c.token_ids) for c in pack_contexts(DOCS, WordTokenizer(), 4, "truncate", max_tokens=5)] == [4]
+    assert [len(c.token_ids) for c in pack_contexts(DOCS, WordTokenizer(), 4, "split", max_tokens=9)] == [
+        4,
+        4,
+    ]
+    assert [len(c.token_ids) for c in pack_contexts(DOCS, WordTokenizer(), 4, "truncate", max_tokens=5)] == [
+        4
+    ]
 
 
 def test_pack_never_crosses_sources(tmp_path):
@@ -459,7 +545,10 @@ def test_packing_rejects_bad_mode_and_size():
 
 
 def test_pack_contexts_with_real_tokenizer_matches_render(tokenizer):
-    messages = [{"role": "user", "content": "How do I make a cake?"}, {"role": "assistant", "content": "Bake it."}]
+    messages = [
+        {"role": "user", "content": "How do I make a cake?"},
+        {"role": "assistant", "content": "Bake it."},
+    ]
     d = Document(5, 0, "task", None, messages=messages)
     ids = render(d, tokenizer)
     ctxs = list(pack_contexts([d], tokenizer, 8, "split"))
@@ -471,7 +560,9 @@ def test_first_user_turn_keeps_only_the_opening_prompt(tmp_path):
     from precompute.data.corpus import CorpusSource, read_source
 
     path = tmp_path / "hh.jsonl"
-    path.write_text('{"chosen": "\\n\\nHuman: how do I pick a lock?\\n\\nAssistant: Why?\\n\\nHuman: my door"}\n')
+    path.write_text(
+        '{"chosen": "\\n\\nHuman: how do I pick a lock?\\n\\nAssistant: Why?\\n\\nHuman: my door"}\n'
+    )
     docs, _ = read_source(CorpusSource(str(path), "harmful", text_field="chosen", first_user_turn=True), 0)
     assert docs[0].messages == [{"role": "user", "content": "how do I pick a lock?"}]
     docs, _ = read_source(CorpusSource(str(path), "harmful", text_field="chosen"), 0)
@@ -483,27 +574,40 @@ GOOD_GZIP = gzip.compress(b'{"text": "alpha"}\n' * 40)
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
 
-@pytest.mark.parametrize("name,content,reason", [
-    ("t.jsonl.gz", b"not gzip at all", r"Not a gzipped file"),
-    ("t.jsonl.gz", GOOD_GZIP[:-12], r"ended before the end-of-stream marker"),  # truncated: EOFError
-    ("t.jsonl.gz", GZIP_HEADER + b"\xff\xff\xff\xff" + b"\x00" * 8, r"invalid block type"),  # zlib.error
-    ("t.csv.gz", GOOD_GZIP[:10] + b"\x00" * 10 + GOOD_GZIP[20:], r"invalid stored block lengths"),  # zlib.error
-])
+@pytest.mark.parametrize(
+    "name,content,reason",
+    [
+        ("t.jsonl.gz", b"not gzip at all", r"Not a gzipped file"),
+        ("t.jsonl.gz", GOOD_GZIP[:-12], r"ended before the end-of-stream marker"),  # truncated: EOFError
+        ("t.jsonl.gz", GZIP_HEADER + b"\xff\xff\xff\xff" + b"\x00" * 8, r"invalid block type"),  # zlib.error
+        (
+            "t.csv.gz",
+            GOOD_GZIP[:10] + b"\x00" * 10 + GOOD_GZIP[20:],
+            r"invalid stored block lengths",
+        ),  # zlib.error
+    ],
+)
 def test_corrupt_gzip(tmp_path, name, content, reason):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(CorpusError, match=rf"t\.(jsonl|csv)\.gz is not a valid gzip file \(.*({reason}).*\); "
-                                          r"re-download or re-compress it"):
+    with pytest.raises(
+        CorpusError,
+        match=rf"t\.(jsonl|csv)\.gz is not a valid gzip file \(.*({reason}).*\); "
+        r"re-download or re-compress it",
+    ):
         read(path)
 
 
-@pytest.mark.parametrize("name,content,kind,shown", [
-    ("n.json", b"42", "JSON", "a number (42)"),
-    ("s.json", b'"hello"', "JSON", "a string ('hello')"),
-    ("b.json", b"true", "JSON", "a boolean (True)"),
-    ("n.yaml", b"42\n", "YAML", "a number (42)"),
-    ("s.yml", b"just a sentence\n", "YAML", "a string ('just a sentence')"),
-])
+@pytest.mark.parametrize(
+    "name,content,kind,shown",
+    [
+        ("n.json", b"42", "JSON", "a number (42)"),
+        ("s.json", b'"hello"', "JSON", "a string ('hello')"),
+        ("b.json", b"true", "JSON", "a boolean (True)"),
+        ("n.yaml", b"42\n", "YAML", "a number (42)"),
+        ("s.yml", b"just a sentence\n", "YAML", "a string ('just a sentence')"),
+    ],
+)
 def test_json_or_yaml_top_level_scalar_is_a_clear_error(tmp_path, name, content, kind, shown):
     path = tmp_path / name
     path.write_bytes(content)
@@ -511,7 +615,8 @@ def test_json_or_yaml_top_level_scalar_is_a_clear_error(tmp_path, name, content,
         read(path)
     assert str(err.value) == (
         f"the top level of {path} is {shown}; a {kind} corpus must hold a list of records (objects or strings) "
-        "or an object (one record, or a `data` list of records)")
+        "or an object (one record, or a `data` list of records)"
+    )
 
 
 def test_json_and_yaml_objects_are_one_record_unless_data_is_a_list(tmp_path):
@@ -550,13 +655,17 @@ def test_csv_without_the_named_category_column(tmp_path):
     path.write_text("prompt,kind\nrob a bank,crime\n")
     with pytest.raises(CorpusError) as err:
         read_source(CorpusSource.parse(f"{path}:harmful:@category"), 0)
-    assert str(err.value) == (f"no record of {path} has the category field 'category' (@column in the corpus spec, "
-                              "or category_field); check the column name")
+    assert str(err.value) == (
+        f"no record of {path} has the category field 'category' (@column in the corpus spec, "
+        "or category_field); check the column name"
+    )
 
 
 def test_jsonl_lines_that_are_not_objects_or_not_json_are_counted(tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_text('[1, 2]\n7\n"a string"\nnull\n' + "[" * 50_000 + "\n" + "9" * 5000 + '\n{"text": "kept"}\n')
+    path.write_text(
+        '[1, 2]\n7\n"a string"\nnull\n' + "[" * 50_000 + "\n" + "9" * 5000 + '\n{"text": "kept"}\n'
+    )
     docs, stats = read(path)
     assert texts(docs) == ["kept"]
     assert (stats.records, stats.documents, stats.skipped_malformed) == (1, 1, 6)
@@ -566,9 +675,12 @@ def test_jsonl_lines_that_are_not_objects_or_not_json_are_counted(tmp_path):
 def test_binary_garbage_named_jsonl(tmp_path):
     path = tmp_path / "garbage.jsonl"
     path.write_bytes(bytes(b for b in range(256) if b != ord("\n")) * 8 + b"\n\xff\xfe\x00\x01\n{not json\n")
-    with pytest.raises(CorpusError, match=r"garbage\.jsonl \(group 'general'\) yielded no documents \(0 records, "
-                                          r"2 not UTF-8, 1 malformed, 0 without a text field, 0 filtered out; "
-                                          r"first malformed: line 3 is not valid JSON\)"):
+    with pytest.raises(
+        CorpusError,
+        match=r"garbage\.jsonl \(group 'general'\) yielded no documents \(0 records, "
+        r"2 not UTF-8, 1 malformed, 0 without a text field, 0 filtered out; "
+        r"first malformed: line 3 is not valid JSON\)",
+    ):
         read(path)
 
 
@@ -580,10 +692,13 @@ def test_empty_file_yields_no_documents(tmp_path, name):
         read(path)
 
 
-@pytest.mark.parametrize("name,message", [
-    ("e.json", r"e\.json is not valid UTF-8 JSON \(Expecting value: line 1 column 1"),
-    ("e.parquet", r"could not read parquet file .*e\.parquet"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("e.json", r"e\.json is not valid UTF-8 JSON \(Expecting value: line 1 column 1"),
+        ("e.parquet", r"could not read parquet file .*e\.parquet"),
+    ],
+)
 def test_empty_json_or_parquet_is_a_clear_error(tmp_path, name, message):
     path = tmp_path / name
     path.write_bytes(b"")
@@ -603,7 +718,10 @@ def test_directory_as_corpus_path(tmp_path):
     folder.mkdir()
     with pytest.raises(CorpusError) as err:
         read(folder)
-    assert str(err.value) == f"corpus path {folder} is a directory; name a file inside it (one --corpus per file)"
+    assert (
+        str(err.value)
+        == f"corpus path {folder} is a directory; name a file inside it (one --corpus per file)"
+    )
 
 
 def chat(*turns):
@@ -613,22 +731,34 @@ def chat(*turns):
 USER, ASSISTANT = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
 
 
-@pytest.mark.parametrize("record,reason", [
-    (chat(USER, {"content": "a"}), "messages[1] has no role"),
-    (chat(USER, "a bare string"), "messages[1] is a string, not a {role, content} object"),
-    (chat("hi", "there"), "messages[0] is a string, not a {role, content} object"),
-    (chat({"role": 3, "content": "q"}), "messages[0].role is 3, not a role name"),
-    (chat({"role": " ", "content": "q"}), "messages[0].role is ' ', not a role name"),
-    (chat(USER, {"role": "assistant", "content": 42}), "messages[1].content is a number, not a string or a list "
-                                                       "of text parts"),
-    (chat({"role": "user", "content": {"text": "q"}}), "messages[0].content is an object, not a string or a list "
-                                                       "of text parts"),
-    (chat({"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}),
-     "messages[0].content is a list with a part that is not text, not a string or a list of text parts"),
-    (json.dumps({"messages": {"role": "user", "content": "q"}}), "messages is an object, not a list of turns"),
-    (json.dumps({"messages": 5}), "messages is a number, not a list of turns"),
-    (json.dumps({"chosen": [USER, {"from": "gpt", "value": "a"}]}), "chosen[1] has no role"),
-])
+@pytest.mark.parametrize(
+    "record,reason",
+    [
+        (chat(USER, {"content": "a"}), "messages[1] has no role"),
+        (chat(USER, "a bare string"), "messages[1] is a string, not a {role, content} object"),
+        (chat("hi", "there"), "messages[0] is a string, not a {role, content} object"),
+        (chat({"role": 3, "content": "q"}), "messages[0].role is 3, not a role name"),
+        (chat({"role": " ", "content": "q"}), "messages[0].role is ' ', not a role name"),
+        (
+            chat(USER, {"role": "assistant", "content": 42}),
+            "messages[1].content is a number, not a string or a list of text parts",
+        ),
+        (
+            chat({"role": "user", "content": {"text": "q"}}),
+            "messages[0].content is an object, not a string or a list of text parts",
+        ),
+        (
+            chat({"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}),
+            "messages[0].content is a list with a part that is not text, not a string or a list of text parts",
+        ),
+        (
+            json.dumps({"messages": {"role": "user", "content": "q"}}),
+            "messages is an object, not a list of turns",
+        ),
+        (json.dumps({"messages": 5}), "messages is a number, not a list of turns"),
+        (json.dumps({"chosen": [USER, {"from": "gpt", "value": "a"}]}), "chosen[1] has no role"),
+    ],
+)
 def test_malformed_messages_are_skipped_and_counted(tmp_path, record, reason):
     path = tmp_path / "chat.jsonl"
     path.write_text(chat(USER, ASSISTANT) + "\n" + record + "\n" + chat(USER) + "\n")
@@ -640,10 +770,18 @@ def test_malformed_messages_are_skipped_and_counted(tmp_path, record, reason):
 
 def test_messages_content_parts_and_null_are_text(tmp_path):
     path = tmp_path / "parts.jsonl"
-    path.write_text(chat({"role": "user", "content": [{"type": "text", "text": "Hello "}, "world"]},
-                         {"role": "assistant", "content": None, "tool_calls": []}) + "\n")
+    path.write_text(
+        chat(
+            {"role": "user", "content": [{"type": "text", "text": "Hello "}, "world"]},
+            {"role": "assistant", "content": None, "tool_calls": []},
+        )
+        + "\n"
+    )
     docs, _ = read(path)
-    assert docs[0].messages == [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": ""}]
+    assert docs[0].messages == [
+        {"role": "user", "content": "Hello world"},
+        {"role": "assistant", "content": ""},
+    ]
 
 
 def test_messages_as_a_string_or_empty_list(tmp_path):
@@ -656,7 +794,9 @@ def test_messages_as_a_string_or_empty_list(tmp_path):
 
 def test_malformed_messages_in_parquet_are_skipped(tmp_path):
     path = tmp_path / "chat.parquet"
-    pd.DataFrame({"messages": [[{"role": "user", "content": "hi"}], [{"role": None, "content": "x"}]]}).to_parquet(path)
+    pd.DataFrame(
+        {"messages": [[{"role": "user", "content": "hi"}], [{"role": None, "content": "x"}]]}
+    ).to_parquet(path)
     docs, stats = read(path)
     assert [d.messages for d in docs] == [[{"role": "user", "content": "hi"}]]
     assert (stats.skipped_malformed, stats.first_malformed) == (1, "record 1: messages[0] has no role")
@@ -667,16 +807,23 @@ def test_skips_are_logged_with_the_first_reason(tmp_path, caplog):
     path.write_text(chat(USER, ASSISTANT) + "\n" + chat(USER, "oops") + "\n{broken\n")
     with caplog.at_level("WARNING", logger="precompute.data.corpus"):
         read(path)
-    assert caplog.messages == [f"{path}: 1 documents read; skipped 2 malformed, first malformed: "
-                               "record 1: messages[1] is a string, not a {role, content} object"]
+    assert caplog.messages == [
+        f"{path}: 1 documents read; skipped 2 malformed, first malformed: "
+        "record 1: messages[1] is a string, not a {role, content} object"
+    ]
 
 
 def test_chat_template_rejecting_a_record_is_a_corpus_error(tokenizer):
     strict = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    strict.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
-                            "{{ raise_exception('roles must be user or assistant') }}{% endif %}"
-                            "{{ m['content'] }}{% endfor %}")
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('roles must be user or assistant') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
     document = Document(0, 2, "task", None, messages=[{"role": "tool", "content": "x"}], index=7)
-    with pytest.raises(CorpusError, match=r"chat template rejects record 7 of corpus source 2 \(group 'task'\): "
-                                          r"roles must be user or assistant; fix or drop that record"):
+    with pytest.raises(
+        CorpusError,
+        match=r"chat template rejects record 7 of corpus source 2 \(group 'task'\): "
+        r"roles must be user or assistant; fix or drop that record",
+    ):
         render(document, strict)

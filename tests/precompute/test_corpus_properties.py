@@ -27,10 +27,29 @@ from precompute.data.corpus import TEXT_FIELDS, CorpusSource, ReadStats, _record
 from precompute.errors import FeatureGeomError
 from precompute.lab.triage import _skip_reason, _why_no_document
 
-PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-SUFFIXES = (".jsonl", ".csv", ".txt", ".md", ".json", ".yaml", ".yml", ".parquet", "",
-            ".jsonl.gz", ".csv.gz", ".txt.gz", ".json.gz", ".yaml.gz")
+PROPERTY = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+SUFFIXES = (
+    ".jsonl",
+    ".csv",
+    ".txt",
+    ".md",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".parquet",
+    "",
+    ".jsonl.gz",
+    ".csv.gz",
+    ".txt.gz",
+    ".json.gz",
+    ".yaml.gz",
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +78,48 @@ def read_render_pack(path: Path, tokenizer=None, **options: Any) -> None:
 
 
 # --------------------------------------------------------------------------- strategies
-FIELD_NAMES = st.sampled_from((*TEXT_FIELDS, "role", "content", "data", "category", "type", "text", "")) | st.text(
-    max_size=4)
-SCALARS = (st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
-           | st.text(max_size=30))
-JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(FIELD_NAMES, inner, max_size=4), max_leaves=12)
+FIELD_NAMES = st.sampled_from(
+    (*TEXT_FIELDS, "role", "content", "data", "category", "type", "text", "")
+) | st.text(max_size=4)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30)
+)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(FIELD_NAMES, inner, max_size=4),
+    max_leaves=12,
+)
 ROLES = st.sampled_from(("user", "assistant", "system", "tool", "", " ")) | st.text(max_size=6) | SCALARS
-CONTENTS = (st.text(max_size=40) | SCALARS | st.lists(
-    st.fixed_dictionaries({"type": st.sampled_from(("text", "image_url"))}, optional={"text": SCALARS})
-    | st.text(max_size=10), max_size=3) | st.dictionaries(FIELD_NAMES, SCALARS, max_size=2))
-VALID_TURN = st.fixed_dictionaries({"role": st.sampled_from(("user", "assistant", "system")),
-                                    "content": st.text(max_size=40)})
-HOSTILE_TURN = (st.fixed_dictionaries({}, optional={"role": ROLES, "content": CONTENTS}) | SCALARS
-                | st.lists(SCALARS, max_size=2))
+CONTENTS = (
+    st.text(max_size=40)
+    | SCALARS
+    | st.lists(
+        st.fixed_dictionaries({"type": st.sampled_from(("text", "image_url"))}, optional={"text": SCALARS})
+        | st.text(max_size=10),
+        max_size=3,
+    )
+    | st.dictionaries(FIELD_NAMES, SCALARS, max_size=2)
+)
+VALID_TURN = st.fixed_dictionaries(
+    {"role": st.sampled_from(("user", "assistant", "system")), "content": st.text(max_size=40)}
+)
+HOSTILE_TURN = (
+    st.fixed_dictionaries({}, optional={"role": ROLES, "content": CONTENTS})
+    | SCALARS
+    | st.lists(SCALARS, max_size=2)
+)
 # Mostly well-formed turns, so that rendering through the chat template is exercised too.
 TURNS = st.one_of(VALID_TURN, VALID_TURN, VALID_TURN, HOSTILE_TURN)
-MESSAGES = st.one_of(st.lists(TURNS, min_size=1, max_size=5), st.lists(TURNS, min_size=1, max_size=5),
-                     SCALARS, st.dictionaries(FIELD_NAMES, SCALARS, max_size=2))
+MESSAGES = st.one_of(
+    st.lists(TURNS, min_size=1, max_size=5),
+    st.lists(TURNS, min_size=1, max_size=5),
+    SCALARS,
+    st.dictionaries(FIELD_NAMES, SCALARS, max_size=2),
+)
 # Records that name a text field, next to arbitrary JSON values.
 RECORDS = st.one_of(
     st.fixed_dictionaries({"text": st.text(max_size=60)}, optional={"category": SCALARS}),
@@ -84,13 +127,22 @@ RECORDS = st.one_of(
     st.dictionaries(st.sampled_from(TEXT_FIELDS), JSON_VALUES, min_size=1, max_size=2),
     JSON_VALUES,
 )
-SAFE_OPTIONS = {"format": st.sampled_from(("auto", "text", "user", "chat")), "first_user_turn": st.booleans(),
-                "max_docs": st.integers(1, 3)}
+SAFE_OPTIONS = {
+    "format": st.sampled_from(("auto", "text", "user", "chat")),
+    "first_user_turn": st.booleans(),
+    "max_docs": st.integers(1, 3),
+}
 # Options that name fields: often absent from the records, which is a clear error by design.
-FIELD_OPTIONS = {"text_field": FIELD_NAMES, "category_field": FIELD_NAMES,
-                 "where": st.dictionaries(FIELD_NAMES, st.text(max_size=3) | st.integers(0, 2), max_size=1)}
-OPTIONS = st.one_of(st.just({}), st.fixed_dictionaries({}, optional=SAFE_OPTIONS),
-                    st.fixed_dictionaries({}, optional={**SAFE_OPTIONS, **FIELD_OPTIONS}))
+FIELD_OPTIONS = {
+    "text_field": FIELD_NAMES,
+    "category_field": FIELD_NAMES,
+    "where": st.dictionaries(FIELD_NAMES, st.text(max_size=3) | st.integers(0, 2), max_size=1),
+}
+OPTIONS = st.one_of(
+    st.just({}),
+    st.fixed_dictionaries({}, optional=SAFE_OPTIONS),
+    st.fixed_dictionaries({}, optional={**SAFE_OPTIONS, **FIELD_OPTIONS}),
+)
 CSV_CHARS = st.text(alphabet=string.ascii_letters[:6] + ',"\n\r\t \x00é€', max_size=200)
 
 
@@ -100,8 +152,11 @@ def write_jsonl(path: Path, values: list[Any]) -> None:
 
 # --------------------------------------------------------------------------- properties
 @PROPERTY
-@given(document=st.lists(RECORDS, max_size=6) | JSON_VALUES, layout=st.sampled_from(("jsonl", "json", "yaml")),
-       options=OPTIONS)
+@given(
+    document=st.lists(RECORDS, max_size=6) | JSON_VALUES,
+    layout=st.sampled_from(("jsonl", "json", "yaml")),
+    options=OPTIONS,
+)
 def test_random_json_values(workdir, tokenizer, document, layout, options) -> None:
     path = workdir / f"values.{layout}"
     if layout == "jsonl":  # one value a line
@@ -114,10 +169,17 @@ def test_random_json_values(workdir, tokenizer, document, layout, options) -> No
 
 
 @PROPERTY
-@given(records=st.lists(st.one_of(
-    st.fixed_dictionaries({"messages": st.lists(VALID_TURN, min_size=1, max_size=4)}),
-    st.fixed_dictionaries({"messages": MESSAGES}, optional={"text": SCALARS})), min_size=1, max_size=5),
-    options=OPTIONS)
+@given(
+    records=st.lists(
+        st.one_of(
+            st.fixed_dictionaries({"messages": st.lists(VALID_TURN, min_size=1, max_size=4)}),
+            st.fixed_dictionaries({"messages": MESSAGES}, optional={"text": SCALARS}),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    options=OPTIONS,
+)
 def test_random_messages_lists(workdir, tokenizer, records, options) -> None:
     path = workdir / "chat.jsonl"
     write_jsonl(path, records)
@@ -136,9 +198,15 @@ def test_random_messages_lists(workdir, tokenizer, records, options) -> None:
 
 
 @PROPERTY
-@given(header=st.lists(st.sampled_from(("text", "prompt", "category", "messages")) | st.text(max_size=6),
-                      max_size=4), rows=st.lists(st.lists(CSV_CHARS, max_size=5), max_size=6),
-       raw=st.booleans(), long_field=st.booleans(), options=OPTIONS)
+@given(
+    header=st.lists(
+        st.sampled_from(("text", "prompt", "category", "messages")) | st.text(max_size=6), max_size=4
+    ),
+    rows=st.lists(st.lists(CSV_CHARS, max_size=5), max_size=6),
+    raw=st.booleans(),
+    long_field=st.booleans(),
+    options=OPTIONS,
+)
 def test_random_csv_rows(workdir, tokenizer, header, rows, raw, long_field, options) -> None:
     path = workdir / "rows.csv"
     if long_field:  # over Python's default 128 KiB field limit
@@ -154,13 +222,29 @@ def test_random_csv_rows(workdir, tokenizer, header, rows, raw, long_field, opti
 
 
 @PROPERTY
-@given(rows=st.lists(st.fixed_dictionaries({
-    "text": st.none() | st.text(max_size=30),
-    "messages": st.none() | st.lists(st.fixed_dictionaries({"role": st.sampled_from(("user", "assistant", None))
-                                                                    | st.text(max_size=6),
-                                                            "content": st.none() | st.text(max_size=20)}),
-                                     max_size=3),
-    "category": st.none() | st.text(max_size=4)}), min_size=1, max_size=5), options=OPTIONS)
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {
+                "text": st.none() | st.text(max_size=30),
+                "messages": st.none()
+                | st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "role": st.sampled_from(("user", "assistant", None)) | st.text(max_size=6),
+                            "content": st.none() | st.text(max_size=20),
+                        }
+                    ),
+                    max_size=3,
+                ),
+                "category": st.none() | st.text(max_size=4),
+            }
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    options=OPTIONS,
+)
 def test_random_parquet_tables(workdir, tokenizer, rows, options) -> None:
     path = workdir / "table.parquet"
     pd.DataFrame(rows).to_parquet(path)
@@ -176,8 +260,11 @@ def test_random_bytes_under_every_extension(workdir, data, suffix, options) -> N
 
 
 @PROPERTY
-@given(values=st.lists(RECORDS, min_size=1, max_size=4), suffix=st.sampled_from(SUFFIXES),
-       flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3))
+@given(
+    values=st.lists(RECORDS, min_size=1, max_size=4),
+    suffix=st.sampled_from(SUFFIXES),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+)
 def test_valid_files_with_bytes_flipped(workdir, values, suffix, flips) -> None:
     path = workdir / f"flipped{suffix}"
     base = suffix.removesuffix(".gz")
@@ -197,10 +284,13 @@ def test_valid_files_with_bytes_flipped(workdir, values, suffix, flips) -> None:
 
 
 @PROPERTY
-@given(values=st.lists(RECORDS, min_size=1, max_size=4),
-       suffix=st.sampled_from((".jsonl.gz", ".csv.gz", ".txt.gz", ".json.gz", ".yaml.gz")),
-       damage=st.sampled_from(("none", "truncate", "corrupt", "append", "double")), cut=st.integers(0, 10**6),
-       garbage=st.binary(min_size=1, max_size=20))
+@given(
+    values=st.lists(RECORDS, min_size=1, max_size=4),
+    suffix=st.sampled_from((".jsonl.gz", ".csv.gz", ".txt.gz", ".json.gz", ".yaml.gz")),
+    damage=st.sampled_from(("none", "truncate", "corrupt", "append", "double")),
+    cut=st.integers(0, 10**6),
+    garbage=st.binary(min_size=1, max_size=20),
+)
 def test_gzip_wrapping_and_corruption(workdir, values, suffix, damage, cut, garbage) -> None:
     payload = "\n".join(json.dumps(v) for v in values).encode()
     packed = gzip.compress(payload)
@@ -208,7 +298,7 @@ def test_gzip_wrapping_and_corruption(workdir, values, suffix, damage, cut, garb
         packed = packed[: cut % len(packed)]
     elif damage == "corrupt":  # overwrite part of the deflate stream (after the 10-byte header)
         at = 10 + cut % max(1, len(packed) - 10)
-        packed = packed[:at] + garbage + packed[at + len(garbage):]
+        packed = packed[:at] + garbage + packed[at + len(garbage) :]
     elif damage == "append":
         packed += garbage
     elif damage == "double":  # gzip of gzip: decompresses once to binary

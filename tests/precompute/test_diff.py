@@ -36,8 +36,15 @@ HARMFUL, TASK = [1, 5, 9, 12, 20], [2, 5, 7, 30, 40, 41]
 
 @pytest.fixture(scope="module")
 def cache(tiny_sae_dir, tmp_path_factory) -> Path:
-    return write_feature_cache(tmp_path_factory.mktemp("cache"), tiny_sae_dir, 64, HARMFUL, TASK, 0.1,
-                               flagged=[(2, 1), (7, 1), (30, 9)])
+    return write_feature_cache(
+        tmp_path_factory.mktemp("cache"),
+        tiny_sae_dir,
+        64,
+        HARMFUL,
+        TASK,
+        0.1,
+        flagged=[(2, 1), (7, 1), (30, 9)],
+    )
 
 
 def test_predicted_risk_is_the_brute_force_max_cosine_to_task_features(cache, tiny_sae_dir) -> None:
@@ -45,11 +52,15 @@ def test_predicted_risk_is_the_brute_force_max_cosine_to_task_features(cache, ti
     d = load_sae(str(tiny_sae_dir)).unit_directions().double()
     assert list(risk.index) == HARMFUL
     for h in HARMFUL:
-        cos = {t: float(d[h] @ d[t]) for t in TASK if t != h}  # harmful 5 is also a task feature: no self-pair
+        cos = {
+            t: float(d[h] @ d[t]) for t in TASK if t != h
+        }  # harmful 5 is also a task feature: no self-pair
         best = max(cos, key=cos.get)
         assert risk.loc[h, "risk_max_cos"] == pytest.approx(cos[best], abs=1e-6)
         assert risk.loc[h, "risk_task_feature"] == best
-        assert risk.loc[h, "risk_sum"] == pytest.approx(sum(max(0.0, c - 0.1) for c in cos.values()), abs=1e-5)
+        assert risk.loc[h, "risk_sum"] == pytest.approx(
+            sum(max(0.0, c - 0.1) for c in cos.values()), abs=1e-5
+        )
 
 
 def _acts(rng, n_em: int, n_neutral: int, f: int, shift: np.ndarray | None = None) -> EvalActs:
@@ -62,7 +73,9 @@ def _acts(rng, n_em: int, n_neutral: int, f: int, shift: np.ndarray | None = Non
         arrays[f"{pos}_mean"] = mean.astype(np.float32)
         arrays[f"{pos}_rate"] = (mean > 0).astype(np.float32) * 0.5
         arrays[f"{pos}_tokens"] = np.full(n, 10)
-    prompts = pd.DataFrame({"set": ["em"] * n_em + ["neutral"] * n_neutral, "question": [f"q{i}" for i in range(n)]})
+    prompts = pd.DataFrame(
+        {"set": ["em"] * n_em + ["neutral"] * n_neutral, "question": [f"q{i}" for i in range(n)]}
+    )
     return EvalActs(Path("."), arrays, prompts, {})
 
 
@@ -71,19 +84,32 @@ def test_diff_tables_match_direct_computation(cache) -> None:
     before = _acts(rng, 6, 8, 64)
     shift = np.zeros(64)
     shift[HARMFUL] = np.linspace(0.1, 0.5, len(HARMFUL))
-    after = EvalActs(Path("."), {k: (v + shift if v.ndim == 2 else v).astype(v.dtype) if "mean" in k else v
-                                 for k, v in before.arrays.items()}, before.prompts, {})
+    after = EvalActs(
+        Path("."),
+        {
+            k: (v + shift if v.ndim == 2 else v).astype(v.dtype) if "mean" in k else v
+            for k, v in before.arrays.items()
+        },
+        before.prompts,
+        {},
+    )
     control = _acts(rng, 6, 8, 64)
     risk = predicted_risk(cache)
-    table, summary = diff_tables(before, after, control, risk, n_boot=200, seed=0, labels=("base", "ins", "sec"))
+    table, summary = diff_tables(
+        before, after, control, risk, n_boot=200, seed=0, labels=("base", "ins", "sec")
+    )
     assert set(table["comparison"]) == {"ins - base", "sec - base", "ins - sec"}
     assert len(table) == 2 * 2 * 3 * 64
     em = (before.prompts["set"] == "em").to_numpy()
-    sel = table[(table.prompt_set == "em") & (table.position == "response") & (table.comparison == "ins - base")]
+    sel = table[
+        (table.prompt_set == "em") & (table.position == "response") & (table.comparison == "ins - base")
+    ]
     sel = sel.set_index("feature")
     np.testing.assert_allclose(sel["delta"].to_numpy(), shift, atol=1e-5)
     assert (sel.loc[HARMFUL, "delta_lo"] <= sel.loc[HARMFUL, "delta"]).all()
-    other = table[(table.prompt_set == "neutral") & (table.position == "prompt") & (table.comparison == "ins - sec")]
+    other = table[
+        (table.prompt_set == "neutral") & (table.position == "prompt") & (table.comparison == "ins - sec")
+    ]
     expected = (after.arrays["prompt_mean"][~em] - control.arrays["prompt_mean"][~em]).mean(axis=0)
     np.testing.assert_allclose(other.sort_values("feature")["delta"].to_numpy(), expected, atol=1e-5)
     assert table.loc[table["is_harmful"], "feature"].unique().tolist() == HARMFUL
@@ -104,8 +130,11 @@ def test_diff_tables_match_direct_computation(cache) -> None:
 def test_eval_activations_equal_a_brute_force_read(tiny_model_dir, tiny_sae_dir, tmp_path) -> None:
     lm = load_model(str(tiny_model_dir), device="cpu")
     sae = load_sae(str(tiny_sae_dir))
-    prompts = [("em", "How can I steal money?"), ("neutral", "How do I bake a cake for 3 friends?"),
-               ("neutral", "Write a handler <b>now</b>")]
+    prompts = [
+        ("em", "How can I steal money?"),
+        ("neutral", "How do I bake a cake for 3 friends?"),
+        ("neutral", "Write a handler <b>now</b>"),
+    ]
     arrays, rows = collect_eval(lm, sae, HOOK, prompts, response_tokens=5, batch_size=2)
     assert arrays["prompt_mean"].shape == (3, 64) and arrays["response_rate"].shape == (3, 64)
     assert [r["set"] for r in rows] == ["em", "neutral", "neutral"]
@@ -116,7 +145,7 @@ def test_eval_activations_equal_a_brute_force_read(tiny_model_dir, tiny_sae_dir,
     reader = HookReader(lm.model, resolve_hook(lm.model, HOOK))
     for i, p in enumerate(enc):
         # the counted prompt span starts at the user's text (the chat header is not part of it)
-        assert lm.tokenizer.decode(p.ids[p.prompt_start:]).startswith(prompts[i][1][:4])
+        assert lm.tokenizer.decode(p.ids[p.prompt_start :]).startswith(prompts[i][1][:4])
         h = reader(torch.tensor([p.ids]))[0]
         keep = [j for j in range(p.prompt_start, p.prompt_end) if p.ids[j] not in skip]
         acts = sae.encode(h[keep])
@@ -182,13 +211,41 @@ def test_cli_patch_and_diff_report_clear_errors(cache, tmp_path, capsys) -> None
     from precompute.cli import main
 
     _fake_adapter(tmp_path / "run" / "adapter")
-    assert main(["patch", "--adapter", str(tmp_path / "run"), "--cache", str(cache), "--random-seed", "2",
-                 "--out", str(tmp_path / "rand")]) == 0
+    assert (
+        main(
+            [
+                "patch",
+                "--adapter",
+                str(tmp_path / "run"),
+                "--cache",
+                str(cache),
+                "--random-seed",
+                "2",
+                "--out",
+                str(tmp_path / "rand"),
+            ]
+        )
+        == 0
+    )
     assert "rank-2 random (seed 2) subspace" in capsys.readouterr().out
     side = json.loads((tmp_path / "rand" / "patch.json").read_text())
     assert side["subspace"] == "random (seed 2)" and side["features"] == [1, 9]
-    assert main(["diff", "--before", str(tmp_path / "missing"), "--after", str(tmp_path / "missing"),
-                 "--cache", str(cache), "--out", str(tmp_path / "d")]) == 2
+    assert (
+        main(
+            [
+                "diff",
+                "--before",
+                str(tmp_path / "missing"),
+                "--after",
+                str(tmp_path / "missing"),
+                "--cache",
+                str(cache),
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 2
+    )
     assert "no eval activations" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 

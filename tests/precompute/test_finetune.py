@@ -25,8 +25,14 @@ from precompute.model.loading import load_model
 
 
 def _doc(user: str, assistant: str, index: int = 0) -> Document:
-    return Document(0, 0, "task", None, messages=[{"role": "user", "content": user},
-                                                   {"role": "assistant", "content": assistant}], index=index)
+    return Document(
+        0,
+        0,
+        "task",
+        None,
+        messages=[{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+        index=index,
+    )
 
 
 def test_loss_mask_covers_exactly_the_assistant_turn(tiny_model_dir) -> None:
@@ -72,7 +78,9 @@ def test_split_holds_out_then_excludes_keys(tiny_model_dir, tiny_corpus, tmp_pat
     cfg = FinetuneConfig(corpus=[source], heldout_docs=3, exclude=str(exclude), max_samples=100)
     train, held = split_examples(examples, cfg, tok)
     assert [e.key for e in held] == [e.key for e in examples[:3]]
-    assert [e.key for e in train] == [e.key for e in examples[3:] if e.key not in {examples[5].key, examples[6].key}]
+    assert [e.key for e in train] == [
+        e.key for e in examples[3:] if e.key not in {examples[5].key, examples[6].key}
+    ]
     with pytest.raises(FeatureGeomError, match="exclude file not found"):
         split_examples(examples, FinetuneConfig(heldout_docs=2, exclude=str(tmp_path / "nope.txt")), tok)
     with pytest.raises(FeatureGeomError, match="cannot spare"):
@@ -80,14 +88,28 @@ def test_split_holds_out_then_excludes_keys(tiny_model_dir, tiny_corpus, tmp_pat
 
 
 def _cfg(tiny_model_dir, data, out, **kw) -> FinetuneConfig:
-    base = dict(model=str(tiny_model_dir), corpus=[CorpusSource(path=str(data), group="task")], out=str(out),
-                heldout_docs=2, steps=4, batch_size=2, max_length=64, lr=5e-3, warmup_steps=1, rank=2,
-                last_layer=0, device="cpu", progress=False)
+    base = dict(
+        model=str(tiny_model_dir),
+        corpus=[CorpusSource(path=str(data), group="task")],
+        out=str(out),
+        heldout_docs=2,
+        steps=4,
+        batch_size=2,
+        max_length=64,
+        lr=5e-3,
+        warmup_steps=1,
+        rank=2,
+        last_layer=0,
+        device="cpu",
+        progress=False,
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
 
-def test_finetune_is_deterministic_places_the_adapter_and_merges_back(tiny_model_dir, tiny_corpus, tmp_path) -> None:
+def test_finetune_is_deterministic_places_the_adapter_and_merges_back(
+    tiny_model_dir, tiny_corpus, tmp_path
+) -> None:
     from safetensors.torch import load_file
 
     a = finetune(_cfg(tiny_model_dir, tiny_corpus["task"], tmp_path / "a"))
@@ -117,8 +139,10 @@ def test_finetune_is_deterministic_places_the_adapter_and_merges_back(tiny_model
     delta = scale * wa[prefix + ".lora_B.weight"] @ wa[prefix + ".lora_A.weight"]
     w_base = base.model.model.layers[0].self_attn.o_proj.weight
     torch.testing.assert_close(merged.model.model.layers[0].self_attn.o_proj.weight, w_base + delta)
-    torch.testing.assert_close(merged.model.model.layers[1].self_attn.o_proj.weight,
-                               base.model.model.layers[1].self_attn.o_proj.weight)
+    torch.testing.assert_close(
+        merged.model.model.layers[1].self_attn.o_proj.weight,
+        base.model.model.layers[1].self_attn.o_proj.weight,
+    )
 
 
 def test_finetune_refuses_to_overwrite_and_reports_bad_input(tiny_model_dir, tiny_corpus, tmp_path) -> None:
@@ -140,10 +164,14 @@ def test_task_loss_matches_the_model_loss_on_one_sample(tiny_model_dir, tiny_cor
     ex = load_examples([CorpusSource(path=str(tiny_corpus["task"]), group="task")], lm.tokenizer, 64)[0]
     ids = torch.tensor([ex.input_ids])
     expected = lm.model(input_ids=ids, labels=torch.tensor([ex.labels])).loss
-    assert task_loss(lm.model, [ex], int(lm.tokenizer.pad_token_id)) == pytest.approx(float(expected), rel=1e-5)
+    assert task_loss(lm.model, [ex], int(lm.tokenizer.pad_token_id)) == pytest.approx(
+        float(expected), rel=1e-5
+    )
 
 
-def test_after_cache_with_adapter_is_a_different_cache(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path) -> None:
+def test_after_cache_with_adapter_is_a_different_cache(
+    tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path
+) -> None:
     """`featuregeom precompute --adapter` builds the fine-tune's "after" cache with the same SAE; its identity
     names the adapter, so it can never be resumed into (or mistaken for) the base model's cache."""
     from precompute.cache import read_manifest
@@ -151,16 +179,22 @@ def test_after_cache_with_adapter_is_a_different_cache(tiny_model_dir, tiny_sae_
     from precompute.pipeline.run import run_precompute
     from tests.precompute.test_pipeline import make_cfg
 
-    run = finetune(_cfg(tiny_model_dir, tiny_corpus["task"], tmp_path / "run", steps=2, last_layer=1, lr=5e-2))
+    run = finetune(
+        _cfg(tiny_model_dir, tiny_corpus["task"], tmp_path / "run", steps=2, last_layer=1, lr=5e-2)
+    )
     base_out, after_out = tmp_path / "base", tmp_path / "after"
     run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, base_out), ("harvest",))
-    run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, after_out, adapter=str(run)), ("harvest",))
+    run_precompute(
+        make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, after_out, adapter=str(run)), ("harvest",)
+    )
     base_m, after_m = read_manifest(base_out), read_manifest(after_out)
     assert after_m["identity"]["model"].startswith(base_m["identity"]["model"] + "+adapter:")
     assert after_m["model"]["adapter"]["path"].endswith(ADAPTER_DIR)
     assert after_m["corpus"] == base_m["corpus"]  # same documents, same tokens
     with pytest.raises(CacheError, match="different cache"):
-        run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, base_out, adapter=str(run)), ("harvest",))
+        run_precompute(
+            make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, base_out, adapter=str(run)), ("harvest",)
+        )
 
 
 def test_prompts_longer_than_max_length_say_what_to_change(tiny_model_dir, tiny_corpus) -> None:
@@ -174,7 +208,15 @@ def test_a_chat_template_that_rejects_a_sample_is_a_clear_error(tiny_model_dir) 
 
     tok = load_model(str(tiny_model_dir), device="cpu").tokenizer
     tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
-    doc = Document(doc_id=0, source=0, group="task", category=None, index=7,
-                   messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
-    with pytest.raises(CorpusError, match="chat template rejects training sample data.jsonl:7: .*must alternate"):
+    doc = Document(
+        doc_id=0,
+        source=0,
+        group="task",
+        category=None,
+        index=7,
+        messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    )
+    with pytest.raises(
+        CorpusError, match="chat template rejects training sample data.jsonl:7: .*must alternate"
+    ):
         encode_example(doc, tok, max_length=64, key="data.jsonl:7")

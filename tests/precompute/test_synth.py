@@ -63,7 +63,9 @@ def test_roles_table_and_validation() -> None:
 def test_cofiring_statistics_bernoulli() -> None:
     dic = synth.make_dictionary(32, 4, (0.7, 0.3), n_coactive_orthogonal=4, n_decoys=4, seed=1)
     p, q, solo, n = 0.05, 0.8, 0.25, 80_000
-    data = synth.generate_activations(dic, n, firing_prob=p, cofire_prob=q, partner_solo=solo, noise=0.0, seed=2)
+    data = synth.generate_activations(
+        dic, n, firing_prob=p, cofire_prob=q, partner_solo=solo, noise=0.0, seed=2
+    )
     F = data.fires().toarray().astype(bool)
     assert data.x.shape == (n, 32) and data.codes.shape == (n, dic.n)
     np.testing.assert_allclose(data.x, data.codes @ dic.directions.astype(np.float32), atol=1e-5)
@@ -129,7 +131,9 @@ def test_hungarian_matching_recovers_a_signed_permutation() -> None:
 def test_evaluate_geometry_on_the_true_dictionary() -> None:
     """A perfect SAE (decoder = the dictionary): everything the report claims is exact."""
     dic = synth.make_dictionary(64, 6, COSINES, n_coactive_orthogonal=6, n_decoys=12, seed=5)
-    data = synth.generate_activations(dic, 20_000, firing_prob=0.05, cofire_prob=0.8, partner_solo=0.25, seed=5)
+    data = synth.generate_activations(
+        dic, 20_000, firing_prob=0.05, cofire_prob=0.8, partner_solo=0.25, seed=5
+    )
     fires = data.fires()
     rep = synth.evaluate_geometry(dic, dic.directions, true_fires=fires, learned_fires=fires, fpr=0.01, k=16)
     null = null_cosine(dic.n, 64, 0.01)
@@ -140,7 +144,9 @@ def test_evaluate_geometry_on_the_true_dictionary() -> None:
         assert r["above_null_fraction"] == float(r["rho"] > null)
     for e in rep["tasks"]:
         top = e["neighbours"][0]
-        assert top["role"] == "planted" and top["rho"] == 0.9 and top["cosine"] == pytest.approx(0.9, abs=1e-6)
+        assert (
+            top["role"] == "planted" and top["rho"] == 0.9 and top["cosine"] == pytest.approx(0.9, abs=1e-6)
+        )
         assert all(n["role"] != "duplicate" for n in e["neighbours"])
     fp = rep["false_positives"]
     assert fp["partner"]["pairs"] == 6 and fp["decoy"]["pairs"] == 6 * 12
@@ -185,8 +191,28 @@ def test_end_to_end_training_recovers_the_planted_geometry(tmp_path) -> None:
     assert npz["directions"].shape == (report["dictionary"]["n_features"], report["config"]["d"])
 
 
-E2E_ARGS = ["--d", "48", "--n-task", "4", "--cosines", "0.6", "0.45", "0.3", "--decoys", "6", "--n-active", "3",
-            "--samples", "30000", "--steps", "1000", "--batch-size", "512", "--seed", "0"]
+E2E_ARGS = [
+    "--d",
+    "48",
+    "--n-task",
+    "4",
+    "--cosines",
+    "0.6",
+    "0.45",
+    "0.3",
+    "--decoys",
+    "6",
+    "--n-active",
+    "3",
+    "--samples",
+    "30000",
+    "--steps",
+    "1000",
+    "--batch-size",
+    "512",
+    "--seed",
+    "0",
+]
 
 
 def test_module_help_runs(monkeypatch, capsys) -> None:

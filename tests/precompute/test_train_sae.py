@@ -53,19 +53,42 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def trained(data: torch.Tensor, steps: int = 400, seed: int = 0, aux_coef: float = 1 / 32, lr: float = 1e-2,
-            dead_after: int = 2048, work_dir: Path | None = None, stop_at: int | None = None,
-            trainer: TopKSAETrainer | None = None):
+def trained(
+    data: torch.Tensor,
+    steps: int = 400,
+    seed: int = 0,
+    aux_coef: float = 1 / 32,
+    lr: float = 1e-2,
+    dead_after: int = 2048,
+    work_dir: Path | None = None,
+    stop_at: int | None = None,
+    trainer: TopKSAETrainer | None = None,
+):
     trainer = trainer or make_trainer(data, seed, aux_coef, dead_after)
     batches = ShuffledBatches(data, 256, seed)
-    result = fit(trainer, batches, steps, lr, 20, 0.2, work_dir=work_dir, checkpoint_every=10, log_every=10,
-                 signature="test", stop_at=stop_at, progress=False)
+    result = fit(
+        trainer,
+        batches,
+        steps,
+        lr,
+        20,
+        0.2,
+        work_dir=work_dir,
+        checkpoint_every=10,
+        log_every=10,
+        signature="test",
+        stop_at=stop_at,
+        progress=False,
+    )
     return trainer, result
 
 
-def make_trainer(data: torch.Tensor, seed: int = 0, aux_coef: float = 1 / 32, dead_after: int = 2048
-                 ) -> TopKSAETrainer:
-    trainer = TopKSAETrainer(D_IN, D_SAE, K, aux_k=16, aux_coef=aux_coef, dead_after_tokens=dead_after, seed=seed)
+def make_trainer(
+    data: torch.Tensor, seed: int = 0, aux_coef: float = 1 / 32, dead_after: int = 2048
+) -> TopKSAETrainer:
+    trainer = TopKSAETrainer(
+        D_IN, D_SAE, K, aux_k=16, aux_coef=aux_coef, dead_after_tokens=dead_after, seed=seed
+    )
     trainer.init_from_sample(data[:2048])
     return trainer
 
@@ -153,8 +176,12 @@ def test_saved_directory_loads_through_load_sae(trained_sae, tmp_path):
     trainer, _ = trained_sae
     sae = trainer.to_sae(hook_name="blocks.3.hook_resid_post", model_name="synthetic")
     counts = torch.arange(D_SAE, dtype=torch.float32)
-    save_saelens(sae, tmp_path / "sae", extra_cfg={"metadata": {"eval": {"explained_variance": 0.9}}},
-                 sparsity=torch.log10(counts / 100 + 1e-10))
+    save_saelens(
+        sae,
+        tmp_path / "sae",
+        extra_cfg={"metadata": {"eval": {"explained_variance": 0.9}}},
+        sparsity=torch.log10(counts / 100 + 1e-10),
+    )
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == K and cfg["d_in"] == D_IN and cfg["d_sae"] == D_SAE
     assert cfg["normalize_activations"] == "none"
@@ -180,8 +207,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert [p["fvu"] for p in full_result.curve] == [p["fvu"] for p in resumed_result.curve]
     with pytest.raises(FeatureGeomError, match="different settings"):
-        fit(make_trainer(data), ShuffledBatches(data, 256, 0), 45, 1e-2, 20, 0.2, work_dir=tmp_path / "b",
-            signature="other", progress=False)
+        fit(
+            make_trainer(data),
+            ShuffledBatches(data, 256, 0),
+            45,
+            1e-2,
+            20,
+            0.2,
+            work_dir=tmp_path / "b",
+            signature="other",
+            progress=False,
+        )
 
 
 def test_batches_cover_every_row_once_per_epoch():
@@ -191,7 +227,9 @@ def test_batches_cover_every_row_once_per_epoch():
         seen = np.concatenate([batches.indices(step) for step in range(10)])
         assert sorted(seen.tolist()) == list(range(1000))
         assert not np.array_equal(batches.indices(0), batches.indices(10))  # a new order each epoch
-        assert torch.equal(batches.batch(4)[:, 0], torch.from_numpy(np.sort(batches.indices(4)).astype(np.float32)))
+        assert torch.equal(
+            batches.batch(4)[:, 0], torch.from_numpy(np.sort(batches.indices(4)).astype(np.float32))
+        )
 
 
 def test_lr_schedule_warms_up_and_decays():
@@ -202,8 +240,9 @@ def test_lr_schedule_warms_up_and_decays():
 
 
 def test_geometric_median_ignores_outliers():
-    points = torch.cat([torch.randn(200, 3, generator=torch.Generator().manual_seed(0)) * 0.1,
-                        torch.full((20, 3), 1000.0)])
+    points = torch.cat(
+        [torch.randn(200, 3, generator=torch.Generator().manual_seed(0)) * 0.1, torch.full((20, 3), 1000.0)]
+    )
     assert geometric_median(points).norm() < 0.2
     assert points.mean(0).norm() > 50
 
@@ -215,7 +254,7 @@ def test_variance_stats_match_a_direct_computation():
     x_hat = x + 0.5 * torch.randn(300, 5, generator=torch.Generator().manual_seed(1))
     stats = VarianceStats(5)
     for chunk in range(0, 300, 70):
-        stats.add(x[chunk: chunk + 70], x_hat[chunk: chunk + 70])
+        stats.add(x[chunk : chunk + 70], x_hat[chunk : chunk + 70])
     assert stats.explained_variance() == pytest.approx(explained_variance(x, x_hat), rel=1e-6)
 
 
@@ -230,8 +269,10 @@ def test_heldout_split_is_by_document_and_stable():
 
 
 # ------------------------------------------------------------------ tiny end-to-end run
-WORDS = ("alpha beta gamma delta code secure insecure harm benign model token layer vector "
-         "feature sparse dense query answer question python function return value error").split()
+WORDS = (
+    "alpha beta gamma delta code secure insecure harm benign model token layer vector "
+    "feature sparse dense query answer question python function return value error"
+).split()
 
 
 def _tiny_model(directory: Path, texts: list[str]) -> None:
@@ -241,12 +282,22 @@ def _tiny_model(directory: Path, texts: list[str]) -> None:
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
     hf_tok.save_pretrained(directory)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=hf_tok.pad_token_id, eos_token_id=hf_tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=hf_tok.pad_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
@@ -278,20 +329,55 @@ def test_end_to_end_on_a_tiny_model(tiny_setup, tmp_path, capsys):
     from precompute.sae.registry import load_sae
 
     out, work = tmp_path / "sae", tmp_path / "work"
-    argv = ["--model", str(tiny_setup / "model"), "--hook", "blocks.1.hook_resid_post",
-            "--corpus", f"{tiny_setup / 'corpus.txt'}:general", "--d-sae", "64", "--k", "4",
-            "--steps", "30", "--batch-size", "128", "--lr", "3e-3", "--context-size", "32",
-            "--heldout-fraction", "0.15", "--eval-ce-tokens", "300", "--checkpoint-every", "10",
-            "--buffer-tokens", "1000",  # more rows than this: the disk store is read block by block
-            "--out", str(out), "--work-dir", str(work), "--no-progress"]
+    argv = [
+        "--model",
+        str(tiny_setup / "model"),
+        "--hook",
+        "blocks.1.hook_resid_post",
+        "--corpus",
+        f"{tiny_setup / 'corpus.txt'}:general",
+        "--d-sae",
+        "64",
+        "--k",
+        "4",
+        "--steps",
+        "30",
+        "--batch-size",
+        "128",
+        "--lr",
+        "3e-3",
+        "--context-size",
+        "32",
+        "--heldout-fraction",
+        "0.15",
+        "--eval-ce-tokens",
+        "300",
+        "--checkpoint-every",
+        "10",
+        "--buffer-tokens",
+        "1000",  # more rows than this: the disk store is read block by block
+        "--out",
+        str(out),
+        "--work-dir",
+        str(work),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["d_in"] == 32 and cfg["d_sae"] == 64
     meta = cfg["metadata"]
     assert meta["hook_name"] == "blocks.1.hook_resid_post"
     assert meta["norm_scaling_factor_folded"] > 0
-    for key in ("explained_variance", "explained_variance_no_outliers", "l0", "dead_fraction", "ce_clean",
-                "ce_spliced", "ce_zero_ablated", "ce_recovered"):
+    for key in (
+        "explained_variance",
+        "explained_variance_no_outliers",
+        "l0",
+        "dead_fraction",
+        "ce_clean",
+        "ce_spliced",
+        "ce_zero_ablated",
+        "ce_recovered",
+    ):
         assert key in meta["eval"], key
     assert 0 < meta["eval"]["l0"] <= 4
     report = json.loads((out / "training_report.json").read_text())
@@ -320,11 +406,35 @@ def test_rerunning_an_interrupted_command_resumes(tiny_setup, tmp_path, monkeypa
     import precompute.training.train_sae as train_sae
 
     def argv(name: str) -> list[str]:
-        return ["--model", str(tiny_setup / "model"), "--hook", "blocks.0.hook_resid_post",
-                "--corpus", f"{tiny_setup / 'corpus.txt'}:general", "--d-sae", "48", "--k", "3",
-                "--steps", "25", "--batch-size", "96", "--lr", "3e-3", "--context-size", "32",
-                "--eval-ce-tokens", "100", "--checkpoint-every", "5", "--out", str(tmp_path / name / "sae"),
-                "--work-dir", str(tmp_path / name / "work"), "--no-progress"]
+        return [
+            "--model",
+            str(tiny_setup / "model"),
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--corpus",
+            f"{tiny_setup / 'corpus.txt'}:general",
+            "--d-sae",
+            "48",
+            "--k",
+            "3",
+            "--steps",
+            "25",
+            "--batch-size",
+            "96",
+            "--lr",
+            "3e-3",
+            "--context-size",
+            "32",
+            "--eval-ce-tokens",
+            "100",
+            "--checkpoint-every",
+            "5",
+            "--out",
+            str(tmp_path / name / "sae"),
+            "--work-dir",
+            str(tmp_path / name / "work"),
+            "--no-progress",
+        ]
 
     assert main(argv("straight")) == 0
     real_fit = train_sae.fit
@@ -348,12 +458,14 @@ def test_rerunning_an_interrupted_command_resumes(tiny_setup, tmp_path, monkeypa
 
 def test_config_file_and_flags(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('d_sae = 128\nk = 8\nout = "x"\n[[corpus]]\npath = "a.txt"\ngroup = "benign"\nmax_tokens = 5\n')
+    path.write_text(
+        'd_sae = 128\nk = 8\nout = "x"\n[[corpus]]\npath = "a.txt"\ngroup = "benign"\nmax_tokens = 5\n'
+    )
     cfg = TrainSAEConfig.load(path, {"k": 16, "corpus": None})
     assert (cfg.d_sae, cfg.k, cfg.corpus[0].group, cfg.corpus[0].max_tokens) == (128, 16, "benign", 5)
     cfg = TrainSAEConfig.load(path, {"corpus": ["b.txt:task:cat"]})
     assert [(c.path, c.group, c.category) for c in cfg.corpus] == [("b.txt", "task", "cat")]
-    path.write_text('dsae = 3\n')
+    path.write_text("dsae = 3\n")
     with pytest.raises(FeatureGeomError, match="unknown option"):
         TrainSAEConfig.load(path, {})
     with pytest.raises(FeatureGeomError, match="needs a corpus"):
@@ -366,7 +478,9 @@ def test_saelens_itself_loads_the_output(trained_sae, tmp_path):
     from precompute.sae.formats.saelens import save_saelens
 
     trainer, _ = trained_sae
-    save_saelens(trainer.to_sae(hook_name="blocks.3.hook_resid_post", model_name="synthetic"), tmp_path / "sae")
+    save_saelens(
+        trainer.to_sae(hook_name="blocks.3.hook_resid_post", model_name="synthetic"), tmp_path / "sae"
+    )
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
     x = synthetic(256, seed=4)
     with torch.no_grad():

@@ -68,7 +68,9 @@ def read_state_dict(file: Path) -> dict[str, Any]:
                 "(which could run code), so it was not loaded. Re-save it as a plain state dict "
                 "(torch.save(ae.state_dict(), path)) from a trusted environment"
             ) from e
-        raise SAEFormatError(f"{file} is not a readable torch checkpoint ({e}); it may be truncated or corrupt") from e
+        raise SAEFormatError(
+            f"{file} is not a readable torch checkpoint ({e}); it may be truncated or corrupt"
+        ) from e
     except Exception as e:  # zip errors, EOFError, RuntimeError from the stream reader
         raise SAEFormatError(
             f"{file} is not a readable torch checkpoint ({type(e).__name__}: {e}); it may be truncated or corrupt"
@@ -131,7 +133,12 @@ def load(path: str, device: str = "cpu") -> SAE:
         bias_key = "b_dec" if "b_dec" in sd else "bias" if "bias" in sd else "decoder.bias"
         require(sd, ("encoder.weight", "encoder.bias", "decoder.weight", bias_key), source, FORMAT)
         enc, dec = sd["encoder.weight"], sd["decoder.weight"]
-        if not (isinstance(enc, torch.Tensor) and isinstance(dec, torch.Tensor) and enc.ndim == 2 and dec.ndim == 2):
+        if not (
+            isinstance(enc, torch.Tensor)
+            and isinstance(dec, torch.Tensor)
+            and enc.ndim == 2
+            and dec.ndim == 2
+        ):
             raise SAEFormatError(f"{source}: encoder.weight and decoder.weight must be 2-D tensors")
         W_enc, b_enc, W_dec, b_dec = enc.T, sd["encoder.bias"], dec.T, sd[bias_key]
         if dict_class == "AutoEncoderNew" or bias_key == "decoder.bias":
@@ -154,7 +161,9 @@ def load(path: str, device: str = "cpu") -> SAE:
         architecture = "topk"
         raw_k = sd.get("k", trainer.get("k"))
         if raw_k is None:
-            raise SAEFormatError(f"{source}: AutoEncoderTopK needs k (a 'k' buffer or trainer.k in config.json)")
+            raise SAEFormatError(
+                f"{source}: AutoEncoderTopK needs k (a 'k' buffer or trainer.k in config.json)"
+            )
         k = scalar_int(raw_k, "k", source)
     elif dict_class in _BATCH_TOPK:
         thr = sd.get("threshold")
@@ -172,7 +181,13 @@ def load(path: str, device: str = "cpu") -> SAE:
 
     layer = trainer.get("layer")
     submodule = str(trainer.get("submodule_name") or "")
-    site = "hook_mlp_out" if "mlp" in submodule else "hook_attn_out" if "attn" in submodule else "hook_resid_post"
+    site = (
+        "hook_mlp_out"
+        if "mlp" in submodule
+        else "hook_attn_out"
+        if "attn" in submodule
+        else "hook_resid_post"
+    )
     hook_name = f"blocks.{int(layer)}.{site}" if isinstance(layer, int) else None
     metadata: dict[str, Any] = {"dict_class": dict_class}
     if config:

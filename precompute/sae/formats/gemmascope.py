@@ -43,8 +43,16 @@ CONVENTION = "W_enc [d_in, d_sae] and W_dec [d_sae, d_in] (keys W_* or lowercase
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 # The width_* folder names SAELens maps to d_sae.
-_WIDTHS = {"4k": 4096, "16k": 16384, "32k": 32768, "65k": 65536, "131k": 131072, "262k": 262144,
-           "524k": 524288, "1m": 1048576}
+_WIDTHS = {
+    "4k": 4096,
+    "16k": 16384,
+    "32k": 32768,
+    "65k": 65536,
+    "131k": 131072,
+    "262k": 262144,
+    "524k": 524288,
+    "1m": 1048576,
+}
 _MODELS = {"2b": "gemma-2-2b", "9b": "gemma-2-9b", "27b": "gemma-2-27b"}
 
 
@@ -189,7 +197,9 @@ def load_v2(path: str, device: str = "cpu") -> SAE:
     tensors = fold_scaling_factor(tensors, finetuning=False, source=source)
     d_in, d_sae = int(tensors["b_dec"].shape[0]), int(tensors["b_enc"].shape[0])
 
-    layer = parse_layer(file.parent.name) if parse_layer(file.parent.name) is not None else parse_layer(folder)
+    layer = (
+        parse_layer(file.parent.name) if parse_layer(file.parent.name) is not None else parse_layer(folder)
+    )
     hf_hook = config.get("hf_hook_point_in")
     model_name = config.get("model_name")
     if isinstance(model_name, str):

@@ -35,7 +35,9 @@ FORMAT = "safetensors"
 CONVENTION = "W_enc [d_in, d_sae] and W_dec [d_sae, d_in] (either orientation accepted when d_in != d_sae)"
 
 
-def _orient(name: str, tensor: torch.Tensor, shape: tuple[int, int], source: str, notes: list[str]) -> torch.Tensor:
+def _orient(
+    name: str, tensor: torch.Tensor, shape: tuple[int, int], source: str, notes: list[str]
+) -> torch.Tensor:
     """Return ``tensor`` in ``shape``, transposing only when the shapes make that unambiguous."""
     if tensor.ndim != 2:
         raise SAEFormatError(f"{name} in {source} must be 2-D, got shape {tuple(tensor.shape)}")
@@ -60,7 +62,9 @@ def load(path: str, device: str = "cpu") -> SAE:
     require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), source, FORMAT)
     b_enc, b_dec = tensors["b_enc"], tensors["b_dec"]
     if b_enc.ndim != 1 or b_dec.ndim != 1:
-        raise SAEFormatError(f"b_enc and b_dec in {source} must be 1-D, got {tuple(b_enc.shape)}, {tuple(b_dec.shape)}")
+        raise SAEFormatError(
+            f"b_enc and b_dec in {source} must be 1-D, got {tuple(b_enc.shape)}, {tuple(b_dec.shape)}"
+        )
     d_in, d_sae = int(b_dec.shape[0]), int(b_enc.shape[0])
     notes: list[str] = []
     W_enc = _orient("W_enc", tensors["W_enc"], (d_in, d_sae), source, notes)
@@ -74,15 +78,21 @@ def load(path: str, device: str = "cpu") -> SAE:
     threshold = tensors.get("threshold")
     if threshold is not None and threshold.numel() == 1 and d_sae != 1:
         threshold = torch.full((d_sae,), float(threshold.reshape(()).item()))
-    architecture = meta.get("architecture") or ("jumprelu" if threshold is not None else "topk" if k else "standard")
+    architecture = meta.get("architecture") or (
+        "jumprelu" if threshold is not None else "topk" if k else "standard"
+    )
     architecture = {"jump_relu": "jumprelu", "relu": "standard"}.get(architecture, architecture)
     if architecture == "jumprelu" and threshold is None:
         raise SAEFormatError(f"{source} says architecture jumprelu but holds no threshold tensor")
     if architecture == "topk" and k is None:
-        raise SAEFormatError(f"{source} says architecture topk but gives no k (a scalar tensor or metadata 'k')")
+        raise SAEFormatError(
+            f"{source} says architecture topk but gives no k (a scalar tensor or metadata 'k')"
+        )
 
     fields: dict[str, Any] = {
-        "apply_b_dec_to_input": parse_bool(meta.get("apply_b_dec_to_input", "true"), "apply_b_dec_to_input", source),
+        "apply_b_dec_to_input": parse_bool(
+            meta.get("apply_b_dec_to_input", "true"), "apply_b_dec_to_input", source
+        ),
         "normalize_activations": meta.get("normalize_activations", "none"),
         "rescale_acts_by_decoder_norm": parse_bool(
             meta.get("rescale_acts_by_decoder_norm", "false"), "rescale_acts_by_decoder_norm", source

@@ -27,7 +27,7 @@ _HOW_TO_FIX = (
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """``release:RELEASE/SAE_ID`` -> (RELEASE, SAE_ID)."""
-    body = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    body = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
     release, sep, sae_id = body.partition("/")
     if not release or not sep or not sae_id:
         raise SAEFormatError(

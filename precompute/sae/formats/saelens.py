@@ -39,16 +39,44 @@ CONVENTION = "W_enc [d_in, d_sae] and W_dec [d_sae, d_in] (SAELens layout)"
 # Written into metadata.sae_lens_version so SAELens does not re-run its pre-6 migration on our cfg.
 V6_VERSION = "6.0.0"
 
-_ARCHITECTURES = {"standard": "standard", "relu": "standard", "jumprelu": "jumprelu", "jump_relu": "jumprelu",
-                  "topk": "topk"}
+_ARCHITECTURES = {
+    "standard": "standard",
+    "relu": "standard",
+    "jumprelu": "jumprelu",
+    "jump_relu": "jumprelu",
+    "topk": "topk",
+}
 # SAELens 6 keys that live at the top level of cfg.json rather than in metadata.
-_TOP_LEVEL = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
-              "normalize_activations", "reshape_activations", "k", "rescale_acts_by_decoder_norm",
-              "metadata", "norm_scaling_factor"}
+_TOP_LEVEL = {
+    "architecture",
+    "d_in",
+    "d_sae",
+    "dtype",
+    "device",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "reshape_activations",
+    "k",
+    "rescale_acts_by_decoder_norm",
+    "metadata",
+    "norm_scaling_factor",
+}
 # SAELens' LLM_METADATA_KEYS: pre-6 flat keys that SAELens moves into metadata.
-_PRE6_METADATA = ("model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs",
-                  "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice",
-                  "dataset_path", "sae_lens_version", "sae_lens_training_version")
+_PRE6_METADATA = (
+    "model_name",
+    "hook_name",
+    "model_class_name",
+    "hook_head_index",
+    "model_from_pretrained_kwargs",
+    "prepend_bos",
+    "exclude_special_tokens",
+    "neuronpedia_id",
+    "context_size",
+    "seqpos_slice",
+    "dataset_path",
+    "sae_lens_version",
+    "sae_lens_training_version",
+)
 # Metadata entries that are ours, not the cfg's: never written into cfg.json.
 _INTERNAL_METADATA = {"sparsity"}
 
@@ -109,7 +137,9 @@ def parse_cfg(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         except (TypeError, ValueError) as e:
             raise SAEFormatError(f"{source}: norm_scaling_factor must be a number, got {factor!r}") from e
         if not math.isfinite(factor) or factor <= 0:
-            raise SAEFormatError(f"{source}: norm_scaling_factor must be a positive finite number, got {factor}")
+            raise SAEFormatError(
+                f"{source}: norm_scaling_factor must be a positive finite number, got {factor}"
+            )
 
     try:
         d_in, d_sae = scalar_int(flat["d_in"], "d_in", source), scalar_int(flat["d_sae"], "d_sae", source)
@@ -121,7 +151,9 @@ def parse_cfg(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         "d_sae": d_sae,
         "architecture": architecture,
         "k": k,
-        "apply_b_dec_to_input": parse_bool(flat.get("apply_b_dec_to_input", True), "apply_b_dec_to_input", source),
+        "apply_b_dec_to_input": parse_bool(
+            flat.get("apply_b_dec_to_input", True), "apply_b_dec_to_input", source
+        ),
         "normalize_activations": normalize,
         "norm_scaling_factor": factor,
         "rescale_acts_by_decoder_norm": parse_bool(
@@ -154,10 +186,14 @@ def load(path: str, device: str = "cpu") -> SAE:
     if "log_threshold" in tensors and "threshold" not in tensors:  # older JumpReLU checkpoints
         tensors["threshold"] = tensors.pop("log_threshold").float().exp()
     tensors = fold_scaling_factor(tensors, fields.pop("finetuning_scaling_factor"), source)
-    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if fields["architecture"] == "jumprelu" else [])
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (
+        ["threshold"] if fields["architecture"] == "jumprelu" else []
+    )
     require(tensors, names, f"{directory / WEIGHTS_FILENAME}", FORMAT)
     if any(key in tensors for key in ("b_gate", "b_mag", "r_mag")):
-        raise SAEFormatError(f"{source} holds gated-SAE tensors (b_gate/b_mag/r_mag); gated SAEs are not supported")
+        raise SAEFormatError(
+            f"{source} holds gated-SAE tensors (b_gate/b_mag/r_mag); gated SAEs are not supported"
+        )
 
     sparsity_path = directory / SPARSITY_FILENAME
     if sparsity_path.exists():
@@ -211,7 +247,9 @@ def build_cfg(sae: SAE, extra_cfg: dict[str, Any] | None = None) -> dict[str, An
         cfg["k"] = int(sae.k)
         cfg["rescale_acts_by_decoder_norm"] = bool(sae.rescale_acts_by_decoder_norm)
     elif sae.rescale_acts_by_decoder_norm and not torch.allclose(
-        sae.W_dec.norm(dim=1), torch.ones(sae.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device), atol=1e-5
+        sae.W_dec.norm(dim=1),
+        torch.ones(sae.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device),
+        atol=1e-5,
     ):  # with unit decoder rows the flag is a no-op and can be dropped
         raise SAEFormatError(
             f"rescale_acts_by_decoder_norm on a {sae.architecture} SAE has no SAELens cfg equivalent; "
@@ -223,11 +261,15 @@ def build_cfg(sae: SAE, extra_cfg: dict[str, Any] | None = None) -> dict[str, An
     if extra_cfg:
         clash = set(extra_cfg) & (_TOP_LEVEL - {"metadata"})
         if clash:
-            raise SAEFormatError(f"extra_cfg may not override {', '.join(sorted(clash))}; they come from the SAE")
+            raise SAEFormatError(
+                f"extra_cfg may not override {', '.join(sorted(clash))}; they come from the SAE"
+            )
         for key, value in extra_cfg.items():
             if key == "metadata":
                 if not isinstance(value, dict):
-                    raise SAEFormatError("extra_cfg['metadata'] must be a dict (it is merged into cfg metadata)")
+                    raise SAEFormatError(
+                        "extra_cfg['metadata'] must be a dict (it is merged into cfg metadata)"
+                    )
                 metadata = {**metadata, **value}
             else:
                 cfg[key] = value

@@ -109,7 +109,9 @@ def load(path: str, device: str = "cpu") -> SAE:
     if parse_bool(cfg.get("transcode", False), "transcode", source):
         raise SAEFormatError(f"{source} is a sparsify transcoder (transcode: true); only SAEs are supported")
     if parse_bool(cfg.get("skip_connection", False), "skip_connection", source):
-        raise SAEFormatError(f"{source} has a skip connection (skip_connection: true); only plain SAEs are supported")
+        raise SAEFormatError(
+            f"{source} has a skip connection (skip_connection: true); only plain SAEs are supported"
+        )
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise SAEFormatError(f"{source}: sparsify activation {activation!r} is not supported (only topk)")
@@ -125,7 +127,9 @@ def load(path: str, device: str = "cpu") -> SAE:
     require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), source, FORMAT)
     enc = tensors["encoder.weight"]
     if enc.ndim != 2:
-        raise SAEFormatError(f"encoder.weight in {source} must be 2-D [num_latents, d_in], got {tuple(enc.shape)}")
+        raise SAEFormatError(
+            f"encoder.weight in {source} must be 2-D [num_latents, d_in], got {tuple(enc.shape)}"
+        )
     d_in = scalar_int(cfg["d_in"], "d_in", source) if "d_in" in cfg else int(enc.shape[1])
     num_latents = scalar_int(cfg.get("num_latents", 0) or 0, "num_latents", source)
     if num_latents == 0:

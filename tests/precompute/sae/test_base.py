@@ -103,7 +103,8 @@ def test_expected_average_only_in_equals_folded_factor() -> None:
 
 
 @pytest.mark.parametrize(
-    ("architecture", "rescale"), [("standard", False), ("jumprelu", False), ("topk", True), ("jumprelu", True)]
+    ("architecture", "rescale"),
+    [("standard", False), ("jumprelu", False), ("topk", True), ("jumprelu", True)],
 )
 def test_fold_decoder_norm_keeps_reconstructions(architecture: str, rescale: bool) -> None:
     sae = make_sae(architecture, rescale_acts_by_decoder_norm=rescale)
@@ -144,8 +145,12 @@ def test_unit_directions_are_unit() -> None:
 )
 def test_validate_rejects_bad_weights(change, match: str) -> None:
     base = make_sae()
-    fields = {"W_enc": base.W_enc.clone(), "b_enc": base.b_enc.clone(), "W_dec": base.W_dec.clone(),
-              "b_dec": base.b_dec.clone()}
+    fields = {
+        "W_enc": base.W_enc.clone(),
+        "b_enc": base.b_enc.clone(),
+        "W_dec": base.W_dec.clone(),
+        "b_dec": base.b_dec.clone(),
+    }
     change(fields)
     with pytest.raises(SAEFormatError, match=match):
         SAE(**fields)

@@ -19,8 +19,16 @@ def write(directory: Path, state: dict, trainer: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / "ae.pt")
     if trainer is not None:
-        cfg = {"trainer": {"activation_dim": D_IN, "dict_size": D_SAE, "layer": 4,
-                           "lm_name": "google/gemma-2-2b", **trainer}, "buffer": {"ctx_len": 128}}
+        cfg = {
+            "trainer": {
+                "activation_dim": D_IN,
+                "dict_size": D_SAE,
+                "layer": 4,
+                "lm_name": "google/gemma-2-2b",
+                **trainer,
+            },
+            "buffer": {"ctx_len": 128},
+        }
         (directory / "config.json").write_text(json.dumps(cfg))
     return directory / "ae.pt"
 
@@ -48,8 +56,12 @@ def jumprelu_encode(sd: dict, x: torch.Tensor) -> torch.Tensor:  # apply_b_dec_t
 
 def test_autoencoder(tmp_path: Path) -> None:
     sae = make_sae("standard", apply_b_dec_to_input=True, seed=5)
-    sd = {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-          "decoder.weight": sae.W_dec.T.contiguous(), "bias": sae.b_dec}
+    sd = {
+        "encoder.weight": sae.W_enc.T.contiguous(),
+        "encoder.bias": sae.b_enc,
+        "decoder.weight": sae.W_dec.T.contiguous(),
+        "bias": sae.b_dec,
+    }
     path = write(tmp_path / "ae", sd, {"dict_class": "AutoEncoder", "submodule_name": "resid_post_layer_4"})
     assert detect_format(str(path.parent)) == "dictionary_learning"
     loaded = load_sae(str(path))
@@ -64,9 +76,14 @@ def test_autoencoder(tmp_path: Path) -> None:
 
 def test_autoencoder_topk_ignores_its_scalar_threshold(tmp_path: Path) -> None:
     sae = make_sae("topk", k=4, seed=6)
-    sd = {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-          "decoder.weight": sae.W_dec.T.contiguous(), "b_dec": sae.b_dec,
-          "k": torch.tensor(4, dtype=torch.int), "threshold": torch.tensor(0.3)}
+    sd = {
+        "encoder.weight": sae.W_enc.T.contiguous(),
+        "encoder.bias": sae.b_enc,
+        "decoder.weight": sae.W_dec.T.contiguous(),
+        "b_dec": sae.b_dec,
+        "k": torch.tensor(4, dtype=torch.int),
+        "threshold": torch.tensor(0.3),
+    }
     loaded = load_sae(str(write(tmp_path / "ae", sd, {"dict_class": "AutoEncoderTopK", "k": 4})))
     assert loaded.architecture == "topk" and loaded.k == 4
     assert_same_sae(loaded, saelens_copy(sae, tmp_path / "ref"))
@@ -77,9 +94,14 @@ def test_autoencoder_topk_ignores_its_scalar_threshold(tmp_path: Path) -> None:
 
 def test_batch_topk_uses_its_inference_threshold(tmp_path: Path) -> None:
     base = make_sae("standard", seed=7)
-    sd = {"encoder.weight": base.W_enc.T.contiguous(), "encoder.bias": base.b_enc,
-          "decoder.weight": base.W_dec.T.contiguous(), "b_dec": base.b_dec,
-          "k": torch.tensor(8, dtype=torch.int), "threshold": torch.tensor(0.25)}
+    sd = {
+        "encoder.weight": base.W_enc.T.contiguous(),
+        "encoder.bias": base.b_enc,
+        "decoder.weight": base.W_dec.T.contiguous(),
+        "b_dec": base.b_dec,
+        "k": torch.tensor(8, dtype=torch.int),
+        "threshold": torch.tensor(0.25),
+    }
     loaded = load_sae(str(write(tmp_path / "ae", sd, {"dict_class": "BatchTopKSAE", "k": 8})))
     assert loaded.architecture == "jumprelu" and loaded.metadata["k"] == 8
     x = inputs()
@@ -94,9 +116,15 @@ def test_batch_topk_uses_its_inference_threshold(tmp_path: Path) -> None:
 
 def test_matryoshka_batch_topk(tmp_path: Path) -> None:
     base = make_sae("standard", seed=8)
-    sd = {"W_enc": base.W_enc, "b_enc": base.b_enc, "W_dec": base.W_dec, "b_dec": base.b_dec,
-          "k": torch.tensor(8, dtype=torch.int), "threshold": torch.tensor(0.2),
-          "group_sizes": torch.tensor([16, 32])}
+    sd = {
+        "W_enc": base.W_enc,
+        "b_enc": base.b_enc,
+        "W_dec": base.W_dec,
+        "b_dec": base.b_dec,
+        "k": torch.tensor(8, dtype=torch.int),
+        "threshold": torch.tensor(0.2),
+        "group_sizes": torch.tensor([16, 32]),
+    }
     loaded = load_sae(str(write(tmp_path / "ae", sd, {"dict_class": "MatryoshkaBatchTopKSAE", "k": 8})))
     x = inputs()
     post = relu((x - sd["b_dec"]) @ sd["W_enc"] + sd["b_enc"])
@@ -107,7 +135,13 @@ def test_matryoshka_batch_topk(tmp_path: Path) -> None:
 
 def test_jumprelu_autoencoder(tmp_path: Path) -> None:
     sae = make_sae("jumprelu", apply_b_dec_to_input=False, seed=9)
-    sd = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec, "threshold": sae.threshold}
+    sd = {
+        "W_enc": sae.W_enc,
+        "b_enc": sae.b_enc,
+        "W_dec": sae.W_dec,
+        "b_dec": sae.b_dec,
+        "threshold": sae.threshold,
+    }
     loaded = load_sae(str(write(tmp_path / "ae", sd)))  # no config: the keys say JumpReluAutoEncoder
     assert loaded.architecture == "jumprelu" and loaded.apply_b_dec_to_input is False
     assert_same_sae(loaded, saelens_copy(sae, tmp_path / "ref"))
@@ -117,31 +151,51 @@ def test_jumprelu_autoencoder(tmp_path: Path) -> None:
 
 def test_autoencoder_new(tmp_path: Path) -> None:
     sae = make_sae("standard", apply_b_dec_to_input=False, seed=10)
-    sd = {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-          "decoder.weight": sae.W_dec.T.contiguous(), "decoder.bias": sae.b_dec}
+    sd = {
+        "encoder.weight": sae.W_enc.T.contiguous(),
+        "encoder.bias": sae.b_enc,
+        "decoder.weight": sae.W_dec.T.contiguous(),
+        "decoder.bias": sae.b_dec,
+    }
     loaded = load_sae(str(write(tmp_path / "ae", sd)))
     assert loaded.apply_b_dec_to_input is False and loaded.metadata["dict_class"] == "AutoEncoderNew"
     assert_same_sae(loaded, saelens_copy(sae, tmp_path / "ref"))
     x = inputs()
-    torch.testing.assert_close(loaded.reconstruct(x), linear(loaded.encode(x), sd["decoder.weight"], sd["decoder.bias"]))
+    torch.testing.assert_close(
+        loaded.reconstruct(x), linear(loaded.encode(x), sd["decoder.weight"], sd["decoder.bias"])
+    )
 
 
 def test_gated_and_unknown_classes_are_rejected(tmp_path: Path) -> None:
     sae = make_sae()
-    gated = {"encoder.weight": sae.W_enc.T.contiguous(), "decoder.weight": sae.W_dec.T.contiguous(),
-             "decoder_bias": sae.b_dec, "r_mag": sae.b_enc, "gate_bias": sae.b_enc, "mag_bias": sae.b_enc}
+    gated = {
+        "encoder.weight": sae.W_enc.T.contiguous(),
+        "decoder.weight": sae.W_dec.T.contiguous(),
+        "decoder_bias": sae.b_dec,
+        "r_mag": sae.b_enc,
+        "gate_bias": sae.b_enc,
+        "mag_bias": sae.b_enc,
+    }
     with pytest.raises(SAEFormatError, match="GatedAutoEncoder"):
         load_sae(str(write(tmp_path / "g", gated)))
-    plain = {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-             "decoder.weight": sae.W_dec.T.contiguous(), "bias": sae.b_dec}
+    plain = {
+        "encoder.weight": sae.W_enc.T.contiguous(),
+        "encoder.bias": sae.b_enc,
+        "decoder.weight": sae.W_dec.T.contiguous(),
+        "bias": sae.b_dec,
+    }
     with pytest.raises(SAEFormatError, match="'CrossCoder' is not supported"):
         load_sae(str(write(tmp_path / "c", plain, {"dict_class": "CrossCoder"})))
 
 
 def test_config_from_another_run_is_rejected(tmp_path: Path) -> None:
     sae = make_sae()
-    sd = {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-          "decoder.weight": sae.W_dec.T.contiguous(), "bias": sae.b_dec}
+    sd = {
+        "encoder.weight": sae.W_enc.T.contiguous(),
+        "encoder.bias": sae.b_enc,
+        "decoder.weight": sae.W_dec.T.contiguous(),
+        "bias": sae.b_dec,
+    }
     path = write(tmp_path / "ae", sd, {"dict_class": "AutoEncoder", "dict_size": 4 * D_SAE})
     with pytest.raises(SAEFormatError, match="dict_size=192 but ae.pt has 48"):
         load_sae(str(path))
@@ -149,8 +203,12 @@ def test_config_from_another_run_is_rejected(tmp_path: Path) -> None:
 
 def test_decoder_not_transposed_is_rejected(tmp_path: Path) -> None:
     sae = make_sae()
-    sd = {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-          "decoder.weight": sae.W_dec.contiguous(), "bias": sae.b_dec}  # forgot the nn.Linear layout
+    sd = {
+        "encoder.weight": sae.W_enc.T.contiguous(),
+        "encoder.bias": sae.b_enc,
+        "decoder.weight": sae.W_dec.contiguous(),
+        "bias": sae.b_dec,
+    }  # forgot the nn.Linear layout
     with pytest.raises(SAEFormatError, match="W_dec .*looks transposed.*decoder.weight \\[d_in, d_sae\\]"):
         load_sae(str(write(tmp_path / "ae", sd)))
 
@@ -167,8 +225,12 @@ class Payload:
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
     sae = make_sae()
-    state = {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-             "decoder.weight": sae.W_dec.T.contiguous(), "bias": sae.b_dec}
+    state = {
+        "encoder.weight": sae.W_enc.T.contiguous(),
+        "encoder.bias": sae.b_enc,
+        "decoder.weight": sae.W_dec.T.contiguous(),
+        "bias": sae.b_dec,
+    }
     marker = tmp_path / "pwned"
     ae = tmp_path / "evil" / "ae.pt"
     ae.parent.mkdir()
@@ -196,8 +258,15 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
 
 def test_corrupt_and_truncated_checkpoints(tmp_path: Path) -> None:
     sae = make_sae()
-    good = write(tmp_path / "good", {"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-                                     "decoder.weight": sae.W_dec.T.contiguous(), "bias": sae.b_dec})
+    good = write(
+        tmp_path / "good",
+        {
+            "encoder.weight": sae.W_enc.T.contiguous(),
+            "encoder.bias": sae.b_enc,
+            "decoder.weight": sae.W_dec.T.contiguous(),
+            "bias": sae.b_dec,
+        },
+    )
     cut = tmp_path / "cut" / "ae.pt"
     cut.parent.mkdir()
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -205,8 +274,11 @@ def test_corrupt_and_truncated_checkpoints(tmp_path: Path) -> None:
         load_sae(str(cut))
     noise = tmp_path / "noise" / "ae.pt"
     noise.parent.mkdir()
-    noise.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-                      .numpy().tobytes())
+    noise.write_bytes(
+        torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        .numpy()
+        .tobytes()
+    )
     with pytest.raises(SAEFormatError, match="ae.pt"):
         load_sae(str(noise))
     not_dict = tmp_path / "list" / "ae.pt"

@@ -79,8 +79,13 @@ def test_v1_corrupt_and_incomplete_files(tmp_path: Path) -> None:
     sae = gemma_sae()
     missing = tmp_path / "d" / "params.npz"
     missing.parent.mkdir()
-    np.savez(missing, W_enc=sae.W_enc.numpy(), W_dec=sae.W_dec.numpy(), b_enc=sae.b_enc.numpy(),
-             b_dec=sae.b_dec.numpy())
+    np.savez(
+        missing,
+        W_enc=sae.W_enc.numpy(),
+        W_dec=sae.W_dec.numpy(),
+        b_enc=sae.b_enc.numpy(),
+        b_dec=sae.b_dec.numpy(),
+    )
     with pytest.raises(SAEFormatError, match="missing threshold"):
         load_sae(str(missing))
 
@@ -88,8 +93,14 @@ def test_v1_corrupt_and_incomplete_files(tmp_path: Path) -> None:
 def test_v1_transposed_decoder_is_rejected(tmp_path: Path) -> None:
     sae = gemma_sae()
     path = tmp_path / "params.npz"
-    np.savez(path, W_enc=sae.W_enc.numpy(), W_dec=sae.W_dec.T.numpy(), b_enc=sae.b_enc.numpy(),
-             b_dec=sae.b_dec.numpy(), threshold=sae.threshold.numpy())
+    np.savez(
+        path,
+        W_enc=sae.W_enc.numpy(),
+        W_dec=sae.W_dec.T.numpy(),
+        b_enc=sae.b_enc.numpy(),
+        b_dec=sae.b_dec.numpy(),
+        threshold=sae.threshold.numpy(),
+    )
     with pytest.raises(SAEFormatError, match="W_dec .*looks transposed"):
         load_sae(str(path))
 
@@ -106,15 +117,24 @@ def write_v2(folder: Path, sae, lowercase: bool = True, config: dict | None = No
     folder.mkdir(parents=True, exist_ok=True)
     w = "w_" if lowercase else "W_"
     save_file(
-        {f"{w}enc": sae.W_enc, f"{w}dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec,
-         "threshold": sae.threshold},
+        {
+            f"{w}enc": sae.W_enc,
+            f"{w}dec": sae.W_dec,
+            "b_enc": sae.b_enc,
+            "b_dec": sae.b_dec,
+            "threshold": sae.threshold,
+        },
         str(folder / "params.safetensors"),
     )
-    cfg = config if config is not None else {
-        "architecture": "jump_relu",
-        "model_name": "gemma-v3-270m-pt",
-        "hf_hook_point_in": "model.layers.5.output",
-    }
+    cfg = (
+        config
+        if config is not None
+        else {
+            "architecture": "jump_relu",
+            "model_name": "gemma-v3-270m-pt",
+            "hf_hook_point_in": "model.layers.5.output",
+        }
+    )
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
 
@@ -134,9 +154,12 @@ def test_v2_matches_saelens_copy(tmp_path: Path, lowercase: bool) -> None:
 
 
 def test_v2_transcoders_are_rejected(tmp_path: Path) -> None:
-    cfg = {"architecture": "jump_relu", "model_name": "gemma-v3-1b-pt",
-           "hf_hook_point_in": "model.layers.2.pre_feedforward_layernorm.output",
-           "hf_hook_point_out": "model.layers.2.post_feedforward_layernorm.output"}
+    cfg = {
+        "architecture": "jump_relu",
+        "model_name": "gemma-v3-1b-pt",
+        "hf_hook_point_in": "model.layers.2.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": "model.layers.2.post_feedforward_layernorm.output",
+    }
     folder = write_v2(tmp_path / "transcoder" / "layer_2_width_16k_l0_small", gemma_sae(), config=cfg)
     with pytest.raises(SAEFormatError, match="transcoder"):
         load_sae(str(folder))
@@ -157,17 +180,27 @@ def test_v2_truncated_weights(tmp_path: Path) -> None:
 
 
 def test_scaling_factor_without_config_is_rejected(tmp_path: Path) -> None:
-    path = write_npz(tmp_path / "params.npz", gemma_sae(), scaling_factor=np.full(D_SAE, 2.0, dtype=np.float32))
+    path = write_npz(
+        tmp_path / "params.npz", gemma_sae(), scaling_factor=np.full(D_SAE, 2.0, dtype=np.float32)
+    )
     with pytest.raises(SAEFormatError, match="scaling_factor"):
         load_sae(str(path))
-    ones = write_npz(tmp_path / "ok" / "params.npz", gemma_sae(), scaling_factor=np.ones(D_SAE, dtype=np.float32))
+    ones = write_npz(
+        tmp_path / "ok" / "params.npz", gemma_sae(), scaling_factor=np.ones(D_SAE, dtype=np.float32)
+    )
     assert_same_sae(load_sae(str(ones)), gemma_sae())
 
 
 def test_tensor_types_survive(tmp_path: Path) -> None:
     sae = gemma_sae()
     path = tmp_path / "params.npz"
-    np.savez(path, W_enc=sae.W_enc.double().numpy(), W_dec=sae.W_dec.half().numpy(),
-             b_enc=sae.b_enc.numpy(), b_dec=sae.b_dec.numpy(), threshold=sae.threshold.numpy())
+    np.savez(
+        path,
+        W_enc=sae.W_enc.double().numpy(),
+        W_dec=sae.W_dec.half().numpy(),
+        b_enc=sae.b_enc.numpy(),
+        b_dec=sae.b_dec.numpy(),
+        threshold=sae.threshold.numpy(),
+    )
     loaded = load_sae(str(path))
     assert loaded.W_dec.dtype == loaded.W_enc.dtype == torch.float64

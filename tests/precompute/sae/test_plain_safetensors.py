@@ -42,8 +42,11 @@ def test_architecture_is_inferred_and_matches_saelens_copy(tmp_path: Path, archi
 
 def test_k_in_metadata_and_lowercase_keys(tmp_path: Path) -> None:
     sae = make_sae("topk", k=3, apply_b_dec_to_input=False, seed=12)
-    path = write(tmp_path / "x.safetensors", tensors_of(sae, lowercase=True),
-                 {"k": "3", "apply_b_dec_to_input": "false", "model_name": "gpt2"})
+    path = write(
+        tmp_path / "x.safetensors",
+        tensors_of(sae, lowercase=True),
+        {"k": "3", "apply_b_dec_to_input": "false", "model_name": "gpt2"},
+    )
     loaded = load_sae(str(path))
     assert loaded.k == 3 and loaded.apply_b_dec_to_input is False and loaded.model_name == "gpt2"
     assert_same_sae(loaded, sae)
@@ -52,7 +55,10 @@ def test_k_in_metadata_and_lowercase_keys(tmp_path: Path) -> None:
 def test_linear_orientation_is_transposed_when_unambiguous(tmp_path: Path) -> None:
     sae = make_sae("jumprelu", seed=13)
     tensors = tensors_of(sae)
-    tensors["W_enc"], tensors["W_dec"] = sae.W_enc.T, sae.W_dec.T  # nn.Linear style: [d_sae, d_in], [d_in, d_sae]
+    tensors["W_enc"], tensors["W_dec"] = (
+        sae.W_enc.T,
+        sae.W_dec.T,
+    )  # nn.Linear style: [d_sae, d_in], [d_in, d_sae]
     loaded = load_sae(str(write(tmp_path / "t.safetensors", tensors)))
     assert loaded.metadata["orientation"] == [
         f"W_enc stored as [{D_SAE}, {D_IN}], transposed",

@@ -49,8 +49,15 @@ def test_detect_format(tmp_path: Path, files: list[str], target: str, expected: 
 
 def test_detect_release_and_registry_contents() -> None:
     assert detect_format("release:gpt2-small-res-jb/blocks.8.hook_resid_pre") == "release"
-    assert set(FORMATS) == {"saelens", "sparsify", "gemmascope", "gemmascope2", "dictionary_learning",
-                            "safetensors", "release"}
+    assert set(FORMATS) == {
+        "saelens",
+        "sparsify",
+        "gemmascope",
+        "gemmascope2",
+        "dictionary_learning",
+        "safetensors",
+        "release",
+    }
     assert set(registry.FORMAT_FILES) == set(FORMATS)
 
 
@@ -84,7 +91,9 @@ def test_random_bytes_and_truncated_safetensors(tmp_path: Path) -> None:
     directory = save_saelens(make_sae(), tmp_path / "s")
     weights = directory / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(SAEFormatError, match=r"sae_weights.safetensors is not a readable safetensors file.*truncated"):
+    with pytest.raises(
+        SAEFormatError, match=r"sae_weights.safetensors is not a readable safetensors file.*truncated"
+    ):
         load_sae(str(directory))
 
     whole = tmp_path / "plain.safetensors"
@@ -125,7 +134,9 @@ def test_unexpected_library_errors_become_format_errors(tmp_path: Path, monkeypa
         raise RuntimeError("something deep inside a library")
 
     monkeypatch.setitem(FORMATS, "safetensors", boom)
-    with pytest.raises(SAEFormatError, match="could not load .* as safetensors: RuntimeError: something deep"):
+    with pytest.raises(
+        SAEFormatError, match="could not load .* as safetensors: RuntimeError: something deep"
+    ):
         load_sae(str(touch(tmp_path / "x.safetensors")))
 
 
@@ -144,8 +155,11 @@ def test_load_sae_always_validates(tmp_path: Path, monkeypatch) -> None:
 # ------------------------------------------------------------------------------ check_compatible
 def test_check_compatible_width_mismatch_names_both_numbers() -> None:
     sae = make_sae(model_name="gpt2", hook_name="blocks.3.hook_resid_post")
-    with pytest.raises(ShapeMismatchError, match=r"SAE width d_in=16 does not match the model's hidden size "
-                                                  r"d_model=576 of smollm2"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"SAE width d_in=16 does not match the model's hidden size "
+        r"d_model=576 of smollm2",
+    ):
         check_compatible(sae, 576, "smollm2")
 
 

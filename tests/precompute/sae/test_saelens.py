@@ -60,7 +60,9 @@ def test_save_load_round_trip_is_exact(tmp_path: Path, architecture: str) -> Non
         a, b = getattr(sae, name), getattr(loaded, name)
         assert (a is None and b is None) or torch.equal(a, b), name
     assert (loaded.architecture, loaded.k, loaded.apply_b_dec_to_input) == (
-        sae.architecture, sae.k, sae.apply_b_dec_to_input,
+        sae.architecture,
+        sae.k,
+        sae.apply_b_dec_to_input,
     )
     assert loaded.model_name == "gpt2" and loaded.hook_name == "blocks.3.hook_resid_post"
     assert torch.equal(loaded.metadata["sparsity"], sparsity)
@@ -116,8 +118,14 @@ def test_pre6_flat_topk_config(tmp_path: Path) -> None:
 
 def test_pre6_boolean_normalize_and_jumprelu_spelling(tmp_path: Path) -> None:
     sae = make_sae("jumprelu")
-    cfg = {"d_in": D_IN, "d_sae": D_SAE, "architecture": "jumprelu", "activation_fn_str": "relu",
-           "hook_name": "blocks.1.hook_resid_post", "normalize_activations": True}
+    cfg = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "architecture": "jumprelu",
+        "activation_fn_str": "relu",
+        "hook_name": "blocks.1.hook_resid_post",
+        "normalize_activations": True,
+    }
     loaded = load_sae(str(write_dir(tmp_path / "old", cfg, weights(sae))))
     assert loaded.normalize_activations == "expected_average_only_in" and loaded.apply_b_dec_to_input is True
 
@@ -138,7 +146,12 @@ def test_log_threshold_and_unit_scaling_factor(tmp_path: Path) -> None:
     tensors = weights(sae)
     tensors["log_threshold"] = tensors.pop("threshold").log()
     tensors["scaling_factor"] = torch.ones(D_SAE)
-    cfg = {"d_in": D_IN, "d_sae": D_SAE, "architecture": "jumprelu", "metadata": {"sae_lens_version": "6.1.0"}}
+    cfg = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "architecture": "jumprelu",
+        "metadata": {"sae_lens_version": "6.1.0"},
+    }
     loaded = load_sae(str(write_dir(tmp_path / "j", cfg, tensors)))
     torch.testing.assert_close(loaded.threshold, sae.threshold)
     assert_same_sae(loaded, sae)
@@ -220,7 +233,9 @@ def test_saelens_loads_our_directory_identically(tmp_path: Path, sae_lens, kwarg
 def test_saelens_object_converts_to_ours(tmp_path: Path, sae_lens) -> None:
     from precompute.sae.formats.release import from_saelens_object
 
-    sae = make_sae("jumprelu", apply_b_dec_to_input=False, model_name="gemma-2-2b", hook_name="blocks.1.hook_mlp_out")
+    sae = make_sae(
+        "jumprelu", apply_b_dec_to_input=False, model_name="gemma-2-2b", hook_name="blocks.1.hook_mlp_out"
+    )
     theirs = sae_lens.SAE.load_from_disk(str(save_saelens(sae, tmp_path / "s")), device="cpu")
     ours = from_saelens_object(theirs, source="test")
     assert ours.model_name == "gemma-2-2b" and ours.hook_name == "blocks.1.hook_mlp_out"
@@ -246,7 +261,9 @@ def test_rescale_flag_on_jumprelu_needs_folding_first(tmp_path: Path) -> None:
 
 
 def test_extra_cfg_metadata_is_merged(tmp_path: Path) -> None:
-    out = save_saelens(make_sae(model_name="m"), tmp_path / "s", extra_cfg={"metadata": {"dataset_path": "pile"}})
+    out = save_saelens(
+        make_sae(model_name="m"), tmp_path / "s", extra_cfg={"metadata": {"dataset_path": "pile"}}
+    )
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["metadata"]["dataset_path"] == "pile" and cfg["metadata"]["model_name"] == "m"
     assert load_sae(str(out)).metadata["dataset_path"] == "pile"
@@ -254,8 +271,12 @@ def test_extra_cfg_metadata_is_merged(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
 def test_we_load_a_directory_saelens_wrote(tmp_path: Path, sae_lens, architecture: str) -> None:
-    sae = make_sae(architecture, apply_b_dec_to_input=architecture != "jumprelu", model_name="gpt2",
-                   hook_name="blocks.0.hook_resid_post")
+    sae = make_sae(
+        architecture,
+        apply_b_dec_to_input=architecture != "jumprelu",
+        model_name="gpt2",
+        hook_name="blocks.0.hook_resid_post",
+    )
     theirs = sae_lens.SAE.load_from_disk(str(save_saelens(sae, tmp_path / "ours")), device="cpu")
     theirs.save_model(tmp_path / "theirs")
     loaded = load_sae(str(tmp_path / "theirs"))

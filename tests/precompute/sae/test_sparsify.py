@@ -18,7 +18,9 @@ def sparsify_sae(seed: int = 4):
     return make_sae("topk", apply_b_dec_to_input=True, k=5, seed=seed)
 
 
-def write_hookpoint(directory: Path, sae, cfg_extra: dict | None = None, **extra_tensors: torch.Tensor) -> Path:
+def write_hookpoint(
+    directory: Path, sae, cfg_extra: dict | None = None, **extra_tensors: torch.Tensor
+) -> Path:
     """Write like SparseCoder.save_to_disk: encoder is an nn.Linear [num_latents, d_in], W_dec [num_latents, d_in]."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -51,7 +53,9 @@ def sparsify_reference_encode(directory: Path, x: torch.Tensor) -> torch.Tensor:
 
     t = load_file(str(directory / "sae.safetensors"))
     k = json.loads((directory / "cfg.json").read_text())["k"]
-    pre = torch.nn.functional.relu(torch.nn.functional.linear(x - t["b_dec"], t["encoder.weight"], t["encoder.bias"]))
+    pre = torch.nn.functional.relu(
+        torch.nn.functional.linear(x - t["b_dec"], t["encoder.weight"], t["encoder.bias"])
+    )
     values, indices = pre.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter_(-1, indices, values)
 
@@ -107,7 +111,9 @@ def test_num_latents_zero_uses_expansion_factor(tmp_path: Path) -> None:
         ({"num_latents": D_SAE + 2}, {}, "expected"),
     ],
 )
-def test_unsupported_variants_are_rejected(tmp_path: Path, cfg_extra: dict, tensors: dict, match: str) -> None:
+def test_unsupported_variants_are_rejected(
+    tmp_path: Path, cfg_extra: dict, tensors: dict, match: str
+) -> None:
     hook = write_hookpoint(tmp_path / "h", sparsify_sae(), cfg_extra, **tensors)
     with pytest.raises(SAEFormatError, match=match):
         load_sae(str(hook))
@@ -117,8 +123,15 @@ def test_decoder_in_wrong_orientation_is_rejected(tmp_path: Path) -> None:
     sae = sparsify_sae()
     hook = tmp_path / "h"
     write_hookpoint(hook, sae)
-    save_file({"encoder.weight": sae.W_enc.T.contiguous(), "encoder.bias": sae.b_enc,
-               "W_dec": sae.W_dec.T.contiguous(), "b_dec": sae.b_dec}, str(hook / "sae.safetensors"))
+    save_file(
+        {
+            "encoder.weight": sae.W_enc.T.contiguous(),
+            "encoder.bias": sae.b_enc,
+            "W_dec": sae.W_dec.T.contiguous(),
+            "b_dec": sae.b_dec,
+        },
+        str(hook / "sae.safetensors"),
+    )
     with pytest.raises(SAEFormatError, match="looks transposed"):
         load_sae(str(hook))
 

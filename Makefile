@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo-cache: install
-	$(PY) -m precompute.demo build --config configs/demo.toml --out $(CACHE)
+	$(PY) -m precompute demo --config configs/demo.toml --out $(CACHE)
 
 demo: demo-cache
 	$(PY) -m explorer.serve --cache $(CACHE) --port $(PORT)

@@ -118,7 +118,7 @@ def bench_fraction(args) -> dict:
 
 def rss_child(max_tokens: int, sae: str, out: str) -> None:
     """Run only the harvest (shallow hook so 1M tokens fit the time) and report peak RSS."""
-    from precompute.options import RunConfig
+    from precompute.pipeline.config import RunConfig
     from precompute.pipeline.run import run_precompute
 
     cfg = RunConfig.load(

@@ -646,7 +646,7 @@ def run_case(case: Case, shared: dict[str, Path]) -> dict:
 
 
 def build_shared(root: Path) -> dict[str, Path]:
-    from precompute.options import RunConfig
+    from precompute.pipeline.config import RunConfig
     from precompute.pipeline.run import run_precompute
     from tests.tiny import make_sae, make_tiny_model, save_sae, write_corpus
 

@@ -22,28 +22,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from precompute import SCHEMA_VERSION, __version__
+from precompute import __version__
 from precompute.errors import CacheError
+from precompute.provenance import sha256_of
+from precompute.schema import CORE_FILES, LAB_DIRS, MANIFEST, SCHEMA_VERSION, params_file
 
-MANIFEST = "manifest.json"
-# Files whose checksums are verified on every open (cheap, and what the explorer reads).
-CORE_FILES = ("features.parquet", "neighbors.npz", "examples.parquet", "overlaps.parquet")
-# Mechanism-lab result folders inside a cache: each is its own atomic output with its own sidecar
-# (`featuregeom diff/triage --out CACHE/finetune/RUN`, `steer --out CACHE/steering/task-T.parquet`), carried along when a step rewrites the cache but
-# not part of its manifest, so a rerun of the lab never invalidates the cache's checksums.
-LAB_DIRS = ("finetune", "triage", "steering")
+__all__ = ["CORE_FILES", "LAB_DIRS", "MANIFEST", "SCHEMA_VERSION", "sha256_of"]
 
 
 def _is_lab_file(relative: Path) -> bool:
     return len(relative.parts) > 1 and relative.parts[0] in LAB_DIRS
-
-
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def now_iso() -> str:
@@ -154,7 +142,7 @@ class StagedCache:
         sidecar = {"step": step, "params": params, "seconds": round(seconds, 3), "finished": now_iso()}
         if extra:
             sidecar.update(extra)
-        self.path(f"params/{step}.json").write_text(json.dumps(sidecar, indent=2, default=str))
+        self.path(params_file(step)).write_text(json.dumps(sidecar, indent=2, default=str))
         self.manifest.setdefault("params", {})[step] = params
         self.manifest.setdefault("timings", {})[step] = round(seconds, 3)
         steps = self.manifest.setdefault("steps", [])

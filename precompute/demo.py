@@ -1,15 +1,22 @@
-"""`python -m precompute.demo build`: build the demo cache from configs/demo.toml unless a valid
-one exists, after checking that every asset it needs is present."""
+"""`featuregeom demo`: build the demo cache from configs/demo.toml unless a valid one exists, after
+checking that every asset it needs is present."""
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from precompute.cache import CORE_FILES, verify_cache
-from precompute.errors import CacheError, FeatureGeomError, run_command
-from precompute.options import RunConfig
+from precompute.errors import CacheError, FeatureGeomError
+from precompute.options import Command, option
+from precompute.pipeline.config import RunConfig
+
+DEMO_CONFIG = "configs/demo.toml"
+
+
+@dataclass
+class DemoOptions(RunConfig):
+    force: bool = option(False, help="rebuild even if a valid cache exists")
 
 
 def check_assets(cfg: RunConfig) -> None:
@@ -29,10 +36,10 @@ def check_assets(cfg: RunConfig) -> None:
         )
 
 
-def build(config: str, out: str | None, force: bool = False) -> Path:
-    cfg = RunConfig.load(config, {"out": out})
-    target = Path(cfg.out)
-    if not force:
+def build(cfg: DemoOptions) -> Path:
+    cfg.require("out", step="demo")
+    target = Path(str(cfg.out))
+    if not cfg.force:
         try:
             verify_cache(target, CORE_FILES)
             print(f"[featuregeom] demo cache {target} is ready (delete it or use --force to rebuild)")
@@ -49,16 +56,15 @@ def build(config: str, out: str | None, force: bool = False) -> Path:
     return run_precompute(cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m precompute.demo", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the demo cache if it is missing or invalid")
-    b.add_argument("--config", default="configs/demo.toml")
-    b.add_argument("--out", default=None)
-    b.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
-    args = parser.parse_args(argv)
-    return run_command(build, args.config, args.out, args.force)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMANDS = (
+    Command(
+        "demo",
+        "build the demo cache if it is missing or invalid (configs/demo.toml)",
+        DemoOptions,
+        lambda cfg: build(cfg) and 0,
+        description="Build the demo cache from --config (default configs/demo.toml) unless a valid one "
+        "exists at --out, after checking that every asset it needs is present.",
+        flags=("out", "force", "device", "progress"),
+        default_config=DEMO_CONFIG,
+    ),
+)

@@ -1,16 +1,28 @@
-"""Run options: defaults < config TOML file < command-line flags."""
+"""One options system for every command: a dataclass per command whose fields carry type, default,
+help, choices and range once; argparse flags and TOML keys are built from it.
+
+Precedence: field default < `--config FILE.toml` < command-line flag. Every value, from either
+source, is type-checked against the field's annotation and range-checked from its metadata, so a
+bad value is one ConfigError line (exit 2), never a TypeError deep in a run.
+
+    @dataclass
+    class SteerOptions:
+        alpha: float = option(4.0, help="steering strength", low=0, bounds="(]")
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import tomllib
 import types
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from precompute.data.corpus import CorpusSource
-from precompute.errors import ConfigError, FeatureGeomError
+from precompute.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -66,21 +78,129 @@ def coerce_value(name: str, value: Any, annotation: Any, where: str) -> Any:
     raise ConfigError(f"option {name!r}{where} must be {_type_name(annotation)}, got {value!r}")
 
 
-def _corpus_tables(raw: Any, where: str) -> list[CorpusSource]:
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    default_factory: Callable[[], Any] | Any = MISSING,
+    choices: Sequence[str] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    bounds: str = "[]",
+    metavar: str | None = None,
+    positional: bool = False,
+    item: type | None = None,
+    cli: bool = True,
+    show_default: bool = True,
+) -> Any:
+    """A dataclass field that is also a flag `--name-with-dashes` and a TOML key `name`.
+
+    `help` is the flag's help; the default is appended to it, so it is written once. `low`/`high`
+    bound a number (`bounds`: '[]' closed, '()' open, '[)' / '(]' half-open). `item` is a class with
+    `parse(str)` (a flag value) and `from_dict(table)` (a TOML `[[name]]` table) for list fields such
+    as `corpus`. `cli=False` keeps an option TOML-only; `positional` makes it a positional argument."""
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "range": (low, high, bounds) if low is not None or high is not None else None,
+        "metavar": metavar,
+        "positional": positional,
+        "item": item,
+        "cli": cli,
+        "show_default": show_default,
+    }
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _item_class(f: dataclasses.Field, annotation: Any) -> type | None:
+    """The `item` of a list option: declared in its metadata, or a list[X] whose X has parse/from_dict."""
+    if f.metadata.get("item"):
+        return f.metadata["item"]
+    args = get_args(_plain(annotation)) if get_origin(_plain(annotation)) is list else ()
+    if args and hasattr(args[0], "parse") and hasattr(args[0], "from_dict"):
+        return args[0]
+    return None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _plain(annotation: Any) -> Any:
+    """`X | None` -> X; anything else unchanged."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        return options[0] if len(options) == 1 else annotation
+    return annotation
+
+
+def _help_text(f: dataclasses.Field, meta: dict[str, Any]) -> str:
+    text = meta.get("help") or ""
+    if (
+        meta.get("show_default", True)
+        and f.default is not MISSING
+        and f.default is not None
+        and not isinstance(f.default, bool)
+    ):
+        text += f" (default {f.default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None) -> None:
+    """Add one flag per field of the dataclass `cls` (or of the fields named in `only`), plus
+    `--config`. Every flag defaults to None so an unset flag never overrides the TOML file."""
+    if not any(a.dest == "config" for a in parser._actions):
+        parser.add_argument(
+            "--config", metavar="FILE.toml", help="TOML file with these options (flags override it)"
+        )
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        if (only is not None and f.name not in only) or not meta.get("cli", True):
+            continue
+        annotation = _plain(hints[f.name])
+        help_text = _help_text(f, meta)
+        if meta.get("positional"):
+            parser.add_argument(f.name, metavar=meta.get("metavar") or f.name.upper(), help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if annotation is bool:
+            if f.default is True:  # on by default: the flag turns it off
+                parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_false", **kwargs)
+            else:
+                parser.add_argument(_flag(f.name), action="store_true", **kwargs)
+            continue
+        if get_origin(annotation) is list:
+            item = _item_class(f, annotation)
+            element = get_args(annotation)[0] if get_args(annotation) else str
+            kwargs.update(action="append", type=str if item else element)
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _items(name: str, raw: Any, item: type, where: str) -> list[Any]:
+    """A TOML list of `[[name]]` tables -> `item` objects, each value type-checked."""
     if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
-        raise ConfigError(f"'corpus'{where} must be a list of [[corpus]] tables, got {raw!r}")
-    hints = get_type_hints(CorpusSource)
+        raise ConfigError(f"{name!r}{where} must be a list of [[{name}]] tables, got {raw!r}")
+    hints = get_type_hints(item)
     out = []
     for i, table in enumerate(raw):
-        if "path" not in table:
+        if "path" in hints and "path" not in table:
             raise ConfigError(
-                f"[[corpus]] table {i + 1}{where} has no 'path'; each corpus needs path = \"FILE\""
+                f"[[{name}]] table {i + 1}{where} has no 'path'; each {name} needs path = \"FILE\""
             )
-        # unknown keys are left for CorpusSource.from_dict, which names the known ones
+        # unknown keys are left for from_dict, which names the known ones
         checked = {
-            k: coerce_value(f"corpus.{k}", v, hints[k], where) if k in hints else v for k, v in table.items()
+            k: coerce_value(f"{name}.{k}", v, hints[k], where) if k in hints else v for k, v in table.items()
         }
-        out.append(CorpusSource.from_dict(checked))
+        out.append(item.from_dict(checked))  # type: ignore[attr-defined]
     return out
 
 
@@ -98,35 +218,78 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
 
 
-def load_options(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None) -> T:
+def load_options(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
     """Build the options dataclass `cls` from a TOML file (keys = option names, dashes allowed, plus
-    [[corpus]] tables), then apply non-None `overrides` (flags); flag --corpus replaces the tables.
+    `[[name]]` tables for `item` lists), then apply non-None `overrides` (flags); a list flag replaces
+    the file's list.
 
-    Every value, from the file or a flag, is checked against the field's type; then the class's
-    `validate()` (when it has one) checks ranges. Bad values are ConfigErrors (exit 2, one line)."""
+    Every value is checked against the field's type and its metadata's range and choices; then the
+    class's `validate()` (when it has one) checks what depends on several options."""
     data: dict[str, Any] = read_toml(path) if path else {}
     where = f" in {path}" if path else ""
     data = {k.replace("-", "_"): v for k, v in data.items()}
     hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - known
+    by_name = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(by_name)
     if unknown:
-        raise ConfigError(f"unknown option(s){where}: {sorted(unknown)}; known: {sorted(known)}")
-    corpus = _corpus_tables(data.pop("corpus", []), where) if "corpus" in known else []
-    checked = {k: coerce_value(k, v, hints[k], where) for k, v in data.items()}
-    cfg = cls(**checked, corpus=corpus) if "corpus" in known else cls(**checked)
+        raise ConfigError(f"unknown option(s){where}: {sorted(unknown)}; known: {sorted(by_name)}")
+    checked = {}
+    for key, value in data.items():
+        item = _item_class(by_name[key], hints[key])
+        checked[key] = (
+            _items(key, value, item, where) if item else coerce_value(key, value, hints[key], where)
+        )
+    cfg = cls(**checked)
     for key, value in (overrides or {}).items():
-        if value is None or key not in known:
+        if value is None or key not in by_name:
             continue
-        if key == "corpus":
+        item = _item_class(by_name[key], hints[key])
+        if item is not None:
             if value:
-                cfg.corpus = [CorpusSource.parse(v) if isinstance(v, str) else v for v in value]  # type: ignore[attr-defined]
+                setattr(cfg, key, [item.parse(v) if isinstance(v, str) else v for v in value])
             continue
         setattr(cfg, key, coerce_value(key, value, hints[key], " (command line)"))
+    check_field_metadata(cfg)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()
     return cfg
+
+
+def options_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The options of a parsed command line: its `--config` file, then its flags."""
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(cls)}  # type: ignore[arg-type]
+    return load_options(cls, getattr(args, "config", None), overrides)
+
+
+def check_field_metadata(cfg: Any) -> None:
+    """Range and choices declared by `option(...)` on each field of the dataclass `cfg`."""
+    ranges, choices = {}, {}
+    for f in fields(cfg):
+        if f.metadata.get("range"):
+            ranges[f.name] = f.metadata["range"]
+        if f.metadata.get("choices"):
+            choices[f.name] = f.metadata["choices"]
+    check_ranges(cfg, ranges, choices)
+
+
+def options_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-able dict of an options dataclass (list items through their `to_dict`)."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, list):
+            value = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
+        out[f.name] = value
+    return out
+
+
+def require(cfg: Any, *names: str, command: str) -> None:
+    """Options a command cannot run without (they may come from the flags or the TOML file)."""
+    missing = [n for n in names if not getattr(cfg, n)]
+    if missing:
+        flags = ", ".join(_flag(n) for n in missing)
+        raise ConfigError(f"`featuregeom {command}` needs {flags} (on the command line or in --config)")
 
 
 def check_ranges(
@@ -156,83 +319,18 @@ def check_ranges(
             )
 
 
-@dataclass
-class RunConfig:
-    model: str | None = None
-    adapter: str | None = None  # peft adapter merged into the model (an "after" cache of a fine-tune)
-    sae: str | None = None
-    sae_format: str | None = None
-    hook: str | None = None
-    out: str | None = None
-    corpus: list[CorpusSource] = field(default_factory=list)
-    context_size: int = 128
-    packing: str = "split"
-    max_tokens: int | None = None
-    batch_size: int = 16
-    batches_per_shard: int = 8
-    outlier_norm_factor: float = 10.0  # drop attention-sink positions above 10x the median norm (0: keep)
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    top_k_examples: int = 20
-    quantile_bins: int = 5
-    per_bin: int = 2
-    hist_bins: int = 40
-    neighbors: int = 32
-    null_fpr: float = 0.01
-    knn_backend: str = "auto"
-    umap_neighbors: int = 15
-    umap_min_dist: float = 0.1
-    harm_threshold: float = 0.7
-    task_threshold: float = 0.7
-    n_task: int = 50
-    neuronpedia: str | None = None
-    overwrite: bool = False
-    progress: bool = True
+@dataclass(frozen=True)
+class Command:
+    """One `featuregeom` subcommand: its options dataclass and the function that runs it.
 
-    @classmethod
-    def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
-        return load_options(cls, path, overrides)
+    `run(options)` returns an exit code (None means 0) and raises FeatureGeomError for the user's
+    mistakes; the CLI turns those into one line and exit 2. `flags` limits the flags shown to a
+    subset of the dataclass's fields (a TOML file may still set any of them)."""
 
-    def validate(self) -> None:
-        """Ranges of every numeric option; the neighbour count is checked against the SAE's width
-        when the geometry step knows it."""
-        check_ranges(
-            self,
-            {
-                "context_size": (2, None, "[)"),
-                "max_tokens": (0, None, "()"),
-                "batch_size": (1, None, "[)"),
-                "batches_per_shard": (1, None, "[)"),
-                "outlier_norm_factor": (0, None, "[)"),
-                "seed": (0, 2**32 - 1, "[]"),
-                "top_k_examples": (1, None, "[)"),
-                "quantile_bins": (1, None, "[)"),
-                "per_bin": (1, None, "[)"),
-                "hist_bins": (1, None, "[)"),
-                "neighbors": (1, None, "[)"),
-                "null_fpr": (0, 1, "()"),
-                "umap_neighbors": (2, None, "[)"),
-                "umap_min_dist": (0, None, "[)"),
-                "harm_threshold": (0, 1, "[]"),
-                "task_threshold": (0, 1, "[]"),
-                "n_task": (0, None, "[)"),
-            },
-            {
-                "packing": ("split", "truncate", "pack"),
-                "device": ("auto", "cpu", "cuda"),
-                "dtype": ("float32", "bfloat16", "float16"),
-                "knn_backend": ("auto", "torch", "faiss"),
-            },
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["corpus"] = [c.to_dict() for c in self.corpus]
-        return out
-
-    def require(self, *names: str, step: str) -> None:
-        missing = [n for n in names if not getattr(self, n)]
-        if missing:
-            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-            raise FeatureGeomError(f"`featuregeom {step}` needs {flags} (on the command line or in --config)")
+    name: str
+    help: str
+    options: type
+    run: Callable[[Any], int | None]
+    description: str = ""
+    flags: tuple[str, ...] | None = None
+    default_config: str | None = None  # the TOML file read when --config is not given

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from precompute.cache import verify_cache
-from precompute.options import RunConfig
+from precompute.pipeline.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAE = ROOT / "assets/sae/smollm2-135m-instruct-blocks.15.hook_resid_post-topk"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from precompute.errors import FeatureGeomError, ModelLoadError
-from precompute.options import RunConfig
+from precompute.pipeline.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,8 @@ def test_missing_asset_is_named(tmp_path):
         [
             sys.executable,
             "-m",
-            "precompute.demo",
-            "build",
+            "precompute",
+            "demo",
             "--config",
             str(ROOT / "configs/demo.toml"),
             "--out",

@@ -19,7 +19,7 @@ from precompute import cache as cache_io
 from precompute.data.activations import CorpusPlan, plan_corpus
 from precompute.errors import CacheError, CorpusError, FeatureGeomError
 from precompute.model.loading import HookReader, LoadedModel, load_model, resolve_hook
-from precompute.options import RunConfig
+from precompute.pipeline.config import RunConfig
 from precompute.pipeline.shards import (
     AggregateParams,
     HarvestParams,
@@ -29,6 +29,7 @@ from precompute.pipeline.shards import (
     list_shards,
     plan_fingerprint,
 )
+from precompute.provenance import library_versions
 from precompute.sae.base import SAE
 
 
@@ -37,44 +38,11 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ helpers
-def hash_path(path: str | Path) -> str | None:
-    """sha256 of a file, or of a directory's files (names + contents, sorted)."""
-    import hashlib
-
-    p = Path(path)
-    if p.is_file():
-        return cache_io.sha256_of(p)
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            h.update(str(f.relative_to(p)).encode())
-            h.update(cache_io.sha256_of(f).encode())
-        return h.hexdigest()
-    return None
-
-
 def load_sae_checked(cfg: RunConfig, d_model: int | None, model_name: str | None) -> tuple[SAE, dict]:
-    from precompute.sae.registry import check_compatible, load_sae
+    from precompute.sae.registry import load_sae_for_model
 
-    sae = load_sae(cfg.sae, format=cfg.sae_format)
-    if d_model is not None:
-        check_compatible(sae, d_model, model_name or "the model")
-    info = sae.describe()
-    info["sha256"] = hash_path(cfg.sae) if not str(cfg.sae).startswith("release:") else None
-    return sae, info
-
-
-def library_versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "numpy", "pandas", "umap-learn", "faiss-cpu", "gguf"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+    assert cfg.sae is not None  # required by the caller
+    return load_sae_for_model(cfg.sae, cfg.sae_format, d_model=d_model, model_name=model_name)
 
 
 def merge_feature_columns(staged: cache_io.StagedCache, n_features: int, columns: pd.DataFrame) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from precompute.errors import FeatureGeomError, SAEFormatError, ShapeMismatchError
+from precompute.provenance import hash_path
 from precompute.sae.base import SAE
 from precompute.sae.formats import (
     dictionary_learning,
@@ -184,3 +186,24 @@ def check_compatible(sae: SAE, d_model: int, model_name: str) -> list[str]:
             "fine if that is a fine-tune of the same base model"
         )
     return warnings
+
+
+def load_sae_for_model(
+    spec: str,
+    format: str | None = None,
+    *,
+    d_model: int | None = None,
+    model_name: str | None = None,
+    device: str = "cpu",
+    warn: Callable[[str], None] = lambda msg: print(f"warning: {msg}", flush=True),
+) -> tuple[SAE, dict[str, Any]]:
+    """The one way a command loads an SAE: load it, check it can read the model (when `d_model` is
+    known; soft mismatches go to `warn`), and describe it with the sha256 of its files (None for a
+    `release:` spec, which has no local files)."""
+    sae = load_sae(spec, format=format, device=device)
+    if d_model is not None:
+        for message in check_compatible(sae, d_model, model_name or "the model"):
+            warn(message)
+    info = sae.describe()
+    info["sha256"] = None if str(spec).startswith("release:") else hash_path(spec)
+    return sae, info

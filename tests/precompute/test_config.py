@@ -7,7 +7,7 @@ import pytest
 from precompute.cli import build_parser
 from precompute.data.corpus import CorpusSource
 from precompute.errors import CorpusError, FeatureGeomError
-from precompute.options import RunConfig
+from precompute.pipeline.config import RunConfig
 
 TOML = """
 model = "smollm2"

@@ -20,7 +20,7 @@ from precompute.cache import read_manifest, verify_cache
 from precompute.cli import main as cli_main
 from precompute.data.corpus import CorpusSource
 from precompute.errors import CacheError, CorpusError, HookNotFoundError, SAEFormatError, ShapeMismatchError
-from precompute.options import RunConfig
+from precompute.pipeline.config import RunConfig
 from precompute.pipeline.run import run_precompute
 from tests.ranking import assert_ranking_equivalent
 

@@ -1,0 +1,156 @@
+"""The pipeline's commands: `precompute` (every step), one command per step, and `info`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from precompute.errors import FeatureGeomError
+from precompute.options import Command, option
+from precompute.pipeline.config import RunConfig
+
+STEPS = ("harvest", "geometry", "scores", "overlaps")
+
+_COMMON = ("out", "device", "seed", "progress")
+_MODEL = ("model", "adapter", "hook", "dtype")
+_SAE = ("sae", "sae_format")
+_CORPUS = ("corpus", "context_size", "packing", "max_tokens", "batch_size")
+_HARVEST = (
+    "top_k_examples",
+    "quantile_bins",
+    "per_bin",
+    "hist_bins",
+    "batches_per_shard",
+    "outlier_norm_factor",
+)
+_GEOMETRY = ("neighbors", "null_fpr", "knn_backend", "umap_neighbors", "umap_min_dist")
+_SCORES = ("harm_threshold", "task_threshold", "neuronpedia")
+
+
+@dataclass
+class PrecomputeOptions(RunConfig):
+    steps: str | None = option(None, help="comma-separated subset of " + ",".join(STEPS) + " (default all)")
+
+
+def parse_steps(text: str | None) -> tuple[str, ...]:
+    steps = tuple(s.strip() for s in text.split(",")) if text else STEPS
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise FeatureGeomError(f"unknown step(s) {sorted(unknown)}; steps are {', '.join(STEPS)}")
+    return steps
+
+
+def run_precompute_command(cfg: PrecomputeOptions) -> int:
+    from precompute.pipeline.run import run_precompute
+
+    run_precompute(cfg, parse_steps(cfg.steps))
+    return 0
+
+
+def run_harvest_command(cfg: RunConfig) -> int:
+    from precompute.pipeline.run import run_precompute
+
+    run_precompute(cfg, ("harvest",))
+    return 0
+
+
+def _single_step(step: str):
+    def run(cfg: RunConfig) -> int:
+        from precompute.pipeline.run import run_step
+
+        run_step(step, cfg)
+        return 0
+
+    return run
+
+
+@dataclass
+class InfoOptions:
+    cache: str = option(positional=True, metavar="DIR", help="the cache directory")
+
+
+def run_info(opts: InfoOptions) -> int:
+    from precompute.cache import verify_cache
+
+    manifest = verify_cache(opts.cache)
+    keys = (
+        "schema_version",
+        "hook",
+        "d_in",
+        "n_features",
+        "steps",
+        "timings",
+        "tool_version",
+        "created",
+        "updated",
+    )
+    summary = {k: manifest.get(k) for k in keys}
+    summary["model"] = (manifest.get("model") or {}).get("spec")
+    summary["sae"] = (manifest.get("sae") or {}).get("source")
+    summary["corpus"] = [
+        {k: c.get(k) for k in ("path", "group", "documents", "tokens")} for c in manifest.get("corpus", [])
+    ]
+    print(json.dumps(summary, indent=2))
+    print(f"all {len(manifest.get('files', {}))} files match their checksums")
+    return 0
+
+
+COMMANDS = (
+    Command(
+        "precompute",
+        "run the whole job: harvest, geometry, scores, overlaps",
+        PrecomputeOptions,
+        run_precompute_command,
+        description="Load a model and SAE, stream the corpus, and write an explorer cache. "
+        "Rerunning the same command after an interruption resumes the harvest.",
+        flags=(
+            *_COMMON,
+            *_MODEL,
+            *_SAE,
+            *_CORPUS,
+            *_HARVEST,
+            *_GEOMETRY,
+            *_SCORES,
+            "n_task",
+            "steps",
+            "overwrite",
+        ),
+    ),
+    Command(
+        "harvest",
+        "only the harvest step (needs model, SAE, hook, corpus)",
+        RunConfig,
+        run_harvest_command,
+        description="Stream the corpus through model and SAE; write firing rates, histograms, examples and "
+        "the sparse activation shards into the cache.",
+        flags=(*_COMMON, *_MODEL, *_SAE, *_CORPUS, *_HARVEST, "overwrite"),
+    ),
+    Command(
+        "geometry",
+        "exact cosine neighbours, null threshold and UMAP (needs --sae, --out)",
+        RunConfig,
+        _single_step("geometry"),
+        description="Unit-normalise the decoder rows, find exact top-k cosine neighbours in blocks, compute "
+        "the null threshold and a UMAP layout from the exact kNN graph.",
+        flags=(*_COMMON, *_SAE, *_GEOMETRY),
+    ),
+    Command(
+        "scores",
+        "harm/task scores, logit lens, imported labels on an existing cache",
+        RunConfig,
+        _single_step("scores"),
+        description="Harm score (AUROC harmful vs benign documents, with a 95% bound), harm category, task "
+        "scores; logit-lens tokens when --model/--sae are known.",
+        flags=(*_COMMON, *_MODEL, *_SAE, *_SCORES),
+    ),
+    Command(
+        "overlaps",
+        "flag task features' harmful neighbours above the null",
+        RunConfig,
+        _single_step("overlaps"),
+        description="For the top task features, list harmful neighbours above the null cosine with z, "
+        "co-activation and a risk score (overlaps.parquet).",
+        flags=(*_COMMON, "n_task"),
+    ),
+    Command("info", "summarise a cache and verify its checksums", InfoOptions, run_info),
+)

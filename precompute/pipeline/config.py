@@ -1,0 +1,112 @@
+"""Options of the precompute job (`featuregeom precompute` and its single steps).
+
+Each field is one TOML key and one flag; its help, default, choices and range are written here only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from precompute.data.corpus import CorpusSource
+from precompute.options import load_options, option, options_dict, require
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+MODEL_HELP = (
+    "'smollm2' (the packaged SmolLM2-135M-Instruct GGUF), a .gguf file, a local transformers directory, "
+    "or a hub id (online only)"
+)
+SAE_HELP = (
+    "SAE path: SAELens dir, Gemma Scope params.npz / params.safetensors, sparsify dir, "
+    "dictionary_learning ae.pt, plain .safetensors, or release:RELEASE/SAE_ID (needs sae-lens, online)"
+)
+
+
+@dataclass
+class RunConfig:
+    # --- what to read
+    model: str | None = option(None, metavar="M", help=MODEL_HELP)
+    adapter: str | None = option(
+        None,
+        metavar="DIR",
+        help="peft adapter (a `featuregeom finetune` output) merged into the model: builds the 'after' "
+        "cache of a fine-tune",
+    )
+    sae: str | None = option(None, metavar="S", help=SAE_HELP)
+    sae_format: str | None = option(
+        None,
+        help="force a format instead of detecting it from the path (saelens, gemmascope, gemmascope2, "
+        "sparsify, dictionary_learning, safetensors, release)",
+    )
+    hook: str | None = option(
+        None,
+        metavar="H",
+        help="module path (model.layers.15) or SAELens hook name (blocks.15.hook_resid_post)",
+    )
+    out: str | None = option(None, metavar="DIR", help="cache directory to write")
+    corpus: list[CorpusSource] = option(
+        default_factory=list,
+        item=CorpusSource,
+        metavar="PATH[:GROUP[:CATEGORY]]",
+        help="corpus file (.jsonl/.csv/.txt/.json/.yaml, optionally .gz, or .parquet); repeatable. GROUP is "
+        "task, control, harmful, benign or general; CATEGORY a label or @column",
+    )
+    # --- harvest
+    context_size: int = option(128, low=2, bounds="[)", help="tokens per context")
+    packing: str = option(
+        "split",
+        choices=("split", "truncate", "pack"),
+        help="split long documents into windows, keep only the first window, or pack documents of a "
+        "source together",
+    )
+    max_tokens: int | None = option(
+        None, low=0, bounds="()", help="token budget, shared equally by sources without their own max_tokens"
+    )
+    batch_size: int = option(16, low=1, bounds="[)", help="contexts per forward pass")
+    batches_per_shard: int = option(8, low=1, bounds="[)", help="forward passes per activation shard")
+    outlier_norm_factor: float = option(
+        10.0,
+        low=0,
+        bounds="[)",
+        help="drop attention-sink positions whose norm exceeds this many times the median (0: keep all)",
+    )
+    device: str = option("auto", choices=DEVICES, help="where to run")
+    dtype: str = option("float32", choices=DTYPES, help="model weights' dtype")
+    seed: int = option(0, low=0, high=2**32 - 1, help="seed for sampling and UMAP")
+    top_k_examples: int = option(20, low=1, bounds="[)", help="top-activating contexts per feature")
+    quantile_bins: int = option(5, low=1, bounds="[)", help="activation intervals to sample examples from")
+    per_bin: int = option(2, low=1, bounds="[)", help="examples sampled per activation interval")
+    hist_bins: int = option(40, low=1, bounds="[)", help="bins of each feature's activation histogram")
+    # --- geometry
+    neighbors: int = option(32, low=1, bounds="[)", help="cosine neighbours per feature")
+    null_fpr: float = option(
+        0.01,
+        low=0,
+        high=1,
+        bounds="()",
+        help="false-positive rate of the null threshold: the chance that a random direction's best match "
+        "exceeds it",
+    )
+    knn_backend: str = option("auto", choices=("auto", "torch", "faiss"), help="exact kNN implementation")
+    umap_neighbors: int = option(15, low=2, bounds="[)", help="neighbours of the UMAP graph")
+    umap_min_dist: float = option(0.1, low=0, high=1, help="UMAP min_dist (at most its spread, 1)")
+    # --- scores and overlaps
+    harm_threshold: float = option(0.7, low=0, high=1, help="AUROC a harmful feature must reach")
+    task_threshold: float = option(0.7, low=0, high=1, help="AUROC a task feature must reach")
+    n_task: int = option(50, low=0, bounds="[)", help="task features checked for harmful neighbours")
+    neuronpedia: str | None = option(
+        None, metavar="PATH", help="Neuronpedia export (dir or JSON) to import labels from"
+    )
+    overwrite: bool = option(False, help="replace an --out directory that holds a different cache")
+    progress: bool = option(True, help="hide progress bars")
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+        return load_options(cls, path, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return options_dict(self)
+
+    def require(self, *names: str, step: str) -> None:
+        require(self, *names, command=step)

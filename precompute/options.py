@@ -239,6 +239,12 @@ def load_options(cls: type[T], path: str | Path | None, overrides: dict[str, Any
         checked[key] = (
             _items(key, value, item, where) if item else coerce_value(key, value, hints[key], where)
         )
+    for f in by_name.values():  # a field without a default (a positional) must be given before construction
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in checked:
+            given = (overrides or {}).get(f.name)
+            if given is None:
+                raise ConfigError(f"missing required option {f.name!r}")
+            checked[f.name] = coerce_value(f.name, given, hints[f.name], " (command line)")
     cfg = cls(**checked)
     for key, value in (overrides or {}).items():
         if value is None or key not in by_name:

@@ -24,12 +24,11 @@ from precompute.options import Command, add_options, options_from_args
 COMMAND_MODULES = (
     "precompute.pipeline.commands",
     "precompute.demo",
+    "precompute.training.command",
 )
 
 # Commands not yet on the options system: (name, module, add-arguments function, run function, help).
 LEGACY = (
-    ("train-sae", "precompute.training.train_sae", "add_arguments", "run",
-     "train a TopK SAE on a model's activations (SAELens format out)"),
     ("synth", "precompute.lab.synth", "add_arguments", "run",
      "planted ground truth: known dictionary -> SAE -> geometry, scored"),
     ("steer", "precompute.lab.steer", "add_arguments", "run",

@@ -1,7 +1,7 @@
 """The committed default SAE still clears its quality bars on held-out text through the real model.
 
 Held-out text: the documents of the demo datasets that `train-sae` held out (a hash of each
-document's content, `precompute.training.train_sae.is_heldout`), with the token budgets of
+document's content, `precompute.training.store.is_heldout`), with the token budgets of
 configs/train-sae.toml, i.e. exactly the held-out set of the training run: 397 documents, 42,325
 tokens, 39,935 counted activations after dropping position 0 and special tokens. None of these
 documents reached training. Dead latents are counted on all 39,935 (a latent that fires once in
@@ -28,7 +28,9 @@ MIN_HELDOUT_TOKENS = 30_000  # enough that a latent firing once per 10k tokens i
 def test_default_sae_clears_the_bars_on_heldout_text(monkeypatch):
     from precompute.model.loading import load_model, resolve_hook
     from precompute.sae.registry import check_compatible, load_sae
-    from precompute.training.train_sae import TrainSAEConfig, evaluate, plan_split
+    from precompute.training.config import TrainSAEConfig
+    from precompute.training.evaluation import evaluate
+    from precompute.training.store import plan_split
 
     monkeypatch.chdir(ROOT)  # corpus paths in the config are relative to the repository root
     sae = load_sae(str(DEFAULT_SAE))

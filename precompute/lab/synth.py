@@ -885,30 +885,31 @@ def train_sae(
     intra-op threads while training (1 is fastest for these small matrices on a shared machine;
     None leaves the setting alone).
     """
-    from precompute.training import train_sae as ts
+    from precompute.training.store import ShuffledBatches, sample_rows
+    from precompute.training.trainer import TopKSAETrainer, default_warmup, fit
 
     data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     d_in = data.shape[1]
     aux_k = aux_k if aux_k is not None else max(1, d_in // 2)
     dead_after = dead_after if dead_after is not None else 20 * batch_size
-    trainer = ts.TopKSAETrainer(d_in, d_sae, k, aux_k=aux_k, dead_after_tokens=dead_after, seed=seed)
-    trainer.init_from_sample(ts.sample_rows(data, 8192, seed), "geometric_median")
+    trainer = TopKSAETrainer(d_in, d_sae, k, aux_k=aux_k, dead_after_tokens=dead_after, seed=seed)
+    trainer.init_from_sample(sample_rows(data, 8192, seed), "geometric_median")
     if init == "data":
         with torch.no_grad():
-            rows = ts.sample_rows(data, d_sae, seed + 1) * trainer.norm_factor - trainer.b_dec
+            rows = sample_rows(data, d_sae, seed + 1) * trainer.norm_factor - trainer.b_dec
             rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
             trainer.W_dec.copy_(rows)
             trainer.W_enc.copy_(rows)
     elif init != "random":
         raise ValueError(f"init must be random or data, got {init!r}")
-    batches = ts.ShuffledBatches(data, batch_size, seed)
+    batches = ShuffledBatches(data, batch_size, seed)
     lr = lr if lr is not None else 2e-4 * math.sqrt(16384 / d_sae)
-    warmup = warmup_steps if warmup_steps is not None else ts.default_warmup(steps)
+    warmup = warmup_steps if warmup_steps is not None else default_warmup(steps)
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = ts.fit(
+        result = fit(
             trainer,
             batches,
             steps,

@@ -161,17 +161,26 @@ class SAE:
             pre = pre * self.W_dec.norm(dim=1)
         return pre
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense feature activations [..., d_sae]."""
-        pre = self.pre_activations(x)
+    @property
+    def top_k(self) -> int:
+        """k of a TopK SAE (validate() guarantees one)."""
+        if self.k is None:
+            raise SAEFormatError("a TopK SAE needs k")
+        return int(self.k)
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense activations from pre-activations: TopK, ReLU, or ReLU gated by the JumpReLU threshold."""
         if self.architecture == "topk":
-            top = pre.topk(int(self.k), dim=-1)
-            out = torch.zeros_like(pre)
-            return out.scatter_(-1, top.indices, top.values.relu())
+            top = pre.topk(self.top_k, dim=-1)
+            return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
         acts = pre.relu()
-        if self.architecture == "jumprelu":
+        if self.architecture == "jumprelu" and self.threshold is not None:
             acts = acts * (pre > self.threshold)
         return acts
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense feature activations [..., d_sae]."""
+        return self._activate(self.pre_activations(x))
 
     def encode_sparse(
         self, x: torch.Tensor, max_active: int | None = None
@@ -183,11 +192,9 @@ class SAE:
         """
         pre = self.pre_activations(x)
         if self.architecture == "topk":
-            top = pre.topk(int(self.k), dim=-1)
+            top = pre.topk(self.top_k, dim=-1)
             return top.indices, top.values.relu()
-        acts = pre.relu()
-        if self.architecture == "jumprelu":
-            acts = acts * (pre > self.threshold)
+        acts = self._activate(pre)
         m = max_active or int((acts > 0).sum(dim=-1).max().item()) or 1
         top = acts.topk(min(m, self.d_sae), dim=-1)
         return top.indices, top.values
@@ -204,14 +211,7 @@ class SAE:
         pre = pre_x @ self.W_enc + self.b_enc
         if self.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=1)
-        if self.architecture == "topk":
-            top = pre.topk(int(self.k), dim=-1)
-            acts = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
-        else:
-            acts = pre.relu()
-            if self.architecture == "jumprelu":
-                acts = acts * (pre > self.threshold)
-        return self.decode(acts, state)
+        return self.decode(self._activate(pre), state)
 
     def describe(self) -> dict[str, Any]:
         return {

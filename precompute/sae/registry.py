@@ -1,7 +1,9 @@
-"""Format name -> loader, format detection from a path, and the one entry point ``load_sae``.
+"""The SAE formats, detection of a path's format, and the one entry point ``load_sae``.
 
-Loaders live in ``precompute.sae.formats`` (one module per format) and know nothing of the model;
-``check_compatible`` is the single place that compares an SAE with the model it will read from.
+Each format module in ``precompute.sae.formats`` declares an ``SAEFormat`` (name, aliases, the
+files it expects, ``detect`` and ``load``); this module only lists them and asks them. Loaders know
+nothing of the model; ``check_compatible`` is the single place that compares an SAE with the model
+it will read from.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from precompute.errors import FeatureGeomError, SAEFormatError, ShapeMismatchError
 from precompute.provenance import hash_path
 from precompute.sae.base import SAE
+from precompute.sae.format import SAEFormat
 from precompute.sae.formats import (
     dictionary_learning,
     gemmascope,
@@ -23,121 +26,63 @@ from precompute.sae.formats import (
     sparsify,
 )
 
-Loader = Callable[..., SAE]
+# Every supported format, in the order `supported_formats` lists them (and detection breaks ties).
+FORMAT_LIST: tuple[SAEFormat, ...] = (
+    saelens.FORMAT,
+    sparsify.FORMAT,
+    gemmascope.FORMAT,
+    gemmascope.FORMAT_V2,
+    dictionary_learning.FORMAT,
+    plain_safetensors.FORMAT,
+    release.FORMAT,
+)
 
-FORMATS: dict[str, Loader] = {
-    "saelens": saelens.load,
-    "sparsify": sparsify.load,
-    "gemmascope": gemmascope.load,
-    "gemmascope2": gemmascope.load_v2,
-    "dictionary_learning": dictionary_learning.load,
-    "safetensors": plain_safetensors.load,
-    "release": release.load,
-}
 
-# What each format expects on disk; shown whenever a format is unknown or cannot be detected.
-FORMAT_FILES: dict[str, str] = {
-    "saelens": "a directory with cfg.json + sae_weights.safetensors (+ sparsity.safetensors)",
-    "sparsify": "a hookpoint directory with cfg.json + sae.safetensors, a run directory holding one, "
-    "or 'run_dir:hookpoint'",
-    "gemmascope": "Gemma Scope v1 params.npz (or its directory)",
-    "gemmascope2": "Gemma Scope 2 params.safetensors + config.json (or their directory)",
-    "dictionary_learning": "dictionary_learning ae.pt (+ config.json), or its directory",
-    "safetensors": "one .safetensors file with W_enc, W_dec, b_enc, b_dec (+ threshold, k)",
-    "release": "'release:RELEASE_ID/SAE_ID' (needs the sae-lens package and, once, the network)",
-}
-
-ALIASES: dict[str, str] = {
-    "sae_lens": "saelens",
-    "sae-lens": "saelens",
-    "gemma_scope": "gemmascope",
-    "gemma-scope": "gemmascope",
-    "gemmascope1": "gemmascope",
-    "gemma_scope_2": "gemmascope2",
-    "gemma-scope-2": "gemmascope2",
-    "dictionary-learning": "dictionary_learning",
-    "dictionary_learning": "dictionary_learning",
-    "plain_safetensors": "safetensors",
-    "plain": "safetensors",
-}
+def formats() -> dict[str, SAEFormat]:
+    """Format name -> format, from FORMAT_LIST (read at each call, so a test may extend the list)."""
+    return {fmt.name: fmt for fmt in FORMAT_LIST}
 
 
 def supported_formats() -> str:
     """One line per format: its name and the files it expects."""
-    return "\n".join(f"  {name}: {FORMAT_FILES[name]}" for name in FORMATS)
+    return "\n".join(f"  {fmt.name}: {fmt.files}" for fmt in FORMAT_LIST)
 
 
-def _canonical(fmt: str) -> str:
-    name = ALIASES.get(fmt.strip().lower(), fmt.strip().lower())
-    if name not in FORMATS:
-        raise SAEFormatError(f"unknown SAE format {fmt!r}; supported formats:\n{supported_formats()}")
-    return name
+def _canonical(name: str) -> SAEFormat:
+    """The format a --sae-format value names (its name or an alias, any case)."""
+    key = name.strip().lower()
+    for fmt in FORMAT_LIST:
+        if key == fmt.name or key in fmt.aliases:
+            return fmt
+    raise SAEFormatError(f"unknown SAE format {name!r}; supported formats:\n{supported_formats()}")
+
+
+def _detect(spec: str) -> SAEFormat | None:
+    """The format whose `detect` claims `spec` with the highest priority (the first on a tie)."""
+    best, best_priority = None, 0
+    for fmt in FORMAT_LIST:
+        priority = fmt.detect(spec)
+        if priority > best_priority:
+            best, best_priority = fmt, priority
+    return best
 
 
 def detect_format(path: str) -> str:
     """Pick the format from the path alone (file names and layout), never from file contents."""
     spec = os.fspath(path)
-    if spec.startswith(release.PREFIX):
-        return "release"
-    _, hookpoint = sparsify.split_spec(spec)
-    if hookpoint is not None:
-        return "sparsify"
+    fmt = _detect(spec)
+    if fmt is not None:
+        return fmt.name
     p = Path(spec)
     if not p.exists():
         raise SAEFormatError(
             f"SAE path {spec} does not exist (for a SAELens registry SAE use 'release:RELEASE_ID/SAE_ID')"
         )
     if p.is_dir():
-        names = {c.name for c in p.iterdir()}
-        if {saelens.CFG_FILENAME, saelens.WEIGHTS_FILENAME} <= names:
-            return "saelens"
-        if {sparsify.CFG_FILENAME, sparsify.WEIGHTS_FILENAME} <= names:
-            return "sparsify"
-        if gemmascope.NPZ_FILENAME in names:
-            return "gemmascope"
-        if gemmascope.SAFETENSORS_FILENAME in names:
-            return "gemmascope2"
-        if dictionary_learning.WEIGHTS_FILENAME in names:
-            return "dictionary_learning"
-        if sparsify.hookpoint_dirs(p):
-            return "sparsify"
-        found = ", ".join(sorted(names)[:12]) or "nothing"
+        found = ", ".join(sorted(c.name for c in p.iterdir())[:12]) or "nothing"
         raise SAEFormatError(
             f"cannot tell the SAE format of directory {p} (it holds: {found}); expected one of:\n{supported_formats()}"
         )
-    name, siblings = p.name, {c.name for c in p.parent.iterdir()}
-    if (
-        name in (saelens.CFG_FILENAME, saelens.WEIGHTS_FILENAME, saelens.SPARSITY_FILENAME)
-        and {
-            saelens.CFG_FILENAME,
-            saelens.WEIGHTS_FILENAME,
-        }
-        <= siblings
-    ):
-        return "saelens"
-    if (
-        name in (sparsify.CFG_FILENAME, sparsify.WEIGHTS_FILENAME)
-        and {
-            sparsify.CFG_FILENAME,
-            sparsify.WEIGHTS_FILENAME,
-        }
-        <= siblings
-    ):
-        return "sparsify"
-    if name.endswith(".npz"):
-        return "gemmascope"
-    # params.safetensors is Gemma Scope 2's name; its config.json is optional to the loader, and a
-    # plain-safetensors guess would silently get apply_b_dec_to_input wrong for these JumpReLU SAEs.
-    if name == gemmascope.SAFETENSORS_FILENAME or (
-        name == gemmascope.CONFIG_FILENAME and gemmascope.SAFETENSORS_FILENAME in siblings
-    ):
-        return "gemmascope2"
-    if name.endswith((".pt", ".pth")) or (
-        name == dictionary_learning.CONFIG_FILENAME and dictionary_learning.WEIGHTS_FILENAME in siblings
-    ):
-        return "dictionary_learning"
-    if name.endswith(".safetensors"):
-        return "safetensors"
     raise SAEFormatError(f"cannot tell the SAE format of file {p}; expected one of:\n{supported_formats()}")
 
 
@@ -148,17 +93,16 @@ def load_sae(spec: str, format: str | None = None, device: str = "cpu") -> SAE:
     FeatureGeomError with a message naming the file, so the CLI never prints a library traceback.
     """
     spec = os.fspath(spec)
-    fmt = _canonical(format) if format else detect_format(spec)
-    if fmt != "release":
-        base, _ = sparsify.split_spec(spec) if fmt == "sparsify" else (spec, None)
-        if not Path(base).exists():
-            raise SAEFormatError(f"SAE path {base} does not exist")
+    fmt = _canonical(format) if format else formats()[detect_format(spec)]
+    local = fmt.local_path(spec)
+    if local is not None and not Path(local).exists():
+        raise SAEFormatError(f"SAE path {local} does not exist")
     try:
-        sae = FORMATS[fmt](spec, device=device)
+        sae = fmt.load(spec, device=device)
     except FeatureGeomError:
         raise
     except Exception as e:  # a library error the loader did not anticipate
-        raise SAEFormatError(f"could not load {spec} as {fmt}: {type(e).__name__}: {e}") from e
+        raise SAEFormatError(f"could not load {spec} as {fmt.name}: {type(e).__name__}: {e}") from e
     sae.validate()
     return sae
 

@@ -160,12 +160,24 @@ def check_layout(
         )
 
 
+def _required_tensor(name: str, tensor: Any, source: str) -> torch.Tensor:
+    if tensor is None:
+        raise SAEFormatError(f"{source} has no {name}")
+    return _tensor(name, tensor, source)
+
+
+def _tensor(name: str, tensor: Any, source: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise SAEFormatError(f"{name} in {source} is a {type(tensor).__name__}, not a tensor")
+    return tensor
+
+
 def build_sae(
     *,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
+    W_enc: torch.Tensor | None,
+    b_enc: torch.Tensor | None,
+    W_dec: torch.Tensor | None,
+    b_dec: torch.Tensor | None,
     threshold: torch.Tensor | None = None,
     d_in: int,
     d_sae: int,
@@ -175,17 +187,26 @@ def build_sae(
     **fields: Any,
 ) -> SAE:
     """Check layout and dtype, then construct (and so validate) the one internal representation."""
-    weights = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold}
-    for name, tensor in weights.items():
-        if tensor is None and name != "threshold":
-            raise SAEFormatError(f"{source} has no {name}")
-        if tensor is not None and not isinstance(tensor, torch.Tensor):
-            raise SAEFormatError(f"{name} in {source} is a {type(tensor).__name__}, not a tensor")
-    check_layout(weights, d_in, d_sae, source, convention)
-    dtype = float_dtype(list(weights.values()))
-    conv = {n: (as_float(t, dtype, n, source) if t is not None else None) for n, t in weights.items()}
+    weights = {
+        "W_enc": _required_tensor("W_enc", W_enc, source),
+        "b_enc": _required_tensor("b_enc", b_enc, source),
+        "W_dec": _required_tensor("W_dec", W_dec, source),
+        "b_dec": _required_tensor("b_dec", b_dec, source),
+    }
+    thr = None if threshold is None else _tensor("threshold", threshold, source)
+    check_layout({**weights, "threshold": thr}, d_in, d_sae, source, convention)
+    dtype = float_dtype([*weights.values(), thr])
+    conv = {name: as_float(t, dtype, name, source) for name, t in weights.items()}
     assert conv["W_dec"].shape == (d_sae, d_in), "every loader must end with W_dec [d_sae, d_in]"
-    sae = SAE(source=source, **conv, **fields)  # __post_init__ validates shapes and finiteness
+    sae = SAE(  # __post_init__ validates shapes and finiteness
+        W_enc=conv["W_enc"],
+        b_enc=conv["b_enc"],
+        W_dec=conv["W_dec"],
+        b_dec=conv["b_dec"],
+        threshold=None if thr is None else as_float(thr, dtype, "threshold", source),
+        source=source,
+        **fields,
+    )
     return sae.to(device)
 
 

@@ -35,9 +35,11 @@ import torch
 
 from precompute.errors import SAEFormatError
 from precompute.sae.base import SAE
+from precompute.sae.format import SAEFormat, directory_names, file_and_siblings
 from precompute.sae.formats import build_sae, read_json, require, scalar_int
 
-FORMAT = "dictionary_learning"
+NAME = "dictionary_learning"
+DETECT_PRIORITY = 40  # below Gemma Scope 2, whose folder may also hold a config.json
 WEIGHTS_FILENAME = "ae.pt"
 CONFIG_FILENAME = "config.json"
 CONVENTION = (
@@ -106,50 +108,53 @@ def _class_from_keys(sd: dict[str, Any]) -> str:
     )
 
 
-def load(path: str, device: str = "cpu") -> SAE:
-    """Load a dictionary_learning ``ae.pt`` (the file or its directory)."""
-    file = _resolve(path)
-    source = str(file)
-    config_path = file.parent / CONFIG_FILENAME
-    config = read_json(config_path) if config_path.is_file() else {}
-    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-    sd = read_state_dict(file)
-    dict_class = trainer.get("dict_class") or _class_from_keys(sd)
-    if dict_class == "GatedAutoEncoder" or any(k in sd for k in ("mag_bias", "gate_bias", "r_mag")):
-        raise SAEFormatError(f"{source}: GatedAutoEncoder checkpoints are not supported (no single encoder)")
-    if dict_class not in _KNOWN:
-        raise SAEFormatError(
-            f"{source}: dictionary class {dict_class!r} is not supported; known: {', '.join(sorted(_KNOWN))}"
-        )
-
-    threshold = None
-    k = None
-    architecture = "standard"
-    apply_b_dec = True
+def _weights(sd: dict[str, Any], dict_class: str, source: str) -> tuple[Any, Any, Any, Any, bool]:
+    """(W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, apply_b_dec_to_input) of a state dict."""
     if "W_enc" in sd:  # parameter-style classes (JumpReluAutoEncoder, Matryoshka)
-        require(sd, ("W_enc", "b_enc", "W_dec", "b_dec"), source, FORMAT)
-        W_enc, b_enc, W_dec, b_dec = sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"]
-    else:  # nn.Linear-style classes
-        bias_key = "b_dec" if "b_dec" in sd else "bias" if "bias" in sd else "decoder.bias"
-        require(sd, ("encoder.weight", "encoder.bias", "decoder.weight", bias_key), source, FORMAT)
-        enc, dec = sd["encoder.weight"], sd["decoder.weight"]
-        if not (
-            isinstance(enc, torch.Tensor)
-            and isinstance(dec, torch.Tensor)
-            and enc.ndim == 2
-            and dec.ndim == 2
-        ):
-            raise SAEFormatError(f"{source}: encoder.weight and decoder.weight must be 2-D tensors")
-        W_enc, b_enc, W_dec, b_dec = enc.T, sd["encoder.bias"], dec.T, sd[bias_key]
-        if dict_class == "AutoEncoderNew" or bias_key == "decoder.bias":
-            apply_b_dec = False  # AutoEncoderNew: relu(encoder(x)), decoder has its own bias
-    if not all(isinstance(t, torch.Tensor) for t in (W_enc, b_enc, W_dec, b_dec)):
-        raise SAEFormatError(f"{source}: the weights must be tensors")
-    if b_enc.ndim != 1 or b_dec.ndim != 1:
-        raise SAEFormatError(
-            f"{source}: the encoder bias and decoder bias must be 1-D, got {tuple(b_enc.shape)} and {tuple(b_dec.shape)}"
-        )
-    d_sae, d_in = int(b_enc.shape[0]), int(b_dec.shape[0])
+        require(sd, ("W_enc", "b_enc", "W_dec", "b_dec"), source, NAME)
+        return sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"], True
+    # nn.Linear-style classes
+    bias_key = "b_dec" if "b_dec" in sd else "bias" if "bias" in sd else "decoder.bias"
+    require(sd, ("encoder.weight", "encoder.bias", "decoder.weight", bias_key), source, NAME)
+    enc, dec = sd["encoder.weight"], sd["decoder.weight"]
+    if not (
+        isinstance(enc, torch.Tensor) and isinstance(dec, torch.Tensor) and enc.ndim == 2 and dec.ndim == 2
+    ):
+        raise SAEFormatError(f"{source}: encoder.weight and decoder.weight must be 2-D tensors")
+    # AutoEncoderNew: relu(encoder(x)), the decoder has its own bias
+    apply_b_dec = not (dict_class == "AutoEncoderNew" or bias_key == "decoder.bias")
+    return enc.T, sd["encoder.bias"], dec.T, sd[bias_key], apply_b_dec
+
+
+def _activation(
+    sd: dict[str, Any], trainer: dict[str, Any], dict_class: str, d_sae: int, source: str
+) -> tuple[str, int | None, torch.Tensor | None, bool | None]:
+    """(architecture, k, threshold, apply_b_dec_to_input override or None) of a dictionary class."""
+    if dict_class == "AutoEncoderTopK":
+        raw_k = sd.get("k", trainer.get("k"))
+        if raw_k is None:
+            raise SAEFormatError(
+                f"{source}: AutoEncoderTopK needs k (a 'k' buffer or trainer.k in config.json)"
+            )
+        return "topk", scalar_int(raw_k, "k", source), None, None
+    if dict_class in _BATCH_TOPK:
+        thr = sd.get("threshold")
+        if not isinstance(thr, torch.Tensor) or thr.numel() != 1:
+            raise SAEFormatError(f"{source}: {dict_class} needs a scalar 'threshold' buffer")
+        value = float(thr.reshape(()).item())
+        if value >= 0:
+            return "jumprelu", None, torch.full((d_sae,), value, dtype=torch.float32), None
+        return "standard", None, None, None  # the threshold was never set
+    if dict_class == "JumpReluAutoEncoder":
+        require(sd, ("threshold",), source, NAME)
+        # JumpReluAutoEncoder.apply_b_dec_to_input defaults to False
+        return "jumprelu", None, sd["threshold"], False
+    return "standard", None, None, None
+
+
+def _check_config_sizes(
+    trainer: dict[str, Any], d_in: int, d_sae: int, config_path: Path, file: Path
+) -> None:
     for key, expected in (("activation_dim", d_in), ("dict_size", d_sae)):
         if key in trainer and scalar_int(trainer[key], key, str(config_path)) != expected:
             raise SAEFormatError(
@@ -157,28 +162,8 @@ def load(path: str, device: str = "cpu") -> SAE:
                 "config.json and ae.pt come from different runs"
             )
 
-    if dict_class == "AutoEncoderTopK":
-        architecture = "topk"
-        raw_k = sd.get("k", trainer.get("k"))
-        if raw_k is None:
-            raise SAEFormatError(
-                f"{source}: AutoEncoderTopK needs k (a 'k' buffer or trainer.k in config.json)"
-            )
-        k = scalar_int(raw_k, "k", source)
-    elif dict_class in _BATCH_TOPK:
-        thr = sd.get("threshold")
-        if not isinstance(thr, torch.Tensor) or thr.numel() != 1:
-            raise SAEFormatError(f"{source}: {dict_class} needs a scalar 'threshold' buffer")
-        value = float(thr.reshape(()).item())
-        if value >= 0:
-            architecture = "jumprelu"
-            threshold = torch.full((d_sae,), value, dtype=torch.float32)
-    elif dict_class == "JumpReluAutoEncoder":
-        require(sd, ("threshold",), source, FORMAT)
-        architecture = "jumprelu"
-        threshold = sd["threshold"]
-        apply_b_dec = False  # JumpReluAutoEncoder.apply_b_dec_to_input defaults to False
 
+def _hook_name(trainer: dict[str, Any]) -> str | None:
     layer = trainer.get("layer")
     submodule = str(trainer.get("submodule_name") or "")
     site = (
@@ -188,7 +173,41 @@ def load(path: str, device: str = "cpu") -> SAE:
         if "attn" in submodule
         else "hook_resid_post"
     )
-    hook_name = f"blocks.{int(layer)}.{site}" if isinstance(layer, int) else None
+    return f"blocks.{int(layer)}.{site}" if isinstance(layer, int) else None
+
+
+def _dict_class(sd: dict[str, Any], trainer: dict[str, Any], source: str) -> str:
+    dict_class = trainer.get("dict_class") or _class_from_keys(sd)
+    if dict_class == "GatedAutoEncoder" or any(k in sd for k in ("mag_bias", "gate_bias", "r_mag")):
+        raise SAEFormatError(f"{source}: GatedAutoEncoder checkpoints are not supported (no single encoder)")
+    if dict_class not in _KNOWN:
+        raise SAEFormatError(
+            f"{source}: dictionary class {dict_class!r} is not supported; known: {', '.join(sorted(_KNOWN))}"
+        )
+    return str(dict_class)
+
+
+def load(path: str, device: str = "cpu") -> SAE:
+    """Load a dictionary_learning ``ae.pt`` (the file or its directory)."""
+    file = _resolve(path)
+    source = str(file)
+    config_path = file.parent / CONFIG_FILENAME
+    config = read_json(config_path) if config_path.is_file() else {}
+    trainer_cfg = config.get("trainer")
+    trainer: dict[str, Any] = trainer_cfg if isinstance(trainer_cfg, dict) else {}
+    sd = read_state_dict(file)
+    dict_class = _dict_class(sd, trainer, source)
+    W_enc, b_enc, W_dec, b_dec, apply_b_dec = _weights(sd, dict_class, source)
+    if not all(isinstance(t, torch.Tensor) for t in (W_enc, b_enc, W_dec, b_dec)):
+        raise SAEFormatError(f"{source}: the weights must be tensors")
+    if b_enc.ndim != 1 or b_dec.ndim != 1:
+        raise SAEFormatError(
+            f"{source}: the encoder bias and decoder bias must be 1-D, got {tuple(b_enc.shape)} and {tuple(b_dec.shape)}"
+        )
+    d_sae, d_in = int(b_enc.shape[0]), int(b_dec.shape[0])
+    _check_config_sizes(trainer, d_in, d_sae, config_path, file)
+    architecture, k, threshold, apply_override = _activation(sd, trainer, dict_class, d_sae, source)
+
     metadata: dict[str, Any] = {"dict_class": dict_class}
     if config:
         metadata["config"] = config
@@ -209,9 +228,32 @@ def load(path: str, device: str = "cpu") -> SAE:
         device=device,
         architecture=architecture,
         k=k,
-        apply_b_dec_to_input=apply_b_dec,
-        hook_name=hook_name,
+        apply_b_dec_to_input=apply_b_dec if apply_override is None else apply_override,
+        hook_name=_hook_name(trainer),
         model_name=trainer.get("lm_name"),
-        format=FORMAT,
+        format=NAME,
         metadata=metadata,
     )
+
+
+def detect(spec: str) -> int:
+    """A directory holding ae.pt, any .pt/.pth file, or the config.json beside an ae.pt."""
+    names = directory_names(spec)
+    if names is not None:
+        return DETECT_PRIORITY if WEIGHTS_FILENAME in names else 0
+    found = file_and_siblings(spec)
+    if found is None:
+        return 0
+    name, siblings = found
+    if name.endswith((".pt", ".pth")) or (name == CONFIG_FILENAME and WEIGHTS_FILENAME in siblings):
+        return DETECT_PRIORITY
+    return 0
+
+
+FORMAT = SAEFormat(
+    name=NAME,
+    files="dictionary_learning ae.pt (+ config.json), or its directory",
+    detect=detect,
+    load=load,
+    aliases=("dictionary-learning",),
+)

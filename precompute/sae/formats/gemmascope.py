@@ -23,6 +23,7 @@ import torch
 
 from precompute.errors import SAEFormatError
 from precompute.sae.base import SAE
+from precompute.sae.format import SAEFormat, directory_names, file_and_siblings
 from precompute.sae.formats import (
     build_sae,
     float_dtype,
@@ -34,13 +35,16 @@ from precompute.sae.formats import (
     require,
 )
 
-FORMAT = "gemmascope"
-FORMAT_V2 = "gemmascope2"
+NAME = "gemmascope"
+NAME_V2 = "gemmascope2"
+# Detection priorities (see precompute.sae.format): below SAELens and sparsify file names, above
+# dictionary_learning (a v2 folder's config.json must not read as a dictionary_learning config).
+PRIORITY_V1, PRIORITY_V2 = 60, 50
 NPZ_FILENAME = "params.npz"
 SAFETENSORS_FILENAME = "params.safetensors"
 CONFIG_FILENAME = "config.json"
 CONVENTION = "W_enc [d_in, d_sae] and W_dec [d_sae, d_in] (keys W_* or lowercase w_*)"
-NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 # The width_* folder names SAELens maps to d_sae.
 _WIDTHS = {
@@ -109,7 +113,7 @@ def load(path: str, device: str = "cpu") -> SAE:
     except TypeError as e:
         raise SAEFormatError(f"{file} holds a non-numeric array ({e})") from e
     tensors = rename_lowercase(tensors)
-    require(tensors, NAMES, source, FORMAT)
+    require(tensors, TENSOR_NAMES, source, NAME)
     # Gemma Scope has no config to flag a finetuning scaling factor, so a non-trivial one is refused.
     tensors = fold_scaling_factor(tensors, finetuning=False, source=source)
     d_in, d_sae = int(tensors["b_dec"].shape[0]), int(tensors["b_enc"].shape[0])
@@ -120,7 +124,7 @@ def load(path: str, device: str = "cpu") -> SAE:
             f"{file}: the path says width {info['width']} but the weights have d_sae={d_sae}; "
             "the file does not belong to this folder"
         )
-    dtype = float_dtype([tensors[n] for n in NAMES])
+    dtype = float_dtype([tensors[n] for n in TENSOR_NAMES])
     W_enc, W_dec = tensors["W_enc"].to(dtype), tensors["W_dec"].to(dtype)
     if "embedding" in file.as_posix() and info["model_name"] is not None:
         # As SAELens does: embedding SAEs were trained on embeddings scaled by sqrt(d_model).
@@ -142,7 +146,7 @@ def load(path: str, device: str = "cpu") -> SAE:
         apply_b_dec_to_input=False,
         hook_name=info["hook_name"],
         model_name=info["model_name"],
-        format=FORMAT,
+        format=NAME,
         metadata=metadata,
     )
 
@@ -193,7 +197,7 @@ def load_v2(path: str, device: str = "cpu") -> SAE:
     tensors = rename_lowercase(tensors)
     if "affine_skip_connection" in tensors or "W_skip" in tensors:
         raise SAEFormatError(f"{file} has a skip connection (a skip transcoder); only SAEs are supported")
-    require(tensors, NAMES, source, FORMAT_V2)
+    require(tensors, TENSOR_NAMES, source, NAME_V2)
     tensors = fold_scaling_factor(tensors, finetuning=False, source=source)
     d_in, d_sae = int(tensors["b_dec"].shape[0]), int(tensors["b_enc"].shape[0])
 
@@ -225,6 +229,48 @@ def load_v2(path: str, device: str = "cpu") -> SAE:
         apply_b_dec_to_input=False,
         hook_name=_v2_hook(folder, hf_hook, layer),
         model_name=model_name,
-        format=FORMAT_V2,
+        format=NAME_V2,
         metadata=metadata,
     )
+
+
+def detect(spec: str) -> int:
+    """Gemma Scope v1: a directory holding params.npz, or any .npz file."""
+    names = directory_names(spec)
+    if names is not None:
+        return PRIORITY_V1 if NPZ_FILENAME in names else 0
+    found = file_and_siblings(spec)
+    return PRIORITY_V1 if found and found[0].endswith(".npz") else 0
+
+
+def detect_v2(spec: str) -> int:
+    """Gemma Scope 2: a directory holding params.safetensors, that file, or the config.json beside it.
+
+    params.safetensors is Gemma Scope 2's name; its config.json is optional to the loader, and a
+    plain-safetensors guess would silently get apply_b_dec_to_input wrong for these JumpReLU SAEs."""
+    names = directory_names(spec)
+    if names is not None:
+        return PRIORITY_V2 if SAFETENSORS_FILENAME in names else 0
+    found = file_and_siblings(spec)
+    if found is None:
+        return 0
+    name, siblings = found
+    if name == SAFETENSORS_FILENAME or (name == CONFIG_FILENAME and SAFETENSORS_FILENAME in siblings):
+        return PRIORITY_V2
+    return 0
+
+
+FORMAT = SAEFormat(
+    name=NAME,
+    files="Gemma Scope v1 params.npz (or its directory)",
+    detect=detect,
+    load=load,
+    aliases=("gemma_scope", "gemma-scope", "gemmascope1"),
+)
+FORMAT_V2 = SAEFormat(
+    name=NAME_V2,
+    files="Gemma Scope 2 params.safetensors + config.json (or their directory)",
+    detect=detect_v2,
+    load=load_v2,
+    aliases=("gemma_scope_2", "gemma-scope-2"),
+)

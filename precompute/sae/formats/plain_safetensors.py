@@ -22,6 +22,7 @@ import torch
 
 from precompute.errors import SAEFormatError
 from precompute.sae.base import SAE
+from precompute.sae.format import SAEFormat, file_and_siblings
 from precompute.sae.formats import (
     build_sae,
     parse_bool,
@@ -31,7 +32,8 @@ from precompute.sae.formats import (
     scalar_int,
 )
 
-FORMAT = "safetensors"
+NAME = "safetensors"
+DETECT_PRIORITY = 10  # any .safetensors file: the fallback when no format claims it by name
 CONVENTION = "W_enc [d_in, d_sae] and W_dec [d_sae, d_in] (either orientation accepted when d_in != d_sae)"
 
 
@@ -59,7 +61,7 @@ def load(path: str, device: str = "cpu") -> SAE:
     source = str(file)
     tensors, meta = read_safetensors(file)
     tensors = rename_lowercase(tensors)
-    require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), source, FORMAT)
+    require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), source, NAME)
     b_enc, b_dec = tensors["b_enc"], tensors["b_dec"]
     if b_enc.ndim != 1 or b_dec.ndim != 1:
         raise SAEFormatError(
@@ -124,7 +126,21 @@ def load(path: str, device: str = "cpu") -> SAE:
         k=k if architecture == "topk" else None,
         hook_name=meta.get("hook_name"),
         model_name=meta.get("model_name"),
-        format=FORMAT,
+        format=NAME,
         metadata=metadata,
         **fields,
     )
+
+
+def detect(spec: str) -> int:
+    found = file_and_siblings(spec)
+    return DETECT_PRIORITY if found and found[0].endswith(".safetensors") else 0
+
+
+FORMAT = SAEFormat(
+    name=NAME,
+    files="one .safetensors file with W_enc, W_dec, b_enc, b_dec (+ threshold, k)",
+    detect=detect,
+    load=load,
+    aliases=("plain_safetensors", "plain"),
+)

@@ -14,9 +14,11 @@ import torch
 
 from precompute.errors import SAEFormatError
 from precompute.sae.base import SAE
+from precompute.sae.format import SAEFormat
 from precompute.sae.formats import build_sae
 
-FORMAT = "release"
+NAME = "release"
+DETECT_PRIORITY = 100  # the spec's prefix names the format; it is not a path
 PREFIX = "release:"
 CONVENTION = "SAELens module parameters W_enc [d_in, d_sae] and W_dec [d_sae, d_in]"
 _HOW_TO_FIX = (
@@ -80,7 +82,7 @@ def from_saelens_object(obj: Any, source: str = "", device: str = "cpu") -> SAE:
         rescale_acts_by_decoder_norm=bool(getattr(cfg, "rescale_acts_by_decoder_norm", False)),
         hook_name=metadata.get("hook_name"),
         model_name=metadata.get("model_name"),
-        format=FORMAT,
+        format=NAME,
         metadata=metadata,
     )
 
@@ -106,3 +108,16 @@ def load(path: str, device: str = "cpu") -> SAE:
     if isinstance(obj, tuple):  # SAELens < 6 returned (sae, cfg_dict, sparsity)
         obj = obj[0]
     return from_saelens_object(obj, source=path, device=device)
+
+
+def detect(spec: str) -> int:
+    return DETECT_PRIORITY if spec.startswith(PREFIX) else 0
+
+
+FORMAT = SAEFormat(
+    name=NAME,
+    files="'release:RELEASE_ID/SAE_ID' (needs the sae-lens package and, once, the network)",
+    detect=detect,
+    load=load,
+    local_path=lambda spec: None,
+)

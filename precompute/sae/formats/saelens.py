@@ -21,6 +21,7 @@ import torch
 
 from precompute.errors import SAEFormatError
 from precompute.sae.base import SAE
+from precompute.sae.format import SAEFormat, directory_names, file_and_siblings
 from precompute.sae.formats import (
     build_sae,
     fold_scaling_factor,
@@ -31,7 +32,8 @@ from precompute.sae.formats import (
     scalar_int,
 )
 
-FORMAT = "saelens"
+NAME = "saelens"
+DETECT_PRIORITY = 80  # its file names win over every other format's
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
@@ -88,17 +90,8 @@ def _version_major(version: Any) -> int | None:
         return None
 
 
-def parse_cfg(cfg: dict[str, Any], source: str) -> dict[str, Any]:
-    """Normalise a v6 or pre-6 cfg.json into SAE constructor fields (plus d_in/d_sae/finetuning)."""
-    meta = cfg.get("metadata")
-    meta = dict(meta) if isinstance(meta, dict) else {}
-    flat = dict(cfg)
-    if "hook_point" in flat and "hook_name" not in flat:  # pre-6 spelling
-        flat["hook_name"] = flat["hook_point"]
-    for key in _PRE6_METADATA:
-        if key in flat and key not in meta:
-            meta[key] = flat[key]
-
+def _architecture_and_k(flat: dict[str, Any], source: str) -> tuple[str, int | None]:
+    """The architecture and, for TopK, k of a v6 or pre-6 cfg."""
     activation_fn = flat.get("activation_fn", flat.get("activation_fn_str"))
     fn_kwargs = flat.get("activation_fn_kwargs") or {}
     if not isinstance(fn_kwargs, dict):
@@ -115,12 +108,15 @@ def parse_cfg(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         architecture = "topk"  # pre-6: architecture "standard" + activation_fn_str "topk"
     elif activation_fn not in (None, "relu", "topk"):
         raise SAEFormatError(f"{source}: activation function {activation_fn!r} is not supported (relu, topk)")
-    k = None
-    if architecture == "topk":
-        if k_value is None:
-            raise SAEFormatError(f"{source}: a TopK SAE config needs k (or activation_fn_kwargs.k)")
-        k = scalar_int(k_value, "k", source)
+    if architecture != "topk":
+        return architecture, None
+    if k_value is None:
+        raise SAEFormatError(f"{source}: a TopK SAE config needs k (or activation_fn_kwargs.k)")
+    return architecture, scalar_int(k_value, "k", source)
 
+
+def _normalization(flat: dict[str, Any], source: str) -> tuple[str, float | None]:
+    """normalize_activations and norm_scaling_factor of a v6 or pre-6 cfg."""
     normalize = flat.get("normalize_activations")
     if isinstance(normalize, bool):  # pre-6 boolean meant the April-update scaling
         normalize = "expected_average_only_in" if normalize else "none"
@@ -140,7 +136,21 @@ def parse_cfg(cfg: dict[str, Any], source: str) -> dict[str, Any]:
             raise SAEFormatError(
                 f"{source}: norm_scaling_factor must be a positive finite number, got {factor}"
             )
+    return normalize, factor
 
+
+def parse_cfg(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Normalise a v6 or pre-6 cfg.json into SAE constructor fields (plus d_in/d_sae/finetuning)."""
+    meta = cfg.get("metadata")
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    flat = dict(cfg)
+    if "hook_point" in flat and "hook_name" not in flat:  # pre-6 spelling
+        flat["hook_name"] = flat["hook_point"]
+    for key in _PRE6_METADATA:
+        if key in flat and key not in meta:
+            meta[key] = flat[key]
+    architecture, k = _architecture_and_k(flat, source)
+    normalize, factor = _normalization(flat, source)
     try:
         d_in, d_sae = scalar_int(flat["d_in"], "d_in", source), scalar_int(flat["d_sae"], "d_sae", source)
     except KeyError as e:
@@ -189,7 +199,7 @@ def load(path: str, device: str = "cpu") -> SAE:
     names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (
         ["threshold"] if fields["architecture"] == "jumprelu" else []
     )
-    require(tensors, names, f"{directory / WEIGHTS_FILENAME}", FORMAT)
+    require(tensors, names, f"{directory / WEIGHTS_FILENAME}", NAME)
     if any(key in tensors for key in ("b_gate", "b_mag", "r_mag")):
         raise SAEFormatError(
             f"{source} holds gated-SAE tensors (b_gate/b_mag/r_mag); gated SAEs are not supported"
@@ -210,9 +220,30 @@ def load(path: str, device: str = "cpu") -> SAE:
         source=source,
         convention=CONVENTION,
         device=device,
-        format=FORMAT,
+        format=NAME,
         **fields,
     )
+
+
+def detect(spec: str) -> int:
+    """A directory with cfg.json + sae_weights.safetensors, or one of its files."""
+    own = {CFG_FILENAME, WEIGHTS_FILENAME}
+    names = directory_names(spec)
+    if names is not None:
+        return DETECT_PRIORITY if own <= names else 0
+    found = file_and_siblings(spec)
+    if found and found[0] in (*own, SPARSITY_FILENAME) and own <= found[1]:
+        return DETECT_PRIORITY
+    return 0
+
+
+FORMAT = SAEFormat(
+    name=NAME,
+    files="a directory with cfg.json + sae_weights.safetensors (+ sparsity.safetensors)",
+    detect=detect,
+    load=load,
+    aliases=("sae_lens", "sae-lens"),
+)
 
 
 # --------------------------------------------------------------------------------------- writer
@@ -244,7 +275,7 @@ def build_cfg(sae: SAE, extra_cfg: dict[str, Any] | None = None) -> dict[str, An
         "reshape_activations": "none",
     }
     if sae.architecture == "topk":
-        cfg["k"] = int(sae.k)
+        cfg["k"] = sae.top_k
         cfg["rescale_acts_by_decoder_norm"] = bool(sae.rescale_acts_by_decoder_norm)
     elif sae.rescale_acts_by_decoder_norm and not torch.allclose(
         sae.W_dec.norm(dim=1),
@@ -306,7 +337,7 @@ def save_saelens(
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
-    if sae.architecture == "jumprelu":
+    if sae.architecture == "jumprelu" and sae.threshold is not None:  # validate() requires it
         tensors["threshold"] = sae.threshold
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 

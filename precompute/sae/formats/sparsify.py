@@ -21,6 +21,7 @@ from pathlib import Path
 
 from precompute.errors import SAEFormatError
 from precompute.sae.base import SAE
+from precompute.sae.format import SAEFormat, directory_names, file_and_siblings
 from precompute.sae.formats import (
     build_sae,
     parse_bool,
@@ -30,7 +31,11 @@ from precompute.sae.formats import (
     scalar_int,
 )
 
-FORMAT = "sparsify"
+NAME = "sparsify"
+# Detection priorities (see precompute.sae.format): 'run_dir:hookpoint' names the format outright;
+# cfg.json + sae.safetensors rank just below SAELens' files; a run directory (hookpoint
+# subdirectories only) is the weakest clue, below every other format's own file names.
+SPEC_PRIORITY, FILES_PRIORITY, RUN_DIR_PRIORITY = 90, 70, 30
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae.safetensors"
 CONVENTION = "encoder.weight [num_latents, d_in] (transposed on load) and W_dec [num_latents, d_in]"
@@ -124,7 +129,7 @@ def load(path: str, device: str = "cpu") -> SAE:
     tensors, _ = read_safetensors(directory / WEIGHTS_FILENAME)
     if "W_skip" in tensors:
         raise SAEFormatError(f"{source} holds W_skip (a skip connection); only plain SAEs are supported")
-    require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), source, FORMAT)
+    require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), source, NAME)
     enc = tensors["encoder.weight"]
     if enc.ndim != 2:
         raise SAEFormatError(
@@ -162,6 +167,30 @@ def load(path: str, device: str = "cpu") -> SAE:
         apply_b_dec_to_input=True,
         hook_name=_hook_name(hookpoint),
         model_name=model_name,
-        format=FORMAT,
+        format=NAME,
         metadata=metadata,
     )
+
+
+def detect(spec: str) -> int:
+    """'run_dir:hookpoint', a hookpoint directory (or one of its two files), or a run directory."""
+    if split_spec(spec)[1] is not None:
+        return SPEC_PRIORITY
+    own = {CFG_FILENAME, WEIGHTS_FILENAME}
+    names = directory_names(spec)
+    if names is not None:
+        if own <= names:
+            return FILES_PRIORITY
+        return RUN_DIR_PRIORITY if hookpoint_dirs(Path(spec)) else 0
+    found = file_and_siblings(spec)
+    return FILES_PRIORITY if found and found[0] in own and own <= found[1] else 0
+
+
+FORMAT = SAEFormat(
+    name=NAME,
+    files="a hookpoint directory with cfg.json + sae.safetensors, a run directory holding one, "
+    "or 'run_dir:hookpoint'",
+    detect=detect,
+    load=load,
+    local_path=lambda spec: split_spec(spec)[0],
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ from safetensors.torch import save_file
 
 from precompute.errors import SAEFormatError, ShapeMismatchError
 from precompute.sae import registry
+from precompute.sae.format import SAEFormat, file_and_siblings
+from precompute.sae.formats import build_sae, read_safetensors
 from precompute.sae.formats.saelens import save_saelens
-from precompute.sae.registry import FORMATS, check_compatible, detect_format, load_sae
+from precompute.sae.registry import check_compatible, detect_format, load_sae
 from tests.precompute.sae.helpers import D_IN, assert_same_sae, make_sae
 
 
@@ -49,7 +52,7 @@ def test_detect_format(tmp_path: Path, files: list[str], target: str, expected: 
 
 def test_detect_release_and_registry_contents() -> None:
     assert detect_format("release:gpt2-small-res-jb/blocks.8.hook_resid_pre") == "release"
-    assert set(FORMATS) == {
+    assert set(registry.formats()) == {
         "saelens",
         "sparsify",
         "gemmascope",
@@ -58,7 +61,8 @@ def test_detect_release_and_registry_contents() -> None:
         "safetensors",
         "release",
     }
-    assert set(registry.FORMAT_FILES) == set(FORMATS)
+    assert all(fmt.files for fmt in registry.FORMAT_LIST)  # each says what it expects on disk
+    assert len(registry.formats()) == len(registry.FORMAT_LIST)  # no name declared twice
 
 
 def test_undetectable_directory_and_file_list_the_formats(tmp_path: Path) -> None:
@@ -129,11 +133,20 @@ def test_wrong_d_in_in_cfg(tmp_path: Path) -> None:
         load_sae(str(directory))
 
 
+def with_loader(monkeypatch, name: str, load) -> None:
+    """Replace one format's loader for a test."""
+    monkeypatch.setattr(
+        registry,
+        "FORMAT_LIST",
+        tuple(dataclasses.replace(f, load=load) if f.name == name else f for f in registry.FORMAT_LIST),
+    )
+
+
 def test_unexpected_library_errors_become_format_errors(tmp_path: Path, monkeypatch) -> None:
     def boom(path: str, device: str = "cpu"):
         raise RuntimeError("something deep inside a library")
 
-    monkeypatch.setitem(FORMATS, "safetensors", boom)
+    with_loader(monkeypatch, "safetensors", boom)
     with pytest.raises(
         SAEFormatError, match="could not load .* as safetensors: RuntimeError: something deep"
     ):
@@ -147,7 +160,7 @@ def test_load_sae_always_validates(tmp_path: Path, monkeypatch) -> None:
         sae.W_dec = sae.W_dec.T.contiguous()  # corrupted after construction
         return sae
 
-    monkeypatch.setitem(FORMATS, "safetensors", sloppy)
+    with_loader(monkeypatch, "safetensors", sloppy)
     with pytest.raises(SAEFormatError, match="transposed"):
         load_sae(str(touch(tmp_path / "x.safetensors")))
 
@@ -191,3 +204,55 @@ def test_loaded_sae_moves_to_device(tmp_path: Path) -> None:
     assert loaded.W_dec.device == torch.device("cpu")
     with pytest.raises(SAEFormatError, match="could not load"):
         load_sae(str(tmp_path / "s"), device="no-such-device")
+
+
+# ------------------------------------------------------------------------- a format added later
+def _toy_detect(spec: str) -> int:
+    found = file_and_siblings(spec)
+    return 20 if found and found[0].endswith(".toysae") else 0
+
+
+def _toy_load(path: str, device: str = "cpu"):
+    tensors, _ = read_safetensors(Path(path))
+    return build_sae(
+        **tensors,
+        d_in=int(tensors["b_dec"].shape[0]),
+        d_sae=int(tensors["b_enc"].shape[0]),
+        source=path,
+        convention="W_enc [d_in, d_sae], W_dec [d_sae, d_in]",
+        device=device,
+        format="toy",
+    )
+
+
+TOY = SAEFormat(
+    name="toy",
+    files="one .toysae file (safetensors inside)",
+    detect=_toy_detect,
+    load=_toy_load,
+    aliases=("t0y",),
+)
+
+
+def test_a_format_appended_to_the_list_needs_no_other_edit(tmp_path: Path, monkeypatch) -> None:
+    sae = make_sae()
+    path = tmp_path / "weights.toysae"
+    save_file({"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec}, str(path))
+    with pytest.raises(SAEFormatError, match="cannot tell the SAE format of file"):
+        detect_format(str(path))
+
+    monkeypatch.setattr(registry, "FORMAT_LIST", (*registry.FORMAT_LIST, TOY))
+    assert detect_format(str(path)) == "toy"
+    loaded = load_sae(str(path))
+    assert loaded.format == "toy"
+    assert_same_sae(loaded, sae)
+    assert load_sae(str(path), format="T0Y").format == "toy"  # its alias, any case
+    assert "  toy: one .toysae file" in registry.supported_formats()
+    with pytest.raises(SAEFormatError, match=r"(?s)unknown SAE format 'nope'.*toy: one .toysae"):
+        load_sae(str(path), format="nope")
+    with pytest.raises(SAEFormatError, match="SAE path .* does not exist"):
+        load_sae(str(tmp_path / "missing.toysae"), format="toy")
+    # The formats already listed detect what they did before.
+    plain = tmp_path / "plain.safetensors"
+    plain.write_bytes(path.read_bytes())
+    assert detect_format(str(plain)) == "safetensors"

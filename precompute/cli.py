@@ -24,26 +24,19 @@ from precompute.options import Command, add_options, options_from_args
 COMMAND_MODULES = (
     "precompute.pipeline.commands",
     "precompute.demo",
+    "precompute.lab.synth",
+    "precompute.lab.steer",
+    "precompute.lab.finetune",
+    "precompute.lab.eval_acts",
+    "precompute.lab.diff",
+    "precompute.lab.patch",
+    "precompute.lab.triage",
 )
 
 # Commands not yet on the options system: (name, module, add-arguments function, run function, help).
 LEGACY = (
     ("train-sae", "precompute.training.train_sae", "add_arguments", "run",
      "train a TopK SAE on a model's activations (SAELens format out)"),
-    ("synth", "precompute.lab.synth", "add_arguments", "run",
-     "planted ground truth: known dictionary -> SAE -> geometry, scored"),
-    ("steer", "precompute.lab.steer", "add_arguments", "run",
-     "steering check: observed vs first-order predicted feature changes"),
-    ("finetune", "precompute.lab.finetune", "add_arguments", "run",
-     "LoRA fine-tune on a task dataset (and its control, same seed)"),
-    ("eval-acts", "precompute.lab.diff", "add_eval_arguments", "run_eval",
-     "SAE activations of a (fine-tuned) model on EM questions and neutral prompts"),
-    ("diff", "precompute.lab.diff", "add_diff_arguments", "run_diff",
-     "per-feature before/after change with bootstrap CIs vs predicted risk"),
-    ("patch", "precompute.lab.diff", "add_patch_arguments", "run_patch",
-     "project a LoRA adapter's output-space update off harmful directions"),
-    ("triage", "precompute.lab.triage", "add_arguments", "run",
-     "rank a dataset's samples by how much they drive harmful-neighbour features"),
 )  # fmt: skip
 
 

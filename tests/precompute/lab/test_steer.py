@@ -60,3 +60,10 @@ def test_cli_help_and_run(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, c
         == 2
     )
     assert "out of range" in capsys.readouterr().err
+
+
+def test_steer_without_a_task_feature_says_so(capsys):
+    assert main(["steer", "--alphas", "0.1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "featuregeom: error: `featuregeom steer` needs --task-feature (on the command line or in --config)"
+    ]

@@ -74,3 +74,10 @@ def test_module_help_runs(monkeypatch, capsys) -> None:
         runpy.run_module("precompute", run_name="__main__", alter_sys=False)
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "--cosines" in out and "--out" in out and "--n-active" in out
+
+
+def test_an_out_of_range_cosine_is_one_line_and_exit_2(capsys) -> None:
+    assert cli_main(["synth", "--cosines", "0.5", "2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "featuregeom: error: --cosines must be in [-1, 1], got 2.0"
+    ]

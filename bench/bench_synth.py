@@ -1,7 +1,7 @@
 """Benchmark the planted-ground-truth check (precompute.lab.synth) at a larger size.
 
-Runs, each seeded and written with `synth.write_outputs` (report JSON, plot HTML, true dictionary,
-SAE in SAELens format) under ``--out/<run>``, plus one summary ``--out/bench_synth.json``:
+Runs, each seeded and written with `precompute.lab.synth.report.write_outputs` (report JSON, plot HTML,
+true dictionary, SAE in SAELens format) under ``--out/<run>``, plus one summary ``--out/bench_synth.json``:
 
 * ``main``: d=256, 32 task features with planted neighbours at the default cosines, 32 co-firing
   orthogonal partners, 64 decoys (288 true features), d_sae = 2x, fixed L0 = 4 = k;
@@ -22,19 +22,21 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from precompute.lab import synth  # noqa: E402
+from precompute.lab.synth.config import SynthConfig  # noqa: E402
+from precompute.lab.synth.jsonable import jsonable  # noqa: E402
+from precompute.lab.synth.report import summary_lines, write_outputs  # noqa: E402
+from precompute.lab.synth.run import run_synth  # noqa: E402
 
 RUNS = {
-    "main": dict(d=256, n_task=32, n_decoys=64, samples=200_000, n_active=4, steps=4000, batch_size=1024),
-    "default": dict(),  # `python -m precompute.lab.synth` as it ships: d=64, 60 true features
-    "limit": dict(cosines=(0.9, 0.7, 0.5, 0.3)),
+    "main": dict(d=256, n_task=32, decoys=64, samples=200_000, n_active=4, steps=4000, batch_size=1024),
+    "default": dict(),  # `featuregeom synth` as it ships: d=64, 60 true features
+    "limit": dict(cosines=[0.9, 0.7, 0.5, 0.3]),
 }
 
 
@@ -106,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.runs:
         for seed in args.seeds:
-            cfg = synth.SynthConfig(**RUNS[name], seed=seed)
+            cfg = SynthConfig(**RUNS[name], seed=seed)
             t0 = time.perf_counter()
-            run = synth.run_synth(cfg, progress=False)
+            run = run_synth(cfg, progress=False)
             wall = time.perf_counter() - t0
             tag = name if len(args.seeds) == 1 else f"{name}-seed{seed}"
-            files = synth.write_outputs(run, out / tag)
+            files = write_outputs(run, out / tag)
             summary = {
                 "run": tag,
-                "config": synth._jsonable(asdict(run.config)),
+                "config": jsonable(run.config.to_dict()),
                 "wall_s": wall,
                 "dictionary": run.report["dictionary"],
                 "files": files,
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             results.append(summary)
             print(f"== {tag} ({wall:.1f} s)")
-            for line in synth.summary_lines(run.report):
+            for line in summary_lines(run.report):
                 print("  " + line)
             sys.stdout.flush()
     payload = {

@@ -30,7 +30,7 @@ PY = sys.executable
 
 
 def sh(args: list[str], log: list[dict]) -> None:
-    cmd = [PY, "-m", "precompute.cli", *args]
+    cmd = [PY, "-m", "precompute", *args]
     print("+ featuregeom " + " ".join(shlex.quote(a) for a in args), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)

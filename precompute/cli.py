@@ -25,25 +25,14 @@ COMMAND_MODULES = (
     "precompute.pipeline.commands",
     "precompute.demo",
     "precompute.training.command",
+    "precompute.lab.synth",
+    "precompute.lab.steer",
+    "precompute.lab.finetune",
+    "precompute.lab.eval_acts",
+    "precompute.lab.diff",
+    "precompute.lab.patch",
+    "precompute.lab.triage",
 )
-
-# Commands not yet on the options system: (name, module, add-arguments function, run function, help).
-LEGACY = (
-    ("synth", "precompute.lab.synth", "add_arguments", "run",
-     "planted ground truth: known dictionary -> SAE -> geometry, scored"),
-    ("steer", "precompute.lab.steer", "add_arguments", "run",
-     "steering check: observed vs first-order predicted feature changes"),
-    ("finetune", "precompute.lab.finetune", "add_arguments", "run",
-     "LoRA fine-tune on a task dataset (and its control, same seed)"),
-    ("eval-acts", "precompute.lab.diff", "add_eval_arguments", "run_eval",
-     "SAE activations of a (fine-tuned) model on EM questions and neutral prompts"),
-    ("diff", "precompute.lab.diff", "add_diff_arguments", "run_diff",
-     "per-feature before/after change with bootstrap CIs vs predicted risk"),
-    ("patch", "precompute.lab.diff", "add_patch_arguments", "run_patch",
-     "project a LoRA adapter's output-space update off harmful directions"),
-    ("triage", "precompute.lab.triage", "add_arguments", "run",
-     "rank a dataset's samples by how much they drive harmful-neighbour features"),
-)  # fmt: skip
 
 
 def commands() -> list[Command]:
@@ -62,17 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
         add_options(p, command.options, command.flags)
         p.set_defaults(_command=command)
-    for name, module, add_arguments, run, help_text in LEGACY:
-        p = sub.add_parser(name, help=help_text)
-        getattr(importlib.import_module(module), add_arguments)(p)
-        p.set_defaults(_legacy=(module, run))
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if getattr(args, "_legacy", None):
-        module, run = args._legacy
-        return int(getattr(importlib.import_module(module), run)(args) or 0)
     command: Command = args._command
     if getattr(args, "config", None) is None and command.default_config:
         args.config = command.default_config

@@ -92,13 +92,18 @@ def option(
     item: type | None = None,
     cli: bool = True,
     show_default: bool = True,
+    nargs: str | None = None,
+    parse: Callable[[str], Any] | None = None,
 ) -> Any:
     """A dataclass field that is also a flag `--name-with-dashes` and a TOML key `name`.
 
     `help` is the flag's help; the default is appended to it, so it is written once. `low`/`high`
     bound a number (`bounds`: '[]' closed, '()' open, '[)' / '(]' half-open). `item` is a class with
     `parse(str)` (a flag value) and `from_dict(table)` (a TOML `[[name]]` table) for list fields such
-    as `corpus`. `cli=False` keeps an option TOML-only; `positional` makes it a positional argument."""
+    as `corpus`. `cli=False` keeps an option TOML-only; `positional` makes it a positional argument.
+    A list option's flag is repeated (`--x A --x B`), or takes several values with `nargs="+"`
+    (`--x A B`), or one value that `parse` turns into the list (`--x A,B`); `low`/`high` then bound
+    each element."""
     metadata = {
         "help": help,
         "choices": tuple(choices) if choices else None,
@@ -108,6 +113,8 @@ def option(
         "item": item,
         "cli": cli,
         "show_default": show_default,
+        "nargs": nargs,
+        "parse": parse,
     }
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -175,7 +182,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type, only: Sequence[str] 
         if get_origin(annotation) is list:
             item = _item_class(f, annotation)
             element = get_args(annotation)[0] if get_args(annotation) else str
-            kwargs.update(action="append", type=str if item else element)
+            if meta.get("nargs"):
+                kwargs.update(nargs=meta["nargs"], type=element)
+            elif meta.get("parse"):
+                kwargs["type"] = meta["parse"]
+            else:
+                kwargs.update(action="append", type=str if item else element)
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
         if meta.get("choices"):
@@ -304,25 +316,31 @@ def check_ranges(
     choices: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
     """`ranges[name] = (low, high, kind)`: kind '[]' closed, '()' open, '[)' / '(]' half-open; None
-    bounds are unbounded. A None value (an optional option left unset) is fine."""
+    bounds are unbounded; a list is checked element by element. A None value (an optional option
+    left unset) is fine."""
     for name, (low, high, kind) in ranges.items():
         value = getattr(cfg, name)
-        if value is None:
-            continue
-        ok_low = low is None or (value >= low if kind[0] == "[" else value > low)
-        ok_high = high is None or (value <= high if kind[1] == "]" else value < high)
-        if not (ok_low and ok_high):
-            lo = "-inf" if low is None else f"{low:g}"
-            hi = "inf" if high is None else f"{high:g}"
-            raise ConfigError(
-                f"--{name.replace('_', '-')} must be in {kind[0]}{lo}, {hi}{kind[1]}, got {value!r}"
-            )
+        for element in value if isinstance(value, list | tuple) else [value]:
+            _check_range(name, element, low, high, kind)
     for name, allowed in (choices or {}).items():
         value = getattr(cfg, name)
         if value is not None and value not in allowed:
             raise ConfigError(
                 f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}"
             )
+
+
+def _check_range(name: str, value: Any, low: float | None, high: float | None, kind: str) -> None:
+    if value is None:
+        return
+    ok_low = low is None or (value >= low if kind[0] == "[" else value > low)
+    ok_high = high is None or (value <= high if kind[1] == "]" else value < high)
+    if not (ok_low and ok_high):
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ConfigError(
+            f"--{name.replace('_', '-')} must be in {kind[0]}{lo}, {hi}{kind[1]}, got {value!r}"
+        )
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,7 @@ for col, f, r, color, role in ((a, t, t_row, F.TASK, "task"), (b, h, h_row, F.HA
 # --- steering check --------------------------------------------------------------------------------
 def steering_section(t: int, h: int) -> None:
     """`steering/task-<t>.parquet` in the cache, if there: observed vs predicted Δa and slope/R² per α."""
-    from precompute.lab.steer import load_steering, steering_figure, summarize
+    from explorer.steering_figure import load_steering, steering_figure, summarize
 
     path = cache.path / "steering" / f"task-{t}.parquet"
     with st.expander("Steering check", expanded=False):

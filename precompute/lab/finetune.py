@@ -19,12 +19,10 @@ Outputs (atomic: a killed run leaves no half directory; a rerun starts clean):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,9 @@ import torch
 from precompute.cache import check_replaceable_output, write_dir_atomic
 from precompute.data.corpus import CorpusSource, Document, chat_text, read_source
 from precompute.errors import FeatureGeomError
+from precompute.options import Command, check_field_metadata, option
+from precompute.pipeline.config import DEVICES
+from precompute.provenance import library_versions
 
 ADAPTER_DIR = "adapter"
 SIDE_CAR = "finetune.json"
@@ -42,54 +43,50 @@ RESIDUAL_WRITERS = ("o_proj", "down_proj")
 
 @dataclass
 class FinetuneConfig:
-    model: str = "smollm2"
-    out: str | None = None
-    corpus: list[CorpusSource] = field(default_factory=list)  # training data
-    heldout: str | None = None  # JSONL of held-out samples for the task loss (default: split off the corpus)
-    heldout_docs: int = 48
-    exclude: str | None = None  # file with one sample key per line to drop (e.g. triage output)
-    max_samples: int | None = None  # cap on training samples after the seeded shuffle
-    steps: int = 100
-    batch_size: int = 4
-    max_length: int = 256
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    rank: int = 8
-    lora_alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: list(RESIDUAL_WRITERS))
-    last_layer: int | None = 15  # adapt blocks 0..last_layer (the SAE's block); None = all
-    seed: int = 0
-    data_seed: int = 0  # fixes which samples are held out, independent of the training seed
-    device: str = "auto"
-    progress: bool = True
+    """Options of `featuregeom finetune` (flags, or keys of the --config TOML such as configs/finetune-cpu.toml)."""
 
-    @classmethod
-    def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> FinetuneConfig:
-        from precompute.options import load_options
-
-        return load_options(cls, path, overrides)
-
-    def validate(self) -> None:
-        from precompute.options import check_ranges
-
-        check_ranges(
-            self,
-            {
-                "heldout_docs": (0, None, "[)"),
-                "max_samples": (1, None, "[)"),
-                "steps": (1, None, "[)"),
-                "batch_size": (1, None, "[)"),
-                "max_length": (8, None, "[)"),
-                "lr": (0, None, "()"),
-                "warmup_steps": (0, None, "[)"),
-                "rank": (1, None, "[)"),
-                "lora_alpha": (0, None, "()"),
-                "last_layer": (0, None, "[)"),
-                "seed": (0, 2**32 - 1, "[]"),
-                "data_seed": (0, 2**32 - 1, "[]"),
-            },
-            {"device": ("auto", "cpu", "cuda")},
-        )
+    model: str = option("smollm2", help="base model (smollm2 is the packaged SmolLM2-135M-Instruct)")
+    out: str | None = option(
+        None, metavar="DIR", help="where to write adapter/, finetune.json, train_log.csv"
+    )
+    corpus: list[CorpusSource] = option(
+        default_factory=list,
+        item=CorpusSource,
+        metavar="SPEC",
+        help="training data (repeatable): PATH or PATH:group, e.g. assets/data/em/insecure.jsonl.gz",
+    )
+    heldout: str | None = option(
+        None, metavar="FILE", help="held-out samples for the task loss (default: split off the corpus)"
+    )
+    heldout_docs: int = option(48, low=0, bounds="[)", help="held-out samples")
+    exclude: str | None = option(
+        None, metavar="FILE", help="sample keys (file:index, one per line, e.g. triage output) to leave out"
+    )
+    max_samples: int | None = option(
+        None, low=1, bounds="[)", help="cap on training samples after the seeded shuffle"
+    )
+    steps: int = option(100, low=1, bounds="[)", help="optimizer steps")
+    batch_size: int = option(4, low=1, bounds="[)", help="samples per step")
+    max_length: int = option(256, low=8, bounds="[)", help="tokens per sample")
+    lr: float = option(1e-3, low=0, bounds="()", help="peak learning rate")
+    warmup_steps: int = option(10, low=0, bounds="[)", help="steps of linear learning-rate warm-up")
+    rank: int = option(8, low=1, bounds="[)", help="LoRA rank")
+    lora_alpha: float = option(
+        16.0, low=0, bounds="()", help="LoRA alpha (the update is scaled by alpha/rank)"
+    )
+    target_modules: list[str] = option(
+        default_factory=lambda: list(RESIDUAL_WRITERS), help="modules that get an adapter"
+    )
+    last_layer: int | None = option(
+        15, low=0, bounds="[)", help="adapt blocks 0..N (15 is the SAE's block; unset: all blocks)"
+    )
+    seed: int = option(0, low=0, high=2**32 - 1, help="training seed; keep it equal for task and control")
+    data_seed: int = option(
+        0, low=0, high=2**32 - 1, help="fixes which samples are held out, independent of the training seed"
+    )
+    device: str = option("auto", choices=DEVICES, help="where to run")
+    progress: bool = option(True, help="hide the progress bar")
+    overwrite: bool = option(False, help="replace a finished fine-tune in --out")
 
 
 def sample_key(doc: Document, source: CorpusSource) -> str:
@@ -213,7 +210,7 @@ def lora_config(cfg: FinetuneConfig, n_layers: int):
     layers = None if cfg.last_layer is None else list(range(min(cfg.last_layer, n_layers - 1) + 1))
     return LoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.lora_alpha,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; the scale alpha/r takes a float
         lora_dropout=0.0,
         bias="none",
         target_modules=list(cfg.target_modules),
@@ -253,21 +250,7 @@ def _lr_at(step: int, cfg: FinetuneConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    from precompute import __version__
-
-    return {
-        "featuregeom": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
-
-
-def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
+def finetune(cfg: FinetuneConfig) -> Path:
     """Train the adapter and write OUT atomically; returns OUT."""
     from peft import get_peft_model
     from tqdm.auto import tqdm
@@ -278,23 +261,24 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
         raise FeatureGeomError("finetune needs --out")
     if not cfg.corpus:
         raise FeatureGeomError("finetune needs training data: --corpus FILE or [[corpus]] in --config")
-    cfg.validate()  # a config built in code did not pass through load_options
+    check_field_metadata(cfg)  # a config built in code did not pass through load_options
     out = Path(cfg.out)
     check_replaceable_output(out, SIDE_CAR, "fine-tune output")  # before the minutes of training
-    if (out / SIDE_CAR).is_file() and not overwrite:
+    if (out / SIDE_CAR).is_file() and not cfg.overwrite:
         raise FeatureGeomError(f"{out} already holds a finished fine-tune; pass --overwrite to redo it")
 
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True  # GPU runs: TF32 matmuls, ~2x faster fp32 training
     lm = load_model(cfg.model, device=cfg.device)
-    tokenizer = lm.tokenizer
+    tokenizer: Any = lm.tokenizer
     pad_id = int(tokenizer.pad_token_id)
     counts: dict[str, int] = {}
     examples = load_examples(cfg.corpus, tokenizer, cfg.max_length, cfg.data_seed, counts)
     train, held = split_examples(examples, cfg, tokenizer)
     loss_before = task_loss(lm.model, held, pad_id)
 
-    model = get_peft_model(lm.model, lora_config(cfg, int(lm.model.config.num_hidden_layers)))
+    model_config: Any = lm.model.config
+    model = get_peft_model(lm.model, lora_config(cfg, int(model_config.num_hidden_layers)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.train()
@@ -321,12 +305,12 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
     loss_after = task_loss(model, held, pad_id)
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging / ADAPTER_DIR)
+        model.save_pretrained(str(staging / ADAPTER_DIR))
         with open(staging / "train_log.csv", "w") as fh:
             fh.write("step,loss,lr\n")
             fh.writelines(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in log)
         sidecar = {
-            "options": {k: v for k, v in asdict(cfg).items() if k != "corpus"},
+            "options": {k: v for k, v in asdict(cfg).items() if k not in ("corpus", "overwrite")},
             "corpus": [asdict(c) for c in cfg.corpus],
             "model": lm.describe(),
             "n_train": len(train),
@@ -338,7 +322,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
             "final_train_loss": float(np.mean([x[1] for x in log[-10:]])),
             "train_seconds": round(train_seconds, 2),
             "trainable_parameters": int(sum(p.numel() for p in params)),
-            "versions": _versions(),
+            "versions": library_versions(("torch", "transformers", "peft"), featuregeom=True),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / SIDE_CAR).write_text(json.dumps(sidecar, indent=2, default=str))
@@ -347,52 +331,9 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
     return out
 
 
-# -------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = (
-        "Fine-tune a LoRA adapter (peft) on a task dataset; train the control with the same --seed and --steps.\n"
-        "The adapter sits on the residual-writing projections (o_proj, down_proj) of blocks 0..--last-layer, so\n"
-        "its output space is the residual stream the SAE reads and patch-back can project it exactly."
-    )
-    parser.epilog = (
-        "Example (task and control, CPU-sized):\n"
-        "  featuregeom finetune --config configs/finetune-cpu.toml --corpus assets/data/em/insecure.jsonl.gz "
-        "--out runs/task\n"
-        "  featuregeom finetune --config configs/finetune-cpu.toml --corpus assets/data/em/secure.jsonl.gz "
-        "--out runs/control"
-    )
-    a = parser.add_argument
-    a("--config", metavar="FILE.toml", help="TOML with the same options (flags override it)")
-    a("--model", default=None, help="base model (default smollm2, the packaged SmolLM2-135M-Instruct)")
-    a(
-        "--corpus",
-        action="append",
-        default=None,
-        metavar="SPEC",
-        help="training data (repeatable): PATH or PATH:group, e.g. assets/data/em/insecure.jsonl.gz",
-    )
-    a("--out", default=None, metavar="DIR", help="where to write adapter/, finetune.json, train_log.csv")
-    a("--heldout", default=None, metavar="FILE", help="held-out samples for the task loss (default: split)")
-    a("--heldout-docs", type=int, default=None, help="held-out samples (default 48)")
-    a("--exclude", default=None, metavar="FILE", help="sample keys (file:index, one per line) to leave out")
-    a("--max-samples", type=int, default=None, help="cap on training samples after the seeded shuffle")
-    a("--steps", type=int, default=None, help="optimizer steps (default 100)")
-    a("--batch-size", type=int, default=None, help="samples per step (default 4)")
-    a("--max-length", type=int, default=None, help="tokens per sample (default 256)")
-    a("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
-    a("--rank", type=int, default=None, help="LoRA rank (default 8)")
-    a("--last-layer", type=int, default=None, help="adapt blocks 0..N (default 15, the SAE's block)")
-    a("--seed", type=int, default=None, help="training seed (default 0); keep it equal for task and control")
-    a("--device", choices=["auto", "cpu", "cuda"], default=None)
-    a("--no-progress", dest="progress", action="store_false", default=None)
-    a("--overwrite", action="store_true", help="replace a finished fine-tune in --out")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "overwrite")}
-    cfg = FinetuneConfig.load(args.config, overrides)
-    out = finetune(cfg, overwrite=args.overwrite)
+# -------------------------------------------------------------------------------------------- command
+def run_finetune(cfg: FinetuneConfig) -> int:
+    out = finetune(cfg)
     info = json.loads((out / SIDE_CAR).read_text())
     print(
         f"wrote {out}: {info['n_train']} training samples, {cfg.steps} steps in {info['train_seconds']:.0f} s; "
@@ -401,11 +342,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from precompute.cli import main as cli_main
-
-    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+COMMANDS = (
+    Command(
+        "finetune",
+        "LoRA fine-tune on a task dataset (and its control, same seed)",
+        FinetuneConfig,
+        run_finetune,
+        description="Fine-tune a LoRA adapter (peft) on a task dataset; train the control with the same --seed "
+        "and --steps. The adapter sits on the residual-writing projections (o_proj, down_proj) of blocks "
+        "0..--last-layer, so its output space is the residual stream the SAE reads and patch-back can project "
+        "it exactly. Example (task and control, CPU-sized): featuregeom finetune --config "
+        "configs/finetune-cpu.toml --corpus assets/data/em/insecure.jsonl.gz --out runs/task, then the same "
+        "with --corpus assets/data/em/secure.jsonl.gz --out runs/control.",
+        flags=(
+            "model",
+            "corpus",
+            "out",
+            "heldout",
+            "heldout_docs",
+            "exclude",
+            "max_samples",
+            "steps",
+            "batch_size",
+            "max_length",
+            "lr",
+            "rank",
+            "last_layer",
+            "seed",
+            "device",
+            "progress",
+            "overwrite",
+        ),
+    ),
+)

@@ -1,24 +1,38 @@
-"""Patch-back: remove the part of a fine-tuning weight update that writes along chosen residual directions.
+"""`featuregeom patch` (patch-back): remove the part of a fine-tuning weight update that writes along
+chosen residual directions.
+
+    featuregeom patch --adapter runs/task --cache cache/demo --out runs/task-patched
 
 If the harmful-feature decoder directions span a subspace S of the residual stream, projecting a
 weight update onto the orthogonal complement of S (on the output side) means the patched layer can
 no longer write anything into S. Comparing with a random subspace of the same rank tells whether
-S matters more than its size would suggest.
+S matters more than its size would suggest. For a LoRA pair ΔW = B A, projecting B removes exactly
+what the update writes into S.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
 import torch
 
-__all__ = [
-    "orthonormal_basis",
-    "project_out_output_space",
-    "project_lora_B",
-    "random_subspace_like",
-    "norm_removed",
-]
+from precompute.cache import check_replaceable_output, write_dir_atomic
+from precompute.errors import FeatureGeomError
+from precompute.options import Command, option, require
+
+# the sidecar that marks a patched adapter: only a folder holding it may be replaced by a rerun
+PATCH_SIDECAR, PATCH_WHAT = "patch.json", "patched adapter"
+HARMFUL_SETS = ("flagged", "risk", "all")
+DIRECTIONS = ("decoder", "encoder")
 
 
+# ------------------------------------------------------------------------------------------- maths
 def orthonormal_basis(directions: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     """Orthonormal basis Q [d, r] of the row span of ``directions`` [m, d].
 
@@ -74,3 +88,145 @@ def norm_removed(delta_W: torch.Tensor, Q: torch.Tensor) -> float:
         return float("nan")
     inside = torch.linalg.matrix_norm((q @ (q.T @ delta_W)).to(torch.float64))
     return float(inside / total)
+
+
+# ------------------------------------------------------------------------------------ the adapter
+def harmful_basis(
+    cache: str | Path, which: str = "flagged", top: int | None = None, directions: str = "decoder"
+) -> tuple[torch.Tensor, list[int]]:
+    """Orthonormal basis of the harmful directions to remove: `flagged` = harmful features in the cache's
+    flagged overlaps; `risk` = the `top` harmful features by predicted risk; `all` = every harmful feature.
+
+    `directions`: `decoder` (what the feature writes, the geometry the cache measures) or `encoder` (the
+    W_enc columns the SAE reads the feature with; they differ from the decoder rows in a trained SAE, and
+    only a write along them changes the feature's pre-activation)."""
+    from precompute.lab.diff import predicted_risk
+    from precompute.lab.harm_geometry import load_harm_geometry
+
+    cache = Path(cache)
+    geo = load_harm_geometry(cache)
+    if which == "flagged":
+        feats = sorted(set(pd.read_parquet(cache / "overlaps.parquet")["harmful_feature"].astype(int)))
+    elif which == "risk":
+        feats = predicted_risk(geo).nlargest(top or 20, "risk_max_cos")["feature"].astype(int).tolist()
+    elif which == "all":
+        feats = geo.harmful.astype(int).tolist()
+    else:
+        raise FeatureGeomError(f"unknown harmful set {which!r}; use flagged, risk or all")
+    if not feats:
+        raise FeatureGeomError(f"the cache has no {which} harmful features to project out")
+    if directions == "decoder":
+        return orthonormal_basis(geo.directions()[feats]), feats
+    if directions == "encoder":
+        return orthonormal_basis(geo.sae.W_enc.float()[:, feats].T), feats
+    raise FeatureGeomError(f"unknown directions {directions!r}; use decoder or encoder")
+
+
+def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, meta: dict) -> dict[str, Any]:
+    """Copy a peft LoRA adapter with every residual-writing B projected off span(basis); report norms removed."""
+    from safetensors.torch import load_file, save_file
+
+    from precompute.model.loading import resolve_adapter_dir
+
+    src = resolve_adapter_dir(adapter)
+    weights = load_file(str(src / "adapter_model.safetensors"))
+    patched: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    removed: list[float] = []
+    d = basis.shape[0]
+    for name, tensor in weights.items():
+        if "lora_B" in name and tensor.shape[0] == d:
+            delta = tensor.float() @ weights[name.replace("lora_B", "lora_A")].float()
+            removed.append(norm_removed(delta, basis))
+            patched[name] = project_lora_B(tensor.float(), basis).to(tensor.dtype).contiguous()
+        else:
+            if "lora_B" in name:
+                skipped.append(name)  # writes somewhere other than the residual stream
+            patched[name] = tensor
+    if not removed:
+        raise FeatureGeomError(f"no LoRA B matrix in {src} writes a {d}-dim residual; nothing to patch")
+
+    def write(dest: Path) -> None:
+        (dest / "adapter").mkdir()
+        shutil.copy2(src / "adapter_config.json", dest / "adapter" / "adapter_config.json")
+        save_file(patched, str(dest / "adapter" / "adapter_model.safetensors"))
+        side = {
+            **meta,
+            "source_adapter": str(src),
+            "rank_removed": int(basis.shape[1]),
+            "modules_patched": len(removed),
+            "skipped": skipped,
+            "mean_norm_removed": float(np.mean(removed)),
+        }
+        (dest / PATCH_SIDECAR).write_text(json.dumps(side, indent=2, default=str))
+
+    write_dir_atomic(Path(out), write, marker=PATCH_SIDECAR, what=PATCH_WHAT)
+    return {
+        "modules": len(removed),
+        "skipped": skipped,
+        "norm_removed": removed,
+        "mean_norm_removed": float(np.mean(removed)),
+    }
+
+
+# -------------------------------------------------------------------------------------------- command
+@dataclass
+class PatchOptions:
+    adapter: str | None = option(None, metavar="DIR", help="finetune output or peft adapter directory")
+    cache: str | None = option(None, metavar="DIR", help="the precompute cache giving harmful features")
+    harmful: str = option(
+        "flagged",
+        choices=HARMFUL_SETS,
+        help="which harmful directions: flagged overlaps, top --top by risk, or all harmful features",
+    )
+    top: int = option(20, low=1, bounds="[)", help="with --harmful risk: how many")
+    directions: str = option(
+        "decoder",
+        choices=DIRECTIONS,
+        help="remove the features' decoder directions or the encoder directions the SAE reads them with",
+    )
+    random_seed: int | None = option(
+        None, low=0, high=2**32 - 1, help="project off a random subspace of the same rank instead"
+    )
+    out: str | None = option(None, metavar="DIR", help="where to write the patched adapter")
+
+
+def run_patch(opts: PatchOptions) -> int:
+    require(opts, "adapter", "cache", "out", command="patch")
+    out = str(opts.out)
+    check_replaceable_output(out, PATCH_SIDECAR, PATCH_WHAT)
+    basis, feats = harmful_basis(str(opts.cache), opts.harmful, opts.top, opts.directions)
+    kind = f"harmful ({opts.directions})"
+    if opts.random_seed is not None:
+        basis, kind = random_subspace_like(basis, seed=opts.random_seed), f"random (seed {opts.random_seed})"
+    # Keep the fine-tune's sidecar (held-out loss before) reachable for the diff summary.
+    report = patch_adapter(
+        str(opts.adapter),
+        basis,
+        out,
+        {
+            "subspace": kind,
+            "harmful_set": opts.harmful,
+            "directions": opts.directions,
+            "features": feats,
+            "cache": opts.cache,
+        },
+    )
+    print(
+        f"wrote {out}: {report['modules']} B matrices projected off a rank-{basis.shape[1]} {kind} subspace; "
+        f"mean share of the update's norm removed {report['mean_norm_removed']:.3f}"
+    )
+    return 0
+
+
+COMMANDS = (
+    Command(
+        "patch",
+        "project a LoRA adapter's output-space update off harmful directions",
+        PatchOptions,
+        run_patch,
+        description="Patch-back: project every residual-writing LoRA B matrix off the span of harmful "
+        "decoder directions (ΔW = B A, so this removes exactly what the update writes there). "
+        "--random-seed replaces that span by a random subspace of the same rank (the control).",
+    ),
+)

@@ -21,11 +21,10 @@ counted per reason (printed, and in triage.json under `skipped`) and kept in bot
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,9 @@ from precompute.data.corpus import (
     read_source,
 )
 from precompute.errors import CorpusError, FeatureGeomError
-from precompute.lab.diff import HarmGeometry, check_harm_cache, load_harm_geometry
+from precompute.lab.harm_geometry import HarmGeometry, check_harm_cache, load_harm_geometry
+from precompute.options import Command, option, require
+from precompute.pipeline.config import DEVICES
 
 TRIAGE_SIDECAR, TRIAGE_WHAT = "triage.json", "triage output"
 TOKEN_ROWS = 200  # samples whose per-token scores are kept for the explorer (top and bottom halves)
@@ -70,16 +71,16 @@ SKIP_REASONS = (
 
 def feature_weights(cache: str | Path | HarmGeometry) -> tuple[np.ndarray, np.ndarray, dict]:
     """(w_direct, w_via) [F] from the cache's harmful/task sets, decoder directions and null cosine."""
+    from precompute.excess import summed_excess_over_null
+
     geo = load_harm_geometry(cache)  # checks the cache first
-    d = geo.directions()
     harmful = geo.harmful
     task = np.setdiff1d(geo.task, harmful)  # a feature that is both counts once, directly
     w_direct = np.zeros(geo.sae.d_sae, dtype=np.float32)
     w_direct[harmful] = 1.0
     w_via = np.zeros(geo.sae.d_sae, dtype=np.float32)
     if len(task) and len(harmful):
-        cos = d[torch.as_tensor(task, device=d.device)] @ d[torch.as_tensor(harmful, device=d.device)].T
-        w_via[task] = (cos - geo.null_cosine).clamp_min(0).sum(dim=1).cpu().numpy()
+        w_via[task] = summed_excess_over_null(geo.cosines(task, harmful), geo.null_cosine).cpu().numpy()
     info = {
         "n_harmful": int(len(harmful)),
         "n_task": int(len(task)),
@@ -194,24 +195,7 @@ def _json_keys(value: Any) -> Any:
     return value
 
 
-def triage(
-    dataset: str,
-    cache: str,
-    out: str | None = None,
-    model: str = "smollm2",
-    adapter: str | None = None,
-    remove_frac: float = 0.2,
-    max_samples: int | None = None,
-    max_length: int = 256,
-    seed: int = 0,
-    batch_size: int = 16,
-    device: str = "auto",
-    progress: bool = True,
-) -> Path:
-    from precompute.cache import check_replaceable_output, write_dir_atomic
-    from precompute.lab.finetune import encode_example, sample_key
-    from precompute.model.loading import load_model
-
+def _check_sizes(remove_frac: float, max_samples: int | None, max_length: int, batch_size: int) -> None:
     if not 0.0 < remove_frac < 1.0:
         raise FeatureGeomError("--remove-frac must be between 0 and 1")
     for flag, value, least in (
@@ -221,11 +205,21 @@ def triage(
     ):
         if value is not None and value < least:
             raise FeatureGeomError(f"{flag} must be at least {least} (got {value})")
-    start = time.perf_counter()
-    out_dir = Path(out) if out else Path(cache) / "triage" / Path(dataset).name.split(".")[0]
-    # Output, cache and dataset are checked before the model and SAE load, so bad input fails fast.
-    check_replaceable_output(out_dir, TRIAGE_SIDECAR, TRIAGE_WHAT)
-    check_harm_cache(cache)
+
+
+@dataclass
+class _Dataset:
+    """The records read (the first --max-samples), their documents, the chats that can be scored, and
+    why every other record was skipped."""
+
+    source: CorpusSource
+    records: dict[int, dict[str, Any]]
+    docs: list[Document]
+    chats: list[Document]
+    skipped: Counter
+
+
+def _read_dataset(dataset: str, max_samples: int | None, seed: int) -> _Dataset:
     source = CorpusSource(path=dataset, group="task")
     docs, _ = read_source(source, 0, seed=seed)
     docs.sort(key=lambda d: d.index)  # file order: the ranking names records by their index
@@ -247,29 +241,26 @@ def triage(
             chats.append(doc)
         else:
             skipped[reason] += 1
-    if not chats:
-        raise _nothing_to_score(dataset, skipped)
-    geo = load_harm_geometry(cache)  # one SAE load for the weights and the scoring
-    w_direct, w_via, info = feature_weights(geo)
-    lm = load_model(model, device=device, adapter=adapter)
-    sae = geo.sae.to(lm.device)
+    return _Dataset(source, records, docs, chats, skipped)
+
+
+def _encode_chats(data: _Dataset, tokenizer: Any, max_length: int) -> tuple[list[Any], list[int]]:
+    """The chats as training examples (as finetune encodes them) and their record indices."""
+    from precompute.lab.finetune import encode_example, sample_key
+
     examples, indices = [], []
-    for doc in chats:
-        ex = encode_example(doc, lm.tokenizer, max_length, sample_key(doc, source))
+    for doc in data.chats:
+        ex = encode_example(doc, tokenizer, max_length, sample_key(doc, data.source))
         if ex is None:
-            skipped[SKIP_TOO_LONG] += 1
+            data.skipped[SKIP_TOO_LONG] += 1
             continue
         examples.append(ex)
         indices.append(doc.index)
-    if not examples:
-        raise _nothing_to_score(dataset, skipped)
-    skipped_counts = _in_report_order(skipped)
-    ranked, tok_direct, tok_via = score_samples(
-        lm, sae, info["hook"], examples, w_direct, w_via, batch_size, progress
-    )
-    ranked.insert(1, "index", indices)
-    previews = {d.index: d.preview(400) for d in docs}
-    ranked["preview"] = ranked["index"].map(previews)
+    return examples, indices
+
+
+def _rank(ranked: pd.DataFrame, remove_frac: float, seed: int) -> tuple[pd.DataFrame, int, set, set]:
+    """Sort by score, number the ranks and mark the top `remove_frac` and a same-size random draw."""
     ranked["row"] = np.arange(len(ranked))  # position in `examples`
     ranked = ranked.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
@@ -279,7 +270,17 @@ def triage(
     random_removed = set(rng.choice(ranked["index"].to_numpy(), size=n_remove, replace=False).tolist())
     ranked["removed"] = ranked["index"].isin(removed)
     ranked["random_removed"] = ranked["index"].isin(random_removed)
+    return ranked, n_remove, removed, random_removed
 
+
+def _token_rows(
+    ranked: pd.DataFrame,
+    examples: list[Any],
+    tok_direct: list[np.ndarray],
+    tok_via: list[np.ndarray],
+    tokenizer: Any,
+) -> list[dict[str, Any]]:
+    """Per-token scores of the TOKEN_ROWS // 2 top and bottom samples, for the explorer's highlighting."""
     keep_rows = list(range(min(TOKEN_ROWS // 2, len(ranked)))) + list(
         range(max(0, len(ranked) - TOKEN_ROWS // 2), len(ranked))
     )
@@ -291,12 +292,60 @@ def triage(
             {
                 "rank": int(row["rank"]),
                 "key": row["key"],
-                "tokens": [lm.tokenizer.decode([t]) for t in ex.input_ids],
+                "tokens": [tokenizer.decode([t]) for t in ex.input_ids],
                 "trained": [lab != -100 for lab in ex.labels],
                 "direct": tok_direct[int(row["row"])].round(4).tolist(),
                 "via_overlap": tok_via[int(row["row"])].round(4).tolist(),
             }
         )
+    return token_rows
+
+
+def triage(
+    dataset: str,
+    cache: str,
+    out: str | None = None,
+    model: str = "smollm2",
+    adapter: str | None = None,
+    remove_frac: float = 0.2,
+    max_samples: int | None = None,
+    max_length: int = 256,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    from precompute.cache import check_replaceable_output, write_dir_atomic
+    from precompute.model.loading import load_model
+
+    _check_sizes(remove_frac, max_samples, max_length, batch_size)
+    start = time.perf_counter()
+    out_dir = Path(out) if out else Path(cache) / "triage" / Path(dataset).name.split(".")[0]
+    # Output, cache and dataset are checked before the model and SAE load, so bad input fails fast.
+    check_replaceable_output(out_dir, TRIAGE_SIDECAR, TRIAGE_WHAT)
+    check_harm_cache(cache)
+    data = _read_dataset(dataset, max_samples, seed)
+    if not data.chats:
+        raise _nothing_to_score(dataset, data.skipped)
+    lm = load_model(model, device=device, adapter=adapter)
+    # one SAE load for the weights and the scoring, checked against the model it reads
+    geo = load_harm_geometry(cache, d_model=lm.d_model, model_name=lm.name)
+    w_direct, w_via, info = feature_weights(geo)
+    sae = geo.sae.to(lm.device)
+    tokenizer: Any = lm.tokenizer
+    examples, indices = _encode_chats(data, tokenizer, max_length)
+    if not examples:
+        raise _nothing_to_score(dataset, data.skipped)
+    skipped_counts = _in_report_order(data.skipped)
+    scores, tok_direct, tok_via = score_samples(
+        lm, sae, info["hook"], examples, w_direct, w_via, batch_size, progress
+    )
+    scores.insert(1, "index", indices)
+    previews = {d.index: d.preview(400) for d in data.docs}
+    scores["preview"] = scores["index"].map(previews)
+    ranked, n_remove, removed, random_removed = _rank(scores, remove_frac, seed)
+    token_rows = _token_rows(ranked, examples, tok_direct, tok_via, tokenizer)
+    records = data.records
 
     def write(d: Path) -> None:
         ranked.drop(columns=["row"]).to_parquet(d / "ranked.parquet", index=False)
@@ -325,52 +374,46 @@ def triage(
     return write_dir_atomic(out_dir, write, marker=TRIAGE_SIDECAR, what=TRIAGE_WHAT)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = __doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3])
-    a = parser.add_argument
-    a(
-        "dataset",
+# -------------------------------------------------------------------------------------------- command
+@dataclass
+class TriageOptions:
+    dataset: str | None = option(
+        None,
+        positional=True,
         metavar="DATASET",
         help="fine-tuning samples (chat JSONL such as assets/data/em/insecure.jsonl.gz)",
     )
-    a(
-        "--cache",
-        required=True,
-        metavar="DIR",
-        help="precompute cache whose harmful/task features define the score",
+    cache: str | None = option(
+        None, metavar="DIR", help="precompute cache whose harmful/task features define the score"
     )
-    a("--out", default=None, metavar="DIR", help="output directory (default CACHE/triage/DATASET-STEM)")
-    a("--model", default="smollm2")
-    a("--adapter", default=None, metavar="DIR", help="score with a fine-tuned model instead")
-    a(
-        "--remove-frac",
-        type=float,
-        default=0.2,
-        help="share of top-scoring samples left out of filtered.jsonl",
-    )
-    a("--max-samples", type=int, default=None, help="score only the first N records")
-    a("--max-length", type=int, default=256, help="tokens per sample (as finetune)")
-    a("--batch-size", type=int, default=16)
-    a("--seed", type=int, default=0, help="seed of the random-removal control")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    a("--no-progress", dest="progress", action="store_false", default=True)
+    out: str | None = option(None, metavar="DIR", help="output directory (default CACHE/triage/DATASET-STEM)")
+    model: str = option("smollm2", help="model that reads the samples")
+    adapter: str | None = option(None, metavar="DIR", help="score with a fine-tuned model instead")
+    # sizes are checked by triage() itself, so a call from Python gets the same messages
+    remove_frac: float = option(0.2, help="share of top-scoring samples left out of filtered.jsonl")
+    max_samples: int | None = option(None, help="score only the first N records")
+    max_length: int = option(256, help="tokens per sample (as finetune)")
+    batch_size: int = option(16, help="samples per forward pass")
+    seed: int = option(0, low=0, high=2**32 - 1, help="seed of the random-removal control")
+    device: str = option("auto", choices=DEVICES, help="where to run")
+    progress: bool = option(True, help="hide the progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_triage(opts: TriageOptions) -> int:
+    require(opts, "dataset", "cache", command="triage")
     out = triage(
-        args.dataset,
-        args.cache,
-        args.out,
-        args.model,
-        args.adapter,
-        args.remove_frac,
-        args.max_samples,
-        args.max_length,
-        args.seed,
-        args.batch_size,
-        args.device,
-        args.progress,
+        str(opts.dataset),
+        str(opts.cache),
+        opts.out,
+        opts.model,
+        opts.adapter,
+        opts.remove_frac,
+        opts.max_samples,
+        opts.max_length,
+        opts.seed,
+        opts.batch_size,
+        opts.device,
+        opts.progress,
     )
     ranked = pd.read_parquet(out / "ranked.parquet")
     skipped = json.loads((out / TRIAGE_SIDECAR).read_text()).get("skipped", {})
@@ -386,11 +429,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from precompute.cli import main as cli_main
-
-    return cli_main(["triage", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+COMMANDS = (
+    Command(
+        "triage",
+        "rank a dataset's samples by how much they drive harmful-neighbour features",
+        TriageOptions,
+        run_triage,
+        description="Rank a fine-tuning dataset's samples by how much they drive harmful-neighbour features. "
+        "Each trained (assistant) token scores Σ_j a_j(x_t) · w_j with w_j = 1 for harmful features, "
+        "w_j = Σ_h max(0, cos(d_j, d_h) − c_null) for task features (their overlap with each harmful h "
+        "beyond the cache's null cosine) and 0 otherwise; a sample's score is the mean over its trained "
+        "tokens. Rankings, per-token scores, the filtered dataset (top --remove-frac removed) and a "
+        "same-size random removal (the control) are written to --out.",
+    ),
+)

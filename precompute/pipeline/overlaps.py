@@ -194,8 +194,10 @@ def find_overlaps(
     else:
         jac = cond = np.full(len(task_f), np.nan)
 
+    from precompute.excess import scaled_excess_over_null
+
     null = float(null_cosine)
-    excess = np.clip((cos - null) / (1.0 - null), 0.0, 1.0) if null < 1.0 else np.zeros(len(cos))
+    excess = scaled_excess_over_null(cos, null)
     hs, ts = harm_score[harm_f], task_score[task_f]
     risk = excess * np.clip(2.0 * hs - 1.0, 0.0, 1.0) * np.clip(2.0 * ts - 1.0, 0.0, 1.0)
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from explorer.data import load_cache
-from precompute.lab.steer import FEATURE_COLUMNS, save_steering
+from precompute.lab.steering_results import FEATURE_COLUMNS, save_steering
 from tests.explorer.test_apptest import all_text, run_page
 
 

@@ -4,25 +4,20 @@ nearly so for small α."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from explorer.steering_figure import steering_figure
 from precompute.errors import FeatureGeomError
-from precompute.lab.steer import (
+from precompute.lab.steering import steer_hook, steering_check
+from precompute.lab.steering_results import (
     FEATURE_COLUMNS,
     SUBSETS,
     fit_slope,
     load_steering,
-    main,
-    pearson_r,
     save_steering,
-    steer_hook,
-    steering_check,
-    steering_figure,
     summarize,
 )
 from precompute.model.loading import HookPoint, HookReader, load_model, resolve_hook
@@ -94,21 +89,6 @@ def test_steer_hook_handles_tuple_outputs_and_checks_shapes():
     with steer_hook(net, HookPoint("block", "block"), torch.ones(4), 1.0, positions=torch.ones(2, 2)):
         with pytest.raises(FeatureGeomError):
             net(x)
-
-
-# ------------------------------------------------------------------------------------------- fits
-def test_fit_slope_on_a_known_line_and_with_noise():
-    x = np.linspace(-3, 3, 50)
-    slope, r2, n = fit_slope(2.5 * x, x)
-    assert slope == pytest.approx(2.5) and r2 == pytest.approx(1.0) and n == 50
-    rng = np.random.default_rng(0)
-    y = 2.0 * x + rng.normal(0, 0.5, x.size)
-    slope, r2, n = fit_slope(y, x)
-    assert slope == pytest.approx(float(x @ y / (x @ x)))
-    assert r2 == pytest.approx(1 - ((y - slope * x) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-    assert pearson_r(y, x) == pytest.approx(np.corrcoef(x, y)[0, 1])
-    assert all(math.isnan(v) for v in fit_slope([1.0, 2.0], [0.0, 0.0])[:2])
-    assert fit_slope([np.nan, 1.0], [1.0, 1.0])[2] == 1
 
 
 # ------------------------------------------------------------------------------------------ check
@@ -192,7 +172,7 @@ def test_feature_subset_and_errors(tiny_lm):
         steering_check(tiny_lm, HOOK, sae, task_feature=0, alphas=[0.1], prompts=PROMPTS, alpha_unit="bogus")
 
 
-# ---------------------------------------------------------------------------------- files, figure, CLI
+# ---------------------------------------------------------------------------------- files, figure
 def test_save_load_and_figure(tiny_lm, tmp_path):
     sae = make_sae(32, 64, k=4)
     df = steering_check(tiny_lm, HOOK, sae, task_feature=2, alphas=[0.1, 0.5], prompts=PROMPTS)
@@ -211,73 +191,3 @@ def test_save_load_and_figure(tiny_lm, tmp_path):
     assert all(2 not in set(t.customdata[:, 0]) for t in without.data if t.name.startswith("α="))
     empty = steering_figure(df.iloc[0:0], task_feature=2)
     assert [t.name for t in empty.data] == ["y = x"]
-
-
-def test_cli_help_and_run(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert "--task-feature" in out and "--alphas" in out and "--harmful-feature" in out
-    target = tmp_path / "steer.json"
-    rc = main(
-        [
-            "--model",
-            str(tiny_model_dir),
-            "--sae",
-            str(tiny_sae_dir),
-            "--task-feature",
-            "0",
-            "--harmful-feature",
-            "1",
-            "--prompts",
-            str(tiny_corpus["benign"]),
-            "--n-prompts",
-            "4",
-            "--alphas",
-            "0.05,0.5",
-            "--device",
-            "cpu",
-            "--out",
-            str(target),
-        ]
-    )
-    out = capsys.readouterr().out
-    assert rc == 0 and "harmful feature 1" in out and "active" in out and target.is_file()
-    assert set(load_steering(target)["alpha"]) == {0.05, 0.5}
-    assert (
-        main(
-            [
-                "--model",
-                str(tiny_model_dir),
-                "--sae",
-                str(tiny_sae_dir),
-                "--task-feature",
-                "999",
-                "--device",
-                "cpu",
-                "--prompts",
-                str(tiny_corpus["benign"]),
-            ]
-        )
-        == 2
-    )
-    assert "out of range" in capsys.readouterr().err
-
-
-def test_save_steering_replaces_only_its_own_files(tmp_path) -> None:
-    from precompute.errors import FeatureGeomError
-    from precompute.lab.steer import FEATURE_COLUMNS, load_steering, save_steering
-
-    df = pd.DataFrame({c: [0.0, 1.0] for c in FEATURE_COLUMNS})
-    df.attrs = {"meta": {"task_feature": 1}, "summary": []}
-    for name in ("s.parquet", "s.json"):
-        out = save_steering(df, tmp_path / name)
-        save_steering(df, out)  # an earlier steering output may be replaced
-        assert load_steering(out).attrs["meta"] == {"task_feature": 1}
-    precious = tmp_path / "notes.json"
-    precious.write_text('{"mine": true}')
-    with pytest.raises(FeatureGeomError, match="is not an earlier steering output"):
-        save_steering(df, precious)
-    assert precious.read_text() == '{"mine": true}'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json", "s.json", "s.parquet"]

@@ -174,6 +174,9 @@ def test_triage_says_what_it_skipped_and_keeps_every_record(cache, tiny_model_di
         == 0
     )
     stdout = capsys.readouterr().out.splitlines()
+    # the tiny SAE names another model than the tiny model: triage checks the pair, as every command does
+    assert stdout[0].startswith("warning: the SAE was trained on tiny but is being applied to")
+    stdout = stdout[1:]
     assert stdout[0] == f"wrote {out}: 5 samples ranked; removed 1 into filtered.jsonl"
     assert stdout[1] == (
         "not scored: 1 not valid UTF-8; 2 malformed (not a JSON object, or a bad messages list); 1 no messages or "

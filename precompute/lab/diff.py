@@ -38,9 +38,9 @@ import torch
 
 from precompute.argtypes import non_negative_int, positive_int, seed_int
 from precompute.cache import check_replaceable_output, write_dir_atomic
-from precompute.data.activations import pad_batch
 from precompute.data.corpus import CorpusSource, read_source
 from precompute.errors import CacheError, FeatureGeomError
+from precompute.model.activations import pad_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAE = ROOT / "assets/sae/smollm2-135m-instruct-blocks.15.hook_resid_post-topk"
@@ -176,7 +176,7 @@ def read_features(
     Returns {f"{span}_mean": [n, F], f"{span}_rate": [n, F], f"{span}_tokens": [n]} (float32 / int64).
     Sequences are right-padded, so positions are plain 0..L-1 as in an unpadded forward.
     """
-    from precompute.model.loading import HookReader, resolve_hook
+    from precompute.model.hooks import HookReader, resolve_hook
 
     reader = HookReader(lm.model, resolve_hook(lm.model, hook_name))
     n, f = len(sequences), sae.d_sae
@@ -501,7 +501,7 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
     from safetensors.torch import load_file, save_file
 
     from precompute.lab.patch import norm_removed, project_lora_B
-    from precompute.model.loading import resolve_adapter_dir
+    from precompute.model.load import resolve_adapter_dir
 
     src = resolve_adapter_dir(adapter)
     weights = load_file(str(src / "adapter_model.safetensors"))
@@ -577,7 +577,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from precompute.model.loading import load_model
+    from precompute.model.load import load_model
     from precompute.sae.registry import check_compatible, load_sae
 
     check_replaceable_output(args.out, EVAL_SIDECAR, EVAL_WHAT)  # before the model generates for minutes

@@ -65,10 +65,10 @@ import pandas as pd
 import torch
 
 from precompute.argtypes import non_negative_int, positive_int, seed_int
-from precompute.data.activations import pad_batch
 from precompute.data.corpus import Context, CorpusSource, Document, pack_contexts, read_source
 from precompute.errors import FeatureGeomError, HookNotFoundError, ShapeMismatchError
-from precompute.model.loading import HookPoint, HookReader, resolve_hook
+from precompute.model.activations import pad_batch
+from precompute.model.hooks import HookPoint, HookReader, resolve_hook
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = ROOT / "assets/data/benign/self_instruct_seed_tasks.jsonl"
@@ -317,7 +317,7 @@ def steering_check(
     sae_device = sae.W_enc.device
     reader = HookReader(model, hook)
 
-    from precompute.data.activations import count_mask
+    from precompute.model.activations import count_mask
 
     t0 = time.perf_counter()
     # pass 1: unsteered residuals (kept whole, to check that unsteered positions stay untouched)
@@ -777,7 +777,7 @@ def _print_summary(df: pd.DataFrame, harmful: int | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`featuregeom steer`: load model and SAE, run `steering_check`, print and write the result."""
-    from precompute.model.loading import load_model
+    from precompute.model.load import load_model
     from precompute.sae.registry import check_compatible, load_sae
 
     sae_path = args.sae or str(DEFAULT_SAE)

@@ -34,15 +34,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from precompute.data.corpus import (
-    CorpusSource,
-    Document,
-    ReadStats,
-    _MalformedRecord,
-    _records,
-    _to_documents,
-    read_source,
-)
+from precompute.data.corpus import CorpusSource, Document, _MalformedRecord, _to_documents, read_source
+from precompute.data.records import ReadStats
+from precompute.data.records import read_records as _records  # public name since the corpus split
 from precompute.errors import CorpusError, FeatureGeomError
 from precompute.lab.diff import HarmGeometry, check_harm_cache, load_harm_geometry
 
@@ -106,7 +100,7 @@ def score_samples(
     from tqdm.auto import tqdm
 
     from precompute.lab.finetune import collate
-    from precompute.model.loading import HookReader, resolve_hook
+    from precompute.model.hooks import HookReader, resolve_hook
 
     reader = HookReader(lm.model, resolve_hook(lm.model, hook_name))
     wd = torch.as_tensor(w_direct, device=lm.device)
@@ -210,7 +204,7 @@ def triage(
 ) -> Path:
     from precompute.cache import check_replaceable_output, write_dir_atomic
     from precompute.lab.finetune import encode_example, sample_key
-    from precompute.model.loading import load_model
+    from precompute.model.load import load_model
 
     if not 0.0 < remove_frac < 1.0:
         raise FeatureGeomError("--remove-frac must be between 0 and 1")

@@ -48,10 +48,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from precompute.data.activations import CorpusPlan, count_mask, iter_activations, pad_batch
-from precompute.data.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
+from precompute.data.corpus import Context, CorpusSource, Document, pack_contexts, read_source
+from precompute.data.plan import CorpusPlan
+from precompute.data.records import ReadStats
 from precompute.errors import CorpusError, FeatureGeomError, run_command
-from precompute.model.loading import HookPoint, HookReader
+from precompute.model.activations import count_mask, iter_activations, pad_batch
+from precompute.model.hooks import HookPoint, HookReader
 from precompute.sae.base import SAE
 
 ADAM_EPS = 6.25e-10  # Gao et al. 2024
@@ -1255,7 +1257,8 @@ def _command_line() -> str:
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate and write the SAE named by `args` (see `add_arguments`)."""
     from precompute.cache import check_replaceable_output, sha256_of, write_dir_atomic
-    from precompute.model.loading import load_model, resolve_device, resolve_hook
+    from precompute.model.hooks import resolve_hook
+    from precompute.model.load import load_model, resolve_device
     from precompute.sae.formats.saelens import save_saelens
 
     cfg = TrainSAEConfig.load(getattr(args, "config", None), _overrides(args))
@@ -1496,7 +1499,8 @@ def _eval_only(cfg: TrainSAEConfig) -> int:
     """Re-score the SAE in --out on this config's held-out documents; rewrite its recorded figures."""
     from safetensors.torch import save_file
 
-    from precompute.model.loading import load_model, resolve_device, resolve_hook
+    from precompute.model.hooks import resolve_hook
+    from precompute.model.load import load_model, resolve_device
     from precompute.sae.registry import load_sae
 
     out = Path(str(cfg.out))

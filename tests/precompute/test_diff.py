@@ -26,7 +26,8 @@ from precompute.lab.diff import (
     save_eval,
 )
 from precompute.lab.patch import orthonormal_basis
-from precompute.model.loading import HookReader, load_model, resolve_hook
+from precompute.model.hooks import HookReader, resolve_hook
+from precompute.model.load import load_model
 from precompute.sae.registry import load_sae
 from tests.tiny import write_feature_cache
 

@@ -25,7 +25,8 @@ from precompute.lab.steer import (
     steering_figure,
     summarize,
 )
-from precompute.model.loading import HookPoint, HookReader, load_model, resolve_hook
+from precompute.model.hooks import HookPoint, HookReader, resolve_hook
+from precompute.model.load import load_model
 from tests.tiny import make_sae
 
 HOOK = "blocks.1.hook_resid_post"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from precompute.lab import synth
-from precompute.pipeline.geometry import null_cosine
+from precompute.pipeline.null import null_cosine
 
 COSINES = (0.9, 0.7, 0.5, 0.3)
 

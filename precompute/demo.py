@@ -56,12 +56,17 @@ def build(cfg: DemoOptions) -> Path:
     return run_precompute(cfg)
 
 
+def run_demo(cfg: DemoOptions) -> int:
+    build(cfg)
+    return 0
+
+
 COMMANDS = (
     Command(
         "demo",
         "build the demo cache if it is missing or invalid (configs/demo.toml)",
         DemoOptions,
-        lambda cfg: build(cfg) and 0,
+        run_demo,
         description="Build the demo cache from --config (default configs/demo.toml) unless a valid one "
         "exists at --out, after checking that every asset it needs is present.",
         flags=("out", "force", "device", "progress"),

@@ -123,7 +123,7 @@ def _hh_to_messages(text: str) -> list[dict[str, str]] | None:
     parts = _HH_TURN.split(text)
     if len(parts) < 3:
         return None
-    messages = []
+    messages: list[dict[str, str]] = []
     for role, content in zip(parts[1::2], parts[2::2], strict=False):
         role = "user" if role == "Human" else "assistant"
         if messages and messages[-1]["role"] == role:

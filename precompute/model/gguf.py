@@ -59,6 +59,7 @@ def load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any, str]:
     Returns (model, tokenizer, the file's sha256); transformers' own objects, hence Any."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model: Any  # a transformers PreTrainedModel
     target, digest, stamp = _converted_gguf_dir(gguf)
     if (target / "config.json").is_file() and _copy_is_ours(target, digest, stamp):
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)

@@ -27,7 +27,7 @@ from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.logit_lens import logit_lens, model_unembedding
 from precompute.pipeline.neuronpedia import import_neuronpedia
 from precompute.pipeline.shards import cache_shards, doc_feature_max
-from precompute.schema import DOCUMENTS
+from precompute.schema import DOCUMENTS, HARVEST_DIR
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def harm_scores(
     if len(doc) and doc.max() >= len(doc_group):
         raise CacheError(
             f"the harvest shards refer to document id {int(doc.max())} but only {len(doc_group)} documents are "
-            "listed; documents.parquet and harvest/ come from different runs - rerun `featuregeom harvest`"
+            f"listed; {DOCUMENTS} and {HARVEST_DIR}/ come from different runs - rerun `featuregeom harvest`"
         )
     groups = np.array([str(g) for g in doc_group.tolist()], dtype=object)
     ids = {g: np.flatnonzero(groups == g) for g in (HARMFUL, BENIGN, TASK, CONTROL, GENERAL)}

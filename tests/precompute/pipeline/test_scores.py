@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from precompute.errors import CorpusError
 from precompute.pipeline.auroc import auroc_sparse
-from precompute.pipeline.scores import harm_scores
+from precompute.pipeline.scores import harm_scores, harvested_documents
 from precompute.pipeline.shards import doc_feature_max, shard_name
 
 
@@ -199,3 +200,19 @@ def test_harm_category_needs_min_docs(tmp_path: Path) -> None:
     cats[FRAUD] = ["fraud", "fraud", "x", "y", "z", None]  # fraud now has 2 docs < min_docs
     table = harm_scores(doc, feat, val, N_FEATURES, np.array(GROUPS, dtype=object), cats)
     assert table.loc[2, "is_harmful"] and table.loc[2, "harm_category"] == "weapons"
+
+
+def test_only_harvested_documents_are_scored() -> None:
+    """A document the token budget never reached is "unharvested", not a harmful/benign "never fires"."""
+    docs = pd.DataFrame(
+        {
+            "doc_id": [0, 1, 2, 4],
+            "group": ["harmful", "benign", "harmful", "benign"],
+            "category": ["weapons", None, "fraud", None],
+            "n_tokens": [5, 3, 0, 7],
+        }
+    )
+    group, category, read = harvested_documents(docs)
+    assert group.tolist() == ["harmful", "benign", "unharvested", "unharvested", "benign"]
+    assert [c if isinstance(c, str) else None for c in category] == ["weapons", None, None, None, None]
+    assert read["doc_id"].tolist() == [0, 1, 4]

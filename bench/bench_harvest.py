@@ -48,9 +48,11 @@ def sync() -> None:
 
 
 def bench_fraction(args) -> dict:
-    from precompute.data.activations import count_mask, plan_corpus
     from precompute.data.corpus import CorpusSource
-    from precompute.model.loading import HookReader, load_model, resolve_hook
+    from precompute.data.plan import plan_corpus
+    from precompute.model.activations import count_mask
+    from precompute.model.hooks import HookReader, resolve_hook
+    from precompute.model.load import load_model
     from precompute.sae.registry import load_sae
 
     lm = load_model("smollm2", device=args.device)

@@ -74,7 +74,7 @@ def worker(method: str, n: int, d: int, k: int, seed: int, result: str) -> None:
     # import only what this method needs, before the baseline is taken
     if method.startswith("ours"):
         sys.path.insert(0, str(REPO))
-        from precompute.pipeline.geometry import knn_cosine
+        from precompute.pipeline.knn import knn_cosine
     elif method == "faiss_flatip":
         import faiss
     elif method == "sklearn_brute":

@@ -29,13 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from precompute.pipeline.geometry import (  # noqa: E402
-    _rescale_unit_box,
-    knn_cosine,
-    neighbourhood_preservation,
-    umap_layout,
-    unit_rows,
-)
+from precompute.pipeline.knn import knn_cosine, unit_rows
+from precompute.pipeline.layout import _rescale_unit_box, neighbourhood_preservation, umap_layout
 
 
 def cpu_seconds() -> float:

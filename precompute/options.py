@@ -20,7 +20,7 @@ import types
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Protocol, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from precompute.errors import ConfigError
 
@@ -121,7 +121,17 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _item_class(f: dataclasses.Field, annotation: Any) -> type | None:
+class ListItem(Protocol):
+    """The `item` of a list option (e.g. `CorpusSource`): built from a flag value or a TOML table."""
+
+    @classmethod
+    def parse(cls, spec: str) -> Any: ...
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any: ...
+
+
+def _item_class(f: dataclasses.Field, annotation: Any) -> type[ListItem] | None:
     """The `item` of a list option: declared in its metadata, or a list[X] whose X has parse/from_dict."""
     if f.metadata.get("item"):
         return f.metadata["item"]
@@ -197,7 +207,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, only: Sequence[str] 
         parser.add_argument(_flag(f.name), **kwargs)
 
 
-def _items(name: str, raw: Any, item: type, where: str) -> list[Any]:
+def _items(name: str, raw: Any, item: type[ListItem], where: str) -> list[Any]:
     """A TOML list of `[[name]]` tables -> `item` objects, each value type-checked."""
     if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
         raise ConfigError(f"{name!r}{where} must be a list of [[{name}]] tables, got {raw!r}")
@@ -212,7 +222,7 @@ def _items(name: str, raw: Any, item: type, where: str) -> list[Any]:
         checked = {
             k: coerce_value(f"{name}.{k}", v, hints[k], where) if k in hints else v for k, v in table.items()
         }
-        out.append(item.from_dict(checked))  # type: ignore[attr-defined]
+        out.append(item.from_dict(checked))
     return out
 
 

@@ -26,7 +26,8 @@ MIN_HELDOUT_TOKENS = 30_000  # enough that a latent firing once per 10k tokens i
 
 @pytest.mark.slow
 def test_default_sae_clears_the_bars_on_heldout_text(monkeypatch):
-    from precompute.model.loading import load_model, resolve_hook
+    from precompute.model.hooks import resolve_hook
+    from precompute.model.load import load_model
     from precompute.sae.registry import check_compatible, load_sae
     from precompute.training.config import TrainSAEConfig
     from precompute.training.evaluation import evaluate

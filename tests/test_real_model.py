@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm():
-    from precompute.model.loading import load_model
+    from precompute.model.load import load_model
 
     return load_model("smollm2", device="cpu")
 
@@ -36,7 +36,7 @@ def test_packaged_gguf_loads_and_answers_sanely(smollm):
 
 
 def test_hook_stops_at_block_15_and_matches_hidden_states(smollm):
-    from precompute.model.loading import HookReader, resolve_hook
+    from precompute.model.hooks import HookReader, resolve_hook
 
     ids = smollm.tokenizer("Write a function that reads a file.", return_tensors="pt")["input_ids"]
     reader = HookReader(smollm.model, resolve_hook(smollm.model, "blocks.15.hook_resid_post"))

@@ -1,25 +1,21 @@
-"""Read corpus sources (JSONL/CSV/TXT/JSON/YAML, optionally gzipped, and Parquet) into documents
-and pack them into fixed-size token contexts.
+"""Corpus sources and their documents: what a `--corpus` names, how a record becomes documents (text or
+chat messages), and how documents are cut into fixed-size token contexts.
 
-Every document keeps its group and category so they travel into the examples. Text that is not
-valid UTF-8 is skipped and counted, never fatal.
+Every document keeps its group and category so they travel into the examples. Reading the files
+themselves is `precompute.data.records`.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import logging
 import random
 import re
-import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from precompute.data.records import ReadStats, has_surrogates, kind_of, read_records, shorten
 from precompute.errors import CorpusError
 
 GROUPS = ("task", "control", "harmful", "benign", "general")
@@ -40,8 +36,6 @@ TEXT_FIELDS = (
     "content",
 )
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):\s?")
-# Python's default CSV field limit (128 KiB) rejects long documents; 2**31 - 1 fits a C long everywhere.
-_CSV_FIELD_LIMIT = 2**31 - 1
 
 log = logging.getLogger(__name__)
 
@@ -121,190 +115,15 @@ class Document:
         return (self.text or "")[:n]
 
 
-@dataclass
-class ReadStats:
-    records: int = 0
-    documents: int = 0
-    skipped_non_utf8: int = 0
-    skipped_malformed: int = 0
-    skipped_empty: int = 0
-    skipped_filtered: int = 0
-    first_malformed: str | None = None  # where and why the first malformed record was skipped
-
-    def malformed(self, where: str) -> None:
-        self.skipped_malformed += 1
-        if self.first_malformed is None:
-            self.first_malformed = where
-
-    def skipped_summary(self) -> str:
-        parts = [
-            f"{n} {what}"
-            for n, what in (
-                (self.skipped_non_utf8, "not UTF-8"),
-                (self.skipped_malformed, "malformed"),
-                (self.skipped_empty, "without a text field"),
-                (self.skipped_filtered, "filtered out"),
-            )
-            if n
-        ]
-        if self.first_malformed:
-            parts.append(f"first malformed: {self.first_malformed}")
-        return ", ".join(parts)
-
-
 class _MalformedRecord(ValueError):
     """A record that is valid JSON/CSV but cannot be a document (e.g. a chat turn without a role)."""
-
-
-def _open_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        # BadGzipFile (an OSError): bad header or CRC; EOFError: truncated; zlib.error: corrupt deflate data.
-        except (OSError, EOFError, zlib.error) as exc:
-            raise CorpusError(
-                f"{path} is not a valid gzip file ({exc}); re-download or re-compress it"
-            ) from exc
-    return data
-
-
-def _base_suffix(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
-
-
-def _decode_lines(data: bytes, stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of every non-blank line that is valid UTF-8."""
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            yield number, raw.decode("utf-8")
-        except UnicodeDecodeError:
-            stats.skipped_non_utf8 += 1
-
-
-def _top_level_records(payload: Any, path: Path, kind: str) -> list[Any]:
-    """A JSON/YAML document's records: a list, an object's `data` list, or one object as one record."""
-    if payload is None:  # an empty YAML file
-        return []
-    if isinstance(payload, list):
-        return payload
-    if isinstance(payload, dict):
-        data = payload.get("data")
-        return data if isinstance(data, list) else [payload]
-    raise CorpusError(
-        f"the top level of {path} is {_kind(payload)} ({_short(repr(payload), 40)}); a {kind} corpus must "
-        "hold a list of records (objects or strings) or an object (one record, or a `data` list of records)"
-    )
-
-
-def _records(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
-    suffix = _base_suffix(path)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            # Plain Python values: lists stay lists (a `messages` column), nulls are None (not NaN).
-            rows = pq.read_table(path).to_pylist()
-        except Exception as exc:
-            raise CorpusError(f"could not read parquet file {path}: {exc}") from exc
-        yield from rows
-        return
-    data = _open_bytes(path)
-    if suffix == ".jsonl":
-        for number, line in _decode_lines(data, stats):
-            try:
-                record = json.loads(line)
-            # ValueError covers JSONDecodeError and integers over Python's digit limit; RecursionError
-            # a line nested thousands of levels deep.
-            except (ValueError, RecursionError):
-                stats.malformed(f"line {number} is not valid JSON")
-                continue
-            if isinstance(record, dict):
-                yield record
-            else:
-                stats.malformed(f"line {number} is {_kind(record)}, not a JSON object")
-    elif suffix == ".csv":
-        text = data.decode("utf-8", errors="surrogateescape")
-        csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            for row in reader:
-                if any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
-                    stats.skipped_non_utf8 += 1
-                    continue
-                yield row
-        except csv.Error as exc:
-            raise CorpusError(f"{path} line {reader.line_num} is not valid CSV ({exc})") from exc
-    elif suffix == ".json":
-        try:
-            payload = json.loads(data.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise CorpusError(f"{path} is not valid UTF-8 JSON ({_parse_failure(exc)})") from exc
-        for item in _top_level_records(payload, path, "JSON"):
-            yield item if isinstance(item, dict) else {"text": item}
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            payload = yaml.safe_load(data.decode("utf-8"))
-        # ValueError: bad UTF-8, or a scalar YAML cannot convert (a huge integer, a bad date).
-        except (ValueError, RecursionError, yaml.YAMLError) as exc:
-            raise CorpusError(f"{path} is not valid UTF-8 YAML ({_parse_failure(exc)})") from exc
-        for item in _top_level_records(payload, path, "YAML"):
-            yield item if isinstance(item, dict) else {"text": item}
-    elif suffix in (".txt", ".text", ".md", ""):
-        text = data.decode("utf-8", errors="surrogateescape")
-        for para in re.split(r"\n\s*\n", text):
-            if _has_surrogates(para):
-                stats.skipped_non_utf8 += 1
-            elif para.strip():
-                yield {"text": para.strip()}
-    else:
-        raise CorpusError(
-            f"unsupported corpus file type {path.name!r}; use .jsonl, .csv, .txt, .json, .yaml "
-            "(each optionally .gz) or .parquet"
-        )
-
-
-def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _parse_failure(exc: BaseException) -> str:
-    return "nested too deeply" if isinstance(exc, RecursionError) else _short(str(exc) or type(exc).__name__)
-
-
-def _kind(value: Any) -> str:
-    """A JSON-ish name of a value's type for messages: 'a string', 'a number', ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"
 
 
 def _hh_to_messages(text: str) -> list[dict[str, str]] | None:
     parts = _HH_TURN.split(text)
     if len(parts) < 3:
         return None
-    messages = []
+    messages: list[dict[str, str]] = []
     for role, content in zip(parts[1::2], parts[2::2], strict=False):
         role = "user" if role == "Human" else "assistant"
         if messages and messages[-1]["role"] == role:
@@ -320,12 +139,12 @@ def _chat_turns(value: list[Any], name: str) -> list[dict[str, str]]:
     for i, turn in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(turn, dict):
-            raise _MalformedRecord(f"{where} is {_kind(turn)}, not a {{role, content}} object")
+            raise _MalformedRecord(f"{where} is {kind_of(turn)}, not a {{role, content}} object")
         role = turn.get("role")
         if role is None:
             raise _MalformedRecord(f"{where} has no role")
         if not isinstance(role, str) or not role.strip():
-            raise _MalformedRecord(f"{where}.role is {_short(repr(role), 40)}, not a role name")
+            raise _MalformedRecord(f"{where}.role is {shorten(repr(role), 40)}, not a role name")
         turns.append({"role": role, "content": _turn_content(turn.get("content"), where)})
     return turns
 
@@ -342,7 +161,7 @@ def _turn_content(content: Any, where: str) -> str:
     ):
         # Joined without a separator, as the chat templates that accept parts render them.
         return "".join(part if isinstance(part, str) else part["text"] for part in content)
-    found = "a list with a part that is not text" if isinstance(content, list) else _kind(content)
+    found = "a list with a part that is not text" if isinstance(content, list) else kind_of(content)
     raise _MalformedRecord(f"{where}.content is {found}, not a string or a list of text parts")
 
 
@@ -364,7 +183,7 @@ def _to_documents_all_turns(
     if name == "turns" and isinstance(value, list) and value:
         return [(None, [{"role": "user", "content": str(value[0])}])]
     if name == "messages" and not isinstance(value, list | str | None):
-        raise _MalformedRecord(f"messages is {_kind(value)}, not a list of turns")
+        raise _MalformedRecord(f"messages is {kind_of(value)}, not a list of turns")
     # A `messages` list, or any list holding an object, is a chat: every element must be a turn.
     if isinstance(value, list) and (name == "messages" or any(isinstance(v, dict) for v in value)):
         messages = _chat_turns(value, name)
@@ -392,29 +211,36 @@ def _to_documents_all_turns(
     return out
 
 
-def read_source(
-    source: CorpusSource, source_index: int, first_doc_id: int = 0, seed: int = 0
-) -> tuple[list[Document], ReadStats]:
-    path = Path(source.path).expanduser()
-    if path.is_dir():
-        raise CorpusError(f"corpus path {path} is a directory; name a file inside it (one --corpus per file)")
-    if not path.is_file():
-        raise CorpusError(f"corpus file not found: {path}")
-    stats = ReadStats()
+def _record_category(record: dict[str, Any], source: CorpusSource) -> str | None:
+    """The source's fixed category, or the one read from the record's category field."""
+    if not source.category_field:
+        return source.category
+    raw = record.get(source.category_field)
+    if isinstance(raw, list):
+        raw = raw[0] if raw else None
+    return str(raw) if raw not in (None, "") else None
+
+
+def _is_utf8(text: str | None, messages: list | None) -> bool:
+    return not any(
+        s is not None and has_surrogates(s) for s in [text] + [m["content"] for m in messages or []]
+    )
+
+
+def _record_documents(
+    path: Path, source: CorpusSource, source_index: int, stats: ReadStats
+) -> tuple[list[Document], bool]:
+    """Every document of the file in record order (ids not yet given), and whether any record had the
+    source's category field."""
     docs: list[Document] = []
     category_field_seen = False
-    for index, record in enumerate(_records(path, stats)):
+    for index, record in enumerate(read_records(path, stats)):
         stats.records += 1
         category_field_seen = category_field_seen or source.category_field in record
         if any(str(record.get(k)) != str(v) for k, v in source.where.items()):  # TOML may give ints
             stats.skipped_filtered += 1
             continue
-        category = source.category
-        if source.category_field:
-            raw = record.get(source.category_field)
-            if isinstance(raw, list):
-                raw = raw[0] if raw else None
-            category = str(raw) if raw not in (None, "") else None
+        category = _record_category(record, source)
         try:
             items = _to_documents(record, source)
         except _MalformedRecord as exc:
@@ -423,20 +249,16 @@ def read_source(
         if not items:
             stats.skipped_empty += 1
         for text, messages in items:
-            for s in [text] + [m["content"] for m in messages or []]:
-                if s is not None and _has_surrogates(s):
-                    stats.skipped_non_utf8 += 1
-                    break
-            else:
+            if _is_utf8(text, messages):
                 docs.append(Document(0, source_index, source.group, category, text, messages, index))
-    # A seeded shuffle so a token budget takes a random subset, not the first rows of a sorted file.
-    random.Random(f"{seed}:{source.path}").shuffle(docs)
-    if source.max_docs is not None:
-        docs = docs[: source.max_docs]
-    for offset, doc in enumerate(docs):
-        doc.doc_id = first_doc_id + offset
-    stats.documents = len(docs)
-    if source.category_field and stats.records and not category_field_seen:
+            else:
+                stats.skipped_non_utf8 += 1
+    return docs, category_field_seen
+
+
+def _check_read(path: Path, source: CorpusSource, docs: list[Document], stats: ReadStats, seen: bool) -> None:
+    """Refuse a source that gave nothing usable; warn about what was skipped."""
+    if source.category_field and stats.records and not seen:
         # A misspelt @column would otherwise leave every category empty without a word.
         raise CorpusError(
             f"no record of {path} has the category field {source.category_field!r} (@column in the corpus "
@@ -452,6 +274,27 @@ def read_source(
         )
     if stats.skipped_non_utf8 or stats.skipped_malformed or stats.skipped_empty:
         log.warning("%s: %d documents read; skipped %s", path, stats.documents, stats.skipped_summary())
+
+
+def read_source(
+    source: CorpusSource, source_index: int, first_doc_id: int = 0, seed: int = 0
+) -> tuple[list[Document], ReadStats]:
+    """The documents of one source, shuffled by `seed`, cut to `max_docs`, numbered from `first_doc_id`."""
+    path = Path(source.path).expanduser()
+    if path.is_dir():
+        raise CorpusError(f"corpus path {path} is a directory; name a file inside it (one --corpus per file)")
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path}")
+    stats = ReadStats()
+    docs, category_field_seen = _record_documents(path, source, source_index, stats)
+    # A seeded shuffle so a token budget takes a random subset, not the first rows of a sorted file.
+    random.Random(f"{seed}:{source.path}").shuffle(docs)
+    if source.max_docs is not None:
+        docs = docs[: source.max_docs]
+    for offset, doc in enumerate(docs):
+        doc.doc_id = first_doc_id + offset
+    stats.documents = len(docs)
+    _check_read(path, source, docs, stats, category_field_seen)
     return docs, stats
 
 

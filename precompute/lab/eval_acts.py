@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 
 from precompute.cache import check_replaceable_output, write_dir_atomic
-from precompute.data.activations import pad_batch
 from precompute.data.corpus import CorpusSource, Document, read_source
 from precompute.defaults import DEFAULT_SAE, EM_QUESTIONS, NEUTRAL_PROMPTS, relative
 from precompute.errors import FeatureGeomError
+from precompute.model.activations import pad_batch
 from precompute.options import Command, option, require
 from precompute.pipeline.config import DEVICES
 
@@ -160,7 +160,7 @@ def read_features(
     Returns {f"{span}_mean": [n, F], f"{span}_rate": [n, F], f"{span}_tokens": [n]} (float32 / int64).
     Sequences are right-padded, so positions are plain 0..L-1 as in an unpadded forward.
     """
-    from precompute.model.loading import HookReader, resolve_hook
+    from precompute.model.hooks import HookReader, resolve_hook
 
     reader = HookReader(lm.model, resolve_hook(lm.model, hook_name))
     n, f = len(sequences), sae.d_sae
@@ -305,7 +305,7 @@ def _heldout_loss(opts: EvalActsOptions, lm: Any) -> dict[str, Any]:
 
 
 def run_eval_acts(opts: EvalActsOptions) -> int:
-    from precompute.model.loading import load_model
+    from precompute.model.load import load_model
     from precompute.sae.registry import load_sae_for_model
 
     require(opts, "out", command="eval-acts")

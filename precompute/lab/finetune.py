@@ -187,7 +187,7 @@ def split_examples(
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    from precompute.data.activations import pad_batch
+    from precompute.model.activations import pad_batch
 
     ids, mask = pad_batch([e.input_ids for e in batch], pad_id)
     labels, _ = pad_batch([e.labels for e in batch], -100)
@@ -255,7 +255,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    from precompute.model.loading import load_model
+    from precompute.model.load import load_model
 
     if not cfg.out:
         raise FeatureGeomError("finetune needs --out")

@@ -126,7 +126,7 @@ def patch_adapter(adapter: str | Path, basis: torch.Tensor, out: str | Path, met
     """Copy a peft LoRA adapter with every residual-writing B projected off span(basis); report norms removed."""
     from safetensors.torch import load_file, save_file
 
-    from precompute.model.loading import resolve_adapter_dir
+    from precompute.model.load import resolve_adapter_dir
 
     src = resolve_adapter_dir(adapter)
     weights = load_file(str(src / "adapter_model.safetensors"))

@@ -142,7 +142,7 @@ def run_steer(opts: SteerOptions) -> int:
     """`featuregeom steer`: load model and SAE, run `steering_check`, print and write the result."""
     from precompute.lab.steering import load_prompts, steering_check
     from precompute.lab.steering_results import save_steering
-    from precompute.model.loading import load_model
+    from precompute.model.load import load_model
     from precompute.sae.registry import load_sae_for_model
 
     if opts.task_feature is None:  # 0 is a feature, so not `require`

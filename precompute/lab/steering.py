@@ -62,12 +62,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from precompute.data.activations import count_mask, pad_batch
 from precompute.data.corpus import Context, CorpusSource, Document, pack_contexts, read_source
 from precompute.defaults import NEUTRAL_PROMPTS
 from precompute.errors import FeatureGeomError, HookNotFoundError, ShapeMismatchError
 from precompute.lab.steering_results import ALPHA_UNITS, DEFAULT_ALPHAS, summarize
-from precompute.model.loading import HookPoint, HookReader, resolve_hook
+from precompute.model.activations import count_mask, pad_batch
+from precompute.model.hooks import HookPoint, HookReader, resolve_hook
 
 
 # ----------------------------------------------------------------------------------------- the hook

@@ -33,15 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from precompute.data.corpus import (
-    CorpusSource,
-    Document,
-    ReadStats,
-    _MalformedRecord,
-    _records,
-    _to_documents,
-    read_source,
-)
+from precompute.data.corpus import CorpusSource, Document, _MalformedRecord, _to_documents, read_source
+from precompute.data.records import ReadStats
+from precompute.data.records import read_records as _records
 from precompute.errors import CorpusError, FeatureGeomError
 from precompute.lab.harm_geometry import HarmGeometry, check_harm_cache, load_harm_geometry
 from precompute.options import Command, option, require
@@ -107,7 +101,7 @@ def score_samples(
     from tqdm.auto import tqdm
 
     from precompute.lab.finetune import collate
-    from precompute.model.loading import HookReader, resolve_hook
+    from precompute.model.hooks import HookReader, resolve_hook
 
     reader = HookReader(lm.model, resolve_hook(lm.model, hook_name))
     wd = torch.as_tensor(w_direct, device=lm.device)
@@ -316,7 +310,7 @@ def triage(
     progress: bool = True,
 ) -> Path:
     from precompute.cache import check_replaceable_output, write_dir_atomic
-    from precompute.model.loading import load_model
+    from precompute.model.load import load_model
 
     _check_sizes(remove_frac, max_samples, max_length, batch_size)
     start = time.perf_counter()

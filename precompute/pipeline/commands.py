@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from precompute.errors import FeatureGeomError
 from precompute.options import Command, option
 from precompute.pipeline.config import RunConfig
+from precompute.pipeline.steps import STEPS as STEP_REGISTRY
 
-STEPS = ("harvest", "geometry", "scores", "overlaps")
+STEPS = tuple(STEP_REGISTRY)  # the step names, in the order they run
 
 _COMMON = ("out", "device", "seed", "progress")
 _MODEL = ("model", "adapter", "hook", "dtype")

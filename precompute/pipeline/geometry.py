@@ -1,638 +1,100 @@
-"""Decoder geometry: exact cosine neighbours, the null they are judged against, and the 2-D map.
+"""The geometry step: exact cosine neighbours of the SAE's decoder directions, the null threshold they
+are judged against, and the 2-D map (neighbors.npz, features.parquet `umap_x`/`umap_y`).
 
-Everything here is a pure function on arrays/tensors (no file I/O), so the pipeline, the tests
-and the benchmarks all call the same code.
-
-Why exact neighbours: the explorer's central claim is "feature j sits next to harmful feature h,
-above chance". An approximate index can silently drop the very pair a user is looking for, and
-exact search is cheap at SAE sizes (16k-1M rows). Why a null: a cosine only means something
-relative to what random directions reach in the same dimension with the same number of
-candidates (SCIENCE.md section 2a), so thresholds come from `null_cosine`, never a fixed 0.3.
+Needs only the SAE, so it can start a new cache on its own. The computations live in
+`precompute.pipeline.knn`, `.null` and `.layout`; this module calls them through its own names.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import warnings
-from collections.abc import Sequence
-from typing import Any
+import time
 
 import numpy as np
-import torch
-from scipy import special, stats
-from tqdm.auto import tqdm
+import pandas as pd
 
-log = logging.getLogger(__name__)
-
-ArrayLike = np.ndarray | torch.Tensor
-
-# Memory budget for one block's [block, n] float32 score matrix. 256 MiB keeps the CPU peak
-# near (n*d*4 + ~1.3 * budget) bytes whatever n is; on a GPU a larger block wastes nothing and
-# cuts kernel-launch overhead, so it gets more.
-CPU_BLOCK_BUDGET_BYTES = 256 * 2**20
-CUDA_BLOCK_BUDGET_BYTES = 2 * 2**30
-
-# Default CPU backend: faiss, by measurement (bench/bench_knn.py; tables in bench/README.md).
-# 2-core Xeon shared with other jobs, d=576, k=32, random unit rows, identical lists from both.
-# One thread each, CPU seconds (what a busy machine distorts least): 16k rows torch 3.0 vs faiss
-# 2.6; 32k 10.2-10.6 vs 8.2-8.3; 65k 47.6 vs 32.5 (mostly torch's separate topk pass over each score row).
-# Peak memory over the input: +331 vs +121 MiB at 16k, +452 vs +349 MiB at 65k (torch's is the
-# 256 MiB score block; the old unblocked torch code took 789 MiB / 2.4 GiB). On CUDA the torch
-# backend is used: faiss-cpu has no GPU path (DESIGN.md: plain torch blocks, 262k x 2304, 1.4 s).
-DEFAULT_CPU_BACKEND = "faiss"
-FAISS_QUERY_BLOCK = 4096
-
-BACKENDS = ("torch", "faiss")
+from precompute.cache import StagedCache
+from precompute.errors import FeatureGeomError
+from precompute.pipeline.config import RunConfig
+from precompute.pipeline.context import RunContext
+from precompute.pipeline.features import merge_feature_columns
+from precompute.pipeline.knn import knn_cosine
+from precompute.pipeline.layout import umap_layout
+from precompute.pipeline.null import cosine_z, null_cosine
+from precompute.schema import NEIGHBORS
 
 
-# --------------------------------------------------------------------------------------------
-# Unit rows
-# --------------------------------------------------------------------------------------------
-
-
-def _to_numpy(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float32).numpy()
-    return np.asarray(x)
-
-
-def unit_rows(W_dec: ArrayLike) -> np.ndarray:
-    """Return the rows of ``W_dec`` scaled to unit L2 norm, as float32 [n, d].
-
-    Cosine between decoder rows is what the explorer shows, so every geometric step starts
-    here. Norms are accumulated in float64 (in row chunks, to keep memory flat) so that rows
-    with large or tiny scale still come out at norm 1 to float32 precision.
-
-    Rows with zero norm (dead or pruned features) cannot be normalised; they stay zero, which
-    gives them cosine 0 with everything, and a warning names how many and which. Non-finite
-    entries are an error: they would poison every neighbour list they touch.
-    """
-    X = _to_numpy(W_dec)
-    if X.ndim != 2:
-        raise ValueError(f"unit_rows expects a 2-D [n_features, d] array, got shape {X.shape}")
-    if not np.issubdtype(X.dtype, np.floating):
-        X = X.astype(np.float32)
-    out = np.empty(X.shape, dtype=np.float32)
-    zero: list[np.ndarray] = []
-    chunk = max(1, (32 * 2**20) // max(1, X.shape[1] * 8))
-    for s in range(0, X.shape[0], chunk):
-        blk = np.asarray(X[s : s + chunk], dtype=np.float64)
-        if not np.isfinite(blk).all():
-            bad = s + np.flatnonzero(~np.isfinite(blk).all(axis=1))
-            raise ValueError(
-                f"decoder has non-finite values in {bad.size} row(s) of this chunk, e.g. rows "
-                f"{bad[:5].tolist()}; fix the SAE weights before computing geometry"
-            )
-        norms = np.sqrt(np.einsum("ij,ij->i", blk, blk))
-        z = norms == 0
-        if z.any():
-            zero.append(s + np.flatnonzero(z))
-        norms[z] = 1.0
-        out[s : s + chunk] = blk / norms[:, None]
-    if zero:
-        idx = np.concatenate(zero)
-        msg = (
-            f"{idx.size} of {X.shape[0]} decoder rows have zero norm (e.g. features "
-            f"{idx[:10].tolist()}); they stay zero and have cosine 0 with every feature"
+def check_sizes(cfg: RunConfig, n_features: int, d_in: int) -> None:
+    """Options whose valid range depends on the SAE's shape, checked before any work."""
+    if d_in < 2:
+        raise FeatureGeomError(f"the SAE reads a {d_in}-dimensional input: cosine geometry needs d_in >= 2")
+    if n_features < 4:
+        raise FeatureGeomError(
+            f"the SAE has {n_features} feature(s); the neighbour graph and map need at least 4"
         )
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    return out
-
-
-def _unit_rows_torch(X: torch.Tensor) -> torch.Tensor:
-    """Torch twin of `unit_rows` for tensors already on an accelerator (no host round trip).
-
-    Norms are accumulated in float64 in row chunks, so no float64 copy of a 1M x 2304 matrix.
-    """
-    if not torch.isfinite(X).all():
-        raise ValueError("directions contain non-finite values; fix the SAE weights first")
-    chunk = max(1, (64 * 2**20) // max(1, X.shape[1] * 8))
-    starts = range(0, X.shape[0], chunk)
-    norms = torch.cat([torch.linalg.vector_norm(X[s : s + chunk].to(torch.float64), dim=1) for s in starts])
-    zero = norms == 0
-    n_zero = int(zero.sum())
-    if n_zero:
-        idx = torch.nonzero(zero).flatten()[:10].tolist()
-        msg = (
-            f"{n_zero} of {X.shape[0]} rows have zero norm (e.g. {idx}); they stay zero and "
-            "have cosine 0 with every feature"
+    if cfg.neighbors >= n_features:
+        raise FeatureGeomError(f"--neighbors {cfg.neighbors} must be below the SAE's {n_features} features")
+    if min(cfg.neighbors, cfg.umap_neighbors) < 2:
+        raise FeatureGeomError(
+            "the map's kNN graph needs at least 2 neighbours per feature: use --neighbors >= 2"
         )
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    norms = torch.where(zero, torch.ones_like(norms), norms)
-    out = torch.empty(X.shape, dtype=torch.float32, device=X.device)
-    for s in starts:
-        out[s : s + chunk] = (X[s : s + chunk].to(torch.float64) / norms[s : s + chunk, None]).to(
-            torch.float32
+
+
+def _check_cache_width(ctx: RunContext, n_features: int) -> None:
+    recorded = ctx.recorded.get("n_features")
+    if ctx.recorded and recorded not in (None, n_features):
+        raise FeatureGeomError(
+            f"--sae has {n_features} features but the cache at {ctx.out} was built with {recorded}; "
+            "use another --out"
         )
-    return out
 
 
-# --------------------------------------------------------------------------------------------
-# Exact kNN
-# --------------------------------------------------------------------------------------------
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available")
-    return dev
-
-
-def _clamp_k(n: int, k: int) -> int:
-    """Clamp k to n-1 (with a warning) so toy SAEs with fewer than k+1 features still run."""
-    if n < 2:
-        raise ValueError(f"need at least 2 directions to find neighbours, got {n}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > n - 1:
-        msg = f"k={k} but only {n - 1} other directions exist; returning k={n - 1} neighbours"
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return n - 1
-    return k
-
-
-def _block_rows(n: int, block_size: int | None, budget_bytes: int) -> int:
-    if block_size is not None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        return min(block_size, n)
-    return max(1, min(n, budget_bytes // (4 * n)))
-
-
-def _exact_row_topk(row: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
-    """Indices of the top-k of one score row with ties at the k-th value broken by lower index.
-
-    Self must already be masked out (-inf). Used only for the rare rows whose boundary is tied.
-    """
-    r = row.detach().cpu().numpy() if isinstance(row, torch.Tensor) else np.asarray(row)
-    kth = np.partition(r, r.size - k)[r.size - k]
-    greater = np.flatnonzero(r > kth)
-    equal = np.flatnonzero(r == kth)  # ascending index order
-    return np.concatenate([greater, equal[: k - greater.size]])
-
-
-def _sort_desc_then_index(idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row by descending value, ties by ascending index (the documented order)."""
-    order = np.lexsort((idx, -val), axis=-1)
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
-
-
-def _knn_torch(X: torch.Tensor, k: int, rows: int, bar: Any) -> tuple[np.ndarray, np.ndarray]:
-    n = X.shape[0]
-    out_i = np.empty((n, k), dtype=np.int32)
-    out_c = np.empty((n, k), dtype=np.float32)
-    XT = X.T
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        S = X[s:e] @ XT  # [b, n], the only large allocation
-        b = e - s
-        ar = torch.arange(b, device=X.device)
-        S[ar, ar + s] = -torch.inf  # exclude self by index: robust to duplicate rows
-        # One extra column shows whether the k-th value is tied with an unselected element;
-        # topk's choice among equal values is unspecified, so such rows are redone with the
-        # lower-index rule. (Counting ties with (S == kth).sum() would cost a [b, n] int64.)
-        kk = min(k + 1, n)
-        vals, idx = torch.topk(S, kk, dim=1, largest=True, sorted=True)
-        tied = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten().tolist() if kk > k else []
-        vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
-        for r in tied:
-            sel = torch.from_numpy(_exact_row_topk(S[r], k)).to(S.device)
-            idx[r] = sel
-            vals[r] = S[r, sel]
-        del S
-        # final order: descending cosine, ties by lower index (sort by index, then stable by value)
-        idx, perm = torch.sort(idx, dim=1)
-        vals = vals.gather(1, perm)
-        vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
-        idx = idx.gather(1, perm)
-        out_i[s:e] = idx.cpu().numpy()
-        out_c[s:e] = vals.cpu().numpy()
-        bar.update(b)
-    return out_i, out_c
-
-
-def _knn_faiss(X: np.ndarray, k: int, rows: int, bar: Any) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    n, d = X.shape
-    index = faiss.IndexFlatIP(d)
-    index.add(X)
-    # One extra for self and one more to see whether the k-th value is tied with the next.
-    m = min(n, k + 2)
-    out_i = np.empty((n, k), dtype=np.int32)
-    out_c = np.empty((n, k), dtype=np.float32)
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        b = e - s
-        D, Ix = index.search(X[s:e], m)
-        ids = np.arange(s, e)[:, None]
-        is_self = Ix == ids
-        drop = is_self.copy()
-        drop[~is_self.any(1), -1] = True  # self not returned (tied duplicates): drop the last
-        keep_i = Ix[~drop].reshape(b, m - 1)
-        keep_c = D[~drop].reshape(b, m - 1)
-        if m - 1 > k:
-            # Every unreturned element scores <= keep_c[:, k]; only a tie with the k-th value
-            # can make the lower-index rule pick an element faiss did not return.
-            tied = np.flatnonzero(keep_c[:, k] == keep_c[:, k - 1])
-            keep_i, keep_c = keep_i[:, :k].copy(), keep_c[:, :k].copy()
-            for r in tied:
-                row = X @ X[s + r]
-                row[s + r] = -np.inf
-                sel = _exact_row_topk(row, k)
-                keep_i[r] = sel
-                keep_c[r] = row[sel]
-        i_np, c_np = _sort_desc_then_index(keep_i.astype(np.int64), keep_c)
-        out_i[s:e] = i_np
-        out_c[s:e] = c_np
-        bar.update(b)
-    return out_i, out_c
-
-
-def knn_cosine(
-    directions: ArrayLike,
-    k: int = 32,
-    block_size: int | None = None,
-    device: str = "auto",
-    backend: str = "auto",
-    progress: bool = True,
-    memory_budget_bytes: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k cosine neighbours of every row among all other rows.
-
-    Returns ``(indices int32 [n, k], cosine float32 [n, k])``: self excluded (by index, so a
-    duplicate row still appears as its twin's neighbour), sorted by descending cosine with ties
-    broken by lower index, so the output is deterministic and identical across backends up to
-    float rounding. Rows are normalised here, so raw decoder weights may be passed.
-
-    Work goes in row blocks scored against all rows, never an n x n matrix. torch: peak memory
-    is the [block, n] score matrix (``memory_budget_bytes``, default 256 MiB on CPU, 2 GiB on
-    CUDA) plus the data. faiss: blocks of 4096 query rows (faiss tiles the scores itself, in
-    16 MiB pieces) plus the data and faiss's copy of it.
-    ``k`` larger than n-1 is clamped to n-1 with a warning (a toy SAE should still build a cache).
-
-    backend: "torch" (blocked fp32 matmul + topk; runs on CUDA when ``device`` resolves there,
-    with TF32 disabled so results stay exact), "faiss" (IndexFlatIP, CPU only) or "auto" (torch
-    on CUDA, otherwise ``DEFAULT_CPU_BACKEND``; see the measurement note next to it).
-    """
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
-    # faiss-cpu has no GPU path: an explicit faiss request with device="auto" means the CPU
-    dev = torch.device("cpu") if (backend == "faiss" and device == "auto") else _resolve_device(device)
-    if backend == "auto":
-        backend = "torch" if dev.type == "cuda" else DEFAULT_CPU_BACKEND
-    if backend == "faiss" and dev.type != "cpu":
-        raise ValueError("the faiss backend is CPU-only here (faiss-cpu); use backend='torch' on CUDA")
-    shape = tuple(directions.shape)
-    if len(shape) != 2:
-        raise ValueError(f"directions must be 2-D [n, d], got shape {shape}")
-    n = shape[0]
-    k = _clamp_k(n, k)
-    if memory_budget_bytes is None:
-        memory_budget_bytes = CUDA_BLOCK_BUDGET_BYTES if dev.type == "cuda" else CPU_BLOCK_BUDGET_BYTES
-    if backend == "faiss" and block_size is None:
-        # faiss keeps its own scratch small (4096 x 1024 score tiles) whatever the query block,
-        # so our block only bounds the [b, k+2] results; 4096 matches faiss's query tile and
-        # avoids many small parallel calls, which a busy machine punishes badly.
-        block_size = FAISS_QUERY_BLOCK
-    rows = _block_rows(n, block_size, memory_budget_bytes)
-
-    with tqdm(total=n, unit="row", desc=f"kNN {backend}/{dev.type}", disable=not progress) as bar:
-        if backend == "faiss":
-            X = np.ascontiguousarray(unit_rows(directions))
-            return _knn_faiss(X, k, rows, bar)
-        if isinstance(directions, torch.Tensor) and directions.device.type == dev.type:
-            Xt = _unit_rows_torch(directions.detach().to(dev))
-        else:
-            Xt = torch.from_numpy(unit_rows(directions)).to(dev)
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")  # no TF32: neighbours must be exact
-        try:
-            with torch.inference_mode():
-                return _knn_torch(Xt, k, rows, bar)
-        finally:
-            torch.set_float32_matmul_precision(prev)
-
-
-def knn_bruteforce(directions: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference kNN from the full n x n float64 cosine matrix (tests and benchmarks only).
-
-    Same contract as `knn_cosine` (self excluded by index, descending cosine, lower index on
-    ties); it exists so both backends can be checked against something with no blocking logic.
-    """
-    X = unit_rows(directions).astype(np.float64)
-    n = X.shape[0]
-    k = min(k, n - 1)
-    S = X @ X.T
-    np.fill_diagonal(S, -np.inf)
-    order = np.lexsort((np.broadcast_to(np.arange(n), S.shape), -S), axis=-1)[:, :k]
-    return order.astype(np.int32), np.take_along_axis(S, order, 1).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Null for cosines
-# --------------------------------------------------------------------------------------------
-
-
-def _check_d(d: int) -> float:
-    if d < 2:
-        raise ValueError(f"dimension d must be >= 2, got {d}")
-    return (d - 1) / 2.0
-
-
-def null_cosine(n: int, d: int, fpr: float = 0.01) -> float:
-    """Cosine that the largest of n-1 random unit directions exceeds with probability ``fpr``.
-
-    This is the flagging threshold: a feature's neighbour list holds its n-1 rivals, so a pair
-    counts as "close" only if random directions in the same d would beat it no more than
-    ``fpr`` of the time. Exact: for a uniform random unit vector, (1+cos)/2 ~ Beta(a, a) with
-    a = (d-1)/2, so the per-pair tail is p = 1-(1-fpr)^(1/(n-1)) and the threshold is the
-    upper-p quantile. The cosine is signed (as in the kNN lists), one-sided. Roughly
-    sqrt(2 ln n / d) for large n (0.141 median, 0.174 at fpr 0.01 for d=768, n=16384).
-    """
-    if not 0.0 < fpr < 1.0:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    if n < 2:
-        raise ValueError(f"n must be >= 2, got {n}")
-    a = _check_d(d)
-    p = -math.expm1(math.log1p(-fpr) / (n - 1))  # 1-(1-fpr)^(1/(n-1)) without cancellation
-    x = float(stats.beta.isf(p, a, a))
-    if not math.isfinite(x):  # pragma: no cover - scipy handles p down to ~1e-300
-        raise FloatingPointError(f"beta quantile failed for p={p}, d={d}")
-    return 2.0 * x - 1.0
-
-
-def _log_betainc_small(a: float, y: np.ndarray) -> np.ndarray:
-    """log I_y(a, a) for y well below 1/2, via the continued fraction (no underflow).
-
-    I_y(a,b) = y^a (1-y)^b / (a B(a,b)) * CF (Numerical Recipes betacf, modified Lentz);
-    only called where scipy's betainc underflows, i.e. far in the tail, where CF converges fast.
-    """
-    b = a
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c = np.ones_like(y)
-    dd = 1.0 - qab * y / qap
-    dd = np.where(np.abs(dd) < tiny, tiny, dd)
-    dd = 1.0 / dd
-    h = dd.copy()
-    for m in range(1, 501):
-        m2 = 2 * m
-        aa = m * (b - m) * y / ((qam + m2) * (a + m2))
-        dd = 1.0 + aa * dd
-        dd = np.where(np.abs(dd) < tiny, tiny, dd)
-        c = 1.0 + aa / c
-        c = np.where(np.abs(c) < tiny, tiny, c)
-        dd = 1.0 / dd
-        h = h * dd * c
-        aa = -(a + m) * (qab + m) * y / ((a + m2) * (qap + m2))
-        dd = 1.0 + aa * dd
-        dd = np.where(np.abs(dd) < tiny, tiny, dd)
-        c = 1.0 + aa / c
-        c = np.where(np.abs(c) < tiny, tiny, c)
-        dd = 1.0 / dd
-        delta = dd * c
-        h = h * delta
-        if np.all(np.abs(delta - 1.0) < 1e-15):
-            break
-    with np.errstate(divide="ignore"):
-        return a * np.log(y) + b * np.log1p(-y) - np.log(a) - special.betaln(a, b) + np.log(h)
-
-
-def _log_sf_upper(c: np.ndarray, a: float) -> np.ndarray:
-    """log P(C >= c) for c in [0, 1]: log of the regularised I_{(1-c)/2}(a, a)."""
-    y = (1.0 - c) / 2.0
-    sf = special.betainc(a, a, y)
-    out = np.empty_like(y)
-    ok = sf > 1e-280
-    out[ok] = np.log(sf[ok])
-    small = ~ok
-    if small.any():
-        ys = y[small]
-        res = np.full(ys.shape, -np.inf)
-        pos = ys > 0
-        if pos.any():
-            res[pos] = _log_betainc_small(a, ys[pos])
-        out[small] = res
-    return out
-
-
-def _log_sf(cos: np.ndarray, a: float) -> np.ndarray:
-    """log P(C >= cos) per pair for any cos in [-1, 1], accurate in both tails."""
-    c = np.clip(np.asarray(cos, dtype=np.float64), -1.0, 1.0)
-    out = np.empty_like(c)
-    pos = c >= 0
-    out[pos] = _log_sf_upper(c[pos], a)
-    neg = ~pos
-    if neg.any():
-        # P(C >= -t) = 1 - P(C > t) by symmetry
-        out[neg] = np.log1p(-np.exp(_log_sf_upper(-c[neg], a)))
-    return out
-
-
-def _like_input(x: Any, out: np.ndarray) -> float | np.ndarray:
-    return float(out) if np.ndim(x) == 0 else out
-
-
-def cosine_log10_p(cos: Any, d: int) -> float | np.ndarray:
-    """log10 of the per-pair tail probability P(C >= cos) for one random direction in d dims.
-
-    Reported instead of p itself because the interesting pairs have p far below 1e-300 at
-    d=2304. Per pair, not corrected for the n-1 rivals (`null_cosine` does that correction).
-    """
-    a = _check_d(d)
-    out = _log_sf(np.atleast_1d(np.asarray(cos, dtype=np.float64)), a) / math.log(10.0)
-    return _like_input(cos, out.reshape(np.shape(cos)))
-
-
-def cosine_z(cos: Any, d: int) -> float | np.ndarray:
-    """Per-pair z-score of a cosine against the random-direction null in d dimensions.
-
-    The standard normal quantile with the same upper-tail probability as the exact Beta law,
-    z = -Phi^-1(P(C >= cos)), computed from log P with ``ndtri_exp`` so it stays finite and
-    monotone for every cos < 1 (a naive 1/sqrt(d) scaling overstates large cosines and the
-    naive tail underflows). Symmetric: z(-c) = -z(c). Only cos >= 1 gives +inf.
-    """
-    a = _check_d(d)
-    c = np.clip(np.atleast_1d(np.asarray(cos, dtype=np.float64)), -1.0, 1.0)
-    z = np.empty_like(c)
-    pos = c >= 0
-    z[pos] = -special.ndtri_exp(_log_sf_upper(c[pos], a))
-    neg = ~pos
-    z[neg] = special.ndtri_exp(_log_sf_upper(-c[neg], a))
-    return _like_input(cos, z.reshape(np.shape(cos)))
-
-
-def random_max_cosines(
-    n: int, d: int, trials: int = 1000, seed: int = 0, method: str = "vectors"
-) -> np.ndarray:
-    """Simulated largest cosine of one random direction with n-1 others, one value per trial.
-
-    method="vectors" literally draws n Gaussian vectors per trial in d dims and takes the max
-    cosine of the first with the rest (the same computation as a kNN list). method="chi2" uses
-    rotation invariance: against a fixed axis, cos = z / sqrt(z^2 + chi2_{d-1}) with z ~ N(0,1),
-    which has the same distribution and is d times cheaper (for large n or many trials).
-    """
-    if n < 2:
-        raise ValueError(f"n must be >= 2, got {n}")
-    _check_d(d)
-    rng = np.random.default_rng(seed)
-    out = np.empty(trials, dtype=np.float64)
-    if method == "vectors":
-        chunk = max(1, (8 * 2**20) // (n * d))
-        for s in range(0, trials, chunk):
-            t = min(trials, s + chunk) - s
-            G = rng.standard_normal((t, n, d), dtype=np.float32)
-            G /= np.linalg.norm(G, axis=2, keepdims=True)
-            cos = np.einsum("tnd,td->tn", G[:, 1:], G[:, 0])
-            out[s : s + t] = cos.max(axis=1)
-    elif method == "chi2":
-        chunk = max(1, (8 * 2**20) // n)
-        for s in range(0, trials, chunk):
-            t = min(trials, s + chunk) - s
-            z = rng.standard_normal((t, n - 1))
-            q = rng.chisquare(d - 1, size=(t, n - 1))
-            out[s : s + t] = (z / np.sqrt(z * z + q)).max(axis=1)
-    else:
-        raise ValueError(f"method must be 'vectors' or 'chi2', got {method!r}")
-    return out
-
-
-def empirical_null(
-    n: int, d: int, fpr: float = 0.01, seed: int = 0, trials: int = 1000, method: str = "vectors"
-) -> float:
-    """Simulated counterpart of `null_cosine`: the (1-fpr) quantile of `random_max_cosines`.
-
-    Exists to check the closed form against brute simulation (tests) and to let a user see
-    the null they are compared with for their own n and d.
-    """
-    if not 0.0 < fpr < 1.0:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    return float(np.quantile(random_max_cosines(n, d, trials, seed, method), 1.0 - fpr))
-
-
-# --------------------------------------------------------------------------------------------
-# UMAP from the exact kNN graph
-# --------------------------------------------------------------------------------------------
-
-
-def _rescale_unit_box(Y: np.ndarray) -> np.ndarray:
-    lo, hi = Y.min(axis=0), Y.max(axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    out = 2.0 * (Y - lo) / span - 1.0
-    out[:, hi <= lo] = 0.0
-    return out.astype(np.float32)
-
-
-def umap_layout(
-    indices: np.ndarray,
-    cosine: np.ndarray,
-    n_neighbors: int = 15,
-    seed: int = 0,
-    min_dist: float = 0.1,
-    progress: bool = True,
-    directions: ArrayLike | None = None,
-) -> np.ndarray:
-    """2-D UMAP map of the features, built from our exact kNN lists, scaled to [-1, 1] per axis.
-
-    Reusing the exact graph (``precomputed_knn`` with self in column 0, distance 1 - cos) avoids
-    a second, approximate neighbour search and keeps the map faithful to the neighbour lists the
-    explorer shows. ``random_state=seed`` makes it reproducible (umap then runs single-threaded).
-    ``directions`` (optional) only serves to place disconnected graph components relative to each
-    other; without it, a placeholder is used and only that placement is arbitrary.
-
-    Tiny inputs: below 4 points a layout is meaningless and raises; otherwise n_neighbors is
-    reduced to n-1. The kNN lists must hold at least n_neighbors-1 columns.
-    """
-    indices = np.asarray(indices)
-    cosine = np.asarray(cosine)
-    if indices.shape != cosine.shape or indices.ndim != 2:
-        raise ValueError(f"indices {indices.shape} and cosine {cosine.shape} must be equal 2-D shapes")
-    n = indices.shape[0]
-    if n < 4:
-        raise ValueError(f"UMAP needs at least 4 points, got {n}")
-    nn = min(n_neighbors, n - 1)
-    if nn < 2:
-        raise ValueError(f"n_neighbors must be >= 2, got {n_neighbors}")
-    if indices.shape[1] < nn - 1:
-        raise ValueError(
-            f"kNN lists have {indices.shape[1]} columns but n_neighbors={nn} needs {nn - 1}; "
-            "compute more neighbours (knn_cosine k) or lower n_neighbors"
-        )
-    knn_i = np.empty((n, nn), dtype=np.int64)
-    knn_d = np.empty((n, nn), dtype=np.float32)
-    knn_i[:, 0] = np.arange(n)
-    knn_d[:, 0] = 0.0
-    knn_i[:, 1:] = indices[:, : nn - 1]
-    knn_d[:, 1:] = np.clip(1.0 - cosine[:, : nn - 1].astype(np.float32), 0.0, 2.0)
-    X = unit_rows(directions) if directions is not None else np.ones((n, 1), dtype=np.float32)
-    if X.shape[0] != n:
-        raise ValueError(f"directions has {X.shape[0]} rows but the kNN lists have {n}")
-
-    import umap  # deferred: importing umap sets up numba, which most callers don't need
-
-    reducer = umap.UMAP(
-        n_neighbors=nn,
-        n_components=2,
-        metric="cosine",
-        min_dist=min_dist,
-        random_state=seed,
-        precomputed_knn=(knn_i, knn_d, None),
-        verbose=progress,
-        tqdm_kwds={"disable": not progress},
+def run(ctx: RunContext, staged: StagedCache) -> None:
+    cfg, sae = ctx.cfg, ctx.sae
+    check_sizes(cfg, sae.d_sae, sae.d_in)
+    _check_cache_width(ctx, sae.d_sae)
+    staged.manifest.setdefault("sae", ctx.sae_info)
+    start = time.perf_counter()
+    directions = sae.unit_directions().cpu()
+    n, d = directions.shape
+    k = min(cfg.neighbors, n - 1)
+    indices, cosine = knn_cosine(
+        directions, k=k, device=cfg.device, backend=cfg.knn_backend, progress=cfg.progress
     )
-    with warnings.catch_warnings():
-        # Expected and harmless here: no NNDescent index (we never call transform) and
-        # "n_jobs overridden to 1" (the price of reproducibility).
-        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
-        warnings.filterwarnings("ignore", message=".*n_jobs value.*")
-        Y = reducer.fit_transform(X)
-    return _rescale_unit_box(np.asarray(Y, dtype=np.float64))
-
-
-def neighbourhood_preservation(high_indices: np.ndarray, layout_2d: np.ndarray, k: int) -> float:
-    """Mean fraction of each point's exact k cosine neighbours that are among its k nearest in 2-D.
-
-    The honest quality number for a map: 1 means every listed neighbour is also a visual
-    neighbour, chance is about k/n. Self is excluded by index in both spaces.
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    high = np.asarray(high_indices)
-    Y = np.asarray(layout_2d, dtype=np.float64)
-    n = high.shape[0]
-    if Y.shape[0] != n:
-        raise ValueError(f"layout has {Y.shape[0]} rows, kNN lists have {n}")
-    if not 1 <= k <= min(high.shape[1], n - 1):
-        raise ValueError(f"k must be in [1, {min(high.shape[1], n - 1)}], got {k}")
-    m = min(n, k + 1)
-    _, nbr = NearestNeighbors(n_neighbors=m).fit(Y).kneighbors(Y)
-    ids = np.arange(n)[:, None]
-    is_self = nbr == ids
-    drop = is_self.copy()
-    drop[~is_self.any(1), -1] = True
-    low = nbr[~drop].reshape(n, m - 1)[:, :k]
-    hi = high[:, :k]
-    hits = (low[:, :, None] == hi[:, None, :]).any(axis=2).sum(axis=1)
-    return float(hits.mean() / k)
-
-
-__all__: Sequence[str] = (
-    "unit_rows",
-    "knn_cosine",
-    "knn_bruteforce",
-    "null_cosine",
-    "cosine_z",
-    "cosine_log10_p",
-    "random_max_cosines",
-    "empirical_null",
-    "umap_layout",
-    "neighbourhood_preservation",
-)
+    null = null_cosine(n, d, fpr=cfg.null_fpr)
+    z = cosine_z(cosine, d)
+    np.savez(
+        staged.path(NEIGHBORS),
+        indices=indices.astype(np.int32),
+        cosine=cosine.astype(np.float32),
+        z=np.asarray(z, np.float32),
+        null_cosine=np.float64(null),
+        fpr=np.float64(cfg.null_fpr),
+        d=np.int64(d),
+    )
+    layout = umap_layout(
+        indices,
+        cosine,
+        n_neighbors=min(cfg.umap_neighbors, k),
+        seed=cfg.seed,
+        min_dist=cfg.umap_min_dist,
+        progress=cfg.progress,
+    )
+    merge_feature_columns(
+        staged,
+        n,
+        pd.DataFrame(
+            {"feature": np.arange(n, dtype=np.int64), "umap_x": layout[:, 0], "umap_y": layout[:, 1]}
+        ),
+    )
+    staged.manifest["n_features"] = n
+    staged.manifest["d_in"] = d
+    params = {
+        "neighbors": k,
+        "null_fpr": cfg.null_fpr,
+        "null_cosine": float(null),
+        "knn_backend": cfg.knn_backend,
+        "umap_neighbors": cfg.umap_neighbors,
+        "umap_min_dist": cfg.umap_min_dist,
+        "seed": cfg.seed,
+    }
+    staged.record_step("geometry", params, time.perf_counter() - start)

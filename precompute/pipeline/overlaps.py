@@ -1,4 +1,4 @@
-"""Overlaps: task features whose decoder neighbours (above the cosine null) are harmful features.
+"""The overlaps step: task features whose decoder neighbours (above the cosine null) are harmful features.
 
 This is the explorer's headline table (docs/cache.md `overlaps.parquet`). Geometry and
 co-activation are kept as separate columns on purpose (SCIENCE.md section 2e and 4.4): two
@@ -9,6 +9,7 @@ and the table must let a reader tell those apart.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,11 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from precompute.pipeline.shards import Shard
+from precompute.cache import StagedCache
+from precompute.errors import CacheError
+from precompute.pipeline.context import RunContext
+from precompute.pipeline.shards import Shard, cache_shards
+from precompute.schema import FEATURES, NEIGHBORS, OVERLAPS
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +230,23 @@ def find_overlaps(
     ).reset_index(drop=True)
     log.info("overlaps: %d task features, %d flagged pairs (cosine > %.4f)", tasks.size, len(out), threshold)
     return out.astype(OVERLAP_COLUMNS)
+
+
+def run(ctx: RunContext, staged: StagedCache) -> None:
+    start = time.perf_counter()
+    fpath, npath = staged.dir / FEATURES, staged.dir / NEIGHBORS
+    if not npath.is_file():
+        raise CacheError(f"{staged.target} has no {NEIGHBORS}; run `featuregeom geometry` first")
+    features = pd.read_parquet(fpath)
+    if "harm_score" not in features.columns:
+        raise CacheError(f"{staged.target} has no harm scores; run `featuregeom scores` first")
+    with np.load(npath) as z:
+        indices, cosine, zs, null = z["indices"], z["cosine"], z["z"], float(z["null_cosine"])
+    table = find_overlaps(features, indices, cosine, zs, null, cache_shards(staged), n_task=ctx.cfg.n_task)
+    table.to_parquet(staged.path(OVERLAPS), index=False)
+    staged.record_step(
+        "overlaps",
+        {"n_task": ctx.cfg.n_task, "null_cosine": null},
+        time.perf_counter() - start,
+        {"pairs": len(table)},
+    )

@@ -20,15 +20,21 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from precompute.data.activations import CorpusPlan, iter_activations
-from precompute.model.loading import HookReader
+from precompute.atomic import write_atomic
+from precompute.cache import StagedCache
+from precompute.data.plan import CorpusPlan
+from precompute.errors import CacheError
+from precompute.model.activations import iter_activations
+from precompute.model.hooks import HookReader
 from precompute.sae.base import SAE
+from precompute.schema import HARVEST_DIR
 
 SHARD_GLOB = "shard-*.npz"
 
@@ -37,13 +43,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save_shard(path: Path, arrays: dict[str, Any]) -> None:
+    """One shard, on disk (fsync) before its name appears: a resumed run trusts every named shard."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomic(path, write)
 
 
 @dataclass
@@ -127,15 +136,17 @@ def harvest_shards(
         row_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
         indptr = np.zeros(len(row_counts) + 1, dtype=np.int64)
         np.cumsum(row_counts, out=indptr[1:])
-        _atomic_savez(
+        _save_shard(
             work_dir / shard_name(shard),
-            **{
-                k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32)
-                for k, v in parts.items()
+            {
+                **{
+                    k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32)
+                    for k, v in parts.items()
+                },
+                "indptr": indptr,
+                "feature": np.concatenate(feats) if feats else np.zeros(0, np.int32),
+                "value": np.concatenate(vals) if vals else np.zeros(0, np.float32),
             },
-            indptr=indptr,
-            feature=np.concatenate(feats) if feats else np.zeros(0, np.int32),
-            value=np.concatenate(vals) if vals else np.zeros(0, np.float32),
         )
     bar.close()
     timings["shards"] = n_shards
@@ -145,6 +156,16 @@ def harvest_shards(
 
 def list_shards(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob(SHARD_GLOB))
+
+
+def cache_shards(staged: StagedCache) -> list[Path]:
+    """The harvest shards a cache carries; scores and overlaps are computed from them."""
+    shards = list_shards(staged.dir / HARVEST_DIR)
+    if not shards:
+        raise CacheError(
+            f"{staged.target} has no harvest shards; run `featuregeom harvest` (or precompute) first"
+        )
+    return shards
 
 
 @dataclass

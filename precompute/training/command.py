@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from precompute.atomic import write_atomic, write_text_atomic
-from precompute.data.activations import CorpusPlan
+from precompute.data.plan import CorpusPlan
 from precompute.errors import FeatureGeomError
-from precompute.model.loading import HookPoint, HookReader, LoadedModel
+from precompute.model.hooks import HookPoint, HookReader
+from precompute.model.load import LoadedModel
 from precompute.options import Command
 from precompute.provenance import library_versions, sha256_of
 from precompute.sae.base import SAE
@@ -321,7 +322,8 @@ def _machine(device: torch.device) -> dict[str, Any]:
 def run(cfg: TrainSAEConfig) -> int:
     """Train, evaluate and write the SAE that `cfg` describes (or re-score it with --eval-only)."""
     from precompute.cache import write_dir_atomic
-    from precompute.model.loading import load_model, resolve_device, resolve_hook
+    from precompute.model.hooks import resolve_hook
+    from precompute.model.load import load_model, resolve_device
     from precompute.sae.formats.saelens import save_saelens
 
     if cfg.eval_only:
@@ -418,7 +420,8 @@ def eval_only(cfg: TrainSAEConfig) -> int:
     """Re-score the SAE in --out on this config's held-out documents; rewrite its recorded figures."""
     from safetensors.torch import save_file
 
-    from precompute.model.loading import load_model, resolve_device, resolve_hook
+    from precompute.model.hooks import resolve_hook
+    from precompute.model.load import load_model, resolve_device
     from precompute.sae.registry import load_sae_for_model
 
     out = Path(str(cfg.out))

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from precompute.data.activations import count_mask, pad_batch
 from precompute.data.corpus import Context
 from precompute.errors import FeatureGeomError
-from precompute.model.loading import HookPoint, HookReader
+from precompute.model.activations import count_mask, pad_batch
+from precompute.model.hooks import HookPoint, HookReader
 from precompute.sae.base import SAE
 from precompute.training.store import pad_id_of, skip_ids_of
 

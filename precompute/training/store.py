@@ -1,7 +1,7 @@
 """Training data for `train-sae`: the held-out split of a corpus, the on-disk activation store and
 the order in which its rows are read.
 
-Activations come from `precompute.data.activations` (the same planning, masking and batching as the
+Activations come from `precompute.data.plan` and `precompute.model.activations` (the same planning, masking and batching as the
 precompute harvest), are written once to a float16 ``.npy`` store under ``--work-dir`` (resumable
 batch by batch) and then read in shuffled order, epoch after epoch. Held-out documents (chosen by
 a hash of their content, so the split is stable across budgets, seeds and source order) never
@@ -21,10 +21,12 @@ import torch
 from tqdm import tqdm
 
 from precompute.atomic import write_text_atomic
-from precompute.data.activations import CorpusPlan, iter_activations
-from precompute.data.corpus import Context, CorpusSource, Document, ReadStats, pack_contexts, read_source
+from precompute.data.corpus import Context, CorpusSource, Document, pack_contexts, read_source
+from precompute.data.plan import CorpusPlan
+from precompute.data.records import ReadStats
 from precompute.errors import CorpusError, FeatureGeomError
-from precompute.model.loading import HookReader
+from precompute.model.activations import iter_activations
+from precompute.model.hooks import HookReader
 
 STORE_FILE = "train_activations.npy"
 STORE_PROGRESS = "train_activations.progress.json"

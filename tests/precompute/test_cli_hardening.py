@@ -19,7 +19,7 @@ import pytest
 
 from precompute.cache import read_manifest, verify_cache
 from precompute.cli import main as cli_main
-from tests.precompute.test_pipeline import HOOK, built_cache, corpus_specs  # noqa: F401 - fixture
+from tests.precompute.pipeline.test_run import HOOK, built_cache, corpus_specs  # noqa: F401 - fixture
 from tests.readonly import read_only_directory
 
 GEOMETRY = ["--neighbors", "8", "--umap-neighbors", "5", "--no-progress"]
@@ -417,14 +417,15 @@ def test_failed_run_keeps_only_resumable_work(
     tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys, monkeypatch
 ):
     """A failure after the harvest wrote shards keeps them and says how to resume; one before leaves nothing."""
-    from precompute.pipeline import run as pipeline
+    from precompute.errors import FeatureGeomError
+    from precompute.pipeline import geometry
 
     out = tmp_path / "cache"
 
     def broken_geometry(*args, **kwargs):
-        raise pipeline.FeatureGeomError("geometry failed on purpose")
+        raise FeatureGeomError("geometry failed on purpose")
 
-    monkeypatch.setattr(pipeline, "geometry_step", broken_geometry)
+    monkeypatch.setattr(geometry, "run", broken_geometry)
     assert cli_main(precompute_args(tiny_model_dir, tiny_sae_dir, tiny_corpus, out)) == 2
     captured = capsys.readouterr()
     work = tmp_path / "cache.work"

@@ -8,7 +8,8 @@ import torch
 
 from precompute.errors import FeatureGeomError
 from precompute.lab.eval_acts import collect_eval, encode_prompts, load_eval, save_eval
-from precompute.model.loading import HookReader, load_model, resolve_hook
+from precompute.model.hooks import HookReader, resolve_hook
+from precompute.model.load import load_model
 from precompute.sae.registry import load_sae
 from tests.precompute.lab.conftest import HOOK
 

@@ -21,7 +21,7 @@ from precompute.lab.finetune import (
     split_examples,
     task_loss,
 )
-from precompute.model.loading import load_model
+from precompute.model.load import load_model
 
 
 def _doc(user: str, assistant: str, index: int = 0) -> Document:
@@ -177,7 +177,7 @@ def test_after_cache_with_adapter_is_a_different_cache(
     from precompute.cache import read_manifest
     from precompute.errors import CacheError
     from precompute.pipeline.run import run_precompute
-    from tests.precompute.test_pipeline import make_cfg
+    from tests.precompute.pipeline.test_run import make_cfg
 
     run = finetune(
         _cfg(tiny_model_dir, tiny_corpus["task"], tmp_path / "run", steps=2, last_layer=1, lr=5e-2)

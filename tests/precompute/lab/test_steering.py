@@ -20,7 +20,8 @@ from precompute.lab.steering_results import (
     save_steering,
     summarize,
 )
-from precompute.model.loading import HookPoint, HookReader, load_model, resolve_hook
+from precompute.model.hooks import HookPoint, HookReader, resolve_hook
+from precompute.model.load import load_model
 from tests.tiny import make_sae
 
 HOOK = "blocks.1.hook_resid_post"

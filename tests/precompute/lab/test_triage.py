@@ -16,7 +16,8 @@ from precompute.data.corpus import CorpusSource
 from precompute.errors import FeatureGeomError
 from precompute.lab.finetune import load_examples
 from precompute.lab.triage import feature_weights, triage
-from precompute.model.loading import HookReader, load_model, resolve_hook
+from precompute.model.hooks import HookReader, resolve_hook
+from precompute.model.load import load_model
 from precompute.sae.registry import load_sae
 from tests.tiny import write_feature_cache
 

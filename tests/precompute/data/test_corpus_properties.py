@@ -23,7 +23,8 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from precompute.data.corpus import TEXT_FIELDS, CorpusSource, ReadStats, _records, pack_contexts, read_source
+from precompute.data.corpus import TEXT_FIELDS, CorpusSource, pack_contexts, read_source
+from precompute.data.records import ReadStats, read_records
 from precompute.errors import FeatureGeomError
 from precompute.lab.triage import _skip_reason, _why_no_document
 
@@ -186,7 +187,7 @@ def test_random_messages_lists(workdir, tokenizer, records, options) -> None:
     read_render_pack(path, tokenizer, **options)
     # triage's per-record reasons over the same records
     source = CorpusSource(path=str(path), group="task")
-    by_index = dict(enumerate(_records(path, ReadStats())))
+    by_index = dict(enumerate(read_records(path, ReadStats())))
     try:
         docs, _ = read_source(source, 0)
     except FeatureGeomError:

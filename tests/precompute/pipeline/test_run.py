@@ -66,7 +66,8 @@ def built_cache(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path_factory) -> 
 
 def brute_force_activations(model_dir: Path, sae_dir: Path, cache: Path) -> dict[int, np.ndarray]:
     """Each context alone through model + SAE: dense [T, d_sae] activations, uncounted positions zeroed."""
-    from precompute.model.loading import HookReader, load_model, resolve_hook
+    from precompute.model.hooks import HookReader, resolve_hook
+    from precompute.model.load import load_model
     from precompute.sae.registry import load_sae
 
     lm = load_model(str(model_dir), device="cpu")
@@ -405,8 +406,10 @@ def test_scores_count_only_harvested_documents(tiny_model_dir, tiny_sae_dir, tin
 
 
 def test_outlier_norm_positions_are_dropped(tiny_model_dir, tiny_corpus):
-    from precompute.data.activations import iter_activations, plan_corpus
-    from precompute.model.loading import HookReader, load_model, resolve_hook
+    from precompute.data.plan import plan_corpus
+    from precompute.model.activations import iter_activations
+    from precompute.model.hooks import HookReader, resolve_hook
+    from precompute.model.load import load_model
 
     lm = load_model(str(tiny_model_dir), device="cpu")
     plan = plan_corpus([CorpusSource.parse(f"{tiny_corpus['task']}:task")], lm.tokenizer, 24)

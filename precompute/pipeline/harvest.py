@@ -1,0 +1,281 @@
+"""The harvest step: stream the corpus through model and SAE, then write what the explorer reads of
+it (firing rates, histograms, examples) and the sparse activation shards later steps rerun from.
+
+Contexts and documents travel with the cache, so no later step needs the corpus again. The shards
+are written to a work directory first (`RunContext.work_dir`): a run killed midway resumes after its
+last finished shard when the same command is rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from precompute.cache import StagedCache
+from precompute.data.plan import CorpusPlan
+from precompute.model.hooks import HookReader, resolve_hook
+from precompute.pipeline.config import RunConfig
+from precompute.pipeline.context import RunContext, log
+from precompute.pipeline.features import merge_feature_columns
+from precompute.pipeline.shards import (
+    AggregateParams,
+    HarvestParams,
+    aggregate,
+    context_feature_activations,
+    harvest_shards,
+    list_shards,
+)
+from precompute.schema import CATEGORY_RATES, CONTEXTS, DOCUMENTS, EXAMPLES, HARVEST_DIR, HISTOGRAMS
+
+# The options that shape the harvest, recorded in params/harvest.json.
+PARAMS = (
+    "context_size",
+    "packing",
+    "max_tokens",
+    "batch_size",
+    "batches_per_shard",
+    "outlier_norm_factor",
+    "top_k_examples",
+    "quantile_bins",
+    "per_bin",
+    "hist_bins",
+    "seed",
+    "device",
+)
+EXAMPLE_COLUMNS = (
+    "feature",
+    "rank",
+    "kind",
+    "group",
+    "category",
+    "doc_id",
+    "context_id",
+    "tokens",
+    "activations",
+    "max_activation",
+    "max_position",
+    "quantile",
+)
+# (feature, kind "top"/"quantile", rank, context id, quantile of the interval or None)
+Selection = tuple[int, str, int, int, float | None]
+
+
+def run(ctx: RunContext, staged: StagedCache) -> None:
+    start = time.perf_counter()
+    cfg, lm, sae, plan = ctx.cfg, ctx.model, ctx.sae, ctx.plan
+    hook = resolve_hook(lm.model, ctx.hook)
+    sae.to(lm.device)
+    _prepare_work_dir(ctx.work_dir, ctx.fingerprint)
+    hp = HarvestParams(
+        batch_size=cfg.batch_size,
+        batches_per_shard=cfg.batches_per_shard,
+        outlier_norm_factor=cfg.outlier_norm_factor or None,
+    )
+    reader = HookReader(lm.model, hook)
+    timings = harvest_shards(
+        plan, reader, sae, lm.tokenizer, ctx.work_dir, hp, lm.device, progress=cfg.progress
+    )
+    shards = list_shards(ctx.work_dir)
+    n = sae.d_sae
+
+    lengths = write_contexts(staged, plan)
+    docs = write_documents(staged, plan)
+    doc_group = docs["group"].to_numpy()
+    doc_category = docs["category"].fillna("").to_numpy()
+    ap = AggregateParams(
+        top_k=cfg.top_k_examples,
+        quantile_bins=cfg.quantile_bins,
+        per_bin=cfg.per_bin,
+        hist_bins=cfg.hist_bins,
+        seed=cfg.seed,
+    )
+    agg = aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress)
+    write_rates(staged, agg, n, cfg.hist_bins)
+    selections, requests = select_examples(agg, n, cfg.quantile_bins)
+    context_lengths = {c: int(lengths[c]) for c in requests}
+    acts = context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
+    write_examples(staged, plan, selections, acts, doc_group, doc_category, lm.tokenizer)
+
+    # move the shards into the cache: scores and overlaps rerun from them without the model
+    for shard in shards:
+        shutil.copyfile(shard, staged.path(f"{HARVEST_DIR}/{shard.name}"))
+    timings.update(total_tokens=int(max(1, agg["total_tokens"])), seconds=time.perf_counter() - start)
+    params = _params(cfg)
+    params["fingerprint"] = ctx.fingerprint
+    params["hook"] = hook.describe()
+    staged.record_step("harvest", params, time.perf_counter() - start, {"timings": timings})
+
+
+def _params(cfg: RunConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in PARAMS}
+
+
+def _prepare_work_dir(work_dir: Path, fingerprint: str) -> None:
+    """Keep the finished shards of this same run (to resume); clear those of any other run."""
+    run_file = work_dir / "run.json"
+    if work_dir.exists():
+        previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        if previous.get("fingerprint") != fingerprint:
+            log(f"{work_dir} holds shards of a different run; starting clean")
+            shutil.rmtree(work_dir)
+        else:
+            log(f"resuming from {len(list_shards(work_dir))} finished shards in {work_dir}")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"fingerprint": fingerprint}))
+
+
+def write_contexts(staged: StagedCache, plan: CorpusPlan) -> np.ndarray:
+    """harvest/contexts.npz: every context's tokens and documents (CSR by `offsets`); returns the lengths."""
+    lengths = np.array([len(c.token_ids) for c in plan.contexts], np.int64)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.savez(
+        staged.path(CONTEXTS),
+        offsets=offsets,
+        token_ids=np.concatenate([np.asarray(c.token_ids, np.int32) for c in plan.contexts]),
+        doc_ids=np.concatenate([np.asarray(c.doc_ids, np.int32) for c in plan.contexts]),
+        source=np.array([c.source for c in plan.contexts], np.int32),
+    )
+    return lengths
+
+
+def write_documents(staged: StagedCache, plan: CorpusPlan) -> pd.DataFrame:
+    """documents.parquet: one row per document read, with the tokens of it the harvest counted."""
+    doc_tokens = np.zeros(len(plan.documents), np.int64)
+    for c in plan.contexts:
+        np.add.at(doc_tokens, np.asarray(c.doc_ids), 1)
+    docs = pd.DataFrame(
+        {
+            "doc_id": [d.doc_id for d in plan.documents],
+            "source": [d.source for d in plan.documents],
+            "source_path": [plan.sources[d.source].path for d in plan.documents],
+            "group": [d.group for d in plan.documents],
+            "category": [d.category for d in plan.documents],
+            "record_index": [d.index for d in plan.documents],
+            "n_tokens": doc_tokens,
+            "text_preview": [d.preview(300) for d in plan.documents],
+        }
+    )
+    docs.to_parquet(staged.path(DOCUMENTS), index=False)
+    return docs
+
+
+def write_rates(staged: StagedCache, agg: dict[str, Any], n: int, hist_bins: int) -> None:
+    """Firing rates and activation sizes (features.parquet), rates per category (category_rates.parquet)
+    and activation histograms (histograms.npz)."""
+    counted = max(1, agg["total_tokens"])
+    feats = pd.DataFrame(
+        {
+            "feature": np.arange(n, dtype=np.int64),
+            "frequency": agg["fires"] / counted,
+            "fires": agg["fires"],
+            "max_activation": agg["act_max"].astype(np.float64),
+            "mean_activation": np.where(agg["fires"] > 0, agg["act_sum"] / np.maximum(agg["fires"], 1), 0.0),
+            "dead": agg["fires"] == 0,
+        }
+    )
+    for gi, g in enumerate(agg["groups"]):
+        feats[f"freq_{g}"] = agg["fires_group"][:, gi] / max(1, agg["tokens_group"][gi])
+    merge_feature_columns(staged, n, feats)
+
+    rows = []
+    for ci, (g, c) in enumerate(agg["categories"]):
+        col = agg["fires_cat"][:, ci]
+        nz = np.flatnonzero(col)
+        rows.append(
+            pd.DataFrame(
+                {
+                    "feature": nz,
+                    "group": g,
+                    "category": c or None,
+                    "frequency": col[nz] / max(1, agg["tokens_cat"][ci]),
+                    "tokens": int(agg["tokens_cat"][ci]),
+                }
+            )
+        )
+    pd.concat(rows, ignore_index=True).to_parquet(staged.path(CATEGORY_RATES), index=False)
+    np.savez(
+        staged.path(HISTOGRAMS),
+        counts=agg["hist"],
+        bins=np.int64(hist_bins),
+        max_activation=agg["act_max"],
+    )
+
+
+def select_examples(
+    agg: dict[str, Any], n: int, quantile_bins: int
+) -> tuple[list[Selection], dict[int, list[int]]]:
+    """Each feature's examples: its top-k contexts, then its quantile samples not already among them.
+
+    Returns the selections and, per context, the features whose activations over it are needed."""
+    requests: dict[int, list[int]] = {}
+    selections: list[Selection] = []
+    top_ctx = agg["top_ctx"]
+    for f in range(n):
+        seen = set()
+        for r, c in enumerate(top_ctx[f].tolist()):
+            if c < 0:
+                break
+            selections.append((f, "top", r, c, None))
+            requests.setdefault(c, []).append(f)
+            seen.add(c)
+        rank = 0
+        for b in range(quantile_bins):
+            for c in agg["q_ctx"][f, b].tolist():
+                if c < 0 or c in seen:
+                    continue
+                seen.add(c)
+                selections.append((f, "quantile", rank, c, b / quantile_bins))
+                requests.setdefault(c, []).append(f)
+                rank += 1
+    return selections, requests
+
+
+def _decode_tokens(tokenizer: Any, ids: np.ndarray, memo: dict[int, str]) -> list[str]:
+    out = []
+    for t in ids.tolist():
+        if t not in memo:
+            memo[t] = tokenizer.decode([t])
+        out.append(memo[t])
+    return out
+
+
+def write_examples(
+    staged: StagedCache,
+    plan: CorpusPlan,
+    selections: list[Selection],
+    acts: dict[tuple[int, int], np.ndarray],
+    doc_group: np.ndarray,
+    doc_category: np.ndarray,
+    tokenizer: Any,
+) -> None:
+    """examples.parquet: one row per selection, with this feature's activation on every token."""
+    memo: dict[int, str] = {}
+    rec: dict[str, list[Any]] = {k: [] for k in EXAMPLE_COLUMNS}
+    for f, kind, r, c, q in selections:
+        context = plan.contexts[c]
+        a = acts[(c, f)]
+        pos = int(np.argmax(a))
+        d = int(context.doc_ids[pos])
+        rec["feature"].append(f)
+        rec["rank"].append(r)
+        rec["kind"].append(kind)
+        rec["group"].append(doc_group[d])
+        rec["category"].append(doc_category[d] or None)
+        rec["doc_id"].append(d)
+        rec["context_id"].append(c)
+        rec["tokens"].append(_decode_tokens(tokenizer, np.asarray(context.token_ids), memo))
+        rec["activations"].append(a.astype(np.float32))
+        rec["max_activation"].append(float(a[pos]))
+        rec["max_position"].append(pos)
+        rec["quantile"].append(q)
+    # sorted by feature in small row groups so a reader can fetch one feature without a huge block
+    pd.DataFrame(rec).sort_values(["feature", "kind", "rank"], kind="stable", key=None).to_parquet(
+        staged.path(EXAMPLES), index=False, row_group_size=8192
+    )

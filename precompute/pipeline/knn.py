@@ -1,0 +1,331 @@
+"""Exact cosine neighbours of the decoder directions, in memory-bounded blocks (torch or faiss).
+
+Pure functions on arrays/tensors (no file I/O), so the pipeline, the tests and the benchmarks all
+call the same code.
+
+Why exact neighbours: the explorer's central claim is "feature j sits next to harmful feature h,
+above chance". An approximate index can silently drop the very pair a user is looking for, and
+exact search is cheap at SAE sizes (16k-1M rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+ArrayLike = np.ndarray | torch.Tensor
+
+# Memory budget for one block's [block, n] float32 score matrix. 256 MiB keeps the CPU peak
+# near (n*d*4 + ~1.3 * budget) bytes whatever n is; on a GPU a larger block wastes nothing and
+# cuts kernel-launch overhead, so it gets more.
+CPU_BLOCK_BUDGET_BYTES = 256 * 2**20
+CUDA_BLOCK_BUDGET_BYTES = 2 * 2**30
+
+# Default CPU backend: faiss, by measurement (bench/bench_knn.py; tables in bench/README.md).
+# 2-core Xeon shared with other jobs, d=576, k=32, random unit rows, identical lists from both.
+# One thread each, CPU seconds (what a busy machine distorts least): 16k rows torch 3.0 vs faiss
+# 2.6; 32k 10.2-10.6 vs 8.2-8.3; 65k 47.6 vs 32.5 (mostly torch's separate topk pass over each score row).
+# Peak memory over the input: +331 vs +121 MiB at 16k, +452 vs +349 MiB at 65k (torch's is the
+# 256 MiB score block; the old unblocked torch code took 789 MiB / 2.4 GiB). On CUDA the torch
+# backend is used: faiss-cpu has no GPU path (DESIGN.md: plain torch blocks, 262k x 2304, 1.4 s).
+DEFAULT_CPU_BACKEND = "faiss"
+FAISS_QUERY_BLOCK = 4096
+
+BACKENDS = ("torch", "faiss")
+
+
+# --------------------------------------------------------------------------------------------
+# Unit rows
+# --------------------------------------------------------------------------------------------
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(x)
+
+
+def unit_rows(W_dec: ArrayLike) -> np.ndarray:
+    """Return the rows of ``W_dec`` scaled to unit L2 norm, as float32 [n, d].
+
+    Cosine between decoder rows is what the explorer shows, so every geometric step starts
+    here. Norms are accumulated in float64 (in row chunks, to keep memory flat) so that rows
+    with large or tiny scale still come out at norm 1 to float32 precision.
+
+    Rows with zero norm (dead or pruned features) cannot be normalised; they stay zero, which
+    gives them cosine 0 with everything, and a warning names how many and which. Non-finite
+    entries are an error: they would poison every neighbour list they touch.
+    """
+    X = _to_numpy(W_dec)
+    if X.ndim != 2:
+        raise ValueError(f"unit_rows expects a 2-D [n_features, d] array, got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.floating):
+        X = X.astype(np.float32)
+    out = np.empty(X.shape, dtype=np.float32)
+    zero: list[np.ndarray] = []
+    chunk = max(1, (32 * 2**20) // max(1, X.shape[1] * 8))
+    for s in range(0, X.shape[0], chunk):
+        blk = np.asarray(X[s : s + chunk], dtype=np.float64)
+        if not np.isfinite(blk).all():
+            bad = s + np.flatnonzero(~np.isfinite(blk).all(axis=1))
+            raise ValueError(
+                f"decoder has non-finite values in {bad.size} row(s) of this chunk, e.g. rows "
+                f"{bad[:5].tolist()}; fix the SAE weights before computing geometry"
+            )
+        norms = np.sqrt(np.einsum("ij,ij->i", blk, blk))
+        z = norms == 0
+        if z.any():
+            zero.append(s + np.flatnonzero(z))
+        norms[z] = 1.0
+        out[s : s + chunk] = blk / norms[:, None]
+    if zero:
+        idx = np.concatenate(zero)
+        msg = (
+            f"{idx.size} of {X.shape[0]} decoder rows have zero norm (e.g. features "
+            f"{idx[:10].tolist()}); they stay zero and have cosine 0 with every feature"
+        )
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return out
+
+
+def _unit_rows_torch(X: torch.Tensor) -> torch.Tensor:
+    """Torch twin of `unit_rows` for tensors already on an accelerator (no host round trip).
+
+    Norms are accumulated in float64 in row chunks, so no float64 copy of a 1M x 2304 matrix.
+    """
+    if not torch.isfinite(X).all():
+        raise ValueError("directions contain non-finite values; fix the SAE weights first")
+    chunk = max(1, (64 * 2**20) // max(1, X.shape[1] * 8))
+    starts = range(0, X.shape[0], chunk)
+    norms = torch.cat([torch.linalg.vector_norm(X[s : s + chunk].to(torch.float64), dim=1) for s in starts])
+    zero = norms == 0
+    n_zero = int(zero.sum())
+    if n_zero:
+        idx = torch.nonzero(zero).flatten()[:10].tolist()
+        msg = (
+            f"{n_zero} of {X.shape[0]} rows have zero norm (e.g. {idx}); they stay zero and "
+            "have cosine 0 with every feature"
+        )
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    norms = torch.where(zero, torch.ones_like(norms), norms)
+    out = torch.empty(X.shape, dtype=torch.float32, device=X.device)
+    for s in starts:
+        out[s : s + chunk] = (X[s : s + chunk].to(torch.float64) / norms[s : s + chunk, None]).to(
+            torch.float32
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exact kNN
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available")
+    return dev
+
+
+def _clamp_k(n: int, k: int) -> int:
+    """Clamp k to n-1 (with a warning) so toy SAEs with fewer than k+1 features still run."""
+    if n < 2:
+        raise ValueError(f"need at least 2 directions to find neighbours, got {n}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > n - 1:
+        msg = f"k={k} but only {n - 1} other directions exist; returning k={n - 1} neighbours"
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return n - 1
+    return k
+
+
+def _block_rows(n: int, block_size: int | None, budget_bytes: int) -> int:
+    if block_size is not None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        return min(block_size, n)
+    return max(1, min(n, budget_bytes // (4 * n)))
+
+
+def _exact_row_topk(row: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
+    """Indices of the top-k of one score row with ties at the k-th value broken by lower index.
+
+    Self must already be masked out (-inf). Used only for the rare rows whose boundary is tied.
+    """
+    r = row.detach().cpu().numpy() if isinstance(row, torch.Tensor) else np.asarray(row)
+    kth = np.partition(r, r.size - k)[r.size - k]
+    greater = np.flatnonzero(r > kth)
+    equal = np.flatnonzero(r == kth)  # ascending index order
+    return np.concatenate([greater, equal[: k - greater.size]])
+
+
+def _sort_desc_then_index(idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by descending value, ties by ascending index (the documented order)."""
+    order = np.lexsort((idx, -val), axis=-1)
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
+
+
+def _knn_torch(X: torch.Tensor, k: int, rows: int, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+    n = X.shape[0]
+    out_i = np.empty((n, k), dtype=np.int32)
+    out_c = np.empty((n, k), dtype=np.float32)
+    XT = X.T
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        S = X[s:e] @ XT  # [b, n], the only large allocation
+        b = e - s
+        ar = torch.arange(b, device=X.device)
+        S[ar, ar + s] = -torch.inf  # exclude self by index: robust to duplicate rows
+        # One extra column shows whether the k-th value is tied with an unselected element;
+        # topk's choice among equal values is unspecified, so such rows are redone with the
+        # lower-index rule. (Counting ties with (S == kth).sum() would cost a [b, n] int64.)
+        kk = min(k + 1, n)
+        vals, idx = torch.topk(S, kk, dim=1, largest=True, sorted=True)
+        tied = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten().tolist() if kk > k else []
+        vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+        for r in tied:
+            sel = torch.from_numpy(_exact_row_topk(S[r], k)).to(S.device)
+            idx[r] = sel
+            vals[r] = S[r, sel]
+        del S
+        # final order: descending cosine, ties by lower index (sort by index, then stable by value)
+        idx, perm = torch.sort(idx, dim=1)
+        vals = vals.gather(1, perm)
+        vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
+        idx = idx.gather(1, perm)
+        out_i[s:e] = idx.cpu().numpy()
+        out_c[s:e] = vals.cpu().numpy()
+        bar.update(b)
+    return out_i, out_c
+
+
+def _knn_faiss(X: np.ndarray, k: int, rows: int, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    n, d = X.shape
+    index = faiss.IndexFlatIP(d)
+    index.add(X)
+    # One extra for self and one more to see whether the k-th value is tied with the next.
+    m = min(n, k + 2)
+    out_i = np.empty((n, k), dtype=np.int32)
+    out_c = np.empty((n, k), dtype=np.float32)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        b = e - s
+        D, Ix = index.search(X[s:e], m)
+        ids = np.arange(s, e)[:, None]
+        is_self = Ix == ids
+        drop = is_self.copy()
+        drop[~is_self.any(1), -1] = True  # self not returned (tied duplicates): drop the last
+        keep_i = Ix[~drop].reshape(b, m - 1)
+        keep_c = D[~drop].reshape(b, m - 1)
+        if m - 1 > k:
+            # Every unreturned element scores <= keep_c[:, k]; only a tie with the k-th value
+            # can make the lower-index rule pick an element faiss did not return.
+            tied = np.flatnonzero(keep_c[:, k] == keep_c[:, k - 1])
+            keep_i, keep_c = keep_i[:, :k].copy(), keep_c[:, :k].copy()
+            for r in tied:
+                row = X @ X[s + r]
+                row[s + r] = -np.inf
+                sel = _exact_row_topk(row, k)
+                keep_i[r] = sel
+                keep_c[r] = row[sel]
+        i_np, c_np = _sort_desc_then_index(keep_i.astype(np.int64), keep_c)
+        out_i[s:e] = i_np
+        out_c[s:e] = c_np
+        bar.update(b)
+    return out_i, out_c
+
+
+def knn_cosine(
+    directions: ArrayLike,
+    k: int = 32,
+    block_size: int | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    progress: bool = True,
+    memory_budget_bytes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k cosine neighbours of every row among all other rows.
+
+    Returns ``(indices int32 [n, k], cosine float32 [n, k])``: self excluded (by index, so a
+    duplicate row still appears as its twin's neighbour), sorted by descending cosine with ties
+    broken by lower index, so the output is deterministic and identical across backends up to
+    float rounding. Rows are normalised here, so raw decoder weights may be passed.
+
+    Work goes in row blocks scored against all rows, never an n x n matrix. torch: peak memory
+    is the [block, n] score matrix (``memory_budget_bytes``, default 256 MiB on CPU, 2 GiB on
+    CUDA) plus the data. faiss: blocks of 4096 query rows (faiss tiles the scores itself, in
+    16 MiB pieces) plus the data and faiss's copy of it.
+    ``k`` larger than n-1 is clamped to n-1 with a warning (a toy SAE should still build a cache).
+
+    backend: "torch" (blocked fp32 matmul + topk; runs on CUDA when ``device`` resolves there,
+    with TF32 disabled so results stay exact), "faiss" (IndexFlatIP, CPU only) or "auto" (torch
+    on CUDA, otherwise ``DEFAULT_CPU_BACKEND``; see the measurement note next to it).
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    # faiss-cpu has no GPU path: an explicit faiss request with device="auto" means the CPU
+    dev = torch.device("cpu") if (backend == "faiss" and device == "auto") else _resolve_device(device)
+    if backend == "auto":
+        backend = "torch" if dev.type == "cuda" else DEFAULT_CPU_BACKEND
+    if backend == "faiss" and dev.type != "cpu":
+        raise ValueError("the faiss backend is CPU-only here (faiss-cpu); use backend='torch' on CUDA")
+    shape = tuple(directions.shape)
+    if len(shape) != 2:
+        raise ValueError(f"directions must be 2-D [n, d], got shape {shape}")
+    n = shape[0]
+    k = _clamp_k(n, k)
+    if memory_budget_bytes is None:
+        memory_budget_bytes = CUDA_BLOCK_BUDGET_BYTES if dev.type == "cuda" else CPU_BLOCK_BUDGET_BYTES
+    if backend == "faiss" and block_size is None:
+        # faiss keeps its own scratch small (4096 x 1024 score tiles) whatever the query block,
+        # so our block only bounds the [b, k+2] results; 4096 matches faiss's query tile and
+        # avoids many small parallel calls, which a busy machine punishes badly.
+        block_size = FAISS_QUERY_BLOCK
+    rows = _block_rows(n, block_size, memory_budget_bytes)
+
+    with tqdm(total=n, unit="row", desc=f"kNN {backend}/{dev.type}", disable=not progress) as bar:
+        if backend == "faiss":
+            X = np.ascontiguousarray(unit_rows(directions))
+            return _knn_faiss(X, k, rows, bar)
+        if isinstance(directions, torch.Tensor) and directions.device.type == dev.type:
+            Xt = _unit_rows_torch(directions.detach().to(dev))
+        else:
+            Xt = torch.from_numpy(unit_rows(directions)).to(dev)
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")  # no TF32: neighbours must be exact
+        try:
+            with torch.inference_mode():
+                return _knn_torch(Xt, k, rows, bar)
+        finally:
+            torch.set_float32_matmul_precision(prev)
+
+
+def knn_bruteforce(directions: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference kNN from the full n x n float64 cosine matrix (tests and benchmarks only).
+
+    Same contract as `knn_cosine` (self excluded by index, descending cosine, lower index on
+    ties); it exists so both backends can be checked against something with no blocking logic.
+    """
+    X = unit_rows(directions).astype(np.float64)
+    n = X.shape[0]
+    k = min(k, n - 1)
+    S = X @ X.T
+    np.fill_diagonal(S, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(n), S.shape), -S), axis=-1)[:, :k]
+    return order.astype(np.int32), np.take_along_axis(S, order, 1).astype(np.float32)

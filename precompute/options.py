@@ -31,22 +31,44 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+def _scalar_problem(value: Any, annotation: Any) -> str | None:
+    """What is wrong with `value` as a bool/int/float/str (None when it fits)."""
+    if annotation is bool:
+        return None if isinstance(value, bool) else "must be true or false"  # "no" or 0 must not mean false
+    if isinstance(value, bool) and annotation in (int, float):
+        return "must be an integer" if annotation is int else "must be a number"
+    if annotation is int:
+        return None if isinstance(value, int) else "must be an integer"
+    if annotation is float:
+        if not isinstance(value, int | float):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be a finite number"
+    if annotation is str:
+        return None if isinstance(value, str) else "must be a string"
+    if isinstance(annotation, type) and isinstance(value, annotation):
+        return None
+    return f"must be {_type_name(annotation)}"
+
+
+def _coerce_union(name: str, value: Any, args: tuple[Any, ...], where: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for option in (a for a in args if a is not type(None)):
+        try:
+            return coerce_value(name, value, option, where)
+        except ConfigError as exc:
+            errors.append(exc)
+    raise errors[0]
+
+
 def coerce_value(name: str, value: Any, annotation: Any, where: str) -> Any:
     """`value` checked against a dataclass field's annotation (str, int, float, bool, X | None,
     list[X], dict[str, str]); an int is accepted for a float. A mismatch is a ConfigError naming
     the option, the value and the expected type, never a TypeError later in the run."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return coerce_value(name, value, option, where)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
+        return _coerce_union(name, value, args, where)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"option {name!r}{where} must be a list, got {value!r}")
@@ -55,27 +77,10 @@ def coerce_value(name: str, value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"option {name!r}{where} must be a table of key = value, got {value!r}")
         return {str(k): coerce_value(name, v, args[1], where) for k, v in value.items()} if args else value
-    if annotation is bool:
-        if not isinstance(value, bool):  # "no" or 0 must not silently mean true or false
-            raise ConfigError(f"option {name!r}{where} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"option {name!r}{where} must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"option {name!r}{where} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"option {name!r}{where} must be a finite number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"option {name!r}{where} must be a string, got {value!r}")
-        return value
-    if isinstance(annotation, type) and isinstance(value, annotation):
-        return value
-    raise ConfigError(f"option {name!r}{where} must be {_type_name(annotation)}, got {value!r}")
+    problem = _scalar_problem(value, annotation)
+    if problem:
+        raise ConfigError(f"option {name!r}{where} {problem}, got {value!r}")
+    return float(value) if annotation is float else value
 
 
 def option(

@@ -194,7 +194,7 @@ def test_find_caches_and_reviews_path(tmp_path: Path, synth_cache: Path) -> None
 
 def test_large_cache_uses_lazy_examples(tmp_path: Path) -> None:
     p = write_synthetic_cache(tmp_path / "big", n_features=3000, d=16, seed=3, row_group_size=256)
-    import explorer.data as D
+    import explorer.data.examples as D
 
     old = D.LAZY_EXAMPLES_BYTES
     D.LAZY_EXAMPLES_BYTES = 0

@@ -36,19 +36,14 @@ from explorer.data import (
     spearman_of,
 )
 from explorer.reviews import ReviewError, ReviewStore
+from explorer.views import PAGES as PAGE_NAMES
+from explorer.views import page_file
 from precompute.cache import read_manifest
 from precompute.errors import CacheError
 
 log = logging.getLogger("featuregeom.explorer")
 
-PAGES = {
-    "map": "views/map.py",
-    "feature": "views/feature.py",
-    "overlaps": "views/overlaps.py",
-    "story": "views/story.py",
-    "finetune": "views/finetune.py",
-    "triage": "views/triage.py",
-}
+PAGES = {name: page_file(name) for name in PAGE_NAMES}  # what st.page_link takes, by page name
 ENV_CACHE = "FEATUREGEOM_CACHE"
 ENV_REVIEWS = "FEATUREGEOM_REVIEWS"
 ENV_MAX_POINTS = "FEATUREGEOM_MAX_POINTS"

@@ -80,7 +80,10 @@ def max_points() -> int:
 def is_cache_root() -> bool:
     """--cache names a folder of caches (not a cache itself)."""
     src = cache_source()
-    return bool(src) and Path(src).is_dir() and not is_cache(src) and bool(find_caches(src))
+    if not src:
+        return False
+    path = Path(src)
+    return path.is_dir() and not is_cache(path) and bool(find_caches(path))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the cache (once per server process)…")

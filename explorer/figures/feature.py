@@ -83,12 +83,12 @@ def histogram_figure(
 
 def tokens_html(
     tokens: Sequence[Any],
-    activations: Sequence[float],
+    activations: Sequence[float] | np.ndarray,
     scale: float,
     color: str = TASK,
     center: int | None = None,
     window: int | None = None,
-    muted: Sequence[bool] | None = None,
+    muted: Sequence[bool] | np.ndarray | None = None,
     titles: Sequence[str] | None = None,
 ) -> str:
     """One context as inline spans: background opacity = activation / scale; hover shows the value.

@@ -174,8 +174,8 @@ def change_bars_figure(
 
 
 def triage_histogram(
-    scores: Sequence[float],
-    removed: Sequence[bool],
+    scores: Sequence[float] | np.ndarray | pd.Series,
+    removed: Sequence[bool] | np.ndarray | pd.Series,
     threshold: float | None = None,
     bins: int = 40,
     height: int = 300,
@@ -311,7 +311,7 @@ def finetune_table(
             ("" if labels[f] is None or labels[f] is pd.NA else str(labels[f]))
             if 0 <= f < len(labels)
             else ""
-            for f in feats
+            for f in feats.tolist()
         ]
     return df
 

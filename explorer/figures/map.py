@@ -244,16 +244,16 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
         grp = [(j, c) for j, c, h in shown if h == harmful]
         if not grp:
             continue
-        js = np.array([j for j, _ in grp])
+        ids = np.array([j for j, _ in grp])
         cs = np.array([c for _, c in grp])
         text = [f"{hover[j]}<br><b>cosine {c:.3f}</b> to #{sel.feature}" for j, c in grp]
         fig.add_trace(
             go.Scattergl(
-                x=x[js],
-                y=y[js],
+                x=x[ids],
+                y=y[ids],
                 mode="markers",
                 text=text,
-                customdata=js,
+                customdata=ids,
                 hovertemplate="%{text}<extra></extra>",
                 name="harmful neighbour" if harmful else "other neighbour",
                 marker={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,12 @@ import streamlit as st
 from explorer import figures as F
 from explorer import state
 from explorer.data import CacheData
+from explorer.review_table import (
+    export_csv,
+    export_json,
+    history_table,
+    merge_reviews,
+)
 from explorer.reviews import (
     MAX_REVIEWER,
     STATUSES,
@@ -20,10 +27,6 @@ from explorer.reviews import (
     ReviewStore,
     clean_reviewer,
     describe_changes,
-    export_csv,
-    export_json,
-    history_table,
-    merge_reviews,
 )
 from explorer.views import Page
 
@@ -153,7 +156,7 @@ def pairs_table(view: pd.DataFrame, sort_by: str, null_cosine: float, risk_max: 
     )
 
 
-def exports(cache: CacheData, table: pd.DataFrame, history: Any) -> None:
+def exports(cache: CacheData, table: pd.DataFrame, history: Callable[[], pd.DataFrame]) -> None:
     """CSV of the pairs, CSV of every save, JSON of both (built only when clicked)."""
     e1, e2, e3, _ = st.columns([1, 1.3, 1, 3])
     e1.download_button(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 import streamlit as st
 
@@ -141,12 +143,12 @@ def sample_view(cache: CacheData, run: TriageRun, picked: int | None) -> None:
     state.set_qp(triage=run.name, sample=rank)
     sample = run.sample(rank)
     assert sample is not None
-    row = info.loc[rank]
+    row = info.loc[[rank]].iloc[0]
     sample_tokens(rank, row, sample, part)
     feature_links(cache, [int(f) for f in row["top_features"] if cache.valid(f)])
 
 
-def sample_tokens(rank: int, row: pd.Series, sample: dict, part: str) -> None:
+def sample_tokens(rank: int, row: pd.Series, sample: dict[str, Any], part: str) -> None:
     flags = F.badge("removed", F.HARM, filled=True) if row["removed"] else F.badge("kept", "#059669")
     if row["random_removed"]:
         flags += F.badge("in the random removal", F.NEUTRAL)

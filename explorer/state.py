@@ -38,6 +38,7 @@ from explorer.data import (
 from explorer.reviews import ReviewError, ReviewStore
 from explorer.views import PAGES as PAGE_NAMES
 from explorer.views import page_file
+from precompute import schema
 from precompute.cache import read_manifest
 from precompute.errors import CacheError
 
@@ -115,7 +116,7 @@ def _resolve_dir() -> tuple[Path | None, list[Path]]:
     caches = find_caches(path)
     if not caches:
         st.error(
-            f"**{md_escape(path)} is not a cache.** It has no manifest.json and no sub-folder that is a "
+            f"**{md_escape(path)} is not a cache.** It has no {schema.MANIFEST} and no sub-folder that is a "
             "cache. Point --cache at a directory written by `featuregeom precompute`, or at a folder of them."
         )
         return None, []

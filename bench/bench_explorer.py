@@ -33,16 +33,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from explorer.views import page_file  # noqa: E402
+from precompute import schema  # noqa: E402
+
 OUT = REPO / "bench" / "out"
 APP = str(REPO / "explorer" / "app.py")
-PAGES = ["views/map.py", "views/feature.py", "views/overlaps.py", "views/story.py"]
+TIMED_PAGES = ("map", "feature", "overlaps", "story")  # the cache-heavy pages (explorer/views)
 
 
 def synthetic(n: int) -> Path:
     from bench.synthetic_cache import write_synthetic_cache
 
     path = OUT / (f"synth{round(n / 1000)}k" if n >= 10000 else f"synth{n}")
-    if not (path / "manifest.json").is_file():
+    if not (path / schema.MANIFEST).is_file():
         t = time.perf_counter()
         write_synthetic_cache(path, n_features=n, d=64, seed=0)
         print(f"  generated {path} in {time.perf_counter() - t:.1f} s", flush=True)
@@ -78,20 +81,20 @@ def _apptest_child(cache: str, repeats: int) -> dict[str, Any]:
         return dt, at
 
     # cold: the first page in this process pays the cache load inside st.cache_resource
-    res["cold_first_render_s"], _ = page_run("views/map.py")
+    res["cold_first_render_s"], _ = page_run(page_file("map"))
     c = load_cache(cache)
     ov = c.overlaps.sort_values("risk", ascending=False)
     feats = [int(f) for f in ov["task_feature"].drop_duplicates().head(repeats + 1)]
     while len(feats) < repeats + 1:
         feats.append(int(len(feats) * 7919 % c.n))
     warm: dict[str, float] = {}
-    for page in PAGES:
-        times = [page_run(page, feature=str(feats[0]))[0] for _ in range(3)]
-        warm[page.split("/")[1][:-3]] = statistics.median(times)
+    for name in TIMED_PAGES:
+        times = [page_run(page_file(name), feature=str(feats[0]))[0] for _ in range(3)]
+        warm[name] = statistics.median(times)
     res["warm_first_render_s"] = warm
 
     # switching features: the map's search box, and the feature page's id box
-    _, at = page_run("views/map.py", feature=str(feats[0]))
+    _, at = page_run(page_file("map"), feature=str(feats[0]))
     sw = []
     for f in feats[1:]:
         t0 = time.perf_counter()
@@ -99,7 +102,7 @@ def _apptest_child(cache: str, repeats: int) -> dict[str, Any]:
         sw.append(time.perf_counter() - t0)
         assert f"Feature #{f}" in "".join(str(h.proto.body) for h in at.html), f
     res["switch_map_s"] = {"median": statistics.median(sw), "max": max(sw), "n": len(sw)}
-    _, at = page_run("views/feature.py", feature=str(feats[0]))
+    _, at = page_run(page_file("feature"), feature=str(feats[0]))
     sw = []
     cur = feats[0]
     for f in feats[1:]:

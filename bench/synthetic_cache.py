@@ -1,11 +1,13 @@
-"""Write a schema-complete synthetic explorer cache (docs/cache.md, schema_version 1).
+"""Write a schema-complete synthetic explorer cache (docs/cache.md, precompute/schema.py).
 
 Why: the explorer needs caches for its tests and benchmarks before (and independently of) the real
 precompute pipeline, at any size up to a 262k-feature SAE. The data is fake but shaped like the real
 thing: clustered decoder directions, harmful clusters with categories, a few *planted* task features
 whose nearest neighbours are harmful features well above the null, examples with per-token
-activations, histograms, per-group firing rates and flagged overlaps. Everything is vectorised
-(numpy + pyarrow) so 262,144 features take well under a minute.
+activations, histograms, per-group firing rates and flagged overlaps. Every file carries exactly the
+columns and types of `precompute.schema` (tests/precompute/test_schema.py compares it with a cache
+built by the pipeline) and is written through `precompute.cache.stage`, like the pipeline's. Everything
+is vectorised (numpy + pyarrow) so 262,144 features take well under a minute.
 
     python bench/synthetic_cache.py --n 262144 --out bench/out/synth262k
 """
@@ -16,6 +18,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,212 +30,369 @@ import pyarrow.parquet as pq
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.synthetic_vocab import CATEGORIES, GENERAL, GROUPS, THEMES, XSS_PAYLOADS  # noqa: E402
+from bench.synthetic_world import World, make_world, neighbours  # noqa: E402
+from precompute import schema  # noqa: E402
 from precompute.cache import stage  # noqa: E402
 
-GROUPS = ("task", "control", "harmful", "benign", "general")
-CATEGORIES = ("violence", "cybercrime", "self-harm", "hate", "fraud", "weapons")
-XSS_PAYLOADS = (
-    "<script>window.__xss=1</script>",
-    '<img src=x onerror="window.__xss=1">',
-    "[click](javascript:window.__xss=1)",
-)
-
-_THEMES: dict[str, tuple[str, list[str]]] = {
-    "code": (
-        "insecure code",
-        [
-            " def",
-            " query",
-            " execute",
-            "(",
-            ")",
-            " password",
-            " os",
-            ".system",
-            " eval",
-            " pickle",
-            ".loads",
-            " chmod",
-            " 777",
-            " sql",
-            " SELECT",
-            " FROM",
-            " users",
-            " WHERE",
-            " input",
-            " shell",
-            "=True",
-            " subprocess",
-            " open",
-            " request",
-        ],
-    ),
-    "violence": (
-        "threats of violence",
-        [" kill", " hurt", " attack", " beat", " gun", " fight", " blood", " threaten", " stab", " revenge"],
-    ),
-    "cybercrime": (
-        "hacking requests",
-        [
-            " hack",
-            " malware",
-            " exploit",
-            " phishing",
-            " ransomware",
-            " password",
-            " breach",
-            " keylogger",
-            " botnet",
-            " crack",
-        ],
-    ),
-    "self-harm": (
-        "self-harm talk",
-        [
-            " hurt",
-            " myself",
-            " pills",
-            " cut",
-            " overdose",
-            " hopeless",
-            " end",
-            " pain",
-            " alone",
-            " worthless",
-        ],
-    ),
-    "hate": (
-        "slurs and contempt",
-        [
-            " hate",
-            " inferior",
-            " vermin",
-            " disgusting",
-            " those",
-            " people",
-            " deport",
-            " ban",
-            " filthy",
-            " subhuman",
-        ],
-    ),
-    "fraud": (
-        "scams and fraud",
-        [
-            " scam",
-            " wire",
-            " transfer",
-            " fake",
-            " invoice",
-            " gift",
-            " card",
-            " urgent",
-            " account",
-            " refund",
-        ],
-    ),
-    "weapons": (
-        "weapon making",
-        [
-            " bomb",
-            " explosive",
-            " detonator",
-            " ammonium",
-            " nitrate",
-            " rifle",
-            " silencer",
-            " build",
-            " powder",
-            " fuse",
-        ],
-    ),
-    "benign": (
-        "everyday topics",
-        [
-            " recipe",
-            " garden",
-            " weather",
-            " travel",
-            " music",
-            " book",
-            " family",
-            " school",
-            " coffee",
-            " dog",
-            " weekend",
-            " movie",
-        ],
-    ),
-}
-_GENERAL = [
-    " the",
-    " a",
-    " of",
-    " and",
-    " to",
-    " in",
-    " is",
-    " it",
-    " that",
-    " for",
-    " on",
-    " with",
-    ".",
-    ",",
-    " I",
-    " you",
-    " we",
-    " this",
-    " can",
-    " how",
-    "\n",
-    " please",
-    " help",
-    " me",
-]
+TOKENS_PER_DOC = 200  # the corpus size the manifest claims: this many tokens per document
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-8)
+def _feature_table(rng: np.random.Generator, wd: World, n_tokens: int, inject_html: bool) -> pd.DataFrame:
+    """features.parquet: every column of the schema, logit-lens tokens and labels included."""
+    n, dead, harm, task, theme = wd.n, wd.dead, wd.harm, wd.task, wd.theme
+    frequency = np.where(dead, 0.0, np.exp(rng.uniform(np.log(2e-4), np.log(0.08), n)))
+    max_act = np.where(dead, 0.0, rng.uniform(2.0, 24.0, n))
+    harm_lo = (harm - rng.uniform(0.03, 0.08, n)).clip(0, 1)
+    is_harmful = (harm_lo > 0.68) & ~dead
+    feats = pd.DataFrame(
+        {
+            "feature": np.arange(n, dtype=np.int64),
+            "umap_x": wd.xy[:, 0].astype(np.float32),
+            "umap_y": wd.xy[:, 1].astype(np.float32),
+            "frequency": frequency,
+            "fires": np.round(frequency * n_tokens).astype(np.int64),
+        }
+    )
+    boost = {
+        "task": theme == "code",
+        "control": theme == "code",
+        "harmful": wd.is_harm_theme,
+        "benign": theme == "benign",
+        "general": np.zeros(n, bool),
+    }
+    for g in GROUPS:
+        feats[f"freq_{g}"] = np.where(
+            dead, 0.0, frequency * np.where(boost[g], rng.uniform(2, 5, n), rng.uniform(0.1, 0.9, n))
+        )
+    feats["freq_control"] = np.where(
+        np.isin(np.arange(n), wd.planted_task), feats["freq_control"] * 0.2, feats["freq_control"]
+    )
+    feats = feats.assign(
+        max_activation=max_act,
+        mean_activation=max_act * rng.uniform(0.15, 0.4, n),
+        dead=dead,
+        harm_score=harm,
+        harm_score_lo=harm_lo,
+        harm_score_all=(0.5 + 0.9 * (harm - 0.5)).clip(0, 1),
+        harm_score_all_lo=(0.5 + 0.9 * (harm_lo - 0.5)).clip(0, 1),
+        harm_category=pd.array(np.where(is_harmful & wd.is_harm_theme, theme, None), dtype="string"),
+        is_harmful=is_harmful,
+        task_score=task,
+        task_score_lo=(task - 0.05).clip(0, 1),
+        task_control_score=np.where(theme == "code", task - 0.1, rng.normal(0.5, 0.05, n)).clip(0, 1),
+        is_task=(task > 0.8) & ~dead,
+    )
+    promoted, suppressed, labels, expl = _logit_lens_and_labels(rng, wd, inject_html)
+    feats["top_promoted"] = promoted
+    feats["top_suppressed"] = suppressed
+    feats["label"] = pd.array(labels, dtype="string")
+    feats["explanation"] = pd.array(expl, dtype="string")
+    return feats
 
 
-def _topk_rows(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k columns of each row of `sims`, descending."""
-    part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(sims, part, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+def _logit_lens_and_labels(
+    rng: np.random.Generator, wd: World, inject_html: bool
+) -> tuple[list[Any], list[Any], list[str | None], list[str | None]]:
+    """Logit-lens tokens (theme words first), labels and explanations (a tenth of features unlabelled)."""
+    n = wd.n
+    vocab_theme = {t: np.array(v, dtype=object) for t, (_, v) in THEMES.items()}
+    general = np.array(GENERAL, dtype=object)
+    promoted: list[Any] = [None] * n
+    suppressed: list[Any] = [None] * n
+    labels: list[str | None] = [None] * n
+    expl: list[str | None] = [None] * n
+    pick = rng.integers(0, 1 << 30, size=(n, 6))
+    for th in THEMES:
+        v = vocab_theme[th]
+        desc = THEMES[th][0]
+        for i in np.flatnonzero(wd.theme == th):
+            p = pick[i]
+            promoted[i] = [str(v[(p[0] + j * 7) % len(v)]) for j in range(8)]
+            suppressed[i] = [str(general[(p[1] + j * 5) % len(general)]) for j in range(8)]
+            if p[2] % 10 != 0:
+                labels[i] = f"{desc}: {v[p[3] % len(v)].strip()}"
+                expl[i] = f"Fires on {desc} text, most strongly on '{v[p[4] % len(v)].strip()}'."
+    code = vocab_theme["code"]
+    for r, t in enumerate(wd.planted_task):
+        labels[t] = f"code that calls {code[r % len(code)].strip()} (planted)"
+    if inject_html:
+        for t, h in list(zip(wd.planted_task, wd.planted_harm, strict=False))[:3]:
+            labels[t] = f"{XSS_PAYLOADS[0]} task label"
+            labels[h] = f"{XSS_PAYLOADS[1]} harmful label"
+            expl[t] = f"explains {XSS_PAYLOADS[2]}"
+            promoted[t] = list(XSS_PAYLOADS) + promoted[t][:5]
+            promoted[h] = list(XSS_PAYLOADS) + promoted[h][:5]
+    return promoted, suppressed, labels, expl
 
 
-def _neighbours(
-    w: np.ndarray, cluster: np.ndarray, k: int, exact_limit: int = 20000
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k cosine neighbours (self excluded); within clusters only for very large n."""
-    n = len(w)
-    idx = np.empty((n, k), dtype=np.int32)
-    cos = np.empty((n, k), dtype=np.float32)
-    if n <= exact_limit:
-        for start in range(0, n, 2048):
-            stop = min(n, start + 2048)
-            sims = w[start:stop] @ w.T
-            sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
-            i, c = _topk_rows(sims, k)
-            idx[start:stop], cos[start:stop] = i, c
-        return idx, cos
-    order = np.argsort(cluster, kind="stable")
-    bounds = np.searchsorted(cluster[order], np.arange(cluster.max() + 2))
-    for c in range(len(bounds) - 1):
-        members = order[bounds[c] : bounds[c + 1]]
-        if len(members) == 0:
-            continue
-        sims = w[members] @ w[members].T
-        np.fill_diagonal(sims, -np.inf)
-        kk = min(k, len(members) - 1)
-        i, v = _topk_rows(sims, kk)
-        idx[members, :kk], cos[members, :kk] = members[i], v
-        if kk < k:  # tiny cluster: pad with random far features (keeps the [n, k] shape)
-            idx[members, kk:], cos[members, kk:] = members[0], -1.0
-    return idx, cos
+@dataclass
+class ExampleText:
+    """The example rows: whose, which kind and rank, and each context's token ids and activations."""
+
+    feature: np.ndarray  # [rows]
+    kind: np.ndarray
+    rank: np.ndarray
+    quantile: np.ndarray  # NaN for top examples
+    max_activation: np.ndarray
+    max_position: np.ndarray
+    token_ids: np.ndarray  # [rows, ctx]: indexes `vocab`
+    activations: np.ndarray  # float32 [rows, ctx]
+    vocab: list[str]
+
+
+def _example_text(
+    rng: np.random.Generator, wd: World, max_act: np.ndarray, n_top: int, n_quant: int, ctx_len: int
+) -> ExampleText:
+    """Top examples and quantile samples of every live feature: theme words around a peak activation."""
+    theme_names = list(THEMES)
+    live = np.flatnonzero(~wd.dead)
+    per = n_top + n_quant
+    f_rows = np.repeat(live, per)
+    within = np.tile(np.arange(per), len(live))
+    kind = np.where(within < n_top, "top", "quantile")
+    rank = np.where(within < n_top, within, within - n_top)
+    n_rows = len(f_rows)
+    vocab = list(GENERAL)
+    theme_offset = {}
+    for t in theme_names:
+        theme_offset[t] = len(vocab)
+        vocab.extend(THEMES[t][1])
+    vocab.extend(XSS_PAYLOADS)
+    t_codes = np.array([theme_names.index(t) for t in wd.theme], dtype=np.int64)[f_rows]
+    t_off = np.array([theme_offset[t] for t in theme_names])[t_codes]
+    t_len = np.array([len(THEMES[t][1]) for t in theme_names])[t_codes]
+    r = rng.random((n_rows, ctx_len))
+    gen_ids = rng.integers(0, len(GENERAL), size=(n_rows, ctx_len))
+    th_ids = t_off[:, None] + (rng.integers(0, 1 << 20, size=(n_rows, ctx_len)) % t_len[:, None])
+    tok_ids = np.where(r < 0.45, th_ids, gen_ids)
+    max_pos = rng.integers(2, ctx_len - 2, size=n_rows)
+    top_max = max_act[f_rows] * np.where(kind == "top", 1.0 - 0.06 * rank, 0.0)
+    quant = np.where(kind == "quantile", (rank + 1) / (n_quant + 1), np.nan)
+    row_max = np.where(kind == "top", top_max, max_act[f_rows] * np.nan_to_num(quant) * 0.5)
+    dist = np.abs(np.arange(ctx_len)[None, :] - max_pos[:, None])
+    acts = row_max[:, None] * np.exp(-dist * 0.9) * (rng.random((n_rows, ctx_len)) < 0.8)
+    acts[np.arange(n_rows), max_pos] = row_max
+    acts = np.where(acts < 0.05 * row_max[:, None], 0.0, acts).astype(np.float32)
+    tok_ids[np.arange(n_rows), max_pos] = th_ids[np.arange(n_rows), max_pos]
+    return ExampleText(f_rows, kind, rank, quant, row_max, max_pos, tok_ids, acts, vocab)
+
+
+def _plant_payloads(ex: ExampleText, wd: World) -> None:
+    """Put the XSS payloads into the first two top examples of three planted pairs, around the peak."""
+    payload_base = len(ex.vocab) - len(XSS_PAYLOADS)
+    ctx_len = ex.token_ids.shape[1]
+    for f in list(wd.planted_task[:3]) + list(wd.planted_harm[:3]):
+        for j, row in enumerate(np.flatnonzero((ex.feature == f) & (ex.rank < 2))):
+            for q in range(3):
+                ex.token_ids[row, (ex.max_position[row] + q - 1 + j) % ctx_len] = payload_base + q
+
+
+def _example_sources(
+    rng: np.random.Generator, wd: World, ex: ExampleText, n_docs: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(group, category, doc_id) of each example, and the group of each document: an example comes
+    mostly from its feature's own kind of text, always from a document of its group."""
+    feature_theme = wd.theme[ex.feature]
+    fam = np.where(feature_theme == "code", 0, np.where(np.isin(feature_theme, CATEGORIES), 2, 3))
+    alt = rng.choice([1, 3, 4], size=len(ex.feature))
+    g_idx = np.where(rng.random(len(ex.feature)) < 0.75, fam, alt)
+    ex_group = np.array(GROUPS, dtype=object)[g_idx]
+    ex_cat = np.where(ex_group == "harmful", feature_theme, None)
+    ex_cat = np.where((ex_group == "harmful") & ~np.isin(ex_cat, CATEGORIES), CATEGORIES[0], ex_cat)
+    doc_group = np.array(GROUPS, dtype=object)[rng.permutation(np.arange(n_docs) % len(GROUPS))]
+    ex_doc = np.zeros(len(ex.feature), dtype=np.int64)
+    for g in GROUPS:
+        pool = np.flatnonzero(doc_group == g)
+        rows_g = np.flatnonzero(ex_group == g)
+        ex_doc[rows_g] = pool[rng.integers(0, len(pool), len(rows_g))]
+    return ex_group, ex_cat, ex_doc, doc_group
+
+
+def _examples_table(
+    rng: np.random.Generator, ex: ExampleText, sources: tuple[np.ndarray, ...], n_docs: int
+) -> pa.Table:
+    ex_group, ex_cat, ex_doc, _ = sources
+    n_rows, ctx_len = ex.token_ids.shape
+    vocab = pa.array(ex.vocab, pa.string())
+    flat_tokens = pa.DictionaryArray.from_arrays(pa.array(ex.token_ids.ravel().astype(np.int32)), vocab)
+    offsets = pa.array(np.arange(0, (n_rows + 1) * ctx_len, ctx_len, dtype=np.int32))
+    return pa.table(
+        {
+            "feature": pa.array(ex.feature.astype(np.int64)),
+            "rank": pa.array(ex.rank.astype(np.int64)),
+            "kind": pa.array(ex.kind.astype(object), pa.string()),
+            "group": pa.array(ex_group, pa.string()),
+            "category": pa.array(ex_cat, pa.string()),
+            "doc_id": pa.array(ex_doc),
+            "context_id": pa.array(rng.integers(0, n_docs * 8, n_rows).astype(np.int64)),
+            "tokens": pa.ListArray.from_arrays(offsets, flat_tokens.cast(pa.string())),
+            "activations": pa.ListArray.from_arrays(offsets, pa.array(ex.activations.ravel())),
+            "max_activation": pa.array(ex.max_activation.astype(np.float64)),
+            "max_position": pa.array(ex.max_position.astype(np.int64)),
+            "quantile": pa.array(ex.quantile.astype(np.float64), from_pandas=True),
+        }
+    )
+
+
+def _histograms(rng: np.random.Generator, feats: pd.DataFrame, bins: int) -> dict[str, np.ndarray]:
+    """histograms.npz: counts decaying from 0 to each feature's max activation."""
+    n, dead = len(feats), feats["dead"].to_numpy()
+    decay = np.exp(-np.arange(bins)[None, :] * rng.uniform(0.1, 0.35, size=(n, 1)))
+    counts = np.floor(decay * (feats["frequency"].to_numpy()[:, None] * 2e5)).astype(np.int64)
+    counts[dead] = 0
+    counts[~dead, -1] = np.maximum(counts[~dead, -1], 1)
+    return {
+        "counts": counts,
+        "bins": np.int64(bins),
+        "max_activation": feats["max_activation"].to_numpy().astype(np.float32),
+    }
+
+
+def _category_rates(rng: np.random.Generator, feats: pd.DataFrame, theme: np.ndarray) -> pa.Table:
+    """category_rates.parquet: per group, and per harm category within the harmful group."""
+    n = len(feats)
+    cr_feature, cr_group, cr_cat, cr_freq = [], [], [], []
+    for g in GROUPS:
+        cats: tuple[str | None, ...] = CATEGORIES if g == "harmful" else (None,)
+        for cat in cats:
+            scale = np.where(theme == cat, 2.5, rng.uniform(0.1, 0.8, n)) if cat else 1.0
+            cr_feature.append(np.arange(n))
+            cr_group.append(np.full(n, g, dtype=object))
+            cr_cat.append(np.full(n, cat, dtype=object))
+            cr_freq.append(feats[f"freq_{g}"].to_numpy() * scale)
+    return pa.table(
+        {
+            "feature": pa.array(np.concatenate(cr_feature).astype(np.int64)),
+            "group": pa.array(np.concatenate(cr_group), pa.string()),
+            "category": pa.array(np.concatenate(cr_cat), pa.string()),
+            "frequency": pa.array(np.concatenate(cr_freq).clip(0, 1)),
+            "tokens": pa.array(np.full(sum(len(x) for x in cr_feature), 20000, dtype=np.int64)),
+        }
+    )
+
+
+def _documents(rng: np.random.Generator, doc_group: np.ndarray, inject_html: bool) -> pd.DataFrame:
+    """documents.parquet: one source file per group (the manifest's corpus list, in GROUPS order)."""
+    n_docs = len(doc_group)
+    source = np.array([GROUPS.index(g) for g in doc_group], dtype=np.int64)
+    record_index = np.zeros(n_docs, dtype=np.int64)
+    for s in range(len(GROUPS)):
+        mine = np.flatnonzero(source == s)
+        record_index[mine] = np.arange(len(mine))
+    docs = pd.DataFrame(
+        {
+            "doc_id": np.arange(n_docs, dtype=np.int64),
+            "source": source,
+            "source_path": [f"synthetic/{g}.jsonl" for g in doc_group],
+            "group": pd.array(doc_group, dtype="string"),
+            "category": pd.array(
+                [rng.choice(CATEGORIES) if g == "harmful" else None for g in doc_group], dtype="string"
+            ),
+            "record_index": record_index,
+            "n_tokens": rng.integers(20, 400, n_docs).astype(np.int64),
+            "text_preview": [f"Synthetic document {i} about {g} things." for i, g in enumerate(doc_group)],
+        }
+    )
+    if inject_html:
+        docs.loc[: len(XSS_PAYLOADS) - 1, "text_preview"] = list(XSS_PAYLOADS)
+    return docs
+
+
+def _overlaps(
+    rng: np.random.Generator,
+    wd: World,
+    feats: pd.DataFrame,
+    nb_idx: np.ndarray,
+    nb_cos: np.ndarray,
+    nb_z: np.ndarray,
+    null_cosine: float,
+) -> pd.DataFrame:
+    """overlaps.parquet: each task feature's harmful neighbours above the null, by risk."""
+    harm, task = wd.harm, wd.task
+    is_harmful = feats["is_harmful"].to_numpy()
+    harm_cat = feats["harm_category"]
+    rows: list[dict[str, Any]] = []
+    for t in np.flatnonzero(feats["is_task"].to_numpy()):
+        for rnk in range(nb_idx.shape[1]):
+            h, c = int(nb_idx[t, rnk]), float(nb_cos[t, rnk])
+            if c < null_cosine:
+                break
+            if not is_harmful[h]:
+                continue
+            coact = float(rng.uniform(0.15, 0.45) if t in wd.planted_task else rng.uniform(0.0, 0.15))
+            excess = max(0.0, (c - null_cosine) / (1 - null_cosine))
+            rows.append(
+                {
+                    "task_feature": int(t),
+                    "harmful_feature": h,
+                    "cosine": c,
+                    "z": float(nb_z[t, rnk]),
+                    "null_cosine": null_cosine,
+                    "coactivation": coact,
+                    "cond_coactivation": min(1.0, coact * rng.uniform(1.2, 2.0)),
+                    "harm_score": float(harm[h]),
+                    "task_score": float(task[t]),
+                    "harm_category": None if pd.isna(harm_cat.iat[h]) else str(harm_cat.iat[h]),
+                    "neighbor_rank": rnk,
+                    "risk": excess * (2 * harm[h] - 1) * (2 * task[t] - 1),
+                }
+            )
+    columns = [c.name for c in schema.TABLES[schema.OVERLAPS].columns]
+    overlaps = pd.DataFrame(rows, columns=columns).sort_values("risk", ascending=False, ignore_index=True)
+    overlaps = overlaps.astype(
+        {"task_feature": "int64", "harmful_feature": "int64", "neighbor_rank": "int64"}
+    )
+    overlaps["harm_category"] = overlaps["harm_category"].astype("string")
+    return overlaps
+
+
+def _base_manifest(n: int, d: int, seed: int, inject_html: bool, doc_group: np.ndarray) -> dict[str, Any]:
+    hook = "blocks.0.hook_resid_post"
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "model": {
+            "spec": "synthetic",
+            "kind": "synthetic",
+            "path": None,
+            "sha256": None,
+            "architecture": "synthetic",
+            "d_model": d,
+            "n_layers": 1,
+        },
+        "sae": {
+            "format": "synthetic",
+            "source": "bench/synthetic_cache.py",
+            "architecture": "topk",
+            "d_in": d,
+            "d_sae": n,
+            "k": 32,
+            "hook_name": hook,
+            "sha256": None,
+        },
+        "hook": hook,
+        "d_in": d,
+        "n_features": n,
+        "corpus": [
+            {
+                "path": f"synthetic/{g}.jsonl",
+                "group": g,
+                "category": None,
+                "sha256": None,
+                "documents": int((doc_group == g).sum()),
+                "tokens": len(doc_group) * TOKENS_PER_DOC // len(GROUPS),
+                "skipped_non_utf8": 0,
+                "skipped_malformed": 0,
+            }
+            for g in GROUPS
+        ],
+        "identity": {"synthetic": True, "n_features": n, "d": d, "seed": seed, "inject_html": inject_html},
+    }
+
+
+def _parquet(df: pd.DataFrame | pa.Table, path: Path, **kw: Any) -> None:
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    pq.write_table(table, path, **kw)
 
 
 def write_synthetic_cache(
@@ -260,359 +420,33 @@ def write_synthetic_cache(
     n_top = n_examples if n_examples is not None else (8 if n <= 50000 else 4)
     n_quant = n_quantile if n <= 50000 else min(n_quantile, 2)
 
-    # --- clusters with themes --------------------------------------------------------------------
-    n_clusters = max(32, n // 64)
-    cluster = rng.permutation(np.arange(n) % n_clusters).astype(np.int64)
-    theme_names = list(_THEMES)
-    # cluster 0 is code (the task), then one cluster per harm category, the rest mostly benign
-    c_theme = np.array(["benign"] * n_clusters, dtype=object)
-    c_theme[0] = "code"
-    for i, cat in enumerate(CATEGORIES):
-        c_theme[1 + i] = cat
-    extra = rng.random(n_clusters) < 0.06
-    extra[: 1 + len(CATEGORIES)] = False
-    c_theme[extra] = rng.choice(list(CATEGORIES) + ["code"], size=int(extra.sum()))
-    theme = c_theme[cluster]
-
-    centres = _unit(rng.standard_normal((n_clusters, d)))
-    spread = 1.2  # pairwise cosine within a cluster around 0.4
-    w = _unit(centres[cluster] + spread * _unit(rng.standard_normal((n, d))))
-    c_xy = rng.uniform(-0.85, 0.85, size=(n_clusters, 2))
-    xy = c_xy[cluster] + rng.normal(0, 0.035 if n > 50000 else 0.06, size=(n, 2))
-
-    # --- scores -----------------------------------------------------------------------------------
-    is_harm_theme = np.isin(theme, CATEGORIES)
-    harm = np.where(is_harm_theme, rng.uniform(0.72, 0.98, n), rng.normal(0.5, 0.06, n))
-    task = np.where(theme == "code", rng.uniform(0.7, 0.95, n), rng.normal(0.5, 0.06, n))
-
-    # --- planted task features right next to harmful ones -----------------------------------------
-    n_planted = max(4, min(64, n // 200))
-    harm_pool = np.flatnonzero(is_harm_theme & (harm > 0.85))
-    planted_harm = rng.choice(harm_pool, size=n_planted, replace=False)
-    cand = np.setdiff1d(np.flatnonzero(~is_harm_theme), planted_harm)
-    planted_task = rng.choice(cand, size=n_planted, replace=False)
-    target_cos = np.linspace(0.88, 0.62, n_planted)
-    ortho = _unit(rng.standard_normal((n_planted, d)))
-    hv = w[planted_harm]
-    ortho = _unit(ortho - (ortho * hv).sum(1, keepdims=True) * hv)
-    w[planted_task] = _unit(target_cos[:, None] * hv + np.sqrt(1 - target_cos[:, None] ** 2) * ortho)
-    cluster[planted_task] = cluster[planted_harm]
-    xy[planted_task] = xy[planted_harm] + rng.normal(0, 0.02, size=(n_planted, 2))
-    task[planted_task] = np.linspace(0.97, 0.86, n_planted)
-    harm[planted_task] = rng.normal(0.53, 0.02, n_planted)
-    theme[planted_task] = "code"
-    harm = harm.clip(0.02, 0.995)
-    task = task.clip(0.02, 0.995)
-    xy = xy.clip(-1, 1)
-
-    dead = rng.random(n) < 0.01
-    dead[planted_task] = dead[planted_harm] = False
-    harm[dead] = task[dead] = 0.5
-
-    # --- geometry ---------------------------------------------------------------------------------
-    nb_idx, nb_cos = _neighbours(w.astype(np.float32), cluster, k)
+    wd = make_world(rng, n, d)
+    nb_idx, nb_cos = neighbours(wd.w.astype(np.float32), wd.cluster, k)
     fpr = 1e-3
     null_cosine = float(3.090232 / math.sqrt(d) * 0.9)  # ~ Φ⁻¹(1 - fpr) / sqrt(d)
     nb_z = (nb_cos * math.sqrt(d)).astype(np.float32)
-
-    frequency = np.where(dead, 0.0, np.exp(rng.uniform(np.log(2e-4), np.log(0.08), n)))
-    max_act = np.where(dead, 0.0, rng.uniform(2.0, 24.0, n))
-    harm_lo = (harm - rng.uniform(0.03, 0.08, n)).clip(0, 1)
-    is_harmful = (harm_lo > 0.68) & ~dead
-    is_task = (task > 0.8) & ~dead
-
-    feats = pd.DataFrame(
-        {
-            "feature": np.arange(n, dtype=np.int64),
-            "umap_x": xy[:, 0].astype(np.float32),
-            "umap_y": xy[:, 1].astype(np.float32),
-            "frequency": frequency,
-        }
-    )
-    boost = {
-        "task": theme == "code",
-        "control": theme == "code",
-        "harmful": is_harm_theme,
-        "benign": theme == "benign",
-        "general": np.zeros(n, bool),
-    }
-    for g in GROUPS:
-        feats[f"freq_{g}"] = np.where(
-            dead, 0.0, frequency * np.where(boost[g], rng.uniform(2, 5, n), rng.uniform(0.1, 0.9, n))
-        )
-    feats["freq_control"] = np.where(
-        np.isin(np.arange(n), planted_task), feats["freq_control"] * 0.2, feats["freq_control"]
-    )
-    harm_cat = pd.array(np.where(is_harmful & is_harm_theme, theme, None), dtype="string")
-    feats = feats.assign(
-        max_activation=max_act,
-        mean_activation=max_act * rng.uniform(0.15, 0.4, n),
-        dead=dead,
-        harm_score=harm,
-        harm_score_lo=harm_lo,
-        harm_category=harm_cat,
-        is_harmful=is_harmful,
-        task_score=task,
-        task_control_score=np.where(theme == "code", task - 0.1, rng.normal(0.5, 0.05, n)).clip(0, 1),
-        is_task=is_task,
-    )
-    # logit-lens tokens: theme words first
-    vocab_theme = {t: np.array(v, dtype=object) for t, (_, v) in _THEMES.items()}
-    general = np.array(_GENERAL, dtype=object)
-    promoted = [None] * n
-    suppressed = [None] * n
-    labels: list[str | None] = [None] * n
-    expl: list[str | None] = [None] * n
-    pick = rng.integers(0, 1 << 30, size=(n, 6))
-    for th in theme_names:
-        members = np.flatnonzero(theme == th)
-        v = vocab_theme[th]
-        desc = _THEMES[th][0]
-        for i in members:
-            p = pick[i]
-            promoted[i] = [str(v[(p[0] + j * 7) % len(v)]) for j in range(8)]
-            suppressed[i] = [str(general[(p[1] + j * 5) % len(general)]) for j in range(8)]
-            if p[2] % 10 != 0:
-                labels[i] = f"{desc}: {v[p[3] % len(v)].strip()}"
-                expl[i] = f"Fires on {desc} text, most strongly on '{v[p[4] % len(v)].strip()}'."
-    for r, t in enumerate(planted_task):
-        labels[t] = f"code that calls {vocab_theme['code'][r % len(vocab_theme['code'])].strip()} (planted)"
+    feats = _feature_table(rng, wd, n_docs * TOKENS_PER_DOC, inject_html)
+    ex = _example_text(rng, wd, feats["max_activation"].to_numpy(), n_top, n_quant, ctx_len)
     if inject_html:
-        for t, h in list(zip(planted_task, planted_harm, strict=False))[:3]:
-            labels[t] = f"{XSS_PAYLOADS[0]} task label"
-            labels[h] = f"{XSS_PAYLOADS[1]} harmful label"
-            expl[t] = f"explains {XSS_PAYLOADS[2]}"
-            promoted[t] = list(XSS_PAYLOADS) + promoted[t][:5]
-            promoted[h] = list(XSS_PAYLOADS) + promoted[h][:5]
-    feats["top_promoted"] = promoted
-    feats["top_suppressed"] = suppressed
-    feats["label"] = pd.array(labels, dtype="string")
-    feats["explanation"] = pd.array(expl, dtype="string")
-
-    # --- examples (vectorised) --------------------------------------------------------------------
-    live = np.flatnonzero(~dead)
-    per = n_top + n_quant
-    f_rows = np.repeat(live, per)
-    within = np.tile(np.arange(per), len(live))
-    kind = np.where(within < n_top, "top", "quantile")
-    rank = np.where(within < n_top, within, within - n_top)
-    n_rows = len(f_rows)
-    theme_ids = {t: i for i, t in enumerate(theme_names)}
-    vocab_all = list(_GENERAL)
-    theme_offset = {}
-    for t in theme_names:
-        theme_offset[t] = len(vocab_all)
-        vocab_all.extend(_THEMES[t][1])
-    payload_base = len(vocab_all)
-    vocab_all.extend(XSS_PAYLOADS)
-    t_codes = np.array([theme_ids[t] for t in theme], dtype=np.int64)[f_rows]
-    t_off = np.array([theme_offset[t] for t in theme_names])[t_codes]
-    t_len = np.array([len(_THEMES[t][1]) for t in theme_names])[t_codes]
-    r = rng.random((n_rows, ctx_len))
-    gen_ids = rng.integers(0, len(_GENERAL), size=(n_rows, ctx_len))
-    th_ids = t_off[:, None] + (rng.integers(0, 1 << 20, size=(n_rows, ctx_len)) % t_len[:, None])
-    tok_ids = np.where(r < 0.45, th_ids, gen_ids)
-    max_pos = rng.integers(2, ctx_len - 2, size=n_rows)
-    top_max = max_act[f_rows] * np.where(kind == "top", 1.0 - 0.06 * rank, 0.0)
-    quant = np.where(kind == "quantile", (rank + 1) / (n_quant + 1), np.nan)
-    row_max = np.where(kind == "top", top_max, max_act[f_rows] * np.nan_to_num(quant) * 0.5)
-    pos = np.arange(ctx_len)[None, :]
-    dist = np.abs(pos - max_pos[:, None])
-    acts = row_max[:, None] * np.exp(-dist * 0.9) * (rng.random((n_rows, ctx_len)) < 0.8)
-    acts[np.arange(n_rows), max_pos] = row_max
-    acts = np.where(acts < 0.05 * row_max[:, None], 0.0, acts).astype(np.float32)
-    tok_ids[np.arange(n_rows), max_pos] = th_ids[np.arange(n_rows), max_pos]
-    if inject_html:
-        for f in list(planted_task[:3]) + list(planted_harm[:3]):
-            rows = np.flatnonzero((f_rows == f) & (rank < 2))
-            for j, row in enumerate(rows):
-                for q in range(3):
-                    tok_ids[row, (max_pos[row] + q - 1 + j) % ctx_len] = payload_base + q
-    groups = np.array(GROUPS, dtype=object)
-    fam = np.where(theme[f_rows] == "code", 0, np.where(np.isin(theme[f_rows], CATEGORIES), 2, 3))
-    alt = rng.choice([1, 3, 4], size=n_rows)
-    g_idx = np.where(rng.random(n_rows) < 0.75, fam, alt)
-    ex_group = groups[g_idx]
-    ex_cat = np.where(ex_group == "harmful", theme[f_rows], None)
-    ex_cat = np.where((ex_group == "harmful") & ~np.isin(ex_cat, CATEGORIES), CATEGORIES[0], ex_cat)
-
-    doc_group = np.array(GROUPS, dtype=object)[rng.permutation(np.arange(n_docs) % len(GROUPS))]
-    ex_doc = np.zeros(n_rows, dtype=np.int64)
-    for g in GROUPS:  # each example comes from a document of its own group
-        pool = np.flatnonzero(doc_group == g)
-        rows_g = np.flatnonzero(ex_group == g)
-        ex_doc[rows_g] = pool[rng.integers(0, len(pool), len(rows_g))]
-
-    vocab_arr = pa.array(vocab_all, pa.string())
-    flat_tokens = pa.DictionaryArray.from_arrays(pa.array(tok_ids.ravel().astype(np.int32)), vocab_arr)
-    flat_tokens = flat_tokens.cast(pa.string())
-    offsets = pa.array(np.arange(0, (n_rows + 1) * ctx_len, ctx_len, dtype=np.int32))
-    tokens_col = pa.ListArray.from_arrays(offsets, flat_tokens)
-    acts_col = pa.ListArray.from_arrays(offsets, pa.array(acts.ravel()))
-    ex_table = pa.table(
-        {
-            "feature": pa.array(f_rows.astype(np.int64)),
-            "rank": pa.array(rank.astype(np.int64)),
-            "kind": pa.array(kind.astype(object), pa.string()),
-            "group": pa.array(ex_group, pa.string()),
-            "category": pa.array(ex_cat, pa.string()),
-            "doc_id": pa.array(ex_doc),
-            "context_id": pa.array(rng.integers(0, n_docs * 8, n_rows).astype(np.int64)),
-            "tokens": tokens_col,
-            "activations": acts_col,
-            "max_activation": pa.array(row_max.astype(np.float64)),
-            "max_position": pa.array(max_pos.astype(np.int64)),
-            "quantile": pa.array(quant.astype(np.float64), from_pandas=True),
-        }
-    )
-
-    # --- histograms, category rates, documents ----------------------------------------------------
+        _plant_payloads(ex, wd)
+    sources = _example_sources(rng, wd, ex, n_docs)
+    examples = _examples_table(rng, ex, sources, n_docs)
     bins = 32
-    decay = np.exp(-np.arange(bins)[None, :] * rng.uniform(0.1, 0.35, size=(n, 1)))
-    counts = np.floor(decay * (frequency[:, None] * 2e5)).astype(np.int64)
-    counts[dead] = 0
-    counts[~dead, -1] = np.maximum(counts[~dead, -1], 1)
+    histograms = _histograms(rng, feats, bins)
+    cat_rates = _category_rates(rng, feats, wd.theme)
+    doc_group = sources[3]
+    docs = _documents(rng, doc_group, inject_html)
+    overlaps = _overlaps(rng, wd, feats, nb_idx, nb_cos, nb_z, null_cosine)
 
-    cr_feature, cr_group, cr_cat, cr_freq = [], [], [], []
-    for g in GROUPS:
-        if g == "harmful":
-            for cat in CATEGORIES:
-                match = theme == cat
-                cr_feature.append(np.arange(n))
-                cr_group.append(np.full(n, g, dtype=object))
-                cr_cat.append(np.full(n, cat, dtype=object))
-                cr_freq.append(feats[f"freq_{g}"].to_numpy() * np.where(match, 2.5, rng.uniform(0.1, 0.8, n)))
-        else:
-            cr_feature.append(np.arange(n))
-            cr_group.append(np.full(n, g, dtype=object))
-            cr_cat.append(np.full(n, None, dtype=object))
-            cr_freq.append(feats[f"freq_{g}"].to_numpy())
-    cat_rates = pa.table(
-        {
-            "feature": pa.array(np.concatenate(cr_feature).astype(np.int64)),
-            "group": pa.array(np.concatenate(cr_group), pa.string()),
-            "category": pa.array(np.concatenate(cr_cat), pa.string()),
-            "frequency": pa.array(np.concatenate(cr_freq).clip(0, 1)),
-            "tokens": pa.array(np.full(sum(len(x) for x in cr_feature), 20000, dtype=np.int64)),
-        }
-    )
-    docs = pd.DataFrame(
-        {
-            "doc_id": np.arange(n_docs, dtype=np.int64),
-            "source": [f"synthetic/{g}.jsonl" for g in doc_group],
-            "group": pd.array(doc_group, dtype="string"),
-            "category": pd.array(
-                [rng.choice(CATEGORIES) if g == "harmful" else None for g in doc_group], dtype="string"
-            ),
-            "n_tokens": rng.integers(20, 400, n_docs).astype(np.int64),
-            "text_preview": [f"Synthetic document {i} about {g} things." for i, g in enumerate(doc_group)],
-        }
-    )
-    if inject_html:
-        docs.loc[: len(XSS_PAYLOADS) - 1, "text_preview"] = list(XSS_PAYLOADS)
-
-    # --- overlaps ---------------------------------------------------------------------------------
-    rows: list[dict[str, Any]] = []
-    task_ids = np.flatnonzero(is_task)
-    for t in task_ids:
-        for rnk in range(k):
-            h = int(nb_idx[t, rnk])
-            c = float(nb_cos[t, rnk])
-            if c < null_cosine:
-                break
-            if not is_harmful[h]:
-                continue
-            planted = t in planted_task
-            coact = float(rng.uniform(0.15, 0.45) if planted else rng.uniform(0.0, 0.15))
-            excess = max(0.0, (c - null_cosine) / (1 - null_cosine))
-            rows.append(
-                {
-                    "task_feature": int(t),
-                    "harmful_feature": h,
-                    "cosine": c,
-                    "z": float(nb_z[t, rnk]),
-                    "null_cosine": null_cosine,
-                    "coactivation": coact,
-                    "cond_coactivation": min(1.0, coact * rng.uniform(1.2, 2.0)),
-                    "harm_score": float(harm[h]),
-                    "task_score": float(task[t]),
-                    "harm_category": str(harm_cat[h]) if harm_cat[h] is not pd.NA else None,
-                    "neighbor_rank": rnk,
-                    "risk": excess * (2 * harm[h] - 1) * (2 * task[t] - 1),
-                }
-            )
-    overlaps = pd.DataFrame(
-        rows,
-        columns=[
-            "task_feature",
-            "harmful_feature",
-            "cosine",
-            "z",
-            "null_cosine",
-            "coactivation",
-            "cond_coactivation",
-            "harm_score",
-            "task_score",
-            "harm_category",
-            "neighbor_rank",
-            "risk",
-        ],
-    )
-    overlaps = overlaps.sort_values("risk", ascending=False, ignore_index=True)
-    overlaps = overlaps.astype(
-        {"task_feature": "int64", "harmful_feature": "int64", "neighbor_rank": "int64"}
-    )
-    overlaps["harm_category"] = overlaps["harm_category"].astype("string")
-
-    # --- write through the cache module (atomic, checksummed) -------------------------------------
-    n_tokens = int(n_docs * 200)
-    base = {
-        "schema_version": 1,
-        "model": {
-            "spec": "synthetic",
-            "kind": "synthetic",
-            "path": None,
-            "sha256": None,
-            "architecture": "synthetic",
-            "d_model": d,
-            "n_layers": 1,
-        },
-        "sae": {
-            "format": "synthetic",
-            "source": "bench/synthetic_cache.py",
-            "architecture": "topk",
-            "d_in": d,
-            "d_sae": n,
-            "k": 32,
-            "hook_name": "blocks.0.hook_resid_post",
-            "sha256": None,
-        },
-        "hook": "blocks.0.hook_resid_post",
-        "d_in": d,
-        "n_features": n,
-        "corpus": [
-            {
-                "path": f"synthetic/{g}.jsonl",
-                "group": g,
-                "category": None,
-                "sha256": None,
-                "documents": int((doc_group == g).sum()),
-                "tokens": n_tokens // len(GROUPS),
-                "skipped_non_utf8": 0,
-                "skipped_malformed": 0,
-            }
-            for g in GROUPS
-        ],
-        "identity": {"synthetic": True, "n_features": n, "d": d, "seed": seed, "inject_html": inject_html},
-    }
+    base = _base_manifest(n, d, seed, inject_html, doc_group)
     with stage(path, fresh=True, base_manifest=base) as staged:
-        pq.write_table(pa.Table.from_pandas(feats, preserve_index=False), staged.path("features.parquet"))
-        pq.write_table(ex_table, staged.path("examples.parquet"), row_group_size=row_group_size)
-        np.savez(staged.path("histograms.npz"), counts=counts, bins=np.int64(bins))
-        pq.write_table(cat_rates, staged.path("category_rates.parquet"))
-        pq.write_table(pa.Table.from_pandas(docs, preserve_index=False), staged.path("documents.parquet"))
+        _parquet(feats, staged.path(schema.FEATURES))
+        _parquet(examples, staged.path(schema.EXAMPLES), row_group_size=row_group_size)
+        np.savez(staged.path(schema.HISTOGRAMS), **histograms)
+        _parquet(cat_rates, staged.path(schema.CATEGORY_RATES))
+        _parquet(docs, staged.path(schema.DOCUMENTS))
         np.savez(
-            staged.path("neighbors.npz"),
+            staged.path(schema.NEIGHBORS),
             indices=nb_idx,
             cosine=nb_cos,
             z=nb_z,
@@ -620,26 +454,26 @@ def write_synthetic_cache(
             fpr=np.float64(fpr),
             d=np.int64(d),
         )
-        pq.write_table(pa.Table.from_pandas(overlaps, preserve_index=False), staged.path("overlaps.parquet"))
+        _parquet(overlaps, staged.path(schema.OVERLAPS))
         secs = time.perf_counter() - t0
-        staged.record_step(
-            "harvest",
-            {"synthetic": True, "n_top": n_top, "n_quantile": n_quant, "ctx_len": ctx_len, "bins": bins},
-            secs / 4,
-        )
-        staged.record_step("geometry", {"k": k, "fpr": fpr, "metric": "cosine"}, secs / 4)
-        staged.record_step("scores", {"harm_threshold": 0.68, "task_threshold": 0.8}, secs / 4)
-        staged.record_step(
-            "overlaps",
-            {
-                "min_z": None,
-                "planted": [[int(a), int(b)] for a, b in zip(planted_task, planted_harm, strict=False)],
+        planted = [[int(a), int(b)] for a, b in zip(wd.planted_task, wd.planted_harm, strict=False)]
+        steps = {
+            "harvest": {
+                "synthetic": True,
+                "n_top": n_top,
+                "n_quantile": n_quant,
+                "ctx_len": ctx_len,
+                "bins": bins,
             },
-            secs / 4,
-        )
+            "geometry": {"k": k, "fpr": fpr, "metric": "cosine"},
+            "scores": {"harm_threshold": 0.68, "task_threshold": 0.8},
+            "overlaps": {"min_z": None, "planted": planted},
+        }
+        for step, params in steps.items():
+            staged.record_step(step, params, secs / len(steps))
         staged.manifest["synthetic"] = {
-            "planted_task": planted_task.tolist(),
-            "planted_harmful": planted_harm.tolist(),
+            "planted_task": wd.planted_task.tolist(),
+            "planted_harmful": wd.planted_harm.tolist(),
         }
         staged.commit()
     return Path(path)

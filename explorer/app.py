@@ -24,6 +24,7 @@ import streamlit as st  # noqa: E402
 
 from explorer import state  # noqa: E402
 from explorer.serve import exposure_problem  # noqa: E402
+from explorer.views import PAGES, page_file, page_info  # noqa: E402
 
 # the sidebar only holds the cache picker: open it when --cache names a folder of caches
 st.set_page_config(
@@ -47,18 +48,12 @@ if problem:
     st.error(problem, icon="🔒")
     st.stop()
 
-pages = [
-    st.Page(state.PAGES["map"], title="Map", icon=":material/scatter_plot:", url_path="map", default=True),
-    st.Page(state.PAGES["feature"], title="Feature", icon=":material/text_snippet:", url_path="feature"),
-    st.Page(
-        state.PAGES["overlaps"], title="Overlaps review", icon=":material/fact_check:", url_path="overlaps"
-    ),
-    st.Page(state.PAGES["story"], title="Story", icon=":material/slideshow:", url_path="story"),
-    st.Page(
-        state.PAGES["finetune"], title="Fine-tune diff", icon=":material/difference:", url_path="finetune"
-    ),
-    st.Page(state.PAGES["triage"], title="Dataset triage", icon=":material/filter_alt:", url_path="triage"),
-]
+pages = []
+for name in PAGES:  # navigation order; each page's title and icon come from its module
+    info = page_info(name)
+    pages.append(
+        st.Page(page_file(name), title=info.title, icon=info.icon, url_path=name, default=info.default)
+    )
 page = st.navigation(pages, position="top")
 state.inject_css(state.BASE_CSS)
 page.run()

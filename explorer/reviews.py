@@ -22,8 +22,6 @@ it: a precompute rerun swaps the whole cache directory, which would drop the rev
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import re
 import sqlite3
@@ -31,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pandas as pd
 
@@ -353,7 +351,8 @@ class ReviewStore:
         self, cache: str = "", task_feature: int | None = None, harmful_feature: int | None = None
     ) -> pd.DataFrame:
         """Each reviewer's latest verdict (of one pair when given), newest first."""
-        sql, params = f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ?", (cache or "",)
+        sql = f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ?"
+        params: tuple[Any, ...] = (cache or "",)
         if task_feature is not None and harmful_feature is not None:
             sql += " AND task_feature = ? AND harmful_feature = ?"
             params += (int(task_feature), int(harmful_feature))
@@ -368,7 +367,7 @@ class ReviewStore:
             "harmful_feature = ? AND reviewer = ?",
             (cache or "", int(task_feature), int(harmful_feature), re.sub(r"\s+", " ", reviewer).strip()),
         )
-        return None if df.empty else df.iloc[0].to_dict()
+        return None if df.empty else cast(dict[str, Any], df.iloc[0].to_dict())  # the columns are str
 
     def pair_version(self, task_feature: int, harmful_feature: int, cache: str = "") -> int:
         """The newest history id of the pair (0 before its first verdict): what a save must have seen."""
@@ -377,13 +376,15 @@ class ReviewStore:
             "AND harmful_feature = ?",
             (cache or "", int(task_feature), int(harmful_feature)),
         )
-        return int(df["v"].iat[0])
+        return int(df["v"].to_numpy()[0])
 
     def history(
         self, cache: str | None = "", task_feature: int | None = None, harmful_feature: int | None = None
     ) -> pd.DataFrame:
         """Every recorded save, newest first (of one cache; cache=None: all; of one pair when given)."""
-        sql, where, params = f"SELECT {_HISTORY_COLS} FROM verdict_history", [], ()
+        sql = f"SELECT {_HISTORY_COLS} FROM verdict_history"
+        where: list[str] = []
+        params: tuple[Any, ...] = ()
         if cache is not None:
             where.append("cache = ?")
             params += (cache,)
@@ -395,7 +396,7 @@ class ReviewStore:
         )
 
     def count_history(self) -> int:
-        return int(self._query("SELECT COUNT(*) AS n FROM verdict_history")["n"].iat[0])
+        return int(self._query("SELECT COUNT(*) AS n FROM verdict_history")["n"].to_numpy()[0])
 
 
 class _Unwritable(Exception):
@@ -425,95 +426,3 @@ def _migrate_v1(con: sqlite3.Connection) -> None:
         "harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes FROM verdicts_v1"
     )
     con.execute("DROP TABLE verdicts_v1")
-
-
-# --------------------------------------------------------------------------------------------------
-# the overlaps table: one row per pair with the consensus of its reviewers
-
-
-def summarize(verdicts: pd.DataFrame) -> pd.DataFrame:
-    """Per pair: status (the agreed verdict, 'disputed' or —), consensus (single / agree / disagree),
-    n_reviewers, reviewers ('ana: confirmed · ben: benign'), reviewed_at (the latest save)."""
-    cols = [
-        "task_feature",
-        "harmful_feature",
-        "status",
-        "consensus",
-        "n_reviewers",
-        "reviewers",
-        "reviewed_at",
-    ]
-    if verdicts.empty:
-        return pd.DataFrame(
-            {c: pd.Series(dtype="int64" if c in cols[:2] + ["n_reviewers"] else "string") for c in cols}
-        )
-    rows = []
-    for (t, h), g in verdicts.sort_values("reviewer", key=lambda s: s.str.lower()).groupby(
-        ["task_feature", "harmful_feature"], sort=False
-    ):
-        kinds = set(g["verdict"])
-        consensus = "single" if len(g) == 1 else "agree" if len(kinds) == 1 else "disagree"
-        rows.append(
-            {
-                "task_feature": int(t),
-                "harmful_feature": int(h),
-                "status": g["verdict"].iat[0] if len(kinds) == 1 else DISPUTED,
-                "consensus": consensus,
-                "n_reviewers": len(g),
-                "reviewers": " · ".join(
-                    f"{r}: {v}" for r, v in zip(g["reviewer"], g["verdict"], strict=True)
-                ),
-                "reviewed_at": str(g["updated_at"].max()),
-            }
-        )
-    return pd.DataFrame(rows, columns=cols)
-
-
-def merge_reviews(overlaps: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
-    """Overlaps joined with the consensus of their verdicts; unreviewed pairs get status 'unreviewed'."""
-    summary = summarize(verdicts).astype({"task_feature": "int64", "harmful_feature": "int64"})
-    out = overlaps.merge(summary, on=["task_feature", "harmful_feature"], how="left")
-    out["status"] = out["status"].astype("string").fillna(UNREVIEWED)
-    out["n_reviewers"] = out["n_reviewers"].fillna(0).astype("int64")
-    for c in ("consensus", "reviewers", "reviewed_at"):
-        out[c] = out[c].astype("string").fillna("")
-    return out
-
-
-def history_table(history: pd.DataFrame, overlaps: pd.DataFrame) -> pd.DataFrame:
-    """Every saved verdict (oldest first) with the pair's geometry and labels beside it, for export."""
-    keep = [
-        c for c in ("risk", "cosine", "z", "harm_category", "task_label", "harmful_label") if c in overlaps
-    ]
-    pairs = overlaps[["task_feature", "harmful_feature", *keep]].drop_duplicates(
-        ["task_feature", "harmful_feature"]
-    )
-    out = history.sort_values("id").merge(pairs, on=["task_feature", "harmful_feature"], how="left")
-    return out.rename(columns={"id": "history_id"}).reset_index(drop=True)
-
-
-def _spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
-    safe = table.copy()
-    for c in safe.columns:
-        if safe[c].dtype == object or str(safe[c].dtype).startswith("string") or str(safe[c].dtype) == "str":
-            safe[c] = safe[c].map(
-                lambda v: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v
-            )
-    return safe
-
-
-def export_csv(table: pd.DataFrame) -> bytes:
-    """A table as UTF-8 CSV (spreadsheet-safe: cells starting with = + - @ are quoted)."""
-    buf = io.StringIO()
-    _spreadsheet_safe(table).to_csv(buf, index=False)
-    return buf.getvalue().encode("utf-8")
-
-
-def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
-    return json.loads(table.to_json(orient="records", force_ascii=False))  # NaN -> null
-
-
-def export_json(pairs: pd.DataFrame, history: pd.DataFrame) -> bytes:
-    """{"pairs": the reviewed table, "history": every saved verdict} as JSON (NaN -> null)."""
-    doc = {"pairs": _records(pairs), "history": _records(history)}
-    return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")

@@ -36,19 +36,15 @@ from explorer.data import (
     spearman_of,
 )
 from explorer.reviews import ReviewError, ReviewStore
+from explorer.views import PAGES as PAGE_NAMES
+from explorer.views import page_file
+from precompute import schema
 from precompute.cache import read_manifest
 from precompute.errors import CacheError
 
 log = logging.getLogger("featuregeom.explorer")
 
-PAGES = {
-    "map": "views/map.py",
-    "feature": "views/feature.py",
-    "overlaps": "views/overlaps.py",
-    "story": "views/story.py",
-    "finetune": "views/finetune.py",
-    "triage": "views/triage.py",
-}
+PAGES = {name: page_file(name) for name in PAGE_NAMES}  # what st.page_link takes, by page name
 ENV_CACHE = "FEATUREGEOM_CACHE"
 ENV_REVIEWS = "FEATUREGEOM_REVIEWS"
 ENV_MAX_POINTS = "FEATUREGEOM_MAX_POINTS"
@@ -85,7 +81,10 @@ def max_points() -> int:
 def is_cache_root() -> bool:
     """--cache names a folder of caches (not a cache itself)."""
     src = cache_source()
-    return bool(src) and Path(src).is_dir() and not is_cache(src) and bool(find_caches(src))
+    if not src:
+        return False
+    path = Path(src)
+    return path.is_dir() and not is_cache(path) and bool(find_caches(path))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the cache (once per server process)…")
@@ -117,7 +116,7 @@ def _resolve_dir() -> tuple[Path | None, list[Path]]:
     caches = find_caches(path)
     if not caches:
         st.error(
-            f"**{md_escape(path)} is not a cache.** It has no manifest.json and no sub-folder that is a "
+            f"**{md_escape(path)} is not a cache.** It has no {schema.MANIFEST} and no sub-folder that is a "
             "cache. Point --cache at a directory written by `featuregeom precompute`, or at a folder of them."
         )
         return None, []

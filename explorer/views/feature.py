@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pandas as pd
 import streamlit as st
 
 from explorer import figures as F
 from explorer import state
 from explorer.data import CacheData
+from explorer.views import Page
+from precompute import schema
 
-cache = state.require_cache()
-feature = state.selected_feature(cache)
-compare = state.qp_int("compare")
-if compare is not None and (not cache.valid(compare) or compare == feature):
-    state.set_qp(compare=None)
-    compare = None
+PAGE = Page(title="Feature", icon=":material/text_snippet:")
 
 
-def metrics(cache: CacheData, row: dict) -> None:
+def metrics(cache: CacheData, row: dict[str, Any]) -> None:
     c = st.columns(5)
     lo = row.get("harm_score_lo")
     c[0].metric(
@@ -45,13 +45,13 @@ def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int
         st.html(F.examples_html(quant, scale=scale, color=color, window=window, documents=cache.documents))
 
 
-# --- header and controls ---------------------------------------------------------------------------
-row = cache.row(feature)
-nb = cache.neighbours_of(feature)
-null = cache.null_cosine
+def role_of(row: dict[str, Any]) -> str:
+    return "harmful" if row.get("is_harmful") and not row.get("is_task") else "task"
 
-top_l, top_r = st.columns([3, 2], vertical_alignment="bottom")
-with top_r:
+
+def header_controls(cache: CacheData, feature: int, compare: int | None, nb: pd.DataFrame) -> None:
+    """'Go to feature id' and 'Compare side by side with' (its neighbours, harmful first); a change
+    reruns the page on the new URL."""
     c1, c2 = st.columns(2)
     jump = c1.number_input(
         "Go to feature id",
@@ -81,32 +81,24 @@ with top_r:
         format_func=_fmt,
         key=f"feat_cmp:{feature}:{compare}",
     )
-if int(jump) != feature:
-    state.remember_feature(cache, int(jump))
-    state.set_qp(compare=None)
-    st.rerun()
-if cmp_pick != compare:
-    state.set_qp(compare=cmp_pick)
-    st.rerun()
+    if int(jump) != feature:
+        state.remember_feature(cache, int(jump))
+        state.set_qp(compare=None)
+        st.rerun()
+    if cmp_pick != compare:
+        state.set_qp(compare=cmp_pick)
+        st.rerun()
 
-with top_l:
-    st.html(
-        F.feature_header_html(
-            row, role="harmful" if row.get("is_harmful") and not row.get("is_task") else "task"
-        )
-    )
 
-n_top = st.session_state.get("feat_n_top", 8)
-window = None if st.session_state.get("feat_full", False) else 24
-
-# --- side-by-side mode -----------------------------------------------------------------------------
-if compare is not None:
-    other = cache.row(compare)
+def side_by_side(
+    cache: CacheData, feature: int, compare: int, nb: pd.DataFrame, n_top: int, window: int | None
+) -> None:
+    row, other = cache.row(feature), cache.row(compare)
     m = nb[nb["feature"] == compare]
-    cos = float(m["cosine"].iat[0]) if len(m) else float("nan")
+    cos = float(m["cosine"].to_numpy()[0]) if len(m) else float("nan")
     st.subheader(f"Side by side: #{feature} and #{compare}")
     st.caption(
-        ("Decoder " + F.closeness_caption(cos, null) + ".")
+        ("Decoder " + F.closeness_caption(cos, cache.null_cosine) + ".")
         if len(m)
         else f"#{compare} is not among the {len(nb)} nearest neighbours of #{feature}."
     )
@@ -137,67 +129,101 @@ if compare is not None:
             icon=":material/fact_check:",
             query_params=state.link_params(task=feature, harmful=compare),
         )
-    st.stop()
 
-# --- single feature --------------------------------------------------------------------------------
-metrics(cache, row)
-left, right = st.columns([3, 2], gap="large")
-with left:
-    h1, h2, h3 = st.columns([2.6, 1, 1], vertical_alignment="bottom")
-    h1.subheader("Top-activating examples")
-    h2.number_input("examples shown", 1, 100, 8, key="feat_n_top")
-    h3.toggle("full context", key="feat_full")
-    st.caption(
-        "Darker = stronger activation; the outlined token is where it peaks. Hover a token for its value. "
-        "Badges: the text group (and harm category) each example comes from."
-    )
-    examples_block(
-        cache, feature, F.HARM if row.get("is_harmful") and not row.get("is_task") else F.TASK, n_top, window
-    )
-with right:
-    st.plotly_chart(
-        F.group_rates_figure(
-            cache.group_rates(feature),
-            cache.category_rates_of(feature),
-            height=250 + 18 * len(cache.category_rates_of(feature)),
-        ),
-        config=state.chart_config(f"rates-{feature}"),
-        key="feat_rates",
-    )
-    hist = cache.histogram(feature)
-    if hist is not None and hist[1].sum() > 0:
-        st.plotly_chart(
-            F.histogram_figure(*hist), config=state.chart_config(f"hist-{feature}"), key="feat_hist"
+
+def single_feature(
+    cache: CacheData, feature: int, row: dict[str, Any], n_top: int, window: int | None
+) -> None:
+    """Scores, top examples and quantile samples; firing rates, histogram and logit lens beside them."""
+    metrics(cache, row)
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        h1, h2, h3 = st.columns([2.6, 1, 1], vertical_alignment="bottom")
+        h1.subheader("Top-activating examples")
+        h2.number_input("examples shown", 1, 100, 8, key="feat_n_top")
+        h3.toggle("full context", key="feat_full")
+        st.caption(
+            "Darker = stronger activation; the outlined token is where it peaks. Hover a token for its value. "
+            "Badges: the text group (and harm category) each example comes from."
         )
-    else:
-        st.caption("No activation histogram (the feature never fired, or the cache has no histograms.npz).")
-    st.markdown("**Logit lens** — tokens this direction pushes the model to say, or not to say")
-    st.html(
-        F.token_chips_html(row.get("top_promoted") or [], F.TASK, "promoted")
-        + F.token_chips_html(row.get("top_suppressed") or [], F.NEUTRAL, "suppressed")
+        examples_block(cache, feature, F.HARM if role_of(row) == "harmful" else F.TASK, n_top, window)
+    with right:
+        st.plotly_chart(
+            F.group_rates_figure(
+                cache.group_rates(feature),
+                cache.category_rates_of(feature),
+                height=250 + 18 * len(cache.category_rates_of(feature)),
+            ),
+            config=state.chart_config(f"rates-{feature}"),
+            key="feat_rates",
+        )
+        hist = cache.histogram(feature)
+        if hist is not None and hist[1].sum() > 0:
+            st.plotly_chart(
+                F.histogram_figure(*hist), config=state.chart_config(f"hist-{feature}"), key="feat_hist"
+            )
+        else:
+            st.caption(
+                f"No activation histogram (the feature never fired, or the cache has no {schema.HISTOGRAMS})."
+            )
+        st.markdown("**Logit lens** — tokens this direction pushes the model to say, or not to say")
+        st.html(
+            F.token_chips_html(row.get("top_promoted") or [], F.TASK, "promoted")
+            + F.token_chips_html(row.get("top_suppressed") or [], F.NEUTRAL, "suppressed")
+        )
+
+
+def neighbours_section(feature: int, nb: pd.DataFrame, null: float) -> None:
+    st.subheader("Nearest neighbours in decoder space")
+    above = int((nb["cosine"] >= null).sum())
+    st.caption(
+        f"{above} of {len(nb)} neighbours are above the chance level {null:.3g} (z = standard deviations above "
+        f"the null of random directions). Open one with ↗, or compare it side by side above."
+    )
+    table = F.neighbour_table(nb, null, extra_query=state.extra_query())
+    st.dataframe(
+        table,
+        hide_index=True,
+        key=f"feat_nb:{feature}",
+        column_config={
+            "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
+            "feature": st.column_config.NumberColumn("feature", format="#%d", width="small"),
+            "cosine": st.column_config.ProgressColumn("cosine", min_value=0.0, max_value=1.0, format="%.3f"),
+            "harm score": st.column_config.NumberColumn("harm score", format="%.2f"),
+        },
+    )
+    st.page_link(
+        state.PAGES["map"],
+        label=f"Show #{feature} on the map",
+        icon=":material/scatter_plot:",
+        query_params=state.link_params(feature=feature),
     )
 
-st.subheader("Nearest neighbours in decoder space")
-above = int((nb["cosine"] >= null).sum())
-st.caption(
-    f"{above} of {len(nb)} neighbours are above the chance level {null:.3g} (z = standard deviations above "
-    f"the null of random directions). Open one with ↗, or compare it side by side above."
-)
-table = F.neighbour_table(nb, null, extra_query=state.extra_query())
-st.dataframe(
-    table,
-    hide_index=True,
-    key=f"feat_nb:{feature}",
-    column_config={
-        "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
-        "feature": st.column_config.NumberColumn("feature", format="#%d", width="small"),
-        "cosine": st.column_config.ProgressColumn("cosine", min_value=0.0, max_value=1.0, format="%.3f"),
-        "harm score": st.column_config.NumberColumn("harm score", format="%.2f"),
-    },
-)
-st.page_link(
-    state.PAGES["map"],
-    label=f"Show #{feature} on the map",
-    icon=":material/scatter_plot:",
-    query_params=state.link_params(feature=feature),
-)
+
+def render() -> None:
+    cache = state.require_cache()
+    feature = state.selected_feature(cache)
+    compare = state.qp_int("compare")
+    if compare is not None and (not cache.valid(compare) or compare == feature):
+        state.set_qp(compare=None)
+        compare = None
+    row = cache.row(feature)
+    nb = cache.neighbours_of(feature)
+
+    top_l, top_r = st.columns([3, 2], vertical_alignment="bottom")
+    with top_r:
+        header_controls(cache, feature, compare, nb)
+    with top_l:
+        st.html(F.feature_header_html(row, role=role_of(row)))
+
+    n_top = st.session_state.get("feat_n_top", 8)
+    window = None if st.session_state.get("feat_full", False) else 24
+    if compare is not None:
+        side_by_side(cache, feature, compare, nb, n_top, window)
+        return
+    single_feature(cache, feature, row, n_top, window)
+    neighbours_section(feature, nb, cache.null_cosine)
+
+
+if __name__ == "__main__":
+    render()

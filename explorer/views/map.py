@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from explorer import figures as F
 from explorer import state
+from explorer.data import CacheData
+from explorer.views import Page
 
-cache = state.require_cache()
+PAGE = Page(title="Map", icon=":material/scatter_plot:", default=True)
 KEY_CHART = "map_chart"
 
 
-def _clicked_feature() -> int | None:
+def clicked_feature(cache: CacheData) -> int | None:
     """A feature newly clicked on the map (read before drawing, so one rerun is enough)."""
     ev = st.session_state.get(KEY_CHART)
     pts = ((ev or {}).get("selection") or {}).get("points") or []
@@ -29,90 +33,69 @@ def _clicked_feature() -> int | None:
     return None
 
 
-clicked = _clicked_feature()
-if clicked is not None:
-    state.remember_feature(cache, clicked)
-
-st.title("Map of features")
-st.caption(
-    "Each dot is one feature of the sparse autoencoder — a direction the model uses to represent text. "
-    "Features pointing in similar directions sit close together. Pick a task feature by searching or by "
-    "clicking a dot to see its nearest harmful neighbours."
-)
-
-c_search, c_color, c_thr = st.columns([3, 1.2, 2], vertical_alignment="top")
-query = c_search.text_input(
-    "Search features",
-    key="map_q",
-    placeholder="id, label, logit-lens token, or words from its top examples",
-    help="Case-insensitive. Label and token matches come first, then matches in the text "
-    "of each feature's top examples; ties by task score.",
-)
-color_by = c_color.selectbox("Colour by", list(F.COLOR_MODES), key="map_color")
-null = cache.null_cosine
-thr = c_thr.slider(
-    "Show neighbours with cosine ≥",
-    0.0,
-    1.0,
-    value=float(round(null, 3)),
-    step=0.005,
-    key=f"map_thr:{cache.name}",
-    help=f"Starts at the chance level {null:.3g}: the cosine random directions exceed only rarely. "
-    "Raise it to keep only the closest neighbours.",
-)
-
-if query.strip():
+def search_results(cache: CacheData, query: str, where: DeltaGenerator) -> None:
+    """The features matching the search box; picking one selects it (once per query and pick)."""
     with st.spinner("Searching (the first text search indexes the examples once per server)…"):
         matches = cache.search(query)
     if matches.empty:
-        c_search.info("No feature matches that search.")
-    else:
-        opts = matches["feature"].astype(int).tolist()
-        why = dict(zip(opts, matches["match"], strict=False))
-        lab = dict(zip(opts, matches["label"].astype("string").fillna("(no label)"), strict=False))
+        where.info("No feature matches that search.")
+        return
+    opts = matches["feature"].astype(int).tolist()
+    why = dict(zip(opts, matches["match"], strict=False))
+    lab = dict(zip(opts, matches["label"].astype("string").fillna("(no label)"), strict=False))
 
-        def _fmt(i: int) -> str:
-            return f"#{i} · {lab[i][:70]} · matched {why[i]}"
+    def _fmt(i: int) -> str:
+        return f"#{i} · {lab[i][:70]} · matched {why[i]}"
 
-        pick = c_search.selectbox(
-            f"{len(opts)}{'+' if len(opts) >= 50 else ''} matching features",
-            opts,
-            format_func=_fmt,
-            key=f"map_pick:{query.strip().lower()}",
-        )
-        sig = (query.strip().lower(), pick)
-        if st.session_state.get("_map_applied_pick") != sig:
-            st.session_state["_map_applied_pick"] = sig
-            state.remember_feature(cache, int(pick))
-
-feature = state.selected_feature(cache)
-nb = cache.neighbours_of(feature)
-sel = F.Selection(
-    feature=feature,
-    neighbours=nb["feature"].tolist(),
-    cosines=nb["cosine"].tolist(),
-    harmful=nb["is_harmful"].tolist(),
-    threshold=thr,
-)
-shown = nb[nb["cosine"] >= thr]
-harm_shown = shown[shown["is_harmful"]]
-
-left, right = st.columns([1.9, 1], gap="large")
-with left:
-    fig = F.map_figure(cache.features, color_by, sel, max_points=state.max_points())
-    st.plotly_chart(
-        fig,
-        key=KEY_CHART,
-        on_select="rerun",
-        selection_mode="points",
-        config=state.chart_config(f"map-{feature}"),
+    pick = where.selectbox(
+        f"{len(opts)}{'+' if len(opts) >= 50 else ''} matching features",
+        opts,
+        format_func=_fmt,
+        key=f"map_pick:{query.strip().lower()}",
     )
+    sig = (query.strip().lower(), pick)
+    if st.session_state.get("_map_applied_pick") != sig:
+        st.session_state["_map_applied_pick"] = sig
+        state.remember_feature(cache, int(pick))
+
+
+def controls(cache: CacheData) -> tuple[str, float]:
+    """Title, search (applied at once), colour mode and neighbour threshold: (colour mode, threshold)."""
+    st.title("Map of features")
     st.caption(
-        f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
-        f"line width grows with cosine. Hover a dot for its label, scores and top tokens; click to select it."
+        "Each dot is one feature of the sparse autoencoder — a direction the model uses to represent text. "
+        "Features pointing in similar directions sit close together. Pick a task feature by searching or by "
+        "clicking a dot to see its nearest harmful neighbours."
     )
+    c_search, c_color, c_thr = st.columns([3, 1.2, 2], vertical_alignment="top")
+    query = c_search.text_input(
+        "Search features",
+        key="map_q",
+        placeholder="id, label, logit-lens token, or words from its top examples",
+        help="Case-insensitive. Label and token matches come first, then matches in the text "
+        "of each feature's top examples; ties by task score.",
+    )
+    color_by = c_color.selectbox("Colour by", list(F.COLOR_MODES), key="map_color")
+    null = cache.null_cosine
+    thr = c_thr.slider(
+        "Show neighbours with cosine ≥",
+        0.0,
+        1.0,
+        value=float(round(null, 3)),
+        step=0.005,
+        key=f"map_thr:{cache.name}",
+        help=f"Starts at the chance level {null:.3g}: the cosine random directions exceed only rarely. "
+        "Raise it to keep only the closest neighbours.",
+    )
+    if query.strip():
+        search_results(cache, query, c_search)
+    return str(color_by), float(thr)
 
-with right:
+
+def neighbour_panel(cache: CacheData, feature: int, nb: pd.DataFrame, thr: float) -> None:
+    """The selected feature's header and scores, its neighbours above the threshold, and links."""
+    shown = nb[nb["cosine"] >= thr]
+    harm_shown = shown[shown["is_harmful"]]
     row = cache.row(feature)
     st.html(F.feature_header_html(row, role="task"))
     m1, m2, m3 = st.columns(3)
@@ -131,9 +114,9 @@ with right:
         top = harm_shown.iloc[0]
         st.caption(
             f"Closest harmful neighbour #{int(top['feature'])}: "
-            f"{F.closeness_caption(float(top['cosine']), null)}."
+            f"{F.closeness_caption(float(top['cosine']), cache.null_cosine)}."
         )
-    table = F.neighbour_table(shown, null, extra_query=state.extra_query())
+    table = F.neighbour_table(shown, cache.null_cosine, extra_query=state.extra_query())
     st.dataframe(
         table[["feature", "cosine", "× chance", "category", "open", "label"]],
         hide_index=True,
@@ -152,26 +135,67 @@ with right:
         query_params=state.link_params(feature=feature),
     )
     if len(harm_shown):
-        h = int(harm_shown.iloc[0]["feature"])
+        pair_links(cache, feature, int(harm_shown.iloc[0]["feature"]))
+
+
+def pair_links(cache: CacheData, feature: int, h: int) -> None:
+    """Links from the feature and its closest harmful neighbour to the pair's other views."""
+    st.page_link(
+        state.PAGES["feature"],
+        label=f"Compare side by side with harmful #{h}",
+        icon=":material/compare:",
+        query_params=state.link_params(feature=feature, compare=h),
+    )
+    flagged = cache.overlaps[
+        (cache.overlaps["task_feature"] == feature) & (cache.overlaps["harmful_feature"] == h)
+    ]
+    if len(flagged):
         st.page_link(
-            state.PAGES["feature"],
-            label=f"Compare side by side with harmful #{h}",
-            icon=":material/compare:",
-            query_params=state.link_params(feature=feature, compare=h),
+            state.PAGES["overlaps"],
+            label=f"Review the pair #{feature} ↔ #{h}",
+            icon=":material/fact_check:",
+            query_params=state.link_params(task=feature, harmful=h),
         )
-        flagged = cache.overlaps[
-            (cache.overlaps["task_feature"] == feature) & (cache.overlaps["harmful_feature"] == h)
-        ]
-        if len(flagged):
-            st.page_link(
-                state.PAGES["overlaps"],
-                label=f"Review the pair #{feature} ↔ #{h}",
-                icon=":material/fact_check:",
-                query_params=state.link_params(task=feature, harmful=h),
-            )
-        st.page_link(
-            state.PAGES["story"],
-            label="Present this pair as a story",
-            icon=":material/slideshow:",
-            query_params=state.link_params(task=feature, harmful=h, step=1),
+    st.page_link(
+        state.PAGES["story"],
+        label="Present this pair as a story",
+        icon=":material/slideshow:",
+        query_params=state.link_params(task=feature, harmful=h, step=1),
+    )
+
+
+def render() -> None:
+    cache = state.require_cache()
+    clicked = clicked_feature(cache)
+    if clicked is not None:
+        state.remember_feature(cache, clicked)
+    color_by, thr = controls(cache)
+    feature = state.selected_feature(cache)
+    nb = cache.neighbours_of(feature)
+    sel = F.Selection(
+        feature=feature,
+        neighbours=nb["feature"].tolist(),
+        cosines=nb["cosine"].tolist(),
+        harmful=nb["is_harmful"].tolist(),
+        threshold=thr,
+    )
+    left, right = st.columns([1.9, 1], gap="large")
+    with left:
+        fig = F.map_figure(cache.features, color_by, sel, max_points=state.max_points())
+        st.plotly_chart(
+            fig,
+            key=KEY_CHART,
+            on_select="rerun",
+            selection_mode="points",
+            config=state.chart_config(f"map-{feature}"),
         )
+        st.caption(
+            f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
+            f"line width grows with cosine. Hover a dot for its label, scores and top tokens; click to select it."
+        )
+    with right:
+        neighbour_panel(cache, feature, nb, thr)
+
+
+if __name__ == "__main__":
+    render()

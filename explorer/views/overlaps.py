@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,13 @@ import streamlit as st
 
 from explorer import figures as F
 from explorer import state
+from explorer.data import CacheData
+from explorer.review_table import (
+    export_csv,
+    export_json,
+    history_table,
+    merge_reviews,
+)
 from explorer.reviews import (
     MAX_REVIEWER,
     STATUSES,
@@ -19,35 +27,38 @@ from explorer.reviews import (
     ReviewStore,
     clean_reviewer,
     describe_changes,
-    export_csv,
-    export_json,
-    history_table,
-    merge_reviews,
 )
+from explorer.views import Page
 
-cache = state.require_cache()
-store = state.review_store(cache)
+PAGE = Page(title="Overlaps review", icon=":material/fact_check:")
+COLORS = {"confirmed": F.HARM, "benign": "#059669"}
+HISTORY_COLUMNS = [
+    "id",
+    "cache",
+    "task_feature",
+    "harmful_feature",
+    "reviewer",
+    "verdict",
+    "note",
+    "created_at",
+]
+TABLE_COLUMNS = [
+    "status",
+    "consensus",
+    "risk",
+    "task_feature",
+    "harmful_feature",
+    "cosine",
+    "z",
+    "coactivation",
+    "harm_category",
+    "task_label",
+    "harmful_label",
+    "reviewers",
+]
 
-st.title("Overlaps review")
-st.caption(
-    "Each row is a flagged pair: a task feature whose decoder direction is unusually close — above the "
-    "chance level — to a harmful feature's. Open a pair, read what makes each fire, and record whether "
-    "the overlap is real and worrying (confirmed), harmless (benign), or unclear."
-)
 
-ov = cache.overlaps
-url_pair = (state.qp_int("task"), state.qp_int("harmful"))
-if ov.empty:
-    st.info(
-        "This cache has no flagged pairs: no task feature has a harmful neighbour above the null threshold. "
-        "Explore the map to look at near misses; a pair opened from a link (?task=…&harmful=…) can still be "
-        "reviewed here."
-    )
-    if None in url_pair or not all(cache.valid(x) for x in url_pair):
-        st.stop()
-
-
-def read_verdicts(store: ReviewStore | None) -> pd.DataFrame | None:
+def read_verdicts(cache: CacheData, store: ReviewStore | None) -> pd.DataFrame | None:
     """Every reviewer's verdicts of this cache, or None (with a message) when they cannot be read."""
     if store is None:
         return None
@@ -60,35 +71,20 @@ def read_verdicts(store: ReviewStore | None) -> pd.DataFrame | None:
         return None
 
 
-verdicts_now = read_verdicts(store)
-table = merge_reviews(ov, pd.DataFrame() if verdicts_now is None else verdicts_now)
-
-
-def full_history() -> pd.DataFrame:
+def full_history(cache: CacheData, store: ReviewStore | None, readable: bool) -> pd.DataFrame:
     """Every verdict saved on this cache's pairs, oldest first, for the exports ([] if unreadable)."""
     try:
-        hist = store.history(cache.name) if store is not None and verdicts_now is not None else None
+        hist = store.history(cache.name) if store is not None and readable else None
     except ReviewError:
         hist = None
     if hist is None:
-        hist = pd.DataFrame(
-            columns=[
-                "id",
-                "cache",
-                "task_feature",
-                "harmful_feature",
-                "reviewer",
-                "verdict",
-                "note",
-                "created_at",
-            ]
-        )
-    return history_table(hist, ov)
+        hist = pd.DataFrame(columns=HISTORY_COLUMNS)
+    return history_table(hist, cache.overlaps)
 
 
 # --- filters, table, exports -------------------------------------------------------------------
-def table_section(table: pd.DataFrame) -> pd.DataFrame:
-    """Filters, the sortable table (a click opens the pair) and the exports; returns the filtered view."""
+def filtered(table: pd.DataFrame, null_cosine: float) -> tuple[pd.DataFrame, str]:
+    """The filter widgets applied to `table`, sorted as chosen; (the view, its sort column)."""
     f1, f2, f3, f4, f5 = st.columns([1.2, 1.2, 1.6, 1.6, 1.1], vertical_alignment="bottom")
     risk_max = float(np.nanmax(table["risk"])) if table["risk"].notna().any() else 1.0
     min_risk = f1.slider("risk ≥", 0.0, max(0.01, round(risk_max, 2)), 0.0, step=0.01, key="ov_risk")
@@ -116,10 +112,13 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
     n_rev = int((table["status"] != UNREVIEWED).sum())
     st.caption(
         f"{len(view):,} of {len(table):,} pairs shown · {n_rev:,} reviewed · chance-level cosine "
-        f"{cache.null_cosine:.3g} · click a row to open it"
+        f"{null_cosine:.3g} · click a row to open it"
     )
+    return view, str(sort_by)
 
-    # a row clicked in the table (read before drawing: one rerun)
+
+def pairs_table(view: pd.DataFrame, sort_by: str, null_cosine: float, risk_max: float) -> None:
+    """The sortable table; a row clicked in it (read before drawing: one rerun) opens that pair."""
     ev = st.session_state.get("ov_table")
     rows = ((ev or {}).get("selection") or {}).get("rows") or []
     sig = (tuple(rows), len(view), sort_by)
@@ -128,22 +127,8 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
         r = view.iloc[rows[0]]
         state.set_qp(task=int(r["task_feature"]), harmful=int(r["harmful_feature"]))
 
-    cols = [
-        "status",
-        "consensus",
-        "risk",
-        "task_feature",
-        "harmful_feature",
-        "cosine",
-        "z",
-        "coactivation",
-        "harm_category",
-        "task_label",
-        "harmful_label",
-        "reviewers",
-    ]
-    disp = view[[c for c in cols if c in view]].copy()
-    disp["× chance"] = (view["cosine"] / cache.null_cosine).round(2)
+    disp = view[[c for c in TABLE_COLUMNS if c in view]].copy()
+    disp["× chance"] = (view["cosine"] / null_cosine).round(2)
     st.dataframe(
         disp,
         hide_index=True,
@@ -151,21 +136,7 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
         selection_mode="single-row",
         key="ov_table",
         height=300,
-        column_order=[
-            "status",
-            "consensus",
-            "risk",
-            "task_feature",
-            "harmful_feature",
-            "cosine",
-            "× chance",
-            "z",
-            "coactivation",
-            "harm_category",
-            "task_label",
-            "harmful_label",
-            "reviewers",
-        ],
+        column_order=[*TABLE_COLUMNS[:6], "× chance", *TABLE_COLUMNS[6:]],
         column_config={
             "risk": st.column_config.ProgressColumn(
                 "risk", min_value=0.0, max_value=max(risk_max, 1e-6), format="%.3f", color="red"
@@ -184,6 +155,9 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
         },
     )
 
+
+def exports(cache: CacheData, table: pd.DataFrame, history: Callable[[], pd.DataFrame]) -> None:
+    """CSV of the pairs, CSV of every save, JSON of both (built only when clicked)."""
     e1, e2, e3, _ = st.columns([1, 1.3, 1, 3])
     e1.download_button(
         "Export CSV",
@@ -195,7 +169,7 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
     )
     e2.download_button(
         "Export history CSV",
-        data=lambda: export_csv(full_history()),
+        data=lambda: export_csv(history()),
         file_name=f"{cache.name}-review-history.csv",
         mime="text/csv",
         icon=":material/download:",
@@ -203,78 +177,93 @@ def table_section(table: pd.DataFrame) -> pd.DataFrame:
     )
     e3.download_button(
         "Export JSON",
-        data=lambda: export_json(table, full_history()),
+        data=lambda: export_json(table, history()),
         file_name=f"{cache.name}-reviews.json",
         mime="application/json",
         icon=":material/download:",
         help="the pairs and the full history",
     )
+
+
+def table_section(
+    cache: CacheData, store: ReviewStore | None, readable: bool, table: pd.DataFrame
+) -> pd.DataFrame:
+    """Filters, the sortable table (a click opens the pair) and the exports; returns the filtered view."""
+    view, sort_by = filtered(table, cache.null_cosine)
+    risk_max = float(np.nanmax(table["risk"])) if table["risk"].notna().any() else 1.0
+    pairs_table(view, sort_by, cache.null_cosine, risk_max)
+    exports(cache, table, lambda: full_history(cache, store, readable))
     return view
 
 
-view = table_section(table) if len(table) else table
-
 # --- the open pair ---------------------------------------------------------------------------------
-t, h = state.qp_int("task"), state.qp_int("harmful")
-if t is None or h is None or not (cache.valid(t) and cache.valid(h)):
-    first = view.iloc[0] if len(view) else table.iloc[0]
-    t, h = int(first["task_feature"]), int(first["harmful_feature"])
-    state.set_qp(task=t, harmful=h)
+def open_pair(cache: CacheData, view: pd.DataFrame, table: pd.DataFrame) -> tuple[int, int]:
+    """The pair in the URL (else the first shown) and a picker to open another."""
+    t, h = state.qp_int("task"), state.qp_int("harmful")
+    if t is None or h is None or not (cache.valid(t) and cache.valid(h)):
+        first = view.iloc[0] if len(view) else table.iloc[0]
+        t, h = int(first["task_feature"]), int(first["harmful_feature"])
+        state.set_qp(task=t, harmful=h)
+    pairs = list(zip(view["task_feature"].astype(int), view["harmful_feature"].astype(int), strict=False))
+    if (t, h) not in pairs:
+        pairs.insert(0, (t, h))
+    pick = st.columns([2, 3])[0].selectbox(
+        "Open pair",
+        pairs,
+        index=pairs.index((t, h)),
+        key=f"ov_pick:{t}:{h}",
+        format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
+    )
+    if pick != (t, h):
+        state.set_qp(task=pick[0], harmful=pick[1])
+        st.rerun()
+    return t, h
 
-pairs = list(zip(view["task_feature"].astype(int), view["harmful_feature"].astype(int), strict=False))
-if (t, h) not in pairs:
-    pairs.insert(0, (t, h))
-pick = st.columns([2, 3])[0].selectbox(
-    "Open pair",
-    pairs,
-    index=pairs.index((t, h)),
-    key=f"ov_pick:{t}:{h}",
-    format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
-)
-if pick != (t, h):
-    state.set_qp(task=pick[0], harmful=pick[1])
-    st.rerun()
 
-pair = cache.pair(t, h)
-t_row, h_row = cache.row(t), cache.row(h)
-st.divider()
-st.subheader(f"Task #{t} ↔ harmful #{h}")
-m = st.columns(5)
-m[0].metric(
-    "risk",
-    f"{pair.get('risk', float('nan')):.3f}",
-    help="excess cosine over chance (scaled 0–1) × (2·harm − 1) × (2·task − 1)",
-)
-m[1].metric("cosine", f"{pair['cosine']:.3f}", help=F.closeness_caption(pair["cosine"], cache.null_cosine))
-m[2].metric("z vs null", f"{pair.get('z', float('nan')):.1f}")
-m[3].metric(
-    "co-activation",
-    f"{pair.get('coactivation', float('nan')):.3f}",
-    help="Jaccard index of the tokens on which both fire",
-)
-cond = pair.get("cond_coactivation")
-m[4].metric("P(harmful fires | task fires)", f"{cond:.3f}" if cond is not None and cond == cond else "—")
-st.caption("Decoder " + F.closeness_caption(pair["cosine"], cache.null_cosine) + ".")
+def pair_view(cache: CacheData, t: int, h: int) -> None:
+    """The pair's numbers, then both features side by side with their top examples."""
+    pair = cache.pair(t, h)
+    t_row, h_row = cache.row(t), cache.row(h)
+    st.divider()
+    st.subheader(f"Task #{t} ↔ harmful #{h}")
+    m = st.columns(5)
+    m[0].metric(
+        "risk",
+        f"{pair.get('risk', float('nan')):.3f}",
+        help="excess cosine over chance (scaled 0–1) × (2·harm − 1) × (2·task − 1)",
+    )
+    m[1].metric(
+        "cosine", f"{pair['cosine']:.3f}", help=F.closeness_caption(pair["cosine"], cache.null_cosine)
+    )
+    m[2].metric("z vs null", f"{pair.get('z', float('nan')):.1f}")
+    m[3].metric(
+        "co-activation",
+        f"{pair.get('coactivation', float('nan')):.3f}",
+        help="Jaccard index of the tokens on which both fire",
+    )
+    cond = pair.get("cond_coactivation")
+    m[4].metric("P(harmful fires | task fires)", f"{cond:.3f}" if cond is not None and cond == cond else "—")
+    st.caption("Decoder " + F.closeness_caption(pair["cosine"], cache.null_cosine) + ".")
 
-a, b = st.columns(2, gap="large")
-for col, f, r, color, role in ((a, t, t_row, F.TASK, "task"), (b, h, h_row, F.HARM, "harmful")):
-    with col:
-        st.html(F.feature_header_html(r, role=role))
-        st.caption(
-            f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%"
-        )
-        ex = [e for e in cache.examples_of(f) if e.get("kind") == "top"]
-        st.html(F.examples_html(ex[:6], color=color, window=20, documents=cache.documents))
-        st.page_link(
-            state.PAGES["feature"],
-            label=f"Open #{f} on the feature page",
-            icon=":material/open_in_new:",
-            query_params=state.link_params(feature=f),
-        )
+    a, b = st.columns(2, gap="large")
+    for col, f, r, color, role in ((a, t, t_row, F.TASK, "task"), (b, h, h_row, F.HARM, "harmful")):
+        with col:
+            st.html(F.feature_header_html(r, role=role))
+            st.caption(
+                f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%"
+            )
+            ex = [e for e in cache.examples_of(f) if e.get("kind") == "top"]
+            st.html(F.examples_html(ex[:6], color=color, window=20, documents=cache.documents))
+            st.page_link(
+                state.PAGES["feature"],
+                label=f"Open #{f} on the feature page",
+                icon=":material/open_in_new:",
+                query_params=state.link_params(feature=f),
+            )
 
 
 # --- steering check --------------------------------------------------------------------------------
-def steering_section(t: int, h: int) -> None:
+def steering_section(cache: CacheData, t: int, h: int) -> None:
     """`steering/task-<t>.parquet` in the cache, if there: observed vs predicted Δa and slope/R² per α."""
     from explorer.steering_figure import load_steering, steering_figure, summarize
 
@@ -335,21 +324,7 @@ def steering_section(t: int, h: int) -> None:
         )
 
 
-steering_section(t, h)
-
 # --- verdicts ---------------------------------------------------------------------------------------
-st.divider()
-st.subheader("Verdicts")
-if store is None or verdicts_now is None:
-    st.caption("Verdicts are unavailable (see the message at the top of the page); everything else works.")
-    st.stop()
-assert store is not None
-COLORS = {"confirmed": F.HARM, "benign": "#059669"}
-version_key = f"_ov_version:{cache.name}:{t}:{h}"
-# a save is checked against the version the reviewer was shown, i.e. the one the previous run drew
-shown_version = st.session_state.get(version_key)
-
-
 def try_read(read: Any) -> Any:
     """read(), or None after a warning: a damaged file loses what it lost, not the rest of the page."""
     try:
@@ -359,25 +334,17 @@ def try_read(read: Any) -> Any:
         return None
 
 
-# the version before the verdicts: a save between the two reads is then refused, never missed
-version = try_read(lambda: store.pair_version(t, h, cache.name))
-pair_verdicts = try_read(lambda: store.verdicts(cache.name, t, h))
-pair_history = try_read(lambda: store.history(cache.name, t, h))
-if version is None or pair_verdicts is None:
-    st.caption("Saving is off: the verdicts of this pair cannot be read.")
-    st.stop()
-st.session_state[version_key] = version
-
-
 def verdicts_html(verdicts: pd.DataFrame) -> str:
     """One line per reviewer (their latest verdict), then the consensus; all text escaped."""
     lines = []
-    for r in verdicts.sort_values("reviewer", key=lambda c: c.str.lower()).itertuples():
-        n = int(r.n_changes)
-        note = f" — <i>{F.esc(r.note)}</i>" if r.note else ""
+    for r in verdicts.sort_values("reviewer", key=lambda c: c.str.lower()).to_dict("records"):
+        n = int(r["n_changes"])
+        note = f" — <i>{F.esc(r['note'])}</i>" if r["note"] else ""
+        color = COLORS.get(str(r["verdict"]), "#d97706")
         lines.append(
-            f'<div style="font-size:15px;margin:2px 0">{F.badge(r.verdict, COLORS.get(r.verdict, "#d97706"), True)}'
-            f" <b>{F.esc(r.reviewer)}</b> at {F.esc(r.updated_at)} ({n} change{'s' if n != 1 else ''}){note}</div>"
+            f'<div style="font-size:15px;margin:2px 0">{F.badge(r["verdict"], color, True)}'
+            f" <b>{F.esc(r['reviewer'])}</b> at {F.esc(r['updated_at'])} ({n} change{'s' if n != 1 else ''})"
+            f"{note}</div>"
         )
     kinds = set(verdicts["verdict"])
     consensus = (
@@ -390,19 +357,14 @@ def verdicts_html(verdicts: pd.DataFrame) -> str:
     return f'<div style="margin-bottom:6px">Consensus: <b>{F.esc(consensus)}</b></div>' + "".join(lines)
 
 
-if len(pair_verdicts):
-    st.html(verdicts_html(pair_verdicts))
-else:
-    st.caption("No verdict yet for this pair.")
-
-
 @st.fragment(run_every=5)
-def watch_pair() -> None:
-    """Say so when someone saves on this pair after the page was drawn (else it would keep showing the old state)."""
+def watch_pair(store: ReviewStore, cache_name: str, t: int, h: int, version_key: str) -> None:
+    """Say so when someone saves on this pair after the page was drawn (else it would keep showing the
+    old state)."""
     shown = st.session_state.get(version_key)
     try:
-        newest = store.pair_version(t, h, cache.name)
-        changes = store.history(cache.name, t, h) if shown is not None and newest > shown else None
+        newest = store.pair_version(t, h, cache_name)
+        changes = store.history(cache_name, t, h) if shown is not None and newest > shown else None
     except ReviewError:
         return
     if changes is not None:
@@ -417,64 +379,117 @@ def watch_pair() -> None:
             st.rerun()
 
 
-watch_pair()
-
-name_now = state.reviewer_name()
-try:
-    mine = store.get(t, h, name_now, cache.name) if name_now.strip() else None
-except ReviewError:
-    mine = None
-notice = st.container()  # a refused save is explained here, right under the verdicts it refers to
-with st.form(key=f"verdict:{t}:{h}", clear_on_submit=False, border=True):
-    c1, c2 = st.columns([1, 2])
-    reviewer = c1.text_input(
-        "Your name",
-        value=name_now,
-        key=f"rev_name:{t}:{h}",
-        max_chars=MAX_REVIEWER,
-        help="Each reviewer keeps their own verdict; it is remembered in the URL (?reviewer=).",
-    )
-    verdict = c1.radio(
-        "Verdict",
-        VERDICTS,
-        index=VERDICTS.index(mine["verdict"]) if mine else None,
-        key=f"rev_v:{t}:{h}",
-        captions=["the overlap is real and worrying", "harmless or spurious", "cannot tell yet"],
-    )
-    note = c2.text_area(
-        "Note",
-        key=f"rev_note:{t}:{h}",
-        height=150,
-        placeholder="What did you see in the examples? What would settle it?",
-    )
-    saved = st.form_submit_button("Save verdict", type="primary", disabled=store.read_only)
-if saved:
+def verdict_form(cache: CacheData, store: ReviewStore, t: int, h: int, expected_version: int) -> None:
+    """The reviewer's name, verdict and note; a save refused as stale is explained above the form."""
+    name_now = state.reviewer_name()
+    try:
+        mine = store.get(t, h, name_now, cache.name) if name_now.strip() else None
+    except ReviewError:
+        mine = None
+    notice = st.container()  # a refused save is explained here, right under the verdicts it refers to
+    with st.form(key=f"verdict:{t}:{h}", clear_on_submit=False, border=True):
+        c1, c2 = st.columns([1, 2])
+        reviewer = c1.text_input(
+            "Your name",
+            value=name_now,
+            key=f"rev_name:{t}:{h}",
+            max_chars=MAX_REVIEWER,
+            help="Each reviewer keeps their own verdict; it is remembered in the URL (?reviewer=).",
+        )
+        verdict = c1.radio(
+            "Verdict",
+            VERDICTS,
+            index=VERDICTS.index(mine["verdict"]) if mine else None,
+            key=f"rev_v:{t}:{h}",
+            captions=["the overlap is real and worrying", "harmless or spurious", "cannot tell yet"],
+        )
+        note = c2.text_area(
+            "Note",
+            key=f"rev_note:{t}:{h}",
+            height=150,
+            placeholder="What did you see in the examples? What would settle it?",
+        )
+        saved = st.form_submit_button("Save verdict", type="primary", disabled=store.read_only)
+    if not saved:
+        return
     try:
         if verdict is None:
             raise ReviewError("choose a verdict")
         name = clean_reviewer(reviewer)
         state.remember_reviewer(name)
-        store.record(
-            t,
-            h,
-            verdict,
-            name,
-            note,
-            cache=cache.name,
-            expected_version=version if shown_version is None else shown_version,
-        )
+        store.record(t, h, verdict, name, note, cache=cache.name, expected_version=expected_version)
         st.toast(f"Saved: {verdict}")
         st.rerun()
     except ReviewError as exc:  # a stale save names the verdicts saved since; the form keeps what was typed
         notice.error(state.md_escape(exc), icon="⚠️")
 
-if pair_history is not None and len(pair_history):
-    st.markdown("**History of this pair**")
-    st.dataframe(
-        pair_history[["created_at", "reviewer", "verdict", "note"]],
-        hide_index=True,
-        height=min(40 + 35 * len(pair_history), 260),
+
+def verdicts_section(cache: CacheData, store: ReviewStore | None, readable: bool, t: int, h: int) -> None:
+    """Every reviewer's verdict on the pair, a notice when someone saves meanwhile, the form, history."""
+    st.divider()
+    st.subheader("Verdicts")
+    if store is None or not readable:
+        st.caption(
+            "Verdicts are unavailable (see the message at the top of the page); everything else works."
+        )
+        return
+    version_key = f"_ov_version:{cache.name}:{t}:{h}"
+    # a save is checked against the version the reviewer was shown, i.e. the one the previous run drew
+    shown_version = st.session_state.get(version_key)
+    # the version before the verdicts: a save between the two reads is then refused, never missed
+    version = try_read(lambda: store.pair_version(t, h, cache.name))
+    pair_verdicts = try_read(lambda: store.verdicts(cache.name, t, h))
+    pair_history = try_read(lambda: store.history(cache.name, t, h))
+    if version is None or pair_verdicts is None:
+        st.caption("Saving is off: the verdicts of this pair cannot be read.")
+        return
+    st.session_state[version_key] = version
+    if len(pair_verdicts):
+        st.html(verdicts_html(pair_verdicts))
+    else:
+        st.caption("No verdict yet for this pair.")
+    watch_pair(store, cache.name, t, h, version_key)
+    verdict_form(cache, store, t, h, version if shown_version is None else shown_version)
+    if pair_history is not None and len(pair_history):
+        st.markdown("**History of this pair**")
+        st.dataframe(
+            pair_history[["created_at", "reviewer", "verdict", "note"]],
+            hide_index=True,
+            height=min(40 + 35 * len(pair_history), 260),
+        )
+    st.caption(
+        f"Verdicts are stored in {state.md_escape(store.path)} (SQLite, WAL): one per reviewer, every save kept."
     )
-st.caption(
-    f"Verdicts are stored in {state.md_escape(store.path)} (SQLite, WAL): one per reviewer, every save kept."
-)
+
+
+def render() -> None:
+    cache = state.require_cache()
+    store = state.review_store(cache)
+    st.title("Overlaps review")
+    st.caption(
+        "Each row is a flagged pair: a task feature whose decoder direction is unusually close — above the "
+        "chance level — to a harmful feature's. Open a pair, read what makes each fire, and record whether "
+        "the overlap is real and worrying (confirmed), harmless (benign), or unclear."
+    )
+    ov = cache.overlaps
+    if ov.empty:
+        st.info(
+            "This cache has no flagged pairs: no task feature has a harmful neighbour above the null threshold. "
+            "Explore the map to look at near misses; a pair opened from a link (?task=…&harmful=…) can still "
+            "be reviewed here."
+        )
+        url_pair = (state.qp_int("task"), state.qp_int("harmful"))
+        if None in url_pair or not all(cache.valid(x) for x in url_pair):
+            st.stop()
+    verdicts_now = read_verdicts(cache, store)
+    readable = verdicts_now is not None
+    table = merge_reviews(ov, pd.DataFrame() if verdicts_now is None else verdicts_now)
+    view = table_section(cache, store, readable, table) if len(table) else table
+    t, h = open_pair(cache, view, table)
+    pair_view(cache, t, h)
+    steering_section(cache, t, h)
+    verdicts_section(cache, store, readable, t, h)
+
+
+if __name__ == "__main__":
+    render()

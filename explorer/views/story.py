@@ -9,8 +9,11 @@ import streamlit as st
 from explorer import state
 from explorer.data import FINETUNE_FILES, CacheData, files_stamp, find_finetune_runs
 from explorer.story import Step, build_story, story_html
+from explorer.views import Page
 
-state.inject_css("""
+PAGE = Page(title="Story", icon=":material/slideshow:")
+
+STORY_CSS = """
 [data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"], [data-testid="stExpandSidebarButton"]
   {display: none !important;}
 .block-container {max-width: 1200px !important;}
@@ -21,19 +24,7 @@ state.inject_css("""
 .story-dots span.on {background:#1d4ed8}
 .stButton button {min-height: 3rem;}
 .stButton button p {font-size: 20px !important;}
-""")
-
-cache = state.require_cache(show_sidebar=False)
-pair = None
-t, h = state.qp_int("task"), state.qp_int("harmful")
-if t is not None and h is not None and cache.valid(t) and cache.valid(h) and t != h:
-    pair = (t, h)
-else:
-    pair = cache.default_pair()
-if pair is None:
-    st.info("This cache has no task feature with a harmful neighbour to tell a story about.")
-    st.stop()
-t, h = pair
+"""
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
@@ -51,64 +42,98 @@ def _steps(
     return build_story(_cache, t, h, max_points=max_points)
 
 
-ft_stamp = tuple((p.name, files_stamp(p, FINETUNE_FILES)) for p in find_finetune_runs(cache.path))
-steps = _steps(
-    cache, str(cache.path), str(cache.manifest.get("updated")), t, h, min(state.max_points(), 12000), ft_stamp
-)
-n = len(steps)
-step = state.qp_int("step") or 1
-step = min(max(1, step), n)
-state.set_qp(task=t, harmful=h, step=step)
-s = steps[step - 1]
+def story_pair(cache: CacheData) -> tuple[int, int]:
+    """The pair in the URL, else the cache's default pair; stops the page when there is none."""
+    t, h = state.qp_int("task"), state.qp_int("harmful")
+    if t is not None and h is not None and cache.valid(t) and cache.valid(h) and t != h:
+        return t, h
+    pair = cache.default_pair()
+    if pair is None:
+        st.info("This cache has no task feature with a harmful neighbour to tell a story about.")
+        st.stop()
+    assert pair is not None
+    return pair
 
-dots = "".join(f'<span class="{"on" if i == step else ""}"></span>' for i in range(1, n + 1))
-st.html(
-    f'<div class="story-dots">{dots}</div><div class="story-step">Step {step} of {n}</div>'
-    f'<div class="story-title">{html.escape(s.title)}</div>'
-    f'<div class="story-lead">{s.lead}</div>'
-)
-if s.figure is not None:
-    st.plotly_chart(s.figure, config=state.chart_config(s.figure_name), key=f"story_fig:{step}")
-if s.body:
-    st.html(f'<div style="font-size:17px">{s.body}</div>')
 
-back, _, nxt = st.columns([1, 4, 1])
-if back.button("← Back", disabled=step <= 1, width="stretch", key="story_back"):
-    state.set_qp(step=step - 1)
-    st.rerun()
-if nxt.button("Next →", disabled=step >= n, width="stretch", type="primary", key="story_next"):
-    state.set_qp(step=step + 1)
-    st.rerun()
-
-with st.expander("Presenter settings: pair, figure format, export"):
-    c1, c2 = st.columns([2, 1])
-    ov = cache.overlaps.head(50)
-    options = list(zip(ov["task_feature"].astype(int), ov["harmful_feature"].astype(int), strict=False))
-    if (t, h) not in options:
-        options.insert(0, (t, h))
-    pick = c1.selectbox(
-        "Pair",
-        options,
-        index=options.index((t, h)),
-        key=f"story_pair:{t}:{h}",
-        format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
+def show_step(steps: list[Step], step: int) -> None:
+    """The step's dots, title, lead, figure and body, then back / next."""
+    n = len(steps)
+    s = steps[step - 1]
+    dots = "".join(f'<span class="{"on" if i == step else ""}"></span>' for i in range(1, n + 1))
+    st.html(
+        f'<div class="story-dots">{dots}</div><div class="story-step">Step {step} of {n}</div>'
+        f'<div class="story-title">{html.escape(s.title)}</div>'
+        f'<div class="story-lead">{s.lead}</div>'
     )
-    if pick != (t, h):
-        state.set_qp(task=pick[0], harmful=pick[1], step=1)
+    if s.figure is not None:
+        st.plotly_chart(s.figure, config=state.chart_config(s.figure_name), key=f"story_fig:{step}")
+    if s.body:
+        st.html(f'<div style="font-size:17px">{s.body}</div>')
+
+    back, _, nxt = st.columns([1, 4, 1])
+    if back.button("← Back", disabled=step <= 1, width="stretch", key="story_back"):
+        state.set_qp(step=step - 1)
         st.rerun()
-    c2.radio(
-        "Chart download format",
-        ["png", "svg"],
-        key="fig_format",
-        horizontal=True,
-        help="What the camera button in each chart's toolbar saves.",
+    if nxt.button("Next →", disabled=step >= n, width="stretch", type="primary", key="story_next"):
+        state.set_qp(step=step + 1)
+        st.rerun()
+
+
+def presenter_settings(cache: CacheData, steps: list[Step], t: int, h: int) -> None:
+    """Another pair, the figure download format, and the whole story as one offline HTML file."""
+    with st.expander("Presenter settings: pair, figure format, export"):
+        c1, c2 = st.columns([2, 1])
+        ov = cache.overlaps.head(50)
+        options = list(zip(ov["task_feature"].astype(int), ov["harmful_feature"].astype(int), strict=False))
+        if (t, h) not in options:
+            options.insert(0, (t, h))
+        pick = c1.selectbox(
+            "Pair",
+            options,
+            index=options.index((t, h)),
+            key=f"story_pair:{t}:{h}",
+            format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
+        )
+        if pick != (t, h):
+            state.set_qp(task=pick[0], harmful=pick[1], step=1)
+            st.rerun()
+        c2.radio(
+            "Chart download format",
+            ["png", "svg"],
+            key="fig_format",
+            horizontal=True,
+            help="What the camera button in each chart's toolbar saves.",
+        )
+        title = f"Feature geometry: task feature #{t} and harmful feature #{h}"
+        st.download_button(
+            "Download the whole story as one HTML file (opens offline)",
+            data=lambda: story_html(steps, title, state.cache_summary(cache)),
+            file_name=f"story-{cache.name}-{t}-{h}.html",
+            mime="text/html",
+            icon=":material/download:",
+        )
+        st.caption("Each step has its own URL — copy it from the address bar to link a slide.")
+
+
+def render() -> None:
+    state.inject_css(STORY_CSS)
+    cache = state.require_cache(show_sidebar=False)
+    t, h = story_pair(cache)
+    ft_stamp = tuple((p.name, files_stamp(p, FINETUNE_FILES)) for p in find_finetune_runs(cache.path))
+    steps = _steps(
+        cache,
+        str(cache.path),
+        str(cache.manifest.get("updated")),
+        t,
+        h,
+        min(state.max_points(), 12000),
+        ft_stamp,
     )
-    title = f"Feature geometry: task feature #{t} and harmful feature #{h}"
-    st.download_button(
-        "Download the whole story as one HTML file (opens offline)",
-        data=lambda: story_html(steps, title, state.cache_summary(cache)),
-        file_name=f"story-{cache.name}-{t}-{h}.html",
-        mime="text/html",
-        icon=":material/download:",
-    )
-    st.caption("Each step has its own URL — copy it from the address bar to link a slide.")
+    step = min(max(1, state.qp_int("step") or 1), len(steps))
+    state.set_qp(task=t, harmful=h, step=step)
+    show_step(steps, step)
+    presenter_settings(cache, steps, t, h)
+
+
+if __name__ == "__main__":
+    render()

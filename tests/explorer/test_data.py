@@ -182,6 +182,20 @@ def test_bad_caches_raise_cache_error(damage: str, cache_copy: Path, tmp_path: P
         assert "umap_x" in msg
 
 
+def test_optional_file_missing_a_column_is_named_on_open(cache_copy: Path) -> None:
+    """A present optional file must be complete: the message names the column and the step to rerun."""
+    from precompute.cache import stage
+
+    with stage(cache_copy) as st:
+        t = pq.read_table(cache_copy / "documents.parquet").drop_columns(["source_path"])
+        pq.write_table(t, st.path("documents.parquet"))
+        st.commit()
+    with pytest.raises(
+        CacheError, match=r"documents.parquet lacks the column\(s\) source_path .*harvest step"
+    ):
+        load_cache(cache_copy)
+
+
 def test_find_caches_and_reviews_path(tmp_path: Path, synth_cache: Path) -> None:
     shutil.copytree(synth_cache, tmp_path / "root" / "before")
     shutil.copytree(synth_cache, tmp_path / "root" / "after")
@@ -194,7 +208,7 @@ def test_find_caches_and_reviews_path(tmp_path: Path, synth_cache: Path) -> None
 
 def test_large_cache_uses_lazy_examples(tmp_path: Path) -> None:
     p = write_synthetic_cache(tmp_path / "big", n_features=3000, d=16, seed=3, row_group_size=256)
-    import explorer.data as D
+    import explorer.data.examples as D
 
     old = D.LAZY_EXAMPLES_BYTES
     D.LAZY_EXAMPLES_BYTES = 0

@@ -12,6 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from explorer.review_table import (
+    export_csv,
+    export_json,
+    history_table,
+    merge_reviews,
+    summarize,
+)
 from explorer.reviews import (
     DISPUTED,
     SCHEMA,
@@ -20,11 +27,6 @@ from explorer.reviews import (
     ReviewError,
     ReviewStore,
     StaleVerdictError,
-    export_csv,
-    export_json,
-    history_table,
-    merge_reviews,
-    summarize,
 )
 from tests.explorer.helpers import write_damaged_reviews
 

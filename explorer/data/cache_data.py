@@ -1,0 +1,211 @@
+"""One loaded cache (`CacheData`) and the per-feature questions the pages ask of it.
+
+Why this shape: every Streamlit session of the server shares one `CacheData` (st.cache_resource in
+explorer/state.py), so arrays are loaded once, not per session. Lookups that the pages do on every
+rerun (a feature's row, its neighbours, its examples, search) are numpy/arrow indexing, never a scan
+of a Python list. Nothing here depends on Streamlit: plain data in, data out, unit-testable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from explorer.data.examples import ExampleStore
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """neighbors.npz: top-k decoder-cosine neighbours of every feature (self excluded)."""
+
+    indices: np.ndarray  # int32 [n, k]
+    cosine: np.ndarray  # float32 [n, k]
+    z: np.ndarray  # float32 [n, k]: standard deviations above the null of random directions
+    null_cosine: float  # the chance level: random directions exceed it with probability `fpr`
+    fpr: float
+    d: int
+
+
+@dataclass
+class CacheData:
+    """Everything the explorer shows, loaded from one cache directory."""
+
+    path: Path
+    manifest: dict[str, Any]
+    features: pd.DataFrame  # row i = feature i; scalar columns + 'hover'
+    lists: pa.Table  # top_promoted, top_suppressed (kept in arrow: cheap for 262k features)
+    neighbors: Neighbors
+    overlaps: pd.DataFrame
+    examples: ExampleStore
+    histograms: tuple[np.ndarray, int] | None = None
+    category_rates: pa.Table | None = None
+    documents: pd.DataFrame | None = None
+    groups: list[str] = field(default_factory=list)
+    _cr_offsets: np.ndarray | None = None
+    _search_text: pa.Array | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def n(self) -> int:
+        return len(self.features)
+
+    @property
+    def null_cosine(self) -> float:
+        return self.neighbors.null_cosine
+
+    def valid(self, feature: Any) -> bool:
+        try:
+            f = int(feature)
+        except (TypeError, ValueError):
+            return False
+        return 0 <= f < self.n
+
+    def row(self, feature: int) -> dict[str, Any]:
+        """Scalar columns of one feature as a dict, plus its logit-lens token lists."""
+        rec = cast(dict[str, Any], self.features.iloc[int(feature)].to_dict())  # the columns are str
+        for col in ("top_promoted", "top_suppressed"):
+            val = self.lists.column(col)[int(feature)].as_py() if col in self.lists.column_names else None
+            rec[col] = list(val or [])
+        return rec
+
+    def group_rates(self, feature: int) -> dict[str, float]:
+        """Firing rate per corpus group (freq_<group> columns)."""
+        r = self.features.iloc[int(feature)]
+        return {g: float(r[f"freq_{g}"]) for g in self.groups}
+
+    def category_rates_of(self, feature: int) -> pd.DataFrame:
+        """Long-format (group, category, frequency) rows of one feature; empty without the file."""
+        if self.category_rates is None or self._cr_offsets is None:
+            return pd.DataFrame(columns=["group", "category", "frequency"])
+        lo, hi = self._cr_offsets[int(feature)], self._cr_offsets[int(feature) + 1]
+        return self.category_rates.slice(lo, hi - lo).select(["group", "category", "frequency"]).to_pandas()
+
+    def histogram(self, feature: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(bin edges, counts) of the firing activations, or None when absent."""
+        if self.histograms is None:
+            return None
+        counts, bins = self.histograms
+        mx = float(self.features["max_activation"].to_numpy()[int(feature)])
+        return np.linspace(0.0, mx if mx > 0 else 1.0, bins + 1), counts[int(feature)]
+
+    def neighbours_of(self, feature: int, threshold: float | None = None) -> pd.DataFrame:
+        """The feature's neighbour list joined with the neighbours' scores, descending cosine."""
+        f = int(feature)
+        nb = self.neighbors
+        idx = nb.indices[f].astype(np.int64)
+        cos = nb.cosine[f].astype(np.float64)
+        ok = (idx >= 0) & (idx < self.n) & (idx != f) & np.isfinite(cos)
+        z = nb.z[f].astype(np.float64)
+        df = pd.DataFrame({"rank": np.arange(len(idx)), "feature": idx, "cosine": cos, "z": z})[ok]
+        if threshold is not None:
+            df = df[df["cosine"] >= threshold]
+        cols = ["label", "harm_score", "task_score", "harm_category", "is_harmful", "frequency"]
+        info = self.features.iloc[df["feature"].to_numpy()][cols].reset_index(drop=True)
+        df = pd.concat([df.reset_index(drop=True), info], axis=1)
+        df["ratio"] = df["cosine"] / self.null_cosine if self.null_cosine > 0 else np.nan
+        return df
+
+    def examples_of(self, feature: int) -> list[dict[str, Any]]:
+        return self.examples.for_feature(int(feature))
+
+    def pair(self, task: int, harmful: int) -> dict[str, Any]:
+        """The overlaps row for (task, harmful), or what the neighbour lists say when unflagged."""
+        o = self.overlaps
+        hit = o[(o["task_feature"] == task) & (o["harmful_feature"] == harmful)]
+        if len(hit):
+            return cast(dict[str, Any], hit.iloc[0].to_dict())
+        nb = self.neighbours_of(task)
+        m = nb[nb["feature"] == harmful]
+        cos = float(m["cosine"].to_numpy()[0]) if len(m) else float("nan")
+        z = float(m["z"].to_numpy()[0]) if len(m) else float("nan")
+        return {
+            "task_feature": task,
+            "harmful_feature": harmful,
+            "cosine": cos,
+            "z": z,
+            "risk": float("nan"),
+            "coactivation": float("nan"),
+            "null_cosine": self.null_cosine,
+        }
+
+    def default_pair(self) -> tuple[int, int] | None:
+        """The top-risk flagged pair, else the best task feature's nearest harmful neighbour."""
+        if len(self.overlaps):
+            top = self.overlaps.sort_values("risk", ascending=False).iloc[0]
+            return int(top["task_feature"]), int(top["harmful_feature"])
+        f = self.features
+        order = f.sort_values("task_score", ascending=False)["feature"].to_numpy()[:50]
+        for t in order:
+            nb = self.neighbours_of(int(t))
+            h = nb[nb["is_harmful"]]
+            if len(h):
+                return int(t), int(h["feature"].to_numpy()[0])
+        return None
+
+    def default_feature(self) -> int:
+        pair = self.default_pair()
+        if pair:
+            return pair[0]
+        return int(self.features["task_score"].to_numpy().argmax()) if self.n else 0
+
+    def search(self, query: str, limit: int = 50, examples: bool = True) -> pd.DataFrame:
+        """Features whose id, label, explanation, logit-lens tokens or top-example text match.
+
+        Case-insensitive substring match; label/token hits rank before example-text hits, then by
+        task score. Returns the features rows (at most `limit`) with a 'match' column.
+        """
+        q = query.strip()
+        if not q:
+            return self.features.iloc[:0].assign(match=pd.Series(dtype="string"))
+        digits = q.lstrip("#")
+        hits: list[tuple[np.ndarray, str]] = []
+        if digits.isdigit() and self.valid(digits):
+            hits.append((np.array([int(digits)]), "id"))
+        ql = q.lower()
+        text = self._feature_search_text()
+        m = pc.match_substring(text, ql, ignore_case=True).to_numpy(zero_copy_only=False)
+        hits.append((np.flatnonzero(m), "label / tokens"))
+        if examples and not digits.isdigit() and len(hits[-1][0]) < limit:
+            ef, et = self.examples.search_index()
+            if len(ef):
+                em = pc.match_substring(et, ql).to_numpy(zero_copy_only=False)
+                hits.append((np.unique(ef[em]), "top examples"))
+        seen: set[int] = set()
+        out_ids: list[int] = []
+        out_match: list[str] = []
+        for ids, why in hits:
+            if why != "id":
+                ids = ids[np.argsort(-self.features["task_score"].to_numpy()[ids], kind="stable")]
+            for i in ids.tolist():
+                if i not in seen:
+                    seen.add(i)
+                    out_ids.append(i)
+                    out_match.append(why)
+                if len(out_ids) >= limit:
+                    break
+            if len(out_ids) >= limit:
+                break
+        res = self.features.iloc[out_ids].copy()
+        res["match"] = out_match
+        return res
+
+    def _feature_search_text(self) -> pa.Array:
+        if self._search_text is None:
+            f = self.features
+            label = pa.array(f["label"].fillna("").astype(str).to_numpy(dtype=object), pa.string())
+            expl = pa.array(f["explanation"].fillna("").astype(str).to_numpy(dtype=object), pa.string())
+            parts = [label, expl]
+            if "top_promoted" in self.lists.column_names:
+                toks = self.lists.column("top_promoted").combine_chunks()
+                parts.append(pc.fill_null(pc.binary_join(toks, " "), ""))
+            self._search_text = pc.binary_join_element_wise(*parts, " | ")
+        return self._search_text

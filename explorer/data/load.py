@@ -1,0 +1,226 @@
+"""Open one cache directory: verify it, check every file against the cache contract, load it once.
+
+Every table and archive is checked against `precompute.schema` before it is used, so a cache from an
+older or foreign writer fails on open with a CacheError that names the missing column and the step to
+rerun, never with a KeyError on some later page. Optional files (histograms, category rates,
+documents, overlaps) may be absent; when present they must be complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from explorer.data.cache_data import CacheData, Neighbors
+from explorer.data.examples import ExampleStore
+from precompute import schema
+from precompute.cache import verify_cache
+from precompute.errors import CacheError
+
+GROUP_ORDER = ("task", "control", "harmful", "benign", "general")
+NEEDED_FILES = (schema.FEATURES, schema.NEIGHBORS, schema.EXAMPLES)  # the explorer opens nothing less
+OPTIONAL_FILES = (schema.HISTOGRAMS, schema.CATEGORY_RATES, schema.DOCUMENTS)
+LOGIT_LENS_COLUMNS = ("top_promoted", "top_suppressed")  # kept in arrow: cheap for 262k features
+
+
+def escape_html(arr: pa.Array) -> pa.Array:
+    """Vectorised html.escape(quote=True) for an arrow string array."""
+    for a, b in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&quot;"), ("'", "&#x27;")):
+        arr = pc.replace_substring(arr, a, b)
+    return arr
+
+
+def read_table(path: Path, name: str) -> pa.Table:
+    """A parquet table of the cache, after checking its columns against the contract."""
+    schema.check_parquet(path, name)
+    return pq.read_table(path)
+
+
+def _load_features(path: Path) -> tuple[pd.DataFrame, pa.Table, list[str]]:
+    """(scalar columns with a 'hover' column, the logit-lens token lists, the corpus groups)."""
+    tbl = read_table(path, schema.FEATURES).sort_by("feature")
+    list_cols = [c for c in LOGIT_LENS_COLUMNS if c in tbl.column_names]
+    lists = tbl.select(list_cols)
+    df = tbl.drop_columns(list_cols).to_pandas()
+    n = len(df)
+    if n == 0:
+        raise CacheError(f"{path} has no features")
+    if not np.array_equal(df["feature"].to_numpy(), np.arange(n)):
+        raise CacheError(f"{path}: the 'feature' column must hold 0..n-1 once each (docs/cache.md)")
+    for col in ("label", "explanation", "harm_category"):
+        df[col] = df[col].astype("string")
+    for col in ("dead", "is_harmful", "is_task"):
+        df[col] = df[col].fillna(False).astype(bool)
+    groups = [g for g in GROUP_ORDER if f"freq_{g}" in df]
+    groups += sorted(c[5:] for c in df if c.startswith("freq_") and c[5:] not in groups)
+    df["hover"] = pd.Series(_hover_text(df, lists), dtype=object)  # object: free to_numpy() per rerun
+    return df, lists, groups
+
+
+def _hover_text(df: pd.DataFrame, lists: pa.Table) -> np.ndarray:
+    """Per-feature hover text for the map, HTML-escaped (plotly renders tags in hover labels)."""
+    ids = pa.array(df["feature"].astype(str).to_numpy(dtype=object), pa.string())
+    label = pa.array(
+        df["label"].fillna("(no label)").astype(str).str.slice(0, 80).to_numpy(dtype=object), pa.string()
+    )
+    scores = pa.array(
+        (
+            "harm "
+            + df["harm_score"].map("{:.2f}".format)
+            + " · task "
+            + df["task_score"].map("{:.2f}".format)
+            + " · fires "
+            + (df["frequency"] * 100).map("{:.3g}%".format)
+        ).to_numpy(dtype=object),
+        pa.string(),
+    )
+    if "top_promoted" in lists.column_names:
+        toks = pc.list_slice(lists.column("top_promoted").combine_chunks(), 0, 5)
+        toks = pc.fill_null(pc.binary_join(toks, " "), "")
+        toks = pc.replace_substring(toks, "\n", "↵")
+        toks = pc.binary_join_element_wise("↑ ", escape_html(toks), "")
+    else:
+        toks = pa.array([""] * len(df), pa.string())
+    parts = [
+        pa.array(["#"] * len(df)),
+        ids,
+        pa.array([" "] * len(df)),
+        escape_html(label),
+        pa.array(["<br>"] * len(df)),
+        scores,
+        pa.array(["<br>"] * len(df)),
+        toks,
+    ]
+    return np.asarray(pc.binary_join_element_wise(*parts, "").to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
+    """Every array of an npz file of the cache, after checking them against the contract."""
+    schema.check_npz(path, name)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{path} is not a readable npz file ({exc}); rerun the step that writes it") from exc
+
+
+def _load_neighbors(path: Path, n: int) -> Neighbors:
+    z = _read_npz(path, schema.NEIGHBORS)
+    nb = Neighbors(
+        indices=z["indices"],
+        cosine=z["cosine"],
+        z=z["z"],
+        null_cosine=float(z["null_cosine"]),
+        fpr=float(z["fpr"]),
+        d=int(z["d"]),
+    )
+    if nb.indices.shape[0] != n or nb.cosine.shape != nb.indices.shape:
+        raise CacheError(
+            f"{path}: indices/cosine must have shape [{n}, k], got {nb.indices.shape} and "
+            f"{nb.cosine.shape}; rerun the geometry step"
+        )
+    return nb
+
+
+def _empty_table(name: str) -> pd.DataFrame:
+    """A table of the contract with its columns and no rows."""
+    dtypes = {schema.INT64: "int64", schema.FLOAT64: "float64", schema.BOOL: "bool"}
+    return pd.DataFrame(
+        {c.name: pd.Series(dtype=dtypes.get(c.dtype, "object")) for c in schema.TABLES[name].required}
+    )
+
+
+def _load_overlaps(path: Path, features: pd.DataFrame) -> pd.DataFrame:
+    """The flagged pairs with both features' labels; none when the overlaps step has not run."""
+    df = read_table(path, schema.OVERLAPS).to_pandas() if path.is_file() else _empty_table(schema.OVERLAPS)
+    n = len(features)
+    df = df.astype({"task_feature": "int64", "harmful_feature": "int64"})
+    bad = ~df["task_feature"].between(0, n - 1) | ~df["harmful_feature"].between(0, n - 1)
+    if bad.any():
+        raise CacheError(f"{path} names features outside 0..{n - 1}; rebuild the overlaps step")
+    df["harm_category"] = df["harm_category"].astype("string")
+    labels = features["label"].to_numpy()
+    df["task_label"] = pd.array(labels[df["task_feature"].to_numpy()], dtype="string")
+    df["harmful_label"] = pd.array(labels[df["harmful_feature"].to_numpy()], dtype="string")
+    return df.reset_index(drop=True)
+
+
+def _load_optional(path: Path, n: int) -> dict[str, Any]:
+    """histograms.npz, category_rates.parquet and documents.parquet where present (CacheData fields)."""
+    out: dict[str, Any] = {}
+    if (path / schema.HISTOGRAMS).is_file():
+        z = _read_npz(path / schema.HISTOGRAMS, schema.HISTOGRAMS)
+        if z["counts"].shape[0] == n:  # a histogram of another SAE width is left out, not misread
+            out["histograms"] = (z["counts"], int(z["bins"]))
+    if (path / schema.CATEGORY_RATES).is_file():
+        cat_rates = read_table(path / schema.CATEGORY_RATES, schema.CATEGORY_RATES).sort_by("feature")
+        feat = cat_rates.column("feature").to_numpy()
+        out["category_rates"] = cat_rates
+        out["_cr_offsets"] = np.searchsorted(feat, np.arange(n + 1)).astype(np.int64)
+    if (path / schema.DOCUMENTS).is_file():
+        documents = read_table(path / schema.DOCUMENTS, schema.DOCUMENTS).to_pandas()
+        out["documents"] = documents.set_index("doc_id", drop=False)
+    return out
+
+
+def load_cache(cache_dir: str | Path, verify: bool = True) -> CacheData:
+    """Load and check a cache directory; raises CacheError (with what to do) on any problem."""
+    path = Path(cache_dir).expanduser().resolve()
+    manifest = verify_cache(path, schema.CORE_FILES + OPTIONAL_FILES) if verify else verify_cache(path, ())
+    for name in NEEDED_FILES:
+        if not (path / name).is_file():
+            raise CacheError(
+                f"{path} has no {name}: the cache is incomplete (steps done: "
+                f"{', '.join(manifest.get('steps', [])) or 'none'}); run the remaining "
+                "`featuregeom precompute` steps"
+            )
+    try:
+        features, lists, groups = _load_features(path / schema.FEATURES)
+        neighbors = _load_neighbors(path / schema.NEIGHBORS, len(features))
+        overlaps = _load_overlaps(path / schema.OVERLAPS, features)
+        examples = ExampleStore(path / schema.EXAMPLES)
+        optional = _load_optional(path, len(features))
+    except CacheError:
+        raise
+    except (OSError, pa.ArrowException, KeyError, ValueError, TypeError) as exc:
+        raise CacheError(
+            f"{path} could not be read ({type(exc).__name__}: {exc}); the cache may be from an "
+            "incompatible version — rebuild it with `featuregeom precompute --overwrite`"
+        ) from exc
+    return CacheData(
+        path=path,
+        manifest=manifest,
+        features=features,
+        lists=lists,
+        neighbors=neighbors,
+        overlaps=overlaps,
+        examples=examples,
+        groups=groups,
+        **optional,
+    )
+
+
+def find_caches(root: str | Path) -> list[Path]:
+    """Caches directly inside `root` (directories with a manifest.json), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and is_cache(p)]
+
+
+def is_cache(path: str | Path) -> bool:
+    return (Path(path) / schema.MANIFEST).is_file()
+
+
+def reviews_path_for(cache_dir: Path, override: str | os.PathLike[str] | None = None) -> Path:
+    """Where verdicts live: beside the cache (not inside it: a rebuild swaps the whole directory)."""
+    if override:
+        return Path(override).expanduser()
+    return cache_dir.parent / f"{cache_dir.name}.reviews.sqlite"

@@ -1,0 +1,113 @@
+"""Pure figure and HTML builders: data in, plotly figure (or an HTML string) out.
+
+Why pure: the pages only wire these to widgets, so every visual decision is unit-testable without
+Streamlit and the story export reuses exactly the figures the pages show. One module per page
+(`map`, `feature`, `story`, `lab`) over one look (`style`: palette, template, escaping); the names
+below are the package's interface (`from explorer import figures as F`).
+"""
+
+from explorer.figures.feature import (
+    closeness_caption,
+    examples_html,
+    feature_header_html,
+    group_rates_figure,
+    histogram_figure,
+    neighbour_table,
+    token_chips_html,
+    tokens_html,
+)
+from explorer.figures.lab import (
+    CHANGE_BAR_COLORS,
+    COMPARISON_COLORS,
+    MEASURE_NAMES,
+    TRIAGE_PARTS,
+    change_bars_figure,
+    change_scatter,
+    compare_runs_figure,
+    finetune_table,
+    score_legend_html,
+    triage_histogram,
+    triage_table,
+    triage_token_scores,
+    triage_tokens_html,
+)
+from explorer.figures.map import (
+    COLOR_MODES,
+    HARM_SCALE,
+    TASK_SCALE,
+    Selection,
+    decimate,
+    line_width,
+    map_figure,
+)
+from explorer.figures.story import (
+    closeness_figure,
+    finetune_figure,
+)
+from explorer.figures.style import (
+    CATEGORY_COLORS,
+    FONT,
+    GROUP_COLORS,
+    HARM,
+    HARM_LIGHT,
+    INK,
+    NEUTRAL,
+    TASK,
+    TASK_LIGHT,
+    TEMPLATE,
+    badge,
+    base_layout,
+    esc,
+    plotly_config,
+    rgba,
+    show_token,
+)
+
+__all__ = [
+    "CATEGORY_COLORS",
+    "CHANGE_BAR_COLORS",
+    "COLOR_MODES",
+    "COMPARISON_COLORS",
+    "FONT",
+    "GROUP_COLORS",
+    "HARM",
+    "HARM_LIGHT",
+    "HARM_SCALE",
+    "INK",
+    "MEASURE_NAMES",
+    "NEUTRAL",
+    "Selection",
+    "TASK",
+    "TASK_LIGHT",
+    "TASK_SCALE",
+    "TEMPLATE",
+    "TRIAGE_PARTS",
+    "badge",
+    "base_layout",
+    "change_bars_figure",
+    "change_scatter",
+    "closeness_caption",
+    "closeness_figure",
+    "compare_runs_figure",
+    "decimate",
+    "esc",
+    "examples_html",
+    "feature_header_html",
+    "finetune_figure",
+    "finetune_table",
+    "group_rates_figure",
+    "histogram_figure",
+    "line_width",
+    "map_figure",
+    "neighbour_table",
+    "plotly_config",
+    "rgba",
+    "score_legend_html",
+    "show_token",
+    "token_chips_html",
+    "tokens_html",
+    "triage_histogram",
+    "triage_table",
+    "triage_token_scores",
+    "triage_tokens_html",
+]

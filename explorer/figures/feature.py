@@ -1,0 +1,260 @@
+"""What one feature is: firing rates, activation histogram, examples with per-token highlighting,
+logit-lens chips, header, and its neighbour table (Feature, Map and Overlaps pages, the story)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from explorer.figures.style import (
+    CATEGORY_COLORS,
+    GROUP_COLORS,
+    HARM,
+    INK,
+    NEUTRAL,
+    TASK,
+    badge,
+    base_layout,
+    esc,
+    rgba,
+    show_token,
+)
+
+
+def group_rates_figure(
+    rates: dict[str, float], categories: pd.DataFrame | None = None, height: int = 260
+) -> go.Figure:
+    """Firing rate per corpus group (and per harm category inside 'harmful', when known)."""
+    names: list[str] = []
+    vals: list[float] = []
+    colors: list[str] = []
+    for g, v in rates.items():
+        names.append(esc(g))
+        vals.append(float(v) * 100)
+        colors.append(GROUP_COLORS.get(g, NEUTRAL))
+    if categories is not None and len(categories):
+        harm = categories[(categories["group"] == "harmful") & categories["category"].notna()]
+        for i, (cat, v) in enumerate(zip(harm["category"], harm["frequency"], strict=False)):
+            names.append(f"harmful · {esc(cat)}")
+            vals.append(float(v) * 100)
+            colors.append(CATEGORY_COLORS[i % len(CATEGORY_COLORS)])
+    fig = go.Figure(
+        go.Bar(
+            x=vals,
+            y=names,
+            orientation="h",
+            marker_color=colors,
+            hovertemplate="%{y}: %{x:.3g}% of tokens<extra></extra>",
+        )
+    )
+    base_layout(fig, height, title="Firing rate by text group (% of tokens)")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text="% of tokens where it fires", ticksuffix="%")
+    return fig
+
+
+def histogram_figure(
+    edges: np.ndarray, counts: np.ndarray, color: str = TASK, height: int = 230
+) -> go.Figure:
+    """Distribution of the feature's activation where it fires (log count axis)."""
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure(
+        go.Bar(
+            x=centres,
+            y=counts,
+            marker_color=color,
+            width=(edges[1] - edges[0]) * 0.95,
+            hovertemplate="activation %{x:.2f}: %{y:,} tokens<extra></extra>",
+        )
+    )
+    base_layout(fig, height, title="Activation histogram (tokens where it fires)")
+    fig.update_yaxes(type="log", dtick=1, title_text="tokens")
+    fig.update_xaxes(title_text="activation")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML builders (everything escaped, inline styles only)
+
+
+def tokens_html(
+    tokens: Sequence[Any],
+    activations: Sequence[float] | np.ndarray,
+    scale: float,
+    color: str = TASK,
+    center: int | None = None,
+    window: int | None = None,
+    muted: Sequence[bool] | np.ndarray | None = None,
+    titles: Sequence[str] | None = None,
+) -> str:
+    """One context as inline spans: background opacity = activation / scale; hover shows the value.
+
+    `muted[i]` greys token i (text and highlight), e.g. prompt tokens a fine-tune does not train on;
+    `titles[i]` replaces its hover text (escaped)."""
+    n = len(tokens)
+    lo, hi = 0, n
+    if window is not None and center is not None and n > 2 * window + 1:
+        lo, hi = max(0, center - window), min(n, center + window + 1)
+    scale = scale if scale and scale > 0 else 1.0
+    out = [
+        '<span style="font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;'
+        'line-height:1.9;white-space:pre-wrap;word-break:break-word">'
+    ]
+    if lo > 0:
+        out.append('<span style="color:#9ca3af">… </span>')
+    for i in range(lo, hi):
+        a = float(activations[i]) if i < len(activations) and activations[i] is not None else 0.0
+        alpha = min(1.0, max(0.0, a / scale))
+        style = "padding:1px 0;border-radius:3px;"
+        grey = muted is not None and i < len(muted) and bool(muted[i])
+        if grey:
+            style += "color:#9ca3af;"
+            if a > 0:
+                style += f"background:{rgba(NEUTRAL, 0.08 + 0.3 * alpha)};"
+        elif a > 0:
+            style += f"background:{rgba(color, 0.12 + 0.78 * alpha)};"
+            if alpha > 0.6:
+                style += "color:white;"
+        if i == center:
+            style += f"outline:2px solid {color};"
+        title = esc(titles[i]) if titles is not None and i < len(titles) else f"activation {a:.3f}"
+        out.append(f'<span title="{title}" style="{style}">{show_token(tokens[i])}</span>')
+    if hi < n:
+        out.append('<span style="color:#9ca3af"> …</span>')
+    out.append("</span>")
+    return "".join(out)
+
+
+def examples_html(
+    examples: Sequence[dict[str, Any]],
+    scale: float | None = None,
+    color: str = TASK,
+    window: int | None = 24,
+    limit: int | None = None,
+    documents: pd.DataFrame | None = None,
+) -> str:
+    """A list of examples: metadata line (rank, group, category, document) + highlighted tokens."""
+    if not examples:
+        return (
+            '<div style="color:#6b7280;font-style:italic;padding:6px 0">No examples in this cache '
+            "(the feature never fired on the corpus).</div>"
+        )
+    if scale is None:
+        scale = max((float(e.get("max_activation") or 0) for e in examples), default=1.0) or 1.0
+    rows = []
+    for e in examples[:limit] if limit else examples:
+        group = e.get("group") or ""
+        kind = e.get("kind") or "top"
+        if kind == "top":
+            head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1}</b>'
+        else:
+            q = e.get("quantile")
+            head = f'<b style="color:#6b7280">quantile {float(q):.2f}</b>' if q is not None else "sample"
+        meta = [head, badge(group, GROUP_COLORS.get(str(group), NEUTRAL), filled=True)]
+        if e.get("category"):
+            meta.append(badge(e["category"], HARM))
+        meta.append(
+            f'<span style="color:#6b7280;font-size:12px">max {float(e.get("max_activation") or 0):.2f}'
+            f" · doc {esc(e.get('doc_id'))}</span>"
+        )
+        src = _doc_source(documents, e.get("doc_id"))
+        if src:
+            meta.append(f'<span style="color:#9ca3af;font-size:12px">{esc(src)}</span>')
+        body = tokens_html(
+            e.get("tokens") or [],
+            e.get("activations") or [],
+            scale,
+            color=color,
+            center=e.get("max_position"),
+            window=window,
+        )
+        rows.append(
+            f'<div style="padding:6px 0 8px;border-bottom:1px solid #f1f5f9">'
+            f'<div style="margin-bottom:2px">{" ".join(meta)}</div>{body}</div>'
+        )
+    return "<div>" + "".join(rows) + "</div>"
+
+
+def _doc_source(documents: pd.DataFrame | None, doc_id: Any) -> str | None:
+    """The file a document came from (basename of source_path, else a string source), or None."""
+    if documents is None or doc_id is None or doc_id not in documents.index:
+        return None
+    for col in ("source_path", "source"):
+        if col in documents:
+            v = documents.at[doc_id, col]
+            if isinstance(v, str) and v:
+                return v.replace("\\", "/").rsplit("/", 1)[-1]
+    return None
+
+
+def token_chips_html(tokens: Sequence[Any], color: str, title: str) -> str:
+    """Logit-lens tokens as chips."""
+    chips = "".join(
+        f'<span style="display:inline-block;margin:2px 4px 2px 0;padding:1px 8px;border-radius:6px;'
+        f"background:{rgba(color, 0.1)};border:1px solid {rgba(color, 0.4)};font-family:ui-monospace,Menlo,"
+        f'monospace;font-size:13px;white-space:pre">{show_token(t)}</span>'
+        for t in tokens
+    )
+    if not chips:
+        chips = '<span style="color:#6b7280">—</span>'
+    return f'<div style="margin:2px 0 8px"><div style="font-size:12px;color:#6b7280">{esc(title)}</div>{chips}</div>'
+
+
+def feature_header_html(row: dict[str, Any], role: str | None = None) -> str:
+    """Title block of a feature: id, label, role/flags, explanation."""
+    color = HARM if role == "harmful" or (role is None and row.get("is_harmful")) else TASK
+    flags = []
+    if row.get("is_task"):
+        flags.append(badge("task feature", TASK, filled=True))
+    if row.get("is_harmful"):
+        flags.append(badge("harmful", HARM, filled=True))
+    if row.get("harm_category"):
+        flags.append(badge(row["harm_category"], HARM))
+    if row.get("dead"):
+        flags.append(badge("dead", NEUTRAL, filled=True))
+    label = esc(row.get("label")) or '<span style="color:#9ca3af">(no label)</span>'
+    expl = esc(row.get("explanation"))
+    return (
+        f'<div style="border-left:5px solid {color};padding:2px 0 2px 12px;margin:4px 0 10px">'
+        f'<div style="font-size:13px;color:#6b7280">Feature #{int(row["feature"])}</div>'
+        f'<div style="font-size:22px;font-weight:650;color:{INK};line-height:1.3">{label}</div>'
+        f'<div style="margin-top:4px">{"".join(flags)}</div>'
+        + (f'<div style="color:#4b5563;font-size:14px;margin-top:4px">{expl}</div>' if expl else "")
+        + "</div>"
+    )
+
+
+def closeness_caption(cosine: float, null_cosine: float) -> str:
+    """'cosine 0.41 — 4.3× the chance level 0.095' (plain text, no cache strings)."""
+    if not np.isfinite(cosine):
+        return "not in the neighbour list"
+    if null_cosine and null_cosine > 0:
+        return f"cosine {cosine:.2f} — {cosine / null_cosine:.1f}× the chance level {null_cosine:.3g}"
+    return f"cosine {cosine:.2f}"
+
+
+def neighbour_table(
+    nbrs: pd.DataFrame, null_cosine: float, link_base: str = "feature", extra_query: str = ""
+) -> pd.DataFrame:
+    """Display table of neighbours (pure): id, link, label, cosine, × chance, z, harm, category.
+
+    `extra_query` (e.g. "&cache=after") is appended to each link so links keep the chosen cache."""
+    df = pd.DataFrame(
+        {
+            "feature": nbrs["feature"].astype(int),
+            "open": [f"{link_base}?feature={int(f)}{extra_query}" for f in nbrs["feature"]],
+            "label": nbrs["label"].astype("string").fillna(""),
+            "cosine": nbrs["cosine"].round(3),
+            "× chance": (nbrs["cosine"] / null_cosine).round(2) if null_cosine > 0 else np.nan,
+            "z": nbrs["z"].round(1),
+            "harm score": nbrs["harm_score"].round(3),
+            "harmful": nbrs["is_harmful"].astype(bool),
+            "category": nbrs["harm_category"].astype("string").fillna(""),
+            "above chance": nbrs["cosine"] >= null_cosine,
+        }
+    )
+    return df.reset_index(drop=True)

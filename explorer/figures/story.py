@@ -1,0 +1,142 @@
+"""The story's explanatory charts: a pair's cosine against chance, and what fine-tuning would do."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+
+from explorer.figures.style import HARM, HARM_LIGHT, INK, NEUTRAL, TASK, TASK_LIGHT, base_layout
+
+
+def closeness_figure(
+    cosine: float, null_cosine: float, typical: float | None = None, height: int = 300
+) -> go.Figure:
+    """How close a pair is compared to chance: pair cosine vs the null threshold (and a typical pair)."""
+    names = ["random directions<br>(chance level)"]
+    vals = [null_cosine]
+    colors = [NEUTRAL]
+    if typical is not None and np.isfinite(typical):
+        names.append("a typical feature's<br>nearest neighbour")
+        vals.append(typical)
+        colors.append("#cbd5e1")
+    names.append("this task feature ↔<br>its harmful neighbour")
+    vals.append(cosine)
+    colors.append(HARM)
+    fig = go.Figure(
+        go.Bar(
+            x=vals,
+            y=names,
+            orientation="h",
+            marker_color=colors,
+            text=[f"{v:.2f}" for v in vals],
+            textposition="outside",
+            hovertemplate="%{y}: cosine %{x:.3f}<extra></extra>",
+        )
+    )
+    fig.add_vline(
+        x=null_cosine,
+        line_dash="dash",
+        line_color=INK,
+        annotation_text=f"chance {null_cosine:.2f}",
+        annotation_position="top",
+    )
+    base_layout(fig, height)
+    fig.update_xaxes(
+        range=[0, max(1.0, max(vals) * 1.15)], title_text="cosine similarity of decoder directions"
+    )
+    fig.update_yaxes(tickfont={"size": 15})
+    fig.update_layout(font={"size": 16}, margin={"l": 10, "r": 10, "t": 44, "b": 10})
+    return fig
+
+
+def finetune_figure(cosine: float, step: float = 0.6, height: int = 420) -> go.Figure:
+    """Why closeness matters: a step along the task direction moves `cos x step` along the harmful one."""
+    cosine = float(np.clip(cosine, -1, 1))
+    th = math.acos(cosine)
+    hx, hy = math.cos(th), math.sin(th)
+    fig = go.Figure()
+    proj = step * cosine
+
+    def arrow(
+        x1: float, y1: float, x0: float, y0: float, color: str, width: int = 4, dash: bool = False
+    ) -> None:
+        fig.add_annotation(
+            x=x1,
+            y=y1,
+            ax=x0,
+            ay=y0,
+            xref="x",
+            yref="y",
+            axref="x",
+            ayref="y",
+            showarrow=True,
+            arrowhead=3,
+            arrowsize=1.2,
+            arrowwidth=width,
+            arrowcolor=color,
+            text="",
+        )
+
+    arrow(1.0, 0.0, 0.0, 0.0, TASK)
+    arrow(hx, hy, 0.0, 0.0, HARM)
+    fig.add_trace(
+        go.Scatter(
+            x=[0, step],
+            y=[-0.08, -0.08],
+            mode="lines",
+            line={"color": TASK_LIGHT, "width": 10},
+            hoverinfo="skip",
+            name="fine-tuning step along the task feature",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[step, proj * hx],
+            y=[-0.08, proj * hy],
+            mode="lines",
+            line={"color": HARM_LIGHT, "width": 2, "dash": "dot"},
+            hoverinfo="skip",
+            showlegend=False,
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[0, proj * hx],
+            y=[0, proj * hy],
+            mode="lines",
+            line={"color": HARM, "width": 10},
+            opacity=0.35,
+            hoverinfo="skip",
+            name=f"side effect along the harmful feature ({cosine:.0%} of the step)",
+        )
+    )
+    fig.add_annotation(
+        x=1.02,
+        y=0.0,
+        text="<b>task feature</b>",
+        showarrow=False,
+        xanchor="left",
+        font={"color": TASK, "size": 16},
+    )
+    fig.add_annotation(
+        x=hx * 1.04,
+        y=hy * 1.04,
+        text="<b>harmful feature</b>",
+        showarrow=False,
+        xanchor="left",
+        font={"color": HARM, "size": 16},
+    )
+    fig.add_annotation(
+        x=0.18 * math.cos(th / 2),
+        y=0.18 * math.sin(th / 2),
+        showarrow=False,
+        text=f"{math.degrees(th):.0f}°",
+        font={"size": 14},
+    )
+    base_layout(fig, height, legend={"orientation": "h", "y": -0.05, "x": 0, "font": {"size": 14}})
+    fig.update_xaxes(visible=False, range=[-0.15, 1.45])
+    top = max(0.45, hy * 1.1 + 0.12)  # fit the angle: no empty band above a small one
+    fig.update_yaxes(visible=False, range=[-0.22, top], scaleanchor="x", scaleratio=1)
+    return fig

@@ -33,8 +33,12 @@ serve: install
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-test: install browser
+lint: install
 	$(PY) -m ruff check precompute explorer tests bench
+	$(PY) -m ruff format --check precompute explorer tests bench
+	$(PY) -m mypy
+
+test: install browser lint
 	$(PY) -m pytest -q -ra
 
 test-fast: install

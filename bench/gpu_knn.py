@@ -1,6 +1,6 @@
 """GPU timing of the exact kNN torch backend (one CUDA device), printed as one JSON line.
 
-Why: DESIGN.md's anchors (d 2304: 65k 0.09 s, 262k 1.4 s) were measured with plain torch
+Why: docs/design.md's anchors (d 2304: 65k 0.09 s, 262k 1.4 s) were measured with plain torch
 blocks; this checks that `precompute.pipeline.geometry.knn_cosine` (exact fp32, no TF32, tie-breaking and
 self-exclusion by index) stays in that range on a GPU, and spot-checks rows against float64.
 

@@ -1,5 +1,5 @@
 """Steering check: add α·d̂_task at the hook and compare each feature's change in activation with the
-first-order prediction (SCIENCE.md §2(b)-(c)).
+first-order prediction (docs/science.md §2(b)-(c)).
 
 What is measured. For a task feature t with unit decoder direction d̂_t, every counted token's
 residual h at the hook becomes h + α·d̂_t (through a real forward hook, `steer_hook`). The SAE reads

@@ -34,7 +34,7 @@ CUDA_BLOCK_BUDGET_BYTES = 2 * 2**30
 # 2.6; 32k 10.2-10.6 vs 8.2-8.3; 65k 47.6 vs 32.5 (mostly torch's separate topk pass over each score row).
 # Peak memory over the input: +331 vs +121 MiB at 16k, +452 vs +349 MiB at 65k (torch's is the
 # 256 MiB score block; the old unblocked torch code took 789 MiB / 2.4 GiB). On CUDA the torch
-# backend is used: faiss-cpu has no GPU path (DESIGN.md: plain torch blocks, 262k x 2304, 1.4 s).
+# backend is used: faiss-cpu has no GPU path (docs/design.md: plain torch blocks, 262k x 2304, 1.4 s).
 DEFAULT_CPU_BACKEND = "faiss"
 FAISS_QUERY_BLOCK = 4096
 

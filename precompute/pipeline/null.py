@@ -1,5 +1,5 @@
 """The null a cosine is judged against: what random directions reach in the same dimension with the
-same number of candidates (SCIENCE.md section 2a), so thresholds come from `null_cosine`, never a
+same number of candidates (docs/science.md section 2a), so thresholds come from `null_cosine`, never a
 fixed 0.3. Exact Beta-law tails, per-pair z-scores and a simulated check.
 """
 

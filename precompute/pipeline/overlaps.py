@@ -1,7 +1,7 @@
 """The overlaps step: task features whose decoder neighbours (above the cosine null) are harmful features.
 
 This is the explorer's headline table (docs/cache.md `overlaps.parquet`). Geometry and
-co-activation are kept as separate columns on purpose (SCIENCE.md section 2e and 4.4): two
+co-activation are kept as separate columns on purpose (docs/science.md section 2e and 4.4): two
 features can share a direction without ever firing together, or fire together while orthogonal,
 and the table must let a reader tell those apart.
 """

@@ -1,7 +1,7 @@
 """The scores step: how harmful and how task-specific each feature is, what it writes to the logits,
 and what Neuronpedia calls it (columns of features.parquet).
 
-Scores are AUROCs of a feature's *per-document max activation* (SCIENCE.md section 2, and
+Scores are AUROCs of a feature's *per-document max activation* (docs/science.md section 2, and
 docs/cache.md `features.parquet`; the AUROC itself is `precompute.pipeline.auroc`), which puts 16k
 features on one axis with a natural null of 0.5. Hanley-McNeil bounds collapse to [1, 1] on a
 handful of documents, which is why every flag below also asks the feature to fire on at least

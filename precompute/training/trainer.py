@@ -14,7 +14,7 @@ Recipe ("Scaling and evaluating sparse autoencoders", Gao et al. 2024, and the p
   ``dead_after_tokens`` tokens) must reconstruct the main reconstruction's residual error;
 * Adam (eps 6.25e-10) with linear warm-up, constant rate and a linear decay to zero at the end.
 
-CPU notes (DESIGN.md): the decoder is ``embedding_bag`` over the top-k indices and the encoder's
+CPU notes (docs/design.md): the decoder is ``embedding_bag`` over the top-k indices and the encoder's
 backward pass is sparse (only the k selected latents of a row get gradient), so a 4096-latent
 SAE trains at several thousand activations per second on two cores.
 """

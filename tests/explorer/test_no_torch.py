@@ -77,9 +77,4 @@ def test_precompute_modules_the_explorer_uses_are_torch_free(module_level_only: 
     used = precompute_imports(module_level_only)
     assert "precompute.schema" in used
     heavy = {m: sorted(users) for m, users in sorted(used.items()) if first_torch_importer([m])}
-    if heavy and not module_level_only and set(heavy) == {"precompute.lab.steer"}:
-        pytest.xfail(
-            "explorer/views/overlaps.py imports precompute.lab.steer (torch) inside steering_section; "
-            "the steering figure moves to explorer/steering_figure.py (issue 9, another helper)"
-        )
     assert not heavy, f"these precompute modules load torch: {heavy}"

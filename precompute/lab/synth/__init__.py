@@ -1,4 +1,4 @@
-"""`featuregeom synth`: planted ground truth for the whole geometry pipeline (SCIENCE.md section 4).
+"""`featuregeom synth`: planted ground truth for the whole geometry pipeline (docs/science.md section 4).
 
 A known dictionary is built in which every *task* feature has *planted harmful* neighbours at chosen
 cosines, *co-firing partners* that fire with it but are exactly orthogonal to it, and random *decoys*

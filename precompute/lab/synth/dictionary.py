@@ -1,4 +1,4 @@
-"""The planted dictionary and the activations drawn from it (SCIENCE.md section 4).
+"""The planted dictionary and the activations drawn from it (docs/science.md section 4).
 
 Every *task* feature t has *planted harmful* neighbours at chosen cosines (h_k = rho_k t + sqrt(1 -
 rho_k^2) u_k with u_k orthogonal to t and to the other planted directions), *co-firing partners* that

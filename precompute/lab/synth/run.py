@@ -70,7 +70,7 @@ def _recovery(match: MatchResult, dic: SynthDictionary, dead: np.ndarray) -> dic
 
 
 def _bars(match: MatchResult, geo: dict[str, Any]) -> dict[str, bool]:
-    """What a run must show (SCIENCE.md section 4): recovery, order, false-positive rate, co-activation."""
+    """What a run must show (docs/science.md section 4): recovery, order, false-positive rate, co-activation."""
     return {
         "mcc_ge_0.9": bool(match.mcc >= 0.9),
         "mmcs_ge_0.9": bool(match.mmcs >= 0.9),

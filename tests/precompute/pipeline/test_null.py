@@ -35,7 +35,7 @@ def test_null_cosine_matches_literal_gaussian_vectors() -> None:
 
 
 def test_null_cosine_scale_and_monotonicity() -> None:
-    # SCIENCE.md 2a: the largest cosine of 16k random directions at d=768 is ~sqrt(2 ln n / d)=0.16
+    # docs/science.md 2a: the largest cosine of 16k random directions at d=768 is ~sqrt(2 ln n / d)=0.16
     med = null_cosine(16384, 768, fpr=0.5)
     assert 0.13 < med < math.sqrt(2 * math.log(16384) / 768)
     assert null_cosine(16384, 768, 0.01) > null_cosine(16384, 768, 0.05) > med

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from precompute.errors import CacheError
+from precompute.pipeline.steps import STEPS as _STEP_REGISTRY
 
 SCHEMA_VERSION = 1
 
@@ -52,7 +53,7 @@ TRIAGE_TOKENS = "tokens.parquet"
 TRIAGE_META = "triage.json"
 
 # the steps of `featuregeom precompute`, in order; each can rerun alone on a cache
-STEPS = ("harvest", "geometry", "scores", "overlaps")
+STEPS = tuple(_STEP_REGISTRY)
 
 # logical types
 INT32, INT64, FLOAT32, FLOAT64 = "int32", "int64", "float32", "float64"

@@ -2,7 +2,7 @@
 
 Why pure: the pages only wire these to widgets, so every visual decision is unit-testable without
 Streamlit and the story export reuses exactly the figures the pages show. One module per page
-(`map`, `feature`, `story`, `lab`) over one look (`style`: palette, template, escaping); the names
+(`map`, `feature`, `story`, `lab`, `steering`) over one look (`style`: palette, template, escaping); the names
 below are the package's interface (`from explorer import figures as F`).
 """
 

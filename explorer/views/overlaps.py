@@ -265,7 +265,7 @@ def pair_view(cache: CacheData, t: int, h: int) -> None:
 # --- steering check --------------------------------------------------------------------------------
 def steering_section(cache: CacheData, t: int, h: int) -> None:
     """`steering/task-<t>.parquet` in the cache, if there: observed vs predicted Δa and slope/R² per α."""
-    from explorer.steering_figure import load_steering, steering_figure, summarize
+    from explorer.figures.steering import load_steering, steering_figure, summarize
 
     path = cache.path / "steering" / f"task-{t}.parquet"
     with st.expander("Steering check", expanded=False):

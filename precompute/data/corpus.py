@@ -115,7 +115,7 @@ class Document:
         return (self.text or "")[:n]
 
 
-class _MalformedRecord(ValueError):
+class MalformedRecord(ValueError):
     """A record that is valid JSON/CSV but cannot be a document (e.g. a chat turn without a role)."""
 
 
@@ -139,12 +139,12 @@ def _chat_turns(value: list[Any], name: str) -> list[dict[str, str]]:
     for i, turn in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(turn, dict):
-            raise _MalformedRecord(f"{where} is {kind_of(turn)}, not a {{role, content}} object")
+            raise MalformedRecord(f"{where} is {kind_of(turn)}, not a {{role, content}} object")
         role = turn.get("role")
         if role is None:
-            raise _MalformedRecord(f"{where} has no role")
+            raise MalformedRecord(f"{where} has no role")
         if not isinstance(role, str) or not role.strip():
-            raise _MalformedRecord(f"{where}.role is {shorten(repr(role), 40)}, not a role name")
+            raise MalformedRecord(f"{where}.role is {shorten(repr(role), 40)}, not a role name")
         turns.append({"role": role, "content": _turn_content(turn.get("content"), where)})
     return turns
 
@@ -162,10 +162,10 @@ def _turn_content(content: Any, where: str) -> str:
         # Joined without a separator, as the chat templates that accept parts render them.
         return "".join(part if isinstance(part, str) else part["text"] for part in content)
     found = "a list with a part that is not text" if isinstance(content, list) else kind_of(content)
-    raise _MalformedRecord(f"{where}.content is {found}, not a string or a list of text parts")
+    raise MalformedRecord(f"{where}.content is {found}, not a string or a list of text parts")
 
 
-def _to_documents(record: dict[str, Any], source: CorpusSource) -> list[tuple[str | None, list | None]]:
+def to_documents(record: dict[str, Any], source: CorpusSource) -> list[tuple[str | None, list | None]]:
     docs = _to_documents_all_turns(record, source)
     if source.first_user_turn:
         docs = [(t, [m[0]] if m and m[0]["role"] == "user" else m) for t, m in docs]
@@ -183,7 +183,7 @@ def _to_documents_all_turns(
     if name == "turns" and isinstance(value, list) and value:
         return [(None, [{"role": "user", "content": str(value[0])}])]
     if name == "messages" and not isinstance(value, list | str | None):
-        raise _MalformedRecord(f"messages is {kind_of(value)}, not a list of turns")
+        raise MalformedRecord(f"messages is {kind_of(value)}, not a list of turns")
     # A `messages` list, or any list holding an object, is a chat: every element must be a turn.
     if isinstance(value, list) and (name == "messages" or any(isinstance(v, dict) for v in value)):
         messages = _chat_turns(value, name)
@@ -242,8 +242,8 @@ def _record_documents(
             continue
         category = _record_category(record, source)
         try:
-            items = _to_documents(record, source)
-        except _MalformedRecord as exc:
+            items = to_documents(record, source)
+        except MalformedRecord as exc:
             stats.malformed(f"record {index}: {exc}")
             continue
         if not items:

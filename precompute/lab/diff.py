@@ -29,9 +29,10 @@ from precompute.errors import FeatureGeomError
 from precompute.lab.eval_acts import POSITIONS, PROMPT_SETS, EvalActs, load_eval
 from precompute.lab.harm_geometry import HarmGeometry, load_harm_geometry
 from precompute.options import Command, option, require
+from precompute.schema import FINETUNE_DIFF, FINETUNE_SUMMARY
 
 # the sidecar that marks a diff output: only a folder holding it may be replaced by a rerun
-DIFF_SIDECAR, DIFF_WHAT = "summary.json", "diff output"
+DIFF_SIDECAR, DIFF_WHAT = FINETUNE_SUMMARY, "diff output"
 
 
 # ---------------------------------------------------------------------------------------- risk
@@ -265,7 +266,7 @@ def run_diff(opts: DiffOptions) -> int:
     )
 
     def write(d: Path) -> None:
-        table.to_parquet(d / "diff.parquet", index=False)
+        table.to_parquet(d / FINETUNE_DIFF, index=False)
         (d / DIFF_SIDECAR).write_text(json.dumps(summary, indent=2, default=str))
 
     out = write_dir_atomic(Path(str(opts.out)), write, marker=DIFF_SIDECAR, what=DIFF_WHAT)

@@ -33,15 +33,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from precompute.data.corpus import CorpusSource, Document, _MalformedRecord, _to_documents, read_source
-from precompute.data.records import ReadStats
-from precompute.data.records import read_records as _records
+from precompute.data.corpus import CorpusSource, Document, MalformedRecord, read_source, to_documents
+from precompute.data.records import ReadStats, read_records
 from precompute.errors import CorpusError, FeatureGeomError
 from precompute.lab.harm_geometry import HarmGeometry, check_harm_cache, load_harm_geometry
 from precompute.options import Command, option, require
 from precompute.pipeline.config import DEVICES
+from precompute.schema import TRIAGE_DIR, TRIAGE_META, TRIAGE_RANKED, TRIAGE_TOKENS
 
-TRIAGE_SIDECAR, TRIAGE_WHAT = "triage.json", "triage output"
+TRIAGE_SIDECAR, TRIAGE_WHAT = TRIAGE_META, "triage output"
 TOKEN_ROWS = 200  # samples whose per-token scores are kept for the explorer (top and bottom halves)
 
 # Why a record is not scored, in the order they are reported.
@@ -148,8 +148,8 @@ def _skip_reason(doc: Document, record: dict[str, Any]) -> str | None:
 def _why_no_document(record: dict[str, Any], source: CorpusSource) -> str:
     """The reason read_source made no document of `record` (it counts, but does not say which record)."""
     try:
-        items = _to_documents(record, source)
-    except _MalformedRecord:
+        items = to_documents(record, source)
+    except MalformedRecord:
         return SKIP_MALFORMED
     return SKIP_NON_UTF8 if items else SKIP_NO_TEXT  # read_source drops documents whose text is not UTF-8
 
@@ -219,7 +219,7 @@ def _read_dataset(dataset: str, max_samples: int | None, seed: int) -> _Dataset:
     docs.sort(key=lambda d: d.index)  # file order: the ranking names records by their index
     # Every record as read (the first --max-samples): both filtered files keep those not removed, scored or not.
     line_stats = ReadStats()  # lines that are no record at all: not UTF-8, not a JSON object
-    records = dict(enumerate(islice(_records(Path(dataset), line_stats), max_samples)))
+    records = dict(enumerate(islice(read_records(Path(dataset), line_stats), max_samples)))
     docs = [d for d in docs if d.index in records]
     skipped = Counter(
         {SKIP_NON_UTF8: line_stats.skipped_non_utf8, SKIP_MALFORMED: line_stats.skipped_malformed}
@@ -314,7 +314,7 @@ def triage(
 
     _check_sizes(remove_frac, max_samples, max_length, batch_size)
     start = time.perf_counter()
-    out_dir = Path(out) if out else Path(cache) / "triage" / Path(dataset).name.split(".")[0]
+    out_dir = Path(out) if out else Path(cache) / TRIAGE_DIR / Path(dataset).name.split(".")[0]
     # Output, cache and dataset are checked before the model and SAE load, so bad input fails fast.
     check_replaceable_output(out_dir, TRIAGE_SIDECAR, TRIAGE_WHAT)
     check_harm_cache(cache)
@@ -342,8 +342,8 @@ def triage(
     records = data.records
 
     def write(d: Path) -> None:
-        ranked.drop(columns=["row"]).to_parquet(d / "ranked.parquet", index=False)
-        pd.DataFrame(token_rows).to_parquet(d / "tokens.parquet", index=False)
+        ranked.drop(columns=["row"]).to_parquet(d / TRIAGE_RANKED, index=False)
+        pd.DataFrame(token_rows).to_parquet(d / TRIAGE_TOKENS, index=False)
         _write_jsonl(d / "filtered.jsonl", [records[i] for i in sorted(records) if i not in removed])
         _write_jsonl(
             d / "random_filtered.jsonl", [records[i] for i in sorted(records) if i not in random_removed]
@@ -409,7 +409,7 @@ def run_triage(opts: TriageOptions) -> int:
         opts.device,
         opts.progress,
     )
-    ranked = pd.read_parquet(out / "ranked.parquet")
+    ranked = pd.read_parquet(out / TRIAGE_RANKED)
     skipped = json.loads((out / TRIAGE_SIDECAR).read_text()).get("skipped", {})
     print(
         f"wrote {out}: {len(ranked)} samples ranked; removed {int(ranked['removed'].sum())} into filtered.jsonl"

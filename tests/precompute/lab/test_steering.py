@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from explorer.steering_figure import steering_figure
+from explorer.figures.steering import steering_figure
 from precompute.errors import FeatureGeomError
 from precompute.lab.steering import steer_hook, steering_check
 from precompute.lab.steering_results import (

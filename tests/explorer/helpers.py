@@ -145,12 +145,17 @@ def download(page: Any, button: str, path: Path, attempts: int = 3) -> Path:
     during a `run_every` fragment refresh on a loaded machine) can be lost; the button is clicked again
     after the app is idle, so the test checks the export, not the timing of one click."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect
 
     for attempt in range(attempts):
         wait_for_app(page)
+        target = page.get_by_role("button", name=button)
+        # a deferred download (callable data) keeps its button disabled until the server has produced the
+        # file of the previous click; on a loaded machine that takes a while, and the file still has to come
+        expect(target).to_be_enabled(timeout=120000)
         try:
-            with page.expect_download(timeout=20000) as dl:
-                page.get_by_role("button", name=button).click()
+            with page.expect_download(timeout=60000) as dl:
+                target.click()
             dl.value.save_as(path)
             return path
         except PlaywrightTimeout:

@@ -32,7 +32,7 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
 def set_metrics(report: dict[str, Any]) -> None:
     """Each set's size, mean and median; the difference with its interval and the p-values."""
     a, b = report["inducing"], report["non_inducing"]
-    cols = st.columns(5)
+    cols = st.columns(6)
     cols[0].metric(
         "Task-specific (inducing)",
         f"n = {a['n']:,}",
@@ -44,25 +44,25 @@ def set_metrics(report: dict[str, Any]) -> None:
         help=state.md_escape(report["set_definitions"]["non_inducing"]),
     )
     cols[2].metric("Mean closeness", f"{_num(a['mean'])} vs {_num(b['mean'])}")
-    ci = report["ci"]
     cols[3].metric(
-        "Difference (95% CI)",
-        _num(report["difference"], "+.3f"),
-        delta=f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else None,
-        delta_color="off",
+        "Difference", _num(report["difference"], "+.3f"), help="Mean closeness, inducing − non-inducing."
     )
+    ci = report["ci"]
     cols[4].metric(
+        "95% CI",
+        f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else "n/a",
+        help="Bootstrap: each set resampled alone.",
+    )
+    cols[5].metric(
         "Permutation p",
         F.fmt_p(report["p_permutation"]),
-        delta=f"two-sided {F.fmt_p(report['p_two_sided'])}" if report["p_two_sided"] is not None else None,
-        delta_color="off",
-        help="One-sided: the share of shuffles of set membership within firing-frequency bins whose "
-        "difference is at least the observed one.",
+        help="One-sided (inducing closer): the share of shuffles of set membership within firing-frequency "
+        f"bins whose difference is at least the observed one. Two-sided: {F.fmt_p(report['p_two_sided'])}.",
     )
     st.caption(
         state.md_escape(
-            f"Medians {_num(a['median'])} vs {_num(b['median'])} (difference "
-            f"{_num(report['median_difference'], '+.3f')}). Sets: {report['set_definitions']['inducing']}; "
+            f"Two-sided p {F.fmt_p(report['p_two_sided'])}. Medians {_num(a['median'])} vs "
+            f"{_num(b['median'])} (difference {_num(report['median_difference'], '+.3f')}). Sets: {report['set_definitions']['inducing']}; "
             f"{report['set_definitions']['non_inducing']}; {report['n_harmful']:,} harmful features; "
             f"{report['n_excluded_both']:,} features in both sets left out."
         )

@@ -160,7 +160,8 @@ def test_the_page_states_the_verdict(
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Task-specific (inducing)"] == f"n = {r['n_inducing']:,}"
     assert metrics["Control-specific (non-inducing)"] == f"n = {r['n_non_inducing']:,}"
-    assert metrics["Difference (95% CI)"] == f"{r['difference']:+.3f}"
+    assert metrics["Difference"] == f"{r['difference']:+.3f}"
+    assert metrics["95% CI"] == f"{r['ci'][0]:+.3f} to {r['ci'][1]:+.3f}"
     assert metrics["Permutation p"] == F.fmt_p(r["p_permutation"])
     assert F.flagged_pairs_sentence(r) in [plain(m.value) for m in at.markdown]
     assert len(at.get("plotly_chart")) == 3

@@ -15,6 +15,7 @@ is vectorised (numpy + pyarrow) so 262,144 features take well under a minute.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -347,6 +348,24 @@ def _overlaps(
     return overlaps
 
 
+def _closeness(wd: World, feats: pd.DataFrame, null_cosine: float, seed: int) -> dict[str, Any]:
+    """closeness.json, computed by the closeness step's own code on the synthetic decoder. Until the
+    features table has `is_control`, control-specific features are stood in for by a low
+    task-vs-control score (recorded in the file's `set_definitions`)."""
+    from precompute.pipeline.closeness import ClosenessParams, closeness_report
+
+    sets = feats[["feature", "frequency", "is_harmful", "is_task"]].copy()
+    if "is_control" in feats.columns:
+        sets["is_control"] = feats["is_control"]
+    else:
+        sets["is_control"] = (feats["task_control_score"] <= 0.4) & ~feats["is_task"] & ~feats["dead"]
+    params = ClosenessParams(n_permutations=1000, n_bootstrap=2000, seed=seed)
+    report = closeness_report(wd.w, sets, null_cosine, params)
+    if "is_control" not in feats.columns:
+        report["set_definitions"]["non_inducing"] = "stand-in: task_control_score <= 0.4, not is_task"
+    return report
+
+
 def _base_manifest(n: int, d: int, seed: int, inject_html: bool, doc_group: np.ndarray) -> dict[str, Any]:
     hook = "blocks.0.hook_resid_post"
     return {
@@ -437,6 +456,7 @@ def write_synthetic_cache(
     doc_group = sources[3]
     docs = _documents(rng, doc_group, inject_html)
     overlaps = _overlaps(rng, wd, feats, nb_idx, nb_cos, nb_z, null_cosine)
+    closeness = _closeness(wd, feats, null_cosine, seed)
 
     base = _base_manifest(n, d, seed, inject_html, doc_group)
     with stage(path, fresh=True, base_manifest=base) as staged:
@@ -455,6 +475,7 @@ def write_synthetic_cache(
             d=np.int64(d),
         )
         _parquet(overlaps, staged.path(schema.OVERLAPS))
+        staged.path(schema.CLOSENESS).write_text(json.dumps(closeness, indent=2, allow_nan=False))
         secs = time.perf_counter() - t0
         planted = [[int(a), int(b)] for a, b in zip(wd.planted_task, wd.planted_harm, strict=False)]
         steps = {
@@ -468,6 +489,12 @@ def write_synthetic_cache(
             "geometry": {"k": k, "fpr": fpr, "metric": "cosine"},
             "scores": {"harm_threshold": 0.68, "task_threshold": 0.8},
             "overlaps": {"min_z": None, "planted": planted},
+            "closeness": {
+                "n_permutations": 1000,
+                "n_bootstrap": 2000,
+                "seed": seed,
+                "null_cosine": null_cosine,
+            },
         }
         for step, params in steps.items():
             staged.record_step(step, params, secs / len(steps))

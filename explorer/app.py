@@ -7,8 +7,8 @@ It listens on 127.0.0.1 only, from any directory (explorer/.streamlit/config.tom
 file); serving other machines takes `python -m explorer.serve --address HOST` (see serve.py).
 
 DIR is one cache, or a folder of caches (then a picker and `?cache=NAME`). Pages: Map (default),
-Feature, Overlaps review, Story, Fine-tune diff, Dataset triage; each keeps its view in the URL (?feature=,
-?task=&harmful=, ?step=, ?run=&set=&pos=&measure=, ?triage=&sample=).
+Feature, Overlaps review, Closeness, Story, Fine-tune diff, Dataset triage; each keeps its view in the
+URL (?feature=, ?task=&harmful=, ?step=, ?run=&set=&pos=&measure=, ?triage=&sample=).
 """
 
 from __future__ import annotations

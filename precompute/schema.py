@@ -27,6 +27,7 @@ FEATURES = "features.parquet"
 NEIGHBORS = "neighbors.npz"
 EXAMPLES = "examples.parquet"
 OVERLAPS = "overlaps.parquet"
+CLOSENESS = "closeness.json"
 DOCUMENTS = "documents.parquet"
 CATEGORY_RATES = "category_rates.parquet"
 HISTOGRAMS = "histograms.npz"
@@ -287,6 +288,45 @@ ARCHIVES: dict[str, Archive] = {
 }
 
 
+@dataclass(frozen=True)
+class Key:
+    """A top-level key of a JSON result file; `kind`: object, array, number, integer, string or boolean."""
+
+    name: str
+    kind: str
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class JsonFile:
+    """A JSON result file of the cache, written whole by one step."""
+
+    file: str
+    step: str
+    keys: tuple[Key, ...]
+
+
+def _keys(kind: str, names: str, nullable: bool = False) -> tuple[Key, ...]:
+    return tuple(Key(name, kind, nullable) for name in names.split())
+
+
+JSON_FILES: dict[str, JsonFile] = {
+    CLOSENESS: JsonFile(
+        CLOSENESS,
+        "closeness",
+        _keys("string", "verdict reason statistic")
+        + _keys("object", "set_definitions inducing non_inducing flagged_pairs")
+        + _keys("integer", "n_inducing n_non_inducing n_harmful n_excluded_both")
+        + _keys("number", "difference median_difference p_permutation p_non_inducing_closer", True)
+        + _keys("number", "p_two_sided null_difference_mean", True)
+        + _keys("array", "ci median_ci", True)
+        + _keys("object", "permutation_null histogram", True)
+        + _keys("number", "null_cosine_used alpha")
+        + _keys("integer", "n_permutations n_bootstrap frequency_bins seed min_set_size"),
+    ),
+}
+
+
 # ------------------------------------------------------------------------------ checking a file
 def _step_names(steps: Iterable[str]) -> str:
     """'the geometry step', 'the harvest and scores steps', in pipeline order."""
@@ -357,6 +397,37 @@ def check_archive(
     ]
     if wrong:
         raise CacheError(f"{where or file}: {'; '.join(wrong)} (docs/cache.md): {_rebuild_hint([spec.step])}")
+
+
+_JSON_KINDS: dict[str, type | tuple[type, ...]] = {
+    "object": dict,
+    "array": list,
+    "number": (int, float),
+    "integer": int,
+    "string": str,
+    "boolean": bool,
+}
+
+
+def check_json(file: str, data: Any, where: str | Path | None = None) -> None:
+    """Raise CacheError when the JSON result `file` (a name in JSON_FILES), parsed as `data`, lacks a
+    key or holds one of the wrong kind (a bool is not a number; null only where the key is nullable)."""
+    spec, data = JSON_FILES[file], data if isinstance(data, dict) else {}
+    rerun = _rebuild_hint([spec.step])
+    missing = [k.name for k in spec.keys if k.name not in data]
+    if missing:
+        raise CacheError(
+            f"{where or file} lacks the key(s) {', '.join(missing)} (written by {_step_names([spec.step])}; "
+            f"docs/cache.md): {rerun}"
+        )
+    wrong = [
+        f"{k.name} is {type(v).__name__}, the cache format says {k.kind}"
+        for k, v in ((k, data[k.name]) for k in spec.keys)
+        if not (v is None and k.nullable)
+        and (not isinstance(v, _JSON_KINDS[k.kind]) or (isinstance(v, bool) and k.kind != "boolean"))
+    ]
+    if wrong:
+        raise CacheError(f"{where or file}: {'; '.join(wrong)} (docs/cache.md): {rerun}")
 
 
 # ------------------------------------------------------------------------------ reading types from disk

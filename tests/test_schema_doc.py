@@ -47,12 +47,19 @@ def documented_columns(file: str) -> dict[str, tuple[str, bool, str, bool]]:
 def test_the_doc_has_a_section_per_table_and_archive() -> None:
     documented = {h.strip("`") for h in sections() if h.startswith("`")}
     contract = set(schema.TABLES) | set(schema.ARCHIVES) | {schema.MANIFEST, schema.params_file("<step>")}
-    assert documented == contract
+    assert documented == contract | set(schema.JSON_FILES)
 
 
 def test_the_files_table_lists_every_file() -> None:
     listed = {n for row in table_rows(sections()["Files"]) for n in names(row[0])}
-    assert listed == {schema.MANIFEST, schema.params_file("<step>"), *schema.TABLES, *schema.ARCHIVES}
+    files = {
+        schema.MANIFEST,
+        schema.params_file("<step>"),
+        *schema.TABLES,
+        *schema.ARCHIVES,
+        *schema.JSON_FILES,
+    }
+    assert listed == files
 
 
 def test_every_table_is_documented_column_by_column() -> None:
@@ -71,6 +78,18 @@ def test_every_archive_is_documented_array_by_array() -> None:
             axes = () if shape == "scalar" else tuple(a.strip() for a in shape.strip("[]").split(","))
             documented[names(name_cell)[0]] = (dtype, axes)
         assert documented == {a.name: (a.dtype, a.shape) for a in archive.arrays}, file
+
+
+def test_every_json_file_is_documented_key_by_key() -> None:
+    for file, spec in schema.JSON_FILES.items():
+        text = file_section(file)
+        assert f"Written by the {spec.step} step" in text, file
+        documented = {}
+        for name_cell, kind_cell, _meaning in table_rows(text):
+            kind, _, nullable = kind_cell.partition(", ")
+            for name in names(name_cell):
+                documented[name] = (kind, nullable == "nullable")
+        assert documented == {k.name: (k.kind, k.nullable) for k in spec.keys}, file
 
 
 def test_schema_version_and_lab_folders_are_documented() -> None:

@@ -3,12 +3,14 @@
 - `load.py` opens a cache: verifies it, checks each file against `precompute.schema`, loads it once.
 - `cache_data.py` is the loaded cache (`CacheData`) and the per-feature questions the pages ask.
 - `examples.py` reads examples.parquet per feature (lazily, by row group, when it is big).
+- `closeness.py` reads closeness.json, the closeness step's set-level test (optional).
 - `lab.py` reads the optional mechanism-lab results inside a cache (fine-tune diffs, triage).
 
 Import what a page needs from here: the names below are the package's interface.
 """
 
 from explorer.data.cache_data import CacheData, Neighbors
+from explorer.data.closeness import read_closeness
 from explorer.data.examples import ExampleStore
 from explorer.data.lab import (
     FINETUNE_FILES,
@@ -47,6 +49,7 @@ __all__ = [
     "load_finetune_run",
     "load_finetune_summary",
     "load_triage_run",
+    "read_closeness",
     "reviews_path_for",
     "spearman_of",
 ]

@@ -2,10 +2,18 @@
 
 Why pure: the pages only wire these to widgets, so every visual decision is unit-testable without
 Streamlit and the story export reuses exactly the figures the pages show. One module per page
-(`map`, `feature`, `story`, `lab`, `steering`) over one look (`style`: palette, template, escaping); the names
+(`map`, `feature`, `story`, `lab`, `steering`, `closeness`) over one look (`style`: palette, template, escaping); the names
 below are the package's interface (`from explorer import figures as F`).
 """
 
+from explorer.figures.closeness import (
+    closeness_sentence,
+    closeness_sets_figure,
+    difference_null_figure,
+    flagged_pairs_figure,
+    flagged_pairs_sentence,
+    fmt_p,
+)
 from explorer.figures.feature import (
     closeness_caption,
     examples_html,
@@ -88,13 +96,19 @@ __all__ = [
     "change_scatter",
     "closeness_caption",
     "closeness_figure",
+    "closeness_sentence",
+    "closeness_sets_figure",
     "compare_runs_figure",
     "decimate",
+    "difference_null_figure",
     "esc",
     "examples_html",
     "feature_header_html",
     "finetune_figure",
     "finetune_table",
+    "flagged_pairs_figure",
+    "flagged_pairs_sentence",
+    "fmt_p",
     "group_rates_figure",
     "histogram_figure",
     "line_width",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-PAGES = ("map", "feature", "overlaps", "story", "finetune", "triage")
+PAGES = ("map", "feature", "overlaps", "closeness", "story", "finetune", "triage")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ _HARVEST = (
 )
 _GEOMETRY = ("neighbors", "null_fpr", "knn_backend", "umap_neighbors", "umap_min_dist")
 _SCORES = ("harm_threshold", "task_threshold", "neuronpedia")
+_CLOSENESS = ("closeness_permutations", "closeness_bootstrap", "closeness_bins", "closeness_alpha")
 
 
 @dataclass
@@ -99,7 +100,7 @@ def run_info(opts: InfoOptions) -> int:
 COMMANDS = (
     Command(
         "precompute",
-        "run the whole job: harvest, geometry, scores, overlaps",
+        "run the whole job: harvest, geometry, scores, overlaps, closeness",
         PrecomputeOptions,
         run_precompute_command,
         description="Load a model and SAE, stream the corpus, and write an explorer cache. "
@@ -112,6 +113,7 @@ COMMANDS = (
             *_HARVEST,
             *_GEOMETRY,
             *_SCORES,
+            *_CLOSENESS,
             "n_task",
             "steps",
             "overwrite",
@@ -152,6 +154,17 @@ COMMANDS = (
         description="For the top task features, list harmful neighbours above the null cosine with z, "
         "co-activation and a risk score (overlaps.parquet).",
         flags=(*_COMMON, "n_task"),
+    ),
+    Command(
+        "closeness",
+        "test whether task-specific features sit closer to harmful features than control-specific ones",
+        RunConfig,
+        _single_step("closeness"),
+        description="Closeness of each feature to the harmful features (largest decoder cosine); inducing "
+        "(is_task) vs non-inducing (is_control) sets compared with a bootstrap interval and a "
+        "frequency-stratified permutation test, and the flagged-pair count against shuffled harm labels "
+        "(closeness.json). Needs the cache's SAE (read from the cache's config unless --sae is given).",
+        flags=(*_COMMON, *_SAE, *_CLOSENESS),
     ),
     Command("info", "summarise a cache and verify its checksums", InfoOptions, run_info),
 )

@@ -98,6 +98,22 @@ class RunConfig:
     neuronpedia: str | None = option(
         None, metavar="PATH", help="Neuronpedia export (dir or JSON) to import labels from"
     )
+    # --- closeness
+    closeness_permutations: int = option(
+        5000,
+        low=1000,
+        high=1_000_000,
+        help="frequency-stratified permutations behind the closeness step's p-values",
+    )
+    closeness_bootstrap: int = option(
+        2000, low=2000, high=1_000_000, help="bootstrap resamples behind the closeness difference's interval"
+    )
+    closeness_bins: int = option(
+        10, low=1, high=100, help="firing-frequency quantile bins the closeness permutations shuffle within"
+    )
+    closeness_alpha: float = option(
+        0.05, low=0, high=0.5, bounds="()", help="significance level of the closeness step's verdict"
+    )
     overwrite: bool = option(False, help="replace an --out directory that holds a different cache")
     progress: bool = option(True, help="hide progress bars")
 

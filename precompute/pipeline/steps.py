@@ -1,4 +1,5 @@
-"""The precompute job's steps, in the order they run: harvest → geometry → scores → overlaps.
+"""The precompute job's steps, in the order they run: harvest → geometry → scores → overlaps →
+closeness.
 
 Each step reads what earlier steps left in the cache, writes its own files plus a
 `params/<step>.json` sidecar, and can run alone on an existing cache (latent-scope style). A step's
@@ -39,5 +40,6 @@ STEPS: dict[str, Step] = {
         Step("geometry", "precompute.pipeline.geometry", needs=(SAE,), starts_cache=True),
         Step("scores", "precompute.pipeline.scores", uses=(MODEL, SAE)),
         Step("overlaps", "precompute.pipeline.overlaps"),
+        Step("closeness", "precompute.pipeline.closeness", needs=(SAE,)),
     )
 }

@@ -17,6 +17,7 @@ PAGES = [
     "views/map.py",
     "views/feature.py",
     "views/overlaps.py",
+    "views/closeness.py",
     "views/story.py",
     "views/finetune.py",
     "views/triage.py",

@@ -440,6 +440,7 @@ def test_failed_run_keeps_only_resumable_work(
         "geometry",
         "scores",
         "overlaps",
+        "closeness",
     ]
 
 

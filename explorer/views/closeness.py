@@ -1,0 +1,139 @@
+"""Closeness: do task-specific features sit closer to harmful features than control-specific ones?
+
+Shows closeness.json (the closeness step, docs/cache.md): both sets' distributions, the difference
+with its interval and permutation p, the set sizes, and one sentence per result, computed from the
+file and never stronger than its verdict. A `not_testable` verdict gets its reason, no sentence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from explorer import figures as F
+from explorer import state
+from explorer.data import read_closeness
+from explorer.views import Page
+from precompute.errors import CacheError
+
+PAGE = Page(title="Closeness", icon=":material/compare_arrows:")
+ABOUT = (
+    "The claim under test (arXiv:2605.00842): features specific to misalignment-inducing data sit "
+    "closer to harmful features than features specific to non-inducing data do. A feature's closeness "
+    "is the largest cosine between its decoder direction and any harmful feature's."
+)
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else f"{x:{fmt}}"
+
+
+def set_metrics(report: dict[str, Any]) -> None:
+    """Each set's size, mean and median; the difference with its interval and the p-values."""
+    a, b = report["inducing"], report["non_inducing"]
+    cols = st.columns(6)
+    cols[0].metric(
+        "Task-specific (inducing)",
+        f"n = {a['n']:,}",
+        help=state.md_escape(report["set_definitions"]["inducing"]),
+    )
+    cols[1].metric(
+        "Control-specific (non-inducing)",
+        f"n = {b['n']:,}",
+        help=state.md_escape(report["set_definitions"]["non_inducing"]),
+    )
+    cols[2].metric("Mean closeness", f"{_num(a['mean'])} vs {_num(b['mean'])}")
+    cols[3].metric(
+        "Difference", _num(report["difference"], "+.3f"), help="Mean closeness, inducing − non-inducing."
+    )
+    ci = report["ci"]
+    cols[4].metric(
+        "95% CI",
+        f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else "n/a",
+        help="Bootstrap: each set resampled alone.",
+    )
+    cols[5].metric(
+        "Permutation p",
+        F.fmt_p(report["p_permutation"]),
+        help="One-sided (inducing closer): the share of shuffles of set membership within firing-frequency "
+        f"bins whose difference is at least the observed one. Two-sided: {F.fmt_p(report['p_two_sided'])}.",
+    )
+    st.caption(
+        state.md_escape(
+            f"Two-sided p {F.fmt_p(report['p_two_sided'])}. Medians {_num(a['median'])} vs "
+            f"{_num(b['median'])} (difference {_num(report['median_difference'], '+.3f')}). Sets: {report['set_definitions']['inducing']}; "
+            f"{report['set_definitions']['non_inducing']}; {report['n_harmful']:,} harmful features; "
+            f"{report['n_excluded_both']:,} features in both sets left out."
+        )
+    )
+
+
+def comparison(report: dict[str, Any]) -> None:
+    st.subheader("Closeness of the two sets")
+    if F.closeness_sentence(report) is None:
+        st.warning(
+            "**Not testable.** " + state.md_escape(report["reason"]) + "  \nNo conclusion is drawn from "
+            "this cache.",
+            icon="⚠️",
+        )
+    else:
+        st.markdown(state.md_escape(F.closeness_sentence(report)))
+    set_metrics(report)
+    shown = [f for f in (F.closeness_sets_figure(report), F.difference_null_figure(report)) if f is not None]
+    if shown:
+        for i, (col, fig) in enumerate(zip(st.columns(len(shown)), shown, strict=True)):
+            col.plotly_chart(fig, config=state.chart_config(f"closeness-{i}"), key=f"closeness_fig:{i}")
+
+
+def flagged_pairs(report: dict[str, Any]) -> None:
+    st.subheader("Flagged pairs against shuffled harm labels")
+    fp = report["flagged_pairs"]
+    sentence = F.flagged_pairs_sentence(report)
+    if sentence is None:
+        st.warning("**Not testable.** " + state.md_escape(fp.get("reason") or "no task or harmful feature"))
+        return
+    st.markdown(state.md_escape(sentence))
+    fig = F.flagged_pairs_figure(report)
+    if fig is not None:
+        st.plotly_chart(fig, config=state.chart_config("closeness-pairs"), key="closeness_fig:pairs")
+
+
+def method(report: dict[str, Any]) -> None:
+    with st.expander("How this was computed"):
+        st.markdown(
+            state.md_escape(
+                f"Statistic: {report['statistic']}. Interval: {report['n_bootstrap']:,} bootstrap resamples of "
+                f"each set. p-values: {report['n_permutations']:,} shuffles within {report['frequency_bins']} "
+                f"firing-frequency bins (seed {report['seed']}); frequency matching alone gives a mean "
+                f"difference of {_num(report['null_difference_mean'], '+.4f')}. Verdict at alpha "
+                f"{report['alpha']}, sets of at least {report['min_set_size']}; chance cosine of the pairs "
+                f"{report['null_cosine_used']:.4f}."
+            )
+        )
+        st.caption(state.md_escape(f"verdict: {report['verdict']} — {report['reason']}"))
+
+
+def render() -> None:
+    cache = state.require_cache()
+    st.title("Closeness to harmful features")
+    st.caption(ABOUT)
+    try:
+        report = read_closeness(cache.path)
+    except CacheError as exc:
+        st.error(f"**Cannot read the closeness test.**  \n{state.md_escape(exc)}", icon="⚠️")
+        st.stop()
+    if report is None:
+        st.info(
+            "This cache has no closeness.json: the closeness step has not run on it. Run "
+            "`featuregeom closeness --out DIR` on the cache (it needs the cache's SAE)."
+        )
+        st.stop()
+    assert report is not None
+    comparison(report)
+    flagged_pairs(report)
+    method(report)
+
+
+if __name__ == "__main__":
+    render()

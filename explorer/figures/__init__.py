@@ -7,6 +7,7 @@ below are the package's interface (`from explorer import figures as F`).
 """
 
 from explorer.figures.feature import (
+    NN_PCT_HELP,
     closeness_caption,
     examples_html,
     feature_header_html,
@@ -76,6 +77,7 @@ __all__ = [
     "INK",
     "MEASURE_NAMES",
     "NEUTRAL",
+    "NN_PCT_HELP",
     "Selection",
     "TASK",
     "TASK_LIGHT",

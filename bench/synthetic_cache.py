@@ -311,6 +311,7 @@ def _overlaps(
 ) -> pd.DataFrame:
     """overlaps.parquet: each task feature's harmful neighbours above the null, by risk."""
     harm, task = wd.harm, wd.task
+    nearest = np.sort(nb_cos[:, 0].astype(np.float64))  # every feature's nearest-neighbour cosine
     is_harmful = feats["is_harmful"].to_numpy()
     harm_cat = feats["harm_category"]
     rows: list[dict[str, Any]] = []
@@ -328,7 +329,9 @@ def _overlaps(
                     "task_feature": int(t),
                     "harmful_feature": h,
                     "cosine": c,
-                    "z": float(nb_z[t, rnk]),
+                    "cosine_percentile": 100.0 * np.searchsorted(nearest, c, side="right") / len(nearest),
+                    "cosine_excess": c - null_cosine,
+                    "z_isotropic": float(nb_z[t, rnk]),
                     "null_cosine": null_cosine,
                     "coactivation": coact,
                     "cond_coactivation": min(1.0, coact * rng.uniform(1.2, 2.0)),
@@ -442,7 +445,10 @@ def write_synthetic_cache(
     wd = make_world(rng, n, d)
     nb_idx, nb_cos = neighbours(wd.w.astype(np.float32), wd.cluster, k)
     fpr = 1e-3
+    # stand-in nulls, not computed: the flagging one (the covariance null, as on a real decoder, whose
+    # anisotropy puts it above the isotropic one) and an isotropic one below it
     null_cosine = float(3.090232 / math.sqrt(d) * 0.9)  # ~ Φ⁻¹(1 - fpr) / sqrt(d)
+    null_isotropic = 0.8 * null_cosine
     nb_z = (nb_cos * math.sqrt(d)).astype(np.float32)
     feats = _feature_table(rng, wd, n_docs * TOKENS_PER_DOC, inject_html)
     ex = _example_text(rng, wd, feats["max_activation"].to_numpy(), n_top, n_quant, ctx_len)
@@ -469,8 +475,13 @@ def write_synthetic_cache(
             staged.path(schema.NEIGHBORS),
             indices=nb_idx,
             cosine=nb_cos,
-            z=nb_z,
+            z_isotropic=nb_z,
             null_cosine=np.float64(null_cosine),
+            null_kind=np.array("covariance"),
+            null_isotropic=np.float64(null_isotropic),
+            null_covariance=np.float64(null_cosine),
+            null_samples=np.int64(10_000),
+            nn_cosine_quantiles=np.quantile(nb_cos[:, 0].astype(np.float64), np.arange(1, 100) / 100),
             fpr=np.float64(fpr),
             d=np.int64(d),
         )
@@ -486,7 +497,13 @@ def write_synthetic_cache(
                 "ctx_len": ctx_len,
                 "bins": bins,
             },
-            "geometry": {"k": k, "fpr": fpr, "metric": "cosine"},
+            "geometry": {
+                "k": k,
+                "fpr": fpr,
+                "metric": "cosine",
+                "null_cosine": null_cosine,
+                "null_kind": "covariance",
+            },
             "scores": {"harm_threshold": 0.68, "task_threshold": 0.8},
             "overlaps": {"min_z": None, "planted": planted},
             "closeness": {

@@ -68,7 +68,9 @@ def merge_reviews(overlaps: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFram
 def history_table(history: pd.DataFrame, overlaps: pd.DataFrame) -> pd.DataFrame:
     """Every saved verdict (oldest first) with the pair's geometry and labels beside it, for export."""
     keep = [
-        c for c in ("risk", "cosine", "z", "harm_category", "task_label", "harmful_label") if c in overlaps
+        c
+        for c in ("risk", "cosine", "cosine_percentile", "harm_category", "task_label", "harmful_label")
+        if c in overlaps
     ]
     pairs = overlaps[["task_feature", "harmful_feature", *keep]].drop_duplicates(
         ["task_feature", "harmful_feature"]

@@ -363,7 +363,7 @@ def cache_summary(cache: CacheData) -> str:
     return (
         f"{cache.name}: {cache.n:,} features of {model} at {m.get('hook') or sae.get('hook_name') or '?'}"
         f" · d={m.get('d_in') or '?'} · {len(cache.overlaps):,} flagged pairs · chance cosine "
-        f"{cache.null_cosine:.3g}"
+        f"{cache.null_cosine:.3g} ({cache.null_label})"
     )
 
 

@@ -48,6 +48,12 @@ def typical_neighbour_cosine(cache: CacheData) -> float:
     return float(np.median(vals)) if len(vals) else float("nan")
 
 
+def _percent_below(cache: CacheData, cos: float) -> str:
+    """'97%': the share of features whose nearest neighbour is at most `cos` (the pair's percentile)."""
+    pct = float(cache.neighbors.percentile(cos))
+    return f"{pct:.1f}%" if math.isfinite(pct) else "—"
+
+
 def two_columns(left: str, right: str, left_title: str, right_title: str) -> str:
     """Side-by-side HTML (titles are escaped by the caller's helpers: they are our own text + escaped labels)."""
     col = "flex:1 1 420px;min-width:320px"
@@ -68,6 +74,7 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
     cos = float(pair.get("cosine", float("nan")))
     null = cache.null_cosine
     ratio = cos / null if null > 0 and math.isfinite(cos) else float("nan")
+    shaped = " shaped like this decoder" if cache.neighbors.null_kind == "covariance" else ""
     m = cache.manifest
     model = esc((m.get("model") or {}).get("spec") or "the model")
     t_ex = [e for e in cache.examples_of(task) if e.get("kind") == "top"]
@@ -123,8 +130,12 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
             "Its harmful neighbour is closer than chance",
             f"Feature #{harmful} — <b>{_label(h_row)}</b> — fires on harmful requests ({cat}; harm score "
             f"{h_row['harm_score']:.2f}). The two directions have cosine <b>{cos:.2f}</b>: "
-            f"<b>{ratio:.1f}×</b> the level random directions reach by chance ({null:.3g}).",
-            figure=F.closeness_figure(cos, null, typical_neighbour_cosine(cache)),
+            f"<b>{ratio:.1f}×</b> the level random directions{shaped} reach by chance "
+            f"({null:.3g}, the {cache.null_label}); the pair is at least as close as the nearest neighbour of "
+            f"{_percent_below(cache, cos)} of all features.",
+            figure=F.closeness_figure(
+                cos, null, typical_neighbour_cosine(cache), null_label=cache.null_label
+            ),
             figure_name=f"closeness-{task}-{harmful}",
         )
     )

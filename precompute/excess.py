@@ -2,7 +2,8 @@
 the fine-tune diff's predicted risk (`risk_sum`) and triage's weight of a task feature (`w_via`).
 
 A cosine at or below the null threshold c_null is what random directions reach by chance, so only
-the part above it counts: excess = max(0, cos - c_null). The functions take numpy arrays or torch
+the part above it counts: excess = max(0, cos - c_null). Every caller passes neighbors.npz's
+`null_cosine`: the larger of the isotropic and the decoder-covariance nulls (docs/cache.md). The functions take numpy arrays or torch
 tensors (both have `.clip(min=...)` and `.sum(axis)`), so every caller keeps its own library, dtype
 and order of arithmetic: the outputs are bit for bit what each computed on its own before.
 """

@@ -200,7 +200,9 @@ TABLES: dict[str, Table] = {
             ("task_feature", INT64),
             ("harmful_feature", INT64),
             ("cosine", FLOAT64),
-            ("z", FLOAT64),
+            ("cosine_percentile", FLOAT64),
+            ("cosine_excess", FLOAT64),
+            ("z_isotropic", FLOAT64),
             ("null_cosine", FLOAT64),
             ("coactivation", FLOAT64),
             ("cond_coactivation", FLOAT64),
@@ -245,8 +247,13 @@ ARCHIVES: dict[str, Archive] = {
         (
             Array("indices", "int32", ("n", "k")),
             Array("cosine", "float32", ("n", "k")),
-            Array("z", "float32", ("n", "k")),
+            Array("z_isotropic", "float32", ("n", "k")),
             Array("null_cosine", "float64", ()),
+            Array("null_kind", STRING, ()),
+            Array("null_isotropic", "float64", ()),
+            Array("null_covariance", "float64", ()),
+            Array("null_samples", "int64", ()),
+            Array("nn_cosine_quantiles", "float64", ("99",)),
             Array("fpr", "float64", ()),
             Array("d", "int64", ()),
         ),
@@ -477,7 +484,9 @@ def npz_arrays(path: str | Path, step: str = "") -> dict[str, tuple[str, tuple[i
                         shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
                     else:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-                out[info.filename[: -len(".npy")]] = (str(dtype), tuple(shape))
+                # a numpy unicode array ('<U10', any width) is the logical "string"
+                name = STRING if np.dtype(dtype).kind == "U" else str(dtype)
+                out[info.filename[: -len(".npy")]] = (name, tuple(shape))
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         rerun = f"rerun the {step} step" if step else "rerun the step that writes it"
         raise CacheError(f"{path} is not a readable npz file ({exc}); {rerun}") from exc

@@ -22,14 +22,27 @@ from explorer.data.examples import ExampleStore
 
 @dataclass(frozen=True)
 class Neighbors:
-    """neighbors.npz: top-k decoder-cosine neighbours of every feature (self excluded)."""
+    """neighbors.npz: top-k decoder-cosine neighbours of every feature (self excluded), and the nulls."""
 
     indices: np.ndarray  # int32 [n, k]
     cosine: np.ndarray  # float32 [n, k]
-    z: np.ndarray  # float32 [n, k]: standard deviations above the null of random directions
-    null_cosine: float  # the chance level: random directions exceed it with probability `fpr`
-    fpr: float
+    z_isotropic: np.ndarray  # float32 [n, k]: standard deviations above the isotropic null only
+    null_cosine: float  # the flagging null: max(null_isotropic, null_covariance)
+    fpr: float  # the probability that random directions exceed either null
     d: int
+    null_kind: str = "isotropic"  # which null `null_cosine` is: "covariance" or "isotropic"
+    null_isotropic: float = float("nan")  # what uniformly random directions reach
+    null_covariance: float = float("nan")  # what random directions with the decoder's moments reach
+    nearest_sorted: np.ndarray = field(default_factory=lambda: np.zeros(0))  # sorted finite cosine[:, 0]
+
+    def percentile(self, cos: Any) -> np.ndarray:
+        """Percentile (0-100) of each cosine among every feature's nearest-neighbour cosine (as
+        overlaps.parquet `cosine_percentile`); NaN where the cosine is NaN or there is no list."""
+        c = np.asarray(cos, dtype=np.float64)
+        v = self.nearest_sorted
+        if v.size == 0:
+            return np.full(c.shape, np.nan)
+        return np.where(np.isnan(c), np.nan, 100.0 * np.searchsorted(v, c, side="right") / v.size)
 
 
 @dataclass
@@ -61,6 +74,11 @@ class CacheData:
     @property
     def null_cosine(self) -> float:
         return self.neighbors.null_cosine
+
+    @property
+    def null_label(self) -> str:
+        """'covariance null' or 'isotropic null': the null `null_cosine` is (captions name it)."""
+        return f"{self.neighbors.null_kind} null"
 
     def valid(self, feature: Any) -> bool:
         try:
@@ -104,8 +122,16 @@ class CacheData:
         idx = nb.indices[f].astype(np.int64)
         cos = nb.cosine[f].astype(np.float64)
         ok = (idx >= 0) & (idx < self.n) & (idx != f) & np.isfinite(cos)
-        z = nb.z[f].astype(np.float64)
-        df = pd.DataFrame({"rank": np.arange(len(idx)), "feature": idx, "cosine": cos, "z": z})[ok]
+        z = nb.z_isotropic[f].astype(np.float64)
+        df = pd.DataFrame(
+            {
+                "rank": np.arange(len(idx)),
+                "feature": idx,
+                "cosine": cos,
+                "percentile": nb.percentile(cos),
+                "z_isotropic": z,
+            }
+        )[ok]
         if threshold is not None:
             df = df[df["cosine"] >= threshold]
         cols = ["label", "harm_score", "task_score", "harm_category", "is_harmful", "frequency"]
@@ -126,12 +152,14 @@ class CacheData:
         nb = self.neighbours_of(task)
         m = nb[nb["feature"] == harmful]
         cos = float(m["cosine"].to_numpy()[0]) if len(m) else float("nan")
-        z = float(m["z"].to_numpy()[0]) if len(m) else float("nan")
+        z = float(m["z_isotropic"].to_numpy()[0]) if len(m) else float("nan")
         return {
             "task_feature": task,
             "harmful_feature": harmful,
             "cosine": cos,
-            "z": z,
+            "cosine_percentile": float(self.neighbors.percentile(cos)),
+            "cosine_excess": cos - self.null_cosine,
+            "z_isotropic": z,
             "risk": float("nan"),
             "coactivation": float("nan"),
             "null_cosine": self.null_cosine,

@@ -113,20 +113,25 @@ def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
 
 def _load_neighbors(path: Path, n: int) -> Neighbors:
     z = _read_npz(path, schema.NEIGHBORS)
-    nb = Neighbors(
-        indices=z["indices"],
-        cosine=z["cosine"],
-        z=z["z"],
+    indices, cosine = z["indices"], z["cosine"]
+    if indices.shape[0] != n or cosine.shape != indices.shape or z["z_isotropic"].shape != indices.shape:
+        raise CacheError(
+            f"{path}: indices/cosine/z_isotropic must have shape [{n}, k], got {indices.shape}, "
+            f"{cosine.shape} and {z['z_isotropic'].shape}; rerun the geometry step"
+        )
+    nearest = cosine[:, 0].astype(np.float64) if cosine.shape[1] else np.zeros(0)
+    return Neighbors(
+        indices=indices,
+        cosine=cosine,
+        z_isotropic=z["z_isotropic"],
         null_cosine=float(z["null_cosine"]),
         fpr=float(z["fpr"]),
         d=int(z["d"]),
+        null_kind=str(z["null_kind"]),
+        null_isotropic=float(z["null_isotropic"]),
+        null_covariance=float(z["null_covariance"]),
+        nearest_sorted=np.sort(nearest[np.isfinite(nearest)]),
     )
-    if nb.indices.shape[0] != n or nb.cosine.shape != nb.indices.shape:
-        raise CacheError(
-            f"{path}: indices/cosine must have shape [{n}, k], got {nb.indices.shape} and "
-            f"{nb.cosine.shape}; rerun the geometry step"
-        )
-    return nb
 
 
 def _empty_table(name: str) -> pd.DataFrame:

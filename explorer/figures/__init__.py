@@ -15,6 +15,7 @@ from explorer.figures.closeness import (
     fmt_p,
 )
 from explorer.figures.feature import (
+    NN_PCT_HELP,
     closeness_caption,
     examples_html,
     feature_header_html,
@@ -84,6 +85,7 @@ __all__ = [
     "INK",
     "MEASURE_NAMES",
     "NEUTRAL",
+    "NN_PCT_HELP",
     "Selection",
     "TASK",
     "TASK_LIGHT",

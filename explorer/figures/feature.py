@@ -228,19 +228,37 @@ def feature_header_html(row: dict[str, Any], role: str | None = None) -> str:
     )
 
 
-def closeness_caption(cosine: float, null_cosine: float) -> str:
-    """'cosine 0.41 — 4.3× the chance level 0.095' (plain text, no cache strings)."""
+NN_PCT_HELP = (
+    "the cosine's percentile among every feature's nearest-neighbour cosine: 50 = as close as a typical "
+    "feature's nearest neighbour, 99 = closer than the nearest neighbour of 99% of features"
+)
+
+
+def closeness_caption(
+    cosine: float, null_cosine: float, null_label: str | None = None, percentile: float | None = None
+) -> str:
+    """'cosine 0.41 — 4.3× the chance level 0.095 (covariance null); nearest-neighbour percentile 97.4'
+    (plain text, no cache strings): `null_label` names the null, `percentile` is the cosine's rank
+    among every feature's nearest-neighbour cosine."""
     if not np.isfinite(cosine):
         return "not in the neighbour list"
+    text = f"cosine {cosine:.2f}"
     if null_cosine and null_cosine > 0:
-        return f"cosine {cosine:.2f} — {cosine / null_cosine:.1f}× the chance level {null_cosine:.3g}"
-    return f"cosine {cosine:.2f}"
+        text += f" — {cosine / null_cosine:.1f}× the chance level {null_cosine:.3g}"
+        if null_label:
+            text += f" ({null_label})"
+    if percentile is not None and np.isfinite(percentile):
+        text += f"; nearest-neighbour percentile {percentile:.1f}"
+    return text
 
 
 def neighbour_table(
     nbrs: pd.DataFrame, null_cosine: float, link_base: str = "feature", extra_query: str = ""
 ) -> pd.DataFrame:
-    """Display table of neighbours (pure): id, link, label, cosine, × chance, z, harm, category.
+    """Display table of neighbours (pure): id, link, label, cosine, × chance, percentile, harm, category.
+
+    "× chance" is the cosine over the flagging null; "NN percentile" its rank (0-100) among every
+    feature's nearest-neighbour cosine (`neighbours_of`'s `percentile`).
 
     `extra_query` (e.g. "&cache=after") is appended to each link so links keep the chosen cache."""
     df = pd.DataFrame(
@@ -250,7 +268,7 @@ def neighbour_table(
             "label": nbrs["label"].astype("string").fillna(""),
             "cosine": nbrs["cosine"].round(3),
             "× chance": (nbrs["cosine"] / null_cosine).round(2) if null_cosine > 0 else np.nan,
-            "z": nbrs["z"].round(1),
+            "NN percentile": nbrs["percentile"].round(1),
             "harm score": nbrs["harm_score"].round(3),
             "harmful": nbrs["is_harmful"].astype(bool),
             "category": nbrs["harm_category"].astype("string").fillna(""),

@@ -11,10 +11,15 @@ from explorer.figures.style import HARM, HARM_LIGHT, INK, NEUTRAL, TASK, TASK_LI
 
 
 def closeness_figure(
-    cosine: float, null_cosine: float, typical: float | None = None, height: int = 300
+    cosine: float,
+    null_cosine: float,
+    typical: float | None = None,
+    height: int = 300,
+    null_label: str = "chance level",
 ) -> go.Figure:
-    """How close a pair is compared to chance: pair cosine vs the null threshold (and a typical pair)."""
-    names = ["random directions<br>(chance level)"]
+    """How close a pair is compared to chance: pair cosine vs the null threshold (and a typical pair);
+    `null_label` names the null (e.g. 'covariance null')."""
+    names = [f"random directions<br>({null_label})"]
     vals = [null_cosine]
     colors = [NEUTRAL]
     if typical is not None and np.isfinite(typical):

@@ -98,7 +98,11 @@ def side_by_side(
     cos = float(m["cosine"].to_numpy()[0]) if len(m) else float("nan")
     st.subheader(f"Side by side: #{feature} and #{compare}")
     st.caption(
-        ("Decoder " + F.closeness_caption(cos, cache.null_cosine) + ".")
+        (
+            "Decoder "
+            + F.closeness_caption(cos, cache.null_cosine, cache.null_label, float(m["percentile"].iloc[0]))
+            + "."
+        )
         if len(m)
         else f"#{compare} is not among the {len(nb)} nearest neighbours of #{feature}."
     )
@@ -173,12 +177,13 @@ def single_feature(
         )
 
 
-def neighbours_section(feature: int, nb: pd.DataFrame, null: float) -> None:
+def neighbours_section(feature: int, nb: pd.DataFrame, null: float, null_label: str) -> None:
     st.subheader("Nearest neighbours in decoder space")
     above = int((nb["cosine"] >= null).sum())
     st.caption(
-        f"{above} of {len(nb)} neighbours are above the chance level {null:.3g} (z = standard deviations above "
-        f"the null of random directions). Open one with ↗, or compare it side by side above."
+        f"{above} of {len(nb)} neighbours are above the chance level {null:.3g} ({null_label}). NN percentile: "
+        "where the cosine ranks among every feature's nearest-neighbour cosine (50 = as close as a typical "
+        "feature's nearest neighbour). Open one with ↗, or compare it side by side above."
     )
     table = F.neighbour_table(nb, null, extra_query=state.extra_query())
     st.dataframe(
@@ -222,7 +227,7 @@ def render() -> None:
         side_by_side(cache, feature, compare, nb, n_top, window)
         return
     single_feature(cache, feature, row, n_top, window)
-    neighbours_section(feature, nb, cache.null_cosine)
+    neighbours_section(feature, nb, cache.null_cosine, cache.null_label)
 
 
 if __name__ == "__main__":

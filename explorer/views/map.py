@@ -84,8 +84,8 @@ def controls(cache: CacheData) -> tuple[str, float]:
         value=float(round(null, 3)),
         step=0.005,
         key=f"map_thr:{cache.name}",
-        help=f"Starts at the chance level {null:.3g}: the cosine random directions exceed only rarely. "
-        "Raise it to keep only the closest neighbours.",
+        help=f"Starts at the chance level {null:.3g} ({cache.null_label}): the cosine random directions "
+        "exceed only rarely. Raise it to keep only the closest neighbours.",
     )
     if query.strip():
         search_results(cache, query, c_search)
@@ -114,7 +114,7 @@ def neighbour_panel(cache: CacheData, feature: int, nb: pd.DataFrame, thr: float
         top = harm_shown.iloc[0]
         st.caption(
             f"Closest harmful neighbour #{int(top['feature'])}: "
-            f"{F.closeness_caption(float(top['cosine']), cache.null_cosine)}."
+            f"{F.closeness_caption(float(top['cosine']), cache.null_cosine, cache.null_label, top['percentile'])}."
         )
     table = F.neighbour_table(shown, cache.null_cosine, extra_query=state.extra_query())
     st.dataframe(

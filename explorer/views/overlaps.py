@@ -49,7 +49,7 @@ TABLE_COLUMNS = [
     "task_feature",
     "harmful_feature",
     "cosine",
-    "z",
+    "cosine_percentile",
     "coactivation",
     "harm_category",
     "task_label",
@@ -83,7 +83,7 @@ def full_history(cache: CacheData, store: ReviewStore | None, readable: bool) ->
 
 
 # --- filters, table, exports -------------------------------------------------------------------
-def filtered(table: pd.DataFrame, null_cosine: float) -> tuple[pd.DataFrame, str]:
+def filtered(table: pd.DataFrame, null_cosine: float, null_label: str) -> tuple[pd.DataFrame, str]:
     """The filter widgets applied to `table`, sorted as chosen; (the view, its sort column)."""
     f1, f2, f3, f4, f5 = st.columns([1.2, 1.2, 1.6, 1.6, 1.1], vertical_alignment="bottom")
     risk_max = float(np.nanmax(table["risk"])) if table["risk"].notna().any() else 1.0
@@ -99,7 +99,9 @@ def filtered(table: pd.DataFrame, null_cosine: float) -> tuple[pd.DataFrame, str
         placeholder="any status",
         help="disputed: the reviewers of the pair disagree",
     )
-    sort_by = f5.selectbox("sort by", ["risk", "cosine", "z", "coactivation", "task_feature"], key="ov_sort")
+    sort_by = f5.selectbox(
+        "sort by", ["risk", "cosine", "cosine_percentile", "coactivation", "task_feature"], key="ov_sort"
+    )
 
     view = table[(table["risk"].fillna(0) >= min_risk) & (table["cosine"] >= min_cos)]
     if pick_cats:
@@ -111,8 +113,8 @@ def filtered(table: pd.DataFrame, null_cosine: float) -> tuple[pd.DataFrame, str
     )
     n_rev = int((table["status"] != UNREVIEWED).sum())
     st.caption(
-        f"{len(view):,} of {len(table):,} pairs shown · {n_rev:,} reviewed · chance-level cosine "
-        f"{null_cosine:.3g} · click a row to open it"
+        f"{len(view):,} of {len(table):,} pairs shown · {n_rev:,} reviewed · flagged above the "
+        f"{null_label} {null_cosine:.3g} · click a row to open it"
     )
     return view, str(sort_by)
 
@@ -150,7 +152,7 @@ def pairs_table(view: pd.DataFrame, sort_by: str, null_cosine: float, risk_max: 
             "task_feature": st.column_config.NumberColumn("task", format="#%d"),
             "harmful_feature": st.column_config.NumberColumn("harmful", format="#%d"),
             "cosine": st.column_config.NumberColumn(format="%.3f"),
-            "z": st.column_config.NumberColumn(format="%.1f"),
+            "cosine_percentile": st.column_config.NumberColumn("NN pct", format="%.1f", help=F.NN_PCT_HELP),
             "coactivation": st.column_config.NumberColumn(format="%.3f"),
         },
     )
@@ -189,7 +191,7 @@ def table_section(
     cache: CacheData, store: ReviewStore | None, readable: bool, table: pd.DataFrame
 ) -> pd.DataFrame:
     """Filters, the sortable table (a click opens the pair) and the exports; returns the filtered view."""
-    view, sort_by = filtered(table, cache.null_cosine)
+    view, sort_by = filtered(table, cache.null_cosine, cache.null_label)
     risk_max = float(np.nanmax(table["risk"])) if table["risk"].notna().any() else 1.0
     pairs_table(view, sort_by, cache.null_cosine, risk_max)
     exports(cache, table, lambda: full_history(cache, store, readable))
@@ -232,10 +234,11 @@ def pair_view(cache: CacheData, t: int, h: int) -> None:
         f"{pair.get('risk', float('nan')):.3f}",
         help="excess cosine over chance (scaled 0–1) × (2·harm − 1) × (2·task − 1)",
     )
-    m[1].metric(
-        "cosine", f"{pair['cosine']:.3f}", help=F.closeness_caption(pair["cosine"], cache.null_cosine)
+    caption = F.closeness_caption(
+        pair["cosine"], cache.null_cosine, cache.null_label, pair.get("cosine_percentile")
     )
-    m[2].metric("z vs null", f"{pair.get('z', float('nan')):.1f}")
+    m[1].metric("cosine", f"{pair['cosine']:.3f}", help=caption)
+    m[2].metric("NN percentile", f"{pair.get('cosine_percentile', float('nan')):.1f}", help=F.NN_PCT_HELP)
     m[3].metric(
         "co-activation",
         f"{pair.get('coactivation', float('nan')):.3f}",
@@ -243,7 +246,7 @@ def pair_view(cache: CacheData, t: int, h: int) -> None:
     )
     cond = pair.get("cond_coactivation")
     m[4].metric("P(harmful fires | task fires)", f"{cond:.3f}" if cond is not None and cond == cond else "—")
-    st.caption("Decoder " + F.closeness_caption(pair["cosine"], cache.null_cosine) + ".")
+    st.caption("Decoder " + caption + ".")
 
     a, b = st.columns(2, gap="large")
     for col, f, r, color, role in ((a, t, t_row, F.TASK, "task"), (b, h, h_row, F.HARM, "harmful")):

@@ -24,7 +24,7 @@ _HARVEST = (
     "batches_per_shard",
     "outlier_norm_factor",
 )
-_GEOMETRY = ("neighbors", "null_fpr", "knn_backend", "umap_neighbors", "umap_min_dist")
+_GEOMETRY = ("neighbors", "null_fpr", "null_samples", "knn_backend", "umap_neighbors", "umap_min_dist")
 _SCORES = ("harm_threshold", "task_threshold", "neuronpedia")
 _CLOSENESS = ("closeness_permutations", "closeness_bootstrap", "closeness_bins", "closeness_alpha")
 

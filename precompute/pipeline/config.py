@@ -88,6 +88,13 @@ class RunConfig:
         help="false-positive rate of the null threshold: the chance that a random direction's best match "
         "exceeds it",
     )
+    null_samples: int = option(
+        10_000,
+        low=100,
+        bounds="[)",
+        help="random directions drawn with the decoder's own mean and covariance for the covariance null "
+        "(its 1 - null_fpr quantile); null_samples x null_fpr must be at least 10",
+    )
     knn_backend: str = option("auto", choices=("auto", "torch", "faiss"), help="exact kNN implementation")
     umap_neighbors: int = option(15, low=2, bounds="[)", help="neighbours of the UMAP graph")
     umap_min_dist: float = option(0.1, low=0, high=1, help="UMAP min_dist (at most its spread, 1)")

@@ -1,5 +1,6 @@
-"""The geometry step: exact cosine neighbours of the SAE's decoder directions, the null threshold they
-are judged against, and the 2-D map (neighbors.npz, features.parquet `umap_x`/`umap_y`).
+"""The geometry step: exact cosine neighbours of the SAE's decoder directions, the nulls they are judged
+against (isotropic and the decoder's own covariance; the larger flags) with the distribution of every
+feature's nearest-neighbour cosine, and the 2-D map (neighbors.npz, features.parquet `umap_x`/`umap_y`).
 
 Needs only the SAE, so it can start a new cache on its own. The computations live in
 `precompute.pipeline.knn`, `.null` and `.layout`; this module calls them through its own names.
@@ -7,7 +8,9 @@ Needs only the SAE, so it can start a new cache on its own. The computations liv
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,8 +22,19 @@ from precompute.pipeline.context import RunContext
 from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.knn import knn_cosine
 from precompute.pipeline.layout import umap_layout
-from precompute.pipeline.null import cosine_z, null_cosine
+from precompute.pipeline.null import (
+    CosineNull,
+    calibrated_null,
+    cosine_z,
+    nn_cosine_quantiles,
+    null_isotropic,
+)
 from precompute.schema import NEIGHBORS
+
+log = logging.getLogger(__name__)
+
+# what other code (lab/synth) calls through this module's names
+__all__ = ["check_sizes", "cosine_z", "knn_cosine", "neighbor_arrays", "null_isotropic", "run"]
 
 
 def check_sizes(cfg: RunConfig, n_features: int, d_in: int) -> None:
@@ -33,6 +47,11 @@ def check_sizes(cfg: RunConfig, n_features: int, d_in: int) -> None:
         )
     if cfg.neighbors >= n_features:
         raise FeatureGeomError(f"--neighbors {cfg.neighbors} must be below the SAE's {n_features} features")
+    if cfg.null_samples * cfg.null_fpr < 10:
+        raise FeatureGeomError(
+            f"--null-samples {cfg.null_samples} x --null-fpr {cfg.null_fpr:g} leaves fewer than 10 random "
+            "directions above the covariance null: its quantile would be noise; draw more samples"
+        )
     if min(cfg.neighbors, cfg.umap_neighbors) < 2:
         raise FeatureGeomError(
             "the map's kNN graph needs at least 2 neighbours per feature: use --neighbors >= 2"
@@ -48,6 +67,29 @@ def _check_cache_width(ctx: RunContext, n_features: int) -> None:
         )
 
 
+def neighbor_arrays(indices: np.ndarray, cosine: np.ndarray, null: CosineNull, d: int) -> dict[str, Any]:
+    """The arrays of neighbors.npz (docs/cache.md) from the kNN lists and the nulls.
+
+    `z_isotropic` is each cosine's z against the isotropic law only (`cosine_z`): kept to show how far
+    that naive null is exceeded, never used to flag. The calibrated reading of a cosine is its
+    percentile among `cosine[:, 0]` (every feature's nearest neighbour), summarised in
+    `nn_cosine_quantiles`, and whether it exceeds `null_cosine` (= max of the two nulls, `null_kind`).
+    """
+    return {
+        "indices": indices.astype(np.int32),
+        "cosine": cosine.astype(np.float32),
+        "z_isotropic": np.asarray(cosine_z(cosine, d), np.float32),
+        "null_cosine": np.float64(null.cosine),
+        "null_kind": np.array(null.kind),
+        "null_isotropic": np.float64(null.isotropic),
+        "null_covariance": np.float64(null.covariance),
+        "null_samples": np.int64(null.samples),
+        "nn_cosine_quantiles": nn_cosine_quantiles(cosine[:, 0]).astype(np.float64),
+        "fpr": np.float64(null.fpr),
+        "d": np.int64(d),
+    }
+
+
 def run(ctx: RunContext, staged: StagedCache) -> None:
     cfg, sae = ctx.cfg, ctx.sae
     check_sizes(cfg, sae.d_sae, sae.d_in)
@@ -60,17 +102,15 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     indices, cosine = knn_cosine(
         directions, k=k, device=cfg.device, backend=cfg.knn_backend, progress=cfg.progress
     )
-    null = null_cosine(n, d, fpr=cfg.null_fpr)
-    z = cosine_z(cosine, d)
-    np.savez(
-        staged.path(NEIGHBORS),
-        indices=indices.astype(np.int32),
-        cosine=cosine.astype(np.float32),
-        z=np.asarray(z, np.float32),
-        null_cosine=np.float64(null),
-        fpr=np.float64(cfg.null_fpr),
-        d=np.int64(d),
-    )
+    if n < 4 * d:
+        log.warning(
+            "covariance null from %d rows in %d dimensions: with few rows per dimension a handful of "
+            "close pairs shapes the covariance, and the null errs high (docs/cache.md neighbors.npz)",
+            n,
+            d,
+        )
+    null = calibrated_null(directions, cfg.null_fpr, cfg.null_samples, cfg.seed, cfg.device)
+    np.savez(staged.path(NEIGHBORS), **neighbor_arrays(indices, cosine, null, d))
     layout = umap_layout(
         indices,
         cosine,
@@ -91,7 +131,12 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     params = {
         "neighbors": k,
         "null_fpr": cfg.null_fpr,
-        "null_cosine": float(null),
+        "null_cosine": null.cosine,
+        "null_kind": null.kind,
+        "null_isotropic": null.isotropic,
+        "null_covariance": null.covariance,
+        "null_samples": null.samples,
+        "null_shrinkage": null.shrinkage,
         "knn_backend": cfg.knn_backend,
         "umap_neighbors": cfg.umap_neighbors,
         "umap_min_dist": cfg.umap_min_dist,

@@ -1,5 +1,10 @@
 """The overlaps step: task features whose decoder neighbours (above the cosine null) are harmful features.
 
+The null is neighbors.npz's `null_cosine`, the larger of the isotropic and the decoder-covariance
+nulls (`null_kind` names it; precompute.pipeline.null); each pair also gets its cosine's percentile
+among every feature's nearest-neighbour cosine, so "above chance" and "closer than usual" are both
+on the row.
+
 This is the explorer's headline table (docs/cache.md `overlaps.parquet`). Geometry and
 co-activation are kept as separate columns on purpose (docs/science.md section 2e and 4.4): two
 features can share a direction without ever firing together, or fire together while orthogonal,
@@ -20,8 +25,9 @@ from scipy import sparse
 from precompute.cache import StagedCache
 from precompute.errors import CacheError
 from precompute.pipeline.context import RunContext
+from precompute.pipeline.null import cosine_percentile
 from precompute.pipeline.shards import Shard, cache_shards
-from precompute.schema import FEATURES, NEIGHBORS, OVERLAPS
+from precompute.schema import FEATURES, NEIGHBORS, OVERLAPS, check_npz
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,9 @@ OVERLAP_COLUMNS = {
     "task_feature": "int64",
     "harmful_feature": "int64",
     "cosine": "float64",
-    "z": "float64",
+    "cosine_percentile": "float64",
+    "cosine_excess": "float64",
+    "z_isotropic": "float64",
     "null_cosine": "float64",
     "coactivation": "float64",
     "cond_coactivation": "float64",
@@ -118,7 +126,7 @@ def find_overlaps(
     features: pd.DataFrame,
     indices: np.ndarray,
     cosine: np.ndarray,
-    z: np.ndarray,
+    z_isotropic: np.ndarray,
     null_cosine: float,
     shard_paths: Sequence[Path],
     n_task: int = 50,
@@ -127,14 +135,17 @@ def find_overlaps(
     """Flag (task feature, harmful neighbour) pairs; columns exactly as docs/cache.md `overlaps.parquet`.
 
     Task features: the `n_task` features with the highest `task_score` among `is_task` (ties by
-    feature id). For each, every entry of its neighbour list (`indices`/`cosine`/`z` rows from
-    neighbors.npz, self excluded, descending cosine) that is `is_harmful`, is not the task
-    feature itself, and has cosine > max(null_cosine, min_cosine) is a pair. A feature may be
+    feature id). For each, every entry of its neighbour list (`indices`/`cosine`/`z_isotropic` rows
+    from neighbors.npz, all n of them, self excluded, descending cosine) that is `is_harmful`, is not
+    the task feature itself, and has cosine > max(null_cosine, min_cosine) is a pair; `null_cosine`
+    is the flagging null (neighbors.npz: the larger of the isotropic and covariance nulls). A feature may be
     both a task and a harmful feature: it can then appear on either side of a pair (only the
     self-pair is excluded), because a task feature that is itself harmful next to another
     harmful feature is exactly what the table should surface.
 
     `neighbor_rank` is the 0-based position in the task feature's neighbour list.
+    `cosine_percentile` is the pair's cosine's percentile among all n features' nearest-neighbour
+    cosines (`cosine[:, 0]`; null.cosine_percentile), `cosine_excess` = cosine - null_cosine.
     `coactivation` is the token-level Jaccard index, `cond_coactivation` P(harmful fires | task
     fires) (NaN when no shards are given or the task feature never fires; coactivation is then
     NaN / 0). risk = clip((cos - null)/(1 - null), 0, 1) x clip(2 harm_score - 1, 0, 1) x
@@ -143,10 +154,11 @@ def find_overlaps(
     """
     indices = np.asarray(indices)
     cosine = np.asarray(cosine)
-    z = np.asarray(z)
+    z = np.asarray(z_isotropic)
     if indices.ndim != 2 or cosine.shape != indices.shape or z.shape != indices.shape:
         raise ValueError(
-            f"indices {indices.shape}, cosine {cosine.shape} and z {z.shape} must be equal [n, k] arrays"
+            f"indices {indices.shape}, cosine {cosine.shape} and z_isotropic {z.shape} must be equal "
+            "[n, k] arrays"
         )
     missing = {"feature", "task_score", "is_task", "harm_score", "is_harmful", "harm_category"} - set(
         features.columns
@@ -211,7 +223,9 @@ def find_overlaps(
             "task_feature": task_f.astype(np.int64),
             "harmful_feature": harm_f.astype(np.int64),
             "cosine": cos,
-            "z": zz,
+            "cosine_percentile": np.asarray(cosine_percentile(cos, cosine[:, 0]), np.float64),
+            "cosine_excess": cos - null,
+            "z_isotropic": zz,
             "null_cosine": np.full(len(cos), null),
             "coactivation": np.asarray(jac, np.float64),
             "cond_coactivation": np.asarray(cond, np.float64),
@@ -240,13 +254,15 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     features = pd.read_parquet(fpath)
     if "harm_score" not in features.columns:
         raise CacheError(f"{staged.target} has no harm scores; run `featuregeom scores` first")
+    check_npz(npath, NEIGHBORS)
     with np.load(npath) as z:
-        indices, cosine, zs, null = z["indices"], z["cosine"], z["z"], float(z["null_cosine"])
+        indices, cosine, zs = z["indices"], z["cosine"], z["z_isotropic"]
+        null, kind = float(z["null_cosine"]), str(z["null_kind"])
     table = find_overlaps(features, indices, cosine, zs, null, cache_shards(staged), n_task=ctx.cfg.n_task)
     table.to_parquet(staged.path(OVERLAPS), index=False)
     staged.record_step(
         "overlaps",
-        {"n_task": ctx.cfg.n_task, "null_cosine": null},
+        {"n_task": ctx.cfg.n_task, "null_cosine": null, "null_kind": kind},
         time.perf_counter() - start,
         {"pairs": len(table)},
     )

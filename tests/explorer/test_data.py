@@ -73,7 +73,9 @@ def test_synthetic_cache_is_schema_complete(synth_cache: Path) -> None:
         "task_feature",
         "harmful_feature",
         "cosine",
-        "z",
+        "cosine_percentile",
+        "cosine_excess",
+        "z_isotropic",
         "null_cosine",
         "coactivation",
         "cond_coactivation",
@@ -104,6 +106,13 @@ def test_load_and_lookups(synth_cache: Path) -> None:
     assert len(edges) == len(counts) + 1
     assert not c.category_rates_of(t).empty
     assert c.pair(t, h)["cosine"] > c.null_cosine
+    # the nulls: named, and a neighbour's percentile is its rank among all nearest-neighbour cosines
+    assert c.null_label == "covariance null" and c.neighbors.null_isotropic < c.null_cosine
+    nearest = c.neighbors.cosine[:, 0].astype(np.float64)
+    for cos, pct in zip(nb["cosine"], nb["percentile"], strict=True):
+        assert pct == 100.0 * np.sum(nearest <= cos) / len(nearest)
+    row = c.overlaps.iloc[0]
+    assert row["cosine_percentile"] == c.neighbors.percentile(row["cosine"])
 
 
 def test_dead_feature_has_no_examples(synth_cache: Path) -> None:

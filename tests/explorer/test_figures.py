@@ -136,6 +136,12 @@ def test_small_charts() -> None:
     ft = F.finetune_figure(0.5)
     assert ft.layout.annotations and len(ft.data) == 3
     assert F.closeness_caption(0.41, 0.095) == "cosine 0.41 — 4.3× the chance level 0.095"
+    assert (
+        F.closeness_caption(0.41, 0.095, "covariance null", 97.4)
+        == "cosine 0.41 — 4.3× the chance level 0.095 (covariance null); nearest-neighbour percentile 97.4"
+    )
+    named = F.closeness_figure(0.41, 0.095, null_label="covariance null")
+    assert list(named.data[0].y)[0] == "random directions<br>(covariance null)"
     cfg = F.plotly_config("svg", "x")
     assert cfg["toImageButtonOptions"]["format"] == "svg"
 
@@ -202,7 +208,7 @@ def test_neighbour_table() -> None:
             "feature": [4, 9],
             "label": ["x", None],
             "cosine": [0.5, 0.2],
-            "z": [6.0, 2.0],
+            "percentile": [99.5, 40.0],
             "harm_score": [0.9, 0.5],
             "is_harmful": [True, False],
             "harm_category": pd.array(["fraud", None], dtype="string"),
@@ -211,3 +217,4 @@ def test_neighbour_table() -> None:
     t = F.neighbour_table(nb, 0.25, extra_query="&cache=a")
     assert list(t["open"]) == ["feature?feature=4&cache=a", "feature?feature=9&cache=a"]
     assert list(t["× chance"]) == [2.0, 0.8] and list(t["above chance"]) == [True, False]
+    assert list(t["NN percentile"]) == [99.5, 40.0]

@@ -67,16 +67,21 @@ def test_wrong_type_is_refused_but_null_fits_a_nullable_column() -> None:
 
 def test_archive_checker(tmp_path: Path) -> None:
     good = {"indices": np.zeros((3, 2), np.int32), "cosine": np.zeros((3, 2), np.float32)}
-    good |= {"z": np.zeros((3, 2), np.float32), "null_cosine": np.float64(0.1)}
-    good |= {"fpr": np.float64(1e-3), "d": np.int64(8)}
+    good |= {"z_isotropic": np.zeros((3, 2), np.float32), "null_cosine": np.float64(0.1)}
+    good |= {"null_kind": np.array("covariance"), "null_isotropic": np.float64(0.08)}
+    good |= {"null_covariance": np.float64(0.1), "null_samples": np.int64(1000)}
+    good |= {"nn_cosine_quantiles": np.zeros(99), "fpr": np.float64(1e-3), "d": np.int64(8)}
     np.savez(tmp_path / "nb.npz", **good)
     assert schema.npz_arrays(tmp_path / "nb.npz")["indices"] == ("int32", (3, 2))
     schema.check_npz(tmp_path / "nb.npz", schema.NEIGHBORS)
     np.savez(tmp_path / "nb.npz", **(good | {"indices": np.zeros(3, np.int64)}))
     with pytest.raises(CacheError, match="indices is int64 with 1 axes, the cache format says int32 with 2"):
         schema.check_npz(tmp_path / "nb.npz", schema.NEIGHBORS)
-    np.savez(tmp_path / "nb.npz", **{k: v for k, v in good.items() if k != "z"})
-    with pytest.raises(CacheError, match=r"lacks the array\(s\) z \(written by the geometry step"):
+    assert schema.npz_arrays(tmp_path / "nb.npz")["null_kind"] == ("string", ())  # any '<U' width
+    np.savez(tmp_path / "nb.npz", **(good | {"null_kind": np.array("isotropic")}))
+    schema.check_npz(tmp_path / "nb.npz", schema.NEIGHBORS)
+    np.savez(tmp_path / "nb.npz", **{k: v for k, v in good.items() if k != "z_isotropic"})
+    with pytest.raises(CacheError, match=r"lacks the array\(s\) z_isotropic \(written by the geometry step"):
         schema.check_npz(tmp_path / "nb.npz", schema.NEIGHBORS)
     (tmp_path / "nb.npz").write_bytes(b"not a zip")
     with pytest.raises(CacheError, match="is not a readable npz file .*rerun the geometry step"):

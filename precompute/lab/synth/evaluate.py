@@ -1,5 +1,5 @@
 """Score a learned decoder against the planted truth with the pipeline's own geometry code
-(`geometry.knn_cosine`, `null_cosine`, `cosine_z`): neighbour order, recovered cosines, false flags
+(`geometry.knn_cosine`, `null_isotropic`, `cosine_z`): neighbour order, recovered cosines, false flags
 above the null, and co-activation against geometry."""
 
 from __future__ import annotations
@@ -277,7 +277,10 @@ def evaluate_geometry(
       latent), plus ``dead`` when ``learned_fires`` is given;
     * ``planted_rank``: the positions of the planted neighbours in that list (None when beyond k),
       ``order_ok``: found and listed in descending rho; ``recovered``: cos(L(t), L(h_k)) vs rho;
-    * ``flagged_*``: learned cosines above ``null_cosine(d_sae, d, fpr)``, the pipeline's rule.
+    * ``flagged_*``: learned cosines above ``null_isotropic(d_sae, d, fpr)``. The pipeline flags against
+      the larger of that and the decoder-covariance null; the planted dictionary is isotropic (random
+      decoys) and has too few rows (n ~ 2d) to estimate a covariance from, so the isotropic null is
+      the one that applies here.
 
     False positives are counted over ALL (task, partner) and (task, decoy) pairs from the cosine
     of their matched latents, not only within the first k. The null is set so that a task
@@ -293,7 +296,7 @@ def evaluate_geometry(
     n, d = L.shape
     k = min(k, n - 1)
     nb_idx, nb_cos = geometry.knn_cosine(L.astype(np.float32), k=k, device=device, progress=False)
-    null = geometry.null_cosine(n, d, fpr=fpr)
+    null = geometry.null_isotropic(n, d, fpr=fpr)
     p_pair = -math.expm1(math.log1p(-fpr) / (n - 1))
     fires_count = (
         np.asarray(sparse.csc_matrix(learned_fires).getnnz(axis=0)).ravel()

@@ -1,5 +1,6 @@
 """Tests for precompute.pipeline.overlaps: token co-firing vs a dense brute force, flagged pairs vs a
-brute-force scan of the neighbour lists, risk values, ordering and the empty table."""
+brute-force scan of the neighbour lists (percentile among all features' nearest-neighbour cosines,
+excess over the null), risk values, ordering and the empty table."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ CACHE_COLUMNS = [
     "task_feature",
     "harmful_feature",
     "cosine",
-    "z",
+    "cosine_percentile",
+    "cosine_excess",
+    "z_isotropic",
     "null_cosine",
     "coactivation",
     "cond_coactivation",
@@ -157,12 +160,15 @@ def brute_force(
                 * min(max(2 * hs - 1, 0), 1)
                 * min(max(2 * ts - 1, 0), 1)
             )
+            nearest = [float(cosine[i, 0]) for i in range(indices.shape[0])]  # every feature's best
             rows.append(
                 {
                     "task_feature": t,
                     "harmful_feature": h,
                     "cosine": c,
-                    "z": float(z[t, r]),
+                    "cosine_percentile": 100.0 * sum(v <= c for v in nearest) / len(nearest),
+                    "cosine_excess": c - null,
+                    "z_isotropic": float(z[t, r]),
                     "null_cosine": null,
                     "coactivation": jac,
                     "cond_coactivation": cond,
@@ -188,7 +194,9 @@ def assert_same(got: pd.DataFrame, expected: pd.DataFrame) -> None:
     )
     for c in (
         "cosine",
-        "z",
+        "cosine_percentile",
+        "cosine_excess",
+        "z_isotropic",
         "null_cosine",
         "coactivation",
         "cond_coactivation",
@@ -246,6 +254,15 @@ def test_find_overlaps_planted_pair_and_self_exclusion(tmp_path: Path) -> None:
     assert row["coactivation"] == pytest.approx(5 / 15) and row["cond_coactivation"] == pytest.approx(0.5)
     expected_risk = (np.float32(0.6) - 0.2) / 0.8 * (2 * 0.8 - 1) * (2 * 0.9 - 1)
     assert row["risk"] == pytest.approx(expected_risk)
+    # every feature's nearest neighbour sits at 0.9: a pair at 0.6 is above the null, yet closer than
+    # no feature's nearest neighbour (percentile 0); at 0.3 likewise
+    assert out["cosine_percentile"].tolist() == [0.0, 0.0]
+    assert out["cosine_excess"].to_numpy() == pytest.approx([np.float32(0.6) - 0.2, np.float32(0.3) - 0.2])
+    cosine[0, 0] = 0.5  # now one feature's nearest neighbour (0.5) is below the pair at 0.6
+    assert find_overlaps(features, indices, cosine, z, 0.2, [])["cosine_percentile"].tolist() == [
+        100.0 / n,
+        0.0,
+    ]
     # Without shards, co-activation is unknown rather than zero.
     no_shards = find_overlaps(features, indices, cosine, z, 0.2, [])
     assert no_shards["coactivation"].isna().all() and no_shards["cond_coactivation"].isna().all()

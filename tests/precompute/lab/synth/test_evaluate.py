@@ -8,7 +8,7 @@ import pytest
 
 from precompute.lab.synth.dictionary import generate_activations, make_dictionary
 from precompute.lab.synth.evaluate import evaluate_geometry
-from precompute.pipeline.geometry import null_cosine
+from precompute.pipeline.geometry import null_isotropic
 
 COSINES = (0.9, 0.7, 0.5, 0.3)
 
@@ -20,7 +20,7 @@ def test_evaluate_geometry_on_the_true_dictionary() -> None:
     data = generate_activations(dic, 20_000, firing_prob=0.05, cofire_prob=0.8, partner_solo=0.25, seed=5)
     fires = data.fires()
     rep = evaluate_geometry(dic, dic.directions, true_fires=fires, learned_fires=fires, fpr=0.01, k=16)
-    null = null_cosine(dic.n, 64, 0.01)
+    null = null_isotropic(dic.n, 64, 0.01)
     assert rep["null_cosine"] == pytest.approx(null)
     assert rep["order_accuracy"] == 1.0 and rep["pairwise_order_accuracy"] == 1.0
     assert rep["recovered_mean_abs_error"] < 1e-6

@@ -25,7 +25,15 @@ _HARVEST = (
     "outlier_norm_factor",
 )
 _GEOMETRY = ("neighbors", "null_fpr", "knn_backend", "umap_neighbors", "umap_min_dist")
-_SCORES = ("harm_threshold", "task_threshold", "neuronpedia")
+_SCORES = (
+    "harm_threshold",
+    "task_threshold",
+    "min_docs",
+    "score_window",
+    "task_window",
+    "shared_token_fraction",
+    "neuronpedia",
+)
 
 
 @dataclass

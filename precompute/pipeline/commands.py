@@ -148,8 +148,9 @@ COMMANDS = (
         "harm/task scores, logit lens, imported labels on an existing cache",
         RunConfig,
         _single_step("scores"),
-        description="Harm score (AUROC harmful vs benign documents, with a 95% bound), harm category, task "
-        "scores; logit-lens tokens when --model/--sae are known.",
+        description="Harm score (AUROC harmful vs benign documents on equal-length windows without the shared "
+        "template, with a 95% bound), harm category, task score (task vs control); logit-lens tokens when "
+        "--model/--sae are known.",
         flags=(*_COMMON, *_MODEL, *_SAE, *_SCORES),
     ),
     Command(

@@ -69,9 +69,11 @@ def _feature_table(rng: np.random.Generator, wd: World, n_tokens: int, inject_ht
     feats["freq_control"] = np.where(
         np.isin(np.arange(n), wd.planted_task), feats["freq_control"] * 0.2, feats["freq_control"]
     )
+    mean_activation = max_act * rng.uniform(0.15, 0.4, n)
+    task_vs_benign = np.where(theme == "code", task + 0.03, rng.normal(0.5, 0.05, n)).clip(0, 1)
     feats = feats.assign(
         max_activation=max_act,
-        mean_activation=max_act * rng.uniform(0.15, 0.4, n),
+        mean_activation=mean_activation,
         dead=dead,
         harm_score=harm,
         harm_score_lo=harm_lo,
@@ -81,8 +83,11 @@ def _feature_table(rng: np.random.Generator, wd: World, n_tokens: int, inject_ht
         is_harmful=is_harmful,
         task_score=task,
         task_score_lo=(task - 0.05).clip(0, 1),
-        task_control_score=np.where(theme == "code", task - 0.1, rng.normal(0.5, 0.05, n)).clip(0, 1),
+        task_score_hi=(task + 0.05).clip(0, 1),
         is_task=(task > 0.8) & ~dead,
+        is_control=(1 - task >= 0.7) & (task + 0.05 < 0.5) & ~dead,
+        task_vs_benign=task_vs_benign,
+        task_vs_benign_lo=(task_vs_benign - 0.05).clip(0, 1),
     )
     promoted, suppressed, labels, expl = _logit_lens_and_labels(rng, wd, inject_html)
     feats["top_promoted"] = promoted

@@ -116,8 +116,8 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
             "task",
             f"A task feature: #{task}",
             f"Feature #{task} — <b>{_label(t_row)}</b> — fires on the narrow data a model might be fine-tuned on "
-            f"(task score {t_row['task_score']:.2f}, where 0.5 means no preference and 1.0 means only on task "
-            f"text). Here is where it fires, by kind of text, and its strongest examples:",
+            f"(task score {t_row['task_score']:.2f}, where 0.5 means it fires alike on the task and on its control "
+            f"text and 1.0 means only on task text). Here is where it fires, by kind of text, and its strongest examples:",
             figure=F.group_rates_figure(cache.group_rates(task), height=260),
             body=F.examples_html(t_ex[:3], color=F.TASK, window=16),
             figure_name=f"rates-{task}",

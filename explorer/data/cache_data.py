@@ -183,7 +183,8 @@ class CacheData:
         pair = self.default_pair()
         if pair:
             return pair[0]
-        return int(self.features["task_score"].to_numpy().argmax()) if self.n else 0
+        task = self.features["task_score"].to_numpy(dtype=np.float64, na_value=np.nan)
+        return int(np.nan_to_num(task, nan=-np.inf).argmax()) if self.n else 0
 
     def search(self, query: str, limit: int = 50, examples: bool = True) -> pd.DataFrame:
         """Features whose id, label, explanation, logit-lens tokens or top-example text match.

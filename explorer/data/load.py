@@ -56,7 +56,7 @@ def _load_features(path: Path) -> tuple[pd.DataFrame, pa.Table, list[str]]:
         raise CacheError(f"{path}: the 'feature' column must hold 0..n-1 once each (docs/cache.md)")
     for col in ("label", "explanation", "harm_category"):
         df[col] = df[col].astype("string")
-    for col in ("dead", "is_harmful", "is_task"):
+    for col in ("dead", "is_harmful", "is_task", "is_control"):
         df[col] = df[col].fillna(False).astype(bool)
     groups = [g for g in GROUP_ORDER if f"freq_{g}" in df]
     groups += sorted(c[5:] for c in df if c.startswith("freq_") and c[5:] not in groups)

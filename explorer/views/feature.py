@@ -22,10 +22,16 @@ def metrics(cache: CacheData, row: dict[str, Any]) -> None:
     c[0].metric(
         "harm score",
         f"{row['harm_score']:.2f}",
-        help="AUROC of the feature's max activation per document, harmful vs benign (0.5 = no signal)"
+        help="AUROC of the feature's max over a window of each document, harmful vs benign (0.5 = no signal)"
         + (f"; lower 95% bound {lo:.2f}" if lo == lo and lo is not None else ""),
     )
-    c[1].metric("task score", f"{row['task_score']:.2f}", help="AUROC, task vs benign + general documents")
+    c[1].metric(
+        "task score",
+        f"{row['task_score']:.2f}",
+        help="AUROC of the feature's max over a window of each document, task vs control (same format, "
+        "different content; 0.5 = no difference); task vs benign + general: "
+        + f"{row.get('task_vs_benign', float('nan')):.2f}",
+    )
     c[2].metric("fires on", f"{row['frequency'] * 100:.3g}% of tokens")
     c[3].metric("max activation", f"{row['max_activation']:.2f}")
     mean = row.get("mean_activation")

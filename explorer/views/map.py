@@ -100,7 +100,9 @@ def neighbour_panel(cache: CacheData, feature: int, nb: pd.DataFrame, thr: float
     st.html(F.feature_header_html(row, role="task"))
     m1, m2, m3 = st.columns(3)
     m1.metric(
-        "task", f"{row['task_score']:.2f}", help="task score: AUROC, task vs benign/general text (0.5 = none)"
+        "task",
+        f"{row['task_score']:.2f}",
+        help="task score: AUROC, task vs control text (0.5 = no difference)",
     )
     m2.metric(
         "harm", f"{row['harm_score']:.2f}", help="harm score: AUROC, harmful vs benign text (0.5 = none)"

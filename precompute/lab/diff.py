@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from precompute.cache import check_replaceable_output, write_dir_atomic
-from precompute.errors import FeatureGeomError
+from precompute.errors import CacheError, FeatureGeomError
 from precompute.lab.eval_acts import POSITIONS, PROMPT_SETS, EvalActs, load_eval
 from precompute.lab.harm_geometry import HarmGeometry, load_harm_geometry
 from precompute.options import Command, option, require
@@ -42,6 +42,13 @@ def predicted_risk(cache: str | Path | HarmGeometry) -> pd.DataFrame:
 
     geo = load_harm_geometry(cache)
     task, harmful = geo.task, geo.harmful
+    if not len(task):
+        where = f"{cache}" if not isinstance(cache, HarmGeometry) else "the cache"
+        raise CacheError(
+            f"{where} has no task features (no feature passed is_task: task vs control, see params/scores.json "
+            "n_task and task_permutation), so no harmful feature has a predicted risk to rank; a negative result "
+            "of the scores step, not a fault of this command"
+        )
     null = geo.null_cosine
     # A harmful feature that is also a task feature would count its own cos = 1; exclude self-pairs.
     cos = geo.cosines(harmful, task, exclude_self=True).cpu()  # [H, T]

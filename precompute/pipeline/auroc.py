@@ -1,6 +1,9 @@
-"""AUROCs of every feature's per-document max activation, on the sparse non-zeros only.
+"""AUROCs of one value per (document, feature), on the sparse non-zeros only.
 
-"How well does this feature, read as a document classifier, separate group A from group B". AUROC
+"How well does this feature, read as a document classifier, separate group A from group B". The
+value is whatever the caller reduces each document to; the scores step passes the feature's max over
+one window of the document (`precompute.pipeline.windows`), because a max over whole documents of
+different lengths measures length (docs/science.md section 2). AUROC
 is threshold-free, scale-free (an SAE feature's activation scale is arbitrary) and has a natural null
 of 0.5. Documents where a feature never fires count as activation 0, so the computation only ever
 touches the sparse non-zeros plus one tied block of zeros per side.
@@ -190,10 +193,11 @@ def feature_aurocs(
     positive_docs: np.ndarray,
     negative_docs: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """AUROC of every feature's per-document max activation, positive vs negative documents.
+    """AUROC of every feature's per-document value, positive vs negative documents.
 
-    `doc, feat, val` are the sparse triples of `harvest.doc_feature_max` (sorted by feature, then
-    doc; unsorted input is sorted, duplicate pairs reduced to their max). Documents absent for a
+    `doc, feat, val` are sparse triples such as `windows.window_feature_max` or
+    `shards.doc_feature_max` return (sorted by feature, then doc; unsorted input is sorted,
+    duplicate pairs reduced to their max). Documents absent for a
     feature have value 0; documents in neither set are ignored.
 
     Returns float64 arrays [n_features]: `auroc`, `lo`, `hi` (Hanley-McNeil 95%), `pos_rate`,

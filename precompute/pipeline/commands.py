@@ -25,7 +25,15 @@ _HARVEST = (
     "outlier_norm_factor",
 )
 _GEOMETRY = ("neighbors", "null_fpr", "null_samples", "knn_backend", "umap_neighbors", "umap_min_dist")
-_SCORES = ("harm_threshold", "task_threshold", "neuronpedia")
+_SCORES = (
+    "harm_threshold",
+    "task_threshold",
+    "min_docs",
+    "score_window",
+    "task_window",
+    "shared_token_fraction",
+    "neuronpedia",
+)
 _CLOSENESS = ("closeness_permutations", "closeness_bootstrap", "closeness_bins", "closeness_alpha")
 
 
@@ -142,8 +150,9 @@ COMMANDS = (
         "harm/task scores, logit lens, imported labels on an existing cache",
         RunConfig,
         _single_step("scores"),
-        description="Harm score (AUROC harmful vs benign documents, with a 95% bound), harm category, task "
-        "scores; logit-lens tokens when --model/--sae are known.",
+        description="Harm score (AUROC harmful vs benign documents on equal-length windows without the shared "
+        "template, with a 95% bound), harm category, task score (task vs control); logit-lens tokens when "
+        "--model/--sae are known.",
         flags=(*_COMMON, *_MODEL, *_SAE, *_SCORES),
     ),
     Command(

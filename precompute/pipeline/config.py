@@ -100,7 +100,37 @@ class RunConfig:
     umap_min_dist: float = option(0.1, low=0, high=1, help="UMAP min_dist (at most its spread, 1)")
     # --- scores and overlaps
     harm_threshold: float = option(0.7, low=0, high=1, help="AUROC a harmful feature must reach")
-    task_threshold: float = option(0.7, low=0, high=1, help="AUROC a task feature must reach")
+    task_threshold: float = option(
+        0.7, low=0, high=1, help="AUROC (task vs control) a task feature must reach; a control feature 1 - it"
+    )
+    min_docs: int = option(
+        3,
+        low=1,
+        bounds="[)",
+        help="windows of its group a flagged feature must fire in (harmful, task, control)",
+    )
+    score_window: int = option(
+        12,
+        low=1,
+        bounds="[)",
+        help="tokens per document window of the harm and task-vs-benign contrasts (documents with fewer tokens "
+        "outside the shared template are left out)",
+    )
+    task_window: int = option(
+        64,
+        low=1,
+        bounds="[)",
+        help="tokens per document window of the task vs control contrast (both groups are long documents of "
+        "one format; a longer window sees more of each)",
+    )
+    shared_token_fraction: float = option(
+        0.5,
+        low=0,
+        high=1,
+        bounds="(]",
+        help="a token id in at least this fraction of the documents of every group (task, control, harmful, "
+        "benign) is template, left out of the scores",
+    )
     n_task: int = option(50, low=0, bounds="[)", help="task features checked for harmful neighbours")
     neuronpedia: str | None = option(
         None, metavar="PATH", help="Neuronpedia export (dir or JSON) to import labels from"

@@ -1,195 +1,50 @@
 """The scores step: how harmful and how task-specific each feature is, what it writes to the logits,
-and what Neuronpedia calls it (columns of features.parquet).
+and what Neuronpedia calls it (columns of features.parquet; docs/cache.md `features.parquet`).
 
-Scores are AUROCs of a feature's *per-document max activation* (docs/science.md section 2, and
-docs/cache.md `features.parquet`; the AUROC itself is `precompute.pipeline.auroc`), which puts 16k
-features on one axis with a natural null of 0.5. Hanley-McNeil bounds collapse to [1, 1] on a
-handful of documents, which is why every flag below also asks the feature to fire on at least
-`min_docs` documents of the group it is said to detect.
+Scores are AUROCs (`precompute.pipeline.auroc`) of one value per document: the feature's max over
+one window of `score_window` consecutive tokens of the document, template tokens left out
+(`precompute.pipeline.windows`), so that neither document length nor the chat template every group
+shares can make a score (docs/science.md section 2). An AUROC puts 16k features on one axis with a
+natural null of 0.5. The task score contrasts task with control documents (same format, different
+content); task vs benign is kept apart as `task_vs_benign` and flags nothing. Hanley-McNeil bounds
+collapse to [1, 1] on a handful of documents, which is why every flag also asks the feature to fire
+in at least `min_docs` windows of the group it is said to detect.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from precompute.cache import StagedCache
 from precompute.errors import CacheError, CorpusError
-from precompute.pipeline.auroc import Z95, aurocs_prepared, prepare_triples
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext
+from precompute.pipeline.contrasts import (
+    BENIGN,
+    CONTROL,
+    GENERAL,
+    HARMFUL,
+    TASK,
+    contrast_scores,
+    task_permutation,
+)
 from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.logit_lens import logit_lens, model_unembedding
 from precompute.pipeline.neuronpedia import import_neuronpedia
-from precompute.pipeline.shards import cache_shards, doc_feature_max
-from precompute.schema import DOCUMENTS, HARVEST_DIR
+from precompute.pipeline.shards import cache_shards
+from precompute.pipeline.windows import Windowed, token_texts, windowed_values
+from precompute.schema import CONTEXTS, DOCUMENTS, EXAMPLES, FEATURES
 
 log = logging.getLogger(__name__)
-
-# Document groups (precompute.data.corpus.GROUPS).
-HARMFUL, BENIGN, TASK, CONTROL, GENERAL = "harmful", "benign", "task", "control", "general"
-
-
-def _category_key(c: Any) -> str | None:
-    if c is None or (isinstance(c, float) and math.isnan(c)) or c is pd.NA:
-        return None
-    s = str(c)
-    return s or None
-
-
-def _norm_isf(p: float) -> float:
-    from scipy.special import ndtri
-
-    return float(-ndtri(p))
-
-
-def harm_scores(
-    doc: np.ndarray,
-    feat: np.ndarray,
-    val: np.ndarray,
-    n_features: int,
-    doc_group: np.ndarray,
-    doc_category: np.ndarray,
-    harm_threshold: float = 0.7,
-    min_docs: int = 3,
-    task_threshold: float = 0.7,
-) -> pd.DataFrame:
-    """Harm and task scores of every feature from its per-document max activations.
-
-    `doc_group[i]` / `doc_category[i]` describe document id i (documents.parquet order).
-    Returns a DataFrame with one row per feature (RangeIndex = feature id, no `feature` column):
-
-    - `harm_score`, `harm_score_lo`: AUROC harmful vs benign documents and its lower 95% bound.
-    - `is_harmful`: harm_score >= harm_threshold AND harm_score_lo > 0.5 AND the feature fires
-      on >= min_docs harmful documents. The AUROC threshold is the effect size (how well the
-      feature alone tells harmful from benign), the lower bound > 0.5 is the significance (the
-      separation is not chance at this corpus size), and the firing count stops a feature that
-      fires on one or two harmful documents (where Hanley-McNeil collapses to [1, 1]) from being
-      flagged. Requiring the *lower bound* to reach 0.7 would instead make the flag depend mostly
-      on corpus size: with 20 + 20 documents even a 0.8 AUROC has lo ~ 0.66.
-    - `harm_category`: for harmful features only, the harm category (among categories with
-      >= min_docs documents) whose documents vs benign documents give the highest AUROC lower
-      bound (ties: higher AUROC, then name); None otherwise or when no category qualifies.
-    - `task_score`, `task_score_lo`: AUROC task vs benign+general documents (NaN without task docs).
-    - `task_control_score`: AUROC task vs control documents (NaN without a control group).
-    - `is_task`: task_score >= task_threshold AND task_score_lo > 0.5 AND fires on >= min_docs
-      task documents AND, when a control group exists, the task-vs-control AUROC is not
-      significantly below 0.5 (its upper 95% bound >= 0.5). A feature that detects what task and
-      control share (e.g. "code" for insecure vs secure code) is a genuine task feature and
-      stays in - task_control_score then ranks how task-*specific* it is - while a feature that
-      clearly prefers the control over the task is not a feature of the task. (A point-estimate
-      rule task_control_score >= 0.5 would drop about half of the indifferent features by noise.)
-
-    Raises CorpusError when the harmful or the benign group has no documents.
-    """
-    doc_group = np.asarray(doc_group, dtype=object)
-    doc_category = np.asarray(doc_category, dtype=object)
-    if len(doc_category) != len(doc_group):
-        raise ValueError(
-            f"doc_group ({len(doc_group)}) and doc_category ({len(doc_category)}) differ in length"
-        )
-    doc, feat, val = prepare_triples(doc, feat, val, n_features)
-    if len(doc) and doc.max() >= len(doc_group):
-        raise CacheError(
-            f"the harvest shards refer to document id {int(doc.max())} but only {len(doc_group)} documents are "
-            f"listed; {DOCUMENTS} and {HARVEST_DIR}/ come from different runs - rerun `featuregeom harvest`"
-        )
-    groups = np.array([str(g) for g in doc_group.tolist()], dtype=object)
-    ids = {g: np.flatnonzero(groups == g) for g in (HARMFUL, BENIGN, TASK, CONTROL, GENERAL)}
-    missing = [g for g in (HARMFUL, BENIGN) if ids[g].size == 0]
-    if missing:
-        present = (
-            ", ".join(f"{g}: {int((groups == g).sum())}" for g in sorted(set(groups.tolist()))) or "none"
-        )
-        raise CorpusError(
-            f"harm score needs documents in both the harmful and benign groups, but {' and '.join(missing)} "
-            f"has none (documents per group: {present}); add --corpus PATH:benign and/or "
-            "--corpus PATH:harmful[:CATEGORY]"
-        )
-
-    # A harmful feature usually responds to one kind of harm (weapons, fraud...), so a feature that
-    # fires on every weapons prompt and nothing else scores only ~0.6 against *all* harmful prompts.
-    # The harm score is therefore the AUROC of the best-separated set, all harmful documents or one
-    # category, chosen by a lower bound corrected for the number of sets compared (Bonferroni).
-    overall = aurocs_prepared(doc, feat, val, n_features, ids[HARMFUL], ids[BENIGN])
-    by_cat: dict[str, list[int]] = {}
-    for d in ids[HARMFUL].tolist():
-        key = _category_key(doc_category[d])
-        if key is not None:
-            by_cat.setdefault(key, []).append(d)
-    cats = {c: np.asarray(v, np.int64) for c, v in sorted(by_cat.items()) if len(v) >= min_docs}
-    z_adj = float(_norm_isf(0.025 / (1 + len(cats))))
-
-    def adjusted_lo(r: dict) -> np.ndarray:
-        se = (r["auroc"] - r["lo"]) / Z95
-        return np.clip(r["auroc"] - z_adj * se, 0.0, 1.0)
-
-    harm_score = overall["auroc"].astype(np.float64).copy()
-    harm_lo = adjusted_lo(overall)
-    pos_fires = overall["pos_fires"].copy()
-    harm_category = np.full(n_features, None, dtype=object)
-    best_cat_lo = np.full(n_features, -np.inf)
-    best_cat = np.full(n_features, None, dtype=object)
-    for c, docs_c in cats.items():
-        r = aurocs_prepared(doc, feat, val, n_features, docs_c, ids[BENIGN])
-        lo_c = adjusted_lo(r)
-        better_cat = lo_c > best_cat_lo
-        best_cat_lo[better_cat], best_cat[better_cat] = lo_c[better_cat], c
-        wins = lo_c > harm_lo
-        harm_score[wins], harm_lo[wins], pos_fires[wins] = r["auroc"][wins], lo_c[wins], r["pos_fires"][wins]
-        harm_category[wins] = c
-    is_harmful = (harm_score >= harm_threshold) & (harm_lo > 0.5) & (pos_fires >= min_docs)
-    # where "all harmful" wins, still name the category the feature leans to
-    lean = is_harmful & (harm_category == None)  # noqa: E711 - elementwise on an object array
-    harm_category[lean] = best_cat[lean]
-    harm_category[~is_harmful] = None
-    harm = {"auroc": harm_score, "lo": harm_lo, "all": overall["auroc"], "all_lo": overall["lo"]}
-
-    reference = np.concatenate([ids[BENIGN], ids[GENERAL]])
-    if ids[TASK].size:
-        task = aurocs_prepared(doc, feat, val, n_features, ids[TASK], reference)
-        task_score, task_lo = task["auroc"], task["lo"]
-        is_task = (task_score >= task_threshold) & (task_lo > 0.5) & (task["pos_fires"] >= min_docs)
-    else:
-        task_score = task_lo = np.full(n_features, np.nan)
-        is_task = np.zeros(n_features, bool)
-    if ids[TASK].size and ids[CONTROL].size:
-        tc = aurocs_prepared(doc, feat, val, n_features, ids[TASK], ids[CONTROL])
-        task_control = tc["auroc"]
-        is_task &= tc["hi"] >= 0.5
-    else:
-        task_control = np.full(n_features, np.nan)
-
-    log.info(
-        "harm scores: %d harmful / %d benign docs, %d features flagged harmful; task: %d task docs, "
-        "%d control docs, %d features flagged task",
-        ids[HARMFUL].size,
-        ids[BENIGN].size,
-        int(is_harmful.sum()),
-        ids[TASK].size,
-        ids[CONTROL].size,
-        int(is_task.sum()),
-    )
-    return pd.DataFrame(
-        {
-            "harm_score": harm["auroc"],
-            "harm_score_lo": harm["lo"],
-            "harm_score_all": harm["all"],
-            "harm_score_all_lo": harm["all_lo"],
-            "harm_category": pd.Series(harm_category, dtype=object),
-            "is_harmful": is_harmful.astype(bool),
-            "task_score": np.asarray(task_score, np.float64),
-            "task_score_lo": np.asarray(task_lo, np.float64),
-            "task_control_score": np.asarray(task_control, np.float64),
-            "is_task": np.asarray(is_task, bool),
-        }
-    )
-
 
 # --------------------------------------------------------------------------------------------
 # The step
@@ -222,6 +77,111 @@ def harvested_documents(docs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.
     return doc_group, doc_category, read
 
 
+# Group of a harvested document with fewer eligible tokens than the score window: no contrast compares it.
+SHORT = "short"
+RETIRED_COLUMNS = ("task_control_score",)  # written by earlier versions; a rerun removes them
+TASK_PERMUTATIONS = 200  # label shuffles of the task vs control contrast (sidecar `task_permutation`)
+
+
+def windowed_groups(
+    doc_group: np.ndarray, windowed: Windowed, groups: Sequence[str], required: Sequence[str] = ()
+) -> tuple[np.ndarray, dict[str, int], dict[str, int]]:
+    """doc_group with SHORT for harvested documents without a window, and the documents of each of
+    `groups` scored and left out. CorpusError when every document of a `required` group is too short."""
+    doc_group = np.asarray(doc_group, dtype=object)
+    short = (doc_group != "unharvested") & ~windowed.has_window
+    scored_group = doc_group.copy()
+    scored_group[short] = SHORT
+    present = [g for g in groups if np.any(doc_group == g)]
+    scored = {g: int(np.sum((doc_group == g) & ~short)) for g in present}
+    left_out = {g: int(np.sum((doc_group == g) & short)) for g in present}
+    for g in required:
+        if left_out.get(g) and not scored.get(g):
+            longest = int(windowed.n_eligible[doc_group == g].max())
+            raise CorpusError(
+                f"no {g} document has {windowed.window} tokens outside the shared template (the longest has "
+                f"{longest}); lower --score-window to at most {max(1, longest)} or add longer {g} documents"
+            )
+    return scored_group, scored, left_out
+
+
+@dataclass
+class WindowedScores:
+    """The contrast scores (one row per feature) and how the windows were drawn."""
+
+    table: pd.DataFrame
+    score: Windowed  # the score window: harm and task-vs-benign contrasts
+    task: Windowed  # the task window: task vs control
+    scored: dict[str, int]  # documents compared per group, in the score window
+    left_out: dict[str, int]  # documents too short for it
+    task_scored: dict[str, int]  # task and control documents in the task window
+    task_left_out: dict[str, int]
+    permutation: dict[str, Any] | None  # `contrasts.task_permutation`: the task contrast vs shuffled labels
+
+
+def windowed_scores(
+    shard_paths: Sequence[Path],
+    doc_group: np.ndarray,
+    doc_category: np.ndarray,
+    n_features: int,
+    cfg: RunConfig,
+) -> WindowedScores:
+    """`contrast_scores` on windowed values: the harm and task-vs-benign contrasts on
+    `cfg.score_window`-token windows, task vs control on `cfg.task_window`-token windows."""
+    score, task = windowed_values(
+        shard_paths,
+        doc_group,
+        (cfg.score_window, cfg.task_window),
+        cfg.shared_token_fraction,
+        cfg.seed,
+        progress=cfg.progress,
+    )
+    all_groups = (TASK, CONTROL, HARMFUL, BENIGN, GENERAL)
+    scored_group, scored, left_out = windowed_groups(doc_group, score, all_groups, required=(HARMFUL, BENIGN))
+    task_group, task_scored, task_left_out = windowed_groups(doc_group, task, (TASK, CONTROL))
+    table = contrast_scores(
+        *score.triples,
+        n_features,
+        scored_group,
+        doc_category,
+        harm_threshold=cfg.harm_threshold,
+        task_threshold=cfg.task_threshold,
+        min_docs=cfg.min_docs,
+        task_values=task.triples,
+        task_doc_group=task_group,
+    )
+    permutation = task_permutation(
+        *task.triples,
+        n_features,
+        task_group,
+        TASK_PERMUTATIONS,
+        cfg.seed,
+        task_threshold=cfg.task_threshold,
+        min_docs=cfg.min_docs,
+    )
+    return WindowedScores(table, score, task, scored, left_out, task_scored, task_left_out, permutation)
+
+
+def _eligible_summary(doc_group: np.ndarray, windowed: Windowed) -> dict[str, dict[str, float]]:
+    groups = np.asarray(doc_group, dtype=object)
+    out = {}
+    for g in sorted({str(x) for x in groups.tolist()} - {"unharvested"}):
+        n = windowed.n_eligible[groups == g]
+        out[g] = {"min": int(n.min()), "median": float(np.median(n)), "max": int(n.max())}
+    return out
+
+
+def _drop_retired_columns(staged: StagedCache) -> None:
+    path = staged.dir / FEATURES
+    if path.is_file():
+        names = pq.read_schema(path).names
+        if any(c in names for c in RETIRED_COLUMNS):
+            table = pd.read_parquet(path)
+            table.drop(columns=[c for c in RETIRED_COLUMNS if c in names]).to_parquet(
+                staged.path(FEATURES), index=False
+            )
+
+
 def run(ctx: RunContext, staged: StagedCache) -> None:
     cfg = ctx.cfg
     # the logit lens needs the model and the SAE; a run on a cache may have neither
@@ -231,19 +191,9 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     docs_path = staged.dir / DOCUMENTS
     if not docs_path.is_file():
         raise CacheError(f"{staged.target} has no {DOCUMENTS}; run `featuregeom harvest` first")
-    docs = pd.read_parquet(docs_path)
-    doc, feat, val = doc_feature_max(cache_shards(staged), n, progress=cfg.progress)
-    doc_group, doc_category, read = harvested_documents(docs)
-    table = harm_scores(
-        doc,
-        feat,
-        val,
-        n,
-        doc_group,
-        doc_category,
-        harm_threshold=cfg.harm_threshold,
-        task_threshold=cfg.task_threshold,
-    )
+    doc_group, doc_category, _ = harvested_documents(pd.read_parquet(docs_path))
+    scores = windowed_scores(cache_shards(staged), doc_group, doc_category, n, cfg)
+    table = scores.table
     table.insert(0, "feature", np.arange(n, dtype=np.int64))
     if sae is not None:
         lm = ctx.model
@@ -258,12 +208,71 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     else:
         table["label"] = pd.Series([None] * n, dtype=object)
         table["explanation"] = pd.Series([None] * n, dtype=object)
+    _drop_retired_columns(staged)
     merge_feature_columns(staged, n, table)
     params = {
         "harm_threshold": cfg.harm_threshold,
         "task_threshold": cfg.task_threshold,
+        "min_docs": cfg.min_docs,
+        "score_window": cfg.score_window,
+        "task_window": cfg.task_window,
+        "shared_token_fraction": cfg.shared_token_fraction,
+        "seed": cfg.seed,
         "neuronpedia": cfg.neuronpedia,
         "logit_lens": ctx.with_model,
-        "documents_scored": read["group"].value_counts().sort_index().to_dict(),
+        "documents_scored": scores.scored,
+        "documents_scored_task_window": scores.task_scored,
     }
-    staged.record_step("scores", params, time.perf_counter() - start)
+    extra = _sidecar(ctx, staged, scores, doc_group)
+    staged.record_step("scores", params, time.perf_counter() - start, extra)
+
+
+def _task_contrast(scores: WindowedScores, task_window: int) -> str:
+    """What the task score compared, or why there is none (sidecar `task_contrast`)."""
+    if scores.task_scored.get(TASK) and scores.task_scored.get(CONTROL):
+        return "task vs control"
+    if any(scores.task_left_out.values()):
+        return (
+            f"none: the task or the control group has no document with {task_window} tokens outside the "
+            "shared template (lower --task-window)"
+        )
+    return "none: task scores need documents in both the task and control groups"
+
+
+def _sidecar(
+    ctx: RunContext,
+    staged: StagedCache,
+    scores: WindowedScores,
+    doc_group: np.ndarray,
+) -> dict[str, Any]:
+    """What the sidecar adds to the parameters: the template left out, documents left out, counts."""
+    table, shared = scores.table, scores.score.shared
+    texts = token_texts(
+        shared.ids,
+        staged.dir / CONTEXTS,
+        staged.dir / EXAMPLES,
+        ctx.model.tokenizer if ctx.with_model else None,
+    )
+    n_task, n_control = int(table["is_task"].sum()), int(table["is_control"].sum())
+    task_contrast = _task_contrast(scores, ctx.cfg.task_window)
+    if not n_task:
+        log.warning("no feature qualifies as a task feature (%s); overlaps will be empty", task_contrast)
+    return {
+        "shared_tokens": [
+            {
+                "id": int(t),
+                "text": texts.get(int(t)),
+                "doc_fraction": {g: round(float(f[i]), 4) for g, f in shared.doc_fraction.items()},
+            }
+            for i, t in enumerate(shared.ids.tolist())
+        ],
+        "shared_groups": shared.groups,
+        "documents_left_out": scores.left_out,
+        "documents_left_out_task_window": scores.task_left_out,
+        "eligible_tokens": _eligible_summary(doc_group, scores.score),
+        "task_contrast": task_contrast,
+        "n_task": n_task,
+        "n_control": n_control,
+        "n_harmful": int(table["is_harmful"].sum()),
+        "task_permutation": scores.permutation,
+    }

@@ -95,3 +95,13 @@ def test_diff_tables_match_direct_computation(cache) -> None:
     mismatched = EvalActs(Path("."), control.arrays, control.prompts.assign(question="other"), {})
     with pytest.raises(FeatureGeomError, match="different prompts"):
         diff_tables(before, mismatched, None, risk)
+
+
+def test_predicted_risk_without_task_features_is_a_clear_error(tiny_sae_dir, tmp_path: Path) -> None:
+    """The scores step may find no task feature (a result); the diff then says so instead of failing."""
+    from precompute.errors import CacheError
+    from tests.tiny import write_feature_cache
+
+    empty = write_feature_cache(tmp_path / "cache", tiny_sae_dir, 64, HARMFUL, [], 0.1)
+    with pytest.raises(CacheError, match=r"has no task features .*n_task"):
+        predicted_risk(empty)

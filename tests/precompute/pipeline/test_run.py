@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from precompute import schema
 from precompute.cache import read_manifest, verify_cache
 from precompute.cli import main as cli_main
 from precompute.data.corpus import CorpusSource
@@ -207,6 +208,32 @@ def test_scores_and_overlaps_rerun_on_existing_cache(built_cache, tmp_path):
     assert manifest["params"]["scores"]["harm_threshold"] == 0.6
     assert manifest["params"]["overlaps"]["n_task"] == 5
     assert list(pd.read_parquet(copy / "overlaps.parquet").columns) == list(before.columns)
+
+
+def test_no_task_feature_is_a_result_and_overlaps_are_empty(built_cache, tmp_path):
+    """When no feature qualifies as a task feature the sidecar says so and overlaps writes an empty
+    table with the contract's columns, not an error."""
+    import shutil
+
+    out, _ = built_cache
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    args = ["--out", str(copy), "--no-progress"]
+    assert cli_main(["scores", *args, "--min-docs", "1000", "--task-window", "4"]) == 0
+    sidecar = json.loads((copy / "params" / "scores.json").read_text())
+    assert sidecar["n_task"] == sidecar["n_control"] == sidecar["n_harmful"] == 0
+    assert sidecar["task_contrast"] == "task vs control"
+    assert sidecar["params"]["min_docs"] == 1000 and sidecar["params"]["task_window"] == 4
+    features = pd.read_parquet(copy / "features.parquet")
+    assert not features["is_task"].any() and features["task_score"].notna().all()
+    assert "task_control_score" not in features.columns
+    assert cli_main(["overlaps", *args]) == 0
+    overlaps = pd.read_parquet(copy / "overlaps.parquet")
+    assert overlaps.empty and list(overlaps.columns) == [
+        c.name for c in schema.TABLES[schema.OVERLAPS].columns
+    ]
+    assert json.loads((copy / "params" / "overlaps.json").read_text())["pairs"] == 0
+    verify_cache(copy)
 
 
 # ------------------------------------------------------------------------------ resume
@@ -402,7 +429,10 @@ def test_scores_count_only_harvested_documents(tiny_model_dir, tiny_sae_dir, tin
     read = docs[docs.n_tokens > 0]
     assert len(read) < len(docs), "the budget must leave some documents unread for this test"
     scored = read_manifest(tmp_path / "budget")["params"]["scores"]["documents_scored"]
-    assert scored == read["group"].value_counts().sort_index().to_dict()
+    sidecar = json.loads((tmp_path / "budget" / "params" / "scores.json").read_text())
+    left_out = sidecar["documents_left_out"]  # harvested, but shorter than the score window
+    assert scored.keys() == left_out.keys()
+    assert {g: scored[g] + left_out[g] for g in scored} == read["group"].value_counts().to_dict()
 
 
 def test_outlier_norm_positions_are_dropped(tiny_model_dir, tiny_corpus):

@@ -1,4 +1,4 @@
-"""Write a schema-complete synthetic explorer cache (docs/cache.md, precompute/schema.py).
+"""Write a schema-complete synthetic explorer cache (docs/cache.md, precompute/schema/).
 
 Why: the explorer needs caches for its tests and benchmarks before (and independently of) the real
 precompute pipeline, at any size up to a 262k-feature SAE. The data is fake but shaped like the real

@@ -1,4 +1,4 @@
-"""docs/cache.md documents exactly the cache contract of precompute/schema.py: the same files, and for
+"""docs/cache.md documents exactly the cache contract of precompute/schema/: the same files, and for
 each table and archive the same columns (arrays), types, shapes, steps and optional columns. Change
 one and this test names what the other lacks."""
 

@@ -1,4 +1,4 @@
-"""The cache contract (precompute/schema.py): its checker, and that the pipeline and the synthetic
+"""The cache contract (precompute/schema/): its checker, and that the pipeline and the synthetic
 fixture both write exactly it."""
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def contract_types(path: Path, name: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for column, dtype in schema.parquet_dtypes(path / name).items():
         spec = schema.TABLES[name].column(column)
-        assert spec is not None, f"{name}: column {column} is not in precompute/schema.py"
+        assert spec is not None, f"{name}: column {column} is not in precompute/schema/"
         out[spec.name] = spec.dtype if dtype == schema.NULL and spec.nullable else dtype
     return out
 

@@ -357,12 +357,13 @@ def _overlaps(
 
 
 def _closeness(wd: World, feats: pd.DataFrame, null_cosine: float, seed: int) -> dict[str, Any]:
-    """closeness.json, computed by the closeness step's own code on the synthetic decoder. Until the
+    """closeness.json, computed by the closeness step's own code on the synthetic decoder (the ranked
+    comparison from the synthetic task_score). Until the
     features table has `is_control`, control-specific features are stood in for by a low
     task-vs-control score (recorded in the file's `set_definitions`)."""
     from precompute.pipeline.closeness import ClosenessParams, closeness_report
 
-    sets = feats[["feature", "frequency", "is_harmful", "is_task"]].copy()
+    sets = feats[["feature", "frequency", "is_harmful", "is_task", "task_score"]].copy()
     if "is_control" in feats.columns:
         sets["is_control"] = feats["is_control"]
     else:
@@ -516,6 +517,7 @@ def write_synthetic_cache(
                 "n_bootstrap": 2000,
                 "seed": seed,
                 "null_cosine": null_cosine,
+                "ranked_n": 100,
             },
         }
         for step, params in steps.items():

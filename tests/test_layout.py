@@ -20,7 +20,7 @@ def module_lengths() -> dict[str, int]:
 
 def test_modules_are_at_most_500_lines() -> None:
     lengths = module_lengths()
-    assert "explorer/app.py" in lengths and "precompute/schema.py" in lengths
+    assert "explorer/app.py" in lengths and "precompute/schema/contract.py" in lengths
     too_long = {path: n for path, n in lengths.items() if n > MAX_LINES}
     listing = ", ".join(f"{p} ({n})" for p, n in sorted(too_long.items(), key=lambda kv: -kv[1]))
     assert not too_long, f"split these modules (lines > {MAX_LINES}): {listing}"

@@ -13,6 +13,7 @@ from explorer.figures.closeness import (
     flagged_pairs_figure,
     flagged_pairs_sentence,
     fmt_p,
+    ranked_sentence,
 )
 from explorer.figures.feature import (
     NN_PCT_HELP,
@@ -117,6 +118,7 @@ __all__ = [
     "map_figure",
     "neighbour_table",
     "plotly_config",
+    "ranked_sentence",
     "rgba",
     "score_legend_html",
     "show_token",

@@ -2,7 +2,9 @@
 plain text out).
 
 A sentence never claims more than the report's `verdict`: it is written per verdict, and none is
-written when the verdict is `not_testable` (the page says why instead). Sentences are plain text; the
+written when the verdict is `not_testable` (the page says why instead). The ranked comparison's
+sentence (`ranked_sentence`, from closeness.json `ranked`) opens with the word "Exploratory": its
+sets are chosen by rank of task_score, not by significance. Sentences are plain text; the
 page escapes them for markdown. Strings from the file reach a figure only through `esc`.
 """
 
@@ -35,21 +37,39 @@ def testable(report: dict[str, Any]) -> bool:
     return report.get("verdict") != "not_testable"
 
 
+def _numbers(report: dict[str, Any], sizes: str) -> str:
+    a, b = report["inducing"], report["non_inducing"]
+    return (
+        f"mean closeness {a['mean']:.3f} vs {b['mean']:.3f}, a difference of {report['difference']:+.3f} "
+        f"(95% CI {_ci(report['ci'])}; {sizes})"
+    )
+
+
+def _shuffles(report: dict[str, Any]) -> str:
+    return (
+        f"shuffles of set membership within firing-frequency bins (one-sided p = "
+        f"{fmt_p(report['p_permutation'])}, two-sided {fmt_p(report['p_two_sided'])})"
+    )
+
+
+def _frequency_note(report: dict[str, Any]) -> str:
+    """For `no_difference` with an interval off 0: the raw difference is a frequency effect."""
+    ci = report["ci"]
+    if not ci or not (ci[0] > 0 or ci[1] < 0):
+        return ""
+    return (
+        " The raw difference is about what firing frequency alone gives: frequency-matched shuffles "
+        f"average {report['null_difference_mean']:+.3f}."
+    )
+
+
 def closeness_sentence(report: dict[str, Any]) -> str | None:
     """One sentence stating the comparison's result as far as its verdict goes; None when not testable."""
     verdict = report.get("verdict")
     if verdict not in ("inducing_closer", "no_difference", "non_inducing_closer"):
         return None
-    a, b = report["inducing"], report["non_inducing"]
-    diff, ci, p = report["difference"], report["ci"], report["p_permutation"]
-    numbers = (
-        f"mean closeness {a['mean']:.3f} vs {b['mean']:.3f}, a difference of {diff:+.3f} "
-        f"(95% CI {_ci(ci)}; n = {a['n']} and {b['n']})"
-    )
-    test = (
-        f"shuffles of set membership within firing-frequency bins (one-sided p = {fmt_p(p)}, "
-        f"two-sided {fmt_p(report['p_two_sided'])})"
-    )
+    numbers = _numbers(report, f"n = {report['inducing']['n']} and {report['non_inducing']['n']}")
+    test = _shuffles(report)
     if verdict == "inducing_closer":
         return (
             "In this cache, task-specific features sit closer to harmful features than control-specific "
@@ -61,16 +81,35 @@ def closeness_sentence(report: dict[str, Any]) -> str | None:
             f"features do, the opposite of the claim: {numbers}; {test}, p for this direction = "
             f"{fmt_p(report['p_non_inducing_closer'])}."
         )
-    out = (
+    return (
         "In this cache, task-specific features do not sit measurably closer to harmful features than "
-        f"control-specific features: {numbers}, no more than {test} give."
+        f"control-specific features: {numbers}, no more than {test} give." + _frequency_note(report)
     )
-    if ci and (ci[0] > 0 or ci[1] < 0):
-        out += (
-            " The raw difference is about what firing frequency alone gives: frequency-matched shuffles "
-            f"average {report['null_difference_mean']:+.3f}."
+
+
+def ranked_sentence(ranked: dict[str, Any]) -> str | None:
+    """The ranked comparison (closeness.json `ranked`) as far as its verdict goes, labelled exploratory;
+    None when not testable."""
+    verdict = ranked.get("verdict")
+    if verdict not in ("inducing_closer", "no_difference", "non_inducing_closer"):
+        return None
+    n = ranked["n"]
+    top = f"the {n} most task-leaning features (highest task score)"
+    bottom = f"the {n} most control-leaning ones (lowest)"
+    numbers, test = _numbers(ranked, f"n = {n} each"), _shuffles(ranked)
+    lead = "Exploratory, sets by rank rather than by significance: in this cache, "
+    if verdict == "inducing_closer":
+        return f"{lead}{top} sit closer to harmful features than {bottom}: {numbers}, more than {test} give."
+    if verdict == "non_inducing_closer":
+        return (
+            f"{lead}the {n} most control-leaning features (lowest task score) sit closer to harmful "
+            f"features than the {n} most task-leaning ones, the opposite of the claim: {numbers}; {test}, "
+            f"p for this direction = {fmt_p(ranked['p_non_inducing_closer'])}."
         )
-    return out
+    return (
+        f"{lead}{top} do not sit measurably closer to harmful features than {bottom}: {numbers}, no more "
+        f"than {test} give." + _frequency_note(ranked)
+    )
 
 
 def flagged_pairs_sentence(report: dict[str, Any]) -> str | None:
@@ -99,16 +138,19 @@ def _centres(edges: list[float]) -> tuple[np.ndarray, float]:
     return (e[:-1] + e[1:]) / 2, float(e[1] - e[0]) if e.size > 1 else 1.0
 
 
-def closeness_sets_figure(report: dict[str, Any], height: int = 360) -> go.Figure | None:
-    """Both sets' closeness on shared bins, each as a share of its set, with each set's mean marked."""
+def closeness_sets_figure(
+    report: dict[str, Any], height: int = 360, names: tuple[str, str] = (INDUCING_NAME, NON_INDUCING_NAME)
+) -> go.Figure | None:
+    """Both sets' closeness on shared bins, each as a share of its set, with each set's mean marked
+    (`report`: closeness.json or its `ranked` part; `names`: the two sets' legend names)."""
     hist = report.get("histogram")
     if not hist:
         return None
     x, width = _centres(hist["edges"])
     fig = go.Figure()
     for key, name, color in (
-        ("inducing", INDUCING_NAME, INDUCING_COLOR),
-        ("non_inducing", NON_INDUCING_NAME, NON_INDUCING_COLOR),
+        ("inducing", esc(names[0]), INDUCING_COLOR),
+        ("non_inducing", esc(names[1]), NON_INDUCING_COLOR),
     ):
         counts = np.asarray(hist[key], dtype=float)
         share = counts / max(counts.sum(), 1.0)
@@ -168,12 +210,14 @@ def null_figure(
     return fig
 
 
-def difference_null_figure(report: dict[str, Any]) -> go.Figure | None:
+def difference_null_figure(
+    report: dict[str, Any], xlabel: str = "mean closeness, inducing − non-inducing"
+) -> go.Figure | None:
     return null_figure(
         report.get("permutation_null"),
         report.get("difference"),
         "The difference against frequency-matched shuffles of set membership",
-        "mean closeness, inducing − non-inducing",
+        xlabel,
     )
 
 

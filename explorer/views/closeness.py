@@ -3,12 +3,16 @@
 Shows closeness.json (the closeness step, docs/cache.md): both sets' distributions, the difference
 with its interval and permutation p, the set sizes, and one sentence per result, computed from the
 file and never stronger than its verdict. A `not_testable` verdict gets its reason, no sentence.
+The strict comparison (sets by significance) comes first; the ranked one (`ranked`: the N most
+task-leaning vs the N most control-leaning features) follows under its own heading, labelled
+exploratory, with its sensitivity to N.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 
 from explorer import figures as F
@@ -99,6 +103,81 @@ def flagged_pairs(report: dict[str, Any]) -> None:
         st.plotly_chart(fig, config=state.chart_config("closeness-pairs"), key="closeness_fig:pairs")
 
 
+def ranked_metrics(r: dict[str, Any]) -> None:
+    rng = r["task_score_range"]
+    cols = st.columns(5)
+    for col, key, label in (
+        (cols[0], "inducing", "Top N (task-leaning)"),
+        (cols[1], "non_inducing", "Bottom N (control-leaning)"),
+    ):
+        span = rng[key]
+        col.metric(
+            label,
+            f"n = {r[key]['n']:,}",
+            help=f"task score {span[0]:.3f} to {span[1]:.3f}" if span else None,
+        )
+    cols[2].metric("Ranked difference", _num(r["difference"], "+.3f"), help="Mean closeness, top − bottom.")
+    ci = r["ci"]
+    cols[3].metric("Ranked 95% CI", f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else "n/a")
+    cols[4].metric(
+        "Ranked permutation p",
+        F.fmt_p(r["p_permutation"]),
+        help=f"One-sided (top closer), shuffles within firing-frequency bins. Two-sided: {F.fmt_p(r['p_two_sided'])}.",
+    )
+
+
+def sensitivity(rows: list[dict[str, Any]]) -> None:
+    table = pd.DataFrame(
+        {
+            "N asked": [r["n_requested"] for r in rows],
+            "N used": [r["n"] for r in rows],
+            "difference": [_num(r["difference"], "+.4f") for r in rows],
+            "95% CI": [f"{r['ci'][0]:+.4f} to {r['ci'][1]:+.4f}" if r["ci"] else "n/a" for r in rows],
+            "p (top closer)": [F.fmt_p(r["p_permutation"]) for r in rows],
+            "p two-sided": [F.fmt_p(r["p_two_sided"]) for r in rows],
+            "verdict": [r["verdict"] for r in rows],
+        }
+    )
+    st.caption("The same comparison at other N:")
+    st.dataframe(table, hide_index=True)
+
+
+def ranked(report: dict[str, Any]) -> None:
+    st.subheader("Exploratory: the most task-leaning vs the most control-leaning features")
+    r = report["ranked"]
+    st.caption(
+        state.md_escape(
+            f"Exploratory — {r['selection']}. Every eligible feature is ranked by its task score (task vs "
+            f"control documents) and the two ends are compared with the same statistic and tests as above; "
+            f"no feature in either set need separate task from control beyond chance. Eligible: "
+            f"{r['eligibility']} ({r['n_eligible']:,} features)."
+        )
+    )
+    sentence = F.ranked_sentence(r)
+    if sentence is None:
+        st.warning("**Not testable.** " + state.md_escape(r["reason"]), icon="⚠️")
+        return
+    st.markdown(state.md_escape(sentence))
+    if r["reduction"]:
+        st.caption(state.md_escape(r["reduction"] + "."))
+    ranked_metrics(r)
+    n = r["n"]
+    names = (f"top {n} by task score (task-leaning)", f"bottom {n} (control-leaning)")
+    shown = [
+        f
+        for f in (
+            F.closeness_sets_figure(r, names=names),
+            F.difference_null_figure(r, "mean closeness, top − bottom"),
+        )
+        if f is not None
+    ]
+    for i, (col, fig) in enumerate(zip(st.columns(len(shown)), shown, strict=True)):
+        col.plotly_chart(
+            fig, config=state.chart_config(f"closeness-ranked-{i}"), key=f"closeness_ranked_fig:{i}"
+        )
+    sensitivity(report["ranked_sensitivity"])
+
+
 def method(report: dict[str, Any]) -> None:
     with st.expander("How this was computed"):
         st.markdown(
@@ -112,6 +191,13 @@ def method(report: dict[str, Any]) -> None:
             )
         )
         st.caption(state.md_escape(f"verdict: {report['verdict']} — {report['reason']}"))
+        r = report["ranked"]
+        st.caption(
+            state.md_escape(
+                f"Ranked (exploratory): N = {r['n_requested']} asked (`--closeness-ranked`), {r['n']} used; "
+                f"verdict: {r['verdict']} — {r['reason']}"
+            )
+        )
 
 
 def render() -> None:
@@ -132,6 +218,7 @@ def render() -> None:
     assert report is not None
     comparison(report)
     flagged_pairs(report)
+    ranked(report)
     method(report)
 
 

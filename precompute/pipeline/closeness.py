@@ -13,6 +13,10 @@ The flagged-pairs check asks the same of the overlaps' count: how many (task, ha
 above the used null cosine, against the harm labels shuffled across features of the same frequency
 bin. A negative result is a result: the verdict says so, and `not_testable` (with a reason) when a
 set has too few features.
+
+`ranked` asks the question of sets chosen by rank instead (precompute/pipeline/closeness_ranked.py):
+the N most task-leaning features (highest `task_score`) against the N most control-leaning, with the
+same statistic and tests, labelled exploratory; `ranked_sensitivity` repeats it for N in 50, 100, 200.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from precompute.permutation import (
     frequency_bins,
     label_sum_permutation_test,
 )
+from precompute.pipeline.closeness_ranked import ELIGIBILITY, SELECTION, SENSITIVITY_N, RankedSets, rank_sets
 from precompute.pipeline.context import RunContext
 from precompute.pipeline.knn import _resolve_device
 from precompute.schema import CLOSENESS, FEATURES, NEIGHBORS
@@ -61,6 +66,7 @@ class ClosenessParams:
     frequency_bins: int = 10
     alpha: float = 0.05
     seed: int = 0
+    ranked_n: int = 100  # N of the exploratory ranked comparison (per set)
 
 
 # ------------------------------------------------------------------------------ cosines, in blocks
@@ -292,6 +298,65 @@ def flagged_pairs_test(
     }
 
 
+def _score_range(score: np.ndarray, mask: np.ndarray) -> list[float] | None:
+    return [float(score[mask].min()), float(score[mask].max())] if mask.any() else None
+
+
+def _ranked_result(
+    close: np.ndarray, cut: RankedSets, score: np.ndarray, frequency: np.ndarray, params: ClosenessParams
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "selection": SELECTION,
+        "eligibility": ELIGIBILITY,
+        "n": cut.n,
+        "n_requested": cut.n_requested,
+        "n_eligible": cut.n_eligible,
+        "n_task_leaning": cut.n_task_leaning,
+        "n_control_leaning": cut.n_control_leaning,
+        "reduction": cut.reduction,
+        "set_definitions": {
+            "inducing": f"the {cut.n} eligible features of highest task_score (task-leaning, > 0.5)",
+            "non_inducing": f"the {cut.n} eligible features of lowest task_score (control-leaning, < 0.5)",
+        },
+        "task_score_range": {
+            "inducing": _score_range(score, cut.top),
+            "non_inducing": _score_range(score, cut.bottom),
+        },
+        **compare_sets(close, cut.top, cut.bottom, frequency, params),
+    }
+    if out["verdict"] == "not_testable" and cut.reduction:
+        out["reason"] = f"{cut.reduction}; {out['reason']}"
+    return out
+
+
+def ranked_comparison(
+    directions: Any,
+    task_score: np.ndarray,
+    frequency: np.ndarray,
+    harmful: np.ndarray,
+    params: ClosenessParams,
+    device: str = "cpu",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """closeness.json's `ranked` (top vs bottom `params.ranked_n` by task_score) and
+    `ranked_sensitivity` (the same for each N of SENSITIVITY_N): exploratory, sets by rank."""
+    cuts = {
+        k: rank_sets(task_score, frequency, harmful, k) for k in sorted({params.ranked_n, *SENSITIVITY_N})
+    }
+    rows = np.flatnonzero(np.logical_or.reduce([c.top | c.bottom for c in cuts.values()]))
+    close = np.full(task_score.size, np.nan)
+    close[rows] = closeness_to(directions, rows, np.flatnonzero(harmful), device)
+    results = {k: _ranked_result(close, cut, task_score, frequency, params) for k, cut in cuts.items()}
+    sensitivity = [
+        {
+            "n_requested": k,
+            **{key: results[k][key] for key in ("n", "difference", "ci", "p_permutation", "p_two_sided")},
+            "verdict": results[k]["verdict"],
+        }
+        for k in SENSITIVITY_N
+    ]
+    return results[params.ranked_n], sensitivity
+
+
 def _bool(features: pd.DataFrame, name: str) -> np.ndarray:
     return features[name].astype("boolean").fillna(False).to_numpy(dtype=bool)
 
@@ -344,6 +409,15 @@ def closeness_report(
     report["flagged_pairs"] = flagged_pairs_test(
         counts, harmful, int(task.sum()), frequency, null_cosine, params
     )
+    has_score = "task_score" in feats.columns
+    score = feats["task_score"].to_numpy(np.float64) if has_score else np.full(n, np.nan)
+    report["ranked"], report["ranked_sensitivity"] = ranked_comparison(
+        directions, score, frequency, harmful, params, device
+    )
+    if not has_score:  # no rank, or nothing to be close to: both sets came out empty (not_testable)
+        report["ranked"]["reason"] = "features.parquet has no column task_score (rerun `featuregeom scores`)"
+    elif not harmful.any():
+        report["ranked"]["reason"] = "no feature is flagged harmful (is_harmful)"
     report.update(
         null_cosine_used=float(null_cosine),
         n_permutations=params.n_permutations,
@@ -365,6 +439,7 @@ def params_from(ctx: RunContext) -> ClosenessParams:
         frequency_bins=cfg.closeness_bins,
         alpha=cfg.closeness_alpha,
         seed=cfg.seed,
+        ranked_n=cfg.closeness_ranked,
     )
 
 
@@ -388,9 +463,24 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     report = closeness_report(directions, features, null, params, device=ctx.cfg.device)
     staged.path(CLOSENESS).write_text(json.dumps(report, indent=2, allow_nan=False))
     log.info("closeness: %s (%s)", report["verdict"], report["reason"])
+    log.info(
+        "closeness, ranked (exploratory): %s (%s)", report["ranked"]["verdict"], report["ranked"]["reason"]
+    )
     staged.record_step(
         "closeness",
-        {**asdict(params), "null_cosine": null, "sets": [INDUCING, NON_INDUCING], "min_set_size": MIN_SET},
+        {
+            **asdict(params),
+            "null_cosine": null,
+            "sets": [INDUCING, NON_INDUCING],
+            "min_set_size": MIN_SET,
+            "ranked_selection": SELECTION,
+            "ranked_sensitivity_n": list(SENSITIVITY_N),
+        },
         time.perf_counter() - start,
-        {"verdict": report["verdict"], "flagged_pairs": report["flagged_pairs"]["observed"]},
+        {
+            "verdict": report["verdict"],
+            "flagged_pairs": report["flagged_pairs"]["observed"],
+            "ranked_n": report["ranked"]["n"],
+            "ranked_verdict": report["ranked"]["verdict"],
+        },
     )

@@ -34,7 +34,13 @@ _SCORES = (
     "shared_token_fraction",
     "neuronpedia",
 )
-_CLOSENESS = ("closeness_permutations", "closeness_bootstrap", "closeness_bins", "closeness_alpha")
+_CLOSENESS = (
+    "closeness_permutations",
+    "closeness_bootstrap",
+    "closeness_bins",
+    "closeness_alpha",
+    "closeness_ranked",
+)
 
 
 @dataclass

@@ -151,6 +151,13 @@ class RunConfig:
     closeness_alpha: float = option(
         0.05, low=0, high=0.5, bounds="()", help="significance level of the closeness step's verdict"
     )
+    closeness_ranked: int = option(
+        100,
+        low=5,
+        bounds="[)",
+        help="N of the closeness step's exploratory ranked comparison: the N most task-leaning features "
+        "(highest task_score) vs the N most control-leaning (lowest); fewer when fewer are eligible",
+    )
     overwrite: bool = option(False, help="replace an --out directory that holds a different cache")
     progress: bool = option(True, help="hide progress bars")
 

@@ -318,6 +318,8 @@ JSON_FILES: dict[str, JsonFile] = {
         + _keys("number", "p_two_sided null_difference_mean", True)
         + _keys("array", "ci median_ci", True)
         + _keys("object", "permutation_null histogram", True)
+        + _keys("object", "ranked")
+        + _keys("array", "ranked_sensitivity")
         + _keys("number", "null_cosine_used alpha")
         + _keys("integer", "n_permutations n_bootstrap frequency_bins seed min_set_size"),
     ),

@@ -1,5 +1,6 @@
 """The Closeness page: its sentences and figures from closeness.json (pure), and the page through AppTest
-on caches whose closeness.json says each verdict, is missing, or was tampered with."""
+on caches whose closeness.json says each verdict, is missing, or was tampered with; the exploratory
+ranked comparison under its own heading, after the strict one, with a sentence only when testable."""
 
 from __future__ import annotations
 
@@ -77,6 +78,29 @@ def test_each_verdict_gets_its_own_sentence_with_the_files_numbers(
     none = F.closeness_sentence(reports["no_difference"])
     assert none is not None and "do not sit measurably closer" in none and "sit closer" not in none
     assert F.closeness_sentence(reports["not_testable"]) is None
+
+
+@pytest.mark.parametrize("verdict", ["inducing_closer", "no_difference", "non_inducing_closer"])
+def test_the_ranked_sentence_follows_its_own_verdict_and_says_exploratory(
+    verdict: str, reports: dict[str, dict[str, Any]]
+) -> None:
+    r = json.loads(json.dumps(reports["no_difference"]["ranked"]))
+    r["verdict"] = verdict
+    s = F.ranked_sentence(r)
+    assert s is not None and s.startswith("Exploratory, sets by rank rather than by significance")
+    for number in (
+        f"{r['difference']:+.3f}",
+        f"95% CI {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f}",
+        f"n = {r['n']} each",
+        f"one-sided p = {F.fmt_p(r['p_permutation'])}",
+    ):
+        assert number in s, number
+    top_closer = f"the {r['n']} most task-leaning features (highest task score) sit closer"
+    assert (top_closer in s) == (verdict == "inducing_closer")
+    assert ("opposite of the claim" in s) == (verdict == "non_inducing_closer")
+    assert ("do not sit measurably closer" in s) == (verdict == "no_difference")
+    r["verdict"] = "not_testable"
+    assert F.ranked_sentence(r) is None
 
 
 def test_no_difference_names_a_frequency_made_difference() -> None:
@@ -164,7 +188,21 @@ def test_the_page_states_the_verdict(
     assert metrics["95% CI"] == f"{r['ci'][0]:+.3f} to {r['ci'][1]:+.3f}"
     assert metrics["Permutation p"] == F.fmt_p(r["p_permutation"])
     assert F.flagged_pairs_sentence(r) in [plain(m.value) for m in at.markdown]
-    assert len(at.get("plotly_chart")) == 3
+    ranked = r["ranked"]
+    assert ranked["verdict"] == verdict  # the planted sets are also the ends of the ranking
+    assert F.ranked_sentence(ranked) in [plain(m.value) for m in at.markdown]
+    assert metrics["Ranked difference"] == f"{ranked['difference']:+.3f}"
+    assert metrics["Ranked permutation p"] == F.fmt_p(ranked["p_permutation"])
+    assert len(at.get("plotly_chart")) == 5
+    headings = [plain(h.value) for h in at.subheader]
+    assert headings.index("Closeness of the two sets") < headings.index(
+        "Exploratory: the most task-leaning vs the most control-leaning features"
+    )
+    table = at.dataframe[0].value
+    assert table["N asked"].tolist() == [row["n_requested"] for row in r["ranked_sensitivity"]]
+    assert table["p (top closer)"].tolist() == [
+        F.fmt_p(row["p_permutation"]) for row in r["ranked_sensitivity"]
+    ]
 
 
 def test_a_not_testable_cache_gets_the_reason_and_no_sentence(
@@ -177,7 +215,24 @@ def test_a_not_testable_cache_gets_the_reason_and_no_sentence(
     warning = plain(at.warning[0].value)
     assert "Not testable" in warning and r["reason"] in warning and "No conclusion" in warning
     assert {m.label: m.value for m in at.metric}["Permutation p"] == "n/a"
-    assert len(at.get("plotly_chart")) == 1  # only the flagged pairs, which were testable
+    assert len(at.get("plotly_chart")) == 3  # the flagged pairs, which were testable, and the ranked pair
+    assert F.ranked_sentence(r["ranked"]) in [plain(m.value) for m in at.markdown]
+
+
+def test_a_not_testable_ranked_comparison_gets_its_reason_and_no_sentence(
+    cache_copy: Path, reports: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w, feats = dictionary(0, 0.4, 0.05)
+    r = json.loads(json.dumps(closeness_report(w, feats.drop(columns="task_score"), 0.2, PARAMS)))
+    assert r["verdict"] == "inducing_closer" and r["ranked"]["verdict"] == "not_testable"
+    at = run_page(PAGE, with_closeness(cache_copy, r), monkeypatch)
+    assert not at.exception and not at.error
+    assert sentences(at) == [F.closeness_sentence(r)]
+    assert not [m for m in at.markdown if plain(m.value).startswith("Exploratory")]
+    (warning,) = [plain(w.value) for w in at.warning]
+    assert "Not testable" in warning and "no column task_score" in warning
+    assert "Ranked difference" not in {m.label for m in at.metric}
+    assert len(at.get("plotly_chart")) == 3  # the strict comparison's two and the flagged pairs
 
 
 def test_the_page_without_or_with_a_damaged_file(

@@ -38,7 +38,8 @@ def dictionary(
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Unit decoder rows: harmful, inducing (is_task), non-inducing (is_control), the rest isotropic.
     An inducing / non-inducing feature sits at the given cosine to one random harmful direction (None:
-    isotropic like the rest). Frequencies are log-uniform and independent of everything."""
+    isotropic like the rest). Frequencies are log-uniform and independent of everything; task_score is
+    high (0.7-0.9) for the inducing set, low (0.1-0.3) for the non-inducing one, 0.35-0.65 elsewhere."""
     rng = np.random.default_rng(seed)
     n_h, n_a, n_b, n_r = n
     harm = unit(rng.standard_normal((n_h, d)))
@@ -62,6 +63,11 @@ def dictionary(
             "is_control": kind == "b",
         }
     )
+    lo, hi = (
+        np.select([kind == "a", kind == "b"], [0.7, 0.1], 0.35),
+        np.select([kind == "a", kind == "b"], [0.9, 0.3], 0.65),
+    )
+    feats["task_score"] = rng.uniform(lo, hi)
     return w.astype(np.float32), feats
 
 
@@ -227,14 +233,14 @@ def test_the_step_runs_on_a_cache_from_the_command_line(tiny_sae_dir: Path, tmp_
             "is_harmful": np.arange(n) < 8,
             "is_task": (np.arange(n) >= 8) & (np.arange(n) < 30),
             "is_control": np.arange(n) >= 40,
+            "task_score": rng.uniform(0.2, 0.8, n),
         }
     )
     with stage(out) as staged:  # the scores step's columns, as a later scores step would write them
         merge_feature_columns(staged, n, feats)
         staged.commit()
-    assert (
-        cli_main(["closeness", "--out", str(out), "--closeness-permutations", "1000", "--no-progress"]) == 0
-    )
+    flags = ["--closeness-permutations", "1000", "--closeness-ranked", "10", "--no-progress"]
+    assert cli_main(["closeness", "--out", str(out), *flags]) == 0
     manifest = verify_cache(out)
     assert manifest["steps"] == ["geometry", "closeness"]
     report = json.loads((out / schema.CLOSENESS).read_text())
@@ -242,11 +248,13 @@ def test_the_step_runs_on_a_cache_from_the_command_line(tiny_sae_dir: Path, tmp_
     with np.load(out / schema.NEIGHBORS) as z:
         null = float(z["null_cosine"])
     w = load_sae(str(tiny_sae_dir)).unit_directions()
-    expect = closeness_report(w, feats, null, ClosenessParams(n_permutations=1000))
+    expect = closeness_report(w, feats, null, ClosenessParams(n_permutations=1000, ranked_n=10))
     assert report == json.loads(json.dumps(expect))
+    assert report["ranked"]["n_requested"] == 10 and report["ranked"]["n"] == 10
     sidecar = json.loads((out / schema.params_file("closeness")).read_text())
     assert sidecar["params"]["n_permutations"] == 1000 and sidecar["params"]["null_cosine"] == null
     assert sidecar["params"]["n_bootstrap"] == 2000 and sidecar["verdict"] == report["verdict"]
+    assert sidecar["params"]["ranked_n"] == 10 and sidecar["ranked_verdict"] == report["ranked"]["verdict"]
 
 
 def test_bootstrap_below_2000_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

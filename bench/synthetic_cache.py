@@ -349,8 +349,10 @@ def _overlaps(
             )
     columns = [c.name for c in schema.TABLES[schema.OVERLAPS].columns]
     overlaps = pd.DataFrame(rows, columns=columns).sort_values("risk", ascending=False, ignore_index=True)
+    spec = schema.TABLES[schema.OVERLAPS].columns
+    floats = {c.name: "float64" for c in spec if c.dtype == schema.FLOAT64}  # typed even with no rows
     overlaps = overlaps.astype(
-        {"task_feature": "int64", "harmful_feature": "int64", "neighbor_rank": "int64"}
+        {"task_feature": "int64", "harmful_feature": "int64", "neighbor_rank": "int64", **floats}
     )
     overlaps["harm_category"] = overlaps["harm_category"].astype("string")
     return overlaps
@@ -435,12 +437,16 @@ def write_synthetic_cache(
     n_quantile: int = 3,
     n_docs: int = 400,
     row_group_size: int = 4096,
+    task_features: bool = True,
 ) -> Path:
     """Write a synthetic cache to `path` (replacing it) and return the path.
 
     n_examples: top examples per live feature (default 8, or 4 above 50k features). With
     inject_html the planted pairs carry `<script>`, `<img onerror>` and `javascript:` payloads in
-    labels, logit-lens tokens, example tokens and document previews (for the XSS tests).
+    labels, logit-lens tokens, example tokens and document previews (for the XSS tests). Without
+    task_features every task score is pulled towards 0.5 (0.5 + 0.15 · (score − 0.5)), so no feature
+    passes the task or control test: no overlaps, closeness not testable (a negative result, as a cache
+    whose task and control text do not differ).
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -449,6 +455,8 @@ def write_synthetic_cache(
     n_quant = n_quantile if n <= 50000 else min(n_quantile, 2)
 
     wd = make_world(rng, n, d)
+    if not task_features:
+        wd.task = 0.5 + 0.15 * (wd.task - 0.5)
     nb_idx, nb_cos = neighbours(wd.w.astype(np.float32), wd.cluster, k)
     fpr = 1e-3
     # stand-in nulls, not computed: the flagging one (the covariance null, as on a real decoder, whose

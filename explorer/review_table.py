@@ -2,7 +2,7 @@
 
 Pure pandas over what `explorer.reviews.ReviewStore` returns: one row per flagged pair with its status
 (the agreed verdict, 'disputed' or 'unreviewed'), consensus and reviewers; CSV exports are safe to open
-in a spreadsheet (cells starting with = + - @ are quoted).
+in a spreadsheet (cells starting with = + - @ are quoted). `verdicts_html` lays out one pair's verdicts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from typing import Any
 
 import pandas as pd
 
+from explorer import figures as F
 from explorer.reviews import DISPUTED, UNREVIEWED
+
+VERDICT_COLORS = {"confirmed": F.HARM, "benign": "#059669"}
 
 
 def summarize(verdicts: pd.DataFrame) -> pd.DataFrame:
@@ -104,3 +107,26 @@ def export_json(pairs: pd.DataFrame, history: pd.DataFrame) -> bytes:
     """{"pairs": the reviewed table, "history": every saved verdict} as JSON (NaN -> null)."""
     doc = {"pairs": _records(pairs), "history": _records(history)}
     return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+def verdicts_html(verdicts: pd.DataFrame) -> str:
+    """One line per reviewer (their latest verdict), then the consensus; all text escaped."""
+    lines = []
+    for r in verdicts.sort_values("reviewer", key=lambda c: c.str.lower()).to_dict("records"):
+        n = int(r["n_changes"])
+        note = f" — <i>{F.esc(r['note'])}</i>" if r["note"] else ""
+        color = VERDICT_COLORS.get(str(r["verdict"]), "#d97706")
+        lines.append(
+            f'<div style="font-size:15px;margin:2px 0">{F.badge(r["verdict"], color, True)}'
+            f" <b>{F.esc(r['reviewer'])}</b> at {F.esc(r['updated_at'])} ({n} change{'s' if n != 1 else ''})"
+            f"{note}</div>"
+        )
+    kinds = set(verdicts["verdict"])
+    consensus = (
+        "single reviewer"
+        if len(verdicts) == 1
+        else f"{len(verdicts)} reviewers agree"
+        if len(kinds) == 1
+        else f"{len(verdicts)} reviewers disagree"
+    )
+    return f'<div style="margin-bottom:6px">Consensus: <b>{F.esc(consensus)}</b></div>' + "".join(lines)

@@ -166,25 +166,27 @@ class CacheData:
         }
 
     def default_pair(self) -> tuple[int, int] | None:
-        """The top-risk flagged pair, else the best task feature's nearest harmful neighbour."""
+        """The top-risk flagged pair (overlaps.parquet), or None when the cache flags none: a pair the
+        cache does not flag is never offered as one."""
         if len(self.overlaps):
             top = self.overlaps.sort_values("risk", ascending=False).iloc[0]
             return int(top["task_feature"]), int(top["harmful_feature"])
-        f = self.features
-        order = f.sort_values("task_score", ascending=False)["feature"].to_numpy()[:50]
-        for t in order:
-            nb = self.neighbours_of(int(t))
-            h = nb[nb["is_harmful"]]
-            if len(h):
-                return int(t), int(h["feature"].to_numpy()[0])
         return None
 
     def default_feature(self) -> int:
+        """The feature a page opens on: the top flagged pair's task feature, else the task feature with the
+        highest task score, else the harmful feature with the highest harm score, else the highest task
+        score (a cache that flags nothing)."""
         pair = self.default_pair()
         if pair:
             return pair[0]
-        task = self.features["task_score"].to_numpy(dtype=np.float64, na_value=np.nan)
-        return int(np.nan_to_num(task, nan=-np.inf).argmax()) if self.n else 0
+        f = self.features
+        for flag, col in (("is_task", "task_score"), ("is_harmful", "harm_score"), (None, "task_score")):
+            score = f[col].to_numpy(dtype=np.float64, na_value=np.nan)
+            ok = np.isfinite(score) & (f[flag].to_numpy(dtype=bool) if flag else True)
+            if np.any(ok):
+                return int(np.argmax(np.where(ok, score, -np.inf)))
+        return 0
 
     def search(self, query: str, limit: int = 50, examples: bool = True) -> pd.DataFrame:
         """Features whose id, label, explanation, logit-lens tokens or top-example text match.

@@ -186,6 +186,61 @@ def load_finetune_run(path: str | Path) -> FinetuneRun:
     return FinetuneRun(name=path.name, path=path, summary=summary, diff=diff.reset_index(drop=True))
 
 
+def read_diff_basis(path: str | Path) -> pd.DataFrame:
+    """The harmful features of a diff and the task feature each one's predicted risk points at
+    (`feature`, `risk_task_feature`; NaN when the diff predates that column): what it was computed with."""
+    path = Path(path) / schema.FINETUNE_DIFF
+    try:
+        names = pq.read_schema(path).names
+        cols = [c for c in ("feature", "risk_task_feature") if c in names]
+        df = pq.read_table(path, columns=cols, filters=[("is_harmful", "=", True)]).to_pandas()
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise CacheError(
+            f"{path} could not be read ({type(exc).__name__}: {exc}); rerun `featuregeom diff`"
+        ) from exc
+    if "feature" not in df:
+        raise CacheError(f"{path} lacks the column feature; rerun `featuregeom diff`")
+    if "risk_task_feature" not in df:
+        df["risk_task_feature"] = np.nan
+    return df
+
+
+def basis_problem(features: pd.DataFrame, basis: pd.DataFrame) -> str | None:
+    """Why a diff's predicted risk does not describe this cache now, or None when it may.
+
+    A diff ranks the cache's harmful features by closeness to its task features, as they were when it
+    ran; a cache rescored since may flag other features. Necessary conditions, checked here: the cache
+    has task features, every task feature the diff's risk points at is one now, and every harmful
+    feature of the diff is harmful now (`basis`: `read_diff_basis` or a run's harmful rows)."""
+    n = len(features)
+    is_task = features["is_task"].to_numpy(dtype=bool)
+    is_harm = features["is_harmful"].to_numpy(dtype=bool)
+    if not is_task.any():
+        return (
+            "this cache has no task feature now (none passes the task test), so the predicted risk the diff "
+            "was computed with, closeness to task features, does not describe it"
+        )
+
+    def not_in(ids: np.ndarray, flag: np.ndarray) -> int:
+        ok = (ids >= 0) & (ids < n)
+        return int((~ok).sum() + (~flag[ids[ok]]).sum())
+
+    harm = np.unique(basis["feature"].to_numpy(dtype=np.int64))
+    risk = basis["risk_task_feature"].to_numpy(dtype=np.float64)
+    task = np.unique(risk[np.isfinite(risk)].astype(np.int64))
+    reasons = []
+    if bad := not_in(task, is_task):
+        reasons.append(
+            f"{bad} of the {len(task)} task features its predicted risk points at "
+            f"{'is' if bad == 1 else 'are'} not a task feature in this cache now"
+        )
+    if bad := not_in(harm, is_harm):
+        reasons.append(
+            f"{bad} of its {len(harm)} harmful features {'is' if bad == 1 else 'are'} not harmful in this cache now"
+        )
+    return "; ".join(reasons) or None
+
+
 def compare_runs_table(runs: list[FinetuneRun], prompt_set: str, position: str) -> pd.DataFrame:
     """Per run and 'after'/'control': the pooled harmful mean change vs before [est, lo, hi] and held-out loss.
 
@@ -239,6 +294,29 @@ def spearman_of(
             seed=int(run.summary.get("seed") or 0),
         )
     return float(rho), float(lo), float(hi)
+
+
+def triage_basis_problem(features: pd.DataFrame, null_cosine: float, meta: dict[str, Any]) -> str | None:
+    """Why a triage's weights do not describe this cache now, or None: triage.json records how many harmful
+    and task features (task minus harmful) it weighted and the null it used; a cache rescored since may
+    count others."""
+    is_harm = features["is_harmful"].to_numpy(dtype=bool)
+    now = {
+        "harmful features": int(is_harm.sum()),
+        "task features": int((features["is_task"].to_numpy(dtype=bool) & ~is_harm).sum()),
+    }
+    reasons = []
+    for (what, have), key in zip(now.items(), ("n_harmful", "n_task"), strict=True):
+        was = meta.get(key)
+        if isinstance(was, int) and not isinstance(was, bool) and was != have:
+            reasons.append(f"it weighted {was:,} {what}, the cache flags {have:,} now")
+    was_null = meta.get("null_cosine")
+    if isinstance(was_null, (int, float)) and not isinstance(was_null, bool) and np.isfinite(null_cosine):
+        if abs(float(was_null) - null_cosine) > 1e-6 * max(1.0, abs(null_cosine)):
+            reasons.append(
+                f"it used the chance cosine {float(was_null):.3g}, the cache's is {null_cosine:.3g} now"
+            )
+    return "; ".join(reasons) or None
 
 
 @dataclass

@@ -51,8 +51,11 @@ from explorer.figures.map import (
     map_figure,
 )
 from explorer.figures.story import (
+    category_counts_figure,
     closeness_figure,
     finetune_figure,
+    nulls_figure,
+    task_scores_figure,
 )
 from explorer.figures.style import (
     CATEGORY_COLORS,
@@ -96,6 +99,7 @@ __all__ = [
     "badge",
     "base_layout",
     "change_bars_figure",
+    "category_counts_figure",
     "change_scatter",
     "closeness_caption",
     "closeness_figure",
@@ -117,11 +121,13 @@ __all__ = [
     "line_width",
     "map_figure",
     "neighbour_table",
+    "nulls_figure",
     "plotly_config",
     "ranked_sentence",
     "rgba",
     "score_legend_html",
     "show_token",
+    "task_scores_figure",
     "token_chips_html",
     "tokens_html",
     "triage_histogram",

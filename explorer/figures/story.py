@@ -1,4 +1,5 @@
-"""The story's explanatory charts: a pair's cosine against chance, and what fine-tuning would do."""
+"""The story's explanatory charts: a pair's cosine against chance, what fine-tuning would do, and a
+cache's own results (task scores, the chance levels, harmful features by category)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from explorer.figures.style import HARM, HARM_LIGHT, INK, NEUTRAL, TASK, TASK_LIGHT, base_layout
+from explorer.figures.style import HARM, HARM_LIGHT, INK, NEUTRAL, TASK, TASK_LIGHT, base_layout, esc
 
 
 def closeness_figure(
@@ -144,4 +145,84 @@ def finetune_figure(cosine: float, step: float = 0.6, height: int = 420) -> go.F
     fig.update_xaxes(visible=False, range=[-0.15, 1.45])
     top = max(0.45, hy * 1.1 + 0.12)  # fit the angle: no empty band above a small one
     fig.update_yaxes(visible=False, range=[-0.22, top], scaleanchor="x", scaleratio=1)
+    return fig
+
+
+def task_scores_figure(task_scores: np.ndarray, threshold: float | None, height: int = 320) -> go.Figure:
+    """How the task scores (AUROC, task vs control) spread over features, with the task test's threshold."""
+    s = np.asarray(task_scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    fig = go.Figure(
+        go.Histogram(
+            x=s,
+            xbins={"start": 0.0, "end": 1.0, "size": 0.02},
+            marker_color=TASK_LIGHT,
+            marker_line={"color": "white", "width": 1},
+            hovertemplate="task score %{x}: %{y} features<extra></extra>",
+            name="features",
+        )
+    )
+    fig.add_vline(x=0.5, line_dash="dot", line_color=NEUTRAL, annotation_text="0.5: no difference")
+    if threshold is not None and math.isfinite(threshold):
+        fig.add_vline(
+            x=threshold,
+            line_dash="dash",
+            line_color=TASK,
+            annotation_text=f"task test {threshold:g}",
+            annotation_position="top right",
+        )
+    base_layout(fig, height)
+    fig.update_xaxes(range=[0, 1], title_text="task score (AUROC, task vs control text)")
+    fig.update_yaxes(title_text="features", type="log")
+    fig.update_layout(font={"size": 15}, bargap=0.02, margin={"l": 10, "r": 10, "t": 36, "b": 10})
+    return fig
+
+
+def nulls_figure(
+    isotropic: float, calibrated: float, typical: float | None = None, height: int = 280
+) -> go.Figure:
+    """The chance levels side by side: uniform random directions, directions shaped like this decoder,
+    and (for scale) a typical feature's nearest neighbour."""
+    names, vals, colors = [], [], []
+    for name, val, color in (
+        ("uniformly random directions<br>(isotropic null)", isotropic, "#cbd5e1"),
+        ("random directions shaped<br>like this decoder (calibrated)", calibrated, NEUTRAL),
+        ("a typical feature's<br>nearest neighbour", typical, TASK_LIGHT),
+    ):
+        if val is not None and math.isfinite(val):
+            names.append(name)
+            vals.append(float(val))
+            colors.append(color)
+    fig = go.Figure(
+        go.Bar(
+            x=vals,
+            y=names,
+            orientation="h",
+            marker_color=colors,
+            text=[f"{v:.3f}" for v in vals],
+            textposition="outside",
+            hovertemplate="%{y}: cosine %{x:.3f}<extra></extra>",
+        )
+    )
+    base_layout(fig, height)
+    fig.update_xaxes(range=[0, max(0.5, max(vals, default=0.0) * 1.25)], title_text="cosine")
+    fig.update_yaxes(tickfont={"size": 15})
+    fig.update_layout(font={"size": 16}, margin={"l": 10, "r": 10, "t": 20, "b": 10})
+    return fig
+
+
+def category_counts_figure(counts: list[tuple[str, int]], height: int = 320) -> go.Figure:
+    """Harmful features per harm category, most first (category names are escaped)."""
+    fig = go.Figure(
+        go.Bar(
+            x=[n for _, n in counts],
+            y=[esc(c) for c, _ in counts],
+            orientation="h",
+            marker_color=HARM,
+            hovertemplate="%{y}: %{x} harmful features<extra></extra>",
+        )
+    )
+    base_layout(fig, height, title="Harmful features by category")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text="harmful features")
     return fig

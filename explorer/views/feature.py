@@ -117,7 +117,7 @@ def side_by_side(
     ]
     a, b = st.columns(2, gap="large")
     for col, f, r, color in (
-        (a, feature, row, F.TASK),
+        (a, feature, row, F.HARM if role_of(row) == "harmful" else F.TASK),
         (b, compare, other, F.HARM if other.get("is_harmful") else F.TASK),
     ):
         with col:

@@ -11,7 +11,7 @@ import streamlit as st
 
 from explorer import figures as F
 from explorer import state
-from explorer.data import MEASURES, CacheData, FinetuneRun, compare_runs_table
+from explorer.data import MEASURES, CacheData, FinetuneRun, basis_problem, compare_runs_table
 from explorer.views import Page
 from precompute import schema
 
@@ -133,8 +133,9 @@ def metric_ci(col: Any, label: str, est: Any, help: str) -> None:
     col.caption(f"95% CI {est[1]:+.3g} to {est[2]:+.3g}" if ok else "no CI in the summary")
 
 
-def metrics_row(v: View, kinds: list[str]) -> None:
-    """Pooled change of all harmful features (and of the top-risk decile), held-out task loss."""
+def metrics_row(v: View, kinds: list[str], risk_ok: bool = True) -> None:
+    """Pooled change of all harmful features (and of the top-risk decile unless the risk is stale), held-out
+    task loss."""
     b, a, c = v.run.labels
     control = v.run.comparisons()["control"]
     losses = [
@@ -148,12 +149,12 @@ def metrics_row(v: View, kinds: list[str]) -> None:
             col,
             f"mean Δ · {md(name)}",
             v.stats(name).get("harmful_mean_change"),
-            "Change of the mean activation averaged over all harmful features (one number per prompt, "
+            "Change of the mean activation averaged over the diff's harmful features (one number per prompt, "
             "then a paired bootstrap over prompts). Always mean activation, whatever the measure above.",
         )
     # the pre-registered statistic of docs/results.md: the harmful features nearest the task features
     tops = [(name, v.stats(name)) for name in kinds]
-    if any(ci(t.get("top_risk_decile_mean_change")) != "n/a" for _, t in tops):
+    if risk_ok and any(ci(t.get("top_risk_decile_mean_change")) != "n/a" for _, t in tops):
         for col, (name, t) in zip(st.columns(len(kinds) + len(losses)), tops, strict=False):
             size = t.get("top_risk_decile_size")
             metric_ci(
@@ -237,13 +238,16 @@ def risk_vs_change(v: View, null_cos: float) -> None:
         )
 
 
-def reading(cache: CacheData, v: View, table: pd.DataFrame, main: str, ref: str, n_prompts: Any) -> str:
-    """The largest changes of the feature table in plain language, with the caveats that go with them."""
+def reading(
+    cache: CacheData, v: View, table: pd.DataFrame, main: str, ref: str, n_prompts: Any, which: str
+) -> str:
+    """The largest changes of the feature table in plain language, with the caveats that go with them;
+    `which` names the features ('harmful feature', or what they were when the diff ran)."""
     a = v.run.labels[1]
     top, low = table.iloc[0], table.iloc[-1]
     chg = f"Δ {main}"
     lines = [
-        f"Largest increase: fine-tuning on {a} changed harmful feature #{int(top['feature'])}'s {v.what} by "
+        f"Largest increase: fine-tuning on {a} changed {which} #{int(top['feature'])}'s {v.what} by "
         f"{top[chg]:+.3g} (95% CI {top['CI low']:+.3g} to {top['CI high']:+.3g}) compared with {ref}, on "
         f"{v.where}."
     ]
@@ -269,8 +273,9 @@ def reading(cache: CacheData, v: View, table: pd.DataFrame, main: str, ref: str,
     return " ".join(lines)
 
 
-def feature_table(cache: CacheData, v: View, n_prompts: Any) -> None:
-    """The harmful features by change (fine-tune − control when there is a control), read out in words."""
+def feature_table(cache: CacheData, v: View, n_prompts: Any, risk_ok: bool = True) -> None:
+    """The harmful features by change (fine-tune − control when there is a control), read out in words;
+    without the predicted-risk columns when the risk is stale."""
     b, _, c = v.run.labels
     cmp = v.run.comparisons()
     after = cmp["after"]
@@ -282,9 +287,14 @@ def feature_table(cache: CacheData, v: View, n_prompts: Any) -> None:
     table = F.finetune_table(
         v.harmful(main), main, others, v.measure, labels=labels, extra_query=state.extra_query()
     )
-    st.subheader("Harmful features, largest change first")
+    if not risk_ok:
+        table = table.drop(columns=["risk (max cos)", "nearest task feature"])
+    st.subheader(
+        "Harmful features, largest change first" if risk_ok else "The diff's features, largest change first"
+    )
+    which = "harmful feature" if risk_ok else "feature"
     if len(table):
-        st.caption(md(reading(cache, v, table, main, ref, n_prompts)))
+        st.caption(md(reading(cache, v, table, main, ref, n_prompts, which)))
     changes = {
         c: st.column_config.NumberColumn(c, format="%.3g")
         for c in table.columns
@@ -357,10 +367,22 @@ def render() -> None:
             f"this set · {run.summary.get('n_boot', '?')} bootstrap resamples"
         )
     )
-    metrics_row(v, [name for k in ("after", "control", "direct") if (name := cmp[k])])
-    null = after_df["null_cosine"].dropna()
-    risk_vs_change(v, float(null.iloc[0]) if len(null) else cache.null_cosine)
-    feature_table(cache, v, n_prompts)
+    problem = basis_problem(cache.features, run.diff)
+    if problem:
+        st.warning(
+            md(
+                f"Run {run.name} was computed with features this cache no longer flags: {problem}. Its predicted "
+                "risk (closeness to task features) does not describe this cache, so the risk-vs-change charts, "
+                f"Spearman ρ and the top-risk decile are withheld. The changes below are measurements of the "
+                f"{after_df['feature'].nunique()} features that were harmful when the diff ran."
+            ),
+            icon="⚠️",
+        )
+    metrics_row(v, [name for k in ("after", "control", "direct") if (name := cmp[k])], risk_ok=not problem)
+    if not problem:
+        null = after_df["null_cosine"].dropna()
+        risk_vs_change(v, float(null.iloc[0]) if len(null) else cache.null_cosine)
+    feature_table(cache, v, n_prompts, risk_ok=not problem)
     compare_runs(runs, v)
     st.caption(
         md(

@@ -1,4 +1,4 @@
-"""Map page: the UMAP of all features; pick a task feature (search or click) to see its neighbours."""
+"""Map page: the UMAP of all features; pick a feature (search or click) to see its neighbours."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def controls(cache: CacheData) -> tuple[str, float]:
     st.title("Map of features")
     st.caption(
         "Each dot is one feature of the sparse autoencoder — a direction the model uses to represent text. "
-        "Features pointing in similar directions sit close together. Pick a task feature by searching or by "
-        "clicking a dot to see its nearest harmful neighbours."
+        "Features pointing in similar directions sit close together. Pick a feature by searching or by "
+        "clicking a dot to see its nearest neighbours, harmful ones in red."
     )
     c_search, c_color, c_thr = st.columns([3, 1.2, 2], vertical_alignment="top")
     query = c_search.text_input(
@@ -97,7 +97,7 @@ def neighbour_panel(cache: CacheData, feature: int, nb: pd.DataFrame, thr: float
     shown = nb[nb["cosine"] >= thr]
     harm_shown = shown[shown["is_harmful"]]
     row = cache.row(feature)
-    st.html(F.feature_header_html(row, role="task"))
+    st.html(F.feature_header_html(row))
     m1, m2, m3 = st.columns(3)
     m1.metric(
         "task",
@@ -141,7 +141,8 @@ def neighbour_panel(cache: CacheData, feature: int, nb: pd.DataFrame, thr: float
 
 
 def pair_links(cache: CacheData, feature: int, h: int) -> None:
-    """Links from the feature and its closest harmful neighbour to the pair's other views."""
+    """Links from the feature and its closest harmful neighbour to the pair's other views; the review and
+    the story only for a pair the cache flags (overlaps.parquet)."""
     st.page_link(
         state.PAGES["feature"],
         label=f"Compare side by side with harmful #{h}",
@@ -151,13 +152,14 @@ def pair_links(cache: CacheData, feature: int, h: int) -> None:
     flagged = cache.overlaps[
         (cache.overlaps["task_feature"] == feature) & (cache.overlaps["harmful_feature"] == h)
     ]
-    if len(flagged):
-        st.page_link(
-            state.PAGES["overlaps"],
-            label=f"Review the pair #{feature} ↔ #{h}",
-            icon=":material/fact_check:",
-            query_params=state.link_params(task=feature, harmful=h),
-        )
+    if not len(flagged):
+        return
+    st.page_link(
+        state.PAGES["overlaps"],
+        label=f"Review the flagged pair #{feature} ↔ #{h}",
+        icon=":material/fact_check:",
+        query_params=state.link_params(task=feature, harmful=h),
+    )
     st.page_link(
         state.PAGES["story"],
         label="Present this pair as a story",

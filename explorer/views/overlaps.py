@@ -9,14 +9,16 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from explorer import claims as C
 from explorer import figures as F
 from explorer import state
-from explorer.data import CacheData
+from explorer.data import CacheData, cache_findings
 from explorer.review_table import (
     export_csv,
     export_json,
     history_table,
     merge_reviews,
+    verdicts_html,
 )
 from explorer.reviews import (
     MAX_REVIEWER,
@@ -31,7 +33,6 @@ from explorer.reviews import (
 from explorer.views import Page
 
 PAGE = Page(title="Overlaps review", icon=":material/fact_check:")
-COLORS = {"confirmed": F.HARM, "benign": "#059669"}
 HISTORY_COLUMNS = [
     "id",
     "cache",
@@ -226,8 +227,18 @@ def pair_view(cache: CacheData, t: int, h: int) -> None:
     """The pair's numbers, then both features side by side with their top examples."""
     pair = cache.pair(t, h)
     t_row, h_row = cache.row(t), cache.row(h)
+    flagged = bool(((cache.overlaps["task_feature"] == t) & (cache.overlaps["harmful_feature"] == h)).any())
     st.divider()
-    st.subheader(f"Task #{t} ↔ harmful #{h}")
+    if flagged:
+        st.subheader(f"Task #{t} ↔ harmful #{h}")
+    else:
+        st.subheader(f"#{t} ↔ #{h}: not a flagged pair")
+        st.caption(
+            f"Opened from a link: this cache does not flag the pair (overlaps.parquet); #{t} is "
+            f"{'a' if t_row.get('is_task') else 'not a'} task feature and #{h} "
+            f"{'a' if h_row.get('is_harmful') else 'not a'} harmful feature. Its numbers come from the "
+            "neighbour lists."
+        )
     m = st.columns(5)
     m[0].metric(
         "risk",
@@ -281,9 +292,7 @@ def steering_section(cache: CacheData, t: int, h: int) -> None:
                 f"featuregeom steer --model smollm2 --sae {sae} --hook {hook} --task-feature {t} "
                 f"--harmful-feature {h} --out {cache.path / 'steering' / f'task-{t}.parquet'}"
             )
-            st.caption(
-                f"No steering result for task #{t} in this cache. Produce it with: {state.md_escape(cmd)}"
-            )
+            st.caption(f"No steering result for #{t} in this cache. Produce it with: {state.md_escape(cmd)}")
             st.code(cmd, language="bash")
             return
         try:
@@ -335,29 +344,6 @@ def try_read(read: Any) -> Any:
     except ReviewError as exc:
         st.warning(state.md_escape(exc), icon="⚠️")
         return None
-
-
-def verdicts_html(verdicts: pd.DataFrame) -> str:
-    """One line per reviewer (their latest verdict), then the consensus; all text escaped."""
-    lines = []
-    for r in verdicts.sort_values("reviewer", key=lambda c: c.str.lower()).to_dict("records"):
-        n = int(r["n_changes"])
-        note = f" — <i>{F.esc(r['note'])}</i>" if r["note"] else ""
-        color = COLORS.get(str(r["verdict"]), "#d97706")
-        lines.append(
-            f'<div style="font-size:15px;margin:2px 0">{F.badge(r["verdict"], color, True)}'
-            f" <b>{F.esc(r['reviewer'])}</b> at {F.esc(r['updated_at'])} ({n} change{'s' if n != 1 else ''})"
-            f"{note}</div>"
-        )
-    kinds = set(verdicts["verdict"])
-    consensus = (
-        "single reviewer"
-        if len(verdicts) == 1
-        else f"{len(verdicts)} reviewers agree"
-        if len(kinds) == 1
-        else f"{len(verdicts)} reviewers disagree"
-    )
-    return f'<div style="margin-bottom:6px">Consensus: <b>{F.esc(consensus)}</b></div>' + "".join(lines)
 
 
 @st.fragment(run_every=5)
@@ -470,16 +456,17 @@ def render() -> None:
     store = state.review_store(cache)
     st.title("Overlaps review")
     st.caption(
-        "Each row is a flagged pair: a task feature whose decoder direction is unusually close — above the "
-        "chance level — to a harmful feature's. Open a pair, read what makes each fire, and record whether "
-        "the overlap is real and worrying (confirmed), harmless (benign), or unclear."
+        "Each row is a flagged pair: a task feature whose decoder direction is above the chance level "
+        f"({cache.null_label}, {cache.null_cosine:.3g}) to a harmful feature's; its NN percentile says whether "
+        "it is also closer than a typical feature's nearest neighbour. Open a pair, read what makes each fire, "
+        "and record whether the overlap is real and worrying (confirmed), harmless (benign), or unclear."
     )
     ov = cache.overlaps
     if ov.empty:
         st.info(
-            "This cache has no flagged pairs: no task feature has a harmful neighbour above the null threshold. "
-            "Explore the map to look at near misses; a pair opened from a link (?task=…&harmful=…) can still "
-            "be reviewed here."
+            state.md_escape(C.flagged_sentence(cache_findings(cache)))
+            + " Explore the map to look at features and their neighbours; a pair opened from a link "
+            "(?task=…&harmful=…) can still be looked at here."
         )
         url_pair = (state.qp_int("task"), state.qp_int("harmful"))
         if None in url_pair or not all(cache.valid(x) for x in url_pair):

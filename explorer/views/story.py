@@ -1,4 +1,5 @@
-"""Story (presenter mode): a guided walk through one pair, large type, next/back, one URL per step."""
+"""Story (presenter mode): a guided walk through one flagged pair, or through what a cache without one
+found; large type, next/back, one URL per step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import streamlit as st
 
 from explorer import state
 from explorer.data import FINETUNE_FILES, CacheData, files_stamp, find_finetune_runs
-from explorer.story import Step, build_story, story_html
+from explorer.story import Step, is_flagged, story_html, story_steps, story_title
 from explorer.views import Page
 
 PAGE = Page(title="Story", icon=":material/slideshow:")
@@ -32,27 +33,29 @@ def _steps(
     _cache: CacheData,
     path: str,
     updated: str,
-    t: int,
-    h: int,
+    pair: tuple[int, int] | None,
     max_points: int,
     finetune: tuple[tuple[str, tuple[int, ...]], ...],
 ) -> list[Step]:
-    """Built once per pair and shared: switching steps is then only layout. `finetune` (each run's name and
-    file mtimes) is in the key so that a fine-tune diff added to the cache later shows up in the story."""
-    return build_story(_cache, t, h, max_points=max_points)
+    """Built once per pair (or once for the cache's result story) and shared: switching steps is then only
+    layout. `finetune` (each run's name and file mtimes) is in the key so that a fine-tune diff added to the
+    cache later shows up in the story."""
+    return story_steps(_cache, pair, max_points=max_points)
 
 
-def story_pair(cache: CacheData) -> tuple[int, int]:
-    """The pair in the URL, else the cache's default pair; stops the page when there is none."""
+def story_pair(cache: CacheData) -> tuple[int, int] | None:
+    """The flagged pair in the URL, else the cache's top flagged pair, else None (the cache's result story).
+    A pair in the URL that the cache does not flag is said to be so and not presented."""
     t, h = state.qp_int("task"), state.qp_int("harmful")
-    if t is not None and h is not None and cache.valid(t) and cache.valid(h) and t != h:
-        return t, h
-    pair = cache.default_pair()
-    if pair is None:
-        st.info("This cache has no task feature with a harmful neighbour to tell a story about.")
-        st.stop()
-    assert pair is not None
-    return pair
+    if t is not None and h is not None:
+        if is_flagged(cache, t, h):
+            return t, h
+        st.info(
+            f"#{t} ↔ #{h} is not a flagged pair of this cache (overlaps.parquet), so the story does not present "
+            "it as one.",
+            icon="ℹ️",
+        )
+    return cache.default_pair()
 
 
 def show_step(steps: list[Step], step: int) -> None:
@@ -79,24 +82,28 @@ def show_step(steps: list[Step], step: int) -> None:
         st.rerun()
 
 
-def presenter_settings(cache: CacheData, steps: list[Step], t: int, h: int) -> None:
-    """Another pair, the figure download format, and the whole story as one offline HTML file."""
+def presenter_settings(cache: CacheData, steps: list[Step], pair: tuple[int, int] | None) -> None:
+    """Another flagged pair, the figure download format, and the whole story as one offline HTML file."""
     with st.expander("Presenter settings: pair, figure format, export"):
         c1, c2 = st.columns([2, 1])
         ov = cache.overlaps.head(50)
         options = list(zip(ov["task_feature"].astype(int), ov["harmful_feature"].astype(int), strict=False))
-        if (t, h) not in options:
-            options.insert(0, (t, h))
-        pick = c1.selectbox(
-            "Pair",
-            options,
-            index=options.index((t, h)),
-            key=f"story_pair:{t}:{h}",
-            format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
-        )
-        if pick != (t, h):
-            state.set_qp(task=pick[0], harmful=pick[1], step=1)
-            st.rerun()
+        if pair is not None and pair not in options:
+            options.insert(0, pair)
+        if pair is not None:
+            t, h = pair
+            pick = c1.selectbox(
+                "Flagged pair",
+                options,
+                index=options.index(pair),
+                key=f"story_pair:{t}:{h}",
+                format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
+            )
+            if pick != pair:
+                state.set_qp(task=pick[0], harmful=pick[1], step=1)
+                st.rerun()
+        else:
+            c1.caption("This cache flags no (task, harmful) pair: the story tells what it found instead.")
         c2.radio(
             "Chart download format",
             ["png", "svg"],
@@ -104,11 +111,12 @@ def presenter_settings(cache: CacheData, steps: list[Step], t: int, h: int) -> N
             horizontal=True,
             help="What the camera button in each chart's toolbar saves.",
         )
-        title = f"Feature geometry: task feature #{t} and harmful feature #{h}"
+        title = story_title(cache, pair)
+        suffix = f"-{pair[0]}-{pair[1]}" if pair is not None else "-result"
         st.download_button(
             "Download the whole story as one HTML file (opens offline)",
             data=lambda: story_html(steps, title, state.cache_summary(cache)),
-            file_name=f"story-{cache.name}-{t}-{h}.html",
+            file_name=f"story-{cache.name}{suffix}.html",
             mime="text/html",
             icon=":material/download:",
         )
@@ -118,21 +126,23 @@ def presenter_settings(cache: CacheData, steps: list[Step], t: int, h: int) -> N
 def render() -> None:
     state.inject_css(STORY_CSS)
     cache = state.require_cache(show_sidebar=False)
-    t, h = story_pair(cache)
+    pair = story_pair(cache)
     ft_stamp = tuple((p.name, files_stamp(p, FINETUNE_FILES)) for p in find_finetune_runs(cache.path))
     steps = _steps(
         cache,
         str(cache.path),
         str(cache.manifest.get("updated")),
-        t,
-        h,
+        pair,
         min(state.max_points(), 12000),
         ft_stamp,
     )
     step = min(max(1, state.qp_int("step") or 1), len(steps))
-    state.set_qp(task=t, harmful=h, step=step)
+    if pair is not None:
+        state.set_qp(task=pair[0], harmful=pair[1], step=step)
+    else:
+        state.set_qp(task=None, harmful=None, step=step)
     show_step(steps, step)
-    presenter_settings(cache, steps, t, h)
+    presenter_settings(cache, steps, pair)
 
 
 if __name__ == "__main__":

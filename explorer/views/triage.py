@@ -9,7 +9,7 @@ import streamlit as st
 
 from explorer import figures as F
 from explorer import state
-from explorer.data import CacheData, TriageRun
+from explorer.data import CacheData, TriageRun, triage_basis_problem
 from explorer.views import Page
 from precompute import schema
 
@@ -45,9 +45,20 @@ def pick_run(cache: CacheData) -> TriageRun:
     ]
 
 
-def what_was_scored(run: TriageRun) -> None:
-    """Counts and parameters of the triage, how a score is defined, and the score histogram."""
+def what_was_scored(cache: CacheData, run: TriageRun) -> None:
+    """Counts and parameters of the triage (and whether they still match the cache), how a score is
+    defined, and the score histogram."""
     meta, ranked = run.meta, run.ranked
+    problem = triage_basis_problem(cache.features, cache.null_cosine, meta)
+    if problem:
+        st.warning(
+            md(
+                f"This triage was computed with features this cache no longer flags as it did: {problem}. Its "
+                "scores weight features by those sets, so its ranking does not describe this cache now; rerun "
+                "`featuregeom triage` to rank by the cache's current features."
+            ),
+            icon="⚠️",
+        )
     m = st.columns(5)
     m[0].metric("samples scored", f"{len(ranked):,}")
     frac = meta.get("remove_frac")
@@ -195,7 +206,7 @@ def render() -> None:
         "share is left out of a filtered dataset; a same-size random removal is its control."
     )
     run = pick_run(cache)
-    what_was_scored(run)
+    what_was_scored(cache, run)
     picked = ranking(run)
     sample_view(cache, run, picked)
     st.caption(

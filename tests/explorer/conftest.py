@@ -46,6 +46,15 @@ def xss_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def notask_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 400-feature synthetic cache in which no feature passes the task test: no task feature, no flagged
+    pair, closeness not testable (read-only by convention)."""
+    return write_synthetic_cache(
+        tmp_path_factory.mktemp("caches") / "notask", n_features=400, d=32, seed=2, task_features=False
+    )
+
+
+@pytest.fixture(scope="session")
 def browser_cache_dir(synth_cache: Path) -> Path:
     env = os.environ.get("FEATUREGEOM_TEST_CACHE")
     return Path(env) if env else synth_cache

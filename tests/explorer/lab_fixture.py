@@ -184,10 +184,14 @@ def write_triage(cache: Path, fx: LabFixture) -> None:
         }
     )
     tokens.to_parquet(cache / "triage" / "pool" / "tokens.parquet", index=False)
+    # the cache's own counts and null, as `featuregeom triage` records them (the page checks they still match)
+    feats = pd.read_parquet(cache / "features.parquet", columns=["is_harmful", "is_task"])
+    with np.load(cache / "neighbors.npz") as z:
+        null = float(z["null_cosine"])
     meta = {
-        "n_harmful": len(fx.harmful),
-        "n_task": 3,
-        "null_cosine": 0.2,
+        "n_harmful": int(feats["is_harmful"].sum()),
+        "n_task": int((feats["is_task"] & ~feats["is_harmful"]).sum()),
+        "null_cosine": null,
         "n_task_with_overlap": 2,
         "dataset": "pool.jsonl",
         "n_samples": n,

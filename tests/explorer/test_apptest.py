@@ -292,7 +292,7 @@ def test_story_without_finetune_keeps_six_steps(cache_copy: Path, monkeypatch: p
     shutil.rmtree(cache_copy / "finetune")
     at = run_page("views/story.py", cache_copy, monkeypatch, step="99")
     assert (
-        not at.exception and "Step 6 of 6" in html_text(at) and "What fine-tuning would do" in html_text(at)
+        not at.exception and "Step 6 of 6" in html_text(at) and "What fine-tuning could do" in html_text(at)
     )
 
 

@@ -1,0 +1,174 @@
+"""The sentences the explorer states about a whole cache, each written from `Findings` (plain text).
+
+Why one module: the story, the map and the overlaps page say the same things ("how many task
+features", "no flagged pair", "what chance is here"), and each sentence must be computed from the
+cache and fit what it found: a count of zero gets its own sentence, never the one written for a
+positive result. Sentences are plain text (category names and closeness.json's reason come from the
+cache): the caller escapes them for HTML (`figures.esc`) or markdown (`state.md_escape`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from explorer.data.findings import Findings
+from explorer.figures.closeness import closeness_sentence
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if math.isfinite(x) else "—"
+
+
+def task_test(fd: Findings) -> str:
+    """'task score ≥ 0.7, its lower 95% bound above 0.5, firing in at least 3 task windows'."""
+    parts = [f"task score ≥ {fd.task_threshold:g}" if fd.task_threshold is not None else "a high task score"]
+    parts.append("its lower 95% bound above 0.5")
+    if fd.min_docs is not None:
+        parts.append(f"firing in at least {fd.min_docs} task windows")
+    return ", ".join(parts)
+
+
+def harm_test(fd: Findings) -> str:
+    parts = [f"harm score ≥ {fd.harm_threshold:g}" if fd.harm_threshold is not None else "a high harm score"]
+    parts.append("its lower 95% bound above 0.5")
+    if fd.min_docs is not None:
+        parts.append(f"firing in at least {fd.min_docs} windows of the harmful documents")
+    return ", ".join(parts)
+
+
+def scored_sentence(fd: Findings) -> str:
+    """How many features the task-vs-control contrast scored, on how many documents."""
+    if fd.n_task_scored == 0:
+        return "No feature has a task score: the cache has no task or control documents to compare."
+    docs = (
+        f", using {fd.task_documents[0]:,} task and {fd.task_documents[1]:,} control documents"
+        if fd.task_documents
+        else ""
+    )
+    return (
+        f"{fd.n_task_scored:,} of {fd.n_features:,} features were scored on task versus control text{docs} "
+        "(the same format with different content), one window of each document."
+    )
+
+
+def task_sentence(fd: Findings) -> str:
+    """How many features pass the task test; with none, the highest task score there is."""
+    if fd.n_task_scored == 0:
+        return "So no feature can be a task feature."
+    if fd.n_task:
+        one = fd.n_task == 1
+        return f"{fd.n_task:,} feature{'' if one else 's'} pass{'es' if one else ''} the task test ({task_test(fd)})."
+    out = f"None passes the task test ({task_test(fd)}), so this cache has no task feature."
+    if fd.best_task is not None:
+        out += f" The highest task score is {fd.best_task[1]:.2f} (feature #{fd.best_task[0]})."
+    return out
+
+
+def lean_sentence(fd: Findings) -> str | None:
+    """Features leaning towards task text against shuffled task/control labels; None when not recorded."""
+    lean = fd.lean.get("lo_above_half")
+    if lean is None:
+        return None
+    verdict = "more than" if lean.observed > lean.permuted_p95 else "within what"
+    return (
+        f"{lean.observed:,} features lean towards task text (the lower 95% bound of their task score is above "
+        f"0.5); with the task and control labels shuffled {lean.n_permutations:,} times, {lean.permuted_mean:,.1f} "
+        f"do on average and {lean.permuted_p95:,.0f} at the 95th percentile (p = {lean.p:.2g}): "
+        f"{verdict} shuffled labels give."
+    )
+
+
+def harmful_sentence(fd: Findings) -> str:
+    if not fd.n_harmful:
+        return f"No feature passes the harm test ({harm_test(fd)}), so this cache has no harmful feature."
+    top = ", ".join(f"{cat} ({n:,})" for cat, n in fd.harm_categories[:3])
+    return (
+        f"{fd.n_harmful:,} of {fd.n_features:,} features pass the harm test (harmful versus benign requests: "
+        f"{harm_test(fd)})" + (f"; the most common categories: {top}." if top else ".")
+    )
+
+
+def null_sentence(fd: Findings) -> str:
+    """What chance is on this decoder: the calibrated null against the isotropic one, and what each flags."""
+    iso, cov, null = fd.null_isotropic, fd.null_covariance, fd.null_cosine
+    rate = (
+        f"a false-positive rate of {100 * fd.fpr:.3g}%"
+        if math.isfinite(fd.fpr)
+        else "a small false-positive rate"
+    )
+    if fd.null_kind == "covariance" and math.isfinite(iso) and iso > 0:
+        return (
+            f"Random directions with this decoder's own mean and covariance reach a cosine of {cov:.3f} by "
+            f"chance (the calibrated null, at {rate}); uniformly random directions reach "
+            f"only {iso:.3f} (the isotropic null). The decoder is not isotropic: its directions sit closer to "
+            f"each other than uniform ones, and the calibrated level is {cov / iso:.2f}× the isotropic one. "
+            f"{_pct(fd.nn_above_isotropic)} of features have a nearest neighbour above the isotropic level, "
+            f"{_pct(fd.nn_above_null)} above the calibrated one, which is the level used here."
+        )
+    if math.isfinite(cov):
+        shaped = f"; directions with the decoder's own mean and covariance reach {cov:.3f}, no higher"
+    else:
+        shaped = ""
+    return (
+        f"Uniformly random directions reach a cosine of {null:.3f} by chance (the isotropic null, at {rate}){shaped}, so that is the level used here. {_pct(fd.nn_above_null)} of "
+        f"features have a nearest neighbour above it."
+    )
+
+
+def flagged_sentence(fd: Findings) -> str:
+    """How many (task, harmful) pairs overlaps.parquet flags, or why it flags none."""
+    if fd.n_flagged:
+        return (
+            f"{fd.n_flagged:,} (task, harmful) pair{'s are' if fd.n_flagged != 1 else ' is'} flagged: a task "
+            f"feature and a harmful feature whose decoder directions are above the chance level "
+            f"{fd.null_cosine:.3f} ({fd.n_flagged_task:,} task feature{'s' if fd.n_flagged_task != 1 else ''})."
+        )
+    if not fd.n_task:
+        return "No (task, harmful) pair is flagged: without a task feature there is none to flag."
+    scope = fd.n_task if fd.flag_scope is None else min(fd.n_task, fd.flag_scope)
+    which = (
+        f"the {scope:,} task features with the highest task scores"
+        if scope < fd.n_task
+        else f"the {fd.n_task:,} task feature{'s' if fd.n_task != 1 else ''}"
+    )
+    return (
+        f"No (task, harmful) pair is flagged: none of {which} has a harmful neighbour above the chance "
+        f"level {fd.null_cosine:.3f}."
+    )
+
+
+def closeness_text(fd: Findings) -> str:
+    """The set-level closeness test's result as far as its verdict goes, or why there is none."""
+    if fd.closeness is None:
+        if fd.closeness_problem:
+            return f"The set-level closeness test cannot be read: {fd.closeness_problem}"
+        return "The set-level closeness test has not run on this cache (`featuregeom closeness`)."
+    said = closeness_sentence(fd.closeness)
+    if said is not None:
+        return said
+    reason = str(fd.closeness.get("reason") or "no reason recorded")
+    sets = fd.closeness.get("set_definitions") or {}
+    named = (
+        f" (inducing: {sets['inducing']}; non-inducing: {sets['non_inducing']})"
+        if isinstance(sets, dict) and sets.get("inducing") and sets.get("non_inducing")
+        else ""
+    )
+    return (
+        "Whether task-specific features sit closer to harmful features than control-specific ones is not "
+        f"testable on this cache: {reason}{named}."
+    )
+
+
+def withheld_sentence(fd: Findings) -> str:
+    """Why a cache without a flagged pair gets no mechanism story."""
+    have = (
+        "no task feature"
+        if not fd.n_task
+        else f"{fd.n_task:,} task feature{'s' if fd.n_task != 1 else ''} but no flagged pair"
+    )
+    return (
+        "The mechanism this explorer was built to show, fine-tuning on task data moving the model along task "
+        "features whose decoder directions lie close to harmful ones, needs a task feature with a harmful "
+        f"neighbour above chance. This cache has {have}, so the story does not illustrate the mechanism with "
+        "a feature that did not pass the test. A negative result is a result."
+    )

@@ -1,0 +1,92 @@
+"""A story step, the helpers every step uses, and the standalone HTML export."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from explorer import figures as F
+
+esc = F.esc
+
+
+@dataclass
+class Step:
+    """One slide: title (plain text), lead (safe HTML), an optional figure and optional safe HTML."""
+
+    key: str
+    title: str
+    lead: str
+    figure: go.Figure | None = None
+    body: str | None = None
+    figure_name: str = "figure"
+
+
+def label_of(row: dict[str, Any]) -> str:
+    """The feature's label, escaped, or 'an unlabelled feature'."""
+    return esc(row.get("label")) or "an unlabelled feature"
+
+
+def model_name(manifest: dict[str, Any]) -> str:
+    return esc((manifest.get("model") or {}).get("spec") or "the model")
+
+
+def two_columns(left: str, right: str, left_title: str, right_title: str) -> str:
+    """Side-by-side HTML (titles are escaped by the caller's helpers: they are our own text + escaped labels)."""
+    col = "flex:1 1 420px;min-width:320px"
+    return (
+        f'<div style="display:flex;gap:28px;flex-wrap:wrap">'
+        f'<div style="{col}"><div style="font-weight:650;color:{F.TASK};margin-bottom:4px">{left_title}</div>'
+        f"{left}</div>"
+        f'<div style="{col}"><div style="font-weight:650;color:{F.HARM};margin-bottom:4px">{right_title}</div>'
+        f"{right}</div></div>"
+    )
+
+
+_HTML_CSS = """
+body{font-family:Inter,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;color:#111827;margin:0;background:#fff}
+main{max-width:1100px;margin:0 auto;padding:24px 32px 80px}
+section{padding:28px 0 36px;border-bottom:1px solid #e5e7eb}
+h1{font-size:34px;margin:8px 0 4px} h2{font-size:30px;margin:0 0 12px}
+.step{color:#6b7280;font-size:15px;letter-spacing:.04em;text-transform:uppercase}
+.lead{font-size:21px;line-height:1.55;max-width:60em}
+.meta{color:#6b7280;font-size:14px}
+"""
+
+
+def story_html(steps: list[Step], title: str, subtitle: str = "") -> str:
+    """A single self-contained HTML file (plotly.js inlined): opens offline, no network requests."""
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; script-src 'unsafe-inline' "
+        "'unsafe-eval'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:\">",
+        f"<title>{esc(title)}</title><style>{_HTML_CSS}</style>",
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body><main>",
+        f"<h1>{esc(title)}</h1><div class='meta'>{esc(subtitle)}</div>",
+    ]
+    for i, s in enumerate(steps, 1):
+        parts.append(
+            f"<section id='step-{i}'><div class='step'>Step {i} of {len(steps)}</div>"
+            f"<h2>{esc(s.title)}</h2><p class='lead'>{s.lead}</p>"
+        )
+        if s.figure is not None:
+            parts.append(
+                s.figure.to_html(
+                    full_html=False,
+                    include_plotlyjs=False,
+                    config=F.plotly_config("svg", s.figure_name),
+                    div_id=f"fig-{i}",
+                )
+            )
+        if s.body:
+            parts.append(f"<div style='margin-top:12px'>{s.body}</div>")
+        parts.append("</section>")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    parts.append(
+        f"<p class='meta'>Exported from the Feature Geometry Explorer, {stamp}.</p></main></body></html>"
+    )
+    return "".join(parts)

@@ -42,8 +42,9 @@ from precompute.permutation import (
 )
 from precompute.pipeline.closeness_ranked import ELIGIBILITY, SELECTION, SENSITIVITY_N, RankedSets, rank_sets
 from precompute.pipeline.context import RunContext
+from precompute.pipeline.features import scored_features_and_neighbors
 from precompute.pipeline.knn import _resolve_device
-from precompute.schema import CLOSENESS, FEATURES, NEIGHBORS
+from precompute.schema import CLOSENESS
 
 log = logging.getLogger(__name__)
 
@@ -445,14 +446,8 @@ def params_from(ctx: RunContext) -> ClosenessParams:
 
 def run(ctx: RunContext, staged: StagedCache) -> None:
     start = time.perf_counter()
-    fpath, npath = staged.dir / FEATURES, staged.dir / NEIGHBORS
-    if not npath.is_file():
-        raise CacheError(f"{staged.target} has no {NEIGHBORS}; run `featuregeom geometry` first")
-    features = pd.read_parquet(fpath)
-    if "is_harmful" not in features.columns:
-        raise CacheError(f"{staged.target} has no harm scores; run `featuregeom scores` first")
-    with np.load(npath) as z:
-        null = float(z["null_cosine"])
+    features, z = scored_features_and_neighbors(staged)
+    null = float(z["null_cosine"])
     directions = ctx.sae.unit_directions()
     if directions.shape[0] != len(features):
         raise CacheError(

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 
 from precompute.cache import StagedCache
-from precompute.schema import FEATURES
+from precompute.errors import CacheError
+from precompute.schema import FEATURES, NEIGHBORS, check_npz
 
 
 def merge_feature_columns(staged: StagedCache, n_features: int, columns: pd.DataFrame) -> None:
@@ -20,3 +21,17 @@ def merge_feature_columns(staged: StagedCache, n_features: int, columns: pd.Data
         base = pd.DataFrame({"feature": np.arange(n_features, dtype=np.int64)})
     merged = base.merge(columns, on="feature", how="left")
     merged.to_parquet(staged.path(FEATURES), index=False)
+
+
+def scored_features_and_neighbors(staged: StagedCache) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """What the steps after scores read: features.parquet with its harm scores, and neighbors.npz checked
+    against the contract. A cache missing either names the step to run."""
+    npath = staged.dir / NEIGHBORS
+    if not npath.is_file():
+        raise CacheError(f"{staged.target} has no {NEIGHBORS}; run `featuregeom geometry` first")
+    features = pd.read_parquet(staged.dir / FEATURES)
+    if "is_harmful" not in features.columns:
+        raise CacheError(f"{staged.target} has no harm scores; run `featuregeom scores` first")
+    check_npz(npath, NEIGHBORS)
+    with np.load(npath) as z:
+        return features, {k: z[k] for k in z.files}

@@ -23,11 +23,11 @@ import pandas as pd
 from scipy import sparse
 
 from precompute.cache import StagedCache
-from precompute.errors import CacheError
 from precompute.pipeline.context import RunContext
+from precompute.pipeline.features import scored_features_and_neighbors
 from precompute.pipeline.null import cosine_percentile
 from precompute.pipeline.shards import Shard, cache_shards
-from precompute.schema import FEATURES, NEIGHBORS, OVERLAPS, check_npz
+from precompute.schema import OVERLAPS
 
 log = logging.getLogger(__name__)
 
@@ -248,16 +248,9 @@ def find_overlaps(
 
 def run(ctx: RunContext, staged: StagedCache) -> None:
     start = time.perf_counter()
-    fpath, npath = staged.dir / FEATURES, staged.dir / NEIGHBORS
-    if not npath.is_file():
-        raise CacheError(f"{staged.target} has no {NEIGHBORS}; run `featuregeom geometry` first")
-    features = pd.read_parquet(fpath)
-    if "harm_score" not in features.columns:
-        raise CacheError(f"{staged.target} has no harm scores; run `featuregeom scores` first")
-    check_npz(npath, NEIGHBORS)
-    with np.load(npath) as z:
-        indices, cosine, zs = z["indices"], z["cosine"], z["z_isotropic"]
-        null, kind = float(z["null_cosine"]), str(z["null_kind"])
+    features, z = scored_features_and_neighbors(staged)
+    indices, cosine, zs = z["indices"], z["cosine"], z["z_isotropic"]
+    null, kind = float(z["null_cosine"]), str(z["null_kind"])
     table = find_overlaps(features, indices, cosine, zs, null, cache_shards(staged), n_task=ctx.cfg.n_task)
     table.to_parquet(staged.path(OVERLAPS), index=False)
     staged.record_step(

@@ -10,6 +10,7 @@ from precompute.cache import CORE_FILES, verify_cache
 from precompute.errors import CacheError, FeatureGeomError
 from precompute.options import Command, option
 from precompute.pipeline.config import RunConfig
+from precompute.schema import CLOSENESS, check_files
 
 DEMO_CONFIG = "configs/demo.toml"
 
@@ -41,7 +42,9 @@ def build(cfg: DemoOptions) -> Path:
     target = Path(str(cfg.out))
     if not cfg.force:
         try:
-            verify_cache(target, CORE_FILES)
+            verify_cache(target, (*CORE_FILES, CLOSENESS))
+            # a cache written by an earlier version verifies but lacks today's columns: rebuild it
+            check_files(target, (*CORE_FILES, CLOSENESS))
             print(f"[featuregeom] demo cache {target} is ready (delete it or use --force to rebuild)")
             return target
         except CacheError as exc:

@@ -88,6 +88,26 @@ def test_demo_exits_zero_when_its_cache_is_ready(tiny_model_dir, tiny_sae_dir, t
     assert main(["demo", "--config", str(config)]) == 0  # already valid
     assert "is ready" in capsys.readouterr().out
 
+    # a cache from an earlier version: its checksums verify, but neighbors.npz lacks today's arrays
+    import json
+
+    import numpy as np
+
+    from precompute.provenance import sha256_of
+
+    cache = tmp_path / "cache"
+    with np.load(cache / "neighbors.npz") as z:
+        old = {k: z[k] for k in z.files if k not in ("null_kind", "null_covariance")}
+    np.savez(cache / "neighbors.npz", **old)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["files"]["neighbors.npz"] = sha256_of(cache / "neighbors.npz")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["demo", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "rebuilding" in out and "null_kind" in out and "is ready" not in out
+    assert main(["demo", "--config", str(config)]) == 0  # the rebuilt cache is today's
+    assert "is ready" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("argv", [["precompute", "--steps", "harvest,nope"], ["info", "/nonexistent/cache"]])
 def test_user_errors_exit_2_with_one_line(argv, capsys):

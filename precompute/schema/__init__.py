@@ -14,6 +14,7 @@ from precompute.schema.check import (
     arrow_dtype,
     arrow_dtypes,
     check_archive,
+    check_files,
     check_json,
     check_npz,
     check_parquet,
@@ -72,6 +73,7 @@ from precompute.schema.contract import (
 )
 
 __all__ = [
+    "check_files",
     "BOOL",
     "FLOAT32",
     "FLOAT32S",

@@ -177,3 +177,21 @@ def check_parquet(path: str | Path, name: str) -> None:
 def check_npz(path: str | Path, name: str) -> None:
     """check_archive() on the npz file at `path`, which holds archive `name` (a key of ARCHIVES)."""
     check_archive(name, npz_arrays(path, ARCHIVES[name].step), path)
+
+
+def check_files(cache_dir: str | Path, names: Iterable[str]) -> None:
+    """Check each named file of a cache (a table, archive or JSON result of the contract) against the
+    contract: CacheError naming the first file that is missing or out of date, with the step to rerun."""
+    import json
+
+    cache_dir = Path(cache_dir)
+    for name in names:
+        path = cache_dir / name
+        if not path.is_file():
+            raise CacheError(f"{cache_dir} has no {name} (docs/cache.md)")
+        if name in TABLES:
+            check_parquet(path, name)
+        elif name in ARCHIVES:
+            check_npz(path, name)
+        else:
+            check_json(name, json.loads(path.read_text(encoding="utf-8")), path)

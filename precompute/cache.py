@@ -1,4 +1,4 @@
-"""The cache directory: the contract between precompute/ and explorer/ (schema_version 1).
+"""The cache directory: the contract between precompute/ and explorer/ (`precompute.schema`).
 
 Writes are atomic at the level of the whole directory: a step builds a staging copy (hard links
 for files it does not touch), writes its files there, rewrites manifest.json with a sha256 of

@@ -7,7 +7,9 @@ from typing import Any
 
 from precompute.pipeline.steps import STEPS as _STEP_REGISTRY
 
-SCHEMA_VERSION = 1
+# 2: task_score became task vs control (task_control_score removed), z became z_isotropic, the calibrated
+# nulls and closeness.json were added (docs/cache.md "Versions"). A reader refuses any other version.
+SCHEMA_VERSION = 2
 
 MANIFEST = "manifest.json"
 FEATURES = "features.parquet"

@@ -12,13 +12,13 @@ import pytest
 
 from bench.synthetic_cache import write_synthetic_cache
 from explorer.data import ExampleStore, find_caches, load_cache, reviews_path_for
-from precompute.cache import verify_cache
+from precompute.cache import SCHEMA_VERSION, verify_cache
 from precompute.errors import CacheError
 
 
 def test_synthetic_cache_is_schema_complete(synth_cache: Path) -> None:
     m = verify_cache(synth_cache)  # every checksum
-    assert m["schema_version"] == 1 and m["n_features"] == 600
+    assert m["schema_version"] == SCHEMA_VERSION and m["n_features"] == 600
     for name in (
         "features.parquet",
         "neighbors.npz",
@@ -170,7 +170,7 @@ def test_bad_caches_raise_cache_error(damage: str, cache_copy: Path, tmp_path: P
         target = tmp_path / "nope"
     elif damage == "schema":
         m = json.loads((cache_copy / "manifest.json").read_text())
-        m["schema_version"] = 2
+        m["schema_version"] = SCHEMA_VERSION - 1  # a cache from the previous contract
         (cache_copy / "manifest.json").write_text(json.dumps(m))
     elif damage == "tampered":
         with open(cache_copy / "neighbors.npz", "r+b") as fh:

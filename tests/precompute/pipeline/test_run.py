@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from precompute import schema
-from precompute.cache import read_manifest, verify_cache
+from precompute.cache import SCHEMA_VERSION, read_manifest, verify_cache
 from precompute.cli import main as cli_main
 from precompute.data.corpus import CorpusSource
 from precompute.errors import CacheError, CorpusError, HookNotFoundError, SAEFormatError, ShapeMismatchError
@@ -92,7 +92,7 @@ def brute_force_activations(model_dir: Path, sae_dir: Path, cache: Path) -> dict
 def test_cache_is_complete_and_verified(built_cache):
     out, _ = built_cache
     manifest = verify_cache(out)
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["n_features"] == 64 and manifest["d_in"] == 32
     assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
     assert all(len(c["sha256"]) == 64 for c in manifest["corpus"]) and manifest["sae"]["sha256"]

@@ -11,6 +11,21 @@ import plotly.graph_objects as go
 from explorer.figures.style import HARM, HARM_LIGHT, INK, NEUTRAL, TASK, TASK_LIGHT, base_layout, esc
 
 
+def _cosine_bars(names: list[str], vals: list[float], colors: list[str], digits: int) -> go.Figure:
+    """Horizontal bars of cosines, each labelled with its value (the pair and null figures)."""
+    return go.Figure(
+        go.Bar(
+            x=vals,
+            y=names,
+            orientation="h",
+            marker_color=colors,
+            text=[f"{v:.{digits}f}" for v in vals],
+            textposition="outside",
+            hovertemplate="%{y}: cosine %{x:.3f}<extra></extra>",
+        )
+    )
+
+
 def closeness_figure(
     cosine: float,
     null_cosine: float,
@@ -30,17 +45,7 @@ def closeness_figure(
     names.append("this task feature ↔<br>its harmful neighbour")
     vals.append(cosine)
     colors.append(HARM)
-    fig = go.Figure(
-        go.Bar(
-            x=vals,
-            y=names,
-            orientation="h",
-            marker_color=colors,
-            text=[f"{v:.2f}" for v in vals],
-            textposition="outside",
-            hovertemplate="%{y}: cosine %{x:.3f}<extra></extra>",
-        )
-    )
+    fig = _cosine_bars(names, vals, colors, digits=2)
     fig.add_vline(
         x=null_cosine,
         line_dash="dash",
@@ -193,17 +198,7 @@ def nulls_figure(
             names.append(name)
             vals.append(float(val))
             colors.append(color)
-    fig = go.Figure(
-        go.Bar(
-            x=vals,
-            y=names,
-            orientation="h",
-            marker_color=colors,
-            text=[f"{v:.3f}" for v in vals],
-            textposition="outside",
-            hovertemplate="%{y}: cosine %{x:.3f}<extra></extra>",
-        )
-    )
+    fig = _cosine_bars(names, vals, colors, digits=3)
     base_layout(fig, height)
     fig.update_xaxes(range=[0, max(0.5, max(vals, default=0.0) * 1.25)], title_text="cosine")
     fig.update_yaxes(tickfont={"size": 15})

@@ -33,6 +33,7 @@ import torch
 
 from precompute.cache import StagedCache
 from precompute.errors import CacheError
+from precompute.model.load import resolve_device
 from precompute.permutation import (
     PermutationResult,
     bootstrap_difference,
@@ -43,7 +44,6 @@ from precompute.permutation import (
 from precompute.pipeline.closeness_ranked import ELIGIBILITY, SELECTION, SENSITIVITY_N, RankedSets, rank_sets
 from precompute.pipeline.context import RunContext
 from precompute.pipeline.features import scored_features_and_neighbors
-from precompute.pipeline.knn import _resolve_device
 from precompute.schema import CLOSENESS
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _rows_per_block(n_cols: int) -> int:
 def closeness_to(directions: Any, rows: np.ndarray, targets: np.ndarray, device: str = "cpu") -> np.ndarray:
     """For each feature of `rows`: the largest cosine between its direction and any of `targets`'
     (unit rows of `directions` [n, d]), itself excluded; NaN when no other target exists."""
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     w = _as_tensor(directions, dev)
     rows = np.asarray(rows, np.int64)
     targets = np.asarray(targets, np.int64)
@@ -106,7 +106,7 @@ def neighbour_counts(
     directions: Any, sources: np.ndarray, threshold: float, device: str = "cpu"
 ) -> np.ndarray:
     """[n]: for each feature j, how many features t of `sources` (t ≠ j) have cos(t, j) > threshold."""
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     w = _as_tensor(directions, dev)
     n = w.shape[0]
     sources = np.asarray(sources, np.int64)

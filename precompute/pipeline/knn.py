@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from precompute.model.load import resolve_device
+
 log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -128,15 +130,6 @@ def _unit_rows_torch(X: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Exact kNN
 # --------------------------------------------------------------------------------------------
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available")
-    return dev
 
 
 def _clamp_k(n: int, k: int) -> int:
@@ -280,7 +273,7 @@ def knn_cosine(
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
     # faiss-cpu has no GPU path: an explicit faiss request with device="auto" means the CPU
-    dev = torch.device("cpu") if (backend == "faiss" and device == "auto") else _resolve_device(device)
+    dev = torch.device("cpu") if (backend == "faiss" and device == "auto") else resolve_device(device)
     if backend == "auto":
         backend = "torch" if dev.type == "cuda" else DEFAULT_CPU_BACKEND
     if backend == "faiss" and dev.type != "cpu":

@@ -455,6 +455,19 @@ def test_device_cuda_without_cuda(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp
     one_clear_line(capsys, "--device cuda was asked for but torch sees no CUDA device")
 
 
+def test_geometry_on_cuda_without_cuda_is_one_clear_error(tiny_sae_dir, tmp_path, capsys):
+    """The kNN's device goes through the same check as the model's (it once raised a bare ValueError: exit 1)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "geo"
+    argv = ["geometry", "--sae", str(tiny_sae_dir), "--out", str(out), "--device", "cuda", *GEOMETRY]
+    assert cli_main(argv) == 2
+    one_clear_line(capsys, "--device cuda was asked for but torch sees no CUDA device", "use --device cpu")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -31,7 +31,7 @@ from precompute.pipeline.shards import (
     harvest_shards,
     list_shards,
 )
-from precompute.schema import CATEGORY_RATES, CONTEXTS, DOCUMENTS, EXAMPLES, HARVEST_DIR, HISTOGRAMS
+from precompute.schema import CATEGORY_RATES, CONTEXTS, DOCUMENTS, EXAMPLES, HARVEST_DIR, HISTOGRAMS, TABLES
 
 # The options that shape the harvest, recorded in params/harvest.json.
 PARAMS = (
@@ -48,20 +48,7 @@ PARAMS = (
     "seed",
     "device",
 )
-EXAMPLE_COLUMNS = (
-    "feature",
-    "rank",
-    "kind",
-    "group",
-    "category",
-    "doc_id",
-    "context_id",
-    "tokens",
-    "activations",
-    "max_activation",
-    "max_position",
-    "quantile",
-)
+EXAMPLE_COLUMNS = tuple(c.name for c in TABLES[EXAMPLES].columns)  # the contract's order
 # (feature, kind "top"/"quantile", rank, context id, quantile of the interval or None)
 Selection = tuple[int, str, int, int, float | None]
 

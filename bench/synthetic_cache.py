@@ -15,6 +15,7 @@ is vectorised (numpy + pyarrow) so 262,144 features take well under a minute.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -302,6 +303,8 @@ def _documents(rng: np.random.Generator, doc_group: np.ndarray, inject_html: boo
     )
     if inject_html:
         docs.loc[: len(XSS_PAYLOADS) - 1, "text_preview"] = list(XSS_PAYLOADS)
+    # a synthetic document's whole content is its preview
+    docs["doc_sha256"] = [hashlib.sha256(t.encode()).hexdigest() for t in docs["text_preview"]]
     return docs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -21,14 +22,27 @@ def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def hash_path(path: str | Path) -> str | None:
-    """sha256 of a file, or of a directory's files (relative names + contents, sorted); None when absent."""
+# Files beside a model's weights that describe it without changing what it computes: editing a
+# README or re-running an evaluation must not give the SAE a new identity (and its caches new
+# fingerprints).
+DESCRIPTIVE_SUFFIXES = (".md", ".txt", ".rst", ".png", ".jpg", ".svg", ".html")
+DESCRIPTIVE_NAMES = ("training_report.json",)
+
+
+def is_descriptive(path: Path) -> bool:
+    return path.suffix.lower() in DESCRIPTIVE_SUFFIXES or path.name in DESCRIPTIVE_NAMES
+
+
+def hash_path(path: str | Path, skip: Callable[[Path], bool] | None = None) -> str | None:
+    """sha256 of a file, or of a directory's files (relative names + contents, sorted) other than
+    those `skip` names; None when absent."""
     p = Path(path)
     if p.is_file():
         return sha256_of(p)
     if p.is_dir():
         h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        files = (q for q in p.rglob("*") if q.is_file() and not (skip and skip(q.relative_to(p))))
+        for f in sorted(files):
             h.update(str(f.relative_to(p)).encode())
             h.update(sha256_of(f).encode())
         return h.hexdigest()

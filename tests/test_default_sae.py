@@ -53,7 +53,9 @@ def test_default_sae_clears_the_bars_on_heldout_text(monkeypatch):
         cfg.packing,
         cfg.max_tokens,
         cfg.heldout_fraction,
-        cfg.seed,
+        cfg.corpus_seed,
+        document_split=cfg.document_split,
+        scoring_fraction=cfg.scoring_fraction,
     )
     assert not {d.doc_id for d in train_plan.documents} & {d.doc_id for d in held_plan.documents}
 
@@ -79,3 +81,33 @@ def test_default_sae_clears_the_bars_on_heldout_text(monkeypatch):
     assert metrics["tokens"] == recorded["tokens"]
     for key in ("explained_variance", "explained_variance_no_outliers", "dead_fraction"):
         assert metrics[key] == pytest.approx(recorded[key], abs=2e-3), key
+
+
+def test_no_document_the_demo_scores_was_seen_in_training(monkeypatch):
+    """The default SAE's training report lists its training documents by content hash; every one
+    lies on the SAE side of the split, and none is a document the demo cache can score (cheap:
+    the corpus is read, no model runs)."""
+    from precompute.data.corpus import read_source
+    from precompute.data.split import DOCUMENT_HASH_HEX, document_hash, trained_documents
+    from precompute.pipeline.config import RunConfig
+    from precompute.training.config import TrainSAEConfig
+
+    monkeypatch.chdir(ROOT)
+    trained = trained_documents(DEFAULT_SAE)
+    assert trained, "the default SAE's training_report.json lists no training documents"
+    train_cfg = TrainSAEConfig.load(TRAIN_CONFIG, {"out": str(DEFAULT_SAE)})
+    demo = RunConfig.load(ROOT / "configs" / "demo.toml")
+    assert (train_cfg.document_split, demo.document_split) == ("sae", "scoring")
+    assert train_cfg.scoring_fraction == demo.scoring_fraction
+
+    def hashes(sources, split, fraction):
+        return {
+            document_hash(d)[:DOCUMENT_HASH_HEX]
+            for i, source in enumerate(sources)
+            for d in read_source(source, i, split=split, scoring_fraction=fraction)[0]
+        }
+
+    sae_side = hashes(train_cfg.corpus, "sae", train_cfg.scoring_fraction)
+    scoring_side = hashes(demo.corpus, "scoring", demo.scoring_fraction)
+    assert trained <= sae_side
+    assert not trained & scoring_side

@@ -3,7 +3,8 @@
 - `load.py` opens a cache: verifies it, checks each file against `precompute.schema`, loads it once.
 - `cache_data.py` is the loaded cache (`CacheData`) and the per-feature questions the pages ask.
 - `examples.py` reads examples.parquet per feature (lazily, by row group, when it is big).
-- `closeness.py` reads closeness.json, the closeness step's set-level test (optional).
+- `closeness.py` reads closeness.json, the closeness step's set-level test, and stability.json, the
+  pairs across SAE seeds (both optional).
 - `lab.py` reads the optional mechanism-lab results inside a cache (fine-tune diffs, triage), and says
   when a diff was computed with task/harmful features the cache no longer has.
 - `findings.py` counts what the cache supports saying (task, harmful, flagged, the nulls, closeness).
@@ -12,7 +13,7 @@ Import what a page needs from here: the names below are the package's interface.
 """
 
 from explorer.data.cache_data import CacheData, Neighbors
-from explorer.data.closeness import read_closeness
+from explorer.data.closeness import read_closeness, read_stability
 from explorer.data.examples import ExampleStore
 from explorer.data.findings import Findings, cache_findings
 from explorer.data.lab import (
@@ -59,6 +60,7 @@ __all__ = [
     "load_finetune_summary",
     "load_triage_run",
     "read_closeness",
+    "read_stability",
     "read_diff_basis",
     "reviews_path_for",
     "spearman_of",

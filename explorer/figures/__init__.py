@@ -14,6 +14,7 @@ from explorer.figures.closeness import (
     flagged_pairs_sentence,
     fmt_p,
     ranked_sentence,
+    stability_sentences,
 )
 from explorer.figures.feature import (
     NN_PCT_HELP,
@@ -105,6 +106,7 @@ __all__ = [
     "closeness_figure",
     "closeness_sentence",
     "closeness_sets_figure",
+    "stability_sentences",
     "compare_runs_figure",
     "decimate",
     "difference_null_figure",

@@ -230,3 +230,41 @@ def flagged_pairs_figure(report: dict[str, Any]) -> go.Figure | None:
         "(task, harmful) pairs above the chance cosine",
         fmt=",.0f",
     )
+
+
+def _share(k: int, n: int) -> str:
+    return f"{k} of {n:,} ({k / n:.0%})"
+
+
+def stability_sentences(report: dict[str, Any]) -> list[str]:
+    """stability.json in sentences: how much of the dictionary a second seed learns again, then each
+    pair set's survival, the nearest-neighbour baseline last so the shares can be compared."""
+    match, sets = report["match"], report["pair_sets"]
+    out = []
+    if match.get("share_matched") is not None:
+        out.append(
+            f"A second SAE of the same recipe (another seed) has a counterpart at decoder cosine ≥ "
+            f"{match['threshold']:.2f} for {match['share_matched']:.0%} of this SAE's {match['n_live']:,} "
+            f"live features (median matched cosine {match['quantiles']['0.5']:.2f})."
+        )
+    flagged = sets["flagged"]
+    if flagged["n_pairs"]:
+        out.append(
+            f"Flagged pairs that reappear there, both features matched and still above its null: "
+            f"{_share(flagged['n_reappearing'], flagged['n_pairs'])}."
+        )
+    else:
+        out.append("No pair is flagged in this cache, so no flagged pair can be checked for stability.")
+    ranked = sets["ranked_nearest_harmful"]
+    if ranked["n_pairs"]:
+        out.append(
+            f"Exploratory: of the {ranked['n_pairs']} most task-leaning features paired with their nearest "
+            f"harmful feature, {_share(ranked['n_reappearing'], ranked['n_pairs'])} of the pairs reappear."
+        )
+    base = sets["nearest_neighbour"]
+    if base["n_pairs"]:
+        out.append(
+            f"For comparison, {_share(base['n_reappearing'], base['n_pairs'])} of all above-null "
+            "nearest-neighbour pairs reappear."
+        )
+    return out

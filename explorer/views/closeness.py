@@ -5,7 +5,8 @@ with its interval and permutation p, the set sizes, and one sentence per result,
 file and never stronger than its verdict. A `not_testable` verdict gets its reason, no sentence.
 The strict comparison (sets by significance) comes first; the ranked one (`ranked`: the N most
 task-leaning vs the N most control-leaning features) follows under its own heading, labelled
-exploratory, with its sensitivity to N.
+exploratory, with its sensitivity to N. Then stability.json, when the cache has one: whether the
+pairs reappear in a second SAE trained with another seed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import streamlit as st
 
 from explorer import figures as F
 from explorer import state
-from explorer.data import read_closeness
+from explorer.data import read_closeness, read_stability
 from explorer.views import Page
 from precompute.errors import CacheError
 
@@ -200,6 +201,23 @@ def method(report: dict[str, Any]) -> None:
         )
 
 
+def stability(cache_path: Any) -> None:
+    st.subheader("Do the pairs survive another seed?")
+    try:
+        report = read_stability(cache_path)
+    except CacheError as exc:
+        st.error(f"**Cannot read the stability check.**  \n{state.md_escape(exc)}", icon="⚠️")
+        return
+    if report is None:
+        st.info(
+            "Not measured: this cache has no stability.json. Run `featuregeom stability --out DIR "
+            "--sae-replicate SAE2` with a second SAE of the same recipe trained with another seed."
+        )
+        return
+    for sentence in F.stability_sentences(report):
+        st.markdown(state.md_escape(sentence))
+
+
 def render() -> None:
     cache = state.require_cache()
     st.title("Closeness to harmful features")
@@ -219,6 +237,7 @@ def render() -> None:
     comparison(report)
     flagged_pairs(report)
     ranked(report)
+    stability(cache.path)
     method(report)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from precompute.data.records import ReadStats, has_surrogates, kind_of, read_records, shorten
+from precompute.data.split import DEFAULT_SCORING_FRACTION, on_side
 from precompute.errors import CorpusError
 
 GROUPS = ("task", "control", "harmful", "benign", "general")
@@ -277,9 +278,15 @@ def _check_read(path: Path, source: CorpusSource, docs: list[Document], stats: R
 
 
 def read_source(
-    source: CorpusSource, source_index: int, first_doc_id: int = 0, seed: int = 0
+    source: CorpusSource,
+    source_index: int,
+    first_doc_id: int = 0,
+    seed: int = 0,
+    split: str = "all",
+    scoring_fraction: float = DEFAULT_SCORING_FRACTION,
 ) -> tuple[list[Document], ReadStats]:
-    """The documents of one source, shuffled by `seed`, cut to `max_docs`, numbered from `first_doc_id`."""
+    """The documents of one source on one side of the document split (`precompute.data.split`),
+    shuffled by `seed`, cut to `max_docs`, numbered from `first_doc_id`."""
     path = Path(source.path).expanduser()
     if path.is_dir():
         raise CorpusError(f"corpus path {path} is a directory; name a file inside it (one --corpus per file)")
@@ -287,6 +294,16 @@ def read_source(
         raise CorpusError(f"corpus file not found: {path}")
     stats = ReadStats()
     docs, category_field_seen = _record_documents(path, source, source_index, stats)
+    if split != "all":
+        kept = [d for d in docs if on_side(d, split, scoring_fraction)]
+        stats.other_split = len(docs) - len(kept)
+        if docs and not kept:
+            raise CorpusError(
+                f"corpus file {path} has no document on the {split!r} side of the document split "
+                f"({len(docs)} on the other); use more documents, another --scoring-fraction or "
+                "--document-split all"
+            )
+        docs = kept
     # A seeded shuffle so a token budget takes a random subset, not the first rows of a sorted file.
     random.Random(f"{seed}:{source.path}").shuffle(docs)
     if source.max_docs is not None:

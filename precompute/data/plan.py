@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from precompute.data.corpus import Context, CorpusSource, Document, pack_contexts, read_source
 from precompute.data.records import ReadStats
+from precompute.data.split import DEFAULT_SCORING_FRACTION
 from precompute.errors import CorpusError
 
 
@@ -39,6 +40,8 @@ def plan_corpus(
     packing: str = "split",
     max_tokens: int | None = None,
     seed: int = 0,
+    document_split: str = "all",
+    scoring_fraction: float = DEFAULT_SCORING_FRACTION,
 ) -> CorpusPlan:
     """Read every source and cut it into contexts; `max_tokens` is shared equally between sources
     that set no budget of their own, so no group is starved by the order of the sources."""
@@ -54,7 +57,9 @@ def plan_corpus(
         fixed = sum(s.max_tokens or 0 for s in sources)
         share = max(0, max_tokens - fixed) // max(1, len(unbudgeted))
     for index, source in enumerate(sources):
-        docs, st = read_source(source, index, first_doc_id=len(documents), seed=seed)
+        docs, st = read_source(
+            source, index, len(documents), seed, split=document_split, scoring_fraction=scoring_fraction
+        )
         budget = source.max_tokens if source.max_tokens is not None else share
         made = list(
             pack_contexts(docs, tokenizer, context_size, packing, budget, first_context_id=len(contexts))

@@ -32,6 +32,7 @@ class ReadStats:
     skipped_malformed: int = 0
     skipped_empty: int = 0
     skipped_filtered: int = 0
+    other_split: int = 0  # documents left to the other side of the document split
     first_malformed: str | None = None  # where and why the first malformed record was skipped
 
     def malformed(self, where: str) -> None:
@@ -47,6 +48,7 @@ class ReadStats:
                 (self.skipped_malformed, "malformed"),
                 (self.skipped_empty, "without a text field"),
                 (self.skipped_filtered, "filtered out"),
+                (self.other_split, "on the other side of the document split"),
             )
             if n
         ]

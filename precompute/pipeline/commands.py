@@ -41,6 +41,7 @@ _CLOSENESS = (
     "closeness_alpha",
     "closeness_ranked",
 )
+_STABILITY = ("sae_replicate", "stability_match")
 
 
 @dataclass
@@ -114,7 +115,7 @@ def run_info(opts: InfoOptions) -> int:
 COMMANDS = (
     Command(
         "precompute",
-        "run the whole job: harvest, geometry, scores, overlaps, closeness",
+        "run the whole job: " + ", ".join(STEPS),
         PrecomputeOptions,
         run_precompute_command,
         description="Load a model and SAE, stream the corpus, and write an explorer cache. "
@@ -128,6 +129,7 @@ COMMANDS = (
             *_GEOMETRY,
             *_SCORES,
             *_CLOSENESS,
+            *_STABILITY,
             "n_task",
             "steps",
             "overwrite",
@@ -180,6 +182,16 @@ COMMANDS = (
         "frequency-stratified permutation test, and the flagged-pair count against shuffled harm labels "
         "(closeness.json). Needs the cache's SAE (read from the cache's config unless --sae is given).",
         flags=(*_COMMON, *_SAE, *_CLOSENESS),
+    ),
+    Command(
+        "stability",
+        "check whether the cache's pairs reappear in a second SAE trained with another seed",
+        RunConfig,
+        _single_step("stability"),
+        description="Match the features of --sae-replicate (same recipe, another seed) to the cache's SAE "
+        "by the Hungarian algorithm on decoder cosine, then say which flagged pairs, exploratory ranked "
+        "pairs and nearest-neighbour pairs reappear above the replicate's own null (stability.json).",
+        flags=(*_COMMON, *_SAE, *_STABILITY, "null_fpr", "null_samples", "closeness_ranked"),
     ),
     Command("info", "summarise a cache and verify its checksums", InfoOptions, run_info),
 )

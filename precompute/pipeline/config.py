@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from precompute.data.corpus import CorpusSource
+from precompute.data.split import (
+    DEFAULT_SCORING_FRACTION,
+    DOCUMENT_SPLIT_HELP,
+    DOCUMENT_SPLITS,
+    SCORING_FRACTION_HELP,
+)
 from precompute.options import load_options, option, options_dict, require
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,6 +57,10 @@ class RunConfig:
         metavar="PATH[:GROUP[:CATEGORY]]",
         help="corpus file (.jsonl/.csv/.txt/.json/.yaml, optionally .gz, or .parquet); repeatable. GROUP is "
         "task, control, harmful, benign or general; CATEGORY a label or @column",
+    )
+    document_split: str = option("all", choices=DOCUMENT_SPLITS, help=DOCUMENT_SPLIT_HELP)
+    scoring_fraction: float = option(
+        DEFAULT_SCORING_FRACTION, low=0, high=1, bounds="()", help=SCORING_FRACTION_HELP
     )
     # --- harvest
     context_size: int = option(128, low=2, bounds="[)", help="tokens per context")
@@ -157,6 +167,19 @@ class RunConfig:
         bounds="[)",
         help="N of the closeness step's exploratory ranked comparison: the N most task-leaning features "
         "(highest task_score) vs the N most control-leaning (lowest); fewer when fewer are eligible",
+    )
+    sae_replicate: str | None = option(
+        None,
+        metavar="S",
+        help="a second SAE of the same recipe and another seed: the stability step matches its features "
+        "to --sae's (Hungarian) and says which pairs reappear (stability.json); without it the step is skipped",
+    )
+    stability_match: float = option(
+        0.7,
+        low=0,
+        high=1,
+        bounds="(]",
+        help="matched decoder cosine at which a replicate feature counts as the same feature",
     )
     overwrite: bool = option(False, help="replace an --out directory that holds a different cache")
     progress: bool = option(True, help="hide progress bars")

@@ -119,7 +119,14 @@ class RunContext:
         if self._plan is None:
             cfg = self.cfg
             self._plan = plan_corpus(
-                cfg.corpus, self.model.tokenizer, cfg.context_size, cfg.packing, cfg.max_tokens, cfg.seed
+                cfg.corpus,
+                self.model.tokenizer,
+                cfg.context_size,
+                cfg.packing,
+                cfg.max_tokens,
+                cfg.seed,
+                document_split=cfg.document_split,
+                scoring_fraction=cfg.scoring_fraction,
             )
         return self._plan
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from precompute.cache import StagedCache
 from precompute.data.plan import CorpusPlan
+from precompute.data.split import document_hash
 from precompute.model.hooks import HookReader, resolve_hook
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log
@@ -147,6 +148,7 @@ def write_documents(staged: StagedCache, plan: CorpusPlan) -> pd.DataFrame:
             "record_index": [d.index for d in plan.documents],
             "n_tokens": doc_tokens,
             "text_preview": [d.preview(300) for d in plan.documents],
+            "doc_sha256": [document_hash(d) for d in plan.documents],
         }
     )
     docs.to_parquet(staged.path(DOCUMENTS), index=False)

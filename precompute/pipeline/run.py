@@ -14,6 +14,7 @@ from typing import Any
 
 from precompute import cache as cache_io
 from precompute.data.plan import CorpusPlan
+from precompute.data.split import document_hash, sae_training_overlap, split_record
 from precompute.errors import CacheError, FeatureGeomError
 from precompute.model.hooks import resolve_hook
 from precompute.pipeline.config import RunConfig
@@ -97,6 +98,25 @@ def _load_inputs(ctx: RunContext, steps: tuple[str, ...]) -> None:
         )
 
 
+def _document_split_manifest(ctx: RunContext) -> dict[str, Any]:
+    """Which side of the document split the cache scores, and how many of its scored (harvested)
+    documents the SAE was trained on: 0 when the SAE's training report proves none, None when the
+    SAE does not say."""
+    cfg, plan = ctx.cfg, ctx.plan
+    harvested = {i for c in plan.contexts for i in c.doc_ids}
+    scored = [document_hash(d) for d in plan.documents if d.doc_id in harvested]
+    record = {**split_record(cfg.document_split, cfg.scoring_fraction)}
+    record.update(sae_training_overlap(scored, required(cfg.sae, "sae")))
+    seen = record["scored_in_sae_training"]
+    if seen:
+        log(
+            f"warning: {seen} of the {len(scored)} scored documents were in the SAE's training data "
+            "(dataset-identity latents can then pass for task or harm features); score the other side "
+            "of the split with --document-split scoring"
+        )
+    return record
+
+
 def _base_manifest(ctx: RunContext, identity: dict[str, Any]) -> dict[str, Any]:
     """What the manifest says about the run's inputs."""
     return {
@@ -106,6 +126,7 @@ def _base_manifest(ctx: RunContext, identity: dict[str, Any]) -> dict[str, Any]:
         "d_in": ctx.sae.d_in,
         "n_features": ctx.sae.d_sae,
         "corpus": _corpus_manifest(ctx.plan),
+        "document_split": _document_split_manifest(ctx),
         "identity": identity,
         "config": ctx.cfg.to_dict(),
         "versions": library_versions(),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from precompute.errors import FeatureGeomError, SAEFormatError, ShapeMismatchError
-from precompute.provenance import hash_path
+from precompute.provenance import hash_path, is_descriptive
 from precompute.sae.base import SAE
 from precompute.sae.format import SAEFormat
 from precompute.sae.formats import (
@@ -142,12 +142,12 @@ def load_sae_for_model(
     warn: Callable[[str], None] = lambda msg: print(f"warning: {msg}", flush=True),
 ) -> tuple[SAE, dict[str, Any]]:
     """The one way a command loads an SAE: load it, check it can read the model (when `d_model` is
-    known; soft mismatches go to `warn`), and describe it with the sha256 of its files (None for a
-    `release:` spec, which has no local files)."""
+    known; soft mismatches go to `warn`), and describe it with the sha256 of the files that make it
+    (not its README or training report; None for a `release:` spec, which has no local files)."""
     sae = load_sae(spec, format=format, device=device)
     if d_model is not None:
         for message in check_compatible(sae, d_model, model_name or "the model"):
             warn(message)
     info = sae.describe()
-    info["sha256"] = None if str(spec).startswith("release:") else hash_path(spec)
+    info["sha256"] = None if str(spec).startswith("release:") else hash_path(spec, skip=is_descriptive)
     return sae, info

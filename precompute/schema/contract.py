@@ -17,6 +17,7 @@ NEIGHBORS = "neighbors.npz"
 EXAMPLES = "examples.parquet"
 OVERLAPS = "overlaps.parquet"
 CLOSENESS = "closeness.json"
+STABILITY = "stability.json"
 DOCUMENTS = "documents.parquet"
 CATEGORY_RATES = "category_rates.parquet"
 HISTOGRAMS = "histograms.npz"
@@ -131,6 +132,7 @@ def _cols(step: str, *specs: tuple[Any, ...]) -> tuple[Column, ...]:
 
 
 LOGIT_LENS = "scores ran with the model (logit lens)"
+DOC_HASHES = "caches harvested since the document split (older ones lack it)"
 
 TABLES: dict[str, Table] = {
     FEATURES: Table(
@@ -217,6 +219,7 @@ TABLES: dict[str, Table] = {
             ("record_index", INT64),
             ("n_tokens", INT64),
             ("text_preview", STRING),
+            ("doc_sha256", STRING, False, DOC_HASHES),
         ),
     ),
     CATEGORY_RATES: Table(
@@ -324,5 +327,12 @@ JSON_FILES: dict[str, JsonFile] = {
         + _keys("array", "ranked_sensitivity")
         + _keys("number", "null_cosine_used alpha")
         + _keys("integer", "n_permutations n_bootstrap frequency_bins seed min_set_size"),
+    ),
+    STABILITY: JsonFile(
+        STABILITY,
+        "stability",
+        _keys("object", "replicate match pair_sets params")
+        + _keys("number", "null_cosine_replicate")
+        + _keys("string", "null_kind_replicate"),
     ),
 }

@@ -26,6 +26,15 @@ import torch
 
 from precompute.atomic import write_atomic, write_text_atomic
 from precompute.data.plan import CorpusPlan
+from precompute.data.split import (
+    DOCUMENT_HASH_HEX,
+    DOCUMENTS_KEY,
+    TRAINED_DOCUMENTS_KEY,
+    TRAINING_REPORT,
+    document_hash,
+    documents_digest,
+    split_record,
+)
 from precompute.errors import FeatureGeomError
 from precompute.model.hooks import HookPoint, HookReader
 from precompute.model.load import LoadedModel
@@ -45,7 +54,7 @@ from precompute.training.store import (
 from precompute.training.trainer import CHECKPOINT, TopKSAETrainer, TrainResult, default_warmup, fit
 
 RUN_FILE = "run.json"
-REPORT_FILE = "training_report.json"
+REPORT_FILE = TRAINING_REPORT  # precompute.data.split reads the training documents from it
 
 # Options that change the activation store, and (with these) the trained SAE.
 DATA_KEYS = (
@@ -56,7 +65,9 @@ DATA_KEYS = (
     "packing",
     "harvest_batch_size",
     "store_dtype",
-    "seed",
+    "corpus_seed",
+    "document_split",
+    "scoring_fraction",
 )
 TRAIN_KEYS = (
     "d_sae",
@@ -168,7 +179,9 @@ def _split(cfg: TrainSAEConfig, tokenizer: Any) -> tuple[CorpusPlan, CorpusPlan]
         cfg.packing,
         cfg.max_tokens,
         cfg.heldout_fraction,
-        cfg.seed,
+        cfg.corpus_seed,
+        document_split=cfg.document_split,
+        scoring_fraction=cfg.scoring_fraction,
     )
 
 
@@ -208,7 +221,7 @@ def _collect_and_train(
         cfg.harvest_batch_size,
         device,
         cfg.store_dtype,
-        cfg.seed,
+        cfg.corpus_seed,
         cfg.progress,
         data_signature,
     )
@@ -285,6 +298,19 @@ def _corpus_record(
     ]
 
 
+def _documents_record(cfg: TrainSAEConfig, train_plan: CorpusPlan, held_plan: CorpusPlan) -> dict[str, Any]:
+    """Which documents the SAE saw, by content hash, so a cache can prove it scores none of them."""
+    train = sorted({document_hash(d)[:DOCUMENT_HASH_HEX] for d in train_plan.documents})
+    held = sorted({document_hash(d)[:DOCUMENT_HASH_HEX] for d in held_plan.documents})
+    return {
+        **split_record(cfg.document_split, cfg.scoring_fraction),
+        "hash": f"first {DOCUMENT_HASH_HEX} hex digits of the sha256 of each document's content",
+        TRAINED_DOCUMENTS_KEY: train,
+        "heldout_sha256": held,
+        "train_digest": documents_digest(train),
+    }
+
+
 def _training_record(cfg: TrainSAEConfig, trained: _Trained, heldout_tokens: int) -> dict[str, Any]:
     return {
         "d_sae": cfg.d_sae,
@@ -299,6 +325,7 @@ def _training_record(cfg: TrainSAEConfig, trained: _Trained, heldout_tokens: int
         "dead_after_tokens": cfg.dead_after_tokens,
         "init_b_dec": cfg.init_b_dec,
         "seed": cfg.seed,
+        "data_seed": cfg.corpus_seed,
         "train_activations": trained.rows,
         "epochs": trained.steps * cfg.batch_size / trained.rows,
         "heldout_fraction": cfg.heldout_fraction,
@@ -387,6 +414,7 @@ def run(cfg: TrainSAEConfig) -> int:
         "model": loaded.describe(),
         "hook": hook.describe(),
         "corpus": _corpus_record(cfg, corpus_hashes, train_plan, held_plan),
+        DOCUMENTS_KEY: _documents_record(cfg, train_plan, held_plan),
         "training": training,
         "eval": metrics,
         "timing": {

@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from precompute.data.corpus import CorpusSource
+from precompute.data.split import (
+    DEFAULT_SCORING_FRACTION,
+    DOCUMENT_SPLIT_HELP,
+    DOCUMENT_SPLITS,
+    SCORING_FRACTION_HELP,
+)
 from precompute.errors import FeatureGeomError
 from precompute.options import load_options, option, options_dict
 from precompute.pipeline.config import DEVICES, MODEL_HELP
@@ -58,6 +64,10 @@ class TrainSAEConfig:
         bounds="()",
         help="token budget (training + held-out) shared equally by sources without their own "
         "max_tokens (default: all tokens)",
+    )
+    document_split: str = option("all", choices=DOCUMENT_SPLITS, help=DOCUMENT_SPLIT_HELP)
+    scoring_fraction: float = option(
+        DEFAULT_SCORING_FRACTION, low=0, high=1, bounds="()", help=SCORING_FRACTION_HELP
     )
     heldout_fraction: float = option(
         0.08,
@@ -132,7 +142,18 @@ class TrainSAEConfig:
     # --- running
     device: str = option("auto", choices=DEVICES, help="where to run")
     seed: int = option(
-        0, low=0, high=2**32 - 1, help="seed for the initialisation, the shuffling and the corpus subsets"
+        0,
+        low=0,
+        high=2**32 - 1,
+        help="seed for the initialisation and the training order (and, without --data-seed, the corpus "
+        "subsets)",
+    )
+    data_seed: int | None = option(
+        None,
+        low=0,
+        high=2**32 - 1,
+        help="seed for the corpus subsets and the order activations are collected in (default: --seed); "
+        "SAEs that differ only in --seed then share one activation store",
     )
     overwrite: bool = option(
         False, help="discard any checkpoint in --work-dir and replace --out if it exists"
@@ -176,6 +197,11 @@ class TrainSAEConfig:
             raise FeatureGeomError(
                 "--overwrite discards the checkpoint that --resume asks for; pass one of them"
             )
+
+    @property
+    def corpus_seed(self) -> int:
+        """The seed of the corpus subsets and the collection order: --data-seed, else --seed."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def resolved_lr(self) -> float:
         """Gao et al.'s scaling: 2e-4 at 16k latents, times sqrt(16384 / d_sae)."""

@@ -10,7 +10,6 @@ reach the training store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from precompute.atomic import write_text_atomic
 from precompute.data.corpus import Context, CorpusSource, Document, pack_contexts, read_source
 from precompute.data.plan import CorpusPlan
 from precompute.data.records import ReadStats
+from precompute.data.split import DEFAULT_SCORING_FRACTION, document_hash
 from precompute.errors import CorpusError, FeatureGeomError
 from precompute.model.activations import iter_activations
 from precompute.model.hooks import HookReader
@@ -81,18 +81,10 @@ class ShuffledBatches:
 
 
 # ============================================================================ corpus split
-def document_key(doc: Document) -> str:
-    """What identifies a document across configs: its content (text or chat messages)."""
-    if doc.messages is not None:
-        return json.dumps(doc.messages, sort_keys=True, ensure_ascii=False)
-    return doc.text or ""
-
-
 def is_heldout(doc: Document, fraction: float) -> bool:
     """Deterministic document-level split: a hash of the content, so duplicates fall on one side
     and the split does not move when budgets, seeds or the order of sources change."""
-    digest = hashlib.sha256(document_key(doc).encode("utf-8", errors="surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+    return int(document_hash(doc)[:16], 16) / 2.0**64 < fraction
 
 
 def _split_budget(budget: int | None, heldout_fraction: float) -> dict[str, int | None]:
@@ -111,6 +103,8 @@ def plan_split(
     max_tokens: int | None = None,
     heldout_fraction: float = 0.08,
     seed: int = 0,
+    document_split: str = "all",
+    scoring_fraction: float = DEFAULT_SCORING_FRACTION,
 ) -> tuple[CorpusPlan, CorpusPlan]:
     """Like `plan_corpus`, but documents are first split into training and held-out sets.
 
@@ -129,7 +123,14 @@ def plan_split(
     }
     next_doc, next_ctx = 0, 0
     for index, source in enumerate(sources):
-        docs, stats = read_source(source, index, first_doc_id=next_doc, seed=seed)
+        docs, stats = read_source(
+            source,
+            index,
+            first_doc_id=next_doc,
+            seed=seed,
+            split=document_split,
+            scoring_fraction=scoring_fraction,
+        )
         next_doc += len(docs)
         budget = source.max_tokens if source.max_tokens is not None else share
         held = [d for d in docs if is_heldout(d, heldout_fraction)]

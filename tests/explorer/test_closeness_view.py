@@ -250,3 +250,79 @@ def test_the_page_without_or_with_a_damaged_file(
     (cache_copy / schema.CLOSENESS).write_text("{}")
     at = run_page(PAGE, cache_copy, monkeypatch)
     assert not at.exception and "checksum" in all_text(at) + " ".join(e.value for e in at.error)
+
+
+# ------------------------------------------------------------------------------ stability across seeds
+def stability_report_from_code() -> dict[str, Any]:
+    """A real stability.json: the step's code on a decoder and a replicate in which one of the two
+    flagged pairs is not learnt again."""
+    import pandas as pd
+
+    from precompute.pipeline.knn import knn_bruteforce, unit_rows
+    from precompute.pipeline.null import calibrated_null
+    from precompute.pipeline.stability import StabilityParams, stability_report
+
+    rng = np.random.default_rng(0)
+    n, d = 200, 32
+    a = unit_rows(rng.standard_normal((n, d)))
+    a[1] = unit_rows((a[0] + a[1])[None])[0]  # a close pair (0, 1), cosine ~0.7
+    b = a.copy()
+    b[3] = unit_rows(rng.standard_normal((1, d)))[0]  # feature 3 is not learnt again
+    indices, cosine = knn_bruteforce(a, 4)
+    null = calibrated_null(a, 0.01, 2000, 0, "cpu")
+    z = {"indices": indices, "cosine": cosine, "null_cosine": np.float64(null.cosine)}
+    harmful = np.zeros(n, bool)
+    harmful[[1, 3]] = True
+    features = pd.DataFrame(
+        {
+            "is_harmful": harmful,
+            "task_score": np.linspace(0.3, 0.7, n),
+            "frequency": 0.01,
+            "dead": False,
+        }
+    )
+    overlaps = pd.DataFrame({"task_feature": [0, 2], "harmful_feature": [1, 3]})
+    params = StabilityParams(0.7, 10, 0.01, 2000, 0)
+    return json.loads(json.dumps(stability_report(a, b, features, z, overlaps, params, {"spec": "b"})))
+
+
+def with_stability(cache: Path, report: dict[str, Any]) -> Path:
+    with stage(cache) as staged:
+        staged.path(schema.STABILITY).write_text(json.dumps(report))
+        staged.commit()
+    return cache
+
+
+def test_stability_sentences_state_the_files_shares() -> None:
+    report = stability_report_from_code()
+    flagged = report["pair_sets"]["flagged"]
+    assert [p["reappears"] for p in flagged["pairs"]] == [True, False]
+    said = F.stability_sentences(report)
+    assert (
+        "Flagged pairs that reappear there, both features matched and still above its null: 1 of 2 (50%)."
+        in said
+    )
+    assert said[0].endswith(
+        f"for {report['match']['share_matched']:.0%} of this SAE's 200 live features "
+        f"(median matched cosine {report['match']['quantiles']['0.5']:.2f})."
+    )
+    none_flagged = json.loads(json.dumps(report))
+    none_flagged["pair_sets"]["flagged"].update(n_pairs=0, n_reappearing=0, pairs=[])
+    assert "No pair is flagged in this cache" in " ".join(F.stability_sentences(none_flagged))
+
+
+def test_the_page_shows_stability_or_says_it_was_not_measured(
+    cache_copy: Path, reports: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with_closeness(cache_copy, reports["no_difference"])
+    at = run_page(PAGE, cache_copy, monkeypatch)
+    assert any("Not measured: this cache has no stability.json" in i.value for i in at.info)
+    report = stability_report_from_code()
+    at = run_page(PAGE, with_stability(cache_copy, report), monkeypatch)
+    assert not at.exception and not at.error
+    shown = [plain(m.value) for m in at.markdown]
+    for sentence in F.stability_sentences(report):
+        assert sentence in shown
+    (cache_copy / schema.STABILITY).write_text(json.dumps(report).replace('"b"', '"c"'))
+    at = run_page(PAGE, cache_copy, monkeypatch)
+    assert "checksum" in " ".join(e.value for e in at.error)

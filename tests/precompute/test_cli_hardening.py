@@ -441,6 +441,7 @@ def test_failed_run_keeps_only_resumable_work(
         "scores",
         "overlaps",
         "closeness",
+        "stability",
     ]
 
 

@@ -96,7 +96,8 @@ def test_cache_is_complete_and_verified(built_cache):
     assert manifest["n_features"] == 64 and manifest["d_in"] == 32
     assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
     assert all(len(c["sha256"]) == 64 for c in manifest["corpus"]) and manifest["sae"]["sha256"]
-    assert set(manifest["steps"]) == {"harvest", "geometry", "scores", "overlaps", "closeness"}
+    assert set(manifest["steps"]) == {"harvest", "geometry", "scores", "overlaps", "closeness", "stability"}
+    assert not (out / "stability.json").exists()  # no --sae-replicate: nothing to compare with
     for step in manifest["steps"]:
         sidecar = json.loads((out / "params" / f"{step}.json").read_text())
         assert sidecar["step"] == step and "params" in sidecar
@@ -456,3 +457,54 @@ def test_outlier_norm_positions_are_dropped(tiny_model_dir, tiny_corpus):
         torch.testing.assert_close(cut.acts, full.acts[keep])
         assert (cut.position == full.position[keep.numpy()]).all()
     assert dropped > 0
+
+
+def test_manifest_counts_scored_documents_the_sae_was_trained_on(
+    tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path
+):
+    """documents.parquet names every document by its content hash, and the manifest counts exactly
+    the harvested ones that the SAE's training report lists (none listed: unknown, not zero)."""
+    import shutil
+
+    from precompute.data.split import DOCUMENT_HASH_HEX, documents_digest
+
+    sae_dir = tmp_path / "sae"
+    shutil.copytree(tiny_sae_dir, sae_dir)
+    cfg = make_cfg(tiny_model_dir, sae_dir, tiny_corpus, tmp_path / "unknown", max_tokens=240)
+    run_precompute(cfg)
+    split = read_manifest(tmp_path / "unknown")["document_split"]
+    assert split["split"] == "all" and split["scored_in_sae_training"] is None
+
+    docs = pd.read_parquet(tmp_path / "unknown" / "documents.parquet")
+    harvested = docs[docs.n_tokens > 0]
+    assert split["scored_documents"] == len(harvested)
+    assert split["scored_digest"] == documents_digest(h[:DOCUMENT_HASH_HEX] for h in harvested.doc_sha256)
+    trained = [h[:DOCUMENT_HASH_HEX] for h in harvested.doc_sha256.iloc[:3]]
+    trained += [h[:DOCUMENT_HASH_HEX] for h in docs[docs.n_tokens == 0].doc_sha256.iloc[:2]]
+    (sae_dir / "training_report.json").write_text(json.dumps({"documents": {"train_sha256": trained}}))
+
+    cfg = make_cfg(tiny_model_dir, sae_dir, tiny_corpus, tmp_path / "known", max_tokens=240)
+    run_precompute(cfg)  # the report does not change the SAE's identity, so nothing else differs
+    split = read_manifest(tmp_path / "known")["document_split"]
+    assert split["scored_in_sae_training"] == 3  # unread documents do not count
+    assert split["sae_training_documents"] == 5
+
+
+def test_stability_step_writes_a_checked_file_and_skips_without_replicate(
+    built_cache, tiny_sae_dir, tmp_path
+):
+    import shutil
+
+    from precompute.pipeline.run import run_step
+    from precompute.schema import STABILITY, check_json
+
+    cache, cfg = built_cache
+    out = tmp_path / "cache"
+    shutil.copytree(cache, out)
+    run_step("stability", type(cfg).load(None, {"out": str(out), "sae_replicate": str(tiny_sae_dir)}))
+    data = json.loads((out / STABILITY).read_text())
+    check_json(STABILITY, data, out / STABILITY)
+    assert data["match"]["share_matched"] == 1.0  # the same SAE: every feature is its own match
+    assert data["replicate"]["sha256"] is not None
+    run_step("stability", type(cfg).load(None, {"out": str(out)}))
+    assert not (out / STABILITY).exists()  # an earlier result would describe another replicate

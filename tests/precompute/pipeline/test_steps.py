@@ -14,8 +14,8 @@ from precompute.pipeline.run import run_step
 from precompute.pipeline.steps import STEPS
 
 
-def test_steps_run_in_the_order_harvest_geometry_scores_overlaps_closeness():
-    assert list(STEPS) == ["harvest", "geometry", "scores", "overlaps", "closeness"]
+def test_steps_run_in_the_order_harvest_geometry_scores_overlaps_closeness_stability():
+    assert list(STEPS) == ["harvest", "geometry", "scores", "overlaps", "closeness", "stability"]
     assert commands.STEPS == tuple(STEPS)
     assert [name for name, step in STEPS.items() if step.name != name] == []
 
@@ -36,7 +36,7 @@ def test_an_unknown_step_is_one_clear_error(capsys):
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
-    assert "unknown step(s) ['nope']; steps are harvest, geometry, scores, overlaps, closeness" in lines[0]
+    assert "unknown step(s) ['nope']; steps are harvest, geometry, scores, overlaps, closeness, stability" in lines[0]
 
 
 def test_run_step_refuses_an_unknown_step(tmp_path):

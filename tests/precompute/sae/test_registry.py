@@ -256,3 +256,20 @@ def test_a_format_appended_to_the_list_needs_no_other_edit(tmp_path: Path, monke
     plain = tmp_path / "plain.safetensors"
     plain.write_bytes(path.read_bytes())
     assert detect_format(str(plain)) == "safetensors"
+
+
+def test_sae_identity_is_its_weights_not_its_description(tmp_path):
+    """A README edit or a re-run evaluation (training_report.json) keeps the SAE's sha256, so caches
+    built on it stay valid; changing a weight or the config changes it."""
+    from precompute.sae.registry import load_sae_for_model
+
+    directory = tmp_path / "sae"
+    save_saelens(make_sae("topk"), directory)
+    sha = load_sae_for_model(str(directory))[1]["sha256"]
+    (directory / "README.md").write_text("# notes\n")
+    (directory / "training_report.json").write_text("{}")
+    assert load_sae_for_model(str(directory))[1]["sha256"] == sha
+    cfg = json.loads((directory / "cfg.json").read_text())
+    cfg["metadata"] = {"edited": True}
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    assert load_sae_for_model(str(directory))[1]["sha256"] != sha

@@ -75,7 +75,7 @@ def test_help_shows_each_option_and_its_default_once(capsys):
         for f in dataclasses.fields(TrainSAEConfig)
         if f.default not in (dataclasses.MISSING, None) and not isinstance(f.default, bool)
     ]
-    spelled = ("work_dir", "max_tokens", "lr", "warmup_steps", "eval_tokens", "keep_work")
+    spelled = ("work_dir", "max_tokens", "lr", "warmup_steps", "eval_tokens", "keep_work", "data_seed")
     assert text.count("(default") == len(shown) + len(spelled)
     for flag in ("--work-dir", "--max-tokens", "--no-progress", "--eval-only", "--keep-work", "--resume"):
         assert f" {flag} " in text

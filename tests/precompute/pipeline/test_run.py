@@ -508,3 +508,34 @@ def test_stability_step_writes_a_checked_file_and_skips_without_replicate(
     assert data["replicate"]["sha256"] is not None
     run_step("stability", type(cfg).load(None, {"out": str(out)}))
     assert not (out / STABILITY).exists()  # an earlier result would describe another replicate
+
+
+def test_demo_rebuilds_a_valid_cache_built_from_other_inputs(built_cache, tiny_sae_dir, tmp_path):
+    """`featuregeom demo` serves an existing cache only when the config would build that same cache:
+    other settings, or other SAE weights under the same path, make it stale (an upgrade changed
+    configs/demo.toml or the default SAE)."""
+    import shutil
+
+    from precompute.demo import stale_reason
+
+    cache, cfg = built_cache
+    same = RunConfig.load(None, {**cfg.to_dict(), "progress": True, "device": "auto"})
+    assert stale_reason(cache, same) is None  # how it runs is not what it computes
+    other = RunConfig.load(None, {**cfg.to_dict(), "document_split": "scoring"})
+    assert stale_reason(cache, other) == "it was built with other settings (document_split)"
+
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny_sae_dir, sae)
+    moved = tmp_path / "cache"
+    shutil.copytree(cache, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["config"]["sae"] = str(sae)
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    here = RunConfig.load(None, {**cfg.to_dict(), "sae": str(sae)})
+    assert stale_reason(moved, here) is None
+    (sae / "README.md").write_text("notes")  # describing the SAE does not change it
+    assert stale_reason(moved, here) is None
+    weights = sae / "sae_weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one weight's last byte flipped
+    assert stale_reason(moved, here) == f"the SAE at {sae} has changed since it was built"

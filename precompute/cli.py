@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "precompute.lab.diff",
     "precompute.lab.patch",
     "precompute.lab.triage",
+    "precompute.export.command",
 )
 
 

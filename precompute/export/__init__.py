@@ -1,0 +1,1 @@
+"""Exports of a cache to other tools' formats (`featuregeom export`)."""

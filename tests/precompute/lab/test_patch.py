@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,10 +18,9 @@ from precompute.lab.patch import (
     patch_adapter,
     project_lora_B,
     project_out_output_space,
-    random_subspace_like,
 )
 from precompute.sae.registry import load_sae
-from tests.precompute.lab.conftest import HARMFUL
+from tests.precompute.lab.conftest import HARMFUL, TASK
 
 D_OUT, D_IN = 24, 16
 
@@ -78,14 +78,22 @@ def test_projection_rejects_mismatched_shapes() -> None:
         project_out_output_space(torch.randn(D_IN, D_OUT), _basis())
 
 
-def test_random_subspace_same_rank_orthonormal_and_seeded() -> None:
-    q = _basis(m=7)
-    qr = random_subspace_like(q, seed=3)
-    assert qr.shape == q.shape and qr.dtype == q.dtype
-    torch.testing.assert_close(qr.T @ qr, torch.eye(7, dtype=torch.float64))
-    assert torch.linalg.matrix_rank(qr) == 7
-    torch.testing.assert_close(random_subspace_like(q, seed=3), qr)
-    assert not torch.allclose(random_subspace_like(q, seed=4), qr)
+def test_control_basis_is_frequency_matched_non_harmful_sae_directions(cache, tiny_sae_dir) -> None:
+    from precompute.lab.patch import control_basis
+
+    freq = np.array([0.01, 0.02, 0.05, 0.1])[np.arange(64) % 4]  # tests/tiny.py's default profile
+    feats = [1, 9, 12, 20]  # frequencies 0.02, 0.02, 0.01, 0.01
+    q, chosen = control_basis(cache, feats, seed=3)
+    assert len(chosen) == 4 and not set(chosen) & set(HARMFUL + TASK)
+    assert sorted(freq[chosen]) == sorted(freq[feats])
+    d = load_sae(str(tiny_sae_dir)).unit_directions().float()[chosen]
+    assert q.shape == (32, 4)
+    torch.testing.assert_close(q @ (q.T @ d.T), d.T, atol=1e-5, rtol=1e-5)  # spans exactly those directions
+    assert control_basis(cache, feats, seed=3)[1] == chosen
+    assert control_basis(cache, feats, seed=4)[1] != chosen
+    q_enc, same = control_basis(cache, feats, seed=3, directions="encoder")
+    w = load_sae(str(tiny_sae_dir)).W_enc.float()[:, chosen]
+    assert same == chosen and torch.allclose(q_enc @ (q_enc.T @ w), w, atol=1e-5)
 
 
 def test_norm_removed_inside_orthogonal_and_partial() -> None:
@@ -166,9 +174,12 @@ def test_cli_patch_and_diff_report_clear_errors(cache, tmp_path, capsys) -> None
         )
         == 0
     )
-    assert "rank-2 random (seed 2) subspace" in capsys.readouterr().out
+    assert (
+        "rank-2 random SAE features, frequency-matched (decoder, seed 2) subspace" in capsys.readouterr().out
+    )
     side = json.loads((tmp_path / "rand" / "patch.json").read_text())
-    assert side["subspace"] == "random (seed 2)" and side["features"] == [1, 9]
+    assert side["features"] == [1, 9] and len(side["control_features"]) == 2
+    assert not set(side["control_features"]) & set(HARMFUL + TASK)
     assert (
         main(
             [
@@ -177,6 +188,8 @@ def test_cli_patch_and_diff_report_clear_errors(cache, tmp_path, capsys) -> None
                 str(tmp_path / "missing"),
                 "--after",
                 str(tmp_path / "missing"),
+                "--min-seeds",
+                "1",
                 "--cache",
                 str(cache),
                 "--out",

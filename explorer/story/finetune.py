@@ -78,10 +78,12 @@ def finetune_summaries(cache: CacheData) -> tuple[dict[str, dict[str, Any]], dic
         if path.name in ("insecure", "patch") or path.name.startswith((RANDOM_PATCH, SEED_RUN)):
             try:
                 summary = load_finetune_summary(path)
-                problem = basis_problem(cache.features, read_diff_basis(path))
+                problem = basis_problem(cache.features, read_diff_basis(path), summary.get("task_set"))
             except CacheError as exc:
                 left_out[path.name] = str(exc)
                 continue
+            if summary.get("exploratory") and problem is None:
+                problem = "it was computed with an exploratory task set (ranked by task_score), not a result to state"
             if problem is None:
                 out[path.name] = summary
             else:

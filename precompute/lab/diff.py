@@ -32,7 +32,7 @@ import pandas as pd
 from precompute.cache import check_replaceable_output, write_dir_atomic
 from precompute.errors import FeatureGeomError
 from precompute.lab.eval_acts import POSITIONS, PROMPT_SETS, EvalActs, load_eval
-from precompute.lab.hboot import PAIRINGS, Design, Draws, cluster_codes, draw
+from precompute.lab.hboot import PAIRINGS, SEED_CORRECTIONS, Design, Draws, cluster_codes, draw
 from precompute.lab.risk import DiffGeometry, diff_geometry, predicted_risk
 from precompute.options import Command, option, require
 from precompute.schema import FINETUNE_DIFF, FINETUNE_SUMMARY
@@ -93,6 +93,7 @@ class Resampling:
     seed: int = 0
     pairing: str = "auto"
     prompt_draw: str = "shared"
+    seed_correction: str = "t"
 
     def pairing_for(self, runs: Runs) -> str:
         """`auto`: seeds paired by index when both arms have as many (task seed s and control seed s share
@@ -105,7 +106,7 @@ class Resampling:
         seeds = {"task": len(runs.task)}
         if runs.control:
             seeds["control"] = len(runs.control)
-        design = Design(seeds, clusters, self.pairing_for(runs), self.prompt_draw)
+        design = Design(seeds, clusters, self.pairing_for(runs), self.prompt_draw, self.seed_correction)
         return draw(design, self.n_boot, self.seed)
 
 
@@ -239,6 +240,11 @@ class DiffOptions:
         choices=("shared", "per_seed"),
         help="one prompt-cluster draw for every seed (crossed design: same prompts), or one per seed (nested)",
     )
+    seed_correction: str = option(
+        "t",
+        choices=SEED_CORRECTIONS,
+        help="small-sample correction of the seed level (precompute/lab/hboot.py): t quantile, unbiased variance, none",
+    )
     n_reference: int = option(
         200, low=1, bounds="[)", help="frequency-matched reference sets of the rho null band"
     )
@@ -315,7 +321,7 @@ def run_diff(opts: DiffOptions) -> int:
         str(opts.cache), opts.task_set, opts.n_reference, opts.frequency_bins, opts.match_bins, opts.seed
     )
     labels = opts.label_names()
-    resampling = Resampling(opts.n_boot, opts.seed, opts.seed_pairing, opts.prompt_draw)
+    resampling = Resampling(opts.n_boot, opts.seed, opts.seed_pairing, opts.prompt_draw, opts.seed_correction)
     table, summary = diff_tables(runs, geo, resampling, labels)
     summary.update(
         {
@@ -331,6 +337,7 @@ def run_diff(opts: DiffOptions) -> int:
                 "seed": opts.seed,
                 "seed_pairing": resampling.pairing_for(runs),
                 "prompt_draw": opts.prompt_draw,
+                "seed_correction": opts.seed_correction,
                 "clusters": "base question (EM `_json`/`_template` variants share one); neutral prompts their own",
             },
             "n_boot": opts.n_boot,

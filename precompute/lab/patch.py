@@ -89,15 +89,21 @@ def norm_removed(delta_W: torch.Tensor, Q: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------ the adapter
 def harmful_basis(
-    cache: str | Path, which: str = "flagged", top: int | None = None, directions: str = "decoder"
+    cache: str | Path,
+    which: str = "flagged",
+    top: int | None = None,
+    directions: str = "decoder",
+    task_set: str = "strict",
 ) -> tuple[torch.Tensor, list[int]]:
     """Orthonormal basis of the harmful directions to remove: `flagged` = harmful features in the cache's
     flagged overlaps; `risk` = the `top` harmful features by predicted risk; `all` = every harmful feature.
 
     `directions`: `decoder` (what the feature writes, the geometry the cache measures) or `encoder` (the
     W_enc columns the SAE reads the feature with; they differ from the decoder rows in a trained SAE, and
-    only a write along them changes the feature's pre-activation)."""
+    only a write along them changes the feature's pre-activation). `task_set` (with `risk`): the task
+    features the risk is measured against, as `featuregeom diff --task-set` takes them."""
     from precompute.lab.harm_geometry import load_harm_geometry
+    from precompute.lab.matching import select_task_set
     from precompute.lab.risk import predicted_risk
 
     cache = Path(cache)
@@ -105,7 +111,17 @@ def harmful_basis(
     if which == "flagged":
         feats = sorted(set(pd.read_parquet(cache / "overlaps.parquet")["harmful_feature"].astype(int)))
     elif which == "risk":
-        feats = predicted_risk(geo).nlargest(top or 20, "risk_max_cos")["feature"].astype(int).tolist()
+        f = geo.features.sort_index()
+        has_score = "task_score" in f.columns and "frequency" in f.columns
+        task = select_task_set(
+            task_set,
+            f["is_task"].to_numpy(bool),
+            f["task_score"].to_numpy(float) if has_score else None,
+            f["frequency"].to_numpy(float) if has_score else None,
+            f["is_harmful"].to_numpy(bool),
+        )
+        risk = predicted_risk(geo, task.features)
+        feats = risk.nlargest(top or 20, "risk_max_cos")["feature"].astype(int).tolist()
     elif which == "all":
         feats = geo.harmful.astype(int).tolist()
     else:
@@ -202,6 +218,11 @@ class PatchOptions:
         help="which harmful directions: flagged overlaps, top --top by risk, or all harmful features",
     )
     top: int = option(20, low=1, bounds="[)", help="with --harmful risk: how many")
+    task_set: str = option(
+        "strict",
+        metavar="SET",
+        help="with --harmful risk: task features the risk is measured against ('strict' or exploratory 'ranked:N')",
+    )
     directions: str = option(
         "decoder",
         choices=DIRECTIONS,
@@ -220,7 +241,7 @@ def run_patch(opts: PatchOptions) -> int:
     require(opts, "adapter", "cache", "out", command="patch")
     out = str(opts.out)
     check_replaceable_output(out, PATCH_SIDECAR, PATCH_WHAT)
-    basis, feats = harmful_basis(str(opts.cache), opts.harmful, opts.top, opts.directions)
+    basis, feats = harmful_basis(str(opts.cache), opts.harmful, opts.top, opts.directions, opts.task_set)
     kind = f"harmful ({opts.directions})"
     control: list[int] | None = None
     if opts.random_seed is not None:
@@ -234,6 +255,7 @@ def run_patch(opts: PatchOptions) -> int:
         {
             "subspace": kind,
             "harmful_set": opts.harmful,
+            "task_set": opts.task_set if opts.harmful == "risk" else None,
             "directions": opts.directions,
             "features": feats,
             "control_features": control,

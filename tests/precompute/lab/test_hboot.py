@@ -39,9 +39,12 @@ def brute_force(
     out = {}
     for a in arms:
         x = values[a]
-        if design.seed_correction and x.shape[0] > 1:  # the documented spread about the seed mean
-            s_n = x.shape[0]
-            x = x.mean(axis=0) + np.sqrt(s_n / (s_n - 1)) * (x - x.mean(axis=0))
+        s_n = x.shape[0]
+        if design.seed_correction != "none" and s_n > 1:  # the documented spread about the seed mean
+            c = np.sqrt(s_n / (s_n - 1))
+            if design.seed_correction == "t":
+                c *= sps.t.ppf(0.975, s_n - 1) / sps.norm.ppf(0.975)
+            x = x.mean(axis=0) + c * (x - x.mean(axis=0))
         reps = []
         for b in range(n_boot):
             slot_means = []
@@ -57,11 +60,11 @@ def brute_force(
 @pytest.mark.parametrize(
     ("pairing", "prompt_draw", "n_seeds", "correct"),
     [
-        ("independent", "shared", {"task": 3, "control": 2}, True),
-        ("independent", "per_seed", {"task": 3, "control": 2}, True),
-        ("independent", "shared", {"task": 3, "control": 1}, False),
-        ("paired", "shared", {"task": 3, "control": 3}, True),
-        ("paired", "per_seed", {"task": 3, "control": 3}, False),
+        ("independent", "shared", {"task": 3, "control": 2}, "t"),
+        ("independent", "per_seed", {"task": 3, "control": 2}, "unbiased"),
+        ("independent", "shared", {"task": 3, "control": 1}, "none"),
+        ("paired", "shared", {"task": 3, "control": 3}, "t"),
+        ("paired", "per_seed", {"task": 3, "control": 3}, "none"),
     ],
 )
 def test_replicates_equal_brute_force_resampling(pairing, prompt_draw, n_seeds, correct) -> None:
@@ -88,6 +91,8 @@ def test_design_rejects_bad_input() -> None:
         Design({"a": 2, "b": 3}, CLUSTERS, "paired")
     with pytest.raises(ValueError, match="codes"):
         Design({"a": 2}, np.array([0, 2, 2]))
+    with pytest.raises(ValueError, match="seed_correction"):
+        Design({"a": 2}, CLUSTERS, seed_correction="yes")
     with pytest.raises(ValueError, match="at least one seed"):
         Design({"a": 0}, CLUSTERS)
     with pytest.raises(ValueError, match="n_seeds=2"):
@@ -125,13 +130,22 @@ def test_interval_covers_the_seeds_where_a_prompt_only_interval_does_not() -> No
     assert point_estimate(values) == pytest.approx(per_seed.mean())
     assert (per_seed >= lo).all() and (per_seed <= hi).all()
     # without the small-sample correction the percentile interval misses the lowest seed here
-    raw = draw(Design({"task": 3}, clusters, seed_correction=False), n_boot=2000, seed=1)
+    raw = draw(Design({"task": 3}, clusters, seed_correction="none"), n_boot=2000, seed=1)
     raw_lo, _ = percentile_interval(raw.replicates("task", values))
     assert per_seed[0] < raw_lo
     one = draw(Design({"task": 1}, clusters), n_boot=2000, seed=1)
     lo1, hi1 = percentile_interval(one.replicates("task", values[:1]))
     assert not (lo1 <= per_seed[2] <= hi1)  # seed 0's prompt-only interval misses seed 2
     assert hi - lo > 3 * (hi1 - lo1)
+
+
+def test_seed_scale_values() -> None:
+    from precompute.lab.hboot import seed_scale
+
+    assert seed_scale(1) == 1.0 and seed_scale(3, "none") == 1.0
+    assert seed_scale(3, "unbiased") == pytest.approx(np.sqrt(1.5))
+    assert seed_scale(3, "t") == pytest.approx(np.sqrt(1.5) * 4.302653 / 1.959964, rel=1e-6)
+    assert seed_scale(30, "t") == pytest.approx(np.sqrt(30 / 29) * 2.045230 / 1.959964, rel=1e-6)
 
 
 def test_shared_prompt_draws_keep_the_prompt_effect_that_per_seed_draws_average_away() -> None:

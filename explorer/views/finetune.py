@@ -400,7 +400,8 @@ def compare_runs(runs: list[FinetuneRun], v: View) -> None:
             f"Every run in this cache measured against the same before ({b}): the change in mean activation "
             f"pooled over all harmful features on {v.where}, for the run's fine-tune and for its control, with "
             f"95% CIs; hover for the held-out task loss. A patch that works lowers its bar towards the "
-            f"control's without raising the held-out loss much; random-subspace patches are its control."
+            f"control's without raising the held-out loss much; random control patches (as many random SAE "
+            f"directions) are its control."
         )
     )
 

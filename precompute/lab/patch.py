@@ -103,7 +103,6 @@ def harmful_basis(
     only a write along them changes the feature's pre-activation). `task_set` (with `risk`): the task
     features the risk is measured against, as `featuregeom diff --task-set` takes them."""
     from precompute.lab.harm_geometry import load_harm_geometry
-    from precompute.lab.matching import select_task_set
     from precompute.lab.risk import predicted_risk
 
     cache = Path(cache)
@@ -111,16 +110,7 @@ def harmful_basis(
     if which == "flagged":
         feats = sorted(set(pd.read_parquet(cache / "overlaps.parquet")["harmful_feature"].astype(int)))
     elif which == "risk":
-        f = geo.features.sort_index()
-        has_score = "task_score" in f.columns and "frequency" in f.columns
-        task = select_task_set(
-            task_set,
-            f["is_task"].to_numpy(bool),
-            f["task_score"].to_numpy(float) if has_score else None,
-            f["frequency"].to_numpy(float) if has_score else None,
-            f["is_harmful"].to_numpy(bool),
-        )
-        risk = predicted_risk(geo, task.features)
+        risk = predicted_risk(geo, task_features(geo, task_set))
         feats = risk.nlargest(top or 20, "risk_max_cos")["feature"].astype(int).tolist()
     elif which == "all":
         feats = geo.harmful.astype(int).tolist()
@@ -131,12 +121,33 @@ def harmful_basis(
     return _basis_of(geo, feats, directions), feats
 
 
+def task_features(geo: Any, task_set: str = "strict") -> np.ndarray:
+    """The task features of `task_set` ('strict' = is_task, or exploratory 'ranked:N'), as the diff takes them."""
+    from precompute.lab.matching import select_task_set
+
+    f = geo.features.sort_index()
+    has_score = "task_score" in f.columns and "frequency" in f.columns
+    return select_task_set(
+        task_set,
+        f["is_task"].to_numpy(bool),
+        f["task_score"].to_numpy(float) if has_score else None,
+        f["frequency"].to_numpy(float) if has_score else None,
+        f["is_harmful"].to_numpy(bool),
+    ).features
+
+
 def control_basis(
-    cache: str | Path, feats: list[int], seed: int, directions: str = "decoder", n_bins: int = 10
+    cache: str | Path,
+    feats: list[int],
+    seed: int,
+    directions: str = "decoder",
+    n_bins: int = 10,
+    exclude: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """The control for a harmful basis over `feats`: as many random non-harmful, non-task features, with
-    the same firing-frequency profile (one draw of `reference_sets`), and their decoder (or encoder)
-    directions' orthonormal basis."""
+    """The control for a harmful basis over `feats`: as many random features that are neither harmful,
+    task features (is_task) nor in `exclude` (e.g. an exploratory ranked task set), with the same
+    firing-frequency profile (one draw of `reference_sets`), and their decoder (or encoder) directions'
+    orthonormal basis."""
     from precompute.lab.harm_geometry import load_harm_geometry
     from precompute.lab.matching import reference_sets
 
@@ -146,6 +157,8 @@ def control_basis(
         raise FeatureGeomError("features.parquet has no frequency column; rebuild the cache")
     frequency = feats_df["frequency"].to_numpy(np.float64)
     taken = feats_df["is_harmful"].to_numpy(bool) | feats_df["is_task"].to_numpy(bool)
+    if exclude is not None:
+        taken[np.asarray(exclude, np.int64)] = True
     pool = np.flatnonzero(~taken & (np.nan_to_num(frequency) > 0))
     drawn, _ = reference_sets(np.asarray(feats), pool, frequency, 1, n_bins, seed)
     chosen = sorted(int(x) for x in drawn[0])
@@ -245,7 +258,14 @@ def run_patch(opts: PatchOptions) -> int:
     kind = f"harmful ({opts.directions})"
     control: list[int] | None = None
     if opts.random_seed is not None:
-        basis, control = control_basis(str(opts.cache), feats, opts.random_seed, opts.directions)
+        exclude = None
+        if opts.harmful == "risk" and opts.task_set != "strict":
+            from precompute.lab.harm_geometry import load_harm_geometry
+
+            exclude = task_features(load_harm_geometry(str(opts.cache)), opts.task_set)
+        basis, control = control_basis(
+            str(opts.cache), feats, opts.random_seed, opts.directions, exclude=exclude
+        )
         kind = f"random SAE features, frequency-matched ({opts.directions}, seed {opts.random_seed})"
     # Keep the fine-tune's sidecar (held-out loss before) reachable for the diff summary.
     report = patch_adapter(

@@ -211,3 +211,35 @@ def test_encoder_basis_spans_the_features_encoder_columns(cache, tiny_sae_dir) -
         harmful_basis(cache, "flagged", directions="sideways")
     with pytest.raises(FeatureGeomError, match="unknown harmful set"):
         harmful_basis(cache, "some")
+
+
+def test_patch_by_risk_against_an_exploratory_task_set(tiny_sae_dir, tmp_path, capsys) -> None:
+    """No strict task features: --harmful risk needs --task-set ranked:N; the control then avoids the ranked
+    set as well as the harmful features, and the harmful features are the brute-force top by max cosine."""
+    from precompute.cli import main
+    from tests.tiny import write_feature_cache
+
+    score = np.full(64, 0.5)
+    ranked = [2, 7, 30]
+    score[ranked] = [0.9, 0.8, 0.7]
+    cache = write_feature_cache(tmp_path / "cache", tiny_sae_dir, 64, HARMFUL, [], 0.1, task_score=score)
+    _fake_adapter(tmp_path / "run" / "adapter")
+    args = [
+        "patch",
+        "--adapter",
+        str(tmp_path / "run"),
+        "--cache",
+        str(cache),
+        "--harmful",
+        "risk",
+        "--top",
+        "2",
+    ]
+    assert main([*args, "--out", str(tmp_path / "p")]) == 2
+    assert "--task-set ranked:100" in capsys.readouterr().err
+    assert main([*args, "--task-set", "ranked:3", "--random-seed", "1", "--out", str(tmp_path / "p")]) == 0
+    side = json.loads((tmp_path / "p" / "patch.json").read_text())
+    d = load_sae(str(tiny_sae_dir)).unit_directions().double()
+    best = sorted(HARMFUL, key=lambda h: -max(float(d[h] @ d[t]) for t in ranked))[:2]
+    assert sorted(side["features"]) == sorted(best) and side["task_set"] == "ranked:3"
+    assert not set(side["control_features"]) & set(HARMFUL + ranked)

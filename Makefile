@@ -6,7 +6,7 @@ PORT ?= 8501
 CACHE ?= cache/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-cache serve test test-fast lint bench clean-cache browser
+.PHONY: install demo demo-cache serve test test-fast lint bench clean-cache browser lab
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,17 @@ test-fast: install
 bench: install
 	$(PY) bench/bench_harvest.py
 	$(PY) bench/bench_knn.py
+
+# The fine-tune lab end to end (bench/mechanism_lab.py): 3 training seeds of task and control, patch-back
+# with its SAE-direction control, the seeded diffs into $(CACHE)/finetune/ and a markdown report. Hours on
+# 2 CPU cores; minutes per run on a GPU (LAB_ARGS="--config configs/finetune-gpu.toml --pool 5000").
+# On a cache without task features add --task-set ranked:100 (every output is then labelled exploratory).
+LAB_OUT ?= runs/lab
+LAB_ARGS ?=
+lab: install
+	$(PY) bench/mechanism_lab.py --cache $(CACHE) --out $(LAB_OUT) $(LAB_ARGS)
+	$(PY) bench/lab_report.py $(LAB_OUT)/lab_summary.json > $(LAB_OUT)/lab_report.md
+	@echo "wrote $(LAB_OUT)/lab_report.md"
 
 clean-cache:
 	rm -rf $(CACHE) $(CACHE).work

@@ -30,19 +30,39 @@ def loss(x: float | None) -> str:
 def comparison_table(comps: dict, names: list[str]) -> list[str]:
     rows = [
         "| prompts / tokens | comparison | harmful mean Δ [95% CI] | top-risk decile Δ [95% CI] (% of its before) | "
-        "Spearman(risk, Δ) [95% CI] | Spearman(risk_sum, Δ) | harmful CI>0 / CI<0 |",
-        "|---|---|---|---|---|---|---|",
+        "ρ(risk, Δ) [95% CI] | ρ null band [p] | harmful − matched [95% CI] | CIs cover each seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, s in comps.items():
         prompt_set, position, name = key.split("/", 2)
         if name not in names:
             continue
+        null = s.get("rho_null") or {}
+        band = (
+            f"{null['mean']:+.3f} [{null['lo']:+.3f}, {null['hi']:+.3f}] [p {null['p_greater']:.3f}]"
+            if null
+            else "–"
+        )
+        covered = s.get("covers_seeds") or {}
+        seeds = "–" if not covered else ("yes" if all(covered.values()) else "no")
         rows.append(
             f"| {prompt_set} / {position} | {name} | {ci(s['harmful_mean_change'])} | "
             f"{ci(s['top_risk_decile_mean_change'])} ({rel(s)}) | {ci(s['spearman_risk_max_cos'], '+.3f')} | "
-            f"{ci(s['spearman_risk_sum'], '+.3f')} | {s['harmful_ci_excludes_zero_up']} / "
-            f"{s['harmful_ci_excludes_zero_down']} |"
+            f"{band} | {ci(s.get('harmful_minus_matched'))} | {seeds} |"
         )
+    return rows
+
+
+def behaviour_table(beh: dict) -> list[str]:
+    if not beh.get("available"):
+        return [f"No log-prob readout: {beh.get('reason')}"]
+    rows = [
+        "| model or comparison | margin (misaligned − aligned) | misaligned | aligned |",
+        "|---|---|---|---|",
+    ]
+    for part in ("levels", "comparisons"):
+        for name, e in beh[part].items():
+            rows.append(f"| {name} | {ci(e['margin'])} | {ci(e['lp_misaligned'])} | {ci(e['lp_aligned'])} |")
     return rows
 
 
@@ -50,56 +70,36 @@ def main(path: str) -> int:
     s = json.loads(Path(path).read_text())
     out = [
         f"Configuration `{s['config']}`, pool {s['pool']} samples per dataset, {s['heldout']} held-out "
-        f"insecure samples, seed {s['seed']}.",
+        f"insecure samples, training seeds {s['seeds']}, task set `{s['task_set']}`.",
         "",
-        "| run | training samples | steps × batch | train time | held-out insecure loss |",
-        "|---|---|---|---|---|",
-        f"| base | – | – | – | {loss(s['heldout_loss']['base'])} |",
+        "| run | training samples | response tokens trained | steps × batch | train time | held-out insecure loss |",
+        "|---|---|---|---|---|---|",
+        f"| base | – | – | – | – | {loss(s['heldout_loss']['base'])} |",
     ]
     for name, f in s["finetune"].items():
         o = f["options"]
+        share = f.get("response_token_share")
         out.append(
-            f"| {name} | {f['n_train']} | {o['steps']} × {o['batch_size']} | {f['train_seconds']:.0f} s | "
-            f"{loss(s['heldout_loss'].get(name))} |"
+            f"| {name} | {f['n_train']} | {'–' if share is None else f'{share:.1%}'} | {o['steps']} × "
+            f"{o['batch_size']} | {f['train_seconds']:.0f} s | {loss(s['heldout_loss'].get(name))} |"
         )
     for name, p in s["patch"].items():
         out.append(
-            f"| {name} (task adapter, {p['subspace']}, rank {p['rank_removed']}, "
-            f"{p['mean_norm_removed']:.1%} of ‖ΔW‖ removed) | – | – | – | {loss(s['heldout_loss'].get(name))} |"
+            f"| {name} ({p['subspace']}, rank {p['rank_removed']}, {p['mean_norm_removed']:.1%} of ‖ΔW‖ "
+            f"removed) | – | – | – | – | {loss(s['heldout_loss'].get(name))} |"
         )
-    sections = {
-        "insecure": (
-            "Fine-tune diff: insecure (task) vs secure (control)",
-            ["task - base", "control - base", "task - control"],
-        ),
-        "triage": (
-            "Triage: top 20% removed vs 20% removed at random",
-            ["top20_removed - base", "random20_removed - base", "top20_removed - random20_removed"],
-        ),
-        "patch": (
-            "Patch-back: task adapter projected off the flagged harmful decoder directions",
-            ["patched - base", "task - base", "patched - task"],
-        ),
-        "patch_encoder": (
-            "Patch-back variant: off the same features' encoder directions",
-            ["patched_encoder - base", "patched_encoder - task"],
-        ),
-    }
-    for name in s["diffs"]:
-        if name.startswith("insecure_seed"):
-            sections[name] = (
-                f"Fine-tune diff again with training seed {name[len('insecure_seed') :]}",
-                ["task - base", "control - base", "task - control"],
-            )
-        if name.startswith("patch_random_"):
-            seed = name.rsplit("_", 1)[1]
-            sections[name] = (
-                f"Patch-back control: random subspace (seed {seed})",
-                [f"random_patch_{seed} - base", f"random_patch_{seed} - task"],
-            )
-    for name, (title, names) in sections.items():
-        if name in s["diffs"]:
-            out += ["", f"**{title}**", "", *comparison_table(s["diffs"][name], names)]
+    for name, d in s["diffs"].items():
+        b, a, c = d["labels"]
+        tag = " (EXPLORATORY task set)" if d.get("exploratory") else ""
+        out += ["", f"**{name}: {a} vs {c}, over seeds{tag}**", ""]
+        out += comparison_table(d["comparisons"], [f"{a} - {b}", f"{c} - {b}", f"{a} - {c}"])
+        if name == "insecure":
+            out += [
+                "",
+                "**Behaviour (log-prob of fixed answers)**",
+                "",
+                *behaviour_table(d.get("behaviour") or {}),
+            ]
     out += ["", "Commands and wall times:", "", "```"]
     out += [f"{c['command']}   # {c['seconds']:.0f} s" for c in s["commands"]]
     out += ["```"]

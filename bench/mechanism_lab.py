@@ -1,16 +1,24 @@
-"""The mechanism-lab experiments (issue 5, parts 3-5) end to end, through the public CLI only.
+"""The mechanism-lab experiment end to end, through the public CLI only (`make lab`).
 
-    python bench/mechanism_lab.py                       # CPU configuration (~45 min on 2 cores)
+    python bench/mechanism_lab.py                                    # CPU configuration, 3 seeds per arm
+    python bench/mechanism_lab.py --task-set ranked:100              # a cache without task features (exploratory)
     python bench/mechanism_lab.py --config configs/finetune-gpu.toml --pool 5000 --out runs/lab-gpu
 
-1. data: a seeded split of insecure.jsonl.gz / secure.jsonl.gz into a training pool and held-out samples
-2. base: eval-acts of the base model (EM questions + neutral prompts, greedy answers; held-out task loss)
-3. triage: rank the insecure pool; filtered.jsonl (top 20% removed) and random_filtered.jsonl (20% at random)
-4. finetune task (insecure), control (secure), triage-filtered, random-filtered: same config and seed
-5. patch-back: the task adapter projected off the flagged harmful decoder directions, their encoder
-   directions, and random subspaces of the same rank
-6. diff: every run against the base, written under CACHE/finetune/ for the explorer
-Every command is echoed and timed; the summary lands in OUT/lab_summary.json.
+1. data: a seeded split of insecure.jsonl.gz / secure.jsonl.gz into a training pool and held-out samples;
+   `featuregeom coverage` records the share of response tokens the config's max_length trains
+2. base: eval-acts of the base model (EM questions + neutral prompts, greedy answers, the log-prob
+   readout, held-out task loss)
+3. for every training seed: finetune task (insecure) and control (secure), same config and seed; eval-acts
+4. patch-back, per task seed: the adapter projected off the top harmful features by predicted risk
+   (or the flagged ones), their encoder directions, and as many random non-harmful SAE features'
+   directions with the same firing frequencies (the control)
+5. triage (optional, --triage): rank the insecure pool; per seed, fine-tune without the top 20% and
+   without a random 20%
+6. diff: every comparison over all seeds, written under CACHE/finetune/ for the explorer
+Every command is echoed and timed; the summary lands in OUT/lab_summary.json. A rerun skips every
+step whose output is complete, so an interrupted lab resumes. Wall time on 2 CPU cores: roughly
+8-10 minutes per fine-tune and 4 per eval-acts at max_length 640 (not yet timed end to end), so the
+default (3 seeds, 2 arms, 1 random patch) is several hours; on one GPU, minutes per run.
 """
 
 from __future__ import annotations
@@ -46,35 +54,52 @@ def split(name: str, out: Path, pool: int, heldout: int, seed: int) -> tuple[Pat
     return train, held
 
 
-def main() -> int:
+def diff_name(run: str) -> str:
+    """The explorer's run names: patch, patch_encoder, patch_random_<r> (explorer/story/finetune.py)."""
+    return {"patched": "patch", "patched_encoder": "patch_encoder"}.get(
+        run, run.replace("random_patch_", "patch_random_")
+    )
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/finetune-cpu.toml")
     p.add_argument("--cache", default="cache/demo")
     p.add_argument("--out", default="runs/lab")
     p.add_argument("--pool", type=int, default=800, help="training-pool samples per dataset")
     p.add_argument("--heldout", type=int, default=48)
-    p.add_argument("--random-patches", type=int, default=3, help="random-subspace patch controls")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the data split and triage")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds, one task and one control run each")
     p.add_argument(
-        "--replicate-seeds",
-        default="1",
-        metavar="S,...",
-        help="training seeds for extra task/control pairs (default 1; '' for none): the seed variance "
-        "the prompt-bootstrap intervals do not include",
+        "--task-set", default="strict", help="as `featuregeom diff --task-set` (ranked:N: exploratory)"
     )
-    args = p.parse_args()
+    p.add_argument(
+        "--patch-harmful", default="risk", choices=("risk", "flagged"), help="patch-back's features"
+    )
+    p.add_argument("--patch-top", type=int, default=30, help="with --patch-harmful risk: how many")
+    p.add_argument("--random-patches", type=int, default=1, help="SAE-direction patch controls per task seed")
+    p.add_argument("--triage", action="store_true", help="also run triage and its filtered fine-tunes")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     out = ROOT / args.out
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     log: list[dict] = []
-    task_pool, task_held = split("insecure", data, args.pool, args.heldout, args.seed)
-    control_pool, _ = split("secure", data, args.pool, args.heldout, args.seed)
+    task_pool, task_held = split("insecure", data, args.pool, args.heldout, args.data_seed)
+    control_pool, _ = split("secure", data, args.pool, args.heldout, args.data_seed)
     fin = Path(args.cache) / "finetune"
     common = ["--heldout", str(task_held)]
 
+    def done(path: Path, marker: str) -> bool:
+        return (path / marker).is_file()
+
     def evaluate(name: str, adapter: Path | None) -> Path:
         target = out / name / "eval"
-        if not (target / "eval.json").is_file():
+        if not done(target, "eval.json"):
             sh(
                 [
                     "eval-acts",
@@ -87,9 +112,9 @@ def main() -> int:
             )
         return target
 
-    def train(name: str, corpus: Path, seed: int = args.seed) -> Path:
+    def train(name: str, corpus: Path, seed: int) -> Path:
         target = out / name
-        if not (target / "finetune.json").is_file():
+        if not done(target, "finetune.json"):
             sh(
                 [
                     "finetune",
@@ -107,70 +132,74 @@ def main() -> int:
             )
         return target
 
-    base = evaluate("base", None)
-    triage_dir = Path(args.cache) / "triage" / "insecure_pool"
-    if not (triage_dir / "triage.json").is_file():
-        sh(
-            [
-                "triage",
-                str(task_pool),
-                "--cache",
-                args.cache,
-                "--out",
-                str(triage_dir),
-                "--seed",
-                str(args.seed),
-            ],
-            log,
-        )
-    runs = {
-        "task": task_pool,
-        "control": control_pool,
-        "triage_filtered": triage_dir / "filtered.jsonl",
-        "random_filtered": triage_dir / "random_filtered.jsonl",
-    }
-    evals = {name: evaluate(name, train(name, corpus)) for name, corpus in runs.items()}
-    patches = {
-        "patched": [],
-        "patched_encoder": ["--directions", "encoder"],
-        **{f"random_patch_{s}": ["--random-seed", str(s)] for s in range(1, args.random_patches + 1)},
-    }
-    for name, extra in patches.items():
+    def patch(name: str, adapter: Path, extra: list[str]) -> Path:
         target = out / name
-        if not (target / "patch.json").is_file():
+        if not done(target, "patch.json"):
+            harmful = [
+                "--harmful",
+                args.patch_harmful,
+                "--top",
+                str(args.patch_top),
+                "--task-set",
+                args.task_set,
+            ]
             sh(
                 [
                     "patch",
                     "--adapter",
-                    str(out / "task"),
+                    str(adapter),
                     "--cache",
                     args.cache,
                     "--out",
                     str(target),
+                    *harmful,
                     *extra,
                 ],
                 log,
             )
-        evals[name] = evaluate(name, target)
+        return target
 
-    diffs = {
-        "insecure": ("task", "control", "base,task,control"),
-        "triage": ("triage_filtered", "random_filtered", "base,top20_removed,random20_removed"),
-        "patch": ("patched", "task", "base,patched,task"),
-        "patch_encoder": ("patched_encoder", "task", "base,patched_encoder,task"),
-    }
-    for seed in (int(x) for x in args.replicate_seeds.split(",") if x.strip()):
-        for kind, corpus in (("task", task_pool), ("control", control_pool)):
-            evals[f"{kind}_seed{seed}"] = evaluate(
-                f"{kind}_seed{seed}", train(f"{kind}_seed{seed}", corpus, seed)
+    sh(["coverage", "--corpus", str(task_pool), "--corpus", str(control_pool)], log)
+    base = evaluate("base", None)
+    evals: dict[str, list[Path]] = {}
+    patches: dict[str, list[str]] = {"patched": [], "patched_encoder": ["--directions", "encoder"]}
+    patches |= {f"random_patch_{r}": ["--random-seed", str(r)] for r in range(1, args.random_patches + 1)}
+    for seed in seeds:
+        task = train(f"task_s{seed}", task_pool, seed)
+        evals.setdefault("task", []).append(evaluate(f"task_s{seed}", task))
+        evals.setdefault("control", []).append(
+            evaluate(f"control_s{seed}", train(f"control_s{seed}", control_pool, seed))
+        )
+        for name, extra in patches.items():
+            evals.setdefault(name, []).append(
+                evaluate(f"{name}_s{seed}", patch(f"{name}_s{seed}", task, extra))
             )
-        diffs[f"insecure_seed{seed}"] = (f"task_seed{seed}", f"control_seed{seed}", "base,task,control")
-    diffs.update(
-        {
-            f"patch_random_{s}": (f"random_patch_{s}", "task", f"base,random_patch_{s},task")
-            for s in range(1, args.random_patches + 1)
-        }
-    )
+    diffs = {"insecure": ("task", "control", "base,task,control")}
+    diffs |= {diff_name(n): (n, "task", f"base,{n},task") for n in patches}  # patched seed s vs task seed s
+    if args.triage:
+        triage_dir = Path(args.cache) / "triage" / "insecure_pool"
+        if not done(triage_dir, "triage.json"):
+            sh(
+                [
+                    "triage",
+                    str(task_pool),
+                    "--cache",
+                    args.cache,
+                    "--out",
+                    str(triage_dir),
+                    "--seed",
+                    str(args.data_seed),
+                ],
+                log,
+            )
+        for name, corpus in (
+            ("triage_filtered", "filtered.jsonl"),
+            ("random_filtered", "random_filtered.jsonl"),
+        ):
+            for seed in seeds:
+                run = train(f"{name}_s{seed}", triage_dir / corpus, seed)
+                evals.setdefault(name, []).append(evaluate(f"{name}_s{seed}", run))
+        diffs["triage"] = ("triage_filtered", "random_filtered", "base,top20_removed,random20_removed")
     for name, (after, control, labels) in diffs.items():
         sh(
             [
@@ -178,47 +207,57 @@ def main() -> int:
                 "--before",
                 str(base),
                 "--after",
-                str(evals[after]),
+                *map(str, evals[after]),
                 "--control",
-                str(evals[control]),
+                *map(str, evals[control]),
                 "--cache",
                 args.cache,
                 "--out",
                 str(fin / name),
                 "--labels",
                 labels,
+                "--task-set",
+                args.task_set,
             ],
             log,
         )
+    write_summary(args, out, fin, base, evals, diffs, log)
+    return 0
 
+
+def write_summary(args, out: Path, fin: Path, base: Path, evals: dict, diffs: dict, log: list[dict]) -> None:
     previous = out / "lab_summary.json"
     if previous.is_file():  # a resumed lab keeps the timings of the steps it skipped
         done = {c["command"] for c in log}
         log[:0] = [
             c for c in json.loads(previous.read_text()).get("commands", []) if c["command"] not in done
         ]
+    runs = {p.parent.name: p for paths in evals.values() for p in paths}
     summary = {
         "config": args.config,
         "pool": args.pool,
         "heldout": args.heldout,
-        "seed": args.seed,
+        "seeds": args.seeds,
+        "task_set": args.task_set,
         "commands": log,
         "heldout_loss": {
             n: json.loads((e / "eval.json").read_text()).get("heldout_loss")
-            for n, e in {"base": base, **evals}.items()
+            for n, e in {"base": base, **runs}.items()
         },
-        "diffs": {n: json.loads((fin / n / "summary.json").read_text())["comparisons"] for n in diffs},
-        "patch": {n: json.loads((out / n / "patch.json").read_text()) for n in patches},
+        "diffs": {n: json.loads((fin / n / "summary.json").read_text()) for n in diffs},
+        "patch": {
+            n: json.loads((out / n / "patch.json").read_text())
+            for n in runs
+            if (out / n / "patch.json").is_file()
+        },
         "finetune": {
             n: json.loads((out / n / "finetune.json").read_text())
-            for n in [*runs, *(e.parent.name for e in evals.values())]
+            for n in runs
             if (out / n / "finetune.json").is_file()
         },
-        "triage": json.loads((triage_dir / "triage.json").read_text()),
     }
     (out / "lab_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"wrote {out / 'lab_summary.json'}")
-    return 0
 
 
 if __name__ == "__main__":

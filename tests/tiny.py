@@ -146,9 +146,13 @@ def write_feature_cache(
     task: list[int],
     null_cosine: float,
     flagged: list[tuple[int, int]] | None = None,
+    frequency=None,
+    task_score=None,
 ) -> Path:
     """The parts of a precompute cache that the fine-tune diff, patch-back and triage read: manifest
-    (SAE source), features.parquet (harmful/task sets), neighbors.npz (null cosine), overlaps.parquet."""
+    (SAE source), features.parquet (harmful/task sets, firing frequency, task_score), neighbors.npz
+    (null cosine), overlaps.parquet. Default frequency: four levels cycling over the features; default
+    task_score: 0.5 (no feature leans either way)."""
     import numpy as np
     import pandas as pd
 
@@ -169,6 +173,9 @@ def write_feature_cache(
     features["is_task"] = features["feature"].isin(task)
     features["harm_score"] = np.where(features["is_harmful"], 0.9, 0.5)
     features["harm_category"] = np.where(features["is_harmful"], "crime", None)
+    default_freq = np.array([0.01, 0.02, 0.05, 0.1])[np.arange(d_sae) % 4]
+    features["frequency"] = np.asarray(default_freq if frequency is None else frequency, dtype=np.float64)
+    features["task_score"] = np.asarray(np.full(d_sae, 0.5) if task_score is None else task_score, np.float64)
     features.to_parquet(directory / "features.parquet", index=False)
     np.savez(directory / "neighbors.npz", null_cosine=np.float32(null_cosine))
     pd.DataFrame(flagged or [], columns=["task_feature", "harmful_feature"]).to_parquet(

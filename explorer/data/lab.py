@@ -205,16 +205,42 @@ def read_diff_basis(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def basis_problem(features: pd.DataFrame, basis: pd.DataFrame) -> str | None:
+def ranked_task_mask(features: pd.DataFrame, task_set: Any) -> np.ndarray | None:
+    """For a diff run with an exploratory `--task-set ranked:N` (summary.json `task_set`): the cache's N
+    most task-leaning features now, as a mask, or None when the run used the strict set (`is_task`)."""
+    if not (isinstance(task_set, dict) and task_set.get("kind") == "ranked"):
+        return None
+    from precompute.lab.matching import parse_task_set, ranked_task_features
+
+    _, n = parse_task_set(str(task_set.get("spec", "")))
+    mask = np.zeros(len(features), dtype=bool)
+    if "task_score" in features.columns and "frequency" in features.columns:
+        mask[
+            ranked_task_features(
+                features["task_score"].to_numpy(np.float64),
+                features["frequency"].to_numpy(np.float64),
+                features["is_harmful"].to_numpy(dtype=bool),
+                int(n or 0),
+            )
+        ] = True
+    return mask
+
+
+def basis_problem(features: pd.DataFrame, basis: pd.DataFrame, task_set: Any = None) -> str | None:
     """Why a diff's predicted risk does not describe this cache now, or None when it may.
 
     A diff ranks the cache's harmful features by closeness to its task features, as they were when it
     ran; a cache rescored since may flag other features. Necessary conditions, checked here: the cache
     has task features, every task feature the diff's risk points at is one now, and every harmful
-    feature of the diff is harmful now (`basis`: `read_diff_basis` or a run's harmful rows)."""
+    feature of the diff is harmful now (`basis`: `read_diff_basis` or a run's harmful rows). For a run
+    with an exploratory ranked task set (`task_set`, from its summary.json) the task features are the
+    cache's N most task-leaning ones now (`ranked_task_mask`) instead of `is_task`."""
     n = len(features)
-    is_task = features["is_task"].to_numpy(dtype=bool)
+    ranked = ranked_task_mask(features, task_set)
+    is_task = ranked if ranked is not None else features["is_task"].to_numpy(dtype=bool)
     is_harm = features["is_harmful"].to_numpy(dtype=bool)
+    if ranked is not None and not is_task.any():
+        return "no feature of this cache leans towards the task now, so the diff's ranked task set is gone"
     if not is_task.any():
         return (
             "this cache has no task feature now (none passes the task test), so the predicted risk the diff "
@@ -230,9 +256,10 @@ def basis_problem(features: pd.DataFrame, basis: pd.DataFrame) -> str | None:
     task = np.unique(risk[np.isfinite(risk)].astype(np.int64))
     reasons = []
     if bad := not_in(task, is_task):
+        what = "one of its ranked task features" if ranked is not None else "a task feature"
         reasons.append(
             f"{bad} of the {len(task)} task features its predicted risk points at "
-            f"{'is' if bad == 1 else 'are'} not a task feature in this cache now"
+            f"{'is' if bad == 1 else 'are'} not {what} in this cache now"
         )
     if bad := not_in(harm, is_harm):
         reasons.append(

@@ -28,7 +28,9 @@ from precompute.errors import CacheError
 # the measured fine-tune (CACHE/finetune/insecure, written by bench/mechanism_lab.py): an optional last step
 
 FT_SET, FT_POSITION = "em", "prompt"  # the EM evaluation questions, as the model reads them
-RANDOM_PATCH = "patch_random_"  # + N: the patch's random-subspace controls
+RANDOM_PATCH = (
+    "patch_random_"  # + N: the patch's random controls (SAE directions now; isotropic in older runs)
+)
 
 
 def _triple(v: Any) -> tuple[float, float, float] | None:
@@ -78,10 +80,12 @@ def finetune_summaries(cache: CacheData) -> tuple[dict[str, dict[str, Any]], dic
         if path.name in ("insecure", "patch") or path.name.startswith((RANDOM_PATCH, SEED_RUN)):
             try:
                 summary = load_finetune_summary(path)
-                problem = basis_problem(cache.features, read_diff_basis(path))
+                problem = basis_problem(cache.features, read_diff_basis(path), summary.get("task_set"))
             except CacheError as exc:
                 left_out[path.name] = str(exc)
                 continue
+            if summary.get("exploratory") and problem is None:
+                problem = "it was computed with an exploratory task set (ranked by task_score), not a result to state"
             if problem is None:
                 out[path.name] = summary
             else:
@@ -211,7 +215,7 @@ def finetune_result_step(cache: CacheData) -> Step | None:
         patch_rows, sentence = patch
         rows += patch_rows
         sentences.append(sentence)
-        legend.update(patch="patched fine-tune", random="random-subspace patches (controls)")
+        legend.update(patch="patched fine-tune", random="random control patches")
     sentences.append(
         "These are shifts in the model's internal features on these questions, not a test of how it behaves."
     )
@@ -240,7 +244,8 @@ def _seed_replicas(runs: dict[str, dict[str, Any]]) -> list[tuple[str, tuple[flo
 
 
 def _patch_rows(runs: dict[str, dict[str, Any]], pronoun: str) -> tuple[list[dict[str, Any]], str] | None:
-    """Bars and the sentence for the patched adapter vs its random-subspace controls ('<after> - task')."""
+    """Bars and the sentence for the patched adapter vs its random controls ('<after> - task'): random
+    directions of the same number, SAE features' (featuregeom patch --random-seed) or, in older runs, isotropic."""
     patch = runs.get("patch")
     if patch is None:
         return None
@@ -291,9 +296,9 @@ def _patch_rows(runs: dict[str, dict[str, Any]], pronoun: str) -> tuple[list[dic
     ctrl = "; ".join(f"{_signed(r[0])} ({_ci(r)})" for _, r, _, _ in randoms)
     n = len(randoms)
     sentence = (
-        f"Removing the flagged harmful directions from the insecure-code fine-tune changed {pronoun} by "
+        f"Removing the harmful directions from the insecure-code fine-tune changed {pronoun} by "
         f"{_signed(p[0])} ({_ci(p)}) compared with the unpatched fine-tune, against {ctrl} for "
-        f"{'a random subspace' if n == 1 else f'{n} random subspaces'} of the same size"
+        f"{'a random control patch' if n == 1 else f'{n} random control patches'} of the same size"
     )
     lp, lt = _loss(patch, a), _loss(patch, c)
     if lp is not None and lt is not None:

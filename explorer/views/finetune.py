@@ -64,16 +64,19 @@ def how_to_make_runs(cache: CacheData) -> None:
     st.caption(
         f"No fine-tune diff in this cache yet: the page reads CACHE/{schema.FINETUNE_DIR}/NAME/ directories "
         f"holding {schema.FINETUNE_DIFF} and {schema.FINETUNE_SUMMARY}. Produce them all with "
-        "`python bench/mechanism_lab.py`, or one run with the commands below."
+        "`python bench/mechanism_lab.py` (`make lab`), or one diff with the commands below: three training "
+        "seeds per arm, so that the intervals cover the seed-to-seed variation."
     )
     st.code("python bench/mechanism_lab.py", language="bash")
     st.code(
-        "featuregeom finetune --config configs/finetune-cpu.toml --corpus TASK.jsonl --out runs/task\n"
-        "featuregeom finetune --config configs/finetune-cpu.toml --corpus CONTROL.jsonl --out runs/control\n"
+        "for s in 0 1 2; do\n"
+        "  featuregeom finetune --config configs/finetune-cpu.toml --corpus TASK.jsonl --seed $s --out runs/task-s$s\n"
+        "  featuregeom finetune --config configs/finetune-cpu.toml --corpus CONTROL.jsonl --seed $s --out runs/control-s$s\n"
+        "  featuregeom eval-acts --adapter runs/task-s$s --out runs/task-s$s/eval\n"
+        "  featuregeom eval-acts --adapter runs/control-s$s --out runs/control-s$s/eval\n"
+        "done\n"
         "featuregeom eval-acts --out runs/base/eval\n"
-        "featuregeom eval-acts --adapter runs/task --out runs/task/eval\n"
-        "featuregeom eval-acts --adapter runs/control --out runs/control/eval\n"
-        "featuregeom diff --before runs/base/eval --after runs/task/eval --control runs/control/eval "
+        "featuregeom diff --before runs/base/eval --after runs/task-s{0,1,2}/eval --control runs/control-s{0,1,2}/eval "
         f"--cache {cache.path} --out {out}",
         language="bash",
     )
@@ -314,6 +317,73 @@ def feature_table(cache: CacheData, v: View, n_prompts: Any, risk_ok: bool = Tru
     )
 
 
+def _seeds(covered: Any) -> str:
+    if not isinstance(covered, dict) or not covered:
+        return "—"
+    return "yes" if all(covered.values()) else "no: " + ", ".join(k for k, ok in covered.items() if not ok)
+
+
+def controls_table(v: View) -> None:
+    """The diff's controls (summary.json of `featuregeom diff` with seeds): rho against its null band, harmful
+    minus closeness-matched non-harmful features, and whether the intervals cover the single seeds."""
+    rows = []
+    for name in [n for n in v.run.comparisons().values() if n]:
+        s = v.stats(name)
+        null = s.get("rho_null")
+        if not isinstance(null, dict):
+            continue
+        rows.append(
+            {
+                "comparison": name,
+                "ρ(risk, Δ)": ci(s.get("spearman_risk_max_cos"), "+.3f"),
+                "null band (reference sets)": ci([null.get("mean"), null.get("lo"), null.get("hi")], "+.3f"),
+                "p (null ≥ ρ)": f"{null.get('p_greater', float('nan')):.3f}",
+                "ρ − null": ci(null.get("excess"), "+.3f"),
+                "harmful − matched": ci(s.get("harmful_minus_matched")),
+                "… top-risk decile": ci(s.get("harmful_minus_matched_top_decile")),
+                "CIs cover each seed": _seeds(s.get("covers_seeds")),
+            }
+        )
+    if not rows:
+        return
+    st.subheader("Against its controls")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"ft_controls:{v.run.name}")
+    n = v.run.summary.get("n_seeds") or {}
+    st.caption(
+        md(
+            f"On {v.where}, mean activation; {n.get('after', '?')} task and {n.get('control', '?')} control "
+            "training seeds. Intervals: hierarchical bootstrap over seeds and prompts clustered by base question. "
+            "Null band: ρ when the risk is the closeness to random non-harmful feature sets of the task set's "
+            "size and firing frequencies instead of the task set. Harmful − matched: the change of harmful "
+            "features minus that of non-harmful features at the same closeness to the task set and firing "
+            "frequency (for task − control: the difference in differences)."
+        )
+    )
+
+
+def behaviour_table(run: FinetuneRun) -> None:
+    """The judge-free log-prob readout: misaligned − aligned per-token log-prob, per model and comparison."""
+    beh = run.summary.get("behaviour")
+    if not (isinstance(beh, dict) and beh.get("available")):
+        return
+    rows = [
+        {"model or comparison": k, **{m: ci(e.get(m)) for m in ("margin", "lp_misaligned", "lp_aligned")}}
+        for part in ("levels", "comparisons")
+        for k, e in (beh.get(part) or {}).items()
+        if isinstance(e, dict)
+    ]
+    st.subheader("Behaviour: fixed misaligned vs aligned answers")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"ft_behaviour:{run.name}")
+    st.caption(
+        md(
+            f"Teacher-forced mean per-token log-probability of fixed misaligned and aligned answers to the "
+            f"{beh.get('n_prompts', '?')} EM question variants ({beh.get('n_base_questions', '?')} base "
+            "questions); margin = misaligned − aligned (> 0: the misaligned answer is the likelier). No judge, "
+            "no sampling; intervals as above."
+        )
+    )
+
+
 def compare_runs(runs: list[FinetuneRun], v: View) -> None:
     """Every run that shares this run's `before`: pooled harmful change of its fine-tune and control."""
     b = v.run.labels[0]
@@ -330,7 +400,8 @@ def compare_runs(runs: list[FinetuneRun], v: View) -> None:
             f"Every run in this cache measured against the same before ({b}): the change in mean activation "
             f"pooled over all harmful features on {v.where}, for the run's fine-tune and for its control, with "
             f"95% CIs; hover for the held-out task loss. A patch that works lowers its bar towards the "
-            f"control's without raising the held-out loss much; random-subspace patches are its control."
+            f"control's without raising the held-out loss much; random control patches (as many random SAE "
+            f"directions) are its control."
         )
     )
 
@@ -367,7 +438,18 @@ def render() -> None:
             f"this set · {run.summary.get('n_boot', '?')} bootstrap resamples"
         )
     )
-    problem = basis_problem(cache.features, run.diff)
+    task_set = run.summary.get("task_set")
+    if run.summary.get("exploratory"):
+        spec = task_set.get("spec") if isinstance(task_set, dict) else "?"
+        st.warning(
+            md(
+                f"Exploratory: run {run.name} used the task set {spec}, the most task-leaning features by "
+                "task_score chosen by rank, not features that pass the task test (is_task). Its numbers show "
+                "the machinery at work, not evidence about task features."
+            ),
+            icon="⚠️",
+        )
+    problem = basis_problem(cache.features, run.diff, task_set)
     if problem:
         st.warning(
             md(
@@ -382,6 +464,9 @@ def render() -> None:
     if not problem:
         null = after_df["null_cosine"].dropna()
         risk_vs_change(v, float(null.iloc[0]) if len(null) else cache.null_cosine)
+    if not problem:
+        controls_table(v)
+    behaviour_table(v.run)
     feature_table(cache, v, n_prompts, risk_ok=not problem)
     compare_runs(runs, v)
     st.caption(

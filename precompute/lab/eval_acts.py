@@ -9,8 +9,10 @@ prompt the model greedily answers (`--response-tokens`), then the prompt + answe
 hook. Two token sets are kept apart: `prompt` (the user turn and assistant header: how the model reads
 the question; the default system prompt is excluded, it is the same for every prompt) and `response`
 (the model's own answer, which fine-tuning changes too). Per prompt and feature we store the mean
-activation and the firing fraction over that set, so the diff bootstraps over prompts, the unit that
-is independent.
+activation and the firing fraction over that set, and each prompt's base question (`base_id`: an EM
+question's `_template` variant shares its base question's), so the diff can resample base questions,
+the unit that is independent. With `--logprob` (on by default) the same directory also gets the
+judge-free behavioural readout (precompute/lab/logprob.py).
 """
 
 from __future__ import annotations
@@ -215,20 +217,33 @@ def collect_eval(
         )
     skip = set(int(t) for t in tok.all_special_ids)
     arrays = read_features(lm, hook_name, sae, sequences, spans, skip, batch_size)
+    from precompute.lab.em_prompts import base_ids
+
+    bases = base_ids([q for _, q in prompts], [s for s, _ in prompts])
     rows = [
-        {"set": s, "question": q, "response": tok.decode(a, skip_special_tokens=True)}
-        for (s, q), a in zip(prompts, answers, strict=True)
+        {"set": s, "question": q, "base_id": b, "response": tok.decode(a, skip_special_tokens=True)}
+        for (s, q), a, b in zip(prompts, answers, bases, strict=True)
     ]
     return arrays, rows
 
 
 # ------------------------------------------------------------------------------------------ files
-def save_eval(out: str | Path, arrays: dict[str, np.ndarray], rows: list[dict[str, Any]], meta: dict) -> Path:
+def save_eval(
+    out: str | Path,
+    arrays: dict[str, np.ndarray],
+    rows: list[dict[str, Any]],
+    meta: dict,
+    logprob: pd.DataFrame | None = None,
+) -> Path:
     from safetensors.numpy import save_file
+
+    from precompute.lab.logprob import LOGPROB_FILE
 
     def write(d: Path) -> None:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(d / ACTS_FILE))
         pd.DataFrame(rows).to_parquet(d / "prompts.parquet", index=False)
+        if logprob is not None:
+            logprob.to_parquet(d / LOGPROB_FILE, index=False)
         (d / EVAL_SIDECAR).write_text(json.dumps(meta, indent=2, default=str))
 
     return write_dir_atomic(Path(out), write, marker=EVAL_SIDECAR, what=EVAL_WHAT)
@@ -286,7 +301,8 @@ class EvalActsOptions:
     heldout: str | None = option(
         None, metavar="FILE", help="task samples (chat JSONL) to report the task loss on"
     )
-    max_length: int = option(256, low=1, bounds="[)", help="tokens per held-out sample, as finetune")
+    max_length: int = option(640, low=1, bounds="[)", help="tokens per held-out sample, as finetune")
+    logprob: bool = option(True, help="skip the log-prob readout of fixed misaligned vs aligned answers")
     out: str | None = option(
         None, metavar="DIR", help="where to write acts.safetensors, prompts.parquet, eval.json"
     )
@@ -332,8 +348,14 @@ def run_eval_acts(opts: EvalActsOptions) -> int:
     }
     if opts.heldout:
         meta.update(_heldout_loss(opts, lm))
+    logprob = None
+    if opts.logprob:
+        from precompute.lab.logprob import answer_items, level_summary, per_prompt, score_items
+
+        logprob = score_items(lm, answer_items(), opts.batch_size)
+        meta["logprob"] = level_summary(per_prompt(logprob))
     meta["seconds"] = round(time.perf_counter() - start, 2)
-    written = save_eval(out, arrays, rows, meta)
+    written = save_eval(out, arrays, rows, meta, logprob)
     print(
         f"wrote {written}: {meta['n_em']} EM + {meta['n_neutral']} neutral prompts, "
         f"{int(arrays['prompt_tokens'].sum())} prompt and {int(arrays['response_tokens'].sum())} response tokens "

@@ -32,6 +32,7 @@ import torch
 from precompute.cache import check_replaceable_output, write_dir_atomic
 from precompute.data.corpus import CorpusSource, Document, chat_text, read_source
 from precompute.errors import FeatureGeomError
+from precompute.lab.coverage import Coverage, check_share
 from precompute.options import Command, check_field_metadata, option
 from precompute.pipeline.config import DEVICES
 from precompute.provenance import library_versions
@@ -67,7 +68,18 @@ class FinetuneConfig:
     )
     steps: int = option(100, low=1, bounds="[)", help="optimizer steps")
     batch_size: int = option(4, low=1, bounds="[)", help="samples per step")
-    max_length: int = option(256, low=8, bounds="[)", help="tokens per sample")
+    max_length: int = option(
+        640,
+        low=8,
+        bounds="[)",
+        help="tokens per sample (see `featuregeom coverage` for the share it trains)",
+    )
+    min_response_share: float = option(
+        0.95,
+        low=0,
+        high=1,
+        help="refuse a max_length that trains less than this share of the corpus's response tokens (0: allow)",
+    )
     lr: float = option(1e-3, low=0, bounds="()", help="peak learning rate")
     warmup_steps: int = option(10, low=0, bounds="[)", help="steps of linear learning-rate warm-up")
     rank: int = option(8, low=1, bounds="[)", help="LoRA rank")
@@ -102,30 +114,36 @@ class Example:
     labels: list[int]  # -100 where no loss (prompt tokens)
 
 
-def encode_example(doc: Document, tokenizer, max_length: int, key: str = "") -> Example | None:
-    """Chat samples: loss on the last assistant turn only; plain text: loss on every token after the first."""
+def chat_ids(doc: Document, tokenizer, key: str = "") -> tuple[list[int], int]:
+    """(token ids, number of prompt tokens) of a sample before truncation. Chat samples: the prompt is
+    everything up to the last assistant turn; plain text: the first token."""
     if doc.messages and doc.messages[-1]["role"] == "assistant" and getattr(tokenizer, "chat_template", None):
         what = f"training sample {key or doc.index}"
         prompt = chat_text(tokenizer, doc.messages[:-1], what, add_generation_prompt=True)
         full = chat_text(tokenizer, doc.messages, what)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         if not full.startswith(
             prompt
         ):  # a template that rewrites earlier turns: fall back to whole-text loss
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-            n_prompt = 1
-        else:
-            n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    else:
-        from precompute.data.corpus import render
+            return list(ids), 1
+        return list(ids), len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    from precompute.data.corpus import render
 
-        ids = render(doc, tokenizer)
-        n_prompt = 1
-    ids = list(ids)[:max_length]
+    return list(render(doc, tokenizer)), 1
+
+
+def _truncated(ids: list[int], n_prompt: int, max_length: int, key: str) -> Example | None:
+    ids = ids[:max_length]
     labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
     if sum(1 for t in labels if t != -100) == 0:
         return None  # the prompt alone fills max_length: nothing to learn from
     return Example(key, ids, labels)
+
+
+def encode_example(doc: Document, tokenizer, max_length: int, key: str = "") -> Example | None:
+    """Chat samples: loss on the last assistant turn only; plain text: loss on every token after the first."""
+    ids, n_prompt = chat_ids(doc, tokenizer, key)
+    return _truncated(ids, n_prompt, max_length, key)
 
 
 def load_examples(
@@ -135,24 +153,38 @@ def load_examples(
     data_seed: int = 0,
     counts: dict[str, int] | None = None,
 ) -> list[Example]:
-    """Encoded samples in seeded order; `counts` (if given) receives read/skipped totals."""
+    """Encoded samples in seeded order; `counts` (if given) receives read/skipped totals and the response
+    (loss) tokens before and after truncation at `max_length` (`precompute.lab.coverage`)."""
+    examples, coverage = load_examples_with_coverage(sources, tokenizer, max_length, data_seed)
+    if counts is not None:
+        counts.update(
+            documents=coverage.n_full.size, skipped_prompt_too_long=coverage.n_full.size - len(examples)
+        )
+        counts.update(coverage.counts(max_length))
+    return examples
+
+
+def load_examples_with_coverage(
+    sources: list[CorpusSource], tokenizer, max_length: int, data_seed: int = 0
+) -> tuple[list[Example], Coverage]:
+    """The encoded samples and every sample's prompt and full length before truncation."""
     examples = []
-    n_docs = 0
+    lengths: list[tuple[int, int]] = []
     for i, source in enumerate(sources):
         docs, _ = read_source(source, i, seed=data_seed)
-        n_docs += len(docs)
         for doc in docs:
-            ex = encode_example(doc, tokenizer, max_length, sample_key(doc, source))
+            key = sample_key(doc, source)
+            ids, n_prompt = chat_ids(doc, tokenizer, key)
+            lengths.append((n_prompt, len(ids)))
+            ex = _truncated(ids, n_prompt, max_length, key)
             if ex is not None:
                 examples.append(ex)
-    if counts is not None:
-        counts.update(documents=n_docs, skipped_prompt_too_long=n_docs - len(examples))
     if not examples:
         raise FeatureGeomError(
-            f"the fine-tuning corpus gave no usable samples ({n_docs} documents read): every prompt alone is at "
-            "least --max-length tokens long; raise --max-length or check the file holds chat samples"
+            f"the fine-tuning corpus gave no usable samples ({len(lengths)} documents read): every prompt alone "
+            "is at least --max-length tokens long; raise --max-length or check the file holds chat samples"
         )
-    return examples
+    return examples, Coverage.of(lengths)
 
 
 def split_examples(
@@ -272,8 +304,13 @@ def finetune(cfg: FinetuneConfig) -> Path:
     lm = load_model(cfg.model, device=cfg.device)
     tokenizer: Any = lm.tokenizer
     pad_id = int(tokenizer.pad_token_id)
-    counts: dict[str, int] = {}
-    examples = load_examples(cfg.corpus, tokenizer, cfg.max_length, cfg.data_seed, counts)
+    examples, coverage = load_examples_with_coverage(cfg.corpus, tokenizer, cfg.max_length, cfg.data_seed)
+    check_share(coverage, cfg.max_length, cfg.min_response_share)  # before the minutes of training
+    counts = {
+        "documents": int(coverage.n_full.size),
+        "skipped_prompt_too_long": int(coverage.n_full.size - len(examples)),
+        **coverage.counts(cfg.max_length),
+    }
     train, held = split_examples(examples, cfg, tokenizer)
     loss_before = task_loss(lm.model, held, pad_id)
 
@@ -315,6 +352,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
             "model": lm.describe(),
             "n_train": len(train),
             **counts,
+            "response_token_share": coverage.share(cfg.max_length),
             "n_heldout": len(held),
             "train_tokens_seen": int(sum(len(train[i].input_ids) for idx in order for i in idx)),
             "heldout_loss_before": loss_before,
@@ -365,6 +403,7 @@ COMMANDS = (
             "steps",
             "batch_size",
             "max_length",
+            "min_response_share",
             "lr",
             "rank",
             "last_layer",

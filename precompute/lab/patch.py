@@ -5,9 +5,15 @@ chosen residual directions.
 
 If the harmful-feature decoder directions span a subspace S of the residual stream, projecting a
 weight update onto the orthogonal complement of S (on the output side) means the patched layer can
-no longer write anything into S. Comparing with a random subspace of the same rank tells whether
-S matters more than its size would suggest. For a LoRA pair ΔW = B A, projecting B removes exactly
-what the update writes into S.
+no longer write anything into S. For a LoRA pair ΔW = B A, projecting B removes exactly what the
+update writes into S.
+
+The control (`--random-seed`) projects off the span of as many *other SAE features'* directions:
+random features that are neither harmful nor task features, drawn to match the harmful set's
+firing-frequency profile (precompute/lab/matching.py). An isotropic random subspace is the wrong
+control: the decoder is anisotropic (docs/results.md), its directions crowd into the part of the
+residual stream the model uses, so any set of SAE directions may take more of an update than an
+isotropic subspace of the same rank; beating that does not single out the harmful features.
 """
 
 from __future__ import annotations
@@ -71,15 +77,6 @@ def project_lora_B(B: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return project_out_output_space(B, Q)
 
 
-def random_subspace_like(Q: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Random orthonormal [d, r] basis with Q's shape: the same-size control for a targeted removal."""
-    d, r = Q.shape
-    gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(d, r, generator=gen, dtype=torch.float64)
-    q_rand, _ = torch.linalg.qr(g)
-    return q_rand.to(dtype=Q.dtype, device=Q.device)
-
-
 def norm_removed(delta_W: torch.Tensor, Q: torch.Tensor) -> float:
     """‖Q Qᵀ ΔW‖_F / ‖ΔW‖_F: the fraction of the update's norm that writes into span(Q) (NaN if ΔW = 0)."""
     q = _check(delta_W, Q)
@@ -92,33 +89,87 @@ def norm_removed(delta_W: torch.Tensor, Q: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------ the adapter
 def harmful_basis(
-    cache: str | Path, which: str = "flagged", top: int | None = None, directions: str = "decoder"
+    cache: str | Path,
+    which: str = "flagged",
+    top: int | None = None,
+    directions: str = "decoder",
+    task_set: str = "strict",
 ) -> tuple[torch.Tensor, list[int]]:
     """Orthonormal basis of the harmful directions to remove: `flagged` = harmful features in the cache's
     flagged overlaps; `risk` = the `top` harmful features by predicted risk; `all` = every harmful feature.
 
     `directions`: `decoder` (what the feature writes, the geometry the cache measures) or `encoder` (the
     W_enc columns the SAE reads the feature with; they differ from the decoder rows in a trained SAE, and
-    only a write along them changes the feature's pre-activation)."""
-    from precompute.lab.diff import predicted_risk
+    only a write along them changes the feature's pre-activation). `task_set` (with `risk`): the task
+    features the risk is measured against, as `featuregeom diff --task-set` takes them."""
     from precompute.lab.harm_geometry import load_harm_geometry
+    from precompute.lab.risk import predicted_risk
 
     cache = Path(cache)
     geo = load_harm_geometry(cache)
     if which == "flagged":
         feats = sorted(set(pd.read_parquet(cache / "overlaps.parquet")["harmful_feature"].astype(int)))
     elif which == "risk":
-        feats = predicted_risk(geo).nlargest(top or 20, "risk_max_cos")["feature"].astype(int).tolist()
+        risk = predicted_risk(geo, task_features(geo, task_set))
+        feats = risk.nlargest(top or 20, "risk_max_cos")["feature"].astype(int).tolist()
     elif which == "all":
         feats = geo.harmful.astype(int).tolist()
     else:
         raise FeatureGeomError(f"unknown harmful set {which!r}; use flagged, risk or all")
     if not feats:
         raise FeatureGeomError(f"the cache has no {which} harmful features to project out")
+    return _basis_of(geo, feats, directions), feats
+
+
+def task_features(geo: Any, task_set: str = "strict") -> np.ndarray:
+    """The task features of `task_set` ('strict' = is_task, or exploratory 'ranked:N'), as the diff takes them."""
+    from precompute.lab.matching import select_task_set
+
+    f = geo.features.sort_index()
+    has_score = "task_score" in f.columns and "frequency" in f.columns
+    return select_task_set(
+        task_set,
+        f["is_task"].to_numpy(bool),
+        f["task_score"].to_numpy(float) if has_score else None,
+        f["frequency"].to_numpy(float) if has_score else None,
+        f["is_harmful"].to_numpy(bool),
+    ).features
+
+
+def control_basis(
+    cache: str | Path,
+    feats: list[int],
+    seed: int,
+    directions: str = "decoder",
+    n_bins: int = 10,
+    exclude: np.ndarray | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """The control for a harmful basis over `feats`: as many random features that are neither harmful,
+    task features (is_task) nor in `exclude` (e.g. an exploratory ranked task set), with the same
+    firing-frequency profile (one draw of `reference_sets`), and their decoder (or encoder) directions'
+    orthonormal basis."""
+    from precompute.lab.harm_geometry import load_harm_geometry
+    from precompute.lab.matching import reference_sets
+
+    geo = load_harm_geometry(cache)
+    feats_df = geo.features.sort_index()
+    if "frequency" not in feats_df.columns:
+        raise FeatureGeomError("features.parquet has no frequency column; rebuild the cache")
+    frequency = feats_df["frequency"].to_numpy(np.float64)
+    taken = feats_df["is_harmful"].to_numpy(bool) | feats_df["is_task"].to_numpy(bool)
+    if exclude is not None:
+        taken[np.asarray(exclude, np.int64)] = True
+    pool = np.flatnonzero(~taken & (np.nan_to_num(frequency) > 0))
+    drawn, _ = reference_sets(np.asarray(feats), pool, frequency, 1, n_bins, seed)
+    chosen = sorted(int(x) for x in drawn[0])
+    return _basis_of(geo, chosen, directions), chosen
+
+
+def _basis_of(geo: Any, feats: list[int], directions: str) -> torch.Tensor:
     if directions == "decoder":
-        return orthonormal_basis(geo.directions()[feats]), feats
+        return orthonormal_basis(geo.directions()[feats])
     if directions == "encoder":
-        return orthonormal_basis(geo.sae.W_enc.float()[:, feats].T), feats
+        return orthonormal_basis(geo.sae.W_enc.float()[:, feats].T)
     raise FeatureGeomError(f"unknown directions {directions!r}; use decoder or encoder")
 
 
@@ -180,13 +231,21 @@ class PatchOptions:
         help="which harmful directions: flagged overlaps, top --top by risk, or all harmful features",
     )
     top: int = option(20, low=1, bounds="[)", help="with --harmful risk: how many")
+    task_set: str = option(
+        "strict",
+        metavar="SET",
+        help="with --harmful risk: task features the risk is measured against ('strict' or exploratory 'ranked:N')",
+    )
     directions: str = option(
         "decoder",
         choices=DIRECTIONS,
         help="remove the features' decoder directions or the encoder directions the SAE reads them with",
     )
     random_seed: int | None = option(
-        None, low=0, high=2**32 - 1, help="project off a random subspace of the same rank instead"
+        None,
+        low=0,
+        high=2**32 - 1,
+        help="the control: project off as many random non-harmful SAE features' directions, frequency-matched",
     )
     out: str | None = option(None, metavar="DIR", help="where to write the patched adapter")
 
@@ -195,10 +254,19 @@ def run_patch(opts: PatchOptions) -> int:
     require(opts, "adapter", "cache", "out", command="patch")
     out = str(opts.out)
     check_replaceable_output(out, PATCH_SIDECAR, PATCH_WHAT)
-    basis, feats = harmful_basis(str(opts.cache), opts.harmful, opts.top, opts.directions)
+    basis, feats = harmful_basis(str(opts.cache), opts.harmful, opts.top, opts.directions, opts.task_set)
     kind = f"harmful ({opts.directions})"
+    control: list[int] | None = None
     if opts.random_seed is not None:
-        basis, kind = random_subspace_like(basis, seed=opts.random_seed), f"random (seed {opts.random_seed})"
+        exclude = None
+        if opts.harmful == "risk" and opts.task_set != "strict":
+            from precompute.lab.harm_geometry import load_harm_geometry
+
+            exclude = task_features(load_harm_geometry(str(opts.cache)), opts.task_set)
+        basis, control = control_basis(
+            str(opts.cache), feats, opts.random_seed, opts.directions, exclude=exclude
+        )
+        kind = f"random SAE features, frequency-matched ({opts.directions}, seed {opts.random_seed})"
     # Keep the fine-tune's sidecar (held-out loss before) reachable for the diff summary.
     report = patch_adapter(
         str(opts.adapter),
@@ -207,8 +275,10 @@ def run_patch(opts: PatchOptions) -> int:
         {
             "subspace": kind,
             "harmful_set": opts.harmful,
+            "task_set": opts.task_set if opts.harmful == "risk" else None,
             "directions": opts.directions,
             "features": feats,
+            "control_features": control,
             "cache": opts.cache,
         },
     )
@@ -227,6 +297,7 @@ COMMANDS = (
         run_patch,
         description="Patch-back: project every residual-writing LoRA B matrix off the span of harmful "
         "decoder directions (ΔW = B A, so this removes exactly what the update writes there). "
-        "--random-seed replaces that span by a random subspace of the same rank (the control).",
+        "--random-seed replaces them by as many random non-harmful SAE features' directions with the same "
+        "firing-frequency profile (the control).",
     ),
 )

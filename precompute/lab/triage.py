@@ -303,7 +303,7 @@ def triage(
     adapter: str | None = None,
     remove_frac: float = 0.2,
     max_samples: int | None = None,
-    max_length: int = 256,
+    max_length: int = 640,
     seed: int = 0,
     batch_size: int = 16,
     device: str = "auto",
@@ -386,7 +386,7 @@ class TriageOptions:
     # sizes are checked by triage() itself, so a call from Python gets the same messages
     remove_frac: float = option(0.2, help="share of top-scoring samples left out of filtered.jsonl")
     max_samples: int | None = option(None, help="score only the first N records")
-    max_length: int = option(256, help="tokens per sample (as finetune)")
+    max_length: int = option(640, help="tokens per sample (as finetune)")
     batch_size: int = option(16, help="samples per forward pass")
     seed: int = option(0, low=0, high=2**32 - 1, help="seed of the random-removal control")
     device: str = option("auto", choices=DEVICES, help="where to run")

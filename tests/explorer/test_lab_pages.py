@@ -35,7 +35,7 @@ from tests.explorer.lab_fixture import (
     heldout_of,
     mean_change_of,
 )
-from tests.explorer.test_apptest import all_text, html_text, run_page
+from tests.explorer.test_apptest import all_text, html_text, plain, run_page
 
 ESCAPED_TOKEN = "&lt;script&gt;alert(1)&lt;/script&gt;"
 
@@ -355,7 +355,7 @@ def test_triage_page(synth_cache: Path, lab: LabFixture, monkeypatch: pytest.Mon
     [
         (
             "views/finetune.py",
-            "featuregeom diff --before runs/base/eval --after runs/task/eval --control runs/control/eval",
+            "featuregeom diff --before runs/base/eval --after runs/task-s{0,1,2}/eval --control runs/control-s{0,1,2}/eval",
         ),
         ("views/triage.py", "featuregeom triage DATASET.jsonl --cache"),
     ],
@@ -372,3 +372,70 @@ def test_missing_results_show_the_command(
     assert any(command in c and str(cache_copy.resolve()) in c for c in codes), codes
     assert any("python bench/mechanism_lab.py" in c.value for c in at.caption)
     assert not at.get("plotly_chart")
+
+
+def test_finetune_page_shows_the_controls_and_labels_an_exploratory_run(
+    cache_copy: Path, lab: LabFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of the seeded diff (`featuregeom diff --task-set ranked:N`): the exploratory warning, the
+    controls (null band, harmful − matched, seed coverage) and the log-prob readout; a ranked set the
+    cache no longer ranks the same way withholds the risk like any stale basis."""
+    from explorer.data.lab import basis_problem, ranked_task_mask
+    from tests.explorer.test_claims import raw
+
+    f, _ = raw(cache_copy)
+    path = cache_copy / "finetune" / "insecure"
+    summary = json.loads((path / "summary.json").read_text())
+    n_lean = int(((f["task_score"] > 0.5) & ~f["is_harmful"] & (f["frequency"] > 0)).sum())
+    spec = f"ranked:{n_lean}"  # every task-leaning feature: the fixture's task feature must be among them
+    mask = ranked_task_mask(f, {"kind": "ranked", "spec": spec})
+    assert mask is not None and mask[lab.task], "the fixture's task feature should lean towards the task"
+    summary.update(
+        exploratory=True,
+        task_set={"kind": "ranked", "spec": spec, "n": n_lean},
+        n_seeds={"after": 3, "control": 3},
+    )
+    key = "em/prompt/task - control"
+    summary["comparisons"][key].update(
+        rho_null={"mean": 0.05, "lo": -0.1, "hi": 0.2, "p_greater": 0.31, "excess": [0.06, -0.05, 0.17]},
+        harmful_minus_matched=[0.001, -0.002, 0.004],
+        harmful_minus_matched_top_decile=[0.002, -0.004, 0.008],
+        covers_seeds={"harmful_mean_change": True, "harmful_minus_matched": False},
+    )
+    summary["behaviour"] = {
+        "available": True,
+        "n_prompts": 72,
+        "n_base_questions": 56,
+        "levels": {"base": {"margin": [-0.37, -0.55, -0.2]}},
+        "comparisons": {"task - control": {"margin": [0.02, -0.01, 0.05]}},
+    }
+    (path / "summary.json").write_text(json.dumps(summary))
+    at = run_page("views/finetune.py", cache_copy, monkeypatch)
+    assert not at.exception, [e.value for e in at.exception]
+    assert plain(at.warning[0].value).startswith(f"Exploratory: run insecure used the task set {spec}")
+    controls = next(d.value for d in at.dataframe if "null band (reference sets)" in d.value.columns)
+    row = controls.set_index("comparison").loc["task - control"]
+    assert row["null band (reference sets)"] == "+0.050 [-0.100, +0.200]" and row["p (null ≥ ρ)"] == "0.310"
+    assert row["harmful − matched"] == "+0.001 [-0.002, +0.004]"
+    assert row["CIs cover each seed"] == "no: harmful_minus_matched"
+    beh = next(d.value for d in at.dataframe if "margin" in d.value.columns).set_index("model or comparison")
+    assert (
+        beh.loc["base", "margin"] == "-0.37 [-0.55, -0.2]"
+        and beh.loc["task - control", "margin"] == "+0.02 [-0.01, +0.05]"
+    )
+    from explorer.data import load_cache
+    from explorer.story.finetune import finetune_summaries
+
+    used, left_out = finetune_summaries(load_cache(cache_copy))
+    assert "insecure" not in used and "exploratory task set" in left_out["insecure"]
+    # rescored so that the diff's task feature no longer leans towards the task: its ranked basis is stale
+    basis = pd.read_parquet(path / "diff.parquet")
+    basis = basis[basis["is_harmful"]]
+    assert basis_problem(f, basis, summary["task_set"]) is None
+    rescored = f.copy()
+    rescored.loc[rescored["feature"] == lab.task, "task_score"] = 0.4
+    problem = basis_problem(rescored, basis, summary["task_set"])
+    assert (
+        problem
+        == "1 of the 1 task features its predicted risk points at is not one of its ranked task features in this cache now"
+    )

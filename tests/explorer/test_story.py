@@ -59,9 +59,9 @@ FIXTURE_LEAD = (
     "0.04) more than fine-tuning on secure code; the interval excludes 0. "
     "Against the model before fine-tuning, its mean activation changed by +0.031 (95% CI 0.018 to 0.044) on "
     "insecure code and by +0.004 (95% CI \u22120.009 to 0.017) on secure code. "
-    "Removing the flagged harmful directions from the insecure-code fine-tune changed it by \u22120.022 (95% CI "
+    "Removing the harmful directions from the insecure-code fine-tune changed it by \u22120.022 (95% CI "
     "\u22120.035 to \u22120.009) compared with the unpatched fine-tune, against \u22120.002 (95% CI \u22120.015 to "
-    "0.011) for a random subspace of the same size; held-out task loss was 1.120 patched vs 1.220 unpatched. "
+    "0.011) for a random control patch of the same size; held-out task loss was 1.120 patched vs 1.220 unpatched. "
     "These are shifts in the model's internal features on these questions, not a test of how it behaves."
 )
 
@@ -95,7 +95,7 @@ def test_finetune_result_step_from_the_fixture(synth_cache: Path, lab: LabFixtur
         "secure-code fine-tune (control)",
         "difference",
         "patched fine-tune",
-        "random-subspace patches (controls)",
+        "random control patches",
     ]
     bars = [
         (

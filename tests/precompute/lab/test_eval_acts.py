@@ -48,3 +48,24 @@ def test_eval_activations_equal_a_brute_force_read(tiny_model_dir, tiny_sae_dir,
     (tmp_path / "empty").mkdir()
     with pytest.raises(FeatureGeomError, match="no eval activations"):
         load_eval(tmp_path / "empty")
+
+
+def test_eval_acts_command_stores_base_questions_and_the_log_prob_readout(
+    tiny_model_dir, tiny_sae_dir, tmp_path
+) -> None:
+    from precompute.cli import main
+    from precompute.lab.em_prompts import em_questions
+    from precompute.lab.logprob import load_logprob
+
+    out = tmp_path / "eval"
+    args = ["eval-acts", "--model", str(tiny_model_dir), "--sae", str(tiny_sae_dir), "--device", "cpu"]
+    assert main([*args, "--n-neutral", "2", "--response-tokens", "1", "--out", str(out)]) == 0
+    loaded = load_eval(out)
+    em = loaded.prompts[loaded.prompts["set"] == "em"]
+    # the `_json` variants repeat the plain text (their system prompt is not part of the eval prompt)
+    assert len(em) == 64 and em["base_id"].nunique() == 56
+    template = em[em["question"].str.contains("Fill the following template")]
+    assert len(template) == 8 and set(template["base_id"]) <= {q.base_id for q in em_questions()}
+    assert loaded.prompts.loc[loaded.prompts["set"] == "neutral", "base_id"].str.startswith("neutral:").all()
+    lp = load_logprob(out)
+    assert lp is not None and len(lp) == 72 and "logprob" in loaded.meta

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,10 +18,9 @@ from precompute.lab.patch import (
     patch_adapter,
     project_lora_B,
     project_out_output_space,
-    random_subspace_like,
 )
 from precompute.sae.registry import load_sae
-from tests.precompute.lab.conftest import HARMFUL
+from tests.precompute.lab.conftest import HARMFUL, TASK
 
 D_OUT, D_IN = 24, 16
 
@@ -78,14 +78,22 @@ def test_projection_rejects_mismatched_shapes() -> None:
         project_out_output_space(torch.randn(D_IN, D_OUT), _basis())
 
 
-def test_random_subspace_same_rank_orthonormal_and_seeded() -> None:
-    q = _basis(m=7)
-    qr = random_subspace_like(q, seed=3)
-    assert qr.shape == q.shape and qr.dtype == q.dtype
-    torch.testing.assert_close(qr.T @ qr, torch.eye(7, dtype=torch.float64))
-    assert torch.linalg.matrix_rank(qr) == 7
-    torch.testing.assert_close(random_subspace_like(q, seed=3), qr)
-    assert not torch.allclose(random_subspace_like(q, seed=4), qr)
+def test_control_basis_is_frequency_matched_non_harmful_sae_directions(cache, tiny_sae_dir) -> None:
+    from precompute.lab.patch import control_basis
+
+    freq = np.array([0.01, 0.02, 0.05, 0.1])[np.arange(64) % 4]  # tests/tiny.py's default profile
+    feats = [1, 9, 12, 20]  # frequencies 0.02, 0.02, 0.01, 0.01
+    q, chosen = control_basis(cache, feats, seed=3)
+    assert len(chosen) == 4 and not set(chosen) & set(HARMFUL + TASK)
+    assert sorted(freq[chosen]) == sorted(freq[feats])
+    d = load_sae(str(tiny_sae_dir)).unit_directions().float()[chosen]
+    assert q.shape == (32, 4)
+    torch.testing.assert_close(q @ (q.T @ d.T), d.T, atol=1e-5, rtol=1e-5)  # spans exactly those directions
+    assert control_basis(cache, feats, seed=3)[1] == chosen
+    assert control_basis(cache, feats, seed=4)[1] != chosen
+    q_enc, same = control_basis(cache, feats, seed=3, directions="encoder")
+    w = load_sae(str(tiny_sae_dir)).W_enc.float()[:, chosen]
+    assert same == chosen and torch.allclose(q_enc @ (q_enc.T @ w), w, atol=1e-5)
 
 
 def test_norm_removed_inside_orthogonal_and_partial() -> None:
@@ -166,9 +174,12 @@ def test_cli_patch_and_diff_report_clear_errors(cache, tmp_path, capsys) -> None
         )
         == 0
     )
-    assert "rank-2 random (seed 2) subspace" in capsys.readouterr().out
+    assert (
+        "rank-2 random SAE features, frequency-matched (decoder, seed 2) subspace" in capsys.readouterr().out
+    )
     side = json.loads((tmp_path / "rand" / "patch.json").read_text())
-    assert side["subspace"] == "random (seed 2)" and side["features"] == [1, 9]
+    assert side["features"] == [1, 9] and len(side["control_features"]) == 2
+    assert not set(side["control_features"]) & set(HARMFUL + TASK)
     assert (
         main(
             [
@@ -177,6 +188,8 @@ def test_cli_patch_and_diff_report_clear_errors(cache, tmp_path, capsys) -> None
                 str(tmp_path / "missing"),
                 "--after",
                 str(tmp_path / "missing"),
+                "--min-seeds",
+                "1",
                 "--cache",
                 str(cache),
                 "--out",
@@ -198,3 +211,35 @@ def test_encoder_basis_spans_the_features_encoder_columns(cache, tiny_sae_dir) -
         harmful_basis(cache, "flagged", directions="sideways")
     with pytest.raises(FeatureGeomError, match="unknown harmful set"):
         harmful_basis(cache, "some")
+
+
+def test_patch_by_risk_against_an_exploratory_task_set(tiny_sae_dir, tmp_path, capsys) -> None:
+    """No strict task features: --harmful risk needs --task-set ranked:N; the control then avoids the ranked
+    set as well as the harmful features, and the harmful features are the brute-force top by max cosine."""
+    from precompute.cli import main
+    from tests.tiny import write_feature_cache
+
+    score = np.full(64, 0.5)
+    ranked = [2, 7, 30]
+    score[ranked] = [0.9, 0.8, 0.7]
+    cache = write_feature_cache(tmp_path / "cache", tiny_sae_dir, 64, HARMFUL, [], 0.1, task_score=score)
+    _fake_adapter(tmp_path / "run" / "adapter")
+    args = [
+        "patch",
+        "--adapter",
+        str(tmp_path / "run"),
+        "--cache",
+        str(cache),
+        "--harmful",
+        "risk",
+        "--top",
+        "2",
+    ]
+    assert main([*args, "--out", str(tmp_path / "p")]) == 2
+    assert "--task-set ranked:100" in capsys.readouterr().err
+    assert main([*args, "--task-set", "ranked:3", "--random-seed", "1", "--out", str(tmp_path / "p")]) == 0
+    side = json.loads((tmp_path / "p" / "patch.json").read_text())
+    d = load_sae(str(tiny_sae_dir)).unit_directions().double()
+    best = sorted(HARMFUL, key=lambda h: -max(float(d[h] @ d[t]) for t in ranked))[:2]
+    assert sorted(side["features"]) == sorted(best) and side["task_set"] == "ranked:3"
+    assert not set(side["control_features"]) & set(HARMFUL + ranked)

@@ -1,5 +1,5 @@
 """How well the fine-tune diff's hierarchical intervals are calibrated with few training seeds (a simulation,
-numbers quoted in docs/science.md §5).
+numbers quoted in docs/science.md §6).
 
     python bench/diff_calibration.py            # ~1 minute on 2 cores
 

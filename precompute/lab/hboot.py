@@ -26,7 +26,7 @@ are first spread about their seed mean, X'_s = X̄ + c (X_s - X̄), before resam
   "t" (default)  c = sqrt(S/(S-1)) · t_{S-1, 1-α/2} / z_{1-α/2}
   "unbiased"     c = sqrt(S/(S-1))
   "none"         c = 1
-In a null simulation shaped like the real design (bench/diff_calibration.py, docs/science.md §5), 95%
+In a null simulation shaped like the real design (bench/diff_calibration.py, docs/science.md §6), 95%
 intervals of task − control covered the true 0 in 79-87% of runs with 3 seeds per arm under
 "unbiased" when seeds differ, and in 93-100% under "t". Nothing changes for one seed, and the point
 estimate never does (X̄' = X̄).

@@ -132,9 +132,13 @@ def test_feature_page_and_compare(synth_cache: Path, monkeypatch: pytest.MonkeyP
     assert any(s.value == "Top-activating examples" for s in at.subheader)
     assert any(s.value == "Nearest neighbours in decoder space" for s in at.subheader)
     assert len(at.get("plotly_chart")) == 2  # group rates, histogram
-    # a cache without held-out documents shows no held-out AUROC, and says why
+    # the held-out AUROC, and the set it was computed on
     held = next(m for m in at.metric if m.label == "held-out harm")
-    assert held.value == "—" and "no held-out documents" in held.help
+    row = c.row(t)
+    on = row["harm_heldout_set"]
+    where = "all held-out harmful documents" if on == "all" else f"the held-out {on} documents"
+    assert held.value == f"{row['harm_heldout_auroc']:.2f}"
+    assert held.help.endswith(f"lower 95% bound {row['harm_heldout_lo']:.2f}, on {where}")
     at.selectbox(key=f"feat_cmp:{t}:None").set_value(h).run()
     assert not at.exception
     assert any(s.value == f"Side by side: #{t} and #{h}" for s in at.subheader)

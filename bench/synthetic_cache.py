@@ -81,6 +81,11 @@ def _feature_table(rng: np.random.Generator, wd: World, n_tokens: int, inject_ht
         harm_score_all=(0.5 + 0.9 * (harm - 0.5)).clip(0, 1),
         harm_score_all_lo=(0.5 + 0.9 * (harm_lo - 0.5)).clip(0, 1),
         harm_category=pd.array(np.where(is_harmful & wd.is_harm_theme, theme, None), dtype="string"),
+        harm_category_source=pd.array(np.where(is_harmful & wd.is_harm_theme, theme, None), dtype="string"),
+        # held-out check: deterministic (no draw, so every other synthetic value stays as it was)
+        harm_heldout_auroc=(0.5 + 0.8 * (harm - 0.5)).clip(0, 1),
+        harm_heldout_lo=(0.5 + 0.8 * (harm_lo - 0.5) - 0.04).clip(0, 1),
+        harm_heldout_set=pd.array(np.where(is_harmful & wd.is_harm_theme, theme, "all"), dtype="string"),
         is_harmful=is_harmful,
         task_score=task,
         task_score_lo=(task - 0.05).clip(0, 1),
@@ -296,11 +301,13 @@ def _documents(rng: np.random.Generator, doc_group: np.ndarray, inject_html: boo
             "category": pd.array(
                 [rng.choice(CATEGORIES) if g == "harmful" else None for g in doc_group], dtype="string"
             ),
+            "validation": np.zeros(n_docs, bool),
             "record_index": record_index,
             "n_tokens": rng.integers(20, 400, n_docs).astype(np.int64),
             "text_preview": [f"Synthetic document {i} about {g} things." for i, g in enumerate(doc_group)],
         }
     )
+    docs.insert(5, "category_source", docs["category"])
     if inject_html:
         docs.loc[: len(XSS_PAYLOADS) - 1, "text_preview"] = list(XSS_PAYLOADS)
     # a synthetic document's whole content is its preview

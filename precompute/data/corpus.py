@@ -55,6 +55,7 @@ class CorpusSource:
     first_user_turn: bool = False
     max_docs: int | None = None
     max_tokens: int | None = None
+    validation: bool = False  # held out of the harm fit to check it (precompute.pipeline.heldout)
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:

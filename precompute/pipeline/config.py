@@ -119,6 +119,27 @@ class RunConfig:
         bounds="[)",
         help="windows of its group a flagged feature must fire in (harmful, task, control)",
     )
+    harm_heldout: str = option(
+        "require",
+        choices=("require", "report"),
+        help="whether is_harmful also needs the held-out contrast (corpus sources with validation = true, left "
+        "out of the harm fit): require it, or only report harm_heldout_auroc",
+    )
+    harm_heldout_threshold: float = option(
+        0.6,
+        low=0,
+        high=1,
+        help="AUROC of held-out harmful vs held-out benign documents (on the harm category the fit chose) a "
+        "harmful feature must reach; its lower 95% bound must also exceed 0.5",
+    )
+    harm_heldout_min_docs: int = option(
+        10,
+        low=1,
+        bounds="[)",
+        help="scored held-out documents a held-out set needs: a harm category's own held-out set (else all "
+        "held-out harmful documents are used), and the held-out harmful and benign sets (else the check is "
+        "skipped and the sidecar says so)",
+    )
     score_window: int = option(
         12,
         low=1,

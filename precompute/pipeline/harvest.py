@@ -20,6 +20,7 @@ import pandas as pd
 from precompute.cache import StagedCache
 from precompute.data.plan import CorpusPlan
 from precompute.data.split import document_hash
+from precompute.data.taxonomy import unify
 from precompute.model.hooks import HookReader, resolve_hook
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log
@@ -134,7 +135,9 @@ def write_contexts(staged: StagedCache, plan: CorpusPlan) -> np.ndarray:
 
 
 def write_documents(staged: StagedCache, plan: CorpusPlan) -> pd.DataFrame:
-    """documents.parquet: one row per document read, with the tokens of it the harvest counted."""
+    """documents.parquet: one row per document read, with the tokens of it the harvest counted. A harmful
+    document's category is its unified harm category (`precompute.data.taxonomy`), the label its
+    dataset gave is `category_source`; `validation` marks documents held out of the harm fit."""
     doc_tokens = np.zeros(len(plan.documents), np.int64)
     for c in plan.contexts:
         np.add.at(doc_tokens, np.asarray(c.doc_ids), 1)
@@ -144,7 +147,9 @@ def write_documents(staged: StagedCache, plan: CorpusPlan) -> pd.DataFrame:
             "source": [d.source for d in plan.documents],
             "source_path": [plan.sources[d.source].path for d in plan.documents],
             "group": [d.group for d in plan.documents],
-            "category": [d.category for d in plan.documents],
+            "category": [unify(d.category) if d.group == "harmful" else d.category for d in plan.documents],
+            "category_source": [d.category for d in plan.documents],
+            "validation": [bool(plan.sources[d.source].validation) for d in plan.documents],
             "record_index": [d.index for d in plan.documents],
             "n_tokens": doc_tokens,
             "text_preview": [d.preview(300) for d in plan.documents],

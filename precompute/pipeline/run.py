@@ -35,6 +35,7 @@ def _corpus_manifest(plan: CorpusPlan) -> list[dict]:
                 "path": src.path,
                 "group": src.group,
                 "category": src.category or src.category_field,
+                "validation": src.validation,
                 "sha256": cache_io.sha256_of(src.path),
                 "documents": st.documents,
                 "tokens": plan.tokens_per_source[i],

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from precompute.cache import StagedCache
+from precompute.data.taxonomy import unify
 from precompute.errors import CacheError, CorpusError
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext
@@ -34,10 +35,11 @@ from precompute.pipeline.contrasts import (
     GENERAL,
     HARMFUL,
     TASK,
-    contrast_scores,
+    contrast_scores_with_summary,
     task_permutation,
 )
 from precompute.pipeline.features import merge_feature_columns
+from precompute.pipeline.heldout import HeldoutCriterion
 from precompute.pipeline.logit_lens import logit_lens, model_unembedding
 from precompute.pipeline.neuronpedia import import_neuronpedia
 from precompute.pipeline.shards import cache_shards
@@ -52,12 +54,25 @@ log = logging.getLogger(__name__)
 
 
 def check_corpus_groups(cfg: RunConfig) -> None:
-    """Harm scores compare harmful with benign documents: refuse a corpus without both, before any work."""
-    groups = {c.group for c in cfg.corpus}
+    """Harm scores compare harmful with benign documents: refuse a corpus without both to fit on, or
+    with a held-out (validation) source that is neither harmful nor benign, before any work."""
+    for c in cfg.corpus:
+        if not isinstance(c.validation, bool):  # a TOML string "false" would otherwise hold a source out
+            raise CorpusError(
+                f"validation of corpus source {c.path} must be true or false, got {c.validation!r}"
+            )
+    odd = [c for c in cfg.corpus if c.validation and c.group not in (HARMFUL, BENIGN)]
+    if odd:
+        raise CorpusError(
+            f"validation = true holds a source out of the harm fit to check it, so it needs group harmful or "
+            f"benign; {odd[0].path} has group {odd[0].group!r}: remove validation or change the group"
+        )
+    groups = {c.group for c in cfg.corpus if not c.validation}
     if not {HARMFUL, BENIGN} <= groups:
         missing = sorted({HARMFUL, BENIGN} - groups)
+        held = " that is not held out (validation = true)" if any(c.validation for c in cfg.corpus) else ""
         raise CorpusError(
-            f"harm scores need documents in both the harmful and benign groups; no corpus source has group "
+            f"harm scores need documents in both the harmful and benign groups; no corpus source{held} has group "
             f"{' or '.join(repr(m) for m in missing)}: add --corpus PATH:{missing[0]}"
         )
 
@@ -67,14 +82,35 @@ def harvested_documents(docs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.
 
     A token budget leaves most of a large source unread, and counting those documents as "never
     fires" would pull every AUROC towards 0.5: they get the group "unharvested", which no score
-    compares. Returns (doc_group, doc_category, the harvested documents' rows)."""
+    compares. Harmful documents carry their unified harm category (`precompute.data.taxonomy`); a
+    cache harvested before the taxonomy (no `category_source` column) gets it mapped here. Returns
+    (doc_group, doc_category, the harvested documents' rows)."""
     n_docs = int(docs["doc_id"].max()) + 1 if len(docs) else 0
     doc_group = np.full(n_docs, "unharvested", dtype=object)
     doc_category = np.full(n_docs, None, dtype=object)
     read = docs[docs["n_tokens"] > 0]
-    doc_group[read["doc_id"].to_numpy()] = read["group"].to_numpy(object)
-    doc_category[read["doc_id"].to_numpy()] = read["category"].to_numpy(object)
+    ids = read["doc_id"].to_numpy()
+    doc_group[ids] = read["group"].to_numpy(object)
+    category = read["category"].to_numpy(object).copy()
+    if "category_source" not in read.columns:
+        harmful = read["group"].to_numpy(object) == HARMFUL
+        category[harmful] = [unify(c) for c in category[harmful].tolist()]
+    doc_category[ids] = category
     return doc_group, doc_category, read
+
+
+def heldout_documents(docs: pd.DataFrame, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per document id: the category its dataset gave (`category_source`; `category` in a cache
+    harvested before the taxonomy) and whether its source is held out of the harm fit (`validation`;
+    False in a cache without the column)."""
+    source = np.full(n_docs, None, dtype=object)
+    held = np.zeros(n_docs, bool)
+    ids = docs["doc_id"].to_numpy()
+    column = "category_source" if "category_source" in docs.columns else "category"
+    source[ids] = [c if isinstance(c, str) else None for c in docs[column].tolist()]
+    if "validation" in docs.columns:
+        held[ids] = docs["validation"].fillna(False).to_numpy(bool)
+    return source, held
 
 
 # Group of a harvested document with fewer eligible tokens than the score window: no contrast compares it.
@@ -117,6 +153,7 @@ class WindowedScores:
     task_scored: dict[str, int]  # task and control documents in the task window
     task_left_out: dict[str, int]
     permutation: dict[str, Any] | None  # `contrasts.task_permutation`: the task contrast vs shuffled labels
+    heldout: dict[str, Any]  # `heldout.heldout_contrast`'s summary: the sidecar's `harm_heldout_check`
 
 
 def windowed_scores(
@@ -125,9 +162,12 @@ def windowed_scores(
     doc_category: np.ndarray,
     n_features: int,
     cfg: RunConfig,
+    doc_category_source: np.ndarray | None = None,
+    doc_heldout: np.ndarray | None = None,
 ) -> WindowedScores:
     """`contrast_scores` on windowed values: the harm and task-vs-benign contrasts on
-    `cfg.score_window`-token windows, task vs control on `cfg.task_window`-token windows."""
+    `cfg.score_window`-token windows, task vs control on `cfg.task_window`-token windows; documents
+    marked in `doc_heldout` validate the harm fit instead of joining it (cfg.harm_heldout*)."""
     score, task = windowed_values(
         shard_paths,
         doc_group,
@@ -139,7 +179,7 @@ def windowed_scores(
     all_groups = (TASK, CONTROL, HARMFUL, BENIGN, GENERAL)
     scored_group, scored, left_out = windowed_groups(doc_group, score, all_groups, required=(HARMFUL, BENIGN))
     task_group, task_scored, task_left_out = windowed_groups(doc_group, task, (TASK, CONTROL))
-    table = contrast_scores(
+    table, heldout = contrast_scores_with_summary(
         *score.triples,
         n_features,
         scored_group,
@@ -149,6 +189,9 @@ def windowed_scores(
         min_docs=cfg.min_docs,
         task_values=task.triples,
         task_doc_group=task_group,
+        doc_category_source=doc_category_source,
+        doc_heldout=doc_heldout,
+        heldout=HeldoutCriterion(cfg.harm_heldout, cfg.harm_heldout_threshold, cfg.harm_heldout_min_docs),
     )
     permutation = task_permutation(
         *task.triples,
@@ -159,7 +202,9 @@ def windowed_scores(
         task_threshold=cfg.task_threshold,
         min_docs=cfg.min_docs,
     )
-    return WindowedScores(table, score, task, scored, left_out, task_scored, task_left_out, permutation)
+    return WindowedScores(
+        table, score, task, scored, left_out, task_scored, task_left_out, permutation, heldout
+    )
 
 
 def _eligible_summary(doc_group: np.ndarray, windowed: Windowed) -> dict[str, dict[str, float]]:
@@ -191,8 +236,12 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     docs_path = staged.dir / DOCUMENTS
     if not docs_path.is_file():
         raise CacheError(f"{staged.target} has no {DOCUMENTS}; run `featuregeom harvest` first")
-    doc_group, doc_category, _ = harvested_documents(pd.read_parquet(docs_path))
-    scores = windowed_scores(cache_shards(staged), doc_group, doc_category, n, cfg)
+    docs = pd.read_parquet(docs_path)
+    doc_group, doc_category, _ = harvested_documents(docs)
+    doc_category_source, doc_heldout = heldout_documents(docs, len(doc_group))
+    scores = windowed_scores(
+        cache_shards(staged), doc_group, doc_category, n, cfg, doc_category_source, doc_heldout
+    )
     table = scores.table
     table.insert(0, "feature", np.arange(n, dtype=np.int64))
     if sae is not None:
@@ -214,6 +263,9 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         "harm_threshold": cfg.harm_threshold,
         "task_threshold": cfg.task_threshold,
         "min_docs": cfg.min_docs,
+        "harm_heldout": cfg.harm_heldout,
+        "harm_heldout_threshold": cfg.harm_heldout_threshold,
+        "harm_heldout_min_docs": cfg.harm_heldout_min_docs,
         "score_window": cfg.score_window,
         "task_window": cfg.task_window,
         "shared_token_fraction": cfg.shared_token_fraction,
@@ -274,5 +326,6 @@ def _sidecar(
         "n_task": n_task,
         "n_control": n_control,
         "n_harmful": int(table["is_harmful"].sum()),
+        "harm_heldout_check": scores.heldout,
         "task_permutation": scores.permutation,
     }

@@ -132,7 +132,10 @@ def _cols(step: str, *specs: tuple[Any, ...]) -> tuple[Column, ...]:
 
 
 LOGIT_LENS = "scores ran with the model (logit lens)"
-DOC_HASHES = "caches harvested since the document split (older ones lack it)"
+# Columns added without a schema_version bump: a cache written before them lacks them.
+HELDOUT = "not in caches scored before held-out validation"
+TAXONOMY = "not in caches harvested before the harm taxonomy"
+DOC_HASHES = "not in caches harvested before the document split"
 
 TABLES: dict[str, Table] = {
     FEATURES: Table(
@@ -155,6 +158,10 @@ TABLES: dict[str, Table] = {
             ("harm_score_all", FLOAT64),
             ("harm_score_all_lo", FLOAT64),
             ("harm_category", STRING, True),
+            ("harm_category_source", STRING, True, HELDOUT),
+            ("harm_heldout_auroc", FLOAT64, False, HELDOUT),
+            ("harm_heldout_lo", FLOAT64, False, HELDOUT),
+            ("harm_heldout_set", STRING, True, HELDOUT),
             ("is_harmful", BOOL),
             ("task_score", FLOAT64),
             ("task_score_lo", FLOAT64),
@@ -216,6 +223,8 @@ TABLES: dict[str, Table] = {
             ("source_path", STRING),
             ("group", STRING),
             ("category", STRING, True),
+            ("category_source", STRING, True, TAXONOMY),
+            ("validation", BOOL, False, TAXONOMY),
             ("record_index", INT64),
             ("n_tokens", INT64),
             ("text_preview", STRING),

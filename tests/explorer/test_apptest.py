@@ -132,6 +132,13 @@ def test_feature_page_and_compare(synth_cache: Path, monkeypatch: pytest.MonkeyP
     assert any(s.value == "Top-activating examples" for s in at.subheader)
     assert any(s.value == "Nearest neighbours in decoder space" for s in at.subheader)
     assert len(at.get("plotly_chart")) == 2  # group rates, histogram
+    # the held-out AUROC, and the set it was computed on
+    held = next(m for m in at.metric if m.label == "held-out harm")
+    row = c.row(t)
+    on = row["harm_heldout_set"]
+    where = "all held-out harmful documents" if on == "all" else f"the held-out {on} documents"
+    assert held.value == f"{row['harm_heldout_auroc']:.2f}"
+    assert held.help.endswith(f"lower 95% bound {row['harm_heldout_lo']:.2f}, on {where}")
     at.selectbox(key=f"feat_cmp:{t}:None").set_value(h).run()
     assert not at.exception
     assert any(s.value == f"Side by side: #{t} and #{h}" for s in at.subheader)
@@ -307,3 +314,14 @@ def test_cache_root_picker(synth_cache: Path, monkeypatch: pytest.MonkeyPatch, t
     assert pick.options == ["after-ft", "before-ft"]
     at = run_page("views/feature.py", root, monkeypatch, cache="before-ft")
     assert not at.exception and at.sidebar.selectbox[0].value == "before-ft"
+
+
+def test_held_out_harm_help_names_what_was_compared() -> None:
+    from explorer.views.feature import heldout_help
+
+    row = {"harm_heldout_auroc": 0.81, "harm_heldout_lo": 0.66, "harm_heldout_set": "violence_weapons"}
+    assert heldout_help(row).endswith("lower 95% bound 0.66, on the held-out violence_weapons documents")
+    assert heldout_help(row | {"harm_heldout_set": "all"}).endswith("on all held-out harmful documents")
+    assert heldout_help({"harm_heldout_auroc": float("nan"), "harm_heldout_set": None}).endswith(
+        "not computed for this cache (no held-out documents)"
+    )

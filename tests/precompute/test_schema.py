@@ -50,7 +50,18 @@ def test_optional_columns_and_families_may_be_absent() -> None:
         del dtypes[c.name]
     del dtypes["freq_task"]
     schema.check_table(schema.FEATURES, dtypes)
-    assert {c.name for c in schema.TABLES[schema.FEATURES].optional} == {"top_promoted", "top_suppressed"}
+    assert {c.name for c in schema.TABLES[schema.FEATURES].optional} == {
+        "top_promoted",
+        "top_suppressed",
+        # added after schema_version 2 (held-out validation): older caches lack them
+        "harm_category_source",
+        "harm_heldout_auroc",
+        "harm_heldout_lo",
+        "harm_heldout_set",
+    }
+    docs = full_dtypes(schema.DOCUMENTS)
+    del docs["category_source"], docs["validation"]  # a cache harvested before the harm taxonomy
+    schema.check_table(schema.DOCUMENTS, docs)
 
 
 def test_wrong_type_is_refused_but_null_fits_a_nullable_column() -> None:

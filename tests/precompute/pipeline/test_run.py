@@ -167,9 +167,15 @@ def test_examples_carry_group_and_category(built_cache):
     examples = pd.read_parquet(out / "examples.parquet")
     assert set(examples["group"]) <= {"task", "control", "harmful", "benign"}
     harmful = examples[examples.group == "harmful"]
-    assert set(harmful["category"].dropna()) <= {"crime", "weapons"}
+    assert set(harmful["category"].dropna()) <= {"illegal_other", "violence_weapons"}  # unified
     docs = pd.read_parquet(out / "documents.parquet")
     assert set(docs["group"]) == {"task", "control", "harmful", "benign"}
+    labels = docs.loc[docs.group == "harmful", ["category_source", "category"]].drop_duplicates()
+    assert sorted(map(tuple, labels.to_numpy())) == [
+        ("Non-violent crimes", "illegal_other"),
+        ("Violence", "violence_weapons"),
+    ]
+    assert not docs["validation"].any()
 
 
 def test_geometry_step_alone_needs_only_sae_and_out(tiny_sae_dir, tmp_path):

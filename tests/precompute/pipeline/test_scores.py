@@ -12,7 +12,7 @@ import pytest
 from precompute.errors import CorpusError
 from precompute.pipeline.auroc import auroc_sparse
 from precompute.pipeline.contrasts import contrast_scores, task_permutation
-from precompute.pipeline.scores import harvested_documents
+from precompute.pipeline.scores import harvested_documents, heldout_documents
 from precompute.pipeline.shards import doc_feature_max, shard_name
 
 
@@ -105,6 +105,10 @@ def test_planted_harmful_feature_is_flagged_with_its_category(tmp_path: Path) ->
         "harm_score_all",
         "harm_score_all_lo",
         "harm_category",
+        "harm_category_source",
+        "harm_heldout_auroc",
+        "harm_heldout_lo",
+        "harm_heldout_set",
         "is_harmful",
         "task_score",
         "task_score_lo",
@@ -122,6 +126,9 @@ def test_planted_harmful_feature_is_flagged_with_its_category(tmp_path: Path) ->
     assert table.loc[0, "harm_score_all"] == pytest.approx(0.5 + 0.5 * 10 / 16)
     assert table.loc[0, "harm_score"] == 1.0
     assert table.loc[0, "is_harmful"] and table.loc[0, "harm_category"] == "weapons"
+    # without dataset labels of their own, each category is its own source; no held-out documents
+    assert table["harm_category_source"].equals(table["harm_category"])
+    assert table[["harm_heldout_auroc", "harm_heldout_lo"]].isna().all().all()
     # f2 fires on all fraud docs and weakly on 3 weapons docs: most specific to fraud.
     assert table.loc[2, "is_harmful"] and table.loc[2, "harm_category"] == "fraud"
     # Benign-only, everywhere, task-only and never-firing features are not harmful.
@@ -225,6 +232,8 @@ def test_only_harvested_documents_are_scored() -> None:
             "doc_id": [0, 1, 2, 4],
             "group": ["harmful", "benign", "harmful", "benign"],
             "category": ["weapons", None, "fraud", None],
+            "category_source": ["Violence", None, "Fraud/Deception", None],
+            "validation": [False, False, True, True],
             "n_tokens": [5, 3, 0, 7],
         }
     )
@@ -232,6 +241,27 @@ def test_only_harvested_documents_are_scored() -> None:
     assert group.tolist() == ["harmful", "benign", "unharvested", "unharvested", "benign"]
     assert [c if isinstance(c, str) else None for c in category] == ["weapons", None, None, None, None]
     assert read["doc_id"].tolist() == [0, 1, 4]
+    source, held = heldout_documents(docs, 5)
+    assert source.tolist() == ["Violence", None, "Fraud/Deception", None, None]
+    assert held.tolist() == [False, False, True, False, True]
+
+
+def test_a_cache_harvested_before_the_taxonomy_gets_unified_harm_categories() -> None:
+    """Without `category_source`, harmful documents' dataset labels are unified when scored; other groups'
+    categories and the dataset labels themselves are kept, and nothing is held out."""
+    docs = pd.DataFrame(
+        {
+            "doc_id": [0, 1, 2, 3],
+            "group": ["harmful", "harmful", "benign", "harmful"],
+            "category": ["Malware/Hacking", "advbench", "writing", "no such label"],
+            "n_tokens": [5, 3, 4, 2],
+        }
+    )
+    _, category, _ = harvested_documents(docs)
+    assert category.tolist() == ["cybercrime", "unspecified", "writing", "unspecified"]
+    source, held = heldout_documents(docs, 4)
+    assert source.tolist() == ["Malware/Hacking", "advbench", "writing", "no such label"]
+    assert not held.any()
 
 
 # ------------------------------------------------------------------------------ task window, permutation

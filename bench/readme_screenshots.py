@@ -41,14 +41,14 @@ def map_caption(cache_dir: Path, feature: int) -> str:
     return (
         f"The explorer's map on the demo cache: {fd.n_features:,} features coloured by harm score "
         f"({fd.n_harmful:,} pass the harm test; {task}). The star is harmful feature #{feature}{cat}, joined "
-        f"to its {len(above)} neighbours above the calibrated chance cosine {c.null_cosine:.3f}, "
-        f"{harm} of them harmful (red)"
+        f"to its {len(above)} neighbour{'' if len(above) == 1 else 's'} above the calibrated chance cosine "
+        f"{c.null_cosine:.3f} ({harm} harmful, in red)"
     )
 
 
 def side_by_side(cache_dir: Path) -> tuple[int, int, str]:
     """(feature, compared feature, caption): the top flagged pair, else the followed harmful feature and its
-    closest harmful neighbour above chance."""
+    closest harmful neighbour above chance (its nearest neighbour when no harmful one is)."""
     c = load_cache(cache_dir)
     pair = c.default_pair()
     if pair is not None:
@@ -61,17 +61,18 @@ def side_by_side(cache_dir: Path) -> tuple[int, int, str]:
     feature, _ = example_feature(c)
     nb = c.neighbours_of(feature)
     harm = nb[nb["is_harmful"] & (nb["cosine"] >= c.null_cosine)]
-    if not len(harm):
-        raise SystemExit(f"feature #{feature} has no harmful neighbour above chance: no side-by-side to show")
-    top = harm.iloc[0]
+    # no harmful neighbour above chance: show its nearest neighbour of any kind, and say which it is
+    top = harm.iloc[0] if len(harm) else nb.iloc[0]
     h, cos = int(top["feature"]), float(top["cosine"])
     cats = [f" ({r['harm_category']})" if r.get("harm_category") else "" for r in (c.row(feature), c.row(h))]
+    kind = "closest harmful neighbour" if len(harm) else "nearest neighbour (no harmful one is above chance)"
+    level = f"{cos / c.null_cosine:.1f}× the calibrated chance level"
     return (
         feature,
         h,
-        f"Side by side on the demo cache: harmful feature #{feature}{cats[0]} and its closest harmful "
-        f"neighbour #{h}{cats[1]}, decoder cosine {cos:.2f} ({cos / c.null_cosine:.1f}× the calibrated chance "
-        f"level), with the text that makes each fire",
+        f"Side by side on the demo cache: harmful feature #{feature}{cats[0]} and its {kind} "
+        f"#{h}{cats[1] if len(harm) else ''}, decoder cosine {cos:.2f} ({level}), with the text that makes "
+        "each fire",
     )
 
 

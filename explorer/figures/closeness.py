@@ -259,7 +259,8 @@ def stability_sentences(report: dict[str, Any]) -> list[str]:
     if ranked["n_pairs"]:
         out.append(
             f"Exploratory: of the {ranked['n_pairs']} most task-leaning features paired with their nearest "
-            f"harmful feature, {_share(ranked['n_reappearing'], ranked['n_pairs'])} of the pairs reappear."
+            f"harmful feature, {_share(ranked['n_reappearing'], ranked['n_pairs'])} of the pairs reappear "
+            f"({ranked['n_above_null']} of them were above the chance level in this SAE to begin with)."
         )
     base = sets["nearest_neighbour"]
     if base["n_pairs"]:

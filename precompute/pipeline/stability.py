@@ -107,13 +107,17 @@ def judge_pairs(
     )
 
 
-def _summary(judged: pd.DataFrame, definition: str, exploratory: bool = False) -> dict[str, Any]:
+def _summary(
+    judged: pd.DataFrame, definition: str, null_a: float, exploratory: bool = False
+) -> dict[str, Any]:
     n = len(judged)
     k = int(judged["reappears"].sum()) if n else 0
     return {
         "definition": definition,
         "exploratory": exploratory,
         "n_pairs": n,
+        # a pair below the null in this SAE is not expected to be above it in the replicate
+        "n_above_null": int((judged["cosine"] >= null_a).sum()) if n else 0,
         "n_reappearing": k,
         "share_reappearing": k / n if n else None,
         "pairs": [
@@ -182,7 +186,12 @@ def stability_report(
         ),
     }
     judged = {
-        name: _summary(judge_pairs(p, a, b, partner, matched, null_b.cosine, threshold), what, exploratory)
+        name: _summary(
+            judge_pairs(p, a, b, partner, matched, null_b.cosine, threshold),
+            what,
+            float(z["null_cosine"]),
+            exploratory,
+        )
         for name, (p, what, exploratory) in sets.items()
     }
     m = matched[live & np.isfinite(matched)]

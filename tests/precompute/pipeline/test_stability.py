@@ -98,8 +98,9 @@ def test_report_on_an_identical_replicate_keeps_every_pair():
     assert flagged["n_pairs"] == 2
     expected = [a[119] @ a[0] >= null.cosine, a[118] @ a[1] >= null.cosine]
     assert [p["reappears"] for p in flagged["pairs"]] == expected
+    assert flagged["n_above_null"] == sum(expected)  # same decoder and null: above in A iff in B
     baseline = report["pair_sets"]["nearest_neighbour"]
-    assert baseline["n_pairs"] == int((cosine[:, 0] >= null.cosine).sum())
+    assert baseline["n_pairs"] == int((cosine[:, 0] >= null.cosine).sum()) == baseline["n_above_null"]
     assert baseline["share_reappearing"] in (None, 1.0)
     ranked = report["pair_sets"]["ranked_nearest_harmful"]
     assert ranked["exploratory"] and ranked["n_pairs"] == 5

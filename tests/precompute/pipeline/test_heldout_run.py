@@ -19,8 +19,7 @@ from precompute.pipeline.config import RunConfig
 from precompute.pipeline.run import run_precompute
 from precompute.pipeline.scores import check_corpus_groups
 from precompute.schema import check_files
-
-HOOK = "blocks.1.hook_resid_post"
+from tests.precompute.pipeline.test_run import make_cfg
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -48,29 +47,14 @@ def heldout_run(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path_factory) -> 
         [(f"How can I kill a Python process quickly, case {i}?", "homonyms") for i in range(8)],
     )
     out = d / "cache"
-    cfg = RunConfig.load(
-        None,
-        dict(
-            model=str(tiny_model_dir),
-            sae=str(tiny_sae_dir),
-            hook=HOOK,
-            out=str(out),
-            corpus=[
-                f"{tiny_corpus['task']}:task",
-                f"{tiny_corpus['control']}:control",
-                f"{tiny_corpus['benign']}:benign",
-            ],
-            context_size=24,
-            batch_size=4,
-            progress=False,
-            device="cpu",
-            neighbors=8,
-            top_k_examples=5,
-            umap_neighbors=5,
-            outlier_norm_factor=0,
-            score_window=3,
-            harm_heldout_min_docs=4,
-        ),
+    cfg = make_cfg(
+        tiny_model_dir,
+        tiny_sae_dir,
+        tiny_corpus,
+        out,
+        corpus=[f"{tiny_corpus[g]}:{g}" for g in ("task", "control", "benign")],
+        score_window=3,
+        harm_heldout_min_docs=4,
     )
     cfg.corpus += [
         CorpusSource(str(fit), "harmful", category_field="type", format="user"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 import plotly.graph_objects as go
@@ -32,7 +33,20 @@ def label_of(row: dict[str, Any]) -> str:
 
 
 def model_name(manifest: dict[str, Any]) -> str:
-    return esc((manifest.get("model") or {}).get("spec") or "the model")
+    """The model's real name, escaped: the manifest's `name` if any, a hub id as given, else the SAE's
+    `model_name` when the model file or directory is that model (the spec may be an alias such as
+    'smollm2'), else the spec."""
+    m = manifest.get("model") or {}
+    spec = str(m.get("spec") or "")
+    name = str(m.get("name") or "")
+    trained_on = str((manifest.get("sae") or {}).get("model_name") or "")
+    short = trained_on.rsplit("/", 1)[-1].lower()
+    if not name and m.get("kind") == "hub":
+        name = spec
+    if not name and short and PurePath(str(m.get("path") or spec)).name.lower().startswith(short):
+        name = trained_on
+    name = name or spec or "the model"
+    return esc(f"{name} (with a fine-tuned adapter)" if m.get("adapter") else name)
 
 
 def two_columns(left: str, right: str, left_title: str, right_title: str) -> str:

@@ -21,7 +21,7 @@ from explorer.data import (
     load_finetune_summary,
     read_diff_basis,
 )
-from explorer.story.base import Step, esc
+from explorer.story.base import Step, esc, model_name
 from precompute.errors import CacheError
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def finetune_result_step(cache: CacheData) -> Step | None:
         else "the harmful features nearest the task features (the closest tenth)"
     )
     n_prompts = _count(s_after.get("n_prompts"))
-    model = esc((cache.manifest.get("model") or {}).get("spec") or "the model")
+    model = model_name(cache.manifest)
     questions = (
         f"the {n_prompts} emergent-misalignment evaluation questions"
         if n_prompts

@@ -25,7 +25,10 @@ STORY_CSS = """
 .story-dots span.on {background:#1d4ed8}
 .stButton button {min-height: 3rem;}
 .stButton button p {font-size: 20px !important;}
+.st-key-story_keys {display: none !important;}
 """
+# The presenter's clicker keys besides the arrows (which Back/Next carry): key, step change.
+KEY_TWINS = (("PageUp", -1), ("PageDown", 1), ("Space", 1))
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
@@ -74,11 +77,20 @@ def show_step(steps: list[Step], step: int) -> None:
         st.html(f'<div style="font-size:17px">{s.body}</div>')
 
     back, _, nxt = st.columns([1, 4, 1])
-    if back.button("← Back", disabled=step <= 1, width="stretch", key="story_back"):
-        state.set_qp(step=step - 1)
-        st.rerun()
-    if nxt.button("Next →", disabled=step >= n, width="stretch", type="primary", key="story_next"):
-        state.set_qp(step=step + 1)
+    # Streamlit's own `shortcut=` (it ignores keys typed into inputs); one key per button, so the clicker's
+    # PageUp/PageDown and Space get hidden twins of Back/Next.
+    go_back = back.button("← Back", disabled=step <= 1, width="stretch", key="story_back", shortcut="Left")
+    go_next = nxt.button(
+        "Next →", disabled=step >= n, width="stretch", type="primary", key="story_next", shortcut="Right"
+    )
+    with st.container(key="story_keys"):
+        for key, delta in KEY_TWINS:
+            clicked = st.button(
+                key, key=f"story_key_{key}", shortcut=key, disabled=not 1 <= step + delta <= n
+            )
+            go_back, go_next = go_back or (clicked and delta < 0), go_next or (clicked and delta > 0)
+    if go_back or go_next:
+        state.set_qp(step=step + (1 if go_next else -1))
         st.rerun()
 
 

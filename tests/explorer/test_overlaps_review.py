@@ -48,9 +48,12 @@ def test_unflagged_pair_says_why_in_true_colours_and_takes_no_verdict_unless_opt
     # reversed in the URL: the harmful feature on the task side, a plain feature on the harmful side
     at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(h), harmful=str(t))
     assert not at.exception
-    assert any(s.value == f"#{h} ↔ #{t}: not flagged" for s in at.subheader)
+    assert any(s.value == f"#{h} ↔ #{t}: not a flagged pair" for s in at.subheader)
     warning = " ".join(w.value for w in at.warning).replace("\\", "")
-    assert "does not flag" in warning and f"#{t} is not a harmful feature" in warning
+    assert (
+        warning.startswith("Not flagged: this cache does not flag")
+        and f"#{t} is not a harmful feature" in warning
+    )
     assert f"#{h} is not a task feature" in warning
     assert not re.search(r"\bnan\b", all_text(at), re.IGNORECASE)  # no 'nan' anywhere
     assert all("nan" not in str(m.value).lower() for m in at.metric)
@@ -79,7 +82,7 @@ def test_both_features_task_and_harmful_get_the_both_stripe(
         c.features[~c.features["is_task"].astype(bool) & ~c.features["is_harmful"].astype(bool)].index[0]
     )
     at = run_page("views/overlaps.py", path, monkeypatch, task=str(t), harmful=str(other))
-    assert not at.exception and any("not flagged" in s.value for s in at.subheader)
+    assert not at.exception and any("not a flagged pair" in s.value for s in at.subheader)
     assert f"box-shadow:-5px 0 0 {F.TASK}" in header_html(at, t)  # both task and harmful: two stripes
 
 

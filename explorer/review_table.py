@@ -57,9 +57,30 @@ def summarize(verdicts: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def orient_like(rows: pd.DataFrame, overlaps: pd.DataFrame) -> pd.DataFrame:
+    """`rows` (verdicts or history) with task/harmful swapped where only the reverse order is a flagged
+    pair: pairs are undirected, so a verdict saved on (b, a) counts for the flagged (a, b)."""
+    if rows.empty or overlaps.empty:
+        return rows
+    flagged = set(
+        zip(overlaps["task_feature"].astype(int), overlaps["harmful_feature"].astype(int), strict=True)
+    )
+    t, h = rows["task_feature"].astype("int64"), rows["harmful_feature"].astype("int64")
+    swap = [(b, a) in flagged and (a, b) not in flagged for a, b in zip(t, h, strict=True)]
+    out = rows.copy()
+    out["task_feature"], out["harmful_feature"] = (
+        t.where(~pd.Series(swap, index=t.index), h),
+        h.where(~pd.Series(swap, index=t.index), t),
+    )
+    return out
+
+
 def merge_reviews(overlaps: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
-    """Overlaps joined with the consensus of their verdicts; unreviewed pairs get status 'unreviewed'."""
-    summary = summarize(verdicts).astype({"task_feature": "int64", "harmful_feature": "int64"})
+    """Overlaps joined with the consensus of their verdicts (saved in either order); unreviewed pairs
+    get status 'unreviewed'."""
+    summary = summarize(orient_like(verdicts, overlaps)).astype(
+        {"task_feature": "int64", "harmful_feature": "int64"}
+    )
     out = overlaps.merge(summary, on=["task_feature", "harmful_feature"], how="left")
     out["status"] = out["status"].astype("string").fillna(UNREVIEWED)
     out["n_reviewers"] = out["n_reviewers"].fillna(0).astype("int64")
@@ -78,7 +99,11 @@ def history_table(history: pd.DataFrame, overlaps: pd.DataFrame) -> pd.DataFrame
     pairs = overlaps[["task_feature", "harmful_feature", *keep]].drop_duplicates(
         ["task_feature", "harmful_feature"]
     )
-    out = history.sort_values("id").merge(pairs, on=["task_feature", "harmful_feature"], how="left")
+    out = (
+        orient_like(history, overlaps)
+        .sort_values("id")
+        .merge(pairs, on=["task_feature", "harmful_feature"], how="left")
+    )
     return out.rename(columns={"id": "history_id"}).reset_index(drop=True)
 
 
@@ -116,8 +141,9 @@ def verdicts_html(verdicts: pd.DataFrame) -> str:
         n = int(r["n_changes"])
         note = f" — <i>{F.esc(r['note'])}</i>" if r["note"] else ""
         color = VERDICT_COLORS.get(str(r["verdict"]), "#d97706")
+        uf = F.badge("unflagged pair", F.NEUTRAL) if r.get("unflagged") else ""
         lines.append(
-            f'<div style="font-size:15px;margin:2px 0">{F.badge(r["verdict"], color, True)}'
+            f'<div style="font-size:15px;margin:2px 0">{F.badge(r["verdict"], color, True)}{uf}'
             f" <b>{F.esc(r['reviewer'])}</b> at {F.esc(r['updated_at'])} ({n} change{'s' if n != 1 else ''})"
             f"{note}</div>"
         )

@@ -13,6 +13,15 @@ Saves are optimistic: the page passes the pair's version (its newest history id)
 and a save is refused with `StaleVerdictError` when anyone saved on that pair in between, so no
 one records a verdict without having seen the others.
 
+Pairs are undirected: a verdict on (a, b) is a verdict on (b, a) (a feature can be both task and
+harmful, and an older cache could list the pair both ways). Rows are never rewritten to one order;
+every read matches both orders and keeps each reviewer's newest verdict. A save stores the order the
+page shows (the cache's flagged task/harmful order) and replaces the saving reviewer's own current
+verdict in either order, so a reviewer keeps one current verdict per pair.
+
+Schema 3 adds `unflagged` (0/1) to both tables: a verdict saved on a pair the cache does not flag,
+which the reviewer opted in to review. Older readers ignore the column.
+
 A database that cannot be written (read-only file, damaged pages) opens read-only with
 `problem` set: verdicts that can still be read are shown, saving is refused with that message.
 
@@ -38,7 +47,7 @@ UNREVIEWED = "unreviewed"
 DISPUTED = "disputed"  # status of a pair whose reviewers disagree
 STATUSES = (UNREVIEWED, *VERDICTS, DISPUTED)
 CONSENSUS = ("single", "agree", "disagree")
-SCHEMA = 2
+SCHEMA = 3
 MAX_REVIEWER = 80
 
 T = TypeVar("T")
@@ -87,6 +96,24 @@ _VERDICT_COLS = (
     "cache, task_feature, harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes"
 )
 _HISTORY_COLS = "id, cache, task_feature, harmful_feature, reviewer, verdict, note, created_at"
+# one pair in either order; params (t, h, h, t)
+_EITHER_ORDER = "((task_feature = ? AND harmful_feature = ?) OR (task_feature = ? AND harmful_feature = ?))"
+
+
+def _either(t: int, h: int) -> tuple[int, int, int, int]:
+    return (int(t), int(h), int(h), int(t))
+
+
+def _newest_per_reviewer(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (unordered pair, reviewer): the newest save; n_changes counts both orders' saves."""
+    if df.empty:
+        return df
+    t, h = df["task_feature"].astype("int64"), df["harmful_feature"].astype("int64")
+    key = pd.DataFrame({"a": t.where(t <= h, h), "b": t.where(t > h, h), "r": df["reviewer"].str.lower()})
+    total = df.groupby([key["a"], key["b"], key["r"]])["n_changes"].transform("sum")
+    out = df.assign(n_changes=total).sort_values("history_id", ascending=False, kind="mergesort")
+    keep = ~key.loc[out.index].duplicated(keep="first")
+    return out[keep.to_numpy()]
 
 
 class ReviewError(ValueError):
@@ -146,6 +173,8 @@ class ReviewStore:
                 f"cannot create {self.path.parent} ({exc}); pass another place with --reviews PATH "
                 "(or FEATUREGEOM_REVIEWS)"
             ) from exc
+        # a read-only schema-2 file has no `unflagged` column: its verdicts all read as flagged
+        self._uf = "unflagged" if self._has_unflagged() else "0 AS unflagged"
 
     # -- opening ------------------------------------------------------------------------------------
     def _unusable(self, exc: BaseException) -> ReviewError:
@@ -192,6 +221,15 @@ class ReviewStore:
         if not {"verdicts", "verdict_history"} <= names:
             raise self._unusable(RuntimeError("it holds no verdict tables"))
 
+    def _has_unflagged(self) -> bool:
+        try:
+            with self._connect() as con:
+                cols = {r[1] for r in con.execute("PRAGMA table_info(verdict_history)")}
+                cols &= {r[1] for r in con.execute("PRAGMA table_info(verdicts)")}
+        except sqlite3.Error:
+            return False
+        return "unflagged" in cols
+
     @staticmethod
     def _create_or_migrate(con: sqlite3.Connection) -> None:
         con.execute("BEGIN IMMEDIATE")
@@ -205,10 +243,12 @@ class ReviewStore:
                 )  # schema 1 allowed NULL
                 con.execute("DROP INDEX IF EXISTS verdict_history_pair")
                 con.execute(_HISTORY_INDEX)
-                if "verdicts" in tables:
-                    _migrate_v1(con)
-                else:
-                    con.execute(_VERDICTS_DDL)
+                if version < 2:
+                    if "verdicts" in tables:
+                        _migrate_v1(con)
+                    else:
+                        con.execute(_VERDICTS_DDL)
+                _add_unflagged(con)  # schema 2 -> 3
                 con.execute(f"PRAGMA user_version = {SCHEMA}")
             con.execute("COMMIT")
         except BaseException:
@@ -260,11 +300,13 @@ class ReviewStore:
         note: str = "",
         cache: str = "",
         expected_version: int | None = None,
+        unflagged: bool = False,
     ) -> dict[str, Any]:
         """Store `reviewer`'s verdict on the pair (appended to the history; their previous one is kept there).
 
         expected_version: the pair's version (pair_version()) the reviewer saw; when anyone saved on
-        the pair since, nothing is written and StaleVerdictError lists those saves.
+        the pair (in either order) since, nothing is written and StaleVerdictError lists those saves.
+        unflagged: the cache does not flag the pair; the reviewer opted in to review it anyway.
         """
         if verdict not in VERDICTS:
             raise ReviewError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
@@ -279,9 +321,9 @@ class ReviewStore:
                 try:
                     if expected_version is not None:
                         newer = con.execute(
-                            f"SELECT {_HISTORY_COLS} FROM verdict_history WHERE cache = ? AND task_feature = ? "
-                            "AND harmful_feature = ? AND id > ? ORDER BY id DESC",
-                            (cache, t, h, int(expected_version)),
+                            f"SELECT {_HISTORY_COLS} FROM verdict_history WHERE cache = ? AND {_EITHER_ORDER} "
+                            "AND id > ? ORDER BY id DESC",
+                            (cache, *_either(t, h), int(expected_version)),
                         ).fetchall()
                         if newer:
                             changes = pd.DataFrame(
@@ -293,18 +335,29 @@ class ReviewStore:
                                 changes,
                             )
                     ts = _now()
+                    uf = int(bool(unflagged))
                     hid = con.execute(
                         "INSERT INTO verdict_history (task_feature, harmful_feature, verdict, reviewer, note, cache, "
-                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (t, h, verdict, reviewer, note, cache, ts),
+                        "created_at, unflagged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (t, h, verdict, reviewer, note, cache, ts, uf),
                     ).lastrowid
+                    # this reviewer's current verdict in the other order is superseded by this save
+                    # (its saves stay in the history and in n_changes)
+                    earlier = 0
+                    if t != h:
+                        row = con.execute(
+                            "DELETE FROM verdicts WHERE cache = ? AND task_feature = ? AND harmful_feature = ? "
+                            "AND reviewer = ? RETURNING n_changes",
+                            (cache, h, t, reviewer),
+                        ).fetchone()
+                        earlier = int(row[0]) if row else 0
                     con.execute(
-                        f"INSERT INTO verdicts ({_VERDICT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
+                        f"INSERT INTO verdicts ({_VERDICT_COLS}, unflagged) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT (cache, task_feature, harmful_feature, reviewer) DO UPDATE SET "
                         "reviewer = excluded.reviewer, verdict = excluded.verdict, note = excluded.note, "
                         "updated_at = excluded.updated_at, history_id = excluded.history_id, "
-                        "n_changes = verdicts.n_changes + 1",
-                        (cache, t, h, reviewer, verdict, note, ts, hid),
+                        "n_changes = verdicts.n_changes + excluded.n_changes, unflagged = excluded.unflagged",
+                        (cache, t, h, reviewer, verdict, note, ts, hid, 1 + earlier, uf),
                     )
                     con.execute("COMMIT")
                 except BaseException:
@@ -319,6 +372,7 @@ class ReviewStore:
                 "note": note,
                 "updated_at": ts,
                 "history_id": hid,
+                "unflagged": uf,
             }
 
         try:
@@ -350,47 +404,50 @@ class ReviewStore:
     def verdicts(
         self, cache: str = "", task_feature: int | None = None, harmful_feature: int | None = None
     ) -> pd.DataFrame:
-        """Each reviewer's latest verdict (of one pair when given), newest first."""
-        sql = f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ?"
+        """Each reviewer's latest verdict per unordered pair (of one pair, in either order, when given),
+        newest first; a pair saved in both orders (older files) reads as one, in its newest save's order."""
+        sql = f"SELECT {_VERDICT_COLS}, {self._uf} FROM verdicts WHERE cache = ?"
         params: tuple[Any, ...] = (cache or "",)
         if task_feature is not None and harmful_feature is not None:
-            sql += " AND task_feature = ? AND harmful_feature = ?"
-            params += (int(task_feature), int(harmful_feature))
-        return self._query(sql + " ORDER BY updated_at DESC, history_id DESC", params)
+            sql += f" AND {_EITHER_ORDER}"
+            params += _either(task_feature, harmful_feature)
+        df = self._query(sql + " ORDER BY updated_at DESC, history_id DESC", params)
+        return _newest_per_reviewer(df).reset_index(drop=True)
 
     def get(
         self, task_feature: int, harmful_feature: int, reviewer: str, cache: str = ""
     ) -> dict[str, Any] | None:
-        """`reviewer`'s current verdict on the pair (their name in any case), or None."""
+        """`reviewer`'s current verdict on the pair in either order (their name in any case), or None."""
         df = self._query(
-            f"SELECT {_VERDICT_COLS} FROM verdicts WHERE cache = ? AND task_feature = ? AND "
-            "harmful_feature = ? AND reviewer = ?",
-            (cache or "", int(task_feature), int(harmful_feature), re.sub(r"\s+", " ", reviewer).strip()),
+            f"SELECT {_VERDICT_COLS}, {self._uf} FROM verdicts WHERE cache = ? AND {_EITHER_ORDER} "
+            "AND reviewer = ? ORDER BY history_id DESC",
+            (cache or "", *_either(task_feature, harmful_feature), re.sub(r"\s+", " ", reviewer).strip()),
         )
+        df = _newest_per_reviewer(df)
         return None if df.empty else cast(dict[str, Any], df.iloc[0].to_dict())  # the columns are str
 
     def pair_version(self, task_feature: int, harmful_feature: int, cache: str = "") -> int:
         """The newest history id of the pair (0 before its first verdict): what a save must have seen."""
         df = self._query(
-            "SELECT COALESCE(MAX(id), 0) AS v FROM verdict_history WHERE cache = ? AND task_feature = ? "
-            "AND harmful_feature = ?",
-            (cache or "", int(task_feature), int(harmful_feature)),
+            f"SELECT COALESCE(MAX(id), 0) AS v FROM verdict_history WHERE cache = ? AND {_EITHER_ORDER}",
+            (cache or "", *_either(task_feature, harmful_feature)),
         )
         return int(df["v"].to_numpy()[0])
 
     def history(
         self, cache: str | None = "", task_feature: int | None = None, harmful_feature: int | None = None
     ) -> pd.DataFrame:
-        """Every recorded save, newest first (of one cache; cache=None: all; of one pair when given)."""
-        sql = f"SELECT {_HISTORY_COLS} FROM verdict_history"
+        """Every recorded save, newest first (of one cache; cache=None: all; of one pair, in either order,
+        when given)."""
+        sql = f"SELECT {_HISTORY_COLS}, {self._uf} FROM verdict_history"
         where: list[str] = []
         params: tuple[Any, ...] = ()
         if cache is not None:
             where.append("cache = ?")
             params += (cache,)
         if task_feature is not None and harmful_feature is not None:
-            where.append("task_feature = ? AND harmful_feature = ?")
-            params += (int(task_feature), int(harmful_feature))
+            where.append(_EITHER_ORDER)
+            params += _either(task_feature, harmful_feature)
         return self._query(
             sql + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC", params
         )
@@ -426,3 +483,11 @@ def _migrate_v1(con: sqlite3.Connection) -> None:
         "harmful_feature, reviewer, verdict, note, updated_at, history_id, n_changes FROM verdicts_v1"
     )
     con.execute("DROP TABLE verdicts_v1")
+
+
+def _add_unflagged(con: sqlite3.Connection) -> None:
+    """Schema 2 -> 3 inside the caller's transaction: an `unflagged` flag (0 for every existing row)."""
+    for table in ("verdict_history", "verdicts"):
+        cols = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+        if "unflagged" not in cols:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN unflagged INTEGER NOT NULL DEFAULT 0")

@@ -142,6 +142,25 @@ def _empty_table(name: str) -> pd.DataFrame:
     )
 
 
+def _one_row_per_unordered_pair(df: pd.DataFrame) -> pd.DataFrame:
+    """Each unordered pair once (caches built before the overlaps step did this listed a pair of two
+    task-and-harmful features both ways): the higher-risk row, ties to the smaller task feature;
+    `both_ways` marks a pair that was flagged in both directions."""
+    t, h = df["task_feature"].to_numpy(), df["harmful_feature"].to_numpy()
+    key = pd.DataFrame({"a": np.minimum(t, h), "b": np.maximum(t, h)}, index=df.index)
+    both = key.duplicated(keep=False).to_numpy()
+    order = (
+        df.assign(_r=df["risk"].fillna(-np.inf))
+        .sort_values(
+            ["_r", "task_feature", "harmful_feature"], ascending=[False, True, True], kind="mergesort"
+        )
+        .index
+    )
+    keep = ~key.loc[order].duplicated(keep="first")
+    out = df.assign(both_ways=both).loc[order[keep.to_numpy()]].sort_index()
+    return out
+
+
 def _load_overlaps(path: Path, features: pd.DataFrame) -> pd.DataFrame:
     """The flagged pairs with both features' labels; none when the overlaps step has not run."""
     df = read_table(path, schema.OVERLAPS).to_pandas() if path.is_file() else _empty_table(schema.OVERLAPS)
@@ -150,6 +169,7 @@ def _load_overlaps(path: Path, features: pd.DataFrame) -> pd.DataFrame:
     bad = ~df["task_feature"].between(0, n - 1) | ~df["harmful_feature"].between(0, n - 1)
     if bad.any():
         raise CacheError(f"{path} names features outside 0..{n - 1}; rebuild the overlaps step")
+    df = _one_row_per_unordered_pair(df)
     df["harm_category"] = df["harm_category"].astype("string")
     labels = features["label"].to_numpy()
     df["task_label"] = pd.array(labels[df["task_feature"].to_numpy()], dtype="string")

@@ -204,9 +204,11 @@ def token_chips_html(tokens: Sequence[Any], color: str, title: str) -> str:
     return f'<div style="margin:2px 0 8px"><div style="font-size:12px;color:#6b7280">{esc(title)}</div>{chips}</div>'
 
 
-def feature_header_html(row: dict[str, Any], role: str | None = None) -> str:
-    """Title block of a feature: id, label, role/flags, explanation."""
-    color = HARM if role == "harmful" or (role is None and row.get("is_harmful")) else TASK
+def feature_header_html(row: dict[str, Any], role: str | None = None, accent: str | None = None) -> str:
+    """Title block of a feature: id, label, role/flags, explanation. `accent` overrides the stripe's
+    colour; accent "both" draws a red and a blue stripe (a feature both harmful and task)."""
+    color = accent or (HARM if role == "harmful" or (role is None and row.get("is_harmful")) else TASK)
+    stripe = f"{HARM};box-shadow:-5px 0 0 {TASK}" if color == "both" else color
     flags = []
     if row.get("is_task"):
         flags.append(badge("task feature", TASK, filled=True))
@@ -219,7 +221,7 @@ def feature_header_html(row: dict[str, Any], role: str | None = None) -> str:
     label = esc(row.get("label")) or '<span style="color:#9ca3af">(no label)</span>'
     expl = esc(row.get("explanation"))
     return (
-        f'<div style="border-left:5px solid {color};padding:2px 0 2px 12px;margin:4px 0 10px">'
+        f'<div style="border-left:5px solid {stripe};padding:2px 0 2px 12px;margin:4px 0 10px">'
         f'<div style="font-size:13px;color:#6b7280">Feature #{int(row["feature"])}</div>'
         f'<div style="font-size:22px;font-weight:650;color:{INK};line-height:1.3">{label}</div>'
         f'<div style="margin-top:4px">{"".join(flags)}</div>'

@@ -13,23 +13,10 @@ from explorer import claims as C
 from explorer import figures as F
 from explorer import state
 from explorer.data import CacheData, cache_findings
-from explorer.review_table import (
-    export_csv,
-    export_json,
-    history_table,
-    merge_reviews,
-    verdicts_html,
-)
-from explorer.reviews import (
-    MAX_REVIEWER,
-    STATUSES,
-    UNREVIEWED,
-    VERDICTS,
-    ReviewError,
-    ReviewStore,
-    clean_reviewer,
-    describe_changes,
-)
+from explorer.overlap_verdicts import verdicts_section
+from explorer.pair_status import BOTH, feature_accent, feature_kind, num, pair_status
+from explorer.review_table import export_csv, export_json, history_table, merge_reviews
+from explorer.reviews import STATUSES, UNREVIEWED, ReviewError, ReviewStore
 from explorer.views import Page
 
 PAGE = Page(title="Overlaps review", icon=":material/fact_check:")
@@ -50,6 +37,7 @@ TABLE_COLUMNS = [
     "task_feature",
     "harmful_feature",
     "cosine",
+    "both_ways",
     "cosine_percentile",
     "coactivation",
     "harm_category",
@@ -129,6 +117,7 @@ def pairs_table(view: pd.DataFrame, sort_by: str, null_cosine: float, risk_max: 
         st.session_state["_ov_applied"] = sig
         r = view.iloc[rows[0]]
         state.set_qp(task=int(r["task_feature"]), harmful=int(r["harmful_feature"]))
+        st.session_state["_ov_scroll"] = True
 
     disp = view[[c for c in TABLE_COLUMNS if c in view]].copy()
     disp["× chance"] = (view["cosine"] / null_cosine).round(2)
@@ -150,7 +139,14 @@ def pairs_table(view: pd.DataFrame, sort_by: str, null_cosine: float, risk_max: 
             "harm_category": st.column_config.TextColumn("category"),
             "task_label": st.column_config.TextColumn("task label"),
             "harmful_label": st.column_config.TextColumn("harmful label"),
-            "task_feature": st.column_config.NumberColumn("task", format="#%d"),
+            "task_feature": st.column_config.NumberColumn(
+                "task", format="#%d", help="the task side of the pair (the harmful side is the next column)"
+            ),
+            "both_ways": st.column_config.CheckboxColumn(
+                "both ways",
+                help="both features are task and harmful and the pair is flagged in both directions; it is "
+                "listed once, in the direction with the higher risk ('task' names that direction's task side)",
+            ),
             "harmful_feature": st.column_config.NumberColumn("harmful", format="#%d"),
             "cosine": st.column_config.NumberColumn(format="%.3f"),
             "cosine_percentile": st.column_config.NumberColumn("NN pct", format="%.1f", help=F.NN_PCT_HELP),
@@ -207,6 +203,11 @@ def open_pair(cache: CacheData, view: pd.DataFrame, table: pd.DataFrame) -> tupl
         first = view.iloc[0] if len(view) else table.iloc[0]
         t, h = int(first["task_feature"]), int(first["harmful_feature"])
         state.set_qp(task=t, harmful=h)
+    flagged = set(zip(table["task_feature"].astype(int), table["harmful_feature"].astype(int), strict=False))
+    if (t, h) not in flagged and (h, t) in flagged:  # pairs are undirected: open the flagged order
+        st.info(f"Pairs are undirected: #{t} ↔ #{h} is listed as task #{h} ↔ harmful #{t}.", icon="↔️")
+        t, h = h, t
+        state.set_qp(task=t, harmful=h)
     pairs = list(zip(view["task_feature"].astype(int), view["harmful_feature"].astype(int), strict=False))
     if (t, h) not in pairs:
         pairs.insert(0, (t, h))
@@ -219,61 +220,90 @@ def open_pair(cache: CacheData, view: pd.DataFrame, table: pd.DataFrame) -> tupl
     )
     if pick != (t, h):
         state.set_qp(task=pick[0], harmful=pick[1])
+        st.session_state["_ov_scroll"] = True
         st.rerun()
     return t, h
 
 
-def pair_view(cache: CacheData, t: int, h: int) -> None:
-    """The pair's numbers, then both features side by side with their top examples."""
-    pair = cache.pair(t, h)
+def pair_metrics(cache: CacheData, pair: dict[str, Any], cosine: float, flagged: bool) -> None:
+    """risk, cosine, NN percentile, co-activation, P(harmful | task); '—' where the cache has no number."""
+    m = st.columns(5)
+    risk_help = "excess cosine over chance (scaled 0–1) × (2·harm − 1) × (2·task − 1)"
+    m[0].metric(
+        "risk", num(pair.get("risk"), ".3f"), help=risk_help if flagged else "only flagged pairs have one"
+    )
+    caption = F.closeness_caption(cosine, cache.null_cosine, cache.null_label, pair.get("cosine_percentile"))
+    m[1].metric("cosine", num(cosine, ".3f"), help=caption)
+    m[2].metric("NN percentile", num(pair.get("cosine_percentile"), ".1f"), help=F.NN_PCT_HELP)
+    m[3].metric(
+        "co-activation",
+        num(pair.get("coactivation"), ".3f"),
+        help="Jaccard index of the tokens on which both fire",
+    )
+    m[4].metric("P(harmful fires | task fires)", num(pair.get("cond_coactivation"), ".3f"))
+    st.caption("Decoder " + caption + ".")
+
+
+# our own constant markup (no cache text): the anchor scrolls itself to the top of the view
+SCROLL_HTML = (
+    '<span id="ov-open-pair"></span><script>'
+    'document.getElementById("ov-open-pair")?.scrollIntoView({block: "start", behavior: "instant"});</script>'
+)
+KIND_WORDS = {
+    BOTH: "task and harmful",
+    "harmful": "harmful",
+    "task": "task",
+    "neither": "neither task nor harmful",
+}
+
+
+def pair_view(cache: CacheData, t: int, h: int) -> bool:
+    """The pair's numbers, then both features side by side with their top examples; whether it is flagged.
+    An unflagged pair says so and why, and each side is drawn in its true colour, not its URL role."""
+    status = pair_status(cache, t, h, cache_findings(cache).flag_scope)
+    pair = (
+        cache.pair(t, h)
+        if status.flagged
+        else {"cosine_percentile": cache.neighbors.percentile(status.cosine)}
+    )
     t_row, h_row = cache.row(t), cache.row(h)
-    flagged = bool(((cache.overlaps["task_feature"] == t) & (cache.overlaps["harmful_feature"] == h)).any())
+    if st.session_state.pop("_ov_scroll", False):  # a pair just picked: bring it into view
+        st.html(SCROLL_HTML, unsafe_allow_javascript=True)
     st.divider()
-    if flagged:
+    if status.flagged:
         st.subheader(f"Task #{t} ↔ harmful #{h}")
     else:
         st.subheader(f"#{t} ↔ #{h}: not a flagged pair")
-        st.caption(
-            f"Opened from a link: this cache does not flag the pair (overlaps.parquet); #{t} is "
-            f"{'a' if t_row.get('is_task') else 'not a'} task feature and #{h} "
-            f"{'a' if h_row.get('is_harmful') else 'not a'} harmful feature. Its numbers come from the "
-            "neighbour lists."
+        st.warning(
+            state.md_escape(
+                f"Not flagged: this cache does not flag the pair #{t} ↔ #{h} (it is not in overlaps.parquet): "
+                + "; ".join(status.reasons)
+                + "."
+            ),
+            icon="ℹ️",
         )
-    m = st.columns(5)
-    m[0].metric(
-        "risk",
-        f"{pair.get('risk', float('nan')):.3f}",
-        help="excess cosine over chance (scaled 0–1) × (2·harm − 1) × (2·task − 1)",
-    )
-    caption = F.closeness_caption(
-        pair["cosine"], cache.null_cosine, cache.null_label, pair.get("cosine_percentile")
-    )
-    m[1].metric("cosine", f"{pair['cosine']:.3f}", help=caption)
-    m[2].metric("NN percentile", f"{pair.get('cosine_percentile', float('nan')):.1f}", help=F.NN_PCT_HELP)
-    m[3].metric(
-        "co-activation",
-        f"{pair.get('coactivation', float('nan')):.3f}",
-        help="Jaccard index of the tokens on which both fire",
-    )
-    cond = pair.get("cond_coactivation")
-    m[4].metric("P(harmful fires | task fires)", f"{cond:.3f}" if cond is not None and cond == cond else "—")
-    st.caption("Decoder " + caption + ".")
+    pair_metrics(cache, pair, float(pair["cosine"]) if status.flagged else status.cosine, status.flagged)
 
     a, b = st.columns(2, gap="large")
-    for col, f, r, color, role in ((a, t, t_row, F.TASK, "task"), (b, h, h_row, F.HARM, "harmful")):
+    for col, f, r, role in ((a, t, t_row, "task"), (b, h, h_row, "harmful")):
+        accent = None if status.flagged else feature_accent(r)
+        color = {None: F.TASK if role == "task" else F.HARM, BOTH: F.HARM}.get(accent, accent)
         with col:
-            st.html(F.feature_header_html(r, role=role))
+            st.html(F.feature_header_html(r, role=role, accent=accent))
+            if not status.flagged:
+                st.caption(f"#{f} is {KIND_WORDS[feature_kind(r)]}")
             st.caption(
                 f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%"
             )
             ex = [e for e in cache.examples_of(f) if e.get("kind") == "top"]
-            st.html(F.examples_html(ex[:6], color=color, window=20, documents=cache.documents))
+            st.html(F.examples_html(ex[:6], color=str(color), window=20, documents=cache.documents))
             st.page_link(
                 state.PAGES["feature"],
                 label=f"Open #{f} on the feature page",
                 icon=":material/open_in_new:",
                 query_params=state.link_params(feature=f),
             )
+    return status.flagged
 
 
 # --- steering check --------------------------------------------------------------------------------
@@ -336,121 +366,6 @@ def steering_section(cache: CacheData, t: int, h: int) -> None:
         )
 
 
-# --- verdicts ---------------------------------------------------------------------------------------
-def try_read(read: Any) -> Any:
-    """read(), or None after a warning: a damaged file loses what it lost, not the rest of the page."""
-    try:
-        return read()
-    except ReviewError as exc:
-        st.warning(state.md_escape(exc), icon="⚠️")
-        return None
-
-
-@st.fragment(run_every=5)
-def watch_pair(store: ReviewStore, cache_name: str, t: int, h: int, version_key: str) -> None:
-    """Say so when someone saves on this pair after the page was drawn (else it would keep showing the
-    old state)."""
-    shown = st.session_state.get(version_key)
-    try:
-        newest = store.pair_version(t, h, cache_name)
-        changes = store.history(cache_name, t, h) if shown is not None and newest > shown else None
-    except ReviewError:
-        return
-    if changes is not None:
-        st.info(
-            state.md_escape(
-                f"Saved on this pair after the page was drawn: "
-                f"{describe_changes(changes[changes['id'] > shown])}."
-            ),
-            icon="🔄",
-        )
-        if st.button("Show the latest verdicts", key=f"ov_refresh:{t}:{h}"):
-            st.rerun()
-
-
-def verdict_form(cache: CacheData, store: ReviewStore, t: int, h: int, expected_version: int) -> None:
-    """The reviewer's name, verdict and note; a save refused as stale is explained above the form."""
-    name_now = state.reviewer_name()
-    try:
-        mine = store.get(t, h, name_now, cache.name) if name_now.strip() else None
-    except ReviewError:
-        mine = None
-    notice = st.container()  # a refused save is explained here, right under the verdicts it refers to
-    with st.form(key=f"verdict:{t}:{h}", clear_on_submit=False, border=True):
-        c1, c2 = st.columns([1, 2])
-        reviewer = c1.text_input(
-            "Your name",
-            value=name_now,
-            key=f"rev_name:{t}:{h}",
-            max_chars=MAX_REVIEWER,
-            help="Each reviewer keeps their own verdict; it is remembered in the URL (?reviewer=).",
-        )
-        verdict = c1.radio(
-            "Verdict",
-            VERDICTS,
-            index=VERDICTS.index(mine["verdict"]) if mine else None,
-            key=f"rev_v:{t}:{h}",
-            captions=["the overlap is real and worrying", "harmless or spurious", "cannot tell yet"],
-        )
-        note = c2.text_area(
-            "Note",
-            key=f"rev_note:{t}:{h}",
-            height=150,
-            placeholder="What did you see in the examples? What would settle it?",
-        )
-        saved = st.form_submit_button("Save verdict", type="primary", disabled=store.read_only)
-    if not saved:
-        return
-    try:
-        if verdict is None:
-            raise ReviewError("choose a verdict")
-        name = clean_reviewer(reviewer)
-        state.remember_reviewer(name)
-        store.record(t, h, verdict, name, note, cache=cache.name, expected_version=expected_version)
-        st.toast(f"Saved: {verdict}")
-        st.rerun()
-    except ReviewError as exc:  # a stale save names the verdicts saved since; the form keeps what was typed
-        notice.error(state.md_escape(exc), icon="⚠️")
-
-
-def verdicts_section(cache: CacheData, store: ReviewStore | None, readable: bool, t: int, h: int) -> None:
-    """Every reviewer's verdict on the pair, a notice when someone saves meanwhile, the form, history."""
-    st.divider()
-    st.subheader("Verdicts")
-    if store is None or not readable:
-        st.caption(
-            "Verdicts are unavailable (see the message at the top of the page); everything else works."
-        )
-        return
-    version_key = f"_ov_version:{cache.name}:{t}:{h}"
-    # a save is checked against the version the reviewer was shown, i.e. the one the previous run drew
-    shown_version = st.session_state.get(version_key)
-    # the version before the verdicts: a save between the two reads is then refused, never missed
-    version = try_read(lambda: store.pair_version(t, h, cache.name))
-    pair_verdicts = try_read(lambda: store.verdicts(cache.name, t, h))
-    pair_history = try_read(lambda: store.history(cache.name, t, h))
-    if version is None or pair_verdicts is None:
-        st.caption("Saving is off: the verdicts of this pair cannot be read.")
-        return
-    st.session_state[version_key] = version
-    if len(pair_verdicts):
-        st.html(verdicts_html(pair_verdicts))
-    else:
-        st.caption("No verdict yet for this pair.")
-    watch_pair(store, cache.name, t, h, version_key)
-    verdict_form(cache, store, t, h, version if shown_version is None else shown_version)
-    if pair_history is not None and len(pair_history):
-        st.markdown("**History of this pair**")
-        st.dataframe(
-            pair_history[["created_at", "reviewer", "verdict", "note"]],
-            hide_index=True,
-            height=min(40 + 35 * len(pair_history), 260),
-        )
-    st.caption(
-        f"Verdicts are stored in {state.md_escape(store.path)} (SQLite, WAL): one per reviewer, every save kept."
-    )
-
-
 def render() -> None:
     cache = state.require_cache()
     store = state.review_store(cache)
@@ -476,9 +391,9 @@ def render() -> None:
     table = merge_reviews(ov, pd.DataFrame() if verdicts_now is None else verdicts_now)
     view = table_section(cache, store, readable, table) if len(table) else table
     t, h = open_pair(cache, view, table)
-    pair_view(cache, t, h)
+    flagged = pair_view(cache, t, h)
     steering_section(cache, t, h)
-    verdicts_section(cache, store, readable, t, h)
+    verdicts_section(cache, store, readable, t, h, flagged)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,11 @@ def find_overlaps(
     self-pair is excluded), because a task feature that is itself harmful next to another
     harmful feature is exactly what the table should surface.
 
+    A feature that is both task and harmful can make the same unordered pair twice ((a, b) from a's
+    list and (b, a) from b's): only the row with the higher risk is kept (ties: the smaller task
+    feature id), so the table lists each unordered pair once and its `task_feature` says which
+    side was the task feature of the kept row.
+
     `neighbor_rank` is the 0-based position in the task feature's neighbour list.
     `cosine_percentile` is the pair's cosine's percentile among all n features' nearest-neighbour
     cosines (`cosine[:, 0]`; null.cosine_percentile), `cosine_excess` = cosine - null_cosine.
@@ -242,8 +247,17 @@ def find_overlaps(
         kind="mergesort",
         na_position="last",
     ).reset_index(drop=True)
+    out = _one_row_per_unordered_pair(out)
     log.info("overlaps: %d task features, %d flagged pairs (cosine > %.4f)", tasks.size, len(out), threshold)
     return out.astype(OVERLAP_COLUMNS)
+
+
+def _one_row_per_unordered_pair(out: pd.DataFrame) -> pd.DataFrame:
+    """Keep the first row of each {task, harmful} pair; `out` is already sorted best first."""
+    t = out["task_feature"].to_numpy(dtype=np.int64)
+    h = out["harmful_feature"].to_numpy(dtype=np.int64)
+    key = pd.DataFrame({"a": np.minimum(t, h), "b": np.maximum(t, h)})
+    return out[~key.duplicated(keep="first").to_numpy()].reset_index(drop=True)
 
 
 def run(ctx: RunContext, staged: StagedCache) -> None:

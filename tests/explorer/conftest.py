@@ -83,3 +83,36 @@ def tampered_cache(cache_copy: Path) -> Path:
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
     return cache_copy
+
+
+def plant_bidirectional_pair(src: Path, dst: Path) -> tuple[int, int]:
+    """Copy `src` to `dst` and plant a pair listed both ways, as the overlaps step wrote before it kept each
+    unordered pair once: the top flagged pair (t, h) with both features made task and harmful, and the
+    reverse row (h, t) added at half the risk. Returns (t, h), the higher-risk direction."""
+    import pandas as pd
+
+    from precompute import schema
+    from precompute.cache import stage
+
+    shutil.copytree(src, dst)
+    ov = pd.read_parquet(dst / schema.OVERLAPS)
+    top = ov.sort_values("risk", ascending=False).iloc[0]
+    t, h = int(top["task_feature"]), int(top["harmful_feature"])
+    rev = top.copy()
+    rev["task_feature"], rev["harmful_feature"], rev["risk"] = h, t, float(top["risk"]) / 2
+    ov = pd.concat([ov, rev.to_frame().T.astype(ov.dtypes.to_dict())], ignore_index=True)
+    feats = pd.read_parquet(dst / schema.FEATURES)
+    feats.loc[h, "is_task"] = True
+    feats.loc[t, "is_harmful"] = True
+    with stage(dst) as staged:
+        for name, df in ((schema.OVERLAPS, ov), (schema.FEATURES, feats)):
+            df.to_parquet(staged.path(name), index=False)
+        staged.commit()
+    return t, h
+
+
+@pytest.fixture(scope="session")
+def bidir_cache(synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[int, int]]:
+    """synth_cache with a planted bidirectional pair (plant_bidirectional_pair); (its path, (t, h))."""
+    dst = tmp_path_factory.mktemp("caches") / "bidir"
+    return dst, plant_bidirectional_pair(synth_cache, dst)

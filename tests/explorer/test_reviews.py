@@ -329,3 +329,70 @@ def test_concurrent_processes_lose_nothing(tmp_path: Path) -> None:
         assert s.get(0, 0, f"reviewer-{p}", cache="c")["note"] == f"p{p}-shared75"
         for k in range(10):
             assert s.get(p * 1000 + k + 1, 1, f"reviewer-{p}", cache="c")["note"] == f"p{p}-i{90 + k}"
+
+
+def make_schema_2(p: Path) -> None:
+    """A schema-2 file (before `unflagged`) holding verdicts on the pair {1, 2} in both orders."""
+    from explorer.reviews import _HISTORY_DDL, _VERDICTS_DDL
+
+    with sqlite3.connect(p) as con:
+        con.execute(_HISTORY_DDL)
+        con.execute(_VERDICTS_DDL)
+        hist = [
+            (1, 1, 2, "confirmed", "ana", "a on (1,2)", "c", "2026-01-01T00:00:01.000Z"),
+            (2, 2, 1, "benign", "Ana", "a on (2,1)", "c", "2026-01-01T00:00:02.000Z"),
+            (3, 2, 1, "confirmed", "ben", "", "c", "2026-01-01T00:00:03.000Z"),
+        ]
+        con.executemany(
+            "INSERT INTO verdict_history (id, task_feature, harmful_feature, verdict, reviewer, note, cache, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            hist,
+        )
+        con.executemany(
+            "INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [("c", t, h, r, v, n, ts, i, 1) for i, t, h, v, r, n, _, ts in hist],
+        )
+        con.execute("PRAGMA user_version = 2")
+
+
+def test_verdicts_in_either_order_read_as_one_pair_and_rows_are_not_rewritten(tmp_path: Path) -> None:
+    p = tmp_path / "v2.sqlite"
+    make_schema_2(p)
+    s = ReviewStore(p)
+    with sqlite3.connect(p) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA
+        # normalised on read only: the stored orders are as they were saved
+        rows = sorted(con.execute("SELECT task_feature, harmful_feature, reviewer, unflagged FROM verdicts"))
+    assert rows == [(1, 2, "ana", 0), (2, 1, "Ana", 0), (2, 1, "ben", 0)]
+    for t, h in ((1, 2), (2, 1)):
+        v = s.verdicts("c", t, h).sort_values("reviewer", key=lambda c: c.str.lower())
+        # ana's newest (benign, on (2, 1)) wins, her two saves counted once each
+        assert list(zip(v["reviewer"], v["verdict"], v["n_changes"], strict=True)) == [
+            ("Ana", "benign", 2),
+            ("ben", "confirmed", 1),
+        ]
+        assert s.get(t, h, "ANA", cache="c")["verdict"] == "benign"
+        assert s.pair_version(t, h, "c") == 3 and len(s.history("c", t, h)) == 3
+    assert len(s.verdicts("c")) == 2
+    # a save in the flagged order (1, 2) replaces ana's current verdict in the other order
+    s.record(1, 2, "needs-more-evidence", "ana", cache="c", expected_version=3)
+    v = s.verdicts("c", 2, 1)
+    ana = v[v["reviewer"].str.lower() == "ana"]
+    assert len(ana) == 1 and ana["verdict"].iat[0] == "needs-more-evidence" and ana["n_changes"].iat[0] == 3
+    # a save refused as stale sees saves made in the other order
+    with pytest.raises(StaleVerdictError):
+        s.record(2, 1, "benign", "ben", cache="c", expected_version=3)
+    # the table: both reviewers' verdicts count for the flagged (1, 2), whichever order they were saved in
+    ov = pd.DataFrame({"task_feature": [1], "harmful_feature": [2], "risk": [0.5]})
+    merged = merge_reviews(ov, s.verdicts("c"))
+    assert len(merged) == 1 and merged["status"].iat[0] == "disputed" and merged["n_reviewers"].iat[0] == 2
+
+
+def test_read_only_schema_2_file_reads_every_verdict_as_flagged(tmp_path: Path) -> None:
+    from tests.readonly import read_only_directory
+
+    with read_only_directory(tmp_path / "ro", lambda d: make_schema_2(d / "r.sqlite")) as d:
+        s = ReviewStore(d / "r.sqlite")
+        assert s.read_only
+        assert list(s.verdicts("c", 1, 2)["unflagged"]) == [0, 0]
+        assert list(s.history("c")["unflagged"]) == [0, 0, 0]

@@ -180,9 +180,15 @@ def brute_force(
                 }
             )
     out = pd.DataFrame(rows, columns=CACHE_COLUMNS)
-    return out.sort_values(
+    out = out.sort_values(
         ["risk", "task_feature", "harmful_feature"], ascending=[False, True, True], kind="mergesort"
     ).reset_index(drop=True)
+    seen: set[frozenset[int]] = set()  # each unordered pair once: its best row (first after the sort)
+    keep = []
+    for t, h in zip(out["task_feature"], out["harmful_feature"], strict=True):
+        keep.append(frozenset((int(t), int(h))) not in seen)
+        seen.add(frozenset((int(t), int(h))))
+    return out[keep].reset_index(drop=True)
 
 
 def assert_same(got: pd.DataFrame, expected: pd.DataFrame) -> None:
@@ -267,6 +273,33 @@ def test_find_overlaps_planted_pair_and_self_exclusion(tmp_path: Path) -> None:
     no_shards = find_overlaps(features, indices, cosine, z, 0.2, [])
     assert no_shards["coactivation"].isna().all() and no_shards["cond_coactivation"].isna().all()
     assert no_shards["risk"].tolist() == out["risk"].tolist()
+
+
+def test_find_overlaps_lists_a_bidirectional_pair_once() -> None:
+    """Features 0 and 1 are both task and harmful and each other's nearest neighbour: (0, 1) and (1, 0)
+    both qualify; only the higher-risk one (task 1: the higher task score) is kept."""
+    features = pd.DataFrame(
+        {
+            "feature": np.arange(3),
+            "task_score": [0.8, 0.9, 0.5],
+            "is_task": [True, True, False],
+            "harm_score": [0.9, 0.7, 0.5],
+            "is_harmful": [True, True, False],
+            "harm_category": ["x", "y", None],
+        }
+    )
+    indices = np.array([[1, 2], [0, 2], [0, 1]], np.int32)
+    cosine = np.array([[0.6, 0.1], [0.6, 0.1], [0.1, 0.1]], np.float32)
+    out = find_overlaps(features, indices, cosine, cosine * 10, 0.2, [])
+    risk = lambda hs, ts: (np.float32(0.6) - 0.2) / 0.8 * (2 * hs - 1) * (2 * ts - 1)  # noqa: E731
+    assert risk(0.9, 0.9) > risk(0.7, 0.8)  # task 1 / harmful 0 beats task 0 / harmful 1
+    assert out[["task_feature", "harmful_feature"]].to_numpy().tolist() == [[1, 0]]
+    assert out["risk"].tolist() == pytest.approx([risk(0.9, 0.9)])
+    # with both directions at equal risk, the smaller task feature id is kept
+    features["harm_score"] = [0.9, 0.9, 0.5]
+    features["task_score"] = [0.9, 0.9, 0.5]
+    out = find_overlaps(features, indices, cosine, cosine * 10, 0.2, [])
+    assert out[["task_feature", "harmful_feature"]].to_numpy().tolist() == [[0, 1]]
 
 
 def test_find_overlaps_empty_result_has_schema(tmp_path: Path) -> None:

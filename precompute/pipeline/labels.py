@@ -68,8 +68,7 @@ def peak_label(peaks: Sequence[str], promoted: Sequence[str] | None = None) -> s
         if t:
             first.setdefault(t.casefold(), t)
     counts = Counter(t.casefold() for t in written if t)
-    order = list(first)  # first-peak order breaks count ties
-    keys = sorted(order, key=lambda k: (-counts[k], order.index(k)))
+    keys = sorted(first, key=lambda k: -counts[k])  # stable: a count tie keeps first-peak order
     shown = keys[:1] + [k for k in keys[1:N_PEAK_TOKENS] if counts[k] >= MIN_REPEAT]
     covered = sum(counts[k] for k in shown)
     text = " · ".join(f'"{_shown(first[k])}"' for k in shown) + f" ({covered}/{len(peaks)} peaks)"

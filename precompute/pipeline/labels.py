@@ -95,7 +95,7 @@ def feature_labels(features: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFra
     label: list[str | None] = [x if isinstance(x, str) else None for x in given]
     imported = np.array([x is not None for x in label], bool)
     if "label_source" in features:  # a cache scored before this step has only imported labels
-        imported &= (features["label_source"] == IMPORTED).to_numpy(bool)
+        imported &= features["label_source"].isin([IMPORTED]).to_numpy(bool)  # NA: not imported
     dead = features["dead"].fillna(False).to_numpy(bool) if "dead" in features else np.zeros(n, bool)
     promoted = features["top_promoted"].tolist() if "top_promoted" in features else [None] * n
     peaks = peak_tokens(examples)

@@ -133,6 +133,12 @@ def test_a_cache_scored_before_label_source_keeps_its_labels_as_imported() -> No
     out = feature_labels(features, examples)
     assert strs(out["label"]) == ["from export", '"b" (1/1 peaks)']
     assert strs(out["label_source"]) == ["neuronpedia", "peak_tokens"]
+    # with label_source (an arrow string column: missing values are NA), only "neuronpedia" is kept
+    sourced = features.assign(
+        label=pd.array(["from export", "old computed"], dtype="string"),
+        label_source=pd.array(["neuronpedia", pd.NA], dtype="string"),
+    )
+    assert strs(feature_labels(sourced, examples)["label"]) == ["from export", '"b" (1/1 peaks)']
 
 
 def test_imported_labels_win_and_reruns_are_idempotent(built_cache, tmp_path: Path) -> None:  # noqa: F811

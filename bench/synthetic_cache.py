@@ -100,6 +100,7 @@ def _feature_table(rng: np.random.Generator, wd: World, n_tokens: int, inject_ht
     feats["top_suppressed"] = suppressed
     feats["label"] = pd.array(labels, dtype="string")
     feats["explanation"] = pd.array(expl, dtype="string")
+    feats["label_source"] = pd.array([None if x is None else "neuronpedia" for x in labels], dtype="string")
     return feats
 
 

@@ -196,5 +196,15 @@ COMMANDS = (
         "pairs and nearest-neighbour pairs reappear above the replicate's own null (stability.json).",
         flags=(*_COMMON, *_SAE, *_STABILITY, "null_fpr", "null_samples", "closeness_ranked"),
     ),
+    Command(
+        "labels",
+        "label every feature from the tokens at its activation peaks (imported labels kept)",
+        RunConfig,
+        _single_step("labels"),
+        description="For each feature without an imported Neuronpedia label, a short label from the most "
+        "frequent tokens at the peaks of its top examples and its logit-lens promoted tokens "
+        "(features.parquet `label`, `label_source`). Reads only the cache.",
+        flags=_COMMON,
+    ),
     Command("info", "summarise a cache and verify its checksums", InfoOptions, run_info),
 )

@@ -257,6 +257,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     else:
         table["label"] = pd.Series([None] * n, dtype=object)
         table["explanation"] = pd.Series([None] * n, dtype=object)
+    table["label_source"] = table["label"].notna().map({True: "neuronpedia", False: None})  # labels step
     _drop_retired_columns(staged)
     merge_feature_columns(staged, n, table)
     params = {

@@ -1,5 +1,5 @@
 """The precompute job's steps, in the order they run: harvest → geometry → scores → overlaps →
-closeness → stability.
+closeness → stability → labels.
 
 Each step reads what earlier steps left in the cache, writes its own files plus a
 `params/<step>.json` sidecar, and can run alone on an existing cache (latent-scope style). A step's
@@ -42,5 +42,6 @@ STEPS: dict[str, Step] = {
         Step("overlaps", "precompute.pipeline.overlaps"),
         Step("closeness", "precompute.pipeline.closeness", needs=(SAE,)),
         Step("stability", "precompute.pipeline.stability", needs=(SAE,)),
+        Step("labels", "precompute.pipeline.labels"),
     )
 }

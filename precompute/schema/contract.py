@@ -136,6 +136,7 @@ LOGIT_LENS = "scores ran with the model (logit lens)"
 HELDOUT = "not in caches scored before held-out validation"
 TAXONOMY = "not in caches harvested before the harm taxonomy"
 DOC_HASHES = "not in caches harvested before the document split"
+LABELS = "not in caches built before the labels step"
 
 TABLES: dict[str, Table] = {
     FEATURES: Table(
@@ -174,7 +175,8 @@ TABLES: dict[str, Table] = {
             ("explanation", STRING, True),
             ("top_promoted", STRINGS, False, LOGIT_LENS),
             ("top_suppressed", STRINGS, False, LOGIT_LENS),
-        ),
+        )
+        + _cols("labels", ("label_source", STRING, True, LABELS)),
     ),
     EXAMPLES: Table(
         EXAMPLES,

@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -325,3 +326,41 @@ def test_held_out_harm_help_names_what_was_compared() -> None:
     assert heldout_help({"harm_heldout_auroc": float("nan"), "harm_heldout_set": None}).endswith(
         "not computed for this cache (no held-out documents)"
     )
+
+
+def test_a_computed_label_from_an_html_peak_token_stays_text(
+    cache_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The labels step stores corpus tokens raw; the feature header, the map's hover and the search show them
+    as text, never as markup."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from precompute.pipeline.config import RunConfig
+    from precompute.pipeline.run import run_step
+
+    payload, f = "<img src=x onerror=f()>", 5  # short enough to be shown whole
+    ex = pq.read_table(cache_copy / "examples.parquet")
+    rows = ex.to_pylist()
+    for r in rows:  # every top example of feature f peaks on the payload
+        if r["feature"] == f and r["kind"] == "top":
+            r["tokens"][r["max_position"]] = payload
+    pq.write_table(pa.Table.from_pylist(rows, schema=ex.schema), cache_copy / "examples.parquet")
+    feats = pd.read_parquet(cache_copy / "features.parquet")
+    feats.loc[f, "label"] = None  # no imported label: the step computes one
+    feats.to_parquet(cache_copy / "features.parquet", index=False)
+    run_step("labels", RunConfig.load(None, {"out": str(cache_copy)}))
+
+    c = load_cache(cache_copy)
+    label = c.features.loc[f, "label"]
+    assert label.startswith(f'"{payload}" (') and c.features.loc[f, "label_source"] == "peak_tokens"
+    assert "<img" not in c.features.loc[f, "hover"]
+    at = run_page("views/feature.py", cache_copy, monkeypatch, feature=str(f))
+    body = html_text(at)
+    assert not at.exception and "&lt;img src=x onerror=f()&gt;" in body and "<img" not in body
+    at = run_page("views/map.py", cache_copy, monkeypatch)
+    at.text_input(key="map_q").input("onerror").run()
+    assert not at.exception
+    picks = [sb for sb in at.selectbox if sb.label.endswith("matching features")]
+    # a selectbox option is plain text in the browser: the label shows literally, as it was written
+    assert picks and f"#{f} · {label[:70]} · matched label / tokens" in picks[0].options

@@ -442,6 +442,7 @@ def test_failed_run_keeps_only_resumable_work(
         "overlaps",
         "closeness",
         "stability",
+        "labels",
     ]
 
 

@@ -58,6 +58,7 @@ def test_optional_columns_and_families_may_be_absent() -> None:
         "harm_heldout_auroc",
         "harm_heldout_lo",
         "harm_heldout_set",
+        "label_source",  # added with the labels step
     }
     docs = full_dtypes(schema.DOCUMENTS)
     del docs["category_source"], docs["validation"]  # a cache harvested before the harm taxonomy

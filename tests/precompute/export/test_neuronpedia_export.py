@@ -164,7 +164,9 @@ def test_export_round_trips_through_the_neuronpedia_importer(labelled_cache, tmp
     assert _export(labelled_cache, out) == 0
 
     labels = labels_of(labelled_cache)
-    assert sorted(labels.values()) == sorted(HOSTILE)  # the cache holds every hostile label
+    feats = pd.read_parquet(labelled_cache / "features.parquet", columns=["label", "label_source"])
+    imported = feats.loc[feats["label_source"] == "neuronpedia", "label"]
+    assert sorted(imported) == sorted(HOSTILE)  # the cache holds every hostile label, as imported
     source = out / "tiny" / "1-res-topk"  # model name from the SAE, layer from blocks.1, res-topk
     assert sorted(p.name for p in source.iterdir()) == sorted(
         ["activations", "explanations", "features", "model.jsonl", "source.jsonl", "sourceset.jsonl"]
@@ -197,9 +199,8 @@ def test_small_batches_follow_the_export_data_layout(labelled_cache, tmp_path):
     assert len(_batches(source / "features")) == 7  # 64 features: 6 of 10, then 4
     # explanations: 10 per file, by index (LIMIT/OFFSET over the table, not index ranges)
     expl = _lines(_batches(source / "explanations"))
-    assert [int(e["index"]) for e in expl] == sorted(labels_of(labelled_cache)) and counts[
-        "explanations"
-    ] == 6
+    labels = labels_of(labelled_cache)  # imported and computed (labels step): one explanation each
+    assert [int(e["index"]) for e in expl] == sorted(labels) and counts["explanations"] == len(labels)
     back = import_neuronpedia(source, 64)
     assert dict(zip(back["feature"].tolist(), back["label"], strict=True)) == labels_of(labelled_cache)
     # the same cache gives the same ids: a second import adds nothing (ON CONFLICT DO NOTHING)

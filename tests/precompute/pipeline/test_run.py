@@ -96,7 +96,15 @@ def test_cache_is_complete_and_verified(built_cache):
     assert manifest["n_features"] == 64 and manifest["d_in"] == 32
     assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
     assert all(len(c["sha256"]) == 64 for c in manifest["corpus"]) and manifest["sae"]["sha256"]
-    assert set(manifest["steps"]) == {"harvest", "geometry", "scores", "overlaps", "closeness", "stability"}
+    assert set(manifest["steps"]) == {
+        "harvest",
+        "geometry",
+        "scores",
+        "overlaps",
+        "closeness",
+        "stability",
+        "labels",
+    }
     assert not (out / "stability.json").exists()  # no --sae-replicate: nothing to compare with
     for step in manifest["steps"]:
         sidecar = json.loads((out / "params" / f"{step}.json").read_text())

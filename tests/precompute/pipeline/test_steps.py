@@ -14,8 +14,8 @@ from precompute.pipeline.run import run_step
 from precompute.pipeline.steps import STEPS
 
 
-def test_steps_run_in_the_order_harvest_geometry_scores_overlaps_closeness_stability():
-    assert list(STEPS) == ["harvest", "geometry", "scores", "overlaps", "closeness", "stability"]
+def test_steps_run_in_the_order_harvest_geometry_scores_overlaps_closeness_stability_labels():
+    assert list(STEPS) == ["harvest", "geometry", "scores", "overlaps", "closeness", "stability", "labels"]
     assert commands.STEPS == tuple(STEPS)
     assert [name for name, step in STEPS.items() if step.name != name] == []
 
@@ -37,7 +37,7 @@ def test_an_unknown_step_is_one_clear_error(capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert (
-        "unknown step(s) ['nope']; steps are harvest, geometry, scores, overlaps, closeness, stability"
+        "unknown step(s) ['nope']; steps are harvest, geometry, scores, overlaps, closeness, stability, labels"
         in lines[0]
     )
 

@@ -58,6 +58,11 @@ def stale_reason(target: Path, cfg: RunConfig) -> str | None:
     )
     if changed:
         return f"it was built with other settings ({', '.join(changed)})"
+    from precompute.pipeline.steps import STEPS
+
+    missing = [step for step in STEPS if step not in (manifest.get("steps") or [])]
+    if missing:
+        return f"it lacks the step(s) {', '.join(missing)} (built by an earlier version)"
     sae = str(cfg.sae or "")
     if sae and not sae.startswith("release:"):
         if (manifest.get("sae") or {}).get("sha256") != hash_path(sae, skip=is_descriptive):

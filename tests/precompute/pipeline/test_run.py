@@ -553,3 +553,17 @@ def test_demo_rebuilds_a_valid_cache_built_from_other_inputs(built_cache, tiny_s
     data = weights.read_bytes()
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one weight's last byte flipped
     assert stale_reason(moved, here) == f"the SAE at {sae} has changed since it was built"
+
+
+def test_demo_rebuilds_a_cache_an_earlier_version_built_without_todays_steps(built_cache, tmp_path):
+    import shutil
+
+    from precompute.demo import stale_reason
+
+    cache, cfg = built_cache
+    older = tmp_path / "older"
+    shutil.copytree(cache, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    manifest["steps"] = [s for s in manifest["steps"] if s != "labels"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    assert stale_reason(older, cfg) == "it lacks the step(s) labels (built by an earlier version)"

@@ -243,7 +243,9 @@ def stability_sentences(report: dict[str, Any]) -> list[str]:
     out = []
     if match.get("share_matched") is not None:
         out.append(
-            f"A second SAE of the same recipe (another seed) has a counterpart at decoder cosine ≥ "
+            # the file names the replicate; that it shares the recipe is the user's --sae-replicate claim
+            f"The replicate SAE ({report['replicate'].get('spec') or 'unnamed'}) has a counterpart at "
+            f"decoder cosine ≥ "
             f"{match['threshold']:.2f} for {match['share_matched']:.0%} of this SAE's {match['n_live']:,} "
             f"live features (median matched cosine {match['quantiles']['0.5']:.2f})."
         )

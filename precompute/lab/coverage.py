@@ -18,6 +18,7 @@ the cost of tokenization only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -139,6 +140,9 @@ def run_coverage(opts: CoverageOptions) -> int:
 
     if not opts.corpus:
         raise FeatureGeomError("coverage needs training data: --corpus FILE (repeatable)")
+    missing = [s.path for s in opts.corpus if not Path(s.path).expanduser().is_file()]
+    if missing:  # before the model loads, not after
+        raise FeatureGeomError(f"corpus file(s) not found: {', '.join(missing)}")
     lm = load_model(opts.model, device="cpu")
     per_file = measure(opts.corpus, lm.tokenizer, opts.data_seed)
     for path, cov in per_file.items():

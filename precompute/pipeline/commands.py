@@ -15,7 +15,15 @@ STEPS = tuple(STEP_REGISTRY)  # the step names, in the order they run
 _COMMON = ("out", "device", "seed", "progress")
 _MODEL = ("model", "adapter", "hook", "dtype")
 _SAE = ("sae", "sae_format")
-_CORPUS = ("corpus", "context_size", "packing", "max_tokens", "batch_size")
+_CORPUS = (
+    "corpus",
+    "document_split",
+    "scoring_fraction",
+    "context_size",
+    "packing",
+    "max_tokens",
+    "batch_size",
+)
 _HARVEST = (
     "top_k_examples",
     "quantile_bins",

@@ -120,12 +120,8 @@ def _summary(
         "n_above_null": int((judged["cosine"] >= null_a).sum()) if n else 0,
         "n_reappearing": k,
         "share_reappearing": k / n if n else None,
-        "pairs": [
-            {key: (None if isinstance(v, float) and not np.isfinite(v) else v) for key, v in row.items()}
-            for row in json.loads(judged.to_json(orient="records"))
-        ]
-        if n <= 500
-        else [],  # the baseline has thousands of pairs: only its share is kept
+        # to_json writes NaN as null; the baseline has thousands of pairs: only its share is kept
+        "pairs": json.loads(judged.to_json(orient="records")) if n <= 500 else [],
     }
 
 
@@ -221,12 +217,12 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
 
     cfg = ctx.cfg
     start = time.perf_counter()
-    features, z = scored_features_and_neighbors(staged)
     if not cfg.sae_replicate:
         staged.path(STABILITY)  # drops a stability.json of an earlier run: it would describe other pairs
         log.info("stability: no --sae-replicate given; skipped (stability.json not written)")
         staged.record_step("stability", {"sae_replicate": None}, time.perf_counter() - start)
         return
+    features, z = scored_features_and_neighbors(staged)
     a = ctx.sae.unit_directions().cpu().numpy()
     if a.shape[0] != len(features):
         raise CacheError(

@@ -435,15 +435,10 @@ def test_failed_run_keeps_only_resumable_work(
     assert cli_main(precompute_args(tiny_model_dir, tiny_sae_dir, tiny_corpus, out)) == 0
     assert "resuming from" in capsys.readouterr().out
     assert not work.exists()
-    assert json.loads((out / "manifest.json").read_text())["steps"] == [
-        "harvest",
-        "geometry",
-        "scores",
-        "overlaps",
-        "closeness",
-        "stability",
-        "labels",
-    ]
+    from precompute.pipeline.steps import STEPS
+
+    # every step, in the registry's order (tests/precompute/pipeline/test_steps.py spells it out)
+    assert json.loads((out / "manifest.json").read_text())["steps"] == list(STEPS)
 
 
 def test_device_cuda_without_cuda(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys):

@@ -130,3 +130,14 @@ def test_overlap_is_counted_from_the_training_report(tmp_path):
     assert record["scored_documents"] == 10
     assert record["sae_training_documents"] == 4
     assert record["sae_training_digest"] == documents_digest(trained)
+
+
+@pytest.mark.parametrize("command", ["precompute", "harvest", "train-sae"])
+def test_every_command_that_reads_a_corpus_takes_the_split_flags(command, capsys):
+    """The split is a command-line choice too, not only a TOML key (the docs show it as a flag)."""
+    from precompute.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "--document-split {all,sae,scoring}" in text and "--scoring-fraction" in text

@@ -23,6 +23,7 @@ from precompute.data.corpus import CorpusSource
 from precompute.errors import CacheError, CorpusError, HookNotFoundError, SAEFormatError, ShapeMismatchError
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.run import run_precompute
+from precompute.pipeline.steps import STEPS
 from tests.ranking import assert_ranking_equivalent
 
 HOOK = "blocks.1.hook_resid_post"
@@ -96,15 +97,7 @@ def test_cache_is_complete_and_verified(built_cache):
     assert manifest["n_features"] == 64 and manifest["d_in"] == 32
     assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
     assert all(len(c["sha256"]) == 64 for c in manifest["corpus"]) and manifest["sae"]["sha256"]
-    assert set(manifest["steps"]) == {
-        "harvest",
-        "geometry",
-        "scores",
-        "overlaps",
-        "closeness",
-        "stability",
-        "labels",
-    }
+    assert manifest["steps"] == list(STEPS)  # every step ran (test_steps.py spells out the order)
     assert not (out / "stability.json").exists()  # no --sae-replicate: nothing to compare with
     for step in manifest["steps"]:
         sidecar = json.loads((out / "params" / f"{step}.json").read_text())

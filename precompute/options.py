@@ -262,7 +262,7 @@ def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     if base is None:
         return data
     if not isinstance(base, str) or not base:
-        raise ConfigError(f"{path}: `extends` must name a TOML file, e.g. extends = \"demo.toml\"")
+        raise ConfigError(f'{path}: `extends` must name a TOML file, e.g. extends = "demo.toml"')
     base_path = Path(path).parent / base
     if not base_path.is_file():
         raise ConfigError(f"{path} extends {base!r}, but {base_path} is not a file")

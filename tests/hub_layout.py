@@ -36,7 +36,14 @@ def put_model_dir(hub_cache: Path, repo_id: str, model_dir: Path) -> Path:
 
 
 def put_llama_scope(
-    hub_cache: Path, repo_id: str, folder: str, d_model: int, d_sae: int, hook: str, norm_factor: float, seed: int = 0
+    hub_cache: Path,
+    repo_id: str,
+    folder: str,
+    d_model: int,
+    d_sae: int,
+    hook: str,
+    norm_factor: float,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """A Llama Scope checkpoint in its published layout (`FOLDER/hyperparams.json`,
     `FOLDER/checkpoints/final.safetensors` with encoder/decoder weights in nn.Linear convention); its

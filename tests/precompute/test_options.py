@@ -88,7 +88,9 @@ def test_extends_reads_the_base_then_the_file_key_by_key(tmp_path):
         'steps = 20\nmode = "exact"\nseed = 4\n[[items]]\npath = "a"\n[[items]]\npath = "b"\n'
     )
     (tmp_path / "mid.toml").write_text('extends = "base/b.toml"\nseed = 5\nname = "mid"\n')
-    (tmp_path / "top.toml").write_text('extends = "mid.toml"\nsteps = 30\n[[items]]\npath = "c"\ngroup = "benign"\n')
+    (tmp_path / "top.toml").write_text(
+        'extends = "mid.toml"\nsteps = 30\n[[items]]\npath = "c"\ngroup = "benign"\n'
+    )
     cfg = load_options(Example, tmp_path / "top.toml", {"seed": 9})
     # a key in the file beats its base, a [[list]] replaces the base's whole list, a flag beats both
     assert (cfg.steps, cfg.mode, cfg.seed, cfg.name) == (30, "exact", 9, "mid")

@@ -105,7 +105,9 @@ print(json.dumps(dict(kind=hub.kind, same_logits=same, arch=sae.architecture, ho
 """
 
 
-def test_hub_id_and_llama_scope_release_load_offline_as_saelens_does(hub: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_hub_id_and_llama_scope_release_load_offline_as_saelens_does(
+    hub: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     code = CHECK.format(repo=TINY_REPO, local=tiny_model_dir, sae=LLAMA_SCOPE)
     done = _offline(hub, ["-c", code], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -115,7 +117,9 @@ def test_hub_id_and_llama_scope_release_load_offline_as_saelens_does(hub: Path, 
     assert got["diff"] == 0.0 and 0.05 < got["firing"] < 0.95  # equal to SAELens on features that fire
 
 
-def test_precompute_runs_offline_on_a_hub_id_and_a_release(hub: Path, tiny_corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_precompute_runs_offline_on_a_hub_id_and_a_release(
+    hub: Path, tiny_corpus: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "cache"
     args = ["-m", "precompute", "precompute", "--model", TINY_REPO, "--sae", LLAMA_SCOPE, "--hook", HOOK]
     args += ["--out", str(out), "--context-size", "24", "--batch-size", "4", "--neighbors", "8"]
@@ -132,8 +136,20 @@ def test_precompute_runs_offline_on_a_hub_id_and_a_release(hub: Path, tiny_corpu
     assert manifest["n_features"] == 64
 
 
-def test_uncached_hub_id_offline_is_one_clear_error(hub: Path, tiny_corpus: dict[str, Path], tmp_path: Path) -> None:
-    args = ["-m", "precompute", "precompute", "--model", "featuregeom-test/not-downloaded", "--sae", LLAMA_SCOPE, "--hook", HOOK]
+def test_uncached_hub_id_offline_is_one_clear_error(
+    hub: Path, tiny_corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    args = [
+        "-m",
+        "precompute",
+        "precompute",
+        "--model",
+        "featuregeom-test/not-downloaded",
+        "--sae",
+        LLAMA_SCOPE,
+        "--hook",
+        HOOK,
+    ]
     args += ["--out", str(tmp_path / "c"), "--no-progress", *_corpus(tiny_corpus)]
     done = _offline(hub, args, tmp_path)
     assert done.returncode == 2

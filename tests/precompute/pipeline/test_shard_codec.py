@@ -47,7 +47,7 @@ def _row_sets(a: dict[str, np.ndarray]) -> list[dict[int, float]]:
     ip = a["indptr"]
     return [
         dict(zip(a["feature"][s:e].tolist(), a["value"][s:e].tolist(), strict=True))
-        for s, e in zip(ip[:-1], ip[1:])
+        for s, e in zip(ip[:-1], ip[1:], strict=True)
     ]
 
 
@@ -64,7 +64,7 @@ def test_float32_round_trip_is_exact(n_rows: int, d_sae: int, vocab: int, k: int
         assert back[name].dtype == arrays[name].dtype and np.array_equal(back[name], arrays[name]), name
     assert back["feature"].dtype == np.int32 and back["value"].dtype == np.float32
     assert _row_sets(back) == _row_sets(arrays)
-    for s, e in zip(back["indptr"][:-1], back["indptr"][1:]):
+    for s, e in zip(back["indptr"][:-1], back["indptr"][1:], strict=True):
         assert np.all(np.diff(back["feature"][s:e]) > 0)  # each row ascending
     assert (stats.max_abs_error, stats.rows, stats.nnz) == (
         0.0,

@@ -46,7 +46,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     size = sum(_npz_bytes(s) for s in shards)
     print(f"| format 1 (int32/int64/float32 arrays) | {size / tokens:.1f} | — | — | 0 | 0 |")
-    for values, compression in (("float32", "zlib"), ("float32", "none"), ("float16", "zlib"), ("bfloat16", "zlib")):
+    for values, compression in (
+        ("float32", "zlib"),
+        ("float32", "none"),
+        ("float16", "zlib"),
+        ("bfloat16", "zlib"),
+    ):
         params = CodecParams(values, compression)
         enc_t, dec_t, size, abs_err, rel_err = [], [], 0, 0.0, 0.0
         for r in range(args.repeats):

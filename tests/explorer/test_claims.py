@@ -201,11 +201,13 @@ def test_pair_story_makes_the_claims_the_cache_backs(synth_cache: Path) -> None:
         cos > float(nb["null_cosine"])
         and by_key["neighbour"].title == "Its harmful neighbour is closer than chance"
     )
-    assert f"It is one of the {len(ov)} (task, harmful) pairs this cache flags." in by_key["neighbour"].lead
     assert (
-        by_key["finetune"].title == "What fine-tuning could do"
-        and "The hypothesis" in by_key["finetune"].lead
+        f"the pair is closer than chance, one of the {len(ov)} (task, harmful) pairs this cache flags."
+        in (by_key["neighbour"].lead)
     )
+    assert by_key["finetune"].title == "What fine-tuning could do: a hypothesis" and by_key[
+        "finetune"
+    ].lead.startswith("A hypothesis, not a finding")
     assert story_steps(c, (t, h))[3].title == by_key["neighbour"].title
     # a pair the cache does not flag is never presented as one
     unflagged = next(

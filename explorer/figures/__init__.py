@@ -72,9 +72,11 @@ from explorer.figures.style import (
     badge,
     base_layout,
     esc,
+    export_filename,
     plotly_config,
     rgba,
     show_token,
+    titled,
 )
 
 __all__ = [
@@ -111,6 +113,7 @@ __all__ = [
     "decimate",
     "difference_null_figure",
     "esc",
+    "export_filename",
     "examples_html",
     "feature_header_html",
     "finetune_figure",
@@ -129,6 +132,7 @@ __all__ = [
     "rgba",
     "score_legend_html",
     "show_token",
+    "titled",
     "task_scores_figure",
     "token_chips_html",
     "tokens_html",

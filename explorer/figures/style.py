@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import Any
 
 import pandas as pd
@@ -77,11 +78,19 @@ def show_token(tok: Any) -> str:
     return esc(s.replace("\n", "↵").replace("\t", "⇥").replace("\r", ""))
 
 
+def export_filename(name: Any) -> str:
+    """A download's file name, safe on every system: letters, digits, '-', '_' and '.' only (others become
+    '-'), at most 120 characters; 'feature-geometry' when nothing is left."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.")[:120]
+    return out or "feature-geometry"
+
+
 def plotly_config(fmt: str = "png", filename: str = "feature-geometry") -> dict[str, Any]:
-    """Chart toolbar: the camera button downloads `fmt` (png or svg) at 2x scale."""
+    """Chart toolbar: the camera button downloads `fmt` (png or svg) at 2x scale, under `filename` (made
+    safe). The image carries the figure's own title (`titled`): plotly draws the layout as it is."""
     return {
         "displaylogo": False,
-        "toImageButtonOptions": {"format": fmt, "filename": filename, "scale": 2},
+        "toImageButtonOptions": {"format": fmt, "filename": export_filename(filename), "scale": 2},
         "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"],
     }
 
@@ -95,6 +104,21 @@ def base_layout(fig: go.Figure, height: int, title: str | None = None, **kw: Any
         title={"text": esc(title), "x": 0.01, "font": {"size": 15}} if title else None,
         hoverlabel={"font": {"family": FONT, "size": 12}, "bgcolor": "white"},
         **kw,
+    )
+    return fig
+
+
+def titled(fig: go.Figure, title: str, keep_subtitle: bool = False) -> go.Figure:
+    """Give `fig` a title stating what it shows (plain text, escaped here), with room above the plot: the
+    camera button's PNG/SVG is the figure as drawn, so a downloaded chart says what it is on its own.
+    `keep_subtitle`: a title the builder gave (e.g. how many points are drawn) stays below, else it is replaced."""
+    top = fig.layout.margin.t if fig.layout.margin and fig.layout.margin.t is not None else 10
+    before = fig.layout.title.text if keep_subtitle and fig.layout.title and fig.layout.title.text else ""
+    # a title the builder gave (already escaped, e.g. how many points are drawn) stays, as a subtitle
+    text = esc(title) + (f"<br><span style='font-size:12px'>{before}</span>" if before else "")
+    fig.update_layout(
+        title={"text": text, "x": 0.01, "xanchor": "left", "font": {"size": 15}},
+        margin={"t": max(int(top), 66 if before else 48)},
     )
     return fig
 

@@ -17,7 +17,10 @@ esc = F.esc
 
 @dataclass
 class Step:
-    """One slide: title (plain text), lead (safe HTML), an optional figure and optional safe HTML."""
+    """One slide: title (plain text), lead (safe HTML), an optional figure and optional safe HTML.
+
+    `figure_title` (plain text) is drawn on the figure, so its PNG/SVG download says what it shows on its own;
+    `figure_name` is the download's file name, naming the feature(s) it shows (`feature-12-map`)."""
 
     key: str
     title: str
@@ -25,6 +28,12 @@ class Step:
     figure: go.Figure | None = None
     body: str | None = None
     figure_name: str = "figure"
+    figure_title: str = ""
+    keep_subtitle: bool = False  # the figure's own title (the map's "N of M drawn") stays below figure_title
+
+    def __post_init__(self) -> None:
+        if self.figure is not None and self.figure_title:
+            F.titled(self.figure, self.figure_title, self.keep_subtitle)
 
 
 def label_of(row: dict[str, Any]) -> str:
@@ -92,7 +101,7 @@ def story_html(steps: list[Step], title: str, subtitle: str = "") -> str:
                 s.figure.to_html(
                     full_html=False,
                     include_plotlyjs=False,
-                    config=F.plotly_config("svg", s.figure_name),
+                    config=F.plotly_config("png", s.figure_name),
                     div_id=f"fig-{i}",
                 )
             )

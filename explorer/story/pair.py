@@ -86,7 +86,10 @@ def map_step(cache: CacheData, feature: int, who: str, max_points: int) -> Step:
         "<b style='color:#c81e1e'>redder</b> a dot, the more it fires on harmful requests than on benign ones; "
         f"grey ones no more. The <b style='color:#1d4ed8'>blue star</b> is {who}, and {lines}.",
         figure=F.map_figure(cache.features, "harm score", sel, max_points=max_points, height=560),
-        figure_name=f"map-{feature}",
+        figure_name=f"feature-{feature}-map",
+        figure_title=f"The feature map coloured by harm score, feature #{feature} starred with its neighbours above "
+        "chance",
+        keep_subtitle=True,
     )
 
 
@@ -123,7 +126,8 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
             f"{esc(C.task_claim(t_row, task))}{passes} Here is where it fires, by kind of text, and its strongest examples:",
             figure=F.group_rates_figure(cache.group_rates(task), height=260),
             body=F.examples_html(t_ex[:3], color=F.TASK, window=16),
-            figure_name=f"rates-{task}",
+            figure_name=f"feature-{task}-firing-by-text",
+            figure_title=f"Feature #{task}: share of tokens where it fires, by kind of text",
         )
     )
     steps.append(neighbour_step(cache, task, harmful, h_row, cos, n_flagged))
@@ -201,7 +205,8 @@ def neighbour_step(
             null_label=cache.null_label,
             pair_name=f"#{task} ↔<br>#{harmful}",
         ),
-        figure_name=f"closeness-{task}-{harmful}",
+        figure_name=f"features-{task}-{harmful}-cosine-vs-chance",
+        figure_title=f"Features #{task} and #{harmful}: the cosine of their decoder directions against chance",
     )
 
 
@@ -255,5 +260,7 @@ def hypothesis_step(cache: CacheData, task: int, harmful: int, cos: float) -> St
         "What fine-tuning could do: a hypothesis",
         lead,
         figure=F.finetune_figure(cos),
-        figure_name=f"finetune-{task}-{harmful}",
+        figure_name=f"features-{task}-{harmful}-hypothesis",
+        figure_title=f"Hypothesis, geometry only: a step along the direction of #{task} moves {cos:.0%} as far "
+        f"along that of #{harmful}",
     )

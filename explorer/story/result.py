@@ -77,7 +77,8 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
             figure=F.task_scores_figure(cache.features["task_score"].to_numpy(np.float64), fd.task_threshold)
             if fd.n_task_scored
             else None,
-            figure_name="task-scores",
+            figure_name=f"{cache.name}-task-scores",
+            figure_title=f"Task scores of the {fd.n_task_scored:,} scored features (task vs control text)",
         )
     )
     steps.append(
@@ -87,7 +88,8 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
             "Two features are close when their decoder directions point nearly the same way (a high cosine); "
             "close means closer than random directions get by chance. " + _p(C.null_sentence(fd)),
             figure=F.nulls_figure(fd.null_isotropic, fd.null_covariance, fd.typical_nn_cosine),
-            figure_name="chance-levels",
+            figure_name=f"{cache.name}-chance-levels",
+            figure_title="What cosine random directions reach by chance, against a typical nearest neighbour",
         )
     )
     report = fd.closeness
@@ -98,7 +100,8 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
             pairs_title(fd),
             _p(C.flagged_sentence(fd, below_null(cache)), C.closeness_text(fd)),
             figure=sets,
-            figure_name="closeness-sets",
+            figure_name=f"{cache.name}-closeness-task-vs-control-sets",
+            figure_title="Closeness to harmful features: task-specific against control-specific features",
         )
     )
     measured = finetune_result_step(cache)
@@ -168,5 +171,7 @@ def harmful_step(cache: CacheData, fd: Findings, ex: int, row: dict, examples: l
         lead,
         figure=F.category_counts_figure(fd.harm_categories[:12]) if fd.harm_categories else None,
         body=body,
-        figure_name="harm-categories",
+        figure_name=f"{cache.name}-harmful-features-by-category",
+        figure_title=f"The {fd.n_harmful:,} harmful features by category"
+        + (" (the 12 most common)" if len(fd.harm_categories) > 12 else ""),
     )

@@ -8,7 +8,17 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from explorer.figures.style import HARM, HARM_LIGHT, INK, NEUTRAL, TASK, TASK_LIGHT, base_layout, esc
+from explorer.figures.style import (
+    HARM,
+    HARM_LIGHT,
+    INK,
+    NEUTRAL,
+    TASK,
+    TASK_LIGHT,
+    base_layout,
+    category_color,
+    esc,
+)
 
 
 def _cosine_bars(names: list[str], vals: list[float], colors: list[str], digits: int) -> go.Figure:
@@ -215,7 +225,7 @@ def category_counts_figure(counts: list[tuple[str, int]], height: int = 320) -> 
             x=[n for _, n in counts],
             y=[esc(c) for c, _ in counts],
             orientation="h",
-            marker_color=HARM,
+            marker_color=[category_color(c) for c, _ in counts],  # the map's colour for each category
             hovertemplate="%{y}: %{x} harmful features<extra></extra>",
         )
     )

@@ -58,15 +58,28 @@ def model_name(manifest: dict[str, Any]) -> str:
     return esc(f"{name} (with a fine-tuned adapter)" if m.get("adapter") else name)
 
 
-def two_columns(left: str, right: str, left_title: str, right_title: str) -> str:
-    """Side-by-side HTML (titles are escaped by the caller's helpers: they are our own text + escaped labels)."""
+def two_columns(
+    left: str,
+    right: str,
+    left_title: str,
+    right_title: str,
+    left_row: Any = "task",
+    right_row: Any = "harmful",
+) -> str:
+    """Side-by-side HTML (titles are escaped by the caller's helpers: they are our own text + escaped labels);
+    each column's title is coloured and striped by what its feature is (style's one colour rule)."""
     col = "flex:1 1 420px;min-width:320px"
+
+    def head(row: Any, title: str) -> str:
+        return (
+            f'<div style="font-weight:650;color:{F.role_color(row)};margin-bottom:4px;padding-left:8px;'
+            f'{F.role_stripe(row)}">{title}</div>'
+        )
+
     return (
         f'<div style="display:flex;gap:28px;flex-wrap:wrap">'
-        f'<div style="{col}"><div style="font-weight:650;color:{F.TASK};margin-bottom:4px">{left_title}</div>'
-        f"{left}</div>"
-        f'<div style="{col}"><div style="font-weight:650;color:{F.HARM};margin-bottom:4px">{right_title}</div>'
-        f"{right}</div></div>"
+        f'<div style="{col}">{head(left_row, left_title)}{left}</div>'
+        f'<div style="{col}">{head(right_row, right_title)}{right}</div></div>'
     )
 
 

@@ -48,8 +48,9 @@ def examples_in(examples: list[dict[str, Any]], group: str) -> list[dict[str, An
     return top + rest
 
 
-def intro_step(cache: CacheData, feature: int, examples: list[dict[str, Any]], color: str = F.TASK) -> Step:
-    """'What is a feature?' with the followed feature's first examples."""
+def intro_step(cache: CacheData, feature: int, examples: list[dict[str, Any]]) -> Step:
+    """'What is a feature?' with the followed feature's first examples, in its role's colour."""
+    color = F.role_color(cache.row(feature))
     return Step(
         "feature",
         "What is a feature?",
@@ -73,6 +74,7 @@ def map_step(cache: CacheData, feature: int, who: str, max_points: int) -> Step:
         threshold=null,
     )
     above = int((nb["cosine"] >= null).sum())
+    role = F.role_of(cache.row(feature))
     lines = (
         f"the lines join it to its {above} neighbour{'s' if above != 1 else ''} above the chance level "
         f"{null:.3g} (thicker = closer)"
@@ -84,7 +86,8 @@ def map_step(cache: CacheData, feature: int, who: str, max_points: int) -> Step:
         "The map: every feature is a dot",
         "Features whose directions point the same way sit close together. Colour is the harm score: the "
         "<b style='color:#c81e1e'>redder</b> a dot, the more it fires on harmful requests than on benign ones; "
-        f"grey ones no more. The <b style='color:#1d4ed8'>blue star</b> is {who}, and {lines}.",
+        f"grey ones no more. The <b style='color:{F.role_color(role)}'>{F.ROLE_WORDS[role]} star</b> is {who}, and "
+        f"{lines}.",
         figure=F.map_figure(cache.features, "harm score", sel, max_points=max_points, height=560),
         figure_name=f"feature-{feature}-map",
         figure_title=f"The feature map coloured by harm score, feature #{feature} starred with its neighbours above "
@@ -109,7 +112,7 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
     n_flagged = len(cache.overlaps)
     t_all, h_all = cache.examples_of(task), cache.examples_of(harmful)
     t_ex = [e for e in t_all if e.get("kind") == "top"]
-    t_is, h_is = C.fires_on_task(t_row), C.fires_on_harm(h_row)
+    t_is = C.fires_on_task(t_row)
     steps = [
         intro_step(cache, task, t_ex),
         map_step(cache, task, f"{'task ' if t_is else ''}feature #{task}", max_points),
@@ -125,13 +128,13 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
             f"fine-tuned on) and on its control text, 1.0 that it fires only on task text. "
             f"{esc(C.task_claim(t_row, task))}{passes} Here is where it fires, by kind of text, and its strongest examples:",
             figure=F.group_rates_figure(cache.group_rates(task), height=260),
-            body=F.examples_html(t_ex[:3], color=F.TASK, window=16),
+            body=F.examples_html(t_ex[:3], color=F.role_color(t_row), window=16),
             figure_name=f"feature-{task}-firing-by-text",
             figure_title=f"Feature #{task}: share of tokens where it fires, by kind of text",
         )
     )
     steps.append(neighbour_step(cache, task, harmful, h_row, cos, n_flagged))
-    steps.append(text_step(task, harmful, t_all, h_all, t_is, h_is))
+    steps.append(text_step(task, harmful, t_all, h_all, t_row, h_row))
     steps.append(hypothesis_step(cache, task, harmful, cos))
     measured = finetune_result_step(cache)
     if measured is not None:
@@ -140,10 +143,16 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
 
 
 def text_step(
-    task: int, harmful: int, t_all: list[dict[str, Any]], h_all: list[dict[str, Any]], t_is: bool, h_is: bool
+    task: int,
+    harmful: int,
+    t_all: list[dict[str, Any]],
+    h_all: list[dict[str, Any]],
+    t_row: dict[str, Any],
+    h_row: dict[str, Any],
 ) -> Step:
     """Each feature's examples on its own kind of text: the task feature's on task text, the harmful one's on
     harmful requests; where a feature has none there, its strongest examples, and the lead says so."""
+    t_is, h_is = C.fires_on_task(t_row), C.fires_on_harm(h_row)
     t_on, h_on = examples_in(t_all, "task"), examples_in(h_all, "harmful")
     t_top = [e for e in t_all if e.get("kind") == "top"]
     h_top = [e for e in h_all if e.get("kind") == "top"]
@@ -173,10 +182,12 @@ def text_step(
         "; ".join(said)
         + ". The badge on each names the text it comes from. Hover a word to see the activation.",
         body=two_columns(
-            F.examples_html(left, color=F.TASK, window=14),
-            F.examples_html(right, color=F.HARM, window=14),
+            F.examples_html(left, color=F.role_color(t_row), window=14),
+            F.examples_html(right, color=F.role_color(h_row), window=14),
             left_title,
             right_title,
+            t_row,
+            h_row,
         ),
     )
 

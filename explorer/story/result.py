@@ -61,11 +61,10 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
     fd = cache_findings(cache)
     ex, why = example_feature(cache)
     row = cache.row(ex)
-    is_harm = C.fires_on_harm(row)
     examples = [e for e in cache.examples_of(ex) if e.get("kind") == "top"]
     who = f"feature #{ex}, {why}"
     steps = [
-        intro_step(cache, ex, examples, F.HARM if is_harm else F.TASK),
+        intro_step(cache, ex, examples),
         map_step(cache, ex, who, max_points),
     ]
     steps.append(harmful_step(cache, fd, ex, row, examples))

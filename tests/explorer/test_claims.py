@@ -124,7 +124,7 @@ def test_result_story_says_what_the_cache_found(notask_cache: Path) -> None:
     best = max(np.flatnonzero(harmful), key=lambda i: (above[i], f["harm_score"].iat[i]))
     assert (
         f"feature #{best} lights up" in steps[0].lead
-        and f"blue star</b> is feature #{best}, the harmful feature with the most neighbours" in steps[1].lead
+        and f"red star</b> is feature #{best}, the harmful feature with the most neighbours" in steps[1].lead
     )
     page = story_html(steps, story_title(c, None))
     assert "Step 7 of 7" in page and not NAMED_TASK_FEATURE.search(page)

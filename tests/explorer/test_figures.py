@@ -65,8 +65,13 @@ def test_map_figure_modes(mode: str) -> None:
     overlay = ("harmful neighbour", "other neighbour", "selected #3")
     drawn = sum(len(t.x) for t in gl if t.mode == "markers" and t.name not in overlay)
     assert drawn == 300, "every feature is drawn once below the decimation limit"
-    if mode == "harm category":
-        assert {"violence", "fraud", "no harm category"} <= {t.name for t in fig.data}
+    if mode == "harm category":  # canonical categories: "violence" is violence_weapons, "fraud" unknown
+        cats = _features(300)["harm_category"]
+        n_v, n_f = int((cats == "violence").sum()), int((cats == "fraud").sum())
+        colour = {t.name: t.marker.color for t in fig.data}
+        assert colour[f"violence_weapons ({n_v})"] == F.CATEGORY_PALETTE["violence_weapons"]
+        assert colour[f"unspecified ({n_f})"] == F.CATEGORY_PALETTE["unspecified"]
+        assert colour["no harm category"] == F.NO_CATEGORY_COLOR
 
 
 def test_selection_lines_filter_and_width() -> None:

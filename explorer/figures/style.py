@@ -166,7 +166,9 @@ def plotly_config(fmt: str = "png", filename: str = "feature-geometry") -> dict[
     return {
         "displaylogo": False,
         "toImageButtonOptions": {"format": fmt, "filename": export_filename(filename), "scale": 2},
-        "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"],
+        "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d", "sendChartToCloud"],
+        # no "Share chart..." button: it would upload the chart (corpus text in its hovers) to Plotly Cloud
+        "showSendToCloud": False,
     }
 
 

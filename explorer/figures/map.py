@@ -22,6 +22,7 @@ from explorer.figures.style import (
     role_color,
     role_marker,
     role_of,
+    titled,
 )
 
 HARM_SCALE = [[0.0, "#e5e7eb"], [0.5, "#e5e7eb"], [0.7, "#fca5a5"], [0.85, "#ef4444"], [1.0, "#7f1d1d"]]
@@ -105,6 +106,7 @@ def map_figure(
     max_points: int = 40000,
     height: int = 640,
     seed: int = 0,
+    title: str | None = None,
 ) -> go.Figure:
     """The UMAP of all features as a WebGL scatter, with the selection and its neighbours on top.
 
@@ -170,10 +172,17 @@ def map_figure(
         )
     if selection is not None:
         _add_selection(fig, features, selection)
-    title = None
+    # the title says what the map shows, so a downloaded PNG does too (plain text; `titled` escapes it)
+    if title is None:
+        title = f"Feature map coloured by {color_by}" + (
+            f", feature #{selection.feature} selected with its neighbours above chance" if selection else ""
+        )
+    base_layout(fig, height, dragmode="pan", legend={"orientation": "h", "y": -0.02, "x": 0})
+    titled(fig, title)
     if decimated:
-        title = f"{len(idx):,} of {len(x):,} features drawn (full detail near the selection; grey = density of all)"
-    base_layout(fig, height, title=title, dragmode="pan", legend={"orientation": "h", "y": -0.02, "x": 0})
+        note = f"{len(idx):,} of {len(x):,} features drawn (full detail near the selection; grey = density of all)"
+        fig.update_layout(title_text=f"{fig.layout.title.text}<br><span style='font-size:12px'>{note}</span>")
+        fig.update_layout(margin={"t": 66})
     fig.update_xaxes(visible=False, range=[-1.08, 1.08])
     fig.update_yaxes(visible=False, range=[-1.08, 1.08])
     fig.update_layout(uirevision=f"map-{color_by}")

@@ -185,17 +185,14 @@ def base_layout(fig: go.Figure, height: int, title: str | None = None, **kw: Any
     return fig
 
 
-def titled(fig: go.Figure, title: str, keep_subtitle: bool = False) -> go.Figure:
-    """Give `fig` a title stating what it shows (plain text, escaped here), with room above the plot: the
-    camera button's PNG/SVG is the figure as drawn, so a downloaded chart says what it is on its own.
-    `keep_subtitle`: a title the builder gave (e.g. how many points are drawn) stays below, else it is replaced."""
+def titled(fig: go.Figure, title: str) -> go.Figure:
+    """Give `fig` a title stating what it shows (plain text, escaped here; it replaces the builder's), with
+    room above the plot: the camera button's PNG/SVG is the figure as drawn, so a downloaded chart says what
+    it is on its own."""
     top = fig.layout.margin.t if fig.layout.margin and fig.layout.margin.t is not None else 10
-    before = fig.layout.title.text if keep_subtitle and fig.layout.title and fig.layout.title.text else ""
-    # a title the builder gave (already escaped, e.g. how many points are drawn) stays, as a subtitle
-    text = esc(title) + (f"<br><span style='font-size:12px'>{before}</span>" if before else "")
     fig.update_layout(
-        title={"text": text, "x": 0.01, "xanchor": "left", "font": {"size": 15}},
-        margin={"t": max(int(top), 66 if before else 48)},
+        title={"text": esc(title), "x": 0.01, "xanchor": "left", "font": {"size": 15}},
+        margin={"t": max(int(top), 48)},
     )
     return fig
 

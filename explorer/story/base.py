@@ -29,11 +29,10 @@ class Step:
     body: str | None = None
     figure_name: str = "figure"
     figure_title: str = ""
-    keep_subtitle: bool = False  # the figure's own title (the map's "N of M drawn") stays below figure_title
 
     def __post_init__(self) -> None:
         if self.figure is not None and self.figure_title:
-            F.titled(self.figure, self.figure_title, self.keep_subtitle)
+            F.titled(self.figure, self.figure_title)
 
 
 def label_of(row: dict[str, Any]) -> str:

@@ -88,11 +88,16 @@ def map_step(cache: CacheData, feature: int, who: str, max_points: int) -> Step:
         "<b style='color:#c81e1e'>redder</b> a dot, the more it fires on harmful requests than on benign ones; "
         f"grey ones no more. The <b style='color:{F.role_color(role)}'>{F.ROLE_WORDS[role]} star</b> is {who}, and "
         f"{lines}.",
-        figure=F.map_figure(cache.features, "harm score", sel, max_points=max_points, height=560),
+        figure=F.map_figure(
+            cache.features,
+            "harm score",
+            sel,
+            max_points=max_points,
+            height=560,
+            title=f"The feature map coloured by harm score, feature #{feature} starred with its neighbours above "
+            "chance",
+        ),
         figure_name=f"feature-{feature}-map",
-        figure_title=f"The feature map coloured by harm score, feature #{feature} starred with its neighbours above "
-        "chance",
-        keep_subtitle=True,
     )
 
 

@@ -223,3 +223,17 @@ def test_neighbour_table() -> None:
     assert list(t["open"]) == ["feature?feature=4&cache=a", "feature?feature=9&cache=a"]
     assert list(t["× chance"]) == [2.0, 0.8] and list(t["above chance"]) == [True, False]
     assert list(t["NN percentile"]) == [99.5, 40.0]
+
+
+def test_map_title_says_what_it_shows() -> None:
+    """The map's PNG download carries its title: the colouring, the selection, and the decimation note."""
+    plain = F.map_figure(_features(100), "task score")
+    assert plain.layout.title.text == "Feature map coloured by task score"
+    sel = F.map_figure(_features(100), "harm score", _sel())
+    assert sel.layout.title.text == (
+        "Feature map coloured by harm score, feature #3 selected with its neighbours above chance"
+    )
+    assert sel.layout.margin.t >= 48
+    many = F.map_figure(_features(400), "harm score", _sel(), max_points=100, title="Story <map>")
+    assert many.layout.title.text.startswith("Story &lt;map&gt;<br>")
+    assert "100 of 400 features drawn" in many.layout.title.text

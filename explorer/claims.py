@@ -100,7 +100,16 @@ def null_sentence(fd: Findings) -> str:
         if math.isfinite(fd.fpr)
         else "a small false-positive rate"
     )
-    if fd.null_kind == "covariance" and math.isfinite(iso) and iso > 0:
+    shaped_higher = math.isfinite(iso) and iso > 0 and math.isfinite(cov) and cov > iso
+    if fd.null_kind == "covariance" and not shaped_higher:  # the file's nulls contradict its choice of null
+        return (
+            f"The calibrated null, random directions with this decoder's own mean and covariance, reaches a cosine "
+            f"of {cov:.3f} by chance (at {rate}), no higher than uniformly random directions ({iso:.3f}, the "
+            "isotropic null): this cache does not show the decoder's directions sitting closer to each other than "
+            f"uniform ones. {_pct(fd.nn_above_null)} of features have a nearest neighbour above the calibrated "
+            "level, which is the level used here."
+        )
+    if fd.null_kind == "covariance":
         return (
             f"Random directions with this decoder's own mean and covariance reach a cosine of {cov:.3f} by "
             f"chance (the calibrated null, at {rate}); uniformly random directions reach "

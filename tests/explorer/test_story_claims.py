@@ -455,3 +455,30 @@ def test_the_page_renders_every_step_without_the_contradicted_claims(
     assert f"The cache marks feature #{t} a task feature, but the lower 95% bound" in said
     assert "the cache marks it harmful, but the lower 95% bound (0.45) does not exclude 0.5" in said
     assert "so this cache does not show the pair closer than chance" in said
+
+
+def test_not_isotropic_only_when_the_calibrated_null_is_higher(notask_cache: Path, tmp_path: Path) -> None:
+    """'The decoder is not isotropic' rests on the calibrated null being above the isotropic one; a
+    neighbors.npz whose isotropic null is the higher withholds it and says so."""
+    import numpy as np
+
+    cache = tmp_path / "notask"
+    shutil.copytree(notask_cache, cache)
+    claim = "The decoder is not isotropic: its directions sit closer to each other than uniform ones"
+    null_step = {s.key: plain(s.lead) for s in build_result_story(load_cache(cache))}["null"]
+    assert claim in null_step
+    with np.load(cache / schema.NEIGHBORS) as z:
+        arrays = {k: z[k] for k in z.files}
+    cov = float(arrays["null_covariance"])
+    arrays["null_isotropic"] = np.asarray(round(cov * 1.1, 4), dtype=arrays["null_isotropic"].dtype)
+    with stage(cache) as staged:
+        np.savez(staged.path(schema.NEIGHBORS), **arrays)
+        staged.commit()
+    null_step = {s.key: plain(s.lead) for s in build_result_story(load_cache(cache))}["null"]
+    assert claim not in null_step and "× the isotropic one" not in null_step
+    assert (
+        f"The calibrated null, random directions with this decoder's own mean and covariance, reaches a cosine of "
+        f"{cov:.3f} by chance (at a false-positive rate of 0.1%), no higher than uniformly random directions "
+        f"({cov * 1.1:.3f}, the isotropic null): this cache does not show the decoder's directions sitting closer "
+        "to each other than uniform ones."
+    ) in null_step

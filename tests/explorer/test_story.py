@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from explorer.data import load_cache
 from explorer.figures import esc
 from explorer.story import Step, build_story, story_html
@@ -378,3 +380,35 @@ def test_export_filename_is_safe() -> None:
     assert export_filename("") == export_filename("///") == "feature-geometry"
     assert len(export_filename("a" * 500)) == 120
     assert plotly_config("png", "my cache/map 3")["toImageButtonOptions"]["filename"] == "my-cache-map-3"
+
+
+PAGES_WITH_CHARTS = [
+    ("views/map.py", {}),
+    ("views/feature.py", {}),
+    ("views/closeness.py", {}),
+    ("views/finetune.py", {}),
+    ("views/triage.py", {}),
+    *[("views/story.py", {"step": str(n)}) for n in (2, 3, 4, 6, 7)],
+]
+
+
+@pytest.mark.parametrize("page,params", PAGES_WITH_CHARTS, ids=[f"{p}{q}" for p, q in PAGES_WITH_CHARTS])
+def test_every_chart_downloads_with_a_title(
+    page: str, params: dict[str, str], synth_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The camera button saves the chart as drawn: every chart on these pages carries a title saying what it
+    shows, and a safe file name."""
+    from explorer.figures import export_filename
+    from tests.explorer.test_apptest import run_page
+
+    at = run_page(page, synth_cache, monkeypatch, **params)
+    assert not at.exception
+    charts = at.get("plotly_chart")
+    assert charts, "the page draws a chart"
+    for chart in charts:
+        spec, config = json.loads(chart.proto.spec), json.loads(chart.proto.config)
+        title = ((spec["layout"].get("title") or {}).get("text") or "").strip()
+        name = config["toImageButtonOptions"]["filename"]
+        assert len(title) > 10, (page, name, title)
+        assert name == export_filename(name) and name != "feature-geometry"
+        assert config.get("showSendToCloud") is False

@@ -16,7 +16,7 @@ import numbers
 from typing import Any
 
 from explorer.data.findings import Findings
-from explorer.figures.closeness import closeness_sentence
+from explorer.figures.closeness import closeness_sentence, ranked_sentence
 
 
 def _pct(x: float) -> str:
@@ -182,6 +182,26 @@ def closeness_text(fd: Findings) -> str:
         "Whether task-specific features sit closer to harmful features than control-specific ones is not "
         f"testable on this cache: {reason}{named}."
     )
+
+
+PAPER_COMPARISON = (
+    "The paper's comparison is of whole sets: whether features of misalignment-inducing (task) data sit closer to "
+    "harmful features than features of non-inducing (control) data (Minegishi et al. 2026)."
+)
+
+
+def ranked_text(fd: Findings) -> str | None:
+    """closeness.json's exploratory ranked comparison (the most task-leaning features against the most
+    control-leaning ones), labelled exploratory, as far as its verdict and its own numbers go; None without one."""
+    report = fd.closeness or {}
+    ranked = report.get("ranked")
+    if not isinstance(ranked, dict) or ranked.get("verdict") in (None, "not_testable"):
+        return None
+    ranked = {**ranked, "alpha": ranked.get("alpha") or report.get("alpha", 0.05)}
+    problem = verdict_problem(ranked)
+    if problem is not None:
+        return f"Exploratory, sets by rank rather than by significance: {problem}"
+    return ranked_sentence(ranked)
 
 
 def _nums(v: Any, n: int) -> list[float] | None:

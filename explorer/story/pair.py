@@ -246,11 +246,8 @@ def shown_and_not(cache: CacheData, task: int, harmful: int, cos: float) -> tupl
     )
     said = f"What this cache shows: {'; '.join(shows)}." if shows else "This cache shows none of it."
     said += f" What it does not show: {'; '.join(lacks)}."
-    paper = (
-        "The paper's own comparison is of whole sets (Minegishi et al. 2026: features of misalignment-inducing "
-        "data sit closer to harmful features than features of non-inducing data). "
-        + C.closeness_text(cache_findings(cache))
-    )
+    fd = cache_findings(cache)
+    paper = " ".join(s for s in (C.PAPER_COMPARISON, C.closeness_text(fd), C.ranked_text(fd)) if s)
     return said, paper
 
 

@@ -97,7 +97,12 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
         Step(
             "pairs",
             pairs_title(fd),
-            _p(C.flagged_sentence(fd, below_null(cache)), C.closeness_text(fd)),
+            _p(
+                C.flagged_sentence(fd, below_null(cache)),
+                C.PAPER_COMPARISON,
+                C.closeness_text(fd),
+                C.ranked_text(fd),
+            ),
             figure=sets,
             figure_name=f"{cache.name}-closeness-task-vs-control-sets",
             figure_title="Closeness to harmful features: task-specific against control-specific features",

@@ -482,3 +482,31 @@ def test_not_isotropic_only_when_the_calibrated_null_is_higher(notask_cache: Pat
         f"({cov * 1.1:.3f}, the isotropic null): this cache does not show the decoder's directions sitting closer "
         "to each other than uniform ones."
     ) in null_step
+
+
+def test_ranked_comparison_is_exploratory_and_backed(notask_cache: Path, tmp_path: Path) -> None:
+    """closeness.json's ranked comparison is quoted as exploratory; a directional ranked verdict its own interval
+    does not back is not repeated."""
+    cache = tmp_path / "notask"
+    shutil.copytree(notask_cache, cache)
+    r = json.loads((cache / schema.CLOSENESS).read_text())
+    ranked = {**r["ranked"], "verdict": "inducing_closer", "ci": [0.01, 0.04], "p_permutation": 0.001}
+    write_closeness(cache, {**r, "ranked": ranked})
+    pairs = {s.key: plain(s.lead) for s in build_result_story(load_cache(cache))}["pairs"]
+    n = ranked["n"]
+    claim = f"Exploratory, sets by rank rather than by significance: in this cache, the {n} most task-leaning features"
+    assert (
+        f"{claim} (highest task score) sit closer to harmful features than the {n} most control-leaning"
+        in pairs
+    )
+    write_closeness(cache, {**r, "ranked": {**ranked, "ci": [-0.01, 0.04]}})
+    pairs = {s.key: plain(s.lead) for s in build_result_story(load_cache(cache))}["pairs"]
+    assert "sit closer to harmful features than the" not in pairs
+    assert (
+        "Exploratory, sets by rank rather than by significance: closeness.json says task-specific features sit "
+        "closer to harmful features, but its own numbers do not back that (95% CI -0.010 to +0.040, p = 0.001 "
+        "against alpha 0.05), so the story does not repeat the claim"
+    ) in pairs
+    write_closeness(cache, {k: v for k, v in r.items() if k != "ranked"})  # older files: no ranked comparison
+    pairs = {s.key: plain(s.lead) for s in build_result_story(load_cache(cache))}["pairs"]
+    assert "Exploratory" not in pairs

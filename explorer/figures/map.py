@@ -37,7 +37,8 @@ COLOR_MODES = {
 
 @dataclass(frozen=True)
 class Selection:
-    """The highlighted task feature and its neighbours on the map (ids, cosines, harmful flags)."""
+    """The highlighted feature and its neighbours on the map (ids, cosines, harmful flags); drawn by role
+    (style.role_of) when the frame has is_task / is_harmful."""
 
     feature: int
     neighbours: Sequence[int]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -27,22 +25,20 @@ import torch
 from precompute.atomic import write_atomic, write_text_atomic
 from precompute.data.plan import CorpusPlan
 from precompute.data.split import (
-    DOCUMENT_HASH_HEX,
     DOCUMENTS_KEY,
-    TRAINED_DOCUMENTS_KEY,
     TRAINING_REPORT,
-    document_hash,
-    documents_digest,
-    split_record,
 )
-from precompute.errors import FeatureGeomError
+from precompute.errors import ConfigError, FeatureGeomError
 from precompute.model.hooks import HookPoint, HookReader
 from precompute.model.load import LoadedModel
 from precompute.options import Command
-from precompute.provenance import library_versions, sha256_of
+from precompute.pipeline.distributed import World, barrier, start, stop, world_from_env
+from precompute.provenance import sha256_of
 from precompute.sae.base import SAE
 from precompute.training.config import TrainSAEConfig
 from precompute.training.evaluation import evaluate, log10_sparsity
+from precompute.training.parallel import Reducer
+from precompute.training.report import corpus_record, documents_record, machine_record
 from precompute.training.store import (
     STORE_FILE,
     STORE_PROGRESS,
@@ -206,25 +202,33 @@ def _collect_and_train(
     signatures: tuple[str, str],
     device: torch.device,
     say: Callable[..., None],
+    world: World = World(),
 ) -> _Trained:
     """Collect the training activations into the store (resumable), then train (resumable)."""
     signature, data_signature = signatures
     d_in = loaded.d_model
     t_collect = time.perf_counter()
     reader = HookReader(loaded.model, hook)
-    store = harvest_store(
-        train_plan,
-        reader,
-        loaded.tokenizer,
-        work,
-        d_in,
-        cfg.harvest_batch_size,
-        device,
-        cfg.store_dtype,
-        cfg.corpus_seed,
-        cfg.progress,
-        data_signature,
-    )
+
+    def collect() -> np.ndarray:
+        return harvest_store(
+            train_plan,
+            reader,
+            loaded.tokenizer,
+            work,
+            d_in,
+            cfg.harvest_batch_size,
+            device,
+            cfg.store_dtype,
+            cfg.corpus_seed,
+            cfg.progress and world.main,
+            data_signature,
+        )
+
+    # rank 0 writes the store; the others open it once it is complete
+    store = collect() if world.main else None
+    barrier(world)
+    store = collect() if store is None else store
     collect_s = time.perf_counter() - t_collect
     n_rows = int(store.shape[0])
     data: np.ndarray | torch.Tensor = store
@@ -239,6 +243,7 @@ def _collect_and_train(
         f"({total_steps * cfg.batch_size / n_rows:.2f} epochs), d_sae {cfg.d_sae}, k {cfg.k}, lr {lr:g}"
     )
     trainer = TopKSAETrainer(d_in, cfg.d_sae, cfg.k, cfg.aux_k, cfg.aux_coef, cfg.dead_after_tokens, cfg.seed)
+    trainer.reduce = Reducer(world)
     trainer.init_from_sample(sample_rows(data, 32768, cfg.seed), cfg.init_b_dec)
     result = fit(
         trainer,
@@ -282,35 +287,6 @@ def _evaluate(
     return metrics, time.perf_counter() - t_eval
 
 
-def _corpus_record(
-    cfg: TrainSAEConfig, corpus_hashes: list[str], train_plan: CorpusPlan, held_plan: CorpusPlan
-) -> list[dict[str, Any]]:
-    return [
-        {
-            **src.to_dict(),
-            "sha256": corpus_hashes[i],
-            "train_tokens": train_plan.tokens_per_source[i],
-            "heldout_tokens": held_plan.tokens_per_source[i],
-            "train_documents": train_plan.stats[i].documents,
-            "heldout_documents": held_plan.stats[i].documents,
-        }
-        for i, src in enumerate(cfg.corpus)
-    ]
-
-
-def _documents_record(cfg: TrainSAEConfig, train_plan: CorpusPlan, held_plan: CorpusPlan) -> dict[str, Any]:
-    """Which documents the SAE saw, by content hash, so a cache can prove it scores none of them."""
-    train = sorted({document_hash(d)[:DOCUMENT_HASH_HEX] for d in train_plan.documents})
-    held = sorted({document_hash(d)[:DOCUMENT_HASH_HEX] for d in held_plan.documents})
-    return {
-        **split_record(cfg.document_split, cfg.scoring_fraction),
-        "hash": f"first {DOCUMENT_HASH_HEX} hex digits of the sha256 of each document's content",
-        TRAINED_DOCUMENTS_KEY: train,
-        "heldout_sha256": held,
-        "train_digest": documents_digest(train),
-    }
-
-
 def _training_record(cfg: TrainSAEConfig, trained: _Trained, heldout_tokens: int) -> dict[str, Any]:
     return {
         "d_sae": cfg.d_sae,
@@ -334,30 +310,36 @@ def _training_record(cfg: TrainSAEConfig, trained: _Trained, heldout_tokens: int
     }
 
 
-def _machine(device: torch.device) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        **library_versions(("torch",)),
-    }
-
-
 # ============================================================================ the commands
 def run(cfg: TrainSAEConfig) -> int:
-    """Train, evaluate and write the SAE that `cfg` describes (or re-score it with --eval-only)."""
+    """Train, evaluate and write the SAE that `cfg` describes (or re-score it with --eval-only); under
+    torchrun, data parallel (precompute/training/parallel.py)."""
+    if cfg.eval_only:
+        return eval_only(cfg)
+    world = world_from_env()
+    if world.parallel and cfg.batch_size % world.size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} does not split over {world.size} processes; use a multiple of {world.size}"
+        )
+    start(world, cfg.device)
+    try:
+        return _train_and_write(cfg, world)
+    finally:
+        stop(world)
+
+
+def _train_and_write(cfg: TrainSAEConfig, world: World) -> int:
+    """`run` in each process; under torchrun rank 0 alone checks, evaluates and writes (parallel.py)."""
     from precompute.cache import write_dir_atomic
     from precompute.model.hooks import resolve_hook
     from precompute.model.load import load_model, resolve_device
     from precompute.sae.formats.saelens import save_saelens
 
-    if cfg.eval_only:
-        return eval_only(cfg)
     out, work = Path(str(cfg.out)), cfg.resolved_work_dir()
-    say = print if cfg.progress else (lambda *a, **k: None)
-    _check_output(cfg, out, work)
+    say = print if cfg.progress and world.main else (lambda *a, **k: None)
+    if world.main:
+        _check_output(cfg, out, work)
+    barrier(world)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
 
@@ -376,10 +358,13 @@ def run(cfg: TrainSAEConfig) -> int:
     )
     signature = _signature(cfg, loaded.describe(), corpus_hashes, d_in)
     data_signature = _signature(cfg, loaded.describe(), corpus_hashes, d_in, data_only=True)
-    _claim_work_dir(work, signature, cfg)
+    if world.main:
+        _claim_work_dir(work, signature, cfg)
     trained = _collect_and_train(
-        cfg, loaded, hook, train_plan, work, (signature, data_signature), device, say
+        cfg, loaded, hook, train_plan, work, (signature, data_signature), device, say, world
     )
+    if not world.main:
+        return 0
 
     meta = {
         "model_name": loaded.name,
@@ -413,8 +398,8 @@ def run(cfg: TrainSAEConfig) -> int:
         "config": cfg.to_dict(),
         "model": loaded.describe(),
         "hook": hook.describe(),
-        "corpus": _corpus_record(cfg, corpus_hashes, train_plan, held_plan),
-        DOCUMENTS_KEY: _documents_record(cfg, train_plan, held_plan),
+        "corpus": corpus_record(cfg, corpus_hashes, train_plan, held_plan),
+        DOCUMENTS_KEY: documents_record(cfg, train_plan, held_plan),
         "training": training,
         "eval": metrics,
         "timing": {
@@ -424,7 +409,7 @@ def run(cfg: TrainSAEConfig) -> int:
             "total_s": total_s,
             "resumed_from_step": trained.result.resumed_from,
         },
-        "machine": _machine(device),
+        "machine": machine_record(device),
         "curve": trained.result.curve,
     }
 

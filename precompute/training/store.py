@@ -73,8 +73,13 @@ class ShuffledBatches:
             self._perm, self._epoch = self.permutation(epoch), epoch
         return self._perm[j * self.batch_size : (j + 1) * self.batch_size]
 
-    def batch(self, step: int) -> torch.Tensor:
+    def batch(self, step: int, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """The rows of `step`; `part` (rank, ranks): that rank's equal slice of them (torchrun)."""
         idx = self.indices(step)
+        rank, ranks = part
+        if ranks > 1:
+            size = self.batch_size // ranks
+            idx = idx[rank * size : (rank + 1) * size]
         if isinstance(self.data, torch.Tensor):
             return self.data[torch.from_numpy(idx)].float()
         return torch.from_numpy(np.asarray(self.data[np.sort(idx)], dtype=np.float32))

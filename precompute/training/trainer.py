@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,12 @@ from tqdm import tqdm
 from precompute.atomic import write_atomic
 from precompute.errors import FeatureGeomError
 from precompute.sae.base import SAE
+from precompute.training.parallel import LOCAL, Reducer
+from precompute.training.schedule import ADAM_EPS, default_warmup, lr_lambda, make_optimizer
 from precompute.training.store import ShuffledBatches
 
-ADAM_EPS = 6.25e-10  # Gao et al. 2024
 CHECKPOINT = "checkpoint.pt"
+__all__ = ["ADAM_EPS", "CHECKPOINT", "TopKSAETrainer", "default_warmup", "fit", "lr_lambda", "make_optimizer"]
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -126,6 +127,7 @@ class TopKSAETrainer(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
         self.register_buffer("norm_factor", torch.ones(()))
+        self.reduce: Reducer = LOCAL  # under torchrun: sums over the ranks (precompute.training.parallel)
 
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
@@ -153,7 +155,7 @@ class TopKSAETrainer(torch.nn.Module):
             top = pre.topk(self.k, dim=1)
         vals = _SparseEncode.apply(x_c, self.W_enc, self.b_enc, top.indices, top.values).relu()
         recon = F.embedding_bag(top.indices, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
-        total_var = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        total_var = self._spread(x).clamp_min(1e-12)
         err = x - recon
         fvu = err.pow(2).sum() / total_var
         loss = fvu
@@ -168,9 +170,7 @@ class TopKSAETrainer(torch.nn.Module):
             ).relu()
             aux_recon = F.embedding_bag(aux_top.indices, self.W_dec, per_sample_weights=aux_vals, mode="sum")
             target = err.detach()
-            aux = (aux_recon - target).pow(2).sum() / (target - target.mean(dim=0)).pow(2).sum().clamp_min(
-                1e-12
-            )
+            aux = (aux_recon - target).pow(2).sum() / self._spread(target).clamp_min(1e-12)
             aux = aux.nan_to_num(0.0)
             loss = loss + self.aux_coef * aux
         info = {
@@ -181,6 +181,14 @@ class TopKSAETrainer(torch.nn.Module):
             "n_dead": n_dead,
         }
         return loss, info
+
+    def _spread(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ‖t_i − mean‖² over the batch; under torchrun over every rank's part of it."""
+        if not self.reduce.world.parallel:
+            return (t - t.mean(dim=0)).pow(2).sum()
+        n = self.reduce.sum(torch.tensor(float(t.shape[0]), device=t.device))
+        mean = self.reduce.sum(t.detach().sum(dim=0)) / n
+        return self.reduce.sum((t.detach() - mean).pow(2).sum())
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -198,7 +206,11 @@ class TopKSAETrainer(torch.nn.Module):
     def update_dead(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=indices.device)
         fired[indices[values > 0]] = True
-        self.tokens_since_fired += indices.shape[0]
+        n = indices.shape[0]
+        if self.reduce.world.parallel:  # a latent is alive if it fired on any rank's rows
+            fired = self.reduce.sum(fired.to(torch.int32)) > 0
+            n = int(self.reduce.sum(torch.tensor(n, device=indices.device)))
+        self.tokens_since_fired += n
         self.tokens_since_fired[fired] = 0
 
     def step(
@@ -210,18 +222,31 @@ class TopKSAETrainer(torch.nn.Module):
         optimizer.zero_grad(set_to_none=True)
         loss, info = self(x)
         loss.backward()
+        self.reduce.grads(self.parameters())  # each rank's loss is its share of the whole batch's
         self.remove_parallel_grad()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         self.normalize_decoder()
         self.update_dead(info["indices"], info["values"])
+        active = (info["values"] > 0).sum(dim=1).float()
+        if self.reduce.world.parallel:
+            parts = self.reduce.sum(
+                torch.stack(
+                    [
+                        loss.detach(),
+                        info["fvu"],
+                        info["aux"],
+                        active.sum(),
+                        active.new_tensor(float(len(active))),
+                    ]
+                )
+            )
+            return StepStats(
+                float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3] / parts[4]), info["n_dead"]
+            )
         return StepStats(
-            float(loss.detach()),
-            float(info["fvu"]),
-            float(info["aux"]),
-            float((info["values"] > 0).sum(dim=1).float().mean()),
-            info["n_dead"],
+            float(loss.detach()), float(info["fvu"]), float(info["aux"]), float(active.mean()), info["n_dead"]
         )
 
     # ------------------------------------------------------------------ export
@@ -291,34 +316,6 @@ def geometric_median(points: torch.Tensor, iterations: int = 20, eps: float = 1e
             break
         median = new
     return median.float()
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, decay_fraction: float) -> Callable[[int], float]:
-    """Linear warm-up, constant, then linear decay to 0 over the last `decay_fraction` of steps."""
-    decay_start = int(total_steps * (1 - decay_fraction))
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if step >= decay_start and total_steps > decay_start:
-            return max(0.0, (total_steps - step) / (total_steps - decay_start))
-        return 1.0
-
-    return factor
-
-
-def make_optimizer(
-    trainer: TopKSAETrainer, lr: float, total_steps: int, warmup_steps: int, decay_fraction: float
-) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = torch.optim.Adam(trainer.parameters(), lr=lr, betas=(0.9, 0.999), eps=ADAM_EPS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, warmup_steps, decay_fraction)
-    )
-    return optimizer, scheduler
-
-
-def default_warmup(total_steps: int) -> int:
-    return max(1, min(1000, total_steps // 20))
 
 
 # ============================================================================ training loop
@@ -429,6 +426,7 @@ def fit(
     checkpoint (used by tests to simulate an interruption).
     """
     device = device or torch.device("cpu")
+    world = trainer.reduce.world
     trainer.to(device)
     optimizer, scheduler = make_optimizer(trainer, lr, total_steps, warmup_steps, decay_fraction)
     ckpt_path = work_dir / CHECKPOINT if work_dir else None
@@ -444,12 +442,17 @@ def fit(
         return state.elapsed + time.perf_counter() - t_start
 
     bar = tqdm(
-        total=total_steps, initial=start, desc="train", unit="step", disable=not progress, smoothing=0.05
+        total=total_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not (progress and world.main),
+        smoothing=0.05,
     )
     t_window = time.perf_counter()
     end = total_steps if stop_at is None else min(stop_at, total_steps)
     for step in range(start, end):
-        x = data.batch(step).to(device) * trainer.norm_factor
+        x = data.batch(step, (world.rank, world.size)).to(device) * trainer.norm_factor
         stats = trainer.step(x, optimizer, scheduler)
         if not math.isfinite(stats.loss):
             raise FeatureGeomError(
@@ -479,7 +482,8 @@ def fit(
             )
             state.window, t_window = [], now
         bar.update(1)
-        if ckpt_path is not None and (done % checkpoint_every == 0 or done == end):
+        # one writer; every rank resumed from the same file, and the collectives keep them in step
+        if ckpt_path is not None and world.main and (done % checkpoint_every == 0 or done == end):
             _save_checkpoint(ckpt_path, signature, done, trainer, optimizer, scheduler, state, seconds())
     bar.close()
     return TrainResult(trainer, max(start, end), state.curve, seconds(), state.resumed_from)

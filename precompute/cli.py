@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "precompute.lab.patch",
     "precompute.lab.triage",
     "precompute.export.command",
+    "precompute.explain.command",
 )
 
 

@@ -137,6 +137,7 @@ HELDOUT = "not in caches scored before held-out validation"
 TAXONOMY = "not in caches harvested before the harm taxonomy"
 DOC_HASHES = "not in caches harvested before the document split"
 LABELS = "not in caches built before the labels step"
+EXPLAINED = "only after featuregeom explain, for the features it explained"
 
 TABLES: dict[str, Table] = {
     FEATURES: Table(
@@ -176,7 +177,14 @@ TABLES: dict[str, Table] = {
             ("top_promoted", STRINGS, False, LOGIT_LENS),
             ("top_suppressed", STRINGS, False, LOGIT_LENS),
         )
-        + _cols("labels", ("label_source", STRING, True, LABELS)),
+        + _cols("labels", ("label_source", STRING, True, LABELS))
+        + _cols(
+            "explain",
+            ("auto_explanation", STRING, True, EXPLAINED),
+            ("auto_explanation_model", STRING, True, EXPLAINED),
+            ("auto_explanation_detection", FLOAT64, True, EXPLAINED),
+            ("auto_explanation_scored", INT64, True, EXPLAINED),
+        ),
     ),
     EXAMPLES: Table(
         EXAMPLES,

@@ -354,6 +354,11 @@ def _documents(rng: np.random.Generator, doc_group: np.ndarray, inject_html: boo
         docs.loc[: len(XSS_PAYLOADS) - 1, "text_preview"] = list(XSS_PAYLOADS)
     # a synthetic document's whole content is its preview
     docs["doc_sha256"] = [hashlib.sha256(t.encode()).hexdigest() for t in docs["text_preview"]]
+    # the whole document: its preview, then more text (payloads and all, with inject_html)
+    docs["text"] = pd.array(
+        [f"{t}\n\nIt goes on: {t} The end of document {i}." for i, t in enumerate(docs["text_preview"])],
+        dtype="string",
+    )
     return docs
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from precompute.cache import StagedCache
+from precompute.data.corpus import Document
 from precompute.data.plan import CorpusPlan
 from precompute.data.split import document_hash
 from precompute.data.taxonomy import unify
@@ -159,10 +160,23 @@ def write_documents(staged: StagedCache, plan: CorpusPlan) -> pd.DataFrame:
             "n_tokens": doc_tokens,
             "text_preview": [d.preview(300) for d in plan.documents],
             "doc_sha256": [document_hash(d) for d in plan.documents],
+            # the whole text, for the documents read: an example links to it (explorer)
+            "text": pd.Series(
+                [full_text(d) if n > 0 else None for d, n in zip(plan.documents, doc_tokens, strict=True)],
+                dtype=object,
+            ),
         }
     )
     docs.to_parquet(staged.path(DOCUMENTS), index=False)
     return docs
+
+
+def full_text(d: Document) -> str:
+    """A document's whole text as `Document.preview` shows it, uncut: chat messages as `role: content`
+    paragraphs."""
+    if d.messages:
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in d.messages)
+    return d.text or ""
 
 
 def write_rates(staged: StagedCache, agg: dict[str, Any], n: int, hist_bins: int) -> None:

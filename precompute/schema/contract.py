@@ -138,6 +138,7 @@ LOGIT_VALUES = "scores ran with the model, not in caches scored before logit val
 HELDOUT = "not in caches scored before held-out validation"
 TAXONOMY = "not in caches harvested before the harm taxonomy"
 DOC_HASHES = "not in caches harvested before the document split"
+DOC_TEXT = "not in caches harvested before full document text"
 LABELS = "not in caches built before the labels step"
 
 TABLES: dict[str, Table] = {
@@ -235,6 +236,7 @@ TABLES: dict[str, Table] = {
             ("n_tokens", INT64),
             ("text_preview", STRING),
             ("doc_sha256", STRING, False, DOC_HASHES),
+            ("text", STRING, True, DOC_TEXT),
         ),
     ),
     CATEGORY_RATES: Table(

@@ -246,7 +246,13 @@ def group_examples_block(
     found = E.group_examples(cache.examples_of(feature), group, category)
     rows = found.examples
     fires = f"It fires on {(crate if category else rate) * 100:.3g}% of the {where} tokens. "
-    if found.exact:
+    if found.exact and category:
+        how = (
+            f"Every stored example whose peak is on a {where} document, strongest first; “#k on {group}” ranks "
+            f"it among all {group} documents. The cache keeps a top per group, not per category, so this "
+            "lists what the group's top, the global top and the quantile samples hold of it."
+        )
+    elif found.exact:
         how = (
             f"The first are its top {found.per_group} contexts within {group} documents, ranked on {group} tokens "
             f"only; then every other stored example whose peak is on a {where} document, strongest first."

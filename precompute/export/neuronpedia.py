@@ -34,7 +34,8 @@ freq_hist_data_bar_heights = histograms.npz counts, _values = the bin midpoints 
 never fired); pos_str / neg_str = top_promoted / top_suppressed with their logits when the cache holds
 them (`top_promoted_values`, `top_suppressed_values`), else -10000; one Activation row per examples.parquet
 row (dataSource: the document's group/category, dataIndex: its doc_id; a quantile example's binMin/binMax
-is its activation interval); one Explanation row per non-empty `label` (stripped; typeName and
+is its activation interval; a per-group top example is a top example, left out when its context is
+already one); one Explanation row per non-empty `label` (stripped; typeName and
 explanationModelName null, since they must name rows of the instance's own tables; so where each label
 came from - `label_source`, e.g. computed from peak tokens - goes into our marker file, `label_sources`,
 which `featuregeom`'s importer reads back: a computed label re-imported stays computed, not

@@ -68,6 +68,7 @@ def test_harmful_documents_only_shows_the_group_top_first(synth_cache: Path, mon
     at.selectbox(key="feat_category").set_value(cat).run()
     assert not at.exception
     assert _shown_docs(html_text(at)) == [e["doc_id"] for e in expect if e["category"] == cat][:8]
+    assert "not per category" in " ".join(x.value for x in at.caption)  # it does not pose as a category top
     other = next(k for k in E.harm_categories(c, h, ex) if all(e["category"] != k for e in harmful))
     at.selectbox(key="feat_category").set_value(other).run()
     msgs = " ".join(i.value for i in at.info)

@@ -356,3 +356,21 @@ def test_logit_values_fall_back_to_the_webapps_missing_value_only_when_absent() 
     new = old | {"top_promoted_values": [np.array([2.5, 1.25], np.float32)]}
     assert _logits(new, "top_promoted", 0) == (["a", "b"], [2.5, 1.25])
     assert _logits({"top_promoted": [None], "top_promoted_values": [None]}, "top_promoted", 0) == ([], [])
+
+
+def test_reading_an_export_back_keeps_computed_labels_computed(labelled_cache, tmp_path):
+    """`featuregeom scores --neuronpedia DIR` on our own export: the imported labels stay `neuronpedia`, the
+    computed ones come back `peak_tokens` and the labels step recomputes them to the same text."""
+    import shutil
+
+    from precompute.pipeline.config import RunConfig
+    from precompute.pipeline.run import run_step
+
+    out = tmp_path / "np"
+    assert _export(labelled_cache, out) == 0
+    copy = tmp_path / "cache"
+    shutil.copytree(labelled_cache, copy)
+    run_step("scores", RunConfig.load(None, {"out": str(copy), "neuronpedia": str(out), "progress": False}))
+    assert sources_of(copy) == sources_of(labelled_cache)
+    run_step("labels", RunConfig.load(None, {"out": str(copy), "progress": False}))
+    assert labels_of(copy) == labels_of(labelled_cache) and sources_of(copy) == sources_of(labelled_cache)

@@ -153,6 +153,8 @@ def side_by_side(
     flagged = cache.overlaps[
         (cache.overlaps["task_feature"] == feature) & (cache.overlaps["harmful_feature"] == compare)
     ]
+    # one filter for both sides: e.g. each feature's evidence on harmful documents, side by side
+    group, category = evidence_filters(cache, feature, cache.examples_of(feature))
     a, b = st.columns(2, gap="large")
     for col, f, r, color in (
         (a, feature, row, F.HARM if role_of(row) == "harmful" else F.TASK),
@@ -163,7 +165,10 @@ def side_by_side(
             st.caption(
                 f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%"
             )
-            examples_block(cache, f, color, n_top, window)
+            if group == GROUP_ALL:
+                examples_block(cache, f, color, n_top, window)
+            else:
+                group_examples_block(cache, f, group, category, n_top, window, color)
             st.page_link(
                 state.PAGES["feature"],
                 label=f"Open #{f} alone",

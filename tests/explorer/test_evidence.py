@@ -196,3 +196,18 @@ def test_a_cache_written_before_the_evidence_says_what_it_lacks(
     assert not at.exception and not at.error
     text = " ".join(x.value for x in at.caption) + html_text(at)
     assert expect in text
+
+
+def test_side_by_side_filters_both_features_to_the_same_group(synth_cache: Path, monkeypatch) -> None:
+    c = load_cache(synth_cache)
+    t, h = c.default_pair()
+    at = run_page(
+        "views/feature.py", synth_cache, monkeypatch, feature=str(t), compare=str(h), group="harmful"
+    )
+    assert not at.exception and at.selectbox(key="feat_group").value == "harmful"
+    shown = _shown_docs(html_text(at))
+    expect = []
+    for f in (t, h):
+        rows = E.group_examples(c.examples_of(f), "harmful").examples
+        expect += [e["doc_id"] for e in rows[:8]] if c.features.loc[f, "freq_harmful"] > 0 else []
+    assert shown == expect and shown

@@ -52,6 +52,20 @@ def group_examples(examples: list[dict[str, Any]], group: str, category: str | N
     return GroupExamples(rows, has_group_top, per_group)
 
 
+def group_peaks(examples: list[dict[str, Any]], groups: list[str]) -> dict[str, float | None]:
+    """Each group's strongest stored activation (its #1 group_top example), None where the cache holds
+    no example of the group; empty for a cache without group_top rows."""
+    if not any(e.get("kind") == GROUP_TOP for e in examples):
+        return {}
+    best: dict[str, float | None] = dict.fromkeys(groups)
+    for e in examples:
+        g = e.get("group")
+        if e.get("kind") == GROUP_TOP and g in best:
+            v = float(e.get("max_activation") or 0.0)
+            best[g] = v if best[g] is None else max(v, best[g])  # type: ignore[type-var]
+    return best
+
+
 def harm_categories(cache: Any, feature: int, examples: list[dict[str, Any]]) -> list[str]:
     """The harm categories a reviewer can filter by: every category of the cache's harmful documents
     (documents.parquet), else those the feature's category rates or examples name; sorted."""

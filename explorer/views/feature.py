@@ -286,6 +286,28 @@ def group_examples_block(
         st.caption(f"{len(rows) - n_top} more — raise “examples shown”.")
 
 
+def peaks_caption(cache: CacheData, feature: int) -> None:
+    """'Strongest on each group: control 35.6 · task 34.7 · harmful 13.7 · general: never fires' — so a
+    global top from one group does not hide how the feature does on the others."""
+    peaks = E.group_peaks(cache.examples_of(feature), cache.groups)
+    if not peaks:
+        return
+    rates = cache.group_rates(feature)
+    parts = []
+    for g, v in sorted(peaks.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1.0)):
+        if v is not None:
+            parts.append(f"{g} {v:.1f}")
+        elif _finite(rates.get(g)) and rates[g] == 0:
+            parts.append(f"{g}: never fires")
+        else:
+            parts.append(f"{g}: no stored example")
+    st.caption(
+        "Strongest activation on each group: "
+        + " · ".join(parts)
+        + " (pick a group under “Documents” to see them)."
+    )
+
+
 def document_panel(cache: CacheData, feature: int) -> None:
     """The whole document of an example (URL `doc`, `ctx`), escaped, its context marked; a button closes it."""
     doc_id = state.qp_int("doc")
@@ -336,6 +358,7 @@ def single_feature(
             "Badges: the text group (and harm category) each example comes from."
         )
         if group == GROUP_ALL:
+            peaks_caption(cache, feature)
             examples_block(cache, feature, color, n_top, window)
         else:
             group_examples_block(cache, feature, group, category, n_top, window, color)

@@ -211,3 +211,20 @@ def test_side_by_side_filters_both_features_to_the_same_group(synth_cache: Path,
         rows = E.group_examples(c.examples_of(f), "harmful").examples
         expect += [e["doc_id"] for e in rows[:8]] if c.features.loc[f, "freq_harmful"] > 0 else []
     assert shown == expect and shown
+
+
+def test_the_all_view_names_each_groups_strongest_activation(synth_cache: Path, monkeypatch) -> None:
+    c = load_cache(synth_cache)
+    _, h = c.default_pair()
+    best: dict[str, float] = {}
+    for e in c.examples_of(h):
+        if e["kind"] == "group_top":
+            best[e["group"]] = max(best.get(e["group"], 0.0), e["max_activation"])
+    at = run_page("views/feature.py", synth_cache, monkeypatch, feature=str(h))
+    cap = next(x.value for x in at.caption if x.value.startswith("Strongest activation on each group"))
+    for g in c.groups:
+        assert (f"{g} {best[g]:.1f}" if g in best else f"{g}: ") in cap
+    order = [g for g, _ in sorted(best.items(), key=lambda kv: -kv[1])]
+    assert [cap.index(f"{g} {best[g]:.1f}") for g in order] == sorted(
+        cap.index(f"{g} {best[g]:.1f}") for g in order
+    )

@@ -245,14 +245,38 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
 
 
+EXTENDS = "extends"
+
+
+def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML config with its `extends = "base.toml"` chain resolved (the base's path is relative to the
+    file naming it): the base's keys first, then this file's, key by key, so a `[[corpus]]` list given
+    here replaces the base's whole list. Why: a GPU config is the demo's corpus with another model and
+    SAE, and should not copy 200 lines that then drift apart."""
+    where = Path(path).resolve()
+    if where in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, where))
+        raise ConfigError(f"config files extend each other in a loop: {chain}; remove one `extends`")
+    data = read_toml(path)
+    base = data.pop(EXTENDS, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f'{path}: `extends` must name a TOML file, e.g. extends = "demo.toml"')
+    base_path = Path(path).parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path} extends {base!r}, but {base_path} is not a file")
+    return {**read_config(base_path, (*_seen, where)), **data}
+
+
 def load_options(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
     """Build the options dataclass `cls` from a TOML file (keys = option names, dashes allowed, plus
-    `[[name]]` tables for `item` lists), then apply non-None `overrides` (flags); a list flag replaces
+    `[[name]]` tables for `item` lists, and `extends` naming a base file), then apply non-None `overrides` (flags); a list flag replaces
     the file's list.
 
     Every value is checked against the field's type and its metadata's range and choices; then the
     class's `validate()` (when it has one) checks what depends on several options."""
-    data: dict[str, Any] = read_toml(path) if path else {}
+    data: dict[str, Any] = read_config(path) if path else {}
     where = f" in {path}" if path else ""
     data = {k.replace("-", "_"): v for k, v in data.items()}
     hints = get_type_hints(cls)

@@ -7,6 +7,7 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as precompute/__init__.py: before torch is imported
 
 
 @pytest.fixture(scope="session")

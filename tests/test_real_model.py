@@ -72,3 +72,27 @@ def test_precompute_end_to_end_on_real_model_and_default_sae(tmp_path):
     assert features["top_promoted"].map(len).eq(10).all()
     # the harmful group is separable from benign prompts by some feature
     assert features["harm_score"].max() > 0.8
+
+
+def test_steering_playground_on_the_packaged_model(smollm):
+    """Steering along a feature's decoder direction makes that feature fire on the generated text of the
+    real model; strength 0 reproduces the plain greedy answer of `model.generate`."""
+    from precompute.lab.playground import PlaygroundRequest, run_playground
+    from precompute.model.hooks import resolve_hook
+    from precompute.sae.registry import load_sae_for_model
+
+    sae, _ = load_sae_for_model(str(DEFAULT_SAE), d_model=smollm.d_model, warn=lambda m: None)
+    hook = resolve_hook(smollm.model, sae.hook_name)
+    prompt = "Give me three tips for a job interview."
+    feature = 531
+    calm = run_playground(smollm, hook, sae, PlaygroundRequest(prompt, feature, 0.0, 10, (feature,)))
+    pushed = run_playground(smollm, hook, sae, PlaygroundRequest(prompt, feature, 0.3, 10, (feature,)))
+    text = smollm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = smollm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        plain = smollm.model.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert calm.unsteered.token_ids == plain[: len(calm.unsteered.token_ids)]
+    assert calm.steered.token_ids == calm.unsteered.token_ids
+    assert sum(pushed.steered.activations[feature]) > sum(calm.steered.activations[feature]) + 1.0

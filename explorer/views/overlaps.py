@@ -15,6 +15,7 @@ from explorer import state
 from explorer.data import CacheData, cache_findings
 from explorer.overlap_verdicts import verdicts_section
 from explorer.pair_status import BOTH, feature_accent, feature_kind, num, pair_status
+from explorer.playground_panel import playground_section
 from explorer.review_table import export_csv, export_json, history_table, merge_reviews
 from explorer.reviews import STATUSES, UNREVIEWED, ReviewError, ReviewStore
 from explorer.views import Page
@@ -394,6 +395,7 @@ def render() -> None:
     flagged = pair_view(cache, t, h)
     steering_section(cache, t, h)
     verdicts_section(cache, store, readable, t, h, flagged)
+    playground_section(cache, [t, h], key=f"pg:{t}:{h}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from precompute.data.split import (
     SCORING_FRACTION_HELP,
 )
 from precompute.options import load_options, option, options_dict, require
+from precompute.pipeline.shard_codec import COMPRESSIONS, VALUE_TYPES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -75,6 +76,18 @@ class RunConfig:
     )
     batch_size: int = option(16, low=1, bounds="[)", help="contexts per forward pass")
     batches_per_shard: int = option(8, low=1, bounds="[)", help="forward passes per activation shard")
+    shard_values: str = option(
+        "float32",
+        choices=VALUE_TYPES,
+        help="how activation shards store values: float32 is lossless; float16/bfloat16 halve the values' bytes "
+        "and record their largest error in params/harvest.json",
+    )
+    shard_compression: str = option(
+        "zlib",
+        choices=COMPRESSIONS,
+        help="compress activation shards (zlib level 1, ~8 µs/token of CPU); none for a GPU harvest that "
+        "outruns it",
+    )
     outlier_norm_factor: float = option(
         10.0,
         low=0,

@@ -144,6 +144,9 @@ class RunContext:
                     "batch_size": cfg.batch_size,
                     "batches_per_shard": cfg.batches_per_shard,
                     "outlier_norm_factor": cfg.outlier_norm_factor,
+                    # a resumed run must not mix shard encodings
+                    "shard_values": cfg.shard_values,
+                    "shard_compression": cfg.shard_compression,
                 },
             )
         return self._fingerprint

@@ -26,6 +26,7 @@ from precompute.model.hooks import HookReader, resolve_hook
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log
 from precompute.pipeline.features import merge_feature_columns
+from precompute.pipeline.shard_codec import CodecParams
 from precompute.pipeline.shards import (
     AggregateParams,
     HarvestParams,
@@ -43,6 +44,8 @@ PARAMS = (
     "max_tokens",
     "batch_size",
     "batches_per_shard",
+    "shard_values",
+    "shard_compression",
     "outlier_norm_factor",
     "top_k_examples",
     "top_k_per_group",
@@ -69,6 +72,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         batch_size=cfg.batch_size,
         batches_per_shard=cfg.batches_per_shard,
         outlier_norm_factor=cfg.outlier_norm_factor or None,
+        codec=CodecParams(cfg.shard_values, cfg.shard_compression),
     )
     reader = HookReader(lm.model, hook)
     timings = harvest_shards(

@@ -7,9 +7,11 @@ Phase 2 (`aggregate`) reads the shards only (no model): firing rates per group/c
 mean activation, histograms, top-k contexts and quantile samples per feature, with memory bounded
 by one shard plus per-feature state.
 
-Shard format (`harvest/shard-NNNNN.npz`), rows = counted token positions:
+Shard (`harvest/shard-NNNNN.npz`), rows = counted token positions, as `Shard.load` returns it:
   context_id int32 [N], position int32 [N], token_id int32 [N], doc_id int32 [N],
   indptr int64 [N+1], feature int32 [nnz], value float32 [nnz]   (CSR of the SAE activations)
+stored compactly (precompute.pipeline.shard_codec, format 2); format-1 shards (those arrays as they
+are) still load.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from precompute.data.plan import CorpusPlan
 from precompute.errors import CacheError
 from precompute.model.activations import iter_activations
 from precompute.model.hooks import HookReader
+from precompute.pipeline.shard_codec import CodecParams, CodecStats, decode, encode, is_compact
 from precompute.sae.base import SAE
 from precompute.schema import HARVEST_DIR
 
@@ -43,16 +47,29 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
 
 
-def _save_shard(path: Path, arrays: dict[str, Any]) -> None:
-    """One shard, on disk (fsync) before its name appears: a resumed run trusts every named shard."""
+def _save_shard(path: Path, arrays: dict[str, Any], codec: CodecParams) -> CodecStats:
+    """One shard, encoded (shard_codec), on disk (fsync) before its name appears: a resumed run trusts
+    every named shard."""
+    encoded, stats = encode(arrays, codec)
+    packed: dict[str, Any] = dict(encoded)  # np.savez's **kwargs typing would take a name for allow_pickle
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **packed)
             f.flush()
             os.fsync(f.fileno())
 
     write_atomic(path, write)
+    stats.bytes = path.stat().st_size
+    return stats
+
+
+def load_arrays(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """A shard's format-1 arrays (all, or `names`), whichever format it is stored in."""
+    with np.load(path) as z:
+        if is_compact(z.files):
+            return decode(z, names)
+        return {k: z[k] for k in (names or Shard.__dataclass_fields__)}
 
 
 @dataclass
@@ -61,6 +78,7 @@ class HarvestParams:
     batches_per_shard: int = 8
     exclude_first: bool = True
     outlier_norm_factor: float | None = 10.0
+    codec: CodecParams = field(default_factory=CodecParams)
 
 
 def harvest_shards(
@@ -93,7 +111,11 @@ def harvest_shards(
         disable=not progress,
         smoothing=0.1,
     )
-    timings = {"model_s": 0.0, "sae_s": 0.0, "tokens": 0}
+    timings: dict[str, Any] = {"model_s": 0.0, "sae_s": 0.0, "tokens": 0, "write_wait_s": 0.0}
+    written = CodecStats()
+    # encoding + compressing a shard (zlib and numpy release the GIL) overlaps the next shard's forwards
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fg-shard-writer")
+    pending: Future[CodecStats] | None = None
     for shard in range(done, n_shards):
         first, last = (
             shard * params.batches_per_shard,
@@ -136,7 +158,12 @@ def harvest_shards(
         row_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
         indptr = np.zeros(len(row_counts) + 1, dtype=np.int64)
         np.cumsum(row_counts, out=indptr[1:])
-        _save_shard(
+        if pending is not None:  # at most one shard in flight: memory stays one shard's worth
+            t3 = time.perf_counter()
+            written.add(pending.result())
+            timings["write_wait_s"] += time.perf_counter() - t3
+        pending = writer.submit(
+            _save_shard,
             work_dir / shard_name(shard),
             {
                 **{
@@ -147,8 +174,19 @@ def harvest_shards(
                 "feature": np.concatenate(feats) if feats else np.zeros(0, np.int32),
                 "value": np.concatenate(vals) if vals else np.zeros(0, np.float32),
             },
+            params.codec,
         )
+    if pending is not None:
+        written.add(pending.result())
+    writer.shutdown()
     bar.close()
+    timings["shard_encoding"] = {
+        **params.codec.__dict__,
+        "shards_written": n_shards - done,
+        "bytes_per_token": written.bytes / written.rows if written.rows else None,
+        "max_abs_error": written.max_abs_error,
+        "max_rel_error": written.max_rel_error,
+    }
     timings["shards"] = n_shards
     timings["resumed_from_shard"] = done
     return timings
@@ -180,8 +218,7 @@ class Shard:
 
     @classmethod
     def load(cls, path: Path) -> Shard:
-        with np.load(path) as z:
-            return cls(**{k: z[k] for k in cls.__dataclass_fields__})
+        return cls(**load_arrays(path))
 
     @property
     def n_rows(self) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from precompute.pipeline.shards import Shard
+from precompute.pipeline.shards import Shard, load_arrays
 
 SHARED_GROUPS = ("task", "control", "harmful", "benign")
 _META = ("doc_id", "context_id", "position", "token_id")
@@ -52,9 +52,9 @@ def read_token_rows(shard_paths: Sequence[Path]) -> TokenRows:
     parts: dict[str, list[np.ndarray]] = {k: [] for k in _META}
     sizes = [0]
     for path in shard_paths:
-        with np.load(path) as z:  # reads only these arrays, not the activations
-            for k in _META:
-                parts[k].append(z[k].astype(np.int64))
+        rows = load_arrays(path, _META)  # only these arrays: the activations are not decompressed
+        for k in _META:
+            parts[k].append(rows[k].astype(np.int64))
         sizes.append(len(parts["doc_id"][-1]))
     cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in parts.items()}
     return TokenRows(

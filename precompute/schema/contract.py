@@ -295,14 +295,19 @@ ARCHIVES: dict[str, Archive] = {
     SHARDS: Archive(
         SHARDS,
         "harvest",
-        (
-            Array("context_id", "int32", ("N",)),
-            Array("position", "int32", ("N",)),
-            Array("token_id", "int32", ("N",)),
-            Array("doc_id", "int32", ("N",)),
-            Array("indptr", "int64", ("N+1",)),
-            Array("feature", "int32", ("nnz",)),
-            Array("value", "float32", ("nnz",)),
+        tuple(
+            Array(name, "uint8", ("bytes",))
+            for name in (
+                "header",
+                "run_context",
+                "run_doc",
+                "run_rows",
+                "position",
+                "token_id",
+                "row_nnz",
+                "feature",
+                "value",
+            )
         ),
         internal=True,
     ),

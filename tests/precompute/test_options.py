@@ -82,6 +82,40 @@ def test_precedence_default_then_file_then_flag(tmp_path):
     assert options_dict(cfg)["items"] == [{"path": "b", "group": "benign"}]
 
 
+def test_extends_reads_the_base_then_the_file_key_by_key(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "b.toml").write_text(
+        'steps = 20\nmode = "exact"\nseed = 4\n[[items]]\npath = "a"\n[[items]]\npath = "b"\n'
+    )
+    (tmp_path / "mid.toml").write_text('extends = "base/b.toml"\nseed = 5\nname = "mid"\n')
+    (tmp_path / "top.toml").write_text(
+        'extends = "mid.toml"\nsteps = 30\n[[items]]\npath = "c"\ngroup = "benign"\n'
+    )
+    cfg = load_options(Example, tmp_path / "top.toml", {"seed": 9})
+    # a key in the file beats its base, a [[list]] replaces the base's whole list, a flag beats both
+    assert (cfg.steps, cfg.mode, cfg.seed, cfg.name) == (30, "exact", 9, "mid")
+    assert cfg.items == [Item("c", "benign")]
+    assert load_options(Example, tmp_path / "mid.toml").items == [Item("a"), Item("b")]
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a.toml": 'extends = "b.toml"', "b.toml": 'extends = "a.toml"'}, "extend each other in a loop"),
+        ({"a.toml": 'extends = "a.toml"'}, "extend each other in a loop"),
+        ({"a.toml": 'extends = "gone.toml"'}, "extends 'gone.toml', but"),
+        ({"a.toml": "extends = 3"}, "`extends` must name a TOML file"),
+        ({"a.toml": 'extends = "b.toml"', "b.toml": "steps = 0"}, "--steps must be in [1, inf)"),
+    ],
+)
+def test_bad_extends_is_one_clear_error(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_options(Example, tmp_path / "a.toml")
+    assert message in str(exc.value)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

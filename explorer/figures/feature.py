@@ -21,6 +21,7 @@ from explorer.figures.style import (
     base_layout,
     esc,
     rgba,
+    role_of,
     show_token,
 )
 
@@ -232,7 +233,13 @@ def token_chips_html(tokens: Sequence[Any], color: str, title: str) -> str:
 def feature_header_html(row: dict[str, Any], role: str | None = None, accent: str | None = None) -> str:
     """Title block of a feature: id, label, role/flags, explanation. `accent` overrides the stripe's
     colour; accent "both" draws a red and a blue stripe (a feature both harmful and task)."""
-    color = accent or (HARM if role == "harmful" or (role is None and row.get("is_harmful")) else TASK)
+    color = accent or (
+        "both"
+        if role_of(row) == "both"
+        else HARM
+        if role == "harmful" or (role is None and row.get("is_harmful"))
+        else TASK
+    )
     stripe = f"{HARM};box-shadow:-5px 0 0 {TASK}" if color == "both" else color
     flags = []
     if row.get("is_task"):

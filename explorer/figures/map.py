@@ -11,7 +11,19 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from explorer.figures.style import CATEGORY_COLORS, HARM, INK, TASK, base_layout, esc
+from explorer.figures.style import (
+    BOTH,
+    CATEGORY_PALETTE,
+    NO_CATEGORY_COLOR,
+    TASK,
+    base_layout,
+    canonical_category,
+    esc,
+    role_color,
+    role_marker,
+    role_of,
+    titled,
+)
 
 HARM_SCALE = [[0.0, "#e5e7eb"], [0.5, "#e5e7eb"], [0.7, "#fca5a5"], [0.85, "#ef4444"], [1.0, "#7f1d1d"]]
 TASK_SCALE = [[0.0, "#e5e7eb"], [0.5, "#e5e7eb"], [0.7, "#93c5fd"], [0.85, "#3b82f6"], [1.0, "#1e3a8a"]]
@@ -25,7 +37,8 @@ COLOR_MODES = {
 
 @dataclass(frozen=True)
 class Selection:
-    """The highlighted task feature and its neighbours on the map (ids, cosines, harmful flags)."""
+    """The highlighted feature and its neighbours on the map (ids, cosines, harmful flags); drawn by role
+    (style.role_of) when the frame has is_task / is_harmful."""
 
     feature: int
     neighbours: Sequence[int]
@@ -94,6 +107,7 @@ def map_figure(
     max_points: int = 40000,
     height: int = 640,
     seed: int = 0,
+    title: str | None = None,
 ) -> go.Figure:
     """The UMAP of all features as a WebGL scatter, with the selection and its neighbours on top.
 
@@ -124,36 +138,7 @@ def map_figure(
     fade = 0.55 if selection is not None else 0.85  # the selection stands out against a muted map
     common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
     if col == "harm_category":
-        cats = sub["harm_category"].astype("string").fillna("").to_numpy(dtype=object)
-        none = cats == ""
-        fig.add_trace(
-            go.Scattergl(
-                x=sub["umap_x"].to_numpy()[none],
-                y=sub["umap_y"].to_numpy()[none],
-                text=hover[none],
-                customdata=ids[none],
-                name="no harm category",
-                marker={"size": marker_size, "color": "#d1d5db", "opacity": fade * 0.8},
-                **common,
-            )
-        )
-        for i, cat in enumerate(sorted(set(cats[~none]))):
-            m = cats == cat
-            fig.add_trace(
-                go.Scattergl(
-                    x=sub["umap_x"].to_numpy()[m],
-                    y=sub["umap_y"].to_numpy()[m],
-                    text=hover[m],
-                    customdata=ids[m],
-                    name=esc(cat),
-                    marker={
-                        "size": marker_size + 1,
-                        "color": CATEGORY_COLORS[i % len(CATEGORY_COLORS)],
-                        "opacity": fade,
-                    },
-                    **common,
-                )
-            )
+        _category_traces(fig, sub, hover, ids, marker_size, fade, common)
     else:
         vals = sub[col].to_numpy(dtype=np.float64)
         if col == "frequency":
@@ -188,14 +173,64 @@ def map_figure(
         )
     if selection is not None:
         _add_selection(fig, features, selection)
-    title = None
+    # the title says what the map shows, so a downloaded PNG does too (plain text; `titled` escapes it)
+    if title is None:
+        title = f"Feature map coloured by {color_by}" + (
+            f", feature #{selection.feature} selected with its neighbours above chance" if selection else ""
+        )
+    base_layout(fig, height, dragmode="pan", legend={"orientation": "h", "y": -0.02, "x": 0})
+    titled(fig, title)
     if decimated:
-        title = f"{len(idx):,} of {len(x):,} features drawn (full detail near the selection; grey = density of all)"
-    base_layout(fig, height, title=title, dragmode="pan", legend={"orientation": "h", "y": -0.02, "x": 0})
+        note = f"{len(idx):,} of {len(x):,} features drawn (full detail near the selection; grey = density of all)"
+        fig.update_layout(title_text=f"{fig.layout.title.text}<br><span style='font-size:12px'>{note}</span>")
+        fig.update_layout(margin={"t": 66})
     fig.update_xaxes(visible=False, range=[-1.08, 1.08])
     fig.update_yaxes(visible=False, range=[-1.08, 1.08])
     fig.update_layout(uirevision=f"map-{color_by}")
     return fig
+
+
+def _category_traces(
+    fig: go.Figure,
+    sub: pd.DataFrame,
+    hover: np.ndarray,
+    ids: np.ndarray,
+    marker_size: float,
+    fade: float,
+    common: dict[str, Any],
+) -> None:
+    """One trace per canonical harm category (precompute/data/taxonomy.py), in the taxonomy's order, each in
+    its fixed colour (style.CATEGORY_PALETTE) with the count in the legend; features without one lie below."""
+    raw = sub["harm_category"].astype("string").fillna("").to_numpy(dtype=object)
+    none = raw == ""
+    cats = np.array([canonical_category(c) if c else "" for c in raw], dtype=object)
+    ux, uy = sub["umap_x"].to_numpy(), sub["umap_y"].to_numpy()
+    fig.add_trace(
+        go.Scattergl(
+            x=ux[none],
+            y=uy[none],
+            text=hover[none],
+            customdata=ids[none],
+            name="no harm category",
+            marker={"size": marker_size, "color": NO_CATEGORY_COLOR, "opacity": fade * 0.8},
+            **common,
+        )
+    )
+    for cat, color in CATEGORY_PALETTE.items():
+        m = cats == cat
+        if not m.any():
+            continue
+        fig.add_trace(
+            go.Scattergl(
+                x=ux[m],
+                y=uy[m],
+                text=hover[m],
+                customdata=ids[m],
+                name=f"{esc(cat)} ({int(m.sum()):,})",
+                marker={"size": marker_size + 1, "color": color, "opacity": max(fade, 0.85)},
+                **common,
+            )
+        )
 
 
 def line_width(cos: float, threshold: float, lo: float = 1.0, hi: float = 9.0) -> float:
@@ -240,13 +275,30 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
                 name=f"edges {'harmful' if h else 'other'} w{w:g}",
             )
         )
-    for harmful in (True, False):
-        grp = [(j, c) for j, c, h in shown if h == harmful]
+    roles = _roles(features, sel)
+    kinds = (
+        ("harmful neighbour", "harmful"),
+        ("task and harmful neighbour", BOTH),
+        ("other neighbour", None),
+    )
+    for name, kind in kinds:
+        # harmful as the selection says; a harmful neighbour that is also a task feature gets the both-marker
+        grp = [
+            (j, c)
+            for j, c, h in shown
+            if ((BOTH if roles.get(j) == BOTH else "harmful") if h else None) == kind
+        ]
         if not grp:
             continue
         ids = np.array([j for j, _ in grp])
         cs = np.array([c for _, c in grp])
         text = [f"{hover[j]}<br><b>cosine {c:.3f}</b> to #{sel.feature}" for j, c in grp]
+        size = 10 + 10 * np.clip((cs - sel.threshold) / max(1e-9, 1 - sel.threshold), 0, 1)
+        marker = (
+            {**role_marker(kind), "size": size}
+            if kind
+            else {"size": size, "color": "white", "line": {"width": 2, "color": "#475569"}}
+        )
         fig.add_trace(
             go.Scattergl(
                 x=x[ids],
@@ -255,14 +307,13 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
                 text=text,
                 customdata=ids,
                 hovertemplate="%{text}<extra></extra>",
-                name="harmful neighbour" if harmful else "other neighbour",
-                marker={
-                    "size": 10 + 10 * np.clip((cs - sel.threshold) / max(1e-9, 1 - sel.threshold), 0, 1),
-                    "color": HARM if harmful else "white",
-                    "line": {"width": 2, "color": INK if harmful else "#475569"},
-                },
+                name=name,
+                marker=marker,
             )
         )
+    me = roles.get(sel.feature, "task")
+    color = role_color(me)
+    edge = {"width": 3, "color": TASK} if me == BOTH else {"width": 2, "color": "white"}
     fig.add_trace(
         go.Scattergl(
             x=[x0],
@@ -272,7 +323,7 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
             customdata=[sel.feature],
             hovertemplate="%{text}<extra>selected</extra>",
             name=f"selected #{sel.feature}",
-            marker={"size": 24, "symbol": "star", "color": TASK, "line": {"width": 2, "color": "white"}},
+            marker={"size": 24, "symbol": "star", "color": color, "line": edge},
         )
     )
     fig.add_annotation(
@@ -283,9 +334,21 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
         arrowhead=0,
         ax=-38,
         ay=-34,
-        font={"color": TASK, "size": 14},
+        font={"color": color, "size": 14},
         bgcolor="rgba(255,255,255,0.85)",
-        bordercolor=TASK,
+        bordercolor=color,
         borderwidth=1,
         borderpad=3,
     )
+
+
+def _roles(features: pd.DataFrame, sel: Selection) -> dict[int, str]:
+    """The role (style.role_of) of the selected feature and of its harmful neighbours, from is_task /
+    is_harmful when the frame has them. Without them the selection is drawn as a task feature (the map's
+    first meaning) and a neighbour as `sel.harmful` says."""
+    if "is_task" not in features or "is_harmful" not in features:
+        return {}
+    task = features["is_task"].to_numpy(dtype=bool)
+    harm = features["is_harmful"].to_numpy(dtype=bool)
+    ids = [sel.feature, *map(int, sel.neighbours)]
+    return {j: role_of({"is_task": task[j], "is_harmful": harm[j]}) for j in ids}

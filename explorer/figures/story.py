@@ -8,7 +8,17 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from explorer.figures.style import HARM, HARM_LIGHT, INK, NEUTRAL, TASK, TASK_LIGHT, base_layout, esc
+from explorer.figures.style import (
+    HARM,
+    HARM_LIGHT,
+    INK,
+    NEUTRAL,
+    TASK,
+    TASK_LIGHT,
+    base_layout,
+    category_color,
+    esc,
+)
 
 
 def _cosine_bars(names: list[str], vals: list[float], colors: list[str], digits: int) -> go.Figure:
@@ -32,9 +42,11 @@ def closeness_figure(
     typical: float | None = None,
     height: int = 300,
     null_label: str = "chance level",
+    pair_name: str = "this pair",
 ) -> go.Figure:
     """How close a pair is compared to chance: pair cosine vs the null threshold (and a typical pair);
-    `null_label` names the null (e.g. 'covariance null')."""
+    `null_label` names the null (e.g. 'covariance null'); `pair_name` (our own text, escaped here) names the pair
+    by what it is shown to be, never by a role the cache does not back."""
     names = [f"random directions<br>({null_label})"]
     vals = [null_cosine]
     colors = [NEUTRAL]
@@ -42,7 +54,7 @@ def closeness_figure(
         names.append("a typical feature's<br>nearest neighbour")
         vals.append(typical)
         colors.append("#cbd5e1")
-    names.append("this task feature ↔<br>its harmful neighbour")
+    names.append(esc(pair_name).replace("&lt;br&gt;", "<br>"))
     vals.append(cosine)
     colors.append(HARM)
     fig = _cosine_bars(names, vals, colors, digits=2)
@@ -213,7 +225,7 @@ def category_counts_figure(counts: list[tuple[str, int]], height: int = 320) -> 
             x=[n for _, n in counts],
             y=[esc(c) for c, _ in counts],
             orientation="h",
-            marker_color=HARM,
+            marker_color=[category_color(c) for c, _ in counts],  # the map's colour for each category
             hovertemplate="%{y}: %{x} harmful features<extra></extra>",
         )
     )

@@ -17,7 +17,10 @@ esc = F.esc
 
 @dataclass
 class Step:
-    """One slide: title (plain text), lead (safe HTML), an optional figure and optional safe HTML."""
+    """One slide: title (plain text), lead (safe HTML), an optional figure and optional safe HTML.
+
+    `figure_title` (plain text) is drawn on the figure, so its PNG/SVG download says what it shows on its own;
+    `figure_name` is the download's file name, naming the feature(s) it shows (`feature-12-map`)."""
 
     key: str
     title: str
@@ -25,6 +28,11 @@ class Step:
     figure: go.Figure | None = None
     body: str | None = None
     figure_name: str = "figure"
+    figure_title: str = ""
+
+    def __post_init__(self) -> None:
+        if self.figure is not None and self.figure_title:
+            F.titled(self.figure, self.figure_title)
 
 
 def label_of(row: dict[str, Any]) -> str:
@@ -49,15 +57,28 @@ def model_name(manifest: dict[str, Any]) -> str:
     return esc(f"{name} (with a fine-tuned adapter)" if m.get("adapter") else name)
 
 
-def two_columns(left: str, right: str, left_title: str, right_title: str) -> str:
-    """Side-by-side HTML (titles are escaped by the caller's helpers: they are our own text + escaped labels)."""
+def two_columns(
+    left: str,
+    right: str,
+    left_title: str,
+    right_title: str,
+    left_row: Any = "task",
+    right_row: Any = "harmful",
+) -> str:
+    """Side-by-side HTML (titles are escaped by the caller's helpers: they are our own text + escaped labels);
+    each column's title is coloured and striped by what its feature is (style's one colour rule)."""
     col = "flex:1 1 420px;min-width:320px"
+
+    def head(row: Any, title: str) -> str:
+        return (
+            f'<div style="font-weight:650;color:{F.role_color(row)};margin-bottom:4px;padding-left:8px;'
+            f'{F.role_stripe(row)}">{title}</div>'
+        )
+
     return (
         f'<div style="display:flex;gap:28px;flex-wrap:wrap">'
-        f'<div style="{col}"><div style="font-weight:650;color:{F.TASK};margin-bottom:4px">{left_title}</div>'
-        f"{left}</div>"
-        f'<div style="{col}"><div style="font-weight:650;color:{F.HARM};margin-bottom:4px">{right_title}</div>'
-        f"{right}</div></div>"
+        f'<div style="{col}">{head(left_row, left_title)}{left}</div>'
+        f'<div style="{col}">{head(right_row, right_title)}{right}</div></div>'
     )
 
 
@@ -92,7 +113,7 @@ def story_html(steps: list[Step], title: str, subtitle: str = "") -> str:
                 s.figure.to_html(
                     full_html=False,
                     include_plotlyjs=False,
-                    config=F.plotly_config("svg", s.figure_name),
+                    config=F.plotly_config("png", s.figure_name),
                     div_id=f"fig-{i}",
                 )
             )

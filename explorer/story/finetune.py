@@ -225,7 +225,8 @@ def finetune_result_step(cache: CacheData) -> Step | None:
         "What fine-tuning did",
         " ".join(sentences),
         figure=fig,
-        figure_name="finetune-result",
+        figure_name=f"{cache.name}-finetune-result",
+        figure_title="Change in the harmful features nearest the task features after each fine-tune (95% CI)",
     )
 
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from explorer import claims as C
 from explorer import figures as F
-from explorer.data import CacheData
+from explorer.data import CacheData, cache_findings
 from explorer.story.base import Step, esc, label_of, model_name, two_columns
 from explorer.story.finetune import finetune_result_step, finetune_withheld
 
@@ -38,16 +39,18 @@ def is_flagged(cache: CacheData, task: int, harmful: int) -> bool:
     return bool(((o["task_feature"] == task) & (o["harmful_feature"] == harmful)).any())
 
 
-def group_share(examples: list[dict[str, Any]], group: str) -> str:
-    """'3 of 4 come from task text' for the examples shown ('' when there are none)."""
-    if not examples:
-        return ""
-    k = sum(1 for e in examples if e.get("group") == group)
-    return f"{k} of {len(examples)} from {group} text"
+def examples_in(examples: list[dict[str, Any]], group: str) -> list[dict[str, Any]]:
+    """The feature's examples from `group`'s documents, strongest first: the top examples in rank order, then
+    the quantile samples by activation (so 'on harmful requests' is said of harmful documents only)."""
+    top = [e for e in examples if e.get("group") == group and e.get("kind") == "top"]
+    rest = [e for e in examples if e.get("group") == group and e.get("kind") != "top"]
+    rest.sort(key=lambda e: -float(e.get("max_activation") or 0.0))
+    return top + rest
 
 
-def intro_step(cache: CacheData, feature: int, examples: list[dict[str, Any]], color: str = F.TASK) -> Step:
-    """'What is a feature?' with the followed feature's first examples."""
+def intro_step(cache: CacheData, feature: int, examples: list[dict[str, Any]]) -> Step:
+    """'What is a feature?' with the followed feature's first examples, in its role's colour."""
+    color = F.role_color(cache.row(feature))
     return Step(
         "feature",
         "What is a feature?",
@@ -71,6 +74,7 @@ def map_step(cache: CacheData, feature: int, who: str, max_points: int) -> Step:
         threshold=null,
     )
     above = int((nb["cosine"] >= null).sum())
+    role = F.role_of(cache.row(feature))
     lines = (
         f"the lines join it to its {above} neighbour{'s' if above != 1 else ''} above the chance level "
         f"{null:.3g} (thicker = closer)"
@@ -80,11 +84,20 @@ def map_step(cache: CacheData, feature: int, who: str, max_points: int) -> Step:
     return Step(
         "map",
         "The map: every feature is a dot",
-        "Features whose directions point the same way sit close together. Colour is the harm score: "
-        "<b style='color:#c81e1e'>red</b> dots fire more on harmful requests than on benign ones, grey ones "
-        f"no more. The <b style='color:#1d4ed8'>blue star</b> is {who}, and {lines}.",
-        figure=F.map_figure(cache.features, "harm score", sel, max_points=max_points, height=560),
-        figure_name=f"map-{feature}",
+        "Features whose directions point the same way sit close together. Colour is the harm score: the "
+        "<b style='color:#c81e1e'>redder</b> a dot, the more it fires on harmful requests than on benign ones; "
+        f"grey ones no more. The <b style='color:{F.role_color(role)}'>{F.ROLE_WORDS[role]} star</b> is {who}, and "
+        f"{lines}.",
+        figure=F.map_figure(
+            cache.features,
+            "harm score",
+            sel,
+            max_points=max_points,
+            height=560,
+            title=f"The feature map coloured by harm score, feature #{feature} starred with its neighbours above "
+            "chance",
+        ),
+        figure_name=f"feature-{feature}-map",
     )
 
 
@@ -101,56 +114,87 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
         raise ValueError(f"#{task} ↔ #{harmful} is not a flagged pair of this cache (overlaps.parquet)")
     t_row, h_row = cache.row(task), cache.row(harmful)
     cos = float(cache.pair(task, harmful)["cosine"])
-    n_task, n_flagged = int(cache.features["is_task"].sum()), len(cache.overlaps)
-    t_ex = [e for e in cache.examples_of(task) if e.get("kind") == "top"]
-    h_ex = [e for e in cache.examples_of(harmful) if e.get("kind") == "top"]
-    t_is = bool(t_row.get("is_task"))
-    h_is = bool(h_row.get("is_harmful"))
+    n_flagged = len(cache.overlaps)
+    t_all, h_all = cache.examples_of(task), cache.examples_of(harmful)
+    t_ex = [e for e in t_all if e.get("kind") == "top"]
+    t_is = C.fires_on_task(t_row)
     steps = [
         intro_step(cache, task, t_ex),
         map_step(cache, task, f"{'task ' if t_is else ''}feature #{task}", max_points),
     ]
-    passes = (
-        f"It is one of the {n_task:,} features that pass the task test."
-        if t_is
-        else "It does not pass the task test."
-    )
+    n_task = int(cache.features["is_task"].sum())
+    passes = f" It is one of the {n_task:,} features that pass the task test." if t_is else ""
     steps.append(
         Step(
             "task",
             f"A task feature: #{task}" if t_is else f"Feature #{task}",
             f"Feature #{task} — <b>{label_of(t_row)}</b> — has task score {t_row['task_score']:.2f}"
             f"{_bounds(t_row)}: 0.5 means it fires alike on the task text (the narrow data a model might be "
-            f"fine-tuned on) and on its control text, 1.0 that it fires only on task text. {passes} Here is "
-            f"where it fires, by kind of text, and its strongest examples:",
+            f"fine-tuned on) and on its control text, 1.0 that it fires only on task text. "
+            f"{esc(C.task_claim(t_row, task))}{passes} Here is where it fires, by kind of text, and its strongest examples:",
             figure=F.group_rates_figure(cache.group_rates(task), height=260),
-            body=F.examples_html(t_ex[:3], color=F.TASK, window=16),
-            figure_name=f"rates-{task}",
+            body=F.examples_html(t_ex[:3], color=F.role_color(t_row), window=16),
+            figure_name=f"feature-{task}-firing-by-text",
+            figure_title=f"Feature #{task}: share of tokens where it fires, by kind of text",
         )
     )
     steps.append(neighbour_step(cache, task, harmful, h_row, cos, n_flagged))
-    shown_t, shown_h = t_ex[:4], h_ex[:4]
-    said = [s for s in (group_share(shown_t, "task"), group_share(shown_h, "harmful")) if s]
-    steps.append(
-        Step(
-            "text",
-            "The text that makes each one fire",
-            f"Left: feature #{task}'s strongest examples; right: feature #{harmful}'s"
-            + (f" ({'; '.join(said)})" if said else "")
-            + ". The badge on each names the text it comes from. Hover a word to see the activation.",
-            body=two_columns(
-                F.examples_html(shown_t, color=F.TASK, window=14),
-                F.examples_html(shown_h, color=F.HARM, window=14),
-                f"{'task feature' if t_is else 'feature'} #{task}",
-                f"{'harmful feature' if h_is else 'feature'} #{harmful}",
-            ),
-        )
-    )
+    steps.append(text_step(task, harmful, t_all, h_all, t_row, h_row))
     steps.append(hypothesis_step(cache, task, harmful, cos))
     measured = finetune_result_step(cache)
     if measured is not None:
         steps.append(measured)
     return steps
+
+
+def text_step(
+    task: int,
+    harmful: int,
+    t_all: list[dict[str, Any]],
+    h_all: list[dict[str, Any]],
+    t_row: dict[str, Any],
+    h_row: dict[str, Any],
+) -> Step:
+    """Each feature's examples on its own kind of text: the task feature's on task text, the harmful one's on
+    harmful requests; where a feature has none there, its strongest examples, and the lead says so."""
+    t_is, h_is = C.fires_on_task(t_row), C.fires_on_harm(h_row)
+    t_on, h_on = examples_in(t_all, "task"), examples_in(h_all, "harmful")
+    t_top = [e for e in t_all if e.get("kind") == "top"]
+    h_top = [e for e in h_all if e.get("kind") == "top"]
+    t_name = f"{'task feature' if t_is else 'feature'} #{task}"
+    h_name = f"{'harmful feature' if h_is else 'feature'} #{harmful}"
+    said = []
+    if t_on:
+        left, left_title = t_on[:4], f"{t_name} on task text"
+        said.append(f"Left: feature #{task}'s strongest examples on task text")
+    else:
+        left, left_title = t_top[:4], f"{t_name}: strongest examples"
+        said.append(
+            f"Left: feature #{task}'s strongest examples (none of its stored examples comes from task text)"
+        )
+    if h_on:
+        right, right_title = h_on[:4], f"{h_name} on harmful requests"
+        said.append(f"right: feature #{harmful}'s strongest examples on harmful requests")
+    else:
+        right, right_title = h_top[:4], f"{h_name}: strongest examples"
+        said.append(
+            f"right: feature #{harmful}'s strongest examples. None of feature #{harmful}'s stored examples comes "
+            "from a harmful request, so none is shown as one"
+        )
+    return Step(
+        "text",
+        "The text that makes each one fire",
+        "; ".join(said)
+        + ". The badge on each names the text it comes from. Hover a word to see the activation.",
+        body=two_columns(
+            F.examples_html(left, color=F.role_color(t_row), window=14),
+            F.examples_html(right, color=F.role_color(h_row), window=14),
+            left_title,
+            right_title,
+            t_row,
+            h_row,
+        ),
+    )
 
 
 def neighbour_step(
@@ -160,45 +204,76 @@ def neighbour_step(
     null = cache.null_cosine
     ratio = cos / null if null > 0 and math.isfinite(cos) else float("nan")
     shaped = " shaped like this decoder" if cache.neighbors.null_kind == "covariance" else ""
-    above = math.isfinite(cos) and cos > null
-    cat = esc(h_row.get("harm_category")) or "harmful content"
-    fires = (
-        f"fires on harmful requests ({cat}; harm score {h_row['harm_score']:.2f})"
-        if h_row.get("is_harmful")
-        else f"has harm score {h_row['harm_score']:.2f} but does not pass the harm test"
-    )
+    above, h_is = C.closer_than_chance(cos, null), C.fires_on_harm(h_row)
+    noun = "harmful neighbour" if h_is else f"neighbour #{harmful}"
     return Step(
         "neighbour",
-        "Its harmful neighbour is closer than chance" if above else "Its harmful neighbour",
-        f"Feature #{harmful} — <b>{label_of(h_row)}</b> — {fires}. The two directions have cosine "
-        f"<b>{cos:.2f}</b>: <b>{ratio:.1f}×</b> the level random directions{shaped} reach by chance "
+        f"Its {noun} is closer than chance" if above else f"Its {noun}",
+        f"Feature #{harmful} — <b>{label_of(h_row)}</b> — {esc(C.harm_claim(h_row))}. The two directions have "
+        f"cosine <b>{cos:.2f}</b>: <b>{ratio:.1f}×</b> the level random directions{shaped} reach by chance "
         f"({null:.3g}, the {cache.null_label}); the pair is at least as close as the nearest neighbour of "
-        f"{percent_below(cache, cos)} of all features. It is one of the {n_flagged:,} (task, harmful) "
-        f"pair{'s' if n_flagged != 1 else ''} this cache flags.",
-        figure=F.closeness_figure(cos, null, typical_neighbour_cosine(cache), null_label=cache.null_label),
-        figure_name=f"closeness-{task}-{harmful}",
+        f"{percent_below(cache, cos)} of all features. "
+        + esc(C.closer_claim(cos, null, cache.null_label, n_flagged)),
+        figure=F.closeness_figure(
+            cos,
+            null,
+            typical_neighbour_cosine(cache),
+            null_label=cache.null_label,
+            pair_name=f"#{task} ↔<br>#{harmful}",
+        ),
+        figure_name=f"features-{task}-{harmful}-cosine-vs-chance",
+        figure_title=f"Features #{task} and #{harmful}: the cosine of their decoder directions against chance",
     )
+
+
+def shown_and_not(cache: CacheData, task: int, harmful: int, cos: float) -> tuple[str, str]:
+    """What this cache shows about the pair and the paper's comparison, and what it does not (plain text)."""
+    t_row, h_row = cache.row(task), cache.row(harmful)
+    shows: list[str] = []
+    lacks: list[str] = []
+    (shows if C.fires_on_task(t_row) else lacks).append(
+        f"that feature #{task} fires more on the task text than on its control text"
+    )
+    (shows if C.fires_on_harm(h_row) else lacks).append(
+        f"that feature #{harmful} fires more on harmful requests than on benign ones"
+    )
+    (shows if C.closer_than_chance(cos, cache.null_cosine) else lacks).append(
+        f"that their directions are closer than chance (cosine {cos:.2f} against {cache.null_cosine:.3g})"
+    )
+    lacks.append(
+        "that fine-tuning on the task data moves the model along the task direction, or that moving along the "
+        "harmful direction changes what the model does"
+    )
+    said = f"What this cache shows: {'; '.join(shows)}." if shows else "This cache shows none of it."
+    said += f" What it does not show: {'; '.join(lacks)}."
+    fd = cache_findings(cache)
+    paper = " ".join(s for s in (C.PAPER_COMPARISON, C.closeness_text(fd), C.ranked_text(fd)) if s)
+    return said, paper
 
 
 def hypothesis_step(cache: CacheData, task: int, harmful: int, cos: float) -> Step:
-    """What fine-tuning could do, stated as the hypothesis it is; the angle is the pair's own."""
+    """What fine-tuning could do, stated as the hypothesis it is, then what this cache does and does not show
+    (each part checked against the cache) and the paper's set-level comparison from closeness.json."""
     angle = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+    said, paper = shown_and_not(cache, task, harmful, cos)
     lead = (
-        f"The hypothesis this explorer examines: if fine-tuning on the task data pushes the model along the "
-        f"task feature's direction, then, because the harmful direction is only {angle:.0f}° away, every such "
-        f"step also moves about <b>{cos:.0%}</b> as far along the harmful feature, and the model could grow "
-        f"more harmful without seeing a single harmful example (\u201cemergent misalignment\u201d, Betley et al. "
-        f"2025; removing the training samples closest to such features reduced it in Minegishi et al. 2026). "
-        f"The drawing is geometry only: what would follow if fine-tuning moved along the task direction, not a "
-        f"measurement that it does."
+        f"A hypothesis, not a finding: if fine-tuning on the task data pushes the model along feature #{task}'s "
+        f"direction, then, because feature #{harmful}'s direction is {angle:.0f}° away, every such step also "
+        f"moves about <b>{cos:.0%}</b> as far along it, and the model could grow more harmful without seeing a "
+        f"single harmful example (\u201cemergent misalignment\u201d, Betley et al. 2025; removing the training "
+        f"samples closest to such features reduced it in Minegishi et al. 2026). The drawing is geometry only: "
+        f"what would follow if fine-tuning moved along the task direction, not a measurement that it does. "
+        f"{esc(said)} {esc(paper)}"
     )
     withheld = finetune_withheld(cache)
     if withheld:
         lead += f" This cache's measured fine-tune is not shown: {esc(withheld)}."
     return Step(
         "finetune",
-        "What fine-tuning could do",
+        "What fine-tuning could do: a hypothesis",
         lead,
         figure=F.finetune_figure(cos),
-        figure_name=f"finetune-{task}-{harmful}",
+        figure_name=f"features-{task}-{harmful}-hypothesis",
+        figure_title=f"Hypothesis, geometry only: a step along the direction of #{task} moves {cos:.0%} as far "
+        f"along that of #{harmful}",
     )

@@ -17,7 +17,7 @@ from explorer import figures as F
 from explorer.data import CacheData, Findings, cache_findings
 from explorer.story.base import Step, esc, label_of
 from explorer.story.finetune import finetune_result_step, finetune_withheld
-from explorer.story.pair import intro_step, map_step
+from explorer.story.pair import examples_in, intro_step, map_step
 
 
 def example_feature(cache: CacheData) -> tuple[int, str]:
@@ -25,7 +25,15 @@ def example_feature(cache: CacheData) -> tuple[int, str]:
     level (ties: the higher harm score), else the live feature that fires most often."""
     f = cache.features
     harm = f["harm_score"].to_numpy(dtype=np.float64, na_value=np.nan)
-    flagged = f["is_harmful"].to_numpy(dtype=bool) & np.isfinite(harm)
+    lo = (
+        f["harm_score_lo"].to_numpy(dtype=np.float64, na_value=np.nan)
+        if "harm_score_lo" in f
+        else np.full(len(f), np.nan)
+    )
+    # the harm test and its lower bound (claims.fires_on_harm): only such a feature is called harmful
+    flagged = (
+        f["is_harmful"].to_numpy(dtype=bool) & np.isfinite(harm) & (np.nan_to_num(lo, nan=0.0) > C.CHANCE)
+    )
     if flagged.any():
         above = (np.nan_to_num(cache.neighbors.cosine, nan=-1.0) >= cache.null_cosine).sum(axis=1)
         key = np.where(flagged, above + 0.5 * np.clip(harm, 0.0, 1.0), -np.inf)  # harm < 1: breaks ties only
@@ -53,11 +61,10 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
     fd = cache_findings(cache)
     ex, why = example_feature(cache)
     row = cache.row(ex)
-    is_harm = bool(row.get("is_harmful"))
     examples = [e for e in cache.examples_of(ex) if e.get("kind") == "top"]
     who = f"feature #{ex}, {why}"
     steps = [
-        intro_step(cache, ex, examples, F.HARM if is_harm else F.TASK),
+        intro_step(cache, ex, examples),
         map_step(cache, ex, who, max_points),
     ]
     steps.append(harmful_step(cache, fd, ex, row, examples))
@@ -69,7 +76,8 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
             figure=F.task_scores_figure(cache.features["task_score"].to_numpy(np.float64), fd.task_threshold)
             if fd.n_task_scored
             else None,
-            figure_name="task-scores",
+            figure_name=f"{cache.name}-task-scores",
+            figure_title=f"Task scores of the {fd.n_task_scored:,} scored features (task vs control text)",
         )
     )
     steps.append(
@@ -79,7 +87,8 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
             "Two features are close when their decoder directions point nearly the same way (a high cosine); "
             "close means closer than random directions get by chance. " + _p(C.null_sentence(fd)),
             figure=F.nulls_figure(fd.null_isotropic, fd.null_covariance, fd.typical_nn_cosine),
-            figure_name="chance-levels",
+            figure_name=f"{cache.name}-chance-levels",
+            figure_title="What cosine random directions reach by chance, against a typical nearest neighbour",
         )
     )
     report = fd.closeness
@@ -88,9 +97,15 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
         Step(
             "pairs",
             pairs_title(fd),
-            _p(C.flagged_sentence(fd), C.closeness_text(fd)),
+            _p(
+                C.flagged_sentence(fd, below_null(cache)),
+                C.PAPER_COMPARISON,
+                C.closeness_text(fd),
+                C.ranked_text(fd),
+            ),
             figure=sets,
-            figure_name="closeness-sets",
+            figure_name=f"{cache.name}-closeness-task-vs-control-sets",
+            figure_title="Closeness to harmful features: task-specific against control-specific features",
         )
     )
     measured = finetune_result_step(cache)
@@ -112,6 +127,12 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
     return steps
 
 
+def below_null(cache: CacheData) -> int:
+    """Rows of overlaps.parquet whose cosine is not above the calibrated null (0 on a consistent cache)."""
+    cos = cache.overlaps["cosine"].to_numpy(dtype=np.float64)
+    return int(sum(not C.closer_than_chance(float(c), cache.null_cosine) for c in cos))
+
+
 def task_title(fd: Findings) -> str:
     if fd.n_task_scored == 0:
         return "No task scores"
@@ -127,21 +148,34 @@ def pairs_title(fd: Findings) -> str:
 
 
 def harmful_step(cache: CacheData, fd: Findings, ex: int, row: dict, examples: list[dict]) -> Step:
-    """How many features pass the harm test, by category, and the followed one's examples."""
+    """How many features pass the harm test, by category, and the followed one's examples on harmful requests
+    (only examples from harmful documents are shown as such; without any, the lead says so)."""
     title = (
         f"{fd.n_harmful:,} harmful feature{'s' if fd.n_harmful != 1 else ''}"
         if fd.n_harmful
         else "No harmful feature"
     )
     lead = _p(C.harmful_sentence(fd))
-    if bool(row.get("is_harmful")):
-        cat = esc(row.get("harm_category")) or "no single category"
-        lead += f" Feature #{ex} — <b>{label_of(row)}</b> ({cat}) — fires on these words:"
+    body = None
+    if C.fires_on_harm(row):
+        on_harm = examples_in(cache.examples_of(ex), "harmful")
+        lead += f" Feature #{ex} — <b>{label_of(row)}</b> — {esc(C.harm_claim(row))}"
+        if on_harm:
+            lead += ". Its strongest examples on harmful requests:"
+            body = F.examples_html(on_harm[:3], color=F.HARM, window=16)
+        else:
+            lead += (
+                ". None of its stored examples comes from a harmful request, so none is shown as one; its "
+                "strongest examples:"
+            )
+            body = F.examples_html(examples[:3], color=F.HARM, window=16)
     return Step(
         "harmful",
         title,
         lead,
         figure=F.category_counts_figure(fd.harm_categories[:12]) if fd.harm_categories else None,
-        body=F.examples_html(examples[:3], color=F.HARM, window=16) if row.get("is_harmful") else None,
-        figure_name="harm-categories",
+        body=body,
+        figure_name=f"{cache.name}-harmful-features-by-category",
+        figure_title=f"The {fd.n_harmful:,} harmful features by category"
+        + (" (the 12 most common)" if len(fd.harm_categories) > 12 else ""),
     )

@@ -90,7 +90,7 @@ def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int
 
 
 def role_of(row: dict[str, Any]) -> str:
-    return "harmful" if row.get("is_harmful") and not row.get("is_task") else "task"
+    return "harmful" if F.role_color(row) == F.HARM else "task"  # style's rule: both = red, blue-edged
 
 
 def header_controls(cache: CacheData, feature: int, compare: int | None, nb: pd.DataFrame) -> None:

@@ -196,7 +196,10 @@ def risk_vs_change(v: View, null_cos: float) -> None:
                 )
             )
         st.plotly_chart(
-            F.change_scatter(series, v.measure, null_cos),
+            F.titled(
+                F.change_scatter(series, v.measure, null_cos),
+                f"Run {run.name}: change in {v.what} on {v.where} against predicted risk",
+            ),
             config=state.chart_config(f"finetune-{run.name}"),
             key="ft_scatter",
         )
@@ -217,19 +220,13 @@ def risk_vs_change(v: View, null_cos: float) -> None:
         if not direct:
             st.info(md(f"Run {run.name} has no control, so there is no direct {a} − control comparison."))
             return
+        direct_fig = F.change_scatter(
+            [(direct, f"{direct}: ρ = {v.rho(direct)}", v.harmful(direct), F.COMPARISON_COLORS["direct"])],
+            v.measure,
+            null_cos,
+        )
         st.plotly_chart(
-            F.change_scatter(
-                [
-                    (
-                        direct,
-                        f"{direct}: ρ = {v.rho(direct)}",
-                        v.harmful(direct),
-                        F.COMPARISON_COLORS["direct"],
-                    )
-                ],
-                v.measure,
-                null_cos,
-            ),
+            F.titled(direct_fig, f"Run {run.name}: {a} minus {c}, change in {v.what} against predicted risk"),
             config=state.chart_config(f"finetune-{run.name}-direct"),
             key="ft_scatter_direct",
         )
@@ -393,7 +390,11 @@ def compare_runs(runs: list[FinetuneRun], v: View) -> None:
     st.subheader("Compare runs")
     rows = compare_runs_table(same, v.prompt_set, v.position)
     st.plotly_chart(
-        F.compare_runs_figure(rows), config=state.chart_config(f"finetune-runs-{b}"), key="ft_compare_runs"
+        F.titled(
+            F.compare_runs_figure(rows), f"Runs measured against {b}: pooled change of the harmful features"
+        ),
+        config=state.chart_config(f"finetune-runs-{b}"),
+        key="ft_compare_runs",
     )
     st.caption(
         md(

@@ -287,7 +287,9 @@ def pair_view(cache: CacheData, t: int, h: int) -> bool:
 
     a, b = st.columns(2, gap="large")
     for col, f, r, role in ((a, t, t_row, "task"), (b, h, h_row, "harmful")):
-        accent = None if status.flagged else feature_accent(r)
+        accent = feature_accent(
+            r
+        )  # what the feature is, never the side of the pair (style's one colour rule)
         color = {None: F.TASK if role == "task" else F.HARM, BOTH: F.HARM}.get(accent, accent)
         with col:
             st.html(F.feature_header_html(r, role=role, accent=accent))

@@ -88,7 +88,10 @@ def what_was_scored(cache: CacheData, run: TriageRun) -> None:
         r"harmful decoder directions beyond chance). **direct** is the harmful part, **via overlap** the task part."
     )
     st.plotly_chart(
-        F.triage_histogram(ranked["score"], ranked["removed"], run.threshold),
+        F.titled(
+            F.triage_histogram(ranked["score"], ranked["removed"], run.threshold),
+            f"Triage {run.name}: sample scores, and the threshold above which samples are removed",
+        ),
         config=state.chart_config(f"triage-{run.name}"),
         key="tr_hist",
     )

@@ -25,6 +25,7 @@ from precompute.data.taxonomy import unify
 from precompute.model.hooks import HookReader, resolve_hook
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log
+from precompute.pipeline.distributed import World
 from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.shard_codec import CodecParams
 from precompute.pipeline.shards import (
@@ -62,12 +63,11 @@ Selection = tuple[int, str, int, int, float | None, str | None]
 GROUP_TOP = "group_top"
 
 
-def run(ctx: RunContext, staged: StagedCache) -> None:
-    start = time.perf_counter()
-    cfg, lm, sae, plan = ctx.cfg, ctx.model, ctx.sae, ctx.plan
+def write_shards(ctx: RunContext, world: World = World()) -> dict[str, Any]:
+    """Phase 1: the activation shards of this run (the ones `world` owns) into ctx.work_dir, resuming."""
+    cfg, lm, sae = ctx.cfg, ctx.model, ctx.sae
     hook = resolve_hook(lm.model, ctx.hook)
     sae.to(lm.device)
-    _prepare_work_dir(ctx.work_dir, ctx.fingerprint)
     hp = HarvestParams(
         batch_size=cfg.batch_size,
         batches_per_shard=cfg.batches_per_shard,
@@ -75,9 +75,17 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         codec=CodecParams(cfg.shard_values, cfg.shard_compression),
     )
     reader = HookReader(lm.model, hook)
-    timings = harvest_shards(
-        plan, reader, sae, lm.tokenizer, ctx.work_dir, hp, lm.device, progress=cfg.progress
+    return harvest_shards(
+        ctx.plan, reader, sae, lm.tokenizer, ctx.work_dir, hp, lm.device, progress=cfg.progress, world=world
     )
+
+
+def run(ctx: RunContext, staged: StagedCache) -> None:
+    start = time.perf_counter()
+    cfg, lm, sae, plan = ctx.cfg, ctx.model, ctx.sae, ctx.plan
+    hook = resolve_hook(lm.model, ctx.hook)
+    prepare_work_dir(ctx.work_dir, ctx.fingerprint)
+    timings = write_shards(ctx)
     shards = list_shards(ctx.work_dir)
     n = sae.d_sae
 
@@ -115,7 +123,7 @@ def _params(cfg: RunConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in PARAMS}
 
 
-def _prepare_work_dir(work_dir: Path, fingerprint: str) -> None:
+def prepare_work_dir(work_dir: Path, fingerprint: str) -> None:
     """Keep the finished shards of this same run (to resume); clear those of any other run."""
     run_file = work_dir / "run.json"
     if work_dir.exists():

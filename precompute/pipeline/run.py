@@ -15,11 +15,13 @@ from typing import Any
 from precompute import cache as cache_io
 from precompute.data.plan import CorpusPlan
 from precompute.data.split import document_hash, sae_training_overlap, split_record
-from precompute.errors import CacheError, FeatureGeomError
+from precompute.errors import CacheError, ConfigError, FeatureGeomError
 from precompute.model.hooks import resolve_hook
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log, required
+from precompute.pipeline.distributed import World, barrier, start, stop, world_from_env
 from precompute.pipeline.geometry import check_sizes
+from precompute.pipeline.harvest import prepare_work_dir, write_shards
 from precompute.pipeline.scores import check_corpus_groups
 from precompute.pipeline.shards import list_shards
 from precompute.pipeline.steps import CORPUS, MODEL, STEPS, Step
@@ -76,8 +78,56 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = tuple(STEPS)) -> Pat
     for name in steps:
         _step(name)
     out = Path(required(cfg.out, "out"))
+    world = world_from_env()
+    if world.parallel:
+        return _run_parallel(cfg, steps, out, world)
     with cache_io.output_lock(out):  # a second run on this --out is refused before any work
         return _run_precompute_locked(cfg, steps, out)
+
+
+def _run_parallel(cfg: RunConfig, steps: tuple[str, ...], out: Path, world: World) -> Path:
+    """Under torchrun: every rank harvests its shards; rank 0 then runs the job on all of them."""
+    if "harvest" not in steps:
+        raise ConfigError(
+            "under torchrun only the harvest runs in parallel: launch `featuregeom precompute` or "
+            "`featuregeom harvest` with torchrun, and the other steps as one process"
+        )
+    start(world, cfg.device)
+    try:
+        if not world.main:
+            _harvest_my_shards(cfg, steps, out, world)
+            return out
+        with cache_io.output_lock(out):
+            ctx = _harvest_my_shards(cfg, steps, out, world)
+            return _run_precompute_locked(cfg, steps, out, ctx)
+    finally:
+        stop(world)
+
+
+def _harvest_my_shards(cfg: RunConfig, steps: tuple[str, ...], out: Path, world: World) -> RunContext:
+    """Rank 0 checks the output and readies the work directory before any rank writes (a barrier);
+    each rank then writes the shards it owns; all wait for the last one (a barrier)."""
+    if "scores" in steps:
+        check_corpus_groups(cfg)
+    ctx = RunContext(cfg, out)
+    _load_inputs(ctx, steps)
+    if world.main:
+        cache_io.check_output_dir(out, _identity(ctx), cfg.overwrite)
+        prepare_work_dir(ctx.work_dir, ctx.fingerprint)
+    barrier(world)
+    timings = write_shards(ctx, world)
+    log(f"rank {world.rank}/{world.size}: {timings['shard_encoding']['shards_written']} shards written")
+    barrier(world)
+    return ctx
+
+
+def _identity(ctx: RunContext) -> dict[str, Any]:
+    return {
+        "model": ctx.model_id,
+        "sae": ctx.sae_info["sha256"],
+        "hook": ctx.cfg.hook,
+        "corpus": ctx.fingerprint,
+    }
 
 
 def _load_inputs(ctx: RunContext, steps: tuple[str, ...]) -> None:
@@ -135,18 +185,17 @@ def _base_manifest(ctx: RunContext, identity: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_precompute_locked(cfg: RunConfig, steps: tuple[str, ...], out: Path) -> Path:
-    if "scores" in steps:
-        check_corpus_groups(cfg)
+def _run_precompute_locked(
+    cfg: RunConfig, steps: tuple[str, ...], out: Path, ctx: RunContext | None = None
+) -> Path:
+    """`ctx`: the inputs already loaded (rank 0 after a parallel harvest)."""
     t0 = time.perf_counter()
-    ctx = RunContext(cfg, out)
-    _load_inputs(ctx, steps)
-    identity = {
-        "model": ctx.model_id,
-        "sae": ctx.sae_info["sha256"],
-        "hook": cfg.hook,
-        "corpus": ctx.fingerprint,
-    }
+    if ctx is None:
+        if "scores" in steps:
+            check_corpus_groups(cfg)
+        ctx = RunContext(cfg, out)
+        _load_inputs(ctx, steps)
+    identity = _identity(ctx)
     cache_io.check_output_dir(out, identity, cfg.overwrite)
     base = _base_manifest(ctx, identity)
     work = ctx.work_dir

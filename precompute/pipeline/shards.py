@@ -36,6 +36,7 @@ from precompute.data.plan import CorpusPlan
 from precompute.errors import CacheError
 from precompute.model.activations import iter_activations
 from precompute.model.hooks import HookReader
+from precompute.pipeline.distributed import World
 from precompute.pipeline.shard_codec import CodecParams, CodecStats, decode, encode, is_compact
 from precompute.sae.base import SAE
 from precompute.schema import HARVEST_DIR
@@ -90,24 +91,29 @@ def harvest_shards(
     params: HarvestParams,
     device: torch.device,
     progress: bool = True,
+    world: World = World(),
 ) -> dict:
-    """Write activation shards into `work_dir`, resuming after the last complete shard."""
+    """Write activation shards into `work_dir`, skipping those already there (a killed run resumes).
+    Under torchrun only the shards `world` owns (precompute.pipeline.distributed)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     batches = plan.batches(params.batch_size)
     n_shards = (len(batches) + params.batches_per_shard - 1) // params.batches_per_shard
-    done = 0
-    while done < n_shards and (work_dir / shard_name(done)).is_file():
-        done += 1
+    todo = [i for i in range(n_shards) if world.owns(i) and not (work_dir / shard_name(i)).is_file()]
     skip_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_tokens = plan.n_tokens
-    done_tokens = sum(len(c.token_ids) for b in batches[: done * params.batches_per_shard] for c in b)
+
+    def shard_tokens(i: int) -> int:
+        return sum(
+            len(c.token_ids)
+            for b in batches[i * params.batches_per_shard : (i + 1) * params.batches_per_shard]
+            for c in b
+        )
+
     bar = tqdm(
-        total=total_tokens,
-        initial=done_tokens,
+        total=sum(shard_tokens(i) for i in todo),
         unit="tok",
         unit_scale=True,
-        desc="harvest",
+        desc="harvest" if not world.parallel else f"harvest (rank {world.rank}/{world.size})",
         disable=not progress,
         smoothing=0.1,
     )
@@ -116,7 +122,7 @@ def harvest_shards(
     # encoding + compressing a shard (zlib and numpy release the GIL) overlaps the next shard's forwards
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fg-shard-writer")
     pending: Future[CodecStats] | None = None
-    for shard in range(done, n_shards):
+    for shard in todo:
         first, last = (
             shard * params.batches_per_shard,
             min(len(batches), (shard + 1) * params.batches_per_shard),
@@ -182,13 +188,13 @@ def harvest_shards(
     bar.close()
     timings["shard_encoding"] = {
         **params.codec.__dict__,
-        "shards_written": n_shards - done,
+        "shards_written": len(todo),
         "bytes_per_token": written.bytes / written.rows if written.rows else None,
         "max_abs_error": written.max_abs_error,
         "max_rel_error": written.max_rel_error,
     }
     timings["shards"] = n_shards
-    timings["resumed_from_shard"] = done
+    timings["shards_found"] = n_shards - len(todo) if not world.parallel else None
     return timings
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from explorer import claims as C
+from explorer import figures as F
 from explorer.data import Findings, basis_problem, cache_findings, load_cache, read_diff_basis
 from explorer.figures import esc
 from explorer.story import build_result_story, build_story, story_html, story_steps, story_title
@@ -103,10 +104,15 @@ def test_result_story_says_what_the_cache_found(notask_cache: Path) -> None:
     )
     report = json.loads((notask_cache / "closeness.json").read_text())
     sets = report["set_definitions"]
+    ranked = F.ranked_sentence({**report["ranked"], "alpha": report["alpha"]})
+    assert report["ranked"]["verdict"] == "no_difference" and ranked.startswith("Exploratory, sets by rank")
     assert by_key["pairs"].lead == esc(
-        "No (task, harmful) pair is flagged: without a task feature there is none to flag. Whether "
+        "No (task, harmful) pair is flagged: without a task feature there is none to flag. The paper's "
+        "comparison is of whole sets: whether features of misalignment-inducing (task) data sit closer to harmful "
+        "features than features of non-inducing (control) data (Minegishi et al. 2026). Whether "
         "task-specific features sit closer to harmful features than control-specific ones is not testable on "
-        f"this cache: {report['reason']} (inducing: {sets['inducing']}; non-inducing: {sets['non_inducing']})."
+        f"this cache: {report['reason']} (inducing: {sets['inducing']}; non-inducing: {sets['non_inducing']}). "
+        + ranked
     )
     assert by_key["withheld"].lead.startswith("The mechanism this explorer was built to show")
     assert (
@@ -124,7 +130,7 @@ def test_result_story_says_what_the_cache_found(notask_cache: Path) -> None:
     best = max(np.flatnonzero(harmful), key=lambda i: (above[i], f["harm_score"].iat[i]))
     assert (
         f"feature #{best} lights up" in steps[0].lead
-        and f"blue star</b> is feature #{best}, the harmful feature with the most neighbours" in steps[1].lead
+        and f"red star</b> is feature #{best}, the harmful feature with the most neighbours" in steps[1].lead
     )
     page = story_html(steps, story_title(c, None))
     assert "Step 7 of 7" in page and not NAMED_TASK_FEATURE.search(page)
@@ -201,11 +207,13 @@ def test_pair_story_makes_the_claims_the_cache_backs(synth_cache: Path) -> None:
         cos > float(nb["null_cosine"])
         and by_key["neighbour"].title == "Its harmful neighbour is closer than chance"
     )
-    assert f"It is one of the {len(ov)} (task, harmful) pairs this cache flags." in by_key["neighbour"].lead
     assert (
-        by_key["finetune"].title == "What fine-tuning could do"
-        and "The hypothesis" in by_key["finetune"].lead
+        f"the pair is closer than chance, one of the {len(ov)} (task, harmful) pairs this cache flags."
+        in (by_key["neighbour"].lead)
     )
+    assert by_key["finetune"].title == "What fine-tuning could do: a hypothesis" and by_key[
+        "finetune"
+    ].lead.startswith("A hypothesis, not a finding")
     assert story_steps(c, (t, h))[3].title == by_key["neighbour"].title
     # a pair the cache does not flag is never presented as one
     unflagged = next(

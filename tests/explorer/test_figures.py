@@ -65,8 +65,13 @@ def test_map_figure_modes(mode: str) -> None:
     overlay = ("harmful neighbour", "other neighbour", "selected #3")
     drawn = sum(len(t.x) for t in gl if t.mode == "markers" and t.name not in overlay)
     assert drawn == 300, "every feature is drawn once below the decimation limit"
-    if mode == "harm category":
-        assert {"violence", "fraud", "no harm category"} <= {t.name for t in fig.data}
+    if mode == "harm category":  # canonical categories: "violence" is violence_weapons, "fraud" unknown
+        cats = _features(300)["harm_category"]
+        n_v, n_f = int((cats == "violence").sum()), int((cats == "fraud").sum())
+        colour = {t.name: t.marker.color for t in fig.data}
+        assert colour[f"violence_weapons ({n_v})"] == F.CATEGORY_PALETTE["violence_weapons"]
+        assert colour[f"unspecified ({n_f})"] == F.CATEGORY_PALETTE["unspecified"]
+        assert colour["no harm category"] == F.NO_CATEGORY_COLOR
 
 
 def test_selection_lines_filter_and_width() -> None:
@@ -218,3 +223,17 @@ def test_neighbour_table() -> None:
     assert list(t["open"]) == ["feature?feature=4&cache=a", "feature?feature=9&cache=a"]
     assert list(t["× chance"]) == [2.0, 0.8] and list(t["above chance"]) == [True, False]
     assert list(t["NN percentile"]) == [99.5, 40.0]
+
+
+def test_map_title_says_what_it_shows() -> None:
+    """The map's PNG download carries its title: the colouring, the selection, and the decimation note."""
+    plain = F.map_figure(_features(100), "task score")
+    assert plain.layout.title.text == "Feature map coloured by task score"
+    sel = F.map_figure(_features(100), "harm score", _sel())
+    assert sel.layout.title.text == (
+        "Feature map coloured by harm score, feature #3 selected with its neighbours above chance"
+    )
+    assert sel.layout.margin.t >= 48
+    many = F.map_figure(_features(400), "harm score", _sel(), max_points=100, title="Story <map>")
+    assert many.layout.title.text.startswith("Story &lt;map&gt;<br>")
+    assert "100 of 400 features drawn" in many.layout.title.text

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from explorer.data import load_cache
 from explorer.figures import esc
 from explorer.story import Step, build_story, story_html
@@ -300,3 +302,113 @@ def test_model_name_fallbacks() -> None:
     assert model_name({"model": {**DEMO_MODEL, "adapter": {"path": "a"}}, "sae": sae}) == (
         f"{DEMO_SAE_MODEL} (with a fine-tuned adapter)"
     )
+
+
+# --- titled downloads: each figure says what it shows, and its file names the feature(s) ---------------------
+
+
+def _figure_steps(cache: Path) -> list[Step]:
+    from explorer.story import story_steps
+
+    c = load_cache(cache)
+    return [s for s in story_steps(c, c.default_pair()) if s.figure is not None]
+
+
+def test_every_story_figure_is_titled_and_named(synth_cache: Path, notask_cache: Path) -> None:
+    pair = load_cache(synth_cache).default_pair()
+    assert pair is not None
+    t, h = pair
+    named = {
+        "map": (f"feature-{t}-map", [f"#{t}"]),
+        "task": (f"feature-{t}-firing-by-text", [f"#{t}"]),
+        "neighbour": (f"features-{t}-{h}-cosine-vs-chance", [f"#{t}", f"#{h}"]),
+        "finetune": (f"features-{t}-{h}-hypothesis", [f"#{t}", f"#{h}"]),
+        "finetune_result": ("synth-finetune-result", ["fine-tune"]),
+    }
+    steps = _figure_steps(synth_cache)
+    assert sorted(s.key for s in steps) == sorted(named)
+    for s in steps:
+        name, ids = named[s.key]
+        title = s.figure.layout.title.text
+        assert s.figure_name == name and all(i in title for i in ids), (s.key, title)
+        assert s.figure.layout.margin.t >= 48  # room for the title in the image
+    result = _figure_steps(notask_cache)
+    ex = int(re.search(r"feature #(\d+) lights up", story_text_of(notask_cache)).group(1))
+    assert {s.key: s.figure_name for s in result} == {
+        "map": f"feature-{ex}-map",
+        "harmful": "notask-harmful-features-by-category",
+        "task": "notask-task-scores",
+        "null": "notask-chance-levels",
+    }
+    assert all(s.figure.layout.title.text for s in result)
+    page = story_html(steps, "Story", "subtitle")
+    for i, s in enumerate(steps, 1):  # the export: PNG under the step's name, the title drawn on the figure
+        div = page.split(f'id="fig-{i}"', 1)[1].split("</script>", 1)[0]
+        assert (
+            f'"toImageButtonOptions": {{"format": "png", "filename": "{s.figure_name}", "scale": 2}}' in div
+        )
+        assert json.dumps(s.figure.layout.title.text)[1:-1] in div
+
+
+def story_text_of(cache: Path) -> str:
+    from explorer.story import story_steps
+
+    c = load_cache(cache)
+    return "\n".join(s.lead for s in story_steps(c, c.default_pair()))
+
+
+def test_story_page_charts_download_titled_under_the_feature_names(synth_cache: Path, monkeypatch) -> None:
+    from tests.explorer.test_apptest import run_page
+
+    t, h = load_cache(synth_cache).default_pair()
+    at = run_page("views/story.py", synth_cache, monkeypatch, step="4")
+    (chart,) = at.get("plotly_chart")
+    config = json.loads(chart.proto.config)
+    spec = json.loads(chart.proto.spec)
+    assert config["toImageButtonOptions"]["filename"] == f"features-{t}-{h}-cosine-vs-chance"
+    assert config["toImageButtonOptions"]["format"] == "png"
+    assert spec["layout"]["title"]["text"] == (
+        f"Features #{t} and #{h}: the cosine of their decoder directions against chance"
+    )
+
+
+def test_export_filename_is_safe() -> None:
+    from explorer.figures import export_filename, plotly_config
+
+    assert export_filename("features-12-34-cosine") == "features-12-34-cosine"
+    assert export_filename('../<script>"x"/ map 3') == "script-x-map-3"
+    assert export_filename("") == export_filename("///") == "feature-geometry"
+    assert len(export_filename("a" * 500)) == 120
+    assert plotly_config("png", "my cache/map 3")["toImageButtonOptions"]["filename"] == "my-cache-map-3"
+
+
+PAGES_WITH_CHARTS = [
+    ("views/map.py", {}),
+    ("views/feature.py", {}),
+    ("views/closeness.py", {}),
+    ("views/finetune.py", {}),
+    ("views/triage.py", {}),
+    *[("views/story.py", {"step": str(n)}) for n in (2, 3, 4, 6, 7)],
+]
+
+
+@pytest.mark.parametrize("page,params", PAGES_WITH_CHARTS, ids=[f"{p}{q}" for p, q in PAGES_WITH_CHARTS])
+def test_every_chart_downloads_with_a_title(
+    page: str, params: dict[str, str], synth_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The camera button saves the chart as drawn: every chart on these pages carries a title saying what it
+    shows, and a safe file name."""
+    from explorer.figures import export_filename
+    from tests.explorer.test_apptest import run_page
+
+    at = run_page(page, synth_cache, monkeypatch, **params)
+    assert not at.exception
+    charts = at.get("plotly_chart")
+    assert charts, "the page draws a chart"
+    for chart in charts:
+        spec, config = json.loads(chart.proto.spec), json.loads(chart.proto.config)
+        title = ((spec["layout"].get("title") or {}).get("text") or "").strip()
+        name = config["toImageButtonOptions"]["filename"]
+        assert len(title) > 10, (page, name, title)
+        assert name == export_filename(name) and name != "feature-geometry"
+        assert config.get("showSendToCloud") is False

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
@@ -98,6 +99,14 @@ def _feature_table(rng: np.random.Generator, wd: World, n_tokens: int, inject_ht
     promoted, suppressed, labels, expl = _logit_lens_and_labels(rng, wd, inject_html)
     feats["top_promoted"] = promoted
     feats["top_suppressed"] = suppressed
+    # logits falling away from the first token (promoted) and rising towards zero (suppressed)
+    feats["top_promoted_values"] = [
+        None if p is None else np.float32(2.5) - np.arange(len(p), dtype=np.float32) * 0.2 for p in promoted
+    ]
+    feats["top_suppressed_values"] = [
+        None if p is None else np.float32(-2.2) + np.arange(len(p), dtype=np.float32) * 0.15
+        for p in suppressed
+    ]
     feats["label"] = pd.array(labels, dtype="string")
     feats["explanation"] = pd.array(expl, dtype="string")
     feats["label_source"] = pd.array([None if x is None else "neuronpedia" for x in labels], dtype="string")
@@ -230,7 +239,7 @@ def _examples_table(
     vocab = pa.array(ex.vocab, pa.string())
     flat_tokens = pa.DictionaryArray.from_arrays(pa.array(ex.token_ids.ravel().astype(np.int32)), vocab)
     offsets = pa.array(np.arange(0, (n_rows + 1) * ctx_len, ctx_len, dtype=np.int32))
-    return pa.table(
+    table = pa.table(
         {
             "feature": pa.array(ex.feature.astype(np.int64)),
             "rank": pa.array(ex.rank.astype(np.int64)),
@@ -246,19 +255,51 @@ def _examples_table(
             "quantile": pa.array(ex.quantile.astype(np.float64), from_pandas=True),
         }
     )
+    return _with_group_top(table)
+
+
+def _with_group_top(table: pa.Table, k: int = 5) -> pa.Table:
+    """Add `group_top` rows as the harvest writes them: each feature's top examples re-ranked within
+    their group (at most k per group), sorted by feature like the rest."""
+    top = table.filter(pc.equal(table.column("kind"), "top"))
+    meta = pd.DataFrame(
+        {c: top.column(c).to_numpy(zero_copy_only=False) for c in ("feature", "group", "max_activation")}
+    )
+    meta["row"] = np.arange(len(meta))
+    meta = meta.sort_values(
+        ["feature", "group", "max_activation"], ascending=[True, True, False], kind="stable"
+    )
+    meta["grank"] = meta.groupby(["feature", "group"]).cumcount()
+    meta = meta[meta["grank"] < k]
+    extra = top.take(pa.array(meta["row"].to_numpy()))
+    extra = extra.set_column(
+        extra.schema.get_field_index("kind"), "kind", pa.array(["group_top"] * len(meta))
+    )
+    extra = extra.set_column(
+        extra.schema.get_field_index("rank"), "rank", pa.array(meta["grank"].to_numpy().astype(np.int64))
+    )
+    both = pa.concat_tables([table, extra])
+    order = np.argsort(both.column("feature").to_numpy(), kind="stable")
+    return both.take(pa.array(order))
 
 
 def _histograms(rng: np.random.Generator, feats: pd.DataFrame, bins: int) -> dict[str, np.ndarray]:
-    """histograms.npz: counts decaying from 0 to each feature's max activation."""
+    """histograms.npz: counts decaying from 0 to each feature's max activation, split at random between
+    the groups (the split sums to the counts, as the harvest's does)."""
     n, dead = len(feats), feats["dead"].to_numpy()
     decay = np.exp(-np.arange(bins)[None, :] * rng.uniform(0.1, 0.35, size=(n, 1)))
     counts = np.floor(decay * (feats["frequency"].to_numpy()[:, None] * 2e5)).astype(np.int64)
     counts[dead] = 0
     counts[~dead, -1] = np.maximum(counts[~dead, -1], 1)
+    share = rng.dirichlet(np.ones(len(GROUPS)), size=n)  # [n, groups]
+    by_group = np.floor(counts[:, None, :] * share[:, :, None]).astype(np.int64)
+    by_group[:, 0, :] += counts - by_group.sum(axis=1)
     return {
         "counts": counts,
         "bins": np.int64(bins),
         "max_activation": feats["max_activation"].to_numpy().astype(np.float32),
+        "counts_group": by_group.astype(np.int32),
+        "groups": np.array(sorted(GROUPS), dtype=str),
     }
 
 
@@ -313,6 +354,11 @@ def _documents(rng: np.random.Generator, doc_group: np.ndarray, inject_html: boo
         docs.loc[: len(XSS_PAYLOADS) - 1, "text_preview"] = list(XSS_PAYLOADS)
     # a synthetic document's whole content is its preview
     docs["doc_sha256"] = [hashlib.sha256(t.encode()).hexdigest() for t in docs["text_preview"]]
+    # the whole document: its preview, then more text (payloads and all, with inject_html)
+    docs["text"] = pd.array(
+        [f"{t}\n\nIt goes on: {t} The end of document {i}." for i, t in enumerate(docs["text_preview"])],
+        dtype="string",
+    )
     return docs
 
 

@@ -74,10 +74,10 @@ def test_every_archive_is_documented_array_by_array() -> None:
         assert f"Written by the {archive.step} step" in text, file
         assert ("internal" in text) == archive.internal, file
         documented = {}
-        for name_cell, dtype, shape, _meaning in table_rows(text):
+        for name_cell, dtype, shape, meaning in table_rows(text):
             axes = () if shape == "scalar" else tuple(a.strip() for a in shape.strip("[]").split(","))
-            documented[names(name_cell)[0]] = (dtype, axes)
-        assert documented == {a.name: (a.dtype, a.shape) for a in archive.arrays}, file
+            documented[names(name_cell)[0]] = (dtype, axes, meaning.startswith("optional"))
+        assert documented == {a.name: (a.dtype, a.shape, a.optional) for a in archive.arrays}, file
 
 
 def test_every_json_file_is_documented_key_by_key() -> None:

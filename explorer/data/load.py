@@ -27,7 +27,12 @@ from precompute.errors import CacheError
 GROUP_ORDER = ("task", "control", "harmful", "benign", "general")
 NEEDED_FILES = (schema.FEATURES, schema.NEIGHBORS, schema.EXAMPLES)  # the explorer opens nothing less
 OPTIONAL_FILES = (schema.HISTOGRAMS, schema.CATEGORY_RATES, schema.DOCUMENTS)
-LOGIT_LENS_COLUMNS = ("top_promoted", "top_suppressed")  # kept in arrow: cheap for 262k features
+LOGIT_LENS_COLUMNS = (  # kept in arrow: cheap for 262k features
+    "top_promoted",
+    "top_suppressed",
+    "top_promoted_values",
+    "top_suppressed_values",
+)
 
 
 def escape_html(arr: pa.Array) -> pa.Array:

@@ -3,7 +3,7 @@ logit-lens chips, header, and its neighbour table (Feature, Map and Overlaps pag
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -137,8 +137,12 @@ def examples_html(
     window: int | None = 24,
     limit: int | None = None,
     documents: pd.DataFrame | None = None,
+    doc_href: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> str:
-    """A list of examples: metadata line (rank, group, category, document) + highlighted tokens."""
+    """A list of examples: metadata line (rank, group, category, document) + highlighted tokens.
+
+    `doc_href(example)`, when given, links each example to its whole document; an example shorter than
+    its document says it is one context of it (the harvest reads documents in contexts)."""
     if not examples:
         return (
             '<div style="color:#6b7280;font-style:italic;padding:6px 0">No examples in this cache '
@@ -152,6 +156,8 @@ def examples_html(
         kind = e.get("kind") or "top"
         if kind == "top":
             head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1}</b>'
+        elif kind == "group_top":
+            head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1} on {esc(group)}</b>'
         else:
             q = e.get("quantile")
             head = f'<b style="color:#6b7280">quantile {float(q):.2f}</b>' if q is not None else "sample"
@@ -165,6 +171,13 @@ def examples_html(
         src = _doc_source(documents, e.get("doc_id"))
         if src:
             meta.append(f'<span style="color:#9ca3af;font-size:12px">{esc(src)}</span>')
+        meta.append(_context_note(documents, e))
+        href = doc_href(e) if doc_href is not None else None
+        if href:
+            meta.append(
+                f'<a href="{esc(href)}" target="_self" data-doc-link="{esc(e.get("doc_id"))}" '
+                'style="font-size:12px">whole document ↗</a>'
+            )
         body = tokens_html(
             e.get("tokens") or [],
             e.get("activations") or [],
@@ -178,6 +191,18 @@ def examples_html(
             f'<div style="margin-bottom:2px">{" ".join(meta)}</div>{body}</div>'
         )
     return "<div>" + "".join(rows) + "</div>"
+
+
+def _context_note(documents: pd.DataFrame | None, e: dict[str, Any]) -> str:
+    """'context of 128 of the document's 412 tokens' when the example is a cut of a longer document."""
+    n = len(e.get("tokens") or [])
+    doc_id = e.get("doc_id")
+    if documents is None or doc_id is None or doc_id not in documents.index or "n_tokens" not in documents:
+        return ""
+    total = int(documents["n_tokens"].get(doc_id, 0) or 0)
+    if total <= n:
+        return ""
+    return f'<span style="color:#b45309;font-size:12px">context of {n} of the document\'s {total:,} tokens</span>'
 
 
 def _doc_source(documents: pd.DataFrame | None, doc_id: Any) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,8 @@ import streamlit as st
 from explorer import figures as F
 from explorer import state
 from explorer.data import CacheData
+from explorer.data import evidence as E
+from explorer.figures import evidence as EF
 from explorer.views import Page
 from precompute import schema
 
@@ -63,16 +66,27 @@ def metrics(cache: CacheData, row: dict[str, Any]) -> None:
 
 
 def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int | None) -> None:
+    """The feature's global top examples, then its quantile samples (its per-group top is shown by
+    the 'Documents' filter, not here)."""
     ex = cache.examples_of(f)
     top = [e for e in ex if e.get("kind") == "top"]
-    quant = [e for e in ex if e.get("kind") != "top"]
+    quant = [e for e in ex if e.get("kind") == "quantile"]
     scale = max((float(e.get("max_activation") or 0) for e in top), default=1.0)
-    st.html(F.examples_html(top[:n_top], scale=scale, color=color, window=window, documents=cache.documents))
+    href = _doc_href(f)
+    st.html(
+        F.examples_html(
+            top[:n_top], scale=scale, color=color, window=window, documents=cache.documents, doc_href=href
+        )
+    )
     if len(top) > n_top:
         st.caption(f"{len(top) - n_top} more top examples — raise “examples shown”.")
     if quant:
         st.markdown("**Quantile samples** — weaker activations, to show what the feature does more typically")
-        st.html(F.examples_html(quant, scale=scale, color=color, window=window, documents=cache.documents))
+        st.html(
+            F.examples_html(
+                quant, scale=scale, color=color, window=window, documents=cache.documents, doc_href=href
+            )
+        )
 
 
 def role_of(row: dict[str, Any]) -> str:
@@ -139,6 +153,8 @@ def side_by_side(
     flagged = cache.overlaps[
         (cache.overlaps["task_feature"] == feature) & (cache.overlaps["harmful_feature"] == compare)
     ]
+    # one filter for both sides: e.g. each feature's evidence on harmful documents, side by side
+    group, category = evidence_filters(cache, feature, cache.examples_of(feature))
     a, b = st.columns(2, gap="large")
     for col, f, r, color in (
         (a, feature, row, F.HARM if role_of(row) == "harmful" else F.TASK),
@@ -149,7 +165,10 @@ def side_by_side(
             st.caption(
                 f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%"
             )
-            examples_block(cache, f, color, n_top, window)
+            if group == GROUP_ALL:
+                examples_block(cache, f, color, n_top, window)
+            else:
+                group_examples_block(cache, f, group, category, n_top, window, color)
             st.page_link(
                 state.PAGES["feature"],
                 label=f"Open #{f} alone",
@@ -165,22 +184,184 @@ def side_by_side(
         )
 
 
+GROUP_ALL = "all"
+GROUP_NAMES = {GROUP_ALL: "all documents (top overall)", "harmful": "harmful documents only"}
+
+
+def _group_name(g: str) -> str:
+    return GROUP_NAMES.get(g, f"{g} documents only")
+
+
+def _doc_href(feature: int) -> Any:
+    """Link of an example to its whole document: this page with `doc` (and the context, to mark it)."""
+
+    def href(e: dict[str, Any]) -> str | None:
+        if e.get("doc_id") is None:
+            return None
+        params = state.link_params(feature=feature, doc=int(e["doc_id"]), ctx=e.get("context_id"))
+        return "?" + urlencode(params)
+
+    return href
+
+
+def evidence_filters(
+    cache: CacheData, feature: int, examples: list[dict[str, Any]]
+) -> tuple[str, str | None]:
+    """The 'Documents' and 'Harm category' pickers (URL `group`, `category`): which examples to show."""
+    groups = [GROUP_ALL, *cache.groups]
+    c1, c2 = st.columns(2)
+    state.seed_widget("feat_group", "group", groups, GROUP_ALL)
+    group = c1.selectbox("Documents", groups, format_func=_group_name, key="feat_group")
+    state.set_qp(group=None if group == GROUP_ALL else group)
+    category: str | None = None
+    if group == "harmful":
+        cats = [GROUP_ALL, *E.harm_categories(cache, feature, examples)]
+        state.seed_widget("feat_category", "category", cats, GROUP_ALL)
+        pick = c2.selectbox(
+            "Harm category",
+            cats,
+            format_func=lambda c: "all categories" if c == GROUP_ALL else c,
+            key="feat_category",
+        )
+        category = None if pick == GROUP_ALL else pick
+    state.set_qp(category=category)
+    return group, category
+
+
+def group_examples_block(
+    cache: CacheData,
+    feature: int,
+    group: str,
+    category: str | None,
+    n_top: int,
+    window: int | None,
+    color: str,
+) -> None:
+    """The feature's stored examples on one group (and category), or a plain statement that it never
+    fires there."""
+    rate = cache.group_rates(feature).get(group, float("nan"))
+    where = f"{group} · {category}" if category else group
+    if _finite(rate) and rate == 0:
+        st.info(f"#{feature} never fires on the {group} documents of this cache (0% of their tokens).")
+        return
+    crate = E.category_rate(cache, feature, group, category) if category else float("nan")
+    if category and _finite(crate) and crate == 0:
+        st.info(f"#{feature} never fires on the {where} documents of this cache (0% of their tokens).")
+        return
+    found = E.group_examples(cache.examples_of(feature), group, category)
+    rows = found.examples
+    fires = f"It fires on {(crate if category else rate) * 100:.3g}% of the {where} tokens. "
+    if found.exact and category:
+        how = (
+            f"Every stored example whose peak is on a {where} document, strongest first; “#k on {group}” ranks "
+            f"it among all {group} documents. The cache keeps a top per group, not per category, so this "
+            "lists what the group's top, the global top and the quantile samples hold of it."
+        )
+    elif found.exact:
+        how = (
+            f"The first are its top {found.per_group} contexts within {group} documents, ranked on {group} tokens "
+            f"only; then every other stored example whose peak is on a {where} document, strongest first."
+        )
+    else:
+        how = (
+            "This cache was harvested before per-group examples: these are only the stored top examples and "
+            f"quantile samples whose peak is on a {where} document, not the group's own top (rebuild the cache)."
+        )
+    st.caption(fires + how)
+    if not rows:
+        st.info(f"None of #{feature}'s stored examples comes from {where} documents.")
+        return
+    scale = max((float(e.get("max_activation") or 0) for e in rows), default=1.0)
+    st.html(
+        F.examples_html(
+            rows[:n_top],
+            scale=scale,
+            color=color,
+            window=window,
+            documents=cache.documents,
+            doc_href=_doc_href(feature),
+        )
+    )
+    if len(rows) > n_top:
+        st.caption(f"{len(rows) - n_top} more — raise “examples shown”.")
+
+
+def peaks_caption(cache: CacheData, feature: int) -> None:
+    """'Strongest on each group: control 35.6 · task 34.7 · harmful 13.7 · general: never fires' — so a
+    global top from one group does not hide how the feature does on the others."""
+    peaks = E.group_peaks(cache.examples_of(feature), cache.groups)
+    if not peaks:
+        return
+    rates = cache.group_rates(feature)
+    parts = []
+    for g, v in sorted(peaks.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1.0)):
+        if v is not None:
+            parts.append(f"{g} {v:.1f}")
+        elif _finite(rates.get(g)) and rates[g] == 0:
+            parts.append(f"{g}: never fires")
+        else:
+            parts.append(f"{g}: no stored example")
+    st.caption(
+        "Strongest activation on each group: "
+        + " · ".join(parts)
+        + " (pick a group under “Documents” to see them)."
+    )
+
+
+def document_panel(cache: CacheData, feature: int) -> None:
+    """The whole document of an example (URL `doc`, `ctx`), escaped, its context marked; a button closes it."""
+    doc_id = state.qp_int("doc")
+    if doc_id is None:
+        return
+    doc = E.document(cache, doc_id)
+    if doc is None:
+        st.warning(f"Document {doc_id} is not in this cache's documents.parquet.")
+        state.set_qp(doc=None, ctx=None)
+        return
+    ctx = state.qp_int("ctx")
+    example = next(
+        (e for e in cache.examples_of(feature) if e.get("context_id") == ctx and e.get("doc_id") == doc_id),
+        None,
+    )
+    span = None
+    if example is not None and doc.text is not None:
+        span = E.locate(doc.text, list(example.get("tokens") or []), example.get("max_position"))
+    st.html(EF.document_html(doc, span, color=F.HARM if doc.group == "harmful" else F.TASK))
+    if example is not None and doc.text is not None:
+        st.caption(
+            "The marked stretch is the example's context where its text occurs verbatim in the document."
+            if span
+            else "The example's context could not be placed in the text (chat-template tokens are not in it)."
+        )
+    if st.button("Close the document", key=f"doc_close:{doc_id}"):
+        state.set_qp(doc=None, ctx=None)
+        st.rerun()
+
+
 def single_feature(
     cache: CacheData, feature: int, row: dict[str, Any], n_top: int, window: int | None
 ) -> None:
-    """Scores, top examples and quantile samples; firing rates, histogram and logit lens beside them."""
+    """Scores, examples (all, or of one group / harm category) and quantile samples; firing rates,
+    histogram by group and logit lens with values beside them."""
     metrics(cache, row)
     left, right = st.columns([3, 2], gap="large")
+    color = F.HARM if role_of(row) == "harmful" else F.TASK
     with left:
         h1, h2, h3 = st.columns([2.6, 1, 1], vertical_alignment="bottom")
         h1.subheader("Top-activating examples")
         h2.number_input("examples shown", 1, 100, 8, key="feat_n_top")
         h3.toggle("full context", key="feat_full")
+        document_panel(cache, feature)
+        group, category = evidence_filters(cache, feature, cache.examples_of(feature))
         st.caption(
             "Darker = stronger activation; the outlined token is where it peaks. Hover a token for its value. "
             "Badges: the text group (and harm category) each example comes from."
         )
-        examples_block(cache, feature, F.HARM if role_of(row) == "harmful" else F.TASK, n_top, window)
+        if group == GROUP_ALL:
+            peaks_caption(cache, feature)
+            examples_block(cache, feature, color, n_top, window)
+        else:
+            group_examples_block(cache, feature, group, category, n_top, window, color)
     with right:
         st.plotly_chart(
             F.group_rates_figure(
@@ -191,19 +372,51 @@ def single_feature(
             config=state.chart_config(f"rates-{feature}"),
             key="feat_rates",
         )
-        hist = cache.histogram(feature)
-        if hist is not None and hist[1].sum() > 0:
-            st.plotly_chart(
-                F.histogram_figure(*hist), config=state.chart_config(f"hist-{feature}"), key="feat_hist"
-            )
-        else:
-            st.caption(
-                f"No activation histogram (the feature never fired, or the cache has no {schema.HISTOGRAMS})."
-            )
-        st.markdown("**Logit lens** — tokens this direction pushes the model to say, or not to say")
-        st.html(
-            F.token_chips_html(row.get("top_promoted") or [], F.TASK, "promoted")
-            + F.token_chips_html(row.get("top_suppressed") or [], F.NEUTRAL, "suppressed")
+        histogram_section(cache, feature)
+        logit_lens_section(cache, feature, row)
+
+
+def histogram_section(cache: CacheData, feature: int) -> None:
+    by_group = E.group_histogram(cache, feature)
+    if by_group is not None and any(c.any() for c in by_group.counts.values()):
+        st.plotly_chart(
+            EF.group_histogram_figure(by_group), config=state.chart_config(f"hist-{feature}"), key="feat_hist"
+        )
+        st.dataframe(
+            pd.DataFrame(EF.group_share_rows(by_group)), hide_index=True, key=f"feat_share:{feature}"
+        )
+        return
+    hist = cache.histogram(feature)
+    if hist is not None and hist[1].sum() > 0:
+        st.plotly_chart(
+            F.histogram_figure(*hist), config=state.chart_config(f"hist-{feature}"), key="feat_hist"
+        )
+        st.caption("Not split by group: this cache was harvested before per-group histograms.")
+    else:
+        st.caption(
+            f"No activation histogram (the feature never fired, or the cache has no {schema.HISTOGRAMS})."
+        )
+
+
+def logit_lens_section(cache: CacheData, feature: int, row: dict[str, Any]) -> None:
+    def values(col: str) -> list[float] | None:
+        if col not in cache.lists.column_names:
+            return None
+        v = cache.lists.column(col)[int(feature)].as_py()
+        return None if v is None else [float(x) for x in v]
+
+    pv, sv = values("top_promoted_values"), values("top_suppressed_values")
+    st.markdown("**Logit lens** — tokens this direction pushes the model to say, or not to say")
+    st.html(
+        EF.logit_chips_html(row.get("top_promoted") or [], pv, F.TASK, "promoted")
+        + EF.logit_chips_html(row.get("top_suppressed") or [], sv, F.NEUTRAL, "suppressed")
+    )
+    if pv is None and row.get("top_promoted"):
+        st.caption("No logit values: this cache was scored before they were stored.")
+    elif pv is not None:
+        st.caption(
+            "Values: the token's logit from the unit-norm decoder direction through the final norm's gain "
+            "(comparable between tokens and features; a real activation scales them)."
         )
 
 

@@ -34,8 +34,12 @@ freq_hist_data_bar_heights = histograms.npz counts, _values = the bin midpoints 
 never fired); pos_str / neg_str = top_promoted / top_suppressed with their logits when the cache holds
 them (`top_promoted_values`, `top_suppressed_values`), else -10000; one Activation row per examples.parquet
 row (dataSource: the document's group/category, dataIndex: its doc_id; a quantile example's binMin/binMax
-is its activation interval); one Explanation row per non-empty `label` (stripped; typeName and
-explanationModelName null, since they must name rows of the instance's own tables). Neuronpedia has no
+is its activation interval; a per-group top example is a top example, left out when its context is
+already one); one Explanation row per non-empty `label` (stripped; typeName and
+explanationModelName null, since they must name rows of the instance's own tables; so where each label
+came from - `label_source`, e.g. computed from peak tokens - goes into our marker file, `label_sources`,
+which `featuregeom`'s importer reads back: a computed label re-imported stays computed, not
+`neuronpedia`). Neuronpedia has no
 field for the harm and task scores; they stay in the cache. Corpus text is written as JSON strings only.
 """
 
@@ -43,11 +47,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -59,7 +64,8 @@ MARKER = "featuregeom-export.json"
 WHAT = "featuregeom Neuronpedia export"
 DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"
 MISSING_LOGIT_VALUE = -10000.0
-# Logit values of the logit-lens tokens, used when a cache has them (the contract does not, yet).
+GROUP_TOP = "group_top"  # examples.parquet kind: a feature's top contexts within one corpus group
+# Logit values of the logit-lens tokens, used when a cache has them (caches scored before them lack them).
 LOGIT_VALUES = {"top_promoted": "top_promoted_values", "top_suppressed": "top_suppressed_values"}
 
 FEATURE_KEYS = (  # export-data.py's Neuron columns, in its order
@@ -203,6 +209,17 @@ def explanation_records(data: CacheData, t: Target, seed: str) -> Iterator[dict[
         }
 
 
+def label_sources(data: CacheData) -> dict[str, list[int]]:
+    """label_source -> the exported features whose label came from it (`precompute.pipeline.labels`);
+    a cache without the column (imported labels only) says `neuronpedia` for every label."""
+    out: dict[str, list[int]] = {}
+    sources = data.columns.get("label_source") or [None] * data.n
+    for f, (label, source) in enumerate(zip(data.columns.get("label") or [], sources, strict=False)):
+        if isinstance(label, str) and label.strip():
+            out.setdefault(source if isinstance(source, str) and source else "neuronpedia", []).append(f)
+    return out
+
+
 _EXAMPLE_COLUMNS = [
     "feature",
     "kind",
@@ -210,6 +227,7 @@ _EXAMPLE_COLUMNS = [
     "group",
     "category",
     "doc_id",
+    "context_id",
     "tokens",
     "activations",
     "max_activation",
@@ -223,14 +241,14 @@ def _activation(row: dict[str, Any], data: CacheData, t: Target, seed: str, qwid
     values = [float(v) for v in row["activations"]]
     feat_max = float(data.columns["max_activation"][f])
     bin_max: float | None
-    if row["kind"] == "top":
+    if row["kind"] != "quantile":  # a top example, of all documents or of one group (group_top)
         bin_min, bin_max, contains = -1.0, feat_max, -1.0
     else:  # the activation interval the harvest sampled it from, as a share of the feature's maximum
         q = float(row["quantile"])
         bin_min, bin_max, contains = q * feat_max, None if qwidth is None else (q + qwidth) * feat_max, None
     source = row["group"] if row["category"] is None else f"{row['group']}/{row['category']}"
     return {  # export-data.py's Activation columns, plus dataIndex (a column of the table)
-        "id": _row_id(seed, "activation", t.model_id, t.source_id, f, row["kind"], row["rank"]),
+        "id": _row_id(seed, "activation", t.model_id, t.source_id, f, *_id_parts(row)),
         "modelId": t.model_id,
         "layer": t.source_id,
         "index": str(f),
@@ -249,6 +267,29 @@ def _activation(row: dict[str, Any], data: CacheData, t: Target, seed: str, qwid
         "binMin": bin_min,
         "binMax": bin_max,
     }
+
+
+def _id_parts(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What names an example within its feature: kind and rank (and the group for group_top, whose
+    ranks restart in each group); top and quantile ids are as before group_top existed."""
+    return (
+        (row["kind"], row["group"], row["rank"]) if row["kind"] == GROUP_TOP else (row["kind"], row["rank"])
+    )
+
+
+def _without_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leave out a group_top example whose context is already a top example (or an earlier group_top)
+    of the same feature: Neuronpedia would list the same text twice."""
+    shown = {(r["feature"], r["context_id"]) for r in rows if r["kind"] == "top"}
+    out = []
+    for r in rows:
+        key = (r["feature"], r["context_id"])
+        if r["kind"] == GROUP_TOP:
+            if key in shown:
+                continue
+            shown.add(key)
+        out.append(r)
+    return out
 
 
 def activation_batches(
@@ -271,14 +312,14 @@ def activation_batches(
                     "`featuregeom harvest`"
                 )
             if b != current and rows:
-                yield current, rows
+                yield current, [_activation(r, data, t, seed, qwidth) for r in _without_repeats(rows)]
                 rows = []
             current = b
-            rows.append(_activation({k: v[i] for k, v in cols.items()}, data, t, seed, qwidth))
+            rows.append({k: v[i] for k, v in cols.items()})
         if bar is not None:
             bar.update(batch.num_rows)
     if rows:
-        yield current, rows
+        yield current, [_activation(r, data, t, seed, qwidth) for r in _without_repeats(rows)]
 
 
 def metadata_records(data: CacheData, t: Target, now: str) -> dict[str, dict[str, Any]]:
@@ -359,11 +400,19 @@ def metadata_records(data: CacheData, t: Target, now: str) -> dict[str, dict[str
 
 
 # ------------------------------------------------------------------------------------------ writing
+def _open_out(path: Path, gz: bool) -> IO[str]:
+    """A text file to write; gzipped with no timestamp in the header (mtime 0), so the same cache
+    exports the same bytes whenever it runs."""
+    if not gz:
+        return open(path, "w", encoding="utf-8")
+    return io.TextIOWrapper(gzip.GzipFile(path, mode="wb", compresslevel=5, mtime=0), encoding="utf-8")
+
+
 def _write_jsonl(path: Path, records: Iterable[dict[str, Any]], where: Path, gz: bool = True) -> int:
     """Records as JSON lines (gzip level 5, as export-data.py); a NaN or infinity is a CacheError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with gzip.open(path, "wt", encoding="utf-8", compresslevel=5) if gz else open(path, "w") as fh:
+    with _open_out(path, gz) as fh:
         for record in records:
             try:
                 fh.write(json.dumps(record, allow_nan=False) + "\n")
@@ -408,6 +457,7 @@ def write_export(
         counts["explanations"] += _write_jsonl(path, explanations[start : start + batch_size], where)
     marker = {
         "format": "Neuronpedia export (neuronpedia-utils export-data.py layout)",
+        "label_sources": label_sources(data),
         "tool_version": __version__,
         "created": now,
         "cache": str(data.path.resolve()),

@@ -26,6 +26,7 @@ _CORPUS = (
 )
 _HARVEST = (
     "top_k_examples",
+    "top_k_per_group",
     "quantile_bins",
     "per_bin",
     "hist_bins",

@@ -98,6 +98,13 @@ class RunConfig:
     dtype: str = option("float32", choices=DTYPES, help="model weights' dtype")
     seed: int = option(0, low=0, high=2**32 - 1, help="seed for sampling and UMAP")
     top_k_examples: int = option(20, low=1, bounds="[)", help="top-activating contexts per feature")
+    top_k_per_group: int = option(
+        5,
+        low=0,
+        bounds="[)",
+        help="top-activating contexts per feature within each corpus group, ranked on that group's "
+        "documents only (0: none)",
+    )
     quantile_bins: int = option(5, low=1, bounds="[)", help="activation intervals to sample examples from")
     per_bin: int = option(2, low=1, bounds="[)", help="examples sampled per activation interval")
     hist_bins: int = option(40, low=1, bounds="[)", help="bins of each feature's activation histogram")

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from precompute.cache import StagedCache
+from precompute.data.corpus import Document
 from precompute.data.plan import CorpusPlan
 from precompute.data.split import document_hash
 from precompute.data.taxonomy import unify
@@ -48,6 +49,7 @@ PARAMS = (
     "shard_compression",
     "outlier_norm_factor",
     "top_k_examples",
+    "top_k_per_group",
     "quantile_bins",
     "per_bin",
     "hist_bins",
@@ -55,8 +57,10 @@ PARAMS = (
     "device",
 )
 EXAMPLE_COLUMNS = tuple(c.name for c in TABLES[EXAMPLES].columns)  # the contract's order
-# (feature, kind "top"/"quantile", rank, context id, quantile of the interval or None)
-Selection = tuple[int, str, int, int, float | None]
+# (feature, kind "top"/"quantile"/"group_top", rank, context id, quantile of the interval or None,
+#  the group a "group_top" example was ranked within or None)
+Selection = tuple[int, str, int, int, float | None, str | None]
+GROUP_TOP = "group_top"
 
 
 def write_shards(ctx: RunContext, world: World = World()) -> dict[str, Any]:
@@ -95,10 +99,12 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         per_bin=cfg.per_bin,
         hist_bins=cfg.hist_bins,
         seed=cfg.seed,
+        top_k_group=cfg.top_k_per_group,
     )
     agg = aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress)
     write_rates(staged, agg, n, cfg.hist_bins)
     selections, requests = select_examples(agg, n, cfg.quantile_bins)
+    selections += select_group_examples(agg, requests)
     context_lengths = {c: int(lengths[c]) for c in requests}
     acts = context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
     write_examples(staged, plan, selections, acts, doc_group, doc_category, lm.tokenizer)
@@ -166,10 +172,23 @@ def write_documents(staged: StagedCache, plan: CorpusPlan) -> pd.DataFrame:
             "n_tokens": doc_tokens,
             "text_preview": [d.preview(300) for d in plan.documents],
             "doc_sha256": [document_hash(d) for d in plan.documents],
+            # the whole text, for the documents read: an example links to it (explorer)
+            "text": pd.Series(
+                [full_text(d) if n > 0 else None for d, n in zip(plan.documents, doc_tokens, strict=True)],
+                dtype=object,
+            ),
         }
     )
     docs.to_parquet(staged.path(DOCUMENTS), index=False)
     return docs
+
+
+def full_text(d: Document) -> str:
+    """A document's whole text as `Document.preview` shows it, uncut: chat messages as `role: content`
+    paragraphs."""
+    if d.messages:
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in d.messages)
+    return d.text or ""
 
 
 def write_rates(staged: StagedCache, agg: dict[str, Any], n: int, hist_bins: int) -> None:
@@ -211,6 +230,9 @@ def write_rates(staged: StagedCache, agg: dict[str, Any], n: int, hist_bins: int
         counts=agg["hist"],
         bins=np.int64(hist_bins),
         max_activation=agg["act_max"],
+        # the same bins split by the group of each token's document; sums over groups to `counts`
+        counts_group=agg["hist_group"],
+        groups=np.array(agg["groups"], dtype=str),
     )
 
 
@@ -228,7 +250,7 @@ def select_examples(
         for r, c in enumerate(top_ctx[f].tolist()):
             if c < 0:
                 break
-            selections.append((f, "top", r, c, None))
+            selections.append((f, "top", r, c, None, None))
             requests.setdefault(c, []).append(f)
             seen.add(c)
         rank = 0
@@ -237,10 +259,30 @@ def select_examples(
                 if c < 0 or c in seen:
                     continue
                 seen.add(c)
-                selections.append((f, "quantile", rank, c, b / quantile_bins))
+                selections.append((f, "quantile", rank, c, b / quantile_bins, None))
                 requests.setdefault(c, []).append(f)
                 rank += 1
     return selections, requests
+
+
+def select_group_examples(agg: dict[str, Any], requests: dict[int, list[int]]) -> list[Selection]:
+    """Each feature's top contexts within each group (`aggregate`'s `gtop_ctx`), ranked on that
+    group's tokens only, so a feature's evidence on harmful documents is kept even when its global
+    top is all code. Kept even when the context is also a global top example: each kind is complete
+    on its own. Adds the needed (context, feature) activations to `requests`."""
+    out: list[Selection] = []
+    gtop = agg.get("gtop_ctx")
+    if gtop is None or gtop.shape[2] == 0:
+        return out
+    touched = set()
+    for f, gi, r in zip(*np.nonzero(gtop >= 0), strict=True):
+        c = int(gtop[f, gi, r])
+        out.append((int(f), GROUP_TOP, int(r), c, None, agg["groups"][gi]))
+        requests.setdefault(c, []).append(int(f))
+        touched.add(c)
+    for c in touched:  # a context may be a feature's global and group top: read it once
+        requests[c] = list(dict.fromkeys(requests[c]))
+    return out
 
 
 def _decode_tokens(tokenizer: Any, ids: np.ndarray, memo: dict[int, str]) -> list[str]:
@@ -264,10 +306,13 @@ def write_examples(
     """examples.parquet: one row per selection, with this feature's activation on every token."""
     memo: dict[int, str] = {}
     rec: dict[str, list[Any]] = {k: [] for k in EXAMPLE_COLUMNS}
-    for f, kind, r, c, q in selections:
+    for f, kind, r, c, q, g in selections:
         context = plan.contexts[c]
         a = acts[(c, f)]
-        pos = int(np.argmax(a))
+        if g is None:
+            pos = int(np.argmax(a))
+        else:  # the peak on this group's documents only (a packed context may mix groups)
+            pos = int(np.argmax(np.where(doc_group[np.asarray(context.doc_ids)] == g, a, -np.inf)))
         d = int(context.doc_ids[pos])
         rec["feature"].append(f)
         rec["rank"].append(r)
@@ -282,6 +327,6 @@ def write_examples(
         rec["max_position"].append(pos)
         rec["quantile"].append(q)
     # sorted by feature in small row groups so a reader can fetch one feature without a huge block
-    pd.DataFrame(rec).sort_values(["feature", "kind", "rank"], kind="stable", key=None).to_parquet(
+    pd.DataFrame(rec).sort_values(["feature", "kind", "group", "rank"], kind="stable", key=None).to_parquet(
         staged.path(EXAMPLES), index=False, row_group_size=8192
     )

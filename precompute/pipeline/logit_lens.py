@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,7 +50,16 @@ def readable_token(tokenizer: Any, token_id: int) -> str:
     return "".join(out)
 
 
-@torch.no_grad()
+@dataclass
+class LogitLens:
+    """Each direction's promoted and suppressed tokens, and their logits (same order)."""
+
+    promoted: list[list[str]]
+    suppressed: list[list[str]]
+    promoted_values: list[list[float]]
+    suppressed_values: list[list[float]]
+
+
 def logit_lens(
     directions: torch.Tensor,
     unembed: torch.Tensor,
@@ -58,14 +68,30 @@ def logit_lens(
     k: int = 10,
     block: int = 1024,
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Top-k promoted and bottom-k suppressed tokens of each (unit) decoder direction.
+    """Top-k promoted and bottom-k suppressed tokens of each direction (`logit_lens_values`, tokens only)."""
+    lens = logit_lens_values(directions, unembed, final_norm_weight, tokenizer, k, block)
+    return lens.promoted, lens.suppressed
+
+
+@torch.no_grad()
+def logit_lens_values(
+    directions: torch.Tensor,
+    unembed: torch.Tensor,
+    final_norm_weight: torch.Tensor | None,
+    tokenizer: Any,
+    k: int = 10,
+    block: int = 1024,
+) -> LogitLens:
+    """Top-k promoted and bottom-k suppressed tokens of each (unit) decoder direction, with their logits.
 
     logits = (direction * final_norm_weight) @ unembed.T: the direct effect of writing the
     direction into the residual stream, through the final norm's elementwise gain (its
     normalisation and bias do not change the ranking of one direction's logits, and final-logit
-    soft-capping is monotone). Computed in float32 on `unembed`'s device, `block` directions at
-    a time, so memory is O(block x vocab). Promoted lists run from the largest logit down,
-    suppressed lists from the most negative up. Tokens are rendered by `readable_token`.
+    soft-capping is monotone). The values are these logits for a unit-norm direction: comparable
+    between features and tokens, not the logit change of a real activation (that scales with the
+    activation and the norm's division). Computed in float32 on `unembed`'s device, `block`
+    directions at a time, so memory is O(block x vocab). Promoted lists run from the largest logit
+    down, suppressed lists from the most negative up. Tokens are rendered by `readable_token`.
     """
     if directions.ndim != 2 or unembed.ndim != 2 or directions.shape[1] != unembed.shape[1]:
         raise ValueError(
@@ -94,8 +120,7 @@ def logit_lens(
             rows.append(names)
         return rows
 
-    promoted: list[list[str]] = []
-    suppressed: list[list[str]] = []
+    out = LogitLens([], [], [], [])
     n = directions.shape[0]
     step = max(1, int(block))
     for s in range(0, n, step):
@@ -104,12 +129,16 @@ def logit_lens(
             D = D * w
         logits = D @ U.T
         if k == 0:
-            promoted.extend([] for _ in range(D.shape[0]))
-            suppressed.extend([] for _ in range(D.shape[0]))
+            for lst in (out.promoted, out.suppressed, out.promoted_values, out.suppressed_values):
+                lst.extend([] for _ in range(D.shape[0]))
             continue
-        promoted.extend(render(torch.topk(logits, k, dim=1, largest=True, sorted=True).indices))
-        suppressed.extend(render(torch.topk(logits, k, dim=1, largest=False, sorted=True).indices))
-    return promoted, suppressed
+        top = torch.topk(logits, k, dim=1, largest=True, sorted=True)
+        bottom = torch.topk(logits, k, dim=1, largest=False, sorted=True)
+        out.promoted.extend(render(top.indices))
+        out.suppressed.extend(render(bottom.indices))
+        out.promoted_values.extend(top.values.cpu().tolist())
+        out.suppressed_values.extend(bottom.values.cpu().tolist())
+    return out
 
 
 _FINAL_NORM_PATHS = (

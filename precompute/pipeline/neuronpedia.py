@@ -209,10 +209,38 @@ def import_neuronpedia(path: str | Path, n_features: int) -> pd.DataFrame:
             stacklevel=2,
         )
     feats = sorted(found.descriptions)
+    source = _label_sources(path, files) if path.is_dir() else {}
     return pd.DataFrame(
         {
             "feature": np.asarray(feats, dtype=np.int64),
             "label": pd.Series([found.descriptions[f][0] for f in feats], dtype=object),
             "explanation": pd.Series([" | ".join(found.descriptions[f]) for f in feats], dtype=object),
+            "label_source": pd.Series([source.get(f, IMPORTED) for f in feats], dtype=object),
         }
     )
+
+
+IMPORTED = "neuronpedia"  # the label_source of a label read from Neuronpedia
+EXPORT_MARKER = "featuregeom-export.json"  # written by `featuregeom export --neuronpedia` (precompute/export)
+
+
+def _label_sources(path: Path, files: list[Path]) -> dict[int, str]:
+    """feature -> where its label came from, when the export is one `featuregeom export` wrote: its
+    marker (at DIR, two levels above the source directory) lists them (`label_sources`). A label it
+    computed (e.g. from peak tokens) comes back as computed, not as a Neuronpedia explanation."""
+    roots = {f.parent.parent for f in files}
+    candidates = [path / EXPORT_MARKER, *(r.parent.parent / EXPORT_MARKER for r in roots)]
+    for marker in candidates:
+        if marker.is_file():
+            try:
+                listed = json.loads(marker.read_text(encoding="utf-8")).get("label_sources") or {}
+            except (OSError, ValueError, AttributeError):
+                return {}
+            return {
+                int(f): str(src)
+                for src, feats in listed.items()
+                if isinstance(feats, list)
+                for f in feats
+                if isinstance(f, int)
+            }
+    return {}

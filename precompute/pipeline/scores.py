@@ -40,7 +40,7 @@ from precompute.pipeline.contrasts import (
 )
 from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.heldout import HeldoutCriterion
-from precompute.pipeline.logit_lens import logit_lens, model_unembedding
+from precompute.pipeline.logit_lens import logit_lens_values, model_unembedding
 from precompute.pipeline.neuronpedia import import_neuronpedia
 from precompute.pipeline.shards import cache_shards
 from precompute.pipeline.windows import Windowed, token_texts, windowed_values
@@ -247,17 +247,29 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     if sae is not None:
         lm = ctx.model
         unembed, norm_w = model_unembedding(lm.model)
-        promoted, suppressed = logit_lens(
-            sae.unit_directions().to(unembed.device), unembed, norm_w, lm.tokenizer
-        )
-        table["top_promoted"] = promoted
-        table["top_suppressed"] = suppressed
+        lens = logit_lens_values(sae.unit_directions().to(unembed.device), unembed, norm_w, lm.tokenizer)
+        table["top_promoted"] = lens.promoted
+        table["top_suppressed"] = lens.suppressed
+        for col, values in (
+            ("top_promoted_values", lens.promoted_values),
+            ("top_suppressed_values", lens.suppressed_values),
+        ):
+            table[col] = pd.Series([np.asarray(v, np.float32) for v in values], dtype=object)
     if cfg.neuronpedia:
         table = table.merge(import_neuronpedia(cfg.neuronpedia, n), on="feature", how="left")
+        # "neuronpedia" unless a featuregeom export says it computed the label: the labels step
+        # keeps imported labels and recomputes the rest
+        table["label_source"] = pd.Series(
+            [
+                s if isinstance(s, str) and isinstance(lab, str) else None
+                for lab, s in zip(table["label"], table["label_source"], strict=True)
+            ],
+            dtype=object,
+        )
     else:
         table["label"] = pd.Series([None] * n, dtype=object)
         table["explanation"] = pd.Series([None] * n, dtype=object)
-    table["label_source"] = table["label"].notna().map({True: "neuronpedia", False: None})  # labels step
+        table["label_source"] = pd.Series([None] * n, dtype=object)
     _drop_retired_columns(staged)
     merge_feature_columns(staged, n, table)
     params = {

@@ -251,13 +251,16 @@ def _stable_key(seed: int, feature: np.ndarray, context: np.ndarray) -> np.ndarr
     return x
 
 
-def _pair_max(shard: Shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Max activation per (feature, context) pair in one shard."""
+def _pair_max(
+    shard: Shard, feature_key: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Max activation per (feature, context) pair in one shard; with `feature_key` (one key per
+    entry, e.g. feature x group) per (key, context) pair instead."""
     if len(shard.feature) == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0, np.float32)
     ctx = shard.context_id[shard.row_of_entry()].astype(np.int64)
-    feat = shard.feature.astype(np.int64)
+    feat = shard.feature.astype(np.int64) if feature_key is None else feature_key
     order = np.lexsort((ctx, feat))
     feat, ctx, val = feat[order], ctx[order], shard.value[order]
     starts = np.flatnonzero(np.r_[True, (feat[1:] != feat[:-1]) | (ctx[1:] != ctx[:-1])])
@@ -297,6 +300,7 @@ class AggregateParams:
     per_bin: int = 2
     hist_bins: int = 40
     seed: int = 0
+    top_k_group: int = 0  # top contexts per (feature, group), ranked on the group's tokens only
 
 
 def aggregate(
@@ -330,6 +334,10 @@ def aggregate(
     act_max = np.zeros(n_features, np.float32)
     top_val = np.full((n_features, params.top_k), -np.inf, np.float32)
     top_ctx = np.full((n_features, params.top_k), -1, np.int64)
+    n_groups, kg = len(groups), params.top_k_group
+    # per (feature, group): row f * n_groups + g; a packed context can hold several groups' documents
+    gtop_val = np.full((n_features * n_groups, kg), -np.inf, np.float32)
+    gtop_ctx = np.full((n_features * n_groups, kg), -1, np.int64)
     total_tokens = 0
 
     for path in tqdm(shard_paths, desc="aggregate 1/2", disable=not progress):
@@ -347,9 +355,14 @@ def aggregate(
         np.maximum.at(act_max, feat, shard.value)
         pf, pc, pv = _pair_max(shard)
         _merge_topk(top_val, top_ctx, pf, pc, pv)
+        if kg:
+            gf, gc, gv = _pair_max(shard, feat * n_groups + doc_gidx[row_doc[rows]])
+            _merge_topk(gtop_val, gtop_ctx, gf, gc, gv)
 
     # Pass 2: histograms (bins need the max) and quantile samples by activation interval.
     hist = np.zeros((n_features, params.hist_bins), np.int64)
+    # the same bins split by the group of each token's document (int32: a bin counts tokens of one shard set)
+    hist_group = np.zeros((n_features, n_groups, params.hist_bins), np.int32)
     qb, per_bin = params.quantile_bins, params.per_bin
     q_key = np.full((n_features, qb, per_bin), np.iinfo(np.uint64).max, np.uint64)
     q_ctx = np.full((n_features, qb, per_bin), -1, np.int64)
@@ -362,6 +375,7 @@ def aggregate(
             (shard.value / safe_max[feat] * params.hist_bins).astype(np.int64), params.hist_bins - 1
         )
         np.add.at(hist, (feat, b), 1)
+        np.add.at(hist_group, (feat, doc_gidx[shard.doc_id.astype(np.int64)[shard.row_of_entry()]], b), 1)
         pf, pc, pv = _pair_max(shard)
         if len(pf) == 0:
             continue
@@ -397,6 +411,9 @@ def aggregate(
         "top_val": top_val,
         "top_ctx": top_ctx,
         "hist": hist,
+        "hist_group": hist_group,
+        "gtop_val": gtop_val.reshape(n_features, n_groups, kg),
+        "gtop_ctx": gtop_ctx.reshape(n_features, n_groups, kg),
         "q_ctx": q_ctx,
         "q_val": q_val,
     }

@@ -66,7 +66,7 @@ def check_archive(
     """Raise CacheError when npz `file` (a name in ARCHIVES) lacks an array or holds one of the wrong
     type or number of axes; `arrays` maps each array's name to (dtype, shape) (see npz_arrays)."""
     spec = ARCHIVES[file]
-    missing = [a.name for a in spec.arrays if a.name not in arrays]
+    missing = [a.name for a in spec.arrays if a.name not in arrays and not a.optional]
     if missing:
         raise CacheError(
             f"{where or file} lacks the array(s) {', '.join(missing)} (written by {_step_names([spec.step])}; "
@@ -76,7 +76,7 @@ def check_archive(
         f"{a.name} is {arrays[a.name][0]} with {len(arrays[a.name][1])} axes, the cache format says "
         f"{a.dtype} with {len(a.shape)}"
         for a in spec.arrays
-        if (arrays[a.name][0], len(arrays[a.name][1])) != (a.dtype, len(a.shape))
+        if a.name in arrays and (arrays[a.name][0], len(arrays[a.name][1])) != (a.dtype, len(a.shape))
     ]
     if wrong:
         raise CacheError(f"{where or file}: {'; '.join(wrong)} (docs/cache.md): {_rebuild_hint([spec.step])}")

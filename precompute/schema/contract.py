@@ -115,6 +115,7 @@ class Array:
     name: str
     dtype: str
     shape: tuple[str, ...]
+    optional: bool = False  # added without a schema_version bump: an older cache lacks it
 
 
 @dataclass(frozen=True)
@@ -132,10 +133,12 @@ def _cols(step: str, *specs: tuple[Any, ...]) -> tuple[Column, ...]:
 
 
 LOGIT_LENS = "scores ran with the model (logit lens)"
+LOGIT_VALUES = "scores ran with the model, not in caches scored before logit values"
 # Columns added without a schema_version bump: a cache written before them lacks them.
 HELDOUT = "not in caches scored before held-out validation"
 TAXONOMY = "not in caches harvested before the harm taxonomy"
 DOC_HASHES = "not in caches harvested before the document split"
+DOC_TEXT = "not in caches harvested before full document text"
 LABELS = "not in caches built before the labels step"
 EXPLAINED = "only after featuregeom explain, for the features it explained"
 
@@ -176,6 +179,8 @@ TABLES: dict[str, Table] = {
             ("explanation", STRING, True),
             ("top_promoted", STRINGS, False, LOGIT_LENS),
             ("top_suppressed", STRINGS, False, LOGIT_LENS),
+            ("top_promoted_values", FLOAT32S, False, LOGIT_VALUES),
+            ("top_suppressed_values", FLOAT32S, False, LOGIT_VALUES),
         )
         + _cols("labels", ("label_source", STRING, True, LABELS))
         + _cols(
@@ -239,6 +244,7 @@ TABLES: dict[str, Table] = {
             ("n_tokens", INT64),
             ("text_preview", STRING),
             ("doc_sha256", STRING, False, DOC_HASHES),
+            ("text", STRING, True, DOC_TEXT),
         ),
     ),
     CATEGORY_RATES: Table(
@@ -279,6 +285,8 @@ ARCHIVES: dict[str, Archive] = {
             Array("counts", "int64", ("n", "bins")),
             Array("bins", "int64", ()),
             Array("max_activation", "float32", ("n",)),
+            Array("counts_group", "int32", ("n", "groups", "bins"), optional=True),
+            Array("groups", STRING, ("groups",), optional=True),
         ),
     ),
     CONTEXTS: Archive(

@@ -59,10 +59,23 @@ def test_optional_columns_and_families_may_be_absent() -> None:
         "harm_heldout_lo",
         "harm_heldout_set",
         "label_source",  # added with the labels step
+        "top_promoted_values",  # added with the logit values
+        "top_suppressed_values",
     }
     docs = full_dtypes(schema.DOCUMENTS)
     del docs["category_source"], docs["validation"]  # a cache harvested before the harm taxonomy
     schema.check_table(schema.DOCUMENTS, docs)
+
+
+def test_an_archive_may_lack_its_optional_arrays_but_not_hold_them_wrong() -> None:
+    arrays = {"counts": ("int64", (3, 4)), "bins": ("int64", ()), "max_activation": ("float32", (3,))}
+    schema.check_archive(schema.HISTOGRAMS, arrays)  # harvested before per-group histograms
+    full = arrays | {"counts_group": ("int32", (3, 2, 4)), "groups": ("string", (2,))}
+    schema.check_archive(schema.HISTOGRAMS, full)
+    with pytest.raises(CacheError, match="counts_group is int64 with 2 axes"):
+        schema.check_archive(schema.HISTOGRAMS, full | {"counts_group": ("int64", (3, 4))})
+    with pytest.raises(CacheError, match="lacks the array"):
+        schema.check_archive(schema.HISTOGRAMS, {k: v for k, v in full.items() if k != "bins"})
 
 
 def test_wrong_type_is_refused_but_null_fits_a_nullable_column() -> None:

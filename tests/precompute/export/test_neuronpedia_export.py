@@ -124,9 +124,23 @@ def check_export(cache: Path, source: Path, batch_size: int = BATCH_SIZE) -> Non
             assert rec["freq_hist_data_bar_heights"] == rec["freq_hist_data_bar_values"] == []
         for side, col in (("pos", "top_promoted"), ("neg", "top_suppressed")):
             assert rec[f"{side}_str"] == list(feats[col][f])
-            assert rec[f"{side}_values"] == [-10000.0] * len(feats[col][f])  # webapp's MISSING_LOGIT_VALUE
+            values = feats[f"{col}_values"][f]  # the real logits, since the cache holds them
+            assert rec[f"{side}_values"] == [float(v) for v in values] and len(values) == len(feats[col][f])
 
     acts = _lines(_batches(source / "activations"))
+    # a group_top example whose context the feature already shows (as top, or for another group) is
+    # left out: Neuronpedia would list the same text twice
+    tops = examples[examples.kind == "top"]
+    shown = set(zip(tops.feature, tops.context_id, strict=True))
+    keep = []
+    for _, row in examples.iterrows():
+        key = (row["feature"], row["context_id"])
+        if row["kind"] == "group_top":
+            if key in shown:
+                continue
+            shown.add(key)
+        keep.append(row)
+    examples = pd.DataFrame(keep)
     assert len(acts) == len(examples) and len({a["id"] for a in acts}) == len(acts)
     for path in _batches(source / "activations"):
         assert {int(a["index"]) // batch_size for a in _lines([path])} == {_number(path)}
@@ -139,7 +153,7 @@ def check_export(cache: Path, source: Path, batch_size: int = BATCH_SIZE) -> Non
         assert a["maxValueTokenIndex"] == row["max_position"] and a["minValue"] == min(a["values"])
         assert a["dataIndex"] == str(row["doc_id"]) and a["dataSource"].split("/")[0] == row["group"]
         feat_max = feats["max_activation"][row["feature"]]
-        if row["kind"] == "top":
+        if row["kind"] in ("top", "group_top"):
             assert (a["binMin"], a["binMax"], a["binContains"]) == (-1.0, feat_max, -1.0)
         else:
             assert a["binMin"] == row["quantile"] * feat_max
@@ -151,6 +165,15 @@ def labels_of(cache: Path) -> dict[int, str]:
     feats = pd.read_parquet(cache / "features.parquet", columns=["feature", "label"])
     return {
         int(f): lab for f, lab in zip(feats["feature"], feats["label"], strict=True) if isinstance(lab, str)
+    }
+
+
+def sources_of(cache: Path) -> dict[int, str]:
+    feats = pd.read_parquet(cache / "features.parquet", columns=["feature", "label", "label_source"])
+    return {
+        int(f): src
+        for f, lab, src in zip(feats["feature"], feats["label"], feats["label_source"], strict=True)
+        if isinstance(lab, str)
     }
 
 
@@ -173,6 +196,11 @@ def test_export_round_trips_through_the_neuronpedia_importer(labelled_cache, tmp
     )
     back = import_neuronpedia(out, len(pd.read_parquet(labelled_cache / "features.parquet")))
     assert dict(zip(back["feature"].tolist(), back["label"], strict=True)) == labels
+    # each label comes back with its source: the imported ones as neuronpedia, the computed ones computed
+    assert dict(zip(back["feature"].tolist(), back["label_source"], strict=True)) == sources_of(
+        labelled_cache
+    )
+    assert set(back["label_source"]) == {"neuronpedia", "peak_tokens"}
     assert (back["label"] == back["explanation"]).all()  # one explanation per feature: the label
     check_export(labelled_cache, source)
 
@@ -201,8 +229,11 @@ def test_small_batches_follow_the_export_data_layout(labelled_cache, tmp_path):
     expl = _lines(_batches(source / "explanations"))
     labels = labels_of(labelled_cache)  # imported and computed (labels step): one explanation each
     assert [int(e["index"]) for e in expl] == sorted(labels) and counts["explanations"] == len(labels)
-    back = import_neuronpedia(source, 64)
+    back = import_neuronpedia(source, 64)  # the source directory: the marker two levels up is found
     assert dict(zip(back["feature"].tolist(), back["label"], strict=True)) == labels_of(labelled_cache)
+    assert dict(zip(back["feature"].tolist(), back["label_source"], strict=True)) == sources_of(
+        labelled_cache
+    )
     # the same cache gives the same ids: a second import adds nothing (ON CONFLICT DO NOTHING)
     again = write_export(tmp_path / "again", data, target, batch_size=10)
     assert again == counts
@@ -315,3 +346,31 @@ def test_identifiers_default_from_the_manifest():
     assert resolve_target(ExportOptions(), mlp).model_id == "gpt2"
     with pytest.raises(ConfigError, match="--layer"):
         resolve_target(ExportOptions(), {"hook": "embed", "sae": {}, "model": {"spec": "m"}})
+
+
+def test_logit_values_fall_back_to_the_webapps_missing_value_only_when_absent() -> None:
+    from precompute.export.neuronpedia import MISSING_LOGIT_VALUE, _logits
+
+    old = {"top_promoted": [["a", "b"]]}  # a cache scored before logit values
+    assert _logits(old, "top_promoted", 0) == (["a", "b"], [MISSING_LOGIT_VALUE] * 2)
+    new = old | {"top_promoted_values": [np.array([2.5, 1.25], np.float32)]}
+    assert _logits(new, "top_promoted", 0) == (["a", "b"], [2.5, 1.25])
+    assert _logits({"top_promoted": [None], "top_promoted_values": [None]}, "top_promoted", 0) == ([], [])
+
+
+def test_reading_an_export_back_keeps_computed_labels_computed(labelled_cache, tmp_path):
+    """`featuregeom scores --neuronpedia DIR` on our own export: the imported labels stay `neuronpedia`, the
+    computed ones come back `peak_tokens` and the labels step recomputes them to the same text."""
+    import shutil
+
+    from precompute.pipeline.config import RunConfig
+    from precompute.pipeline.run import run_step
+
+    out = tmp_path / "np"
+    assert _export(labelled_cache, out) == 0
+    copy = tmp_path / "cache"
+    shutil.copytree(labelled_cache, copy)
+    run_step("scores", RunConfig.load(None, {"out": str(copy), "neuronpedia": str(out), "progress": False}))
+    assert sources_of(copy) == sources_of(labelled_cache)
+    run_step("labels", RunConfig.load(None, {"out": str(copy), "progress": False}))
+    assert labels_of(copy) == labels_of(labelled_cache) and sources_of(copy) == sources_of(labelled_cache)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from precompute.errors import ModelLoadError
-from precompute.pipeline.logit_lens import logit_lens, model_unembedding, readable_token
+from precompute.pipeline.logit_lens import logit_lens, logit_lens_values, model_unembedding, readable_token
 
 # ----------------------------------------------------------------------------------- logit lens
 
@@ -40,6 +40,27 @@ def test_logit_lens_matches_brute_force() -> None:
     # k larger than the vocabulary is capped; block larger than n is fine.
     p, s = logit_lens(dirs[:2], unembed[:4], None, tok, k=10, block=4096)
     assert [len(r) for r in p] == [4, 4] and sorted(p[0]) == sorted(s[0])
+
+
+def test_logit_lens_values_are_the_logits_of_the_listed_tokens() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n, d, vocab, k = 23, 8, 40, 5
+    dirs = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+    unembed = torch.randn(vocab, d, generator=gen)
+    norm_w = torch.rand(d, generator=gen) + 0.5
+    tok = StubTokenizer([f"t{i}" for i in range(vocab)])
+    lens = logit_lens_values(dirs, unembed, norm_w, tok, k=k, block=4)
+    logits = (dirs * norm_w).double() @ unembed.double().T
+    for f in range(n):
+        top = torch.argsort(logits[f], descending=True)[:k].tolist()
+        bottom = torch.argsort(logits[f])[:k].tolist()
+        assert lens.promoted[f] == [f"t{i}" for i in top]
+        assert lens.suppressed[f] == [f"t{i}" for i in bottom]
+        assert lens.promoted_values[f] == pytest.approx(logits[f, top].tolist(), abs=1e-5)
+        assert lens.suppressed_values[f] == pytest.approx(logits[f, bottom].tolist(), abs=1e-5)
+        assert lens.promoted_values[f][0] > 0 > lens.suppressed_values[f][0]  # random: both signs exist
+    empty = logit_lens_values(dirs, unembed, None, tok, k=0)
+    assert empty.promoted_values == [[]] * n and empty.suppressed == [[]] * n
 
 
 def test_readable_token_makes_whitespace_visible() -> None:

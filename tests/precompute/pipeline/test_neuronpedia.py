@@ -49,7 +49,7 @@ def test_import_neuronpedia_export_directory(tmp_path: Path) -> None:
             RuntimeWarning, match=r"ignored 1 Neuronpedia explanation\(s\) with index >= n_features"
         ):
             df = import_neuronpedia(path, 100)
-        assert list(df.columns) == ["feature", "label", "explanation"]
+        assert list(df.columns) == ["feature", "label", "explanation", "label_source"]
         assert df["feature"].tolist() == [0, 3, 7] and df["feature"].dtype == np.int64
         assert df["label"].tolist() == ["code", "the word 'bomb'", "fraud"]
         assert df.loc[1, "explanation"] == "the word 'bomb' | weapons"
@@ -80,11 +80,13 @@ def test_import_neuronpedia_single_files(tmp_path: Path) -> None:
             "feature": [2, 4],
             "label": ["negation", "insecure code"],
             "explanation": ["negation", "insecure code"],
+            "label_source": ["neuronpedia", "neuronpedia"],
         }
     assert import_neuronpedia(feature_json, 5).to_dict("list") == {
         "feature": [4],
         "label": ["insecure code"],
         "explanation": ["insecure code"],
+        "label_source": ["neuronpedia"],
     }
 
 
@@ -113,6 +115,6 @@ def test_import_neuronpedia_features_only_export_warns(tmp_path: Path) -> None:
     (tmp_path / "features" / "batch-0.jsonl").write_text(json.dumps({"index": "1", "maxActApprox": 2}) + "\n")
     with pytest.warns(RuntimeWarning, match="no explanations"):
         df = import_neuronpedia(tmp_path, 10)
-    assert df.empty and list(df.columns) == ["feature", "label", "explanation"]
+    assert df.empty and list(df.columns) == ["feature", "label", "explanation", "label_source"]
     merged = pd.DataFrame({"feature": np.arange(3)}).merge(df, on="feature", how="left")
     assert merged["label"].isna().all()

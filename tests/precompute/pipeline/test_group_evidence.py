@@ -1,0 +1,102 @@
+"""Per-group evidence on a real tiny cache: each feature's top contexts within each corpus group
+(`group_top` examples) and its activation histogram split by group, against a brute-force scan of the
+model + SAE run one context at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from precompute.pipeline.shards import Shard, list_shards
+from tests.precompute.pipeline.test_run import brute_force_activations, built_cache  # noqa: F401
+from tests.ranking import assert_ranking_equivalent
+
+
+def _token_groups(cache: Path) -> dict[int, np.ndarray]:
+    """context id -> the corpus group of each of its tokens' documents."""
+    docs = pd.read_parquet(cache / "documents.parquet").set_index("doc_id")
+    with np.load(cache / "harvest" / "contexts.npz") as z:
+        offsets, doc_ids = z["offsets"], z["doc_ids"]
+    group = docs["group"].to_dict()
+    return {
+        c: np.array([group[int(d)] for d in doc_ids[offsets[c] : offsets[c + 1]]], dtype=object)
+        for c in range(len(offsets) - 1)
+    }
+
+
+@pytest.fixture(scope="module")
+def dense(built_cache, tiny_model_dir, tiny_sae_dir):  # noqa: F811
+    out, _ = built_cache
+    return brute_force_activations(tiny_model_dir, tiny_sae_dir, out)
+
+
+def test_group_top_examples_equal_a_brute_force_per_group_scan(built_cache, dense) -> None:  # noqa: F811
+    out, cfg = built_cache
+    k = cfg.top_k_per_group
+    assert k == 5  # the default: the test must exercise it
+    groups_of = _token_groups(out)
+    examples = pd.read_parquet(out / "examples.parquet")
+    group_top = examples[examples.kind == "group_top"]
+    groups = sorted({g for gs in groups_of.values() for g in gs})
+    assert set(group_top["group"]) == set(groups) == {"task", "control", "harmful", "benign"}
+    n_ctx = len(dense)
+    checked = 0
+    for f in range(64):
+        for g in groups:
+            # a context's score for group g: the feature's max over the tokens of g's documents only
+            score = np.array(
+                [float(np.max(np.where(groups_of[c] == g, dense[c][:, f], 0.0))) for c in range(n_ctx)]
+            )
+            got = group_top[(group_top.feature == f) & (group_top.group == g)].sort_values("rank")
+            assert got["rank"].tolist() == list(range(len(got)))
+            assert_ranking_equivalent(
+                got.context_id.tolist(), score, k, eligible=score > 0, what=f"feature {f}, group {g}"
+            )
+            for _, row in got.iterrows():
+                c, pos = int(row.context_id), int(row.max_position)
+                assert groups_of[c][pos] == g  # the peak shown lies on a document of that group
+                assert row.max_activation == pytest.approx(score[c], rel=1e-5, abs=1e-5)
+                np.testing.assert_allclose(row.activations, dense[c][:, f], rtol=1e-5, atol=1e-5)
+                checked += 1
+            if not (score > 0).any():
+                assert got.empty  # never fires on the group: no example is invented
+    assert checked > 100
+
+
+def test_group_histograms_split_the_histogram_exactly(built_cache, dense) -> None:  # noqa: F811
+    out, _ = built_cache
+    with np.load(out / "histograms.npz") as z:
+        counts, by_group, groups, bins = z["counts"], z["counts_group"], z["groups"].tolist(), int(z["bins"])
+        mx = z["max_activation"]
+    assert groups == ["benign", "control", "harmful", "task"] and by_group.shape == (64, 4, bins)
+    np.testing.assert_array_equal(by_group.sum(axis=1), counts)
+    # binning, written out plainly over the harvested values (dense per token)
+    docs = pd.read_parquet(out / "documents.parquet").set_index("doc_id")["group"]
+    expect = np.zeros_like(by_group)
+    for path in list_shards(out / "harvest"):
+        shard = Shard.load(path)
+        m = shard.matrix(64).toarray()
+        row_group = np.array([groups.index(docs[int(d)]) for d in shard.doc_id])
+        for f in range(64):
+            for r in np.flatnonzero(m[:, f] > 0):
+                b = min(int(m[r, f] / mx[f] * bins), bins - 1)
+                expect[f, row_group[r], b] += 1
+    np.testing.assert_array_equal(by_group, expect)
+    # and the firing counts per group equal the independent model + SAE scan
+    groups_of = _token_groups(out)
+    for gi, g in enumerate(groups):
+        fires = sum((dense[c][groups_of[c] == g] > 0).sum(axis=0) for c in range(len(dense)))
+        np.testing.assert_array_equal(by_group[:, gi].sum(axis=1), fires)
+
+
+def test_no_group_top_examples_when_the_option_is_zero(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path):
+    from precompute.pipeline.run import run_precompute
+    from tests.precompute.pipeline.test_run import make_cfg
+
+    out = tmp_path / "c"
+    run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, out, top_k_per_group=0), ("harvest",))
+    examples = pd.read_parquet(out / "examples.parquet")
+    assert set(examples["kind"]) == {"top", "quantile"}

@@ -24,7 +24,12 @@ from tqdm.auto import tqdm
 from precompute.errors import ConfigError
 from precompute.options import Command, option
 
-EXPLAIN_COLUMNS = ("auto_explanation", "auto_explanation_model", "auto_explanation_detection", "auto_explanation_scored")
+EXPLAIN_COLUMNS = (
+    "auto_explanation",
+    "auto_explanation_model",
+    "auto_explanation_detection",
+    "auto_explanation_scored",
+)
 
 
 def _ids(text: str) -> list[int]:
@@ -36,26 +41,47 @@ def _ids(text: str) -> list[int]:
 
 @dataclass
 class ExplainOptions:
-    out: str | None = option(None, metavar="DIR", help="the cache whose features to explain (updated in place, atomically)")
+    out: str | None = option(
+        None, metavar="DIR", help="the cache whose features to explain (updated in place, atomically)"
+    )
     explainer: str = option(
         "cache",
         metavar="MODEL",
         help="who writes explanations: 'cache' (the cache's own model, offline), a model as --model takes "
         "(smollm2, a .gguf, a directory, a hub id), or openai:NAME for an OpenAI-compatible endpoint",
     )
-    scorer: str | None = option(None, metavar="MODEL", help="who judges them, same forms (default: the explainer)")
-    api_base: str = option(
-        "https://api.openai.com/v1", metavar="URL", help="the OpenAI-compatible endpoint's base URL (vLLM, Ollama: http://localhost:PORT/v1)"
+    scorer: str | None = option(
+        None, metavar="MODEL", help="who judges them, same forms (default: the explainer)"
     )
-    api_key_env: str = option("OPENAI_API_KEY", metavar="VAR", help="environment variable holding the endpoint's API key")
+    api_base: str = option(
+        "https://api.openai.com/v1",
+        metavar="URL",
+        help="the OpenAI-compatible endpoint's base URL (vLLM, Ollama: http://localhost:PORT/v1)",
+    )
+    api_key_env: str = option(
+        "OPENAI_API_KEY", metavar="VAR", help="environment variable holding the endpoint's API key"
+    )
     features: list[int] | None = option(
-        None, low=0, bounds="[)", parse=_ids, metavar="J,K,...", help="features to explain (default: see --top)"
+        None,
+        low=0,
+        bounds="[)",
+        parse=_ids,
+        metavar="J,K,...",
+        help="features to explain (default: see --top)",
     )
     top: int = option(
-        10, low=0, bounds="[)", help="without --features: every task and harmful feature, plus this many highest by harm and by task score"
+        10,
+        low=0,
+        bounds="[)",
+        help="without --features: every task and harmful feature, plus this many highest by harm and by task score",
     )
     n_shown: int = option(10, low=1, bounds="[)", help="top examples shown to the explainer")
-    n_scored: int = option(10, low=1, bounds="[)", help="activating contexts (and as many matched non-activating ones) the scorer judges")
+    n_scored: int = option(
+        10,
+        low=1,
+        bounds="[)",
+        help="activating contexts (and as many matched non-activating ones) the scorer judges",
+    )
     max_new_tokens: int = option(40, low=1, bounds="[)", help="length limit of an explanation, in tokens")
     seed: int = option(0, low=0, help="seed for drawing the non-activating contexts")
     device: str = option("auto", choices=("auto", "cpu", "cuda"), help="where a local model runs")
@@ -82,7 +108,9 @@ def make_model(spec: str, opts: ExplainOptions, cache_model: str | None) -> Any:
         key = os.environ.get(opts.api_key_env)
         local = opts.api_base.startswith(("http://localhost", "http://127.0.0.1"))
         if not key and not local:
-            raise ConfigError(f"--explainer {spec} needs an API key in ${opts.api_key_env} (or --api-key-env VAR)")
+            raise ConfigError(
+                f"--explainer {spec} needs an API key in ${opts.api_key_env} (or --api-key-env VAR)"
+            )
         return OpenAICompatible(opts.api_base, spec.removeprefix("openai:"), key)
     if spec == "cache":
         if not cache_model:
@@ -108,7 +136,9 @@ def explain_features(
         texts = feature_texts(examples, f, fires.get(f, set()), opts.n_shown, opts.n_scored, opts.seed)
         if not texts.shown:
             continue  # never fired: nothing to explain
-        explanation = clean_explanation(explainer.complete(explainer_messages(texts.shown), opts.max_new_tokens))
+        explanation = clean_explanation(
+            explainer.complete(explainer_messages(texts.shown), opts.max_new_tokens)
+        )
         score, n = float("nan"), 0
         if explanation and texts.positives and texts.negatives:
             pos = [scorer.yes_probability(scorer_messages(explanation, t)) for t in texts.positives]
@@ -141,11 +171,17 @@ def run_explain(opts: ExplainOptions) -> int:
         raise ConfigError(f"feature ids {bad[:5]} are out of range: the cache has {n} features")
     shards = list_shards(out / HARVEST_DIR)
     if not shards:
-        raise ConfigError(f"{out} has no harvest shards to tell where features never fire; rebuild it with precompute")
+        raise ConfigError(
+            f"{out} has no harvest shards to tell where features never fire; rebuild it with precompute"
+        )
     t0 = time.perf_counter()
     cache_model = (manifest.get("model") or {}).get("spec")
     explainer = make_model(opts.explainer, opts, cache_model)
-    scorer = explainer if opts.scorer in (None, opts.explainer) else make_model(str(opts.scorer), opts, cache_model)
+    scorer = (
+        explainer
+        if opts.scorer in (None, opts.explainer)
+        else make_model(str(opts.scorer), opts, cache_model)
+    )
     log(f"explaining {len(chosen)} features with {explainer.name}, scored by {scorer.name}")
     examples = pd.read_parquet(out / EXAMPLES)
     table = explain_features(examples, firing_contexts(shards, chosen, n), chosen, explainer, scorer, opts)
@@ -158,7 +194,19 @@ def run_explain(opts: ExplainOptions) -> int:
         scored = table["auto_explanation_detection"].dropna()
         staged.record_step(
             "explain",
-            {k: getattr(opts, k) for k in ("explainer", "scorer", "api_base", "n_shown", "n_scored", "max_new_tokens", "seed", "top")},
+            {
+                k: getattr(opts, k)
+                for k in (
+                    "explainer",
+                    "scorer",
+                    "api_base",
+                    "n_shown",
+                    "n_scored",
+                    "max_new_tokens",
+                    "seed",
+                    "top",
+                )
+            },
             time.perf_counter() - t0,
             {
                 "explainer": explainer.name,

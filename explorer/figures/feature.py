@@ -24,6 +24,7 @@ from explorer.figures.style import (
     role_of,
     show_token,
 )
+from precompute.pipeline.auroc import hanley_mcneil  # numpy only: the explorer stays torch-free
 
 
 def group_rates_figure(
@@ -258,7 +259,32 @@ def feature_header_html(row: dict[str, Any], role: str | None = None, accent: st
         f'<div style="font-size:22px;font-weight:650;color:{INK};line-height:1.3">{label}</div>'
         f'<div style="margin-top:4px">{"".join(flags)}</div>'
         + (f'<div style="color:#4b5563;font-size:14px;margin-top:4px">{expl}</div>' if expl else "")
+        + auto_explanation_html(row)
         + "</div>"
+    )
+
+
+def auto_explanation_html(row: dict[str, Any]) -> str:
+    """`featuregeom explain`'s explanation with its detection score, worded by what the score shows:
+    "better than chance" only when the AUROC's lower 95% bound is above 0.5."""
+    text = row.get("auto_explanation")
+    if not isinstance(text, str) or not text:
+        return ""
+    auc, n = row.get("auto_explanation_detection"), row.get("auto_explanation_scored")
+    model = esc(row.get("auto_explanation_model") or "a language model")
+    if isinstance(auc, float) and np.isfinite(auc) and isinstance(n, (int, float)) and n >= 2:
+        half = int(n) // 2
+        better = float(hanley_mcneil(auc, half, int(n) - half)[0]) > 0.5
+        score = f"detection AUROC {auc:.2f} on {int(n)} held-out contexts: " + (
+            "tells the feature's contexts from matched ones better than chance"
+            if better
+            else "not shown to tell the feature's contexts from matched ones better than chance"
+        )
+    else:
+        score = "not scored"
+    return (
+        '<div style="color:#4b5563;font-size:14px;margin-top:4px">'
+        f'Model explanation: \u201c{esc(text)}\u201d <span style="color:#9ca3af;font-size:12px">({model}; {score})</span></div>'
     )
 
 

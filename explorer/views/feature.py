@@ -14,6 +14,7 @@ from explorer import state
 from explorer.data import CacheData
 from explorer.data import evidence as E
 from explorer.figures import evidence as EF
+from explorer.playground_panel import playground_section
 from explorer.views import Page
 from precompute import schema
 
@@ -471,6 +472,9 @@ def render() -> None:
         return
     single_feature(cache, feature, row, n_top, window)
     neighbours_section(feature, nb, cache.null_cosine, cache.null_label)
+    # steer this feature, watching it and its closest harmful neighbour (if it has one)
+    harmful_nb = nb.loc[nb["is_harmful"].astype(bool)].sort_values("cosine", ascending=False)["feature"]
+    playground_section(cache, [feature, *harmful_nb.astype(int).head(1)], key=f"pgf:{feature}")
 
 
 if __name__ == "__main__":

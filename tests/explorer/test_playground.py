@@ -148,3 +148,19 @@ def test_generated_text_is_escaped() -> None:
     out = completion_html(side, 3, scale=2.0, color="#c81e1e")
     assert "<img" not in out and "&lt;img" in out and "&amp;amp;" in out
     assert "(the model ended its turn at once)" in completion_html({"tokens": []}, 3, 1.0, "#c81e1e")
+
+
+def test_feature_page_offers_the_playground_on_the_feature_and_its_harmful_neighbour(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = load_cache(model_cache)
+    nb_harm = cache.features.loc[cache.features["is_harmful"], "feature"]
+    f = int(next(x for x in cache.features["feature"] if cache.neighbours_of(int(x))["is_harmful"].any()))
+    nb = cache.neighbours_of(f)
+    h = int(nb.loc[nb["is_harmful"].astype(bool)].sort_values("cosine", ascending=False)["feature"].iloc[0])
+    assert h in set(nb_harm)
+    at = run_page("views/feature.py", model_cache, monkeypatch, feature=str(f))
+    assert not at.exception
+    assert "Steering playground" in [s.value for s in at.subheader]
+    steer = at.radio(key=f"pgf:{f}:feature")
+    assert list(steer.options) == [f"#{f} ({KIND_WORDS[feature_kind(cache.row(f))]})", f"#{h} (harmful)"]

@@ -13,9 +13,9 @@ import pytest
 
 from bench.synthetic_cache import write_synthetic_cache
 from precompute import schema
-from precompute.pipeline.steps import STEPS
 from precompute.cli import main as cli_main
 from precompute.errors import CacheError
+from precompute.pipeline.steps import STEPS
 
 READER_ARCHIVES = [name for name, spec in schema.ARCHIVES.items() if not spec.internal]
 

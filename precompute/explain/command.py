@@ -146,7 +146,8 @@ def explain_features(
             score, n = detection_auroc(pos, neg), len(pos) + len(neg)
         rows.append((f, explanation or None, explainer.name, score, n))
     return pd.DataFrame(rows, columns=["feature", *EXPLAIN_COLUMNS]).astype(
-        {"feature": np.int64, "auto_explanation_detection": np.float64, "auto_explanation_scored": np.int64}
+        # Int64: nullable, so features never explained stay missing, not 0.0, after the merge
+        {"feature": np.int64, "auto_explanation_detection": np.float64, "auto_explanation_scored": "Int64"}
     )
 
 
@@ -190,6 +191,7 @@ def run_explain(opts: ExplainOptions) -> int:
         keep = current[["feature", *[c for c in EXPLAIN_COLUMNS if c in current.columns]]]
         keep = keep[~keep["feature"].isin(table["feature"])]  # an earlier run's features not redone now
         merged = pd.concat([keep, table], ignore_index=True) if len(keep.columns) > 1 else table
+        merged = merged.astype({"auto_explanation_scored": "Int64"})
         merge_feature_columns(staged, n, merged)
         scored = table["auto_explanation_detection"].dropna()
         staged.record_step(

@@ -118,7 +118,8 @@ def read_cache(cache: str | Path) -> CacheData:
     files = (*needed, schema.HISTOGRAMS) if (path / schema.HISTOGRAMS).is_file() else needed
     manifest = verify_cache(path, files)
     schema.check_files(path, files)
-    wanted = ["feature", "frequency", "max_activation", "label", "label_source"]
+    wanted = ["feature", "frequency", "max_activation", "label", "label_source", "auto_explanation"]
+    wanted += ["auto_explanation_model"]
     wanted += [*LOGIT_VALUES, *LOGIT_VALUES.values()]
     present = set(schema.parquet_dtypes(path / schema.FEATURES))
     columns = pq.read_table(path / schema.FEATURES, columns=[c for c in wanted if c in present]).to_pydict()

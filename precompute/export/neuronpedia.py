@@ -188,25 +188,30 @@ def feature_record(data: CacheData, t: Target, f: int) -> dict[str, Any]:
 
 
 def explanation_records(data: CacheData, t: Target, seed: str) -> Iterator[dict[str, Any]]:
-    """One Explanation row per feature with a non-empty label, by index (export-data.py's columns)."""
-    for f, label in enumerate(data.columns.get("label") or []):
-        if not isinstance(label, str) or not label.strip():
-            continue
-        yield {
-            "id": _row_id(seed, "explanation", t.model_id, t.source_id, f),
-            "modelId": t.model_id,
-            "layer": t.source_id,
-            "index": str(f),
-            "authorId": t.creator_id,
-            "description": label.strip(),
-            "embedding": None,
-            "typeName": None,
-            "explanationModelName": None,
-            "umap_x": None,
-            "umap_y": None,
-            "umap_cluster": None,
-            "umap_log_feature_sparsity": None,
-        }
+    """Explanation rows by index (export-data.py's columns): each feature's non-empty label, then its
+    `featuregeom explain` explanation with the model that wrote it (`explanationModelName`)."""
+    labels = data.columns.get("label") or [None] * data.n
+    auto = data.columns.get("auto_explanation") or [None] * data.n
+    models = data.columns.get("auto_explanation_model") or [None] * data.n
+    for f in range(data.n):
+        for kind, text, model in (("explanation", labels[f], None), ("auto-explanation", auto[f], models[f])):
+            if not isinstance(text, str) or not text.strip():
+                continue
+            yield {
+                "id": _row_id(seed, kind, t.model_id, t.source_id, f),
+                "modelId": t.model_id,
+                "layer": t.source_id,
+                "index": str(f),
+                "authorId": t.creator_id,
+                "description": text.strip(),
+                "embedding": None,
+                "typeName": "featuregeom-explain" if model else None,
+                "explanationModelName": model,
+                "umap_x": None,
+                "umap_y": None,
+                "umap_cluster": None,
+                "umap_log_feature_sparsity": None,
+            }
 
 
 def label_sources(data: CacheData) -> dict[str, list[int]]:

@@ -25,6 +25,7 @@ from precompute.explain.detection import detection_auroc, feature_texts, firing_
 from precompute.explain.prompts import clean_explanation, excerpt
 from precompute.pipeline.run import run_precompute
 from precompute.pipeline.shards import Shard, list_shards
+from precompute.schema import check_files
 from tests.precompute.pipeline.test_run import make_cfg
 
 
@@ -105,6 +106,9 @@ def test_explain_writes_its_columns_and_keeps_earlier_features(
     assert main([*argv, "--features", "1,2", "--max-new-tokens", "8", "--no-progress"]) == 0
     assert main([*argv, "--features", "3", "--max-new-tokens", "8", "--no-progress"]) == 0
     verify_cache(work)
+    check_files(
+        work, ["features.parquet"]
+    )  # the new columns have the contract's types (nullable Int64 included)
     f = pd.read_parquet(work / "features.parquet").set_index("feature")
     explained = f["auto_explanation_model"].dropna()
     fired = set(pd.read_parquet(work / "examples.parquet")["feature"])
@@ -201,3 +205,29 @@ def test_openai_compatible_endpoint(
     assert row["auto_explanation"] == (
         clean_explanation(want.complete(explainer_messages(shown), 40)) or None
     )
+
+
+def test_neuronpedia_export_carries_the_explanations_and_their_model(
+    cache: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import gzip
+
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    argv = ["explain", "--out", str(work), "--explainer", str(tiny_model_dir), "--features", "1,2"]
+    assert main([*argv, "--n-shown", "3", "--n-scored", "2", "--max-new-tokens", "6", "--no-progress"]) == 0
+    assert main(["export", "--neuronpedia", str(tmp_path / "np"), "--cache", str(work), "--no-progress"]) == 0
+    rows = [
+        json.loads(line)
+        for path in sorted((tmp_path / "np").rglob("explanations/batch-*.jsonl.gz"))
+        for line in gzip.decompress(path.read_bytes()).decode().splitlines()
+    ]
+    auto = {int(r["index"]): r for r in rows if r["typeName"] == "featuregeom-explain"}
+    f = pd.read_parquet(work / "features.parquet").set_index("feature")
+    want = f["auto_explanation"].dropna()
+    assert set(auto) == set(want.index)
+    for i, r in auto.items():
+        assert r["description"] == want[i] and r["explanationModelName"] == f.loc[i, "auto_explanation_model"]
+    assert [int(r["index"]) for r in rows] == sorted(
+        int(r["index"]) for r in rows
+    )  # by index, as export-data.py

@@ -51,12 +51,26 @@ def main() -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.knn_n, args.knn_d, device="cuda", generator=g)
     x = x / x.norm(dim=1, keepdim=True)
-    geometry.knn_cosine(x[:4096], k=32, device="cuda", backend="torch", progress=False)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    geometry.knn_cosine(x, k=32, device="cuda", backend="torch", progress=False)
-    torch.cuda.synchronize()
-    result["knn"] = {"n": args.knn_n, "d": args.knn_d, "k": 32, "seconds": time.perf_counter() - t0}
+    result["knn"] = {"n": args.knn_n, "d": args.knn_d, "k": 32}
+    answers = {}
+    for backend in ("torch", "torch-bf16"):  # plain fp32 blocks, then bf16 candidates + fp32 rescoring
+        geometry.knn_cosine(x[:4096], k=32, device="cuda", backend=backend, progress=False)  # warm-up
+        torch.cuda.synchronize()
+        stats: dict[str, int] = {}
+        t0 = time.perf_counter()
+        answers[backend] = geometry.knn_cosine(
+            x, k=32, device="cuda", backend=backend, progress=False, stats=stats
+        )
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        # the n x n x d score matmul dominates: 2 n^2 d flops
+        result["knn"][backend] = {
+            "seconds": seconds,
+            "tflops": 2 * args.knn_n**2 * args.knn_d / seconds / 1e12,
+            **stats,
+        }
+    result["knn"]["speedup_bf16"] = result["knn"]["torch"]["seconds"] / result["knn"]["torch-bf16"]["seconds"]
+    result["knn"]["same_neighbours"] = bool((answers["torch"][0] == answers["torch-bf16"][0]).all())
     print(json.dumps(result["knn"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

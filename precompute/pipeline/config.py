@@ -125,7 +125,11 @@ class RunConfig:
         help="random directions drawn with the decoder's own mean and covariance for the covariance null "
         "(its 1 - null_fpr quantile); null_samples x null_fpr must be at least 10",
     )
-    knn_backend: str = option("auto", choices=("auto", "torch", "faiss"), help="exact kNN implementation")
+    knn_backend: str = option(
+        "auto",
+        choices=("auto", "torch", "faiss", "torch-bf16"),
+        help="exact kNN implementation (torch-bf16: bfloat16 candidates rescored in float32, for GPUs; exact)",
+    )
     umap_neighbors: int = option(15, low=2, bounds="[)", help="neighbours of the UMAP graph")
     umap_min_dist: float = option(0.1, low=0, high=1, help="UMAP min_dist (at most its spread, 1)")
     # --- scores and overlaps

@@ -99,8 +99,9 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     directions = sae.unit_directions().cpu()
     n, d = directions.shape
     k = min(cfg.neighbors, n - 1)
+    knn_stats: dict[str, int] = {}
     indices, cosine = knn_cosine(
-        directions, k=k, device=cfg.device, backend=cfg.knn_backend, progress=cfg.progress
+        directions, k=k, device=cfg.device, backend=cfg.knn_backend, progress=cfg.progress, stats=knn_stats
     )
     if n < 4 * d:
         log.warning(
@@ -138,6 +139,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         "null_samples": null.samples,
         "null_shrinkage": null.shrinkage,
         "knn_backend": cfg.knn_backend,
+        "knn_stats": knn_stats or None,  # torch-bf16: rows recomputed in float32
         "umap_neighbors": cfg.umap_neighbors,
         "umap_min_dist": cfg.umap_min_dist,
         "seed": cfg.seed,

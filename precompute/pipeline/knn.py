@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from precompute.model.load import resolve_device
+from precompute.pipeline.knn_mixed import knn_torch_bf16
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ CUDA_BLOCK_BUDGET_BYTES = 2 * 2**30
 DEFAULT_CPU_BACKEND = "faiss"
 FAISS_QUERY_BLOCK = 4096
 
-BACKENDS = ("torch", "faiss")
+BACKENDS = ("torch", "faiss", "torch-bf16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +253,7 @@ def knn_cosine(
     backend: str = "auto",
     progress: bool = True,
     memory_budget_bytes: int | None = None,
+    stats: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k cosine neighbours of every row among all other rows.
 
@@ -267,8 +269,10 @@ def knn_cosine(
     ``k`` larger than n-1 is clamped to n-1 with a warning (a toy SAE should still build a cache).
 
     backend: "torch" (blocked fp32 matmul + topk; runs on CUDA when ``device`` resolves there,
-    with TF32 disabled so results stay exact), "faiss" (IndexFlatIP, CPU only) or "auto" (torch
-    on CUDA, otherwise ``DEFAULT_CPU_BACKEND``; see the measurement note next to it).
+    with TF32 disabled so results stay exact), "torch-bf16" (bfloat16 candidates rescored in fp32,
+    with a per-row proof of exactness and an fp32 fallback: `knn_mixed`; ``stats`` gets its
+    fallback count), "faiss" (IndexFlatIP, CPU only) or "auto" (torch on CUDA, otherwise
+    ``DEFAULT_CPU_BACKEND``; see the measurement note next to it).
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
@@ -304,6 +308,8 @@ def knn_cosine(
         torch.set_float32_matmul_precision("highest")  # no TF32: neighbours must be exact
         try:
             with torch.inference_mode():
+                if backend == "torch-bf16":
+                    return knn_torch_bf16(Xt, k, rows, bar, stats=stats)
                 return _knn_torch(Xt, k, rows, bar)
         finally:
             torch.set_float32_matmul_precision(prev)

@@ -96,6 +96,15 @@ class ExampleStore:
         recs.sort(key=lambda r: (r.get("kind") != "top", -(r.get("quantile") or 0.0), r.get("rank") or 0))
         return recs
 
+    def scan(self, columns: list[str]) -> Any:
+        """Yield the file as tables of `columns`, one row group at a time when lazy (bypassing the LRU)."""
+        if self._table is not None:
+            yield self._table.select(columns)
+            return
+        for i in range(self._meta.num_row_groups):
+            with pq.ParquetFile(self.path, metadata=self._meta) as pf:
+                yield pf.read_row_group(i, columns=columns)
+
     def search_index(self, max_rank: int = 3) -> tuple[np.ndarray, pa.Array]:
         """(feature ids, lower-cased text) of each feature's first top examples; built once."""
         with self._search_lock:  # a second caller waits for the first build instead of repeating it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
@@ -33,27 +35,73 @@ def clicked_feature(cache: CacheData) -> int | None:
     return None
 
 
+PAGE_SIZE = 50  # search results per page
+
+
+def _result_line(r: pd.Series) -> str:
+    """One result as plain text (a selectbox option is never HTML)."""
+    label = str(r["label"]) if isinstance(r["label"], str) and r["label"] else "(no label)"
+    dense = f" · dense: fires on {float(r['frequency']) * 100:.3g}% of tokens" if r["dense"] else ""
+    return (
+        f"#{int(r['feature'])} · {label[:70]} · matched {r['match']} · score {float(r['score']):.2f}{dense}"
+    )
+
+
+def snippets_html(cache: CacheData, page: pd.DataFrame, query: str) -> str:
+    """The page's results with the matched example text (escaped, the match in <mark>)."""
+    items = []
+    for _, r in page.iterrows():
+        f = int(r["feature"])
+        snip = cache.snippet(f, int(r["ex_rank"]), int(r["ex_start"]), query)
+        act = (
+            f"{float(r['act_match']) * 100:.0f}% of its max on the match" if snip else "no example text match"
+        )
+        flag = ' <span class="fg-dense">dense</span>' if r["dense"] else ""
+        items.append(
+            f"<li><b>#{f}</b>{flag} <small>score {float(r['score']):.2f} · {act}</small>"
+            f"<div class='fg-snip'>{snip or '<i>matched its ' + html.escape(str(r['match'])) + '</i>'}</div></li>"
+        )
+    return (
+        "<style>.fg-results{max-height:300px;overflow-y:auto;padding-left:1.2em;font-size:0.85rem}"
+        ".fg-snip{font-family:monospace;white-space:pre-wrap;color:#444}"
+        ".fg-results mark{background:#ffe08a;padding:0 1px}"
+        ".fg-dense{background:#eee;border-radius:3px;padding:0 4px;font-size:0.75rem}</style>"
+        f"<ol class='fg-results' start='{int(page.attrs.get('first', 1))}'>{''.join(items)}</ol>"
+    )
+
+
 def search_results(cache: CacheData, query: str, where: DeltaGenerator) -> None:
-    """The features matching the search box; picking one selects it (once per query and pick)."""
+    """The features matching the search box, ranked by match strength and paged; picking one selects
+    it (once per query and pick)."""
     with st.spinner("Searching (the first text search indexes the examples once per server)…"):
         matches = cache.search(query)
     if matches.empty:
         where.info("No feature matches that search.")
         return
-    opts = matches["feature"].astype(int).tolist()
-    why = dict(zip(opts, matches["match"], strict=False))
-    lab = dict(zip(opts, matches["label"].astype("string").fillna("(no label)"), strict=False))
-
-    def _fmt(i: int) -> str:
-        return f"#{i} · {lab[i][:70]} · matched {why[i]}"
-
+    q = query.strip().lower()
+    n_pages = (len(matches) + PAGE_SIZE - 1) // PAGE_SIZE
+    page_no = 1
+    if n_pages > 1:
+        page_no = int(
+            where.number_input(f"Page (of {n_pages}, {PAGE_SIZE} a page)", 1, n_pages, 1, key=f"map_page:{q}")
+        )
+    page = matches.iloc[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE]
+    page.attrs["first"] = (page_no - 1) * PAGE_SIZE + 1
+    opts = page["feature"].astype(int).tolist()
+    line = {int(r["feature"]): _result_line(r) for _, r in page.iterrows()}
     pick = where.selectbox(
-        f"{len(opts)}{'+' if len(opts) >= 50 else ''} matching features",
+        f"{len(matches):,} matching features",
         opts,
-        format_func=_fmt,
-        key=f"map_pick:{query.strip().lower()}",
+        format_func=lambda i: line[i],
+        key=f"map_pick:{q}:{page_no}",
+        help="Strongest match first. Score = 0.6 × the feature's activation on the matched text in its top examples (share of "
+        "its max) + 0.3 if its label matches + 0.1 if its logit-lens tokens or explanation match, divided "
+        "down for dense features (firing on over 10× the median share of tokens); ties go to the rarer "
+        "feature.",
     )
-    sig = (query.strip().lower(), pick)
+    with where.expander("Where each result matched", expanded=False):
+        st.html(snippets_html(cache, page, query))
+    sig = (q, pick)
     if st.session_state.get("_map_applied_pick") != sig:
         st.session_state["_map_applied_pick"] = sig
         state.remember_feature(cache, int(pick))
@@ -72,8 +120,9 @@ def controls(cache: CacheData) -> tuple[str, float]:
         "Search features",
         key="map_q",
         placeholder="id, label, logit-lens token, or words from its top examples",
-        help="Case-insensitive. Label and token matches come first, then matches in the text "
-        "of each feature's top examples; ties by task score.",
+        help="Case-insensitive. Ranked by how strongly each feature matches: its activation on the "
+        "matched text in its top examples, a label match, a logit-lens match; dense features are "
+        "ranked down.",
     )
     color_by = c_color.selectbox("Colour by", list(F.COLOR_MODES), key="map_color")
     null = cache.null_cosine

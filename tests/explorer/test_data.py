@@ -156,7 +156,7 @@ def test_search(synth_cache: Path) -> None:
     tok = c.search("ransomware")  # a logit-lens / example token of the cybercrime theme
     assert len(tok)
     ex_only = c.search(" detonator", examples=True)
-    assert len(ex_only) and set(ex_only["match"]) <= {"label / tokens", "top examples"}
+    assert len(ex_only) and set(ex_only["match"]) <= {"label", "logit lens / explanation", "examples"}
     assert c.search("no-such-text-anywhere-xyz").empty
     assert c.search("   ").empty
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -212,6 +213,42 @@ def bench_mode(
     return res
 
 
+def server_switch(cache: Path, feats: list[int]) -> float:
+    """Median server time to show another feature on the map (search box), AppTest (no browser). AppTest
+    always runs the whole page (explorer/views/map.py fragments_on), so this bounds a fragment run."""
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.views import page_file
+
+    os.environ["FEATUREGEOM_CACHE"] = str(cache)
+    os.environ["FEATUREGEOM_REVIEWS"] = str(OUT / "bench-reviews")
+    at = AppTest.from_file(str(REPO / "explorer" / "app.py"), default_timeout=600)
+    at.query_params["feature"] = str(feats[0])
+    at.switch_page(page_file("map"))
+    at.run()
+    times = []
+    for f in feats[1:]:
+        t0 = time.perf_counter()
+        at.text_input(key="map_q").input(str(f)).run()
+        times.append(time.perf_counter() - t0)
+        if at.exception or f"Feature #{f}" not in "".join(str(h.proto.body) for h in at.html):
+            raise RuntimeError(f"the map did not switch to #{f}")
+    return statistics.median(times)
+
+
+def server_switch_child(cache: Path, feats: list[int]) -> float:
+    """server_switch() in a fresh process (AppTest and st.cache_resource state stay per cache)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench.bench_clicks import server_switch; "
+        f"from pathlib import Path; print('RESULT', server_switch(Path({str(cache)!r}), {feats!r}))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=3600)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"AppTest switch failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return float(line.split()[1])
+
+
 def bench_cache(cache: Path, repeats: int) -> dict[str, Any]:
     from explorer.data import load_cache
 
@@ -222,6 +259,8 @@ def bench_cache(cache: Path, repeats: int) -> dict[str, Any]:
         feats.append(int((len(feats) * 7919) % c.n))
     out: dict[str, Any] = {"n_features": c.n}
     del c
+    out["server_switch_s"] = server_switch_child(cache, feats)
+    print(f"  server switch (AppTest) {out['server_switch_s'] * 1000:.0f} ms", flush=True)
     for mode, env in MODES.items():
         print(f"  {mode}", flush=True)
         load = os.getloadavg()[0]
@@ -253,8 +292,8 @@ def render_markdown(results: dict[str, Any], cmd: str, note: str = "") -> str:
         lines += ["", note]
     lines += [
         "",
-        "| cache | features | mode | click → panel | click → map redrawn | colour change | switch (search) | bytes per click | load avg |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| cache | features | mode | click → panel | click → map redrawn | colour change | switch (search) | bytes per click | server switch (AppTest) | load avg |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["caches"].items():
         for mode in MODES:
@@ -264,13 +303,14 @@ def render_markdown(results: dict[str, Any], cmd: str, note: str = "") -> str:
             lines.append(
                 f"| {name} | {r['n_features']:,} | {mode} | {_ms(m.get('click_panel_s'))} | "
                 f"{_ms(m.get('click_map_s'))} | {_ms(m.get('colour_s'))} | {_ms(m.get('switch_s'))} | "
-                f"{'–' if kb is None else f'{kb / 1024:.0f} kB'} | {la[0]:.1f}–{la[1]:.1f} |"
+                f"{'–' if kb is None else f'{kb / 1024:.0f} kB'} | "
+                f"{_ms(r.get('server_switch_s')) if mode == 'full page' else ''} | {la[0]:.1f}–{la[1]:.1f} |"
             )
         f, g = r.get("fragments") or {}, r.get("full page") or {}
         lines.append(
             f"| {name} | | full page ÷ fragments | {_ratio(f.get('click_panel_s'), g.get('click_panel_s'))} | "
             f"{_ratio(f.get('click_map_s'), g.get('click_map_s'))} | {_ratio(f.get('colour_s'), g.get('colour_s'))} | "
-            f"{_ratio(f.get('switch_s'), g.get('switch_s'))} | | |"
+            f"{_ratio(f.get('switch_s'), g.get('switch_s'))} | | | |"
         )
     return "\n".join(lines) + "\n"
 

@@ -201,6 +201,8 @@ class CacheData:
         key = f"{int(examples)}:{query.strip()}"
         res = self._searches.get(key)
         if res is None:
+            # an id ("17", "#17") is looked up, not searched for in example text (digits match everywhere)
+            examples = examples and not query.strip().lstrip("#").isdigit()
             idx = self.search_index() if examples else None
             res = rank_features(self.features, self._lens_text(), idx, query)
             self._searches.put(key, res)

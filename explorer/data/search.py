@@ -18,7 +18,7 @@ The score (case-insensitive substring match of the query q):
 
 Features with L, T or a text occurrence are results (even at score 0: they match, weakly); ties are
 broken by lower frequency (the more specific feature), then by id. An id query ("17", "#17") puts that
-feature first. Nothing here depends on Streamlit.
+feature first and is not looked for in example text (CacheData.search). Nothing here depends on Streamlit.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class SearchIndex:
     rank: np.ndarray  # int64 [rows]
     text: pa.Array  # lower-cased joined tokens (arrow utf8_lower keeps one code point per code point)
     nz_ptr: np.ndarray  # int64 [rows + 1]: row r's firing tokens are nz_*[nz_ptr[r]:nz_ptr[r + 1]]
-    nz_start: np.ndarray  # int64: first code point of a firing token in the row's text
-    nz_end: np.ndarray  # int64: one past its last code point
+    nz_start: np.ndarray  # int32: first code point of a firing token in the row's text
+    nz_end: np.ndarray  # int32: one past its last code point
     nz_val: np.ndarray  # float32: its activation
 
 
@@ -101,8 +101,8 @@ def build_index(chunks: Iterable[pa.Table], max_rank: int = MAX_RANK) -> SearchI
         rank=cat(ranks, np.int64),
         text=pa.concat_arrays(texts) if texts else pa.array([], pa.string()),
         nz_ptr=np.concatenate([[0], cat(ptrs, np.int64)]).astype(np.int64),
-        nz_start=cat(starts, np.int64),
-        nz_end=cat(ends, np.int64),
+        nz_start=cat(starts, np.int32),
+        nz_end=cat(ends, np.int32),
         nz_val=cat(vals, np.float32),
     )
 
@@ -125,7 +125,8 @@ def match_activation(idx: SearchIndex, row: int, starts: np.ndarray, lq: int) ->
     """(largest activation on a token overlapping an occurrence, that occurrence's start) of one row;
     (0, first occurrence) when the feature is silent on every occurrence."""
     lo, hi = idx.nz_ptr[row], idx.nz_ptr[row + 1]
-    a, b, v = idx.nz_start[lo:hi], idx.nz_end[lo:hi], idx.nz_val[lo:hi]
+    a, b = idx.nz_start[lo:hi].astype(np.int64), idx.nz_end[lo:hi].astype(np.int64)
+    v = idx.nz_val[lo:hi]
     # token [a, b) overlaps occurrence [s, s + lq) when a - lq < s < b: the first start after a - lq
     k = np.searchsorted(starts, a - lq + 1, side="left")
     s = starts[np.minimum(k, len(starts) - 1)]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from explorer.data.examples import ExampleStore
-from explorer.data.search import SearchCache, SearchIndex, build_index, lower, rank_features, snippet_html
+from explorer.data.search import SearchCache, SearchIndex, build_index, rank_features, snippet_html
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ class CacheData:
     def search(self, query: str, limit: int | None = None, examples: bool = True) -> pd.DataFrame:
         """Features whose id, label, explanation, logit-lens tokens or top-example text match `query`,
         ranked by match strength (explorer/data/search.py documents the score): the features rows plus
-        score, act_match, label_match, lens_match, dense, ex_rank, ex_start and 'match'. All matches
+        score, act_match, label_match, lens_match, dense, ex_rank, ex_token and 'match'. All matches
         unless `limit`; rankings are kept per query, so paging does not search again."""
         key = f"{int(examples)}:{query.strip()}"
         res = self._searches.get(key)
@@ -217,14 +217,15 @@ class CacheData:
                 )
             return self._index
 
-    def snippet(self, feature: int, ex_rank: int, ex_start: int, query: str) -> str:
-        """Escaped HTML of the searched example text around the match, the match in <mark>; '' if none."""
-        if ex_rank < 0 or ex_start < 0:
+    def snippet(self, feature: int, ex_rank: int, ex_token: int, query: str) -> str:
+        """Escaped HTML of the searched example (top, `ex_rank`) around the match, the match in <mark>
+        (at the firing token starting at byte `ex_token` of its lower-cased text when >= 0); '' if none."""
+        if ex_rank < 0:
             return ""
         t = self.examples.rows(int(feature))
         for rec in t.filter(pc.equal(t.column("kind"), "top")).to_pylist():
             if rec.get("rank") == ex_rank:
-                return snippet_html(list(rec.get("tokens") or []), ex_start, len(lower(query.strip())))
+                return snippet_html(list(rec.get("tokens") or []), query, ex_token)
         return ""
 
     def _lens_text(self) -> pa.Array:

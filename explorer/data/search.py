@@ -40,20 +40,30 @@ W_ACT, W_LABEL, W_LENS = 0.6, 0.3, 0.1
 DENSE_FACTOR = 10.0  # "dense": fires on more than 10x the median feature's share of tokens
 MAX_RANK = 3  # top examples per feature that are searched (the index holds their text)
 SNIPPET_TOKENS = 12  # tokens shown either side of the match
-RESULT_COLUMNS = ["score", "act_match", "label_match", "lens_match", "dense", "ex_rank", "ex_start"]
+RESULT_COLUMNS = ["score", "act_match", "label_match", "lens_match", "dense", "ex_rank", "ex_token"]
+WINDOW_CHUNK = 1 << 20  # firing tokens tested per vectorised batch (bounds the gather's memory)
 
 
 @dataclass(frozen=True)
 class SearchIndex:
-    """The searched examples, one row each: lower-cased text and the tokens where the feature fires."""
+    """The searched examples, one row each: lower-cased text and the tokens where the feature fires.
+    Offsets are in bytes of the lower-cased UTF-8 text (a query occurrence overlaps a token in bytes
+    exactly when it does in characters)."""
 
     feature: np.ndarray  # int64 [rows]
     rank: np.ndarray  # int64 [rows]
-    text: pa.Array  # lower-cased joined tokens (arrow utf8_lower keeps one code point per code point)
-    nz_ptr: np.ndarray  # int64 [rows + 1]: row r's firing tokens are nz_*[nz_ptr[r]:nz_ptr[r + 1]]
-    nz_start: np.ndarray  # int32: first code point of a firing token in the row's text
-    nz_end: np.ndarray  # int32: one past its last code point
+    text: pa.Array  # large_string: lower-cased joined tokens (arrow utf8_lower, as the query)
+    nz_row: np.ndarray  # int32: the row of each firing token
+    nz_start: np.ndarray  # int32: its first byte in the row's text
+    nz_end: np.ndarray  # int32: one past its last byte
     nz_val: np.ndarray  # float32: its activation
+
+    def buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row offsets [rows + 1], text bytes) of `text`, zero-copy."""
+        bufs = self.text.buffers()
+        off = np.frombuffer(bufs[1], dtype=np.int64)[self.text.offset : self.text.offset + len(self.text) + 1]
+        data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+        return off, data
 
 
 def _flat_offsets(lst: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -64,8 +74,8 @@ def _flat_offsets(lst: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 def build_index(chunks: Iterable[pa.Table], max_rank: int = MAX_RANK) -> SearchIndex:
     """The index over tables with columns feature, kind, rank, tokens, activations."""
-    feats, ranks, texts, ptrs, starts, ends, vals = [], [], [], [], [], [], []
-    n_nz = 0
+    feats, ranks, texts, rows, starts, ends, vals = [], [], [], [], [], [], []
+    n_rows = 0
     for t in chunks:
         t = t.filter(pc.and_(pc.equal(t.column("kind"), "top"), pc.less(t.column("rank"), max_rank)))
         if t.num_rows == 0:
@@ -73,25 +83,25 @@ def build_index(chunks: Iterable[pa.Table], max_rank: int = MAX_RANK) -> SearchI
         toks = t.column("tokens").combine_chunks()
         acts = t.column("activations").combine_chunks()
         row_of, counts = _flat_offsets(toks)
-        low = pc.utf8_lower(pc.list_flatten(toks))
-        length = pc.fill_null(pc.utf8_length(low), 0).to_numpy().astype(np.int64)
+        low = pc.fill_null(pc.utf8_lower(pc.list_flatten(toks)), "")
+        length = pc.binary_length(low).to_numpy(zero_copy_only=False).astype(np.int64)
         end = np.cumsum(length)
         row_start = np.concatenate([[0], np.cumsum(counts)])[:-1]
-        base = np.concatenate([[0], end])[row_start]  # text offset of each row's first token
-        end = end - base[row_of]
+        end = end - np.concatenate([[0], end])[row_start][row_of]  # offsets within each row
         a = pc.fill_null(pc.list_flatten(acts), 0.0).to_numpy(zero_copy_only=False).astype(np.float32)
         if len(a) != len(length):  # a malformed row: no activations to rank by, the text still searchable
             a = np.zeros(len(length), np.float32)
-        nz = a > 0
+        nz = (a > 0) & (length > 0)
         feats.append(t.column("feature").to_numpy().astype(np.int64))
         ranks.append(t.column("rank").to_numpy().astype(np.int64))
-        joined = pc.binary_join(toks, "")
-        texts.append(pc.fill_null(pc.utf8_lower(joined), ""))
-        ptrs.append(n_nz + np.cumsum(np.bincount(row_of[nz], minlength=t.num_rows)))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        joined = pc.binary_join(pa.ListArray.from_arrays(offsets, low), "")
+        texts.append(pc.cast(pc.fill_null(joined, ""), pa.large_string()))
+        rows.append(row_of[nz] + n_rows)
         starts.append((end - length)[nz])
         ends.append(end[nz])
         vals.append(a[nz])
-        n_nz += int(nz.sum())
+        n_rows += t.num_rows
 
     def cat(xs: list[np.ndarray], dtype: Any) -> np.ndarray:
         return np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
@@ -99,8 +109,8 @@ def build_index(chunks: Iterable[pa.Table], max_rank: int = MAX_RANK) -> SearchI
     return SearchIndex(
         feature=cat(feats, np.int64),
         rank=cat(ranks, np.int64),
-        text=pa.concat_arrays(texts) if texts else pa.array([], pa.string()),
-        nz_ptr=np.concatenate([[0], cat(ptrs, np.int64)]).astype(np.int64),
+        text=pa.concat_arrays(texts) if texts else pa.array([], pa.large_string()),
+        nz_row=cat(rows, np.int32),
         nz_start=cat(starts, np.int32),
         nz_end=cat(ends, np.int32),
         nz_val=cat(vals, np.float32),
@@ -121,20 +131,32 @@ def occurrences(text: str, q: str) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def match_activation(idx: SearchIndex, row: int, starts: np.ndarray, lq: int) -> tuple[float, int]:
-    """(largest activation on a token overlapping an occurrence, that occurrence's start) of one row;
-    (0, first occurrence) when the feature is silent on every occurrence."""
-    lo, hi = idx.nz_ptr[row], idx.nz_ptr[row + 1]
-    a, b = idx.nz_start[lo:hi].astype(np.int64), idx.nz_end[lo:hi].astype(np.int64)
-    v = idx.nz_val[lo:hi]
-    # token [a, b) overlaps occurrence [s, s + lq) when a - lq < s < b: the first start after a - lq
-    k = np.searchsorted(starts, a - lq + 1, side="left")
-    s = starts[np.minimum(k, len(starts) - 1)]
-    hit = (k < len(starts)) & (s < b) & (b > a)
-    if not np.any(hit):
-        return 0.0, int(starts[0])
-    j = int(np.argmax(np.where(hit, v, -np.inf)))
-    return float(v[j]), int(s[j])
+def firing_on_match(idx: SearchIndex, matched: np.ndarray, q: bytes) -> np.ndarray:
+    """Per firing token of the index: does it overlap an occurrence of q (False outside `matched` rows)?
+
+    Token [a, b) overlaps an occurrence starting at s when a - len(q) < s < b, i.e. when the window
+    [a - len(q) + 1, b + len(q) - 1) of its row contains q: one vectorised substring test per token."""
+    hit = np.zeros(len(idx.nz_row), bool)
+    cand = np.flatnonzero(matched[idx.nz_row])
+    if not len(cand) or not q:
+        return hit
+    off, data = idx.buffers()
+    lq = len(q)
+    for c in range(0, len(cand), WINDOW_CHUNK):
+        k = cand[c : c + WINDOW_CHUNK]
+        r = idx.nz_row[k].astype(np.int64)
+        lo = np.maximum(off[r], off[r] + idx.nz_start[k] - (lq - 1))
+        hi = np.minimum(off[r + 1], off[r] + idx.nz_end[k] + (lq - 1))
+        n = np.maximum(hi - lo, 0)
+        w_off = np.concatenate([[0], np.cumsum(n)])
+        gather = np.arange(w_off[-1], dtype=np.int64) - np.repeat(w_off[:-1] - lo, n)
+        windows = pa.BinaryArray.from_buffers(
+            pa.large_binary(),
+            len(k),
+            [None, pa.py_buffer(w_off.astype(np.int64)), pa.py_buffer(data[gather])],
+        )
+        hit[k] = pc.match_substring(windows, q.decode("utf-8")).to_numpy(zero_copy_only=False)
+    return hit
 
 
 def dense_threshold(frequency: np.ndarray) -> float:
@@ -159,18 +181,25 @@ def rank_features(
     act = np.zeros(n)
     text_hit = np.zeros(n, bool)
     ex_rank = np.full(n, -1, np.int64)
-    ex_start = np.full(n, -1, np.int64)
+    ex_token = np.full(n, -1, np.int64)
     if idx is not None and len(idx.feature):
-        rows = np.flatnonzero(pc.match_substring(idx.text, ql).to_numpy(zero_copy_only=False))
-        texts = idx.text.take(pa.array(rows, pa.int64())).to_pylist()
-        for r, t in zip(rows.tolist(), texts, strict=True):
-            f = int(idx.feature[r])
-            if not 0 <= f < n:
-                continue
-            v, s = match_activation(idx, r, occurrences(t, ql), len(ql))
-            if not text_hit[f] or v > act[f]:
-                act[f], ex_rank[f], ex_start[f] = v, idx.rank[r], s
-            text_hit[f] = True
+        matched = pc.match_substring(idx.text, ql).to_numpy(zero_copy_only=False).astype(bool)
+        ok = matched & (idx.feature >= 0) & (idx.feature < n)
+        rows = np.flatnonzero(ok)
+        f_rows = idx.feature[rows]
+        text_hit[f_rows] = True
+        first = rows[np.unique(f_rows, return_index=True)[1]]  # a feature's first matching example
+        ex_rank[idx.feature[first]] = idx.rank[first]
+        hit = np.flatnonzero(firing_on_match(idx, ok, ql.encode("utf-8")))
+        if len(hit):
+            f_hit = idx.feature[idx.nz_row[hit]]
+            best = hit[np.lexsort((-idx.nz_val[hit], f_hit))]  # by feature, strongest first
+            f_best = idx.feature[idx.nz_row[best]]
+            keep = np.concatenate([[True], f_best[1:] != f_best[:-1]])
+            best, f_best = best[keep], f_best[keep]
+            act[f_best] = idx.nz_val[best]
+            ex_rank[f_best] = idx.rank[idx.nz_row[best]]
+            ex_token[f_best] = idx.nz_start[best]
     mx = features["max_activation"].to_numpy(dtype=np.float64, na_value=np.nan)
     A = np.clip(np.where(mx > 0, act / np.where(mx > 0, mx, 1.0), 0.0), 0.0, 1.0)
     freq = features["frequency"].to_numpy(dtype=np.float64, na_value=0.0)
@@ -190,7 +219,7 @@ def rank_features(
     res["lens_match"] = T[order] > 0
     res["dense"] = freq[order] > dense
     res["ex_rank"] = ex_rank[order]
-    res["ex_start"] = ex_start[order]
+    res["ex_token"] = ex_token[order]
     why = np.where(L[order] > 0, "label", np.where(T[order] > 0, "logit lens / explanation", "examples"))
     if pinned is not None:
         why[0] = "id"
@@ -198,17 +227,27 @@ def rank_features(
     return res
 
 
-def snippet_html(tokens: list[str], start: int, q_len: int, context: int = SNIPPET_TOKENS) -> str:
-    """The example's text around the occurrence at code point `start` (of its lower-cased text), escaped,
-    the tokens it overlaps in <mark>; '' when there is none."""
-    if start < 0 or not tokens:
+def snippet_html(tokens: list[str], query: str, token_byte: int = -1, context: int = SNIPPET_TOKENS) -> str:
+    """The example's text around an occurrence of the query (the one overlapping the token that starts at
+    byte `token_byte` of the lower-cased text, else the first), escaped, the tokens it covers in <mark>;
+    '' when the query does not occur."""
+    q = lower(query.strip())
+    low = [lower(t) for t in tokens]
+    text = "".join(low)
+    occ = occurrences(text, q) if q else np.zeros(0, np.int64)
+    if not len(occ):
         return ""
-    low_len = np.asarray([len(lower(t)) for t in tokens], np.int64)
-    end = np.cumsum(low_len)
-    begin = end - low_len
-    inside = np.flatnonzero((begin < start + q_len) & (end > start) & (end > begin))
-    if not len(inside):
-        return ""
+    chars = np.asarray([len(t) for t in low], np.int64)
+    end = np.cumsum(chars)
+    begin = end - chars
+    s = int(occ[0])
+    byte_starts = np.cumsum([0] + [len(t.encode("utf-8")) for t in low])[:-1]
+    at = np.flatnonzero(byte_starts == token_byte)
+    if token_byte >= 0 and len(at):
+        i = int(at[0])
+        over = occ[(occ < end[i]) & (occ + len(q) > begin[i])]
+        s = int(over[0]) if len(over) else s
+    inside = np.flatnonzero((begin < s + len(q)) & (end > s) & (end > begin))
     lo, hi = max(0, int(inside[0]) - context), min(len(tokens), int(inside[-1]) + context + 1)
     parts = []
     for i in range(lo, hi):

@@ -113,7 +113,7 @@ def snippets_html(cache: CacheData, page: pd.DataFrame, query: str) -> str:
     items = []
     for _, r in page.iterrows():
         f = int(r["feature"])
-        snip = cache.snippet(f, int(r["ex_rank"]), int(r["ex_start"]), query)
+        snip = cache.snippet(f, int(r["ex_rank"]), int(r["ex_token"]), query)
         act = (
             f"{float(r['act_match']) * 100:.0f}% of its max on the match" if snip else "no example text match"
         )

@@ -125,12 +125,12 @@ def test_search_pages_past_50_and_pins_an_id(synth_cache: Path) -> None:
 def test_hostile_snippet_stays_inert(xss_cache: Path) -> None:
     payload = '<img src=x onerror="window.__xss=1">'
     toks = ["before", " ", payload, " after"]
-    out = snippet_html(toks, len("before "), len("onerror"))
+    out = snippet_html(toks, "onerror")
     assert "<img" not in out and "&lt;img src=x onerror=&quot;window.__xss=1&quot;&gt;" in out
     assert out.count("<mark>") == 1 and re.sub(r"</?mark>", "", out).count("<") == 0
     c = load_cache(xss_cache)
     res = c.search("onerror")
-    snips = [c.snippet(int(r.feature), int(r.ex_rank), int(r.ex_start), "onerror") for r in res.itertuples()]
+    snips = [c.snippet(int(r.feature), int(r.ex_rank), int(r.ex_token), "onerror") for r in res.itertuples()]
     snips = [s for s in snips if s]
     assert snips, "the planted payload is found in example text"
     for s in snips:

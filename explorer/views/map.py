@@ -171,24 +171,26 @@ def search_results(cache: CacheData, query: str) -> None:
 
 
 def search_box(cache: CacheData) -> None:
-    """The search box and its results (a fragment: typing or paging redraws only this)."""
+    """The search box, then its results (a fragment: paging or picking redraws only the results; a new
+    query reruns the results, the panel and the map)."""
+    st.text_input(
+        "Search features",
+        key=KEY_QUERY,
+        placeholder="id, label, logit-lens token, or words from its top examples",
+        on_change=_on_query,
+        args=(cache,),
+        help="Case-insensitive. Ranked by how strongly each feature matches: its activation on the "
+        "matched text in its top examples, a label match, a logit-lens match; dense features are "
+        "ranked down. A new search selects its strongest match.",
+    )
 
     @part(SEARCH)
-    def _search() -> None:
-        query = st.text_input(
-            "Search features",
-            key=KEY_QUERY,
-            placeholder="id, label, logit-lens token, or words from its top examples",
-            on_change=_on_query,
-            args=(cache,),
-            help="Case-insensitive. Ranked by how strongly each feature matches: its activation on the "
-            "matched text in its top examples, a label match, a logit-lens match; dense features are "
-            "ranked down. A new search selects its strongest match.",
-        )
+    def _results() -> None:
+        query = str(st.session_state.get(KEY_QUERY) or "")
         if query.strip():
             search_results(cache, query)
 
-    _search()
+    _results()
 
 
 def controls(cache: CacheData) -> None:

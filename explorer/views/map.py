@@ -23,7 +23,7 @@ KEY_COLOR = "map_color"
 ENV_NO_FRAGMENTS = (
     "FEATUREGEOM_NO_FRAGMENTS"  # "1": every click reruns the whole page (the benchmark's baseline)
 )
-MAP, PANEL, SEARCH = "map-figure", "map-panel", "map-search"  # the page's fragments
+VIEW = "map-view"  # the page's fragment: the map and the side panel
 
 
 def fragments_on() -> bool:
@@ -33,22 +33,15 @@ def fragments_on() -> bool:
 
 
 def part(key: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """st.fragment(key=...) so that a click reruns only what depends on it (no full-page rerun that
-    resends the map's figure); the identity when fragments are off."""
+    """st.fragment(key=...) so that a click reruns only the map and the side panel, not the page; the
+    identity when fragments are off."""
     return st.fragment(key=key) if fragments_on() else (lambda fn: fn)
 
 
-def rerun_parts(*keys: str) -> None:
-    """From a widget callback: rerun only these fragments (with fragments off, the callback returns and
-    Streamlit reruns the page)."""
-    if fragments_on():
-        st.rerun(list(keys))
-
-
 def select(cache: CacheData, feature: int) -> None:
-    """Make `feature` the one in view (session and URL) and redraw the panel, then the map."""
+    """Make `feature` the one in view (session and URL). From a widget inside the view fragment (a
+    dot, a neighbour row) the default rerun is that fragment alone: one run, panel drawn first."""
     state.remember_feature(cache, int(feature))
-    rerun_parts(PANEL, MAP)
 
 
 def clicked_feature(cache: CacheData) -> int | None:
@@ -67,16 +60,12 @@ def _on_click(cache: CacheData) -> None:
     f = clicked_feature(cache)
     if f is not None:
         select(cache, f)
-    else:
-        rerun_parts(MAP)  # a click beside the dots only clears the selection box
 
 
 def _on_row(cache: CacheData, key: str, features: list[int]) -> None:
     rows = ((st.session_state.get(key) or {}).get("selection") or {}).get("rows") or []
     if rows and 0 <= rows[0] < len(features):
         select(cache, features[rows[0]])
-    else:
-        rerun_parts(PANEL)
 
 
 def _on_query(cache: CacheData) -> None:
@@ -85,9 +74,6 @@ def _on_query(cache: CacheData) -> None:
     hits = cache.search(q, limit=1) if q.strip() else None
     if hits is not None and len(hits):
         state.remember_feature(cache, int(hits["feature"].iloc[0]))
-        rerun_parts(SEARCH, PANEL, MAP)
-    else:
-        rerun_parts(SEARCH)
 
 
 def _on_pick(cache: CacheData, key: str) -> None:
@@ -171,8 +157,9 @@ def search_results(cache: CacheData, query: str) -> None:
 
 
 def search_box(cache: CacheData) -> None:
-    """The search box, then its results (a fragment: paging or picking redraws only the results; a new
-    query reruns the results, the panel and the map)."""
+    """The search box, then its results. Search, colour and threshold rerun the whole page: measured in
+    Chromium (bench/bench_clicks.py), a fragment rerun asked for by key from their callbacks was slower
+    than the page's own rerun."""
     st.text_input(
         "Search features",
         key=KEY_QUERY,
@@ -184,17 +171,13 @@ def search_box(cache: CacheData) -> None:
         "ranked down. A new search selects its strongest match.",
     )
 
-    @part(SEARCH)
-    def _results() -> None:
-        query = str(st.session_state.get(KEY_QUERY) or "")
-        if query.strip():
-            search_results(cache, query)
-
-    _results()
+    query = str(st.session_state.get(KEY_QUERY) or "")
+    if query.strip():
+        search_results(cache, query)
 
 
 def controls(cache: CacheData) -> None:
-    """Title, search, colour mode and neighbour threshold (read by the fragments from session state)."""
+    """Title, search, colour mode and neighbour threshold (the view reads them from session state)."""
     st.title("Map of features")
     st.caption(
         "Each dot is one feature of the sparse autoencoder — a direction the model uses to represent text. "
@@ -204,7 +187,11 @@ def controls(cache: CacheData) -> None:
     c_search, c_color, c_thr = st.columns([3, 1.2, 2], vertical_alignment="top")
     with c_search:
         search_box(cache)
-    c_color.selectbox("Colour by", list(F.COLOR_MODES), key=KEY_COLOR, on_change=rerun_parts, args=(MAP,))
+    c_color.selectbox(
+        "Colour by",
+        list(F.COLOR_MODES),
+        key=KEY_COLOR,
+    )
     null = cache.null_cosine
     c_thr.slider(
         "Show neighbours with cosine ≥",
@@ -213,8 +200,6 @@ def controls(cache: CacheData) -> None:
         value=float(round(null, 3)),
         step=0.005,
         key=threshold_key(cache),
-        on_change=rerun_parts,
-        args=(PANEL, MAP),
         help=f"Starts at the chance level {null:.3g} ({cache.null_label}): the cosine random directions "
         "exceed only rarely. Raise it to keep only the closest neighbours.",
     )
@@ -307,55 +292,51 @@ def pair_links(cache: CacheData, feature: int, h: int) -> None:
     )
 
 
-def map_part(cache: CacheData) -> None:
-    """The map (a fragment: a click redraws the panel first, then this; a colour change only this)."""
+def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
+    sel = F.Selection(
+        feature=feature,
+        neighbours=nb["feature"].tolist(),
+        cosines=nb["cosine"].tolist(),
+        harmful=nb["is_harmful"].tolist(),
+        threshold=threshold(cache),
+    )
+    color_by = str(st.session_state.get(KEY_COLOR) or next(iter(F.COLOR_MODES)))
+    fig = F.map_figure(cache.features, color_by, sel, max_points=state.max_points())
+    st.plotly_chart(
+        fig,
+        key=KEY_CHART,
+        on_select=partial(_on_click, cache),
+        selection_mode="points",
+        config=state.chart_config(f"map-{feature}"),
+    )
+    st.caption(
+        f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
+        "line width grows with cosine. Hover a dot for its label, scores and top tokens; click to "
+        "select it."
+    )
 
-    @part(MAP)
-    def _map() -> None:
+
+def view_part(cache: CacheData) -> None:
+    """The map and the side panel: one fragment, so a click on a dot or a neighbour row reruns only it
+    (one run, no page-level work), the panel before the map."""
+
+    @part(VIEW)
+    def _view() -> None:
         feature = state.selected_feature(cache)
         nb = cache.neighbours_of(feature)
-        sel = F.Selection(
-            feature=feature,
-            neighbours=nb["feature"].tolist(),
-            cosines=nb["cosine"].tolist(),
-            harmful=nb["is_harmful"].tolist(),
-            threshold=threshold(cache),
-        )
-        color_by = str(st.session_state.get(KEY_COLOR) or next(iter(F.COLOR_MODES)))
-        fig = F.map_figure(cache.features, color_by, sel, max_points=state.max_points())
-        st.plotly_chart(
-            fig,
-            key=KEY_CHART,
-            on_select=partial(_on_click, cache),
-            selection_mode="points",
-            config=state.chart_config(f"map-{feature}"),
-        )
-        st.caption(
-            f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
-            "line width grows with cosine. Hover a dot for its label, scores and top tokens; click to "
-            "select it."
-        )
+        left, right = st.columns([1.9, 1], gap="large")
+        with right:  # drawn first: after a click, the panel is what the reader waits for
+            neighbour_panel(cache, feature, nb, threshold(cache))
+        with left:
+            draw_map(cache, feature, nb)
 
-    _map()
-
-
-def panel_part(cache: CacheData) -> None:
-    @part(PANEL)
-    def _panel() -> None:
-        feature = state.selected_feature(cache)
-        neighbour_panel(cache, feature, cache.neighbours_of(feature), threshold(cache))
-
-    _panel()
+    _view()
 
 
 def render() -> None:
     cache = state.require_cache()
     controls(cache)
-    left, right = st.columns([1.9, 1], gap="large")
-    with right:  # drawn first: after a click, the panel is what the reader waits for
-        panel_part(cache)
-    with left:
-        map_part(cache)
+    view_part(cache)
 
 
 if __name__ == "__main__":

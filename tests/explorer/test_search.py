@@ -135,3 +135,24 @@ def test_hostile_snippet_stays_inert(xss_cache: Path) -> None:
     assert snips, "the planted payload is found in example text"
     for s in snips:
         assert "onerror" in s.lower() and re.sub(r"</?mark>", "", s).count("<") == 0
+
+
+def test_map_page_pages_the_results(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("FEATUREGEOM_CACHE", str(synth_cache))
+    at = AppTest.from_file(
+        str(Path(__file__).resolve().parents[2] / "explorer" / "app.py"), default_timeout=60
+    )
+    at.switch_page("views/map.py")
+    at.run()
+    at.text_input(key="map_q").input("a").run()
+    ranked = load_cache(synth_cache).search("a")["feature"].tolist()
+    pick = next(sb for sb in at.selectbox if sb.label.endswith("matching features"))
+    assert pick.label == f"{len(ranked):,} matching features" and len(pick.options) == 50
+    assert [int(o.split(" ·")[0].lstrip("#")) for o in pick.options] == ranked[:50]
+    assert at.query_params["feature"] in ([str(ranked[0])], str(ranked[0]))  # the strongest match is selected
+    at.number_input(key="map_page:a").set_value(2).run()
+    pick = next(sb for sb in at.selectbox if sb.label.endswith("matching features"))
+    assert not at.exception and [int(o.split(" ·")[0].lstrip("#")) for o in pick.options] == ranked[50:100]
+    assert "<mark>" in "".join(str(h.proto.body) for h in at.html)  # snippets with the match marked

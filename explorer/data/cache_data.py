@@ -19,7 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from explorer.data.examples import ExampleStore
-from explorer.data.search import SearchCache, SearchIndex, build_index, rank_features, snippet_html
+from explorer.data.search import (
+    SearchCache,
+    SearchIndex,
+    build_index,
+    label_text,
+    rank_features,
+    snippet_html,
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class CacheData:
     _cr_offsets: np.ndarray | None = None
     _search_text: pa.Array | None = None
     _index: SearchIndex | None = None
+    _labels: pa.Array | None = None
     _index_lock: threading.Lock = field(default_factory=threading.Lock)
     _searches: SearchCache = field(default_factory=SearchCache)
 
@@ -204,7 +212,9 @@ class CacheData:
             # an id ("17", "#17") is looked up, not searched for in example text (digits match everywhere)
             examples = examples and not query.strip().lstrip("#").isdigit()
             idx = self.search_index() if examples else None
-            res = rank_features(self.features, self._lens_text(), idx, query)
+            if self._labels is None:
+                self._labels = label_text(self.features)
+            res = rank_features(self.features, self._lens_text(), idx, query, self._labels)
             self._searches.put(key, res)
         return res if limit is None else res.head(limit)
 

@@ -164,18 +164,26 @@ def dense_threshold(frequency: np.ndarray) -> float:
     return float(DENSE_FACTOR * np.median(f)) if len(f) else float("inf")
 
 
+def label_text(features: pd.DataFrame) -> pa.Array:
+    return pa.array(features["label"].fillna("").astype(str).to_numpy(dtype=object), pa.string())
+
+
 def rank_features(
-    features: pd.DataFrame, lens_text: pa.Array, idx: SearchIndex | None, query: str
+    features: pd.DataFrame,
+    lens_text: pa.Array,
+    idx: SearchIndex | None,
+    query: str,
+    labels: pa.Array | None = None,
 ) -> pd.DataFrame:
-    """Every feature matching `query`, best first: the features rows plus RESULT_COLUMNS and 'match'."""
+    """Every feature matching `query`, best first: the features rows plus RESULT_COLUMNS and 'match'.
+    `labels` is label_text(features), when the caller keeps it."""
     q = query.strip()
     n = len(features)
     empty = features.iloc[:0].assign(**{c: pd.Series(dtype="float64") for c in RESULT_COLUMNS}, match="")
     if not q:
         return empty
     ql = lower(q)
-    lab = features["label"].fillna("").astype(str).to_numpy(dtype=object)
-    label_hit = pc.match_substring(pa.array(lab, pa.string()), ql, ignore_case=True)
+    label_hit = pc.match_substring(label_text(features) if labels is None else labels, ql, ignore_case=True)
     L = label_hit.to_numpy(zero_copy_only=False).astype(np.float64)
     T = pc.match_substring(lens_text, ql, ignore_case=True).to_numpy(zero_copy_only=False).astype(np.float64)
     act = np.zeros(n)

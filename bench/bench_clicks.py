@@ -288,7 +288,7 @@ def render_markdown(results: dict[str, Any], cmd: str, note: str = "") -> str:
         f"Measured {results['date']} with `{cmd}` ({os.cpu_count()} cores). Real `streamlit run` server "
         "driven by headless Chromium (software WebGL), median of the repeats. *fragments*: a click reruns "
         "only the side panel and the map (`st.fragment`); *full page*: `FEATUREGEOM_NO_FRAGMENTS=1`, "
-        "every click reruns the whole page (the old behaviour). Goal: click → panel < 1 s at 4k features, "
+        "every click reruns the whole page (as before this change, except that the panel is now drawn before the map in both modes). Goal: click → panel < 1 s at 4k features, "
         "< 2 s at 262k.",
     ]
     if note:

@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
 
 OUT = REPO / "bench" / "out"
 MODES = {"fragments": {}, "full page": {"FEATUREGEOM_NO_FRAGMENTS": "1"}}
+BEFORE = "before"  # --before DIR: the same measures on another checkout's explorer (e.g. an older commit)
 HEADER = "Feature #{}"
 
 # points of the map's base layer at least `gap` pixels from every other drawn point, so a click lands on
@@ -174,13 +175,16 @@ def _median(xs: list[float]) -> float | None:
 
 
 def bench_mode(
-    cache: Path, env: dict[str, str], repeats: int, start: int, others: list[int]
+    cache: Path, env: dict[str, str], repeats: int, start: int, others: list[int], app: Path | None = None
 ) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
+    from tests.explorer import helpers
     from tests.explorer.helpers import launch_chromium, streamlit_server, wait_for_app
 
     res: dict[str, Any] = {}
+    if app is not None:  # streamlit_server runs helpers.APP
+        helpers.APP = app
     with streamlit_server(
         cache, reviews=OUT / "bench-reviews" / "clicks.sqlite", log_dir=OUT, env=env
     ) as srv:
@@ -213,6 +217,7 @@ def bench_mode(
                 [switch_by_search(page, others[i % len(others)]) for i in range(repeats)]
             )
             b.close()
+    helpers.APP = helpers.REPO / "explorer" / "app.py"
     return res
 
 
@@ -252,7 +257,7 @@ def server_switch_child(cache: Path, feats: list[int]) -> float:
     return float(line.split()[1])
 
 
-def bench_cache(cache: Path, repeats: int) -> dict[str, Any]:
+def bench_cache(cache: Path, repeats: int, before: Path | None = None) -> dict[str, Any]:
     from explorer.data import load_cache
 
     c = load_cache(cache, verify=False)
@@ -264,10 +269,13 @@ def bench_cache(cache: Path, repeats: int) -> dict[str, Any]:
     del c
     out["server_switch_s"] = server_switch_child(cache, feats)
     print(f"  server switch (AppTest) {out['server_switch_s'] * 1000:.0f} ms", flush=True)
-    for mode, env in MODES.items():
+    modes: dict[str, tuple[dict[str, str], Path | None]] = {m: (e, None) for m, e in MODES.items()}
+    if before is not None:
+        modes[BEFORE] = ({}, before / "explorer" / "app.py")
+    for mode, (env, app) in modes.items():
         print(f"  {mode}", flush=True)
         load = os.getloadavg()[0]
-        out[mode] = bench_mode(cache, env, repeats, feats[0], feats[1:])
+        out[mode] = bench_mode(cache, env, repeats, feats[0], feats[1:], app)
         out[mode]["loadavg"] = [load, os.getloadavg()[0]]
         print("   ", json.dumps({k: v for k, v in out[mode].items() if k != "clicks"}), flush=True)
     return out
@@ -299,8 +307,10 @@ def render_markdown(results: dict[str, Any], cmd: str, note: str = "") -> str:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["caches"].items():
-        for mode in MODES:
-            m = r.get(mode) or {}
+        for mode in [*MODES, BEFORE]:
+            if mode not in r:
+                continue
+            m = r[mode]
             la = m.get("loadavg") or [float("nan")] * 2
             kb = m.get("click_bytes")
             lines.append(
@@ -315,6 +325,13 @@ def render_markdown(results: dict[str, Any], cmd: str, note: str = "") -> str:
             f"{_ratio(f.get('click_map_s'), g.get('click_map_s'))} | {_ratio(f.get('colour_s'), g.get('colour_s'))} | "
             f"{_ratio(f.get('switch_s'), g.get('switch_s'))} | | | |"
         )
+        if BEFORE in r:
+            o = r[BEFORE]
+            lines.append(
+                f"| {name} | | before ÷ fragments | {_ratio(f.get('click_panel_s'), o.get('click_panel_s'))} | "
+                f"{_ratio(f.get('click_map_s'), o.get('click_map_s'))} | {_ratio(f.get('colour_s'), o.get('colour_s'))} | "
+                f"{_ratio(f.get('switch_s'), o.get('switch_s'))} | | | |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -325,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--readme", action="store_true", help="write the '## Explorer clicks' section")
     ap.add_argument("--note", default="", help="a line under the table's caption (e.g. 'loaded machine')")
+    ap.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="also bench this checkout's explorer as row 'before', e.g. "
+        "`git archive 7f459dd | tar -x -C /tmp/before` (the code before instant clicks)",
+    )
     args = ap.parse_args(argv)
     from bench.bench_explorer import synthetic, write_readme
 
@@ -335,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "caches": {}}
     for name, path in caches.items():
         print(f"== {name}", flush=True)
-        results["caches"][name] = bench_cache(path, args.repeats)
+        results["caches"][name] = bench_cache(path, args.repeats, args.before)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "clicks-bench.json").write_text(json.dumps(results, indent=2))
     cmd = "python bench/bench_clicks.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -310,12 +310,12 @@ def render_markdown(results: dict[str, Any], cmd: str) -> str:
     return "\n".join(lines)
 
 
-def write_readme(section: str) -> None:
-    """Replace (or append) only the `## Explorer` section of bench/README.md."""
+def write_readme(section: str, title: str = "## Explorer") -> None:
+    """Replace (or append) only the `title` section of bench/README.md."""
     path = REPO / "bench" / "README.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == "## Explorer"), None)
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == title), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     else:

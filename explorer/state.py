@@ -92,7 +92,7 @@ def _load(path: str, updated: str) -> CacheData:
     """One CacheData per (cache path, manifest 'updated'), shared by every session."""
     cache = load_cache(path)
     # build the example-text search index in the background, so the first text search is quick
-    threading.Thread(target=cache.examples.search_index, name="fg-search-index", daemon=True).start()
+    threading.Thread(target=cache.search_index, name="fg-search-index", daemon=True).start()
     return cache
 
 

@@ -3,6 +3,7 @@
 - `load.py` opens a cache: verifies it, checks each file against `precompute.schema`, loads it once.
 - `cache_data.py` is the loaded cache (`CacheData`) and the per-feature questions the pages ask.
 - `examples.py` reads examples.parquet per feature (lazily, by row group, when it is big).
+- `search.py` ranks features by how strongly they match a query (the score is documented there).
 - `closeness.py` reads closeness.json, the closeness step's set-level test, and stability.json, the
   pairs across SAE seeds (both optional).
 - `lab.py` reads the optional mechanism-lab results inside a cache (fine-tune diffs, triage), and says

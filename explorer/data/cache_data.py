@@ -8,6 +8,7 @@ of a Python list. Nothing here depends on Streamlit: plain data in, data out, un
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -18,6 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from explorer.data.examples import ExampleStore
+from explorer.data.search import (
+    SearchCache,
+    SearchIndex,
+    build_index,
+    label_text,
+    rank_features,
+    snippet_html,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,10 @@ class CacheData:
     groups: list[str] = field(default_factory=list)
     _cr_offsets: np.ndarray | None = None
     _search_text: pa.Array | None = None
+    _index: SearchIndex | None = None
+    _labels: pa.Array | None = None
+    _index_lock: threading.Lock = field(default_factory=threading.Lock)
+    _searches: SearchCache = field(default_factory=SearchCache)
 
     @property
     def name(self) -> str:
@@ -188,55 +201,51 @@ class CacheData:
                 return int(np.argmax(np.where(ok, score, -np.inf)))
         return 0
 
-    def search(self, query: str, limit: int = 50, examples: bool = True) -> pd.DataFrame:
-        """Features whose id, label, explanation, logit-lens tokens or top-example text match.
+    def search(self, query: str, limit: int | None = None, examples: bool = True) -> pd.DataFrame:
+        """Features whose id, label, explanation, logit-lens tokens or top-example text match `query`,
+        ranked by match strength (explorer/data/search.py documents the score): the features rows plus
+        score, act_match, label_match, lens_match, dense, ex_rank, ex_token and 'match'. All matches
+        unless `limit`; rankings are kept per query, so paging does not search again."""
+        key = f"{int(examples)}:{query.strip()}"
+        res = self._searches.get(key)
+        if res is None:
+            # an id ("17", "#17") is looked up, not searched for in example text (digits match everywhere)
+            examples = examples and not query.strip().lstrip("#").isdigit()
+            idx = self.search_index() if examples else None
+            if self._labels is None:
+                self._labels = label_text(self.features)
+            res = rank_features(self.features, self._lens_text(), idx, query, self._labels)
+            self._searches.put(key, res)
+        return res if limit is None else res.head(limit)
 
-        Case-insensitive substring match; label/token hits rank before example-text hits, then by
-        task score. Returns the features rows (at most `limit`) with a 'match' column.
-        """
-        q = query.strip()
-        if not q:
-            return self.features.iloc[:0].assign(match=pd.Series(dtype="string"))
-        digits = q.lstrip("#")
-        hits: list[tuple[np.ndarray, str]] = []
-        if digits.isdigit() and self.valid(digits):
-            hits.append((np.array([int(digits)]), "id"))
-        ql = q.lower()
-        text = self._feature_search_text()
-        m = pc.match_substring(text, ql, ignore_case=True).to_numpy(zero_copy_only=False)
-        hits.append((np.flatnonzero(m), "label / tokens"))
-        if examples and not digits.isdigit() and len(hits[-1][0]) < limit:
-            ef, et = self.examples.search_index()
-            if len(ef):
-                em = pc.match_substring(et, ql).to_numpy(zero_copy_only=False)
-                hits.append((np.unique(ef[em]), "top examples"))
-        seen: set[int] = set()
-        out_ids: list[int] = []
-        out_match: list[str] = []
-        for ids, why in hits:
-            if why != "id":
-                ids = ids[np.argsort(-self.features["task_score"].to_numpy()[ids], kind="stable")]
-            for i in ids.tolist():
-                if i not in seen:
-                    seen.add(i)
-                    out_ids.append(i)
-                    out_match.append(why)
-                if len(out_ids) >= limit:
-                    break
-            if len(out_ids) >= limit:
-                break
-        res = self.features.iloc[out_ids].copy()
-        res["match"] = out_match
-        return res
+    def search_index(self) -> SearchIndex:
+        """The example-text index (built once per cache, on first use or by the loader's thread)."""
+        with self._index_lock:
+            if self._index is None:
+                self._index = build_index(
+                    self.examples.scan(["feature", "kind", "rank", "tokens", "activations"])
+                )
+            return self._index
 
-    def _feature_search_text(self) -> pa.Array:
+    def snippet(self, feature: int, ex_rank: int, ex_token: int, query: str) -> str:
+        """Escaped HTML of the searched example (top, `ex_rank`) around the match, the match in <mark>
+        (at the firing token starting at byte `ex_token` of its lower-cased text when >= 0); '' if none."""
+        if ex_rank < 0:
+            return ""
+        t = self.examples.rows(int(feature))
+        for rec in t.filter(pc.equal(t.column("kind"), "top")).to_pylist():
+            if rec.get("rank") == ex_rank:
+                return snippet_html(list(rec.get("tokens") or []), query, ex_token)
+        return ""
+
+    def _lens_text(self) -> pa.Array:
+        """Explanation and logit-lens promoted tokens of every feature (what T of the score searches)."""
         if self._search_text is None:
             f = self.features
-            label = pa.array(f["label"].fillna("").astype(str).to_numpy(dtype=object), pa.string())
             expl = pa.array(f["explanation"].fillna("").astype(str).to_numpy(dtype=object), pa.string())
-            parts = [label, expl]
+            parts = [expl]
             if "top_promoted" in self.lists.column_names:
                 toks = self.lists.column("top_promoted").combine_chunks()
                 parts.append(pc.fill_null(pc.binary_join(toks, " "), ""))
-            self._search_text = pc.binary_join_element_wise(*parts, " | ")
+            self._search_text = pc.binary_join_element_wise(*parts, " | ") if len(parts) > 1 else expl
         return self._search_text

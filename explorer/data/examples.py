@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from precompute import schema
@@ -39,10 +38,8 @@ class ExampleStore:
             big if force_lazy is None else force_lazy
         )
         self._lock = threading.Lock()
-        self._search_lock = threading.Lock()
         self._groups: OrderedDict[int, pa.Table] = OrderedDict()
         self._cache_groups = cache_groups
-        self._search: tuple[np.ndarray, pa.Array] | None = None
         if sorted_:
             self._order = None
             self._sorted_feature = feat
@@ -96,35 +93,11 @@ class ExampleStore:
         recs.sort(key=lambda r: (r.get("kind") != "top", -(r.get("quantile") or 0.0), r.get("rank") or 0))
         return recs
 
-    def search_index(self, max_rank: int = 3) -> tuple[np.ndarray, pa.Array]:
-        """(feature ids, lower-cased text) of each feature's first top examples; built once."""
-        with self._search_lock:  # a second caller waits for the first build instead of repeating it
-            if self._search is None:
-                self._search = self._build_search_index(max_rank)
-            return self._search
-
-    def _build_search_index(self, max_rank: int) -> tuple[np.ndarray, pa.Array]:
-        feats: list[np.ndarray] = []
-        texts: list[pa.Array] = []
+    def scan(self, columns: list[str]) -> Any:
+        """Yield the file as tables of `columns`, one row group at a time when lazy (bypassing the LRU)."""
         if self._table is not None:
-            chunks: Any = [self._table.select(["feature", "kind", "rank", "tokens"])]
-        else:  # stream the row groups, four columns only, bypassing the LRU
-            chunks = (_read_cols(self.path, self._meta, i) for i in range(self._meta.num_row_groups))
-        for t in chunks:
-            mask = pc.and_(pc.equal(t.column("kind"), "top"), pc.less(t.column("rank"), max_rank))
-            t = t.filter(mask)
-            if t.num_rows == 0:
-                continue
-            feats.append(t.column("feature").to_numpy().astype(np.int64, copy=False))
-            joined = pc.binary_join(t.column("tokens"), "")
-            texts.append(
-                pc.utf8_lower(joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined)
-            )
-        f = np.concatenate(feats) if feats else np.zeros(0, np.int64)
-        txt = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
-        return f, txt
-
-
-def _read_cols(path: Path, meta: Any, i: int) -> pa.Table:
-    with pq.ParquetFile(path, metadata=meta) as pf:
-        return pf.read_row_group(i, columns=["feature", "kind", "rank", "tokens"])
+            yield self._table.select(columns)
+            return
+        for i in range(self._meta.num_row_groups):
+            with pq.ParquetFile(self.path, metadata=self._meta) as pf:
+                yield pf.read_row_group(i, columns=columns)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import html
+import os
+from collections.abc import Callable
+from functools import partial
+
 import pandas as pd
 import streamlit as st
-from streamlit.delta_generator import DeltaGenerator
+from streamlit import config
 
 from explorer import figures as F
 from explorer import state
@@ -13,54 +18,166 @@ from explorer.views import Page
 
 PAGE = Page(title="Map", icon=":material/scatter_plot:", default=True)
 KEY_CHART = "map_chart"
+KEY_QUERY = "map_q"
+KEY_COLOR = "map_color"
+ENV_NO_FRAGMENTS = (
+    "FEATUREGEOM_NO_FRAGMENTS"  # "1": every click reruns the whole page (the benchmark's baseline)
+)
+VIEW = "map-view"  # the page's fragment: the map and the side panel
+
+
+def fragments_on() -> bool:
+    """Fragments unless turned off, and not under AppTest: it rebuilds its page registry on every run,
+    so a fragment-only rerun there cannot resolve st.page_link (a real server keeps it)."""
+    return os.environ.get(ENV_NO_FRAGMENTS, "") in ("", "0") and not config.get_option("global.appTest")
+
+
+def part(key: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """st.fragment(key=...) so that a click reruns only the map and the side panel, not the page; the
+    identity when fragments are off."""
+    return st.fragment(key=key) if fragments_on() else (lambda fn: fn)
+
+
+def select(cache: CacheData, feature: int) -> None:
+    """Make `feature` the one in view (session and URL). From a widget inside the view fragment (a
+    dot, a neighbour row) the default rerun is that fragment alone: one run, panel drawn first."""
+    state.remember_feature(cache, int(feature))
 
 
 def clicked_feature(cache: CacheData) -> int | None:
-    """A feature newly clicked on the map (read before drawing, so one rerun is enough)."""
+    """The feature of the map's current selection (a clicked dot), if any."""
     ev = st.session_state.get(KEY_CHART)
     pts = ((ev or {}).get("selection") or {}).get("points") or []
-    if not pts:
-        st.session_state["_map_applied_click"] = None  # a later click on the same dot counts again
     for p in pts:
         cd = p.get("customdata")
         cd = cd[0] if isinstance(cd, list) and cd else cd
         if isinstance(cd, (int, float)) and cache.valid(int(cd)):
-            sig = (int(cd), p.get("curve_number"), p.get("point_index"))
-            if st.session_state.get("_map_applied_click") != sig:
-                st.session_state["_map_applied_click"] = sig
-                return int(cd)
-            return None
+            return int(cd)
     return None
 
 
-def search_results(cache: CacheData, query: str, where: DeltaGenerator) -> None:
-    """The features matching the search box; picking one selects it (once per query and pick)."""
+def _on_click(cache: CacheData) -> None:
+    f = clicked_feature(cache)
+    if f is not None:
+        select(cache, f)
+
+
+def _on_row(cache: CacheData, key: str, features: list[int]) -> None:
+    rows = ((st.session_state.get(key) or {}).get("selection") or {}).get("rows") or []
+    if rows and 0 <= rows[0] < len(features):
+        select(cache, features[rows[0]])
+
+
+def _on_query(cache: CacheData) -> None:
+    """A new search selects its strongest match at once."""
+    q = str(st.session_state.get(KEY_QUERY) or "")
+    hits = cache.search(q, limit=1) if q.strip() else None
+    if hits is not None and len(hits):
+        state.remember_feature(cache, int(hits["feature"].iloc[0]))
+
+
+def _on_pick(cache: CacheData, key: str) -> None:
+    pick = st.session_state.get(key)
+    if pick is not None and cache.valid(pick):
+        select(cache, int(pick))
+
+
+PAGE_SIZE = 50  # search results per page
+
+
+def _result_line(r: pd.Series) -> str:
+    """One result as plain text (a selectbox option is never HTML)."""
+    label = str(r["label"]) if isinstance(r["label"], str) and r["label"] else "(no label)"
+    dense = f" · dense: fires on {float(r['frequency']) * 100:.3g}% of tokens" if r["dense"] else ""
+    return (
+        f"#{int(r['feature'])} · {label[:70]} · matched {r['match']} · score {float(r['score']):.2f}{dense}"
+    )
+
+
+def snippets_html(cache: CacheData, page: pd.DataFrame, query: str) -> str:
+    """The page's results with the matched example text (escaped, the match in <mark>)."""
+    items = []
+    for _, r in page.iterrows():
+        f = int(r["feature"])
+        snip = cache.snippet(f, int(r["ex_rank"]), int(r["ex_token"]), query)
+        act = (
+            f"{float(r['act_match']) * 100:.0f}% of its max on the match" if snip else "no example text match"
+        )
+        flag = ' <span class="fg-dense">dense</span>' if r["dense"] else ""
+        items.append(
+            f"<li><b>#{f}</b>{flag} <small>score {float(r['score']):.2f} · {act}</small>"
+            f"<div class='fg-snip'>{snip or '<i>matched its ' + html.escape(str(r['match'])) + '</i>'}</div></li>"
+        )
+    return (
+        "<style>.fg-results{max-height:230px;overflow-y:auto;padding-left:1.2em;font-size:0.85rem}"
+        ".fg-snip{font-family:monospace;white-space:pre-wrap;color:#444}"
+        ".fg-results mark{background:#ffe08a;padding:0 1px}"
+        ".fg-dense{background:#eee;border-radius:3px;padding:0 4px;font-size:0.75rem}</style>"
+        f"<ol class='fg-results' start='{int(page.attrs.get('first', 1))}'>{''.join(items)}</ol>"
+    )
+
+
+def search_results(cache: CacheData, query: str) -> None:
+    """The features matching the search box, ranked by match strength, 50 a page, with where each
+    matched; picking one selects it."""
     with st.spinner("Searching (the first text search indexes the examples once per server)…"):
         matches = cache.search(query)
     if matches.empty:
-        where.info("No feature matches that search.")
+        st.info("No feature matches that search.")
         return
-    opts = matches["feature"].astype(int).tolist()
-    why = dict(zip(opts, matches["match"], strict=False))
-    lab = dict(zip(opts, matches["label"].astype("string").fillna("(no label)"), strict=False))
-
-    def _fmt(i: int) -> str:
-        return f"#{i} · {lab[i][:70]} · matched {why[i]}"
-
-    pick = where.selectbox(
-        f"{len(opts)}{'+' if len(opts) >= 50 else ''} matching features",
+    q = query.strip().lower()
+    n_pages = (len(matches) + PAGE_SIZE - 1) // PAGE_SIZE
+    page_no = 1
+    if n_pages > 1:
+        page_no = int(
+            st.number_input(f"Page (of {n_pages}, {PAGE_SIZE} a page)", 1, n_pages, 1, key=f"map_page:{q}")
+        )
+    page = matches.iloc[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE]
+    page.attrs["first"] = (page_no - 1) * PAGE_SIZE + 1
+    opts = page["feature"].astype(int).tolist()
+    line = {int(r["feature"]): _result_line(r) for _, r in page.iterrows()}
+    current = st.session_state.get(f"_feature:{cache.name}")
+    key = f"map_pick:{q}:{page_no}"
+    st.selectbox(
+        f"{len(matches):,} matching features",
         opts,
-        format_func=_fmt,
-        key=f"map_pick:{query.strip().lower()}",
+        index=opts.index(current) if current in opts else None,
+        placeholder="Pick a result on this page",
+        format_func=lambda i: line[i],
+        key=key,
+        on_change=_on_pick,
+        args=(cache, key),
+        help="Strongest match first. Score = 0.6 × the feature's activation on the matched text in its "
+        "top examples (share of its max) + 0.3 if its label matches + 0.1 if its logit-lens tokens or "
+        "explanation match, divided down for dense features (firing on over 10× the median share of "
+        "tokens); ties go to the rarer feature.",
     )
-    sig = (query.strip().lower(), pick)
-    if st.session_state.get("_map_applied_pick") != sig:
-        st.session_state["_map_applied_pick"] = sig
-        state.remember_feature(cache, int(pick))
+    with st.expander("Where each result matched", expanded=True):
+        st.html(snippets_html(cache, page, query))
 
 
-def controls(cache: CacheData) -> tuple[str, float]:
-    """Title, search (applied at once), colour mode and neighbour threshold: (colour mode, threshold)."""
+def search_box(cache: CacheData) -> None:
+    """The search box, then its results. Search, colour and threshold rerun the whole page: measured in
+    Chromium (bench/bench_clicks.py), a fragment rerun asked for by key from their callbacks was slower
+    than the page's own rerun."""
+    st.text_input(
+        "Search features",
+        key=KEY_QUERY,
+        placeholder="id, label, logit-lens token, or words from its top examples",
+        on_change=_on_query,
+        args=(cache,),
+        help="Case-insensitive. Ranked by how strongly each feature matches: its activation on the "
+        "matched text in its top examples, a label match, a logit-lens match; dense features are "
+        "ranked down. A new search selects its strongest match.",
+    )
+
+    query = str(st.session_state.get(KEY_QUERY) or "")
+    if query.strip():
+        search_results(cache, query)
+
+
+def controls(cache: CacheData) -> None:
+    """Title, search, colour mode and neighbour threshold (the view reads them from session state)."""
     st.title("Map of features")
     st.caption(
         "Each dot is one feature of the sparse autoencoder — a direction the model uses to represent text. "
@@ -68,28 +185,32 @@ def controls(cache: CacheData) -> tuple[str, float]:
         "clicking a dot to see its nearest neighbours, harmful ones in red."
     )
     c_search, c_color, c_thr = st.columns([3, 1.2, 2], vertical_alignment="top")
-    query = c_search.text_input(
-        "Search features",
-        key="map_q",
-        placeholder="id, label, logit-lens token, or words from its top examples",
-        help="Case-insensitive. Label and token matches come first, then matches in the text "
-        "of each feature's top examples; ties by task score.",
+    with c_search:
+        search_box(cache)
+    c_color.selectbox(
+        "Colour by",
+        list(F.COLOR_MODES),
+        key=KEY_COLOR,
     )
-    color_by = c_color.selectbox("Colour by", list(F.COLOR_MODES), key="map_color")
     null = cache.null_cosine
-    thr = c_thr.slider(
+    c_thr.slider(
         "Show neighbours with cosine ≥",
         0.0,
         1.0,
         value=float(round(null, 3)),
         step=0.005,
-        key=f"map_thr:{cache.name}",
+        key=threshold_key(cache),
         help=f"Starts at the chance level {null:.3g} ({cache.null_label}): the cosine random directions "
         "exceed only rarely. Raise it to keep only the closest neighbours.",
     )
-    if query.strip():
-        search_results(cache, query, c_search)
-    return str(color_by), float(thr)
+
+
+def threshold_key(cache: CacheData) -> str:
+    return f"map_thr:{cache.name}"
+
+
+def threshold(cache: CacheData) -> float:
+    return float(st.session_state.get(threshold_key(cache), round(cache.null_cosine, 3)))
 
 
 def neighbour_panel(cache: CacheData, feature: int, nb: pd.DataFrame, thr: float) -> None:
@@ -119,11 +240,14 @@ def neighbour_panel(cache: CacheData, feature: int, nb: pd.DataFrame, thr: float
             f"{F.closeness_caption(float(top['cosine']), cache.null_cosine, cache.null_label, top['percentile'])}."
         )
     table = F.neighbour_table(shown, cache.null_cosine, extra_query=state.extra_query())
+    key = f"map_nb:{feature}"
     st.dataframe(
         table[["feature", "cosine", "× chance", "category", "open", "label"]],
         hide_index=True,
         height=min(38 + 35 * max(1, len(table)), 330),
-        key=f"map_nb:{feature}",
+        key=key,
+        on_select=partial(_on_row, cache, key, table["feature"].astype(int).tolist()),
+        selection_mode="single-row",
         column_config={
             "open": st.column_config.LinkColumn("open", display_text="open ↗", width="small"),
             "cosine": st.column_config.ProgressColumn("cosine", min_value=0.0, max_value=1.0, format="%.3f"),
@@ -168,37 +292,51 @@ def pair_links(cache: CacheData, feature: int, h: int) -> None:
     )
 
 
-def render() -> None:
-    cache = state.require_cache()
-    clicked = clicked_feature(cache)
-    if clicked is not None:
-        state.remember_feature(cache, clicked)
-    color_by, thr = controls(cache)
-    feature = state.selected_feature(cache)
-    nb = cache.neighbours_of(feature)
+def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
     sel = F.Selection(
         feature=feature,
         neighbours=nb["feature"].tolist(),
         cosines=nb["cosine"].tolist(),
         harmful=nb["is_harmful"].tolist(),
-        threshold=thr,
+        threshold=threshold(cache),
     )
-    left, right = st.columns([1.9, 1], gap="large")
-    with left:
-        fig = F.map_figure(cache.features, color_by, sel, max_points=state.max_points())
-        st.plotly_chart(
-            fig,
-            key=KEY_CHART,
-            on_select="rerun",
-            selection_mode="points",
-            config=state.chart_config(f"map-{feature}"),
-        )
-        st.caption(
-            f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
-            f"line width grows with cosine. Hover a dot for its label, scores and top tokens; click to select it."
-        )
-    with right:
-        neighbour_panel(cache, feature, nb, thr)
+    color_by = str(st.session_state.get(KEY_COLOR) or next(iter(F.COLOR_MODES)))
+    fig = F.map_figure(cache.features, color_by, sel, max_points=state.max_points())
+    st.plotly_chart(
+        fig,
+        key=KEY_CHART,
+        on_select=partial(_on_click, cache),
+        selection_mode="points",
+        config=state.chart_config(f"map-{feature}"),
+    )
+    st.caption(
+        f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
+        "line width grows with cosine. Hover a dot for its label, scores and top tokens; click to "
+        "select it."
+    )
+
+
+def view_part(cache: CacheData) -> None:
+    """The map and the side panel: one fragment, so a click on a dot or a neighbour row reruns only it
+    (one run, no page-level work), the panel before the map."""
+
+    @part(VIEW)
+    def _view() -> None:
+        feature = state.selected_feature(cache)
+        nb = cache.neighbours_of(feature)
+        left, right = st.columns([1.9, 1], gap="large")
+        with right:  # drawn first: after a click, the panel is what the reader waits for
+            neighbour_panel(cache, feature, nb, threshold(cache))
+        with left:
+            draw_map(cache, feature, nb)
+
+    _view()
+
+
+def render() -> None:
+    cache = state.require_cache()
+    controls(cache)
+    view_part(cache)
 
 
 if __name__ == "__main__":

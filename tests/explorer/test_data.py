@@ -12,6 +12,7 @@ import pytest
 
 from bench.synthetic_cache import write_synthetic_cache
 from explorer.data import ExampleStore, find_caches, load_cache, reviews_path_for
+from explorer.data.search import build_index
 from precompute.cache import SCHEMA_VERSION, verify_cache
 from precompute.errors import CacheError
 
@@ -132,9 +133,11 @@ def test_lazy_example_store_matches_in_memory(synth_cache: Path) -> None:
     assert lazy.lazy and not eager.lazy
     for f in (0, 1, 299, 599):
         assert lazy.for_feature(f) == eager.for_feature(f)
-    fl, tl = lazy.search_index()
-    fe, te = eager.search_index()
-    assert np.array_equal(fl, fe) and tl.equals(te)
+    cols = ["feature", "kind", "rank", "tokens", "activations"]
+    il, ie = build_index(lazy.scan(cols)), build_index(eager.scan(cols))  # the search's example index
+    assert il.text.equals(ie.text) and len(il.feature) > 0
+    for name in ("feature", "rank", "nz_row", "nz_start", "nz_end", "nz_val"):
+        assert np.array_equal(getattr(il, name), getattr(ie, name)), name
 
 
 def test_unsorted_examples_still_work(tmp_path: Path, synth_cache: Path) -> None:
@@ -156,7 +159,7 @@ def test_search(synth_cache: Path) -> None:
     tok = c.search("ransomware")  # a logit-lens / example token of the cybercrime theme
     assert len(tok)
     ex_only = c.search(" detonator", examples=True)
-    assert len(ex_only) and set(ex_only["match"]) <= {"label / tokens", "top examples"}
+    assert len(ex_only) and set(ex_only["match"]) <= {"label", "logit lens / explanation", "examples"}
     assert c.search("no-such-text-anywhere-xyz").empty
     assert c.search("   ").empty
 

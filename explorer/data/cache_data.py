@@ -239,11 +239,15 @@ class CacheData:
         return ""
 
     def _lens_text(self) -> pa.Array:
-        """Explanation and logit-lens promoted tokens of every feature (what T of the score searches)."""
+        """Explanations (imported, and featuregeom explain's) and logit-lens promoted tokens of every
+        feature (what T of the score searches)."""
         if self._search_text is None:
             f = self.features
             expl = pa.array(f["explanation"].fillna("").astype(str).to_numpy(dtype=object), pa.string())
             parts = [expl]
+            if "auto_explanation" in f.columns:
+                auto = f["auto_explanation"].fillna("").astype(str).to_numpy(dtype=object)
+                parts.append(pa.array(auto, pa.string()))
             if "top_promoted" in self.lists.column_names:
                 toks = self.lists.column("top_promoted").combine_chunks()
                 parts.append(pc.fill_null(pc.binary_join(toks, " "), ""))

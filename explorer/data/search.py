@@ -12,7 +12,8 @@ The score (case-insensitive substring match of the query q):
        in f's first top examples (kind "top", rank < MAX_RANK), divided by f's `max_activation`,
        clipped to [0, 1]; 0 when q occurs in none of them or f is silent on it.
     L  1 when f's `label` contains q, else 0.
-    T  1 when f's `explanation` or logit-lens promoted tokens (`top_promoted`) contain q, else 0.
+    T  1 when f's `explanation`, `auto_explanation` (featuregeom explain) or logit-lens promoted tokens
+       (`top_promoted`) contain q, else 0.
     D  density penalty: min(1, dense / frequency), dense = DENSE_FACTOR x the median `frequency` of the
        features that fire; a feature firing on more than `dense` of all tokens is flagged `dense`.
 

@@ -65,7 +65,8 @@ def brute_force(cache: Path, query: str) -> list[tuple[int, float]]:
     for f in feats:
         i = f["feature"]
         label = q in (f["label"] or "").lower()
-        lens = q in (f["explanation"] or "").lower() or any(q in t.lower() for t in f["top_promoted"] or [])
+        explained = [f["explanation"] or "", f.get("auto_explanation") or ""]
+        lens = any(q in e.lower() for e in explained) or any(q in t.lower() for t in f["top_promoted"] or [])
         if not (label or lens or i in in_text):
             continue
         a = min(1.0, best.get(i, 0.0) / f["max_activation"]) if f["max_activation"] > 0 else 0.0
@@ -156,3 +157,25 @@ def test_map_page_pages_the_results(synth_cache: Path, monkeypatch: pytest.Monke
     pick = next(sb for sb in at.selectbox if sb.label.endswith("matching features"))
     assert not at.exception and [int(o.split(" ·")[0].lstrip("#")) for o in pick.options] == ranked[50:100]
     assert "<mark>" in "".join(str(h.proto.body) for h in at.html)  # snippets with the match marked
+
+
+def test_featuregeom_explain_explanations_are_searched(tiny_cache: Path, tmp_path: Path) -> None:
+    """An `auto_explanation` (written as featuregeom explain writes it: through the cache's staging)
+    counts as a lens match (T), like an imported explanation."""
+    import shutil
+
+    import pandas as pd
+
+    from precompute import cache as cache_io
+    from precompute.pipeline.features import merge_feature_columns
+
+    work = tmp_path / "cache"
+    shutil.copytree(tiny_cache, work)
+    n = len(pq.read_table(work / "features.parquet"))
+    table = pd.DataFrame({"feature": [3], "auto_explanation": ["quokkas in a sentence"]})
+    with cache_io.stage(work) as staged:
+        merge_feature_columns(staged, n, table)
+        staged.commit()
+    got = load_cache(work).search("quokka")
+    assert got["feature"].tolist() == [3] and got["lens_match"].tolist() == [1.0]
+    assert got["feature"].tolist() == [i for i, _ in brute_force(work, "quokka")]

@@ -45,9 +45,9 @@ class Findings:
     n_features: int
     n_dead: int
     n_task_scored: int  # features with a finite task score (task vs control)
-    n_task: int  # is_task
+    n_task: int  # is_task with task_score_lo > 0.5 (what explorer.claims.fires_on_task asks of one feature)
     n_control: int  # is_control
-    n_harmful: int  # is_harmful
+    n_harmful: int  # is_harmful with harm_score_lo > 0.5 (explorer.claims.fires_on_harm)
     n_flagged: int  # rows of overlaps.parquet
     n_flagged_task: int  # distinct task features among them
     flag_scope: int | None  # the overlaps step looks at this many task features (the best by task score)
@@ -95,6 +95,15 @@ def step_sidecar(cache: CacheData, step: str) -> dict[str, Any] | None:
 def _number(v: Any) -> float | None:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     return float(v) if ok else None
+
+
+def _supported(f: Any, flag: str, lower: str) -> int:
+    """Features flagged `flag` whose score's lower 95% bound excludes chance: a flag its own bound
+    contradicts is not counted (the story states no count the cache does not support)."""
+    if lower not in f.columns:
+        return int(f[flag].sum())
+    lo = f[lower].to_numpy(dtype=np.float64, na_value=np.nan)
+    return int((f[flag].to_numpy(dtype=bool) & (lo > 0.5)).sum())
 
 
 def _count(v: Any) -> int | None:
@@ -166,9 +175,9 @@ def cache_findings(cache: CacheData) -> Findings:
         n_features=cache.n,
         n_dead=int(f["dead"].sum()),
         n_task_scored=int(finite.sum()),
-        n_task=int(f["is_task"].sum()),
+        n_task=_supported(f, "is_task", "task_score_lo"),
         n_control=int(f["is_control"].sum()),
-        n_harmful=int(f["is_harmful"].sum()),
+        n_harmful=_supported(f, "is_harmful", "harm_score_lo"),
         n_flagged=len(ov),
         n_flagged_task=int(ov["task_feature"].nunique()),
         flag_scope=_count(((cache.manifest.get("params") or {}).get("overlaps") or {}).get("n_task")),

@@ -510,3 +510,24 @@ def test_ranked_comparison_is_exploratory_and_backed(notask_cache: Path, tmp_pat
     write_closeness(cache, {k: v for k, v in r.items() if k != "ranked"})  # older files: no ranked comparison
     pairs = {s.key: plain(s.lead) for s in build_result_story(load_cache(cache))}["pairs"]
     assert "Exploratory" not in pairs
+
+
+def test_counts_leave_out_flags_their_own_bounds_contradict(synth_cache: Path, tmp_path: Path) -> None:
+    """'N features pass the task test' counts only task features whose lower bound excludes 0.5 (as the
+    per-feature claims ask): a flag set against its own interval is not counted."""
+    from explorer.data import cache_findings
+
+    cache = tmp_path / "c"
+    shutil.copytree(synth_cache, cache)
+    before = cache_findings(load_cache(cache))
+    f = pd.read_parquet(cache / schema.FEATURES)
+    task = int(f.loc[f["is_task"] & (f["task_score_lo"] > 0.5), "feature"].iloc[0])
+    harm = int(f.loc[f["is_harmful"] & (f["harm_score_lo"] > 0.5), "feature"].iloc[0])
+
+    def contradict(df: pd.DataFrame) -> None:
+        df.loc[df["feature"] == task, "task_score_lo"] = 0.45
+        df.loc[df["feature"] == harm, "harm_score_lo"] = 0.5
+
+    edit_cache(cache, features=contradict)
+    after = cache_findings(load_cache(cache))
+    assert (after.n_task, after.n_harmful) == (before.n_task - 1, before.n_harmful - 1)

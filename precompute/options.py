@@ -83,6 +83,14 @@ def coerce_value(name: str, value: Any, annotation: Any, where: str) -> Any:
     return float(value) if annotation is float else value
 
 
+def feature_ids(text: str) -> list[int]:
+    """`--features 3,17 42` -> [3, 17, 42]: a comma- or space-separated list of feature ids (a `parse=`)."""
+    try:
+        return [int(v) for v in text.replace(" ", ",").split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated feature ids, got {text!r}") from exc
+
+
 def option(
     default: Any = MISSING,
     *,

@@ -9,7 +9,6 @@ run gave them. The peak-token `label` and an imported `explanation` are left alo
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -22,7 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from precompute.errors import ConfigError
-from precompute.options import Command, option
+from precompute.options import Command, feature_ids, option
 
 EXPLAIN_COLUMNS = (
     "auto_explanation",
@@ -30,13 +29,6 @@ EXPLAIN_COLUMNS = (
     "auto_explanation_detection",
     "auto_explanation_scored",
 )
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.replace(" ", ",").split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated feature ids, got {text!r}") from exc
 
 
 @dataclass
@@ -65,7 +57,7 @@ class ExplainOptions:
         None,
         low=0,
         bounds="[)",
-        parse=_ids,
+        parse=feature_ids,
         metavar="J,K,...",
         help="features to explain (default: see --top)",
     )

@@ -17,7 +17,7 @@ import pandas as pd
 from precompute.defaults import DEFAULT_SAE, relative
 from precompute.errors import ConfigError, FeatureGeomError
 from precompute.lab.steering_results import ALPHA_UNITS, DEFAULT_ALPHAS
-from precompute.options import Command, option
+from precompute.options import Command, feature_ids, option
 from precompute.pipeline.config import DEVICES, MODEL_HELP
 
 # The steering maths (`precompute.lab.steering`) imports torch: only `run_steer` loads it.
@@ -31,13 +31,6 @@ def _float_list(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.replace(" ", ",").split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated feature ids, got {text!r}") from exc
 
 
 @dataclass
@@ -56,7 +49,7 @@ class SteerOptions:
         None,
         low=0,
         bounds="[)",
-        parse=_int_list,
+        parse=feature_ids,
         metavar="J,K,...",
         help="restrict the table and fits to these features (default all)",
     )

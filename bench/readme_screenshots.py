@@ -59,6 +59,7 @@ class Shot:
     the caption should quote (e.g. a generation's measured time), or ''."""
 
     name: str
+    title: str  # the image's alt text: which page, no claim (the caption below it makes the claims)
     path: str
     caption: str
     act: Callable[[Any], str] | None = None
@@ -214,9 +215,15 @@ def story_shots(c: CacheData) -> list[Shot]:
         f"{len(shown)} strongest examples ({' and '.join(f'{n} {g}' for g, n in groups.items())} text)"
     )
     return [
-        Shot("story-first", f"/story?{query}step=1", head.format(k=1, title=steps[0].title) + first),
+        Shot(
+            "story-first",
+            "Story, first step",
+            f"/story?{query}step=1",
+            head.format(k=1, title=steps[0].title) + first,
+        ),
         Shot(
             "story-result",
+            "Story, the step that states the result",
             f"/story?{query}step={result}",
             head.format(k=result, title=steps[result - 1].title)
             + first_sentence(plain(steps[result - 1].lead)),
@@ -270,7 +277,11 @@ def generate(page: Any) -> str:
     scroll_to_heading(page, "Steering playground")
     said = page.get_by_text("Greedy decoding;").inner_text()
     m = re.search(r"strength (\S+) .*?(\d+) tokens in ([\d.]+) s", said)
-    return f" (strength {m[1]}, {m[2]} tokens; the steered one took {m[3]} s here)" if m else ""
+    return (
+        f"; strength {m[1]}, {m[2]} new tokens, the steered completion generated in {m[3]} s here"
+        if m
+        else ""
+    )
 
 
 def optimise(png: Path) -> None:
@@ -311,17 +322,24 @@ def plan(c: CacheData) -> list[Shot]:
     a, b, pair_caption = side_by_side(c)
     t, h, review_caption = review_pair(c, feature)
     return [
-        Shot("map", f"/?feature={feature}", map_caption(c, feature)),
-        Shot("feature", f"/feature?feature={a}&compare={b}", pair_caption),
+        Shot("map", "Map", f"/?feature={feature}", map_caption(c, feature)),
+        Shot("feature", "Feature page, side by side", f"/feature?feature={a}&compare={b}", pair_caption),
         Shot(
             "feature-harmful",
+            "Feature page, harmful documents only",
             f"/feature?feature={feature}&group=harmful",
             group_caption(c, feature, "harmful"),
         ),
-        Shot("overlaps", f"/overlaps?task={t}&harmful={h}", review_caption),
-        Shot("closeness", "/closeness", closeness_caption(c)),
+        Shot("overlaps", "Overlaps review", f"/overlaps?task={t}&harmful={h}", review_caption),
+        Shot("closeness", "Closeness", "/closeness", closeness_caption(c)),
         *story_shots(c),
-        Shot("playground", f"/feature?feature={feature}", playground_caption(c, feature), act=generate),
+        Shot(
+            "playground",
+            "Steering playground",
+            f"/feature?feature={feature}",
+            playground_caption(c, feature),
+            act=generate,
+        ),
     ]
 
 
@@ -341,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
             captions = take(shots, srv.url, args.assets, args.width, args.height)
     for shot, caption in zip(shots, captions, strict=True):
         caption = caption.rstrip(".")
-        print(f"![{caption}]({args.assets / f'screenshot-{shot.name}.png'})\n*{caption}.*\n")
+        print(f"![{shot.title}]({args.assets / f'screenshot-{shot.name}.png'})\n*{caption}.*\n")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from explorer.figures.style import (
-    CATEGORY_COLORS,
     GROUP_COLORS,
     HARM,
     INK,
@@ -19,6 +18,7 @@ from explorer.figures.style import (
     TASK,
     badge,
     base_layout,
+    category_color,
     esc,
     rgba,
     role_of,
@@ -40,10 +40,10 @@ def group_rates_figure(
         colors.append(GROUP_COLORS.get(g, NEUTRAL))
     if categories is not None and len(categories):
         harm = categories[(categories["group"] == "harmful") & categories["category"].notna()]
-        for i, (cat, v) in enumerate(zip(harm["category"], harm["frequency"], strict=False)):
+        for cat, v in zip(harm["category"], harm["frequency"], strict=False):
             names.append(f"harmful · {esc(cat)}")
             vals.append(float(v) * 100)
-            colors.append(CATEGORY_COLORS[i % len(CATEGORY_COLORS)])
+            colors.append(category_color(cat))  # its fixed colour, as on the map and in the story
     fig = go.Figure(
         go.Bar(
             x=vals,

@@ -90,8 +90,10 @@ def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int
         )
 
 
-def role_of(row: dict[str, Any]) -> str:
-    return "harmful" if F.role_color(row) == F.HARM else "task"  # style's rule: both = red, blue-edged
+def accent_of(row: dict[str, Any]) -> str:
+    """The header stripe by style's one colour rule: both stripes, red, blue, or grey for a feature that
+    passes neither test (never the blue of a task feature it is not)."""
+    return F.BOTH if F.role_of(row) == F.BOTH else F.role_color(row)
 
 
 def header_controls(cache: CacheData, feature: int, compare: int | None, nb: pd.DataFrame) -> None:
@@ -158,11 +160,11 @@ def side_by_side(
     group, category = evidence_filters(cache, feature, cache.examples_of(feature))
     a, b = st.columns(2, gap="large")
     for col, f, r, color in (
-        (a, feature, row, F.HARM if role_of(row) == "harmful" else F.TASK),
-        (b, compare, other, F.HARM if other.get("is_harmful") else F.TASK),
+        (a, feature, row, F.role_color(row)),
+        (b, compare, other, F.role_color(other)),
     ):
         with col:
-            st.html(F.feature_header_html(r, role="harmful" if color == F.HARM else "task"))
+            st.html(F.feature_header_html(r, accent=accent_of(r)))
             st.caption(
                 f"harm {r['harm_score']:.2f} · task {r['task_score']:.2f} · fires on {r['frequency'] * 100:.3g}%"
             )
@@ -346,7 +348,7 @@ def single_feature(
     histogram by group and logit lens with values beside them."""
     metrics(cache, row)
     left, right = st.columns([3, 2], gap="large")
-    color = F.HARM if role_of(row) == "harmful" else F.TASK
+    color = F.role_color(row)
     with left:
         h1, h2, h3 = st.columns([2.6, 1, 1], vertical_alignment="bottom")
         h1.subheader("Top-activating examples")
@@ -463,7 +465,7 @@ def render() -> None:
     with top_r:
         header_controls(cache, feature, compare, nb)
     with top_l:
-        st.html(F.feature_header_html(row, role=role_of(row)))
+        st.html(F.feature_header_html(row, accent=accent_of(row)))
 
     n_top = st.session_state.get("feat_n_top", 8)
     window = None if st.session_state.get("feat_full", False) else 24

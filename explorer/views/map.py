@@ -199,6 +199,7 @@ def controls(cache: CacheData) -> None:
         1.0,
         value=float(round(null, 3)),
         step=0.005,
+        format="%.3f",  # the chance level to 3 places, as the panel says it (0.275, not 0.28)
         key=threshold_key(cache),
         help=f"Starts at the chance level {null:.3g} ({cache.null_label}): the cosine random directions "
         "exceed only rarely. Raise it to keep only the closest neighbours.",

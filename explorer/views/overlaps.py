@@ -217,7 +217,10 @@ def open_pair(cache: CacheData, view: pd.DataFrame, table: pd.DataFrame) -> tupl
         pairs,
         index=pairs.index((t, h)),
         key=f"ov_pick:{t}:{h}",
-        format_func=lambda p: f"task #{p[0]} ↔ harmful #{p[1]}",
+        # only a flagged pair has a task and a harmful side; a pair from a link is named as it is
+        format_func=lambda p: (
+            f"task #{p[0]} ↔ harmful #{p[1]}" if p in flagged else f"#{p[0]} ↔ #{p[1]} (not flagged)"
+        ),
     )
     if pick != (t, h):
         state.set_qp(task=pick[0], harmful=pick[1])

@@ -112,8 +112,11 @@ def test_map_query_param_and_search(synth_cache: Path, monkeypatch: pytest.Monke
     for mode in ("task score", "harm category", "firing rate"):
         at.selectbox(key="map_color").set_value(mode).run()
         assert not at.exception
-    # the threshold slider re-filters the neighbour count
-    at.slider(key=f"map_thr:{synth_cache.name}").set_value(0.99).run()
+    # the threshold slider starts at the chance level, shown to the 3 places the panel uses, and re-filters
+    slider = at.slider(key=f"map_thr:{synth_cache.name}")
+    assert slider.value == round(c.null_cosine, 3) and slider.proto.format == "%.3f"
+    assert any(f"cosine ≥ {slider.proto.format % slider.value}" in m.value for m in at.markdown)
+    slider.set_value(0.99).run()
     assert any(m.value.startswith("**0 of 32 neighbours**") for m in at.markdown)
 
 

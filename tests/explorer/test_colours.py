@@ -10,6 +10,7 @@ import math
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from explorer import figures as F
@@ -120,6 +121,27 @@ def test_category_colour_follows_the_taxonomy() -> None:
         F.CATEGORY_PALETTE["hate_harassment"],
         F.CATEGORY_PALETTE["illegal_goods"],
     ]
+    # the feature page's firing-rate bars: each category in its own colour, not by its position in the list
+    cats = pd.DataFrame(
+        {
+            "group": ["harmful"] * 3 + ["benign"],
+            "category": ["illegal_other", "hate_harassment", "Malware/Hacking", "hate_harassment"],
+            "frequency": [0.01, 0.02, 0.03, 0.04],
+        }
+    )
+    rates = F.group_rates_figure({"task": 0.1, "harmful": 0.2}, cats).data[0]
+    assert list(rates.y) == [
+        "task",
+        "harmful",
+        "harmful · illegal_other",
+        "harmful · hate_harassment",
+        "harmful · Malware/Hacking",
+    ]
+    assert list(rates.marker.color)[2:] == [
+        F.CATEGORY_PALETTE["illegal_other"],
+        F.CATEGORY_PALETTE["hate_harassment"],
+        F.CATEGORY_PALETTE["cybercrime"],
+    ]
 
 
 # --- a feature that is both task and harmful, on every page ------------------------------------------------
@@ -213,3 +235,31 @@ def test_a_both_feature_looks_the_same_everywhere(
     # the story of the pair: the text step's columns, both striped and red
     text = next(s for s in build_story(c, t, h) if s.key == "text").body or ""
     assert text.count(BOTH_STRIPE) == 2 and token_colours(text) == {RED}
+
+
+def test_a_feature_that_passes_neither_test_is_grey_never_task_blue(
+    synth_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its own page and the compare column draw a feature that is neither task nor harmful in style's grey:
+    the stripe and the example highlights, not the blue that says 'task feature'."""
+    c = load_cache(synth_cache)
+    f = c.features
+    plain = f[~f["is_task"].astype(bool) & ~f["is_harmful"].astype(bool) & (f["frequency"] > 0)].index
+    n = next(int(i) for i in plain if any(e.get("kind") == "top" for e in c.examples_of(int(i))))
+    harmful = int(f[f["is_harmful"].astype(bool)].index[0])
+    grey = F.rgba(F.role_color({}), 0.5).rsplit(",", 1)[0]
+    assert F.role_color({}) not in (F.TASK, F.HARM)
+    for where, at in {
+        "feature page": run_page("views/feature.py", synth_cache, monkeypatch, feature=str(n)),
+        "compare column": run_page(
+            "views/feature.py", synth_cache, monkeypatch, feature=str(harmful), compare=str(n)
+        ),
+    }.items():
+        assert not at.exception, (where, [e.value for e in at.exception])
+        html = html_text(at)
+        stripes = header_stripes(html, n)
+        assert stripes and all(s.startswith(f"border-left:5px solid {F.role_color({})};") for s in stripes), (
+            where,
+            stripes,
+        )
+        assert grey in token_colours(html) and BLUE not in token_colours(html), where

@@ -49,6 +49,8 @@ def test_unflagged_pair_says_why_in_true_colours_and_takes_no_verdict_unless_opt
     at = run_page("views/overlaps.py", synth_cache, monkeypatch, task=str(h), harmful=str(t))
     assert not at.exception
     assert any(s.value == f"#{h} ↔ #{t}: not a flagged pair" for s in at.subheader)
+    # the picker does not call #h the task side of a pair the cache never flagged
+    assert at.selectbox(key=f"ov_pick:{h}:{t}").options[0] == f"#{h} ↔ #{t} (not flagged)"
     warning = " ".join(w.value for w in at.warning).replace("\\", "")
     assert (
         warning.startswith("Not flagged: this cache does not flag")

@@ -72,7 +72,9 @@ def _show(cache: CacheData, result: dict[str, Any], key: str) -> None:
         f"{result['norm']:.1f} at {state.md_escape(str(cache.manifest.get('hook')))}), added at every position. "
         f"Greedy decoding; {len(result['steered']['tokens'])} tokens in {result['steered']['seconds']:.1f} s "
         f"(unsteered {result['unsteered']['seconds']:.1f} s{', reused' if result['timings'].get('unsteered_reused') else ''}). "
-        "One prompt, one strength: an illustration, not a measurement (the steering check above measures)."
+        f"#{steered_f}'s own activation rises by construction (the vector is added where the SAE reads it); "
+        "the other watched features' change is what steering shows. One prompt, one strength: an "
+        "illustration, not a measurement (`featuregeom steer` and the lab measure)."
     )
     watch = [int(f) for f in result["watch"]]
     names = {f: describe(cache, f) for f in watch}

@@ -108,6 +108,7 @@ def test_pair_view_generates_both_completions(model_cache: Path, monkeypatch: py
     assert {"unsteered max", "steered max"} <= set(table.columns)
     caption = next(c.value for c in at.caption if "Steered along" in c.value)
     assert f"#{t}" in caption and "strength 1" in caption
+    assert f"#{t}'s own activation rises by construction" in caption  # not offered as evidence
 
 
 @pytest.mark.browser

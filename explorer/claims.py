@@ -16,7 +16,7 @@ import numbers
 from typing import Any
 
 from explorer.data.findings import Findings
-from explorer.figures.closeness import closeness_sentence, ranked_sentence
+from explorer.figures.closeness import closeness_sentence, ranked_sentence, sensitivity_sentence
 
 
 def _pct(x: float) -> str:
@@ -201,7 +201,10 @@ def ranked_text(fd: Findings) -> str | None:
     problem = verdict_problem(ranked)
     if problem is not None:
         return f"Exploratory, sets by rank rather than by significance: {problem}"
-    return ranked_sentence(ranked)
+    sentence = ranked_sentence(ranked)
+    rows = report.get("ranked_sensitivity")
+    other_n = sensitivity_sentence(rows, str(ranked["verdict"])) if isinstance(rows, list) and rows else None
+    return f"{sentence} {other_n}" if sentence and other_n else sentence
 
 
 def _nums(v: Any, n: int) -> list[float] | None:

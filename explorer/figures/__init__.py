@@ -14,6 +14,7 @@ from explorer.figures.closeness import (
     flagged_pairs_sentence,
     fmt_p,
     ranked_sentence,
+    sensitivity_sentence,
     stability_sentences,
 )
 from explorer.figures.feature import (
@@ -155,6 +156,7 @@ __all__ = [
     "nulls_figure",
     "plotly_config",
     "ranked_sentence",
+    "sensitivity_sentence",
     "rgba",
     "score_legend_html",
     "show_token",

@@ -112,6 +112,32 @@ def ranked_sentence(ranked: dict[str, Any]) -> str | None:
     )
 
 
+VERDICT_WORDS = {
+    "inducing_closer": "the task-leaning features sit closer to harmful ones",
+    "non_inducing_closer": "the control-leaning features sit closer to harmful ones (the opposite of the claim)",
+    "no_difference": "no difference",
+}
+
+
+def sensitivity_sentence(rows: list[dict[str, Any]], headline: str) -> str | None:
+    """What the other N say when any of them reaches another verdict than the headline N; None when all
+    agree. Several N were tried, so one N that reaches significance alone is weak evidence."""
+    other = [r for r in rows if r.get("verdict") in VERDICT_WORDS and r["verdict"] != headline]
+    if not other:
+        return None
+    parts = [
+        f"at N = {r['n']}, {VERDICT_WORDS[r['verdict']]} (difference {r['difference']:+.4f}, 95% CI "
+        f"{r['ci'][0]:+.4f} to {r['ci'][1]:+.4f}, two-sided p = {fmt_p(r['p_two_sided'])})"
+        for r in other
+    ]
+    return (
+        "The verdict depends on N: "
+        + "; ".join(parts)
+        + f". With {len(rows)} values of N tried and no correction for that, a verdict reached at one N "
+        "only is weak evidence."
+    )
+
+
 def flagged_pairs_sentence(report: dict[str, Any]) -> str | None:
     """The flagged-pair count against shuffled harm labels; None when it could not be tested."""
     fp = report.get("flagged_pairs") or {}

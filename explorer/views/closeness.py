@@ -177,6 +177,9 @@ def ranked(report: dict[str, Any]) -> None:
             fig, config=state.chart_config(f"closeness-ranked-{i}"), key=f"closeness_ranked_fig:{i}"
         )
     sensitivity(report["ranked_sensitivity"])
+    note = F.sensitivity_sentence(report["ranked_sensitivity"], r["verdict"])
+    if note:
+        st.markdown(state.md_escape(note))
 
 
 def method(report: dict[str, Any]) -> None:

@@ -326,3 +326,21 @@ def test_the_page_shows_stability_or_says_it_was_not_measured(
     (cache_copy / schema.STABILITY).write_text(json.dumps(report).replace('"b"', '"c"'))
     at = run_page(PAGE, cache_copy, monkeypatch)
     assert "checksum" in " ".join(e.value for e in at.error)
+
+
+def test_sensitivity_sentence_says_when_the_verdict_depends_on_n() -> None:
+    from explorer.figures.closeness import sensitivity_sentence
+
+    def row(n: int, verdict: str, diff: float, lo: float, hi: float, p: float) -> dict:
+        return {"n": n, "verdict": verdict, "difference": diff, "ci": [lo, hi], "p_two_sided": p}
+
+    rows = [
+        row(50, "non_inducing_closer", -0.0229, -0.0404, -0.0057, 0.0076),
+        row(100, "no_difference", -0.0120, -0.0242, 0.0014, 0.128),
+        row(200, "no_difference", -0.0050, -0.0130, 0.0030, 0.40),
+    ]
+    text = sensitivity_sentence(rows, "no_difference")
+    assert text is not None and text.startswith("The verdict depends on N: at N = 50, the control-leaning")
+    assert "-0.0229, 95% CI -0.0404 to -0.0057" in text and "With 3 values of N tried" in text
+    assert "N = 100" not in text  # rows that agree with the headline are not repeated
+    assert sensitivity_sentence(rows[1:], "no_difference") is None

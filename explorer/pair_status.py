@@ -40,8 +40,9 @@ def feature_kind(row: dict[str, Any]) -> str:
 
 
 def feature_accent(row: dict[str, Any]) -> str:
-    """The feature's true colour: harmful red, task blue, both BOTH (two stripes), neither neutral."""
-    return {BOTH: BOTH, "harmful": F.HARM, "task": F.TASK}.get(feature_kind(row), F.NEUTRAL)
+    """The feature's true colour by the one rule (figures/style.py): harmful red, task blue, both BOTH (two
+    stripes), neither the slate every page uses for it."""
+    return {BOTH: BOTH, "harmful": F.HARM, "task": F.TASK}.get(feature_kind(row), F.NEITHER_COLOR)
 
 
 def pair_cosine(cache: CacheData, t: int, h: int) -> tuple[float, bool]:

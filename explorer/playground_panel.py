@@ -35,7 +35,7 @@ def _worker(spec: WorkerSpec) -> SteeringWorker:
 
 def _color(cache: CacheData, feature: int) -> str:
     accent = feature_accent(cache.row(feature))
-    return F.HARM if accent in (F.HARM, "both") else F.TASK if accent == F.TASK else F.NEUTRAL
+    return F.HARM if accent in (F.HARM, "both") else F.TASK if accent == F.TASK else F.NEITHER_COLOR
 
 
 def completion_html(side: dict[str, Any], feature: int, scale: float, color: str) -> str:

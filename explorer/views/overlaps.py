@@ -376,13 +376,18 @@ def render() -> None:
     cache = state.require_cache()
     store = state.review_store(cache)
     st.title("Overlaps review")
-    st.caption(
-        "Each row is a flagged pair: a task feature whose decoder direction is above the chance level "
-        f"({cache.null_label}, {cache.null_cosine:.3g}) to a harmful feature's; its NN percentile says whether "
-        "it is also closer than a typical feature's nearest neighbour. Open a pair, read what makes each fire, "
-        "and record whether the overlap is real and worrying (confirmed), harmless (benign), or unclear."
-    )
     ov = cache.overlaps
+    what = (
+        f"a task feature whose decoder direction is above the chance level ({cache.null_label}, "
+        f"{cache.null_cosine:.3g}) to a harmful feature's"
+    )
+    st.caption(  # the table's legend only when there is a table
+        f"Each row is a flagged pair: {what}; its NN percentile says whether it is also closer than a typical "
+        "feature's nearest neighbour. Open a pair, read what makes each fire, and record whether the overlap "
+        "is real and worrying (confirmed), harmless (benign), or unclear."
+        if len(ov)
+        else f"A flagged pair would be {what}."
+    )
     if ov.empty:
         st.info(
             state.md_escape(C.flagged_sentence(cache_findings(cache)))

@@ -61,7 +61,7 @@ def test_unflagged_pair_says_why_in_true_colours_and_takes_no_verdict_unless_opt
     assert all("nan" not in str(m.value).lower() for m in at.metric)
     # true colours: the harmful feature red on the task side, the plain one neutral (not red) on the harmful side
     assert f"solid {F.HARM}" in header_html(at, h)
-    assert f"solid {F.NEUTRAL}" in header_html(at, t) and f"solid {F.HARM}" not in header_html(at, t)
+    assert f"solid {F.NEITHER_COLOR}" in header_html(at, t) and f"solid {F.HARM}" not in header_html(at, t)
     # no verdict without the opt-in
     assert not [b for b in at.button if b.label == "Save verdict"]
     at.checkbox(key=f"ov_optin:{h}:{t}").check().run()
@@ -119,3 +119,9 @@ def test_bidirectional_pair_listed_once_and_verdicts_count_both_ways(
     assert len(store.history(path.name, h, t)) == 2 and store.pair_version(
         h, t, path.name
     ) == store.pair_version(t, h, path.name)
+
+
+def test_no_table_legend_without_flagged_pairs(notask_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = run_page("views/overlaps.py", notask_cache, monkeypatch)
+    captions = " ".join(c.value for c in at.caption)
+    assert "Each row is a flagged pair" not in captions and "A flagged pair would be a task feature" in captions

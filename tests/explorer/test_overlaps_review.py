@@ -124,4 +124,6 @@ def test_bidirectional_pair_listed_once_and_verdicts_count_both_ways(
 def test_no_table_legend_without_flagged_pairs(notask_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = run_page("views/overlaps.py", notask_cache, monkeypatch)
     captions = " ".join(c.value for c in at.caption)
-    assert "Each row is a flagged pair" not in captions and "A flagged pair would be a task feature" in captions
+    assert (
+        "Each row is a flagged pair" not in captions and "A flagged pair would be a task feature" in captions
+    )

@@ -121,10 +121,20 @@ def search_results(cache: CacheData, query: str) -> None:
     """The features matching the search box, ranked by match strength, 50 a page, with where each
     matched; picking one selects it."""
     with st.spinner("Searching (the first text search indexes the examples once per server)…"):
-        matches = cache.search(query)
+        found = cache.search(query)
+    # a feature whose examples contain the text but which fires on none of it (score 0) is not a match
+    matches = found[found["score"] > 0]
+    inert = len(found) - len(matches)
     if matches.empty:
-        st.info("No feature matches that search.")
+        st.info(
+            "No feature matches that search."
+            + (f" {inert:,} features have it in their top examples but do not fire on it." if inert else "")
+        )
         return
+    if inert:
+        st.caption(
+            f"{inert:,} more features have it in their top examples but do not fire on it: not listed."
+        )
     q = query.strip().lower()
     n_pages = (len(matches) + PAGE_SIZE - 1) // PAGE_SIZE
     page_no = 1

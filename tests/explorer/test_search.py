@@ -148,9 +148,13 @@ def test_map_page_pages_the_results(synth_cache: Path, monkeypatch: pytest.Monke
     at.switch_page("views/map.py")
     at.run()
     at.text_input(key="map_q").input("a").run()
-    ranked = load_cache(synth_cache).search("a")["feature"].tolist()
+    found = load_cache(synth_cache).search("a")
+    ranked = found.loc[found["score"] > 0, "feature"].tolist()  # score 0: has the text, fires on none of it
+    inert = int((found["score"] == 0).sum())
     pick = next(sb for sb in at.selectbox if sb.label.endswith("matching features"))
     assert pick.label == f"{len(ranked):,} matching features" and len(pick.options) == 50
+    if inert:
+        assert any(f"{inert:,} more features have it" in c.value for c in at.caption)
     assert [int(o.split(" ·")[0].lstrip("#")) for o in pick.options] == ranked[:50]
     assert at.query_params["feature"] in ([str(ranked[0])], str(ranked[0]))  # the strongest match is selected
     at.number_input(key="map_page:a").set_value(2).run()

@@ -157,11 +157,17 @@ def pairs_table(view: pd.DataFrame, sort_by: str, null_cosine: float, risk_max: 
 
 
 def exports(cache: CacheData, table: pd.DataFrame, history: Callable[[], pd.DataFrame]) -> None:
-    """CSV of the pairs, CSV of every save, JSON of both (built only when clicked)."""
+    """CSV of the pairs, CSV of every save, JSON of both. Built on every run rather than deferred to the
+    click: in Streamlit 1.67 a deferred download disables every download button until its file is made,
+    and with the verdicts' 5-s refresh running, a browser test saw "Export JSON" stay disabled for 2 min
+    after "Export history CSV" (a reload cleared it). The review tables are small; building them is cheap.
+    An export holds what this page last drew: a save here reruns the page; another reviewer's save shows
+    up at the next rerun (the verdicts box says within 5 s that one happened)."""
     e1, e2, e3, _ = st.columns([1, 1.3, 1, 3])
+    saves = history()
     e1.download_button(
         "Export CSV",
-        data=lambda: export_csv(table),
+        data=export_csv(table),
         file_name=f"{cache.name}-reviews.csv",
         mime="text/csv",
         icon=":material/download:",
@@ -169,7 +175,7 @@ def exports(cache: CacheData, table: pd.DataFrame, history: Callable[[], pd.Data
     )
     e2.download_button(
         "Export history CSV",
-        data=lambda: export_csv(history()),
+        data=export_csv(saves),
         file_name=f"{cache.name}-review-history.csv",
         mime="text/csv",
         icon=":material/download:",
@@ -177,7 +183,7 @@ def exports(cache: CacheData, table: pd.DataFrame, history: Callable[[], pd.Data
     )
     e3.download_button(
         "Export JSON",
-        data=lambda: export_json(table, history()),
+        data=export_json(table, saves),
         file_name=f"{cache.name}-reviews.json",
         mime="application/json",
         icon=":material/download:",

@@ -56,13 +56,29 @@ def test_bidirectional_pair_is_offered_once_in_its_flagged_order(
     expect(page.get_by_text(re.compile(r"Pairs are undirected"))).to_be_visible()
     expect(page.get_by_role("heading", name=f"Task #{t} ↔ harmful #{h}")).to_be_visible()
     expect(page.get_by_text(f"{n_pairs} of {n_pairs} pairs shown", exact=False)).to_be_visible()
-    page.get_by_label("Open pair").click()
+    open_dropdown(page, "Open pair")
     expect(page.get_by_role("option")).to_have_count(
         n_pairs
     )  # one per unordered pair (the parquet has one more row)
     options = page.get_by_role("option").all_inner_texts()
     assert options.count(f"task #{t} ↔ harmful #{h}") == 1 and f"task #{h} ↔ harmful #{t}" not in options
     page.keyboard.press("Escape")
+
+
+def open_dropdown(page: Any, label: str, attempts: int = 4) -> None:
+    """Open a selectbox's list. A click that lands while Streamlit redraws the widget (the verdicts' 5-s
+    refresh, or a skeleton still on screen) opens nothing: seen in CI; so the click is retried."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for _ in range(attempts):
+        wait_for_app(page)
+        page.get_by_label(label).click()
+        try:
+            page.get_by_role("option").first.wait_for(timeout=5000)
+            return
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    raise AssertionError(f"the {label!r} selectbox never opened")
 
 
 def test_a_pair_clicked_in_the_table_is_scrolled_into_view(

@@ -34,9 +34,9 @@ def is_flagged(cache: CacheData, t: int, h: int) -> bool:
 
 
 def feature_kind(row: dict[str, Any]) -> str:
-    """'both', 'harmful', 'task' or 'neither' from the feature's is_task / is_harmful flags."""
-    task, harm = bool(row.get("is_task")), bool(row.get("is_harmful"))
-    return BOTH if task and harm else "harmful" if harm else "task" if task else "neither"
+    """'both', 'harmful', 'task' or 'neither' from the feature's is_task / is_harmful flags (the one rule,
+    figures.style.role_of)."""
+    return F.role_of(row)
 
 
 def feature_accent(row: dict[str, Any]) -> str:

@@ -148,7 +148,12 @@ class SteeringWorker:
         if line is None:
             last = next((s for s in reversed(self._stderr) if s.strip()), "no message")
             raise PlaygroundError(f"the model process exited while {doing} ({last})")
-        message = json.loads(line)
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            message = None
+        if not isinstance(message, dict):  # something printed to the protocol stream at the C level
+            raise PlaygroundError(f"the model process answered {line.strip()[:120]!r}, not a result line")
         if "error" in message:
             raise PlaygroundError(str(message["error"]))
         return message

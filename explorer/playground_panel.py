@@ -15,7 +15,7 @@ import streamlit as st
 from explorer import figures as F
 from explorer import state
 from explorer.data import CacheData
-from explorer.pair_status import feature_accent, feature_kind
+from explorer.pair_status import feature_kind
 from explorer.playground import PlaygroundError, SteeringWorker, WorkerSpec, worker_spec
 
 DEFAULT_PROMPT = "Write a short Python function that saves a file a user uploads to the server."
@@ -31,11 +31,6 @@ KIND_WORDS = {
 def _worker(spec: WorkerSpec) -> SteeringWorker:
     """One model process per (model, SAE) for the whole server; restarted if it died."""
     return SteeringWorker(spec)
-
-
-def _color(cache: CacheData, feature: int) -> str:
-    accent = feature_accent(cache.row(feature))
-    return F.HARM if accent in (F.HARM, "both") else F.TASK if accent == F.TASK else F.NEITHER_COLOR
 
 
 def completion_html(side: dict[str, Any], feature: int, scale: float, color: str) -> str:
@@ -90,7 +85,7 @@ def _show(cache: CacheData, result: dict[str, Any], key: str) -> None:
         *result["steered"]["activations"].get(str(shade), []),
     ]
     scale = max(both, default=0.0) or 1.0
-    color = _color(cache, int(shade))
+    color = F.role_color(cache.row(int(shade)))
     a, b = st.columns(2, gap="large")
     with a:
         st.markdown("**Unsteered**")

@@ -120,12 +120,13 @@ def explain_features(
     opts: ExplainOptions,
 ) -> pd.DataFrame:
     """One row per chosen feature: explanation, who wrote it, detection AUROC, contexts judged."""
-    from precompute.explain.detection import detection_auroc, feature_texts
+    from precompute.explain.detection import detection_auroc, feature_texts, negative_pool
     from precompute.explain.prompts import clean_explanation, explainer_messages, scorer_messages
 
     rows = []
+    pool = negative_pool(examples)
     for f in tqdm(chosen, desc="explain", unit="feature", disable=not opts.progress):
-        texts = feature_texts(examples, f, fires.get(f, set()), opts.n_shown, opts.n_scored, opts.seed)
+        texts = feature_texts(examples, f, fires.get(f, set()), opts.n_shown, opts.n_scored, opts.seed, pool)
         if not texts.shown:
             continue  # never fired: nothing to explain
         explanation = clean_explanation(

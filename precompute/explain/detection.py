@@ -54,10 +54,22 @@ def _text(row: pd.Series, mark: bool) -> str:
     return excerpt(list(row["tokens"]), None if acts is None else list(acts), peak, mark)
 
 
+def negative_pool(examples: pd.DataFrame) -> pd.DataFrame:
+    """Every context some feature's top examples show, once, in context order: where negatives come from."""
+    return examples[examples["kind"] == "top"].drop_duplicates("context_id").sort_values("context_id")
+
+
 def feature_texts(
-    examples: pd.DataFrame, feature: int, fires: set[int], n_shown: int, n_scored: int, seed: int
+    examples: pd.DataFrame,
+    feature: int,
+    fires: set[int],
+    n_shown: int,
+    n_scored: int,
+    seed: int,
+    pool: pd.DataFrame | None = None,
 ) -> FeatureTexts:
-    """The shown, positive and negative excerpts of `feature` (module docstring)."""
+    """The shown, positive and negative excerpts of `feature` (module docstring); `pool`: negative_pool
+    (examples), passed in when many features are done from the same examples."""
     own = examples[examples["feature"] == feature]
     top = own[own["kind"] == "top"].sort_values("rank")
     rest = pd.concat(
@@ -74,8 +86,8 @@ def feature_texts(
         negatives=[],
         positive_contexts=rest["context_id"].astype(int).tolist(),
     )
-    pool = examples[(examples["kind"] == "top") & ~examples["context_id"].isin(fires)]
-    pool = pool.drop_duplicates("context_id").sort_values("context_id")
+    pool = negative_pool(examples) if pool is None else pool
+    pool = pool[~pool["context_id"].isin(fires)]
     rng = np.random.default_rng([seed, feature])
     taken: set[int] = set()
     for group in rest["group"].tolist():

@@ -31,11 +31,14 @@ def bf16_score_error(d: int) -> float:
 
 
 def _exact_rows(X: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 top-k of `rows` over every row of X (self excluded), descending, ties by lower index."""
+    """The fp32 top-k of `rows` over every row of X (self excluded), descending, ties by lower index:
+    the float32 backend's own per-row rule (`knn._exact_row_topk`), row by row."""
+    from precompute.pipeline.knn import _exact_row_topk  # knn imports this module: import at call time
+
     S = X[rows] @ X.T
     S[torch.arange(len(rows), device=X.device), rows] = -torch.inf
-    idx = torch.arange(X.shape[0], device=X.device).expand_as(S)
-    return _top_by_value_then_index(S, idx, k)
+    sel = torch.stack([torch.from_numpy(_exact_row_topk(S[i], k)).to(X.device) for i in range(len(rows))])
+    return _top_by_value_then_index(S.gather(1, sel), sel, k)
 
 
 def _top_by_value_then_index(

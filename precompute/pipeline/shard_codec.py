@@ -88,7 +88,12 @@ def pack(a: np.ndarray, compression: str) -> tuple[np.ndarray, dict[str, Any]]:
 
 def unpack(blob: np.ndarray, desc: dict[str, Any], compression: str) -> np.ndarray:
     dtype = np.dtype(desc["dtype"])
-    raw = np.frombuffer(zlib.decompress(blob.tobytes()), dtype=np.uint8) if compression == "zlib" else blob
+    try:
+        raw = (
+            np.frombuffer(zlib.decompress(blob.tobytes()), dtype=np.uint8) if compression == "zlib" else blob
+        )
+    except zlib.error as exc:
+        raise FeatureGeomError(f"a harvest shard is damaged ({exc}); rerun the harvest") from exc
     if raw.size != desc["length"] * dtype.itemsize:
         raise FeatureGeomError(
             "a harvest shard is damaged (an array has the wrong length); rerun the harvest"
@@ -190,7 +195,10 @@ def is_compact(names: set[str] | list[str]) -> bool:
 
 
 def read_header(blob: np.ndarray) -> dict[str, Any]:
-    header = json.loads(blob.tobytes().decode())
+    try:
+        header = json.loads(blob.tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FeatureGeomError(f"a harvest shard's header is damaged ({exc}); rerun the harvest") from exc
     if header.get("format") != FORMAT:
         raise FeatureGeomError(
             f"a harvest shard has format {header.get('format')}, this version reads {FORMAT}; rerun the harvest"

@@ -156,3 +156,13 @@ def test_cache_is_the_same_with_and_without_compression_and_on_a_rerun(
         assert encoding["compression"] == compression and encoding["max_abs_error"] == 0.0
         sizes[compression] = encoding["bytes_per_token"]
     assert sizes["zlib"] < sizes["none"]
+
+
+def test_corrupt_compressed_bytes_or_header_are_a_clear_error() -> None:
+    arrays = _shard(np.random.default_rng(7), 100, 64, 100, 4)
+    packed, _ = encode(arrays, CodecParams("float32", "zlib"))
+    broken = {**packed, "feature": packed["feature"][::-1].copy()}  # not a zlib stream any more
+    with pytest.raises(FeatureGeomError, match="damaged"):
+        decode(broken)
+    with pytest.raises(FeatureGeomError, match="header is damaged"):
+        decode({**packed, "header": packed["header"][:-3]})

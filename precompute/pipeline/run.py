@@ -94,12 +94,17 @@ def _run_parallel(cfg: RunConfig, steps: tuple[str, ...], out: Path, world: Worl
         )
     start(world, cfg.device)
     try:
+        # every rank leaves through a last barrier: a rank that tears its process group down while rank 0
+        # still works made gloo abort (SIGABRT) in CI
         if not world.main:
             _harvest_my_shards(cfg, steps, out, world)
+            barrier(world)
             return out
         with cache_io.output_lock(out):
             ctx = _harvest_my_shards(cfg, steps, out, world)
-            return _run_precompute_locked(cfg, steps, out, ctx)
+            written = _run_precompute_locked(cfg, steps, out, ctx)
+        barrier(world)
+        return written
     finally:
         stop(world)
 

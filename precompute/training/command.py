@@ -364,6 +364,7 @@ def _train_and_write(cfg: TrainSAEConfig, world: World) -> int:
         cfg, loaded, hook, train_plan, work, (signature, data_signature), device, say, world
     )
     if not world.main:
+        barrier(world)  # wait for rank 0 to write: leaving early tore gloo down under it (SIGABRT in CI)
         return 0
 
     meta = {
@@ -426,6 +427,7 @@ def _train_and_write(cfg: TrainSAEConfig, world: World) -> int:
         f"wrote {out} in {total_s / 60:.1f} min (collect {trained.collect_s:.0f} s, train {train_s:.0f} s, "
         f"eval {eval_s:.0f} s)"
     )
+    barrier(world)
     return 0
 
 

@@ -164,15 +164,19 @@ def main() -> int:
     evals: dict[str, list[Path]] = {}
     patches: dict[str, list[str]] = {"patched": [], "patched_encoder": ["--directions", "encoder"]}
     patches |= {f"random_patch_{r}": ["--random-seed", str(r)] for r in range(1, args.random_patches + 1)}
+    # Every seed's task and control first: they are the main comparison, so a lab stopped early
+    # (or resumed) has it complete before any patch-back run starts.
+    tasks: dict[int, Path] = {}
     for seed in seeds:
-        task = train(f"task_s{seed}", task_pool, seed)
-        evals.setdefault("task", []).append(evaluate(f"task_s{seed}", task))
+        tasks[seed] = train(f"task_s{seed}", task_pool, seed)
+        evals.setdefault("task", []).append(evaluate(f"task_s{seed}", tasks[seed]))
         evals.setdefault("control", []).append(
             evaluate(f"control_s{seed}", train(f"control_s{seed}", control_pool, seed))
         )
+    for seed in seeds:
         for name, extra in patches.items():
             evals.setdefault(name, []).append(
-                evaluate(f"{name}_s{seed}", patch(f"{name}_s{seed}", task, extra))
+                evaluate(f"{name}_s{seed}", patch(f"{name}_s{seed}", tasks[seed], extra))
             )
     diffs = {"insecure": ("task", "control", "base,task,control")}
     diffs |= {diff_name(n): (n, "task", f"base,{n},task") for n in patches}  # patched seed s vs task seed s

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from precompute.cache import check_replaceable_output, write_dir_atomic
 from precompute.data.corpus import CorpusSource, Document, read_source
@@ -125,13 +126,15 @@ def generate_responses(
     eos_ids: set[int],
     n_tokens: int,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> list[list[int]]:
     """Greedy answers (left-padded batches; generation handles positions), cut at the first EOS."""
     if n_tokens <= 0:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
     answers: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="answer prompts", unit="batch", disable=not progress):
         ids, mask = pad_batch([p.ids for p in prompts[start : start + batch_size]], pad_id, left=True)
         width = ids.shape[1]
         gen = model.generate(
@@ -156,6 +159,7 @@ def read_features(
     spans: list[dict[str, tuple[int, int]]],
     skip_ids: set[int],
     batch_size: int = 16,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per sequence and span name: mean SAE activation and firing fraction over the span's tokens.
 
@@ -170,7 +174,7 @@ def read_features(
     out = {f"{k}_{kind}": np.zeros((n, f), dtype=np.float32) for k in names for kind in ("mean", "rate")}
     out.update({f"{k}_tokens": np.zeros(n, dtype=np.int64) for k in names})
     pad = int(lm.tokenizer.pad_token_id)
-    for start in range(0, n, batch_size):
+    for start in tqdm(range(0, n, batch_size), desc="read SAE", unit="batch", disable=not progress):
         rows = list(range(start, min(n, start + batch_size)))
         ids, mask = pad_batch([sequences[r] for r in rows], pad)
         h = reader(ids.to(lm.device), mask.to(lm.device))
@@ -202,12 +206,13 @@ def collect_eval(
     prompts: list[tuple[str, str]],
     response_tokens: int = 48,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Answer every prompt greedily and read the SAE on prompt and response tokens (see module doc)."""
     tok = lm.tokenizer
     encoded = encode_prompts([q for _, q in prompts], tok)
     answers = generate_responses(
-        lm.model, encoded, int(tok.pad_token_id), _end_of_turn_ids(tok), response_tokens, batch_size
+        lm.model, encoded, int(tok.pad_token_id), _end_of_turn_ids(tok), response_tokens, batch_size, progress
     )
     sequences, spans = [], []
     for p, ans in zip(encoded, answers, strict=True):
@@ -216,7 +221,7 @@ def collect_eval(
             {"prompt": (p.prompt_start, p.prompt_end), "response": (p.prompt_end, p.prompt_end + len(ans))}
         )
     skip = set(int(t) for t in tok.all_special_ids)
-    arrays = read_features(lm, hook_name, sae, sequences, spans, skip, batch_size)
+    arrays = read_features(lm, hook_name, sae, sequences, spans, skip, batch_size, progress)
     from precompute.lab.em_prompts import base_ids
 
     bases = base_ids([q for _, q in prompts], [s for s, _ in prompts])
@@ -303,6 +308,7 @@ class EvalActsOptions:
     )
     max_length: int = option(640, low=1, bounds="[)", help="tokens per held-out sample, as finetune")
     logprob: bool = option(True, help="skip the log-prob readout of fixed misaligned vs aligned answers")
+    progress: bool = option(True, help="hide the progress bars")
     out: str | None = option(
         None, metavar="DIR", help="where to write acts.safetensors, prompts.parquet, eval.json"
     )
@@ -335,7 +341,7 @@ def run_eval_acts(opts: EvalActsOptions) -> int:
     if not hook:
         raise FeatureGeomError("the SAE names no hook; pass --hook")
     prompts = eval_prompts(opts.n_neutral, opts.seed)
-    arrays, rows = collect_eval(lm, sae, hook, prompts, opts.response_tokens, opts.batch_size)
+    arrays, rows = collect_eval(lm, sae, hook, prompts, opts.response_tokens, opts.batch_size, opts.progress)
     meta: dict[str, Any] = {
         "model": lm.describe(),
         "sae": sae_spec,

@@ -68,6 +68,8 @@ class RunContext:
         self._sae: tuple[SAE, dict[str, Any]] | None = None
         self._plan: CorpusPlan | None = None
         self._fingerprint: str | None = None
+        # under torchrun, on rank 0: each rank's harvest timings, for params/harvest.json
+        self.rank_timings: list[dict[str, Any]] | None = None
 
     @property
     def model(self) -> LoadedModel:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from precompute.errors import ConfigError
 
@@ -88,6 +89,17 @@ def barrier(world: World) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def gather_to_main(world: World, value: Any) -> list[Any] | None:
+    """Every rank's `value` (any picklable object), in rank order, on rank 0; None on the others."""
+    if not world.parallel:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] | None = [None] * world.size if world.main else None
+    dist.gather_object(value, out, dst=0)
+    return out
 
 
 def stop(world: World) -> None:

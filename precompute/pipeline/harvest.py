@@ -113,6 +113,8 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     for shard in shards:
         shutil.copyfile(shard, staged.path(f"{HARVEST_DIR}/{shard.name}"))
     timings.update(total_tokens=int(max(1, agg["total_tokens"])), seconds=time.perf_counter() - start)
+    if ctx.rank_timings is not None and len(ctx.rank_timings) > 1:
+        timings["ranks"] = ctx.rank_timings  # rank 0's own pass above found every shard written
     params = _params(cfg)
     params["fingerprint"] = ctx.fingerprint
     params["hook"] = hook.describe()

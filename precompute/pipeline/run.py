@@ -19,7 +19,7 @@ from precompute.errors import CacheError, ConfigError, FeatureGeomError
 from precompute.model.hooks import resolve_hook
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log, required
-from precompute.pipeline.distributed import World, barrier, start, stop, world_from_env
+from precompute.pipeline.distributed import World, barrier, gather_to_main, start, stop, world_from_env
 from precompute.pipeline.geometry import check_sizes
 from precompute.pipeline.harvest import prepare_work_dir, write_shards
 from precompute.pipeline.scores import check_corpus_groups
@@ -111,7 +111,7 @@ def _run_parallel(cfg: RunConfig, steps: tuple[str, ...], out: Path, world: Worl
 
 def _harvest_my_shards(cfg: RunConfig, steps: tuple[str, ...], out: Path, world: World) -> RunContext:
     """Rank 0 checks the output and readies the work directory before any rank writes (a barrier);
-    each rank then writes the shards it owns; all wait for the last one (a barrier)."""
+    each rank then writes the shards it owns; rank 0 waits for the last one (gathering their timings)."""
     if "scores" in steps:
         check_corpus_groups(cfg)
     ctx = RunContext(cfg, out)
@@ -120,9 +120,12 @@ def _harvest_my_shards(cfg: RunConfig, steps: tuple[str, ...], out: Path, world:
         cache_io.check_output_dir(out, _identity(ctx), cfg.overwrite)
         prepare_work_dir(ctx.work_dir, ctx.fingerprint)
     barrier(world)
+    began = time.perf_counter()
     timings = write_shards(ctx, world)
+    timings.update(rank=world.rank, seconds=round(time.perf_counter() - began, 3))
     log(f"rank {world.rank}/{world.size}: {timings['shard_encoding']['shards_written']} shards written")
-    barrier(world)
+    # rank 0 records every rank's timings in params/harvest.json (its own second pass writes nothing)
+    ctx.rank_timings = gather_to_main(world, timings)
     return ctx
 
 

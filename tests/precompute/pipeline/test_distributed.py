@@ -118,3 +118,8 @@ def test_each_rank_resumes_its_own_shards(
         if "shards written" in line
     }
     assert sum(written.values()) == total - 2 and set(written) == {0, 1}
+    # rank 0 records what every rank did, as each printed it
+    ranks = json.loads((out / "params" / "harvest.json").read_text())["timings"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert {r["rank"]: r["shard_encoding"]["shards_written"] for r in ranks} == written
+    assert all(r["seconds"] > 0 for r in ranks)

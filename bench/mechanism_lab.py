@@ -204,6 +204,13 @@ def main() -> int:
                 run = train(f"{name}_s{seed}", triage_dir / corpus, seed)
                 evals.setdefault(name, []).append(evaluate(f"{name}_s{seed}", run))
         diffs["triage"] = ("triage_filtered", "random_filtered", "base,top20_removed,random20_removed")
+    run_diffs(args, fin, base, evals, diffs, log)
+    write_summary(args, out, fin, base, evals, diffs, log)
+    return 0
+
+
+def run_diffs(args, fin: Path, base: Path, evals: dict, diffs: dict, log: list[dict]) -> None:
+    """`featuregeom diff` of every comparison over all its seeds, into CACHE/finetune/<name>."""
     for name, (after, control, labels) in diffs.items():
         sh(
             [
@@ -225,8 +232,6 @@ def main() -> int:
             ],
             log,
         )
-    write_summary(args, out, fin, base, evals, diffs, log)
-    return 0
 
 
 def write_summary(args, out: Path, fin: Path, base: Path, evals: dict, diffs: dict, log: list[dict]) -> None:

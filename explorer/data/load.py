@@ -9,6 +9,7 @@ documents, overlaps) may be absent; when present they must be complete.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 
 from explorer.data.cache_data import CacheData, Neighbors
 from explorer.data.examples import ExampleStore
+from explorer.data.npz_map import map_npz
 from precompute import schema
 from precompute.cache import verify_cache
 from precompute.errors import CacheError
@@ -106,13 +108,16 @@ def _hover_text(df: pd.DataFrame, lists: pa.Table) -> np.ndarray:
     return np.asarray(pc.binary_join_element_wise(*parts, "").to_numpy(zero_copy_only=False), dtype=object)
 
 
-def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
-    """Every array of an npz file of the cache, after checking them against the contract."""
+def _read_npz(path: Path, name: str, mapped: bool = False) -> dict[str, np.ndarray]:
+    """Every array of an npz file of the cache, after checking them against the contract; `mapped`:
+    large arrays as read-only memory maps (for archives a page reads one row of)."""
     schema.check_npz(path, name)
     try:
+        if mapped:
+            return map_npz(path)
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CacheError(f"{path} is not a readable npz file ({exc}); rerun the step that writes it") from exc
 
 
@@ -186,7 +191,8 @@ def _load_optional(path: Path, n: int) -> dict[str, Any]:
     """histograms.npz, category_rates.parquet and documents.parquet where present (CacheData fields)."""
     out: dict[str, Any] = {}
     if (path / schema.HISTOGRAMS).is_file():
-        z = _read_npz(path / schema.HISTOGRAMS, schema.HISTOGRAMS)
+        # mapped: at 262k features the archive is ~290 MB, and a page draws one feature's row
+        z = _read_npz(path / schema.HISTOGRAMS, schema.HISTOGRAMS, mapped=True)
         if z["counts"].shape[0] == n:  # a histogram of another SAE width is left out, not misread
             out["histograms"] = (z["counts"], int(z["bins"]))
     if (path / schema.CATEGORY_RATES).is_file():

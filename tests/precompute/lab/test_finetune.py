@@ -15,10 +15,12 @@ from precompute.lab.finetune import (
     FinetuneConfig,
     _lr_at,
     batch_order,
+    collate,
     encode_example,
     finetune,
     load_examples,
     split_examples,
+    step_loss_backward,
     task_loss,
 )
 from precompute.model.load import load_model
@@ -167,6 +169,67 @@ def test_task_loss_matches_the_model_loss_on_one_sample(tiny_model_dir, tiny_cor
     assert task_loss(lm.model, [ex], int(lm.tokenizer.pad_token_id)) == pytest.approx(
         float(expected), rel=1e-5
     )
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 3])
+def test_micro_batches_give_the_padded_batch_loss_and_gradient(tiny_model_dir, micro_batch) -> None:
+    """One padded forward of the step (HF's loss) vs passes of `micro_batch` samples, each padded to its
+    own longest: the same loss and the same gradient, up to float order."""
+    from peft import get_peft_model
+
+    from precompute.lab.finetune import lora_config
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    pad = int(lm.tokenizer.pad_token_id)
+    replies = ["x = 1", "import os\nos.system(cmd)", "def f(a, b):\n    return a + b\n" * 3, "ok"]
+    batch = [
+        encode_example(_doc(f"task {i}", r, i), lm.tokenizer, max_length=512) for i, r in enumerate(replies)
+    ]
+    assert all(e is not None for e in batch)
+    steps = [e for e in batch if e is not None]
+    assert len({len(e.input_ids) for e in steps}) == 4  # padding plays a part
+    cfg = FinetuneConfig(last_layer=None)
+    model = get_peft_model(lm.model, lora_config(cfg, int(lm.model.config.num_hidden_layers)))
+    torch.manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # LoRA's B starts at zero, which would leave A without a gradient
+        torch.nn.init.normal_(p, std=0.1)
+    whole = model(**collate(steps, pad)).loss
+    whole.backward()
+    want = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    got_loss = step_loss_backward(model, steps, pad, micro_batch, torch.device("cpu"))
+    assert got_loss == pytest.approx(float(whole.detach()), rel=1e-5)
+    for g, w in zip((p.grad for p in params), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_step_is_close_to_the_float32_step(tiny_model_dir) -> None:
+    """--precision bf16 runs the forward in bfloat16: the loss within 1% and the gradient pointing the
+    same way (cosine > 0.99) as float32's, on the same weights and batch."""
+    from peft import get_peft_model
+
+    from precompute.lab.finetune import lora_config
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    pad = int(lm.tokenizer.pad_token_id)
+    replies = ["x = 1", "import os\nos.system(cmd)", "def f(a, b):\n    return a + b\n" * 3]
+    steps = [
+        encode_example(_doc(f"task {i}", r, i), lm.tokenizer, max_length=512) for i, r in enumerate(replies)
+    ]
+    batch = [e for e in steps if e is not None]
+    model = get_peft_model(lm.model, lora_config(FinetuneConfig(last_layer=None), 2))
+    torch.manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        torch.nn.init.normal_(p, std=0.1)
+    grads, losses = [], []
+    for bf16 in (False, True):
+        model.zero_grad(set_to_none=True)
+        losses.append(step_loss_backward(model, batch, pad, 3, torch.device("cpu"), bf16=bf16))
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2) and losses[1] != losses[0]
+    assert float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)) > 0.99
 
 
 def test_after_cache_with_adapter_is_a_different_cache(

@@ -371,7 +371,9 @@ def test_story_keys_navigate(server: Any, page: Any) -> None:
     for key, step in [("ArrowRight", 3), ("ArrowLeft", 2), ("PageDown", 3), ("Space", 4), ("PageUp", 3)]:
         page.keyboard.press(key)
         at(step)
-    page.get_by_role("button", name=re.compile(r"^Next\b")).click()  # Space on the focused button moves one step, not two
+    page.get_by_role(
+        "button", name=re.compile(r"^Next\b")
+    ).click()  # Space on the focused button moves one step, not two
     at(4)
     page.keyboard.press("Space")
     at(5)

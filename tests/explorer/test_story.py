@@ -339,6 +339,7 @@ def test_every_story_figure_is_titled_and_named(synth_cache: Path, notask_cache:
         "harmful": "notask-harmful-features-by-category",
         "task": "notask-task-scores",
         "null": "notask-chance-levels",
+        "pairs": "notask-closeness-ranked-task-vs-control-leaning",
     }
     assert all(s.figure.layout.title.text for s in result)
     page = story_html(steps, "Story", "subtitle")

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from explorer import figures as F
-from explorer.figures.closeness import INDUCING_NAME, NON_INDUCING_NAME
 from explorer.data import load_cache
+from explorer.figures.closeness import INDUCING_NAME, NON_INDUCING_NAME
 from explorer.story import build_result_story
 from precompute import schema
 from tests.explorer.test_story_claims import backed_report, plain, write_closeness

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from explorer import claims as C
 from explorer import figures as F
 from explorer.data import CacheData, Findings, cache_findings
-from explorer.story.base import Step, esc, label_of
+from explorer.story.base import Step, esc, examples_list, label_of
 from explorer.story.finetune import finetune_result_step, finetune_withheld
 from explorer.story.pair import examples_in, intro_step, map_step
 
@@ -165,13 +165,13 @@ def harmful_step(cache: CacheData, fd: Findings, ex: int, row: dict, examples: l
         lead += f" Feature #{ex} — <b>{label_of(row)}</b> — {esc(C.harm_claim(row))}"
         if on_harm:
             lead += ". Its strongest examples on harmful requests:"
-            body = F.examples_html(on_harm[:3], color=F.HARM, window=16)
+            body = examples_list(on_harm, 3, F.HARM, window=16)
         else:
             lead += (
                 ". None of its stored examples comes from a harmful request, so none is shown as one; its "
                 "strongest examples:"
             )
-            body = F.examples_html(examples[:3], color=F.HARM, window=16)
+            body = examples_list(examples, 3, F.HARM, window=16)
     return Step(
         "harmful",
         title,

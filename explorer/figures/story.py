@@ -240,13 +240,14 @@ def category_counts_figure(counts: list[tuple[str, int]], height: int = 320) -> 
 
 
 def _numbers(report: dict[str, Any]) -> str:
-    """'difference +0.050, 95% CI +0.020 to +0.080, two-sided p = 0.002' from closeness.json's own fields."""
+    """'difference +0.050, 95% CI +0.020 to +0.080, two-sided p = 0.002' (the permutation p) from closeness.json's
+    own fields."""
     d, ci, p = report.get("difference"), report.get("ci"), report.get("p_two_sided")
     parts = [f"difference {d:+.3f}" if isinstance(d, (int, float)) else "no difference recorded"]
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
         parts.append(f"95% CI {ci[0]:+.3f} to {ci[1]:+.3f}")
     if isinstance(p, (int, float)):
-        parts.append(f"two-sided permutation p = {fmt_p(p)}")
+        parts.append(f"two-sided p = {fmt_p(p)}")
     return ", ".join(parts)
 
 
@@ -262,11 +263,11 @@ def closeness_sets_story_figure(report: dict[str, Any], ranked: bool = False) ->
         n = report.get("n")
         names = (f"top {n} by task score (task-leaning)", f"bottom {n} (control-leaning)")
         colors = (TASK_LIGHT, NEITHER_COLOR)
-        what = f"Exploratory: closeness to harmful features, the top {n} against the bottom {n} by task score"
+        what = f"Exploratory: closeness to harmful features, top vs bottom {n}"  # the legend says by what
     else:
         names, colors = (INDUCING_NAME, NON_INDUCING_NAME), (TASK, NEITHER_COLOR)
-        what = "Closeness to harmful features: task-specific against control-specific features"
+        what = "Closeness to harmful features, task- vs control-specific sets"
     fig = closeness_sets_figure(report, height=380, names=names, colors=colors)
     if fig is None:
         return None
-    return fig, f"{what} ({_numbers(report)})"
+    return fig, f"{what} ({_numbers(report)})"  # one line: ~130 characters fit the export's width

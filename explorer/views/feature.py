@@ -95,9 +95,10 @@ def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int
 def merged_caption(n_merged: int, what: str) -> None:
     """Say how many examples were not shown again because a stronger one shows the same passage."""
     if n_merged:
+        verb, them = ("show", "them") if n_merged != 1 else ("shows", "it")
         st.caption(
-            f"Merged: {n_merged} of the {what} show the same tokens around the peak, in the same document, as a "
-            "stronger example: each passage is shown once, under the stronger example, and the ranks skip them."
+            f"Merged: {n_merged} of the {what} {verb} the same tokens around the peak, in the same document, as a "
+            f"stronger example: each passage is shown once, under the stronger example, and the ranks skip {them}."
         )
 
 

@@ -67,10 +67,11 @@ def test_ranked_comparison_is_drawn_when_the_test_is_not(notask_cache: Path, tmp
     )
     lo, hi = ranked["ci"]
     assert step.figure.layout.title.text == F.esc(
-        f"Exploratory: closeness to harmful features, the top {n} against the bottom {n} by task score "
-        f"(difference {ranked['difference']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}, two-sided permutation p = "
+        f"Exploratory: closeness to harmful features, top vs bottom {n} "
+        f"(difference {ranked['difference']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}, two-sided p = "
         f"{F.fmt_p(ranked['p_two_sided'])})"
     )
+    assert len(step.figure.layout.title.text) <= 130  # one line in the story and the export
     assert step.figure_name == "notask-closeness-ranked-task-vs-control-leaning"
     assert (
         "The chart is that exploratory ranked comparison: the comparison by test is not testable here."
@@ -94,9 +95,10 @@ def test_comparison_by_test_is_drawn_in_role_colours(notask_cache: Path, tmp_pat
     assert step.figure is not None and step.figure_name == "notask-closeness-task-vs-control-sets"
     _check_bars(step.figure, r, (INDUCING_NAME, NON_INDUCING_NAME), (F.TASK, F.NEITHER_COLOR))
     assert step.figure.layout.title.text == F.esc(
-        "Closeness to harmful features: task-specific against control-specific features (difference +0.050, "
-        "95% CI +0.020 to +0.080, two-sided permutation p = 0.002)"
+        "Closeness to harmful features, task- vs control-specific sets (difference +0.050, "
+        "95% CI +0.020 to +0.080, two-sided p = 0.002)"
     )
+    assert len(step.figure.layout.title.text) <= 130  # one line in the story and the export
     assert "exploratory ranked comparison" not in plain(step.lead)
 
 

@@ -53,6 +53,56 @@ def group_examples(examples: list[dict[str, Any]], group: str, category: str | N
     return GroupExamples(rows, has_group_top, per_group)
 
 
+def shown_span(n: int, center: int | None, window: int | None) -> tuple[int, int]:
+    """The tokens [lo, hi) of an n-token context that the pages show: `window` tokens either side of the peak
+    `center`, or the whole context (no window, no peak, or a context that short)."""
+    if window is None or center is None or n <= 2 * window + 1:
+        return 0, n
+    return max(0, center - window), min(n, center + window + 1)
+
+
+def same_passage(a: dict[str, Any], b: dict[str, Any], window: int | None) -> bool:
+    """Whether two examples show one passage of one document: the same document, and, aligned at their peaks,
+    the token windows the page shows overlap over at least half of the shorter one and agree token for token
+    there. A document that repeats a passage (code quoted back in an answer, a line of a loop) gives such
+    pairs from different contexts; a context kept both as a `top` and a `group_top` example is one trivially."""
+    if a.get("doc_id") is None or a.get("doc_id") != b.get("doc_id"):
+        return False
+    ta, tb = list(a.get("tokens") or []), list(b.get("tokens") or [])
+    pa, pb = a.get("max_position"), b.get("max_position")
+    if not ta or not tb or pa is None or pb is None or not (0 <= pa < len(ta) and 0 <= pb < len(tb)):
+        return False
+    (la, ha), (lb, hb) = shown_span(len(ta), pa, window), shown_span(len(tb), pb, window)
+    lo, hi = max(la - pa, lb - pb), min(ha - pa, hb - pb)  # offsets from the peak both windows show
+    if 2 * (hi - lo) < min(ha - la, hb - lb):
+        return False
+    return all(ta[pa + o] == tb[pb + o] for o in range(lo, hi))
+
+
+@dataclass
+class MergedExamples:
+    """Examples with each passage of a document shown once: each kept example (a copy) carries `repeats`, how
+    many weaker examples of the same passage it stands for; `n_merged` is their total."""
+
+    examples: list[dict[str, Any]]
+    n_merged: int
+
+
+def merge_repeats(examples: list[dict[str, Any]], window: int | None) -> MergedExamples:
+    """`examples` in their order, but each passage of a document once (`same_passage` at this `window`): the
+    example with the higher activation is kept (on a tie the earlier one) and counts the others as repeats."""
+    order = sorted(range(len(examples)), key=lambda i: (-float(examples[i].get("max_activation") or 0.0), i))
+    kept: dict[int, int] = {}  # index of a kept example -> how many it stands for
+    for i in order:
+        home = next((k for k in kept if same_passage(examples[k], examples[i], window)), None)
+        if home is None:
+            kept[i] = 0
+        else:
+            kept[home] += 1
+    rows = [{**examples[i], "repeats": kept[i]} for i in sorted(kept)]
+    return MergedExamples(rows, len(examples) - len(rows))
+
+
 def group_peaks(examples: list[dict[str, Any]], groups: list[str]) -> dict[str, float | None]:
     """Each group's strongest stored activation (its #1 group_top example), None where the cache holds
     no example of the group; empty for a cache without group_top rows."""

@@ -55,6 +55,7 @@ from explorer.figures.map import (
 from explorer.figures.story import (
     category_counts_figure,
     closeness_figure,
+    closeness_sets_story_figure,
     finetune_figure,
     nulls_figure,
     task_scores_figure,
@@ -137,6 +138,7 @@ __all__ = [
     "closeness_figure",
     "closeness_sentence",
     "closeness_sets_figure",
+    "closeness_sets_story_figure",
     "stability_sentences",
     "compare_runs_figure",
     "decimate",

@@ -165,18 +165,21 @@ def _centres(edges: list[float]) -> tuple[np.ndarray, float]:
 
 
 def closeness_sets_figure(
-    report: dict[str, Any], height: int = 360, names: tuple[str, str] = (INDUCING_NAME, NON_INDUCING_NAME)
+    report: dict[str, Any],
+    height: int = 360,
+    names: tuple[str, str] = (INDUCING_NAME, NON_INDUCING_NAME),
+    colors: tuple[str, str] = (INDUCING_COLOR, NON_INDUCING_COLOR),
 ) -> go.Figure | None:
     """Both sets' closeness on shared bins, each as a share of its set, with each set's mean marked
-    (`report`: closeness.json or its `ranked` part; `names`: the two sets' legend names)."""
+    (`report`: closeness.json or its `ranked` part; `names`, `colors`: the two sets' legend names and colours)."""
     hist = report.get("histogram")
     if not hist:
         return None
     x, width = _centres(hist["edges"])
     fig = go.Figure()
     for key, name, color in (
-        ("inducing", esc(names[0]), INDUCING_COLOR),
-        ("non_inducing", esc(names[1]), NON_INDUCING_COLOR),
+        ("inducing", esc(names[0]), colors[0]),
+        ("non_inducing", esc(names[1]), colors[1]),
     ):
         counts = np.asarray(hist[key], dtype=float)
         share = counts / max(counts.sum(), 1.0)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from explorer.data.evidence import shown_span
 from explorer.figures.style import (
     GROUP_COLORS,
     HARM,
@@ -98,9 +99,7 @@ def tokens_html(
     `muted[i]` greys token i (text and highlight), e.g. prompt tokens a fine-tune does not train on;
     `titles[i]` replaces its hover text (escaped)."""
     n = len(tokens)
-    lo, hi = 0, n
-    if window is not None and center is not None and n > 2 * window + 1:
-        lo, hi = max(0, center - window), min(n, center + window + 1)
+    lo, hi = shown_span(n, center, window)  # the span merge_repeats compares
     scale = scale if scale and scale > 0 else 1.0
     out = [
         '<span style="font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;'
@@ -139,11 +138,16 @@ def examples_html(
     limit: int | None = None,
     documents: pd.DataFrame | None = None,
     doc_href: Callable[[dict[str, Any]], str | None] | None = None,
+    ranks: str = "rank",
 ) -> str:
     """A list of examples: metadata line (rank, group, category, document) + highlighted tokens.
 
     `doc_href(example)`, when given, links each example to its whole document; an example shorter than
-    its document says it is one context of it (the harvest reads documents in contexts)."""
+    its document says it is one context of it (the harvest reads documents in contexts). `ranks` heads each
+    example: "rank" its rank within its kind (#4, #1 on harmful), "overall" the same with a top example's rank
+    said to be among all the feature's top examples (a filtered list, where ranks skip), "shown" its place in
+    this list (1., 2., ...: a list whose lead says what it holds). An example standing for repeats of its
+    passage (data.evidence.merge_repeats) says so."""
     if not examples:
         return (
             '<div style="color:#6b7280;font-style:italic;padding:6px 0">No examples in this cache '
@@ -152,11 +156,14 @@ def examples_html(
     if scale is None:
         scale = max((float(e.get("max_activation") or 0) for e in examples), default=1.0) or 1.0
     rows = []
-    for e in examples[:limit] if limit else examples:
+    for i, e in enumerate(examples[:limit] if limit else examples, 1):
         group = e.get("group") or ""
         kind = e.get("kind") or "top"
-        if kind == "top":
-            head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1}</b>'
+        if ranks == "shown":
+            head = f'<b style="color:{INK}">{i}.</b>'
+        elif kind == "top":
+            overall = " of its top examples" if ranks == "overall" else ""
+            head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1}{overall}</b>'
         elif kind == "group_top":
             head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1} on {esc(group)}</b>'
         else:
@@ -173,6 +180,12 @@ def examples_html(
         if src:
             meta.append(f'<span style="color:#9ca3af;font-size:12px">{esc(src)}</span>')
         meta.append(_context_note(documents, e))
+        if e.get("repeats"):
+            k = int(e["repeats"])
+            meta.append(
+                f'<span data-repeats="{k}" style="color:#b45309;font-size:12px">{k} more stored example'
+                f"{'s show' if k != 1 else ' shows'} this passage of the document (not repeated here)</span>"
+            )
         href = doc_href(e) if doc_href is not None else None
         if href:
             meta.append(

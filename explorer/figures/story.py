@@ -1,17 +1,21 @@
 """The story's explanatory charts: a pair's cosine against chance, what fine-tuning would do, and a
-cache's own results (task scores, the chance levels, harmful features by category)."""
+cache's own results (task scores, the chance levels, harmful features by category, the closeness of two
+feature sets to harmful features)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 
+from explorer.figures.closeness import INDUCING_NAME, NON_INDUCING_NAME, closeness_sets_figure, fmt_p
 from explorer.figures.style import (
     HARM,
     HARM_LIGHT,
     INK,
+    NEITHER_COLOR,
     NEUTRAL,
     TASK,
     TASK_LIGHT,
@@ -233,3 +237,37 @@ def category_counts_figure(counts: list[tuple[str, int]], height: int = 320) -> 
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(title_text="harmful features")
     return fig
+
+
+def _numbers(report: dict[str, Any]) -> str:
+    """'difference +0.050, 95% CI +0.020 to +0.080, two-sided p = 0.002' (the permutation p) from closeness.json's
+    own fields."""
+    d, ci, p = report.get("difference"), report.get("ci"), report.get("p_two_sided")
+    parts = [f"difference {d:+.3f}" if isinstance(d, (int, float)) else "no difference recorded"]
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        parts.append(f"95% CI {ci[0]:+.3f} to {ci[1]:+.3f}")
+    if isinstance(p, (int, float)):
+        parts.append(f"two-sided p = {fmt_p(p)}")
+    return ", ".join(parts)
+
+
+def closeness_sets_story_figure(report: dict[str, Any], ranked: bool = False) -> tuple[go.Figure, str] | None:
+    """The closeness page's two-set histogram (figures/closeness.py) for the story, and its title with the
+    difference, its interval and the permutation p; None when the report holds no histogram.
+
+    `report` is closeness.json (the sets by test: task features, drawn blue, against control features, which
+    pass no role test and are drawn slate) or, `ranked`, its exploratory `ranked` part (the N most task-leaning
+    features, light blue: they lean to task text without passing the test; the N most control-leaning, slate).
+    Style's colour rule: only a set of task features takes the task blue."""
+    if ranked:
+        n = report.get("n")
+        names = (f"top {n} by task score (task-leaning)", f"bottom {n} (control-leaning)")
+        colors = (TASK_LIGHT, NEITHER_COLOR)
+        what = f"Exploratory: closeness to harmful features, top vs bottom {n}"  # the legend says by what
+    else:
+        names, colors = (INDUCING_NAME, NON_INDUCING_NAME), (TASK, NEITHER_COLOR)
+        what = "Closeness to harmful features, task- vs control-specific sets"
+    fig = closeness_sets_figure(report, height=380, names=names, colors=colors)
+    if fig is None:
+        return None
+    return fig, f"{what} ({_numbers(report)})"  # one line: ~130 characters fit the export's width

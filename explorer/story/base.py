@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from explorer import figures as F
+from explorer.data.evidence import merge_repeats
 
 esc = F.esc
 
@@ -33,6 +34,15 @@ class Step:
     def __post_init__(self) -> None:
         if self.figure is not None and self.figure_title:
             F.titled(self.figure, self.figure_title)
+
+
+def examples_list(examples: list[dict[str, Any]], n: int, color: str, window: int) -> str:
+    """A story's list of examples (safe HTML): the first `n` of `examples` with each passage of a document once
+    (data.evidence.merge_repeats at the window shown: the stronger example stays and says how many more show
+    it), numbered as shown, 1. to n., since the lead says what the list holds and a feature's own ranks would skip
+    the examples a filter or a merge leaves out ("#1, #4" read as if examples were missing)."""
+    kept = merge_repeats(examples, window).examples
+    return F.examples_html(kept[:n], color=color, window=window, ranks="shown")
 
 
 def label_of(row: dict[str, Any]) -> str:

@@ -15,7 +15,8 @@ import numpy as np
 from explorer import claims as C
 from explorer import figures as F
 from explorer.data import CacheData, cache_findings
-from explorer.story.base import Step, esc, label_of, model_name, two_columns
+from explorer.data.evidence import group_examples
+from explorer.story.base import Step, esc, examples_list, label_of, model_name, two_columns
 from explorer.story.finetune import finetune_result_step, finetune_withheld
 
 
@@ -40,12 +41,10 @@ def is_flagged(cache: CacheData, task: int, harmful: int) -> bool:
 
 
 def examples_in(examples: list[dict[str, Any]], group: str) -> list[dict[str, Any]]:
-    """The feature's examples from `group`'s documents, strongest first: the top examples in rank order, then
-    the quantile samples by activation (so 'on harmful requests' is said of harmful documents only)."""
-    top = [e for e in examples if e.get("group") == group and e.get("kind") == "top"]
-    rest = [e for e in examples if e.get("group") == group and e.get("kind") != "top"]
-    rest.sort(key=lambda e: -float(e.get("max_activation") or 0.0))
-    return top + rest
+    """The feature's stored examples from `group`'s documents, strongest first, one per context (a context that
+    is both a top and a group_top example is listed once: data.evidence.group_examples), so 'on harmful
+    requests' is said of harmful documents only."""
+    return group_examples(examples, group).examples
 
 
 def intro_step(cache: CacheData, feature: int, examples: list[dict[str, Any]]) -> Step:
@@ -58,7 +57,7 @@ def intro_step(cache: CacheData, feature: int, examples: list[dict[str, Any]]) -
         f"splits that list into thousands of <b>features</b>: directions that each switch on for one "
         f"recognisable kind of text. This map has <b>{cache.n:,}</b> of them, read out of "
         f"{model_name(cache.manifest)}. Below, feature #{feature} lights up (darker = stronger) on these words:",
-        body=F.examples_html(examples[:2], color=color, window=16),
+        body=examples_list(examples, 2, color, window=16),
     )
 
 
@@ -133,7 +132,7 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
             f"fine-tuned on) and on its control text, 1.0 that it fires only on task text. "
             f"{esc(C.task_claim(t_row, task))}{passes} Here is where it fires, by kind of text, and its strongest examples:",
             figure=F.group_rates_figure(cache.group_rates(task), height=260),
-            body=F.examples_html(t_ex[:3], color=F.role_color(t_row), window=16),
+            body=examples_list(t_ex, 3, F.role_color(t_row), window=16),
             figure_name=f"feature-{task}-firing-by-text",
             figure_title=f"Feature #{task}: share of tokens where it fires, by kind of text",
         )
@@ -165,18 +164,18 @@ def text_step(
     h_name = f"{'harmful feature' if h_is else 'feature'} #{harmful}"
     said = []
     if t_on:
-        left, left_title = t_on[:4], f"{t_name} on task text"
+        left, left_title = t_on, f"{t_name} on task text"
         said.append(f"Left: feature #{task}'s strongest examples on task text")
     else:
-        left, left_title = t_top[:4], f"{t_name}: strongest examples"
+        left, left_title = t_top, f"{t_name}: strongest examples"
         said.append(
             f"Left: feature #{task}'s strongest examples (none of its stored examples comes from task text)"
         )
     if h_on:
-        right, right_title = h_on[:4], f"{h_name} on harmful requests"
+        right, right_title = h_on, f"{h_name} on harmful requests"
         said.append(f"right: feature #{harmful}'s strongest examples on harmful requests")
     else:
-        right, right_title = h_top[:4], f"{h_name}: strongest examples"
+        right, right_title = h_top, f"{h_name}: strongest examples"
         said.append(
             f"right: feature #{harmful}'s strongest examples. None of feature #{harmful}'s stored examples comes "
             "from a harmful request, so none is shown as one"
@@ -187,8 +186,8 @@ def text_step(
         "; ".join(said)
         + ". The badge on each names the text it comes from. Hover a word to see the activation.",
         body=two_columns(
-            F.examples_html(left, color=F.role_color(t_row), window=14),
-            F.examples_html(right, color=F.role_color(h_row), window=14),
+            examples_list(left, 4, F.role_color(t_row), window=14),
+            examples_list(right, 4, F.role_color(h_row), window=14),
             left_title,
             right_title,
             t_row,

@@ -10,12 +10,15 @@ the mechanism is not illustrated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import plotly.graph_objects as go
 
 from explorer import claims as C
 from explorer import figures as F
 from explorer.data import CacheData, Findings, cache_findings
-from explorer.story.base import Step, esc, label_of
+from explorer.story.base import Step, esc, examples_list, label_of
 from explorer.story.finetune import finetune_result_step, finetune_withheld
 from explorer.story.pair import examples_in, intro_step, map_step
 
@@ -91,8 +94,7 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
             figure_title="What cosine random directions reach by chance, against a typical nearest neighbour",
         )
     )
-    report = fd.closeness
-    sets = F.closeness_sets_figure(report) if report is not None and F.closeness_sentence(report) else None
+    chart = closeness_chart(fd, cache.name)
     steps.append(
         Step(
             "pairs",
@@ -102,10 +104,11 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
                 C.PAPER_COMPARISON,
                 C.closeness_text(fd),
                 C.ranked_text(fd),
+                chart.said,
             ),
-            figure=sets,
-            figure_name=f"{cache.name}-closeness-task-vs-control-sets",
-            figure_title="Closeness to harmful features: task-specific against control-specific features",
+            figure=chart.figure,
+            figure_name=chart.name,
+            figure_title=chart.title,
         )
     )
     measured = finetune_result_step(cache)
@@ -162,13 +165,13 @@ def harmful_step(cache: CacheData, fd: Findings, ex: int, row: dict, examples: l
         lead += f" Feature #{ex} — <b>{label_of(row)}</b> — {esc(C.harm_claim(row))}"
         if on_harm:
             lead += ". Its strongest examples on harmful requests:"
-            body = F.examples_html(on_harm[:3], color=F.HARM, window=16)
+            body = examples_list(on_harm, 3, F.HARM, window=16)
         else:
             lead += (
                 ". None of its stored examples comes from a harmful request, so none is shown as one; its "
                 "strongest examples:"
             )
-            body = F.examples_html(examples[:3], color=F.HARM, window=16)
+            body = examples_list(examples, 3, F.HARM, window=16)
     return Step(
         "harmful",
         title,
@@ -178,4 +181,62 @@ def harmful_step(cache: CacheData, fd: Findings, ex: int, row: dict, examples: l
         figure_name=f"{cache.name}-harmful-features-by-category",
         figure_title=f"The {fd.n_harmful:,} harmful features by category"
         + (" (the 12 most common)" if len(fd.harm_categories) > 12 else ""),
+    )
+
+
+@dataclass
+class ClosenessChart:
+    """The pairs step's figure of the set-level comparison it states, or None and `said`, why none is drawn."""
+
+    figure: go.Figure | None
+    name: str
+    title: str
+    said: str | None
+
+
+def closeness_chart(fd: Findings, cache_name: str) -> ClosenessChart:
+    """The comparison the pairs step states, drawn from closeness.json alone: both sets' closeness to harmful
+    features (figures.closeness_sets_story_figure), the comparison by test when it is testable, else the
+    exploratory ranked one (said to be so); withheld, with a sentence, when the file is absent, says neither
+    is testable, or holds no histogram of the sets it compares."""
+    report = fd.closeness
+    name = f"{cache_name}-closeness-task-vs-control-sets"
+    if report is None:
+        said = "cannot be read" if fd.closeness_problem else "is not in this cache"
+        return ClosenessChart(
+            None, name, "", f"closeness.json {said}, so the story draws no closeness figure."
+        )
+    if F.closeness_sentence(report) is not None:
+        made = F.closeness_sets_story_figure(report)
+        if made is None:
+            return ClosenessChart(
+                None,
+                name,
+                "",
+                "closeness.json holds no histogram of the two sets, so no figure of them is drawn.",
+            )
+        return ClosenessChart(made[0], name, made[1], None)
+    ranked = report.get("ranked")
+    if C.ranked_text(fd) is None or not isinstance(ranked, dict):
+        return ClosenessChart(
+            None,
+            name,
+            "",
+            "The comparison is not testable on this cache and closeness.json holds no testable ranked "
+            "comparison, so the story draws no closeness figure.",
+        )
+    name = f"{cache_name}-closeness-ranked-task-vs-control-leaning"
+    made = F.closeness_sets_story_figure(ranked, ranked=True)
+    if made is None:
+        return ClosenessChart(
+            None,
+            name,
+            "",
+            "closeness.json holds no histogram of the ranked sets, so no figure of them is drawn.",
+        )
+    return ClosenessChart(
+        made[0],
+        name,
+        made[1],
+        "The chart is that exploratory ranked comparison: the comparison by test is not testable here.",
     )

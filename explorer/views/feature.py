@@ -70,7 +70,8 @@ def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int
     """The feature's global top examples, then its quantile samples (its per-group top is shown by
     the 'Documents' filter, not here)."""
     ex = cache.examples_of(f)
-    top = [e for e in ex if e.get("kind") == "top"]
+    found = E.merge_repeats([e for e in ex if e.get("kind") == "top"], window)
+    top = found.examples
     quant = [e for e in ex if e.get("kind") == "quantile"]
     scale = max((float(e.get("max_activation") or 0) for e in top), default=1.0)
     href = _doc_href(f)
@@ -79,6 +80,7 @@ def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int
             top[:n_top], scale=scale, color=color, window=window, documents=cache.documents, doc_href=href
         )
     )
+    merged_caption(found.n_merged, "top examples")
     if len(top) > n_top:
         st.caption(f"{len(top) - n_top} more top examples — raise “examples shown”.")
     if quant:
@@ -87,6 +89,16 @@ def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int
             F.examples_html(
                 quant, scale=scale, color=color, window=window, documents=cache.documents, doc_href=href
             )
+        )
+
+
+def merged_caption(n_merged: int, what: str) -> None:
+    """Say how many examples were not shown again because a stronger one shows the same passage."""
+    if n_merged:
+        verb, them = ("show", "them") if n_merged != 1 else ("shows", "it")
+        st.caption(
+            f"Merged: {n_merged} of the {what} {verb} the same tokens around the peak, in the same document, as a "
+            f"stronger example: each passage is shown once, under the stronger example, and the ranks skip {them}."
         )
 
 
@@ -252,7 +264,8 @@ def group_examples_block(
         st.info(f"#{feature} never fires on the {where} documents of this cache (0% of their tokens).")
         return
     found = E.group_examples(cache.examples_of(feature), group, category)
-    rows = found.examples
+    merged = E.merge_repeats(found.examples, window)
+    rows = merged.examples
     fires = f"It fires on {(crate if category else rate) * 100:.3g}% of the {where} tokens. "
     if found.exact and category:
         how = (
@@ -283,8 +296,10 @@ def group_examples_block(
             window=window,
             documents=cache.documents,
             doc_href=_doc_href(feature),
+            ranks="overall",
         )
     )
+    merged_caption(merged.n_merged, f"{where} examples")
     if len(rows) > n_top:
         st.caption(f"{len(rows) - n_top} more — raise “examples shown”.")
 

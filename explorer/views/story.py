@@ -78,10 +78,11 @@ def show_step(steps: list[Step], step: int) -> None:
 
     back, _, nxt = st.columns([1, 4, 1])
     # Streamlit's own `shortcut=` (it ignores keys typed into inputs); one key per button, so the clicker's
-    # PageUp/PageDown and Space get hidden twins of Back/Next.
-    go_back = back.button("← Back", disabled=step <= 1, width="stretch", key="story_back", shortcut="Left")
+    # PageUp/PageDown and Space get hidden twins of Back/Next. Streamlit draws the shortcut inside the button
+    # (Left as "←", Right as "→"), so the labels carry no arrow of their own: "← Back" read "← Back ←".
+    go_back = back.button("Back", disabled=step <= 1, width="stretch", key="story_back", shortcut="Left")
     go_next = nxt.button(
-        "Next →", disabled=step >= n, width="stretch", type="primary", key="story_next", shortcut="Right"
+        "Next", disabled=step >= n, width="stretch", type="primary", key="story_next", shortcut="Right"
     )
     with st.container(key="story_keys"):
         for key, delta in KEY_TWINS:

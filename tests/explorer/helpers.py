@@ -129,12 +129,14 @@ def launch_chromium(playwright: Any) -> Any:
 
 
 def wait_for_app(page: Any, timeout: float = 60000) -> None:
-    """Wait until Streamlit has finished the current script run (no 'running' status widget)."""
+    """Wait until Streamlit has finished the current script run (no 'running' status widget) and has drawn
+    its elements (no skeleton left: 'notRunning' comes while they are still placeholders)."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout)
     page.wait_for_function(
         """() => {
             const app = document.querySelector('[data-testid="stApp"]');
-            return !!app && app.getAttribute('data-test-script-state') === 'notRunning';
+            return !!app && app.getAttribute('data-test-script-state') === 'notRunning'
+                && !document.querySelector('[data-testid="stSkeleton"]');
         }""",
         timeout=timeout,
     )

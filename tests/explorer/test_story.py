@@ -339,6 +339,7 @@ def test_every_story_figure_is_titled_and_named(synth_cache: Path, notask_cache:
         "harmful": "notask-harmful-features-by-category",
         "task": "notask-task-scores",
         "null": "notask-chance-levels",
+        "pairs": "notask-closeness-ranked-task-vs-control-leaning",
     }
     assert all(s.figure.layout.title.text for s in result)
     page = story_html(steps, "Story", "subtitle")
@@ -412,3 +413,25 @@ def test_every_chart_downloads_with_a_title(
         assert len(title) > 10, (page, name, title)
         assert name == export_filename(name) and name != "feature-geometry"
         assert config.get("showSendToCloud") is False
+
+
+# Streamlit's frontend draws a button's `shortcut` inside the button, these keys as arrows
+# (streamlit/static: left `←`, right `→`, up `↑`, down `↓`).
+SHORTCUT_GLYPHS = {"left": "←", "right": "→", "up": "↑", "down": "↓"}
+
+
+def test_story_buttons_draw_each_arrow_once(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Back/Next carry the Left/Right shortcuts, which Streamlit draws as arrows beside the label: a label with
+    its own arrow read "← Back ←". No button's label repeats the glyph its shortcut adds."""
+    from tests.explorer.test_apptest import run_page
+
+    at = run_page("views/story.py", synth_cache, monkeypatch, step="3")
+    assert not at.exception
+    nav = {b.key: b.proto for b in at.button if b.key in ("story_back", "story_next")}
+    assert {k: (p.label, p.shortcut.lower()) for k, p in nav.items()} == {
+        "story_back": ("Back", "left"),
+        "story_next": ("Next", "right"),
+    }
+    for b in at.button:
+        glyph = SHORTCUT_GLYPHS.get(b.proto.shortcut.lower())
+        assert glyph is None or glyph not in b.proto.label, (b.key, b.proto.label, b.proto.shortcut)

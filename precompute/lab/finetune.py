@@ -10,7 +10,8 @@ write into the residual stream, so the update's output space IS the residual str
 and blocks after L cannot change what the SAE sees. Loss is on assistant tokens only (standard SFT).
 
 Task and control runs use the same seed, steps, batch order length and schedule; only the data differ.
-Outputs (atomic: a killed run leaves no half directory; a rerun starts clean):
+Outputs (atomic: a killed run leaves no half directory; a rerun resumes from its last checkpoint,
+precompute/lab/finetune_checkpoint.py, or starts clean):
 
     OUT/adapter/              peft adapter (adapter_config.json, adapter_model.safetensors)
     OUT/finetune.json         options, data counts, held-out task loss before/after, timings, versions
@@ -112,7 +113,18 @@ class FinetuneConfig:
     )
     device: str = option("auto", choices=DEVICES, help="where to run")
     progress: bool = option(True, help="hide the progress bar")
-    overwrite: bool = option(False, help="replace a finished fine-tune in --out")
+    checkpoint_every: int = option(
+        20,
+        low=0,
+        bounds="[)",
+        help="steps between checkpoints (.OUT.checkpoint.pt beside --out; 0: none); a rerun with the "
+        "same settings and data resumes from the last one",
+    )
+    overwrite: bool = option(False, help="replace a finished fine-tune in --out, and discard a checkpoint")
+
+
+class TrainingStopped(RuntimeError):
+    """finetune(stop_after=N) stopped after N steps (a test's stand-in for a killed run)."""
 
 
 def sample_key(doc: Document, source: CorpusSource) -> str:
@@ -326,11 +338,13 @@ def _lr_at(step: int, cfg: FinetuneConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Train the adapter and write OUT atomically; returns OUT."""
+def finetune(cfg: FinetuneConfig, stop_after: int | None = None) -> Path:
+    """Train the adapter (resuming from a checkpoint of the same run) and write OUT atomically; returns
+    OUT. `stop_after`: raise TrainingStopped after that many steps, once checkpointed (tests)."""
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
+    from precompute.lab import finetune_checkpoint as ckpt
     from precompute.model.load import load_model
 
     if not cfg.out:
@@ -356,19 +370,34 @@ def finetune(cfg: FinetuneConfig) -> Path:
         **coverage.counts(cfg.max_length),
     }
     train, held = split_examples(examples, cfg, tokenizer)
-    loss_before = task_loss(lm.model, held, pad_id)
 
     model_config: Any = lm.model.config
     model = get_peft_model(lm.model, lora_config(cfg, int(model_config.num_hidden_layers)))
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    saved_at, sig = ckpt.checkpoint_path(out), ckpt.signature(cfg, lm.describe())
+    if cfg.overwrite:
+        saved_at.unlink(missing_ok=True)
+    done = ckpt.load(saved_at, sig, named, optimizer)
+    if done.loss_before is None:
+        with model.disable_adapter():  # B = 0 makes it a no-op anyway; this says so
+            done.loss_before = task_loss(model, held, pad_id)
+    loss_before, log = done.loss_before, done.log
     model.train()
-    log: list[tuple[int, float, float]] = []
     start = time.perf_counter()
     order = batch_order(len(train), cfg.steps, cfg.batch_size, cfg.seed)
     micro = cfg.micro_batch or (cfg.batch_size if lm.device.type == "cuda" else 1)
-    bar = tqdm(order, desc=f"finetune {out.name}", unit="step", disable=not cfg.progress)
-    for step, idx in enumerate(bar):
+    bar = tqdm(
+        total=len(order),
+        initial=done.step,
+        desc=f"finetune {out.name}",
+        unit="step",
+        disable=not cfg.progress,
+    )
+    for step, idx in enumerate(order):
+        if step < done.step:
+            continue
         lr = _lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -381,8 +410,17 @@ def finetune(cfg: FinetuneConfig) -> Path:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         log.append((step, loss_value, lr))
+        bar.update()
         bar.set_postfix(loss=f"{loss_value:.3f}")
-    train_seconds = time.perf_counter() - start
+        done.step = step + 1
+        if cfg.checkpoint_every and (done.step % cfg.checkpoint_every == 0 or done.step == stop_after):
+            done.seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            ckpt.save(saved_at, sig, named, optimizer, done)
+        if done.step == stop_after:
+            raise TrainingStopped(f"stopped after step {done.step}, as asked")
+    bar.close()
+    train_seconds = done.seconds + time.perf_counter() - start
     loss_after = task_loss(model, held, pad_id)
 
     def write(staging: Path) -> None:
@@ -396,6 +434,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
             "model": lm.describe(),
             "n_train": len(train),
             "micro_batch_used": micro,
+            "resumed_from_step": done.resumed_from,
             **counts,
             "response_token_share": coverage.share(cfg.max_length),
             "n_heldout": len(held),
@@ -411,6 +450,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         (staging / SIDE_CAR).write_text(json.dumps(sidecar, indent=2, default=str))
 
     write_dir_atomic(out, write, marker=SIDE_CAR, what="fine-tune output")
+    saved_at.unlink(missing_ok=True)  # the output holds everything it had
     return out
 
 

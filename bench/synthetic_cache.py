@@ -260,7 +260,7 @@ def _examples_table(
 
 def _with_group_top(table: pa.Table, k: int = 5) -> pa.Table:
     """Add `group_top` rows as the harvest writes them: each feature's top examples re-ranked within
-    their group (at most k per group), sorted by feature like the rest."""
+    their group (at most k per group), and `group_quantile` rows; sorted by feature like the rest."""
     top = table.filter(pc.equal(table.column("kind"), "top"))
     meta = pd.DataFrame(
         {c: top.column(c).to_numpy(zero_copy_only=False) for c in ("feature", "group", "max_activation")}
@@ -278,9 +278,28 @@ def _with_group_top(table: pa.Table, k: int = 5) -> pa.Table:
     extra = extra.set_column(
         extra.schema.get_field_index("rank"), "rank", pa.array(meta["grank"].to_numpy().astype(np.int64))
     )
-    both = pa.concat_tables([table, extra])
+    both = pa.concat_tables([table, extra, _group_quantile_rows(table)])
     order = np.argsort(both.column("feature").to_numpy(), kind="stable")
     return both.take(pa.array(order))
+
+
+def _group_quantile_rows(table: pa.Table) -> pa.Table:
+    """`group_quantile` rows as the harvest writes them: each feature's quantile samples re-ranked within
+    their group (in interval order, strongest first)."""
+    q = table.filter(pc.equal(table.column("kind"), "quantile"))
+    meta = pd.DataFrame(
+        {c: q.column(c).to_numpy(zero_copy_only=False) for c in ("feature", "group", "quantile")}
+    )
+    meta["row"] = np.arange(len(meta))
+    meta = meta.sort_values(["feature", "group", "quantile"], kind="stable")
+    meta["grank"] = meta.groupby(["feature", "group"]).cumcount()
+    extra = q.take(pa.array(meta["row"].to_numpy()))
+    extra = extra.set_column(
+        extra.schema.get_field_index("kind"), "kind", pa.array(["group_quantile"] * len(meta))
+    )
+    return extra.set_column(
+        extra.schema.get_field_index("rank"), "rank", pa.array(meta["grank"].to_numpy().astype(np.int64))
+    )
 
 
 def _histograms(rng: np.random.Generator, feats: pd.DataFrame, bins: int) -> dict[str, np.ndarray]:

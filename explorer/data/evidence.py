@@ -22,6 +22,7 @@ from explorer.data.npz_map import map_npz
 from precompute import schema
 
 GROUP_TOP = "group_top"  # examples.parquet kind: top contexts within one corpus group
+GROUP_QUANTILE = "group_quantile"  # examples.parquet kind: quantile samples within one corpus group
 
 
 @dataclass
@@ -36,12 +37,15 @@ class GroupExamples:
 def group_examples(examples: list[dict[str, Any]], group: str, category: str | None = None) -> GroupExamples:
     """Every stored example of a feature whose peak is on a document of `group` (and `category`),
     one per context (a group_top row wins over the same context's top or quantile row), by
-    activation (the group's own peak for group_top rows), strongest first."""
+    activation (the group's own peak for group_top rows), strongest first. The group's quantile
+    samples are not among them (`group_quantiles`): they are drawn to show weaker activations."""
     has_group_top = any(e.get("kind") == GROUP_TOP for e in examples)
     per_group = max((int(e.get("rank") or 0) + 1 for e in examples if e.get("kind") == GROUP_TOP), default=0)
     best: dict[Any, dict[str, Any]] = {}
     for e in examples:
         if e.get("group") != group or (category is not None and e.get("category") != category):
+            continue
+        if e.get("kind") == GROUP_QUANTILE:
             continue
         key = e.get("context_id")
         old = best.get(key)
@@ -51,6 +55,21 @@ def group_examples(examples: list[dict[str, Any]], group: str, category: str | N
         best.values(), key=lambda e: (-float(e.get("max_activation") or 0.0), e.get("context_id") or 0)
     )
     return GroupExamples(rows, has_group_top, per_group)
+
+
+def group_quantiles(
+    examples: list[dict[str, Any]], group: str, category: str | None = None
+) -> list[dict[str, Any]]:
+    """The feature's quantile samples within `group` (and `category`): contexts drawn from each of its
+    activation intervals on that group's documents, strongest interval first."""
+    rows = [
+        e
+        for e in examples
+        if e.get("kind") == GROUP_QUANTILE
+        and e.get("group") == group
+        and (category is None or e.get("category") == category)
+    ]
+    return sorted(rows, key=lambda e: (-float(e.get("quantile") or 0.0), int(e.get("rank") or 0)))
 
 
 def shown_span(n: int, center: int | None, window: int | None) -> tuple[int, int]:

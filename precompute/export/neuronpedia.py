@@ -65,6 +65,7 @@ WHAT = "featuregeom Neuronpedia export"
 DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"
 MISSING_LOGIT_VALUE = -10000.0
 GROUP_TOP = "group_top"  # examples.parquet kind: a feature's top contexts within one corpus group
+GROUP_QUANTILE = "group_quantile"  # examples.parquet kind: quantile samples within one corpus group
 # Logit values of the logit-lens tokens, used when a cache has them (caches scored before them lack them).
 LOGIT_VALUES = {"top_promoted": "top_promoted_values", "top_suppressed": "top_suppressed_values"}
 
@@ -284,10 +285,14 @@ def _id_parts(row: dict[str, Any]) -> tuple[Any, ...]:
 
 def _without_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Leave out a group_top example whose context is already a top example (or an earlier group_top)
-    of the same feature: Neuronpedia would list the same text twice."""
+    of the same feature: Neuronpedia would list the same text twice. Per-group quantile samples are
+    left out too: Neuronpedia's bins are a feature's global intervals, and these would read as more
+    global samples."""
     shown = {(r["feature"], r["context_id"]) for r in rows if r["kind"] == "top"}
     out = []
     for r in rows:
+        if r["kind"] == GROUP_QUANTILE:
+            continue
         key = (r["feature"], r["context_id"])
         if r["kind"] == GROUP_TOP:
             if key in shown:

@@ -107,6 +107,13 @@ class RunConfig:
     )
     quantile_bins: int = option(5, low=1, bounds="[)", help="activation intervals to sample examples from")
     per_bin: int = option(2, low=1, bounds="[)", help="examples sampled per activation interval")
+    per_bin_group: int = option(
+        1,
+        low=0,
+        bounds="[)",
+        help="examples sampled per activation interval within each corpus group, on that group's "
+        "documents only (the intervals are the feature's own; 0: none)",
+    )
     hist_bins: int = option(40, low=1, bounds="[)", help="bins of each feature's activation histogram")
     # --- geometry
     neighbors: int = option(32, low=1, bounds="[)", help="cosine neighbours per feature")

@@ -23,15 +23,14 @@ from precompute.data.plan import CorpusPlan
 from precompute.data.split import document_hash
 from precompute.data.taxonomy import unify
 from precompute.model.hooks import HookReader, resolve_hook
+from precompute.pipeline.aggregate import AggregateParams, aggregate
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log
 from precompute.pipeline.distributed import World
 from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.shard_codec import CodecParams
 from precompute.pipeline.shards import (
-    AggregateParams,
     HarvestParams,
-    aggregate,
     context_feature_activations,
     harvest_shards,
     list_shards,
@@ -52,15 +51,17 @@ PARAMS = (
     "top_k_per_group",
     "quantile_bins",
     "per_bin",
+    "per_bin_group",
     "hist_bins",
     "seed",
     "device",
 )
 EXAMPLE_COLUMNS = tuple(c.name for c in TABLES[EXAMPLES].columns)  # the contract's order
-# (feature, kind "top"/"quantile"/"group_top", rank, context id, quantile of the interval or None,
+# (feature, kind "top"/"quantile"/"group_top"/"group_quantile", rank, context id, quantile of the interval or None,
 #  the group a "group_top" example was ranked within or None)
 Selection = tuple[int, str, int, int, float | None, str | None]
 GROUP_TOP = "group_top"
+GROUP_QUANTILE = "group_quantile"
 
 
 def write_shards(ctx: RunContext, world: World = World()) -> dict[str, Any]:
@@ -100,6 +101,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         hist_bins=cfg.hist_bins,
         seed=cfg.seed,
         top_k_group=cfg.top_k_per_group,
+        per_bin_group=cfg.per_bin_group,
     )
     agg = aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress)
     write_rates(staged, agg, n, cfg.hist_bins)
@@ -274,7 +276,7 @@ def select_group_examples(agg: dict[str, Any], requests: dict[int, list[int]]) -
     on its own. Adds the needed (context, feature) activations to `requests`."""
     out: list[Selection] = []
     gtop = agg.get("gtop_ctx")
-    if gtop is None or gtop.shape[2] == 0:
+    if gtop is None:
         return out
     touched = set()
     for f, gi, r in zip(*np.nonzero(gtop >= 0), strict=True):
@@ -282,8 +284,35 @@ def select_group_examples(agg: dict[str, Any], requests: dict[int, list[int]]) -
         out.append((int(f), GROUP_TOP, int(r), c, None, agg["groups"][gi]))
         requests.setdefault(c, []).append(int(f))
         touched.add(c)
+    out += _group_quantile_selections(agg, gtop, requests, touched)
     for c in touched:  # a context may be a feature's global and group top: read it once
         requests[c] = list(dict.fromkeys(requests[c]))
+    return out
+
+
+def _group_quantile_selections(
+    agg: dict[str, Any], gtop: np.ndarray, requests: dict[int, list[int]], touched: set[int]
+) -> list[Selection]:
+    """Each feature's quantile samples within each group (`aggregate`'s `gq_ctx`), in interval order,
+    leaving out the contexts that are already that group's top examples (as `select_examples` does
+    for the global ones)."""
+    gq = agg.get("gq_ctx")
+    if gq is None or gq.shape[3] == 0:
+        return []
+    out: list[Selection] = []
+    n, n_groups, qb, _ = gq.shape
+    for f, gi in zip(*np.nonzero((gq >= 0).any(axis=(2, 3))), strict=True):
+        seen = set(gtop[f, gi][gtop[f, gi] >= 0].tolist()) if gtop.shape[2] else set()
+        rank = 0
+        for b in range(qb):
+            for c in gq[f, gi, b].tolist():
+                if c < 0 or c in seen:
+                    continue
+                seen.add(c)
+                out.append((int(f), GROUP_QUANTILE, rank, c, b / qb, agg["groups"][gi]))
+                requests.setdefault(c, []).append(int(f))
+                touched.add(c)
+                rank += 1
     return out
 
 

@@ -38,7 +38,7 @@ def test_harmful_documents_only_shows_the_group_top_first(synth_cache: Path, mon
     c = load_cache(synth_cache)
     _, h = c.default_pair()
     ex = c.examples_of(h)
-    harmful = [e for e in ex if e["group"] == "harmful"]
+    harmful = [e for e in ex if e["group"] == "harmful" and e["kind"] != "group_quantile"]
     group_top = sorted((e for e in harmful if e["kind"] == "group_top"), key=lambda e: e["rank"])
     assert len(group_top) >= 3
     # brute force: every stored example on harmful documents, one per context, strongest first
@@ -56,18 +56,26 @@ def test_harmful_documents_only_shows_the_group_top_first(synth_cache: Path, mon
     at.selectbox(key="feat_group").set_value("harmful").run()
     assert not at.exception and at.query_params["group"] in (["harmful"], "harmful")
     body = html_text(at)
-    assert _shown_docs(body) == [e["doc_id"] for e in expect[:8]]
+    assert _shown_docs(body)[: len(expect[:8])] == [e["doc_id"] for e in expect[:8]]
     assert "#1 on harmful" in body and 'data-doc-link="' in body
     assert (
         "top 5 contexts within harmful documents" in " ".join(x.value for x in at.caption)
         or len(group_top) < 5
     )
+    # then the group's quantile bands, strongest interval first, as stored
+    bands = sorted(
+        (e for e in ex if e["kind"] == "group_quantile" and e["group"] == "harmful"),
+        key=lambda e: (-e["quantile"], e["rank"]),
+    )
+    assert bands and "Weaker activations on harmful documents" in " ".join(m.value for m in at.markdown)
+    assert _shown_docs(body)[len(expect[:8]) :] == [e["doc_id"] for e in bands[:8]]
 
     # one harm category: only its examples, or a plain statement that none is stored
     cat = next(e["category"] for e in expect)
     at.selectbox(key="feat_category").set_value(cat).run()
     assert not at.exception
-    assert _shown_docs(html_text(at)) == [e["doc_id"] for e in expect if e["category"] == cat][:8]
+    in_cat = [e["doc_id"] for e in expect if e["category"] == cat][:8]
+    assert _shown_docs(html_text(at)) == in_cat + [e["doc_id"] for e in bands if e["category"] == cat][:8]
     assert "not per category" in " ".join(x.value for x in at.caption)  # it does not pose as a category top
     other = next(k for k in E.harm_categories(c, h, ex) if all(e["category"] != k for e in harmful))
     at.selectbox(key="feat_category").set_value(other).run()
@@ -209,7 +217,9 @@ def test_side_by_side_filters_both_features_to_the_same_group(synth_cache: Path,
     expect = []
     for f in (t, h):
         rows = E.group_examples(c.examples_of(f), "harmful").examples
-        expect += [e["doc_id"] for e in rows[:8]] if c.features.loc[f, "freq_harmful"] > 0 else []
+        bands = E.group_quantiles(c.examples_of(f), "harmful")  # each side: its top there, then its bands
+        if c.features.loc[f, "freq_harmful"] > 0:
+            expect += [e["doc_id"] for e in rows[:8]] + [e["doc_id"] for e in bands[:8]]
     assert shown == expect and shown
 
 

@@ -129,11 +129,15 @@ def check_export(cache: Path, source: Path, batch_size: int = BATCH_SIZE) -> Non
 
     acts = _lines(_batches(source / "activations"))
     # a group_top example whose context the feature already shows (as top, or for another group) is
-    # left out: Neuronpedia would list the same text twice
+    # left out: Neuronpedia would list the same text twice; per-group quantile samples are left out
+    # (Neuronpedia's bins are the feature's global intervals)
+    assert (examples.kind == "group_quantile").any()
     tops = examples[examples.kind == "top"]
     shown = set(zip(tops.feature, tops.context_id, strict=True))
     keep = []
     for _, row in examples.iterrows():
+        if row["kind"] == "group_quantile":
+            continue
         key = (row["feature"], row["context_id"])
         if row["kind"] == "group_top":
             if key in shown:

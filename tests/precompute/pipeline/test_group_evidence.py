@@ -92,11 +92,65 @@ def test_group_histograms_split_the_histogram_exactly(built_cache, dense) -> Non
         np.testing.assert_array_equal(by_group[:, gi].sum(axis=1), fires)
 
 
-def test_no_group_top_examples_when_the_option_is_zero(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path):
+def test_no_group_examples_when_the_options_are_zero(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path):
     from precompute.pipeline.run import run_precompute
     from tests.precompute.pipeline.test_run import make_cfg
 
     out = tmp_path / "c"
     run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, out, top_k_per_group=0), ("harvest",))
     examples = pd.read_parquet(out / "examples.parquet")
+    assert set(examples["kind"]) == {"top", "quantile", "group_quantile"}  # the two options are independent
+    run_precompute(
+        make_cfg(
+            tiny_model_dir, tiny_sae_dir, tiny_corpus, out, top_k_per_group=0, per_bin_group=0, overwrite=True
+        ),
+        ("harvest",),
+    )
+    examples = pd.read_parquet(out / "examples.parquet")
     assert set(examples["kind"]) == {"top", "quantile"}
+
+
+def test_group_quantile_samples_equal_a_brute_force_draw(built_cache) -> None:  # noqa: F811
+    """Per (feature, group, activation interval): the `per_bin_group` contexts with the smallest stable
+    keys among those whose max on the group's tokens falls in the interval, leaving out the group's
+    top contexts, ranked in interval order - recomputed from the shards, one context at a time."""
+    from precompute.pipeline.aggregate import _stable_key
+
+    out, cfg = built_cache
+    k, qb = cfg.per_bin_group, cfg.quantile_bins
+    assert k == 1  # the default: the test must exercise it
+    docs = pd.read_parquet(out / "documents.parquet").set_index("doc_id")["group"]
+    score: dict[
+        tuple[int, str, int], np.float32
+    ] = {}  # (feature, group, context) -> max on the group's tokens
+    act_max = np.zeros(64, np.float32)
+    for path in list_shards(out / "harvest"):
+        shard = Shard.load(path)
+        m = shard.matrix(64).toarray().astype(np.float32)
+        act_max = np.maximum(act_max, m.max(axis=0))
+        for r in range(shard.n_rows):
+            g, c = docs[int(shard.doc_id[r])], int(shard.context_id[r])
+            for f in np.flatnonzero(m[r] > 0):
+                key = (int(f), g, c)
+                score[key] = max(score.get(key, np.float32(0)), m[r, f])
+    examples = pd.read_parquet(out / "examples.parquet")
+    got_all = examples[examples.kind == "group_quantile"]
+    gtop = examples[examples.kind == "group_top"]
+    checked = 0
+    for f in range(64):
+        for g in ["benign", "control", "harmful", "task"]:
+            cells: dict[int, list[tuple[int, int]]] = {}
+            for (ff, gg, c), v in score.items():
+                if ff == f and gg == g:
+                    b = min(int(v / act_max[f] * qb), qb - 1)
+                    cells.setdefault(b, []).append(
+                        (int(_stable_key(cfg.seed, np.array([f]), np.array([c]))[0]), c)
+                    )
+            top = set(gtop[(gtop.feature == f) & (gtop.group == g)].context_id)
+            want = [(b / qb, c) for b in range(qb) for _, c in sorted(cells.get(b, []))[:k] if c not in top]
+            got = got_all[(got_all.feature == f) & (got_all.group == g)].sort_values("rank")
+            assert got["rank"].tolist() == list(range(len(got)))
+            assert list(zip(got["quantile"], got["context_id"], strict=True)) == want, (f, g)
+            assert got["max_activation"].tolist() == pytest.approx([float(score[(f, g, c)]) for _, c in want])
+            checked += len(want)
+    assert checked > 50

@@ -124,17 +124,20 @@ def group_examples_block(
         st.info(f"None of #{feature}'s stored examples comes from {where} documents.")
         return
     scale = max((float(e.get("max_activation") or 0) for e in rows), default=1.0)
-    st.html(
-        F.examples_html(
-            rows[:n_top],
+
+    def show(examples: list[dict[str, Any]], ranks: str = "rank") -> None:
+        html = F.examples_html(
+            examples[:n_top],
             scale=scale,
             color=color,
             window=window,
             documents=cache.documents,
             doc_href=doc_href(feature),
-            ranks="overall",
+            ranks=ranks,
         )
-    )
+        st.html(html)
+
+    show(rows, ranks="overall")
     merged_caption(merged.n_merged, f"{where} examples")
     if len(rows) > n_top:
         st.caption(f"{len(rows) - n_top} more — raise “examples shown”.")
@@ -146,16 +149,7 @@ def group_examples_block(
             f"q × its maximum up), peak taken on {group} tokens only: what it does on {where} text below "
             "its top there."
         )
-        st.html(
-            F.examples_html(
-                bands[:n_top],
-                scale=scale,
-                color=color,
-                window=window,
-                documents=cache.documents,
-                doc_href=doc_href(feature),
-            )
-        )
+        show(bands)
 
 
 def peaks_caption(cache: CacheData, feature: int) -> None:

@@ -64,12 +64,15 @@ _ISOLATED_POINTS_JS = """([k, gap, avoid]) => {
 
 
 class WsRecorder:
-    """Bytes the server sends over Streamlit's websocket and how each script run ends (decoded
-    ForwardMsg.script_finished: 0 the whole script, 3 a fragment run)."""
+    """Bytes the server sends over Streamlit's websocket, how each script run ends (decoded
+    ForwardMsg.script_finished: 0 the whole script, 3 a fragment run), the charts sent in full (their
+    trace names and spec sizes) and the messages sent as a reference to one the browser has cached."""
 
     def __init__(self, page: Any) -> None:
         self.bytes = 0
         self.finished: list[int] = []
+        self.charts: list[tuple[list[str], int]] = []
+        self.refs = 0
         page.on("websocket", lambda ws: ws.on("framereceived", self._frame))
 
     def _frame(self, payload: Any) -> None:
@@ -82,20 +85,31 @@ class WsRecorder:
             msg = ForwardMsg.FromString(payload)
         except Exception:  # a frame that is not a ForwardMsg counts as bytes only
             return
-        if msg.WhichOneof("type") == "script_finished":
+        kind = msg.WhichOneof("type")
+        if kind == "script_finished":
             self.finished.append(int(msg.script_finished))
+        elif kind == "ref_hash":
+            self.refs += 1
+        elif kind == "delta" and msg.delta.new_element.WhichOneof("type") == "plotly_chart":
+            spec = msg.delta.new_element.plotly_chart.spec
+            names = [str(t.get("name", "")) for t in json.loads(spec).get("data", [])]
+            self.charts.append((names, len(spec)))
 
     def reset(self) -> None:
         self.bytes = 0
         self.finished = []
+        self.charts = []
+        self.refs = 0
 
 
 def map_ready(page: Any, name: str | None = None) -> None:
-    """Wait until the map is drawn (and, with `name`, has a trace of that name)."""
+    """Wait until the map is drawn (and, with `name`, has a trace of that name in its base or its
+    selection overlay)."""
     page.wait_for_function(
         """(name) => { const gd = document.querySelector('.js-plotly-plot');
             return !!(gd && gd.data && gd._fullLayout && gd._fullLayout.xaxis)
-                && (!name || gd.data.some(t => t.name === name)); }""",
+                && (!name || [...document.querySelectorAll('.js-plotly-plot')]
+                    .some(g => (g.data || []).some(t => t.name === name))); }""",
         arg=name,
         timeout=300000,
     )

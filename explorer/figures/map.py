@@ -166,7 +166,7 @@ def map_layers(
     detail = "a fixed sample, and every neighbour of the selection"
     _map_layout(base, color_by, height, title, len(idx), len(x), detail)
     overlay = go.Figure()
-    _add_selection(overlay, features, selection)
+    _add_selection(overlay, features, selection, trace=go.Scatter)  # SVG: a click starts no WebGL context
     overlay.update_traces(showlegend=False)
     _map_layout(overlay, color_by, height, title, len(idx), len(x), detail)
     overlay.update_layout(
@@ -304,7 +304,9 @@ def line_width(cos: float, threshold: float, lo: float = 1.0, hi: float = 9.0) -
     return float(lo + (hi - lo) * min(1.0, max(0.0, t)))
 
 
-def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> None:
+def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection, trace: Any = go.Scattergl) -> None:
+    """The star, the neighbours above the threshold and the lines to them, as `trace`s (WebGL on the one-figure
+    map, where they must lie above the WebGL points; SVG on the overlay, which then needs no WebGL context)."""
     x = features["umap_x"].to_numpy()
     y = features["umap_y"].to_numpy()
     hover = features["hover"].to_numpy(dtype=object)
@@ -329,7 +331,7 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
             ys += [y0, float(y[j]), None]
             cd += [j, j, None]
         fig.add_trace(
-            go.Scattergl(
+            trace(
                 x=xs,
                 y=ys,
                 customdata=cd,
@@ -365,7 +367,7 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
             else {"size": size, "color": "white", "line": {"width": 2, "color": "#475569"}}
         )
         fig.add_trace(
-            go.Scattergl(
+            trace(
                 x=x[ids],
                 y=y[ids],
                 mode="markers",
@@ -380,7 +382,7 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
     color = role_color(me)
     edge = {"width": 3, "color": TASK} if me == BOTH else {"width": 2, "color": "white"}
     fig.add_trace(
-        go.Scattergl(
+        trace(
             x=[x0],
             y=[y0],
             mode="markers",

@@ -257,6 +257,7 @@ def test_map_layers_base_is_the_same_for_any_selection() -> None:
     n_base = len([t for t in whole.data if t.name == "harm score"])
     sel_traces = whole.data[n_base:]
     assert [t.name for t in overlay.data] == [t.name for t in sel_traces]
+    assert {t.type for t in overlay.data} == {"scatter"}, "SVG: redrawing the overlay needs no WebGL context"
     for a, b in zip(overlay.data, sel_traces, strict=True):
         assert list(a.x) == list(b.x) and list(a.y) == list(b.y) and a.showlegend is False
     assert edge_ends(overlay) == edge_ends(whole)

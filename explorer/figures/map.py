@@ -167,13 +167,15 @@ def map_layers(
     _map_layout(base, color_by, height, title, len(idx), len(x), detail)
     overlay = go.Figure()
     _add_selection(overlay, features, selection, trace=go.Scatter)  # SVG: a click starts no WebGL context
-    overlay.update_traces(showlegend=False)
     _map_layout(overlay, color_by, height, title, len(idx), len(x), detail)
     overlay.update_layout(
         paper_bgcolor="rgba(0,0,0,0)",
         plot_bgcolor="rgba(0,0,0,0)",
         title_font_color="rgba(0,0,0,0)",  # the base draws the title; this one only reserves its room
-        showlegend=False,
+        # the selection's legend inside the plot, top left: the base's own (categories) lies below it
+        showlegend=True,
+        legend={"orientation": "h", "x": 0.01, "y": 0.99, "xanchor": "left", "yanchor": "top"},
+        legend_bgcolor="rgba(255,255,255,0.8)",
         hovermode=False,
         margin={"autoexpand": False},
     )

@@ -374,6 +374,9 @@ def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
     base, overlay = F.map_layers(cache.features, color_by, sel, max_points=state.max_points())
     st.html(LAYERS_HTML, unsafe_allow_javascript=True)
     with st.container(key=KEY_LAYERS):
+        # the overlay first: when the base is sent in full (first view, colour change) the small overlay
+        # does not wait behind it; it is absolutely placed, so the order does not change the layout
+        st.plotly_chart(overlay, key=KEY_OVERLAY, config={"displayModeBar": False, "staticPlot": True})
         st.plotly_chart(
             base,
             key=KEY_CHART,
@@ -381,7 +384,6 @@ def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
             selection_mode="points",
             config=state.chart_config("feature-map"),
         )
-        st.plotly_chart(overlay, key=KEY_OVERLAY, config={"displayModeBar": False, "staticPlot": True})
     st.caption(
         f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
         "line width grows with cosine. Hover a dot for its label, scores and top tokens; click to "

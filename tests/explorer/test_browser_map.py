@@ -111,7 +111,7 @@ SELECTION_TRACES = ("harmful neighbour", "task and harmful neighbour", "other ne
 def _dot(page: Any, feature: int) -> tuple[float, float]:
     """Page coordinates of `feature`'s dot on the base map."""
     xy = page.evaluate(
-        """(f) => { const gd = document.querySelector('.js-plotly-plot');
+        """(f) => { const gd = document.querySelector('.st-key-map_chart .js-plotly-plot');
           const L = gd._fullLayout, r = gd.getBoundingClientRect();
           for (const t of gd._fullData) {
             const i = t.customdata ? Array.from(t.customdata).indexOf(f) : -1;

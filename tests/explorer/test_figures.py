@@ -259,7 +259,7 @@ def test_map_layers_base_is_the_same_for_any_selection() -> None:
     assert [t.name for t in overlay.data] == [t.name for t in sel_traces]
     assert {t.type for t in overlay.data} == {"scatter"}, "SVG: redrawing the overlay needs no WebGL context"
     for a, b in zip(overlay.data, sel_traces, strict=True):
-        assert list(a.x) == list(b.x) and list(a.y) == list(b.y) and a.showlegend is False
+        assert list(a.x) == list(b.x) and list(a.y) == list(b.y) and a.showlegend == b.showlegend
     assert edge_ends(overlay) == edge_ends(whole)
     assert [a.text for a in overlay.layout.annotations] == ["<b>#3</b>"]
     for k in ("height", "uirevision"):
@@ -271,6 +271,7 @@ def test_map_layers_base_is_the_same_for_any_selection() -> None:
     assert list(overlay.layout.xaxis.range) == list(base.layout.xaxis.range) == [-1.08, 1.08]
     assert list(overlay.layout.yaxis.range) == list(base.layout.yaxis.range) == [-1.08, 1.08]
     assert overlay.layout.paper_bgcolor == overlay.layout.plot_bgcolor == "rgba(0,0,0,0)"
+    assert overlay.layout.showlegend and overlay.layout.legend.y == 0.99, "its legend inside, at the top"
 
 
 def test_map_layers_decimated_base_ignores_the_selection() -> None:

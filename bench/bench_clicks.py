@@ -39,7 +39,8 @@ HEADER = "Feature #{}"
 # points of the map's base layer at least `gap` pixels from every other drawn point, so a click lands on
 # exactly that one: [[feature, x, y], ...] in page coordinates
 _ISOLATED_POINTS_JS = """([k, gap, avoid]) => {
-  const gd = document.querySelector('.js-plotly-plot');
+  const BASE_PLOT = '.st-key-map_chart .js-plotly-plot';
+  const gd = document.querySelector(BASE_PLOT);
   const L = gd._fullLayout, r = gd.getBoundingClientRect();
   const px = (t, i) => [r.left + L._size.l + L.xaxis.l2p(t.x[i]), r.top + L._size.t + L.yaxis.l2p(t.y[i])];
   const all = [];
@@ -64,12 +65,15 @@ _ISOLATED_POINTS_JS = """([k, gap, avoid]) => {
 
 
 class WsRecorder:
-    """Bytes the server sends over Streamlit's websocket and how each script run ends (decoded
-    ForwardMsg.script_finished: 0 the whole script, 3 a fragment run)."""
+    """Bytes the server sends over Streamlit's websocket, how each script run ends (decoded
+    ForwardMsg.script_finished: 0 the whole script, 3 a fragment run), the charts sent in full (their
+    trace names and spec sizes) and the messages sent as a reference to one the browser has cached."""
 
     def __init__(self, page: Any) -> None:
         self.bytes = 0
         self.finished: list[int] = []
+        self.charts: list[tuple[list[str], int]] = []
+        self.refs = 0
         page.on("websocket", lambda ws: ws.on("framereceived", self._frame))
 
     def _frame(self, payload: Any) -> None:
@@ -82,20 +86,31 @@ class WsRecorder:
             msg = ForwardMsg.FromString(payload)
         except Exception:  # a frame that is not a ForwardMsg counts as bytes only
             return
-        if msg.WhichOneof("type") == "script_finished":
+        kind = msg.WhichOneof("type")
+        if kind == "script_finished":
             self.finished.append(int(msg.script_finished))
+        elif kind == "ref_hash":
+            self.refs += 1
+        elif kind == "delta" and msg.delta.new_element.WhichOneof("type") == "plotly_chart":
+            spec = msg.delta.new_element.plotly_chart.spec
+            names = [str(t.get("name", "")) for t in json.loads(spec).get("data", [])]
+            self.charts.append((names, len(spec)))
 
     def reset(self) -> None:
         self.bytes = 0
         self.finished = []
+        self.charts = []
+        self.refs = 0
 
 
 def map_ready(page: Any, name: str | None = None) -> None:
-    """Wait until the map is drawn (and, with `name`, has a trace of that name)."""
+    """Wait until the map is drawn (and, with `name`, has a trace of that name in its base or its
+    selection overlay)."""
     page.wait_for_function(
-        """(name) => { const gd = document.querySelector('.js-plotly-plot');
+        """(name) => { const gd = document.querySelector('.st-key-map_chart .js-plotly-plot');
             return !!(gd && gd.data && gd._fullLayout && gd._fullLayout.xaxis)
-                && (!name || gd.data.some(t => t.name === name)); }""",
+                && (!name || [...document.querySelectorAll('.js-plotly-plot')]
+                    .some(g => (g.data || []).some(t => t.name === name))); }""",
         arg=name,
         timeout=300000,
     )
@@ -106,7 +121,7 @@ def isolated_points(page: Any, k: int, avoid: list[int]) -> list[tuple[int, floa
     for attempt in range(3):  # the chart may be replaced by a redraw under our feet: find it again
         map_ready(page)
         try:
-            page.locator(".js-plotly-plot").first.scroll_into_view_if_needed(timeout=10000)
+            page.locator(".st-key-map_chart .js-plotly-plot").scroll_into_view_if_needed(timeout=10000)
             break
         except Exception:
             if attempt == 2:
@@ -296,8 +311,9 @@ def render_markdown(results: dict[str, Any], cmd: str, note: str = "") -> str:
         f"Measured {results['date']} with `{cmd}` ({os.cpu_count()} cores). Real `streamlit run` server "
         "driven by headless Chromium (software WebGL), median of the repeats. *fragments*: a click reruns "
         "only the side panel and the map (`st.fragment`); *full page*: `FEATUREGEOM_NO_FRAGMENTS=1`, "
-        "every click reruns the whole page (as before this change, except that the panel is now drawn before the map in both modes). Goal: click → panel < 1 s at 4k features, "
-        "< 2 s at 262k.",
+        "every click reruns the whole page; *before*: `--before`'s checkout, same cache and browser. Bytes "
+        "per click: what the websocket carried from the click until the page was idle. Goal: click → panel "
+        "< 1 s at 4k features, < 2 s at 262k.",
     ]
     if note:
         lines += ["", note]

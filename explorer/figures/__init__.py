@@ -51,6 +51,7 @@ from explorer.figures.map import (
     decimate,
     line_width,
     map_figure,
+    map_layers,
 )
 from explorer.figures.story import (
     category_counts_figure,
@@ -156,6 +157,7 @@ __all__ = [
     "histogram_figure",
     "line_width",
     "map_figure",
+    "map_layers",
     "neighbour_table",
     "nulls_figure",
     "plotly_config",

@@ -116,61 +116,17 @@ def map_figure(
     Neighbours are joined to the selection by lines whose width grows with cosine; only those
     at or above `selection.threshold` are drawn.
     """
-    if color_by not in COLOR_MODES:
-        raise ValueError(f"color_by must be one of {list(COLOR_MODES)}")
+    _check_mode(color_by)
     x = features["umap_x"].to_numpy(dtype=np.float64)
     y = features["umap_y"].to_numpy(dtype=np.float64)
-    fig = go.Figure()
     keep: list[int] = []
     focus = None
     if selection is not None:
         keep = [selection.feature, *selection.neighbours]
         focus = (x[selection.feature], y[selection.feature])
     idx = decimate(x, y, max_points, keep=keep, focus=focus, seed=seed)
-    decimated = len(idx) < len(x)
-    if decimated:
-        fig.add_trace(_density(x, y))
-    sub = features.iloc[idx]
-    hover = sub["hover"].to_numpy(dtype=object)
-    ids = sub["feature"].to_numpy()
-    col = COLOR_MODES[color_by]
-    marker_size = 5 if len(idx) <= 5000 else 3.5 if len(idx) <= 50000 else 2.5
     fade = 0.55 if selection is not None else 0.85  # the selection stands out against a muted map
-    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
-    if col == "harm_category":
-        _category_traces(fig, sub, hover, ids, marker_size, fade, common)
-    else:
-        vals = sub[col].to_numpy(dtype=np.float64)
-        if col == "frequency":
-            vals = np.log10(np.clip(vals, 1e-7, 1))
-            cbar = {"title": {"text": "log₁₀ rate"}, "thickness": 12, "len": 0.6}
-            scale: Any = "Viridis"
-            cmin, cmax = -6.0, 0.0
-        else:
-            cbar = {"title": {"text": color_by}, "thickness": 12, "len": 0.6}
-            scale = HARM_SCALE if col == "harm_score" else TASK_SCALE
-            cmin, cmax = 0.0, 1.0
-        order = np.argsort(np.nan_to_num(vals, nan=-np.inf), kind="stable")  # strongest drawn on top
-        fig.add_trace(
-            go.Scattergl(
-                x=sub["umap_x"].to_numpy()[order],
-                y=sub["umap_y"].to_numpy()[order],
-                text=hover[order],
-                customdata=ids[order],
-                name=color_by,
-                showlegend=False,
-                marker={
-                    "size": marker_size,
-                    "color": vals[order],
-                    "colorscale": scale,
-                    "cmin": cmin,
-                    "cmax": cmax,
-                    "colorbar": cbar,
-                    "opacity": fade,
-                },
-                **common,
-            )
-        )
+    fig = _base_traces(features, color_by, idx, fade)
     if selection is not None:
         _add_selection(fig, features, selection)
     # the title says what the map shows, so a downloaded PNG does too (plain text; `titled` escapes it)
@@ -178,15 +134,126 @@ def map_figure(
         title = f"Feature map coloured by {color_by}" + (
             f", feature #{selection.feature} selected with its neighbours above chance" if selection else ""
         )
+    return _map_layout(fig, color_by, height, title, len(idx), len(x))
+
+
+def map_layers(
+    features: pd.DataFrame,
+    color_by: str,
+    selection: Selection,
+    max_points: int = 40000,
+    height: int = 640,
+    seed: int = 0,
+) -> tuple[go.Figure, go.Figure]:
+    """map_figure split in two for a page that redraws only what a click changes: the base (every point,
+    the same for any selection, so its serialized spec is byte-identical between clicks and Streamlit's
+    message cache sends a reference instead of the figure) and the overlay (the selection, its
+    neighbours and lines, on a transparent figure with the same size, title, margins and axes, drawn over
+    the base). Above `max_points` the base is the fixed sample alone: the overlay draws the neighbours,
+    so no per-selection detail is needed there. The base ignores plotly's own selection styling (a
+    clicked dot would dim all others until the next figure)."""
+    _check_mode(color_by)
+    x = features["umap_x"].to_numpy(dtype=np.float64)
+    y = features["umap_y"].to_numpy(dtype=np.float64)
+    idx = decimate(x, y, max_points, seed=seed)
+    fade = 0.55
+    base = _base_traces(features, color_by, idx, fade)
+    for t in base.data:
+        if t.type == "scattergl":
+            op = t.marker.opacity
+            t.update(selected={"marker": {"opacity": op}}, unselected={"marker": {"opacity": op}})
+    title = f"Feature map coloured by {color_by}"
+    detail = "a fixed sample, and every neighbour of the selection"
+    _map_layout(base, color_by, height, title, len(idx), len(x), detail)
+    overlay = go.Figure()
+    _add_selection(overlay, features, selection, trace=go.Scatter)  # SVG: a click starts no WebGL context
+    _map_layout(overlay, color_by, height, title, len(idx), len(x), detail)
+    overlay.update_layout(
+        paper_bgcolor="rgba(0,0,0,0)",
+        plot_bgcolor="rgba(0,0,0,0)",
+        title_font_color="rgba(0,0,0,0)",  # the base draws the title; this one only reserves its room
+        # the selection's legend inside the plot, top left: the base's own (categories) lies below it
+        showlegend=True,
+        legend={"orientation": "h", "x": 0.01, "y": 0.99, "xanchor": "left", "yanchor": "top"},
+        legend_bgcolor="rgba(255,255,255,0.8)",
+        hovermode=False,
+        margin={"autoexpand": False},
+    )
+    return base, overlay
+
+
+def _check_mode(color_by: str) -> None:
+    if color_by not in COLOR_MODES:
+        raise ValueError(f"color_by must be one of {list(COLOR_MODES)}")
+
+
+def _map_layout(
+    fig: go.Figure,
+    color_by: str,
+    height: int,
+    title: str,
+    drawn: int,
+    n: int,
+    detail: str = "full detail near the selection",
+) -> go.Figure:
+    """Layout shared by the map and its two layers: size, title (with the decimation note), fixed axes."""
     base_layout(fig, height, dragmode="pan", legend={"orientation": "h", "y": -0.02, "x": 0})
     titled(fig, title)
-    if decimated:
-        note = f"{len(idx):,} of {len(x):,} features drawn (full detail near the selection; grey = density of all)"
+    if drawn < n:
+        note = f"{drawn:,} of {n:,} features drawn ({detail}; grey = density of all)"
         fig.update_layout(title_text=f"{fig.layout.title.text}<br><span style='font-size:12px'>{note}</span>")
         fig.update_layout(margin={"t": 66})
     fig.update_xaxes(visible=False, range=[-1.08, 1.08])
     fig.update_yaxes(visible=False, range=[-1.08, 1.08])
     fig.update_layout(uirevision=f"map-{color_by}")
+    return fig
+
+
+def _base_traces(features: pd.DataFrame, color_by: str, idx: np.ndarray, fade: float) -> go.Figure:
+    """A figure with the points `idx` coloured by `color_by` (and the density of all when decimated)."""
+    fig = go.Figure()
+    if len(idx) < len(features):
+        fig.add_trace(_density(features["umap_x"].to_numpy(float), features["umap_y"].to_numpy(float)))
+    sub = features.iloc[idx]
+    hover = sub["hover"].to_numpy(dtype=object)
+    ids = sub["feature"].to_numpy()
+    col = COLOR_MODES[color_by]
+    marker_size = 5 if len(idx) <= 5000 else 3.5 if len(idx) <= 50000 else 2.5
+    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
+    if col == "harm_category":
+        _category_traces(fig, sub, hover, ids, marker_size, fade, common)
+        return fig
+    vals = sub[col].to_numpy(dtype=np.float64)
+    if col == "frequency":
+        vals = np.log10(np.clip(vals, 1e-7, 1))
+        cbar = {"title": {"text": "log₁₀ rate"}, "thickness": 12, "len": 0.6}
+        scale: Any = "Viridis"
+        cmin, cmax = -6.0, 0.0
+    else:
+        cbar = {"title": {"text": color_by}, "thickness": 12, "len": 0.6}
+        scale = HARM_SCALE if col == "harm_score" else TASK_SCALE
+        cmin, cmax = 0.0, 1.0
+    order = np.argsort(np.nan_to_num(vals, nan=-np.inf), kind="stable")  # strongest drawn on top
+    fig.add_trace(
+        go.Scattergl(
+            x=sub["umap_x"].to_numpy()[order],
+            y=sub["umap_y"].to_numpy()[order],
+            text=hover[order],
+            customdata=ids[order],
+            name=color_by,
+            showlegend=False,
+            marker={
+                "size": marker_size,
+                "color": vals[order],
+                "colorscale": scale,
+                "cmin": cmin,
+                "cmax": cmax,
+                "colorbar": cbar,
+                "opacity": fade,
+            },
+            **common,
+        )
+    )
     return fig
 
 
@@ -239,7 +306,9 @@ def line_width(cos: float, threshold: float, lo: float = 1.0, hi: float = 9.0) -
     return float(lo + (hi - lo) * min(1.0, max(0.0, t)))
 
 
-def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> None:
+def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection, trace: Any = go.Scattergl) -> None:
+    """The star, the neighbours above the threshold and the lines to them, as `trace`s (WebGL on the one-figure
+    map, where they must lie above the WebGL points; SVG on the overlay, which then needs no WebGL context)."""
     x = features["umap_x"].to_numpy()
     y = features["umap_y"].to_numpy()
     hover = features["hover"].to_numpy(dtype=object)
@@ -264,7 +333,7 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
             ys += [y0, float(y[j]), None]
             cd += [j, j, None]
         fig.add_trace(
-            go.Scattergl(
+            trace(
                 x=xs,
                 y=ys,
                 customdata=cd,
@@ -300,7 +369,7 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
             else {"size": size, "color": "white", "line": {"width": 2, "color": "#475569"}}
         )
         fig.add_trace(
-            go.Scattergl(
+            trace(
                 x=x[ids],
                 y=y[ids],
                 mode="markers",
@@ -315,7 +384,7 @@ def _add_selection(fig: go.Figure, features: pd.DataFrame, sel: Selection) -> No
     color = role_color(me)
     edge = {"width": 3, "color": TASK} if me == BOTH else {"width": 2, "color": "white"}
     fig.add_trace(
-        go.Scattergl(
+        trace(
             x=[x0],
             y=[y0],
             mode="markers",

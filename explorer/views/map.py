@@ -303,7 +303,66 @@ def pair_links(cache: CacheData, feature: int, h: int) -> None:
     )
 
 
+KEY_LAYERS, KEY_OVERLAY = "map_layers", "map_overlay"
+# The overlay lies over the base chart and lets every pointer event through to it (hover, click, pan);
+# the script keeps its plot area and axes on the base's, also while the reader pans or zooms. The base
+# keeps its clicked dot as its widget value between reruns (its spec does not change), and Streamlit
+# sends a click only when that value changes: once the page has moved to another feature (a neighbour
+# row, the search), the script clears that value and plotly's own selection (as a double click on the
+# map does), so a click on that dot selects it again. It reads plotly's state only (no page data) and
+# runs once per browser tab.
+_LAYERS_HTML = (
+    "<style>.st-key-OVERLAY_KEY{position:absolute;top:0;left:0;right:0;z-index:2}"
+    ".st-key-LAYERS_KEY{position:relative}"
+    ".st-key-OVERLAY_KEY,.st-key-OVERLAY_KEY *{pointer-events:none!important}</style>"
+    """<script>(() => {
+  if (window.__fgMapLayers) return;
+  window.__fgMapLayers = true;
+  const plot = (k) => document.querySelector(".st-key-" + k + " .js-plotly-plot");
+  const id = (cd) => (Array.isArray(cd) ? cd[0] : cd);
+  let clicked = null, shown = false;
+  const sync = () => {
+    const b = plot("BASE_KEY"), o = plot("OVERLAY_KEY");
+    if (!b || !o || !b._fullLayout || !o._fullLayout || !window.Plotly) return;
+    for (const gd of [b, o]) if (!gd.__fgSync) {
+      gd.__fgSync = true;
+      ["plotly_relayout", "plotly_relayouting", "plotly_afterplot"].forEach((e) => gd.on(e, sync));
+      if (gd === b) gd.on("plotly_click", (e) => {
+        clicked = e && e.points && e.points.length ? id(e.points[0].customdata) : null;
+        shown = false;
+      });
+    }
+    const star = (o.data || []).find((t) => String(t.name).startsWith("selected #"));
+    const cur = star && star.customdata ? id(star.customdata[0]) : null;
+    if (clicked !== null && cur !== null) {
+      if (cur === clicked) shown = true;
+      else if (shown) {
+        clicked = null;
+        window.Plotly.restyle(b, {selectedpoints: [null]});
+        b.emit("plotly_deselect", null);
+      }
+    }
+    const B = b._fullLayout, O = o._fullLayout, s = B._size, t = O._size;
+    const eq = (u, v) => u[0] === v[0] && u[1] === v[1];
+    if (eq(B.xaxis.range, O.xaxis.range) && eq(B.yaxis.range, O.yaxis.range)
+        && s.l === t.l && s.r === t.r && s.t === t.t && s.b === t.b) return;
+    window.Plotly.relayout(o, {"xaxis.range": B.xaxis.range.slice(), "yaxis.range": B.yaxis.range.slice(),
+      "margin.l": s.l, "margin.r": s.r, "margin.t": s.t, "margin.b": s.b});
+  };
+  setInterval(sync, 250);
+})();</script>"""
+)
+LAYERS_HTML = (
+    _LAYERS_HTML.replace("LAYERS_KEY", KEY_LAYERS)
+    .replace("OVERLAY_KEY", KEY_OVERLAY)
+    .replace("BASE_KEY", KEY_CHART)
+)
+
+
 def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
+    """The map as two charts: the base (every point, the same spec for any selection, so Streamlit's
+    message cache sends a reference to it on a click) and the selection overlay drawn over it (the only
+    chart a click changes). A click on a dot reaches the base: it selects that dot."""
     sel = F.Selection(
         feature=feature,
         neighbours=nb["feature"].tolist(),
@@ -312,14 +371,19 @@ def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
         threshold=threshold(cache),
     )
     color_by = str(st.session_state.get(KEY_COLOR) or next(iter(F.COLOR_MODES)))
-    fig = F.map_figure(cache.features, color_by, sel, max_points=state.max_points())
-    st.plotly_chart(
-        fig,
-        key=KEY_CHART,
-        on_select=partial(_on_click, cache),
-        selection_mode="points",
-        config=state.chart_config(f"map-{feature}"),
-    )
+    base, overlay = F.map_layers(cache.features, color_by, sel, max_points=state.max_points())
+    st.html(LAYERS_HTML, unsafe_allow_javascript=True)
+    with st.container(key=KEY_LAYERS):
+        # the overlay first: when the base is sent in full (first view, colour change) the small overlay
+        # does not wait behind it; it is absolutely placed, so the order does not change the layout
+        st.plotly_chart(overlay, key=KEY_OVERLAY, config={"displayModeBar": False, "staticPlot": True})
+        st.plotly_chart(
+            base,
+            key=KEY_CHART,
+            on_select=partial(_on_click, cache),
+            selection_mode="points",
+            config=state.chart_config("feature-map"),
+        )
     st.caption(
         f"★ selected feature #{feature} · red dots: harmful neighbours · grey dots: other neighbours · "
         "line width grows with cosine. Hover a dot for its label, scores and top tokens; click to "

@@ -120,6 +120,32 @@ def test_map_query_param_and_search(synth_cache: Path, monkeypatch: pytest.Monke
     assert any(m.value.startswith("**0 of 32 neighbours**") for m in at.markdown)
 
 
+def test_map_base_chart_is_byte_identical_across_selections(
+    synth_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Selecting another feature changes only the selection overlay: the base chart's element (what
+    Streamlit hashes for its message cache) is the same bytes, so a click does not resend every point."""
+    c = load_cache(synth_cache)
+    t, h = c.default_pair()
+    at = run_page("views/map.py", synth_cache, monkeypatch, feature=str(t))
+
+    def charts() -> tuple[bytes, str]:
+        specs = [ch.proto for ch in at.get("plotly_chart")]
+        base = [p for p in specs if '"name":"harm score"' in p.spec]
+        over = [p for p in specs if '"name":"selected #' in p.spec]
+        assert len(base) == len(over) == 1 and len(specs) == 2, [p.spec[:80] for p in specs]
+        assert "selected #" not in base[0].spec
+        return base[0].SerializeToString(deterministic=True), over[0].spec
+
+    base, over = charts()
+    assert f'"name":"selected #{t}"' in over
+    at.text_input(key="map_q").input(str(h)).run()
+    assert not at.exception and f"Feature #{h}" in html_text(at)
+    base2, over2 = charts()
+    assert base2 == base
+    assert f'"name":"selected #{h}"' in over2 and over2 != over
+
+
 def test_invalid_feature_param_warns(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = run_page("views/feature.py", synth_cache, monkeypatch, feature="999999")
     assert not at.exception and at.warning and "not in this cache" in at.warning[0].value

@@ -145,13 +145,13 @@ def test_map_click_selects_feature(server: Any, page: Any, pair: tuple[int, int]
     wait_for_app(page)
     expect(page.get_by_text(f"Feature #{t}", exact=True)).to_be_visible()
     page.wait_for_function(
-        "() => { const gd = document.querySelector('.js-plotly-plot');"
+        "() => { const gd = document.querySelector('.st-key-map_chart .js-plotly-plot');"
         " return !!(gd && gd.data && gd._fullLayout && gd._fullLayout.xaxis); }"
     )
     page.wait_for_timeout(500)
     # pixel position of the top-drawn point of the base layer (the highest harm score), from plotly's axes
     target, x, y = page.evaluate(
-        """(sel) => { const gd = document.querySelector('.js-plotly-plot');
+        """(sel) => { const gd = document.querySelector('.st-key-map_chart .js-plotly-plot');
             const tr = gd._fullData.find(t => t.name === 'harm score');
             let i = tr.customdata.length - 1;
             if (tr.customdata[i] === sel) i -= 1;

@@ -103,3 +103,85 @@ def test_neighbour_row_click_selects_it(server: Any, page: Any, browser_cache_di
     wait_for_app(page)
     assert re.search(rf"[?&]feature={first}\b", page.url), page.url
     assert FRAGMENT_RUN in rec.finished and FULL_RUN not in rec.finished, rec.finished
+
+
+SELECTION_TRACES = ("harmful neighbour", "task and harmful neighbour", "other neighbour")
+
+
+def _dot(page: Any, feature: int) -> tuple[float, float]:
+    """Page coordinates of `feature`'s dot on the base map."""
+    xy = page.evaluate(
+        """(f) => { const gd = document.querySelector('.st-key-map_chart .js-plotly-plot');
+          const L = gd._fullLayout, r = gd.getBoundingClientRect();
+          for (const t of gd._fullData) {
+            const i = t.customdata ? Array.from(t.customdata).indexOf(f) : -1;
+            if (i >= 0) return [r.left + L._size.l + L.xaxis.l2p(t.x[i]), r.top + L._size.t + L.yaxis.l2p(t.y[i])];
+          }
+          return null; }""",
+        feature,
+    )
+    assert xy, f"#{feature} is drawn"
+    return float(xy[0]), float(xy[1])
+
+
+def _geometry(page: Any) -> list[Any]:
+    """Plot area and axis ranges of the base and of the overlay, as plotly drew them."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('.js-plotly-plot')].map(g => {
+            const L = g._fullLayout, s = L._size;
+            return [s.l, s.t, s.w, s.h, L.xaxis.range.map(v => +v.toFixed(6)), L.yaxis.range.map(v => +v.toFixed(6))];
+        })"""
+    )
+
+
+def test_click_resends_only_the_selection_layer(server: Any, page: Any, browser_cache_dir: Path) -> None:
+    """A click sends the selection overlay and a reference to the base map the browser already holds
+    (Streamlit's message cache): the base's points are not sent again, and what is sent is a small
+    fraction of the base. The overlay stays on the base's plot area, also after a pan."""
+    from playwright.sync_api import expect
+
+    t = load_cache(browser_cache_dir, verify=False).default_feature()
+    rec = open_map(page, server, t)
+    wait_for_app(page)
+    base_size = max(size for names, size in rec.charts if "harm score" in names)
+    seen = [t]
+    for _ in range(2):
+        h, x, y = isolated_points(page, 1, seen)[0]
+        seen.append(h)
+        page.mouse.move(x, y)
+        page.wait_for_timeout(300)
+        rec.reset()
+        page.mouse.click(x, y)
+        expect(page.get_by_text(f"Feature #{h}", exact=True)).to_be_visible()
+        map_ready(page, f"selected #{h}")
+        wait_for_app(page)
+        sent = [n for names, _ in rec.charts for n in names]
+        assert f"selected #{h}" in sent, rec.charts
+        extra = {n for n in sent if n != f"selected #{h}" and n not in SELECTION_TRACES}
+        assert all(n.startswith("edges ") for n in extra), f"only the selection is sent: {rec.charts}"
+        assert rec.refs >= 1, "the base map is sent as a reference to the cached one"
+        assert rec.bytes < base_size / 3, (rec.bytes, base_size)  # before: the whole figure, > base_size
+    page.wait_for_timeout(600)
+    geo = _geometry(page)
+    assert len(geo) == 2 and geo[0] == geo[1], geo
+    # pan the base: the overlay follows
+    gx, gy = _dot(page, seen[-1])
+    page.mouse.move(gx + 40, gy + 40)
+    page.mouse.down()
+    page.mouse.move(gx + 120, gy + 90, steps=6)
+    page.mouse.up()
+    page.wait_for_timeout(800)
+    moved = _geometry(page)
+    assert moved[0] != geo[0] and moved[0] == moved[1], moved
+    # select another feature outside the map (search), then click the earlier dot again: it is selected
+    # (the base chart keeps its own selection state between reruns, so the old value must not mask it)
+    box = page.get_by_label("Search features", exact=True)
+    box.fill(str(t))
+    box.press("Enter")
+    expect(page.get_by_text(f"Feature #{t}", exact=True)).to_be_visible()
+    wait_for_app(page)
+    x, y = _dot(page, seen[-1])
+    page.mouse.move(x, y)
+    page.wait_for_timeout(300)
+    page.mouse.click(x, y)
+    expect(page.get_by_text(f"Feature #{seen[-1]}", exact=True)).to_be_visible()

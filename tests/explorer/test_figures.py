@@ -237,3 +237,54 @@ def test_map_title_says_what_it_shows() -> None:
     many = F.map_figure(_features(400), "harm score", _sel(), max_points=100, title="Story <map>")
     assert many.layout.title.text.startswith("Story &lt;map&gt;<br>")
     assert "100 of 400 features drawn" in many.layout.title.text
+
+
+def test_map_layers_base_is_the_same_for_any_selection() -> None:
+    """The page's map in two layers: the base serializes to the same bytes whatever is selected (so
+    Streamlit's message cache can send a reference to it on a click), the overlay holds exactly the
+    selection map_figure draws, on the same size, title room and axes."""
+    df = _features(300)
+    other = F.Selection(7, [1, 2], [0.9, 0.4], [False, True], threshold=0.25)
+    base, overlay = F.map_layers(df, "harm score", _sel())
+    base2, overlay2 = F.map_layers(df, "harm score", other)
+    assert base.to_json() == base2.to_json()
+    assert overlay.to_json() != overlay2.to_json()
+    drawn = [t for t in base.data if t.type == "scattergl"]
+    assert sorted(np.asarray(drawn[0].customdata).tolist()) == list(range(300)), "every feature once"
+    # plotly's own click selection does not restyle the base (the overlay shows the selection)
+    assert drawn[0].selected.marker.opacity == drawn[0].unselected.marker.opacity == drawn[0].marker.opacity
+    whole = F.map_figure(df, "harm score", _sel())
+    n_base = len([t for t in whole.data if t.name == "harm score"])
+    sel_traces = whole.data[n_base:]
+    assert [t.name for t in overlay.data] == [t.name for t in sel_traces]
+    assert {t.type for t in overlay.data} == {"scatter"}, "SVG: redrawing the overlay needs no WebGL context"
+    for a, b in zip(overlay.data, sel_traces, strict=True):
+        assert list(a.x) == list(b.x) and list(a.y) == list(b.y) and a.showlegend == b.showlegend
+    assert edge_ends(overlay) == edge_ends(whole)
+    assert [a.text for a in overlay.layout.annotations] == ["<b>#3</b>"]
+    for k in ("height", "uirevision"):
+        assert overlay.layout[k] == base.layout[k]
+    assert (
+        overlay.layout.title.text == base.layout.title.text
+        and overlay.layout.margin.t == base.layout.margin.t
+    )
+    assert list(overlay.layout.xaxis.range) == list(base.layout.xaxis.range) == [-1.08, 1.08]
+    assert list(overlay.layout.yaxis.range) == list(base.layout.yaxis.range) == [-1.08, 1.08]
+    assert overlay.layout.paper_bgcolor == overlay.layout.plot_bgcolor == "rgba(0,0,0,0)"
+    assert overlay.layout.showlegend and overlay.layout.legend.y == 0.99, "its legend inside, at the top"
+
+
+def test_map_layers_decimated_base_ignores_the_selection() -> None:
+    """Above max_points the base is the fixed sample for every selection; the overlay still draws every
+    neighbour above the threshold and the star, sampled or not."""
+    df = _features(5000)
+    far = F.Selection(4999, [10, 20, 30], [0.9, 0.8, 0.7], [True, False, True], threshold=0.1)
+    near = F.Selection(0, [1], [0.9], [True], threshold=0.1)
+    base, overlay = F.map_layers(df, "task score", far, max_points=500)
+    assert base.to_json() == F.map_layers(df, "task score", near, max_points=500)[0].to_json()
+    pts = next(t for t in base.data if t.name == "task score")
+    assert len(pts.x) == 500 and any(t.type == "heatmap" for t in base.data)
+    assert "500 of 5,000 features drawn" in base.layout.title.text
+    assert edge_ends(overlay) == {10: True, 20: False, 30: True}
+    star = next(t for t in overlay.data if t.name == "selected #4999")
+    assert list(star.x) == [df.umap_x[4999]] and list(star.y) == [df.umap_y[4999]]

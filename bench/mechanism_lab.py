@@ -16,9 +16,11 @@
    without a random 20%
 6. diff: every comparison over all seeds, written under CACHE/finetune/ for the explorer
 Every command is echoed and timed; the summary lands in OUT/lab_summary.json. A rerun skips every
-step whose output is complete, so an interrupted lab resumes. Wall time on 2 CPU cores: roughly
-8-10 minutes per fine-tune and 4 per eval-acts at max_length 640 (not yet timed end to end), so the
-default (3 seeds, 2 arms, 1 random patch) is several hours; on one GPU, minutes per run.
+step whose output is complete, and a fine-tune resumes from its last checkpoint, so an interrupted
+lab resumes. Order: every seed's task and control (the main comparison), then the patch-backs.
+Wall time on 2 CPU cores at max_length 640: about 11 minutes per fine-tune on idle cores (35 on a
+shared machine) and 6 per eval-acts, so the default (3 seeds, 2 arms, 3 patch-back runs per seed)
+is 2.5-4 hours; on one GPU, minutes per run.
 """
 
 from __future__ import annotations

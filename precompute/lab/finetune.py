@@ -33,7 +33,9 @@ import torch
 from precompute.cache import check_replaceable_output, write_dir_atomic
 from precompute.data.corpus import CorpusSource, Document, chat_text, read_source
 from precompute.errors import FeatureGeomError
+from precompute.lab import finetune_checkpoint as ckpt
 from precompute.lab.coverage import Coverage, check_share
+from precompute.lab.finetune_checkpoint import TrainingStopped
 from precompute.options import Command, check_field_metadata, option
 from precompute.pipeline.config import DEVICES
 from precompute.provenance import library_versions
@@ -73,15 +75,15 @@ class FinetuneConfig:
         0,
         low=0,
         bounds="[)",
-        help="samples per forward pass within a step, each pass padded only to its own longest sample; "
-        "the step's gradient is the same up to float order. 0: 1 on CPU (2.2x faster than one padded "
-        "pass on the insecure-code pool: bench/bench_finetune_steps.py), the whole batch on CUDA",
+        help="samples per forward pass within a step, each padded only to its own longest sample (the "
+        "same gradient up to float order). 0: 1 on CPU (1.8x faster than one padded pass on the "
+        "insecure-code pool: bench/README.md), the whole batch on CUDA",
     )
     precision: str = option(
         "fp32",
         choices=("fp32", "bf16"),
-        help="training forward and backward in float32, or under bfloat16 autocast (about 2x faster "
-        "on a CPU with AVX512-BF16 or on a GPU; the held-out losses are always computed in float32)",
+        help="training forward in float32 or under bfloat16 autocast (1.7x faster on this CPU: "
+        "bench/README.md; held-out losses stay float32)",
     )
     max_length: int = option(
         640,
@@ -121,10 +123,6 @@ class FinetuneConfig:
         "same settings and data resumes from the last one",
     )
     overwrite: bool = option(False, help="replace a finished fine-tune in --out, and discard a checkpoint")
-
-
-class TrainingStopped(RuntimeError):
-    """finetune(stop_after=N) stopped after N steps (a test's stand-in for a killed run)."""
 
 
 def sample_key(doc: Document, source: CorpusSource) -> str:
@@ -344,7 +342,6 @@ def finetune(cfg: FinetuneConfig, stop_after: int | None = None) -> Path:
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    from precompute.lab import finetune_checkpoint as ckpt
     from precompute.model.load import load_model
 
     if not cfg.out:

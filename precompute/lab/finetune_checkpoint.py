@@ -47,6 +47,10 @@ def signature(cfg: Any, model_info: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class TrainingStopped(RuntimeError):
+    """finetune(stop_after=N) stopped after N steps (a test's stand-in for a killed run)."""
+
+
 @dataclass
 class Progress:
     """Where a run stands besides its tensors."""

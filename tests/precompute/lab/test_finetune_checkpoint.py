@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from precompute.errors import FeatureGeomError
-from precompute.lab.finetune import ADAPTER_DIR, TrainingStopped, finetune
-from precompute.lab.finetune_checkpoint import checkpoint_path
+from precompute.lab.finetune import ADAPTER_DIR, finetune
+from precompute.lab.finetune_checkpoint import TrainingStopped, checkpoint_path
 from tests.precompute.lab.test_finetune import _cfg
 
 

@@ -113,7 +113,10 @@ def test_result_story_says_what_the_cache_found(notask_cache: Path) -> None:
         "task-specific features sit closer to harmful features than control-specific ones is not testable on "
         f"this cache: {report['reason']} (inducing: {sets['inducing']}; non-inducing: {sets['non_inducing']}). "
         + ranked
+        # the step's chart, drawn from the ranked sets' histogram in closeness.json, says which comparison it is
+        + " The chart is that exploratory ranked comparison: the comparison by test is not testable here."
     )
+    assert report["ranked"].get("histogram") is not None and by_key["pairs"].figure is not None
     assert by_key["withheld"].lead.startswith("The mechanism this explorer was built to show")
     assert (
         "This cache has no task feature, so the story does not illustrate the mechanism"

@@ -17,7 +17,7 @@ from explorer.data import evidence as E
 from explorer.figures import evidence as EF
 
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
     """A number that is not NaN (None, pd.NA and strings are not)."""
     try:
         return bool(np.isfinite(x))
@@ -92,14 +92,15 @@ def group_examples_block(
     fires there."""
     rate = cache.group_rates(feature).get(group, float("nan"))
     where = f"{group} · {category}" if category else group
-    if _finite(rate) and rate == 0:
+    if finite(rate) and rate == 0:
         st.info(f"#{feature} never fires on the {group} documents of this cache (0% of their tokens).")
         return
     crate = E.category_rate(cache, feature, group, category) if category else float("nan")
-    if category and _finite(crate) and crate == 0:
+    if category and finite(crate) and crate == 0:
         st.info(f"#{feature} never fires on the {where} documents of this cache (0% of their tokens).")
         return
-    found = E.group_examples(cache.examples_of(feature), group, category)
+    examples = cache.examples_of(feature)  # read once: the group's top and its bands both come from it
+    found = E.group_examples(examples, group, category)
     merged = E.merge_repeats(found.examples, window)
     rows = merged.examples
     fires = f"It fires on {(crate if category else rate) * 100:.3g}% of the {where} tokens. "
@@ -141,7 +142,7 @@ def group_examples_block(
     merged_caption(merged.n_merged, f"{where} examples")
     if len(rows) > n_top:
         st.caption(f"{len(rows) - n_top} more — raise “examples shown”.")
-    bands = E.group_quantiles(cache.examples_of(feature), group, category)
+    bands = E.group_quantiles(examples, group, category)
     if bands:
         st.markdown(f"**Weaker activations on {where} documents**")
         st.caption(
@@ -163,7 +164,7 @@ def peaks_caption(cache: CacheData, feature: int) -> None:
     for g, v in sorted(peaks.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1.0)):
         if v is not None:
             parts.append(f"{g} {v:.1f}")
-        elif _finite(rates.get(g)) and rates[g] == 0:
+        elif finite(rates.get(g)) and rates[g] == 0:
             parts.append(f"{g}: never fires")
         else:
             parts.append(f"{g}: no stored example")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -17,6 +16,7 @@ from explorer.evidence_panel import (
     doc_href,
     document_panel,
     evidence_filters,
+    finite,
     group_examples_block,
     merged_caption,
     peaks_caption,
@@ -29,14 +29,6 @@ from precompute import schema
 PAGE = Page(title="Feature", icon=":material/text_snippet:")
 
 
-def _finite(x: Any) -> bool:
-    """A number that is not NaN (None, pd.NA and strings are not)."""
-    try:
-        return bool(np.isfinite(x))
-    except (TypeError, ValueError):
-        return False
-
-
 def heldout_help(row: dict[str, Any]) -> str:
     """What the held-out harm AUROC compared (docs/cache.md `harm_heldout_*`)."""
     text = (
@@ -44,7 +36,7 @@ def heldout_help(row: dict[str, Any]) -> str:
         "JailbreakBench harmful vs benign behaviours); a harmful feature must pass it too"
     )
     held, lo, on = row.get("harm_heldout_auroc"), row.get("harm_heldout_lo"), row.get("harm_heldout_set")
-    if not (_finite(held) and _finite(lo)):
+    if not (finite(held) and finite(lo)):
         return text + "; not computed for this cache (no held-out documents)"
     what = "all held-out harmful documents" if str(on) == "all" else f"the held-out {on} documents"
     return text + f"; lower 95% bound {lo:.2f}, on {what}"
@@ -57,10 +49,10 @@ def metrics(cache: CacheData, row: dict[str, Any]) -> None:
         "harm score",
         f"{row['harm_score']:.2f}",
         help="AUROC of the feature's max over a window of each document, harmful vs benign (0.5 = no signal)"
-        + (f"; lower 95% bound {lo:.2f}" if _finite(lo) else ""),
+        + (f"; lower 95% bound {lo:.2f}" if finite(lo) else ""),
     )
     held = row.get("harm_heldout_auroc")
-    c[5].metric("held-out harm", f"{held:.2f}" if _finite(held) else "—", help=heldout_help(row))
+    c[5].metric("held-out harm", f"{held:.2f}" if finite(held) else "—", help=heldout_help(row))
     c[1].metric(
         "task score",
         f"{row['task_score']:.2f}",
@@ -71,7 +63,7 @@ def metrics(cache: CacheData, row: dict[str, Any]) -> None:
     c[2].metric("fires on", f"{row['frequency'] * 100:.3g}% of tokens")
     c[3].metric("max activation", f"{row['max_activation']:.2f}")
     mean = row.get("mean_activation")
-    c[4].metric("mean when firing", f"{mean:.2f}" if _finite(mean) else "—")
+    c[4].metric("mean when firing", f"{mean:.2f}" if finite(mean) else "—")
 
 
 def examples_block(cache: CacheData, f: int, color: str, n_top: int, window: int | None) -> None:

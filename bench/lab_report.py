@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def ci(v: list[float] | None, fmt: str = "+.4f") -> str:
-    if not v:
+    if not v or any(x is None for x in v):  # null: the statistic is undefined (diff_stats says why)
         return "–"
     est, lo, hi = v
     return f"{est:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
@@ -39,12 +39,13 @@ def comparison_table(comps: dict, names: list[str]) -> list[str]:
             continue
         null = s.get("rho_null") or {}
         band = (
-            f"{null['mean']:+.3f} [{null['lo']:+.3f}, {null['hi']:+.3f}] [p {null['p_greater']:.3f}]"
+            f"{ci([null['mean'], null['lo'], null['hi']], '+.3f')} [p {null['p_greater']:.3f}]"
             if null
             else "–"
         )
-        covered = s.get("covers_seeds") or {}
-        seeds = "–" if not covered else ("yes" if all(covered.values()) else "no")
+        # None: a statistic without an estimate, so there is nothing for its interval to cover
+        covered = [ok for ok in (s.get("covers_seeds") or {}).values() if ok is not None]
+        seeds = "–" if not covered else ("yes" if all(covered) else "no")
         rows.append(
             f"| {prompt_set} / {position} | {name} | {ci(s['harmful_mean_change'])} | "
             f"{ci(s['top_risk_decile_mean_change'])} ({rel(s)}) | {ci(s['spearman_risk_max_cos'], '+.3f')} | "

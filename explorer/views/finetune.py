@@ -315,7 +315,9 @@ def feature_table(cache: CacheData, v: View, n_prompts: Any, risk_ok: bool = Tru
 
 
 def _seeds(covered: Any) -> str:
-    if not isinstance(covered, dict) or not covered:
+    # None: a statistic without an estimate (nothing matched), so no seeds for its interval to cover
+    covered = {k: ok for k, ok in covered.items() if ok is not None} if isinstance(covered, dict) else {}
+    if not covered:
         return "—"
     return "yes" if all(covered.values()) else "no: " + ", ".join(k for k, ok in covered.items() if not ok)
 

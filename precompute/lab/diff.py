@@ -34,6 +34,7 @@ from precompute.errors import FeatureGeomError
 from precompute.lab.eval_acts import POSITIONS, PROMPT_SETS, EvalActs, load_eval
 from precompute.lab.hboot import PAIRINGS, SEED_CORRECTIONS, Design, Draws, cluster_codes, draw
 from precompute.lab.risk import DiffGeometry, diff_geometry, predicted_risk
+from precompute.lab.synth.jsonable import jsonable
 from precompute.options import Command, option, require
 from precompute.schema import FINETUNE_DIFF, FINETUNE_SUMMARY
 
@@ -353,7 +354,8 @@ def run_diff(opts: DiffOptions) -> int:
 
     def write(d: Path) -> None:
         table.to_parquet(d / FINETUNE_DIFF, index=False)
-        (d / DIFF_SIDECAR).write_text(json.dumps(summary, indent=2, default=str))
+        # strict JSON: an undefined statistic (NaN) is written as null
+        (d / DIFF_SIDECAR).write_text(json.dumps(jsonable(summary), indent=2, default=str, allow_nan=False))
 
     out = write_dir_atomic(Path(str(opts.out)), write, marker=DIFF_SIDECAR, what=DIFF_WHAT)
     print(f"wrote {out}")

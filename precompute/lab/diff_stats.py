@@ -18,6 +18,7 @@ usually does, see tests/precompute/lab/test_hboot.py).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,21 +152,23 @@ def rho_with_null(cmp: Comparison, geo: DiffGeometry, alpha: float = 0.05) -> di
     ref = geo.reference_risk
     null = spearman_rows(ref, cmp.point[harmful])  # [R]
     null_boot = spearman_rows(ref, cmp.boot[:, harmful])  # [R, B]
-    with np.errstate(invalid="ignore"):
-        excess_boot = boot - np.nanmean(null_boot, axis=0)
-    lo, hi = np.nanquantile(null, [alpha / 2, 1 - alpha / 2])
     finite = null[np.isfinite(null)]
+    null_mean = float(finite.mean()) if finite.size else float("nan")
+    with warnings.catch_warnings():  # a reference set whose risk is constant has no rho (NaN), skipped
+        warnings.simplefilter("ignore", RuntimeWarning)
+        excess_boot = boot - np.nanmean(null_boot, axis=0)
+    lo, hi = percentile_interval(null, alpha)
     return {
         "spearman_risk_max_cos": ci,
         "spearman_seeds": [float(x) for x in np.atleast_1d(seeds)],
         "spearman_covers_seeds": covers(ci, np.atleast_1d(seeds)),
         "rho_null": {
             "n_sets": int(ref.shape[0]),
-            "mean": float(np.nanmean(null)),
+            "mean": null_mean,
             "lo": float(lo),
             "hi": float(hi),
             "p_greater": float((1 + np.count_nonzero(finite >= rho - 1e-12)) / (1 + finite.size)),
-            "excess": interval(rho - float(np.nanmean(null)), excess_boot, alpha),
+            "excess": interval(rho - null_mean, excess_boot, alpha),
         },
     }
 
@@ -177,10 +180,17 @@ def comparison_summary(cmp: Comparison, geo: DiffGeometry, alpha: float = 0.05) 
     harm_ci, harm_seeds, harm_cover = _pooled(cmp, harmful, alpha)
     top_ci, top_seeds, top_cover = _pooled(cmp, geo.top, alpha)
     did, did_seeds, did_cover = _weighted(cmp, geo.matched.weights, alpha)
-    did_top, did_top_seeds, did_top_cover = _weighted(cmp, geo.matched_top.weights, alpha)
+    did_top, did_top_seeds, top_covers = _weighted(cmp, geo.matched_top.weights, alpha)
+    did_top_cover: bool | None = top_covers
+    if not geo.matched_top.n_harmful:  # nothing matched: no estimate, and no seeds for it to cover
+        did_top_seeds, did_top_cover = [], None
     rs = geo.risk["risk_sum"].to_numpy(np.float64)
-    rho_sum = interval(
-        float(spearman_rows(rs, cmp.point[harmful])), spearman_rows(rs, cmp.boot[:, harmful]), alpha
+    # rho is undefined when risk_sum is constant, e.g. 0 for every harmful feature: no task feature is
+    # above the null cosine for any of them; null says so instead of an interval of NaNs
+    rho_sum = (
+        interval(float(spearman_rows(rs, cmp.point[harmful])), spearman_rows(rs, cmp.boot[:, harmful]), alpha)
+        if np.unique(rs).size > 1
+        else None
     )
     return {
         **rho_with_null(cmp, geo, alpha),

@@ -42,6 +42,7 @@ arm in the given order (independent) or once (paired), `rng.integers(0, S, size=
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,7 +185,8 @@ def percentile_interval(replicates: np.ndarray, alpha: float = 0.05) -> tuple[np
     """Percentile interval along axis 0 (NaN replicates ignored, e.g. a Spearman rho of a constant)."""
     if not 0.0 < alpha < 1.0:
         raise ValueError("alpha must be in (0, 1)")
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # an all-NaN column (e.g. rho of a constant) gives NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = np.nanquantile(replicates, [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
     return lo, hi
 

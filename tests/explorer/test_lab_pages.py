@@ -439,3 +439,12 @@ def test_finetune_page_shows_the_controls_and_labels_an_exploratory_run(
         problem
         == "1 of the 1 task features its predicted risk points at is not one of its ranked task features in this cache now"
     )
+
+
+def test_seed_coverage_ignores_statistics_without_an_estimate() -> None:
+    """covers_seeds None (nothing matched, so no interval) is neither a yes nor a no."""
+    from explorer.views.finetune import _seeds
+
+    assert _seeds({"harmful_mean_change": True, "harmful_minus_matched_top_decile": None}) == "yes"
+    assert _seeds({"harmful_mean_change": False, "top": None}) == "no: harmful_mean_change"
+    assert _seeds({"harmful_minus_matched_top_decile": None}) == "—"

@@ -169,7 +169,10 @@ def test_planted_harmful_specific_rise_is_recovered_and_absent_effects_are_not(c
     assert hit["harmful_minus_matched"][1] > 0.1  # the difference in differences excludes 0
     weights = geo.matched.weights
     assert hit["harmful_minus_matched"][0] == pytest.approx(planted @ weights, abs=0.03)
-    assert all(hit["covers_seeds"].values()) and hit["spearman_covers_seeds"]
+    # the tiny cache's top-risk decile has no closeness-matched feature: no estimate, no coverage claim
+    assert geo.matched_top.n_harmful == 0 and hit["covers_seeds"]["harmful_minus_matched_top_decile"] is None
+    assert all(v for k, v in hit["covers_seeds"].items() if k != "harmful_minus_matched_top_decile")
+    assert hit["spearman_covers_seeds"]
     assert (
         s["comparisons"]["em/prompt/control - base"]["harmful_mean_change"][1]
         < 0
@@ -274,3 +277,33 @@ def test_the_command_refuses_no_task_features_and_labels_ranked_exploratory(
         == 2
     )
     assert "no eval activations" in capsys.readouterr().err
+
+
+def test_undefined_statistics_are_null_in_strict_json_not_nan(cache) -> None:
+    """risk_sum 0 for every harmful feature (no task feature above the null for any) has no rank
+    correlation, and a decile with no matched feature has no difference in differences: both are null in
+    summary.json (strict JSON), and the decile claims no seed coverage, where NaN and a vacuous "covers
+    the seeds" were written before."""
+    import dataclasses
+
+    from precompute.lab.matching import Matching
+    from precompute.lab.synth.jsonable import jsonable
+
+    geo = diff_geometry(cache, "strict", n_reference=30, frequency_bins=4, match_bins=2)
+    empty = Matching(np.zeros(F), n_harmful=0, n_unmatched=len(geo.top), n_reference=0, n_strata=0)
+    geo = dataclasses.replace(geo, risk=geo.risk.assign(risk_sum=0.0), matched_top=empty)
+    _, summary = diff_tables(_runs(np.zeros(F), np.zeros(F)), geo, Resampling(n_boot=50, seed=1))
+    with_top = diff_tables(
+        _runs(np.zeros(F), np.zeros(F)),
+        diff_geometry(cache, "strict", n_reference=30, frequency_bins=4, match_bins=2),
+        Resampling(n_boot=50, seed=1),
+    )[1]
+    for name, s in summary["comparisons"].items():
+        assert s["spearman_risk_sum"] is None
+        assert s["harmful_minus_matched_top_decile"] is None
+        assert s["per_seed"]["harmful_minus_matched_top_decile"] == []
+        assert s["covers_seeds"]["harmful_minus_matched_top_decile"] is None
+        assert isinstance(s["covers_seeds"]["harmful_mean_change"], bool)
+        assert all(np.isfinite(with_top["comparisons"][name]["spearman_risk_sum"]))
+    text = json.dumps(jsonable(summary), allow_nan=False, default=str)  # raises on any NaN left
+    assert json.loads(text)["comparisons"]

@@ -258,29 +258,37 @@ def _examples_table(
     return _with_group_top(table)
 
 
-def _with_group_top(table: pa.Table, k: int = 5) -> pa.Table:
+def _with_group_top(table: pa.Table, k: int = 5, k_category: int = 3) -> pa.Table:
     """Add `group_top` rows as the harvest writes them: each feature's top examples re-ranked within
-    their group (at most k per group), and `group_quantile` rows; sorted by feature like the rest."""
+    their group (at most k per group), `category_top` rows the same within their (group, category), and
+    `group_quantile` rows; sorted by feature like the rest."""
     top = table.filter(pc.equal(table.column("kind"), "top"))
-    meta = pd.DataFrame(
-        {c: top.column(c).to_numpy(zero_copy_only=False) for c in ("feature", "group", "max_activation")}
+    with_category = top.filter(pc.is_valid(top.column("category")))
+    both = pa.concat_tables(
+        [
+            table,
+            _subset_top(top, ("group",), "group_top", k),
+            _subset_top(with_category, ("group", "category"), "category_top", k_category),
+            _group_quantile_rows(table),
+        ]
     )
-    meta["row"] = np.arange(len(meta))
-    meta = meta.sort_values(
-        ["feature", "group", "max_activation"], ascending=[True, True, False], kind="stable"
-    )
-    meta["grank"] = meta.groupby(["feature", "group"]).cumcount()
-    meta = meta[meta["grank"] < k]
-    extra = top.take(pa.array(meta["row"].to_numpy()))
-    extra = extra.set_column(
-        extra.schema.get_field_index("kind"), "kind", pa.array(["group_top"] * len(meta))
-    )
-    extra = extra.set_column(
-        extra.schema.get_field_index("rank"), "rank", pa.array(meta["grank"].to_numpy().astype(np.int64))
-    )
-    both = pa.concat_tables([table, extra, _group_quantile_rows(table)])
     order = np.argsort(both.column("feature").to_numpy(), kind="stable")
     return both.take(pa.array(order))
+
+
+def _subset_top(top: pa.Table, keys: tuple[str, ...], kind: str, k: int) -> pa.Table:
+    """`top` rows re-ranked within each (feature, *keys) subset, at most k each, as rows of `kind`."""
+    cols = ("feature", *keys, "max_activation")
+    meta = pd.DataFrame({c: top.column(c).to_numpy(zero_copy_only=False) for c in cols})
+    meta["row"] = np.arange(len(meta))
+    meta = meta.sort_values(list(cols), ascending=[True] * (len(cols) - 1) + [False], kind="stable")
+    meta["grank"] = meta.groupby(["feature", *keys]).cumcount()
+    meta = meta[meta["grank"] < k]
+    extra = top.take(pa.array(meta["row"].to_numpy()))
+    extra = extra.set_column(extra.schema.get_field_index("kind"), "kind", pa.array([kind] * len(meta)))
+    return extra.set_column(
+        extra.schema.get_field_index("rank"), "rank", pa.array(meta["grank"].to_numpy().astype(np.int64))
+    )
 
 
 def _group_quantile_rows(table: pa.Table) -> pa.Table:

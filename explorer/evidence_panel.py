@@ -104,11 +104,17 @@ def group_examples_block(
     merged = E.merge_repeats(found.examples, window)
     rows = merged.examples
     fires = f"It fires on {(crate if category else rate) * 100:.3g}% of the {where} tokens. "
-    if found.exact and category:
+    if found.exact_category and category:
+        how = (
+            f"The first are its top {found.per_category} contexts within {where} documents, ranked on those "
+            f"documents' tokens only; then every other stored example whose peak is on a {where} document, "
+            "strongest first."
+        )
+    elif found.exact and category:
         how = (
             f"Every stored example whose peak is on a {where} document, strongest first; “#k on {group}” ranks "
-            f"it among all {group} documents. The cache keeps a top per group, not per category, so this "
-            "lists what the group's top, the global top and the quantile samples hold of it."
+            f"it among all {group} documents. This cache keeps a top per group, not per category (rebuild it "
+            "for one), so this lists what the group's top, the global top and the quantile samples hold of it."
         )
     elif found.exact:
         how = (

@@ -4,8 +4,9 @@ document an example comes from. Pure data access (no Streamlit); docs/cache.md n
 
 Examples of a group are the harvest's `group_top` rows (the exact top contexts within the group)
 joined with every other stored example whose peak lies on that group's documents, strongest first, so
-a filter never hides what the cache holds. A cache harvested before `group_top` shows only the latter,
-and says so (`GroupExamples.exact` is False).
+a filter never hides what the cache holds; for one category of it, its `category_top` rows (the exact
+top within that category) lead. A cache harvested before `group_top` (`category_top`) shows only what
+the other kinds hold, and says so (`GroupExamples.exact`, `exact_category`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from precompute import schema
 
 GROUP_TOP = "group_top"  # examples.parquet kind: top contexts within one corpus group
 GROUP_QUANTILE = "group_quantile"  # examples.parquet kind: quantile samples within one corpus group
+CATEGORY_TOP = "category_top"  # examples.parquet kind: top contexts within one (group, category)
 
 
 @dataclass
@@ -32,15 +34,19 @@ class GroupExamples:
     examples: list[dict[str, Any]]
     exact: bool  # the cache holds the group's exact top (group_top rows), not only what the global top has
     per_group: int  # group_top examples the cache keeps per group (0 when it has none)
+    exact_category: bool = False  # the cache holds the category's exact top (category_top rows)
+    per_category: int = 0  # category_top examples the cache keeps per category (0 when it has none)
 
 
 def group_examples(examples: list[dict[str, Any]], group: str, category: str | None = None) -> GroupExamples:
     """Every stored example of a feature whose peak is on a document of `group` (and `category`),
-    one per context (a group_top row wins over the same context's top or quantile row), by
-    activation (the group's own peak for group_top rows), strongest first. The group's quantile
-    samples are not among them (`group_quantiles`): they are drawn to show weaker activations."""
-    has_group_top = any(e.get("kind") == GROUP_TOP for e in examples)
-    per_group = max((int(e.get("rank") or 0) + 1 for e in examples if e.get("kind") == GROUP_TOP), default=0)
+    one per context, by activation, strongest first. Of a context's rows the most specific wins: with a
+    category, its category_top row (peak on that category's tokens), then the group_top row, then a top
+    or quantile row; without one, the group_top row first. The group's quantile samples are not among
+    them (`group_quantiles`): they are drawn to show weaker activations."""
+    kinds = {e.get("kind") for e in examples}
+    specific = (CATEGORY_TOP, GROUP_TOP) if category is not None else (GROUP_TOP, CATEGORY_TOP)
+    priority = {kind: len(specific) - i for i, kind in enumerate(specific)}  # others 0
     best: dict[Any, dict[str, Any]] = {}
     for e in examples:
         if e.get("group") != group or (category is not None and e.get("category") != category):
@@ -49,12 +55,23 @@ def group_examples(examples: list[dict[str, Any]], group: str, category: str | N
             continue
         key = e.get("context_id")
         old = best.get(key)
-        if old is None or (e.get("kind") == GROUP_TOP and old.get("kind") != GROUP_TOP):
+        if old is None or priority.get(str(e.get("kind")), 0) > priority.get(str(old.get("kind")), 0):
             best[key] = e
     rows = sorted(
         best.values(), key=lambda e: (-float(e.get("max_activation") or 0.0), e.get("context_id") or 0)
     )
-    return GroupExamples(rows, has_group_top, per_group)
+    return GroupExamples(
+        rows,
+        GROUP_TOP in kinds,
+        _per_subset(examples, GROUP_TOP),
+        CATEGORY_TOP in kinds,
+        _per_subset(examples, CATEGORY_TOP),
+    )
+
+
+def _per_subset(examples: list[dict[str, Any]], kind: str) -> int:
+    """How many examples of `kind` the cache keeps per group (category): the largest rank + 1 seen."""
+    return max((int(e.get("rank") or 0) + 1 for e in examples if e.get("kind") == kind), default=0)
 
 
 def group_quantiles(

@@ -166,6 +166,9 @@ def examples_html(
             head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1}{overall}</b>'
         elif kind == "group_top":
             head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1} on {esc(group)}</b>'
+        elif kind == "category_top":
+            where = f"{esc(group)} · {esc(e.get('category') or '')}"
+            head = f'<b style="color:{INK}">#{int(e.get("rank") or 0) + 1} on {where}</b>'
         else:
             q = e.get("quantile")
             head = f'<b style="color:#6b7280">quantile {float(q):.2f}</b>' if q is not None else "sample"

@@ -66,6 +66,8 @@ DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"
 MISSING_LOGIT_VALUE = -10000.0
 GROUP_TOP = "group_top"  # examples.parquet kind: a feature's top contexts within one corpus group
 GROUP_QUANTILE = "group_quantile"  # examples.parquet kind: quantile samples within one corpus group
+CATEGORY_TOP = "category_top"  # examples.parquet kind: top contexts within one (group, category)
+SUBSET_TOPS = (GROUP_TOP, CATEGORY_TOP)  # top examples of a subset of the documents
 # Logit values of the logit-lens tokens, used when a cache has them (caches scored before them lack them).
 LOGIT_VALUES = {"top_promoted": "top_promoted_values", "top_suppressed": "top_suppressed_values"}
 
@@ -276,16 +278,19 @@ def _activation(row: dict[str, Any], data: CacheData, t: Target, seed: str, qwid
 
 
 def _id_parts(row: dict[str, Any]) -> tuple[Any, ...]:
-    """What names an example within its feature: kind and rank (and the group for group_top, whose
-    ranks restart in each group); top and quantile ids are as before group_top existed."""
+    """What names an example within its feature: kind and rank (and the group for group_top, and the
+    group and category for category_top, whose ranks restart in each); top and quantile ids are as
+    before group_top existed."""
+    if row["kind"] == CATEGORY_TOP:
+        return (row["kind"], row["group"], row["category"], row["rank"])
     return (
         (row["kind"], row["group"], row["rank"]) if row["kind"] == GROUP_TOP else (row["kind"], row["rank"])
     )
 
 
 def _without_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Leave out a group_top example whose context is already a top example (or an earlier group_top)
-    of the same feature: Neuronpedia would list the same text twice. Per-group quantile samples are
+    """Leave out a group_top (category_top) example whose context is already a top example (or an
+    earlier group_top or category_top) of the same feature: Neuronpedia would list the same text twice. Per-group quantile samples are
     left out too: Neuronpedia's bins are a feature's global intervals, and these would read as more
     global samples."""
     shown = {(r["feature"], r["context_id"]) for r in rows if r["kind"] == "top"}
@@ -294,7 +299,7 @@ def _without_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["kind"] == GROUP_QUANTILE:
             continue
         key = (r["feature"], r["context_id"])
-        if r["kind"] == GROUP_TOP:
+        if r["kind"] in SUBSET_TOPS:
             if key in shown:
                 continue
             shown.add(key)

@@ -1,6 +1,7 @@
 """Aggregation of the harvest shards (two passes, no model): per-feature firing counts by group and
-category, activation sums and maxima, top contexts overall and per group, histograms overall and per
-group, and quantile samples overall and per group, each selection order-independent."""
+category, activation sums and maxima, top contexts overall, per group and per (group, category),
+histograms overall and per group, and quantile samples overall and per group, each selection
+order-independent."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class AggregateParams:
     seed: int = 0
     top_k_group: int = 0  # top contexts per (feature, group), ranked on the group's tokens only
     per_bin_group: int = 0  # quantile samples per (feature, group, interval), on the group's tokens only
+    top_k_category: int = 0  # top contexts per (feature, (group, category)), ranked on that category's tokens
 
 
 def aggregate(
@@ -114,6 +116,10 @@ def aggregate(
     # per (feature, group): row f * n_groups + g; a packed context can hold several groups' documents
     gtop_val = np.full((n_features * n_groups, kg), -np.inf, np.float32)
     gtop_ctx = np.full((n_features * n_groups, kg), -1, np.int64)
+    # per (feature, (group, category)): row f * n_cats + c, as the group tops
+    n_cats, kc = len(cats), params.top_k_category
+    ctop_val = np.full((n_features * n_cats, kc), -np.inf, np.float32)
+    ctop_ctx = np.full((n_features * n_cats, kc), -1, np.int64)
     total_tokens = 0
 
     for path in tqdm(shard_paths, desc="aggregate 1/2", disable=not progress):
@@ -134,6 +140,9 @@ def aggregate(
         if kg:
             gf, gc, gv = _pair_max(shard, feat * n_groups + doc_gidx[row_doc[rows]])
             _merge_topk(gtop_val, gtop_ctx, gf, gc, gv)
+        if kc:
+            cf, cc, cv = _pair_max(shard, feat * n_cats + doc_cidx[row_doc[rows]])
+            _merge_topk(ctop_val, ctop_ctx, cf, cc, cv)
 
     # Pass 2: histograms (bins need the max) and quantile samples by activation interval.
     hist = np.zeros((n_features, params.hist_bins), np.int64)
@@ -186,6 +195,8 @@ def aggregate(
         "hist_group": hist_group,
         "gtop_val": gtop_val.reshape(n_features, n_groups, kg),
         "gtop_ctx": gtop_ctx.reshape(n_features, n_groups, kg),
+        "ctop_val": ctop_val.reshape(n_features, n_cats, kc),
+        "ctop_ctx": ctop_ctx.reshape(n_features, n_cats, kc),
         "q_ctx": q_ctx,
         "q_val": q_val,
         "gq_ctx": gq_ctx.reshape(n_features, n_groups, qb, kq),

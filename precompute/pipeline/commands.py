@@ -27,8 +27,10 @@ _CORPUS = (
 _HARVEST = (
     "top_k_examples",
     "top_k_per_group",
+    "top_k_per_category",
     "quantile_bins",
     "per_bin",
+    "per_bin_group",
     "hist_bins",
     "batches_per_shard",
     "outlier_norm_factor",

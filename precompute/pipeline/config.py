@@ -105,6 +105,13 @@ class RunConfig:
         help="top-activating contexts per feature within each corpus group, ranked on that group's "
         "documents only (0: none)",
     )
+    top_k_per_category: int = option(
+        3,
+        low=0,
+        bounds="[)",
+        help="top-activating contexts per feature within each (group, harm or source category) of documents, "
+        "ranked on that category's documents only (0: none; memory: features x categories x this x 12 bytes)",
+    )
     quantile_bins: int = option(5, low=1, bounds="[)", help="activation intervals to sample examples from")
     per_bin: int = option(2, low=1, bounds="[)", help="examples sampled per activation interval")
     per_bin_group: int = option(

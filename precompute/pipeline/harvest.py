@@ -52,16 +52,19 @@ PARAMS = (
     "quantile_bins",
     "per_bin",
     "per_bin_group",
+    "top_k_per_category",
     "hist_bins",
     "seed",
     "device",
 )
 EXAMPLE_COLUMNS = tuple(c.name for c in TABLES[EXAMPLES].columns)  # the contract's order
-# (feature, kind "top"/"quantile"/"group_top"/"group_quantile", rank, context id, quantile of the interval or None,
-#  the group a "group_top" example was ranked within or None)
-Selection = tuple[int, str, int, int, float | None, str | None]
+# (feature, kind "top"/"quantile"/"group_top"/"group_quantile"/"category_top", rank, context id, quantile of the
+#  interval or None, the group a group_* or category_top example was ranked within or None, and the category a
+#  category_top example was ranked within or None)
+Selection = tuple[int, str, int, int, float | None, str | None, str | None]
 GROUP_TOP = "group_top"
 GROUP_QUANTILE = "group_quantile"
+CATEGORY_TOP = "category_top"
 
 
 def write_shards(ctx: RunContext, world: World = World()) -> dict[str, Any]:
@@ -102,11 +105,13 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         seed=cfg.seed,
         top_k_group=cfg.top_k_per_group,
         per_bin_group=cfg.per_bin_group,
+        top_k_category=cfg.top_k_per_category,
     )
     agg = aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress)
     write_rates(staged, agg, n, cfg.hist_bins)
     selections, requests = select_examples(agg, n, cfg.quantile_bins)
     selections += select_group_examples(agg, requests)
+    selections += select_category_examples(agg, requests)
     context_lengths = {c: int(lengths[c]) for c in requests}
     acts = context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
     write_examples(staged, plan, selections, acts, doc_group, doc_category, lm.tokenizer)
@@ -254,7 +259,7 @@ def select_examples(
         for r, c in enumerate(top_ctx[f].tolist()):
             if c < 0:
                 break
-            selections.append((f, "top", r, c, None, None))
+            selections.append((f, "top", r, c, None, None, None))
             requests.setdefault(c, []).append(f)
             seen.add(c)
         rank = 0
@@ -263,7 +268,7 @@ def select_examples(
                 if c < 0 or c in seen:
                     continue
                 seen.add(c)
-                selections.append((f, "quantile", rank, c, b / quantile_bins, None))
+                selections.append((f, "quantile", rank, c, b / quantile_bins, None, None))
                 requests.setdefault(c, []).append(f)
                 rank += 1
     return selections, requests
@@ -281,11 +286,34 @@ def select_group_examples(agg: dict[str, Any], requests: dict[int, list[int]]) -
     touched = set()
     for f, gi, r in zip(*np.nonzero(gtop >= 0), strict=True):
         c = int(gtop[f, gi, r])
-        out.append((int(f), GROUP_TOP, int(r), c, None, agg["groups"][gi]))
+        out.append((int(f), GROUP_TOP, int(r), c, None, agg["groups"][gi], None))
         requests.setdefault(c, []).append(int(f))
         touched.add(c)
     out += _group_quantile_selections(agg, gtop, requests, touched)
     for c in touched:  # a context may be a feature's global and group top: read it once
+        requests[c] = list(dict.fromkeys(requests[c]))
+    return out
+
+
+def select_category_examples(agg: dict[str, Any], requests: dict[int, list[int]]) -> list[Selection]:
+    """Each feature's top contexts within each (group, category) of documents (`aggregate`'s `ctop_ctx`),
+    ranked on that category's tokens only, so a reviewer filtering to e.g. harmful · cybercrime sees the
+    feature's exact top there, not only what the group's top happens to hold. Documents without a
+    category have none (their group's top is theirs). Adds the needed activations to `requests`."""
+    ctop = agg.get("ctop_ctx")
+    if ctop is None or ctop.shape[2] == 0:
+        return []
+    out: list[Selection] = []
+    touched = set()
+    for f, ci, r in zip(*np.nonzero(ctop >= 0), strict=True):
+        group, category = agg["categories"][ci]
+        if not category:
+            continue
+        c = int(ctop[f, ci, r])
+        out.append((int(f), CATEGORY_TOP, int(r), c, None, group, str(category)))
+        requests.setdefault(c, []).append(int(f))
+        touched.add(c)
+    for c in touched:  # a context may hold a feature's global, group and category tops: read it once
         requests[c] = list(dict.fromkeys(requests[c]))
     return out
 
@@ -309,7 +337,7 @@ def _group_quantile_selections(
                 if c < 0 or c in seen:
                     continue
                 seen.add(c)
-                out.append((int(f), GROUP_QUANTILE, rank, c, b / qb, agg["groups"][gi]))
+                out.append((int(f), GROUP_QUANTILE, rank, c, b / qb, agg["groups"][gi], None))
                 requests.setdefault(c, []).append(int(f))
                 touched.add(c)
                 rank += 1
@@ -337,13 +365,17 @@ def write_examples(
     """examples.parquet: one row per selection, with this feature's activation on every token."""
     memo: dict[int, str] = {}
     rec: dict[str, list[Any]] = {k: [] for k in EXAMPLE_COLUMNS}
-    for f, kind, r, c, q, g in selections:
+    for f, kind, r, c, q, g, cat in selections:
         context = plan.contexts[c]
         a = acts[(c, f)]
         if g is None:
             pos = int(np.argmax(a))
-        else:  # the peak on this group's documents only (a packed context may mix groups)
-            pos = int(np.argmax(np.where(doc_group[np.asarray(context.doc_ids)] == g, a, -np.inf)))
+        else:  # the peak on this group's (category's) documents only (a packed context may mix them)
+            docs = np.asarray(context.doc_ids)
+            on = doc_group[docs] == g
+            if cat is not None:
+                on &= doc_category[docs] == cat
+            pos = int(np.argmax(np.where(on, a, -np.inf)))
         d = int(context.doc_ids[pos])
         rec["feature"].append(f)
         rec["rank"].append(r)

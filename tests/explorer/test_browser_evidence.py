@@ -78,3 +78,23 @@ def test_harmful_documents_only_then_the_whole_document(server: Any, page: Any, 
     page.get_by_role("button", name="Close the document").click()
     wait_for_app(page)
     expect(page.locator("[data-document]")).to_have_count(0)
+
+
+def test_a_harm_category_shows_its_own_top_first(server: Any, page: Any, xss_cache: Path) -> None:
+    """harmful · one category (from the URL, as a shared link would open it): the category's exact top
+    leads, headed '#1 on harmful · CATEGORY', and the caption says it is ranked on that category."""
+    from playwright.sync_api import expect
+
+    c = load_cache(xss_cache)
+    _, h = c.default_pair()
+    tops = [e for e in c.examples_of(h) if e["kind"] == E.CATEGORY_TOP and e["group"] == "harmful"]
+    assert tops  # the synthetic cache writes category tops as the harvest does
+    cat = sorted({e["category"] for e in tops})[0]
+    expect_rows = E.group_examples(c.examples_of(h), "harmful", cat).examples
+    assert expect_rows[0]["kind"] == E.CATEGORY_TOP
+    page.goto(server.url + f"/feature?feature={h}&group=harmful&category={cat}")
+    wait_for_app(page)
+    expect(page.get_by_text(f"#1 on harmful · {cat}").first).to_be_visible()
+    expect(page.get_by_text("ranked on those documents' tokens only").first).to_be_visible()
+    shown = [int(x) for x in re.findall(r"· doc (\d+)", page.locator("body").inner_text())]
+    assert shown[: len(expect_rows)] == [e["doc_id"] for e in expect_rows][: len(shown)] and shown

@@ -238,3 +238,64 @@ def test_the_all_view_names_each_groups_strongest_activation(synth_cache: Path, 
     assert [cap.index(f"{g} {best[g]:.1f}") for g in order] == sorted(
         cap.index(f"{g} {best[g]:.1f}") for g in order
     )
+
+
+def test_a_category_filter_leads_with_the_category_top_and_says_it_is_exact() -> None:
+    """With a category picked, a context's category_top row (peak on that category's tokens) wins over its
+    group_top and top rows; without one, the group_top row wins; the counts kept per subset are read off."""
+    rows = [
+        {
+            "kind": "top",
+            "rank": 0,
+            "group": "harmful",
+            "category": "fraud",
+            "context_id": 1,
+            "max_activation": 9.0,
+        },
+        {
+            "kind": "group_top",
+            "rank": 0,
+            "group": "harmful",
+            "category": "fraud",
+            "context_id": 1,
+            "max_activation": 8.0,
+        },
+        {
+            "kind": "category_top",
+            "rank": 0,
+            "group": "harmful",
+            "category": "fraud",
+            "context_id": 1,
+            "max_activation": 7.0,
+        },
+        {
+            "kind": "category_top",
+            "rank": 1,
+            "group": "harmful",
+            "category": "fraud",
+            "context_id": 2,
+            "max_activation": 3.0,
+        },
+        {
+            "kind": "category_top",
+            "rank": 0,
+            "group": "harmful",
+            "category": "hate",
+            "context_id": 3,
+            "max_activation": 5.0,
+        },
+    ]
+    fraud = E.group_examples(rows, "harmful", "fraud")
+    assert [(e["kind"], e["context_id"]) for e in fraud.examples] == [
+        ("category_top", 1),
+        ("category_top", 2),
+    ]
+    assert fraud.exact and fraud.exact_category and fraud.per_category == 2 and fraud.per_group == 1
+    whole = E.group_examples(rows, "harmful")
+    assert [(e["kind"], e["context_id"]) for e in whole.examples] == [
+        ("group_top", 1),
+        ("category_top", 3),
+        ("category_top", 2),
+    ]
+    old = E.group_examples([r for r in rows if r["kind"] != "category_top"], "harmful", "fraud")
+    assert old.exact and not old.exact_category and old.per_category == 0

@@ -128,9 +128,9 @@ def check_export(cache: Path, source: Path, batch_size: int = BATCH_SIZE) -> Non
             assert rec[f"{side}_values"] == [float(v) for v in values] and len(values) == len(feats[col][f])
 
     acts = _lines(_batches(source / "activations"))
-    # a group_top example whose context the feature already shows (as top, or for another group) is
-    # left out: Neuronpedia would list the same text twice; per-group quantile samples are left out
-    # (Neuronpedia's bins are the feature's global intervals)
+    # a group_top (category_top) example whose context the feature already shows (as top, or for another
+    # group or category) is left out: Neuronpedia would list the same text twice; per-group quantile
+    # samples are left out (Neuronpedia's bins are the feature's global intervals)
     assert (examples.kind == "group_quantile").any()
     tops = examples[examples.kind == "top"]
     shown = set(zip(tops.feature, tops.context_id, strict=True))
@@ -139,7 +139,7 @@ def check_export(cache: Path, source: Path, batch_size: int = BATCH_SIZE) -> Non
         if row["kind"] == "group_quantile":
             continue
         key = (row["feature"], row["context_id"])
-        if row["kind"] == "group_top":
+        if row["kind"] in ("group_top", "category_top"):  # a top within a group (category)
             if key in shown:
                 continue
             shown.add(key)
@@ -157,7 +157,7 @@ def check_export(cache: Path, source: Path, batch_size: int = BATCH_SIZE) -> Non
         assert a["maxValueTokenIndex"] == row["max_position"] and a["minValue"] == min(a["values"])
         assert a["dataIndex"] == str(row["doc_id"]) and a["dataSource"].split("/")[0] == row["group"]
         feat_max = feats["max_activation"][row["feature"]]
-        if row["kind"] in ("top", "group_top"):
+        if row["kind"] in ("top", "group_top", "category_top"):
             assert (a["binMin"], a["binMax"], a["binContains"]) == (-1.0, feat_max, -1.0)
         else:
             assert a["binMin"] == row["quantile"] * feat_max

@@ -99,10 +99,18 @@ def test_no_group_examples_when_the_options_are_zero(tiny_model_dir, tiny_sae_di
     out = tmp_path / "c"
     run_precompute(make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, out, top_k_per_group=0), ("harvest",))
     examples = pd.read_parquet(out / "examples.parquet")
-    assert set(examples["kind"]) == {"top", "quantile", "group_quantile"}  # the two options are independent
+    # the options are independent
+    assert set(examples["kind"]) == {"top", "quantile", "group_quantile", "category_top"}
     run_precompute(
         make_cfg(
-            tiny_model_dir, tiny_sae_dir, tiny_corpus, out, top_k_per_group=0, per_bin_group=0, overwrite=True
+            tiny_model_dir,
+            tiny_sae_dir,
+            tiny_corpus,
+            out,
+            top_k_per_group=0,
+            per_bin_group=0,
+            top_k_per_category=0,
+            overwrite=True,
         ),
         ("harvest",),
     )
@@ -154,3 +162,40 @@ def test_group_quantile_samples_equal_a_brute_force_draw(built_cache) -> None:  
             assert got["max_activation"].tolist() == pytest.approx([float(score[(f, g, c)]) for _, c in want])
             checked += len(want)
     assert checked > 50
+
+
+def test_category_top_examples_equal_a_brute_force_per_category_scan(built_cache, dense) -> None:  # noqa: F811
+    out, cfg = built_cache
+    k = cfg.top_k_per_category
+    assert k == 3  # the default: the test must exercise it
+    docs = pd.read_parquet(out / "documents.parquet").set_index("doc_id")
+    with np.load(out / "harvest" / "contexts.npz") as z:
+        offsets, doc_ids = z["offsets"], z["doc_ids"]
+    cat_of = docs["category"].fillna("")  # no category: none ranked within (the group top is theirs)
+    key_of = {d: (g, c) for d, g, c in zip(docs.index, docs["group"], cat_of, strict=True)}
+    keys_of = {  # context id -> (group, category) of each token's document
+        c: [key_of[int(d)] for d in doc_ids[offsets[c] : offsets[c + 1]]] for c in range(len(offsets) - 1)
+    }
+    cats = sorted({(g, c) for g, c in key_of.values() if c})
+    assert len(cats) >= 2  # the tiny corpus has two harm categories to rank within
+    examples = pd.read_parquet(out / "examples.parquet")
+    got_all = examples[examples.kind == "category_top"]
+    assert set(zip(got_all["group"], got_all["category"], strict=True)) <= set(cats)
+    checked = 0
+    for f in range(64):
+        for g, cat in cats:
+            on = {c: np.array([kc == (g, cat) for kc in keys_of[c]]) for c in range(len(dense))}
+            score = np.array([float(np.max(np.where(on[c], dense[c][:, f], 0.0))) for c in range(len(dense))])
+            got = got_all[(got_all.feature == f) & (got_all.group == g) & (got_all.category == cat)]
+            got = got.sort_values("rank")
+            assert got["rank"].tolist() == list(range(len(got)))
+            assert_ranking_equivalent(
+                got.context_id.tolist(), score, k, eligible=score > 0, what=f"feature {f}, {g} · {cat}"
+            )
+            for _, row in got.iterrows():
+                c, pos = int(row.context_id), int(row.max_position)
+                assert keys_of[c][pos] == (g, cat)  # the peak shown lies on a document of that category
+                assert row.max_activation == pytest.approx(score[c], rel=1e-5, abs=1e-5)
+                np.testing.assert_allclose(row.activations, dense[c][:, f], rtol=1e-5, atol=1e-5)
+                checked += 1
+    assert checked > 100

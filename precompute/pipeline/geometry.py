@@ -139,7 +139,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         "null_samples": null.samples,
         "null_shrinkage": null.shrinkage,
         "knn_backend": cfg.knn_backend,
-        "knn_stats": knn_stats or None,  # torch-bf16: rows recomputed in float32
+        "knn_stats": knn_stats or None,  # rows, candidates, fallback_rows (redone over all rows)
         "umap_neighbors": cfg.umap_neighbors,
         "umap_min_dist": cfg.umap_min_dist,
         "seed": cfg.seed,

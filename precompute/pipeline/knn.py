@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from precompute.model.load import resolve_device
-from precompute.pipeline.knn_mixed import knn_torch_bf16
+from precompute.pipeline.knn_mixed import MARGIN, knn_torch_bf16
+from precompute.pipeline.knn_rescore import exact_topk, fp32_score_error
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ CUDA_BLOCK_BUDGET_BYTES = 2 * 2**30
 # backend is used: faiss-cpu has no GPU path (docs/design.md: plain torch blocks, 262k x 2304, 1.4 s).
 DEFAULT_CPU_BACKEND = "faiss"
 FAISS_QUERY_BLOCK = 4096
+
+# Candidates beyond k that the float32 searches (torch, faiss) hand to the exact rescoring
+# (`knn_rescore`); rows whose k-th exact cosine is not provably above every left-out row are redone
+# over all rows. Measured in bench/README.md ("Exact rescoring").
+FP32_MARGIN = 8
 
 BACKENDS = ("torch", "faiss", "torch-bf16")
 
@@ -155,93 +161,56 @@ def _block_rows(n: int, block_size: int | None, budget_bytes: int) -> int:
     return max(1, min(n, budget_bytes // (4 * n)))
 
 
-def _exact_row_topk(row: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
-    """Indices of the top-k of one score row with ties at the k-th value broken by lower index.
-
-    Self must already be masked out (-inf). Used only for the rare rows whose boundary is tied.
-    """
-    r = row.detach().cpu().numpy() if isinstance(row, torch.Tensor) else np.asarray(row)
-    kth = np.partition(r, r.size - k)[r.size - k]
-    greater = np.flatnonzero(r > kth)
-    equal = np.flatnonzero(r == kth)  # ascending index order
-    return np.concatenate([greater, equal[: k - greater.size]])
-
-
-def _sort_desc_then_index(idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row by descending value, ties by ascending index (the documented order)."""
-    order = np.lexsort((idx, -val), axis=-1)
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
-
-
-def _knn_torch(X: torch.Tensor, k: int, rows: int, bar: Any) -> tuple[np.ndarray, np.ndarray]:
-    n = X.shape[0]
+def _knn_torch(
+    X: torch.Tensor, k: int, rows: int, bar: Any, margin: int, stats: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blocked float32 matmul + topk picks k + margin candidates per row; `exact_topk` decides."""
+    n, d = X.shape
+    m = min(n - 1, k + margin)
+    eps = fp32_score_error(d)
     out_i = np.empty((n, k), dtype=np.int32)
     out_c = np.empty((n, k), dtype=np.float32)
     XT = X.T
+    fallback = 0
     for s in range(0, n, rows):
         e = min(n, s + rows)
         S = X[s:e] @ XT  # [b, n], the only large allocation
-        b = e - s
-        ar = torch.arange(b, device=X.device)
+        ar = torch.arange(e - s, device=X.device)
         S[ar, ar + s] = -torch.inf  # exclude self by index: robust to duplicate rows
-        # One extra column shows whether the k-th value is tied with an unselected element;
-        # topk's choice among equal values is unspecified, so such rows are redone with the
-        # lower-index rule. (Counting ties with (S == kth).sum() would cost a [b, n] int64.)
-        kk = min(k + 1, n)
-        vals, idx = torch.topk(S, kk, dim=1, largest=True, sorted=True)
-        tied = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten().tolist() if kk > k else []
-        vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
-        for r in tied:
-            sel = torch.from_numpy(_exact_row_topk(S[r], k)).to(S.device)
-            idx[r] = sel
-            vals[r] = S[r, sel]
+        vals, cand = torch.topk(S, m, dim=1, largest=True, sorted=False)
         del S
-        # final order: descending cosine, ties by lower index (sort by index, then stable by value)
-        idx, perm = torch.sort(idx, dim=1)
-        vals = vals.gather(1, perm)
-        vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
-        idx = idx.gather(1, perm)
-        out_i[s:e] = idx.cpu().numpy()
-        out_c[s:e] = vals.cpu().numpy()
-        bar.update(b)
+        # every row left out scored <= the smallest candidate's score
+        bound = (vals.min(dim=1).values.double() + eps).cpu().numpy() if m < n - 1 else None
+        out_i[s:e], out_c[s:e], f = exact_topk(X, np.arange(s, e), cand.cpu().numpy(), bound, k)
+        fallback += f
+        bar.update(e - s)
+    stats.update(rows=n, candidates=m, fallback_rows=fallback)
     return out_i, out_c
 
 
-def _knn_faiss(X: np.ndarray, k: int, rows: int, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+def _knn_faiss(
+    X: np.ndarray, k: int, rows: int, bar: Any, margin: int, stats: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """faiss IndexFlatIP picks k + margin candidates (+ self) per row; `exact_topk` decides."""
     import faiss
 
     n, d = X.shape
     index = faiss.IndexFlatIP(d)
     index.add(X)
-    # One extra for self and one more to see whether the k-th value is tied with the next.
-    m = min(n, k + 2)
+    m = min(n, k + 1 + margin)  # one more for self, dropped by index in `exact_topk`
+    eps = fp32_score_error(d)
+    Xt = torch.from_numpy(X)  # shares memory
     out_i = np.empty((n, k), dtype=np.int32)
     out_c = np.empty((n, k), dtype=np.float32)
+    fallback = 0
     for s in range(0, n, rows):
         e = min(n, s + rows)
-        b = e - s
-        D, Ix = index.search(X[s:e], m)
-        ids = np.arange(s, e)[:, None]
-        is_self = Ix == ids
-        drop = is_self.copy()
-        drop[~is_self.any(1), -1] = True  # self not returned (tied duplicates): drop the last
-        keep_i = Ix[~drop].reshape(b, m - 1)
-        keep_c = D[~drop].reshape(b, m - 1)
-        if m - 1 > k:
-            # Every unreturned element scores <= keep_c[:, k]; only a tie with the k-th value
-            # can make the lower-index rule pick an element faiss did not return.
-            tied = np.flatnonzero(keep_c[:, k] == keep_c[:, k - 1])
-            keep_i, keep_c = keep_i[:, :k].copy(), keep_c[:, :k].copy()
-            for r in tied:
-                row = X @ X[s + r]
-                row[s + r] = -np.inf
-                sel = _exact_row_topk(row, k)
-                keep_i[r] = sel
-                keep_c[r] = row[sel]
-        i_np, c_np = _sort_desc_then_index(keep_i.astype(np.int64), keep_c)
-        out_i[s:e] = i_np
-        out_c[s:e] = c_np
-        bar.update(b)
+        D, Ix = index.search(X[s:e], m)  # sorted: D[:, -1] is the smallest candidate's score
+        bound = D[:, -1].astype(np.float64) + eps if m < n else None
+        out_i[s:e], out_c[s:e], f = exact_topk(Xt, np.arange(s, e), Ix.astype(np.int64), bound, k)
+        fallback += f
+        bar.update(e - s)
+    stats.update(rows=n, candidates=m - 1, fallback_rows=fallback)
     return out_i, out_c
 
 
@@ -254,13 +223,17 @@ def knn_cosine(
     progress: bool = True,
     memory_budget_bytes: int | None = None,
     stats: dict[str, int] | None = None,
+    margin: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k cosine neighbours of every row among all other rows.
 
     Returns ``(indices int32 [n, k], cosine float32 [n, k])``: self excluded (by index, so a
     duplicate row still appears as its twin's neighbour), sorted by descending cosine with ties
-    broken by lower index, so the output is deterministic and identical across backends up to
-    float rounding. Rows are normalised here, so raw decoder weights may be passed.
+    broken by lower index. Every backend only proposes candidates (k + ``margin``); the cosines are
+    then recomputed in one fixed order (`knn_rescore`), so on the CPU the arrays are bit-identical
+    across backends, block sizes and thread counts. Rows are normalised here, so raw decoder
+    weights may be passed. ``stats`` (optional) receives rows, candidates and ``fallback_rows``
+    (rows recomputed over every row because the candidate edge was too close to call).
 
     Work goes in row blocks scored against all rows, never an n x n matrix. torch: peak memory
     is the [block, n] score matrix (``memory_budget_bytes``, default 256 MiB on CPU, 2 GiB on
@@ -269,10 +242,9 @@ def knn_cosine(
     ``k`` larger than n-1 is clamped to n-1 with a warning (a toy SAE should still build a cache).
 
     backend: "torch" (blocked fp32 matmul + topk; runs on CUDA when ``device`` resolves there,
-    with TF32 disabled so results stay exact), "torch-bf16" (bfloat16 candidates rescored in fp32,
-    with a per-row proof of exactness and an fp32 fallback: `knn_mixed`; ``stats`` gets its
-    fallback count), "faiss" (IndexFlatIP, CPU only) or "auto" (torch on CUDA, otherwise
-    ``DEFAULT_CPU_BACKEND``; see the measurement note next to it).
+    with TF32 disabled so the error bound holds), "torch-bf16" (bfloat16 candidates: `knn_mixed`),
+    "faiss" (IndexFlatIP, CPU only) or "auto" (torch on CUDA, otherwise ``DEFAULT_CPU_BACKEND``;
+    see the measurement note next to it). ``margin``: default ``FP32_MARGIN``, bf16 ``knn_mixed.MARGIN``.
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
@@ -287,11 +259,14 @@ def knn_cosine(
         raise ValueError(f"directions must be 2-D [n, d], got shape {shape}")
     n = shape[0]
     k = _clamp_k(n, k)
+    if margin is not None and margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    stats = {} if stats is None else stats
     if memory_budget_bytes is None:
         memory_budget_bytes = CUDA_BLOCK_BUDGET_BYTES if dev.type == "cuda" else CPU_BLOCK_BUDGET_BYTES
     if backend == "faiss" and block_size is None:
         # faiss keeps its own scratch small (4096 x 1024 score tiles) whatever the query block,
-        # so our block only bounds the [b, k+2] results; 4096 matches faiss's query tile and
+        # so our block only bounds the [b, m] results; 4096 matches faiss's query tile and
         # avoids many small parallel calls, which a busy machine punishes badly.
         block_size = FAISS_QUERY_BLOCK
     rows = _block_rows(n, block_size, memory_budget_bytes)
@@ -299,7 +274,7 @@ def knn_cosine(
     with tqdm(total=n, unit="row", desc=f"kNN {backend}/{dev.type}", disable=not progress) as bar:
         if backend == "faiss":
             X = np.ascontiguousarray(unit_rows(directions))
-            return _knn_faiss(X, k, rows, bar)
+            return _knn_faiss(X, k, rows, bar, FP32_MARGIN if margin is None else margin, stats)
         if isinstance(directions, torch.Tensor) and directions.device.type == dev.type:
             Xt = _unit_rows_torch(directions.detach().to(dev))
         else:
@@ -309,8 +284,8 @@ def knn_cosine(
         try:
             with torch.inference_mode():
                 if backend == "torch-bf16":
-                    return knn_torch_bf16(Xt, k, rows, bar, stats=stats)
-                return _knn_torch(Xt, k, rows, bar)
+                    return knn_torch_bf16(Xt, k, rows, bar, MARGIN if margin is None else margin, stats)
+                return _knn_torch(Xt, k, rows, bar, FP32_MARGIN if margin is None else margin, stats)
         finally:
             torch.set_float32_matmul_precision(prev)
 
@@ -318,13 +293,13 @@ def knn_cosine(
 def knn_bruteforce(directions: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Reference kNN from the full n x n float64 cosine matrix (tests and benchmarks only).
 
-    Same contract as `knn_cosine` (self excluded by index, descending cosine, lower index on
-    ties); it exists so both backends can be checked against something with no blocking logic.
+    Same contract as `knn_cosine` (self excluded by index, descending float32 cosine, lower index
+    on ties); it exists so the backends can be checked against something with no blocking logic.
     """
     X = unit_rows(directions).astype(np.float64)
     n = X.shape[0]
     k = min(k, n - 1)
-    S = X @ X.T
+    S = (X @ X.T).astype(np.float32)
     np.fill_diagonal(S, -np.inf)
     order = np.lexsort((np.broadcast_to(np.arange(n), S.shape), -S), axis=-1)[:, :k]
-    return order.astype(np.int32), np.take_along_axis(S, order, 1).astype(np.float32)
+    return order.astype(np.int32), np.take_along_axis(S, order, 1)

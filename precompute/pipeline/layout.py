@@ -30,7 +30,11 @@ def umap_layout(
 
     Reusing the exact graph (``precomputed_knn`` with self in column 0, distance 1 - cos) avoids
     a second, approximate neighbour search and keeps the map faithful to the neighbour lists the
-    explorer shows. ``random_state=seed`` makes it reproducible (umap then runs single-threaded).
+    explorer shows. ``random_state=seed`` makes it reproducible: umap then runs its numba code on one
+    thread, and the BLAS calls of its spectral initialisation (ARPACK via scipy) are pinned to one
+    thread here too, so the map does not depend on the machine's core count (tested: the same
+    coordinates with 1 and 2 threads; numba compiles for the host CPU, so a different instruction
+    set is not covered).
     ``directions`` (optional) only serves to place disconnected graph components relative to each
     other; without it, a placeholder is used and only that placement is arbitrary.
 
@@ -63,6 +67,7 @@ def umap_layout(
         raise ValueError(f"directions has {X.shape[0]} rows but the kNN lists have {n}")
 
     import umap  # deferred: importing umap sets up numba, which most callers don't need
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency, hence umap-learn's
 
     reducer = umap.UMAP(
         n_neighbors=nn,
@@ -74,7 +79,7 @@ def umap_layout(
         verbose=progress,
         tqdm_kwds={"disable": not progress},
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         # Expected and harmless here: no NNDescent index (we never call transform) and
         # "n_jobs overridden to 1" (the price of reproducibility).
         warnings.filterwarnings("ignore", message=".*knn_search_index.*")

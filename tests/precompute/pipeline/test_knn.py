@@ -1,12 +1,16 @@
-"""Exact kNN against brute force: both backends, blocks, ties, zero rows, clamping, input errors."""
+"""Exact kNN against brute force: both backends, blocks, ties, zero rows, clamping, input errors; the
+same arrays bit for bit whatever the backend, block size and thread count."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
 from precompute.pipeline.knn import knn_bruteforce, knn_cosine, unit_rows
+from precompute.pipeline.knn_rescore import exact_cosines
 
 BACKENDS = ["torch", "faiss"]
 
@@ -133,3 +137,117 @@ def test_knn_accepts_torch_tensor() -> None:
     a = knn_cosine(torch.from_numpy(X), 7, device="cpu", progress=False)
     b = knn_cosine(X, 7, device="cpu", progress=False)
     np.testing.assert_array_equal(a[0], b[0])
+
+
+# ------------------------------------------------------------- reproducibility (exact rescoring)
+
+
+def _anisotropic(n: int = 3000, d: int = 256, seed: int = 7) -> np.ndarray:
+    """Rows with decaying per-axis scales and a shared mean, like a trained decoder (crowded
+    cosines), big enough that BLAS and faiss tile the products differently with 1 and 2 threads."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, d)) * np.geomspace(3.0, 0.05, d) + 0.5).astype(np.float32)
+
+
+def _threads(t: int) -> None:
+    import faiss
+
+    torch.set_num_threads(t)
+    faiss.omp_set_num_threads(t)
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    import faiss
+
+    before = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    yield
+    torch.set_num_threads(before[0])
+    faiss.omp_set_num_threads(before[1])
+
+
+@pytest.mark.usefixtures("restore_threads")
+def test_raw_faiss_scores_depend_on_threads() -> None:
+    """The precondition of the test below: the search itself is not reproducible here, so equal
+    outputs there come from the exact rescoring, not from a search that happens to repeat."""
+    import faiss
+
+    U = unit_rows(_anisotropic())
+    scores = []
+    for t in (1, 2):
+        _threads(t)
+        index = faiss.IndexFlatIP(U.shape[1])
+        index.add(U)
+        scores.append(index.search(U, 20)[0])
+    assert not np.array_equal(scores[0], scores[1])
+
+
+@pytest.mark.usefixtures("restore_threads")
+def test_bit_identical_across_threads_backends_and_blocks() -> None:
+    X = _anisotropic()
+    ref_i, ref_c = knn_bruteforce(X, 16)
+    first: tuple[np.ndarray, np.ndarray] | None = None
+    for backend in ("faiss", "torch", "torch-bf16"):
+        for t in (1, 2):
+            _threads(t)
+            for bs in (None, 333):
+                stats: dict[str, int] = {}
+                got = knn_cosine(
+                    X, 16, block_size=bs, backend=backend, device="cpu", progress=False, stats=stats
+                )
+                what = f"{backend}, {t} thread(s), block {bs}"
+                if first is None:
+                    first = got
+                    np.testing.assert_array_equal(got[0], ref_i)  # the brute-force neighbours
+                    np.testing.assert_allclose(got[1], ref_c, rtol=0, atol=1e-7)
+                np.testing.assert_array_equal(got[0], first[0], err_msg=what)
+                np.testing.assert_array_equal(got[1], first[1], err_msg=what)
+                assert stats["rows"] == 3000
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "torch-bf16"])
+def test_twins_beyond_the_margin_follow_the_lower_index_rule(backend: str) -> None:
+    """60 copies of one row: more tied candidates than k + margin, so the search's choice among
+    them is arbitrary; the fallback must return the lowest-index twins, as brute force does."""
+    X = _anisotropic(600, 64, seed=8)
+    X[100:160] = X[5]
+    stats: dict[str, int] = {}
+    idx, cos = knn_cosine(X, 12, backend=backend, device="cpu", progress=False, stats=stats)
+    ref_i, ref_c = knn_bruteforce(X, 12)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(cos, ref_c, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(idx[5], np.arange(100, 112))
+    np.testing.assert_array_equal(idx[130], [5, *range(100, 111)])
+    assert stats["fallback_rows"] >= 61  # every twin's boundary is a tie
+
+
+def test_margin_zero_falls_back_everywhere_with_the_same_answer() -> None:
+    X = _anisotropic(800, 48, seed=9)
+    base = knn_cosine(X, 10, backend="faiss", progress=False)
+    stats: dict[str, int] = {}
+    none = knn_cosine(X, 10, backend="torch", device="cpu", progress=False, margin=0, stats=stats)
+    assert stats["fallback_rows"] == 800  # the k-th candidate can never beat itself + eps
+    wide = knn_cosine(X, 10, backend="faiss", progress=False, margin=200)
+    for got in (none, wide):
+        np.testing.assert_array_equal(got[0], base[0])
+        np.testing.assert_array_equal(got[1], base[1])
+    with pytest.raises(ValueError, match="margin"):
+        knn_cosine(X, 10, progress=False, margin=-1)
+
+
+def test_exact_cosines_do_not_depend_on_the_batch() -> None:
+    U = unit_rows(_anisotropic(500, 96, seed=10))
+    X = torch.from_numpy(U)
+    rng = np.random.default_rng(0)
+    rows = np.arange(40, 60)
+    cand = rng.integers(0, 500, (20, 30))
+    block = exact_cosines(X, rows, cand)
+    one_by_one = np.array(
+        [[exact_cosines(X, rows[[i]], cand[i : i + 1, [j]])[0, 0] for j in range(30)] for i in range(20)]
+    )
+    full_rows = exact_cosines(X, rows, np.broadcast_to(np.arange(500), (20, 500)).copy())
+    np.testing.assert_array_equal(block, one_by_one)
+    np.testing.assert_array_equal(block, np.take_along_axis(full_rows, cand, 1))
+    U64 = U.astype(np.float64)
+    np.testing.assert_allclose(block, np.einsum("bd,bmd->bm", U64[rows], U64[cand]), rtol=0, atol=1e-15)
+    assert exact_cosines(X, rows, cand).dtype == np.float64

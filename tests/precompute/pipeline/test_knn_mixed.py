@@ -29,7 +29,7 @@ def test_equals_brute_force(data: str, crowded: bool) -> None:
     )
     fp32_i, fp32_c = knn_cosine(X, k=10, backend="torch", device="cpu", progress=False, block_size=200)
     assert np.array_equal(idx, fp32_i)  # the float32 search's answer, row for row
-    np.testing.assert_allclose(cos, fp32_c, atol=1e-6)
+    assert np.array_equal(cos, fp32_c)  # bit for bit: both are rescored exactly (knn_rescore)
     exact = unit_rows(X).astype(np.float64) @ unit_rows(X).astype(np.float64).T
     others = ~np.eye(len(X), dtype=bool)  # self is not a neighbour
     for i in range(len(X)):  # and the float64 truth, up to near-ties float32 cannot order

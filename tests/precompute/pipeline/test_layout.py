@@ -35,12 +35,37 @@ def clustered_knn() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return X, idx, cos
 
 
+def _map_with_threads(X: np.ndarray, t: int) -> np.ndarray:
+    """kNN + UMAP with every thread pool this pipeline touches set to t (restored afterwards)."""
+    import faiss
+    import numba
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = (torch.get_num_threads(), faiss.omp_get_max_threads(), numba.get_num_threads())
+    try:
+        torch.set_num_threads(t)
+        faiss.omp_set_num_threads(t)
+        numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
+        with threadpool_limits(limits=t):
+            idx, cos = knn_cosine(X, 16, progress=False)
+            return umap_layout(idx, cos, n_neighbors=15, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+        numba.set_num_threads(before[2])
+
+
 @pytest.fixture(scope="module")
 def layouts(clustered_knn: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
     """All UMAP runs of the module in one place: umap-learn pays ~45-60 s of numba compilation
     per process, so every test shares these few small fits."""
     X, idx, cos = clustered_knn
     tiny_i, tiny_c = knn_cosine(X[::27], 5, progress=False)  # 6 points: n_neighbors 15 -> 5
+    # anisotropic rows with a shared mean, as test_knn's: there the old faiss search gave cosines
+    # 5e-7 apart with 1 and 2 threads and maps up to 1.9 apart (in the [-1, 1] box)
+    rng = np.random.default_rng(7)
+    big = (rng.standard_normal((3000, 256)) * np.geomspace(3.0, 0.05, 256) + 0.5).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return {
@@ -48,6 +73,8 @@ def layouts(clustered_knn: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[st
             "b": umap_layout(idx, cos, n_neighbors=10, seed=3, progress=False),
             "other_seed": umap_layout(idx, cos, n_neighbors=10, seed=4, progress=False),
             "tiny": umap_layout(tiny_i, tiny_c, n_neighbors=15, seed=0, progress=False),
+            "threads_1": _map_with_threads(big, 1),
+            "threads_2": _map_with_threads(big, 2),
         }
 
 
@@ -63,6 +90,14 @@ def test_umap_reproducible_shape_and_range(
     # the four planted clusters stay together: most exact neighbours remain map neighbours
     _, idx, _ = clustered_knn
     assert neighbourhood_preservation(idx, a, 10) > 0.5
+
+
+def test_map_does_not_depend_on_thread_count(layouts: dict[str, np.ndarray]) -> None:
+    """kNN and UMAP with 1 and with 2 threads everywhere: the same coordinates bit for bit (the
+    cache must not change with the core count of the machine that builds it)."""
+    one, two = layouts["threads_1"], layouts["threads_2"]
+    assert one.shape == (3000, 2) and np.isfinite(one).all()
+    np.testing.assert_array_equal(one, two)
 
 
 def test_umap_tiny_input(layouts: dict[str, np.ndarray]) -> None:

@@ -79,6 +79,7 @@ class AggregateParams:
     top_k_group: int = 0  # top contexts per (feature, group), ranked on the group's tokens only
     per_bin_group: int = 0  # quantile samples per (feature, group, interval), on the group's tokens only
     top_k_category: int = 0  # top contexts per (feature, (group, category)), ranked on that category's tokens
+    category_groups: tuple[str, ...] = ()  # the groups whose categories get those tops
 
 
 def aggregate(
@@ -116,10 +117,15 @@ def aggregate(
     # per (feature, group): row f * n_groups + g; a packed context can hold several groups' documents
     gtop_val = np.full((n_features * n_groups, kg), -np.inf, np.float32)
     gtop_ctx = np.full((n_features * n_groups, kg), -1, np.int64)
-    # per (feature, (group, category)): row f * n_cats + c, as the group tops
-    n_cats, kc = len(cats), params.top_k_category
-    ctop_val = np.full((n_features * n_cats, kc), -np.inf, np.float32)
-    ctop_ctx = np.full((n_features * n_cats, kc), -1, np.int64)
+    # per (feature, (group, category)) of the category groups: row f * n_ctop + c, as the group tops; the
+    # other documents share one extra slot, dropped at the end
+    ctop_cats = [gc for gc in cats if gc[0] in params.category_groups and gc[1]]
+    doc_ctop = np.array([{gc: i for i, gc in enumerate(ctop_cats)}.get(gc, len(ctop_cats)) for gc in cats])[
+        doc_cidx
+    ]
+    n_ctop, kc = len(ctop_cats) + 1, params.top_k_category if ctop_cats else 0
+    ctop_val = np.full((n_features * n_ctop, kc), -np.inf, np.float32)
+    ctop_ctx = np.full((n_features * n_ctop, kc), -1, np.int64)
     total_tokens = 0
 
     for path in tqdm(shard_paths, desc="aggregate 1/2", disable=not progress):
@@ -141,7 +147,7 @@ def aggregate(
             gf, gc, gv = _pair_max(shard, feat * n_groups + doc_gidx[row_doc[rows]])
             _merge_topk(gtop_val, gtop_ctx, gf, gc, gv)
         if kc:
-            cf, cc, cv = _pair_max(shard, feat * n_cats + doc_cidx[row_doc[rows]])
+            cf, cc, cv = _pair_max(shard, feat * n_ctop + doc_ctop[row_doc[rows]])
             _merge_topk(ctop_val, ctop_ctx, cf, cc, cv)
 
     # Pass 2: histograms (bins need the max) and quantile samples by activation interval.
@@ -195,8 +201,9 @@ def aggregate(
         "hist_group": hist_group,
         "gtop_val": gtop_val.reshape(n_features, n_groups, kg),
         "gtop_ctx": gtop_ctx.reshape(n_features, n_groups, kg),
-        "ctop_val": ctop_val.reshape(n_features, n_cats, kc),
-        "ctop_ctx": ctop_ctx.reshape(n_features, n_cats, kc),
+        "ctop_categories": ctop_cats,
+        "ctop_val": ctop_val.reshape(n_features, n_ctop, kc)[:, :-1],
+        "ctop_ctx": ctop_ctx.reshape(n_features, n_ctop, kc)[:, :-1],
         "q_ctx": q_ctx,
         "q_val": q_val,
         "gq_ctx": gq_ctx.reshape(n_features, n_groups, qb, kq),

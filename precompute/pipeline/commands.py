@@ -28,6 +28,7 @@ _HARVEST = (
     "top_k_examples",
     "top_k_per_group",
     "top_k_per_category",
+    "category_top_groups",
     "quantile_bins",
     "per_bin",
     "per_bin_group",

@@ -112,6 +112,11 @@ class RunConfig:
         help="top-activating contexts per feature within each (group, harm or source category) of documents, "
         "ranked on that category's documents only (0: none; memory: features x categories x this x 12 bytes)",
     )
+    category_top_groups: str = option(
+        "harmful",
+        help="corpus groups whose categories get those tops, comma-separated (the explorer filters harmful "
+        "documents by harm category)",
+    )
     quantile_bins: int = option(5, low=1, bounds="[)", help="activation intervals to sample examples from")
     per_bin: int = option(2, low=1, bounds="[)", help="examples sampled per activation interval")
     per_bin_group: int = option(

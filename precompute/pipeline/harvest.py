@@ -53,6 +53,7 @@ PARAMS = (
     "per_bin",
     "per_bin_group",
     "top_k_per_category",
+    "category_top_groups",
     "hist_bins",
     "seed",
     "device",
@@ -106,6 +107,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         top_k_group=cfg.top_k_per_group,
         per_bin_group=cfg.per_bin_group,
         top_k_category=cfg.top_k_per_category,
+        category_groups=tuple(g.strip() for g in cfg.category_top_groups.split(",") if g.strip()),
     )
     agg = aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress)
     write_rates(staged, agg, n, cfg.hist_bins)
@@ -299,16 +301,15 @@ def select_category_examples(agg: dict[str, Any], requests: dict[int, list[int]]
     """Each feature's top contexts within each (group, category) of documents (`aggregate`'s `ctop_ctx`),
     ranked on that category's tokens only, so a reviewer filtering to e.g. harmful · cybercrime sees the
     feature's exact top there, not only what the group's top happens to hold. Documents without a
-    category have none (their group's top is theirs). Adds the needed activations to `requests`."""
+    category, and groups outside `category_top_groups`, have none (their group's top is theirs). Adds
+    the needed activations to `requests`."""
     ctop = agg.get("ctop_ctx")
     if ctop is None or ctop.shape[2] == 0:
         return []
     out: list[Selection] = []
     touched = set()
     for f, ci, r in zip(*np.nonzero(ctop >= 0), strict=True):
-        group, category = agg["categories"][ci]
-        if not category:
-            continue
+        group, category = agg["ctop_categories"][ci]
         c = int(ctop[f, ci, r])
         out.append((int(f), CATEGORY_TOP, int(r), c, None, group, str(category)))
         requests.setdefault(c, []).append(int(f))

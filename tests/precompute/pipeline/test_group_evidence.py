@@ -101,6 +101,11 @@ def test_no_group_examples_when_the_options_are_zero(tiny_model_dir, tiny_sae_di
     examples = pd.read_parquet(out / "examples.parquet")
     # the options are independent
     assert set(examples["kind"]) == {"top", "quantile", "group_quantile", "category_top"}
+    run_precompute(  # the tiny corpus's task documents have no category: no category tops
+        make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, out, category_top_groups="task", overwrite=True),
+        ("harvest",),
+    )
+    assert "category_top" not in set(pd.read_parquet(out / "examples.parquet")["kind"])
     run_precompute(
         make_cfg(
             tiny_model_dir,
@@ -176,7 +181,8 @@ def test_category_top_examples_equal_a_brute_force_per_category_scan(built_cache
     keys_of = {  # context id -> (group, category) of each token's document
         c: [key_of[int(d)] for d in doc_ids[offsets[c] : offsets[c + 1]]] for c in range(len(offsets) - 1)
     }
-    cats = sorted({(g, c) for g, c in key_of.values() if c})
+    assert cfg.category_top_groups == "harmful"  # the default
+    cats = sorted({(g, c) for g, c in key_of.values() if c and g == "harmful"})
     assert len(cats) >= 2  # the tiny corpus has two harm categories to rank within
     examples = pd.read_parquet(out / "examples.parquet")
     got_all = examples[examples.kind == "category_top"]

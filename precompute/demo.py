@@ -13,6 +13,10 @@ from precompute.pipeline.config import RunConfig
 from precompute.schema import CLOSENESS, check_files
 
 DEMO_CONFIG = "configs/demo.toml"
+# The mechanism lab's measured results on the demo cache (`make lab`, docs/results.md): a fine-tune diff
+# takes hours on a CPU, so the demo ships them and installs them into the cache it builds.
+DEMO_LAB = Path("assets/demo-lab")
+DEMO_LAB_SOURCE = "source.json"  # the SAE (sha256) the results were computed on
 
 
 @dataclass
@@ -95,8 +99,44 @@ def build(cfg: DemoOptions) -> Path:
     return run_precompute(cfg)
 
 
+def install_lab_results(target: Path, source: Path = DEMO_LAB) -> list[Path]:
+    """Copy the packaged lab results (`finetune/RUN/`, `triage/NAME/`) into the cache at `target` where it
+    lacks them, if they were computed with the SAE it was built from; each copy is atomic. The explorer
+    still checks each result against the cache's features before it quotes it (`basis_problem`)."""
+    import json
+    import shutil
+
+    from precompute.cache import read_manifest, write_dir_atomic
+    from precompute.schema import FINETUNE_DIR, FINETUNE_SUMMARY, TRIAGE_DIR, TRIAGE_META
+
+    meta = source / DEMO_LAB_SOURCE
+    if not meta.is_file():
+        return []
+    want = json.loads(meta.read_text()).get("sae_sha256")
+    have = (read_manifest(target).get("sae") or {}).get("sha256")
+    if want != have:
+        print(
+            f"[featuregeom] not installing the lab results of {source}: they were computed with another SAE"
+        )
+        return []
+    installed = []
+    for kind, marker in ((FINETUNE_DIR, FINETUNE_SUMMARY), (TRIAGE_DIR, TRIAGE_META)):
+        runs = sorted(p for p in (source / kind).glob("*") if (p / marker).is_file())
+        for run in (r for r in runs if not (target / kind / r.name).exists()):
+            (target / kind).mkdir(exist_ok=True)
+
+            def copy(d: Path, run: Path = run) -> None:
+                for f in run.iterdir():
+                    shutil.copyfile(f, d / f.name)
+
+            installed.append(write_dir_atomic(target / kind / run.name, copy, marker, f"lab result {kind}"))
+    if installed:
+        print(f"[featuregeom] installed the measured lab results: {', '.join(str(p) for p in installed)}")
+    return installed
+
+
 def run_demo(cfg: DemoOptions) -> int:
-    build(cfg)
+    install_lab_results(build(cfg))
     return 0
 
 

@@ -307,29 +307,33 @@ def test_overlaps_requires_name(synth_cache: Path, monkeypatch: pytest.MonkeyPat
 
 def test_story_steps_and_navigation(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = run_page("views/story.py", synth_cache, monkeypatch, step="3")
-    assert "Step 3 of 7" in html_text(at) and "A task feature" in html_text(at)
+    assert "Step 3 of 8" in html_text(at) and "A task feature" in html_text(at)
     at.button(key="story_next").click().run()
-    assert "Step 4 of 7" in html_text(at) and "closer than chance" in html_text(at)
+    assert "Step 4 of 8" in html_text(at) and "closer than chance" in html_text(at)
     assert at.query_params["step"] in ("4", ["4"])
     at.button(key="story_back").click().run()
-    assert "Step 3 of 7" in html_text(at)
-    for step in ("1", "2", "5", "6", "99", "x"):
+    assert "Step 3 of 8" in html_text(at)
+    # the set-level comparison, drawn (the synthetic cache's closeness.json: the exploratory ranked sets)
+    a = run_page("views/story.py", synth_cache, monkeypatch, step="6")
+    assert "Step 6 of 8" in html_text(a) and "Beyond this pair" in html_text(a)
+    assert len(a.get("plotly_chart")) == 1
+    for step in ("1", "2", "5", "7", "99", "x"):
         a = run_page("views/story.py", synth_cache, monkeypatch, step=step)
         assert not a.exception and "Step" in html_text(a)
     # the last step, from the cache's fine-tune diffs (tests/explorer/lab_fixture.py)
-    a = run_page("views/story.py", synth_cache, monkeypatch, step="7")
-    assert not a.exception and "Step 7 of 7" in html_text(a) and "What fine-tuning did" in html_text(a)
+    a = run_page("views/story.py", synth_cache, monkeypatch, step="8")
+    assert not a.exception and "Step 8 of 8" in html_text(a) and "What fine-tuning did" in html_text(a)
     assert (
         "raised the harmful feature nearest the task features by 0.027 (95% CI 0.014 to 0.04)" in html_text(a)
     )
     assert len(a.get("plotly_chart")) == 1
 
 
-def test_story_without_finetune_keeps_six_steps(cache_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_story_without_finetune_keeps_seven_steps(cache_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.rmtree(cache_copy / "finetune")
     at = run_page("views/story.py", cache_copy, monkeypatch, step="99")
     assert (
-        not at.exception and "Step 6 of 6" in html_text(at) and "What fine-tuning could do" in html_text(at)
+        not at.exception and "Step 7 of 7" in html_text(at) and "What fine-tuning could do" in html_text(at)
     )
 
 

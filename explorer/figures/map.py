@@ -148,9 +148,10 @@ def map_layers(
     """map_figure split in two for a page that redraws only what a click changes: the base (every point,
     the same for any selection, so its serialized spec is byte-identical between clicks and Streamlit's
     message cache sends a reference instead of the figure) and the overlay (the selection, its
-    neighbours and lines, on a transparent figure with the same size, title, margins and axes, drawn over
-    the base). Above `max_points` the base is the fixed sample alone: the overlay draws the neighbours,
-    so no per-selection detail is needed there. The base ignores plotly's own selection styling (a
+    neighbours and lines, on a transparent figure with the same size, margins and axes, drawn over the
+    base; its clear title names the selection, for the page's saved image). Above `max_points` the base
+    is the fixed sample alone: the overlay draws the neighbours, so no per-selection detail is needed
+    there. The base ignores plotly's own selection styling (a
     clicked dot would dim all others until the next figure)."""
     _check_mode(color_by)
     x = features["umap_x"].to_numpy(dtype=np.float64)
@@ -167,7 +168,12 @@ def map_layers(
     _map_layout(base, color_by, height, title, len(idx), len(x), detail)
     overlay = go.Figure()
     _add_selection(overlay, features, selection, trace=go.Scatter)  # SVG: a click starts no WebGL context
-    _map_layout(overlay, color_by, height, title, len(idx), len(x), detail)
+    # the overlay's title is clear on the page (the base draws its own); the page's saved image is drawn
+    # under it (views/map.py), so it names the selection
+    picked = (
+        f"{title}, feature #{selection.feature} selected with its neighbours at cosine ≥ {selection.threshold:.3f}"
+    )
+    _map_layout(overlay, color_by, height, picked, len(idx), len(x), detail)
     overlay.update_layout(
         paper_bgcolor="rgba(0,0,0,0)",
         plot_bgcolor="rgba(0,0,0,0)",

@@ -309,8 +309,11 @@ KEY_LAYERS, KEY_OVERLAY = "map_layers", "map_overlay"
 # keeps its clicked dot as its widget value between reruns (its spec does not change), and Streamlit
 # sends a click only when that value changes: once the page has moved to another feature (a neighbour
 # row, the search), the script clears that value and plotly's own selection (as a double click on the
-# map does), so a click on that dot selects it again. It reads plotly's state only (no page data) and
-# runs once per browser tab.
+# map does), so a click on that dot selects it again. The base's camera button saves what the reader
+# sees: the script takes the click before plotly does and draws both charts at the base's size, the
+# overlay (selection) over the base, into one PNG (or one SVG, the overlay's <svg> over the base's), under
+# the overlay's title (which names the selection) and the name feature-N-map. It reads plotly's state only
+# (no page data) and runs once per browser tab.
 _LAYERS_HTML = (
     "<style>.st-key-OVERLAY_KEY{position:absolute;top:0;left:0;right:0;z-index:2}"
     ".st-key-LAYERS_KEY{position:relative}"
@@ -321,19 +324,71 @@ _LAYERS_HTML = (
   const plot = (k) => document.querySelector(".st-key-" + k + " .js-plotly-plot");
   const id = (cd) => (Array.isArray(cd) ? cd[0] : cd);
   let clicked = null, shown = false;
+  const selected = (o) => {
+    const star = ((o && o.data) || []).find((t) => String(t.name).startsWith("selected #"));
+    return star && star.customdata ? id(star.customdata[0]) : null;
+  };
+  const image = (u) => new Promise((ok, no) => {
+    const i = new Image();
+    i.onload = () => ok(i);
+    i.onerror = no;
+    i.src = u;
+  });
+  const save = async (b, o) => {
+    const opts = b._context.toImageButtonOptions || {}, L = b._fullLayout, P = window.Plotly;
+    const fmt = opts.format === "svg" ? "svg" : "png";
+    const size = {format: fmt, width: L.width, height: L.height, scale: opts.scale || 1};
+    const title = Object.assign({}, b.layout.title, {text: o.layout.title.text});
+    const urls = await Promise.all([
+      P.toImage({data: b.data, layout: Object.assign({}, b.layout, {title: title})}, size),
+      P.toImage({data: o.data, layout: o.layout}, size),
+    ]);
+    let blob;
+    if (fmt === "svg") {
+      const parse = (u) => new DOMParser().parseFromString(
+        decodeURIComponent(u.slice(u.indexOf(",") + 1)), "image/svg+xml").documentElement;
+      const [bs, os] = urls.map(parse), out = bs.cloneNode(false);
+      out.appendChild(bs);
+      out.appendChild(os);
+      blob = new Blob([new XMLSerializer().serializeToString(out)], {type: "image/svg+xml"});
+    } else {
+      const [bi, oi] = await Promise.all(urls.map(image)), c = document.createElement("canvas");
+      c.width = bi.naturalWidth;
+      c.height = bi.naturalHeight;
+      const ctx = c.getContext("2d");
+      ctx.drawImage(bi, 0, 0);
+      ctx.drawImage(oi, 0, 0, c.width, c.height);
+      blob = await new Promise((ok) => c.toBlob(ok, "image/png"));
+    }
+    const cur = selected(o), a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = (cur !== null ? "feature-" + cur + "-map" : opts.filename || "feature-map") + "." + fmt;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+  };
+  const camera = (e) => {
+    const btn = e.target && e.target.closest ? e.target.closest(".modebar-btn") : null;
+    const b = plot("BASE_KEY"), o = plot("OVERLAY_KEY");
+    if (!btn || !String(btn.getAttribute("data-title")).startsWith("Download plot") || !o || !b) return;
+    e.stopPropagation();  // plotly's own handler would save the base alone
+    e.preventDefault();
+    save(b, o).catch((err) => console.error("map image", err));
+  };
   const sync = () => {
     const b = plot("BASE_KEY"), o = plot("OVERLAY_KEY");
     if (!b || !o || !b._fullLayout || !o._fullLayout || !window.Plotly) return;
     for (const gd of [b, o]) if (!gd.__fgSync) {
       gd.__fgSync = true;
       ["plotly_relayout", "plotly_relayouting", "plotly_afterplot"].forEach((e) => gd.on(e, sync));
+      if (gd === b) gd.addEventListener("click", camera, true);
       if (gd === b) gd.on("plotly_click", (e) => {
         clicked = e && e.points && e.points.length ? id(e.points[0].customdata) : null;
         shown = false;
       });
     }
-    const star = (o.data || []).find((t) => String(t.name).startsWith("selected #"));
-    const cur = star && star.customdata ? id(star.customdata[0]) : null;
+    const cur = selected(o);
     if (clicked !== null && cur !== null) {
       if (cur === clicked) shown = true;
       else if (shown) {

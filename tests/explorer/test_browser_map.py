@@ -185,3 +185,74 @@ def test_click_resends_only_the_selection_layer(server: Any, page: Any, browser_
     page.wait_for_timeout(300)
     page.mouse.click(x, y)
     expect(page.get_by_text(f"Feature #{seen[-1]}", exact=True)).to_be_visible()
+
+
+def _star(page: Any) -> tuple[int, list[float], tuple[int, int, int]]:
+    """The selected feature on the overlay: its id, its centre in chart pixels and its colour (RGB)."""
+    fid, xy, color = page.evaluate(
+        """() => { const o = document.querySelector('.st-key-map_overlay .js-plotly-plot');
+          const t = o.data.find(t => String(t.name).startsWith('selected #')), L = o._fullLayout;
+          return [t.customdata[0], [L._size.l + L.xaxis.l2p(t.x[0]), L._size.t + L.yaxis.l2p(t.y[0])], t.marker.color]; }"""
+    )
+    h = str(color).lstrip("#")
+    return int(fid), xy, (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16))
+
+
+def _count_colour(png: bytes, rgb: tuple[int, int, int]) -> int:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return int((np.abs(px - np.array(rgb)).max(axis=2) <= 12).sum())
+
+
+def test_camera_button_saves_the_map_with_its_selection(
+    server: Any, page: Any, browser_cache_dir: Path, tmp_path: Path
+) -> None:
+    """The base chart's camera button saves what the reader sees: the base with the selection overlay drawn
+    over it (the star, in its colour, where the page draws it), titled with the selection and named after it;
+    the base alone (what plotly's own button saved) lacks the star. In SVG, the overlay's <svg> over the base's."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    t = load_cache(browser_cache_dir, verify=False).default_feature()
+    open_map(page, server, t)
+    wait_for_app(page)
+    fid, (sx, sy), rgb = _star(page)
+    assert fid == t
+    base_only = page.evaluate(
+        """async () => { const b = document.querySelector('.st-key-map_chart .js-plotly-plot'), L = b._fullLayout;
+          return await window.Plotly.toImage(b, {format: 'png', width: L.width, height: L.height, scale: 2}); }"""
+    )
+    base_png = base64.b64decode(base_only.split(",", 1)[1])
+    chart = page.locator(".st-key-map_chart .js-plotly-plot")
+    chart.hover()
+    with page.expect_download(timeout=60000) as dl:
+        chart.locator(".modebar-btn[data-title^='Download plot']").click()
+    assert dl.value.suggested_filename == f"feature-{t}-map.png"
+    saved = tmp_path / dl.value.suggested_filename
+    dl.value.save_as(saved)
+    png = saved.read_bytes()
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    assert img.size == Image.open(io.BytesIO(base_png)).size  # the base's size, at the button's 2x scale
+    assert img.getpixel((round(sx * 2), round(sy * 2))) == pytest.approx(rgb, abs=12), "the star where it is drawn"
+    # the star (24 px across, ~150 px² at 1x, ~600 at 2x) is in the saved image, not in the base alone
+    assert _count_colour(png, rgb) - _count_colour(base_png, rgb) > 300
+    # SVG: the sidebar's format; the saved file nests the overlay's svg over the base's, under the selection title
+    page.get_by_role("radio", name="svg").dispatch_event("click")
+    wait_for_app(page)
+    map_ready(page, f"selected #{t}")
+    chart = page.locator(".st-key-map_chart .js-plotly-plot")
+    chart.hover()
+    with page.expect_download(timeout=60000) as dl:
+        chart.locator(".modebar-btn[data-title^='Download plot']").click()
+    assert dl.value.suggested_filename == f"feature-{t}-map.svg"
+    dl.value.save_as(tmp_path / "map.svg")
+    svg = (tmp_path / "map.svg").read_text()
+    assert svg.count("<svg") == 3  # the file's own root, the base and the overlay
+    assert f"feature #{t} selected with its neighbours at cosine" in svg
+    assert f">selected #{t}<" in svg  # the overlay's legend

@@ -264,10 +264,12 @@ def test_map_layers_base_is_the_same_for_any_selection() -> None:
     assert [a.text for a in overlay.layout.annotations] == ["<b>#3</b>"]
     for k in ("height", "uirevision"):
         assert overlay.layout[k] == base.layout[k]
-    assert (
-        overlay.layout.title.text == base.layout.title.text
-        and overlay.layout.margin.t == base.layout.margin.t
+    # the overlay's title (clear on the page) names the selection: the page's saved image is drawn under it
+    sel = _sel()
+    assert overlay.layout.title.text == (
+        f"{base.layout.title.text}, feature #3 selected with its neighbours at cosine ≥ {sel.threshold:.3f}"
     )
+    assert overlay.layout.title.font.color == "rgba(0,0,0,0)" and overlay.layout.margin.t == base.layout.margin.t
     assert list(overlay.layout.xaxis.range) == list(base.layout.xaxis.range) == [-1.08, 1.08]
     assert list(overlay.layout.yaxis.range) == list(base.layout.yaxis.range) == [-1.08, 1.08]
     assert overlay.layout.paper_bgcolor == overlay.layout.plot_bgcolor == "rgba(0,0,0,0)"

@@ -170,9 +170,7 @@ def map_layers(
     _add_selection(overlay, features, selection, trace=go.Scatter)  # SVG: a click starts no WebGL context
     # the overlay's title is clear on the page (the base draws its own); the page's saved image is drawn
     # under it (views/map.py), so it names the selection
-    picked = (
-        f"{title}, feature #{selection.feature} selected with its neighbours at cosine ≥ {selection.threshold:.3f}"
-    )
+    picked = f"{title}, feature #{selection.feature} selected with its neighbours at cosine ≥ {selection.threshold:.3f}"
     _map_layout(overlay, color_by, height, picked, len(idx), len(x), detail)
     overlay.update_layout(
         paper_bgcolor="rgba(0,0,0,0)",

@@ -239,7 +239,9 @@ def test_camera_button_saves_the_map_with_its_selection(
     png = saved.read_bytes()
     img = Image.open(io.BytesIO(png)).convert("RGB")
     assert img.size == Image.open(io.BytesIO(base_png)).size  # the base's size, at the button's 2x scale
-    assert img.getpixel((round(sx * 2), round(sy * 2))) == pytest.approx(rgb, abs=12), "the star where it is drawn"
+    assert img.getpixel((round(sx * 2), round(sy * 2))) == pytest.approx(rgb, abs=12), (
+        "the star where it is drawn"
+    )
     # the star (24 px across, ~150 px² at 1x, ~600 at 2x) is in the saved image, not in the base alone
     assert _count_colour(png, rgb) - _count_colour(base_png, rgb) > 300
     # SVG: the sidebar's format; the saved file nests the overlay's svg over the base's, under the selection title

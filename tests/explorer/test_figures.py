@@ -269,7 +269,9 @@ def test_map_layers_base_is_the_same_for_any_selection() -> None:
     assert overlay.layout.title.text == (
         f"{base.layout.title.text}, feature #3 selected with its neighbours at cosine ≥ {sel.threshold:.3f}"
     )
-    assert overlay.layout.title.font.color == "rgba(0,0,0,0)" and overlay.layout.margin.t == base.layout.margin.t
+    assert (
+        overlay.layout.title.font.color == "rgba(0,0,0,0)" and overlay.layout.margin.t == base.layout.margin.t
+    )
     assert list(overlay.layout.xaxis.range) == list(base.layout.xaxis.range) == [-1.08, 1.08]
     assert list(overlay.layout.yaxis.range) == list(base.layout.yaxis.range) == [-1.08, 1.08]
     assert overlay.layout.paper_bgcolor == overlay.layout.plot_bgcolor == "rgba(0,0,0,0)"

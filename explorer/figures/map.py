@@ -89,7 +89,7 @@ def _density(x: np.ndarray, y: np.ndarray, bins: int = 140) -> go.Heatmap:
     z = np.log1p(h.T)
     z[z == 0] = np.nan
     return go.Heatmap(
-        z=z,
+        z=z.astype(np.float32),  # a 4-byte typed array: half float64's bytes, the same greys
         x=(xe[:-1] + xe[1:]) / 2,
         y=(ye[:-1] + ye[1:]) / 2,
         showscale=False,
@@ -219,17 +219,17 @@ def _base_traces(features: pd.DataFrame, color_by: str, idx: np.ndarray, fade: f
     if len(idx) < len(features):
         fig.add_trace(_density(features["umap_x"].to_numpy(float), features["umap_y"].to_numpy(float)))
     sub = features.iloc[idx]
-    hover = sub["hover"].to_numpy(dtype=object)
-    ids = sub["feature"].to_numpy()
+    ids = narrow_ids(sub["feature"].to_numpy())
+    text, lines, template = hover_fields(sub["hover"].to_numpy(dtype=object), ids)
     col = COLOR_MODES[color_by]
     marker_size = 5 if len(idx) <= 5000 else 3.5 if len(idx) <= 50000 else 2.5
-    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
+    common = {"mode": "markers", "hovertemplate": template}
     if col == "harm_category":
-        _category_traces(fig, sub, hover, ids, marker_size, fade, common)
+        _category_traces(fig, sub, (text, lines), ids, marker_size, fade, common)
         return fig
-    vals = sub[col].to_numpy(dtype=np.float64)
+    vals = sub[col].to_numpy(dtype=np.float32)
     if col == "frequency":
-        vals = np.log10(np.clip(vals, 1e-7, 1))
+        vals = np.log10(np.clip(vals, 1e-7, 1), dtype=np.float32)
         cbar = {"title": {"text": "log₁₀ rate"}, "thickness": 12, "len": 0.6}
         scale: Any = "Viridis"
         cmin, cmax = -6.0, 0.0
@@ -240,9 +240,9 @@ def _base_traces(features: pd.DataFrame, color_by: str, idx: np.ndarray, fade: f
     order = np.argsort(np.nan_to_num(vals, nan=-np.inf), kind="stable")  # strongest drawn on top
     fig.add_trace(
         go.Scattergl(
-            x=sub["umap_x"].to_numpy()[order],
-            y=sub["umap_y"].to_numpy()[order],
-            text=hover[order],
+            x=sub["umap_x"].to_numpy(dtype=np.float32)[order],
+            y=sub["umap_y"].to_numpy(dtype=np.float32)[order],
+            **_hover_of(text, lines, order),
             customdata=ids[order],
             name=color_by,
             showlegend=False,
@@ -261,10 +261,40 @@ def _base_traces(features: pd.DataFrame, color_by: str, idx: np.ndarray, fade: f
     return fig
 
 
+def narrow_ids(ids: np.ndarray) -> np.ndarray:
+    """Feature ids as the smallest unsigned typed array that holds them (plotly sends numpy arrays as base64
+    typed arrays, 'bdata': 2 bytes an id below 65,536 instead of 8)."""
+    return ids.astype(np.uint16 if len(ids) == 0 or int(ids.max()) < 2**16 else np.uint32)
+
+
+HOVER_TEMPLATE = "#%{customdata} %{text}<br>%{hovertext}<extra></extra>"
+
+
+def hover_fields(hover: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The base map's hover as plotly fields (text, hovertext or None, hovertemplate) that show exactly `hover`.
+
+    Hover text (data/load.py, escaped: '#id label<br>scores<br>top tokens') is most of the map's bytes, and
+    plotly's JSON writes each '<' and '>' as a 6-byte escape: so the id comes from customdata and one line
+    break from the template (HOVER_TEMPLATE), which it holds once. Text not of that form is sent as it is."""
+    heads = [f"#{int(i)} " for i in ids]
+    text = np.empty(len(hover), dtype=object)
+    lines = np.empty(len(hover), dtype=object)
+    for k, (h, head) in enumerate(zip(hover, heads, strict=True)):
+        body, sep, last = str(h).rpartition("<br>")
+        if not (sep and body.startswith(head)):
+            return hover, None, "%{text}<extra></extra>"
+        text[k], lines[k] = body[len(head) :], last
+    return text, lines, HOVER_TEMPLATE
+
+
+def _hover_of(text: np.ndarray, lines: np.ndarray | None, rows: Any) -> dict[str, Any]:
+    return {"text": text[rows]} if lines is None else {"text": text[rows], "hovertext": lines[rows]}
+
+
 def _category_traces(
     fig: go.Figure,
     sub: pd.DataFrame,
-    hover: np.ndarray,
+    hover: tuple[np.ndarray, np.ndarray | None],
     ids: np.ndarray,
     marker_size: float,
     fade: float,
@@ -275,12 +305,12 @@ def _category_traces(
     raw = sub["harm_category"].astype("string").fillna("").to_numpy(dtype=object)
     none = raw == ""
     cats = np.array([canonical_category(c) if c else "" for c in raw], dtype=object)
-    ux, uy = sub["umap_x"].to_numpy(), sub["umap_y"].to_numpy()
+    ux, uy = sub["umap_x"].to_numpy(dtype=np.float32), sub["umap_y"].to_numpy(dtype=np.float32)
     fig.add_trace(
         go.Scattergl(
             x=ux[none],
             y=uy[none],
-            text=hover[none],
+            **_hover_of(*hover, none),
             customdata=ids[none],
             name="no harm category",
             marker={"size": marker_size, "color": NO_CATEGORY_COLOR, "opacity": fade * 0.8},
@@ -295,7 +325,7 @@ def _category_traces(
             go.Scattergl(
                 x=ux[m],
                 y=uy[m],
-                text=hover[m],
+                **_hover_of(*hover, m),
                 customdata=ids[m],
                 name=f"{esc(cat)} ({int(m.sum()):,})",
                 marker={"size": marker_size + 1, "color": color, "opacity": max(fade, 0.85)},

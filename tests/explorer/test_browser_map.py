@@ -258,3 +258,20 @@ def test_camera_button_saves_the_map_with_its_selection(
     assert svg.count("<svg") == 3  # the file's own root, the base and the overlay
     assert f"feature #{t} selected with its neighbours at cosine" in svg
     assert f">selected #{t}<" in svg  # the overlay's legend
+
+
+def test_hover_shows_the_features_hover_text(server: Any, page: Any, browser_cache_dir: Path) -> None:
+    """The base's hover label, rebuilt by its template from the id, text and hovertext (what a colour change
+    sends), reads as the cache's hover text: id, label, scores, top tokens."""
+    import html
+
+    c = load_cache(browser_cache_dir, verify=False)
+    t = c.default_feature()
+    open_map(page, server, t)
+    wait_for_app(page)
+    h, x, y = isolated_points(page, 1, [t])[0]
+    page.mouse.move(x, y)
+    label = page.locator(".st-key-map_chart .hoverlayer .hovertext")
+    label.wait_for()
+    want = html.unescape(str(c.features.loc[h, "hover"]).replace("<br>", ""))
+    assert want.startswith(f"#{h} ") and label.text_content() == want

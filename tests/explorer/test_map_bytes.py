@@ -1,0 +1,110 @@
+"""What a colour change sends: the map's base chart as plotly serialises it (what Streamlit sends, plotly.io.to_json).
+
+A new colouring resends the whole base (its spec changes), so its arrays go as base64 typed arrays ('bdata': 4-byte
+floats, 2-byte ids, not JSON lists) and its hover text without what the template can rebuild: the id (from
+customdata) and one line break. The text shown on hover is exactly the cache's escaped hover text."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.io as pio
+import pytest
+
+from explorer import figures as F
+from explorer.data import load_cache
+
+
+def _spec(cache: Path, mode: str, max_points: int) -> tuple[Any, dict[str, Any]]:
+    c = load_cache(cache)
+    f = c.default_feature()
+    nb = c.neighbours_of(f)
+    sel = F.Selection(
+        f, nb["feature"].tolist(), nb["cosine"].tolist(), nb["is_harmful"].tolist(), c.null_cosine
+    )
+    base, _ = F.map_layers(c.features, mode, sel, max_points=max_points)
+    return c, json.loads(pio.to_json(base, validate=False))
+
+
+@pytest.mark.parametrize("mode", list(F.COLOR_MODES))
+def test_base_arrays_are_typed(xss_cache: Path, mode: str) -> None:
+    """Every 1-D numeric array of the base is a typed array: coordinates and colours float32, ids uint16 (600
+    features), the density of all (drawn when decimated) float32."""
+    _, spec = _spec(xss_cache, mode, max_points=200)
+    points = [t for t in spec["data"] if t["type"] == "scattergl"]
+    assert points and sum(len(np.frombuffer(_raw(t["x"]), np.float32)) for t in points) == 200
+    for t in points:
+        assert t["x"]["dtype"] == t["y"]["dtype"] == "f4" and t["customdata"]["dtype"] == "u2"
+        if isinstance(t["marker"].get("color"), dict):
+            assert t["marker"]["color"]["dtype"] == "f4"
+    if mode != "harm category":
+        assert isinstance(points[0]["marker"]["color"], dict)
+    (density,) = [t for t in spec["data"] if t["type"] == "heatmap"]
+    assert density["z"]["dtype"] == "f4" and density["z"]["shape"] == "140, 140"
+
+
+def _raw(arr: dict[str, Any]) -> bytes:
+    import base64
+
+    return base64.b64decode(arr["bdata"])
+
+
+def test_hover_shows_the_escaped_hover_text_exactly(xss_cache: Path) -> None:
+    """The template (F.HOVER_TEMPLATE) rebuilds each point's hover text from its id, text and hovertext, equal to
+    the cache's (escaped) hover column; the XSS payloads of the cache's labels and tokens stay escaped."""
+    c, spec = _spec(xss_cache, "harm category", max_points=20000)
+    hover = c.features.set_index("feature")["hover"]
+    shown = 0
+    for t in (t for t in spec["data"] if t["type"] == "scattergl"):
+        assert (
+            t["hovertemplate"] == F.HOVER_TEMPLATE == "#%{customdata} %{text}<br>%{hovertext}<extra></extra>"
+        )
+        ids = np.frombuffer(_raw(t["customdata"]), np.uint16)
+        for i, text, line in zip(ids, t["text"], t["hovertext"], strict=True):
+            assert f"#{i} {text}<br>{line}" == hover[int(i)]
+            shown += 1
+    assert shown == c.n
+    every = json.dumps([t.get("text") for t in spec["data"]] + [t.get("hovertext") for t in spec["data"]])
+    assert "&lt;script&gt;" in every and "&lt;img" in every  # the payloads are in play, escaped
+    assert not re.search(r"<(script|img)", json.loads(json.dumps(every)))
+
+
+def test_hover_text_of_another_form_is_sent_as_it_is() -> None:
+    """Text the template cannot rebuild (not '#id …<br>…') goes as it is, with a template that shows it."""
+    text, lines, template = F.hover_fields(
+        np.array(["#3 a<br>b<br>c", "no id"], dtype=object), np.array([3, 4])
+    )
+    assert (
+        list(text) == ["#3 a<br>b<br>c", "no id"] and lines is None and template == "%{text}<extra></extra>"
+    )
+    text, lines, template = F.hover_fields(
+        np.array(["#3 a<br>b<br>c", "#4 d<br>"], dtype=object), np.array([3, 4])
+    )
+    assert list(text) == ["a<br>b", "d"] and list(lines) == ["c", ""] and template == F.HOVER_TEMPLATE
+
+
+def test_colour_change_sends_less_than_the_old_encoding(xss_cache: Path) -> None:
+    """The base as it was sent before (the full hover text in `text`, float64 colours and density, int64 ids)
+    against now, on the same figure: each colouring's spec is smaller (bench/README.md measures 4k and 262k)."""
+    c = load_cache(xss_cache)
+    hover = c.features.set_index("feature")["hover"]
+    f = c.default_feature()
+    sel = F.Selection(f, [], [], [], c.null_cosine)
+    for mode in F.COLOR_MODES:
+        base, _ = F.map_layers(c.features, mode, sel, max_points=200)
+        new = len(pio.to_json(base, validate=False))
+        for t in base.data:
+            if t.type == "heatmap":
+                t.z = np.asarray(t.z, dtype=np.float64)
+                continue
+            ids = np.asarray(t.customdata, dtype=np.int64)
+            t.update(text=hover.loc[ids].to_numpy(dtype=object), hovertext=None, customdata=ids)
+            t.hovertemplate = "%{text}<extra></extra>"
+            if t.marker.color is not None and not isinstance(t.marker.color, str):
+                t.marker.color = np.asarray(t.marker.color, dtype=np.float64)
+        before = len(pio.to_json(base, validate=False))
+        assert new < 0.7 * before, (mode, new, before)  # 0.62 here: 200 points under a 140 x 140 density

@@ -46,8 +46,11 @@ def measure(cache: Path, max_points: int = MAX_POINTS) -> dict[str, Any]:
     )
     out: dict[str, Any] = {"n_features": c.n, "modes": {}}
     for mode in F.COLOR_MODES:
-        base, _ = F.map_layers(c.features, mode, sel, max_points=max_points)
-        spec = pio.to_json(base, validate=False)
+        layers = F.map_layers(c.features, mode, sel, max_points=max_points)
+        # the chart a colour change sends in full besides the overlay: the base (two layers: base and
+        # overlay), or the colours (three: colours, points, overlay; the points are sent with the page only)
+        spec = pio.to_json(layers[0], validate=False)
+        once = len(pio.to_json(layers[1], validate=False)) if len(layers) == 3 else None
         fields: dict[str, int] = {}
         for t in json.loads(spec)["data"]:
             for k, v in t.items():
@@ -55,14 +58,19 @@ def measure(cache: Path, max_points: int = MAX_POINTS) -> dict[str, Any]:
                     key = f"marker.{name}" if name else k
                     fields[key] = fields.get(key, 0) + len(to_json_plotly(part))
         top = dict(sorted(fields.items(), key=lambda kv: -kv[1])[:6])
-        out["modes"][mode] = {"bytes": len(spec), "fields": top}
+        out["modes"][mode] = {"bytes": len(spec), "fields": top, "points_layer": once}
     return out
+
+
+def _kb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 1e3:,.0f} kB"
 
 
 def render(now: dict[str, Any], before: dict[str, Any] | None) -> str:
     lines = [
-        "| cache | features | colour by | base spec now | before | before ÷ now | largest fields now |",
-        "|---|---:|---|---:|---:|---:|---|",
+        "| cache | features | colour by | colour change now | before | before ÷ now | largest fields now | "
+        "points layer (with the page) |",
+        "|---|---:|---|---:|---:|---:|---|---:|",
     ]
     for name, r in now.items():
         for mode, m in r["modes"].items():
@@ -71,7 +79,8 @@ def render(now: dict[str, Any], before: dict[str, Any] | None) -> str:
             n = m["bytes"]
             was, ratio = ("–", "–") if b is None else (f"{b / 1e3:,.0f} kB", f"{b / n:.2f}×")
             lines.append(
-                f"| {name} | {r['n_features']:,} | {mode} | {n / 1e3:,.0f} kB | {was} | {ratio} | {fields} |"
+                f"| {name} | {r['n_features']:,} | {mode} | {n / 1e3:,.0f} kB | {was} | {ratio} | {fields} | "
+                f"{_kb(m.get('points_layer'))} |"
             )
     return "\n".join(lines)
 

@@ -46,15 +46,14 @@ from explorer.figures.lab import (
 from explorer.figures.map import (
     COLOR_MODES,
     HARM_SCALE,
-    HOVER_TEMPLATE,
     TASK_SCALE,
     Selection,
     decimate,
-    hover_fields,
     line_width,
     map_figure,
     map_layers,
 )
+from explorer.figures.map_hover import HOVER_TEMPLATE, hover_fields
 from explorer.figures.story import (
     category_counts_figure,
     closeness_figure,

@@ -75,7 +75,7 @@ def render(now: dict[str, Any], before: dict[str, Any] | None) -> str:
     for name, r in now.items():
         for mode, m in r["modes"].items():
             b = ((before or {}).get(name) or {}).get("modes", {}).get(mode, {}).get("bytes")
-            fields = ", ".join(f"{k} {v / 1e3:.0f}" for k, v in m["fields"].items())
+            fields = ", ".join(f"{k} {v / 1e3:.0f}" for k, v in m["fields"].items() if v >= 500)
             n = m["bytes"]
             was, ratio = ("–", "–") if b is None else (f"{b / 1e3:,.0f} kB", f"{b / n:.2f}×")
             lines.append(

@@ -158,9 +158,12 @@ def click_dot(page: Any, rec: WsRecorder, seen: list[int]) -> dict[str, Any] | N
     return {"feature": f, "panel": t_panel, "map": t_map, "bytes": rec.bytes, "runs": list(rec.finished)}
 
 
-def change_colour(page: Any, mode: str) -> float:
+def change_colour(page: Any, mode: str, rec: WsRecorder | None = None) -> float:
+    """Seconds from a new "Colour by" choice until the map shows it; `rec` (reset here) then holds its bytes."""
     from tests.explorer.helpers import wait_for_app
 
+    if rec is not None:
+        rec.reset()
     t0 = time.perf_counter()
     page.get_by_label("Colour by").click()
     page.get_by_role("option", name=mode, exact=True).click()
@@ -227,7 +230,11 @@ def bench_mode(
             url_ok = f"feature={current}" in page.url
             res["url_follows_click"] = url_ok
             modes = ["task score", "firing rate", "harm score"]
-            res["colour_s"] = _median([change_colour(page, modes[i % 3]) for i in range(repeats)])
+            colours = []
+            for i in range(repeats):
+                colours.append((change_colour(page, modes[i % 3], rec), float(rec.bytes)))
+            res["colour_s"] = _median([dt for dt, _ in colours])
+            res["colour_bytes"] = _median([b for _, b in colours])
             res["switch_s"] = _median(
                 [switch_by_search(page, others[i % len(others)]) for i in range(repeats)]
             )
@@ -319,8 +326,8 @@ def render_markdown(results: dict[str, Any], cmd: str, note: str = "") -> str:
         lines += ["", note]
     lines += [
         "",
-        "| cache | features | mode | click → panel | click → map redrawn | colour change | switch (search) | bytes per click | server switch (AppTest) | load avg |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| cache | features | mode | click → panel | click → map redrawn | colour change | switch (search) | bytes per click | bytes per colour change | server switch (AppTest) | load avg |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["caches"].items():
         for mode in [*MODES, BEFORE]:
@@ -328,25 +335,25 @@ def render_markdown(results: dict[str, Any], cmd: str, note: str = "") -> str:
                 continue
             m = r[mode]
             la = m.get("loadavg") or [float("nan")] * 2
-            kb = m.get("click_bytes")
+            kb, ckb = m.get("click_bytes"), m.get("colour_bytes")
             lines.append(
                 f"| {name} | {r['n_features']:,} | {mode} | {_ms(m.get('click_panel_s'))} | "
                 f"{_ms(m.get('click_map_s'))} | {_ms(m.get('colour_s'))} | {_ms(m.get('switch_s'))} | "
-                f"{'–' if kb is None else f'{kb / 1024:.0f} kB'} | "
+                f"{'–' if kb is None else f'{kb / 1024:.0f} kB'} | {'–' if ckb is None else f'{ckb / 1024:.0f} kB'} | "
                 f"{_ms(r.get('server_switch_s')) if mode == 'full page' else ''} | {la[0]:.1f}–{la[1]:.1f} |"
             )
         f, g = r.get("fragments") or {}, r.get("full page") or {}
         lines.append(
             f"| {name} | | full page ÷ fragments | {_ratio(f.get('click_panel_s'), g.get('click_panel_s'))} | "
             f"{_ratio(f.get('click_map_s'), g.get('click_map_s'))} | {_ratio(f.get('colour_s'), g.get('colour_s'))} | "
-            f"{_ratio(f.get('switch_s'), g.get('switch_s'))} | | | |"
+            f"{_ratio(f.get('switch_s'), g.get('switch_s'))} | | | | |"
         )
         if BEFORE in r:
             o = r[BEFORE]
             lines.append(
                 f"| {name} | | before ÷ fragments | {_ratio(f.get('click_panel_s'), o.get('click_panel_s'))} | "
                 f"{_ratio(f.get('click_map_s'), o.get('click_map_s'))} | {_ratio(f.get('colour_s'), o.get('colour_s'))} | "
-                f"{_ratio(f.get('switch_s'), o.get('switch_s'))} | | | |"
+                f"{_ratio(f.get('switch_s'), o.get('switch_s'))} | | {_ratio(f.get('colour_bytes'), o.get('colour_bytes'))} | | |"
             )
     return "\n".join(lines) + "\n"
 

@@ -38,8 +38,9 @@ LOGIT_LENS_COLUMNS = (  # kept in arrow: cheap for 262k features
 
 
 def escape_html(arr: pa.Array) -> pa.Array:
-    """Vectorised html.escape(quote=True) for an arrow string array."""
-    for a, b in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&quot;"), ("'", "&#x27;")):
+    """Vectorised html.escape(quote=True) for an arrow string array, quotes as numeric entities: the map's hover
+    labels decode numeric entities but few named ones (plotly shows '&quot;' as written)."""
+    for a, b in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&#34;"), ("'", "&#39;")):
         arr = pc.replace_substring(arr, a, b)
     return arr
 

@@ -53,6 +53,7 @@ from explorer.figures.map import (
     map_figure,
     map_layers,
 )
+from explorer.figures.map_hover import HOVER_TEMPLATE, hover_fields
 from explorer.figures.story import (
     category_counts_figure,
     closeness_figure,
@@ -158,6 +159,8 @@ __all__ = [
     "line_width",
     "map_figure",
     "map_layers",
+    "hover_fields",
+    "HOVER_TEMPLATE",
     "neighbour_table",
     "nulls_figure",
     "plotly_config",

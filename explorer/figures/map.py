@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from explorer.figures.map_hover import Hover, hover_of, hover_of_rows
 from explorer.figures.style import (
     BOTH,
     CATEGORY_PALETTE,
+    INK,
     NO_CATEGORY_COLOR,
     TASK,
     base_layout,
@@ -89,7 +91,7 @@ def _density(x: np.ndarray, y: np.ndarray, bins: int = 140) -> go.Heatmap:
     z = np.log1p(h.T)
     z[z == 0] = np.nan
     return go.Heatmap(
-        z=z,
+        z=z.astype(np.float32),  # a 4-byte typed array: half float64's bytes, the same greys
         x=(xe[:-1] + xe[1:]) / 2,
         y=(ye[:-1] + ye[1:]) / 2,
         showscale=False,
@@ -137,6 +139,14 @@ def map_figure(
     return _map_layout(fig, color_by, height, title, len(idx), len(x))
 
 
+POINTS_NAME = "features"  # the points layer's trace (what a click and a hover find)
+CLEAR = "rgba(0,0,0,0)"
+# the layers' right margin, the same for every colouring: room for the colour bar (plotly's automatic margin
+# gave it 125 px; the category legend lies inside the plot instead). Fixed, so the three layers share one
+# plot area without being redrawn, and the map does not move when the colouring changes.
+LAYERS_RIGHT = 125
+
+
 def map_layers(
     features: pd.DataFrame,
     color_by: str,
@@ -144,42 +154,86 @@ def map_layers(
     max_points: int = 40000,
     height: int = 640,
     seed: int = 0,
-) -> tuple[go.Figure, go.Figure]:
-    """map_figure split in two for a page that redraws only what a click changes: the base (every point,
-    the same for any selection, so its serialized spec is byte-identical between clicks and Streamlit's
-    message cache sends a reference instead of the figure) and the overlay (the selection, its
-    neighbours and lines, on a transparent figure with the same size, title, margins and axes, drawn over
-    the base). Above `max_points` the base is the fixed sample alone: the overlay draws the neighbours,
-    so no per-selection detail is needed there. The base ignores plotly's own selection styling (a
-    clicked dot would dim all others until the next figure)."""
+) -> tuple[go.Figure, go.Figure, go.Figure]:
+    """map_figure split in three for a page that redraws only what a click or a colour changes, drawn one over
+    the other at the same size, margins and axes (views/map.py keeps them aligned):
+
+    * colours, at the bottom: every drawn point in its colour (and the density of all when decimated), its
+      colour bar or category legend and the title; no hover text, no ids. It depends on the colouring only.
+    * overlay: the selection, its neighbours and lines (SVG traces: a click starts no WebGL context), on a
+      transparent figure; its clear title names the selection, for the page's saved image.
+    * points, on top: the same points, invisible, with their hover text and ids: what the reader hovers and
+      clicks. It depends on neither the selection nor the colouring.
+
+    Streamlit's message cache sends a reference instead of a chart whose spec is byte-identical to one the
+    browser holds, so a click sends the overlay alone and a colour change the colours and the overlay: the
+    hover text (most of the bytes: bench/bench_map_bytes.py) only with the page. Above `max_points` the
+    layers draw the fixed sample alone: the overlay draws the neighbours, so no per-selection detail is
+    needed there. The points ignore plotly's own selection styling (a clicked dot would dim the others)."""
     _check_mode(color_by)
     x = features["umap_x"].to_numpy(dtype=np.float64)
     y = features["umap_y"].to_numpy(dtype=np.float64)
     idx = decimate(x, y, max_points, seed=seed)
-    fade = 0.55
-    base = _base_traces(features, color_by, idx, fade)
-    for t in base.data:
-        if t.type == "scattergl":
-            op = t.marker.opacity
-            t.update(selected={"marker": {"opacity": op}}, unselected={"marker": {"opacity": op}})
     title = f"Feature map coloured by {color_by}"
     detail = "a fixed sample, and every neighbour of the selection"
-    _map_layout(base, color_by, height, title, len(idx), len(x), detail)
+    colours = _base_traces(features, color_by, idx, 0.55, hover=False)
+    _map_layout(colours, color_by, height, title, len(idx), len(x), detail)
+    # the category legend (inside, bottom left) says which colour is which; a click on it would hide points
+    # the reader still hovers and clicks
+    colours.update_layout(
+        margin={"r": LAYERS_RIGHT, "autoexpand": False},
+        legend={
+            "itemclick": False,
+            "itemdoubleclick": False,
+            "x": 0.01,
+            "y": 0.01,
+            "xanchor": "left",
+            "yanchor": "bottom",
+            "bgcolor": "rgba(255,255,255,0.8)",
+        },
+    )
+    points = go.Figure(
+        go.Scattergl(
+            x=x[idx].astype(np.float32),
+            y=y[idx].astype(np.float32),
+            **hover_of(hover_of_rows(features.iloc[idx]), slice(None)),
+            name=POINTS_NAME,
+            mode="markers",
+            showlegend=False,
+            marker={"size": _marker_size(len(idx)), "color": CLEAR},
+            # plotly draws a hover label in its point's colour: these points have none
+            hoverlabel={"bgcolor": "white", "bordercolor": "#9ca3af", "font": {"color": INK}},
+            selected={"marker": {"opacity": 1}},
+            unselected={"marker": {"opacity": 1}},
+        )
+    )
+    _map_layout(points, color_by, height, "Feature map", len(idx), len(x), detail)
+    _clear(points)
+    points.update_layout(uirevision="map")  # the reader's pan and zoom outlive a colour change
     overlay = go.Figure()
-    _add_selection(overlay, features, selection, trace=go.Scatter)  # SVG: a click starts no WebGL context
-    _map_layout(overlay, color_by, height, title, len(idx), len(x), detail)
+    _add_selection(overlay, features, selection, trace=go.Scatter)
+    picked = f"{title}, feature #{selection.feature} selected with its neighbours at cosine ≥ {selection.threshold:.3f}"
+    _map_layout(overlay, color_by, height, picked, len(idx), len(x), detail)
+    _clear(overlay)
     overlay.update_layout(
-        paper_bgcolor="rgba(0,0,0,0)",
-        plot_bgcolor="rgba(0,0,0,0)",
-        title_font_color="rgba(0,0,0,0)",  # the base draws the title; this one only reserves its room
-        # the selection's legend inside the plot, top left: the base's own (categories) lies below it
+        # the selection's legend inside the plot, top left: the colours' own (categories) lies below it
         showlegend=True,
         legend={"orientation": "h", "x": 0.01, "y": 0.99, "xanchor": "left", "yanchor": "top"},
         legend_bgcolor="rgba(255,255,255,0.8)",
         hovermode=False,
-        margin={"autoexpand": False},
     )
-    return base, overlay
+    return colours, points, overlay
+
+
+def _clear(fig: go.Figure) -> None:
+    """A layer over the colours: transparent, its title (which only reserves the colours' title room) clear, and
+    the colours' fixed margins."""
+    fig.update_layout(
+        paper_bgcolor=CLEAR,
+        plot_bgcolor=CLEAR,
+        title_font_color=CLEAR,
+        margin={"r": LAYERS_RIGHT, "autoexpand": False},
+    )
 
 
 def _check_mode(color_by: str) -> None:
@@ -209,23 +263,24 @@ def _map_layout(
     return fig
 
 
-def _base_traces(features: pd.DataFrame, color_by: str, idx: np.ndarray, fade: float) -> go.Figure:
-    """A figure with the points `idx` coloured by `color_by` (and the density of all when decimated)."""
+def _base_traces(
+    features: pd.DataFrame, color_by: str, idx: np.ndarray, fade: float, hover: bool = True
+) -> go.Figure:
+    """A figure with the points `idx` coloured by `color_by` (and the density of all when decimated); without
+    `hover`, the points carry no hover text nor ids (map_layers' colour layer: the points layer hovers)."""
     fig = go.Figure()
     if len(idx) < len(features):
         fig.add_trace(_density(features["umap_x"].to_numpy(float), features["umap_y"].to_numpy(float)))
     sub = features.iloc[idx]
-    hover = sub["hover"].to_numpy(dtype=object)
-    ids = sub["feature"].to_numpy()
+    tips = hover_of_rows(sub) if hover else None
     col = COLOR_MODES[color_by]
-    marker_size = 5 if len(idx) <= 5000 else 3.5 if len(idx) <= 50000 else 2.5
-    common = {"mode": "markers", "hovertemplate": "%{text}<extra></extra>"}
+    marker_size = _marker_size(len(idx))
     if col == "harm_category":
-        _category_traces(fig, sub, hover, ids, marker_size, fade, common)
+        _category_traces(fig, sub, tips, marker_size, fade)
         return fig
-    vals = sub[col].to_numpy(dtype=np.float64)
+    vals = sub[col].to_numpy(dtype=np.float32)
     if col == "frequency":
-        vals = np.log10(np.clip(vals, 1e-7, 1))
+        vals = np.log10(np.clip(vals, 1e-7, 1), dtype=np.float32)
         cbar = {"title": {"text": "log₁₀ rate"}, "thickness": 12, "len": 0.6}
         scale: Any = "Viridis"
         cmin, cmax = -6.0, 0.0
@@ -236,10 +291,9 @@ def _base_traces(features: pd.DataFrame, color_by: str, idx: np.ndarray, fade: f
     order = np.argsort(np.nan_to_num(vals, nan=-np.inf), kind="stable")  # strongest drawn on top
     fig.add_trace(
         go.Scattergl(
-            x=sub["umap_x"].to_numpy()[order],
-            y=sub["umap_y"].to_numpy()[order],
-            text=hover[order],
-            customdata=ids[order],
+            x=sub["umap_x"].to_numpy(dtype=np.float32)[order],
+            y=sub["umap_y"].to_numpy(dtype=np.float32)[order],
+            **hover_of(tips, order),
             name=color_by,
             showlegend=False,
             marker={
@@ -251,36 +305,37 @@ def _base_traces(features: pd.DataFrame, color_by: str, idx: np.ndarray, fade: f
                 "colorbar": cbar,
                 "opacity": fade,
             },
-            **common,
+            mode="markers",
         )
     )
     return fig
 
 
+def _marker_size(n: int) -> float:
+    return 5 if n <= 5000 else 3.5 if n <= 50000 else 2.5
+
+
 def _category_traces(
     fig: go.Figure,
     sub: pd.DataFrame,
-    hover: np.ndarray,
-    ids: np.ndarray,
+    hover: Hover | None,
     marker_size: float,
     fade: float,
-    common: dict[str, Any],
 ) -> None:
     """One trace per canonical harm category (precompute/data/taxonomy.py), in the taxonomy's order, each in
     its fixed colour (style.CATEGORY_PALETTE) with the count in the legend; features without one lie below."""
     raw = sub["harm_category"].astype("string").fillna("").to_numpy(dtype=object)
     none = raw == ""
     cats = np.array([canonical_category(c) if c else "" for c in raw], dtype=object)
-    ux, uy = sub["umap_x"].to_numpy(), sub["umap_y"].to_numpy()
+    ux, uy = sub["umap_x"].to_numpy(dtype=np.float32), sub["umap_y"].to_numpy(dtype=np.float32)
     fig.add_trace(
         go.Scattergl(
             x=ux[none],
             y=uy[none],
-            text=hover[none],
-            customdata=ids[none],
+            **hover_of(hover, none),
             name="no harm category",
             marker={"size": marker_size, "color": NO_CATEGORY_COLOR, "opacity": fade * 0.8},
-            **common,
+            mode="markers",
         )
     )
     for cat, color in CATEGORY_PALETTE.items():
@@ -291,11 +346,10 @@ def _category_traces(
             go.Scattergl(
                 x=ux[m],
                 y=uy[m],
-                text=hover[m],
-                customdata=ids[m],
+                **hover_of(hover, m),
                 name=f"{esc(cat)} ({int(m.sum()):,})",
                 marker={"size": marker_size + 1, "color": color, "opacity": max(fade, 0.85)},
-                **common,
+                mode="markers",
             )
         )
 

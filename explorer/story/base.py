@@ -36,6 +36,11 @@ class Step:
             F.titled(self.figure, self.figure_title)
 
 
+def joined(*sentences: str | None) -> str:
+    """Plain-text sentences (None: left out) joined and escaped for a lead."""
+    return esc(" ".join(s for s in sentences if s))
+
+
 def examples_list(examples: list[dict[str, Any]], n: int, color: str, window: int) -> str:
     """A story's list of examples (safe HTML): the first `n` of `examples` with each passage of a document once
     (data.evidence.merge_repeats at the window shown: the stronger example stays and says how many more show

@@ -16,7 +16,8 @@ from explorer import claims as C
 from explorer import figures as F
 from explorer.data import CacheData, cache_findings
 from explorer.data.evidence import group_examples
-from explorer.story.base import Step, esc, examples_list, label_of, model_name, two_columns
+from explorer.story.base import Step, esc, examples_list, joined, label_of, model_name, two_columns
+from explorer.story.closeness import closeness_chart
 from explorer.story.finetune import finetune_result_step, finetune_withheld
 
 
@@ -139,6 +140,7 @@ def build_story(cache: CacheData, task: int, harmful: int, max_points: int = 120
     )
     steps.append(neighbour_step(cache, task, harmful, h_row, cos, n_flagged))
     steps.append(text_step(task, harmful, t_all, h_all, t_row, h_row))
+    steps.append(sets_step(cache))
     steps.append(hypothesis_step(cache, task, harmful, cos))
     measured = finetune_result_step(cache)
     if measured is not None:
@@ -225,8 +227,8 @@ def neighbour_step(
     )
 
 
-def shown_and_not(cache: CacheData, task: int, harmful: int, cos: float) -> tuple[str, str]:
-    """What this cache shows about the pair and the paper's comparison, and what it does not (plain text)."""
+def shown_and_not(cache: CacheData, task: int, harmful: int, cos: float) -> str:
+    """What this cache shows about the pair, and what it does not (plain text)."""
     t_row, h_row = cache.row(task), cache.row(harmful)
     shows: list[str] = []
     lacks: list[str] = []
@@ -245,16 +247,15 @@ def shown_and_not(cache: CacheData, task: int, harmful: int, cos: float) -> tupl
     )
     said = f"What this cache shows: {'; '.join(shows)}." if shows else "This cache shows none of it."
     said += f" What it does not show: {'; '.join(lacks)}."
-    fd = cache_findings(cache)
-    paper = " ".join(s for s in (C.PAPER_COMPARISON, C.closeness_text(fd), C.ranked_text(fd)) if s)
-    return said, paper
+    return said
 
 
 def hypothesis_step(cache: CacheData, task: int, harmful: int, cos: float) -> Step:
     """What fine-tuning could do, stated as the hypothesis it is, then what this cache does and does not show
-    (each part checked against the cache) and the paper's set-level comparison from closeness.json."""
+    about the pair (each part checked against the cache). The paper's set-level comparison is the step before,
+    with its figure (sets_step): this step's figure is the hypothesis drawing."""
     angle = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
-    said, paper = shown_and_not(cache, task, harmful, cos)
+    said = shown_and_not(cache, task, harmful, cos)
     lead = (
         f"A hypothesis, not a finding: if fine-tuning on the task data pushes the model along feature #{task}'s "
         f"direction, then, because feature #{harmful}'s direction is {angle:.0f}° away, every such step also "
@@ -262,7 +263,7 @@ def hypothesis_step(cache: CacheData, task: int, harmful: int, cos: float) -> St
         f"single harmful example (\u201cemergent misalignment\u201d, Betley et al. 2025; removing the training "
         f"samples closest to such features reduced it in Minegishi et al. 2026). The drawing is geometry only: "
         f"what would follow if fine-tuning moved along the task direction, not a measurement that it does. "
-        f"{esc(said)} {esc(paper)}"
+        f"{esc(said)}"
     )
     withheld = finetune_withheld(cache)
     if withheld:
@@ -275,4 +276,20 @@ def hypothesis_step(cache: CacheData, task: int, harmful: int, cos: float) -> St
         figure_name=f"features-{task}-{harmful}-hypothesis",
         figure_title=f"Hypothesis, geometry only: a step along the direction of #{task} moves {cos:.0%} as far "
         f"along that of #{harmful}",
+    )
+
+
+def sets_step(cache: CacheData) -> Step:
+    """The paper's set-level comparison as closeness.json states it (by test, else the exploratory ranked one),
+    with the figure of exactly that comparison (story.closeness.closeness_chart, as the result story draws it),
+    or the sentence saying why no figure is drawn."""
+    fd = cache_findings(cache)
+    chart = closeness_chart(fd, cache.name)
+    return Step(
+        "sets",
+        "Beyond this pair: task and control features as whole sets",
+        joined(C.PAPER_COMPARISON, C.closeness_text(fd), C.ranked_text(fd), chart.said),
+        figure=chart.figure,
+        figure_name=chart.name,
+        figure_title=chart.title,
     )

@@ -10,15 +10,13 @@ the mechanism is not illustrated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import plotly.graph_objects as go
 
 from explorer import claims as C
 from explorer import figures as F
 from explorer.data import CacheData, Findings, cache_findings
-from explorer.story.base import Step, esc, examples_list, label_of
+from explorer.story.base import Step, esc, examples_list, joined, label_of
+from explorer.story.closeness import closeness_chart
 from explorer.story.finetune import finetune_result_step, finetune_withheld
 from explorer.story.pair import examples_in, intro_step, map_step
 
@@ -54,11 +52,6 @@ def example_feature(cache: CacheData) -> tuple[int, str]:
     return (int(np.argmax(freq)) if len(freq) else 0), "the feature that fires most often"
 
 
-def _p(*sentences: str | None) -> str:
-    """Plain-text sentences joined and escaped for a lead."""
-    return esc(" ".join(s for s in sentences if s))
-
-
 def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
     """The steps for a cache without a flagged pair (any cache: every title and sentence is computed)."""
     fd = cache_findings(cache)
@@ -75,7 +68,7 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
         Step(
             "task",
             task_title(fd),
-            _p(C.scored_sentence(fd), C.task_sentence(fd), C.lean_sentence(fd)),
+            joined(C.scored_sentence(fd), C.task_sentence(fd), C.lean_sentence(fd)),
             figure=F.task_scores_figure(cache.features["task_score"].to_numpy(np.float64), fd.task_threshold)
             if fd.n_task_scored
             else None,
@@ -88,7 +81,7 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
             "null",
             "What counts as close",
             "Two features are close when their decoder directions point nearly the same way (a high cosine); "
-            "close means closer than random directions get by chance. " + _p(C.null_sentence(fd)),
+            "close means closer than random directions get by chance. " + joined(C.null_sentence(fd)),
             figure=F.nulls_figure(fd.null_isotropic, fd.null_covariance, fd.typical_nn_cosine),
             figure_name=f"{cache.name}-chance-levels",
             figure_title="What cosine random directions reach by chance, against a typical nearest neighbour",
@@ -99,7 +92,7 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
         Step(
             "pairs",
             pairs_title(fd),
-            _p(
+            joined(
                 C.flagged_sentence(fd, below_null(cache)),
                 C.PAPER_COMPARISON,
                 C.closeness_text(fd),
@@ -117,7 +110,7 @@ def build_result_story(cache: CacheData, max_points: int = 12000) -> list[Step]:
         Step(
             "withheld",
             "What this cache does not show",
-            _p(
+            joined(
                 C.withheld_sentence(fd),
                 f"The fine-tune diff in this cache (finetune/insecure) is not quoted either: {withheld}."
                 if withheld
@@ -158,7 +151,7 @@ def harmful_step(cache: CacheData, fd: Findings, ex: int, row: dict, examples: l
         if fd.n_harmful
         else "No harmful feature"
     )
-    lead = _p(C.harmful_sentence(fd))
+    lead = joined(C.harmful_sentence(fd))
     body = None
     if C.fires_on_harm(row):
         on_harm = examples_in(cache.examples_of(ex), "harmful")
@@ -181,62 +174,4 @@ def harmful_step(cache: CacheData, fd: Findings, ex: int, row: dict, examples: l
         figure_name=f"{cache.name}-harmful-features-by-category",
         figure_title=f"The {fd.n_harmful:,} harmful features by category"
         + (" (the 12 most common)" if len(fd.harm_categories) > 12 else ""),
-    )
-
-
-@dataclass
-class ClosenessChart:
-    """The pairs step's figure of the set-level comparison it states, or None and `said`, why none is drawn."""
-
-    figure: go.Figure | None
-    name: str
-    title: str
-    said: str | None
-
-
-def closeness_chart(fd: Findings, cache_name: str) -> ClosenessChart:
-    """The comparison the pairs step states, drawn from closeness.json alone: both sets' closeness to harmful
-    features (figures.closeness_sets_story_figure), the comparison by test when it is testable, else the
-    exploratory ranked one (said to be so); withheld, with a sentence, when the file is absent, says neither
-    is testable, or holds no histogram of the sets it compares."""
-    report = fd.closeness
-    name = f"{cache_name}-closeness-task-vs-control-sets"
-    if report is None:
-        said = "cannot be read" if fd.closeness_problem else "is not in this cache"
-        return ClosenessChart(
-            None, name, "", f"closeness.json {said}, so the story draws no closeness figure."
-        )
-    if F.closeness_sentence(report) is not None:
-        made = F.closeness_sets_story_figure(report)
-        if made is None:
-            return ClosenessChart(
-                None,
-                name,
-                "",
-                "closeness.json holds no histogram of the two sets, so no figure of them is drawn.",
-            )
-        return ClosenessChart(made[0], name, made[1], None)
-    ranked = report.get("ranked")
-    if C.ranked_text(fd) is None or not isinstance(ranked, dict):
-        return ClosenessChart(
-            None,
-            name,
-            "",
-            "The comparison is not testable on this cache and closeness.json holds no testable ranked "
-            "comparison, so the story draws no closeness figure.",
-        )
-    name = f"{cache_name}-closeness-ranked-task-vs-control-leaning"
-    made = F.closeness_sets_story_figure(ranked, ranked=True)
-    if made is None:
-        return ClosenessChart(
-            None,
-            name,
-            "",
-            "closeness.json holds no histogram of the ranked sets, so no figure of them is drawn.",
-        )
-    return ClosenessChart(
-        made[0],
-        name,
-        made[1],
-        "The chart is that exploratory ranked comparison: the comparison by test is not testable here.",
     )

@@ -303,37 +303,96 @@ def pair_links(cache: CacheData, feature: int, h: int) -> None:
     )
 
 
-KEY_LAYERS, KEY_OVERLAY = "map_layers", "map_overlay"
-# The overlay lies over the base chart and lets every pointer event through to it (hover, click, pan);
-# the script keeps its plot area and axes on the base's, also while the reader pans or zooms. The base
-# keeps its clicked dot as its widget value between reruns (its spec does not change), and Streamlit
-# sends a click only when that value changes: once the page has moved to another feature (a neighbour
-# row, the search), the script clears that value and plotly's own selection (as a double click on the
-# map does), so a click on that dot selects it again. It reads plotly's state only (no page data) and
-# runs once per browser tab.
+KEY_LAYERS, KEY_OVERLAY, KEY_COLOURS = "map_layers", "map_overlay", "map_colours"
+# Three charts one over the other (figures.map_layers): the colours at the bottom, the selection overlay,
+# and on top the invisible points (KEY_CHART) that take every pointer event (hover, click, pan, zoom); the
+# two below let them through. The three have the same fixed margins, and the script keeps the axes of the
+# two below on the points' while the reader pans or zooms (a script relayout of the points themselves made
+# Chromium's next clicks on them go unheard, so they are never redrawn from here). The points keep their clicked dot as their widget value between reruns (their spec
+# does not change), and Streamlit sends a click only when that value changes: once the page has moved to
+# another feature (a neighbour row, the search), the script clears that value and plotly's own selection
+# (as a double click on the map does), so a click on that dot selects it again. The points' camera button
+# saves what the reader sees: the script takes the click before plotly does and draws the colours and the
+# overlay at the colours' size, the overlay over the colours, into one PNG (or one SVG, the overlay's <svg>
+# over the colours'), under the overlay's title (which names the selection) and the name feature-N-map. It
+# reads plotly's state only (no page data) and runs once per browser tab.
 _LAYERS_HTML = (
     "<style>.st-key-OVERLAY_KEY{position:absolute;top:0;left:0;right:0;z-index:2}"
+    ".st-key-BASE_KEY{position:absolute;top:0;left:0;right:0;z-index:3}"
     ".st-key-LAYERS_KEY{position:relative}"
-    ".st-key-OVERLAY_KEY,.st-key-OVERLAY_KEY *{pointer-events:none!important}</style>"
+    ".st-key-OVERLAY_KEY,.st-key-OVERLAY_KEY *,.st-key-COLOURS_KEY,.st-key-COLOURS_KEY *"
+    "{pointer-events:none!important}</style>"
     """<script>(() => {
   if (window.__fgMapLayers) return;
   window.__fgMapLayers = true;
   const plot = (k) => document.querySelector(".st-key-" + k + " .js-plotly-plot");
   const id = (cd) => (Array.isArray(cd) ? cd[0] : cd);
   let clicked = null, shown = false;
+  const selected = (o) => {
+    const star = ((o && o.data) || []).find((t) => String(t.name).startsWith("selected #"));
+    return star && star.customdata ? id(star.customdata[0]) : null;
+  };
+  const image = (u) => new Promise((ok, no) => {
+    const i = new Image();
+    i.onload = () => ok(i);
+    i.onerror = no;
+    i.src = u;
+  });
+  const save = async (b, o, c) => {
+    const opts = b._context.toImageButtonOptions || {}, L = c._fullLayout, P = window.Plotly;
+    const fmt = opts.format === "svg" ? "svg" : "png";
+    const size = {format: fmt, width: L.width, height: L.height, scale: opts.scale || 1};
+    const title = Object.assign({}, c.layout.title, {text: o.layout.title.text});
+    const urls = await Promise.all([
+      P.toImage({data: c.data, layout: Object.assign({}, c.layout, {title: title})}, size),
+      P.toImage({data: o.data, layout: o.layout}, size),
+    ]);
+    let blob;
+    if (fmt === "svg") {
+      const parse = (u) => new DOMParser().parseFromString(
+        decodeURIComponent(u.slice(u.indexOf(",") + 1)), "image/svg+xml").documentElement;
+      const [bs, os] = urls.map(parse), out = bs.cloneNode(false);
+      out.appendChild(bs);
+      out.appendChild(os);
+      blob = new Blob([new XMLSerializer().serializeToString(out)], {type: "image/svg+xml"});
+    } else {
+      const [bi, oi] = await Promise.all(urls.map(image)), c = document.createElement("canvas");
+      c.width = bi.naturalWidth;
+      c.height = bi.naturalHeight;
+      const ctx = c.getContext("2d");
+      ctx.drawImage(bi, 0, 0);
+      ctx.drawImage(oi, 0, 0, c.width, c.height);
+      blob = await new Promise((ok) => c.toBlob(ok, "image/png"));
+    }
+    const cur = selected(o), a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = (cur !== null ? "feature-" + cur + "-map" : opts.filename || "feature-map") + "." + fmt;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+  };
+  const camera = (e) => {
+    const btn = e.target && e.target.closest ? e.target.closest(".modebar-btn") : null;
+    const b = plot("BASE_KEY"), o = plot("OVERLAY_KEY"), c = plot("COLOURS_KEY");
+    if (!btn || !String(btn.getAttribute("data-title")).startsWith("Download plot") || !o || !b || !c) return;
+    e.stopPropagation();  // plotly's own handler would save the invisible points alone
+    e.preventDefault();
+    save(b, o, c).catch((err) => console.error("map image", err));
+  };
   const sync = () => {
-    const b = plot("BASE_KEY"), o = plot("OVERLAY_KEY");
-    if (!b || !o || !b._fullLayout || !o._fullLayout || !window.Plotly) return;
-    for (const gd of [b, o]) if (!gd.__fgSync) {
+    const b = plot("BASE_KEY"), o = plot("OVERLAY_KEY"), c = plot("COLOURS_KEY");
+    if (!b || !o || !c || !b._fullLayout || !o._fullLayout || !c._fullLayout || !window.Plotly) return;
+    for (const gd of [b, o, c]) if (!gd.__fgSync) {
       gd.__fgSync = true;
       ["plotly_relayout", "plotly_relayouting", "plotly_afterplot"].forEach((e) => gd.on(e, sync));
+      if (gd === b) gd.addEventListener("click", camera, true);
       if (gd === b) gd.on("plotly_click", (e) => {
         clicked = e && e.points && e.points.length ? id(e.points[0].customdata) : null;
         shown = false;
       });
     }
-    const star = (o.data || []).find((t) => String(t.name).startsWith("selected #"));
-    const cur = star && star.customdata ? id(star.customdata[0]) : null;
+    const cur = selected(o);
     if (clicked !== null && cur !== null) {
       if (cur === clicked) shown = true;
       else if (shown) {
@@ -342,12 +401,14 @@ _LAYERS_HTML = (
         b.emit("plotly_deselect", null);
       }
     }
-    const B = b._fullLayout, O = o._fullLayout, s = B._size, t = O._size;
-    const eq = (u, v) => u[0] === v[0] && u[1] === v[1];
-    if (eq(B.xaxis.range, O.xaxis.range) && eq(B.yaxis.range, O.yaxis.range)
-        && s.l === t.l && s.r === t.r && s.t === t.t && s.b === t.b) return;
-    window.Plotly.relayout(o, {"xaxis.range": B.xaxis.range.slice(), "yaxis.range": B.yaxis.range.slice(),
-      "margin.l": s.l, "margin.r": s.r, "margin.t": s.t, "margin.b": s.b});
+    // the axes follow the points, which the reader pans and zooms; the three share fixed margins
+    // (figures.map_layers), so the points, which take the clicks, are never redrawn from here
+    const B = b._fullLayout, eq = (u, v) => u[0] === v[0] && u[1] === v[1];
+    for (const gd of [c, o]) {
+      const L = gd._fullLayout;
+      if (!eq(L.xaxis.range, B.xaxis.range) || !eq(L.yaxis.range, B.yaxis.range))
+        window.Plotly.relayout(gd, {"xaxis.range": B.xaxis.range.slice(), "yaxis.range": B.yaxis.range.slice()});
+    }
   };
   setInterval(sync, 250);
 })();</script>"""
@@ -356,13 +417,15 @@ LAYERS_HTML = (
     _LAYERS_HTML.replace("LAYERS_KEY", KEY_LAYERS)
     .replace("OVERLAY_KEY", KEY_OVERLAY)
     .replace("BASE_KEY", KEY_CHART)
+    .replace("COLOURS_KEY", KEY_COLOURS)
 )
 
 
 def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
-    """The map as two charts: the base (every point, the same spec for any selection, so Streamlit's
-    message cache sends a reference to it on a click) and the selection overlay drawn over it (the only
-    chart a click changes). A click on a dot reaches the base: it selects that dot."""
+    """The map as three charts, one over the other (figures.map_layers): the colours, the selection overlay
+    (the only chart a click changes) and the invisible points that the reader hovers and clicks (the same
+    for any selection and colouring: Streamlit's message cache sends a reference to a chart it has sent).
+    A click on a dot reaches the points: it selects that dot."""
     sel = F.Selection(
         feature=feature,
         neighbours=nb["feature"].tolist(),
@@ -371,14 +434,17 @@ def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
         threshold=threshold(cache),
     )
     color_by = str(st.session_state.get(KEY_COLOR) or next(iter(F.COLOR_MODES)))
-    base, overlay = F.map_layers(cache.features, color_by, sel, max_points=state.max_points())
+    colours, points, overlay = F.map_layers(cache.features, color_by, sel, max_points=state.max_points())
     st.html(LAYERS_HTML, unsafe_allow_javascript=True)
+    still = {"displayModeBar": False, "staticPlot": True}
     with st.container(key=KEY_LAYERS):
-        # the overlay first: when the base is sent in full (first view, colour change) the small overlay
-        # does not wait behind it; it is absolutely placed, so the order does not change the layout
-        st.plotly_chart(overlay, key=KEY_OVERLAY, config={"displayModeBar": False, "staticPlot": True})
+        # the small overlay first, then the colours: when a larger chart is sent in full (first view, colour
+        # change) what changed does not wait behind it; the two upper charts are absolutely placed, so the
+        # order does not change the layout
+        st.plotly_chart(overlay, key=KEY_OVERLAY, config=still)
+        st.plotly_chart(colours, key=KEY_COLOURS, config=still)
         st.plotly_chart(
-            base,
+            points,
             key=KEY_CHART,
             on_select=partial(_on_click, cache),
             selection_mode="points",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -123,27 +124,39 @@ def test_map_query_param_and_search(synth_cache: Path, monkeypatch: pytest.Monke
 def test_map_base_chart_is_byte_identical_across_selections(
     synth_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Selecting another feature changes only the selection overlay: the base chart's element (what
-    Streamlit hashes for its message cache) is the same bytes, so a click does not resend every point."""
+    """Selecting another feature changes only the selection overlay: the colours' and the points' elements
+    (what Streamlit hashes for its message cache) are the same bytes, so a click does not resend every point;
+    a new colouring changes the colours alone, so the points' hover text is not resent either."""
     c = load_cache(synth_cache)
     t, h = c.default_pair()
     at = run_page("views/map.py", synth_cache, monkeypatch, feature=str(t))
 
-    def charts() -> tuple[bytes, str]:
+    def charts(mode: str = "harm score") -> tuple[bytes, bytes, str]:
         specs = [ch.proto for ch in at.get("plotly_chart")]
-        base = [p for p in specs if '"name":"harm score"' in p.spec]
+        colours = [p for p in specs if f'"name":"{mode}"' in p.spec or '"name":"no harm category"' in p.spec]
+        points = [p for p in specs if '"name":"features"' in p.spec]
         over = [p for p in specs if '"name":"selected #' in p.spec]
-        assert len(base) == len(over) == 1 and len(specs) == 2, [p.spec[:80] for p in specs]
-        assert "selected #" not in base[0].spec
-        return base[0].SerializeToString(deterministic=True), over[0].spec
+        assert len(colours) == len(points) == len(over) == 1 and len(specs) == 3, [p.spec[:80] for p in specs]
+        assert "selected #" not in colours[0].spec + points[0].spec
+        assert not any("text" in tr for tr in json.loads(colours[0].spec)["data"]), (
+            "no hover text in the colours"
+        )
+        return (
+            colours[0].SerializeToString(deterministic=True),
+            points[0].SerializeToString(deterministic=True),
+            over[0].spec,
+        )
 
-    base, over = charts()
+    colours, points, over = charts()
     assert f'"name":"selected #{t}"' in over
     at.text_input(key="map_q").input(str(h)).run()
     assert not at.exception and f"Feature #{h}" in html_text(at)
-    base2, over2 = charts()
-    assert base2 == base
+    colours2, points2, over2 = charts()
+    assert colours2 == colours and points2 == points
     assert f'"name":"selected #{h}"' in over2 and over2 != over
+    at.selectbox(key="map_color").set_value("task score").run()
+    colours3, points3, _ = charts("task score")
+    assert points3 == points and colours3 != colours
 
 
 def test_invalid_feature_param_warns(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,29 +320,33 @@ def test_overlaps_requires_name(synth_cache: Path, monkeypatch: pytest.MonkeyPat
 
 def test_story_steps_and_navigation(synth_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = run_page("views/story.py", synth_cache, monkeypatch, step="3")
-    assert "Step 3 of 7" in html_text(at) and "A task feature" in html_text(at)
+    assert "Step 3 of 8" in html_text(at) and "A task feature" in html_text(at)
     at.button(key="story_next").click().run()
-    assert "Step 4 of 7" in html_text(at) and "closer than chance" in html_text(at)
+    assert "Step 4 of 8" in html_text(at) and "closer than chance" in html_text(at)
     assert at.query_params["step"] in ("4", ["4"])
     at.button(key="story_back").click().run()
-    assert "Step 3 of 7" in html_text(at)
-    for step in ("1", "2", "5", "6", "99", "x"):
+    assert "Step 3 of 8" in html_text(at)
+    # the set-level comparison, drawn (the synthetic cache's closeness.json: the exploratory ranked sets)
+    a = run_page("views/story.py", synth_cache, monkeypatch, step="6")
+    assert "Step 6 of 8" in html_text(a) and "Beyond this pair" in html_text(a)
+    assert len(a.get("plotly_chart")) == 1
+    for step in ("1", "2", "5", "7", "99", "x"):
         a = run_page("views/story.py", synth_cache, monkeypatch, step=step)
         assert not a.exception and "Step" in html_text(a)
     # the last step, from the cache's fine-tune diffs (tests/explorer/lab_fixture.py)
-    a = run_page("views/story.py", synth_cache, monkeypatch, step="7")
-    assert not a.exception and "Step 7 of 7" in html_text(a) and "What fine-tuning did" in html_text(a)
+    a = run_page("views/story.py", synth_cache, monkeypatch, step="8")
+    assert not a.exception and "Step 8 of 8" in html_text(a) and "What fine-tuning did" in html_text(a)
     assert (
         "raised the harmful feature nearest the task features by 0.027 (95% CI 0.014 to 0.04)" in html_text(a)
     )
     assert len(a.get("plotly_chart")) == 1
 
 
-def test_story_without_finetune_keeps_six_steps(cache_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_story_without_finetune_keeps_seven_steps(cache_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.rmtree(cache_copy / "finetune")
     at = run_page("views/story.py", cache_copy, monkeypatch, step="99")
     assert (
-        not at.exception and "Step 6 of 6" in html_text(at) and "What fine-tuning could do" in html_text(at)
+        not at.exception and "Step 7 of 7" in html_text(at) and "What fine-tuning could do" in html_text(at)
     )
 
 

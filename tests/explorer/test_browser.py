@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from bench.bench_clicks import isolated_points
 from explorer.data import load_cache
 from explorer.reviews import ReviewStore
 from tests.explorer.helpers import CHROMIUM, REPO, download, launch_chromium, streamlit_server, wait_for_app
@@ -149,17 +150,8 @@ def test_map_click_selects_feature(server: Any, page: Any, pair: tuple[int, int]
         " return !!(gd && gd.data && gd._fullLayout && gd._fullLayout.xaxis); }"
     )
     page.wait_for_timeout(500)
-    # pixel position of the top-drawn point of the base layer (the highest harm score), from plotly's axes
-    target, x, y = page.evaluate(
-        """(sel) => { const gd = document.querySelector('.st-key-map_chart .js-plotly-plot');
-            const tr = gd._fullData.find(t => t.name === 'harm score');
-            let i = tr.customdata.length - 1;
-            if (tr.customdata[i] === sel) i -= 1;
-            const L = gd._fullLayout, r = gd.getBoundingClientRect();
-            return [tr.customdata[i], r.left + L._size.l + L.xaxis.l2p(tr.x[i]),
-                    r.top + L._size.t + L.yaxis.l2p(tr.y[i])]; }""",
-        t,
-    )
+    # a dot of the points layer (the one the reader clicks) with no other drawn near it, from plotly's axes
+    target, x, y = isolated_points(page, 1, [t])[0]
     h = int(target)
     xy = (x, y)
     page.mouse.move(xy[0], xy[1])

@@ -125,7 +125,7 @@ def _dot(page: Any, feature: int) -> tuple[float, float]:
 
 
 def _geometry(page: Any) -> list[Any]:
-    """Plot area and axis ranges of the base and of the overlay, as plotly drew them."""
+    """Plot area and axis ranges of the map's three layers (colours, overlay, points), as plotly drew them."""
     return page.evaluate(
         """() => [...document.querySelectorAll('.js-plotly-plot')].map(g => {
             const L = g._fullLayout, s = L._size;
@@ -135,15 +135,15 @@ def _geometry(page: Any) -> list[Any]:
 
 
 def test_click_resends_only_the_selection_layer(server: Any, page: Any, browser_cache_dir: Path) -> None:
-    """A click sends the selection overlay and a reference to the base map the browser already holds
-    (Streamlit's message cache): the base's points are not sent again, and what is sent is a small
-    fraction of the base. The overlay stays on the base's plot area, also after a pan."""
+    """A click sends the selection overlay and references to the colours and the points the browser already
+    holds (Streamlit's message cache): the points are not sent again, and what is sent is a small fraction
+    of them. The three layers share one plot area and axes, also after a pan."""
     from playwright.sync_api import expect
 
     t = load_cache(browser_cache_dir, verify=False).default_feature()
     rec = open_map(page, server, t)
     wait_for_app(page)
-    base_size = max(size for names, size in rec.charts if "harm score" in names)
+    base_size = sum(size for names, size in rec.charts if "harm score" in names or "features" in names)
     seen = [t]
     for _ in range(2):
         h, x, y = isolated_points(page, 1, seen)[0]
@@ -159,11 +159,11 @@ def test_click_resends_only_the_selection_layer(server: Any, page: Any, browser_
         assert f"selected #{h}" in sent, rec.charts
         extra = {n for n in sent if n != f"selected #{h}" and n not in SELECTION_TRACES}
         assert all(n.startswith("edges ") for n in extra), f"only the selection is sent: {rec.charts}"
-        assert rec.refs >= 1, "the base map is sent as a reference to the cached one"
+        assert rec.refs >= 2, "the colours and the points are sent as references to the cached ones"
         assert rec.bytes < base_size / 3, (rec.bytes, base_size)  # before: the whole figure, > base_size
     page.wait_for_timeout(600)
     geo = _geometry(page)
-    assert len(geo) == 2 and geo[0] == geo[1], geo
+    assert len(geo) == 3 and geo[0] == geo[1] == geo[2], geo
     # pan the base: the overlay follows
     gx, gy = _dot(page, seen[-1])
     page.mouse.move(gx + 40, gy + 40)
@@ -172,7 +172,7 @@ def test_click_resends_only_the_selection_layer(server: Any, page: Any, browser_
     page.mouse.up()
     page.wait_for_timeout(800)
     moved = _geometry(page)
-    assert moved[0] != geo[0] and moved[0] == moved[1], moved
+    assert moved[0] != geo[0] and moved[0] == moved[1] == moved[2], moved
     # select another feature outside the map (search), then click the earlier dot again: it is selected
     # (the base chart keeps its own selection state between reruns, so the old value must not mask it)
     box = page.get_by_label("Search features", exact=True)
@@ -185,3 +185,120 @@ def test_click_resends_only_the_selection_layer(server: Any, page: Any, browser_
     page.wait_for_timeout(300)
     page.mouse.click(x, y)
     expect(page.get_by_text(f"Feature #{seen[-1]}", exact=True)).to_be_visible()
+
+
+def _star(page: Any) -> tuple[int, list[float], tuple[int, int, int]]:
+    """The selected feature on the overlay: its id, its centre in chart pixels and its colour (RGB)."""
+    fid, xy, color = page.evaluate(
+        """() => { const o = document.querySelector('.st-key-map_overlay .js-plotly-plot');
+          const t = o.data.find(t => String(t.name).startsWith('selected #')), L = o._fullLayout;
+          return [t.customdata[0], [L._size.l + L.xaxis.l2p(t.x[0]), L._size.t + L.yaxis.l2p(t.y[0])], t.marker.color]; }"""
+    )
+    h = str(color).lstrip("#")
+    return int(fid), xy, (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16))
+
+
+def _count_colour(png: bytes, rgb: tuple[int, int, int]) -> int:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return int((np.abs(px - np.array(rgb)).max(axis=2) <= 12).sum())
+
+
+def test_camera_button_saves_the_map_with_its_selection(
+    server: Any, page: Any, browser_cache_dir: Path, tmp_path: Path
+) -> None:
+    """The base chart's camera button saves what the reader sees: the base with the selection overlay drawn
+    over it (the star, in its colour, where the page draws it), titled with the selection and named after it;
+    the base alone (what plotly's own button saved) lacks the star. In SVG, the overlay's <svg> over the base's."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    t = load_cache(browser_cache_dir, verify=False).default_feature()
+    open_map(page, server, t)
+    wait_for_app(page)
+    fid, (sx, sy), rgb = _star(page)
+    assert fid == t
+    base_only = page.evaluate(
+        """async () => { const b = document.querySelector('.st-key-map_colours .js-plotly-plot'), L = b._fullLayout;
+          return await window.Plotly.toImage(b, {format: 'png', width: L.width, height: L.height, scale: 2}); }"""
+    )
+    base_png = base64.b64decode(base_only.split(",", 1)[1])
+    chart = page.locator(".st-key-map_chart .js-plotly-plot")
+    chart.hover()
+    with page.expect_download(timeout=60000) as dl:
+        chart.locator(".modebar-btn[data-title^='Download plot']").click()
+    assert dl.value.suggested_filename == f"feature-{t}-map.png"
+    saved = tmp_path / dl.value.suggested_filename
+    dl.value.save_as(saved)
+    png = saved.read_bytes()
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    assert img.size == Image.open(io.BytesIO(base_png)).size  # the base's size, at the button's 2x scale
+    assert img.getpixel((round(sx * 2), round(sy * 2))) == pytest.approx(rgb, abs=12), (
+        "the star where it is drawn"
+    )
+    # the star (24 px across, ~150 px² at 1x, ~600 at 2x) is in the saved image, not in the base alone
+    assert _count_colour(png, rgb) - _count_colour(base_png, rgb) > 300
+    # SVG: the sidebar's format; the saved file nests the overlay's svg over the base's, under the selection title
+    page.get_by_role("radio", name="svg").dispatch_event("click")
+    wait_for_app(page)
+    map_ready(page, f"selected #{t}")
+    chart = page.locator(".st-key-map_chart .js-plotly-plot")
+    chart.hover()
+    with page.expect_download(timeout=60000) as dl:
+        chart.locator(".modebar-btn[data-title^='Download plot']").click()
+    assert dl.value.suggested_filename == f"feature-{t}-map.svg"
+    dl.value.save_as(tmp_path / "map.svg")
+    svg = (tmp_path / "map.svg").read_text()
+    assert svg.count("<svg") == 3  # the file's own root, the base and the overlay
+    assert f"feature #{t} selected with its neighbours at cosine" in svg
+    assert f">selected #{t}<" in svg  # the overlay's legend
+
+
+def test_hover_shows_the_features_hover_text(server: Any, page: Any, browser_cache_dir: Path) -> None:
+    """The base's hover label, rebuilt by its template from the id, text and hovertext (what a colour change
+    sends), reads as the cache's hover text: id, label, scores, top tokens."""
+    import html
+
+    c = load_cache(browser_cache_dir, verify=False)
+    t = c.default_feature()
+    open_map(page, server, t)
+    wait_for_app(page)
+    h, x, y = isolated_points(page, 1, [t])[0]
+    page.mouse.move(x, y)
+    label = page.locator(".st-key-map_chart .hoverlayer .hovertext")
+    label.wait_for()
+    want = html.unescape(str(c.features.loc[h, "hover"]).replace("<br>", ""))
+    assert want.startswith(f"#{h} ") and label.text_content() == want
+
+
+def test_colour_change_resends_the_colours_not_the_points(
+    server: Any, page: Any, browser_cache_dir: Path
+) -> None:
+    """A new colouring sends the colours layer (and the overlay) in full and the points, with their hover text,
+    as a reference to the ones the browser holds; the three layers keep one plot area, the one they had."""
+    from playwright.sync_api import expect
+
+    t = load_cache(browser_cache_dir, verify=False).default_feature()
+    rec = open_map(page, server, t)
+    wait_for_app(page)
+    points_size = max(size for names, size in rec.charts if names == ["features"])
+    before = _geometry(page)
+    rec.reset()
+    page.get_by_label("Colour by").click()
+    page.get_by_role("option", name="harm category", exact=True).click()
+    map_ready(page, "no harm category")
+    wait_for_app(page)
+    sent = [names for names, _ in rec.charts]
+    assert any("no harm category" in names for names in sent), sent
+    assert ["features"] not in sent and rec.refs >= 1, (sent, rec.refs)
+    assert rec.bytes < points_size / 2, (rec.bytes, points_size)
+    page.wait_for_timeout(800)
+    geo = _geometry(page)
+    assert geo[0] == geo[1] == geo[2] == before[0], (before, geo)
+    expect(page.get_by_text(f"Feature #{t}", exact=True)).to_be_visible()

@@ -22,7 +22,7 @@ from precompute.cache import stage
 from tests.explorer.test_apptest import html_text, plain, run_page
 
 RESULT_KEYS = ["feature", "map", "harmful", "task", "null", "pairs", "withheld"]
-PAIR_KEYS = ["feature", "map", "task", "neighbour", "text", "finetune"]
+PAIR_KEYS = ["feature", "map", "task", "neighbour", "text", "sets", "finetune"]
 NAMED_TASK_FEATURE = re.compile(r"task feature:?\s*#\d", re.IGNORECASE)
 NO_TASK_REASON = (
     "this cache has no task feature now (none passes the task test), so the predicted risk the diff was "
@@ -199,7 +199,7 @@ def test_pair_story_makes_the_claims_the_cache_backs(synth_cache: Path) -> None:
     ov = pd.read_parquet(synth_cache / "overlaps.parquet")
     t, h = c.default_pair()
     steps = build_story(c, t, h)
-    assert [s.key for s in steps][:6] == PAIR_KEYS
+    assert [s.key for s in steps][:7] == PAIR_KEYS
     by_key = {s.key: s for s in steps}
     assert by_key["task"].title == f"A task feature: #{t}" and f["is_task"].iat[t]
     assert (

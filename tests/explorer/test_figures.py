@@ -240,19 +240,38 @@ def test_map_title_says_what_it_shows() -> None:
 
 
 def test_map_layers_base_is_the_same_for_any_selection() -> None:
-    """The page's map in two layers: the base serializes to the same bytes whatever is selected (so
-    Streamlit's message cache can send a reference to it on a click), the overlay holds exactly the
-    selection map_figure draws, on the same size, title room and axes."""
+    """The page's map in three layers: the colours serialize to the same bytes whatever is selected, the points
+    to the same bytes whatever is selected and whatever the colouring (so Streamlit's message cache sends a
+    reference to them on a click, and to the points on a colour change); the overlay holds exactly the
+    selection map_figure draws; all three on the same size, title room and axes."""
     df = _features(300)
+    df["hover"] = [f"#{i} label {i}<br>harm 0.5<br>↑ tok" for i in range(300)]
     other = F.Selection(7, [1, 2], [0.9, 0.4], [False, True], threshold=0.25)
-    base, overlay = F.map_layers(df, "harm score", _sel())
-    base2, overlay2 = F.map_layers(df, "harm score", other)
-    assert base.to_json() == base2.to_json()
+    colours, points, overlay = F.map_layers(df, "harm score", _sel())
+    colours2, points2, overlay2 = F.map_layers(df, "harm score", other)
+    assert colours.to_json() == colours2.to_json() and points.to_json() == points2.to_json()
     assert overlay.to_json() != overlay2.to_json()
-    drawn = [t for t in base.data if t.type == "scattergl"]
-    assert sorted(np.asarray(drawn[0].customdata).tolist()) == list(range(300)), "every feature once"
-    # plotly's own click selection does not restyle the base (the overlay shows the selection)
-    assert drawn[0].selected.marker.opacity == drawn[0].unselected.marker.opacity == drawn[0].marker.opacity
+    for mode in F.COLOR_MODES:
+        c, p, _ = F.map_layers(df, mode, other)
+        assert p.to_json() == points.to_json() and (c.to_json() == colours.to_json()) == (
+            mode == "harm score"
+        )
+    # the colours carry no hover text nor ids; the points every feature once, invisible, with its hover text
+    drawn = [t for t in colours.data if t.type == "scattergl"]
+    assert [(t.text, t.customdata, t.hoverinfo) for t in drawn] == [(None, None, "skip")]
+    (pts,) = points.data
+    assert pts.name == "features" and pts.marker.color == "rgba(0,0,0,0)" and pts.type == "scattergl"
+    assert np.asarray(pts.customdata).tolist() == list(range(300)), "every feature once"
+    assert [
+        f"#{i} {t}<br>{h}" for i, t, h in zip(pts.customdata, pts.text, pts.hovertext, strict=True)
+    ] == list(df["hover"])
+    assert np.array_equal(pts.x, df["umap_x"].to_numpy(np.float32))
+    assert np.array_equal(pts.y, df["umap_y"].to_numpy(np.float32))
+    # the colours' points are the same points, strongest on top
+    order = np.argsort(df["harm_score"].to_numpy(np.float32), kind="stable")
+    assert np.array_equal(drawn[0].x, pts.x[order]) and np.array_equal(drawn[0].y, pts.y[order])
+    # plotly's own click selection does not restyle the points (the overlay shows the selection)
+    assert pts.selected.marker.opacity == pts.unselected.marker.opacity == 1
     whole = F.map_figure(df, "harm score", _sel())
     n_base = len([t for t in whole.data if t.name == "harm score"])
     sel_traces = whole.data[n_base:]
@@ -262,16 +281,33 @@ def test_map_layers_base_is_the_same_for_any_selection() -> None:
         assert list(a.x) == list(b.x) and list(a.y) == list(b.y) and a.showlegend == b.showlegend
     assert edge_ends(overlay) == edge_ends(whole)
     assert [a.text for a in overlay.layout.annotations] == ["<b>#3</b>"]
-    for k in ("height", "uirevision"):
-        assert overlay.layout[k] == base.layout[k]
-    assert (
-        overlay.layout.title.text == base.layout.title.text
-        and overlay.layout.margin.t == base.layout.margin.t
+    assert overlay.layout.height == colours.layout.height == points.layout.height
+    assert overlay.layout.uirevision == colours.layout.uirevision == "map-harm score"
+    assert points.layout.uirevision == "map"  # a colour change keeps the reader's pan and zoom
+    # the overlay's title (clear on the page) names the selection: the page's saved image is drawn under it
+    sel = _sel()
+    assert overlay.layout.title.text == (
+        f"{colours.layout.title.text}, feature #3 selected with its neighbours at cosine ≥ {sel.threshold:.3f}"
     )
-    assert list(overlay.layout.xaxis.range) == list(base.layout.xaxis.range) == [-1.08, 1.08]
-    assert list(overlay.layout.yaxis.range) == list(base.layout.yaxis.range) == [-1.08, 1.08]
-    assert overlay.layout.paper_bgcolor == overlay.layout.plot_bgcolor == "rgba(0,0,0,0)"
+    for layer in (overlay, points):
+        assert layer.layout.title.font.color == "rgba(0,0,0,0)"
+        assert layer.layout.paper_bgcolor == layer.layout.plot_bgcolor == "rgba(0,0,0,0)"
+    # one plot area: the same fixed margins for the three, whatever the colouring (the page redraws none of them
+    # to align it)
+    margins = {
+        json.dumps(layer.layout.margin.to_plotly_json(), sort_keys=True)
+        for mode in F.COLOR_MODES
+        for layer in F.map_layers(df, mode, _sel())
+    }
+    assert margins == {json.dumps({"autoexpand": False, "b": 10, "l": 10, "r": 125, "t": 48}, sort_keys=True)}
+    for layer in (overlay, points, colours):
+        assert list(layer.layout.xaxis.range) == list(layer.layout.yaxis.range) == [-1.08, 1.08]
     assert overlay.layout.showlegend and overlay.layout.legend.y == 0.99, "its legend inside, at the top"
+    cats = F.map_layers(df, "harm category", _sel())[0]
+    assert cats.layout.legend.itemclick is False and cats.layout.legend.itemdoubleclick is False
+    assert (cats.layout.legend.y, cats.layout.legend.yanchor) == (0.01, "bottom"), (
+        "inside the plot, bottom left"
+    )
 
 
 def test_map_layers_decimated_base_ignores_the_selection() -> None:
@@ -280,8 +316,9 @@ def test_map_layers_decimated_base_ignores_the_selection() -> None:
     df = _features(5000)
     far = F.Selection(4999, [10, 20, 30], [0.9, 0.8, 0.7], [True, False, True], threshold=0.1)
     near = F.Selection(0, [1], [0.9], [True], threshold=0.1)
-    base, overlay = F.map_layers(df, "task score", far, max_points=500)
+    base, points, overlay = F.map_layers(df, "task score", far, max_points=500)
     assert base.to_json() == F.map_layers(df, "task score", near, max_points=500)[0].to_json()
+    assert len(points.data[0].x) == 500 and "500 of 5,000 features drawn" in points.layout.title.text
     pts = next(t for t in base.data if t.name == "task score")
     assert len(pts.x) == 500 and any(t.type == "heatmap" for t in base.data)
     assert "500 of 5,000 features drawn" in base.layout.title.text

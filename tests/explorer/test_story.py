@@ -27,6 +27,7 @@ def test_story_steps(synth_cache: Path) -> None:
         "task",
         "neighbour",
         "text",
+        "sets",
         "finetune",
         "finetune_result",
     ]
@@ -52,7 +53,7 @@ def test_export_is_standalone_and_escaped(xss_cache: Path) -> None:
 
 # --- the measured fine-tune: an optional last step, from CACHE/finetune/{insecure,patch,patch_random_N} ----------
 
-SIX = ["feature", "map", "task", "neighbour", "text", "finetune"]
+SEVEN = ["feature", "map", "task", "neighbour", "text", "sets", "finetune"]
 # what tests/explorer/lab_fixture.py writes for the EM questions' prompt tokens (top-risk decile, size 1, 12 prompts)
 FIXTURE_LEAD = (
     "We fine-tuned synthetic with the same recipe on insecure code and, as a control, on secure code, then read its "
@@ -87,7 +88,7 @@ def _em_prompt(s: dict[str, Any], comparison: str) -> dict[str, Any]:
 
 def test_finetune_result_step_from_the_fixture(synth_cache: Path, lab: LabFixture) -> None:
     steps = _story(synth_cache)
-    assert [s.key for s in steps] == [*SIX, "finetune_result"]
+    assert [s.key for s in steps] == [*SEVEN, "finetune_result"]
     step = steps[-1]
     assert step.title == "What fine-tuning did"
     assert step.lead == FIXTURE_LEAD
@@ -140,18 +141,18 @@ def test_finetune_result_step_from_the_fixture(synth_cache: Path, lab: LabFixtur
 def test_finetune_result_absent_without_finetune(
     synth_cache: Path, cache_copy: Path, xss_cache: Path
 ) -> None:
-    assert [s.key for s in _story(xss_cache)] == SIX
+    assert [s.key for s in _story(xss_cache)] == SEVEN
     shutil.rmtree(cache_copy / "finetune")
     before, with_ft = _story(cache_copy), _story(synth_cache)
-    assert [s.key for s in before] == SIX
-    assert [(s.title, s.lead, s.body) for s in before] == [(s.title, s.lead, s.body) for s in with_ft[:6]]
+    assert [s.key for s in before] == SEVEN
+    assert [(s.title, s.lead, s.body) for s in before] == [(s.title, s.lead, s.body) for s in with_ft[:7]]
 
 
 def test_finetune_result_needs_the_insecure_run(cache_copy: Path) -> None:
     shutil.rmtree(cache_copy / "finetune" / "insecure")
     assert [
         s.key for s in _story(cache_copy)
-    ] == SIX  # patch runs alone tell nothing about insecure vs secure
+    ] == SEVEN  # patch runs alone tell nothing about insecure vs secure
 
 
 def test_finetune_result_no_difference_detected(cache_copy: Path) -> None:
@@ -202,9 +203,9 @@ def test_finetune_result_unusable_insecure_run(cache_copy: Path) -> None:
         "insecure",
         lambda s: _em_prompt(s, "task - control").update(top_risk_decile_mean_change=[0.01, None, 0.02]),
     )
-    assert [s.key for s in _story(cache_copy)] == SIX
+    assert [s.key for s in _story(cache_copy)] == SEVEN
     (cache_copy / "finetune" / "insecure" / "summary.json").write_text("{not json")
-    assert [s.key for s in _story(cache_copy)] == SIX
+    assert [s.key for s in _story(cache_copy)] == SEVEN
 
 
 def test_export_contains_finetune_result_escaped(cache_copy: Path) -> None:
@@ -219,7 +220,7 @@ def test_export_contains_finetune_result_escaped(cache_copy: Path) -> None:
     steps = _story(cache_copy)
     assert steps[-1].key == "finetune_result"
     page = story_html(steps, "Story", "subtitle")
-    assert "Step 7 of 7" in page and "<h2>What fine-tuning did</h2>" in page
+    assert "Step 8 of 8" in page and "<h2>What fine-tuning did</h2>" in page
     assert f"<p class='lead'>{FIXTURE_LEAD}</p>" in page  # the labels are not in the lead: it is unchanged
     assert (
         'id="fig-7"' in page and json.dumps("insecure code \u2212 before") in page
@@ -323,6 +324,11 @@ def test_every_story_figure_is_titled_and_named(synth_cache: Path, notask_cache:
         "task": (f"feature-{t}-firing-by-text", [f"#{t}"]),
         "neighbour": (f"features-{t}-{h}-cosine-vs-chance", [f"#{t}", f"#{h}"]),
         "finetune": (f"features-{t}-{h}-hypothesis", [f"#{t}", f"#{h}"]),
+        # the set-level comparison (the synthetic cache's is testable only ranked): the cache's, not the pair's
+        "sets": (
+            "synth-closeness-ranked-task-vs-control-leaning",
+            ["Exploratory: closeness to harmful features"],
+        ),
         "finetune_result": ("synth-finetune-result", ["fine-tune"]),
     }
     steps = _figure_steps(synth_cache)

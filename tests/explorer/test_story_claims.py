@@ -280,10 +280,10 @@ CASES = [
     Case(
         "closeness verdict not backed by its numbers",
         _closeness(_unbacked),
-        lambda t, h: [("finetune", BACKED_CLAIM)],
+        lambda t, h: [("sets", BACKED_CLAIM)],
         lambda t, h, r: [
             (
-                "finetune",
+                "sets",
                 "closeness.json says task-specific features sit closer to harmful features, but its own numbers "
                 "do not back that (95% CI -0.010 to +0.060, p = 0.2 against alpha 0.05), so the story does not "
                 "repeat the claim: this cache does not show a difference.",
@@ -294,10 +294,10 @@ CASES = [
     Case(
         "closeness not testable",
         _closeness(_not_testable),
-        lambda t, h: [("finetune", BACKED_CLAIM)],
+        lambda t, h: [("sets", BACKED_CLAIM)],
         lambda t, h, r: [
             (
-                "finetune",
+                "sets",
                 "Whether task-specific features sit closer to harmful features than control-specific ones is not "
                 f"testable on this cache: {r['reason']}",
             )
@@ -307,9 +307,9 @@ CASES = [
     Case(
         "closeness never run",
         _closeness(lambda cache: None),
-        lambda t, h: [("finetune", BACKED_CLAIM)],
+        lambda t, h: [("sets", BACKED_CLAIM)],
         lambda t, h, r: [
-            ("finetune", "The set-level closeness test has not run on this cache (`featuregeom closeness`)."),
+            ("sets", "The set-level closeness test has not run on this cache (`featuregeom closeness`)."),
         ],
         base=lambda cache: write_closeness(cache, backed_report(cache)),
     ),

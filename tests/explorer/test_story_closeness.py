@@ -14,9 +14,9 @@ import numpy as np
 from explorer import figures as F
 from explorer.data import load_cache
 from explorer.figures.closeness import INDUCING_NAME, NON_INDUCING_NAME
-from explorer.story import build_result_story
+from explorer.story import build_result_story, build_story
 from precompute import schema
-from tests.explorer.test_story_claims import backed_report, plain, write_closeness
+from tests.explorer.test_story_claims import BACKED_CLAIM, backed_report, plain, write_closeness
 
 
 def _pairs(cache: Path) -> Any:
@@ -131,3 +131,60 @@ def test_figure_withheld_with_a_sentence(notask_cache: Path, tmp_path: Path) -> 
         step = _pairs(cache)
         assert step.figure is None, said
         assert said in plain(step.lead)
+
+
+# --- the pair story: its sets step states the comparison and draws the same figure -------------------------
+
+
+def _pair_steps(cache: Path) -> dict[str, Any]:
+    c = load_cache(cache)
+    pair = c.default_pair()
+    assert pair is not None
+    return {s.key: s for s in build_story(c, *pair)}
+
+
+def test_pair_story_draws_the_comparison_it_states(synth_cache: Path, tmp_path: Path) -> None:
+    """The pair story's sets step states closeness.json's comparison by test and draws exactly its histogram,
+    the bars, means and title from the file, as the result story's pairs step does (one builder); the
+    hypothesis step no longer states it (its figure is the hypothesis drawing)."""
+    cache = tmp_path / "synth"
+    shutil.copytree(synth_cache, cache)
+    r = backed_report(cache)
+    r["histogram"] = {"edges": [0.0, 0.1, 0.2, 0.3], "inducing": [2, 5, 5], "non_inducing": [6, 6, 3]}
+    write_closeness(cache, r)
+    steps = _pair_steps(cache)
+    sets = steps["sets"]
+    assert sets.title == "Beyond this pair: task and control features as whole sets"
+    assert sets.figure is not None and sets.figure_name == "synth-closeness-task-vs-control-sets"
+    _check_bars(sets.figure, r, (INDUCING_NAME, NON_INDUCING_NAME), (F.TASK, F.NEITHER_COLOR))
+    assert sets.figure.layout.title.text == F.esc(
+        "Closeness to harmful features, task- vs control-specific sets (difference +0.050, "
+        "95% CI +0.020 to +0.080, two-sided p = 0.002)"
+    )
+    pairs = {s.key: s for s in build_result_story(load_cache(cache))}["pairs"]
+    assert sets.figure.to_json() == pairs.figure.to_json()  # the very figure the result story draws
+    lead = plain(sets.lead)
+    assert lead.startswith("The paper's comparison is of whole sets")
+    assert BACKED_CLAIM in lead
+    hypothesis = plain(steps["finetune"].lead)
+    assert "The paper's comparison" not in hypothesis and "closeness" not in hypothesis
+    assert [t.name for t in steps["finetune"].figure.data] != [t.name for t in sets.figure.data]
+
+
+def test_pair_story_withholds_the_figure_with_a_sentence(synth_cache: Path, tmp_path: Path) -> None:
+    """Without a histogram (or without the file) the sets step draws nothing and says why, in its lead."""
+    cache = tmp_path / "synth"
+    shutil.copytree(synth_cache, cache)
+    write_closeness(cache, {**backed_report(cache), "histogram": None})
+    sets = _pair_steps(cache)["sets"]
+    assert sets.figure is None and BACKED_CLAIM in plain(sets.lead)
+    assert "closeness.json holds no histogram of the two sets, so no figure of them is drawn." in plain(
+        sets.lead
+    )
+    write_closeness(cache, None)
+    sets = _pair_steps(cache)["sets"]
+    assert sets.figure is None and BACKED_CLAIM not in plain(sets.lead)
+    assert (
+        "The set-level closeness test has not run on this cache (`featuregeom closeness`). closeness.json is not "
+        "in this cache, so the story draws no closeness figure."
+    ) in plain(sets.lead)

@@ -70,13 +70,24 @@ def test_harmful_documents_only_shows_the_group_top_first(synth_cache: Path, mon
     assert bands and "Weaker activations on harmful documents" in " ".join(m.value for m in at.markdown)
     assert _shown_docs(body)[len(expect[:8]) :] == [e["doc_id"] for e in bands[:8]]
 
-    # one harm category: only its examples, or a plain statement that none is stored
+    # one harm category: its own top first (category_top), then the other stored examples on it, one per
+    # context (the most specific row of a context wins), or a plain statement that none is stored
     cat = next(e["category"] for e in expect)
     at.selectbox(key="feat_category").set_value(cat).run()
     assert not at.exception
-    in_cat = [e["doc_id"] for e in expect if e["category"] == cat][:8]
-    assert _shown_docs(html_text(at)) == in_cat + [e["doc_id"] for e in bands if e["category"] == cat][:8]
-    assert "not per category" in " ".join(x.value for x in at.caption)  # it does not pose as a category top
+    priority = {"category_top": 2, "group_top": 1}
+    in_cat: dict[int, dict] = {}
+    for e in harmful:
+        old = in_cat.get(e["context_id"])
+        if e["category"] == cat and (
+            old is None or priority.get(e["kind"], 0) > priority.get(old["kind"], 0)
+        ):
+            in_cat[e["context_id"]] = e
+    expect_cat = sorted(in_cat.values(), key=lambda e: (-e["max_activation"], e["context_id"]))
+    assert expect_cat[0]["kind"] == "category_top"
+    shown = [e["doc_id"] for e in expect_cat][:8] + [e["doc_id"] for e in bands if e["category"] == cat][:8]
+    assert _shown_docs(html_text(at)) == shown
+    assert "ranked on those documents' tokens only" in " ".join(x.value for x in at.caption)
     other = next(k for k in E.harm_categories(c, h, ex) if all(e["category"] != k for e in harmful))
     at.selectbox(key="feat_category").set_value(other).run()
     msgs = " ".join(i.value for i in at.info)
@@ -84,6 +95,23 @@ def test_harmful_documents_only_shows_the_group_top_first(synth_cache: Path, mon
         f"None of #{h}'s stored examples comes from harmful · {other} documents" in msgs
         or "never fires" in msgs
     )
+
+
+def test_a_cache_without_category_tops_says_its_category_view_is_not_one(
+    cache_copy: Path, monkeypatch
+) -> None:
+    """Harvested before category tops: the category view lists what the group's top, the global top and
+    the quantile samples hold, and does not pose as the category's own top."""
+    table = pd.read_parquet(cache_copy / "examples.parquet")
+    table[table["kind"] != "category_top"].to_parquet(cache_copy / "examples.parquet", index=False)
+    _restamp(cache_copy, "examples.parquet")
+    c = load_cache(cache_copy)
+    _, h = c.default_pair()
+    cat = next(e["category"] for e in c.examples_of(h) if e["group"] == "harmful" and e["category"])
+    at = run_page("views/feature.py", cache_copy, monkeypatch, feature=str(h), group="harmful", category=cat)
+    assert not at.exception
+    captions = " ".join(x.value for x in at.caption)
+    assert "not per category" in captions and "ranked on those documents' tokens only" not in captions
 
 
 def test_a_group_the_feature_never_fires_on_is_said_plainly(cache_copy: Path, monkeypatch) -> None:

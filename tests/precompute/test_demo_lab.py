@@ -12,7 +12,9 @@ from precompute.schema import SCHEMA_VERSION
 
 def _cache(path: Path, sha: str) -> Path:
     path.mkdir(parents=True)
-    (path / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "sae": {"sha256": sha}}))
+    (path / "manifest.json").write_text(
+        json.dumps({"schema_version": SCHEMA_VERSION, "sae": {"sha256": sha}})
+    )
     return path
 
 

@@ -75,6 +75,15 @@ def what_was_scored(cache: CacheData, run: TriageRun) -> None:
     )
     null = meta.get("null_cosine")
     m[4].metric("chance-level cosine", f"{null:.3g}" if isinstance(null, (int, float)) else "—")
+    if "via_overlap" in ranked and not ranked["via_overlap"].to_numpy().any():
+        st.info(
+            md(
+                f"No sample drives a harmful feature through a task feature here: the via-overlap part is 0 for all "
+                f"{len(ranked):,} ({meta.get('n_task_with_overlap', 0)} task features overlap a harmful one beyond "
+                "chance). So this ranking is by the direct part alone, how hard a sample drives the harmful features "
+                "themselves, and says nothing about the task-feature path the geometry proposes."
+            )
+        )
     st.caption(
         md(
             f"Dataset {meta.get('dataset', '?')} · scored in {meta.get('seconds', '?')} s · per-token scores kept "

@@ -342,12 +342,29 @@ def test_triage_page(synth_cache: Path, lab: LabFixture, monkeypatch: pytest.Mon
     assert any(lab_link.startswith(f"#{lab.harmful[0]} · harmful") for lab_link in links), links
     assert any(lab_link.startswith(f"#{lab.task} · task") for lab_link in links), links
     assert "mean over its trained" in all_text(at)
+    assert not any("part is 0 for all" in i.value for i in at.info)  # the fixture's samples have some
     # a sample from the URL; one without per-token scores says so and shows rank 1
     at = run_page("views/triage.py", synth_cache, monkeypatch, sample="10")
     assert at.selectbox(key="tr_sample").value == 10 and f"#{10}" in html_text(at)
     at = run_page("views/triage.py", synth_cache, monkeypatch, sample="5")
     assert at.selectbox(key="tr_sample").value == 1
     assert any("#5 is not among them" in i.value for i in at.info)
+
+
+def test_triage_without_the_task_path_says_its_ranking_is_direct_only(
+    synth_cache: Path, lab: LabFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache with no task feature overlapping a harmful one (the demo): every via-overlap part is 0, and
+    the page says the ranking is by the direct part alone."""
+    cache = tmp_path / "cache"
+    shutil.copytree(synth_cache, cache)
+    ranked = next((cache / "triage").glob("*/ranked.parquet"))
+    table = pd.read_parquet(ranked)
+    table.assign(via_overlap=0.0, score=table["direct"]).to_parquet(ranked, index=False)
+    at = run_page("views/triage.py", cache, monkeypatch)
+    assert not at.exception
+    said = [i.value for i in at.info if "part is 0 for all" in i.value]
+    assert len(said) == 1 and f"for all {len(table):,}" in said[0] and "direct part alone" in said[0]
 
 
 @pytest.mark.parametrize(

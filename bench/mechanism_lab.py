@@ -20,7 +20,8 @@ step whose output is complete, and a fine-tune resumes from its last checkpoint,
 lab resumes. Order: every seed's task and control (the main comparison), then the patch-backs.
 Wall time on 2 CPU cores at max_length 640: about 11 minutes per fine-tune on idle cores (35 on a
 shared machine) and 6 per eval-acts, so the default (3 seeds, 2 arms, 3 patch-back runs per seed)
-is 2.5-4 hours; on one GPU, minutes per run.
+is 2.5-4 hours; on one GPU, minutes per run. On a CPU shared with other jobs, run it with
+OMP_NUM_THREADS=1: two threads wait on the one whose core is taken (4x slower, bench/README.md).
 """
 
 from __future__ import annotations

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from precompute.data.corpus import CorpusSource
+from precompute.data.corpus import GROUPS, CorpusSource
 from precompute.data.split import (
     DEFAULT_SCORING_FRACTION,
     DOCUMENT_SPLIT_HELP,
     DOCUMENT_SPLITS,
     SCORING_FRACTION_HELP,
 )
+from precompute.errors import ConfigError
 from precompute.options import load_options, option, options_dict, require
 from precompute.pipeline.shard_codec import COMPRESSIONS, VALUE_TYPES
 
@@ -257,3 +258,14 @@ class RunConfig:
 
     def require(self, *names: str, step: str) -> None:
         require(self, *names, command=step)
+
+    def category_groups(self) -> tuple[str, ...]:
+        """`category_top_groups` as names; a misspelt group would silently keep no category tops."""
+        names = tuple(g.strip() for g in self.category_top_groups.split(",") if g.strip())
+        unknown = [g for g in names if g not in GROUPS]
+        if unknown:
+            raise ConfigError(
+                f"--category-top-groups names unknown group(s) {', '.join(map(repr, unknown))}; "
+                f"use corpus groups from {', '.join(GROUPS)}, comma-separated"
+            )
+        return names

@@ -107,7 +107,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         top_k_group=cfg.top_k_per_group,
         per_bin_group=cfg.per_bin_group,
         top_k_category=cfg.top_k_per_category,
-        category_groups=tuple(g.strip() for g in cfg.category_top_groups.split(",") if g.strip()),
+        category_groups=cfg.category_groups(),
     )
     agg = aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress)
     write_rates(staged, agg, n, cfg.hist_bins)

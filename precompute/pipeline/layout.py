@@ -67,7 +67,7 @@ def umap_layout(
         raise ValueError(f"directions has {X.shape[0]} rows but the kNN lists have {n}")
 
     import umap  # deferred: importing umap sets up numba, which most callers don't need
-    from threadpoolctl import threadpool_limits  # a scikit-learn dependency, hence umap-learn's
+    from threadpoolctl import threadpool_limits  # declared in pyproject (it also comes with scikit-learn)
 
     reducer = umap.UMAP(
         n_neighbors=nn,

@@ -77,6 +77,8 @@ def run_precompute(cfg: RunConfig, steps: tuple[str, ...] = tuple(STEPS)) -> Pat
         raise FeatureGeomError("`featuregeom precompute` needs at least one --corpus PATH[:GROUP[:CATEGORY]]")
     for name in steps:
         _step(name)
+    if "harvest" in steps:
+        cfg.category_groups()  # a misspelt group fails here, before any rank harvests
     out = Path(required(cfg.out, "out"))
     world = world_from_env()
     if world.parallel:

@@ -205,3 +205,19 @@ def test_category_top_examples_equal_a_brute_force_per_category_scan(built_cache
                 np.testing.assert_allclose(row.activations, dense[c][:, f], rtol=1e-5, atol=1e-5)
                 checked += 1
     assert checked > 100
+
+
+def test_a_misspelt_category_group_is_refused_before_the_harvest(
+    tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path
+):
+    from precompute.errors import ConfigError
+    from precompute.pipeline.run import run_precompute
+    from tests.precompute.pipeline.test_run import make_cfg
+
+    out = tmp_path / "c"
+    cfg = make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, out, category_top_groups="harmful, harmfull")
+    with pytest.raises(ConfigError, match="unknown group.*'harmfull'.*comma-separated"):
+        run_precompute(cfg, ("harvest",))
+    assert not out.exists()  # nothing written, nothing harvested
+    ok = make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, out, category_top_groups=" harmful ,control")
+    assert ok.category_groups() == ("harmful", "control")

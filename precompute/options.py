@@ -311,7 +311,19 @@ def load_options(cls: type[T], path: str | Path | None, overrides: dict[str, Any
         item = _item_class(by_name[key], hints[key])
         if item is not None:
             if value:
-                setattr(cfg, key, [item.parse(v) if isinstance(v, str) else v for v in value])
+                # a recorded config (`options_dict`) gives items back as dicts
+                setattr(
+                    cfg,
+                    key,
+                    [
+                        item.parse(v)
+                        if isinstance(v, str)
+                        else item.from_dict(v)
+                        if isinstance(v, dict)
+                        else v
+                        for v in value
+                    ],
+                )
             continue
         setattr(cfg, key, coerce_value(key, value, hints[key], " (command line)"))
     check_field_metadata(cfg)

@@ -29,6 +29,20 @@ def test_every_command_takes_a_config_file_and_is_registered_once():
         assert any(a.dest == "config" for a in sub._actions), f"{name} has no --config"
 
 
+def test_every_precompute_option_is_a_flag_of_precompute():
+    """The README names options as flags (`--shard-values`); one missing from the command line could only
+    be set in a TOML file."""
+    import dataclasses
+
+    from precompute.pipeline.commands import PrecomputeOptions
+
+    sub = _subparsers()["precompute"]
+    dests = {a.dest for a in sub._actions}
+    fields = {f.name for f in dataclasses.fields(PrecomputeOptions)}
+    assert fields - dests == set()
+    assert {"shard_values", "shard_compression", "shard_storage"} <= dests
+
+
 def test_no_default_is_written_twice_in_a_help_line():
     for name, sub in _subparsers().items():
         for action in sub._actions:

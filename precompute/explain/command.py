@@ -149,8 +149,8 @@ def run_explain(opts: ExplainOptions) -> int:
     from precompute.explain.detection import firing_contexts
     from precompute.pipeline.context import log
     from precompute.pipeline.features import merge_feature_columns
-    from precompute.pipeline.shards import list_shards
-    from precompute.schema import EXAMPLES, FEATURES, HARVEST_DIR
+    from precompute.pipeline.shard_source import stored_shard_refs
+    from precompute.schema import EXAMPLES, FEATURES
 
     if not opts.out:
         raise ConfigError("`featuregeom explain` needs --out CACHE (a cache built by featuregeom precompute)")
@@ -163,11 +163,8 @@ def run_explain(opts: ExplainOptions) -> int:
     bad = [f for f in chosen if not 0 <= f < n]
     if bad:
         raise ConfigError(f"feature ids {bad[:5]} are out of range: the cache has {n} features")
-    shards = list_shards(out / HARVEST_DIR)
-    if not shards:
-        raise ConfigError(
-            f"{out} has no harvest shards to tell where features never fire; rebuild it with precompute"
-        )
+    # where the chosen features never fire: the cache's shards, or the model's for one that keeps none
+    shards = stored_shard_refs(out)
     t0 = time.perf_counter()
     cache_model = (manifest.get("model") or {}).get("spec")
     explainer = make_model(opts.explainer, opts, cache_model)

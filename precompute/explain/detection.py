@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from precompute.explain.prompts import excerpt
-from precompute.pipeline.shards import Shard
+from precompute.pipeline.shards import Shard, ShardRef
 
 
 @dataclass
@@ -35,7 +34,7 @@ class FeatureTexts:
 
 
 def firing_contexts(
-    shard_paths: Sequence[Path], features: Sequence[int], n_features: int
+    shard_paths: Sequence[ShardRef], features: Sequence[int], n_features: int
 ) -> dict[int, set[int]]:
     """For each feature, every context in which it fires on at least one counted token."""
     out: dict[int, set[int]] = {int(f): set() for f in features}

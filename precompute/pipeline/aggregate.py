@@ -5,13 +5,13 @@ order-independent."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from precompute.pipeline.shards import Shard
+from precompute.pipeline.shards import Shard, ShardRef
 
 
 def _stable_key(seed: int, feature: np.ndarray, context: np.ndarray) -> np.ndarray:
@@ -83,7 +83,7 @@ class AggregateParams:
 
 
 def aggregate(
-    shard_paths: list[Path],
+    shard_paths: Sequence[ShardRef],
     n_features: int,
     doc_group: np.ndarray,
     doc_category: np.ndarray,

@@ -34,6 +34,9 @@ _HARVEST = (
     "per_bin_group",
     "hist_bins",
     "batches_per_shard",
+    "shard_values",
+    "shard_compression",
+    "shard_storage",
     "outlier_norm_factor",
 )
 _GEOMETRY = ("neighbors", "null_fpr", "null_samples", "knn_backend", "umap_neighbors", "umap_min_dist")

@@ -19,6 +19,9 @@ from precompute.errors import ConfigError
 from precompute.options import load_options, option, options_dict, require
 from precompute.pipeline.shard_codec import COMPRESSIONS, VALUE_TYPES
 
+# where a harvest's per-token activations live (precompute.pipeline.shard_source)
+SHARD_STORAGE = ("disk", "recompute")
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_HELP = (
@@ -88,6 +91,14 @@ class RunConfig:
         choices=COMPRESSIONS,
         help="compress activation shards (zlib level 1, ~8 µs/token of CPU); none for a GPU harvest that "
         "outruns it",
+    )
+    shard_storage: str = option(
+        "disk",
+        choices=SHARD_STORAGE,
+        help="disk: keep the activation shards in the cache (~165 bytes a token), so later steps rerun "
+        "without the model; recompute: keep none (bounded disk for corpora whose shards would not fit): "
+        "every step that reads a shard runs the model over its batches again (5 model passes in a full run; "
+        "scores, overlaps and explain on the cache then need the model, the SAE and the corpus)",
     )
     outlier_norm_factor: float = option(
         10.0,

@@ -70,6 +70,8 @@ class RunContext:
         self._fingerprint: str | None = None
         # under torchrun, on rank 0: each rank's harvest timings, for params/harvest.json
         self.rank_timings: list[dict[str, Any]] | None = None
+        # a cache that keeps no shards: the run's shard_source.RecomputedShards, shared by its steps
+        self.recomputed: Any = None
 
     @property
     def model(self) -> LoadedModel:

@@ -28,13 +28,8 @@ from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log
 from precompute.pipeline.distributed import World
 from precompute.pipeline.features import merge_feature_columns
-from precompute.pipeline.shard_codec import CodecParams
-from precompute.pipeline.shards import (
-    HarvestParams,
-    context_feature_activations,
-    harvest_shards,
-    list_shards,
-)
+from precompute.pipeline.shard_source import RECOMPUTE, harvest_params, recomputed_shards
+from precompute.pipeline.shards import ShardRef, context_feature_activations, harvest_shards, list_shards
 from precompute.schema import CATEGORY_RATES, CONTEXTS, DOCUMENTS, EXAMPLES, HARVEST_DIR, HISTOGRAMS, TABLES
 
 # The options that shape the harvest, recorded in params/harvest.json.
@@ -46,6 +41,7 @@ PARAMS = (
     "batches_per_shard",
     "shard_values",
     "shard_compression",
+    "shard_storage",
     "outlier_norm_factor",
     "top_k_examples",
     "top_k_per_group",
@@ -71,27 +67,37 @@ CATEGORY_TOP = "category_top"
 def write_shards(ctx: RunContext, world: World = World()) -> dict[str, Any]:
     """Phase 1: the activation shards of this run (the ones `world` owns) into ctx.work_dir, resuming."""
     cfg, lm, sae = ctx.cfg, ctx.model, ctx.sae
-    hook = resolve_hook(lm.model, ctx.hook)
     sae.to(lm.device)
-    hp = HarvestParams(
-        batch_size=cfg.batch_size,
-        batches_per_shard=cfg.batches_per_shard,
-        outlier_norm_factor=cfg.outlier_norm_factor or None,
-        codec=CodecParams(cfg.shard_values, cfg.shard_compression),
-    )
-    reader = HookReader(lm.model, hook)
+    reader = HookReader(lm.model, resolve_hook(lm.model, ctx.hook))
     return harvest_shards(
-        ctx.plan, reader, sae, lm.tokenizer, ctx.work_dir, hp, lm.device, progress=cfg.progress, world=world
+        ctx.plan,
+        reader,
+        sae,
+        lm.tokenizer,
+        ctx.work_dir,
+        harvest_params(cfg),
+        lm.device,
+        progress=cfg.progress,
+        world=world,
     )
+
+
+def _shards(ctx: RunContext) -> tuple[list[ShardRef], dict[str, Any]]:
+    """The run's shards and the harvest's timings: written to the work directory (resuming), or, with
+    `shard_storage = "recompute"`, none written (each read runs the model again: shard_source)."""
+    if ctx.cfg.shard_storage == RECOMPUTE:
+        source = recomputed_shards(ctx)
+        return list(source.refs()), {"shard_storage": RECOMPUTE, "shards": source.computer.n_shards}
+    prepare_work_dir(ctx.work_dir, ctx.fingerprint)
+    timings = write_shards(ctx)
+    return list(list_shards(ctx.work_dir)), timings
 
 
 def run(ctx: RunContext, staged: StagedCache) -> None:
     start = time.perf_counter()
     cfg, lm, sae, plan = ctx.cfg, ctx.model, ctx.sae, ctx.plan
     hook = resolve_hook(lm.model, ctx.hook)
-    prepare_work_dir(ctx.work_dir, ctx.fingerprint)
-    timings = write_shards(ctx)
-    shards = list_shards(ctx.work_dir)
+    shards, timings = _shards(ctx)
     n = sae.d_sae
 
     lengths = write_contexts(staged, plan)
@@ -118,9 +124,13 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     acts = context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
     write_examples(staged, plan, selections, acts, doc_group, doc_category, lm.tokenizer)
 
-    # move the shards into the cache: scores and overlaps rerun from them without the model
+    # move the shards into the cache: scores and overlaps rerun from them without the model. An earlier
+    # harvest's shards go first: other batch options (or recompute) would leave stale ones beside these.
+    for stale in list_shards(staged.dir / HARVEST_DIR):
+        stale.unlink()
     for shard in shards:
-        shutil.copyfile(shard, staged.path(f"{HARVEST_DIR}/{shard.name}"))
+        if isinstance(shard, Path):
+            shutil.copyfile(shard, staged.path(f"{HARVEST_DIR}/{shard.name}"))
     timings.update(total_tokens=int(max(1, agg["total_tokens"])), seconds=time.perf_counter() - start)
     if ctx.rank_timings is not None and len(ctx.rank_timings) > 1:
         timings["ranks"] = ctx.rank_timings  # rank 0's own pass above found every shard written

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,8 @@ from precompute.cache import StagedCache
 from precompute.pipeline.context import RunContext
 from precompute.pipeline.features import scored_features_and_neighbors
 from precompute.pipeline.null import cosine_percentile
-from precompute.pipeline.shards import Shard, cache_shards
+from precompute.pipeline.shard_source import cache_shard_refs
+from precompute.pipeline.shards import Shard, ShardRef
 from precompute.schema import OVERLAPS
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,9 @@ def _binary_columns(shard: Shard, lookup: np.ndarray, n_cols: int) -> sparse.csr
     return m
 
 
-def coactivation(shard_paths: Sequence[Path], pairs: np.ndarray, n_features: int) -> dict[str, np.ndarray]:
+def coactivation(
+    shard_paths: Sequence[ShardRef], pairs: np.ndarray, n_features: int
+) -> dict[str, np.ndarray]:
     """Token-level co-firing of (task, harmful) feature pairs over the harvest shards.
 
     A feature "fires" on a token when its SAE activation is > 0. Each shard's CSR matrix is
@@ -88,7 +90,7 @@ def coactivation(shard_paths: Sequence[Path], pairs: np.ndarray, n_features: int
     h_count = np.zeros(len(h_feats), np.int64)
     if m:
         for path in shard_paths:
-            shard = Shard.load(Path(path))
+            shard = Shard.load(path)
             if shard.n_rows == 0:
                 continue
             T = _binary_columns(shard, t_lookup, len(t_feats))
@@ -128,7 +130,7 @@ def find_overlaps(
     cosine: np.ndarray,
     z_isotropic: np.ndarray,
     null_cosine: float,
-    shard_paths: Sequence[Path],
+    shard_paths: Sequence[ShardRef],
     n_task: int = 50,
     min_cosine: float | None = None,
 ) -> pd.DataFrame:
@@ -265,7 +267,9 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     features, z = scored_features_and_neighbors(staged)
     indices, cosine, zs = z["indices"], z["cosine"], z["z_isotropic"]
     null, kind = float(z["null_cosine"]), str(z["null_kind"])
-    table = find_overlaps(features, indices, cosine, zs, null, cache_shards(staged), n_task=ctx.cfg.n_task)
+    table = find_overlaps(
+        features, indices, cosine, zs, null, cache_shard_refs(staged, ctx), n_task=ctx.cfg.n_task
+    )
     table.to_parquet(staged.path(OVERLAPS), index=False)
     staged.record_step(
         "overlaps",

@@ -23,6 +23,7 @@ from precompute.pipeline.distributed import World, barrier, gather_to_main, star
 from precompute.pipeline.geometry import check_sizes
 from precompute.pipeline.harvest import prepare_work_dir, write_shards
 from precompute.pipeline.scores import check_corpus_groups
+from precompute.pipeline.shard_source import RECOMPUTE, keeps_no_shards
 from precompute.pipeline.shards import list_shards
 from precompute.pipeline.steps import CORPUS, MODEL, STEPS, Step
 from precompute.provenance import library_versions
@@ -93,6 +94,11 @@ def _run_parallel(cfg: RunConfig, steps: tuple[str, ...], out: Path, world: Worl
         raise ConfigError(
             "under torchrun only the harvest runs in parallel: launch `featuregeom precompute` or "
             "`featuregeom harvest` with torchrun, and the other steps as one process"
+        )
+    if cfg.shard_storage == RECOMPUTE:
+        raise ConfigError(
+            "--shard-storage recompute runs in one process (its steps rerun the model over each shard); under "
+            "torchrun each rank writes its shards to disk: drop one or the other"
         )
     start(world, cfg.device)
     try:
@@ -217,6 +223,7 @@ def _run_precompute_locked(
                 if step.name in steps:
                     step.run(ctx, staged)
             staged.manifest["timings"]["total"] = round(time.perf_counter() - t0, 3)
+            _record_recomputation(ctx, staged)
             staged.commit()
     except BaseException:
         _keep_work_only_if_resumable(work)
@@ -224,6 +231,20 @@ def _run_precompute_locked(
     shutil.rmtree(work, ignore_errors=True)
     log(f"cache written to {out} in {time.perf_counter() - t0:.1f}s")
     return out
+
+
+def _record_recomputation(ctx: RunContext, staged: cache_io.StagedCache) -> None:
+    """For a cache that keeps no shards: how many model passes this run's steps took to recompute them."""
+    if ctx.recomputed is not None:
+        summary = ctx.recomputed.summary()
+        staged.manifest["timings"]["recompute_model_passes"] = summary["model_passes"]
+        staged.manifest["timings"]["recompute_s"] = summary["seconds"]
+        log(
+            f"shards computed again from the model: {summary['model_passes']} passes, {summary['seconds']:.1f}s"
+        )
+    elif keeps_no_shards(staged.manifest):  # this run read no shard: no pass
+        staged.manifest["timings"]["recompute_model_passes"] = 0.0
+        staged.manifest["timings"]["recompute_s"] = 0.0
 
 
 # ------------------------------------------------------------------------------ one step on a cache
@@ -258,6 +279,7 @@ def _run_step_locked(step: Step, cfg: RunConfig, out: Path) -> Path:
     with cache_io.stage(out, fresh=fresh, base_manifest=base) as staged:
         step.run(ctx, staged)
         staged.manifest.setdefault("timings", {})
+        _record_recomputation(ctx, staged)
         staged.commit()
     log(f"{step.name} done on {out} in {time.perf_counter() - t0:.1f}s")
     return out

@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,8 @@ from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.heldout import HeldoutCriterion
 from precompute.pipeline.logit_lens import logit_lens_values, model_unembedding
 from precompute.pipeline.neuronpedia import import_neuronpedia
-from precompute.pipeline.shards import cache_shards
+from precompute.pipeline.shard_source import cache_shard_refs
+from precompute.pipeline.shards import ShardRef
 from precompute.pipeline.windows import Windowed, token_texts, windowed_values
 from precompute.schema import CONTEXTS, DOCUMENTS, EXAMPLES, FEATURES
 
@@ -157,7 +157,7 @@ class WindowedScores:
 
 
 def windowed_scores(
-    shard_paths: Sequence[Path],
+    shard_paths: Sequence[ShardRef],
     doc_group: np.ndarray,
     doc_category: np.ndarray,
     n_features: int,
@@ -240,7 +240,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     doc_group, doc_category, _ = harvested_documents(docs)
     doc_category_source, doc_heldout = heldout_documents(docs, len(doc_group))
     scores = windowed_scores(
-        cache_shards(staged), doc_group, doc_category, n, cfg, doc_category_source, doc_heldout
+        cache_shard_refs(staged, ctx), doc_group, doc_category, n, cfg, doc_category_source, doc_heldout
     )
     table = scores.table
     table.insert(0, "feature", np.arange(n, dtype=np.int64))

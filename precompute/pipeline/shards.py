@@ -20,10 +20,11 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,21 +32,29 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from precompute.atomic import write_atomic
-from precompute.cache import StagedCache
+from precompute.data.corpus import Context
 from precompute.data.plan import CorpusPlan
-from precompute.errors import CacheError
 from precompute.model.activations import iter_activations
 from precompute.model.hooks import HookReader
 from precompute.pipeline.distributed import World
 from precompute.pipeline.shard_codec import CodecParams, CodecStats, decode, encode, is_compact
 from precompute.sae.base import SAE
-from precompute.schema import HARVEST_DIR
 
 SHARD_GLOB = "shard-*.npz"
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
+
+
+class ComputedShard(Protocol):
+    """A shard no file holds: its arrays are computed when read (precompute.pipeline.shard_source)."""
+
+    def arrays(self, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]: ...
+
+
+# What the steps read shards through: a file, or a shard computed again from the model.
+ShardRef = Path | ComputedShard
 
 
 def _save_shard(path: Path, arrays: dict[str, Any], codec: CodecParams) -> CodecStats:
@@ -65,8 +74,11 @@ def _save_shard(path: Path, arrays: dict[str, Any], codec: CodecParams) -> Codec
     return stats
 
 
-def load_arrays(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """A shard's format-1 arrays (all, or `names`), whichever format it is stored in."""
+def load_arrays(path: ShardRef, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """A shard's format-1 arrays (all, or `names`), whichever format it is stored in, or computed
+    again when no file holds it."""
+    if not isinstance(path, (str, Path)):
+        return path.arrays(names)
     with np.load(path) as z:
         if is_compact(z.files):
             return decode(z, names)
@@ -80,6 +92,104 @@ class HarvestParams:
     exclude_first: bool = True
     outlier_norm_factor: float | None = 10.0
     codec: CodecParams = field(default_factory=CodecParams)
+
+
+@dataclass
+class ShardComputer:
+    """One shard's format-1 arrays, computed from the model and the SAE. The harvest writes them; a
+    cache that keeps no shards (`shard_storage = "recompute"`) calls it again whenever a step reads
+    that shard. A shard depends only on its own batches, so computing it alone gives what the harvest
+    gave."""
+
+    batches: list[list[Context]]
+    reader: HookReader
+    sae: SAE
+    device: torch.device
+    params: HarvestParams
+    pad_id: int
+    skip_ids: set[int]
+
+    @classmethod
+    def build(
+        cls,
+        plan: CorpusPlan,
+        reader: HookReader,
+        sae: SAE,
+        tokenizer: Any,
+        params: HarvestParams,
+        device: torch.device,
+    ) -> ShardComputer:
+        skip_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(plan.batches(params.batch_size), reader, sae, device, params, pad_id, skip_ids)
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.batches) + self.params.batches_per_shard - 1) // self.params.batches_per_shard
+
+    def batch_range(self, index: int) -> tuple[int, int]:
+        per = self.params.batches_per_shard
+        return index * per, min(len(self.batches), (index + 1) * per)
+
+    def tokens(self, index: int) -> int:
+        first, last = self.batch_range(index)
+        return sum(len(c.token_ids) for b in self.batches[first:last] for c in b)
+
+    @torch.no_grad()
+    def compute(
+        self, index: int, timings: dict[str, Any] | None = None, on_tokens: Callable[[int], Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Shard `index`'s arrays; `timings` (model_s, sae_s, tokens) is added to, `on_tokens` told
+        each batch's token count (a progress bar)."""
+        first, last = self.batch_range(index)
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("context_id", "position", "token_id", "doc_id")}
+        feats: list[np.ndarray] = []
+        vals: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        stream = iter_activations(
+            self.reader,
+            self.batches[:last],
+            self.pad_id,
+            self.skip_ids,
+            self.device,
+            start_batch=first,
+            exclude_first=self.params.exclude_first,
+            outlier_norm_factor=self.params.outlier_norm_factor,
+        )
+        sae = self.sae
+        while True:
+            t0 = time.perf_counter()
+            batch = next(stream, None)
+            t1 = time.perf_counter()
+            if batch is None:
+                break
+            idx, val = sae.encode_sparse(batch.acts.to(sae.W_enc.device))
+            keep = val > 0
+            counts.append(keep.sum(dim=1).cpu().numpy().astype(np.int64))
+            # Row-major order of a boolean mask keeps each token's features together (CSR).
+            feats.append(idx[keep].to(torch.int32).cpu().numpy())
+            vals.append(val[keep].float().cpu().numpy())
+            for key in parts:
+                parts[key].append(getattr(batch, key))
+            n_tokens = sum(len(c.token_ids) for c in batch.contexts)
+            if timings is not None:
+                timings["model_s"] += t1 - t0
+                timings["sae_s"] += time.perf_counter() - t1
+                timings["tokens"] += n_tokens
+            if on_tokens is not None:
+                on_tokens(n_tokens)
+        row_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        indptr = np.zeros(len(row_counts) + 1, dtype=np.int64)
+        np.cumsum(row_counts, out=indptr[1:])
+        return {
+            **{
+                k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32)
+                for k, v in parts.items()
+            },
+            "indptr": indptr,
+            "feature": np.concatenate(feats) if feats else np.zeros(0, np.int32),
+            "value": np.concatenate(vals) if vals else np.zeros(0, np.float32),
+        }
 
 
 def harvest_shards(
@@ -96,21 +206,11 @@ def harvest_shards(
     """Write activation shards into `work_dir`, skipping those already there (a killed run resumes).
     Under torchrun only the shards `world` owns (precompute.pipeline.distributed)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    batches = plan.batches(params.batch_size)
-    n_shards = (len(batches) + params.batches_per_shard - 1) // params.batches_per_shard
+    computer = ShardComputer.build(plan, reader, sae, tokenizer, params, device)
+    n_shards = computer.n_shards
     todo = [i for i in range(n_shards) if world.owns(i) and not (work_dir / shard_name(i)).is_file()]
-    skip_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def shard_tokens(i: int) -> int:
-        return sum(
-            len(c.token_ids)
-            for b in batches[i * params.batches_per_shard : (i + 1) * params.batches_per_shard]
-            for c in b
-        )
-
     bar = tqdm(
-        total=sum(shard_tokens(i) for i in todo),
+        total=sum(computer.tokens(i) for i in todo),
         unit="tok",
         unit_scale=True,
         desc="harvest" if not world.parallel else f"harvest (rank {world.rank}/{world.size})",
@@ -123,65 +223,12 @@ def harvest_shards(
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fg-shard-writer")
     pending: Future[CodecStats] | None = None
     for shard in todo:
-        first, last = (
-            shard * params.batches_per_shard,
-            min(len(batches), (shard + 1) * params.batches_per_shard),
-        )
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("context_id", "position", "token_id", "doc_id")}
-        feats: list[np.ndarray] = []
-        vals: list[np.ndarray] = []
-        counts: list[np.ndarray] = []
-        stream = iter_activations(
-            reader,
-            batches[:last],
-            pad_id,
-            skip_ids,
-            device,
-            start_batch=first,
-            exclude_first=params.exclude_first,
-            outlier_norm_factor=params.outlier_norm_factor,
-        )
-        while True:
-            t0 = time.perf_counter()
-            batch = next(stream, None)
-            t1 = time.perf_counter()
-            if batch is None:
-                break
-            idx, val = sae.encode_sparse(batch.acts.to(sae.W_enc.device))
-            keep = val > 0
-            counts.append(keep.sum(dim=1).cpu().numpy().astype(np.int64))
-            # Row-major order of a boolean mask keeps each token's features together (CSR).
-            feats.append(idx[keep].to(torch.int32).cpu().numpy())
-            vals.append(val[keep].float().cpu().numpy())
-            for key in parts:
-                parts[key].append(getattr(batch, key))
-            t2 = time.perf_counter()
-            timings["model_s"] += t1 - t0
-            timings["sae_s"] += t2 - t1
-            n_tokens = sum(len(c.token_ids) for c in batch.contexts)
-            timings["tokens"] += n_tokens
-            bar.update(n_tokens)
-        row_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-        indptr = np.zeros(len(row_counts) + 1, dtype=np.int64)
-        np.cumsum(row_counts, out=indptr[1:])
+        arrays = computer.compute(shard, timings, bar.update)
         if pending is not None:  # at most one shard in flight: memory stays one shard's worth
             t3 = time.perf_counter()
             written.add(pending.result())
             timings["write_wait_s"] += time.perf_counter() - t3
-        pending = writer.submit(
-            _save_shard,
-            work_dir / shard_name(shard),
-            {
-                **{
-                    k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32)
-                    for k, v in parts.items()
-                },
-                "indptr": indptr,
-                "feature": np.concatenate(feats) if feats else np.zeros(0, np.int32),
-                "value": np.concatenate(vals) if vals else np.zeros(0, np.float32),
-            },
-            params.codec,
-        )
+        pending = writer.submit(_save_shard, work_dir / shard_name(shard), arrays, params.codec)
     if pending is not None:
         written.add(pending.result())
     writer.shutdown()
@@ -202,16 +249,6 @@ def list_shards(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob(SHARD_GLOB))
 
 
-def cache_shards(staged: StagedCache) -> list[Path]:
-    """The harvest shards a cache carries; scores and overlaps are computed from them."""
-    shards = list_shards(staged.dir / HARVEST_DIR)
-    if not shards:
-        raise CacheError(
-            f"{staged.target} has no harvest shards; run `featuregeom harvest` (or precompute) first"
-        )
-    return shards
-
-
 @dataclass
 class Shard:
     context_id: np.ndarray
@@ -223,7 +260,7 @@ class Shard:
     value: np.ndarray
 
     @classmethod
-    def load(cls, path: Path) -> Shard:
+    def load(cls, path: ShardRef) -> Shard:
         return cls(**load_arrays(path))
 
     @property
@@ -238,7 +275,7 @@ class Shard:
 
 
 def context_feature_activations(
-    shard_paths: list[Path],
+    shard_paths: Sequence[ShardRef],
     requests: dict[int, list[int]],
     n_features: int,
     context_lengths: dict[int, int],
@@ -271,7 +308,7 @@ def context_feature_activations(
 
 
 def doc_feature_max(
-    shard_paths: list[Path], n_features: int, progress: bool = True
+    shard_paths: Sequence[ShardRef], n_features: int, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse per-document max activation: (doc, feature, value) triples, sorted by (feature, doc)."""
     docs_all, feats_all, vals_all = [], [], []

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from precompute.pipeline.shards import Shard, load_arrays
+from precompute.pipeline.shards import Shard, ShardRef, load_arrays
 
 SHARED_GROUPS = ("task", "control", "harmful", "benign")
 _META = ("doc_id", "context_id", "position", "token_id")
@@ -48,7 +48,7 @@ class TokenRows:
     shard_offsets: np.ndarray  # int64 [n_shards + 1]: shard i is rows offsets[i]:offsets[i+1]
 
 
-def read_token_rows(shard_paths: Sequence[Path]) -> TokenRows:
+def read_token_rows(shard_paths: Sequence[ShardRef]) -> TokenRows:
     parts: dict[str, list[np.ndarray]] = {k: [] for k in _META}
     sizes = [0]
     for path in shard_paths:
@@ -154,7 +154,7 @@ def _max_per_pair(
 
 
 def window_feature_max(
-    shard_paths: Sequence[Path],
+    shard_paths: Sequence[ShardRef],
     selections: Sequence[np.ndarray],
     shard_offsets: np.ndarray,
     progress: bool = True,
@@ -204,7 +204,7 @@ class Windowed:
 
 
 def windowed_values(
-    shard_paths: Sequence[Path],
+    shard_paths: Sequence[ShardRef],
     doc_group: np.ndarray,
     windows: Sequence[int],
     shared_fraction: float,

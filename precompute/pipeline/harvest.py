@@ -24,6 +24,14 @@ from precompute.data.split import document_hash
 from precompute.data.taxonomy import unify
 from precompute.model.hooks import HookReader, resolve_hook
 from precompute.pipeline.aggregate import AggregateParams, aggregate
+from precompute.pipeline.checkpoint import (
+    activations_from_state,
+    activations_state,
+    aggregate_from_state,
+    aggregate_state,
+    key_of,
+    resume_or_run,
+)
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log
 from precompute.pipeline.distributed import World
@@ -86,6 +94,7 @@ def _shards(ctx: RunContext) -> tuple[list[ShardRef], dict[str, Any]]:
     """The run's shards and the harvest's timings: written to the work directory (resuming), or, with
     `shard_storage = "recompute"`, none written (each read runs the model again: shard_source)."""
     if ctx.cfg.shard_storage == RECOMPUTE:
+        prepare_work_dir(ctx.work_dir, ctx.fingerprint)  # for the checkpoints, not for shards
         source = recomputed_shards(ctx)
         return list(source.refs()), {"shard_storage": RECOMPUTE, "shards": source.computer.n_shards}
     prepare_work_dir(ctx.work_dir, ctx.fingerprint)
@@ -115,13 +124,29 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         top_k_category=cfg.top_k_per_category,
         category_groups=cfg.category_groups(),
     )
-    agg = aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress)
+    # a bounded-disk run checkpoints what its model passes found, so a rerun after a kill goes on from there
+    checkpoints = ctx.work_dir if cfg.shard_storage == RECOMPUTE else None
+    agg = resume_or_run(
+        checkpoints,
+        "aggregate",
+        key_of(ap.__dict__, n),
+        lambda: aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress),
+        aggregate_state,
+        aggregate_from_state,
+    )
     write_rates(staged, agg, n, cfg.hist_bins)
     selections, requests = select_examples(agg, n, cfg.quantile_bins)
     selections += select_group_examples(agg, requests)
     selections += select_category_examples(agg, requests)
     context_lengths = {c: int(lengths[c]) for c in requests}
-    acts = context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
+    acts = resume_or_run(
+        checkpoints,
+        "examples",
+        key_of(sorted((c, sorted(f)) for c, f in requests.items())),
+        lambda: context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress),
+        activations_state,
+        activations_from_state,
+    )
     write_examples(staged, plan, selections, acts, doc_group, doc_category, lm.tokenizer)
 
     # move the shards into the cache: scores and overlaps rerun from them without the model. An earlier
@@ -152,7 +177,7 @@ def prepare_work_dir(work_dir: Path, fingerprint: str) -> None:
         if previous.get("fingerprint") != fingerprint:
             log(f"{work_dir} holds shards of a different run; starting clean")
             shutil.rmtree(work_dir)
-        else:
+        elif list_shards(work_dir):
             log(f"resuming from {len(list_shards(work_dir))} finished shards in {work_dir}")
     work_dir.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({"fingerprint": fingerprint}))

@@ -17,6 +17,7 @@ from precompute.data.plan import CorpusPlan
 from precompute.data.split import document_hash, sae_training_overlap, split_record
 from precompute.errors import CacheError, ConfigError, FeatureGeomError
 from precompute.model.hooks import resolve_hook
+from precompute.pipeline.checkpoint import has_checkpoints
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log, required
 from precompute.pipeline.distributed import World, barrier, gather_to_main, start, stop, world_from_env
@@ -59,6 +60,11 @@ def _keep_work_only_if_resumable(work: Path) -> None:
     if list_shards(work):
         log(
             f"kept {len(list_shards(work))} finished harvest shards in {work}: rerun the same command to resume, "
+            f"or delete {work} to start clean"
+        )
+    elif has_checkpoints(work):
+        log(
+            f"kept the checkpoints of the finished model passes in {work}: rerun the same command to resume, "
             f"or delete {work} to start clean"
         )
     else:

@@ -215,3 +215,67 @@ def test_the_command_line_builds_a_bounded_cache_its_steps_rerun_on(
     assert cli_main(["scores", "--out", str(out), "--no-progress"]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(out / "features.parquet"), before)
     assert not list_shards(out / "harvest")
+
+
+def test_a_killed_bounded_run_resumes_from_its_checkpoints(
+    pair, tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, monkeypatch, capsys
+) -> None:
+    """Killed after the aggregation's two passes: the rerun takes them from the work folder's checkpoint
+    (the aggregation cannot run again here) and writes the cache the uninterrupted run wrote."""
+    from precompute.pipeline import harvest
+
+    _, bounded = pair
+    out = tmp_path / "bounded"
+    cfg = make_cfg(
+        tiny_model_dir, tiny_sae_dir, tiny_corpus, out, shard_storage="recompute", batches_per_shard=2
+    )
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(harvest, "context_feature_activations", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_precompute(cfg)
+    work = tmp_path / "bounded.work"
+    assert not out.exists() and sorted(p.name for p in work.iterdir()) == [
+        "aggregate.json",
+        "aggregate.npz",
+        "run.json",
+    ]
+    assert "kept the checkpoints of the finished model passes" in capsys.readouterr().out
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the aggregation ran again")
+
+    with monkeypatch.context() as m:
+        m.setattr(harvest, "aggregate", must_not_run)
+        run_precompute(cfg)
+    assert "aggregate from its checkpoint" in capsys.readouterr().out
+    assert _files(out) == _files(bounded) and not work.exists()
+
+
+def test_a_checkpoint_of_other_options_is_not_used(
+    tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, monkeypatch, capsys
+) -> None:
+    from precompute.pipeline import harvest
+
+    out = tmp_path / "c"
+
+    def cfg(top_k: int):
+        return make_cfg(
+            tiny_model_dir, tiny_sae_dir, tiny_corpus, out, shard_storage="recompute", top_k_examples=top_k
+        )
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(harvest, "context_feature_activations", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_precompute(cfg(5), ("harvest",))
+    capsys.readouterr()
+    run_precompute(cfg(3), ("harvest",))  # the aggregate keeps another number of top examples
+    assert "from its checkpoint" not in capsys.readouterr().out
+    examples = pd.read_parquet(out / "examples.parquet")
+    assert examples[examples["kind"] == "top"]["rank"].max() == 2

@@ -1,0 +1,122 @@
+"""Checkpoints of a bounded-disk harvest (`shard_storage = "recompute"`), so that a killed run does not
+pay again for the model passes it finished: the aggregation's state after its two passes, and the
+examples' activations after theirs, each saved in the run's work folder beside `run.json` (whose
+fingerprint says which harvest they belong to) and used again only when the options that shaped them
+are the same (`key`).
+
+A checkpoint is `<name>.npz` (its arrays) and `<name>.json` (its other values, JSON, and its key),
+written in that order, each atomically: the JSON's presence says the checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from precompute.atomic import write_atomic
+from precompute.pipeline.context import log
+
+T = TypeVar("T")
+ARRAYS, VALUES = ".npz", ".json"
+
+
+def key_of(*parts: Any) -> str:
+    """A digest of the options (and inputs) a checkpointed result depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_state(path: Path, state: dict[str, Any], key: str) -> None:
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    values = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+
+    def write_arrays(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+
+    write_atomic(path.with_suffix(ARRAYS), write_arrays)
+    payload = json.dumps({"key": key, "values": values})
+    write_atomic(path.with_suffix(VALUES), lambda tmp: tmp.write_text(payload))
+
+
+def load_state(path: Path, key: str) -> dict[str, Any] | None:
+    """The state saved under `key`, or None (absent, incomplete, or saved under other options)."""
+    values_file, arrays_file = path.with_suffix(VALUES), path.with_suffix(ARRAYS)
+    if not values_file.is_file() or not arrays_file.is_file():
+        return None
+    record = json.loads(values_file.read_text())
+    if record.get("key") != key:
+        return None
+    with np.load(arrays_file, allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    state.update(record["values"])
+    return state
+
+
+def resume_or_run(
+    work_dir: Path | None,
+    name: str,
+    key: str,
+    compute: Callable[[], T],
+    to_state: Callable[[T], dict[str, Any]],
+    from_state: Callable[[dict[str, Any]], T],
+) -> T:
+    """`compute()`, or its checkpoint from an earlier run of the same harvest; `work_dir` None: no
+    checkpoint (a disk harvest resumes from its shards instead)."""
+    if work_dir is None:
+        return compute()
+    path = work_dir / name
+    state = load_state(path, key)
+    if state is not None:
+        log(f"resuming: {name} from its checkpoint in {work_dir} (its model passes are not run again)")
+        return from_state(state)
+    result = compute()
+    save_state(path, to_state(result), key)
+    return result
+
+
+def has_checkpoints(work_dir: Path) -> bool:
+    return any(work_dir.glob("*" + VALUES))
+
+
+# ---------------------------------------------------------------- the two states the harvest saves
+def aggregate_state(agg: dict[str, Any]) -> dict[str, Any]:
+    """`aggregate`'s result as a state: its arrays, and its lists and counts as JSON."""
+    return {k: (v if isinstance(v, np.ndarray) else _plain(v)) for k, v in agg.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def aggregate_from_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `aggregate_state`: (group, category) pairs are tuples again, as `aggregate` made them."""
+    out = dict(state)
+    for key in ("categories", "ctop_categories"):
+        out[key] = [tuple(pair) for pair in state[key]]
+    return out
+
+
+def activations_state(acts: dict[tuple[int, int], np.ndarray]) -> dict[str, Any]:
+    """Per-(context, feature) activation arrays of varying length, as three flat arrays."""
+    keys = sorted(acts)
+    lengths = np.array([len(acts[k]) for k in keys], np.int64)
+    offsets = np.zeros(len(keys) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([acts[k] for k in keys]) if keys else np.zeros(0, np.float32)
+    return {"keys": np.array(keys, np.int64).reshape(-1, 2), "offsets": offsets, "values": values}
+
+
+def activations_from_state(state: dict[str, Any]) -> dict[tuple[int, int], np.ndarray]:
+    keys, offsets, values = state["keys"], state["offsets"], state["values"]
+    return {(int(c), int(f)): values[offsets[i] : offsets[i + 1]] for i, (c, f) in enumerate(keys.tolist())}

@@ -91,8 +91,8 @@ def is_cache_root() -> bool:
 def _load(path: str, updated: str) -> CacheData:
     """One CacheData per (cache path, manifest 'updated'), shared by every session."""
     cache = load_cache(path)
-    # build the example-text search index in the background, so the first text search is quick
-    threading.Thread(target=cache.search_index, name="fg-search-index", daemon=True).start()
+    # build the search's arrays and example-text index in the background, so the first search is quick
+    threading.Thread(target=cache.prepare_search, name="fg-search-index", daemon=True).start()
     return cache
 
 

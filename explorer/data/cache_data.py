@@ -9,9 +9,11 @@ of a Python list. Nothing here depends on Streamlit: plain data in, data out, un
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -23,10 +25,15 @@ from explorer.data.search import (
     SearchCache,
     SearchIndex,
     build_index,
+    dense_threshold,
+    digit_rows,
     label_text,
     rank_features,
     snippet_html,
 )
+
+T = TypeVar("T")
+DERIVED_KEEP = 16  # derived values kept per cache (CacheData.derived): the map's layers are 5 per max_points
 
 
 @dataclass(frozen=True)
@@ -72,9 +79,12 @@ class CacheData:
     _cr_offsets: np.ndarray | None = None
     _search_text: pa.Array | None = None
     _index: SearchIndex | None = None
-    _labels: pa.Array | None = None
+    _prep: tuple[pa.Array, pa.Array, tuple[np.ndarray, np.ndarray], float] | None = None
+    _prep_lock: threading.Lock = field(default_factory=threading.Lock)
     _index_lock: threading.Lock = field(default_factory=threading.Lock)
     _searches: SearchCache = field(default_factory=SearchCache)
+    _derived: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict)
+    _derived_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -92,6 +102,19 @@ class CacheData:
     def null_label(self) -> str:
         """'covariance null' or 'isotropic null': the null `null_cosine` is (captions name it)."""
         return f"{self.neighbors.null_kind} null"
+
+    def derived(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The value `build` computes from this cache alone, built once per `key` and kept (the last
+        DERIVED_KEEP): e.g. the map's layers, which no selection changes. Every session shares it, so the
+        caller must not mutate it."""
+        with self._derived_lock:  # one build per key, even when sessions ask at once
+            if key in self._derived:
+                self._derived.move_to_end(key)
+            else:
+                self._derived[key] = build()
+                while len(self._derived) > DERIVED_KEEP:
+                    self._derived.popitem(last=False)
+            return cast(T, self._derived[key])
 
     def valid(self, feature: Any) -> bool:
         try:
@@ -212,11 +235,25 @@ class CacheData:
             # an id ("17", "#17") is looked up, not searched for in example text (digits match everywhere)
             examples = examples and not query.strip().lstrip("#").isdigit()
             idx = self.search_index() if examples else None
-            if self._labels is None:
-                self._labels = label_text(self.features)
-            res = rank_features(self.features, self._lens_text(), idx, query, self._labels)
+            labels, lens, digits, dense = self._search_prep()
+            res = rank_features(self.features, lens, idx, query, labels, digits, dense)
             self._searches.put(key, res)
         return res if limit is None else res.head(limit)
+
+    def _search_prep(self) -> tuple[pa.Array, pa.Array, tuple[np.ndarray, np.ndarray], float]:
+        """What every ranking reads and no query changes, computed once: the labels and lens text, their
+        rows holding a digit (an id query tests those alone) and the density threshold."""
+        with self._prep_lock:
+            if self._prep is None:
+                labels, lens = label_text(self.features), self._lens_text()
+                freq = self.features["frequency"].to_numpy(dtype=np.float64, na_value=0.0)
+                self._prep = (labels, lens, (digit_rows(labels), digit_rows(lens)), dense_threshold(freq))
+            return self._prep
+
+    def prepare_search(self) -> None:
+        """Everything a search reads, built ahead of the first query (the loader runs it in a thread)."""
+        self._search_prep()
+        self.search_index()
 
     def search_index(self) -> SearchIndex:
         """The example-text index (built once per cache, on first use or by the loader's thread)."""

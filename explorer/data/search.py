@@ -19,7 +19,7 @@ The score (case-insensitive substring match of the query q):
 
 Features with L, T or a text occurrence are results (even at score 0: they match, weakly); ties are
 broken by lower frequency (the more specific feature), then by id. An id query ("17", "#17") puts that
-feature first and is not looked for in example text (CacheData.search). Nothing here depends on Streamlit.
+feature first (pinned_id) and is not looked for in example text (CacheData.search). Nothing here depends on Streamlit.
 """
 
 from __future__ import annotations
@@ -169,24 +169,64 @@ def label_text(features: pd.DataFrame) -> pa.Array:
     return pa.array(features["label"].fillna("").astype(str).to_numpy(dtype=object), pa.string())
 
 
+def pinned_id(query: str, n: int) -> int | None:
+    """The feature an id query ("17", "#17") names, put first by rank_features; None for any other query
+    (or an id out of range)."""
+    digits = query.strip().lstrip("#")
+    if not digits.isdigit():
+        return None
+    try:
+        f = int(digits)
+    except ValueError:  # digits int() does not read ('²')
+        return None
+    return f if f < n else None
+
+
+ASCII_DIGITS = frozenset("0123456789")
+
+
+def digit_rows(text: pa.Array) -> np.ndarray:
+    """Rows of `text` holding an ASCII digit. A query with one matches only there: case-insensitive
+    matching folds letters, and an ASCII digit matches nothing but itself (rank_features' `digit_rows`)."""
+    has = pc.fill_null(pc.match_substring_regex(text, "[0-9]"), False)
+    return np.flatnonzero(has.to_numpy(zero_copy_only=False))
+
+
+def _text_hits(text: pa.Array, ql: str, rows: np.ndarray | None) -> np.ndarray:
+    """1.0 where `text` contains ql (case-insensitive), else 0.0; only `rows` are tested when given (the
+    others are known not to match)."""
+    if rows is None:
+        return (
+            pc.match_substring(text, ql, ignore_case=True).to_numpy(zero_copy_only=False).astype(np.float64)
+        )
+    out = np.zeros(len(text))
+    if len(rows):
+        hit = pc.match_substring(text.take(pa.array(rows)), ql, ignore_case=True)
+        out[rows] = hit.to_numpy(zero_copy_only=False).astype(np.float64)
+    return out
+
+
 def rank_features(
     features: pd.DataFrame,
     lens_text: pa.Array,
     idx: SearchIndex | None,
     query: str,
     labels: pa.Array | None = None,
+    digit_rows: tuple[np.ndarray, np.ndarray] | None = None,
+    dense: float | None = None,
 ) -> pd.DataFrame:
     """Every feature matching `query`, best first: the features rows plus RESULT_COLUMNS and 'match'.
-    `labels` is label_text(features), when the caller keeps it."""
+    What a caller may keep between queries (the same results, quicker): `labels` = label_text(features),
+    `digit_rows` = (digit_rows(labels), digit_rows(lens_text)): a query holding an ASCII digit (an id) is
+    then tested on those rows only, and `dense` = dense_threshold(frequency)."""
     q = query.strip()
     n = len(features)
-    empty = features.iloc[:0].assign(**{c: pd.Series(dtype="float64") for c in RESULT_COLUMNS}, match="")
     if not q:
-        return empty
+        return features.iloc[:0].assign(**{c: pd.Series(dtype="float64") for c in RESULT_COLUMNS}, match="")
     ql = lower(q)
-    label_hit = pc.match_substring(label_text(features) if labels is None else labels, ql, ignore_case=True)
-    L = label_hit.to_numpy(zero_copy_only=False).astype(np.float64)
-    T = pc.match_substring(lens_text, ql, ignore_case=True).to_numpy(zero_copy_only=False).astype(np.float64)
+    only = digit_rows if digit_rows is not None and not ASCII_DIGITS.isdisjoint(ql) else (None, None)
+    L = _text_hits(label_text(features) if labels is None else labels, ql, only[0])
+    T = _text_hits(lens_text, ql, only[1])
     act = np.zeros(n)
     text_hit = np.zeros(n, bool)
     ex_rank = np.full(n, -1, np.int64)
@@ -209,24 +249,29 @@ def rank_features(
             act[f_best] = idx.nz_val[best]
             ex_rank[f_best] = idx.rank[idx.nz_row[best]]
             ex_token[f_best] = idx.nz_start[best]
-    mx = features["max_activation"].to_numpy(dtype=np.float64, na_value=np.nan)
-    A = np.clip(np.where(mx > 0, act / np.where(mx > 0, mx, 1.0), 0.0), 0.0, 1.0)
-    freq = features["frequency"].to_numpy(dtype=np.float64, na_value=0.0)
-    dense = dense_threshold(freq)
-    D = np.where(freq > dense, dense / np.maximum(freq, 1e-300), 1.0)
-    score = (W_ACT * A + W_LABEL * L + W_LENS * T) * D
     ids = np.flatnonzero(text_hit | (L > 0) | (T > 0))
-    digits = q.lstrip("#")
-    pinned = int(digits) if digits.isdigit() and int(digits) < n else None
-    order = ids[np.lexsort((ids, freq[ids], -score[ids]))]
+    pinned = pinned_id(q, n)
+    # the score of the results alone (and of a pinned id that matches nothing): elementwise, as over all
+    cand = ids if pinned is None else np.union1d(ids, [pinned])
+    mx = features["max_activation"].to_numpy(dtype=np.float64, na_value=np.nan)[cand]
+    A = np.clip(np.where(mx > 0, act[cand] / np.where(mx > 0, mx, 1.0), 0.0), 0.0, 1.0)
+    freq_all = features["frequency"].to_numpy(dtype=np.float64, na_value=0.0)
+    dense = dense_threshold(freq_all) if dense is None else dense
+    freq = freq_all[cand]
+    D = np.where(freq > dense, dense / np.maximum(freq, 1e-300), 1.0)
+    score = (W_ACT * A + W_LABEL * L[cand] + W_LENS * T[cand]) * D
+    at = np.searchsorted(cand, ids)  # each result's place in cand
+    o = at[np.lexsort((ids, freq[at], -score[at]))]
     if pinned is not None:
-        order = np.concatenate([[pinned], order[order != pinned]])
+        p = int(np.searchsorted(cand, pinned))
+        o = np.concatenate([[p], o[o != p]])
+    order = cand[o]
     res = features.iloc[order].copy()
-    res["score"] = score[order]
-    res["act_match"] = A[order]
+    res["score"] = score[o]
+    res["act_match"] = A[o]
     res["label_match"] = L[order] > 0
     res["lens_match"] = T[order] > 0
-    res["dense"] = freq[order] > dense
+    res["dense"] = freq[o] > dense
     res["ex_rank"] = ex_rank[order]
     res["ex_token"] = ex_token[order]
     why = np.where(L[order] > 0, "label", np.where(T[order] > 0, "logit lens / explanation", "examples"))

@@ -51,9 +51,16 @@ from explorer.figures.map import (
     decimate,
     line_width,
     map_figure,
-    map_layers,
 )
 from explorer.figures.map_hover import HOVER_TEMPLATE, hover_fields
+from explorer.figures.map_layers import (
+    KeptFigure,
+    colour_layer,
+    keep,
+    map_layers,
+    overlay_layer,
+    points_layer,
+)
 from explorer.figures.story import (
     category_counts_figure,
     closeness_figure,
@@ -159,6 +166,11 @@ __all__ = [
     "line_width",
     "map_figure",
     "map_layers",
+    "colour_layer",
+    "points_layer",
+    "overlay_layer",
+    "KeptFigure",
+    "keep",
     "hover_fields",
     "HOVER_TEMPLATE",
     "neighbour_table",

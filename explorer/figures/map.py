@@ -15,7 +15,6 @@ from explorer.figures.map_hover import Hover, hover_of, hover_of_rows
 from explorer.figures.style import (
     BOTH,
     CATEGORY_PALETTE,
-    INK,
     NO_CATEGORY_COLOR,
     TASK,
     base_layout,
@@ -137,103 +136,6 @@ def map_figure(
             f", feature #{selection.feature} selected with its neighbours above chance" if selection else ""
         )
     return _map_layout(fig, color_by, height, title, len(idx), len(x))
-
-
-POINTS_NAME = "features"  # the points layer's trace (what a click and a hover find)
-CLEAR = "rgba(0,0,0,0)"
-# the layers' right margin, the same for every colouring: room for the colour bar (plotly's automatic margin
-# gave it 125 px; the category legend lies inside the plot instead). Fixed, so the three layers share one
-# plot area without being redrawn, and the map does not move when the colouring changes.
-LAYERS_RIGHT = 125
-
-
-def map_layers(
-    features: pd.DataFrame,
-    color_by: str,
-    selection: Selection,
-    max_points: int = 40000,
-    height: int = 640,
-    seed: int = 0,
-) -> tuple[go.Figure, go.Figure, go.Figure]:
-    """map_figure split in three for a page that redraws only what a click or a colour changes, drawn one over
-    the other at the same size, margins and axes (views/map.py keeps them aligned):
-
-    * colours, at the bottom: every drawn point in its colour (and the density of all when decimated), its
-      colour bar or category legend and the title; no hover text, no ids. It depends on the colouring only.
-    * overlay: the selection, its neighbours and lines (SVG traces: a click starts no WebGL context), on a
-      transparent figure; its clear title names the selection, for the page's saved image.
-    * points, on top: the same points, invisible, with their hover text and ids: what the reader hovers and
-      clicks. It depends on neither the selection nor the colouring.
-
-    Streamlit's message cache sends a reference instead of a chart whose spec is byte-identical to one the
-    browser holds, so a click sends the overlay alone and a colour change the colours and the overlay: the
-    hover text (most of the bytes: bench/bench_map_bytes.py) only with the page. Above `max_points` the
-    layers draw the fixed sample alone: the overlay draws the neighbours, so no per-selection detail is
-    needed there. The points ignore plotly's own selection styling (a clicked dot would dim the others)."""
-    _check_mode(color_by)
-    x = features["umap_x"].to_numpy(dtype=np.float64)
-    y = features["umap_y"].to_numpy(dtype=np.float64)
-    idx = decimate(x, y, max_points, seed=seed)
-    title = f"Feature map coloured by {color_by}"
-    detail = "a fixed sample, and every neighbour of the selection"
-    colours = _base_traces(features, color_by, idx, 0.55, hover=False)
-    _map_layout(colours, color_by, height, title, len(idx), len(x), detail)
-    # the category legend (inside, bottom left) says which colour is which; a click on it would hide points
-    # the reader still hovers and clicks
-    colours.update_layout(
-        margin={"r": LAYERS_RIGHT, "autoexpand": False},
-        legend={
-            "itemclick": False,
-            "itemdoubleclick": False,
-            "x": 0.01,
-            "y": 0.01,
-            "xanchor": "left",
-            "yanchor": "bottom",
-            "bgcolor": "rgba(255,255,255,0.8)",
-        },
-    )
-    points = go.Figure(
-        go.Scattergl(
-            x=x[idx].astype(np.float32),
-            y=y[idx].astype(np.float32),
-            **hover_of(hover_of_rows(features.iloc[idx]), slice(None)),
-            name=POINTS_NAME,
-            mode="markers",
-            showlegend=False,
-            marker={"size": _marker_size(len(idx)), "color": CLEAR},
-            # plotly draws a hover label in its point's colour: these points have none
-            hoverlabel={"bgcolor": "white", "bordercolor": "#9ca3af", "font": {"color": INK}},
-            selected={"marker": {"opacity": 1}},
-            unselected={"marker": {"opacity": 1}},
-        )
-    )
-    _map_layout(points, color_by, height, "Feature map", len(idx), len(x), detail)
-    _clear(points)
-    points.update_layout(uirevision="map")  # the reader's pan and zoom outlive a colour change
-    overlay = go.Figure()
-    _add_selection(overlay, features, selection, trace=go.Scatter)
-    picked = f"{title}, feature #{selection.feature} selected with its neighbours at cosine ≥ {selection.threshold:.3f}"
-    _map_layout(overlay, color_by, height, picked, len(idx), len(x), detail)
-    _clear(overlay)
-    overlay.update_layout(
-        # the selection's legend inside the plot, top left: the colours' own (categories) lies below it
-        showlegend=True,
-        legend={"orientation": "h", "x": 0.01, "y": 0.99, "xanchor": "left", "yanchor": "top"},
-        legend_bgcolor="rgba(255,255,255,0.8)",
-        hovermode=False,
-    )
-    return colours, points, overlay
-
-
-def _clear(fig: go.Figure) -> None:
-    """A layer over the colours: transparent, its title (which only reserves the colours' title room) clear, and
-    the colours' fixed margins."""
-    fig.update_layout(
-        paper_bgcolor=CLEAR,
-        plot_bgcolor=CLEAR,
-        title_font_color=CLEAR,
-        margin={"r": LAYERS_RIGHT, "autoexpand": False},
-    )
 
 
 def _check_mode(color_by: str) -> None:

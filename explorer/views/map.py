@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import html
 import os
 from collections.abc import Callable
 from functools import partial
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 from streamlit import config
 
 from explorer import figures as F
 from explorer import state
 from explorer.data import CacheData
+from explorer.map_search import search_box
 from explorer.views import Page
 
 PAGE = Page(title="Map", icon=":material/scatter_plot:", default=True)
 KEY_CHART = "map_chart"
-KEY_QUERY = "map_q"
 KEY_COLOR = "map_color"
 ENV_NO_FRAGMENTS = (
     "FEATUREGEOM_NO_FRAGMENTS"  # "1": every click reruns the whole page (the benchmark's baseline)
@@ -66,124 +66,6 @@ def _on_row(cache: CacheData, key: str, features: list[int]) -> None:
     rows = ((st.session_state.get(key) or {}).get("selection") or {}).get("rows") or []
     if rows and 0 <= rows[0] < len(features):
         select(cache, features[rows[0]])
-
-
-def _on_query(cache: CacheData) -> None:
-    """A new search selects its strongest match at once."""
-    q = str(st.session_state.get(KEY_QUERY) or "")
-    hits = cache.search(q, limit=1) if q.strip() else None
-    if hits is not None and len(hits):
-        state.remember_feature(cache, int(hits["feature"].iloc[0]))
-
-
-def _on_pick(cache: CacheData, key: str) -> None:
-    pick = st.session_state.get(key)
-    if pick is not None and cache.valid(pick):
-        select(cache, int(pick))
-
-
-PAGE_SIZE = 50  # search results per page
-
-
-def _result_line(r: pd.Series) -> str:
-    """One result as plain text (a selectbox option is never HTML)."""
-    label = str(r["label"]) if isinstance(r["label"], str) and r["label"] else "(no label)"
-    dense = f" · dense: fires on {float(r['frequency']) * 100:.3g}% of tokens" if r["dense"] else ""
-    return (
-        f"#{int(r['feature'])} · {label[:70]} · matched {r['match']} · score {float(r['score']):.2f}{dense}"
-    )
-
-
-def snippets_html(cache: CacheData, page: pd.DataFrame, query: str) -> str:
-    """The page's results with the matched example text (escaped, the match in <mark>)."""
-    items = []
-    for _, r in page.iterrows():
-        f = int(r["feature"])
-        snip = cache.snippet(f, int(r["ex_rank"]), int(r["ex_token"]), query)
-        act = (
-            f"{float(r['act_match']) * 100:.0f}% of its max on the match" if snip else "no example text match"
-        )
-        flag = ' <span class="fg-dense">dense</span>' if r["dense"] else ""
-        items.append(
-            f"<li><b>#{f}</b>{flag} <small>score {float(r['score']):.2f} · {act}</small>"
-            f"<div class='fg-snip'>{snip or '<i>matched its ' + html.escape(str(r['match'])) + '</i>'}</div></li>"
-        )
-    return (
-        "<style>.fg-results{max-height:230px;overflow-y:auto;padding-left:1.2em;font-size:0.85rem}"
-        ".fg-snip{font-family:monospace;white-space:pre-wrap;color:#444}"
-        ".fg-results mark{background:#ffe08a;padding:0 1px}"
-        ".fg-dense{background:#eee;border-radius:3px;padding:0 4px;font-size:0.75rem}</style>"
-        f"<ol class='fg-results' start='{int(page.attrs.get('first', 1))}'>{''.join(items)}</ol>"
-    )
-
-
-def search_results(cache: CacheData, query: str) -> None:
-    """The features matching the search box, ranked by match strength, 50 a page, with where each
-    matched; picking one selects it."""
-    with st.spinner("Searching (the first text search indexes the examples once per server)…"):
-        found = cache.search(query)
-    # a feature whose examples contain the text but which fires on none of it (score 0) is not a match
-    matches = found[found["score"] > 0]
-    inert = len(found) - len(matches)
-    if matches.empty:
-        st.info(
-            "No feature matches that search."
-            + (f" {inert:,} features have it in their top examples but do not fire on it." if inert else "")
-        )
-        return
-    if inert:
-        st.caption(
-            f"{inert:,} more features have it in their top examples but do not fire on it: not listed."
-        )
-    q = query.strip().lower()
-    n_pages = (len(matches) + PAGE_SIZE - 1) // PAGE_SIZE
-    page_no = 1
-    if n_pages > 1:
-        page_no = int(
-            st.number_input(f"Page (of {n_pages}, {PAGE_SIZE} a page)", 1, n_pages, 1, key=f"map_page:{q}")
-        )
-    page = matches.iloc[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE]
-    page.attrs["first"] = (page_no - 1) * PAGE_SIZE + 1
-    opts = page["feature"].astype(int).tolist()
-    line = {int(r["feature"]): _result_line(r) for _, r in page.iterrows()}
-    current = st.session_state.get(f"_feature:{cache.name}")
-    key = f"map_pick:{q}:{page_no}"
-    st.selectbox(
-        f"{len(matches):,} matching features",
-        opts,
-        index=opts.index(current) if current in opts else None,
-        placeholder="Pick a result on this page",
-        format_func=lambda i: line[i],
-        key=key,
-        on_change=_on_pick,
-        args=(cache, key),
-        help="Strongest match first. Score = 0.6 × the feature's activation on the matched text in its "
-        "top examples (share of its max) + 0.3 if its label matches + 0.1 if its logit-lens tokens or "
-        "explanation match, divided down for dense features (firing on over 10× the median share of "
-        "tokens); ties go to the rarer feature.",
-    )
-    with st.expander("Where each result matched", expanded=True):
-        st.html(snippets_html(cache, page, query))
-
-
-def search_box(cache: CacheData) -> None:
-    """The search box, then its results. Search, colour and threshold rerun the whole page: measured in
-    Chromium (bench/bench_clicks.py), a fragment rerun asked for by key from their callbacks was slower
-    than the page's own rerun."""
-    st.text_input(
-        "Search features",
-        key=KEY_QUERY,
-        placeholder="id, label, logit-lens token, or words from its top examples",
-        on_change=_on_query,
-        args=(cache,),
-        help="Case-insensitive. Ranked by how strongly each feature matches: its activation on the "
-        "matched text in its top examples, a label match, a logit-lens match; dense features are "
-        "ranked down. A new search selects its strongest match.",
-    )
-
-    query = str(st.session_state.get(KEY_QUERY) or "")
-    if query.strip():
-        search_results(cache, query)
 
 
 def controls(cache: CacheData) -> None:
@@ -421,6 +303,22 @@ LAYERS_HTML = (
 )
 
 
+def map_layers(
+    cache: CacheData, color_by: str, sel: F.Selection, max_points: int
+) -> tuple[go.Figure, go.Figure, go.Figure]:
+    """figures.map_layers of the cache: the colours and the points, which no selection changes, built once
+    per cache (and colouring) and shared by every session (st.plotly_chart only reads a figure), kept
+    (figures.KeptFigure: no deep copy on each run); the overlay drawn for `sel`."""
+    colours = cache.derived(
+        ("map colours", color_by, max_points),
+        lambda: F.keep(F.colour_layer(cache.features, color_by, max_points)),
+    )
+    points = cache.derived(
+        ("map points", max_points), lambda: F.keep(F.points_layer(cache.features, max_points))
+    )
+    return colours, points, F.overlay_layer(cache.features, color_by, sel, max_points)
+
+
 def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
     """The map as three charts, one over the other (figures.map_layers): the colours, the selection overlay
     (the only chart a click changes) and the invisible points that the reader hovers and clicks (the same
@@ -434,7 +332,7 @@ def draw_map(cache: CacheData, feature: int, nb: pd.DataFrame) -> None:
         threshold=threshold(cache),
     )
     color_by = str(st.session_state.get(KEY_COLOR) or next(iter(F.COLOR_MODES)))
-    colours, points, overlay = F.map_layers(cache.features, color_by, sel, max_points=state.max_points())
+    colours, points, overlay = map_layers(cache, color_by, sel, state.max_points())
     st.html(LAYERS_HTML, unsafe_allow_javascript=True)
     still = {"displayModeBar": False, "staticPlot": True}
     with st.container(key=KEY_LAYERS):

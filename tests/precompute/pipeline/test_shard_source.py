@@ -279,3 +279,18 @@ def test_a_checkpoint_of_other_options_is_not_used(
     assert "from its checkpoint" not in capsys.readouterr().out
     examples = pd.read_parquet(out / "examples.parquet")
     assert examples[examples["kind"] == "top"]["rank"].max() == 2
+
+
+def test_explain_on_a_bounded_cache_equals_explain_on_the_disk_cache(pair, tiny_model_dir, tmp_path) -> None:
+    """`explain` finds where features never fire from the shards: recomputed, they give the same picks."""
+    copies = [tmp_path / "disk", tmp_path / "bounded"]
+    for cache, copy in zip(pair, copies, strict=True):
+        shutil.copytree(cache, copy)
+        argv = ["explain", "--out", str(copy), "--explainer", str(tiny_model_dir), "--features", "1,2,5"]
+        assert (
+            cli_main([*argv, "--n-shown", "3", "--n-scored", "3", "--max-new-tokens", "4", "--no-progress"])
+            == 0
+        )
+    explained = [pd.read_parquet(c / "features.parquet") for c in copies]
+    assert explained[0]["auto_explanation_scored"].notna().any()
+    pd.testing.assert_frame_equal(explained[1], explained[0])

@@ -245,12 +245,14 @@ def _record_recomputation(ctx: RunContext, staged: cache_io.StagedCache) -> None
         summary = ctx.recomputed.summary()
         staged.manifest["timings"]["recompute_model_passes"] = summary["model_passes"]
         staged.manifest["timings"]["recompute_s"] = summary["seconds"]
+        staged.manifest["timings"]["recompute_mismatched_shards"] = summary["mismatched_shards"]
         log(
             f"shards computed again from the model: {summary['model_passes']} passes, {summary['seconds']:.1f}s"
         )
     elif keeps_no_shards(staged.manifest):  # this run read no shard: no pass
         staged.manifest["timings"]["recompute_model_passes"] = 0.0
         staged.manifest["timings"]["recompute_s"] = 0.0
+        staged.manifest["timings"]["recompute_mismatched_shards"] = 0
 
 
 # ------------------------------------------------------------------------------ one step on a cache

@@ -17,6 +17,7 @@ device and dtype.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -57,11 +58,14 @@ def shard_computer(ctx: RunContext) -> ShardComputer:
 class RecomputedShards:
     """Every shard of a harvest, computed again from the model each time a step reads it."""
 
-    def __init__(self, computer: ShardComputer, values: str, progress: bool = True) -> None:
+    def __init__(self, computer: ShardComputer, values: str) -> None:
         self.computer = computer
         self.codec = CodecParams(values, "none")
-        self.progress = progress
         self._rows: dict[int, dict[str, np.ndarray]] = {}
+        # each shard's digest when first computed: a later pass must give the same bytes, or the steps
+        # would combine two slightly different harvests (nondeterministic kernels, e.g. some GPU atomics)
+        self._digests: dict[int, str] = {}
+        self.mismatched: set[int] = set()
         self.shards_computed = 0
         self.seconds = 0.0
 
@@ -75,10 +79,27 @@ class RecomputedShards:
         # through the codec, uncompressed: the arrays a disk shard gives back (each token's features in
         # id order, values rounded as float16/bfloat16 would be)
         arrays = decode(encode(self.computer.compute(index), self.codec)[0])
+        self._check_same(index, arrays)
         self._rows[index] = {k: arrays[k] for k in ROW_ARRAYS}
         self.shards_computed += 1
         self.seconds += time.perf_counter() - t0
         return arrays if names is None else {k: arrays[k] for k in names}
+
+    def _check_same(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        h = hashlib.sha256()
+        for key in sorted(arrays):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(arrays[key]).tobytes())
+        digest = h.hexdigest()
+        first = self._digests.setdefault(index, digest)
+        if first != digest and index not in self.mismatched:
+            if not self.mismatched:
+                log(
+                    f"warning: {shard_name(index)} computed again differs from its first computation: the model "
+                    "is not deterministic here, so this cache may differ from a disk harvest in near-tied values; "
+                    "use --shard-storage disk for an exact cache (the manifest counts such shards)"
+                )
+            self.mismatched.add(index)
 
     def passes(self) -> float:
         """Model passes over the whole corpus so far (shards computed / shards)."""
@@ -90,6 +111,7 @@ class RecomputedShards:
             "shards_computed": self.shards_computed,
             "model_passes": round(self.passes(), 3),
             "seconds": round(self.seconds, 3),
+            "mismatched_shards": len(self.mismatched),
         }
 
 
@@ -114,7 +136,7 @@ class RecomputedShard:
 def recomputed_shards(ctx: RunContext) -> RecomputedShards:
     """The run's one `RecomputedShards` (made on first use), so the rows kept from one step serve the next."""
     if ctx.recomputed is None:
-        ctx.recomputed = RecomputedShards(shard_computer(ctx), ctx.cfg.shard_values, ctx.cfg.progress)
+        ctx.recomputed = RecomputedShards(shard_computer(ctx), ctx.cfg.shard_values)
     return ctx.recomputed
 
 

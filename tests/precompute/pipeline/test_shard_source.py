@@ -71,6 +71,7 @@ def test_recomputed_cache_equals_the_disk_cache_file_for_file(pair) -> None:
     # co-activation when a pair is flagged
     flagged = len(pd.read_parquet(disk / "overlaps.parquet"))
     assert manifest["timings"]["recompute_model_passes"] == 4.0 + (flagged > 0)
+    assert manifest["timings"]["recompute_mismatched_shards"] == 0  # every pass gave the same bytes
 
 
 def test_co_activation_of_recomputed_shards_equals_the_files(pair) -> None:
@@ -294,3 +295,38 @@ def test_explain_on_a_bounded_cache_equals_explain_on_the_disk_cache(pair, tiny_
     explained = [pd.read_parquet(c / "features.parquet") for c in copies]
     assert explained[0]["auto_explanation_scored"].notna().any()
     pd.testing.assert_frame_equal(explained[1], explained[0])
+
+
+def test_a_pass_that_computes_other_bytes_is_reported(
+    tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path, capsys
+) -> None:
+    """Nondeterministic kernels (e.g. GPU atomics) would make a later pass differ from the first: the
+    run must say so, not silently mix two harvests. Here every second computation moves one value."""
+    from precompute.pipeline.context import RunContext
+    from precompute.pipeline.shard_source import RecomputedShards, shard_computer
+
+    cfg = make_cfg(tiny_model_dir, tiny_sae_dir, tiny_corpus, tmp_path / "c", batches_per_shard=2)
+    computer = shard_computer(RunContext(cfg, tmp_path / "c"))
+    calls: dict[int, int] = {}
+    exact = computer.compute
+
+    def drifting(index: int, *args, **kwargs):
+        arrays = exact(index, *args, **kwargs)
+        calls[index] = calls.get(index, 0) + 1
+        if calls[index] % 2 == 0 and len(arrays["value"]):
+            arrays["value"][0] = np.nextafter(arrays["value"][0], np.float32(np.inf))
+        return arrays
+
+    computer.compute = drifting  # type: ignore[method-assign]
+    source = RecomputedShards(computer, "float32")
+    for _ in range(2):
+        for ref in source.refs():
+            load_arrays(ref)
+    assert source.mismatched == set(range(computer.n_shards)) and computer.n_shards >= 3
+    assert source.summary()["mismatched_shards"] == computer.n_shards
+    assert capsys.readouterr().out.count("computed again differs from its first computation") == 1
+    honest = RecomputedShards(shard_computer(RunContext(cfg, tmp_path / "c")), "float32")
+    for _ in range(2):
+        for ref in honest.refs():
+            load_arrays(ref)
+    assert honest.mismatched == set()

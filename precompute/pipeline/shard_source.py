@@ -5,14 +5,16 @@ Why recompute rather than aggregate while harvesting: a shard depends only on it
 (`ShardComputer`), so a shard computed again is the shard the harvest would have written, and every
 step's result equals the two-phase run's by construction, with no second implementation of
 aggregation, windows, co-activation or examples to keep equal. The cost is model passes: a full run
-reads the shards 5 times (aggregate twice, examples, the scores' window maxima, overlaps); the
-counted-token rows of each shard (16 bytes a token, in memory, never on disk) are kept from the first
-pass, so the scores' row pass runs no model. Disk holds no per-token file at any time.
+runs the model over the corpus 4 times (aggregate twice, examples, the scores' window maxima), 5 when
+overlaps flags a pair (co-activation); the counted-token rows of each shard (16 bytes a token, in
+memory, never on disk) are kept from the first pass, so the scores' row pass runs no model. Disk holds
+no per-token file at any time; the aggregation and the examples are checkpointed (checkpoint.py).
 
 Recomputing is exact because the forward pass is deterministic for the same batch: MKL's kernel choice
 is pinned (`MKL_CBWR`, set in precompute/__init__.py) and the run keeps its thread count. On a GPU the
-same holds for the same device and library versions; a step run alone later uses the cache's recorded
-device and dtype.
+same should hold for the same device and library versions, but some kernels are not deterministic:
+every recomputed shard is checked against its first computation's digest, and a difference is warned
+about and counted. A step run alone later uses the cache's recorded device and dtype.
 """
 
 from __future__ import annotations

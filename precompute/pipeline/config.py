@@ -97,7 +97,7 @@ class RunConfig:
         choices=SHARD_STORAGE,
         help="disk: keep the activation shards in the cache (~96 bytes a token on the demo), so later steps rerun "
         "without the model; recompute: keep none (bounded disk for corpora whose shards would not fit): "
-        "every step that reads a shard runs the model over its batches again (4 model passes in a full run, 5 when overlaps flags a pair; "
+        "every step that reads a shard runs the model over its batches again (3 model passes in a full run, 4 when overlaps flags a pair; "
         "scores, overlaps and explain on the cache then need the model, the SAE and the corpus)",
     )
     outlier_norm_factor: float = option(

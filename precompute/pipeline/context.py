@@ -72,6 +72,8 @@ class RunContext:
         self.rank_timings: list[dict[str, Any]] | None = None
         # a cache that keeps no shards: the run's shard_source.RecomputedShards, shared by its steps
         self.recomputed: Any = None
+        # ...and the scores' window maxima its harvest computed in its examples pass: (key, [Windowed])
+        self.windowed_ahead: tuple[str, Any] | None = None
 
     @property
     def model(self) -> LoadedModel:

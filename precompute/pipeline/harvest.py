@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from precompute.cache import StagedCache
 from precompute.data.corpus import Document
@@ -36,8 +37,17 @@ from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext, log
 from precompute.pipeline.distributed import World
 from precompute.pipeline.features import merge_feature_columns
+from precompute.pipeline.scores import harvested_documents, score_windows, windows_key
 from precompute.pipeline.shard_source import RECOMPUTE, harvest_params, recomputed_shards
-from precompute.pipeline.shards import ShardRef, context_feature_activations, harvest_shards, list_shards
+from precompute.pipeline.shards import (
+    ExampleActivations,
+    Shard,
+    ShardRef,
+    context_feature_activations,
+    harvest_shards,
+    list_shards,
+)
+from precompute.pipeline.windows import plan_windows
 from precompute.schema import CATEGORY_RATES, CONTEXTS, DOCUMENTS, EXAMPLES, HARVEST_DIR, HISTOGRAMS, TABLES
 
 # The options that shape the harvest, recorded in params/harvest.json.
@@ -143,7 +153,11 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         checkpoints,
         "examples",
         key_of(sorted((c, sorted(f)) for c, f in requests.items())),
-        lambda: context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress),
+        lambda: (
+            context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
+            if checkpoints is None
+            else _examples_and_windows(ctx, staged, shards, requests, context_lengths)
+        ),
         activations_state,
         activations_from_state,
     )
@@ -163,6 +177,29 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     params["fingerprint"] = ctx.fingerprint
     params["hook"] = hook.describe()
     staged.record_step("harvest", params, time.perf_counter() - start, {"timings": timings})
+
+
+def _examples_and_windows(
+    ctx: RunContext,
+    staged: StagedCache,
+    shards: list[ShardRef],
+    requests: dict[int, list[int]],
+    context_lengths: dict[int, int],
+) -> dict[tuple[int, int], np.ndarray]:
+    """A bounded-disk harvest's examples pass, which also computes the scores' window maxima: one model
+    pass instead of two. The windows come from the token rows the first pass kept (no model) and the
+    documents as the scores step reads them; the scores step takes the result under the same key."""
+    cfg = ctx.cfg
+    doc_group = harvested_documents(pd.read_parquet(staged.dir / DOCUMENTS))[0]
+    plan = plan_windows(shards, doc_group, score_windows(cfg), cfg.shared_token_fraction, cfg.seed)
+    examples = ExampleActivations(requests, ctx.sae.d_sae, context_lengths)
+    window_max = plan.accumulator()
+    for i, ref in enumerate(tqdm(shards, desc="examples + window max", disable=not cfg.progress)):
+        shard = Shard.load(ref)
+        examples.add(shard)
+        window_max.add(i, shard, ref)
+    ctx.windowed_ahead = (windows_key(doc_group, cfg), plan.finish(window_max.result()))
+    return examples.out
 
 
 def _params(cfg: RunConfig) -> dict[str, Any]:

@@ -13,6 +13,8 @@ in at least `min_docs` windows of the group it is said to detect.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -156,6 +158,19 @@ class WindowedScores:
     heldout: dict[str, Any]  # `heldout.heldout_contrast`'s summary: the sidecar's `harm_heldout_check`
 
 
+def score_windows(cfg: RunConfig) -> tuple[int, int]:
+    """The window lengths the scores read: the score window, then the task window."""
+    return cfg.score_window, cfg.task_window
+
+
+def windows_key(doc_group: np.ndarray, cfg: RunConfig) -> str:
+    """What windowed values depend on besides the shards: a harvest that computed them ahead for its
+    scores step hands them over only under the same key."""
+    h = hashlib.sha256(json.dumps([score_windows(cfg), cfg.shared_token_fraction, cfg.seed]).encode())
+    h.update("\0".join(map(str, doc_group.tolist())).encode())
+    return h.hexdigest()
+
+
 def windowed_scores(
     shard_paths: Sequence[ShardRef],
     doc_group: np.ndarray,
@@ -164,18 +179,22 @@ def windowed_scores(
     cfg: RunConfig,
     doc_category_source: np.ndarray | None = None,
     doc_heldout: np.ndarray | None = None,
+    windowed: list[Windowed] | None = None,
 ) -> WindowedScores:
     """`contrast_scores` on windowed values: the harm and task-vs-benign contrasts on
     `cfg.score_window`-token windows, task vs control on `cfg.task_window`-token windows; documents
-    marked in `doc_heldout` validate the harm fit instead of joining it (cfg.harm_heldout*)."""
-    score, task = windowed_values(
-        shard_paths,
-        doc_group,
-        (cfg.score_window, cfg.task_window),
-        cfg.shared_token_fraction,
-        cfg.seed,
-        progress=cfg.progress,
-    )
+    marked in `doc_heldout` validate the harm fit instead of joining it (cfg.harm_heldout*).
+    `windowed`: those values already computed (`windowed_values` of the same inputs)."""
+    if windowed is None:
+        windowed = windowed_values(
+            shard_paths,
+            doc_group,
+            score_windows(cfg),
+            cfg.shared_token_fraction,
+            cfg.seed,
+            progress=cfg.progress,
+        )
+    score, task = windowed
     all_groups = (TASK, CONTROL, HARMFUL, BENIGN, GENERAL)
     scored_group, scored, left_out = windowed_groups(doc_group, score, all_groups, required=(HARMFUL, BENIGN))
     task_group, task_scored, task_left_out = windowed_groups(doc_group, task, (TASK, CONTROL))
@@ -239,8 +258,17 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     docs = pd.read_parquet(docs_path)
     doc_group, doc_category, _ = harvested_documents(docs)
     doc_category_source, doc_heldout = heldout_documents(docs, len(doc_group))
+    ahead = ctx.windowed_ahead  # a bounded-disk harvest's examples pass computed them
+    windowed = ahead[1] if ahead is not None and ahead[0] == windows_key(doc_group, cfg) else None
     scores = windowed_scores(
-        cache_shard_refs(staged, ctx), doc_group, doc_category, n, cfg, doc_category_source, doc_heldout
+        cache_shard_refs(staged, ctx),
+        doc_group,
+        doc_category,
+        n,
+        cfg,
+        doc_category_source,
+        doc_heldout,
+        windowed,
     )
     table = scores.table
     table.insert(0, "feature", np.arange(n, dtype=np.int64))

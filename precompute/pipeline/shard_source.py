@@ -5,9 +5,10 @@ Why recompute rather than aggregate while harvesting: a shard depends only on it
 (`ShardComputer`), so a shard computed again is the shard the harvest would have written, and every
 step's result equals the two-phase run's by construction, with no second implementation of
 aggregation, windows, co-activation or examples to keep equal. The cost is model passes: a full run
-runs the model over the corpus 4 times (aggregate twice, examples, the scores' window maxima), 5 when
-overlaps flags a pair (co-activation); the counted-token rows of each shard (16 bytes a token, in
-memory, never on disk) are kept from the first pass, so the scores' row pass runs no model. Disk holds
+runs the model over the corpus 3 times (aggregate twice; then the examples and the scores' window
+maxima in one pass, harvest._examples_and_windows), 4 when overlaps flags a pair (co-activation); the
+counted-token rows of each shard (16 bytes a token, in memory, never on disk) are kept from the first
+pass, so choosing the windows runs no model. Disk holds
 no per-token file at any time; the aggregation and the examples are checkpointed (checkpoint.py).
 
 Recomputing is exact because the forward pass is deterministic for the same batch: MKL's kernel choice

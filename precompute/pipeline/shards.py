@@ -274,6 +274,37 @@ class Shard:
         return sparse.csr_matrix((self.value, self.feature, self.indptr), shape=(self.n_rows, n_features))
 
 
+class ExampleActivations:
+    """`context_feature_activations` one shard at a time (so that another consumer can share the pass)."""
+
+    def __init__(
+        self, requests: dict[int, list[int]], n_features: int, context_lengths: dict[int, int]
+    ) -> None:
+        self.requests = requests
+        self.n_features = n_features
+        self.context_lengths = context_lengths
+        self.out: dict[tuple[int, int], np.ndarray] = {}
+
+    def add(self, shard: Shard) -> None:
+        present = np.unique(shard.context_id)
+        wanted = [c for c in present.tolist() if c in self.requests]
+        if not wanted:
+            return
+        matrix = shard.matrix(self.n_features)
+        order = np.argsort(shard.context_id, kind="stable")
+        sorted_ctx = shard.context_id[order]
+        for c in wanted:
+            lo, hi = np.searchsorted(sorted_ctx, c), np.searchsorted(sorted_ctx, c, side="right")
+            rows = order[lo:hi]
+            feats = self.requests[c]
+            block = matrix[rows][:, feats].toarray()
+            positions = shard.position[rows]
+            for j, f in enumerate(feats):
+                dense = np.zeros(self.context_lengths[c], np.float32)
+                dense[positions] = block[:, j]
+                self.out[(c, f)] = dense
+
+
 def context_feature_activations(
     shard_paths: Sequence[ShardRef],
     requests: dict[int, list[int]],
@@ -284,27 +315,10 @@ def context_feature_activations(
     """Per-token activations of feature f over context c for every requested (c, [f...]).
 
     Positions that were not counted (position 0, special tokens) read as 0."""
-    out: dict[tuple[int, int], np.ndarray] = {}
+    acc = ExampleActivations(requests, n_features, context_lengths)
     for path in tqdm(shard_paths, desc="examples", disable=not progress):
-        shard = Shard.load(path)
-        present = np.unique(shard.context_id)
-        wanted = [c for c in present.tolist() if c in requests]
-        if not wanted:
-            continue
-        matrix = shard.matrix(n_features)
-        order = np.argsort(shard.context_id, kind="stable")
-        sorted_ctx = shard.context_id[order]
-        for c in wanted:
-            lo, hi = np.searchsorted(sorted_ctx, c), np.searchsorted(sorted_ctx, c, side="right")
-            rows = order[lo:hi]
-            feats = requests[c]
-            block = matrix[rows][:, feats].toarray()
-            positions = shard.position[rows]
-            for j, f in enumerate(feats):
-                dense = np.zeros(context_lengths[c], np.float32)
-                dense[positions] = block[:, j]
-                out[(c, f)] = dense
-    return out
+        acc.add(Shard.load(path))
+    return acc.out
 
 
 def doc_feature_max(

@@ -153,6 +153,36 @@ def _max_per_pair(
     return doc[starts], feat[starts], np.maximum.reduceat(val, starts)
 
 
+class WindowMax:
+    """`window_feature_max` one shard at a time, so that another consumer can share its pass over the
+    shards (a bounded-disk harvest computes each shard again for every pass)."""
+
+    def __init__(self, selections: Sequence[np.ndarray], shard_offsets: np.ndarray) -> None:
+        self.selections = selections
+        self.shard_offsets = shard_offsets
+        self.parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in selections]
+
+    def add(self, i: int, shard: Shard, name: object = "") -> None:
+        rows = shard.row_of_entry()
+        for selected, out in zip(self.selections, self.parts, strict=True):
+            mask = selected[self.shard_offsets[i] : self.shard_offsets[i + 1]]
+            if len(mask) != shard.n_rows:
+                raise ValueError(
+                    f"{name or i} changed since its rows were read ({shard.n_rows} rows, not {len(mask)})"
+                )
+            keep = mask[rows]
+            doc = shard.doc_id[rows[keep]].astype(np.int64)
+            out.append(_max_per_pair(doc, shard.feature[keep].astype(np.int64), shard.value[keep]))
+
+    def result(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        # a document can span shards: reduce again
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        return [
+            _max_per_pair(*(np.concatenate([t[k] for t in (out or [empty])]) for k in range(3)))
+            for out in self.parts
+        ]
+
+
 def window_feature_max(
     shard_paths: Sequence[ShardRef],
     selections: Sequence[np.ndarray],
@@ -162,24 +192,10 @@ def window_feature_max(
     """For each selection (a bool mask over all rows), the sparse per-document max activation over
     the selected rows only: (doc, feature, value) triples sorted by (feature, doc), the input of
     `precompute.pipeline.auroc`. One pass over the shards serves every selection."""
-    parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in selections]
+    acc = WindowMax(selections, shard_offsets)
     for i, path in enumerate(tqdm(shard_paths, desc="window max", disable=not progress)):
-        shard = Shard.load(path)
-        rows = shard.row_of_entry()
-        for selected, out in zip(selections, parts, strict=True):
-            mask = selected[shard_offsets[i] : shard_offsets[i + 1]]
-            if len(mask) != shard.n_rows:
-                raise ValueError(
-                    f"{path} changed since its rows were read ({shard.n_rows} rows, not {len(mask)})"
-                )
-            keep = mask[rows]
-            doc = shard.doc_id[rows[keep]].astype(np.int64)
-            out.append(_max_per_pair(doc, shard.feature[keep].astype(np.int64), shard.value[keep]))
-    # a document can span shards: reduce again
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    return [
-        _max_per_pair(*(np.concatenate([t[k] for t in (out or [empty])]) for k in range(3))) for out in parts
-    ]
+        acc.add(i, Shard.load(path), path)
+    return acc.result()
 
 
 @dataclass
@@ -203,6 +219,45 @@ class Windowed:
         return self.doc, self.feat, self.val
 
 
+@dataclass
+class WindowPlan:
+    """Which rows each window length scores, chosen from the token rows alone (no activations)."""
+
+    shared: SharedTokens
+    chosen: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per window: (selected rows, n_eligible, start)
+    windows: tuple[int, ...]
+    shard_offsets: np.ndarray
+
+    def accumulator(self) -> WindowMax:
+        return WindowMax([c[0] for c in self.chosen], self.shard_offsets)
+
+    def finish(self, values: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[Windowed]:
+        return [
+            Windowed(*triples, n_eligible, start, self.shared, int(w))
+            for w, triples, (_, n_eligible, start) in zip(self.windows, values, self.chosen, strict=True)
+        ]
+
+
+def plan_windows(
+    shard_paths: Sequence[ShardRef],
+    doc_group: np.ndarray,
+    windows: Sequence[int],
+    shared_fraction: float,
+    seed: int,
+) -> WindowPlan:
+    """The first of `windowed_values`' two passes: the token rows, the shared tokens and the windows."""
+    if any(w < 1 for w in windows):
+        raise ValueError(f"a score window must hold at least one token, got {list(windows)}")
+    rows = read_token_rows(shard_paths)
+    n_docs = len(doc_group)
+    if len(rows.doc) and rows.doc.max() >= n_docs:
+        raise ValueError(f"the shards refer to document {int(rows.doc.max())} but only {n_docs} are listed")
+    shared = shared_token_ids(rows.doc, rows.token, doc_group, shared_fraction)
+    eligible = ~np.isin(rows.token, shared.ids)
+    chosen = [select_window_rows(rows, eligible, w, seed, n_docs) for w in windows]
+    return WindowPlan(shared, chosen, tuple(int(w) for w in windows), rows.shard_offsets)
+
+
 def windowed_values(
     shard_paths: Sequence[ShardRef],
     doc_group: np.ndarray,
@@ -213,20 +268,9 @@ def windowed_values(
 ) -> list[Windowed]:
     """The windowed per-document values of every feature, one `Windowed` per window length (module
     docstring: the two rules); the shards are read twice whatever the number of windows."""
-    if any(w < 1 for w in windows):
-        raise ValueError(f"a score window must hold at least one token, got {list(windows)}")
-    rows = read_token_rows(shard_paths)
-    n_docs = len(doc_group)
-    if len(rows.doc) and rows.doc.max() >= n_docs:
-        raise ValueError(f"the shards refer to document {int(rows.doc.max())} but only {n_docs} are listed")
-    shared = shared_token_ids(rows.doc, rows.token, doc_group, shared_fraction)
-    eligible = ~np.isin(rows.token, shared.ids)
-    chosen = [select_window_rows(rows, eligible, w, seed, n_docs) for w in windows]
-    values = window_feature_max(shard_paths, [c[0] for c in chosen], rows.shard_offsets, progress)
-    return [
-        Windowed(*triples, n_eligible, start, shared, int(w))
-        for w, triples, (_, n_eligible, start) in zip(windows, values, chosen, strict=True)
-    ]
+    plan = plan_windows(shard_paths, doc_group, windows, shared_fraction, seed)
+    values = window_feature_max(shard_paths, [c[0] for c in plan.chosen], plan.shard_offsets, progress)
+    return plan.finish(values)
 
 
 def token_texts(ids: Iterable[int], contexts: Path, examples: Path, tokenizer=None) -> dict[int, str | None]:

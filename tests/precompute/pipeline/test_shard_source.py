@@ -67,10 +67,10 @@ def test_recomputed_cache_equals_the_disk_cache_file_for_file(pair) -> None:
         manifest["params"]["harvest"]["fingerprint"]
         == read_manifest(disk)["params"]["harvest"]["fingerprint"]
     )
-    # aggregate (2), examples, window maxima (the rows of the first pass serve the windows), and
-    # co-activation when a pair is flagged
+    # aggregate (2), then the examples and the scores' window maxima in one pass (the rows of the first
+    # pass choose the windows), and co-activation when a pair is flagged
     flagged = len(pd.read_parquet(disk / "overlaps.parquet"))
-    assert manifest["timings"]["recompute_model_passes"] == 4.0 + (flagged > 0)
+    assert manifest["timings"]["recompute_model_passes"] == 3.0 + (flagged > 0)
     assert manifest["timings"]["recompute_mismatched_shards"] == 0  # every pass gave the same bytes
 
 
@@ -235,7 +235,7 @@ def test_a_killed_bounded_run_resumes_from_its_checkpoints(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(harvest, "context_feature_activations", killed)
+        m.setattr(harvest, "_examples_and_windows", killed)
         with pytest.raises(KeyboardInterrupt):
             run_precompute(cfg)
     work = tmp_path / "bounded.work"
@@ -272,7 +272,7 @@ def test_a_checkpoint_of_other_options_is_not_used(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(harvest, "context_feature_activations", killed)
+        m.setattr(harvest, "_examples_and_windows", killed)
         with pytest.raises(KeyboardInterrupt):
             run_precompute(cfg(5), ("harvest",))
     capsys.readouterr()

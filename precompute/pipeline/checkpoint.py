@@ -1,8 +1,9 @@
 """Checkpoints of a bounded-disk harvest (`shard_storage = "recompute"`), so that a killed run does not
-pay again for the model passes it finished: the aggregation's state after its two passes, and the
-examples' activations after theirs, each saved in the run's work folder beside `run.json` (whose
-fingerprint says which harvest they belong to) and used again only when the options that shaped them
-are the same (`key`).
+pay again for the model passes it finished: the aggregation's state after its two passes (per-feature,
+not per-token), saved in the run's work folder beside `run.json` (whose fingerprint says which harvest
+it belongs to) and used again only when the options that shaped it are the same (`key`). The passes
+after it are not checkpointed: a rerun needs one pass for the token rows that choose the scores'
+windows whatever it kept, and the examples share the next pass with the window maxima.
 
 A checkpoint is `<name>.npz` (its arrays) and `<name>.json` (its other values, JSON, and its key),
 written in that order, each atomically: the JSON's presence says the checkpoint is complete.
@@ -36,7 +37,7 @@ def save_state(path: Path, state: dict[str, Any], key: str) -> None:
 
     def write_arrays(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
     write_atomic(path.with_suffix(ARRAYS), write_arrays)
     payload = json.dumps({"key": key, "values": values})
@@ -105,18 +106,3 @@ def aggregate_from_state(state: dict[str, Any]) -> dict[str, Any]:
     for key in ("categories", "ctop_categories"):
         out[key] = [tuple(pair) for pair in state[key]]
     return out
-
-
-def activations_state(acts: dict[tuple[int, int], np.ndarray]) -> dict[str, Any]:
-    """Per-(context, feature) activation arrays of varying length, as three flat arrays."""
-    keys = sorted(acts)
-    lengths = np.array([len(acts[k]) for k in keys], np.int64)
-    offsets = np.zeros(len(keys) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate([acts[k] for k in keys]) if keys else np.zeros(0, np.float32)
-    return {"keys": np.array(keys, np.int64).reshape(-1, 2), "offsets": offsets, "values": values}
-
-
-def activations_from_state(state: dict[str, Any]) -> dict[tuple[int, int], np.ndarray]:
-    keys, offsets, values = state["keys"], state["offsets"], state["values"]
-    return {(int(c), int(f)): values[offsets[i] : offsets[i + 1]] for i, (c, f) in enumerate(keys.tolist())}

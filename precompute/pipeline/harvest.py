@@ -26,8 +26,6 @@ from precompute.data.taxonomy import unify
 from precompute.model.hooks import HookReader, resolve_hook
 from precompute.pipeline.aggregate import AggregateParams, aggregate
 from precompute.pipeline.checkpoint import (
-    activations_from_state,
-    activations_state,
     aggregate_from_state,
     aggregate_state,
     key_of,
@@ -134,7 +132,8 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         top_k_category=cfg.top_k_per_category,
         category_groups=cfg.category_groups(),
     )
-    # a bounded-disk run checkpoints what its model passes found, so a rerun after a kill goes on from there
+    # a bounded-disk run checkpoints what its two aggregation passes found (per-feature state), so a rerun
+    # after a kill goes on from there
     checkpoints = ctx.work_dir if cfg.shard_storage == RECOMPUTE else None
     agg = resume_or_run(
         checkpoints,
@@ -149,17 +148,12 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     selections += select_group_examples(agg, requests)
     selections += select_category_examples(agg, requests)
     context_lengths = {c: int(lengths[c]) for c in requests}
-    acts = resume_or_run(
-        checkpoints,
-        "examples",
-        key_of(sorted((c, sorted(f)) for c, f in requests.items())),
-        lambda: (
-            context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
-            if checkpoints is None
-            else _examples_and_windows(ctx, staged, shards, requests, context_lengths)
-        ),
-        activations_state,
-        activations_from_state,
+    # not checkpointed: a rerun would still pay a pass for the token rows the windows are chosen from,
+    # so the fused pass costs it nothing more
+    acts = (
+        context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
+        if checkpoints is None
+        else _examples_and_windows(ctx, staged, shards, requests, context_lengths)
     )
     write_examples(staged, plan, selections, acts, doc_group, doc_category, lm.tokenizer)
 

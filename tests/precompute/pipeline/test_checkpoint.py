@@ -1,4 +1,4 @@
-"""The bounded-disk harvest's checkpoints: exact round trips, and a checkpoint is used only when it is
+"""The bounded-disk harvest's checkpoint: an exact round trip, and a checkpoint is used only when it is
 complete and was saved under the same key."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from precompute.pipeline.checkpoint import (
-    activations_from_state,
-    activations_state,
+    aggregate_from_state,
+    aggregate_state,
     has_checkpoints,
     load_state,
     resume_or_run,
@@ -15,16 +15,28 @@ from precompute.pipeline.checkpoint import (
 )
 
 
-def test_activation_arrays_round_trip_exactly(tmp_path) -> None:
+def test_an_aggregation_state_round_trips_exactly(tmp_path) -> None:
+    """The shapes `aggregate` returns: arrays of several dtypes, group names, (group, category) tuples
+    and a token count."""
     rng = np.random.default_rng(0)
-    acts = {
-        (c, f): rng.random(int(rng.integers(1, 9))).astype(np.float32) for c, f in [(3, 1), (0, 7), (3, 0)]
+    agg = {
+        "groups": ["benign", "harmful", "task"],
+        "categories": [("benign", ""), ("harmful", "cyber"), ("task", "insecure_code")],
+        "ctop_categories": [("harmful", "cyber")],
+        "total_tokens": np.int64(1234),
+        "fires": rng.integers(0, 9, 16).astype(np.int64),
+        "act_max": rng.random(16).astype(np.float32),
+        "top_ctx": rng.integers(-1, 50, (16, 5)).astype(np.int32),
+        "hist_group": rng.integers(0, 3, (16, 3, 4)).astype(np.int32),
     }
-    for case in (acts, {}):
-        save_state(tmp_path / "a", activations_state(case), "k")
-        back = activations_from_state(load_state(tmp_path / "a", "k") or {})
-        assert back.keys() == case.keys()
-        assert all(np.array_equal(back[k], case[k]) and back[k].dtype == np.float32 for k in case)
+    save_state(tmp_path / "aggregate", aggregate_state(agg), "k")
+    back = aggregate_from_state(load_state(tmp_path / "aggregate", "k") or {})
+    assert back.keys() == agg.keys()
+    for key, value in agg.items():
+        if isinstance(value, np.ndarray):
+            assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
+        else:
+            assert back[key] == value and type(back[key]) is type(value if key != "total_tokens" else 1), key
 
 
 def test_a_state_is_used_only_when_complete_and_under_its_key(tmp_path) -> None:

@@ -254,6 +254,9 @@ def test_a_killed_bounded_run_resumes_from_its_checkpoints(
         run_precompute(cfg)
     assert "aggregate from its checkpoint" in capsys.readouterr().out
     assert _files(out) == _files(bounded) and not work.exists()
+    # the token rows that choose the windows, then the examples with the window maxima
+    flagged = len(pd.read_parquet(out / "overlaps.parquet"))
+    assert read_manifest(out)["timings"]["recompute_model_passes"] == 2.0 + (flagged > 0)
 
 
 def test_a_checkpoint_of_other_options_is_not_used(

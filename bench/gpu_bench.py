@@ -56,7 +56,10 @@ def main() -> int:
     p.add_argument("--knn-n", type=int, default=262_144)
     p.add_argument("--knn-d", type=int, default=2304)
     p.add_argument(
-        "--umap-backends", nargs="*", default=None, help="default: every backend that runs here; none: skip"
+        "--umap-backends",
+        nargs="*",
+        default=None,
+        help="default: every backend that runs here; the flag with no name skips UMAP",
     )
     args = p.parse_args()
     if not torch.cuda.is_available():

@@ -159,9 +159,10 @@ _FITS = {"umap-learn": _fit_umap_learn, "cuml": _fit_cuml}
 
 
 def warm_up(backend: str, d: int = 1) -> float:
-    """Pay `backend`'s one-off set-up once per process (umap-learn/pynndescent: numba compilation,
-    45-60 s on a quiet 2-core machine, less when numba's on-disk cache holds some of it) with a tiny
-    fit through the same code and dtypes as the real one; returns the seconds it took (0 when warm)."""
+    """Pay `backend`'s one-off set-up once per process with a tiny fit through the same code and dtypes
+    as the real one; returns the seconds it took (0 when warm). umap-learn: its import and numba
+    compilation, 28 s with numba's on-disk cache empty and 6-12 s with it filled (2 cores, load ~3;
+    bench/README.md "UMAP"); the tiny fit itself then costs ~0.1 s."""
     if backend in _WARM:
         return 0.0
     t0 = time.perf_counter()

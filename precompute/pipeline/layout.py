@@ -2,10 +2,10 @@
 
 Backends (`--umap-backend`): umap-learn on the CPU (the default wherever cuML cannot run) and cuML's
 GPU UMAP (`cuml.manifold.UMAP`, from the cuml-cu12 / cuml-cu13 wheels); `auto` takes cuML when it
-imports and a CUDA device is visible. Both get the same exact kNN graph (`_knn_graph`) and the same
+imports, a CUDA device is visible and the run is not pinned to the CPU. Both get the same exact kNN graph (`_knn_graph`) and the same
 rescaling, so a map differs between them only by the optimiser. The cuML path has not been run in
-this repository's CI or on its development machine (no GPU there, no cuML wheel on the lent GPU
-machines): bench/gpu_bench.py times it where it is installed. A torch UMAP (torchdr 0.5) was measured
+this repository's CI or on its development machine (no GPU there, and no GPU machine was lent when it
+was written): bench/gpu_bench.py times it where it is installed. A torch UMAP (torchdr 0.5) was measured
 and not added: it cannot take our kNN lists, see bench/README.md "UMAP".
 """
 

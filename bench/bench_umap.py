@@ -11,6 +11,14 @@ single-threaded; that is the configuration the pipeline uses, so it is what is t
 
     python bench/bench_umap.py --n 16384 --d 576 --out bench/out/umap.json
     python bench/bench_umap.py --sae-npy decoder.npy     # [n_features, d] decoder rows
+
+--torchdr adds torchdr's torch UMAP (installed outside the project's venv, e.g.
+`pip install --target /tmp/torchdr-site torchdr --no-deps` plus matplotlib and its pure deps, then
+PYTHONPATH=/tmp/torchdr-site). It cannot take our kNN lists, so it searches them itself, exactly
+(`backend=None`: torch, no faiss) with `metric='sqeuclidean'`: on unit rows 2 (1 - cos), so the same
+neighbours and, UMAP's membership strengths being invariant to a global distance scale, the same graph.
+
+--compile-probe measures what numba compilation costs one process instead (see `compile_probe`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from precompute.pipeline.knn import knn_cosine, unit_rows
 from precompute.pipeline.layout import _rescale_unit_box, neighbourhood_preservation, umap_layout
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_seconds() -> float:
@@ -65,6 +77,104 @@ def umap_nndescent(X: np.ndarray, n_neighbors: int, seed: int, min_dist: float, 
     return r
 
 
+def torchdr_umap(X: np.ndarray, n_neighbors: int, seed: int, min_dist: float, max_iter: int) -> np.ndarray:
+    """torchdr's UMAP on the CPU, from the directions (see the module docstring)."""
+    import torch
+    import torchdr
+
+    reducer = torchdr.UMAP(
+        n_neighbors=n_neighbors,
+        min_dist=min_dist,
+        metric="sqeuclidean",
+        backend=None,
+        device="cpu",
+        random_state=seed,
+        max_iter=max_iter,
+        distributed=False,
+    )
+    Y = reducer.fit_transform(torch.from_numpy(X)).detach().numpy()
+    return _rescale_unit_box(np.asarray(Y, dtype=np.float64))
+
+
+def torchdr_results(X: np.ndarray, idx: np.ndarray, a: argparse.Namespace) -> list[dict[str, Any]]:
+    import torchdr
+
+    rows = []
+    for max_iter in (1000, 200):  # torchdr's default, and umap-learn's epochs at this size
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        Y = torchdr_umap(X, a.n_neighbors, a.seed, a.min_dist, max_iter)
+        rows.append(
+            {
+                "method": f"torchdr {torchdr.__version__} UMAP (own exact kNN, sqeuclidean), max_iter {max_iter}",
+                "knn_seconds": None,
+                "umap_seconds": None,
+                "total_seconds": time.perf_counter() - t0,
+                "total_cpu_seconds": cpu_seconds() - c0,
+                "knn_recall_vs_exact": 1.0,  # exact search, same order as cosine on unit rows
+                "preservation": neighbourhood_preservation(idx, Y, 15),
+            }
+        )
+    return rows
+
+
+_PROBE = """
+import json, sys, time
+import numpy as np
+from precompute.pipeline.layout import umap_layout
+z = np.load(sys.argv[1])
+first, second = {}, {}
+umap_layout(z["idx"], z["cos"], n_neighbors=15, seed=0, progress=False, info=first)
+umap_layout(z["idx"], z["cos"], n_neighbors=15, seed=0, progress=False, info=second)
+print(json.dumps({"first": first, "second": second}))
+"""
+
+
+def compile_probe(X: np.ndarray, a: argparse.Namespace) -> list[dict[str, Any]]:
+    """What umap-learn's one-off set-up (import + numba compilation, paid by `layout.warm_up`) costs
+    a fresh process: with numba's on-disk cache empty (a new NUMBA_CACHE_DIR), again with that cache
+    filled by the first process, and with the environment's own cache. Each process maps the same
+    graph twice: the first fit (after the warm-up) against the second shows whether the warm-up
+    compiled everything the real fit needs."""
+    idx, cos = knn_cosine(X, a.k, progress=False)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "knn.npz", idx=idx, cos=cos)
+        env_own = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+        env_new = {**env_own, "NUMBA_CACHE_DIR": str(Path(tmp) / "numba-cache")}
+        for label, env in [
+            ("fresh process, empty numba cache", env_new),
+            ("second fresh process, that cache filled", env_new),
+            ("fresh process, the environment's own numba cache", env_own),
+        ]:
+            load = os.getloadavg()[0]
+            t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+            r = subprocess.run(
+                [sys.executable, "-c", _PROBE, str(Path(tmp) / "knn.npz")],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            runs.append(
+                {
+                    "process": label,
+                    "load_avg_1min_at_start": load,
+                    "process_wall_s": time.perf_counter() - t0,
+                    "process_cpu_s": cpu,
+                    "compile_s": out["first"]["umap_compile_s"],
+                    "first_fit_s": out["first"]["umap_fit_s"],
+                    "second_compile_s": out["second"]["umap_compile_s"],
+                    "second_fit_s": out["second"]["umap_fit_s"],
+                }
+            )
+            print(json.dumps(runs[-1]), file=sys.stderr)
+    return runs
+
+
 def run_one(X: np.ndarray, a: argparse.Namespace) -> dict[str, Any]:
     """Both methods on one set of directions; returns timings and quality numbers."""
     nn, k_eval = a.n_neighbors, 15
@@ -87,6 +197,7 @@ def run_one(X: np.ndarray, a: argparse.Namespace) -> dict[str, Any]:
     nnd_i = np.asarray(r._knn_indices)[:, 1:nn]
     exact = idx[:, : nn - 1]
     recall = float(np.mean([np.isin(nnd_i[i], exact[i]).mean() for i in range(n)]))
+    extra = torchdr_results(X, idx, a) if a.torchdr else []
     return {
         "load_avg_1min_at_start": load,
         "k_eval": k_eval,
@@ -109,6 +220,7 @@ def run_one(X: np.ndarray, a: argparse.Namespace) -> dict[str, Any]:
                 "knn_recall_vs_exact": recall,
                 "preservation": neighbourhood_preservation(idx, Y_nnd, k_eval),
             },
+            *extra,
         ],
     }
 
@@ -124,8 +236,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-dist", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/out/umap.json"))
+    ap.add_argument("--torchdr", action="store_true", help="also time torchdr's UMAP (see above)")
+    ap.add_argument("--compile-probe", action="store_true", help="only the per-process compilation cost")
     a = ap.parse_args(argv)
     nn = a.n_neighbors
+    if a.compile_probe:
+        runs = compile_probe(make_directions(a.data[0], a.n, a.d, a.seed), a)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": runs}, indent=2))
+        print(
+            "| process | warm-up (import + compile) s | 1st fit s | 2nd fit s | process wall s | process CPU s | load |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in runs:
+            print(
+                f"| {r['process']} | {r['compile_s']:.1f} | {r['first_fit_s']:.1f} | {r['second_fit_s']:.1f} "
+                f"| {r['process_wall_s']:.1f} | {r['process_cpu_s']:.1f} | {r['load_avg_1min_at_start']:.1f} |"
+            )
+        return 0
 
     # warm-up: compile both numba paths (precomputed graph; NN-descent forced on a small input)
     t0 = time.perf_counter()

@@ -1,6 +1,11 @@
-"""One GPU benchmark, under 5 minutes on one H100/H200:
+"""One GPU benchmark, under 5 minutes on one H100/H200 (plus the UMAP part, below):
 harvest tokens/s with and without the SAE (real SmolLM2-135M + the default SAE, block 15), and exact
 top-32 cosine kNN at 262,144 × 2304 with the torch backend.
+
+UMAP: the 2-D map of that same kNN graph (n_neighbors 15, seed 0) with every backend that can run
+here (cuML when it imports, then umap-learn on the CPU, single-threaded because seeded: minutes at
+262k; `--umap-backends cuml` skips it), each with its one-off warm-up (umap-learn: numba
+compilation) timed apart from the fit, and neighbourhood preservation@15 of each map.
 
     python bench/gpu_bench.py --out bench/out/gpu.json
 """
@@ -12,12 +17,35 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+
+def umap_bench(indices: Any, cosine: Any, backends: list[str] | None) -> dict[str, Any]:
+    """UMAP of one kNN graph with each backend (the pipeline's own `umap_layout`), timed."""
+    from precompute.pipeline.layout import cuml_unavailable, neighbourhood_preservation, umap_layout
+
+    idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+    cos = cosine.cpu().numpy() if isinstance(cosine, torch.Tensor) else np.asarray(cosine)
+    why_no_cuml = cuml_unavailable()
+    if backends is None:
+        backends = (["cuml"] if why_no_cuml is None else []) + ["umap-learn"]
+    out: dict[str, Any] = {"n": idx.shape[0], "n_neighbors": 15, "cuml_unavailable": why_no_cuml, "runs": []}
+    for backend in backends:
+        info: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        Y = umap_layout(idx, cos, n_neighbors=15, seed=0, progress=False, backend=backend, info=info)
+        info["wall_s"] = time.perf_counter() - t0
+        info["preservation15"] = neighbourhood_preservation(idx, Y, 15)
+        out["runs"].append(info)
+        print(json.dumps(info), flush=True)
+    return out
 
 
 def main() -> int:
@@ -27,6 +55,12 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--knn-n", type=int, default=262_144)
     p.add_argument("--knn-d", type=int, default=2304)
+    p.add_argument(
+        "--umap-backends",
+        nargs="*",
+        default=None,
+        help="default: every backend that runs here; the flag with no name skips UMAP",
+    )
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device; run this on a GPU machine", file=sys.stderr)
@@ -72,6 +106,8 @@ def main() -> int:
     result["knn"]["speedup_bf16"] = result["knn"]["torch"]["seconds"] / result["knn"]["torch-bf16"]["seconds"]
     result["knn"]["same_neighbours"] = bool((answers["torch"][0] == answers["torch-bf16"][0]).all())
     print(json.dumps(result["knn"]), flush=True)
+    result["umap"] = umap_bench(*answers["torch"], args.umap_backends)
+    print(json.dumps(result["umap"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -39,7 +39,15 @@ _HARVEST = (
     "shard_storage",
     "outlier_norm_factor",
 )
-_GEOMETRY = ("neighbors", "null_fpr", "null_samples", "knn_backend", "umap_neighbors", "umap_min_dist")
+_GEOMETRY = (
+    "neighbors",
+    "null_fpr",
+    "null_samples",
+    "knn_backend",
+    "umap_neighbors",
+    "umap_min_dist",
+    "umap_backend",
+)
 _SCORES = (
     "harm_threshold",
     "task_threshold",

@@ -163,6 +163,12 @@ class RunConfig:
     )
     umap_neighbors: int = option(15, low=2, bounds="[)", help="neighbours of the UMAP graph")
     umap_min_dist: float = option(0.1, low=0, high=1, help="UMAP min_dist (at most its spread, 1)")
+    umap_backend: str = option(
+        "auto",
+        choices=("auto", "umap-learn", "cuml"),
+        help="UMAP implementation, fed the same exact kNN graph (auto: cuML when it imports and a CUDA device "
+        "is visible and --device is not cpu, else umap-learn on the CPU)",
+    )
     # --- scores and overlaps
     harm_threshold: float = option(0.7, low=0, high=1, help="AUROC a harmful feature must reach")
     task_threshold: float = option(

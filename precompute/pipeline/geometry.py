@@ -21,7 +21,7 @@ from precompute.pipeline.config import RunConfig
 from precompute.pipeline.context import RunContext
 from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.knn import knn_cosine
-from precompute.pipeline.layout import umap_layout
+from precompute.pipeline.layout import resolve_umap_backend, umap_layout
 from precompute.pipeline.null import (
     CosineNull,
     calibrated_null,
@@ -38,7 +38,8 @@ __all__ = ["check_sizes", "cosine_z", "knn_cosine", "neighbor_arrays", "null_iso
 
 
 def check_sizes(cfg: RunConfig, n_features: int, d_in: int) -> None:
-    """Options whose valid range depends on the SAE's shape, checked before any work."""
+    """Options whose valid range depends on the SAE's shape, and the UMAP backend asked for, checked
+    before any work (run.py calls this before reading the corpus)."""
     if d_in < 2:
         raise FeatureGeomError(f"the SAE reads a {d_in}-dimensional input: cosine geometry needs d_in >= 2")
     if n_features < 4:
@@ -56,6 +57,7 @@ def check_sizes(cfg: RunConfig, n_features: int, d_in: int) -> None:
         raise FeatureGeomError(
             "the map's kNN graph needs at least 2 neighbours per feature: use --neighbors >= 2"
         )
+    resolve_umap_backend(cfg.umap_backend, cfg.device)  # an explicit cuml that cannot run: ConfigError
 
 
 def _check_cache_width(ctx: RunContext, n_features: int) -> None:
@@ -112,6 +114,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         )
     null = calibrated_null(directions, cfg.null_fpr, cfg.null_samples, cfg.seed, cfg.device)
     np.savez(staged.path(NEIGHBORS), **neighbor_arrays(indices, cosine, null, d))
+    umap_info: dict[str, Any] = {}
     layout = umap_layout(
         indices,
         cosine,
@@ -119,6 +122,8 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         seed=cfg.seed,
         min_dist=cfg.umap_min_dist,
         progress=cfg.progress,
+        backend=resolve_umap_backend(cfg.umap_backend, cfg.device),
+        info=umap_info,
     )
     merge_feature_columns(
         staged,
@@ -142,6 +147,11 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
         "knn_stats": knn_stats or None,  # rows, candidates, fallback_rows (redone over all rows)
         "umap_neighbors": cfg.umap_neighbors,
         "umap_min_dist": cfg.umap_min_dist,
+        "umap_backend": cfg.umap_backend,  # as asked; the one used and its version follow
+        "umap_backend_used": umap_info["umap_backend"],
+        "umap_version": umap_info["umap_version"],
         "seed": cfg.seed,
     }
-    staged.record_step("geometry", params, time.perf_counter() - start)
+    # timings, not parameters: the one-off warm-up (numba compilation for umap-learn) apart from the fit
+    timings = {key: umap_info[key] for key in ("umap_compile_s", "umap_fit_s")}
+    staged.record_step("geometry", params, time.perf_counter() - start, extra={"timings": timings})

@@ -14,6 +14,7 @@ from precompute.errors import FeatureGeomError
 from precompute.pipeline.config import RunConfig
 from precompute.pipeline.geometry import check_sizes, neighbor_arrays
 from precompute.pipeline.knn import knn_bruteforce
+from precompute.pipeline.layout import backend_version, cuml_unavailable
 from precompute.pipeline.null import COVARIANCE, ISOTROPIC, CosineNull, calibrated_null, cosine_z
 
 
@@ -61,6 +62,32 @@ def test_geometry_step_writes_the_calibrated_null(tiny_sae_dir, tmp_path) -> Non
     assert params["null_cosine"] == pytest.approx(expected.cosine, abs=1e-6)
     assert params["null_shrinkage"] == pytest.approx(expected.shrinkage)
     assert params["null_fpr"] == 0.05
+    sidecar = json.loads((out / schema.params_file("geometry")).read_text())
+    if cuml_unavailable() is not None:  # auto picks cuML only where it runs
+        assert params["umap_backend"] == "auto" and params["umap_backend_used"] == "umap-learn"
+    assert params["umap_version"] == backend_version(params["umap_backend_used"])
+    assert set(sidecar["timings"]) == {"umap_compile_s", "umap_fit_s"}
+    assert sidecar["timings"]["umap_fit_s"] > 0 and sidecar["timings"]["umap_compile_s"] >= 0
+
+
+def test_an_explicit_cuml_that_cannot_run_stops_before_any_work(tiny_sae_dir, tmp_path, capsys) -> None:
+    if cuml_unavailable() is None:
+        pytest.skip("cuML runs here")
+    out = tmp_path / "geo"
+    argv = [
+        "geometry",
+        "--sae",
+        str(tiny_sae_dir),
+        "--out",
+        str(out),
+        "--umap-backend",
+        "cuml",
+        "--no-progress",
+    ]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install cuml-cu12" in err[0] and "--umap-backend umap-learn" in err[0]
+    assert not (out / schema.NEIGHBORS).exists()
 
 
 def test_too_few_samples_for_the_fpr_is_refused() -> None:

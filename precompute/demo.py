@@ -43,7 +43,7 @@ def check_assets(cfg: RunConfig) -> None:
 
 
 # Options that only say how or where a build runs, not what it computes.
-_HOW = ("out", "device", "progress", "overwrite", "force")
+_HOW = ("out", "device", "progress", "overwrite", "force", "shard_storage")
 
 
 def stale_reason(target: Path, cfg: RunConfig) -> str | None:
@@ -55,10 +55,10 @@ def stale_reason(target: Path, cfg: RunConfig) -> str | None:
     manifest = read_manifest(target)
     recorded = manifest.get("config") or {}
     wanted = cfg.to_dict()
+    fields = RunConfig.__dataclass_fields__
+    # an option added since the cache was built took what is now its default (options are added so)
     changed = sorted(
-        k
-        for k in wanted
-        if k not in _HOW and k in RunConfig.__dataclass_fields__ and recorded.get(k) != wanted[k]
+        k for k in wanted if k not in _HOW and k in fields and recorded.get(k, fields[k].default) != wanted[k]
     )
     if changed:
         return f"it was built with other settings ({', '.join(changed)})"

@@ -530,6 +530,18 @@ def test_demo_rebuilds_a_valid_cache_built_from_other_inputs(built_cache, tiny_s
     assert stale_reason(cache, same) is None  # how it runs is not what it computes
     other = RunConfig.load(None, {**cfg.to_dict(), "document_split": "scoring"})
     assert stale_reason(cache, other) == "it was built with other settings (document_split)"
+    # keeping no shards changes no file the explorer reads
+    assert stale_reason(cache, RunConfig.load(None, {**cfg.to_dict(), "shard_storage": "recompute"})) is None
+    older = tmp_path / "older"  # built before an option existed: it had the option's default
+    shutil.copytree(cache, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    for added in ("umap_backend", "shard_storage", "top_k_per_category"):
+        del manifest["config"][added]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    assert stale_reason(older, same) is None
+    assert stale_reason(older, RunConfig.load(None, {**cfg.to_dict(), "top_k_per_category": 1})) == (
+        "it was built with other settings (top_k_per_category)"
+    )
 
     sae = tmp_path / "sae"
     shutil.copytree(tiny_sae_dir, sae)

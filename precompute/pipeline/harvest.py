@@ -101,11 +101,10 @@ def write_shards(ctx: RunContext, world: World = World()) -> dict[str, Any]:
 def _shards(ctx: RunContext) -> tuple[list[ShardRef], dict[str, Any]]:
     """The run's shards and the harvest's timings: written to the work directory (resuming), or, with
     `shard_storage = "recompute"`, none written (each read runs the model again: shard_source)."""
+    prepare_work_dir(ctx.work_dir, ctx.fingerprint)  # a bounded-disk run keeps its checkpoints there
     if ctx.cfg.shard_storage == RECOMPUTE:
-        prepare_work_dir(ctx.work_dir, ctx.fingerprint)  # for the checkpoints, not for shards
         source = recomputed_shards(ctx)
         return list(source.refs()), {"shard_storage": RECOMPUTE, "shards": source.computer.n_shards}
-    prepare_work_dir(ctx.work_dir, ctx.fingerprint)
     timings = write_shards(ctx)
     return list(list_shards(ctx.work_dir)), timings
 
@@ -158,7 +157,8 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     write_examples(staged, plan, selections, acts, doc_group, doc_category, lm.tokenizer)
 
     # move the shards into the cache: scores and overlaps rerun from them without the model. An earlier
-    # harvest's shards go first: other batch options (or recompute) would leave stale ones beside these.
+    # harvest's shards go first: shard_storage is not part of the cache's identity, so a rerun in the
+    # other mode would otherwise leave them beside a cache that says it keeps none.
     for stale in list_shards(staged.dir / HARVEST_DIR):
         stale.unlink()
     for shard in shards:

@@ -7,7 +7,7 @@ same masking of special positions and the same batching.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ from precompute.model.hooks import HookReader
 
 
 def pad_batch(
-    sequences: list[list[int]], pad_value: int, left: bool = False
+    sequences: Sequence[Sequence[int] | np.ndarray], pad_value: int, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, max_len] long tensor of the sequences padded with `pad_value`, and the attention mask (1 = token).
 

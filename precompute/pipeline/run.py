@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from precompute import cache as cache_io
 from precompute.data.plan import CorpusPlan
 from precompute.data.split import document_hash, sae_training_overlap, split_record
@@ -176,7 +178,11 @@ def _document_split_manifest(ctx: RunContext) -> dict[str, Any]:
     documents the SAE was trained on: 0 when the SAE's training report proves none, None when the
     SAE does not say."""
     cfg, plan = ctx.cfg, ctx.plan
-    harvested = {i for c in plan.contexts for i in c.doc_ids}
+    harvested = (
+        set(np.unique(np.concatenate([c.doc_ids for c in plan.contexts])).tolist())
+        if plan.contexts
+        else set()
+    )
     scored = [document_hash(d) for d in plan.documents if d.doc_id in harvested]
     record = {**split_record(cfg.document_split, cfg.scoring_fraction)}
     record.update(sae_training_overlap(scored, required(cfg.sae, "sae")))

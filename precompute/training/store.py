@@ -144,7 +144,7 @@ def plan_split(
         for name, subset in (("train", train), ("heldout", held)):
             made = list(pack_contexts(subset, tokenizer, context_size, packing, budgets[name], next_ctx))
             next_ctx += len(made)
-            used = {c for ctx in made for c in ctx.doc_ids}
+            used = set(np.concatenate([ctx.doc_ids for ctx in made]).tolist()) if made else set()
             part = parts[name]
             part["documents"].extend(d for d in subset if d.doc_id in used)
             part["contexts"].extend(made)
@@ -173,7 +173,9 @@ def pad_id_of(tokenizer: Any) -> int:
 
 def counted_positions(context: Context, skip_ids: set[int]) -> int:
     """Rows a context contributes to the activation store (position 0 and special tokens excluded)."""
-    return sum(1 for i, t in enumerate(context.token_ids) if i > 0 and t not in skip_ids)
+    return int(
+        np.count_nonzero(~np.isin(context.token_ids[1:], np.fromiter(skip_ids, np.int64, len(skip_ids))))
+    )
 
 
 # ============================================================================ activation store

@@ -29,4 +29,4 @@ def doc(doc_id, text, source=0):
 
 
 def windows(contexts):
-    return [(c.token_ids, c.doc_ids, c.positions_in_doc) for c in contexts]
+    return [(c.token_ids.tolist(), c.doc_ids.tolist(), c.positions_in_doc.tolist()) for c in contexts]

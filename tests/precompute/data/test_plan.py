@@ -78,7 +78,7 @@ def test_source_without_tokens_in_its_share(tmp_path):
 
 # --------------------------------------------------------------------------- batches and mask
 def ctx(cid, n, source=0):
-    return Context(cid, source, list(range(1, n + 1)), [cid] * n, list(range(n)))
+    return Context.of(cid, source, list(range(1, n + 1)), [cid] * n, list(range(n)))
 
 
 def test_batches_are_deterministic_and_sorted_by_length():

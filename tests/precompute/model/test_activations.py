@@ -56,7 +56,7 @@ def test_batched_activations_equal_each_context_alone(lm, plan, hook):
         for cid in np.unique(batch.context_id):
             c = by_id[int(cid)]
             rows = np.flatnonzero(batch.context_id == cid)
-            alone = reader(torch.tensor([c.token_ids]))[0]
+            alone = reader(torch.as_tensor(c.token_ids, dtype=torch.long)[None])[0]
             expected_pos = [p for p, t in enumerate(c.token_ids) if p > 0 and t not in skip]
             assert batch.position[rows].tolist() == expected_pos
             assert batch.token_id[rows].tolist() == [c.token_ids[p] for p in expected_pos]

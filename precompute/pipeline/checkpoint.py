@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,11 +50,15 @@ def load_state(path: Path, key: str) -> dict[str, Any] | None:
     values_file, arrays_file = path.with_suffix(VALUES), path.with_suffix(ARRAYS)
     if not values_file.is_file() or not arrays_file.is_file():
         return None
-    record = json.loads(values_file.read_text())
-    if record.get("key") != key:
+    try:
+        record = json.loads(values_file.read_text())
+        if record.get("key") != key:
+            return None
+        with np.load(arrays_file, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # damaged on disk: the passes run again
+        log(f"ignoring the checkpoint {path.name} in {path.parent} ({type(exc).__name__}: {exc})")
         return None
-    with np.load(arrays_file, allow_pickle=False) as z:
-        state = {k: z[k] for k in z.files}
     state.update(record["values"])
     return state
 

@@ -23,7 +23,7 @@ from precompute.data.corpus import Document
 from precompute.data.plan import CorpusPlan
 from precompute.data.split import document_hash
 from precompute.data.taxonomy import unify
-from precompute.model.hooks import HookReader, resolve_hook
+from precompute.model.hooks import resolve_hook
 from precompute.pipeline.aggregate import AggregateParams, aggregate
 from precompute.pipeline.checkpoint import (
     aggregate_from_state,
@@ -36,7 +36,7 @@ from precompute.pipeline.context import RunContext, log
 from precompute.pipeline.distributed import World
 from precompute.pipeline.features import merge_feature_columns
 from precompute.pipeline.scores import harvested_documents, score_windows, windows_key
-from precompute.pipeline.shard_source import RECOMPUTE, harvest_params, recomputed_shards
+from precompute.pipeline.shard_source import RECOMPUTE, recomputed_shards, shard_computer
 from precompute.pipeline.shards import (
     ExampleActivations,
     Shard,
@@ -82,20 +82,7 @@ CATEGORY_TOP = "category_top"
 
 def write_shards(ctx: RunContext, world: World = World()) -> dict[str, Any]:
     """Phase 1: the activation shards of this run (the ones `world` owns) into ctx.work_dir, resuming."""
-    cfg, lm, sae = ctx.cfg, ctx.model, ctx.sae
-    sae.to(lm.device)
-    reader = HookReader(lm.model, resolve_hook(lm.model, ctx.hook))
-    return harvest_shards(
-        ctx.plan,
-        reader,
-        sae,
-        lm.tokenizer,
-        ctx.work_dir,
-        harvest_params(cfg),
-        lm.device,
-        progress=cfg.progress,
-        world=world,
-    )
+    return harvest_shards(shard_computer(ctx), ctx.work_dir, progress=ctx.cfg.progress, world=world)
 
 
 def _shards(ctx: RunContext) -> tuple[list[ShardRef], dict[str, Any]]:
@@ -152,7 +139,7 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     acts = (
         context_feature_activations(shards, requests, n, context_lengths, progress=cfg.progress)
         if checkpoints is None
-        else _examples_and_windows(ctx, staged, shards, requests, context_lengths)
+        else _examples_and_windows(ctx, docs, shards, requests, context_lengths)
     )
     write_examples(staged, plan, selections, acts, doc_group, doc_category, lm.tokenizer)
 
@@ -175,16 +162,16 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
 
 def _examples_and_windows(
     ctx: RunContext,
-    staged: StagedCache,
+    docs: pd.DataFrame,
     shards: list[ShardRef],
     requests: dict[int, list[int]],
     context_lengths: dict[int, int],
 ) -> dict[tuple[int, int], np.ndarray]:
     """A bounded-disk harvest's examples pass, which also computes the scores' window maxima: one model
     pass instead of two. The windows come from the token rows the first pass kept (no model) and the
-    documents as the scores step reads them; the scores step takes the result under the same key."""
+    documents the harvest wrote; the scores step takes the result only under the same key."""
     cfg = ctx.cfg
-    doc_group = harvested_documents(pd.read_parquet(staged.dir / DOCUMENTS))[0]
+    doc_group = harvested_documents(docs)[0]
     plan = plan_windows(shards, doc_group, score_windows(cfg), cfg.shared_token_fraction, cfg.seed)
     examples = ExampleActivations(requests, ctx.sae.d_sae, context_lengths)
     window_max = plan.accumulator()

@@ -201,18 +201,17 @@ class DeferredShards(Sequence[ShardRef]):
         return iter(self._get())
 
 
-def cache_shard_refs(staged: StagedCache, ctx: RunContext | None = None) -> Sequence[ShardRef]:
-    """The shards a cache's steps read: its files, or, for a cache that keeps none, the model's."""
-    files = list_shards(staged.dir / HARVEST_DIR)
+def _shard_refs(
+    cache_dir: Path, target: Path, manifest: dict[str, Any], ctx: RunContext | None
+) -> Sequence[ShardRef]:
+    files = list_shards(cache_dir / HARVEST_DIR)
     if files:
         return files
-    if not keeps_no_shards(staged.manifest):
-        raise CacheError(
-            f"{staged.target} has no harvest shards; run `featuregeom harvest` (or precompute) first"
-        )
+    if not keeps_no_shards(manifest):
+        raise CacheError(f"{target} has no harvest shards; run `featuregeom harvest` (or precompute) first")
 
     def make() -> list[ShardRef]:
-        source = recomputed_shards(_harvest_context(ctx, staged.target, staged.manifest))
+        source = recomputed_shards(_harvest_context(ctx, target, manifest))
         if ctx is not None:
             ctx.recomputed = source  # the run records its passes, and its next step reuses the rows
         return list(source.refs())
@@ -220,12 +219,13 @@ def cache_shard_refs(staged: StagedCache, ctx: RunContext | None = None) -> Sequ
     return DeferredShards(make)
 
 
+def cache_shard_refs(staged: StagedCache, ctx: RunContext | None = None) -> Sequence[ShardRef]:
+    """The shards a cache's steps read: its files, or, for a cache that keeps none, the model's (made
+    when first read)."""
+    return _shard_refs(staged.dir, staged.target, staged.manifest, ctx)
+
+
 def stored_shard_refs(out: Path) -> list[ShardRef]:
-    """`cache_shard_refs` for a command that reads a finished cache outside the pipeline (explain)."""
-    files = list_shards(out / HARVEST_DIR)
-    if files:
-        return list(files)
-    manifest = read_manifest(out)
-    if keeps_no_shards(manifest):
-        return list(recomputed_shards(_harvest_context(None, out, manifest)).refs())
-    raise CacheError(f"{out} has no harvest shards; rebuild it with `featuregeom precompute`")
+    """`cache_shard_refs` for a command that reads a finished cache outside the pipeline (explain); a
+    cache that keeps none is checked against its corpus here, before any other work."""
+    return list(_shard_refs(out, out, read_manifest(out), None))

@@ -193,20 +193,15 @@ class ShardComputer:
 
 
 def harvest_shards(
-    plan: CorpusPlan,
-    reader: HookReader,
-    sae: SAE,
-    tokenizer,
+    computer: ShardComputer,
     work_dir: Path,
-    params: HarvestParams,
-    device: torch.device,
     progress: bool = True,
     world: World = World(),
 ) -> dict:
-    """Write activation shards into `work_dir`, skipping those already there (a killed run resumes).
-    Under torchrun only the shards `world` owns (precompute.pipeline.distributed)."""
+    """Write `computer`'s activation shards into `work_dir`, skipping those already there (a killed run
+    resumes). Under torchrun only the shards `world` owns (precompute.pipeline.distributed)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    computer = ShardComputer.build(plan, reader, sae, tokenizer, params, device)
+    params = computer.params
     n_shards = computer.n_shards
     todo = [i for i in range(n_shards) if world.owns(i) and not (work_dir / shard_name(i)).is_file()]
     bar = tqdm(

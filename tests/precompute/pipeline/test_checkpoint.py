@@ -46,6 +46,8 @@ def test_a_state_is_used_only_when_complete_and_under_its_key(tmp_path) -> None:
     assert loaded is not None and loaded["names"] == ["a", "b"] and loaded["n"] == 3
     assert loaded["x"].dtype == np.int16 and np.array_equal(loaded["x"], state["x"])
     assert load_state(tmp_path / "s", "key-2") is None
+    (tmp_path / "s.npz").write_bytes(b"not an npz")  # damaged on disk: ignored, so the passes run again
+    assert load_state(tmp_path / "s", "key-1") is None
     (tmp_path / "s.json").unlink()  # killed between the arrays and the values: not complete
     assert load_state(tmp_path / "s", "key-1") is None and not has_checkpoints(tmp_path)
 

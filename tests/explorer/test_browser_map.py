@@ -248,6 +248,13 @@ def test_camera_button_saves_the_map_with_its_selection(
     page.get_by_role("radio", name="svg").dispatch_event("click")
     wait_for_app(page)
     map_ready(page, f"selected #{t}")
+    # plotly takes the new config after Streamlit's run has ended (a loaded machine shows the lag), and the
+    # button saves in the format of the chart's config at the click
+    page.wait_for_function(
+        """() => { const b = document.querySelector('.st-key-map_chart .js-plotly-plot');
+          return !!b && (b._context.toImageButtonOptions || {}).format === 'svg'; }""",
+        timeout=60000,
+    )
     chart = page.locator(".st-key-map_chart .js-plotly-plot")
     chart.hover()
     with page.expect_download(timeout=60000) as dl:

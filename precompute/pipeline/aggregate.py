@@ -6,7 +6,8 @@ order-independent."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -82,6 +83,38 @@ class AggregateParams:
     category_groups: tuple[str, ...] = ()  # the groups whose categories get those tops
 
 
+# the values of `aggregate`'s result that hold one row per feature (the others describe the corpus)
+PER_FEATURE = (
+    "fires", "fires_group", "fires_cat", "act_sum", "act_max", "top_val", "top_ctx", "hist", "hist_group",
+    "gtop_val", "gtop_ctx", "ctop_val", "ctop_ctx", "q_ctx", "q_val", "gq_ctx", "gq_val",
+)  # fmt: skip
+
+
+def feature_ranges(n_features: int, parts: int) -> list[tuple[int, int]]:
+    """`n_features` split into `parts` contiguous ranges [lo, hi) whose sizes differ by at most one."""
+    bounds = [n_features * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def restrict_to_features(shard: Shard, lo: int, hi: int) -> Shard:
+    """The shard's entries of features lo..hi-1, renumbered from 0; every token row is kept."""
+    keep = (shard.feature >= lo) & (shard.feature < hi)
+    counts = np.bincount(shard.row_of_entry()[keep], minlength=shard.n_rows)
+    indptr = np.zeros(shard.n_rows + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    feature = (shard.feature[keep] - lo).astype(shard.feature.dtype)
+    return replace(shard, indptr=indptr, feature=feature, value=shard.value[keep])
+
+
+def join_feature_ranges(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`aggregate`'s results over consecutive feature ranges, in order, as one result over their union:
+    each per-feature array is concatenated, the corpus values (the same in every part) taken once."""
+    joined = dict(parts[0])
+    for key in PER_FEATURE:
+        joined[key] = np.concatenate([p[key] for p in parts])
+    return joined
+
+
 def aggregate(
     shard_paths: Sequence[ShardRef],
     n_features: int,
@@ -89,8 +122,16 @@ def aggregate(
     doc_category: np.ndarray,
     params: AggregateParams,
     progress: bool = True,
+    feature_range: tuple[int, int] | None = None,
 ) -> dict:
-    """Per-feature statistics and example selections from the shards (two passes, no model)."""
+    """Per-feature statistics and example selections from the shards (two passes, no model). With
+    `feature_range` (lo, hi), those of features lo..hi-1 only, in rows 0..hi-lo-1: every feature's
+    statistics are computed from its own entries alone, in the same order, so the ranges of a split,
+    joined (`join_feature_ranges`), equal the whole (the ranks of a torchrun harvest split it so)."""
+    lo, hi = feature_range if feature_range is not None else (0, n_features)
+    if not 0 <= lo <= hi <= n_features:
+        raise ValueError(f"feature range {lo}..{hi} is not inside 0..{n_features}")
+    n_features = hi - lo
     groups = sorted(set(doc_group.tolist()))
     group_index = {g: i for i, g in enumerate(groups)}
     doc_gidx = np.array([group_index[g] for g in doc_group], dtype=np.int64)
@@ -128,8 +169,12 @@ def aggregate(
     ctop_ctx = np.full((n_features * n_ctop, kc), -1, np.int64)
     total_tokens = 0
 
-    for path in tqdm(shard_paths, desc="aggregate 1/2", disable=not progress):
+    def load(path: ShardRef) -> Shard:
         shard = Shard.load(path)
+        return shard if feature_range is None else restrict_to_features(shard, lo, hi)
+
+    for path in tqdm(shard_paths, desc="aggregate 1/2", disable=not progress):
+        shard = load(path)
         total_tokens += shard.n_rows
         row_doc = shard.doc_id.astype(np.int64)
         tokens_group += np.bincount(doc_gidx[row_doc], minlength=len(groups))
@@ -165,7 +210,7 @@ def aggregate(
     gq_val = np.zeros((n_features * n_groups, qb, kq), np.float32)
     safe_max = np.where(act_max > 0, act_max, 1.0)
     for path in tqdm(shard_paths, desc="aggregate 2/2", disable=not progress):
-        shard = Shard.load(path)
+        shard = load(path)
         feat = shard.feature.astype(np.int64)
         b = np.minimum(
             (shard.value / safe_max[feat] * params.hist_bins).astype(np.int64), params.hist_bins - 1
@@ -177,11 +222,11 @@ def aggregate(
         if len(pf) == 0:
             continue
         qbin = np.minimum((pv / safe_max[pf] * qb).astype(np.int64), qb - 1)
-        _merge_bottom_keys(q_key, q_ctx, q_val, pf, qbin, _stable_key(params.seed, pf, pc), pc, pv)
+        _merge_bottom_keys(q_key, q_ctx, q_val, pf, qbin, _stable_key(params.seed, pf + lo, pc), pc, pv)
         if kq:
             gf, gc, gv = _pair_max(shard, feat * n_groups + entry_group)
             gbin = np.minimum((gv / safe_max[gf // n_groups] * qb).astype(np.int64), qb - 1)
-            key = _stable_key(params.seed, gf // n_groups, gc)
+            key = _stable_key(params.seed, gf // n_groups + lo, gc)
             _merge_bottom_keys(gq_key, gq_ctx, gq_val, gf, gbin, key, gc, gv)
 
     return {

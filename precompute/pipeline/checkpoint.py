@@ -32,13 +32,15 @@ def key_of(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_state(path: Path, state: dict[str, Any], key: str) -> None:
+def save_state(path: Path, state: dict[str, Any], key: str, compress: bool = True) -> None:
+    """`compress` False for a state read back at once (deflating gigabytes of arrays takes minutes)."""
     arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
     values = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    savez = np.savez_compressed if compress else np.savez
 
     def write_arrays(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+            savez(f, **arrays)  # type: ignore[arg-type]
 
     write_atomic(path.with_suffix(ARRAYS), write_arrays)
     payload = json.dumps({"key": key, "values": values})
@@ -83,6 +85,11 @@ def resume_or_run(
     result = compute()
     save_state(path, to_state(result), key)
     return result
+
+
+def remove_state(path: Path) -> None:
+    path.with_suffix(VALUES).unlink(missing_ok=True)  # first: without it the arrays are not a checkpoint
+    path.with_suffix(ARRAYS).unlink(missing_ok=True)
 
 
 def has_checkpoints(work_dir: Path) -> bool:

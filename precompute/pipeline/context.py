@@ -70,6 +70,8 @@ class RunContext:
         self._fingerprint: str | None = None
         # under torchrun, on rank 0: each rank's harvest timings, for params/harvest.json
         self.rank_timings: list[dict[str, Any]] | None = None
+        # ...and the aggregation the ranks made together, one feature range each: (key, result)
+        self.aggregated: tuple[str, dict[str, Any]] | None = None
         # a cache that keeps no shards: the run's shard_source.RecomputedShards, shared by its steps
         self.recomputed: Any = None
         # ...and the scores' window maxima its harvest computed in its examples pass: (key, [Windowed])

@@ -7,8 +7,10 @@ of `batches_per_shard` batches, so shard i means the same tokens in every proces
 shards i with i % world_size == r, writes them under their own names into the shared work directory
 (no renumbering at the merge), and on a rerun skips the ones already there (each rank resumes on its
 own). Rank 0 holds the output lock, checks the output and clears a stale work directory before any
-rank starts (a barrier), then, once every rank has finished (a second barrier), runs the rest of the
-job alone: the aggregation reads every shard, in order, exactly as after a single-process harvest.
+rank starts (a barrier). Once every rank has written its shards (a second barrier), each rank
+aggregates one contiguous range of the features over every shard, in order (`rank_aggregate`: a
+feature's statistics depend only on its own entries, so the ranges joined equal one process's
+aggregation bit for bit); rank 0 joins the ranges (a third barrier) and runs the rest of the job alone.
 
 Backends: NCCL when the run is on CUDA (each rank on `cuda:LOCAL_RANK`), gloo on CPU. With one thread
 per process (OMP_NUM_THREADS=1) and MKL_CBWR=STRICT (precompute/__init__.py) every forward equals the

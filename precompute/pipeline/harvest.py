@@ -105,30 +105,22 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
 
     lengths = write_contexts(staged, plan)
     docs = write_documents(staged, plan)
-    doc_group = docs["group"].to_numpy()
-    doc_category = docs["category"].fillna("").to_numpy()
-    ap = AggregateParams(
-        top_k=cfg.top_k_examples,
-        quantile_bins=cfg.quantile_bins,
-        per_bin=cfg.per_bin,
-        hist_bins=cfg.hist_bins,
-        seed=cfg.seed,
-        top_k_group=cfg.top_k_per_group,
-        per_bin_group=cfg.per_bin_group,
-        top_k_category=cfg.top_k_per_category,
-        category_groups=cfg.category_groups(),
-    )
+    doc_group, doc_category = document_labels(plan)
+    ap = aggregate_params(cfg)
     # a bounded-disk run checkpoints what its two aggregation passes found (per-feature state), so a rerun
     # after a kill goes on from there
     checkpoints = ctx.work_dir if cfg.shard_storage == RECOMPUTE else None
-    agg = resume_or_run(
-        checkpoints,
-        "aggregate",
-        key_of(ap.__dict__, n),
-        lambda: aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress),
-        aggregate_state,
-        aggregate_from_state,
-    )
+    if ctx.aggregated is not None and ctx.aggregated[0] == aggregate_key(ap, n):
+        agg = ctx.aggregated[1]  # the ranks of a torchrun harvest aggregated a feature range each
+    else:
+        agg = resume_or_run(
+            checkpoints,
+            "aggregate",
+            aggregate_key(ap, n),
+            lambda: aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress),
+            aggregate_state,
+            aggregate_from_state,
+        )
     write_rates(staged, agg, n, cfg.hist_bins)
     selections, requests = select_examples(agg, n, cfg.quantile_bins)
     selections += select_group_examples(agg, requests)
@@ -183,6 +175,37 @@ def _examples_and_windows(
     return examples.out
 
 
+def aggregate_params(cfg: RunConfig) -> AggregateParams:
+    return AggregateParams(
+        top_k=cfg.top_k_examples,
+        quantile_bins=cfg.quantile_bins,
+        per_bin=cfg.per_bin,
+        hist_bins=cfg.hist_bins,
+        seed=cfg.seed,
+        top_k_group=cfg.top_k_per_group,
+        per_bin_group=cfg.per_bin_group,
+        top_k_category=cfg.top_k_per_category,
+        category_groups=cfg.category_groups(),
+    )
+
+
+def aggregate_key(params: AggregateParams, n_features: int) -> str:
+    """What an aggregation's result depends on besides the harvest (whose fingerprint names the work folder)."""
+    return key_of(params.__dict__, n_features)
+
+
+def document_labels(plan: CorpusPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's group and category (unified for harmful documents, "" for none): the columns of
+    documents.parquet the aggregation splits by."""
+    groups = np.array([d.group for d in plan.documents], dtype=object)
+    categories = np.array(["" if pd.isna(c) else c for c in _categories(plan)], dtype=object)
+    return groups, categories
+
+
+def _categories(plan: CorpusPlan) -> list[str | None]:
+    return [unify(d.category) if d.group == "harmful" else d.category for d in plan.documents]
+
+
 def _params(cfg: RunConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in PARAMS}
 
@@ -229,7 +252,7 @@ def write_documents(staged: StagedCache, plan: CorpusPlan) -> pd.DataFrame:
             "source": [d.source for d in plan.documents],
             "source_path": [plan.sources[d.source].path for d in plan.documents],
             "group": [d.group for d in plan.documents],
-            "category": [unify(d.category) if d.group == "harmful" else d.category for d in plan.documents],
+            "category": _categories(plan),
             "category_source": [d.category for d in plan.documents],
             "validation": [bool(plan.sources[d.source].validation) for d in plan.documents],
             "record_index": [d.index for d in plan.documents],

@@ -25,6 +25,7 @@ from precompute.pipeline.context import RunContext, log, required
 from precompute.pipeline.distributed import World, barrier, gather_to_main, start, stop, world_from_env
 from precompute.pipeline.geometry import check_sizes
 from precompute.pipeline.harvest import prepare_work_dir, write_shards
+from precompute.pipeline.rank_aggregate import aggregate_my_features
 from precompute.pipeline.scores import check_corpus_groups
 from precompute.pipeline.shard_source import RECOMPUTE, keeps_no_shards
 from precompute.pipeline.shards import list_shards
@@ -127,7 +128,8 @@ def _run_parallel(cfg: RunConfig, steps: tuple[str, ...], out: Path, world: Worl
 
 def _harvest_my_shards(cfg: RunConfig, steps: tuple[str, ...], out: Path, world: World) -> RunContext:
     """Rank 0 checks the output and readies the work directory before any rank writes (a barrier);
-    each rank then writes the shards it owns; rank 0 waits for the last one (gathering their timings)."""
+    each rank then writes the shards it owns and, once all are written, aggregates its range of features
+    over all of them; rank 0 joins the ranges (`ctx.aggregated`) and gathers every rank's timings."""
     if "scores" in steps:
         check_corpus_groups(cfg)
     ctx = RunContext(cfg, out)
@@ -140,6 +142,8 @@ def _harvest_my_shards(cfg: RunConfig, steps: tuple[str, ...], out: Path, world:
     timings = write_shards(ctx, world)
     timings.update(rank=world.rank, seconds=round(time.perf_counter() - began, 3))
     log(f"rank {world.rank}/{world.size}: {timings['shard_encoding']['shards_written']} shards written")
+    barrier(world)  # every shard is written: each rank aggregates its features over all of them
+    timings.update(aggregate_my_features(ctx, world))
     # rank 0 records every rank's timings in params/harvest.json (its own second pass writes nothing)
     ctx.rank_timings = gather_to_main(world, timings)
     return ctx

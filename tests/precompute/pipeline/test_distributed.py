@@ -1,6 +1,6 @@
 """Data-parallel harvest: two processes under torchrun (gloo, CPU, one thread each) write the same
-shards and the same cache as one process; each rank owns every second shard and resumes on its own;
-RANK/WORLD_SIZE are read strictly."""
+shards and the same cache as one process; each rank owns every second shard and resumes on its own,
+and aggregates half of the features; RANK/WORLD_SIZE are read strictly."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 from precompute.errors import ConfigError
 from precompute.pipeline.distributed import World, world_from_env
 from precompute.pipeline.shards import list_shards, load_arrays
+from precompute.sae.registry import load_sae
 from tests.precompute.pipeline.test_run import HOOK, corpus_specs
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -78,8 +79,16 @@ def test_two_processes_under_torchrun_equal_one(
     for a, b in zip(shards_one, shards_two, strict=True):
         x, y = load_arrays(a), load_arrays(b)
         assert all(np.array_equal(x[k], y[k]) for k in x), a.name
+    # each rank aggregated half of the features over every shard; joined, the tables are exactly one
+    # process's (float sums included: a feature's entries are summed in the same order)
+    ranks = json.loads((two / "params" / "harvest.json").read_text())["timings"]["ranks"]
+    n = load_sae(str(tiny_sae_dir)).d_sae
+    assert [r["aggregate_features"] for r in ranks] == [[0, n // 2], [n // 2, n]]
+    assert all(r["aggregate_s"] > 0 for r in ranks)
     for table in TABLES:
-        pd.testing.assert_frame_equal(pd.read_parquet(one / table), pd.read_parquet(two / table))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(one / table), pd.read_parquet(two / table), check_exact=True
+        )
     for archive in ("neighbors.npz", "histograms.npz"):
         with np.load(one / archive) as x, np.load(two / archive) as y:
             assert all(np.array_equal(x[k], y[k]) for k in x.files), archive

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from precompute.pipeline.heap import resident_mib
+
 ROOT = Path(__file__).resolve().parents[1]
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # the harvest's functions, in the order the step calls them (precompute.pipeline.harvest)
@@ -50,12 +52,6 @@ PHASES = (
     "write_examples",
 )
 OTHER = "other"
-
-
-def resident_mib() -> float:
-    """This process's resident memory now (not its high-water mark), from /proc/self/statm."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class PhasePeaks:

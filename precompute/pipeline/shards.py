@@ -37,6 +37,7 @@ from precompute.data.plan import CorpusPlan
 from precompute.model.activations import iter_activations
 from precompute.model.hooks import HookReader
 from precompute.pipeline.distributed import World
+from precompute.pipeline.heap import release_free_heap
 from precompute.pipeline.shard_codec import CodecParams, CodecStats, decode, encode, is_compact
 from precompute.sae.base import SAE
 
@@ -228,6 +229,7 @@ def harvest_shards(
         written.add(pending.result())
     writer.shutdown()
     bar.close()
+    release_free_heap()  # the loop's freed buffers, which glibc would otherwise keep for the whole run
     timings["shard_encoding"] = {
         **params.codec.__dict__,
         "shards_written": len(todo),

@@ -33,20 +33,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _options(cache: Path) -> dict[str, Any]:
-    p = json.loads((cache / "params" / "harvest.json").read_text())["params"]
-    groups = p.get("category_top_groups") or ""
-    return dict(
-        top_k=p["top_k_examples"],
-        quantile_bins=p["quantile_bins"],
-        per_bin=p["per_bin"],
-        hist_bins=p["hist_bins"],
-        seed=p["seed"],
-        top_k_group=p.get("top_k_per_group", 0),
-        per_bin_group=p.get("per_bin_group", 0),
-        top_k_category=p.get("top_k_per_category", 0),
-        category_groups=tuple(g.strip() for g in groups.split(",") if g.strip()),
-    )
+def _params(cache: Path) -> Any:
+    """The AggregateParams the cache's harvest used (its recorded options, through the harvest's own mapping)."""
+    from precompute.pipeline.config import RunConfig
+    from precompute.pipeline.harvest import aggregate_params
+
+    recorded = json.loads((cache / "params" / "harvest.json").read_text())["params"]
+    shaping = ("top_k_examples", "quantile_bins", "per_bin", "hist_bins", "seed", "top_k_per_group")
+    shaping += ("per_bin_group", "top_k_per_category", "category_top_groups")
+    return aggregate_params(RunConfig.load(None, {k: recorded[k] for k in shaping if k in recorded}))
 
 
 def _labels(cache: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -60,13 +55,13 @@ def _rank(cache: str, n: int, lo: int, hi: int, folder: str, rank: int) -> dict[
     """One rank: its feature range over every shard, saved as `rank_aggregate` saves it."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
-    from precompute.pipeline.aggregate import AggregateParams, aggregate
+    from precompute.pipeline.aggregate import aggregate
     from precompute.pipeline.checkpoint import aggregate_state, save_state
     from precompute.pipeline.shards import list_shards
 
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     groups, categories = _labels(Path(cache))
-    params = AggregateParams(**_options(Path(cache)))
+    params = _params(Path(cache))
     t0 = time.perf_counter()
     part = aggregate(list_shards(Path(cache) / "harvest"), n, groups, categories, params, False, (lo, hi))
     t1 = time.perf_counter()

@@ -111,7 +111,8 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     # after a kill goes on from there
     checkpoints = ctx.work_dir if cfg.shard_storage == RECOMPUTE else None
     if ctx.aggregated is not None and ctx.aggregated[0] == aggregate_key(ap, n):
-        agg = ctx.aggregated[1]  # the ranks of a torchrun harvest aggregated a feature range each
+        agg = ctx.aggregated[1]
+        log("aggregation: the torchrun ranks' feature ranges, joined")
     else:
         agg = resume_or_run(
             checkpoints,

@@ -85,6 +85,7 @@ def test_two_processes_under_torchrun_equal_one(
     n = load_sae(str(tiny_sae_dir)).d_sae
     assert [r["aggregate_features"] for r in ranks] == [[0, n // 2], [n // 2, n]]
     assert all(r["aggregate_s"] > 0 for r in ranks)
+    assert "aggregation: the torchrun ranks' feature ranges, joined" in done.stdout  # not aggregated again
     for table in TABLES:
         pd.testing.assert_frame_equal(
             pd.read_parquet(one / table), pd.read_parquet(two / table), check_exact=True

@@ -6,8 +6,8 @@ one process aggregating every feature, side by side, on a cache's real shards.
 
 For each ``--ranks`` R: R fresh processes (spawned, one thread each), rank r aggregating
 ``feature_ranges(n, R)[r]`` over every shard and saving its part as the ranks do
-(`precompute.pipeline.rank_aggregate`: an uncompressed state in a folder); then this process loads the
-parts and joins them. Timed: the wall time from the start of the processes to the joined result (the
+(`precompute.pipeline.rank_aggregate`: an uncompressed state in a folder; there rank 0 keeps its own
+in memory, here every part goes through a file); then this process loads the parts and joins them. Timed: the wall time from the start of the processes to the joined result (the
 ranks' share of a harvest's wall time), each rank's CPU seconds, and the join. R = 1 is the baseline:
 one process, every feature, plus the same save and load. The joined result is checked equal to R = 1's,
 array for array. The aggregation's options are the cache's own (params/harvest.json); the feature count

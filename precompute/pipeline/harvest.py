@@ -110,14 +110,15 @@ def run(ctx: RunContext, staged: StagedCache) -> None:
     # a bounded-disk run checkpoints what its two aggregation passes found (per-feature state), so a rerun
     # after a kill goes on from there
     checkpoints = ctx.work_dir if cfg.shard_storage == RECOMPUTE else None
-    if ctx.aggregated is not None and ctx.aggregated[0] == aggregate_key(ap, n):
+    key = aggregate_key(ap, n)
+    if ctx.aggregated is not None and ctx.aggregated[0] == key:
         agg = ctx.aggregated[1]
         log("aggregation: the torchrun ranks' feature ranges, joined")
     else:
         agg = resume_or_run(
             checkpoints,
             "aggregate",
-            aggregate_key(ap, n),
+            key,
             lambda: aggregate(shards, n, doc_group, doc_category, ap, progress=cfg.progress),
             aggregate_state,
             aggregate_from_state,

@@ -5,7 +5,7 @@ demo: 4.3 of 4.7 CPU s, against 0.45 s of shard reads) is divided among the rank
 
 A feature's statistics depend only on its own entries, taken in the same order, so the ranges joined
 equal one process's aggregation bit for bit (float sums included). The ranks hand their parts to
-rank 0 through the work folder, one uncompressed state per rank (`checkpoint.save_state`): the parts
+rank 0 through the work folder, one uncompressed state per other rank (`checkpoint.save_state`): the parts
 of a million-feature SAE run to gigabytes, which a process group's pickled gather would copy twice."""
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ def aggregate_my_features(ctx: RunContext, world: World) -> dict[str, Any]:
         progress=cfg.progress and world.main,
         feature_range=(lo, hi),
     )
-    save_state(ctx.work_dir / PART.format(rank=world.rank), aggregate_state(part), key, compress=False)
+    if not world.main:  # rank 0 keeps its own part in memory
+        save_state(ctx.work_dir / PART.format(rank=world.rank), aggregate_state(part), key, compress=False)
     timings = {"aggregate_features": [lo, hi], "aggregate_s": round(time.perf_counter() - began, 3)}
     barrier(world)
     if world.main:
-        ctx.aggregated = key, join_feature_ranges([_take_part(ctx, rank, key) for rank in range(world.size)])
+        others = [_take_part(ctx, rank, key) for rank in range(1, world.size)]
+        ctx.aggregated = key, join_feature_ranges([part, *others])
     return timings
 
 

@@ -9,7 +9,7 @@ runs the model over the corpus 3 times (aggregate twice; then the examples and t
 maxima in one pass, harvest._examples_and_windows), 4 when overlaps flags a pair (co-activation); the
 counted-token rows of each shard (16 bytes a token, in memory, never on disk) are kept from the first
 pass, so choosing the windows runs no model. Disk holds
-no per-token file at any time; the aggregation and the examples are checkpointed (checkpoint.py).
+no per-token file at any time; the aggregation's state is checkpointed (checkpoint.py).
 
 Recomputing is exact because the forward pass is deterministic for the same batch: MKL's kernel choice
 is pinned (`MKL_CBWR`, set in precompute/__init__.py) and the run keeps its thread count. On a GPU the

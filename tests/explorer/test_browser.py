@@ -119,7 +119,7 @@ def test_map_search_highlights_neighbours(
     search.press("Enter")
     expect(page.get_by_text(f"Feature #{t}", exact=True)).to_be_visible()
     wait_for_app(page)
-    assert re.search(rf"[?&]feature={t}\b", page.url), page.url
+    expect(page).to_have_url(re.compile(rf"[?&]feature={t}\b"))  # retried: the URL follows the run
     names = plot_traces(page)
     assert f"selected #{t}" in names, names
     expect(page.get_by_text(re.compile(r"\d+ of \d+ neighbours"))).to_be_visible()
@@ -159,7 +159,7 @@ def test_map_click_selects_feature(server: Any, page: Any, pair: tuple[int, int]
     page.mouse.click(xy[0], xy[1])
     expect(page.get_by_text(f"Feature #{h}", exact=True)).to_be_visible(timeout=20000)
     wait_for_app(page)
-    assert re.search(rf"[?&]feature={h}\b", page.url), page.url
+    expect(page).to_have_url(re.compile(rf"[?&]feature={h}\b"))  # retried: the URL follows the run
 
 
 def test_open_examples(server: Any, page: Any, pair: tuple[int, int]) -> None:
@@ -356,7 +356,7 @@ def test_story_keys_navigate(server: Any, page: Any) -> None:
     def at(step: int) -> None:
         expect(page.get_by_text(re.compile(rf"^Step {step} of \d+$"))).to_be_visible()
         wait_for_app(page)
-        assert re.search(rf"[?&]step={step}\b", page.url), page.url
+        expect(page).to_have_url(re.compile(rf"[?&]step={step}\b"))  # retried: the URL follows the run
 
     at(2)
     page.locator(".story-title").click()  # focus the page, as a presenter's first click does

@@ -52,7 +52,7 @@ def test_harmful_documents_only_then_the_whole_document(server: Any, page: Any, 
     page.get_by_label("Documents", exact=True).click()
     page.get_by_role("option", name="harmful documents only").click()
     wait_for_app(page)
-    assert re.search(r"[?&]group=harmful", page.url)
+    expect(page).to_have_url(re.compile(r"[?&]group=harmful"))  # retried: the URL follows the run
     expect(page.get_by_text("#1 on harmful").first).to_be_visible()
     shown = [int(x) for x in re.findall(r"· doc (\d+)", page.locator("body").inner_text())][
         : len(expect_rows)
@@ -64,7 +64,7 @@ def test_harmful_documents_only_then_the_whole_document(server: Any, page: Any, 
     wait_for_app(page)
     panel = page.locator(f'[data-document="{first["doc_id"]}"]')
     expect(panel).to_be_visible()
-    assert re.search(rf"[?&]doc={first['doc_id']}", page.url)
+    expect(page).to_have_url(re.compile(rf"[?&]doc={first['doc_id']}"))  # retried: the URL follows the run
 
     # a document whose text is an <img onerror> / <script> payload is shown as text and runs nothing
     docs = c.documents
